@@ -1,0 +1,535 @@
+//! Commands, their outcomes, and `decide`: the pure rule that turns a command and the state
+//! into the events to append (or a refusal, or an answer that needs no event).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::error::{Error, Result};
+use crate::event::envelope;
+use crate::limits::TenantLimits;
+use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, event::Kind};
+use crate::state::{Desired, State, Status};
+
+/// Who caused an event, as recorded in its `actor` field.
+pub const NODE_ACTOR: &str = "node";
+
+/// A wasm module, identified by the SHA-256 of its bytes.
+#[derive(Debug, Clone)]
+pub struct Module {
+    pub sha256: [u8; 32],
+    pub bytes: Arc<[u8]>,
+}
+
+impl Module {
+    pub fn new(bytes: Arc<[u8]>) -> Module {
+        use sha2::Digest as _;
+        Module {
+            sha256: sha2::Sha256::digest(&bytes).into(),
+            bytes,
+        }
+    }
+
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
+/// Deploy `module` as `service_id` of `tenant` (the effective limits are already resolved).
+#[derive(Debug, Clone)]
+pub struct DeployCommand {
+    pub tenant: String,
+    pub actor: String,
+    pub service_id: String,
+    pub module: Module,
+    pub limits: Limits,
+    pub labels: HashMap<String, String>,
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployOutcome {
+    pub service_id: String,
+    pub version: u64,
+    /// Seq of the `service_deployed` event of this version.
+    pub seq: u64,
+    /// The id did not exist before.
+    pub created: bool,
+    /// The identical module was already deployed and running: nothing was appended.
+    pub unchanged: bool,
+    /// A retry with a known idempotency key: the original answer, nothing appended.
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct KillCommand {
+    pub tenant: String,
+    pub actor: String,
+    pub service_id: String,
+    pub force: bool,
+    pub grace_ms: u32,
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KillOutcome {
+    /// Seq of the `service_kill_requested` event (or of the last event, if already stopped).
+    pub seq: u64,
+    /// The service was already killed: nothing was appended.
+    pub already_stopped: bool,
+    pub replayed: bool,
+}
+
+/// What the runtime saw happen; it becomes an event only if it still fits the state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    Started {
+        tenant: String,
+        service_id: String,
+        version: u64,
+        recovered: bool,
+    },
+    Crashed {
+        tenant: String,
+        service_id: String,
+        version: u64,
+        reason: CrashReason,
+        trap_code: String,
+        message: String,
+        restarting: bool,
+    },
+    Restarted {
+        tenant: String,
+        service_id: String,
+        version: u64,
+        restarts: u32,
+    },
+    Stopped {
+        tenant: String,
+        service_id: String,
+        version: u64,
+        reason: StopReason,
+    },
+    NodeStarted {
+        version: String,
+        node_id: String,
+        recovered: Vec<proto::ServiceRef>,
+        replayed_to_seq: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Command {
+    Deploy(DeployCommand),
+    Kill(KillCommand),
+    Shutdown { actor: String, grace_ms: u32 },
+    Observe(Observation),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Reply {
+    Deployed(DeployOutcome),
+    Killed(KillOutcome),
+    Appended { seq: u64 },
+}
+
+/// What the writer does with one command.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // built and consumed once per command, never stored
+pub(super) enum Decision {
+    /// Append this event (its seq and time are filled in by the writer) and answer with
+    /// `reply(seq)`.
+    Append {
+        event: Event,
+        blob: Option<Module>,
+        reply: fn(&Event) -> Reply,
+    },
+    /// Answer without appending anything.
+    Answer(Reply),
+}
+
+/// The node-wide facts a decision depends on besides the state.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Context<'a> {
+    pub now_ms: u64,
+    pub shutting_down: bool,
+    pub limits: &'a TenantLimits,
+}
+
+pub(super) fn decide(state: &State, command: &Command, cx: Context<'_>) -> Result<Decision> {
+    match command {
+        Command::Deploy(cmd) => decide_deploy(state, cmd, cx),
+        Command::Kill(cmd) => decide_kill(state, cmd, cx),
+        Command::Shutdown { actor, grace_ms } => Ok(Decision::Append {
+            event: envelope(
+                "",
+                "",
+                actor,
+                Kind::ShutdownRequested(proto::ShutdownRequested { grace_ms: *grace_ms }),
+            ),
+            blob: None,
+            reply: |e| Reply::Appended { seq: e.seq },
+        }),
+        Command::Observe(observation) => decide_observation(state, observation),
+    }
+}
+
+fn decide_deploy(state: &State, cmd: &DeployCommand, cx: Context<'_>) -> Result<Decision> {
+    if cx.shutting_down {
+        return Err(Error::ShuttingDown);
+    }
+    let sha = cmd.module.sha256_hex();
+    if !cmd.idempotency_key.is_empty()
+        && let Some(record) = state.idempotency(&cmd.tenant, &cmd.idempotency_key, cx.now_ms)
+    {
+        if record.op != IdempotentOp::Deploy || record.service_id != cmd.service_id || record.module_sha256 != sha {
+            return Err(Error::IdempotencyConflict {
+                key: cmd.idempotency_key.clone(),
+            });
+        }
+        return Ok(Decision::Answer(Reply::Deployed(DeployOutcome {
+            service_id: cmd.service_id.clone(),
+            version: record.version,
+            seq: record.seq,
+            created: record.version == 1,
+            unchanged: false,
+            replayed: true,
+        })));
+    }
+    let existing = state.service(&cmd.tenant, &cmd.service_id);
+    if let Some(s) = existing
+        && s.module_sha256 == sha
+        && s.limits == cmd.limits
+        && s.labels == cmd.labels
+        && s.desired == Desired::Running
+        && matches!(s.status, Status::Starting | Status::Running)
+    {
+        return Ok(Decision::Answer(Reply::Deployed(DeployOutcome {
+            service_id: cmd.service_id.clone(),
+            version: s.version,
+            seq: s.deployed_seq,
+            created: false,
+            unchanged: true,
+            replayed: false,
+        })));
+    }
+    check_deploy_quotas(state, cmd, existing, cx)?;
+    let event = envelope(
+        &cmd.tenant,
+        &cmd.service_id,
+        &cmd.actor,
+        Kind::ServiceDeployed(proto::ServiceDeployed {
+            module_sha256: sha,
+            version: existing.map_or(1, |s| s.version + 1),
+            limits: Some(cmd.limits),
+            labels: cmd.labels.clone(),
+            idempotency_key: cmd.idempotency_key.clone(),
+            module_size: cmd.module.bytes.len() as u64,
+        }),
+    );
+    Ok(Decision::Append {
+        event,
+        blob: Some(cmd.module.clone()),
+        reply: |e| {
+            let Some(Kind::ServiceDeployed(d)) = &e.kind else {
+                unreachable!("a deploy appends service_deployed")
+            };
+            Reply::Deployed(DeployOutcome {
+                service_id: e.service_id.clone(),
+                version: d.version,
+                seq: e.seq,
+                created: d.version == 1,
+                unchanged: false,
+                replayed: false,
+            })
+        },
+    })
+}
+
+/// The quotas that depend on the state: services, tenant memory, deploy rate. (Module size and
+/// per-service memory depend on the request alone and are checked before it is queued.)
+fn check_deploy_quotas(
+    state: &State,
+    cmd: &DeployCommand,
+    existing: Option<&crate::state::Service>,
+    cx: Context<'_>,
+) -> Result<()> {
+    let limits = cx.limits;
+    let (active, memory) = state
+        .tenant(&cmd.tenant)
+        .map_or((0, 0), |t| (t.active_services, t.active_memory_bytes));
+    let (held_slot, held_memory) = match existing {
+        Some(s) if s.is_active() => (1, s.limits.memory_bytes),
+        _ => (0, 0),
+    };
+    if active - held_slot >= limits.max_services {
+        return Err(Error::QuotaExceeded {
+            quota: "max_services",
+            limit: limits.max_services.into(),
+            detail: format!("tenant '{}' has {active} services", cmd.tenant),
+        });
+    }
+    let memory_after = memory - held_memory + cmd.limits.memory_bytes;
+    if memory_after > limits.max_tenant_memory_bytes() {
+        return Err(Error::QuotaExceeded {
+            quota: "max_tenant_memory_mb",
+            limit: limits.max_tenant_memory_mb,
+            detail: format!(
+                "the tenant's services would reserve {} MiB",
+                memory_after.div_ceil(1 << 20)
+            ),
+        });
+    }
+    let window_start = cx.now_ms.saturating_sub(state.settings().deploy_rate_window_ms);
+    let recent = state.deploys_since(&cmd.tenant, window_start);
+    if recent >= limits.max_deploys_per_minute as usize {
+        return Err(Error::QuotaExceeded {
+            quota: "max_deploys_per_minute",
+            limit: limits.max_deploys_per_minute.into(),
+            detail: format!("tenant '{}' deployed {recent} times in the last minute", cmd.tenant),
+        });
+    }
+    Ok(())
+}
+
+fn decide_kill(state: &State, cmd: &KillCommand, cx: Context<'_>) -> Result<Decision> {
+    if cx.shutting_down {
+        return Err(Error::ShuttingDown);
+    }
+    if !cmd.idempotency_key.is_empty()
+        && let Some(record) = state.idempotency(&cmd.tenant, &cmd.idempotency_key, cx.now_ms)
+    {
+        if record.op != IdempotentOp::Kill || record.service_id != cmd.service_id {
+            return Err(Error::IdempotencyConflict {
+                key: cmd.idempotency_key.clone(),
+            });
+        }
+        return Ok(Decision::Answer(Reply::Killed(KillOutcome {
+            seq: record.seq,
+            already_stopped: false,
+            replayed: true,
+        })));
+    }
+    let service = state
+        .service(&cmd.tenant, &cmd.service_id)
+        .ok_or_else(|| Error::NotFound {
+            service_id: cmd.service_id.clone(),
+        })?;
+    if service.desired == Desired::Stopped {
+        return Ok(Decision::Answer(Reply::Killed(KillOutcome {
+            seq: service.last_seq,
+            already_stopped: true,
+            replayed: false,
+        })));
+    }
+    let event = envelope(
+        &cmd.tenant,
+        &cmd.service_id,
+        &cmd.actor,
+        Kind::ServiceKillRequested(proto::ServiceKillRequested {
+            force: cmd.force,
+            grace_ms: cmd.grace_ms,
+            idempotency_key: cmd.idempotency_key.clone(),
+        }),
+    );
+    Ok(Decision::Append {
+        event,
+        blob: None,
+        reply: |e| {
+            Reply::Killed(KillOutcome {
+                seq: e.seq,
+                already_stopped: false,
+                replayed: false,
+            })
+        },
+    })
+}
+
+fn decide_observation(state: &State, observation: &Observation) -> Result<Decision> {
+    let mut event = observation_event(observation);
+    // Check against the state as if this were the next event: a stale observation (say, from
+    // an instance that an upgrade replaced) is refused rather than appended.
+    event.seq = state.applied_seq() + 1;
+    state.check(&event).map_err(Error::Stale)?;
+    Ok(Decision::Append {
+        event,
+        blob: None,
+        reply: |e| Reply::Appended { seq: e.seq },
+    })
+}
+
+fn observation_event(observation: &Observation) -> Event {
+    match observation.clone() {
+        Observation::Started {
+            tenant,
+            service_id,
+            version,
+            recovered,
+        } => envelope(
+            &tenant,
+            &service_id,
+            NODE_ACTOR,
+            Kind::ServiceStarted(proto::ServiceStarted { version, recovered }),
+        ),
+        Observation::Crashed {
+            tenant,
+            service_id,
+            version,
+            reason,
+            trap_code,
+            message,
+            restarting,
+        } => envelope(
+            &tenant,
+            &service_id,
+            NODE_ACTOR,
+            Kind::ServiceCrashed(proto::ServiceCrashed {
+                version,
+                reason: reason as i32,
+                trap_code,
+                message,
+                restarting,
+            }),
+        ),
+        Observation::Restarted {
+            tenant,
+            service_id,
+            version,
+            restarts,
+        } => envelope(
+            &tenant,
+            &service_id,
+            NODE_ACTOR,
+            Kind::ServiceRestarted(proto::ServiceRestarted { version, restarts }),
+        ),
+        Observation::Stopped {
+            tenant,
+            service_id,
+            version,
+            reason,
+        } => envelope(
+            &tenant,
+            &service_id,
+            NODE_ACTOR,
+            Kind::ServiceStopped(proto::ServiceStopped {
+                version,
+                reason: reason as i32,
+            }),
+        ),
+        Observation::NodeStarted {
+            version,
+            node_id,
+            recovered,
+            replayed_to_seq,
+        } => envelope(
+            "",
+            "",
+            NODE_ACTOR,
+            Kind::NodeStarted(proto::NodeStarted {
+                version,
+                node_id,
+                recovered,
+                replayed_to_seq,
+            }),
+        ),
+    }
+}
+
+/// Tenant names: `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn validate_tenant(name: &str) -> Result<()> {
+    let ok = name.len() <= 63
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid tenant name '{}': use 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit",
+            name.escape_debug()
+        )))
+    }
+}
+
+/// Service ids: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
+pub fn validate_service_id(id: &str) -> Result<()> {
+    let ok = id.len() <= 128
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid service id '{}': use 1 to 128 characters of A-Z, a-z, 0-9, '_', '.' and '-', starting with a letter or digit",
+            id.escape_debug()
+        )))
+    }
+}
+
+/// Labels: at most 64; keys `[A-Za-z0-9][A-Za-z0-9_./-]{0,62}`, values up to 256 bytes.
+pub fn validate_labels(labels: &HashMap<String, String>) -> Result<()> {
+    if labels.len() > 64 {
+        return Err(Error::InvalidArgument(format!(
+            "{} labels given; at most 64 are allowed",
+            labels.len()
+        )));
+    }
+    for (key, value) in labels {
+        let key_ok = key.len() <= 63
+            && key.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'/' | b'-'));
+        if !key_ok {
+            return Err(Error::InvalidArgument(format!(
+                "invalid label key '{}': use 1 to 63 characters of A-Z, a-z, 0-9, '_', '.', '/' and '-'",
+                key.escape_debug()
+            )));
+        }
+        if value.len() > 256 {
+            return Err(Error::InvalidArgument(format!(
+                "label '{key}' has a value over 256 bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Idempotency keys: up to 128 printable ASCII characters.
+pub fn validate_idempotency_key(key: &str) -> Result<()> {
+    if key.len() <= 128 && key.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(
+            "invalid idempotency key: use at most 128 printable ASCII characters".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_documented_patterns() {
+        for ok in ["a", "acme", "a-b_c9", &"x".repeat(63)] {
+            assert!(validate_tenant(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Acme", "-a", "a b", "ä", &"x".repeat(64)] {
+            assert!(validate_tenant(bad).is_err(), "{bad}");
+        }
+        for ok in ["E", "echo.v2", "a_b-c", &"x".repeat(128)] {
+            assert!(validate_service_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".a", "a/b", "a b", &"x".repeat(129)] {
+            assert!(validate_service_id(bad).is_err(), "{bad}");
+        }
+        assert!(validate_idempotency_key("retry-1").is_ok());
+        assert!(validate_idempotency_key("has space").is_err());
+    }
+}

@@ -1,0 +1,37 @@
+//! What can go wrong with a command or a query, typed so the API layer can map each case.
+
+use std::sync::Arc;
+
+use crate::state::ApplyError;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("service '{service_id}' not found")]
+    NotFound { service_id: String },
+    #[error("quota exceeded: {quota} = {limit} ({detail})")]
+    QuotaExceeded {
+        quota: &'static str,
+        limit: u64,
+        detail: String,
+    },
+    #[error("idempotency key '{key}' was already used for a different request")]
+    IdempotencyConflict { key: String },
+    #[error("observation no longer applies: {0}")]
+    Stale(ApplyError),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error("the control writer has stopped")]
+    Closed,
+    #[error("the log could not be written: {0}")]
+    Storage(Arc<crate::log::Error>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<crate::log::Error> for Error {
+    fn from(e: crate::log::Error) -> Self {
+        Error::Storage(Arc::new(e))
+    }
+}

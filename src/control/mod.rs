@@ -1,0 +1,337 @@
+//! The control layer: the one way state changes, and the one place state is read.
+//!
+//! Commands (deploy, kill, shutdown, and the runtime's observations) go to the single writer
+//! thread ([`writer`]), which decides them against the state ([`command::decide`]), appends
+//! their events to the log with group commit and answers each caller once its events are
+//! durable. Queries read the published state, which only ever holds committed events. At
+//! open, the state is rebuilt from the newest valid snapshot plus the events after it.
+
+pub mod command;
+mod error;
+mod recovery;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use command::{
+    DeployCommand, DeployOutcome, KillCommand, KillOutcome, Module, NODE_ACTOR, Observation, validate_idempotency_key,
+    validate_labels, validate_service_id, validate_tenant,
+};
+pub use error::{Error, Result};
+pub use recovery::{Recovery, load_snapshot, replay};
+
+use command::{Command, Reply};
+use writer::{Request, Writer};
+
+use crate::limits::LimitsTable;
+use crate::log::{Log, LogOptions, NodeMeta};
+use crate::proto::{Event, Limits};
+use crate::state::{Service, Settings, State};
+
+/// The log of Solo's events.
+pub type EventLog = Log<Event>;
+
+/// Wall-clock milliseconds since the Unix epoch. Injected so tests can steer time.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    })
+}
+
+/// How the writer batches and snapshots.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Most commands decided and committed together.
+    pub max_batch: usize,
+    /// Commands that may wait for the writer; senders wait beyond it.
+    pub queue_capacity: usize,
+    /// Write a snapshot every this many events (0: never).
+    pub snapshot_every: u64,
+    /// Snapshots kept; older ones are deleted.
+    pub snapshots_kept: usize,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            max_batch: 1024,
+            queue_capacity: 16_384,
+            snapshot_every: 100_000,
+            snapshots_kept: 2,
+        }
+    }
+}
+
+pub struct ControlOptions {
+    pub data_dir: PathBuf,
+    pub log: LogOptions,
+    pub settings: Settings,
+    pub writer: WriterOptions,
+    pub limits: LimitsTable,
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for ControlOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlOptions")
+            .field("data_dir", &self.data_dir)
+            .field("log", &self.log)
+            .field("settings", &self.settings)
+            .field("writer", &self.writer)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A deploy as a caller asks for it: limits may be zero (defaults) and are checked here.
+#[derive(Debug, Clone)]
+pub struct DeployRequest {
+    pub tenant: String,
+    pub actor: String,
+    pub service_id: String,
+    pub module: Arc<[u8]>,
+    pub limits: Limits,
+    pub labels: HashMap<String, String>,
+    pub idempotency_key: String,
+}
+
+/// The handle every other part uses. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Control {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    requests: mpsc::Sender<Request>,
+    /// The committed state. A std lock: held only to copy or to apply a batch, never across `.await`.
+    state: Arc<RwLock<State>>,
+    log: EventLog,
+    limits: Arc<LimitsTable>,
+    shutting_down: Arc<AtomicBool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    node: NodeMeta,
+}
+
+/// Modules larger than this are hashed on the blocking pool rather than on a worker thread.
+const HASH_INLINE_MAX: usize = 256 << 10;
+
+impl Control {
+    /// Opens the log, rebuilds the state and starts the writer. Blocking: call it from
+    /// `spawn_blocking` in async code.
+    pub fn open(options: ControlOptions) -> Result<(Control, Recovery), crate::log::Error> {
+        let log = EventLog::open(&options.data_dir, &options.log)?;
+        let (state, recovery) = recovery::recover(&log, options.settings)?;
+        Ok((
+            Control::start(log, state, recovery.snapshot_seq.unwrap_or(0), options),
+            recovery,
+        ))
+    }
+
+    fn start(log: EventLog, state: State, last_snapshot_seq: u64, options: ControlOptions) -> Control {
+        let (requests, receiver) = mpsc::channel(options.writer.queue_capacity.max(1));
+        let published = Arc::new(RwLock::new(state.clone()));
+        let limits = Arc::new(options.limits);
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            log: log.clone(),
+            working: state,
+            published: Arc::clone(&published),
+            limits: Arc::clone(&limits),
+            clock: options.clock,
+            options: options.writer,
+            shutting_down: Arc::clone(&shutting_down),
+            last_snapshot_seq,
+            on_commit: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("solo-writer".into())
+            .spawn(move || writer.run(receiver))
+            .expect("the writer thread starts");
+        Control {
+            shared: Arc::new(Shared {
+                requests,
+                state: published,
+                node: log.store().node().clone(),
+                log,
+                limits,
+                shutting_down,
+                writer: Mutex::new(Some(thread)),
+            }),
+        }
+    }
+
+    /// Stops the writer after the commands already queued; later commands fail with
+    /// [`Error::Closed`]. Queries and tails keep working until the last handle is dropped.
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.shared.requests.send(Request::Close { done }).await.is_ok() {
+            let _ = closed.await;
+        }
+        let thread = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    async fn submit(&self, command: Command) -> Result<Reply> {
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .requests
+            .send(Request::Command { command, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Deploys a module: the first version of a service, an upgrade, or — for the identical
+    /// module — a no-op that says so. Answers once the deploy is durable.
+    pub async fn deploy(&self, request: DeployRequest) -> Result<DeployOutcome> {
+        validate_tenant(&request.tenant)?;
+        validate_service_id(&request.service_id)?;
+        validate_labels(&request.labels)?;
+        validate_idempotency_key(&request.idempotency_key)?;
+        let tenant_limits = self.shared.limits.for_tenant(&request.tenant);
+        let module_size = request.module.len() as u64;
+        if module_size > tenant_limits.max_module_bytes {
+            return Err(Error::QuotaExceeded {
+                quota: "max_module_bytes",
+                limit: tenant_limits.max_module_bytes,
+                detail: format!("the module is {module_size} bytes"),
+            });
+        }
+        if request.limits.memory_bytes > tenant_limits.max_memory_bytes() {
+            return Err(Error::QuotaExceeded {
+                quota: "max_memory_mb",
+                limit: tenant_limits.max_memory_mb,
+                detail: format!("the deploy asks for {} bytes of memory", request.limits.memory_bytes),
+            });
+        }
+        let limits = tenant_limits
+            .resolve(&request.limits)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let module = hash_module(request.module).await;
+        let command = DeployCommand {
+            tenant: request.tenant,
+            actor: request.actor,
+            service_id: request.service_id,
+            module,
+            limits,
+            labels: request.labels,
+            idempotency_key: request.idempotency_key,
+        };
+        match self.submit(Command::Deploy(command)).await? {
+            Reply::Deployed(outcome) => Ok(outcome),
+            other => unreachable!("deploy answered with {other:?}"),
+        }
+    }
+
+    /// Requests that a service stop. Killing a killed service is a no-op that says so.
+    pub async fn kill(&self, command: KillCommand) -> Result<KillOutcome> {
+        validate_tenant(&command.tenant)?;
+        validate_service_id(&command.service_id)?;
+        validate_idempotency_key(&command.idempotency_key)?;
+        match self.submit(Command::Kill(command)).await? {
+            Reply::Killed(outcome) => Ok(outcome),
+            other => unreachable!("kill answered with {other:?}"),
+        }
+    }
+
+    /// Records that the node is shutting down; later deploys and kills are refused.
+    pub async fn shutdown(&self, actor: &str, grace_ms: u32) -> Result<u64> {
+        match self
+            .submit(Command::Shutdown {
+                actor: actor.to_string(),
+                grace_ms,
+            })
+            .await?
+        {
+            Reply::Appended { seq } => Ok(seq),
+            other => unreachable!("shutdown answered with {other:?}"),
+        }
+    }
+
+    /// Records what the runtime observed, if it still fits the state ([`Error::Stale`] if not).
+    pub async fn observe(&self, observation: Observation) -> Result<u64> {
+        match self.submit(Command::Observe(observation)).await? {
+            Reply::Appended { seq } => Ok(seq),
+            other => unreachable!("observation answered with {other:?}"),
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// One service of `tenant`.
+    pub fn status(&self, tenant: &str, service_id: &str) -> Result<Service> {
+        self.read_state(|state| state.service(tenant, service_id).cloned())
+            .ok_or_else(|| Error::NotFound {
+                service_id: service_id.to_string(),
+            })
+    }
+
+    /// Services of `tenant`, or of every tenant for `None`, ordered by (tenant, id).
+    pub fn list(&self, tenant: Option<&str>) -> Vec<Service> {
+        let mut services: Vec<Service> = self.read_state(|state| match tenant {
+            Some(tenant) => state
+                .tenant(tenant)
+                .map(|t| t.services.values().cloned().collect())
+                .unwrap_or_default(),
+            None => state.services().cloned().collect(),
+        });
+        services.sort_by(|a, b| (&a.tenant, &a.id).cmp(&(&b.tenant, &b.id)));
+        services
+    }
+
+    /// Runs `f` on the committed state. Keep `f` short: the writer waits for it.
+    pub fn read_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.shared.state.read().unwrap_or_else(|poison| poison.into_inner()))
+    }
+
+    pub fn limits(&self) -> &LimitsTable {
+        &self.shared.limits
+    }
+
+    pub fn log(&self) -> &EventLog {
+        &self.shared.log
+    }
+
+    pub fn head(&self) -> u64 {
+        self.shared.log.head()
+    }
+
+    pub fn node(&self) -> &NodeMeta {
+        &self.shared.node
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The writer owns a clone of the log; wait for it so the environment is really closed
+        // when the last handle goes (tests reopen the same directory).
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.requests, closed));
+        if let Some(thread) = self.writer.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn hash_module(bytes: Arc<[u8]>) -> Module {
+    if bytes.len() <= HASH_INLINE_MAX {
+        return Module::new(bytes);
+    }
+    tokio::task::spawn_blocking(move || Module::new(bytes))
+        .await
+        .expect("hashing does not panic")
+}

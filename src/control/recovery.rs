@@ -1,0 +1,115 @@
+//! Rebuilding the state at open: the newest valid snapshot, then the events after it.
+
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+
+use super::EventLog;
+use crate::log::{self, Store, frame};
+use crate::proto::Event;
+use crate::state::{Settings, State};
+
+/// Events decoded and applied per read transaction during replay.
+const REPLAY_CHUNK: u64 = 65_536;
+
+/// What recovery did, for the startup log line and `NodeStarted`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// The snapshot replay started from, if a valid one was found.
+    pub snapshot_seq: Option<u64>,
+    /// Events applied after the snapshot.
+    pub replayed: u64,
+    /// Events that did not apply and were stepped over (each logged).
+    pub skipped: u64,
+    pub head: u64,
+    pub elapsed: Duration,
+}
+
+pub(super) fn recover(log: &EventLog, settings: Settings) -> log::Result<(State, Recovery)> {
+    let started = Instant::now();
+    let head = log.head();
+    let (mut state, snapshot_seq) = match load_snapshot(log.store(), settings, head) {
+        Some(state) => {
+            let seq = state.applied_seq();
+            (state, Some(seq))
+        }
+        None => (State::new(settings), None),
+    };
+    let from = state.applied_seq() + 1;
+    let skipped = replay(log.store(), &mut state, from, head)?;
+    let recovery = Recovery {
+        snapshot_seq,
+        replayed: head + 1 - from,
+        skipped,
+        head,
+        elapsed: started.elapsed(),
+    };
+    Ok((state, recovery))
+}
+
+/// The newest snapshot that passes its checks and is not past `head`. A snapshot that fails is
+/// skipped with a log line, never trusted.
+pub fn load_snapshot(store: &Store, settings: Settings, head: u64) -> Option<State> {
+    let seqs = match store.snapshot_seqs() {
+        Ok(seqs) => seqs,
+        Err(e) => {
+            tracing::warn!(error = %e, "snapshots unreadable; replaying the whole log");
+            return None;
+        }
+    };
+    for seq in seqs {
+        let loaded = store.snapshot(seq).map_err(|e| e.to_string()).and_then(|bytes| {
+            let bytes = bytes.ok_or("vanished while loading")?;
+            let payload = frame::decode(&bytes).map_err(|e| e.to_string())?;
+            let state = State::decode_snapshot(payload, settings).map_err(|e| e.to_string())?;
+            if state.applied_seq() != seq {
+                return Err(format!("it says it was taken after seq {}", state.applied_seq()));
+            }
+            if seq > head {
+                return Err(format!("it is past the log's head {head}"));
+            }
+            Ok(state)
+        });
+        match loaded {
+            Ok(state) => return Some(state),
+            Err(reason) => tracing::warn!(seq, %reason, "skipping snapshot"),
+        }
+    }
+    None
+}
+
+/// Applies the events `from..=to` to `state`. A record that fails its checks stops replay
+/// with an error; an event that does not apply is logged and stepped over. Returns how many
+/// were stepped over.
+pub fn replay(store: &Store, state: &mut State, from: u64, to: u64) -> log::Result<u64> {
+    let mut skipped = 0;
+    let mut chunk_start = from;
+    while chunk_start <= to {
+        let chunk_end = to.min(chunk_start + REPLAY_CHUNK - 1);
+        let read = store.read_frames(chunk_start..=chunk_end, |seq, payload| {
+            let event = Event::decode(payload).map_err(|e| log::Error::UndecodableRecord {
+                seq,
+                reason: e.to_string(),
+            })?;
+            if event.seq != seq {
+                return Err(log::Error::UndecodableRecord {
+                    seq,
+                    reason: format!("payload says seq {}", event.seq),
+                });
+            }
+            if let Err(e) = state.apply(&event) {
+                tracing::warn!(seq, error = %e, "event does not apply; stepping over it");
+                state.skip(&event);
+                skipped += 1;
+            }
+            Ok(())
+        })?;
+        if (read.len() as u64) < chunk_end - chunk_start + 1 {
+            return Err(log::Error::MissingRecord {
+                seq: chunk_start + read.len() as u64,
+            });
+        }
+        chunk_start = chunk_end + 1;
+    }
+    Ok(skipped)
+}

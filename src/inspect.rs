@@ -1,0 +1,316 @@
+//! Offline inspection of a data directory: `solo log verify`, `dump` and `stats`.
+//!
+//! These open the log read-only, so they work while a server is writing (LMDB allows readers
+//! in other processes). They read in bounded chunks, one short read transaction each.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::ops::ControlFlow;
+
+use prost::Message as _;
+use sha2::Digest as _;
+
+use crate::event::{self, EventKind};
+use crate::log::{self, Store, frame};
+use crate::proto::{Event, event::Kind};
+use crate::state::{Settings, State};
+
+/// Records read per read transaction.
+const CHUNK: u64 = 4096;
+
+/// What `verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub head: u64,
+    pub blobs: u64,
+    /// The first problem with the log: its seq and what is wrong.
+    pub first_bad: Option<(u64, String)>,
+    /// Snapshots compared with the replay, and whether each matched.
+    pub snapshots: Vec<(u64, Result<(), String>)>,
+    /// Other problems: damaged blobs, modules missing from the blob store.
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.first_bad.is_none() && self.problems.is_empty() && self.snapshots.iter().all(|(_, r)| r.is_ok())
+    }
+
+    /// The one-line summary `solo log verify` prints.
+    pub fn summary(&self) -> String {
+        if let Some((seq, reason)) = &self.first_bad {
+            return format!("FAILED: first bad record is seq {seq}: {reason}");
+        }
+        if let Some((seq, Err(reason))) = self.snapshots.iter().find(|(_, r)| r.is_err()) {
+            return format!("FAILED: snapshot at seq {seq} does not match the replay: {reason}");
+        }
+        if let Some(problem) = self.problems.first() {
+            return format!("FAILED: {problem}");
+        }
+        let snapshots = match self.snapshots.first() {
+            Some((seq, _)) => format!(", replay matches the snapshot at seq {seq}"),
+            None => String::new(),
+        };
+        format!(
+            "ok: {} records (seq 1..={}), {} blobs{snapshots}",
+            self.records, self.head, self.blobs
+        )
+    }
+}
+
+/// Checks every record (frame, checksum, contiguous seqs, decoding, applying), every blob
+/// (its hash), that every deployed module is present, and that replaying the log reproduces
+/// each stored snapshot.
+pub fn verify(store: &Store, settings: Settings) -> log::Result<VerifyReport> {
+    let head = store.head()?;
+    let mut report = VerifyReport {
+        head,
+        ..VerifyReport::default()
+    };
+    let mut snapshots = BTreeMap::new();
+    for seq in store.snapshot_seqs()? {
+        match snapshot_state(store, seq, settings) {
+            Ok(state) => {
+                snapshots.insert(seq, state);
+            }
+            Err(reason) => report
+                .problems
+                .push(format!("snapshot at seq {seq} is damaged ({reason}); startup skips it")),
+        }
+    }
+    let mut state = State::new(settings);
+    let mut modules = BTreeMap::new();
+    let mut from = 1;
+    while from <= head && report.first_bad.is_none() {
+        let to = head.min(from + CHUNK - 1);
+        let mut expected = from;
+        store.scan_raw(from..=to, |seq, bytes| {
+            let checked = check_record(seq, expected, bytes, &mut state);
+            expected = seq + 1;
+            report.records += 1;
+            match checked {
+                Ok(event) => {
+                    if let Some(Kind::ServiceDeployed(d)) = &event.kind {
+                        modules.entry(d.module_sha256.clone()).or_insert(seq);
+                    }
+                    if let Some(snapshot) = snapshots.get(&seq) {
+                        let matched = if snapshot == &state {
+                            Ok(())
+                        } else {
+                            Err(first_difference(snapshot, &state))
+                        };
+                        report.snapshots.push((seq, matched));
+                    }
+                    ControlFlow::Continue(())
+                }
+                Err(bad) => {
+                    report.first_bad = Some(bad);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        if report.first_bad.is_none() && expected <= to {
+            report.first_bad = Some((expected, "missing: the log has a gap".into()));
+        }
+        from = to + 1;
+    }
+    report.snapshots.reverse();
+    check_blobs(store, &modules, &mut report)?;
+    Ok(report)
+}
+
+fn check_record(seq: u64, expected: u64, bytes: &[u8], state: &mut State) -> Result<Event, (u64, String)> {
+    if seq != expected {
+        return Err((expected, "missing: the log has a gap".into()));
+    }
+    let payload = frame::decode(bytes).map_err(|e| (seq, e.to_string()))?;
+    let event = Event::decode(payload).map_err(|e| (seq, format!("payload does not decode: {e}")))?;
+    if event.seq != seq {
+        return Err((seq, format!("payload says seq {}", event.seq)));
+    }
+    state
+        .apply(&event)
+        .map_err(|e| (seq, format!("event does not apply: {e}")))?;
+    Ok(event)
+}
+
+fn snapshot_state(store: &Store, seq: u64, settings: Settings) -> Result<State, String> {
+    let bytes = store.snapshot(seq).map_err(|e| e.to_string())?.ok_or("vanished")?;
+    let payload = frame::decode(&bytes).map_err(|e| e.to_string())?;
+    State::decode_snapshot(payload, settings).map_err(|e| e.to_string())
+}
+
+fn first_difference(snapshot: &State, replayed: &State) -> String {
+    let by_key = |s: &State| -> BTreeMap<(String, String), crate::state::Service> {
+        s.services()
+            .map(|svc| ((svc.tenant.clone(), svc.id.clone()), svc.clone()))
+            .collect()
+    };
+    let (a, b) = (by_key(snapshot), by_key(replayed));
+    for (key, service) in &a {
+        match b.get(key) {
+            None => return format!("service {}/{} is only in the snapshot", key.0, key.1),
+            Some(other) if other != service => return format!("service {}/{} differs", key.0, key.1),
+            Some(_) => {}
+        }
+    }
+    if let Some(key) = b.keys().find(|k| !a.contains_key(*k)) {
+        return format!("service {}/{} is only in the replay", key.0, key.1);
+    }
+    "quota figures or idempotency keys differ".into()
+}
+
+fn check_blobs(store: &Store, modules: &BTreeMap<String, u64>, report: &mut VerifyReport) -> log::Result<()> {
+    let mut present = std::collections::BTreeSet::new();
+    store.scan_blobs(|key, bytes| {
+        report.blobs += 1;
+        let computed = sha2::Sha256::digest(bytes);
+        if computed.as_slice() != key {
+            report.problems.push(format!(
+                "blob {} is damaged: its bytes hash to {}",
+                hex::encode(key),
+                hex::encode(computed)
+            ));
+        }
+        present.insert(hex::encode(key));
+    })?;
+    for (sha, seq) in modules {
+        if !present.contains(sha) {
+            report.problems.push(format!(
+                "module {sha} deployed at seq {seq} is missing from the blob store"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Which records `dump` prints.
+#[derive(Debug, Clone, Default)]
+pub struct DumpFilter {
+    pub from: u64,
+    pub to: Option<u64>,
+    pub tenant: Option<String>,
+    pub service_id: Option<String>,
+}
+
+impl DumpFilter {
+    fn matches(&self, event: &Event) -> bool {
+        self.tenant.as_ref().is_none_or(|t| *t == event.tenant)
+            && self.service_id.as_ref().is_none_or(|s| *s == event.service_id)
+    }
+}
+
+/// Prints events one per line (JSON lines with `json`). Damaged records are reported on
+/// `errors` and skipped. Returns the number of damaged records.
+pub fn dump(
+    store: &Store,
+    filter: &DumpFilter,
+    json: bool,
+    out: &mut dyn Write,
+    errors: &mut dyn Write,
+) -> std::io::Result<u64> {
+    let head = store.head().map_err(std::io::Error::other)?;
+    let to = filter.to.unwrap_or(head).min(head);
+    let mut damaged = 0;
+    let mut from = filter.from.max(1);
+    while from <= to {
+        let end = to.min(from + CHUNK - 1);
+        let mut lines = Vec::new();
+        store
+            .scan_raw(from..=end, |seq, bytes| {
+                let decoded = frame::decode(bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| Event::decode(p).map_err(|e| format!("payload does not decode: {e}")));
+                match decoded {
+                    Ok(event) if filter.matches(&event) => lines.push(Ok(if json {
+                        event::to_json(&event).to_string()
+                    } else {
+                        event::describe(&event)
+                    })),
+                    Ok(_) => {}
+                    Err(reason) => lines.push(Err(format!("seq {seq}: damaged record: {reason}"))),
+                }
+                ControlFlow::Continue(())
+            })
+            .map_err(std::io::Error::other)?;
+        for line in lines {
+            match line {
+                Ok(line) => writeln!(out, "{line}")?,
+                Err(line) => {
+                    damaged += 1;
+                    writeln!(errors, "{line}")?;
+                }
+            }
+        }
+        from = end + 1;
+    }
+    Ok(damaged)
+}
+
+/// What `stats` reports.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Stats {
+    pub head: u64,
+    pub records: u64,
+    pub record_bytes: u64,
+    pub by_kind: BTreeMap<String, u64>,
+    pub tenants: u64,
+    pub services: u64,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    /// (seq, bytes) of each snapshot, newest first.
+    pub snapshots: Vec<(u64, u64)>,
+    pub file_bytes: u64,
+    pub map_size_bytes: u64,
+    pub node_id: String,
+    pub first_timestamp_ms: u64,
+    pub last_timestamp_ms: u64,
+}
+
+pub fn stats(store: &Store) -> log::Result<Stats> {
+    let store_stats = store.stats()?;
+    let head = store.head()?;
+    let mut stats = Stats {
+        head,
+        records: store_stats.events,
+        blobs: store_stats.blobs,
+        blob_bytes: store_stats.blob_bytes,
+        snapshots: store_stats.snapshots,
+        file_bytes: store_stats.file_bytes,
+        map_size_bytes: store_stats.map_size,
+        node_id: store.node().node_id.clone(),
+        ..Stats::default()
+    };
+    let mut services = std::collections::BTreeSet::new();
+    let mut from = 1;
+    while from <= head {
+        let to = head.min(from + CHUNK - 1);
+        store.scan_raw(from..=to, |_, bytes| {
+            stats.record_bytes += bytes.len() as u64;
+            let event = frame::decode(bytes).ok().and_then(|p| Event::decode(p).ok());
+            let kind = event.as_ref().map_or("damaged", |e| {
+                EventKind::of_event(e).map_or("unknown", EventKind::as_str)
+            });
+            *stats.by_kind.entry(kind.to_string()).or_default() += 1;
+            if let Some(e) = event {
+                if stats.first_timestamp_ms == 0 {
+                    stats.first_timestamp_ms = e.timestamp_ms;
+                }
+                stats.last_timestamp_ms = e.timestamp_ms;
+                if !e.service_id.is_empty() {
+                    services.insert((e.tenant, e.service_id));
+                }
+            }
+            ControlFlow::Continue(())
+        })?;
+        from = to + 1;
+    }
+    stats.services = services.len() as u64;
+    stats.tenants = services
+        .iter()
+        .map(|(t, _)| t)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64;
+    Ok(stats)
+}

@@ -1,0 +1,172 @@
+//! Limits and quotas: what one service may use, and what one tenant may hold.
+//!
+//! The node-wide values come from `[limits]`; each `[tenants.<name>]` may override any of
+//! them. The control writer checks quotas against the projection, so they hold across
+//! restarts and under concurrency.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::proto::Limits;
+
+const MIB: u64 = 1 << 20;
+
+/// Limits and quotas for one tenant. Every field may be overridden per tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    /// Services (not killed) a tenant may have.
+    pub max_services: u32,
+    /// Linear memory of one service, and the default when a deploy gives none.
+    pub max_memory_mb: u64,
+    pub default_memory_mb: u64,
+    /// Memory reserved by all of a tenant's services together.
+    pub max_tenant_memory_mb: u64,
+    /// Size of one module.
+    pub max_module_bytes: u64,
+    /// Deploys a tenant may make per minute.
+    pub max_deploys_per_minute: u32,
+    /// Wall-clock time of one call.
+    pub max_call_timeout_ms: u32,
+    pub default_call_timeout_ms: u32,
+    /// CPU time of one call (an epoch deadline).
+    pub max_cpu_ms_per_call: u32,
+    pub default_cpu_ms_per_call: u32,
+    /// Calls waiting in one service's mailbox.
+    pub max_mailbox_capacity: u32,
+    pub default_mailbox_capacity: u32,
+    /// Restart policy: at most this many restarts within the window, then the service stays down.
+    pub max_restarts: u32,
+    pub restart_window_ms: u32,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        TenantLimits {
+            max_services: 100,
+            max_memory_mb: 256,
+            default_memory_mb: 64,
+            max_tenant_memory_mb: 4096,
+            max_module_bytes: 16 * MIB,
+            max_deploys_per_minute: 600,
+            max_call_timeout_ms: 60_000,
+            default_call_timeout_ms: 5_000,
+            max_cpu_ms_per_call: 30_000,
+            default_cpu_ms_per_call: 1_000,
+            max_mailbox_capacity: 4096,
+            default_mailbox_capacity: 256,
+            max_restarts: 5,
+            restart_window_ms: 60_000,
+        }
+    }
+}
+
+/// A request that asks for more than a limit allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} = {requested} is over the maximum of {max}")]
+pub struct OverLimit {
+    pub field: &'static str,
+    pub requested: u64,
+    pub max: u64,
+}
+
+impl TenantLimits {
+    /// The effective limits of a deploy: zeros become defaults; anything over a maximum is refused.
+    /// The restart policy is the tenant's; a request may only tighten it.
+    pub fn resolve(&self, requested: &Limits) -> Result<Limits, OverLimit> {
+        fn pick(field: &'static str, requested: u64, default: u64, max: u64) -> Result<u64, OverLimit> {
+            match requested {
+                0 => Ok(default.min(max)),
+                r if r > max => Err(OverLimit {
+                    field,
+                    requested: r,
+                    max,
+                }),
+                r => Ok(r),
+            }
+        }
+        let narrow = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(Limits {
+            memory_bytes: pick(
+                "memory_bytes",
+                requested.memory_bytes,
+                self.default_memory_mb * MIB,
+                self.max_memory_mb * MIB,
+            )?,
+            call_timeout_ms: narrow(pick(
+                "call_timeout_ms",
+                requested.call_timeout_ms.into(),
+                self.default_call_timeout_ms.into(),
+                self.max_call_timeout_ms.into(),
+            )?),
+            cpu_ms_per_call: narrow(pick(
+                "cpu_ms_per_call",
+                requested.cpu_ms_per_call.into(),
+                self.default_cpu_ms_per_call.into(),
+                self.max_cpu_ms_per_call.into(),
+            )?),
+            mailbox_capacity: narrow(pick(
+                "mailbox_capacity",
+                requested.mailbox_capacity.into(),
+                self.default_mailbox_capacity.into(),
+                self.max_mailbox_capacity.into(),
+            )?),
+            max_restarts: narrow(pick(
+                "max_restarts",
+                requested.max_restarts.into(),
+                self.max_restarts.into(),
+                self.max_restarts.into(),
+            )?),
+            restart_window_ms: requested.restart_window_ms.max(self.restart_window_ms),
+        })
+    }
+
+    pub fn max_memory_bytes(&self) -> u64 {
+        self.max_memory_mb * MIB
+    }
+
+    pub fn max_tenant_memory_bytes(&self) -> u64 {
+        self.max_tenant_memory_mb * MIB
+    }
+}
+
+/// The node's limits and each tenant's overrides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitsTable {
+    pub node: TenantLimits,
+    pub tenants: HashMap<String, TenantLimits>,
+}
+
+impl LimitsTable {
+    pub fn for_tenant(&self, tenant: &str) -> &TenantLimits {
+        self.tenants.get(tenant).unwrap_or(&self.node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeros_take_defaults_and_maxima_are_enforced() {
+        let limits = TenantLimits::default();
+        let resolved = limits.resolve(&Limits::default()).unwrap();
+        assert_eq!(resolved.memory_bytes, 64 * MIB);
+        assert_eq!(resolved.call_timeout_ms, 5_000);
+        assert_eq!(resolved.max_restarts, 5);
+
+        let at_max = Limits {
+            memory_bytes: 256 * MIB,
+            ..Limits::default()
+        };
+        assert_eq!(limits.resolve(&at_max).unwrap().memory_bytes, 256 * MIB);
+        let over = Limits {
+            memory_bytes: 256 * MIB + 1,
+            ..Limits::default()
+        };
+        let err = limits.resolve(&over).unwrap_err();
+        assert_eq!(err.field, "memory_bytes");
+        assert!(err.to_string().contains("over the maximum"), "{err}");
+    }
+}

@@ -1,0 +1,165 @@
+//! The durable, append-only log: the only source of truth.
+//!
+//! It owns the LMDB environment (`store`), the record frame (`frame`) and the fan-out to
+//! tailers (`tail`). It stores opaque records keyed by a gap-free `u64` seq starting at 1, a
+//! content-addressed blob store and snapshots; it knows nothing of services. What a record
+//! means is the business of the [`Record`] implementation handed to it.
+
+mod error;
+pub mod frame;
+mod store;
+mod tail;
+
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+pub use error::{Error, Result};
+pub use frame::FrameError;
+pub use store::{
+    BLOBS_DB, BlobRef, EVENTS_DB, FORMAT_VERSION, META_CREATED_AT_MS, META_DB, META_FORMAT_VERSION, META_NODE_ID,
+    NodeMeta, SNAPSHOTS_DB, Store, StoreOptions, StoreStats,
+};
+
+use tail::Window;
+
+/// A record the log can hold: it knows its seq and its payload encoding.
+pub trait Record: Send + Sync + Sized + 'static {
+    fn seq(&self) -> u64;
+    /// Appends the payload bytes to `out`.
+    fn encode_payload(&self, out: &mut Vec<u8>);
+    fn decode_payload(payload: &[u8]) -> std::result::Result<Self, String>;
+}
+
+/// How the log is opened and how its tailers behave.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub store: StoreOptions,
+    /// Most recent records kept in memory for tailers, decoded once and shared.
+    pub tail_window: usize,
+    /// Records a tailer behind the window reads from disk per read transaction.
+    pub tail_read_chunk: usize,
+}
+
+/// A handle to the log. Clones share one environment; only one appender may run at a time.
+#[derive(Debug)]
+pub struct Log<R> {
+    inner: Arc<Inner<R>>,
+}
+
+impl<R> Clone for Log<R> {
+    fn clone(&self) -> Self {
+        Log {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<R> {
+    store: Store,
+    window: Window<R>,
+    /// The committed head. Published after the window holds the new records, so a tailer woken
+    /// by it finds them in memory.
+    head: watch::Sender<u64>,
+    /// Serialises appends: seqs are assigned by the caller and checked against the head here.
+    append_lock: Mutex<()>,
+    read_chunk: usize,
+}
+
+impl<R: Record> Log<R> {
+    /// Opens (or creates) the log in `dir`. Blocking.
+    pub fn open(dir: &Path, options: &LogOptions) -> Result<Log<R>> {
+        let store = Store::open(dir, &options.store)?;
+        let head = store.head()?;
+        Ok(Log {
+            inner: Arc::new(Inner {
+                store,
+                window: Window::new(options.tail_window),
+                head: watch::Sender::new(head),
+                append_lock: Mutex::new(()),
+                read_chunk: options.tail_read_chunk.max(1),
+            }),
+        })
+    }
+
+    /// The seq of the last committed record; 0 when the log is empty.
+    pub fn head(&self) -> u64 {
+        *self.inner.head.borrow()
+    }
+
+    /// A receiver that changes whenever the head moves.
+    pub fn subscribe_head(&self) -> watch::Receiver<u64> {
+        self.inner.head.subscribe()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Appends `records` (whose seqs must continue the log) and `blobs` in one write transaction
+    /// and one durable commit, then makes them visible to tailers. Blocking. On error nothing
+    /// was written and the head did not move.
+    pub fn append(&self, records: &[Arc<R>], blobs: &[BlobRef<'_>]) -> Result<u64> {
+        let _appending = self
+            .inner
+            .append_lock
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let head = self.head();
+        let Some(first) = records.first() else {
+            return Ok(head);
+        };
+        for (expected, record) in (head + 1..).zip(records) {
+            if record.seq() != expected {
+                return Err(Error::OutOfOrder {
+                    expected,
+                    found: record.seq(),
+                });
+            }
+        }
+        let frames: Vec<Vec<u8>> = records
+            .iter()
+            .map(|r| frame::encode_with(|out| r.encode_payload(out)))
+            .collect();
+        self.inner.store.append(first.seq(), &frames, blobs)?;
+        let new_head = head + records.len() as u64;
+        self.inner.window.push(records);
+        self.inner.head.send_replace(new_head);
+        Ok(new_head)
+    }
+
+    /// Reads and decodes `range` (inclusive), checking every frame. Blocking.
+    pub fn read(&self, range: RangeInclusive<u64>) -> Result<Vec<Arc<R>>> {
+        self.inner.read(range)
+    }
+
+    /// An endless stream of committed records from `from_seq` on (inclusive; 0 and 1 both mean
+    /// the first record), in order, each once. When caught up it waits for the head to move. A
+    /// slow consumer only falls behind and then reads from disk; it never blocks the appender.
+    /// The stream ends when the log is closed.
+    pub fn tail(&self, from_seq: u64) -> impl futures_util::Stream<Item = Result<Arc<R>>> + Send + 'static {
+        tail::tail(
+            Arc::downgrade(&self.inner),
+            self.inner.head.subscribe(),
+            from_seq.max(1),
+        )
+    }
+}
+
+impl<R: Record> Inner<R> {
+    fn read(&self, range: RangeInclusive<u64>) -> Result<Vec<Arc<R>>> {
+        self.store.read_frames(range, |seq, payload| {
+            let record = R::decode_payload(payload).map_err(|reason| Error::UndecodableRecord { seq, reason })?;
+            if record.seq() != seq {
+                return Err(Error::UndecodableRecord {
+                    seq,
+                    reason: format!("payload says seq {}", record.seq()),
+                });
+            }
+            Ok(Arc::new(record))
+        })
+    }
+}

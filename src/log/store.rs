@@ -1,0 +1,429 @@
+//! The LMDB environment and its four databases (see `log-format.md`).
+//!
+//! Everything here is blocking and short: one write transaction per appended batch, and read
+//! transactions that live for one bounded read. Nothing here holds a transaction across an
+//! `.await`; async callers go through `spawn_blocking`.
+
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use heed::byteorder::BigEndian;
+use heed::types::{Bytes, Str, U64};
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RoTxn, RwTxn, WithoutTls};
+
+use super::error::{Error, Result};
+use super::frame;
+
+/// The on-disk format this build writes and reads (`meta/format_version`).
+pub const FORMAT_VERSION: u32 = 1;
+
+pub const EVENTS_DB: &str = "events";
+pub const BLOBS_DB: &str = "blobs";
+pub const SNAPSHOTS_DB: &str = "snapshots";
+pub const META_DB: &str = "meta";
+
+pub const META_FORMAT_VERSION: &str = "format_version";
+pub const META_NODE_ID: &str = "node_id";
+pub const META_CREATED_AT_MS: &str = "created_at_ms";
+
+type SeqKey = U64<BigEndian>;
+
+/// How the environment is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Size of LMDB's memory map: the most the data file may ever hold.
+    pub map_size: u64,
+    /// Slots in LMDB's reader table: concurrent read transactions, across processes.
+    pub max_readers: u32,
+    /// Open for reading only, as the offline tools do while a server may be writing.
+    pub read_only: bool,
+}
+
+/// A content-addressed blob: SHA-256 of the bytes, and the bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobRef<'a> {
+    pub sha256: &'a [u8; 32],
+    pub bytes: &'a [u8],
+}
+
+/// Sizes and counts, for `solo log stats`.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStats {
+    pub events: u64,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    pub snapshots: Vec<(u64, u64)>,
+    pub file_bytes: u64,
+    pub map_size: u64,
+}
+
+/// Identity of a data directory, from the `meta` database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeMeta {
+    pub node_id: String,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    env: Env<WithoutTls>,
+    path: PathBuf,
+    map_size: u64,
+    events: Database<SeqKey, Bytes>,
+    blobs: Database<Bytes, Bytes>,
+    snapshots: Database<SeqKey, Bytes>,
+    meta: Database<Str, Bytes>,
+    node: NodeMeta,
+}
+
+impl Store {
+    pub fn open(path: &Path, options: &StoreOptions) -> Result<Store> {
+        if options.read_only && !path.join("data.mdb").exists() {
+            return Err(Error::BadDataDir {
+                path: path.to_path_buf(),
+                reason: "it holds no Solo log (no data.mdb)".into(),
+            });
+        }
+        std::fs::create_dir_all(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let env = open_env(path, options)?;
+        let heed_err = |e| Error::from_heed(e, path, options.map_size);
+        let (events, blobs, snapshots, meta) = if options.read_only {
+            open_databases(&env, path).map_err(|e| match e {
+                Error::Lmdb { source, .. } => heed_err(source),
+                other => other,
+            })?
+        } else {
+            create_databases(&env).map_err(heed_err)?
+        };
+        let mut store = Store {
+            env,
+            path: path.to_path_buf(),
+            map_size: options.map_size,
+            events,
+            blobs,
+            snapshots,
+            meta,
+            node: NodeMeta {
+                node_id: String::new(),
+                created_at_ms: 0,
+            },
+        };
+        store.node = store.check_or_init_meta(options.read_only)?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn node(&self) -> &NodeMeta {
+        &self.node
+    }
+
+    fn err(&self, e: heed::Error) -> Error {
+        Error::from_heed(e, &self.path, self.map_size)
+    }
+
+    /// Verifies the format version, or stamps a new data directory with this build's.
+    fn check_or_init_meta(&self, read_only: bool) -> Result<NodeMeta> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let version = self.meta.get(&rtxn, META_FORMAT_VERSION).map_err(|e| self.err(e))?;
+        match version {
+            Some(bytes) => {
+                let found = u32::from_be_bytes(
+                    bytes
+                        .try_into()
+                        .map_err(|_| self.bad("meta/format_version is not 4 bytes"))?,
+                );
+                if found != FORMAT_VERSION {
+                    return Err(Error::UnsupportedFormat {
+                        path: self.path.clone(),
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+                self.read_node_meta(&rtxn)
+            }
+            None if read_only => Err(self.bad("it was never initialised (no meta/format_version)")),
+            None => {
+                if !self.events.is_empty(&rtxn).map_err(|e| self.err(e))? {
+                    return Err(self.bad("it holds events but no meta/format_version"));
+                }
+                drop(rtxn);
+                self.init_meta()
+            }
+        }
+    }
+
+    fn bad(&self, reason: &str) -> Error {
+        Error::BadDataDir {
+            path: self.path.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn read_node_meta(&self, rtxn: &RoTxn<'_, WithoutTls>) -> Result<NodeMeta> {
+        let node_id = self.meta.get(rtxn, META_NODE_ID).map_err(|e| self.err(e))?;
+        let created = self.meta.get(rtxn, META_CREATED_AT_MS).map_err(|e| self.err(e))?;
+        let created_at_ms = created
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| self.bad("meta/created_at_ms is missing or not 8 bytes"))?;
+        Ok(NodeMeta {
+            node_id: hex::encode(node_id.ok_or_else(|| self.bad("meta/node_id is missing"))?),
+            created_at_ms,
+        })
+    }
+
+    fn init_meta(&self) -> Result<NodeMeta> {
+        let mut node_id = [0u8; 16];
+        getrandom::fill(&mut node_id).map_err(|e| self.bad(&format!("no randomness for a node id: {e}")))?;
+        let created_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        let put = |wtxn: &mut RwTxn<'_>, key: &str, value: &[u8]| self.meta.put(wtxn, key, value);
+        put(&mut wtxn, META_FORMAT_VERSION, &FORMAT_VERSION.to_be_bytes()).map_err(|e| self.err(e))?;
+        put(&mut wtxn, META_NODE_ID, &node_id).map_err(|e| self.err(e))?;
+        put(&mut wtxn, META_CREATED_AT_MS, &created_at_ms.to_be_bytes()).map_err(|e| self.err(e))?;
+        wtxn.commit().map_err(|e| self.err(e))?;
+        Ok(NodeMeta {
+            node_id: hex::encode(node_id),
+            created_at_ms,
+        })
+    }
+
+    /// The seq of the last record, 0 for an empty log.
+    pub fn head(&self) -> Result<u64> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let last = self.events.last(&rtxn).map_err(|e| self.err(e))?;
+        Ok(last.map_or(0, |(seq, _)| seq))
+    }
+
+    /// Writes `frames` as records `first_seq..` and the blobs, in one durable transaction.
+    /// Either all of it is committed or none of it.
+    pub fn append(&self, first_seq: u64, frames: &[Vec<u8>], blobs: &[BlobRef<'_>]) -> Result<()> {
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        for blob in blobs {
+            match self
+                .blobs
+                .put_with_flags(&mut wtxn, PutFlags::NO_OVERWRITE, blob.sha256, blob.bytes)
+            {
+                Ok(()) | Err(heed::Error::Mdb(heed::MdbError::KeyExist)) => {}
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        for (seq, frame) in (first_seq..).zip(frames) {
+            // APPEND: keys only grow, and LMDB refuses (KeyExist) a key that would not.
+            self.events
+                .put_with_flags(&mut wtxn, PutFlags::APPEND, &seq, frame)
+                .map_err(|e| match e {
+                    heed::Error::Mdb(heed::MdbError::KeyExist) => Error::OutOfOrder {
+                        expected: seq + 1,
+                        found: seq,
+                    },
+                    e => self.err(e),
+                })?;
+        }
+        wtxn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Reads the frames of `range`, checking each frame, in one short read transaction.
+    /// Stops early at a missing seq (the caller decides whether that is a gap or the end).
+    pub fn read_frames<T>(
+        &self,
+        range: RangeInclusive<u64>,
+        mut each: impl FnMut(u64, &[u8]) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let iter = self.events.range(&rtxn, &range).map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity((range.end() - range.start()).saturating_add(1).min(4096) as usize);
+        for (expected, item) in (*range.start()..).zip(iter) {
+            let (seq, bytes) = item.map_err(|e| self.err(e))?;
+            if seq != expected {
+                return Err(Error::MissingRecord { seq: expected });
+            }
+            let payload = frame::decode(bytes).map_err(|source| Error::CorruptRecord { seq, source })?;
+            out.push(each(seq, payload)?);
+        }
+        Ok(out)
+    }
+
+    /// Visits raw records (unchecked frames) of `range`, in one read transaction; for the
+    /// offline tools, which report damage rather than stop at it.
+    pub fn scan_raw(
+        &self,
+        range: RangeInclusive<u64>,
+        mut each: impl FnMut(u64, &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<()> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        for item in self.events.range(&rtxn, &range).map_err(|e| self.err(e))? {
+            let (seq, bytes) = item.map_err(|e| self.err(e))?;
+            if each(seq, bytes).is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        Ok(self
+            .blobs
+            .get(&rtxn, sha256)
+            .map_err(|e| self.err(e))?
+            .map(<[u8]>::to_vec))
+    }
+
+    pub fn has_blob(&self, sha256: &[u8; 32]) -> Result<bool> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        Ok(self.blobs.get(&rtxn, sha256).map_err(|e| self.err(e))?.is_some())
+    }
+
+    /// Visits every blob (key, bytes) in one read transaction.
+    pub fn scan_blobs(&self, mut each: impl FnMut(&[u8], &[u8])) -> Result<()> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        for item in self.blobs.iter(&rtxn).map_err(|e| self.err(e))? {
+            let (key, bytes) = item.map_err(|e| self.err(e))?;
+            each(key, bytes);
+        }
+        Ok(())
+    }
+
+    /// Stores a framed snapshot taken after `seq`, keeping only the newest `keep` snapshots.
+    pub fn put_snapshot(&self, seq: u64, frame: &[u8], keep: usize) -> Result<()> {
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        self.snapshots.put(&mut wtxn, &seq, frame).map_err(|e| self.err(e))?;
+        let older: Vec<u64> = self
+            .snapshots
+            .rev_iter(&wtxn)
+            .map_err(|e| self.err(e))?
+            .skip(keep.max(1))
+            .map(|item| item.map(|(seq, _)| seq))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        for seq in older {
+            self.snapshots.delete(&mut wtxn, &seq).map_err(|e| self.err(e))?;
+        }
+        wtxn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Seqs of the stored snapshots, newest first.
+    pub fn snapshot_seqs(&self) -> Result<Vec<u64>> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        self.snapshots
+            .rev_iter(&rtxn)
+            .map_err(|e| self.err(e))?
+            .map(|item| item.map(|(seq, _)| seq).map_err(|e| self.err(e)))
+            .collect()
+    }
+
+    /// The framed snapshot taken after `seq`.
+    pub fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        Ok(self
+            .snapshots
+            .get(&rtxn, &seq)
+            .map_err(|e| self.err(e))?
+            .map(<[u8]>::to_vec))
+    }
+
+    pub fn stats(&self) -> Result<StoreStats> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let mut stats = StoreStats {
+            events: self.events.len(&rtxn).map_err(|e| self.err(e))?,
+            map_size: self.map_size,
+            file_bytes: std::fs::metadata(self.path.join("data.mdb")).map_or(0, |m| m.len()),
+            ..StoreStats::default()
+        };
+        for item in self.blobs.iter(&rtxn).map_err(|e| self.err(e))? {
+            let (_, bytes) = item.map_err(|e| self.err(e))?;
+            stats.blobs += 1;
+            stats.blob_bytes += bytes.len() as u64;
+        }
+        for item in self.snapshots.rev_iter(&rtxn).map_err(|e| self.err(e))? {
+            let (seq, bytes) = item.map_err(|e| self.err(e))?;
+            stats.snapshots.push((seq, bytes.len() as u64));
+        }
+        Ok(stats)
+    }
+}
+
+fn open_env(path: &Path, options: &StoreOptions) -> Result<Env<WithoutTls>> {
+    let mut open = EnvOpenOptions::new().read_txn_without_tls();
+    let page = 4096;
+    let map_size = options.map_size.div_ceil(page) * page;
+    open.map_size(usize::try_from(map_size).unwrap_or(usize::MAX))
+        .max_dbs(4)
+        .max_readers(options.max_readers);
+    if options.read_only {
+        // SAFETY: READ_ONLY only restricts what this handle may do.
+        #[allow(unsafe_code)]
+        unsafe {
+            open.flags(EnvFlags::READ_ONLY);
+        }
+    }
+    // SAFETY: LMDB maps the file into memory; the file must not be modified other than through
+    // LMDB. Only Solo opens this directory, always through this function, and LMDB's own lock
+    // file coordinates the writer with readers in other processes (the offline tools).
+    #[allow(unsafe_code)]
+    let env = unsafe { open.open(path) };
+    env.map_err(|e| match e {
+        heed::Error::Mdb(heed::MdbError::Invalid | heed::MdbError::VersionMismatch) => Error::BadDataDir {
+            path: path.to_path_buf(),
+            reason: format!("data.mdb is not an LMDB file this build can read ({e})"),
+        },
+        e => Error::from_heed(e, path, options.map_size),
+    })
+}
+
+type Databases = (
+    Database<SeqKey, Bytes>,
+    Database<Bytes, Bytes>,
+    Database<SeqKey, Bytes>,
+    Database<Str, Bytes>,
+);
+
+fn create_databases(env: &Env<WithoutTls>) -> heed::Result<Databases> {
+    let mut wtxn = env.write_txn()?;
+    let dbs = (
+        env.create_database(&mut wtxn, Some(EVENTS_DB))?,
+        env.create_database(&mut wtxn, Some(BLOBS_DB))?,
+        env.create_database(&mut wtxn, Some(SNAPSHOTS_DB))?,
+        env.create_database(&mut wtxn, Some(META_DB))?,
+    );
+    wtxn.commit()?;
+    Ok(dbs)
+}
+
+fn open_databases(env: &Env<WithoutTls>, path: &Path) -> Result<Databases> {
+    let lmdb = |source| Error::Lmdb {
+        path: path.to_path_buf(),
+        source,
+    };
+    let rtxn = env.read_txn().map_err(lmdb)?;
+    let missing = |name: &str| Error::BadDataDir {
+        path: path.to_path_buf(),
+        reason: format!("it has no `{name}` database"),
+    };
+    let dbs = (
+        env.open_database(&rtxn, Some(EVENTS_DB))
+            .map_err(lmdb)?
+            .ok_or_else(|| missing(EVENTS_DB))?,
+        env.open_database(&rtxn, Some(BLOBS_DB))
+            .map_err(lmdb)?
+            .ok_or_else(|| missing(BLOBS_DB))?,
+        env.open_database(&rtxn, Some(SNAPSHOTS_DB))
+            .map_err(lmdb)?
+            .ok_or_else(|| missing(SNAPSHOTS_DB))?,
+        env.open_database(&rtxn, Some(META_DB))
+            .map_err(lmdb)?
+            .ok_or_else(|| missing(META_DB))?,
+    );
+    rtxn.commit().map_err(lmdb)?;
+    Ok(dbs)
+}

@@ -1,0 +1,385 @@
+//! The projections: what the log says is true, as a pure fold of its events.
+//!
+//! `State::apply` is deterministic and total: no I/O, no clock (times come from the events),
+//! no randomness, and an event that does not fit the state is an [`ApplyError`] that leaves
+//! the state as it was, never a panic. Replaying the same events always yields an equal state.
+
+mod service;
+mod snapshot;
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::proto::{self, CrashReason, Event, IdempotentOp, StopReason, event::Kind};
+
+pub use service::{Desired, IdempotencyRecord, Service, Status, Tenant};
+pub use snapshot::SnapshotError;
+
+/// Windows that shape the projection. They are part of the fold, so a node must keep them
+/// stable across restarts to replay to the same state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// How long an idempotency key is remembered.
+    pub idempotency_window_ms: u64,
+    /// The window of the deploys-per-minute quota.
+    pub deploy_rate_window_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            idempotency_window_ms: 24 * 3600 * 1000,
+            deploy_rate_window_ms: 60_000,
+        }
+    }
+}
+
+/// Why an event could not be applied. The state is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("event seq {found} does not follow the applied seq {applied}")]
+    OutOfOrder { applied: u64, found: u64 },
+    #[error("event for unknown service {tenant}/{service_id}")]
+    UnknownService { tenant: String, service_id: String },
+    #[error("event for version {event} of {tenant}/{service_id}, which is at version {current}")]
+    StaleVersion {
+        tenant: String,
+        service_id: String,
+        current: u64,
+        event: u64,
+    },
+    #[error("{kind} does not apply to {tenant}/{service_id} while it is {status}")]
+    InvalidTransition {
+        tenant: String,
+        service_id: String,
+        kind: &'static str,
+        status: Status,
+    },
+    #[error("{kind} without a {field}")]
+    MissingField { kind: &'static str, field: &'static str },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    settings: Settings,
+    applied_seq: u64,
+    last_timestamp_ms: u64,
+    tenants: HashMap<String, Tenant>,
+    /// (time, tenant, key) of remembered idempotency keys, oldest first, for expiry.
+    idempotency_expiry: VecDeque<(u64, String, String)>,
+}
+
+impl State {
+    pub fn new(settings: Settings) -> State {
+        State {
+            settings,
+            applied_seq: 0,
+            last_timestamp_ms: 0,
+            tenants: HashMap::new(),
+            idempotency_expiry: VecDeque::new(),
+        }
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    /// Seq of the last event applied.
+    pub fn applied_seq(&self) -> u64 {
+        self.applied_seq
+    }
+
+    /// Commit time of the last event applied.
+    pub fn last_timestamp_ms(&self) -> u64 {
+        self.last_timestamp_ms
+    }
+
+    pub fn tenant(&self, tenant: &str) -> Option<&Tenant> {
+        self.tenants.get(tenant)
+    }
+
+    pub fn tenants(&self) -> impl Iterator<Item = (&str, &Tenant)> {
+        self.tenants.iter().map(|(name, tenant)| (name.as_str(), tenant))
+    }
+
+    pub fn service(&self, tenant: &str, service_id: &str) -> Option<&Service> {
+        self.tenants.get(tenant)?.services.get(service_id)
+    }
+
+    /// Every service of every tenant (in no particular order of tenants).
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.tenants.values().flat_map(|t| t.services.values())
+    }
+
+    /// The remembered answer for `key`, if it is still within the window at `now_ms`.
+    pub fn idempotency(&self, tenant: &str, key: &str, now_ms: u64) -> Option<&IdempotencyRecord> {
+        let record = self.tenants.get(tenant)?.idempotency.get(key)?;
+        (record.at_ms.saturating_add(self.settings.idempotency_window_ms) > now_ms).then_some(record)
+    }
+
+    /// Deploys of `tenant` committed after `since_ms`.
+    pub fn deploys_since(&self, tenant: &str, since_ms: u64) -> usize {
+        self.tenants.get(tenant).map_or(0, |t| {
+            t.recent_deploys.iter().rev().take_while(|&&at| at > since_ms).count()
+        })
+    }
+
+    /// Folds one event into the state. On error nothing changed (not even the applied seq):
+    /// see [`State::skip`].
+    pub fn apply(&mut self, event: &Event) -> Result<(), ApplyError> {
+        self.check(event)?;
+        self.applied_seq = event.seq;
+        self.last_timestamp_ms = self.last_timestamp_ms.max(event.timestamp_ms);
+        self.expire_idempotency(event.timestamp_ms);
+        match &event.kind {
+            Some(Kind::ServiceDeployed(e)) => self.apply_deployed(event, e),
+            Some(Kind::ServiceStarted(_)) => self.update(event, |s| s.status = Status::Running),
+            Some(Kind::ServiceCrashed(e)) => self.update(event, |s| {
+                s.status = match e.reason() {
+                    CrashReason::InitFailure | CrashReason::LoadFailure => Status::Failed,
+                    _ if e.restarting => Status::Starting,
+                    _ => Status::Crashed,
+                };
+                s.last_error.clone_from(&e.message);
+            }),
+            Some(Kind::ServiceRestarted(e)) => self.update(event, |s| {
+                s.status = Status::Running;
+                s.restarts = e.restarts;
+            }),
+            Some(Kind::ServiceKillRequested(e)) => self.apply_kill_requested(event, e),
+            Some(Kind::ServiceStopped(_)) => self.update(event, |s| s.status = Status::Stopped),
+            // Node-level events, and kinds from a newer build: nothing this build tracks.
+            Some(Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => {}
+        }
+        Ok(())
+    }
+
+    /// Moves past an event that did not apply, as replay does: the log is the truth even
+    /// where this build cannot use an event.
+    pub fn skip(&mut self, event: &Event) {
+        if event.seq == self.applied_seq + 1 {
+            self.applied_seq = event.seq;
+            self.last_timestamp_ms = self.last_timestamp_ms.max(event.timestamp_ms);
+        }
+    }
+
+    /// Whether `event` would apply, without applying it.
+    pub fn check(&self, event: &Event) -> Result<(), ApplyError> {
+        if event.seq != self.applied_seq + 1 {
+            return Err(ApplyError::OutOfOrder {
+                applied: self.applied_seq,
+                found: event.seq,
+            });
+        }
+        match &event.kind {
+            Some(Kind::ServiceDeployed(e)) => {
+                require_service_ids(event, "service_deployed")?;
+                if e.limits.is_none() {
+                    return Err(ApplyError::MissingField {
+                        kind: "service_deployed",
+                        field: "limits",
+                    });
+                }
+                let current = self.service(&event.tenant, &event.service_id).map_or(0, |s| s.version);
+                if e.version != current + 1 {
+                    return Err(self.stale(event, current, e.version));
+                }
+                Ok(())
+            }
+            Some(Kind::ServiceStarted(e)) => self.check_service(event, Some(e.version), "service_started", |s| {
+                s.status == Status::Starting
+            }),
+            Some(Kind::ServiceCrashed(e)) => self.check_service(event, Some(e.version), "service_crashed", |s| {
+                matches!(s.status, Status::Starting | Status::Running)
+            }),
+            Some(Kind::ServiceRestarted(e)) => self.check_service(event, Some(e.version), "service_restarted", |s| {
+                s.status == Status::Starting
+            }),
+            Some(Kind::ServiceKillRequested(_)) => {
+                self.check_service(event, None, "service_kill_requested", |s| s.desired == Desired::Running)
+            }
+            Some(Kind::ServiceStopped(e)) => self.check_service(event, Some(e.version), "service_stopped", |s| {
+                let killed = e.reason() == StopReason::Killed;
+                s.status != Status::Stopped && (!killed || s.desired == Desired::Stopped)
+            }),
+            Some(Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => Ok(()),
+        }
+    }
+
+    /// Checks that the event's service exists, is at `version` (when given) and is in a status
+    /// `allowed` accepts.
+    fn check_service(
+        &self,
+        event: &Event,
+        version: Option<u64>,
+        kind: &'static str,
+        allowed: impl FnOnce(&Service) -> bool,
+    ) -> Result<(), ApplyError> {
+        require_service_ids(event, kind)?;
+        let service = self
+            .service(&event.tenant, &event.service_id)
+            .ok_or_else(|| ApplyError::UnknownService {
+                tenant: event.tenant.clone(),
+                service_id: event.service_id.clone(),
+            })?;
+        if let Some(version) = version
+            && version != service.version
+        {
+            return Err(self.stale(event, service.version, version));
+        }
+        if !allowed(service) {
+            return Err(ApplyError::InvalidTransition {
+                tenant: event.tenant.clone(),
+                service_id: event.service_id.clone(),
+                kind,
+                status: service.status,
+            });
+        }
+        Ok(())
+    }
+
+    fn stale(&self, event: &Event, current: u64, found: u64) -> ApplyError {
+        ApplyError::StaleVersion {
+            tenant: event.tenant.clone(),
+            service_id: event.service_id.clone(),
+            current,
+            event: found,
+        }
+    }
+
+    fn apply_deployed(&mut self, event: &Event, e: &proto::ServiceDeployed) {
+        let limits = e.limits.unwrap_or_default();
+        let tenant = self.tenants.entry(event.tenant.clone()).or_default();
+        let service = tenant
+            .services
+            .entry(event.service_id.clone())
+            .or_insert_with(|| Service {
+                tenant: event.tenant.clone(),
+                id: event.service_id.clone(),
+                module_sha256: String::new(),
+                module_size: 0,
+                version: 0,
+                limits,
+                labels: HashMap::new(),
+                desired: Desired::Stopped,
+                status: Status::Stopped,
+                restarts: 0,
+                created_at_ms: event.timestamp_ms,
+                updated_at_ms: event.timestamp_ms,
+                last_error: String::new(),
+                deployed_seq: event.seq,
+                last_seq: event.seq,
+            });
+        if service.is_active() {
+            tenant.active_memory_bytes -= service.limits.memory_bytes;
+        } else {
+            tenant.active_services += 1;
+        }
+        tenant.active_memory_bytes += limits.memory_bytes;
+        service.module_sha256.clone_from(&e.module_sha256);
+        service.module_size = e.module_size;
+        service.version = e.version;
+        service.limits = limits;
+        service.labels.clone_from(&e.labels);
+        service.desired = Desired::Running;
+        service.status = Status::Starting;
+        service.restarts = 0;
+        service.last_error.clear();
+        service.updated_at_ms = event.timestamp_ms;
+        service.deployed_seq = event.seq;
+        service.last_seq = event.seq;
+
+        let window_start = event.timestamp_ms.saturating_sub(self.settings.deploy_rate_window_ms);
+        while tenant.recent_deploys.front().is_some_and(|&at| at <= window_start) {
+            tenant.recent_deploys.pop_front();
+        }
+        tenant.recent_deploys.push_back(event.timestamp_ms);
+        if !e.idempotency_key.is_empty() {
+            let record = IdempotencyRecord {
+                op: IdempotentOp::Deploy,
+                service_id: event.service_id.clone(),
+                seq: event.seq,
+                version: e.version,
+                module_sha256: e.module_sha256.clone(),
+                at_ms: event.timestamp_ms,
+            };
+            self.remember(&event.tenant, &e.idempotency_key, record);
+        }
+    }
+
+    fn apply_kill_requested(&mut self, event: &Event, e: &proto::ServiceKillRequested) {
+        let mut version = 0;
+        self.update(event, |s| {
+            s.desired = Desired::Stopped;
+            s.status = Status::Stopping;
+            version = s.version;
+        });
+        let tenant = self.tenants.get_mut(&event.tenant).expect("checked");
+        let memory = tenant.services[&event.service_id].limits.memory_bytes;
+        tenant.active_services -= 1;
+        tenant.active_memory_bytes -= memory;
+        if !e.idempotency_key.is_empty() {
+            let record = IdempotencyRecord {
+                op: IdempotentOp::Kill,
+                service_id: event.service_id.clone(),
+                seq: event.seq,
+                version,
+                module_sha256: String::new(),
+                at_ms: event.timestamp_ms,
+            };
+            self.remember(&event.tenant, &e.idempotency_key, record);
+        }
+    }
+
+    /// Changes the (checked, existing) service of `event`.
+    fn update(&mut self, event: &Event, change: impl FnOnce(&mut Service)) {
+        let service = self
+            .tenants
+            .get_mut(&event.tenant)
+            .and_then(|t| t.services.get_mut(&event.service_id))
+            .expect("State::check found the service");
+        change(service);
+        service.updated_at_ms = event.timestamp_ms;
+        service.last_seq = event.seq;
+    }
+
+    /// Remembers the first answer given for `key`; a key already remembered keeps its answer.
+    fn remember(&mut self, tenant: &str, key: &str, record: IdempotencyRecord) {
+        let keys = &mut self.tenants.entry(tenant.to_string()).or_default().idempotency;
+        if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(key.to_string()) {
+            self.idempotency_expiry
+                .push_back((record.at_ms, tenant.to_string(), key.to_string()));
+            slot.insert(record);
+        }
+    }
+
+    fn expire_idempotency(&mut self, now_ms: u64) {
+        let window = self.settings.idempotency_window_ms;
+        while let Some((at, tenant, key)) = self.idempotency_expiry.front() {
+            if at.saturating_add(window) > now_ms {
+                break;
+            }
+            if let Some(t) = self.tenants.get_mut(tenant)
+                && t.idempotency.get(key).is_some_and(|r| r.at_ms == *at)
+            {
+                t.idempotency.remove(key);
+            }
+            self.idempotency_expiry.pop_front();
+        }
+    }
+}
+
+fn require_service_ids(event: &Event, kind: &'static str) -> Result<(), ApplyError> {
+    if event.tenant.is_empty() {
+        return Err(ApplyError::MissingField { kind, field: "tenant" });
+    }
+    if event.service_id.is_empty() {
+        return Err(ApplyError::MissingField {
+            kind,
+            field: "service_id",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,173 @@
+use super::*;
+use crate::event::envelope;
+use crate::proto::{Limits, ServiceCrashed, ServiceDeployed, ServiceKillRequested, ServiceStarted, ServiceStopped};
+
+fn at(mut event: Event, seq: u64, ts: u64) -> Event {
+    event.seq = seq;
+    event.timestamp_ms = ts;
+    event
+}
+
+fn deployed(id: &str, version: u64, memory: u64, key: &str) -> Event {
+    envelope(
+        "acme",
+        id,
+        "tenant:acme",
+        Kind::ServiceDeployed(ServiceDeployed {
+            module_sha256: format!("{version:064x}"),
+            version,
+            limits: Some(Limits {
+                memory_bytes: memory,
+                ..Limits::default()
+            }),
+            idempotency_key: key.into(),
+            ..ServiceDeployed::default()
+        }),
+    )
+}
+
+fn started(id: &str, version: u64) -> Event {
+    envelope(
+        "acme",
+        id,
+        "node",
+        Kind::ServiceStarted(ServiceStarted {
+            version,
+            recovered: false,
+        }),
+    )
+}
+
+fn kill(id: &str) -> Event {
+    envelope(
+        "acme",
+        id,
+        "tenant:acme",
+        Kind::ServiceKillRequested(ServiceKillRequested::default()),
+    )
+}
+
+#[test]
+fn lifecycle_and_quota_counts() {
+    let mut state = State::new(Settings::default());
+    state.apply(&at(deployed("a", 1, 100, ""), 1, 10)).unwrap();
+    state.apply(&at(deployed("b", 1, 50, ""), 2, 11)).unwrap();
+    state.apply(&at(started("a", 1), 3, 12)).unwrap();
+    let tenant = state.tenant("acme").unwrap();
+    assert_eq!((tenant.active_services, tenant.active_memory_bytes), (2, 150));
+    assert_eq!(state.service("acme", "a").unwrap().status, Status::Running);
+
+    // Upgrade: memory is replaced, not added; the service starts over.
+    state.apply(&at(deployed("a", 2, 10, ""), 4, 13)).unwrap();
+    let a = state.service("acme", "a").unwrap();
+    assert_eq!(
+        (a.version, a.status, a.deployed_seq, a.created_at_ms),
+        (2, Status::Starting, 4, 10)
+    );
+    assert_eq!(state.tenant("acme").unwrap().active_memory_bytes, 60);
+
+    state.apply(&at(kill("b"), 5, 14)).unwrap();
+    assert_eq!(state.service("acme", "b").unwrap().status, Status::Stopping);
+    assert_eq!(state.tenant("acme").unwrap().active_services, 1);
+    let stopped = envelope(
+        "acme",
+        "b",
+        "node",
+        Kind::ServiceStopped(ServiceStopped {
+            version: 1,
+            reason: StopReason::Killed as i32,
+        }),
+    );
+    state.apply(&at(stopped, 6, 15)).unwrap();
+    assert_eq!(state.service("acme", "b").unwrap().status, Status::Stopped);
+    assert_eq!(state.deploys_since("acme", 10), 2);
+}
+
+#[test]
+fn events_that_do_not_fit_change_nothing() {
+    let mut state = State::new(Settings::default());
+    state.apply(&at(deployed("a", 1, 1, ""), 1, 1)).unwrap();
+    let before = state.clone();
+    let cases = [
+        at(started("a", 2), 2, 2),
+        at(started("ghost", 1), 2, 2),
+        at(deployed("a", 3, 1, ""), 2, 2),
+        at(started("a", 1), 5, 2),
+        at(
+            envelope(
+                "",
+                "",
+                "node",
+                Kind::ServiceStarted(ServiceStarted {
+                    version: 1,
+                    recovered: false,
+                }),
+            ),
+            2,
+            2,
+        ),
+    ];
+    for event in &cases {
+        assert!(state.apply(event).is_err(), "{event:?} applied");
+        assert_eq!(state, before);
+    }
+    state.skip(&cases[0]);
+    assert_eq!(state.applied_seq(), 2);
+}
+
+#[test]
+fn crash_reasons_decide_the_status() {
+    let mut state = State::new(Settings::default());
+    state.apply(&at(deployed("a", 1, 1, ""), 1, 1)).unwrap();
+    let crash = |reason: CrashReason, restarting| {
+        envelope(
+            "acme",
+            "a",
+            "node",
+            Kind::ServiceCrashed(ServiceCrashed {
+                version: 1,
+                reason: reason as i32,
+                restarting,
+                message: "boom".into(),
+                ..ServiceCrashed::default()
+            }),
+        )
+    };
+    state.apply(&at(crash(CrashReason::Trap, true), 2, 2)).unwrap();
+    assert_eq!(state.service("acme", "a").unwrap().status, Status::Starting);
+    state.apply(&at(crash(CrashReason::Trap, false), 3, 3)).unwrap();
+    let a = state.service("acme", "a").unwrap();
+    assert_eq!((a.status, a.last_error.as_str()), (Status::Crashed, "boom"));
+    // Crashed stays down: another crash report does not fit.
+    assert!(state.check(&at(crash(CrashReason::Trap, true), 4, 4)).is_err());
+    state.apply(&at(deployed("a", 2, 1, ""), 4, 4)).unwrap();
+    assert_eq!(state.service("acme", "a").unwrap().last_error, "");
+}
+
+#[test]
+fn idempotency_keys_expire_after_the_window() {
+    let settings = Settings {
+        idempotency_window_ms: 1000,
+        deploy_rate_window_ms: 60_000,
+    };
+    let mut state = State::new(settings);
+    state.apply(&at(deployed("a", 1, 1, "k1"), 1, 100)).unwrap();
+    assert_eq!(state.idempotency("acme", "k1", 1099).map(|r| r.seq), Some(1));
+    assert!(state.idempotency("acme", "k1", 1100).is_none());
+    state.apply(&at(started("a", 1), 2, 1100)).unwrap();
+    assert!(state.tenant("acme").unwrap().idempotency.is_empty());
+}
+
+#[test]
+fn snapshot_round_trips() {
+    let mut state = State::new(Settings::default());
+    state.apply(&at(deployed("a", 1, 7, "k"), 1, 1)).unwrap();
+    state.apply(&at(started("a", 1), 2, 2)).unwrap();
+    state.apply(&at(deployed("b", 1, 9, ""), 3, 3)).unwrap();
+    state.apply(&at(kill("b"), 4, 4)).unwrap();
+    let mut bytes = Vec::new();
+    state.encode_snapshot(&mut bytes);
+    let restored = State::decode_snapshot(&bytes, Settings::default()).unwrap();
+    assert_eq!(restored, state);
+    assert!(State::decode_snapshot(b"\xff\xff", Settings::default()).is_err());
+}
