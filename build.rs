@@ -1,13 +1,22 @@
 //! Generates Rust from `proto/` with protox, a pure-Rust protobuf compiler, so that a bare
-//! machine without `protoc` can build Solo.
+//! machine without `protoc` can build Solo. Also writes the descriptor set that the gRPC
+//! reflection service serves.
 
-const PROTOS: &[&str] = &["proto/solo/v1/events.proto", "proto/solo/v1/snapshot.proto"];
+use prost::Message as _;
+
+const PROTOS: &[&str] = &[
+    "proto/solo/v1/events.proto",
+    "proto/solo/v1/snapshot.proto",
+    "proto/solo/v1/solo.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(PROTOS, ["proto"])?;
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out_dir.join("solo_descriptor.bin"), descriptors.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

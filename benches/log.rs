@@ -1,1 +1,722 @@
-fn main() {}
+//! Benchmarks of the log: durable appends through the control writer (group commit), rebuilding
+//! the state from a million events, and commit-to-delivery latency of tailers.
+//!
+//! `cargo bench --bench log`. These measure; they assert nothing. Figures that criterion cannot
+//! report (tail latency percentiles, the shape of the data set) are printed to stderr.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use futures_util::StreamExt as _;
+use tempfile::TempDir;
+use tokio::runtime::Runtime;
+
+use solo::config::Config;
+use solo::control::{Control, ControlOptions, DeployRequest, EventLog, load_snapshot, replay};
+use solo::event::envelope;
+use solo::limits::{LimitsTable, TenantLimits};
+use solo::log::{BlobRef, LogOptions, frame};
+use solo::proto::{self, CrashReason, Event, Limits, StopReason, event::Kind};
+use solo::state::{Settings, State};
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn log_options() -> LogOptions {
+    Config::default().log_options(false)
+}
+
+fn tempdir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("solo-bench-")
+        .tempdir()
+        .expect("a temporary directory")
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Durable appends through the control writer (group commit).
+// ---------------------------------------------------------------------------------------------
+
+/// Concurrent appenders (tokio tasks) per run.
+const APPENDERS: [usize; 4] = [1, 16, 256, 1024];
+
+/// Deploys are spread over this many tenants. With the default quota of 100 services a tenant,
+/// a node holding the services these runs create would need about as many tenants. It also keeps
+/// each tenant's deploy-rate window short: the quota check counts that window's deploys one by
+/// one (`State::deploys_since`), which with a single tenant dominates the writer's time.
+const APPEND_TENANTS: u64 = 16_384;
+
+/// The module every deploy carries: tiny and fixed, so its blob is stored once.
+const TINY_MODULE: &[u8] = b"\0asm\x01\0\0\0";
+
+/// A node whose quotas never refuse the benchmark's deploys.
+fn unlimited() -> LimitsTable {
+    LimitsTable {
+        node: TenantLimits {
+            max_services: u32::MAX,
+            max_deploys_per_minute: u32::MAX,
+            max_tenant_memory_mb: 1 << 30,
+            ..TenantLimits::default()
+        },
+        tenants: HashMap::new(),
+    }
+}
+
+/// p50 and p99 of a 4 KiB write + `fdatasync` in `dir`: the floor under a durable commit
+/// (LMDB syncs twice per commit: the data pages, then the meta page). Printed with each run,
+/// as it varies with what else the machine is writing.
+fn sync_latency(dir: &Path) -> (Duration, Duration) {
+    use std::io::{Seek as _, Write as _};
+    let path = dir.join("sync-probe");
+    let mut file = std::fs::File::create(&path).expect("the probe file is created");
+    let mut times: Vec<Duration> = (0..50)
+        .map(|i| {
+            file.seek(std::io::SeekFrom::Start((i % 8) * 4096)).expect("seek");
+            file.write_all(&[i as u8; 4096]).expect("write");
+            let started = Instant::now();
+            file.sync_data().expect("fdatasync");
+            started.elapsed()
+        })
+        .collect();
+    drop(file);
+    let _ = std::fs::remove_file(path);
+    times.sort();
+    (times[times.len() / 2], times[times.len() * 99 / 100])
+}
+
+/// What the writer's commit hook saw: batches, their events, and time spent committing them.
+#[derive(Default)]
+struct CommitStats {
+    batches: AtomicU64,
+    events: AtomicU64,
+    commit_ns: AtomicU64,
+    max_batch: AtomicU64,
+}
+
+impl CommitStats {
+    /// `active`: the time appenders were running, warm-up included (as the hook counts it).
+    fn report(&self, active: Duration) -> String {
+        let batches = self.batches.load(Ordering::Relaxed).max(1);
+        let events = self.events.load(Ordering::Relaxed);
+        let commit = Duration::from_nanos(self.commit_ns.load(Ordering::Relaxed));
+        format!(
+            "{batches} commits, {:.1} events per commit (max {}), {:?} per commit inside Log::append \
+             ({:.0}% of the time appenders ran)",
+            events as f64 / batches as f64,
+            self.max_batch.load(Ordering::Relaxed),
+            commit / batches as u32,
+            100.0 * commit.as_secs_f64() / active.as_secs_f64().max(1e-9),
+        )
+    }
+}
+
+/// A node as the default configuration makes it (so snapshots are written every 100,000 events,
+/// on the writer thread), with quotas out of the way and a hook counting commits.
+fn control_options(dir: &TempDir, stats: &Arc<CommitStats>) -> ControlOptions {
+    let mut options = Config::default()
+        .control_options()
+        .expect("the default config is valid");
+    options.data_dir = dir.path().to_path_buf();
+    options.limits = unlimited();
+    let stats = Arc::clone(stats);
+    options.on_commit = Some(Box::new(move |events, took| {
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.events.fetch_add(events.len() as u64, Ordering::Relaxed);
+        stats.commit_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        stats.max_batch.fetch_max(events.len() as u64, Ordering::Relaxed);
+    }));
+    options
+}
+
+/// One appender: deploys a new service (one `service_deployed` event) per index it claims,
+/// until the indices up to `end` are taken.
+async fn deploy_loop(control: Control, module: Arc<[u8]>, next: Arc<AtomicU64>, end: u64, failed: Arc<AtomicU64>) {
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= end {
+            return;
+        }
+        let tenant = format!("t{}", i % APPEND_TENANTS);
+        let request = DeployRequest {
+            actor: format!("tenant:{tenant}"),
+            tenant,
+            service_id: format!("s{i}"),
+            module: Arc::clone(&module),
+            limits: Limits::default(),
+            labels: HashMap::new(),
+            idempotency_key: String::new(),
+        };
+        match control.deploy(request).await {
+            Ok(outcome) if outcome.created => {}
+            Ok(outcome) => {
+                if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("deploy {i} appended nothing: {outcome:?}");
+                }
+            }
+            Err(e) => {
+                if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("deploy {i} failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn bench_append(c: &mut Criterion) {
+    let rt = runtime();
+    let module: Arc<[u8]> = Arc::from(TINY_MODULE);
+    let mut group = c.benchmark_group("append_durable");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(1));
+    for appenders in APPENDERS {
+        // A fresh data directory and node per concurrency, so runs do not inherit each other's
+        // state (heed also refuses to open one directory twice in a process). Opened on first
+        // use, so a filtered-out run costs nothing.
+        let mut node: Option<(TempDir, Control)> = None;
+        let next = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(CommitStats::default());
+        let mut active = Duration::ZERO;
+        group.bench_with_input(BenchmarkId::new("deploy", appenders), &appenders, |b, &appenders| {
+            let (_, control) = node.get_or_insert_with(|| {
+                let dir = tempdir();
+                let (p50, p99) = sync_latency(dir.path());
+                eprintln!("append_durable/deploy/{appenders}: before the run, fdatasync p50 {p50:?}, p99 {p99:?}");
+                let (control, _) = Control::open(control_options(&dir, &stats)).expect("the control layer opens");
+                (dir, control)
+            });
+            b.iter_custom(|iters| {
+                let end = next.load(Ordering::Relaxed) + iters;
+                let started = Instant::now();
+                rt.block_on(async {
+                    let tasks: Vec<_> = (0..appenders)
+                        .map(|_| {
+                            tokio::spawn(deploy_loop(
+                                control.clone(),
+                                Arc::clone(&module),
+                                Arc::clone(&next),
+                                end,
+                                Arc::clone(&failed),
+                            ))
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.expect("an appender does not panic");
+                    }
+                });
+                let elapsed = started.elapsed();
+                next.store(end, Ordering::Relaxed);
+                active += elapsed;
+                elapsed
+            });
+        });
+        if let Some((dir, control)) = node.take() {
+            let (p50, p99) = sync_latency(dir.path());
+            eprintln!(
+                "append_durable/deploy/{appenders}: {} events committed in total, {} deploys appended nothing; {}; \
+                 after the run, fdatasync p50 {p50:?}, p99 {p99:?}",
+                control.head(),
+                failed.load(Ordering::Relaxed),
+                stats.report(active),
+            );
+            rt.block_on(control.close());
+            drop(control);
+            drop(dir);
+        }
+    }
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Rebuilding the state from 1,000,000 events, and from a snapshot.
+// ---------------------------------------------------------------------------------------------
+
+const DATASET_EVENTS: u64 = 1_000_000;
+const DATASET_TENANTS: usize = 500;
+const DATASET_SERVICES_PER_TENANT: usize = 40;
+const DATASET_SLOTS: usize = DATASET_TENANTS * DATASET_SERVICES_PER_TENANT;
+/// Services with an episode (deploy … stop) in flight at any moment.
+const DATASET_CURSORS: usize = 2_000;
+const DATASET_MODULES: usize = 64;
+/// Events per write transaction while building the data set.
+const DATASET_BATCH: usize = 4_096;
+/// One event every this many milliseconds: a million events span a little over a day, so
+/// idempotency keys (remembered for 24 h) expire during replay as they would on a real node.
+const DATASET_EVENT_SPACING_MS: u64 = 100;
+
+/// A data directory holding the million events and a snapshot at its head, built once and
+/// shared by the rebuild benchmarks. The log is dropped before its directory.
+struct Dataset {
+    log: EventLog,
+    head: u64,
+    settings: Settings,
+    _dir: TempDir,
+}
+
+/// xorshift64*: deterministic, so every run builds the same data set.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// True with probability `percent`/100.
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// What the generator knows of one service id.
+struct Slot {
+    tenant: String,
+    service_id: String,
+    version: u64,
+}
+
+/// An idempotency key on a quarter of the commands, as clients that retry send them.
+fn idempotency_key(rng: &mut Rng, keys: &mut u64) -> String {
+    if rng.chance(25) {
+        *keys += 1;
+        format!("req-{keys:08x}")
+    } else {
+        String::new()
+    }
+}
+
+/// What an episode needs besides the slot: the module hashes, the limits, the key counter.
+struct EpisodeContext<'a> {
+    modules: &'a [String],
+    limits: Limits,
+    keys: u64,
+}
+
+/// A deploy of the slot's next version, its start, and the crashes its restart policy recovers
+/// from, as (kind, by the tenant?).
+fn deploy_events(rng: &mut Rng, slot: &mut Slot, cx: &mut EpisodeContext<'_>, kinds: &mut Vec<(Kind, bool)>) {
+    slot.version += 1;
+    let mut labels = HashMap::new();
+    labels.insert("app".to_string(), slot.service_id.clone());
+    labels.insert(
+        "env".to_string(),
+        if rng.chance(70) { "prod" } else { "dev" }.to_string(),
+    );
+    let module = rng.below(cx.modules.len() as u64) as usize;
+    kinds.push((
+        Kind::ServiceDeployed(proto::ServiceDeployed {
+            module_sha256: cx.modules[module].clone(),
+            version: slot.version,
+            limits: Some(cx.limits),
+            labels,
+            idempotency_key: idempotency_key(rng, &mut cx.keys),
+            module_size: 2048,
+        }),
+        true,
+    ));
+    kinds.push((
+        Kind::ServiceStarted(proto::ServiceStarted {
+            version: slot.version,
+            recovered: false,
+        }),
+        false,
+    ));
+    for restarts in 1..=rng.below(4) as u32 {
+        kinds.push((crash(rng, slot.version, true), false));
+        kinds.push((
+            Kind::ServiceRestarted(proto::ServiceRestarted {
+                version: slot.version,
+                restarts,
+            }),
+            false,
+        ));
+    }
+}
+
+/// The events of one service's life, from a deploy to its stop, as (kind, by the tenant?).
+fn episode(rng: &mut Rng, slot: &mut Slot, cx: &mut EpisodeContext<'_>) -> Vec<(Kind, bool)> {
+    let mut kinds = Vec::with_capacity(16);
+    deploy_events(rng, slot, cx, &mut kinds);
+    if rng.chance(20) {
+        deploy_events(rng, slot, cx, &mut kinds); // an upgrade
+    }
+    if rng.chance(10) {
+        kinds.push((crash(rng, slot.version, false), false)); // down for good
+    }
+    kinds.push((
+        Kind::ServiceKillRequested(proto::ServiceKillRequested {
+            force: rng.chance(10),
+            grace_ms: 5_000,
+            idempotency_key: idempotency_key(rng, &mut cx.keys),
+        }),
+        true,
+    ));
+    kinds.push((
+        Kind::ServiceStopped(proto::ServiceStopped {
+            version: slot.version,
+            reason: StopReason::Killed as i32,
+        }),
+        false,
+    ));
+    kinds
+}
+
+fn crash(rng: &mut Rng, version: u64, restarting: bool) -> Kind {
+    let (reason, trap_code, message) = match rng.below(3) {
+        0 => (
+            CrashReason::Trap,
+            "unreachable",
+            "wasm trap: wasm `unreachable` instruction executed",
+        ),
+        1 => (CrashReason::CpuLimit, "", "the call ran past its CPU budget of 1000 ms"),
+        _ => (CrashReason::MemoryLimit, "", "the guest hit its memory limit of 64 MiB"),
+    };
+    Kind::ServiceCrashed(proto::ServiceCrashed {
+        version,
+        reason: reason as i32,
+        trap_code: trap_code.into(),
+        message: message.into(),
+        restarting,
+    })
+}
+
+fn build_dataset() -> Dataset {
+    let started = Instant::now();
+    let dir = tempdir();
+    let log = EventLog::open(dir.path(), &log_options()).expect("the log opens");
+    let settings = Settings::default();
+    let limits = TenantLimits::default()
+        .resolve(&Limits::default())
+        .expect("the defaults resolve");
+    let module_bytes: Vec<Vec<u8>> = (0..DATASET_MODULES)
+        .map(|m| {
+            let mut bytes = TINY_MODULE.to_vec();
+            bytes.resize(2048, m as u8);
+            bytes
+        })
+        .collect();
+    let module_hashes: Vec<[u8; 32]> = module_bytes
+        .iter()
+        .map(|bytes| {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(bytes).into()
+        })
+        .collect();
+    let modules: Vec<String> = module_hashes.iter().map(hex::encode).collect();
+    let blobs: Vec<BlobRef<'_>> = module_hashes
+        .iter()
+        .zip(&module_bytes)
+        .map(|(sha256, bytes)| BlobRef { sha256, bytes })
+        .collect();
+
+    let mut slots: Vec<Slot> = (0..DATASET_SLOTS)
+        .map(|i| Slot {
+            tenant: format!("tenant-{:03}", i % DATASET_TENANTS),
+            service_id: format!("svc-{:05}", i / DATASET_TENANTS),
+            version: 0,
+        })
+        .collect();
+    // Cursor c owns the slots c, c + CURSORS, c + 2 * CURSORS, …, and lives their episodes one
+    // after the other; cursors are interleaved at random.
+    let mut cursors: Vec<(usize, std::vec::IntoIter<(Kind, bool)>)> =
+        (0..DATASET_CURSORS).map(|c| (c, Vec::new().into_iter())).collect();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut cx = EpisodeContext {
+        modules: &modules,
+        limits,
+        keys: 0,
+    };
+    let mut state = State::new(settings);
+    let base_ms = 1_750_000_000_000;
+    let mut counts: HashMap<&'static str, u64> = HashMap::new();
+    let mut batch = Vec::with_capacity(DATASET_BATCH);
+    let mut first_batch = true;
+    for seq in 1..=DATASET_EVENTS {
+        let c = rng.below(DATASET_CURSORS as u64) as usize;
+        let (slot_index, pending) = &mut cursors[c];
+        let (kind, by_tenant) = match pending.next() {
+            Some(next) => next,
+            None => {
+                *slot_index = (*slot_index + DATASET_CURSORS) % DATASET_SLOTS;
+                let mut fresh = episode(&mut rng, &mut slots[*slot_index], &mut cx).into_iter();
+                let next = fresh.next().expect("an episode has events");
+                *pending = fresh;
+                next
+            }
+        };
+        let slot = &slots[*slot_index];
+        *counts.entry(solo::event::EventKind::of(&kind).as_str()).or_default() += 1;
+        let actor = if by_tenant {
+            format!("tenant:{}", slot.tenant)
+        } else {
+            "node".to_string()
+        };
+        let mut event = envelope(&slot.tenant, &slot.service_id, &actor, kind);
+        event.seq = seq;
+        event.timestamp_ms = base_ms + seq * DATASET_EVENT_SPACING_MS;
+        state.apply(&event).expect("the generator writes events that apply");
+        batch.push(Arc::new(event));
+        if batch.len() == DATASET_BATCH || seq == DATASET_EVENTS {
+            let blobs: &[BlobRef<'_>] = if first_batch { &blobs } else { &[] };
+            log.append(&batch, blobs).expect("the data set is written");
+            log.publish(&batch);
+            batch.clear();
+            first_batch = false;
+        }
+    }
+    let head = log.head();
+    let snapshot = frame::encode_with(|out| state.encode_snapshot(out));
+    log.store()
+        .put_snapshot(head, &snapshot, 2)
+        .expect("the snapshot is written");
+    let stats = log.store().stats().expect("stats");
+    let mut counts: Vec<_> = counts.into_iter().collect();
+    counts.sort();
+    let active = state.services().filter(|s| s.is_active()).count();
+    eprintln!(
+        "data set: {head} events ({counts:?}), {} services in {} tenants ({active} active), {} idempotency keys \
+         remembered, data.mdb {} MiB, snapshot {} KiB; built in {:.1?}",
+        state.services().count(),
+        state.tenants().count(),
+        state.to_snapshot().idempotency.len(),
+        stats.file_bytes >> 20,
+        snapshot.len() >> 10,
+        started.elapsed()
+    );
+    Dataset {
+        log,
+        head,
+        settings,
+        _dir: dir,
+    }
+}
+
+fn bench_rebuild(c: &mut Criterion) {
+    // Built by whichever benchmark runs first (none, if both are filtered out), and removed when
+    // this function returns.
+    let mut dataset: Option<Dataset> = None;
+    let mut group = c.benchmark_group("rebuild");
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    // A rebuilt state is dropped outside the timed part, as recovery keeps it.
+    group.bench_function("load_snapshot_at_head", |b| {
+        let data = &*dataset.get_or_insert_with(build_dataset);
+        let store = data.log.store();
+        b.iter_batched(
+            || (),
+            |()| {
+                let mut state = load_snapshot(store, data.settings, data.head).expect("the snapshot loads");
+                // Then the events after the snapshot: none, as it was taken at the head.
+                let from = state.applied_seq() + 1;
+                replay(store, &mut state, from, data.head).expect("nothing to replay");
+                state
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    group
+        .measurement_time(Duration::from_secs(10))
+        .throughput(Throughput::Elements(DATASET_EVENTS));
+    group.bench_function(BenchmarkId::new("replay_from_empty", DATASET_EVENTS), |b| {
+        let data = &*dataset.get_or_insert_with(build_dataset);
+        let store = data.log.store();
+        b.iter_batched(
+            || State::new(data.settings),
+            |mut state| {
+                let skipped = replay(store, &mut state, 1, data.head).expect("the log replays");
+                (state, skipped)
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Tail: commit-to-delivery latency.
+// ---------------------------------------------------------------------------------------------
+
+const TAILERS: [usize; 2] = [1, 1_000];
+
+/// Latencies in 1 µs buckets up to one second; slower ones are counted apart.
+struct Histogram {
+    buckets: Vec<u64>,
+    over: u64,
+    total: u64,
+    max_ns: u64,
+    /// Time the appender spent in `Log::publish` (waking the tailers), and how many calls.
+    publish: Duration,
+    publishes: u32,
+}
+
+impl Histogram {
+    const BUCKETS: usize = 1_000_000;
+
+    fn new() -> Histogram {
+        Histogram {
+            buckets: vec![0; Histogram::BUCKETS],
+            over: 0,
+            total: 0,
+            max_ns: 0,
+            publish: Duration::ZERO,
+            publishes: 0,
+        }
+    }
+
+    fn record(&mut self, ns: u64) {
+        match self.buckets.get_mut((ns / 1_000) as usize) {
+            Some(bucket) => *bucket += 1,
+            None => self.over += 1,
+        }
+        self.total += 1;
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// The latency (upper edge of its bucket) under which `quantile` of the samples fall.
+    fn quantile(&self, quantile: f64) -> Duration {
+        let rank = ((self.total as f64 * quantile).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (us, count) in self.buckets.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Duration::from_micros(us as u64 + 1);
+            }
+        }
+        Duration::from_nanos(self.max_ns)
+    }
+}
+
+/// An event of the size a deploy writes.
+fn tail_event(seq: u64) -> Arc<Event> {
+    let mut event = envelope(
+        "acme",
+        &format!("svc-{seq}"),
+        "tenant:acme",
+        Kind::ServiceDeployed(proto::ServiceDeployed {
+            module_sha256: "ab".repeat(32),
+            version: 1,
+            limits: Some(
+                TenantLimits::default()
+                    .resolve(&Limits::default())
+                    .expect("the defaults resolve"),
+            ),
+            labels: HashMap::new(),
+            idempotency_key: String::new(),
+            module_size: 2048,
+        }),
+    );
+    event.seq = seq;
+    event.timestamp_ms = 1_750_000_000_000 + seq;
+    Arc::new(event)
+}
+
+/// Starts `tailers` tails at the next seq, then commits `events` events, one durable commit
+/// each, back to back, publishing each to tailers once durable (as the control writer does).
+/// Every delivery's latency — from the moment `append` returned (the event is durable, not yet
+/// published) to the moment the tailer's task holds the event — goes into `histogram`. Returns
+/// the time from the first commit to the last delivery.
+fn tail_round(rt: &Runtime, log: &EventLog, tailers: usize, events: u64, histogram: &mut Histogram) -> Duration {
+    let from = log.head() + 1;
+    let last = from + events - 1;
+    let base = Instant::now();
+    let ready = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..tailers)
+        .map(|_| {
+            let stream = log.tail(from);
+            let ready = Arc::clone(&ready);
+            rt.spawn(async move {
+                let mut stream = std::pin::pin!(stream);
+                let mut delivered = Vec::with_capacity(events as usize);
+                ready.fetch_add(1, Ordering::Release);
+                while let Some(item) = stream.next().await {
+                    let Ok(event) = item else { break };
+                    delivered.push(base.elapsed().as_nanos() as u64);
+                    if event.seq >= last {
+                        break;
+                    }
+                }
+                delivered
+            })
+        })
+        .collect();
+    while ready.load(Ordering::Acquire) < tailers {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    // Let every tailer reach its wait on the head.
+    std::thread::sleep(Duration::from_millis(2));
+
+    let mut committed = Vec::with_capacity(events as usize);
+    let started = Instant::now();
+    for seq in from..=last {
+        let records = [tail_event(seq)];
+        log.append(&records, &[]).expect("the append commits");
+        committed.push(base.elapsed().as_nanos() as u64);
+        let publishing = Instant::now();
+        log.publish(&records);
+        histogram.publish += publishing.elapsed();
+        histogram.publishes += 1;
+    }
+    for task in tasks {
+        let delivered = rt.block_on(task).expect("a tailer does not panic");
+        for (at, commit) in delivered.iter().zip(&committed) {
+            histogram.record(at.saturating_sub(*commit));
+        }
+    }
+    started.elapsed()
+}
+
+fn bench_tail(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempdir();
+    let log = EventLog::open(dir.path(), &log_options()).expect("the log opens");
+    let mut group = c.benchmark_group("tail");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for tailers in TAILERS {
+        let (p50, p99) = sync_latency(dir.path());
+        eprintln!("tail/{tailers} tailers: before the run, fdatasync p50 {p50:?}, p99 {p99:?}");
+        let mut histogram = Histogram::new();
+        // Criterion's figure is deliveries per second; the latencies are printed below.
+        group.throughput(Throughput::Elements(tailers as u64));
+        group.bench_with_input(BenchmarkId::new("deliveries", tailers), &tailers, |b, &tailers| {
+            b.iter_custom(|events| tail_round(&rt, &log, tailers, events, &mut histogram));
+        });
+        eprintln!(
+            "tail/{tailers} tailers: commit-to-delivery latency over {} deliveries: p50 {:?}, p99 {:?}, p99.9 {:?}, \
+             max {:?} ({} over 1 s); Log::publish took {:?} on average on the appender's thread",
+            histogram.total,
+            histogram.quantile(0.50),
+            histogram.quantile(0.99),
+            histogram.quantile(0.999),
+            Duration::from_nanos(histogram.max_ns),
+            histogram.over,
+            histogram.publish / histogram.publishes.max(1),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_append, bench_rebuild, bench_tail);
+criterion_main!(benches);

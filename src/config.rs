@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::control::{ControlOptions, WriterOptions, system_clock};
 use crate::limits::{LimitsTable, TenantLimits};
 use crate::log::{LogOptions, StoreOptions};
+use crate::runtime::{EngineOptions, RuntimeOptions};
 use crate::state::Settings;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -19,6 +20,8 @@ pub struct Config {
     pub solo: SoloConfig,
     pub database: DatabaseConfig,
     pub limits: TenantLimits,
+    pub runtime: RuntimeConfig,
+    pub security: SecurityConfig,
     pub telemetry: TelemetryConfig,
     /// Per-tenant overrides, keyed by tenant name.
     pub tenants: BTreeMap<String, TenantConfig>,
@@ -34,6 +37,16 @@ pub struct SoloConfig {
     pub idempotency_window_ms: u64,
     /// How long shutdown waits for calls in flight and services to stop (when the request names none).
     pub shutdown_grace_ms: u32,
+    /// Requests in flight on the node, all tenants together; more are shed.
+    pub max_in_flight: u32,
+    /// Largest request body (REST) or message (gRPC); a module in base64 JSON must fit.
+    pub max_request_bytes: u64,
+    /// Time limit of a non-streaming HTTP request.
+    pub http_request_timeout_ms: u32,
+    /// Keep-alive comment interval of SSE streams.
+    pub sse_keepalive_ms: u32,
+    /// Progress interval of a Watch that names none.
+    pub watch_progress_interval_ms: u32,
 }
 
 impl Default for SoloConfig {
@@ -44,6 +57,11 @@ impl Default for SoloConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             idempotency_window_ms: 24 * 3600 * 1000,
             shutdown_grace_ms: 10_000,
+            max_in_flight: 1000,
+            max_request_bytes: 24 << 20,
+            http_request_timeout_ms: 70_000,
+            sse_keepalive_ms: 15_000,
+            watch_progress_interval_ms: 10_000,
         }
     }
 }
@@ -86,6 +104,43 @@ impl Default for DatabaseConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Instances that may exist at once (wasmtime's pool); services beyond it cannot start.
+    pub max_instances: u32,
+    /// Threads that run guest code (0: one per core). API and log threads never run guests.
+    pub guest_threads: u32,
+    /// Period of the epoch clock: CPU deadlines are checked, and looping guests yield, this often.
+    pub epoch_tick_ms: u32,
+    /// Compiled modules kept in memory, by content hash.
+    pub module_cache_entries: u32,
+    /// Log lines kept per service.
+    pub log_lines_per_service: u32,
+    /// Largest response a call may return.
+    pub max_response_bytes: u64,
+    /// Wasm stack of one call; deeper recursion traps with stack_overflow.
+    pub max_wasm_stack_kb: u32,
+    /// Time an instance may take to start, solo_init included.
+    pub start_timeout_ms: u32,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        let defaults = RuntimeOptions::default();
+        RuntimeConfig {
+            max_instances: defaults.engine.max_instances,
+            guest_threads: 0,
+            epoch_tick_ms: defaults.engine.epoch_tick.as_millis() as u32,
+            module_cache_entries: defaults.module_cache_entries as u32,
+            log_lines_per_service: defaults.log_lines as u32,
+            max_response_bytes: defaults.max_response_bytes as u64,
+            max_wasm_stack_kb: (defaults.engine.max_wasm_stack >> 10) as u32,
+            start_timeout_ms: defaults.start_timeout.as_millis() as u32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// A tracing filter, e.g. "info" or "solo=debug,tower=warn". `RUST_LOG` overrides it.
     pub log_level: String,
@@ -109,10 +164,28 @@ pub enum LogFormat {
     Json,
 }
 
-/// One tenant's settings: overrides of `[limits]` (keys as there).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// SHA-256 (hex) of each admin token; several allow rotation.
+    pub admin_token_sha256: Vec<String>,
+    /// PEM certificate chain and key: with both, both listeners speak TLS only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: clients must present a certificate it signed, whose subject CN names the tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// One tenant's settings: its tokens, and overrides of `[limits]` (keys as there).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
+    /// SHA-256 (hex) of each of the tenant's tokens.
+    #[serde(default)]
+    pub token_sha256: Vec<String>,
     #[serde(default)]
     pub limits: Option<TenantLimitOverrides>,
 }
@@ -201,12 +274,104 @@ impl Config {
             return Err(invalid("telemetry.log_level", &format!("not a tracing filter: {e}")));
         }
         validate_limits("limits", &self.limits)?;
+        self.validate_security()?;
+        let rt = &self.runtime;
+        for (key, value) in [
+            ("runtime.max_instances", u64::from(rt.max_instances)),
+            ("runtime.epoch_tick_ms", rt.epoch_tick_ms.into()),
+            ("runtime.module_cache_entries", rt.module_cache_entries.into()),
+            ("runtime.log_lines_per_service", rt.log_lines_per_service.into()),
+            ("runtime.max_response_bytes", rt.max_response_bytes),
+            ("runtime.start_timeout_ms", rt.start_timeout_ms.into()),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if rt.max_wasm_stack_kb < 64 {
+            return Err(invalid("runtime.max_wasm_stack_kb", "must be at least 64"));
+        }
         for name in self.tenants.keys() {
             crate::control::validate_tenant(name).map_err(|e| invalid(&format!("tenants.{name}"), &e.to_string()))?;
             let limits = self.tenant_limits(name)?;
             validate_limits(&format!("tenants.{name}.limits"), &limits)?;
         }
         Ok(())
+    }
+
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let invalid = |path: String, message: String| ConfigError::Invalid { path, message };
+        for (key, hash, _) in self.tokens() {
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    key,
+                    "not a SHA-256 in hex (64 hex digits); `solo token new` prints one".into(),
+                ));
+            }
+        }
+        let sec = &self.security;
+        match (&sec.tls_cert, &sec.tls_key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "security.tls_key".into(),
+                    "tls_cert is set, tls_key is not".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "security.tls_cert".into(),
+                    "tls_key is set, tls_cert is not".into(),
+                ));
+            }
+            (None, None) if sec.client_ca.is_some() => {
+                return Err(invalid(
+                    "security.client_ca".into(),
+                    "needs tls_cert and tls_key".into(),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Every configured token hash: (its config key, the hex hash, its principal).
+    pub fn tokens(&self) -> Vec<(String, String, crate::api::Principal)> {
+        let admin = self.security.admin_token_sha256.iter().map(|h| {
+            (
+                "security.admin_token_sha256".to_string(),
+                h.clone(),
+                crate::api::Principal::Admin,
+            )
+        });
+        let tenants = self.tenants.iter().flat_map(|(name, tenant)| {
+            tenant.token_sha256.iter().map(move |h| {
+                (
+                    format!("tenants.{name}.token_sha256"),
+                    h.clone(),
+                    crate::api::Principal::Tenant(name.clone()),
+                )
+            })
+        });
+        admin.chain(tenants).collect()
+    }
+
+    /// The TLS files, if TLS is configured.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        let sec = &self.security;
+        Some(crate::tls::TlsFiles {
+            cert: sec.tls_cert.clone()?,
+            key: sec.tls_key.clone()?,
+            client_ca: sec.client_ca.clone(),
+        })
+    }
+
+    /// The configuration with token hashes replaced, for printing.
+    pub fn redacted(&self) -> Config {
+        let mut config = self.clone();
+        let redact = |hashes: &mut Vec<String>| hashes.iter_mut().for_each(|h| *h = "<redacted>".into());
+        redact(&mut config.security.admin_token_sha256);
+        config.tenants.values_mut().for_each(|t| redact(&mut t.token_sha256));
+        config
     }
 
     /// `[limits]` with the tenant's overrides applied.
@@ -249,6 +414,35 @@ impl Config {
         }
     }
 
+    /// The runtime's options. Its memory pool is sized for the largest per-service memory any
+    /// tenant may ask for.
+    pub fn runtime_options(&self) -> Result<RuntimeOptions, ConfigError> {
+        let table = self.limits_table()?;
+        let max_memory_bytes = table
+            .tenants
+            .values()
+            .chain([&table.node])
+            .map(TenantLimits::max_memory_bytes)
+            .max();
+        let rt = &self.runtime;
+        Ok(RuntimeOptions {
+            engine: EngineOptions {
+                max_instances: rt.max_instances,
+                max_memory_bytes: max_memory_bytes.unwrap_or(table.node.max_memory_bytes()),
+                max_wasm_stack: (rt.max_wasm_stack_kb as usize) << 10,
+                epoch_tick: std::time::Duration::from_millis(rt.epoch_tick_ms.into()),
+            },
+            guest_threads: match rt.guest_threads {
+                0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                n => n as usize,
+            },
+            module_cache_entries: rt.module_cache_entries as usize,
+            log_lines: rt.log_lines_per_service as usize,
+            max_response_bytes: usize::try_from(rt.max_response_bytes).unwrap_or(usize::MAX),
+            start_timeout: std::time::Duration::from_millis(rt.start_timeout_ms.into()),
+        })
+    }
+
     pub fn settings(&self) -> Settings {
         Settings {
             idempotency_window_ms: self.solo.idempotency_window_ms,
@@ -270,6 +464,7 @@ impl Config {
             },
             limits: self.limits_table()?,
             clock: system_clock(),
+            on_commit: None,
         })
     }
 }
@@ -360,6 +555,28 @@ mod tests {
         assert_eq!(config, Config::default());
         assert_eq!(config.solo.data_dir, PathBuf::from("./data"));
         assert_eq!(config.solo.grpc_addr.port(), 50051);
+    }
+
+    #[test]
+    fn the_example_file_documents_exactly_the_defaults() {
+        let example = Config::parse(include_str!("../config.example.toml")).unwrap();
+        assert_eq!(example, Config::default());
+        // Every key of the defaults appears in the example (so none goes undocumented).
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let text = include_str!("../config.example.toml");
+        let sections = defaults.iter().filter(|(s, _)| *s != "tenants");
+        for (section, keys) in sections.filter_map(|(s, v)| Some((s, v.as_table()?))) {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "[{section}] is not in config.example.toml"
+            );
+            for key in keys.keys() {
+                assert!(
+                    text.contains(&format!("\n{key} = ")),
+                    "{section}.{key} is not in config.example.toml"
+                );
+            }
+        }
     }
 
     #[test]

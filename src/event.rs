@@ -251,9 +251,14 @@ fn short_hash(hex: &str) -> &str {
 }
 
 /// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
+/// Times humantime cannot show (past the year 9999) are shown as raw milliseconds.
 pub fn format_timestamp_ms(ms: u64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(time).to_string()
+    let mut out = String::new();
+    let time = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms));
+    match time.map(|t| write!(out, "{}", humantime::format_rfc3339_millis(t))) {
+        Some(Ok(())) => out,
+        _ => format!("{ms}ms"),
+    }
 }
 
 /// Builds an event envelope; the writer fills in seq and timestamp at commit.
@@ -302,5 +307,8 @@ mod tests {
         assert_eq!(value["version"], 3);
         assert_eq!(value["tenant"], "acme");
         assert!(describe(&event).contains("2023-11-14T22:13:20.000Z"));
+        // Far-future times (a damaged or hostile record) print raw rather than panic.
+        assert_eq!(format_timestamp_ms(253_402_300_800_000), "253402300800000ms");
+        assert_eq!(format_timestamp_ms(u64::MAX), format!("{}ms", u64::MAX));
     }
 }

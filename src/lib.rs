@@ -6,14 +6,20 @@
 //! [`control`] decides commands and is the single writer of the [`log`]; [`state`] is the pure
 //! projection of the log; [`server`] wires a node together.
 
+pub mod api;
 pub mod config;
 pub mod control;
 pub mod event;
+pub mod fuzzing;
 pub mod inspect;
 pub mod limits;
 pub mod log;
+pub mod metrics;
+pub mod runtime;
 pub mod server;
+pub mod shed;
 pub mod state;
+pub mod tls;
 
 /// Messages generated from `proto/solo/v1/` (the event schema and the snapshot schema).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

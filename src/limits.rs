@@ -39,6 +39,10 @@ pub struct TenantLimits {
     /// Restart policy: at most this many restarts within the window, then the service stays down.
     pub max_restarts: u32,
     pub restart_window_ms: u32,
+    /// Requests of the tenant in flight at once; more are shed (429 / RESOURCE_EXHAUSTED).
+    pub max_in_flight_requests: u32,
+    /// Watch, SSE and log-follow streams the tenant may hold open at once.
+    pub max_watchers: u32,
 }
 
 impl Default for TenantLimits {
@@ -58,6 +62,8 @@ impl Default for TenantLimits {
             default_mailbox_capacity: 256,
             max_restarts: 5,
             restart_window_ms: 60_000,
+            max_in_flight_requests: 100,
+            max_watchers: 100,
         }
     }
 }

@@ -33,6 +33,15 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Token tools.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token, and the config line that holds its hash.
+    New,
 }
 
 #[derive(Args)]
@@ -117,11 +126,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Config(ConfigCommand::Check { file }) => {
             let config = Config::load(Some(&file))?;
-            print!(
-                "{}",
-                toml::to_string_pretty(&config).context("cannot print the configuration")?
-            );
+            config.limits_table()?;
+            config.runtime_options()?;
+            if let Some(files) = config.tls_files() {
+                solo::tls::TlsSetup::load(&files).map_err(anyhow::Error::msg)?;
+            }
+            let text = toml::to_string_pretty(&config.redacted()).context("cannot print the configuration")?;
+            print!("{text}");
             eprintln!("{}: ok", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::New) => {
+            let (token, hash) = solo::api::auth::new_token().context("no randomness for a token")?;
+            println!("{token}");
+            eprintln!("Keep the token secret. Put its hash in the config: for the admin, under [security]:");
+            eprintln!("  admin_token_sha256 = [\"{hash}\"]");
+            eprintln!("or for a tenant, under [tenants.<name>]:");
+            eprintln!("  token_sha256 = [\"{hash}\"]");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,14 +1,28 @@
-//! Wires a node together: opens the control layer (log, state, writer), binds the listeners,
-//! announces them, and shuts down in order when the shutdown future resolves.
+//! Wires a node together and runs it: opens the state, starts the runtime, serves gRPC and
+//! HTTP, and shuts down in a fixed order with time limits.
+//!
+//! Shutdown (a signal, or the Shutdown API): record `shutdown_requested`; stop taking new work
+//! and end every stream; let requests in flight finish within the grace; stop every service
+//! gracefully (they come back with the node); stop the writer.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
+use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
+use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
 use crate::control::Control;
+use crate::metrics::Metrics;
+use crate::proto::solo_kernel_server::SoloKernelServer;
+use crate::runtime::Runtime;
+use crate::shed::Shedder;
+use crate::tls::{PeerTenant, TlsSetup};
 
 /// The node's listening sockets, bound before anything is served so port 0 resolves early.
 #[derive(Debug)]
@@ -39,8 +53,11 @@ pub fn listening_line(grpc: SocketAddr, http: SocketAddr) -> String {
 }
 
 /// Opens the node's state from its data directory. Blocking work runs off the async workers.
-pub async fn open_control(config: &Config) -> anyhow::Result<Control> {
-    let options = config.control_options()?;
+pub async fn open_control(config: &Config, metrics: Option<Arc<Metrics>>) -> anyhow::Result<Control> {
+    let mut options = config.control_options()?;
+    if let Some(metrics) = metrics {
+        options.on_commit = Some(Box::new(move |events, took| metrics.committed(events, took)));
+    }
     let data_dir = options.data_dir.clone();
     let (control, recovery) = tokio::task::spawn_blocking(move || Control::open(options))
         .await?
@@ -57,13 +74,312 @@ pub async fn open_control(config: &Config) -> anyhow::Result<Control> {
     Ok(control)
 }
 
-/// Runs a node until `shutdown` resolves.
-pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let control = open_control(&config).await?;
-    let (grpc, http) = listeners.addrs()?;
-    println!("{}", listening_line(grpc, http));
-    shutdown.await;
-    tracing::info!("shutting down");
-    control.close().await;
+/// A node's parts: the control layer, and the runtime attached to it.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub control: Control,
+    pub runtime: Runtime,
+}
+
+/// Opens the state, starts the runtime, brings back the services that should run and starts
+/// following the log.
+pub async fn open_node(config: &Config) -> anyhow::Result<Node> {
+    open_node_with(config, None).await
+}
+
+async fn open_node_with(config: &Config, metrics: Option<Arc<Metrics>>) -> anyhow::Result<Node> {
+    let control = open_control(config, metrics).await?;
+    let runtime = Runtime::new(config.runtime_options()?, control.observer(), control.log().clone())?;
+    control.attach_runtime(runtime.clone());
+    let (services, head) = control.read_state(|s| (s.services().cloned().collect::<Vec<_>>(), s.applied_seq()));
+    runtime.start_reconciler(head + 1);
+    let recovered = runtime.recover(services, head).await;
+    tracing::info!(recovered = recovered.len(), "services brought back");
+    Ok(Node { control, runtime })
+}
+
+impl Node {
+    /// Stops every service (recorded as stopped for a node shutdown, so they come back with
+    /// the node), then the writer.
+    pub async fn stop(&self, grace: Duration) {
+        self.runtime.shutdown(grace).await;
+        self.control.close().await;
+    }
+}
+
+/// A running node, as tests and embedders hold it.
+#[derive(Debug)]
+pub struct Server {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub tls: bool,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Binds the configured addresses, opens the node and serves it in a task.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        let listeners = Listeners::bind(&config).await?;
+        let (grpc_addr, http_addr) = listeners.addrs()?;
+        let tls = config.tls_files().is_some();
+        let shutdown = CancellationToken::new();
+        let (ready, serving) = tokio::sync::oneshot::channel();
+        let signal = shutdown.clone();
+        let task = tokio::spawn(async move { serve(config, listeners, signal.cancelled_owned(), Some(ready)).await });
+        match serving.await {
+            Ok(()) => Ok(Server {
+                grpc_addr,
+                http_addr,
+                tls,
+                shutdown,
+                task,
+            }),
+            Err(_) => Err(task
+                .await?
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("the node stopped while starting"))),
+        }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.grpc_addr)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.http_addr)
+    }
+
+    /// Shuts the node down as a signal would, and waits until it has.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+
+    /// Waits until the node has stopped (for example after a Shutdown request).
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        self.task.await?
+    }
+}
+
+/// Runs a node until `shutdown` resolves (or the Shutdown API is called), printing the
+/// `solo listening` line once it serves.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    serve(config, listeners, shutdown, None).await
+}
+
+async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+) -> anyhow::Result<()> {
+    let (grpc_addr, http_addr) = listeners.addrs()?;
+    let auth = Authenticator::new(config.tokens(), &[grpc_addr, http_addr]).map_err(anyhow::Error::msg)?;
+    if auth.is_development() {
+        tracing::warn!(
+            "development mode: no tokens are configured, so the x-tenant-id header names the tenant and \
+             requests without it act as the admin; every listener is on loopback"
+        );
+    }
+    let tls = config
+        .tls_files()
+        .map(|files| TlsSetup::load(&files))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let metrics = Metrics::new();
+    let node = open_node_with(&config, Some(Arc::clone(&metrics))).await?;
+    let limits = Arc::new(node.control.limits().clone());
+    let state = Arc::new(ApiState {
+        control: node.control.clone(),
+        auth,
+        shed: Shedder::new(config.solo.max_in_flight as usize, limits, Arc::clone(&metrics)),
+        metrics,
+        options: api_options(&config),
+        stopping: CancellationToken::new(),
+        shutdown_requested: CancellationToken::new(),
+        shutdown_grace: std::sync::Mutex::new(None),
+        started: Instant::now(),
+    });
+    let drained = CancellationToken::new();
+    let grpc = tokio::spawn(serve_grpc(
+        listeners.grpc,
+        Arc::clone(&state),
+        tls.clone(),
+        drained.clone(),
+    ));
+    let http = tokio::spawn(serve_http(listeners.http, Arc::clone(&state), tls, drained.clone()));
+    println!("{}", listening_line(grpc_addr, http_addr));
+    tracing::info!(%grpc_addr, %http_addr, "serving");
+    if let Some(ready) = ready {
+        let _ = ready.send(());
+    }
+
+    let requested = state.shutdown_requested.clone();
+    tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutdown signal received");
+            let grace_ms = config.solo.shutdown_grace_ms;
+            if let Err(e) = node.control.shutdown("node", grace_ms).await {
+                tracing::warn!(error = %e, "shutdown_requested not recorded");
+            }
+        }
+        () = requested.cancelled() => tracing::info!("shutdown requested through the API"),
+    }
+    let grace = state
+        .shutdown_grace
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or(Duration::from_millis(config.solo.shutdown_grace_ms.into()));
+    // New work is refused and streams end; requests in flight get the grace to finish.
+    state.stopping.cancel();
+    drained.cancel();
+    let deadline = tokio::time::Instant::now() + grace;
+    for (name, server) in [("grpc", grpc), ("http", http)] {
+        match tokio::time::timeout_at(deadline, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(listener = name, error = %e, "listener failed"),
+            Ok(Err(e)) => tracing::warn!(listener = name, error = %e, "listener task failed"),
+            Err(_) => tracing::warn!(
+                listener = name,
+                "requests still in flight after the grace; dropping them"
+            ),
+        }
+    }
+    node.stop(grace).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+fn api_options(config: &Config) -> ApiOptions {
+    let solo = &config.solo;
+    ApiOptions {
+        default_grace: Duration::from_millis(solo.shutdown_grace_ms.into()),
+        default_progress_interval: Duration::from_millis(solo.watch_progress_interval_ms.into()),
+        sse_keepalive: Duration::from_millis(solo.sse_keepalive_ms.into()),
+        max_body_bytes: usize::try_from(solo.max_request_bytes).unwrap_or(usize::MAX),
+        request_timeout: Duration::from_millis(solo.http_request_timeout_ms.into()),
+    }
+}
+
+async fn serve_grpc(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    tls: Option<TlsSetup>,
+    drained: CancellationToken,
+) -> anyhow::Result<()> {
+    let max_message = state.options.max_body_bytes;
+    let kernel = SoloKernelServer::new(GrpcApi::new(Arc::clone(&state)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SoloKernelServer<GrpcApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("gRPC reflection")?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.grpc()).context("gRPC TLS")?;
+    }
+    let stopping = drained.clone();
+    let shutdown = async move {
+        stopping.cancelled().await;
+        health.set_not_serving::<SoloKernelServer<GrpcApi>>().await;
+    };
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(kernel)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("gRPC server")
+}
+
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_http(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    tls: Option<TlsSetup>,
+    drained: CancellationToken,
+) -> anyhow::Result<()> {
+    let router = crate::api::rest::router(state);
+    let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.http));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = drained.cancelled() => break,
+        };
+        let router = router.clone();
+        let acceptor = acceptor.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let result = match acceptor {
+                None => {
+                    let service = service_for(router, PeerTenant(None));
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                                .into_owned(),
+                        )
+                        .await
+                }
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let tenant = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(|cert| crate::tls::certificate_tenant(cert.as_ref()));
+                    let service = service_for(router, PeerTenant(tenant));
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                                .into_owned(),
+                        )
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+fn service_for(router: axum::Router, tenant: PeerTenant) -> hyper_util::service::TowerToHyperService<axum::Router> {
+    hyper_util::service::TowerToHyperService::new(router.layer(axum::Extension(tenant)))
 }

@@ -50,6 +50,8 @@ pub struct DeployCommand {
 pub struct DeployOutcome {
     pub service_id: String,
     pub version: u64,
+    /// The module of that version.
+    pub module_sha256: String,
     /// Seq of the `service_deployed` event of this version.
     pub seq: u64,
     /// The id did not exist before.
@@ -189,6 +191,7 @@ fn decide_deploy(state: &State, cmd: &DeployCommand, cx: Context<'_>) -> Result<
         return Ok(Decision::Answer(Reply::Deployed(DeployOutcome {
             service_id: cmd.service_id.clone(),
             version: record.version,
+            module_sha256: record.module_sha256.clone(),
             seq: record.seq,
             created: record.version == 1,
             unchanged: false,
@@ -206,6 +209,7 @@ fn decide_deploy(state: &State, cmd: &DeployCommand, cx: Context<'_>) -> Result<
         return Ok(Decision::Answer(Reply::Deployed(DeployOutcome {
             service_id: cmd.service_id.clone(),
             version: s.version,
+            module_sha256: s.module_sha256.clone(),
             seq: s.deployed_seq,
             created: false,
             unchanged: true,
@@ -236,6 +240,7 @@ fn decide_deploy(state: &State, cmd: &DeployCommand, cx: Context<'_>) -> Result<
             Reply::Deployed(DeployOutcome {
                 service_id: e.service_id.clone(),
                 version: d.version,
+                module_sha256: d.module_sha256.clone(),
                 seq: e.seq,
                 created: d.version == 1,
                 unchanged: false,

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::state::ApplyError;
+use crate::runtime::CallError;
+use crate::state::{ApplyError, Status};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -10,6 +11,16 @@ pub enum Error {
     InvalidArgument(String),
     #[error("service '{service_id}' not found")]
     NotFound { service_id: String },
+    #[error("the module was refused: {0}")]
+    InvalidModule(String),
+    #[error("service '{service_id}' is {status}{}", if last_error.is_empty() { String::new() } else { format!(": {last_error}") })]
+    NotRunning {
+        service_id: String,
+        status: Status,
+        last_error: String,
+    },
+    #[error("{0}")]
+    Call(CallError),
     #[error("quota exceeded: {quota} = {limit} ({detail})")]
     QuotaExceeded {
         quota: &'static str,

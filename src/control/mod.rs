@@ -14,7 +14,8 @@ mod writer;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,7 +32,8 @@ use writer::{Request, Writer};
 use crate::limits::LimitsTable;
 use crate::log::{Log, LogOptions, NodeMeta};
 use crate::proto::{Event, Limits};
-use crate::state::{Service, Settings, State};
+use crate::runtime::{LiveStatus, LogBuffer, Runtime};
+use crate::state::{Service, Settings, State, Status};
 
 /// The log of Solo's events.
 pub type EventLog = Log<Event>;
@@ -78,7 +80,12 @@ pub struct ControlOptions {
     pub writer: WriterOptions,
     pub limits: LimitsTable,
     pub clock: Clock,
+    /// Told of every committed batch and how long its commit took (metrics).
+    pub on_commit: Option<CommitHook>,
 }
+
+/// Receives each committed batch, on the writer thread: keep it quick.
+pub type CommitHook = Box<dyn Fn(&[Arc<Event>], Duration) + Send>;
 
 impl std::fmt::Debug for ControlOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -120,6 +127,9 @@ struct Shared {
     shutting_down: Arc<AtomicBool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     node: NodeMeta,
+    /// The wasm runtime, once attached: it validates modules and serves calls. Without one (as
+    /// in tests of the log alone), module bytes are opaque and calls fail.
+    runtime: OnceLock<Runtime>,
 }
 
 /// Modules larger than this are hashed on the blocking pool rather than on a worker thread.
@@ -151,7 +161,7 @@ impl Control {
             options: options.writer,
             shutting_down: Arc::clone(&shutting_down),
             last_snapshot_seq,
-            on_commit: None,
+            on_commit: options.on_commit,
         };
         let thread = std::thread::Builder::new()
             .name("solo-writer".into())
@@ -166,7 +176,26 @@ impl Control {
                 limits,
                 shutting_down,
                 writer: Mutex::new(Some(thread)),
+                runtime: OnceLock::new(),
             }),
+        }
+    }
+
+    /// Attaches the runtime that validates modules and serves calls (once).
+    pub fn attach_runtime(&self, runtime: Runtime) {
+        if self.shared.runtime.set(runtime).is_err() {
+            tracing::warn!("a runtime was already attached");
+        }
+    }
+
+    pub fn runtime(&self) -> Option<&Runtime> {
+        self.shared.runtime.get()
+    }
+
+    /// A handle for the runtime's observations that does not keep this control layer alive.
+    pub fn observer(&self) -> Observer {
+        Observer {
+            shared: Arc::downgrade(&self.shared),
         }
     }
 
@@ -219,7 +248,13 @@ impl Control {
         let limits = tenant_limits
             .resolve(&request.limits)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let module = hash_module(request.module).await;
+        let module = match self.runtime() {
+            Some(runtime) => runtime
+                .prepare(&request.module)
+                .await
+                .map_err(|e| Error::InvalidModule(e.0))?,
+            None => hash_module(request.module).await,
+        };
         let command = DeployCommand {
             tenant: request.tenant,
             actor: request.actor,
@@ -268,6 +303,49 @@ impl Control {
         }
     }
 
+    /// Calls a service of `tenant`: bytes in, bytes out. `timeout` is capped by the service's
+    /// call timeout (its default too).
+    pub async fn call(
+        &self,
+        tenant: &str,
+        service_id: &str,
+        payload: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>> {
+        validate_tenant(tenant)?;
+        validate_service_id(service_id)?;
+        let service = self.status(tenant, service_id)?;
+        if !matches!(service.status, Status::Starting | Status::Running) {
+            return Err(Error::NotRunning {
+                service_id: service_id.to_string(),
+                status: service.status,
+                last_error: service.last_error,
+            });
+        }
+        let limit = Duration::from_millis(service.limits.call_timeout_ms.into());
+        let timeout = timeout.filter(|t| !t.is_zero()).map_or(limit, |t| t.min(limit));
+        let runtime = self.runtime().ok_or(Error::Closed)?;
+        runtime
+            .call(tenant, service_id, payload, timeout)
+            .await
+            .map_err(Error::Call)
+    }
+
+    /// Live figures of a service, if the runtime knows it.
+    pub fn live(&self, tenant: &str, service_id: &str) -> Option<LiveStatus> {
+        self.runtime()?.live(tenant, service_id)
+    }
+
+    /// A service's log lines, if the runtime knows it.
+    pub fn logs(&self, tenant: &str, service_id: &str) -> Result<Arc<LogBuffer>> {
+        self.status(tenant, service_id)?;
+        self.runtime()
+            .and_then(|r| r.logs(tenant, service_id))
+            .ok_or_else(|| Error::NotFound {
+                service_id: service_id.to_string(),
+            })
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutting_down.load(Ordering::Acquire)
     }
@@ -312,6 +390,25 @@ impl Control {
 
     pub fn node(&self) -> &NodeMeta {
         &self.shared.node
+    }
+}
+
+/// The runtime's way back into the control layer: it records observations and reads the state,
+/// without keeping the control layer alive (the control layer owns the runtime).
+#[derive(Clone, Debug)]
+pub struct Observer {
+    shared: Weak<Shared>,
+}
+
+impl Observer {
+    pub async fn observe(&self, observation: Observation) -> Result<u64> {
+        let shared = self.shared.upgrade().ok_or(Error::Closed)?;
+        Control { shared }.observe(observation).await
+    }
+
+    pub fn service(&self, tenant: &str, service_id: &str) -> Option<Service> {
+        let shared = self.shared.upgrade()?;
+        Control { shared }.status(tenant, service_id).ok()
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::command::{Command, Context, Decision, Reply, decide};
 use super::error::{Error, Result};
-use super::{Clock, EventLog, WriterOptions};
+use super::{Clock, CommitHook, EventLog, WriterOptions};
 use crate::limits::LimitsTable;
 use crate::log::{BlobRef, frame};
 use crate::proto::{Event, event::Kind};
@@ -33,9 +33,6 @@ pub(super) enum Request {
     /// Stop after the batch at hand; answered when the writer is done.
     Close { done: oneshot::Sender<()> },
 }
-
-/// Hooks that let the outside observe commits without the writer knowing who listens.
-pub(super) type CommitHook = Box<dyn Fn(&[Arc<Event>], std::time::Duration) + Send>;
 
 pub(super) struct Writer {
     pub log: EventLog,
@@ -133,13 +130,18 @@ impl Writer {
             answer(pending);
             return;
         }
-        if self.commit(events, &blobs, pending) && shutting_down {
-            self.shutting_down.store(true, Ordering::Release);
-        }
+        self.commit(events, &blobs, pending, shutting_down);
     }
 
-    /// Appends the batch and answers its callers; returns whether it was committed.
-    fn commit(&mut self, events: Vec<Arc<Event>>, blobs: &[super::command::Module], pending: Vec<Pending>) -> bool {
+    /// Appends the batch and answers its callers. `shutting_down` is raised for everyone once
+    /// the batch (which may hold the shutdown request) is durable.
+    fn commit(
+        &mut self,
+        events: Vec<Arc<Event>>,
+        blobs: &[super::command::Module],
+        pending: Vec<Pending>,
+        shutting_down: bool,
+    ) {
         let blob_refs: Vec<BlobRef<'_>> = blobs
             .iter()
             .map(|m| BlobRef {
@@ -160,12 +162,16 @@ impl Writer {
                         }
                     }
                 }
+                if shutting_down {
+                    self.shutting_down.store(true, Ordering::Release);
+                }
+                // Tailers hear of the batch only now, so whoever sees an event finds it in the state.
+                self.log.publish(&events);
                 if let Some(hook) = &self.on_commit {
                     hook(&events, elapsed);
                 }
                 answer(pending);
                 self.maybe_snapshot();
-                true
             }
             Err(e) => {
                 tracing::error!(error = %e, events = events.len(), "commit failed; the batch was not written");
@@ -178,7 +184,6 @@ impl Writer {
                     .read()
                     .unwrap_or_else(|poison| poison.into_inner())
                     .clone();
-                false
             }
         }
     }

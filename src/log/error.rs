@@ -43,6 +43,8 @@ pub enum Error {
     MissingRecord { seq: u64 },
     #[error("append out of order: the next seq is {expected}, the batch starts at {found}")]
     OutOfOrder { expected: u64, found: u64 },
+    #[error("record {seq} is not past the last record of the log")]
+    NotPastHead { seq: u64 },
     #[error("too many concurrent readers of the log; raise [database] max_readers")]
     ReadersFull,
     #[error("the log is closed")]

@@ -12,6 +12,7 @@ mod tail;
 
 use std::ops::RangeInclusive;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -61,9 +62,11 @@ impl<R> Clone for Log<R> {
 struct Inner<R> {
     store: Store,
     window: Window<R>,
-    /// The committed head. Published after the window holds the new records, so a tailer woken
-    /// by it finds them in memory.
+    /// The published head. Moved after the window holds the new records, so a tailer woken by
+    /// it finds them in memory.
     head: watch::Sender<u64>,
+    /// The last durable seq; runs ahead of `head` between an append and its publication.
+    durable: AtomicU64,
     /// Serialises appends: seqs are assigned by the caller and checked against the head here.
     append_lock: Mutex<()>,
     read_chunk: usize,
@@ -79,13 +82,14 @@ impl<R: Record> Log<R> {
                 store,
                 window: Window::new(options.tail_window),
                 head: watch::Sender::new(head),
+                durable: AtomicU64::new(head),
                 append_lock: Mutex::new(()),
                 read_chunk: options.tail_read_chunk.max(1),
             }),
         })
     }
 
-    /// The seq of the last committed record; 0 when the log is empty.
+    /// The seq of the last published record; 0 when the log is empty.
     pub fn head(&self) -> u64 {
         *self.inner.head.borrow()
     }
@@ -100,19 +104,21 @@ impl<R: Record> Log<R> {
     }
 
     /// Appends `records` (whose seqs must continue the log) and `blobs` in one write transaction
-    /// and one durable commit, then makes them visible to tailers. Blocking. On error nothing
-    /// was written and the head did not move.
+    /// and one durable commit. Blocking. On error nothing was written.
+    ///
+    /// The records are durable but not yet visible: [`Log::publish`] shows them to tailers,
+    /// once the appender has done what must happen before anyone hears of them.
     pub fn append(&self, records: &[Arc<R>], blobs: &[BlobRef<'_>]) -> Result<u64> {
         let _appending = self
             .inner
             .append_lock
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        let head = self.head();
+        let durable = self.inner.durable.load(Ordering::Acquire);
         let Some(first) = records.first() else {
-            return Ok(head);
+            return Ok(durable);
         };
-        for (expected, record) in (head + 1..).zip(records) {
+        for (expected, record) in (durable + 1..).zip(records) {
             if record.seq() != expected {
                 return Err(Error::OutOfOrder {
                     expected,
@@ -125,10 +131,21 @@ impl<R: Record> Log<R> {
             .map(|r| frame::encode_with(|out| r.encode_payload(out)))
             .collect();
         self.inner.store.append(first.seq(), &frames, blobs)?;
-        let new_head = head + records.len() as u64;
+        let new_durable = durable + records.len() as u64;
+        self.inner.durable.store(new_durable, Ordering::Release);
+        Ok(new_durable)
+    }
+
+    /// Makes appended records visible to tailers and moves the head past them. Records must be
+    /// published in the order they were appended.
+    pub fn publish(&self, records: &[Arc<R>]) {
+        let Some(last) = records.last() else { return };
+        debug_assert!(
+            last.seq() <= self.inner.durable.load(Ordering::Acquire),
+            "published before it was durable"
+        );
         self.inner.window.push(records);
-        self.inner.head.send_replace(new_head);
-        Ok(new_head)
+        self.inner.head.send_replace(last.seq());
     }
 
     /// Reads and decodes `range` (inclusive), checking every frame. Blocking.
@@ -140,7 +157,7 @@ impl<R: Record> Log<R> {
     /// the first record), in order, each once. When caught up it waits for the head to move. A
     /// slow consumer only falls behind and then reads from disk; it never blocks the appender.
     /// The stream ends when the log is closed.
-    pub fn tail(&self, from_seq: u64) -> impl futures_util::Stream<Item = Result<Arc<R>>> + Send + 'static {
+    pub fn tail(&self, from_seq: u64) -> impl futures_util::Stream<Item = Result<Arc<R>>> + Send + 'static + use<R> {
         tail::tail(
             Arc::downgrade(&self.inner),
             self.inner.head.subscribe(),

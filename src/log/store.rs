@@ -222,10 +222,7 @@ impl Store {
             self.events
                 .put_with_flags(&mut wtxn, PutFlags::APPEND, &seq, frame)
                 .map_err(|e| match e {
-                    heed::Error::Mdb(heed::MdbError::KeyExist) => Error::OutOfOrder {
-                        expected: seq + 1,
-                        found: seq,
-                    },
+                    heed::Error::Mdb(heed::MdbError::KeyExist) => Error::NotPastHead { seq },
                     e => self.err(e),
                 })?;
         }

@@ -7,11 +7,11 @@
 mod service;
 mod snapshot;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use crate::proto::{self, CrashReason, Event, IdempotentOp, StopReason, event::Kind};
 
-pub use service::{Desired, IdempotencyRecord, Service, Status, Tenant};
+pub use service::{Desired, IdempotencyRecord, Map, RECENT_EVENTS, Service, Status, Tenant};
 pub use snapshot::SnapshotError;
 
 /// Windows that shape the projection. They are part of the fold, so a node must keep them
@@ -63,7 +63,7 @@ pub struct State {
     settings: Settings,
     applied_seq: u64,
     last_timestamp_ms: u64,
-    tenants: HashMap<String, Tenant>,
+    tenants: Map<String, Tenant>,
     /// (time, tenant, key) of remembered idempotency keys, oldest first, for expiry.
     idempotency_expiry: VecDeque<(u64, String, String)>,
 }
@@ -74,7 +74,7 @@ impl State {
             settings,
             applied_seq: 0,
             last_timestamp_ms: 0,
-            tenants: HashMap::new(),
+            tenants: Map::default(),
             idempotency_expiry: VecDeque::new(),
         }
     }
@@ -118,21 +118,23 @@ impl State {
 
     /// Deploys of `tenant` committed after `since_ms`.
     pub fn deploys_since(&self, tenant: &str, since_ms: u64) -> usize {
+        // Commit times never go back, so the window is sorted.
         self.tenants.get(tenant).map_or(0, |t| {
-            t.recent_deploys.iter().rev().take_while(|&&at| at > since_ms).count()
+            t.recent_deploys.len() - t.recent_deploys.partition_point(|&at| at <= since_ms)
         })
     }
 
     /// Folds one event into the state. On error nothing changed (not even the applied seq):
     /// see [`State::skip`].
     pub fn apply(&mut self, event: &Event) -> Result<(), ApplyError> {
-        self.check(event)?;
-        self.applied_seq = event.seq;
-        self.last_timestamp_ms = self.last_timestamp_ms.max(event.timestamp_ms);
-        self.expire_idempotency(event.timestamp_ms);
+        self.check_seq(event)?;
         match &event.kind {
-            Some(Kind::ServiceDeployed(e)) => self.apply_deployed(event, e),
-            Some(Kind::ServiceStarted(_)) => self.update(event, |s| s.status = Status::Running),
+            Some(Kind::ServiceDeployed(e)) => {
+                self.check_deployed(event, e)?;
+                self.apply_deployed(event, e);
+            }
+            Some(Kind::ServiceKillRequested(e)) => self.apply_kill_requested(event, e)?,
+            Some(Kind::ServiceStarted(_)) => self.update(event, |s| s.status = Status::Running)?,
             Some(Kind::ServiceCrashed(e)) => self.update(event, |s| {
                 s.status = match e.reason() {
                     CrashReason::InitFailure | CrashReason::LoadFailure => Status::Failed,
@@ -140,23 +142,24 @@ impl State {
                     _ => Status::Crashed,
                 };
                 s.last_error.clone_from(&e.message);
-            }),
+            })?,
             Some(Kind::ServiceRestarted(e)) => self.update(event, |s| {
                 s.status = Status::Running;
                 s.restarts = e.restarts;
-            }),
-            Some(Kind::ServiceKillRequested(e)) => self.apply_kill_requested(event, e),
-            Some(Kind::ServiceStopped(_)) => self.update(event, |s| s.status = Status::Stopped),
+            })?,
+            Some(Kind::ServiceStopped(_)) => self.update(event, |s| s.status = Status::Stopped)?,
             // Node-level events, and kinds from a newer build: nothing this build tracks.
             Some(Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => {}
         }
+        self.applied_seq = event.seq;
+        self.last_timestamp_ms = self.last_timestamp_ms.max(event.timestamp_ms);
         Ok(())
     }
 
     /// Moves past an event that did not apply, as replay does: the log is the truth even
     /// where this build cannot use an event.
     pub fn skip(&mut self, event: &Event) {
-        if event.seq == self.applied_seq + 1 {
+        if self.check_seq(event).is_ok() {
             self.applied_seq = event.seq;
             self.last_timestamp_ms = self.last_timestamp_ms.max(event.timestamp_ms);
         }
@@ -164,117 +167,65 @@ impl State {
 
     /// Whether `event` would apply, without applying it.
     pub fn check(&self, event: &Event) -> Result<(), ApplyError> {
-        if event.seq != self.applied_seq + 1 {
-            return Err(ApplyError::OutOfOrder {
-                applied: self.applied_seq,
-                found: event.seq,
-            });
-        }
+        self.check_seq(event)?;
         match &event.kind {
-            Some(Kind::ServiceDeployed(e)) => {
-                require_service_ids(event, "service_deployed")?;
-                if e.limits.is_none() {
-                    return Err(ApplyError::MissingField {
-                        kind: "service_deployed",
-                        field: "limits",
-                    });
-                }
-                let current = self.service(&event.tenant, &event.service_id).map_or(0, |s| s.version);
-                if e.version != current + 1 {
-                    return Err(self.stale(event, current, e.version));
-                }
-                Ok(())
-            }
-            Some(Kind::ServiceStarted(e)) => self.check_service(event, Some(e.version), "service_started", |s| {
-                s.status == Status::Starting
-            }),
-            Some(Kind::ServiceCrashed(e)) => self.check_service(event, Some(e.version), "service_crashed", |s| {
-                matches!(s.status, Status::Starting | Status::Running)
-            }),
-            Some(Kind::ServiceRestarted(e)) => self.check_service(event, Some(e.version), "service_restarted", |s| {
-                s.status == Status::Starting
-            }),
-            Some(Kind::ServiceKillRequested(_)) => {
-                self.check_service(event, None, "service_kill_requested", |s| s.desired == Desired::Running)
-            }
-            Some(Kind::ServiceStopped(e)) => self.check_service(event, Some(e.version), "service_stopped", |s| {
-                let killed = e.reason() == StopReason::Killed;
-                s.status != Status::Stopped && (!killed || s.desired == Desired::Stopped)
-            }),
+            Some(Kind::ServiceDeployed(e)) => self.check_deployed(event, e),
             Some(Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => Ok(()),
+            Some(kind) => {
+                let kind_name = crate::event::EventKind::of(kind).as_str();
+                require_service_ids(event, kind_name)?;
+                let service = self
+                    .service(&event.tenant, &event.service_id)
+                    .ok_or_else(|| unknown(event))?;
+                transition_allowed(event, service)
+            }
         }
     }
 
-    /// Checks that the event's service exists, is at `version` (when given) and is in a status
-    /// `allowed` accepts.
-    fn check_service(
-        &self,
-        event: &Event,
-        version: Option<u64>,
-        kind: &'static str,
-        allowed: impl FnOnce(&Service) -> bool,
-    ) -> Result<(), ApplyError> {
-        require_service_ids(event, kind)?;
-        let service = self
-            .service(&event.tenant, &event.service_id)
-            .ok_or_else(|| ApplyError::UnknownService {
-                tenant: event.tenant.clone(),
-                service_id: event.service_id.clone(),
-            })?;
-        if let Some(version) = version
-            && version != service.version
-        {
-            return Err(self.stale(event, service.version, version));
+    fn check_seq(&self, event: &Event) -> Result<(), ApplyError> {
+        if self.applied_seq.checked_add(1) == Some(event.seq) {
+            Ok(())
+        } else {
+            Err(ApplyError::OutOfOrder {
+                applied: self.applied_seq,
+                found: event.seq,
+            })
         }
-        if !allowed(service) {
-            return Err(ApplyError::InvalidTransition {
-                tenant: event.tenant.clone(),
-                service_id: event.service_id.clone(),
-                kind,
-                status: service.status,
+    }
+
+    fn check_deployed(&self, event: &Event, e: &proto::ServiceDeployed) -> Result<(), ApplyError> {
+        require_service_ids(event, "service_deployed")?;
+        if e.limits.is_none() {
+            return Err(ApplyError::MissingField {
+                kind: "service_deployed",
+                field: "limits",
             });
+        }
+        let current = self.service(&event.tenant, &event.service_id).map_or(0, |s| s.version);
+        if current.checked_add(1) != Some(e.version) {
+            return Err(stale(event, current, e.version));
         }
         Ok(())
     }
 
-    fn stale(&self, event: &Event, current: u64, found: u64) -> ApplyError {
-        ApplyError::StaleVersion {
-            tenant: event.tenant.clone(),
-            service_id: event.service_id.clone(),
-            current,
-            event: found,
-        }
-    }
-
     fn apply_deployed(&mut self, event: &Event, e: &proto::ServiceDeployed) {
         let limits = e.limits.unwrap_or_default();
-        let tenant = self.tenants.entry(event.tenant.clone()).or_default();
-        let service = tenant
-            .services
-            .entry(event.service_id.clone())
-            .or_insert_with(|| Service {
-                tenant: event.tenant.clone(),
-                id: event.service_id.clone(),
-                module_sha256: String::new(),
-                module_size: 0,
-                version: 0,
-                limits,
-                labels: HashMap::new(),
-                desired: Desired::Stopped,
-                status: Status::Stopped,
-                restarts: 0,
-                created_at_ms: event.timestamp_ms,
-                updated_at_ms: event.timestamp_ms,
-                last_error: String::new(),
-                deployed_seq: event.seq,
-                last_seq: event.seq,
-            });
-        if service.is_active() {
-            tenant.active_memory_bytes -= service.limits.memory_bytes;
-        } else {
-            tenant.active_services += 1;
+        if !self.tenants.contains_key(&event.tenant) {
+            self.tenants.insert(event.tenant.clone(), Tenant::default());
         }
-        tenant.active_memory_bytes += limits.memory_bytes;
+        let tenant = self.tenants.get_mut(&event.tenant).expect("inserted above");
+        if !tenant.services.contains_key(&event.service_id) {
+            tenant
+                .services
+                .insert(event.service_id.clone(), Service::new(event, limits));
+        }
+        let service = tenant.services.get_mut(&event.service_id).expect("inserted above");
+        if service.is_active() {
+            tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
+        } else {
+            tenant.active_services = tenant.active_services.saturating_add(1);
+        }
+        tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(limits.memory_bytes);
         service.module_sha256.clone_from(&e.module_sha256);
         service.module_size = e.module_size;
         service.version = e.version;
@@ -284,9 +235,8 @@ impl State {
         service.status = Status::Starting;
         service.restarts = 0;
         service.last_error.clear();
-        service.updated_at_ms = event.timestamp_ms;
         service.deployed_seq = event.seq;
-        service.last_seq = event.seq;
+        service.touched(event);
 
         let window_start = event.timestamp_ms.saturating_sub(self.settings.deploy_rate_window_ms);
         while tenant.recent_deploys.front().is_some_and(|&at| at <= window_start) {
@@ -306,17 +256,20 @@ impl State {
         }
     }
 
-    fn apply_kill_requested(&mut self, event: &Event, e: &proto::ServiceKillRequested) {
-        let mut version = 0;
-        self.update(event, |s| {
-            s.desired = Desired::Stopped;
-            s.status = Status::Stopping;
-            version = s.version;
-        });
-        let tenant = self.tenants.get_mut(&event.tenant).expect("checked");
-        let memory = tenant.services[&event.service_id].limits.memory_bytes;
-        tenant.active_services -= 1;
-        tenant.active_memory_bytes -= memory;
+    fn apply_kill_requested(&mut self, event: &Event, e: &proto::ServiceKillRequested) -> Result<(), ApplyError> {
+        require_service_ids(event, "service_kill_requested")?;
+        let tenant = self.tenants.get_mut(&event.tenant).ok_or_else(|| unknown(event))?;
+        let service = tenant
+            .services
+            .get_mut(&event.service_id)
+            .ok_or_else(|| unknown(event))?;
+        transition_allowed(event, service)?;
+        service.desired = Desired::Stopped;
+        service.status = Status::Stopping;
+        service.touched(event);
+        let version = service.version;
+        tenant.active_services = tenant.active_services.saturating_sub(1);
+        tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
         if !e.idempotency_key.is_empty() {
             let record = IdempotencyRecord {
                 op: IdempotentOp::Kill,
@@ -328,27 +281,36 @@ impl State {
             };
             self.remember(&event.tenant, &e.idempotency_key, record);
         }
+        Ok(())
     }
 
-    /// Changes the (checked, existing) service of `event`.
-    fn update(&mut self, event: &Event, change: impl FnOnce(&mut Service)) {
+    /// Applies `change` to the event's service, if the event's rules allow it (one lookup).
+    fn update(&mut self, event: &Event, change: impl FnOnce(&mut Service)) -> Result<(), ApplyError> {
+        let kind = event
+            .kind
+            .as_ref()
+            .map_or("unknown", |k| crate::event::EventKind::of(k).as_str());
+        require_service_ids(event, kind)?;
         let service = self
             .tenants
             .get_mut(&event.tenant)
             .and_then(|t| t.services.get_mut(&event.service_id))
-            .expect("State::check found the service");
+            .ok_or_else(|| unknown(event))?;
+        transition_allowed(event, service)?;
         change(service);
-        service.updated_at_ms = event.timestamp_ms;
-        service.last_seq = event.seq;
+        service.touched(event);
+        Ok(())
     }
 
     /// Remembers the first answer given for `key`; a key already remembered keeps its answer.
+    /// Keys past the window are forgotten first.
     fn remember(&mut self, tenant: &str, key: &str, record: IdempotencyRecord) {
+        self.expire_idempotency(record.at_ms);
         let keys = &mut self.tenants.entry(tenant.to_string()).or_default().idempotency;
-        if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(key.to_string()) {
+        if !keys.contains_key(key) {
             self.idempotency_expiry
                 .push_back((record.at_ms, tenant.to_string(), key.to_string()));
-            slot.insert(record);
+            keys.insert(key.to_string(), record);
         }
     }
 
@@ -365,6 +327,67 @@ impl State {
             }
             self.idempotency_expiry.pop_front();
         }
+    }
+}
+
+/// The rule of each kind that changes an existing service: the version it names must be the
+/// current one, and the service must be in a status the kind can follow.
+fn transition_allowed(event: &Event, service: &Service) -> Result<(), ApplyError> {
+    let (kind, version, allowed) = match &event.kind {
+        Some(Kind::ServiceStarted(e)) => (
+            "service_started",
+            Some(e.version),
+            service.status == Status::Starting || (e.recovered && service.comes_back_with_the_node()),
+        ),
+        Some(Kind::ServiceCrashed(e)) => (
+            "service_crashed",
+            Some(e.version),
+            matches!(service.status, Status::Starting | Status::Running) || service.comes_back_with_the_node(),
+        ),
+        Some(Kind::ServiceRestarted(e)) => ("service_restarted", Some(e.version), service.status == Status::Starting),
+        Some(Kind::ServiceKillRequested(_)) => ("service_kill_requested", None, service.desired == Desired::Running),
+        Some(Kind::ServiceStopped(e)) => {
+            let killed = e.reason() == StopReason::Killed;
+            let up = matches!(service.status, Status::Starting | Status::Running | Status::Stopping);
+            (
+                "service_stopped",
+                Some(e.version),
+                up && (!killed || service.desired == Desired::Stopped),
+            )
+        }
+        Some(Kind::ServiceDeployed(_) | Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => {
+            unreachable!("only kinds that change an existing service are checked here")
+        }
+    };
+    if let Some(version) = version
+        && version != service.version
+    {
+        return Err(stale(event, service.version, version));
+    }
+    if !allowed {
+        return Err(ApplyError::InvalidTransition {
+            tenant: event.tenant.clone(),
+            service_id: event.service_id.clone(),
+            kind,
+            status: service.status,
+        });
+    }
+    Ok(())
+}
+
+fn stale(event: &Event, current: u64, found: u64) -> ApplyError {
+    ApplyError::StaleVersion {
+        tenant: event.tenant.clone(),
+        service_id: event.service_id.clone(),
+        current,
+        event: found,
+    }
+}
+
+fn unknown(event: &Event) -> ApplyError {
+    ApplyError::UnknownService {
+        tenant: event.tenant.clone(),
+        service_id: event.service_id.clone(),
     }
 }
 

@@ -1,8 +1,12 @@
 //! One service as the log says it is, and the per-tenant figures quotas are checked against.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crate::proto::{DesiredState, IdempotentOp, Limits, ServiceStatusCode};
+
+/// The maps of the projection: hashed with foldhash, which is fast and seeded per map (service
+/// ids come from tenants, so the hash must not be predictable).
+pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// What should be true of a service: the user's intent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,12 +131,55 @@ pub struct Service {
     pub deployed_seq: u64,
     /// Seq of the last event about this service.
     pub last_seq: u64,
+    /// Seqs of the service's most recent events, oldest first (at most [`RECENT_EVENTS`]).
+    pub recent_seqs: VecDeque<u64>,
 }
+
+/// Events per service whose seqs the projection keeps, for "what happened to it lately".
+pub const RECENT_EVENTS: usize = 10;
 
 impl Service {
     /// Whether the service holds quota: everything the user has not killed.
     pub fn is_active(&self) -> bool {
         self.desired == Desired::Running
+    }
+
+    /// Whether a starting node brings this service back: it should run, and it was up (or on
+    /// its way up) when the node stopped. Crashed and failed services stay down.
+    /// A new, not yet deployed service, as a first `service_deployed` event creates it.
+    pub(crate) fn new(event: &crate::proto::Event, limits: Limits) -> Service {
+        Service {
+            tenant: event.tenant.clone(),
+            id: event.service_id.clone(),
+            module_sha256: String::new(),
+            module_size: 0,
+            version: 0,
+            limits,
+            labels: HashMap::new(),
+            desired: Desired::Stopped,
+            status: Status::Stopped,
+            restarts: 0,
+            created_at_ms: event.timestamp_ms,
+            updated_at_ms: event.timestamp_ms,
+            last_error: String::new(),
+            deployed_seq: event.seq,
+            last_seq: event.seq,
+            recent_seqs: VecDeque::with_capacity(RECENT_EVENTS),
+        }
+    }
+
+    /// Records that `event` changed this service.
+    pub(crate) fn touched(&mut self, event: &crate::proto::Event) {
+        self.updated_at_ms = event.timestamp_ms;
+        self.last_seq = event.seq;
+        while self.recent_seqs.len() >= RECENT_EVENTS {
+            self.recent_seqs.pop_front();
+        }
+        self.recent_seqs.push_back(event.seq);
+    }
+
+    pub fn comes_back_with_the_node(&self) -> bool {
+        self.desired == Desired::Running && matches!(self.status, Status::Starting | Status::Running | Status::Stopped)
     }
 }
 
@@ -151,12 +198,11 @@ pub struct IdempotencyRecord {
 /// Everything of one tenant.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Tenant {
-    /// Ordered by id, so listings page stably.
-    pub services: BTreeMap<String, Service>,
+    pub services: Map<String, Service>,
     /// Services that hold quota ([`Service::is_active`]) and the memory they reserve.
     pub active_services: u32,
     pub active_memory_bytes: u64,
     /// Commit times of deploys within the rate window, oldest first.
     pub recent_deploys: VecDeque<u64>,
-    pub idempotency: HashMap<String, IdempotencyRecord>,
+    pub idempotency: Map<String, IdempotencyRecord>,
 }

@@ -65,9 +65,15 @@ impl State {
         for record in snapshot.services {
             let service = service_from_record(record)?;
             let tenant = state.tenants.entry(service.tenant.clone()).or_default();
+            if tenant.services.contains_key(&service.id) {
+                return Err(SnapshotError::Inconsistent(format!(
+                    "service {}/{} appears twice",
+                    service.tenant, service.id
+                )));
+            }
             if service.is_active() {
-                tenant.active_services += 1;
-                tenant.active_memory_bytes += service.limits.memory_bytes;
+                tenant.active_services = tenant.active_services.saturating_add(1);
+                tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(service.limits.memory_bytes);
             }
             tenant.services.insert(service.id.clone(), service);
         }
@@ -115,6 +121,7 @@ fn service_record(s: &Service) -> proto::ServiceRecord {
         last_error: s.last_error.clone(),
         deployed_seq: s.deployed_seq,
         last_seq: s.last_seq,
+        recent_seqs: s.recent_seqs.iter().copied().collect(),
     }
 }
 
@@ -145,6 +152,11 @@ fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError
         last_error: r.last_error,
         deployed_seq: r.deployed_seq,
         last_seq: r.last_seq,
+        // Only the newest RECENT_EVENTS, whatever the snapshot holds.
+        recent_seqs: r.recent_seqs[r.recent_seqs.len().saturating_sub(super::RECENT_EVENTS)..]
+            .iter()
+            .copied()
+            .collect(),
     })
 }
 

@@ -154,8 +154,12 @@ fn idempotency_keys_expire_after_the_window() {
     state.apply(&at(deployed("a", 1, 1, "k1"), 1, 100)).unwrap();
     assert_eq!(state.idempotency("acme", "k1", 1099).map(|r| r.seq), Some(1));
     assert!(state.idempotency("acme", "k1", 1100).is_none());
-    state.apply(&at(started("a", 1), 2, 1100)).unwrap();
-    assert!(state.tenant("acme").unwrap().idempotency.is_empty());
+    // Expired keys are forgotten when the next key is remembered.
+    state.apply(&at(deployed("b", 1, 1, "k2"), 2, 1100)).unwrap();
+    let keys: Vec<&String> = state.tenant("acme").unwrap().idempotency.keys().collect();
+    assert_eq!(keys, ["k2"]);
+    assert_eq!(state.deploys_since("acme", 99), 2);
+    assert_eq!(state.deploys_since("acme", 100), 1);
 }
 
 #[test]

@@ -1,0 +1,283 @@
+//! The gRPC API: `solo.v1.SoloKernel` over tonic. Each method authenticates, takes a shed
+//! permit, decodes, calls one operation and encodes.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures_util::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::ops::{self, ListFilter};
+use super::watch::{WatchFilter, WatchItem, watch};
+use super::{ApiState, Caller, Error, GaugeGuard, TENANT_HEADER};
+use crate::proto::{self, deploy_request, solo_kernel_server::SoloKernel, watch_response};
+use crate::shed::Permit;
+
+/// The descriptor set that reflection serves (written by build.rs).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/solo_descriptor.bin"));
+
+#[derive(Debug, Clone)]
+pub struct GrpcApi {
+    state: Arc<ApiState>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+impl GrpcApi {
+    pub fn new(state: Arc<ApiState>) -> GrpcApi {
+        GrpcApi { state }
+    }
+
+    /// Who is calling, from the metadata and the client certificate.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
+        let metadata = request.metadata();
+        let text = |key: &str| metadata.get(key).and_then(|v| v.to_str().ok());
+        let certificate_tenant = request.peer_certs().and_then(|certs| {
+            certs
+                .first()
+                .and_then(|cert| crate::tls::certificate_tenant(cert.as_ref()))
+        });
+        self.state.auth.authenticate(
+            text("authorization"),
+            text(TENANT_HEADER),
+            certificate_tenant.as_deref(),
+        )
+    }
+
+    /// Authenticates and admits a unary request.
+    fn admit<T>(&self, request: &Request<T>) -> Result<(Caller, Permit), Error> {
+        let caller = self.caller(request)?;
+        let permit = self.state.shed.admit(caller.tenant())?;
+        Ok((caller, permit))
+    }
+
+    /// Counts the request in `solo_grpc_requests_total` and turns errors into statuses.
+    fn finish<T>(&self, method: &str, result: Result<T, Error>) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => e.kind.grpc_code(),
+        };
+        self.state
+            .metrics
+            .grpc_requests
+            .with_label_values(&[method, code_name(code)])
+            .inc();
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl SoloKernel for GrpcApi {
+    async fn deploy(&self, request: Request<proto::DeployRequest>) -> Result<Response<proto::DeployResponse>, Status> {
+        let result = async {
+            let (caller, _permit) = self.admit(&request)?;
+            let request = request.into_inner();
+            let module: Arc<[u8]> = match request.module {
+                Some(deploy_request::Module::Wasm(bytes)) => bytes.into(),
+                Some(deploy_request::Module::Wat(text)) => text.into_bytes().into(),
+                None => return Err(Error::invalid("no module: set `wasm` (binary) or `wat` (text)")),
+            };
+            let deploy = ops::Deploy {
+                service_id: request.service_id,
+                module,
+                limits: request.limits.unwrap_or_default(),
+                labels: request.labels,
+                idempotency_key: request.idempotency_key,
+            };
+            let outcome = ops::deploy(&self.state, &caller, deploy).await?;
+            Ok(proto::DeployResponse {
+                service_id: outcome.service_id,
+                version: outcome.version,
+                seq: outcome.seq,
+                created: outcome.created,
+                unchanged: outcome.unchanged,
+                module_sha256: outcome.module_sha256,
+            })
+        }
+        .await;
+        self.finish("Deploy", result)
+    }
+
+    async fn status(&self, request: Request<proto::StatusRequest>) -> Result<Response<proto::ServiceStatus>, Status> {
+        let result = (|| {
+            let (caller, _permit) = self.admit(&request)?;
+            ops::status(&self.state, &caller, &request.get_ref().service_id)
+        })();
+        self.finish("Status", result)
+    }
+
+    async fn list(&self, request: Request<proto::ListRequest>) -> Result<Response<proto::ListResponse>, Status> {
+        let result = (|| {
+            let (caller, _permit) = self.admit(&request)?;
+            let request = request.into_inner();
+            let filter = ListFilter::new(&request.status, request.labels)?;
+            let page_size = ops::page_size(request.page_size.into())?;
+            let after = decode_page_token(&request.page_token)?;
+            let services = ops::list(&self.state, &caller, &filter);
+            let page: Vec<_> = services
+                .iter()
+                .filter(|s| after.as_ref().is_none_or(|(t, id)| (&s.tenant, &s.id) > (t, id)))
+                .take(page_size + 1)
+                .collect();
+            let next_page_token = match page.get(page_size) {
+                Some(_) => encode_page_token(&page[page_size - 1].tenant, &page[page_size - 1].id),
+                None => String::new(),
+            };
+            let services = page
+                .into_iter()
+                .take(page_size)
+                .map(|s| ops::service_status(&self.state, s))
+                .collect();
+            Ok(proto::ListResponse {
+                services,
+                next_page_token,
+            })
+        })();
+        self.finish("List", result)
+    }
+
+    async fn kill(&self, request: Request<proto::KillRequest>) -> Result<Response<proto::KillResponse>, Status> {
+        let result = async {
+            let (caller, _permit) = self.admit(&request)?;
+            let r = request.into_inner();
+            let outcome = ops::kill(
+                &self.state,
+                &caller,
+                &r.service_id,
+                r.force,
+                r.grace_ms,
+                r.idempotency_key,
+            )
+            .await?;
+            Ok(proto::KillResponse {
+                seq: outcome.seq,
+                already_stopped: outcome.already_stopped,
+            })
+        }
+        .await;
+        self.finish("Kill", result)
+    }
+
+    async fn call(&self, request: Request<proto::CallRequest>) -> Result<Response<proto::CallResponse>, Status> {
+        let result = async {
+            let (caller, _permit) = self.admit(&request)?;
+            let r = request.into_inner();
+            let payload = ops::call(&self.state, &caller, &r.service_id, r.payload, r.timeout_ms).await?;
+            Ok(proto::CallResponse { payload })
+        }
+        .await;
+        self.finish("Call", result)
+    }
+
+    type LogsStream = BoxStream<proto::LogLine>;
+
+    async fn logs(&self, request: Request<proto::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let result = (|| {
+            let caller = self.caller(&request)?;
+            let r = request.into_inner();
+            let permit = if r.follow {
+                Some(self.state.shed.admit_watcher(caller.tenant())?)
+            } else {
+                None
+            };
+            let lines = ops::logs(&self.state, &caller, &r.service_id, r.from_seq, r.follow)?;
+            let stream: Self::LogsStream = Box::pin(lines.map(move |line| {
+                let _held = &permit;
+                line.map(|l| super::convert::log_line(&l)).map_err(Status::from)
+            }));
+            Ok(stream)
+        })();
+        self.finish("Logs", result)
+    }
+
+    type WatchStream = BoxStream<proto::WatchResponse>;
+
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let result = (|| {
+            let caller = self.caller(&request)?;
+            self.state.check_open()?;
+            let r = request.into_inner();
+            let permit = self.state.shed.admit_watcher(caller.tenant())?;
+            let filter = WatchFilter::new(Some(r.service_id), r.kinds.iter().map(String::as_str))?;
+            let progress = match r.progress_interval_ms {
+                0 => self.state.options.default_progress_interval,
+                ms => Duration::from_millis(ms.into()),
+            };
+            let events = watch(
+                &self.state.control,
+                caller,
+                filter,
+                r.from_seq,
+                progress,
+                self.state.stopping.clone(),
+            );
+            let gauge = GaugeGuard::new(self.state.metrics.watchers.with_label_values(&["grpc"]));
+            let stream: Self::WatchStream = Box::pin(events.map(move |item| {
+                let _held = (&permit, &gauge);
+                let msg = match item.map_err(Status::from)? {
+                    WatchItem::Event(event) => watch_response::Msg::Event((*event).clone()),
+                    WatchItem::Progress(head_seq) => watch_response::Msg::Progress(proto::Progress { head_seq }),
+                };
+                Ok(proto::WatchResponse { msg: Some(msg) })
+            }));
+            Ok(stream)
+        })();
+        self.finish("Watch", result)
+    }
+
+    async fn shutdown(
+        &self,
+        request: Request<proto::ShutdownRequest>,
+    ) -> Result<Response<proto::ShutdownResponse>, Status> {
+        let result = async {
+            let caller = self.caller(&request)?;
+            let seq = ops::shutdown(&self.state, &caller, request.get_ref().grace_ms).await?;
+            Ok(proto::ShutdownResponse { seq })
+        }
+        .await;
+        self.finish("Shutdown", result)
+    }
+}
+
+fn encode_page_token(tenant: &str, id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{tenant}\n{id}"))
+}
+
+fn decode_page_token(token: &str) -> Result<Option<(String, String)>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Error::invalid("page_token is not one this node issued");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (tenant, id) = text.split_once('\n').ok_or_else(bad)?;
+    Ok(Some((tenant.to_string(), id.to_string())))
+}
+
+/// The canonical upper-case name of a gRPC code, as metrics label it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -1,0 +1,214 @@
+//! The operations both APIs offer, each one call into the control layer plus its metrics, so
+//! gRPC and REST handlers only decode and encode.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+
+use super::{ApiState, Caller, Error, ErrorKind};
+use crate::control::{DeployOutcome, DeployRequest, KillCommand, KillOutcome};
+use crate::proto::{self, Limits};
+use crate::runtime::{CallError, LogLine};
+use crate::state::{Service, Status};
+
+/// Everything a deploy carries besides the caller.
+#[derive(Debug)]
+pub struct Deploy {
+    pub service_id: String,
+    pub module: Arc<[u8]>,
+    pub limits: Limits,
+    pub labels: HashMap<String, String>,
+    pub idempotency_key: String,
+}
+
+pub async fn deploy(state: &ApiState, caller: &Caller, deploy: Deploy) -> Result<DeployOutcome, Error> {
+    state.check_open()?;
+    let request = DeployRequest {
+        tenant: caller.tenant().to_string(),
+        actor: caller.actor(),
+        service_id: deploy.service_id,
+        module: deploy.module,
+        limits: deploy.limits,
+        labels: deploy.labels,
+        idempotency_key: deploy.idempotency_key,
+    };
+    let result = state.control.deploy(request).await;
+    let label = match &result {
+        Ok(o) if o.replayed => "replayed",
+        Ok(o) if o.unchanged => "unchanged",
+        Ok(o) if o.created => "created",
+        Ok(_) => "upgraded",
+        Err(_) => "refused",
+    };
+    state.metrics.deploys.with_label_values(&[label]).inc();
+    Ok(result?)
+}
+
+pub fn status(state: &ApiState, caller: &Caller, service_id: &str) -> Result<proto::ServiceStatus, Error> {
+    let service = state.control.status(caller.tenant(), service_id)?;
+    Ok(super::convert::service_status(
+        &service,
+        state.control.live(&service.tenant, &service.id),
+    ))
+}
+
+/// Which services a listing returns.
+#[derive(Debug, Default)]
+pub struct ListFilter {
+    pub status: Option<Status>,
+    pub labels: HashMap<String, String>,
+}
+
+impl ListFilter {
+    pub fn new(status: &str, labels: HashMap<String, String>) -> Result<ListFilter, Error> {
+        let status = match status.trim() {
+            "" => None,
+            name => Some(name.parse::<Status>().map_err(Error::invalid)?),
+        };
+        Ok(ListFilter { status, labels })
+    }
+
+    fn matches(&self, service: &Service) -> bool {
+        self.status.is_none_or(|s| s == service.status)
+            && self.labels.iter().all(|(k, v)| service.labels.get(k) == Some(v))
+    }
+}
+
+/// The caller's services (all tenants' for an admin who named none) that match, ordered by
+/// (tenant, id).
+pub fn list(state: &ApiState, caller: &Caller, filter: &ListFilter) -> Vec<Service> {
+    state
+        .control
+        .list(caller.scope())
+        .into_iter()
+        .filter(|s| filter.matches(s))
+        .collect()
+}
+
+pub fn service_status(state: &ApiState, service: &Service) -> proto::ServiceStatus {
+    super::convert::service_status(service, state.control.live(&service.tenant, &service.id))
+}
+
+pub async fn kill(
+    state: &ApiState,
+    caller: &Caller,
+    service_id: &str,
+    force: bool,
+    grace_ms: u32,
+    idempotency_key: String,
+) -> Result<KillOutcome, Error> {
+    state.check_open()?;
+    let command = KillCommand {
+        tenant: caller.tenant().to_string(),
+        actor: caller.actor(),
+        service_id: service_id.to_string(),
+        force,
+        grace_ms: state
+            .grace_or_default(grace_ms)
+            .as_millis()
+            .try_into()
+            .unwrap_or(u32::MAX),
+        idempotency_key,
+    };
+    Ok(state.control.kill(command).await?)
+}
+
+pub async fn call(
+    state: &ApiState,
+    caller: &Caller,
+    service_id: &str,
+    payload: Vec<u8>,
+    timeout_ms: u32,
+) -> Result<Vec<u8>, Error> {
+    state.check_open()?;
+    let started = Instant::now();
+    let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
+    let result = state.control.call(caller.tenant(), service_id, payload, timeout).await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(crate::control::Error::Call(e)) => match e {
+            CallError::Service { .. } => "service_error",
+            CallError::Trapped { .. } => "trapped",
+            CallError::Timeout { .. } => "timeout",
+            CallError::Busy { .. } => "busy",
+            CallError::NotRunning { .. } | CallError::Stopped { .. } => "not_running",
+        },
+        Err(crate::control::Error::NotRunning { .. }) => "not_running",
+        Err(_) => "refused",
+    };
+    state.metrics.calls.with_label_values(&[label]).inc();
+    state.metrics.call_duration.observe(started.elapsed().as_secs_f64());
+    Ok(result?)
+}
+
+pub async fn shutdown(state: &ApiState, caller: &Caller, grace_ms: u32) -> Result<u64, Error> {
+    caller.require_admin("shut the node down")?;
+    let grace = state.grace_or_default(grace_ms);
+    let seq = state
+        .control
+        .shutdown(&caller.actor(), grace.as_millis().try_into().unwrap_or(u32::MAX))
+        .await?;
+    state.request_shutdown(grace);
+    Ok(seq)
+}
+
+/// A service's log lines from `from_seq` on; with `follow`, then new lines until the node
+/// stops. Lines that a slow follower let the ring overwrite are skipped, never repeated.
+pub fn logs(
+    state: &ApiState,
+    caller: &Caller,
+    service_id: &str,
+    from_seq: u64,
+    follow: bool,
+) -> Result<impl Stream<Item = Result<LogLine, Error>> + Send + 'static, Error> {
+    let buffer = state.control.logs(caller.tenant(), service_id)?;
+    let stopping = state.stopping.clone();
+    // Subscribe before reading the ring, so nothing falls between the two.
+    let mut updates = buffer.subscribe();
+    Ok(async_stream::stream! {
+        let mut next = from_seq.max(1);
+        for line in buffer.lines_from(next) {
+            next = line.seq + 1;
+            yield Ok(line);
+        }
+        if !follow {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = stopping.cancelled() => {
+                    yield Err(Error::shutting_down());
+                    return;
+                }
+                update = updates.recv() => match update {
+                    Ok(line) if line.seq >= next => {
+                        next = line.seq + 1;
+                        yield Ok(line);
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        for line in buffer.lines_from(next) {
+                            next = line.seq + 1;
+                            yield Ok(line);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    })
+}
+
+/// Resolves a page size: 0 is the default (100), more than 1000 is refused.
+pub fn page_size(requested: u64) -> Result<usize, Error> {
+    match requested {
+        0 => Ok(100),
+        n if n > 1000 => Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("page size {n} is over the maximum of 1000"),
+        )),
+        n => Ok(n as usize),
+    }
+}

@@ -1,0 +1,139 @@
+//! Server-Sent Events: `/events` (a tail of the log) and `/services/{id}/logs?follow=true`.
+//!
+//! An event frame is `id: <seq>`, `event: <kind>`, `data: <one line of JSON>`. While a filtered
+//! stream skips events, an id-only frame moves the client's `Last-Event-ID` forward without
+//! dispatching anything, so a reconnect resumes after everything already examined.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Extension, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt};
+use serde_json::json;
+
+use super::services::Params;
+use crate::api::convert::log_line_json;
+use crate::api::watch::{WatchFilter, WatchItem, watch};
+use crate::api::{ApiState, Error, GaugeGuard, ops};
+use crate::tls::PeerTenant;
+
+type Certificate = Option<Extension<PeerTenant>>;
+
+pub(super) async fn events(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    certificate: Certificate,
+) -> Result<Response, Error> {
+    let params = Params::parse(query, &["tenant", "from", "service_id", "kinds"])?;
+    let caller = super::caller(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    state.check_open()?;
+    let from_seq = resume_point(&headers, params.number("from")?)?;
+    let filter = WatchFilter::new(
+        params.get("service_id").map(str::to_string),
+        params.get("kinds").unwrap_or("").split(','),
+    )?;
+    let permit = state.shed.admit_watcher(caller.tenant())?;
+    let gauge = GaugeGuard::new(state.metrics.watchers.with_label_values(&["sse"]));
+    let progress = state.options.sse_keepalive;
+    let items = watch(
+        &state.control,
+        caller,
+        filter,
+        from_seq,
+        progress,
+        state.stopping.clone(),
+    );
+    // The stream ends cleanly at shutdown: the error that says so is not sent as a frame.
+    let frames = items
+        .take_while(|item| std::future::ready(item.is_ok()))
+        .filter_map(move |item| {
+            let _held = (&permit, &gauge);
+            std::future::ready(item.ok().map(|item| Ok::<_, Infallible>(frame(&item))))
+        });
+    Ok(sse(frames, state.options.sse_keepalive))
+}
+
+/// Where an `/events` stream starts: after `Last-Event-ID` (exclusive), at `?from=` (inclusive),
+/// or with what comes next.
+fn resume_point(headers: &HeaderMap, from: Option<u64>) -> Result<u64, Error> {
+    let last_event_id = headers.get("last-event-id").map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| Error::invalid("Last-Event-ID must be the seq of an event"))
+    });
+    match (last_event_id.transpose()?, from) {
+        (Some(last), _) => Ok(last + 1),
+        (None, Some(from)) => Ok(from),
+        (None, None) => Ok(0),
+    }
+}
+
+fn frame(item: &WatchItem) -> SseEvent {
+    match item {
+        WatchItem::Event(event) => SseEvent::default()
+            .id(event.seq.to_string())
+            .event(crate::event::kind_name(event))
+            .data(crate::event::to_json(event).to_string()),
+        WatchItem::Progress(seq) => SseEvent::default().id(seq.to_string()),
+    }
+}
+
+fn sse<S>(frames: S, keepalive: Duration) -> Response
+where
+    S: Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+{
+    let mut response = Sse::new(frames)
+        .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert("cache-control", HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+pub(super) async fn logs(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    certificate: Certificate,
+) -> Result<Response, Error> {
+    let params = Params::parse(query, &["tenant", "follow", "from"])?;
+    let caller = super::caller(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    let follow = params.flag("follow")?;
+    // Like /events: after Last-Event-ID (what a reconnecting EventSource sends), else ?from=.
+    let from = resume_point(&headers, params.number("from")?)?;
+    if !follow {
+        let _permit = state.shed.admit(caller.tenant())?;
+        let lines: Vec<_> = ops::logs(&state, &caller, &id, from, false)?.collect().await;
+        let lines: Vec<_> = lines
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|l| log_line_json(&l))
+            .collect();
+        return Ok(Json(json!({ "service_id": id, "lines": lines })).into_response());
+    }
+    let permit = state.shed.admit_watcher(caller.tenant())?;
+    let lines = ops::logs(&state, &caller, &id, from, true)?;
+    let frames = lines
+        .take_while(|line| std::future::ready(line.is_ok()))
+        .filter_map(move |line| {
+            let _held = &permit;
+            std::future::ready(line.ok().map(|line| {
+                Ok::<_, Infallible>(
+                    SseEvent::default()
+                        .id(line.seq.to_string())
+                        .event("log")
+                        .data(log_line_json(&line).to_string()),
+                )
+            }))
+        });
+    Ok(sse(frames, state.options.sse_keepalive))
+}

@@ -1,0 +1,244 @@
+//! The REST API and Server-Sent Events over axum: the same operations as gRPC for people with
+//! `curl`, browsers and HTTP tools, through the same operations and the same error type.
+//!
+//! Every error is `{"error": "<code>", "message": "...", "request_id": "..."}` with the status
+//! from [`ErrorKind::http_status`]; axum's own rejections (unknown route, wrong method, body too
+//! large, timeout) are rewritten into that shape by [`normalize_errors`].
+
+mod events;
+mod services;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use super::{ApiState, Caller, Error, ErrorKind, TENANT_HEADER};
+use crate::shed::Permit;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Every route and its methods, for `docs/openapi.yaml` and its test.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/services", &["get", "post"]),
+    ("/services/{id}", &["get", "put", "delete"]),
+    ("/services/{id}/call", &["post"]),
+    ("/services/{id}/logs", &["get"]),
+    ("/events", &["get"]),
+    ("/shutdown", &["post"]),
+    ("/health", &["get"]),
+    ("/metrics", &["get"]),
+];
+
+/// The REST router over `state`.
+pub fn router(state: Arc<ApiState>) -> Router {
+    // Streams (SSE) are exempt from the request timeout; everything else has it.
+    let bounded = Router::new()
+        .route("/services", get(services::list).post(services::deploy_json))
+        .route(
+            "/services/{id}",
+            get(services::status).put(services::deploy_raw).delete(services::kill),
+        )
+        .route("/services/{id}/call", post(services::call))
+        .route("/shutdown", post(services::shutdown))
+        .route("/health", get(services::health))
+        .route("/metrics", get(services::metrics))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.options.request_timeout,
+        ));
+    let streaming = Router::new()
+        .route("/services/{id}/logs", get(events::logs))
+        .route("/events", get(events::events));
+    Router::new()
+        .merge(bounded)
+        .merge(streaming)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), normalize_errors))
+        .layer(axum::extract::DefaultBodyLimit::max(state.options.max_body_bytes))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let request_id = request
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+        }))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, RandomRequestId))
+        .with_state(state)
+}
+
+/// Request ids: 16 random hex digits, unless the client sent one.
+#[derive(Debug, Clone, Copy)]
+struct RandomRequestId;
+
+impl MakeRequestId for RandomRequestId {
+    fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).ok()?;
+        HeaderValue::from_str(&hex::encode(bytes)).ok().map(RequestId::new)
+    }
+}
+
+async fn not_found() -> Error {
+    Error::new(ErrorKind::NotFound, "no such route; see docs/openapi.yaml")
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.kind.http_status();
+        let body = json!({ "error": self.kind.as_str(), "message": self.message });
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Some(after) = self.retry_after {
+            let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        // The request id is filled in by `normalize_errors`, which knows it.
+        response.extensions_mut().insert(ErrorBody);
+        response
+    }
+}
+
+/// Marks a response whose body is one of our JSON errors.
+#[derive(Debug, Clone, Copy)]
+struct ErrorBody;
+
+/// Rewrites every error response into the JSON shape with the request id, counts the request,
+/// and logs server errors.
+async fn normalize_errors(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let route = ROUTES
+        .iter()
+        .map(|(r, _)| *r)
+        .find(|r| *r == route)
+        .unwrap_or("unmatched");
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let response = next.run(request).await;
+    let status = response.status();
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[route, status.as_str()])
+        .inc();
+    if status.is_server_error() {
+        tracing::warn!(route, %status, request_id, elapsed_ms = started.elapsed().as_millis() as u64, "request failed");
+    }
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let ours = response.extensions().get::<ErrorBody>().is_some();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/json");
+    if !ours && json {
+        // A handler's own JSON answer with an error status (`/health` while shutting down).
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let mut value: serde_json::Value = if ours {
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({}))
+    } else {
+        // One of axum's or tower's own rejections: say the same in our words.
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+        let detail = String::from_utf8_lossy(&bytes).trim().to_string();
+        let (kind, message) = rejection(status, route, detail);
+        json!({ "error": kind.as_str(), "message": message })
+    };
+    value["request_id"] = json!(request_id);
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(value.to_string()))
+}
+
+fn rejection(status: StatusCode, route: &str, detail: String) -> (ErrorKind, String) {
+    match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let methods = ROUTES
+                .iter()
+                .find(|(r, _)| *r == route)
+                .map(|(_, m)| *m)
+                .unwrap_or_default();
+            let allow: Vec<String> = methods.iter().map(|m| m.to_uppercase()).collect();
+            let message = format!("{route} does not take this method; it takes {}", allow.join(", "));
+            (ErrorKind::MethodNotAllowed, message)
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            ErrorKind::PayloadTooLarge,
+            "the request body is over the configured limit".into(),
+        ),
+        StatusCode::REQUEST_TIMEOUT => (ErrorKind::DeadlineExceeded, "the request did not finish in time".into()),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (ErrorKind::UnsupportedMediaType, detail),
+        StatusCode::NOT_FOUND => (ErrorKind::NotFound, "no such route; see docs/openapi.yaml".into()),
+        s if s.is_server_error() => (
+            ErrorKind::Internal,
+            if detail.is_empty() { s.to_string() } else { detail },
+        ),
+        _ => (
+            ErrorKind::InvalidArgument,
+            if detail.is_empty() { status.to_string() } else { detail },
+        ),
+    }
+}
+
+/// Who is calling: `Authorization`, `X-Tenant-ID` (or `?tenant=` for the admin) and a client
+/// certificate's tenant, set at the TLS handshake.
+pub(crate) fn caller(
+    state: &ApiState,
+    headers: &HeaderMap,
+    query_tenant: Option<&str>,
+    certificate: Option<&crate::tls::PeerTenant>,
+) -> Result<Caller, Error> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let header_tenant = text(TENANT_HEADER);
+    let tenant = match (header_tenant, query_tenant) {
+        (Some(h), Some(q)) if h != q => {
+            return Err(Error::invalid(format!(
+                "{TENANT_HEADER} says '{h}' but ?tenant= says '{q}'"
+            )));
+        }
+        (Some(h), _) => Some(h),
+        (None, q) => q,
+    };
+    let certificate_tenant = certificate.and_then(|c| c.0.as_deref());
+    state
+        .auth
+        .authenticate(text("authorization"), tenant, certificate_tenant)
+}
+
+/// Authenticates and admits a request.
+pub(crate) fn admit(
+    state: &ApiState,
+    headers: &HeaderMap,
+    query_tenant: Option<&str>,
+    certificate: Option<&crate::tls::PeerTenant>,
+) -> Result<(Caller, Permit), Error> {
+    let caller = caller(state, headers, query_tenant, certificate)?;
+    let permit = state.shed.admit(caller.tenant())?;
+    Ok((caller, permit))
+}

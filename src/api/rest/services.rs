@@ -1,0 +1,397 @@
+//! REST handlers for services, shutdown, health and metrics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Extension, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::admit;
+use crate::api::convert::service_json;
+use crate::api::ops::{self, Deploy, ListFilter};
+use crate::api::{ApiState, Error, ErrorKind};
+use crate::proto::Limits;
+use crate::state::Status;
+use crate::tls::PeerTenant;
+
+type Certificate = Option<Extension<PeerTenant>>;
+
+/// The parameters of a query string, refusing any not in `allowed`.
+pub(super) struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub(super) fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Params, Error> {
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if let Some((unknown, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+            return Err(Error::invalid(format!(
+                "unknown query parameter '{unknown}'; this route takes: {}",
+                allowed.join(", ")
+            )));
+        }
+        Ok(Params(pairs))
+    }
+
+    pub(super) fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    pub(super) fn number<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, Error> {
+        self.get(key)
+            .map(|v| {
+                v.parse::<T>()
+                    .map_err(|_| Error::invalid(format!("query parameter '{key}': '{v}' is not a valid number")))
+            })
+            .transpose()
+    }
+
+    pub(super) fn flag(&self, key: &str) -> Result<bool, Error> {
+        match self.get(key) {
+            None | Some("false" | "0") => Ok(false),
+            Some("true" | "1" | "") => Ok(true),
+            Some(other) => Err(Error::invalid(format!(
+                "query parameter '{key}': '{other}' is not true or false"
+            ))),
+        }
+    }
+
+    /// `label=k=v` pairs.
+    fn labels(&self) -> Result<HashMap<String, String>, Error> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == "label")
+            .map(|(_, v)| {
+                v.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .ok_or_else(|| Error::invalid(format!("label '{v}' is not of the form key=value")))
+            })
+            .collect()
+    }
+
+    fn limits(&self) -> Result<Limits, Error> {
+        Ok(Limits {
+            memory_bytes: self.number("memory_bytes")?.unwrap_or(0),
+            call_timeout_ms: self.number("call_timeout_ms")?.unwrap_or(0),
+            cpu_ms_per_call: self.number("cpu_ms_per_call")?.unwrap_or(0),
+            mailbox_capacity: self.number("mailbox_capacity")?.unwrap_or(0),
+            max_restarts: self.number("max_restarts")?.unwrap_or(0),
+            restart_window_ms: self.number("restart_window_ms")?.unwrap_or(0),
+        })
+    }
+}
+
+const LIMIT_PARAMS: [&str; 6] = [
+    "memory_bytes",
+    "call_timeout_ms",
+    "cpu_ms_per_call",
+    "mailbox_capacity",
+    "max_restarts",
+    "restart_window_ms",
+];
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, Error> {
+    match headers.get("idempotency-key") {
+        None => Ok(String::new()),
+        Some(value) => value
+            .to_str()
+            .map(str::to_string)
+            .map_err(|_| Error::invalid("Idempotency-Key must be printable ASCII")),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> &str {
+    let value = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    value.split(';').next().unwrap_or("").trim()
+}
+
+/// The deploy body of `POST /services`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    service_id: String,
+    #[serde(default)]
+    wasm_base64: Option<String>,
+    #[serde(default)]
+    wat: Option<String>,
+    #[serde(default)]
+    limits: LimitsBody,
+    #[serde(default)]
+    labels: HashMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LimitsBody {
+    memory_bytes: u64,
+    call_timeout_ms: u32,
+    cpu_ms_per_call: u32,
+    mailbox_capacity: u32,
+    max_restarts: u32,
+    restart_window_ms: u32,
+}
+
+/// Parses a JSON body, saying where it is wrong.
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Error> {
+    if content_type(headers) != "application/json" {
+        return Err(Error::new(
+            ErrorKind::UnsupportedMediaType,
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!(" at '{path}'")
+        };
+        Error::invalid(format!(
+            "malformed JSON{at} (line {}, column {}): {inner}",
+            inner.line(),
+            inner.column()
+        ))
+    })
+}
+
+pub(super) async fn deploy_json(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    certificate: Certificate,
+    body: Bytes,
+) -> Result<Response, Error> {
+    let params = Params::parse(query, &["tenant"])?;
+    let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    let body: DeployBody = parse_json(&headers, &body)?;
+    let module: Arc<[u8]> = match (body.wasm_base64, body.wat) {
+        (Some(b64), None) => base64::engine::general_purpose::STANDARD
+            .decode(b64.split_ascii_whitespace().collect::<String>())
+            .map_err(|e| Error::invalid(format!("wasm_base64 is not valid base64: {e}")))?
+            .into(),
+        (None, Some(wat)) => wat.into_bytes().into(),
+        _ => return Err(Error::invalid("give exactly one of wasm_base64 and wat")),
+    };
+    let l = body.limits;
+    let limits = Limits {
+        memory_bytes: l.memory_bytes,
+        call_timeout_ms: l.call_timeout_ms,
+        cpu_ms_per_call: l.cpu_ms_per_call,
+        mailbox_capacity: l.mailbox_capacity,
+        max_restarts: l.max_restarts,
+        restart_window_ms: l.restart_window_ms,
+    };
+    let deploy = Deploy {
+        service_id: body.service_id,
+        module,
+        limits,
+        labels: body.labels,
+        idempotency_key: idempotency_key(&headers)?,
+    };
+    deployed(&state, &caller, deploy).await
+}
+
+pub(super) async fn deploy_raw(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    certificate: Certificate,
+    body: Bytes,
+) -> Result<Response, Error> {
+    let mut allowed = vec!["tenant", "label"];
+    allowed.extend(LIMIT_PARAMS);
+    let params = Params::parse(query, &allowed)?;
+    let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    let is_wasm = body.starts_with(b"\0asm");
+    match content_type(&headers) {
+        "application/wasm" | "application/octet-stream" | "text/plain" | "text/wat" => {}
+        // curl --data-binary sends this by default; accept it for a wasm binary.
+        "application/x-www-form-urlencoded" if is_wasm => {}
+        other => {
+            return Err(Error::new(
+                ErrorKind::UnsupportedMediaType,
+                format!(
+                    "Content-Type '{other}' is not a module: send Content-Type: application/wasm (or text/plain for WAT)"
+                ),
+            ));
+        }
+    }
+    let deploy = Deploy {
+        service_id: id,
+        module: Arc::from(body.as_ref()),
+        limits: params.limits()?,
+        labels: params.labels()?,
+        idempotency_key: idempotency_key(&headers)?,
+    };
+    deployed(&state, &caller, deploy).await
+}
+
+async fn deployed(state: &ApiState, caller: &crate::api::Caller, deploy: Deploy) -> Result<Response, Error> {
+    let outcome = ops::deploy(state, caller, deploy).await?;
+    let mut body = service_json(&ops::status(state, caller, &outcome.service_id)?);
+    body["deploy"] = json!({
+        "version": outcome.version,
+        "seq": outcome.seq,
+        "created": outcome.created,
+        "unchanged": outcome.unchanged,
+        "module_sha256": outcome.module_sha256,
+    });
+    let status = if outcome.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (status, Json(body)).into_response();
+    if outcome.created {
+        let location = format!("/services/{}", outcome.service_id);
+        if let Ok(value) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, value);
+        }
+    }
+    Ok(response)
+}
+
+pub(super) async fn list(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    certificate: Certificate,
+) -> Result<Json<Value>, Error> {
+    let params = Params::parse(query, &["tenant", "status", "label", "limit", "offset"])?;
+    let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    let filter = ListFilter::new(params.get("status").unwrap_or(""), params.labels()?)?;
+    let limit = ops::page_size(params.number("limit")?.unwrap_or(0))?;
+    let offset: usize = params.number("offset")?.unwrap_or(0);
+    let services = ops::list(&state, &caller, &filter);
+    let page: Vec<Value> = services
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|s| service_json(&ops::service_status(&state, s)))
+        .collect();
+    Ok(Json(
+        json!({ "services": page, "total": services.len(), "limit": limit, "offset": offset }),
+    ))
+}
+
+pub(super) async fn status(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    certificate: Certificate,
+) -> Result<Json<Value>, Error> {
+    let params = Params::parse(query, &["tenant"])?;
+    let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    let service = state.control.status(caller.tenant(), &id)?;
+    let mut body = service_json(&ops::service_status(&state, &service));
+    let control = state.control.clone();
+    let seqs: Vec<u64> = service.recent_seqs.iter().copied().collect();
+    let events = tokio::task::spawn_blocking(move || {
+        seqs.iter()
+            .map(|&seq| control.log().read(seq..=seq).map(|events| events.into_iter().next()))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))??;
+    body["events"] = events
+        .into_iter()
+        .flatten()
+        .map(|e| crate::event::to_json(&e))
+        .collect();
+    Ok(Json(body))
+}
+
+pub(super) async fn kill(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    certificate: Certificate,
+) -> Result<Response, Error> {
+    let params = Params::parse(query, &["tenant", "force", "grace_ms"])?;
+    let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    let force = params.flag("force")?;
+    let grace_ms = params.number("grace_ms")?.unwrap_or(0);
+    let outcome = ops::kill(&state, &caller, &id, force, grace_ms, idempotency_key(&headers)?).await?;
+    let body = json!({ "service_id": id, "seq": outcome.seq, "already_stopped": outcome.already_stopped });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+pub(super) async fn call(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    certificate: Certificate,
+    body: Bytes,
+) -> Result<Response, Error> {
+    let params = Params::parse(query, &["tenant", "timeout_ms"])?;
+    let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    let timeout_ms = params.number("timeout_ms")?.unwrap_or(0);
+    let response = ops::call(&state, &caller, &id, body.to_vec(), timeout_ms).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], response).into_response())
+}
+
+pub(super) async fn shutdown(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    certificate: Certificate,
+) -> Result<Response, Error> {
+    let params = Params::parse(query, &["grace_ms"])?;
+    let caller = super::caller(&state, &headers, None, certificate.as_deref())?;
+    let seq = ops::shutdown(&state, &caller, params.number("grace_ms")?.unwrap_or(0)).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "seq": seq }))).into_response())
+}
+
+pub(super) async fn health(State(state): State<Arc<ApiState>>) -> Response {
+    let stopping = state.stopping.is_cancelled() || state.control.is_shutting_down();
+    let body = json!({
+        "status": if stopping { "shutting_down" } else { "ok" },
+        "version": crate::VERSION,
+        "uptime_ms": state.started.elapsed().as_millis() as u64,
+        "head_seq": state.control.head(),
+        "services_running": state.control.runtime().map_or(0, |r| r.running_instances()),
+    });
+    let status = if stopping {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let mut counts: HashMap<Status, i64> = HashMap::new();
+    state.control.read_state(|s| {
+        for service in s.services() {
+            *counts.entry(service.status).or_default() += 1;
+        }
+    });
+    for status in Status::ALL {
+        state
+            .metrics
+            .services
+            .with_label_values(&[status.as_str()])
+            .set(counts.get(&status).copied().unwrap_or(0));
+    }
+    state.metrics.log_head_seq.set(state.control.head() as i64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,130 @@
+//! Following the log for a caller: the stream behind gRPC Watch and SSE `/events`.
+//!
+//! It is a tail of the log itself (no second event bus), filtered to what the caller may see
+//! and asked for, with a progress note whenever nothing was sent for a while, so a filtered
+//! watcher still learns how far the log has moved. It ends when the node shuts down.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Caller, Error, ErrorKind};
+use crate::control::Control;
+use crate::event::{EventKind, SharedEvent};
+use crate::proto::Event;
+
+/// How long a stopping watch waits for each remaining committed event.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The shortest progress interval a client may ask for.
+pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Default)]
+pub struct WatchFilter {
+    pub service_id: Option<String>,
+    /// `None`: every kind.
+    pub kinds: Option<HashSet<EventKind>>,
+}
+
+impl WatchFilter {
+    /// Parses kind names (snake_case); empty names are ignored.
+    pub fn new<'a>(service_id: Option<String>, kinds: impl IntoIterator<Item = &'a str>) -> Result<WatchFilter, Error> {
+        let kinds: HashSet<EventKind> = kinds
+            .into_iter()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| k.parse::<EventKind>().map_err(Error::invalid))
+            .collect::<Result<_, _>>()?;
+        let service_id = service_id.filter(|s| !s.is_empty());
+        Ok(WatchFilter {
+            service_id,
+            kinds: (!kinds.is_empty()).then_some(kinds),
+        })
+    }
+
+    fn matches(&self, event: &Event) -> bool {
+        self.service_id.as_ref().is_none_or(|id| *id == event.service_id)
+            && self
+                .kinds
+                .as_ref()
+                .is_none_or(|kinds| EventKind::of_event(event).is_some_and(|k| kinds.contains(&k)))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum WatchItem {
+    Event(SharedEvent),
+    /// Every event up to this seq was sent or filtered out.
+    Progress(u64),
+}
+
+/// Events from `from_seq` (inclusive; 0: only what comes next) that `caller` may see and
+/// `filter` selects, in seq order, each once. Ends with [`ErrorKind::ShuttingDown`] on shutdown.
+pub fn watch(
+    control: &Control,
+    caller: Caller,
+    filter: WatchFilter,
+    from_seq: u64,
+    progress_interval: Duration,
+    shutdown: CancellationToken,
+) -> impl Stream<Item = Result<WatchItem, Error>> + Send + 'static {
+    let start = if from_seq == 0 { control.head() + 1 } else { from_seq };
+    let log = control.log().clone();
+    let mut events = Box::pin(log.tail(start));
+    let interval = progress_interval.max(MIN_PROGRESS_INTERVAL);
+    async_stream::stream! {
+        let mut examined = start - 1;
+        let mut quiet_until = Instant::now() + interval;
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    // What was committed before the stop (shutdown_requested among it) is still
+                    // delivered; then the stream ends.
+                    let head = log.head();
+                    while examined < head {
+                        match tokio::time::timeout(DRAIN_TIMEOUT, events.next()).await {
+                            Ok(Some(Ok(event))) => {
+                                examined = event.seq;
+                                if caller.sees(&event) && filter.matches(&event) {
+                                    yield Ok(WatchItem::Event(event));
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                    yield Err(Error::shutting_down());
+                    return;
+                }
+                next = events.next() => match next {
+                    Some(Ok(event)) => {
+                        examined = event.seq;
+                        if caller.sees(&event) && filter.matches(&event) {
+                            quiet_until = Instant::now() + interval;
+                            yield Ok(WatchItem::Event(event));
+                        } else if Instant::now() >= quiet_until {
+                            // A burst of events this watcher does not want still counts as quiet.
+                            quiet_until = Instant::now() + interval;
+                            yield Ok(WatchItem::Progress(examined));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        yield Err(Error::new(ErrorKind::Internal, format!("cannot read the log: {e}")));
+                        return;
+                    }
+                    None => {
+                        yield Err(Error::shutting_down());
+                        return;
+                    }
+                },
+                () = tokio::time::sleep_until(quiet_until) => {
+                    quiet_until = Instant::now() + interval;
+                    yield Ok(WatchItem::Progress(examined));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! A service instance as an actor: one task owns the instance's `Store` and serves calls from a
+//! bounded mailbox, one at a time. It supervises itself like an OTP worker: a fatal failure
+//! fails that call, and a fresh instance replaces the old one under the restart policy (at most
+//! `max_restarts` within `restart_window_ms`); past it the service stays down. Every such
+//! transition is reported to the control layer as an observation; the actor never changes
+//! state itself.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::error::{CallFailure, StartFailure};
+use super::instance::{Instance, InstanceConfig};
+use super::module::Prepared;
+use super::stats::LiveStats;
+use crate::control::{Observation, Observer};
+use crate::proto::CrashReason;
+
+/// One request waiting in a mailbox.
+pub(super) struct Call {
+    pub payload: Vec<u8>,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<Result<Vec<u8>, CallFailure>>,
+}
+
+/// How callers reach the current instance of a service.
+#[derive(Clone, Debug)]
+pub(super) struct Handle {
+    pub version: u64,
+    pub mailbox: mpsc::Sender<Call>,
+    pub capacity: u32,
+}
+
+/// The slot's view of the handle calls should use; `None` while nothing can serve.
+pub(super) type Ready = Arc<watch::Sender<Option<Handle>>>;
+
+/// A request to stop: finish queued calls and run `solo_stop` within `grace`.
+#[derive(Debug)]
+pub(super) struct StopRequest {
+    pub grace: Duration,
+}
+
+pub(super) struct Actor {
+    pub tenant: String,
+    pub service_id: String,
+    pub prepared: Prepared,
+    pub config: InstanceConfig,
+    pub stats: Arc<LiveStats>,
+    pub observer: Observer,
+    pub ready: Ready,
+    /// Restarts of this version so far (carried over from the state after a node restart).
+    pub restarts: u32,
+}
+
+/// A started actor, as its slot holds it.
+pub(super) struct RunningActor {
+    pub version: u64,
+    pub handle: Handle,
+    pub task: tokio::task::JoinHandle<()>,
+    pub stop: mpsc::Sender<StopRequest>,
+}
+
+impl RunningActor {
+    /// Stops the actor: at once with `force`, else gracefully within `grace` (then at once).
+    pub async fn stop(self, force: bool, grace: Duration) {
+        if !force && !self.task.is_finished() && self.stop.send(StopRequest { grace }).await.is_ok() {
+            let task = self.task;
+            let abort = task.abort_handle();
+            // A little slack over the grace: the actor enforces it itself.
+            if tokio::time::timeout(grace + Duration::from_millis(100), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+            return;
+        }
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+impl Actor {
+    /// Starts an instance on `guests`, and the actor task once it is up.
+    pub async fn spawn(self, guests: &tokio::runtime::Handle) -> Result<RunningActor, StartFailure> {
+        let capacity = self.config.limits.mailbox_capacity.max(1);
+        let (mailbox, calls) = mpsc::channel(capacity as usize);
+        let (stop, stops) = mpsc::channel(1);
+        let (started, outcome) = oneshot::channel();
+        let version = self.config.version;
+        let task = guests.spawn(async move {
+            match Instance::start(&self.prepared, self.config.clone()).await {
+                Ok(instance) => {
+                    self.stats.instance_started(instance.memory_bytes());
+                    if started.send(Ok(())).is_ok() {
+                        self.run(instance, calls, stops).await;
+                    }
+                }
+                Err(failure) => {
+                    let _ = started.send(Err(failure));
+                }
+            }
+        });
+        match outcome.await {
+            Ok(Ok(())) => Ok(RunningActor {
+                version,
+                handle: Handle {
+                    version,
+                    mailbox,
+                    capacity,
+                },
+                task,
+                stop,
+            }),
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(StartFailure {
+                reason: CrashReason::LoadFailure,
+                message: "the instance task ended".into(),
+            }),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut instance: Instance,
+        mut calls: mpsc::Receiver<Call>,
+        mut stops: mpsc::Receiver<StopRequest>,
+    ) {
+        let mut restart_times = VecDeque::new();
+        loop {
+            tokio::select! {
+                biased;
+                Some(stop) = stops.recv() => {
+                    calls.close();
+                    let deadline = Instant::now() + stop.grace;
+                    let drained = tokio::time::timeout_at(deadline.into(), async {
+                        while let Some(call) = calls.recv().await {
+                            if self.serve(&mut instance, call).await.is_some() {
+                                return None; // a fatal failure while stopping: no restart
+                            }
+                        }
+                        Some(instance)
+                    })
+                    .await;
+                    if let Ok(Some(instance)) = drained {
+                        instance.stop(deadline.saturating_duration_since(Instant::now())).await;
+                    }
+                    return;
+                }
+                call = calls.recv() => {
+                    let Some(call) = call else {
+                        // Every sender is gone: an upgrade replaced this instance, and its queued
+                        // calls are done.
+                        instance.stop(Duration::from_millis(u64::from(self.config.limits.call_timeout_ms))).await;
+                        return;
+                    };
+                    if let Some(failure) = self.serve(&mut instance, call).await {
+                        match self.restart(failure, &mut restart_times).await {
+                            Some(fresh) => instance = fresh,
+                            None => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves one call; returns the failure if the instance must be replaced.
+    async fn serve(&self, instance: &mut Instance, call: Call) -> Option<CallFailure> {
+        if Instant::now() >= call.deadline || call.reply.is_closed() {
+            // The caller has given up already; running it would only waste the budget.
+            let _ = call.reply.send(Err(CallFailure::Timeout));
+            return None;
+        }
+        let started = Instant::now();
+        let result = instance.call(&call.payload, call.deadline).await;
+        self.stats
+            .call_finished(started.elapsed(), result.is_ok(), instance.memory_bytes());
+        let fatal = match &result {
+            Err(failure) if failure.is_fatal() => Some(failure.clone()),
+            _ => None,
+        };
+        let _ = call.reply.send(result);
+        fatal
+    }
+
+    /// Replaces a failed instance, if the restart policy allows; `None` when the service stays down.
+    async fn restart(&mut self, failure: CallFailure, restart_times: &mut VecDeque<Instant>) -> Option<Instance> {
+        let (reason, trap_code, message) = match failure {
+            CallFailure::Trap {
+                reason,
+                trap_code,
+                message,
+            } => (reason, trap_code, message),
+            CallFailure::Timeout => (CrashReason::CpuLimit, "call_timeout".to_string(), failure.to_string()),
+            CallFailure::Service(_) => return None,
+        };
+        *self.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = format!("{trap_code}: {message}");
+        let window = Duration::from_millis(self.config.limits.restart_window_ms.into());
+        let now = Instant::now();
+        while restart_times
+            .front()
+            .is_some_and(|t: &Instant| now.duration_since(*t) >= window)
+        {
+            restart_times.pop_front();
+        }
+        let restarting = restart_times.len() < self.config.limits.max_restarts as usize;
+        self.observe(Observation::Crashed {
+            tenant: self.tenant.clone(),
+            service_id: self.service_id.clone(),
+            version: self.config.version,
+            reason,
+            trap_code,
+            message,
+            restarting,
+        })
+        .await;
+        if !restarting {
+            self.withdraw();
+            return None;
+        }
+        restart_times.push_back(now);
+        match Instance::start(&self.prepared, self.config.clone()).await {
+            Ok(instance) => {
+                self.restarts += 1;
+                self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                self.stats.instance_started(instance.memory_bytes());
+                self.observe(Observation::Restarted {
+                    tenant: self.tenant.clone(),
+                    service_id: self.service_id.clone(),
+                    version: self.config.version,
+                    restarts: self.restarts,
+                })
+                .await;
+                Some(instance)
+            }
+            Err(failure) => {
+                self.observe(Observation::Crashed {
+                    tenant: self.tenant.clone(),
+                    service_id: self.service_id.clone(),
+                    version: self.config.version,
+                    reason: failure.reason,
+                    trap_code: String::new(),
+                    message: failure.message,
+                    restarting: false,
+                })
+                .await;
+                self.withdraw();
+                None
+            }
+        }
+    }
+
+    /// Stops routing calls to this actor (if it is still the one calls go to).
+    fn withdraw(&self) {
+        let version = self.config.version;
+        self.ready.send_if_modified(|handle| match handle {
+            Some(h) if h.version == version => {
+                *handle = None;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    async fn observe(&self, observation: Observation) {
+        if let Err(e) = self.observer.observe(observation).await {
+            tracing::debug!(tenant = %self.tenant, service = %self.service_id, error = %e, "observation not recorded");
+        }
+    }
+}

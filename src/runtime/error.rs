@@ -1,0 +1,72 @@
+//! The runtime's errors: a refused module, a failed start, a failed call.
+
+use crate::event::crash_reason_name;
+use crate::proto::CrashReason;
+
+/// A module that cannot be deployed, and why (for the person who sent it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidModule(pub String);
+
+/// An instance that did not come up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct StartFailure {
+    pub reason: CrashReason,
+    pub message: String,
+}
+
+/// How one call into a guest failed, as the instance saw it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallFailure {
+    /// The guest trapped, ran out of CPU or broke the ABI: the instance is replaced.
+    #[error("{} ({trap_code}): {message}", crash_reason_name(*reason))]
+    Trap {
+        reason: CrashReason,
+        trap_code: String,
+        message: String,
+    },
+    /// The call ran past its time limit: the instance is replaced.
+    #[error("the call ran past its time limit")]
+    Timeout,
+    /// The guest answered with an application error (bit 63 of `solo_handle`'s result).
+    #[error("{0}")]
+    Service(String),
+}
+
+impl CallFailure {
+    pub fn abi(message: impl Into<String>) -> CallFailure {
+        CallFailure::Trap {
+            reason: CrashReason::Trap,
+            trap_code: "abi_violation".into(),
+            message: message.into(),
+        }
+    }
+
+    /// Whether the instance must be replaced after this failure.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, CallFailure::Service(_))
+    }
+}
+
+/// Why a call did not produce a response, as the caller sees it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("service '{service_id}' is not running")]
+    NotRunning { service_id: String },
+    #[error("service '{service_id}' is busy: its mailbox of {capacity} calls is full; retry later")]
+    Busy { service_id: String, capacity: u32 },
+    #[error("the call to '{service_id}' did not finish within {timeout_ms} ms")]
+    Timeout { service_id: String, timeout_ms: u64 },
+    #[error("service '{service_id}' trapped: {reason} ({trap_code}): {message}", reason = crash_reason_name(*reason))]
+    Trapped {
+        service_id: String,
+        reason: CrashReason,
+        trap_code: String,
+        message: String,
+    },
+    #[error("service '{service_id}' returned an error: {message}")]
+    Service { service_id: String, message: String },
+    #[error("service '{service_id}' stopped before the call finished")]
+    Stopped { service_id: String },
+}

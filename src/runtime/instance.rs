@@ -1,0 +1,367 @@
+//! One instance of a service: its `Store`, the host functions it may call, its limits, and the
+//! calling convention of the guest ABI (`docs/service-abi.md`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc, UpdateDeadline};
+
+use super::error::{CallFailure, StartFailure};
+use super::logs::{Level, LogBuffer};
+use super::module::Prepared;
+use crate::proto::{CrashReason, Limits};
+
+/// Longest log line kept; longer ones are cut.
+const MAX_LOG_LINE: usize = 4096;
+
+/// What a store carries for the host: limits, the budget of the call at hand, and where logs go.
+pub struct Host {
+    limiter: MemoryLimiter,
+    budget: Budget,
+    logs: Arc<LogBuffer>,
+    version: u64,
+}
+
+/// Caps linear memory; remembers that it refused, so a trap that follows is reported as a
+/// memory-limit crash.
+struct MemoryLimiter {
+    max_bytes: usize,
+    refused: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.max_bytes;
+        self.refused |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        1
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+}
+
+/// The running call's limits, checked at every epoch tick.
+struct Budget {
+    ticks: u64,
+    max_ticks: u64,
+    deadline: Instant,
+}
+
+/// Why the epoch callback stopped the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Interrupted {
+    #[error("the call ran past its CPU limit")]
+    CpuLimit,
+    #[error("the call ran past its time limit")]
+    Timeout,
+}
+
+/// Registers the host functions of module `solo` (the granted imports).
+pub fn link_host_functions(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        "solo",
+        "log",
+        |mut caller: Caller<'_, Host>, level: i32, ptr: i32, len: i32| {
+            let message = read_guest_string(&mut caller, ptr, len)?;
+            let host = caller.data();
+            host.logs.push(Level::from_guest(level), host.version, message);
+            Ok(())
+        },
+    )?;
+    linker.func_wrap("solo", "now_ms", || -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    })?;
+    Ok(())
+}
+
+fn read_guest_string(caller: &mut Caller<'_, Host>, ptr: i32, len: i32) -> wasmtime::Result<String> {
+    let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+        return Err(wasmtime::Error::msg("solo.log: the module exports no memory"));
+    };
+    let data = memory.data(&caller);
+    let range = guest_range(ptr as u32, len as u32, data.len())
+        .ok_or_else(|| wasmtime::Error::msg("solo.log: the message is outside linear memory"))?;
+    let bytes = &data[range];
+    let cut = &bytes[..bytes.len().min(MAX_LOG_LINE)];
+    Ok(String::from_utf8_lossy(cut).into_owned())
+}
+
+fn guest_range(ptr: u32, len: u32, memory_len: usize) -> Option<std::ops::Range<usize>> {
+    let start = ptr as usize;
+    let end = start.checked_add(len as usize)?;
+    (end <= memory_len).then_some(start..end)
+}
+
+/// A live instance of a service.
+pub struct Instance {
+    store: Store<Host>,
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    handle: TypedFunc<(i32, i32), i64>,
+    stop: Option<TypedFunc<(), ()>>,
+    limits: Limits,
+    tick: Duration,
+    max_response_bytes: usize,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an instance needs besides its module.
+#[derive(Clone)]
+pub struct InstanceConfig {
+    pub limits: Limits,
+    pub version: u64,
+    pub logs: Arc<LogBuffer>,
+    pub tick: Duration,
+    pub max_response_bytes: usize,
+    /// Time `solo_init` (and the module's start function) may take.
+    pub start_timeout: Duration,
+}
+
+impl Instance {
+    /// Instantiates the module and runs `solo_init`.
+    pub async fn start(prepared: &Prepared, config: InstanceConfig) -> Result<Instance, StartFailure> {
+        let engine = prepared.pre.module().engine();
+        let host = Host {
+            limiter: MemoryLimiter {
+                max_bytes: config.limits.memory_bytes as usize,
+                refused: false,
+            },
+            budget: Budget {
+                ticks: 0,
+                max_ticks: u64::MAX,
+                deadline: Instant::now(),
+            },
+            logs: config.logs,
+            version: config.version,
+        };
+        let mut store = Store::new(engine, host);
+        store.limiter(|host| &mut host.limiter);
+        store.epoch_deadline_callback(|mut ctx| {
+            let budget = &mut ctx.data_mut().budget;
+            budget.ticks += 1;
+            if budget.ticks > budget.max_ticks {
+                return Err(wasmtime::Error::new(Interrupted::CpuLimit));
+            }
+            if Instant::now() >= budget.deadline {
+                return Err(wasmtime::Error::new(Interrupted::Timeout));
+            }
+            // Give the thread back at every tick: a looping guest cannot starve the others.
+            Ok(UpdateDeadline::Yield(1))
+        });
+        let budget_ms = config.limits.cpu_ms_per_call.max(1) as u64;
+        arm(&mut store, config.tick, budget_ms, config.start_timeout);
+        let instance = prepared
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| StartFailure {
+                reason: CrashReason::InitFailure,
+                message: format!("instantiation failed: {}", describe_failure(&e, &store)),
+            })?;
+        let exports = (|| {
+            Some((
+                instance.get_memory(&mut store, "memory")?,
+                instance.get_typed_func::<i32, i32>(&mut store, "solo_alloc").ok()?,
+                instance
+                    .get_typed_func::<(i32, i32), i64>(&mut store, "solo_handle")
+                    .ok()?,
+            ))
+        })();
+        let Some((memory, alloc, handle)) = exports else {
+            return Err(StartFailure {
+                reason: CrashReason::LoadFailure,
+                message: "exports vanished".into(),
+            });
+        };
+        let stop = if prepared.has_stop {
+            instance.get_typed_func::<(), ()>(&mut store, "solo_stop").ok()
+        } else {
+            None
+        };
+        if prepared.has_init {
+            let init = instance
+                .get_typed_func::<(), i32>(&mut store, "solo_init")
+                .map_err(|e| StartFailure {
+                    reason: CrashReason::LoadFailure,
+                    message: format!("{e:#}"),
+                })?;
+            arm(&mut store, config.tick, budget_ms, config.start_timeout);
+            match init.call_async(&mut store, ()).await {
+                Ok(0) => {}
+                Ok(code) => {
+                    return Err(StartFailure {
+                        reason: CrashReason::InitFailure,
+                        message: format!("solo_init returned {code}"),
+                    });
+                }
+                Err(e) => {
+                    return Err(StartFailure {
+                        reason: CrashReason::InitFailure,
+                        message: format!("solo_init failed: {}", describe_failure(&e, &store)),
+                    });
+                }
+            }
+        }
+        Ok(Instance {
+            store,
+            memory,
+            alloc,
+            handle,
+            stop,
+            limits: config.limits,
+            tick: config.tick,
+            max_response_bytes: config.max_response_bytes,
+        })
+    }
+
+    /// Bytes of linear memory in use.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.data_size(&self.store) as u64
+    }
+
+    /// One request: `solo_alloc`, copy in, `solo_handle`, copy the response out.
+    pub async fn call(&mut self, payload: &[u8], deadline: Instant) -> Result<Vec<u8>, CallFailure> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        arm(
+            &mut self.store,
+            self.tick,
+            self.limits.cpu_ms_per_call.max(1) as u64,
+            timeout,
+        );
+        let len = i32::try_from(payload.len()).map_err(|_| CallFailure::abi("the request is over 2 GiB"))?;
+        let ptr = self
+            .alloc
+            .call_async(&mut self.store, len)
+            .await
+            .map_err(|e| self.failure(e))?;
+        let range = guest_range(ptr as u32, len as u32, self.memory.data_size(&self.store))
+            .ok_or_else(|| CallFailure::abi(format!("solo_alloc({len}) returned {ptr}, outside linear memory")))?;
+        self.memory.data_mut(&mut self.store)[range].copy_from_slice(payload);
+        let packed = self
+            .handle
+            .call_async(&mut self.store, (ptr, len))
+            .await
+            .map_err(|e| self.failure(e))?;
+        let is_error = packed < 0;
+        let out_ptr = ((packed as u64 >> 32) & 0x7fff_ffff) as u32;
+        let out_len = packed as u32;
+        if out_len as usize > self.max_response_bytes {
+            return Err(CallFailure::abi(format!(
+                "the response is {out_len} bytes, over the limit of {}",
+                self.max_response_bytes
+            )));
+        }
+        let range = guest_range(out_ptr, out_len, self.memory.data_size(&self.store))
+            .ok_or_else(|| CallFailure::abi("solo_handle returned a response outside linear memory"))?;
+        let bytes = self.memory.data(&self.store)[range].to_vec();
+        if is_error {
+            return Err(CallFailure::Service(String::from_utf8_lossy(&bytes).into_owned()));
+        }
+        Ok(bytes)
+    }
+
+    /// Runs `solo_stop`, if exported, within `grace`. A failure is only logged: the instance
+    /// goes away either way.
+    pub async fn stop(mut self, grace: Duration) {
+        let Some(stop) = self.stop.take() else { return };
+        arm(
+            &mut self.store,
+            self.tick,
+            self.limits.cpu_ms_per_call.max(1) as u64,
+            grace,
+        );
+        if let Err(e) = stop.call_async(&mut self.store, ()).await {
+            tracing::debug!(error = %describe_failure(&e, &self.store), "solo_stop failed");
+        }
+    }
+
+    fn failure(&self, error: wasmtime::Error) -> CallFailure {
+        classify(&error, &self.store)
+    }
+}
+
+/// Starts a fresh budget: CPU ticks and a wall-clock deadline.
+fn arm(store: &mut Store<Host>, tick: Duration, cpu_ms: u64, timeout: Duration) {
+    let tick_ms = tick.as_millis().max(1) as u64;
+    let budget = &mut store.data_mut().budget;
+    budget.ticks = 0;
+    budget.max_ticks = cpu_ms.div_ceil(tick_ms);
+    budget.deadline = Instant::now() + timeout;
+    store.set_epoch_deadline(1);
+}
+
+/// Sorts a guest failure into a crash reason and a trap code.
+fn classify(error: &wasmtime::Error, store: &Store<Host>) -> CallFailure {
+    if let Some(interrupted) = error.downcast_ref::<Interrupted>() {
+        return match interrupted {
+            Interrupted::CpuLimit => CallFailure::Trap {
+                reason: CrashReason::CpuLimit,
+                trap_code: "cpu_limit".into(),
+                message: interrupted.to_string(),
+            },
+            Interrupted::Timeout => CallFailure::Timeout,
+        };
+    }
+    let trap_code = error
+        .downcast_ref::<Trap>()
+        .map_or("host_error", |trap| trap_code(*trap));
+    let reason = if store.data().limiter.refused {
+        CrashReason::MemoryLimit
+    } else {
+        CrashReason::Trap
+    };
+    CallFailure::Trap {
+        reason,
+        trap_code: trap_code.into(),
+        message: format!("{error:#}"),
+    }
+}
+
+fn describe_failure(error: &wasmtime::Error, store: &Store<Host>) -> String {
+    match classify(error, store) {
+        CallFailure::Trap { trap_code, message, .. } => format!("{trap_code}: {message}"),
+        other => other.to_string(),
+    }
+}
+
+/// The snake_case name of a trap, as events and errors carry it.
+pub fn trap_code(trap: Trap) -> &'static str {
+    match trap {
+        Trap::StackOverflow => "stack_overflow",
+        Trap::MemoryOutOfBounds => "memory_out_of_bounds",
+        Trap::HeapMisaligned => "heap_misaligned",
+        Trap::TableOutOfBounds => "table_out_of_bounds",
+        Trap::IndirectCallToNull => "indirect_call_to_null",
+        Trap::BadSignature => "bad_signature",
+        Trap::IntegerOverflow => "integer_overflow",
+        Trap::IntegerDivisionByZero => "integer_division_by_zero",
+        Trap::BadConversionToInteger => "bad_conversion_to_integer",
+        Trap::UnreachableCodeReached => "unreachable",
+        Trap::Interrupt => "interrupt",
+        Trap::OutOfFuel => "out_of_fuel",
+        // Traps of proposals Solo does not enable (GC, threads, exceptions, ...).
+        _ => "other",
+    }
+}

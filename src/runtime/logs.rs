@@ -1,0 +1,144 @@
+//! Each service's log lines: a bounded ring buffer (what the Logs APIs read) plus a broadcast
+//! for followers, and a copy to tracing.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::broadcast;
+
+/// Severity of a guest's log line (`solo.log`'s first argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    /// 0 trace, 1 debug, 2 info, 3 warn, 4 error; anything else counts as info.
+    pub fn from_guest(level: i32) -> Level {
+        match level {
+            0 => Level::Trace,
+            1 => Level::Debug,
+            3 => Level::Warn,
+            4 => Level::Error,
+            _ => Level::Info,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// Position in this service's log, from 1; survives restarts and upgrades of the service.
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub level: Level,
+    /// The service version whose instance wrote the line.
+    pub version: u64,
+    pub message: String,
+}
+
+#[derive(Debug)]
+pub struct LogBuffer {
+    tenant: String,
+    service_id: String,
+    capacity: usize,
+    /// Why a std lock: pushes and copies are short and never cross an `.await`.
+    lines: Mutex<Lines>,
+    follow: broadcast::Sender<LogLine>,
+}
+
+#[derive(Debug, Default)]
+struct Lines {
+    ring: VecDeque<LogLine>,
+    next_seq: u64,
+}
+
+impl LogBuffer {
+    pub fn new(tenant: &str, service_id: &str, capacity: usize) -> LogBuffer {
+        LogBuffer {
+            tenant: tenant.to_string(),
+            service_id: service_id.to_string(),
+            capacity: capacity.max(1),
+            lines: Mutex::new(Lines {
+                ring: VecDeque::new(),
+                next_seq: 1,
+            }),
+            follow: broadcast::channel(capacity.clamp(16, 4096)).0,
+        }
+    }
+
+    pub fn push(&self, level: Level, version: u64, message: String) {
+        let timestamp_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let line = {
+            let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+            let line = LogLine {
+                seq: lines.next_seq,
+                timestamp_ms,
+                level,
+                version,
+                message,
+            };
+            lines.next_seq += 1;
+            if lines.ring.len() == self.capacity {
+                lines.ring.pop_front();
+            }
+            lines.ring.push_back(line.clone());
+            line
+        };
+        let (tenant, service, message) = (&self.tenant, &self.service_id, &line.message);
+        match level {
+            Level::Trace => tracing::trace!(target: "solo::guest", tenant, service, version, "{message}"),
+            Level::Debug => tracing::debug!(target: "solo::guest", tenant, service, version, "{message}"),
+            Level::Info => tracing::info!(target: "solo::guest", tenant, service, version, "{message}"),
+            Level::Warn => tracing::warn!(target: "solo::guest", tenant, service, version, "{message}"),
+            Level::Error => tracing::error!(target: "solo::guest", tenant, service, version, "{message}"),
+        }
+        // Nobody following is fine.
+        let _ = self.follow.send(line);
+    }
+
+    /// The buffered lines with a seq of at least `from`, oldest first.
+    pub fn lines_from(&self, from: u64) -> Vec<LogLine> {
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.ring.iter().filter(|l| l.seq >= from).cloned().collect()
+    }
+
+    /// New lines as they are written. Subscribe before reading the buffer, then skip lines
+    /// already seen by seq, so nothing falls between the two.
+    pub fn subscribe(&self) -> broadcast::Receiver<LogLine> {
+        self.follow.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_newest_lines() {
+        let buffer = LogBuffer::new("acme", "svc", 3);
+        let mut follow = buffer.subscribe();
+        for i in 0..5 {
+            buffer.push(Level::Info, 1, format!("line {i}"));
+        }
+        let kept: Vec<u64> = buffer.lines_from(0).iter().map(|l| l.seq).collect();
+        assert_eq!(kept, [3, 4, 5]);
+        assert_eq!(buffer.lines_from(5).len(), 1);
+        assert_eq!(follow.try_recv().unwrap().message, "line 0");
+    }
+}

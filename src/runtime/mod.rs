@@ -1,0 +1,662 @@
+//! The WebAssembly runtime: wasmtime instances of services, reconciled from the log.
+//!
+//! It owns one `Engine` (pooling allocator, epoch interruption), a bounded cache of compiled
+//! modules, and one slot per service. A slot is a task that applies, in order, what the log
+//! asks of its service — start version N, kill, stop for shutdown — and holds the actor of the
+//! current instance ([`actor`]). Guest code runs on a runtime of its own (`solo-guest`
+//! threads), never on the threads that serve the APIs and the log. The runtime never changes
+//! state itself: what it sees (started, crashed, restarted, stopped) goes to the control layer
+//! as observations, and becomes true only once it is in the log.
+
+mod actor;
+mod error;
+mod instance;
+mod logs;
+mod module;
+mod stats;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use error::{CallError, CallFailure, InvalidModule, StartFailure};
+pub use instance::trap_code;
+pub use logs::{Level, LogBuffer, LogLine};
+pub use module::{EngineOptions, GRANTED_IMPORTS};
+pub use stats::LiveStatus;
+
+use actor::{Actor, Call, Ready, RunningActor};
+use instance::InstanceConfig;
+use module::{Compiler, ModuleCache, Prepared};
+use stats::LiveStats;
+
+use crate::control::{EventLog, Module, Observation, Observer};
+use crate::proto::{CrashReason, Event, Limits, ServiceRef, StopReason, event::Kind};
+use crate::state::{Service, Status};
+
+/// Everything the runtime is configured with. Fixed at startup.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    pub engine: EngineOptions,
+    /// Threads that run guest code.
+    pub guest_threads: usize,
+    /// Compiled modules kept, by content hash.
+    pub module_cache_entries: usize,
+    /// Log lines kept per service.
+    pub log_lines: usize,
+    /// The largest response a call may return.
+    pub max_response_bytes: usize,
+    /// Time an instance may take to start (`solo_init` included).
+    pub start_timeout: Duration,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            engine: EngineOptions {
+                max_instances: 12_000,
+                max_memory_bytes: 256 << 20,
+                max_wasm_stack: 512 << 10,
+                epoch_tick: Duration::from_millis(2),
+            },
+            guest_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            module_cache_entries: 256,
+            log_lines: 1000,
+            max_response_bytes: 16 << 20,
+            start_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A handle to the runtime. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    compiler: Compiler,
+    cache: ModuleCache,
+    options: RuntimeOptions,
+    observer: Observer,
+    log: EventLog,
+    /// Where guest code runs; owned here so it can be shut down without blocking.
+    guest_runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    guests: tokio::runtime::Handle,
+    /// Why a std lock: lookups and inserts only, never held across an `.await`.
+    slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
+    reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One service's place in the runtime.
+struct Slot {
+    tenant: String,
+    service_id: String,
+    logs: Arc<LogBuffer>,
+    stats: Arc<LiveStats>,
+    ready: Ready,
+    commands: mpsc::UnboundedSender<SlotCommand>,
+}
+
+enum SlotCommand {
+    Start {
+        version: u64,
+        module_sha256: String,
+        limits: Limits,
+        recovered: bool,
+        restarts: u32,
+        done: Option<oneshot::Sender<bool>>,
+    },
+    Kill {
+        version: u64,
+        force: bool,
+        grace: Duration,
+    },
+    Shutdown {
+        grace: Duration,
+        done: oneshot::Sender<()>,
+    },
+}
+
+impl Runtime {
+    /// Builds the engine and the guest threads. `observer` takes what the runtime sees to the
+    /// control layer; `log` supplies module bytes and the events to reconcile.
+    pub fn new(options: RuntimeOptions, observer: Observer, log: EventLog) -> anyhow::Result<Runtime> {
+        let compiler = Compiler::new(&options.engine)?;
+        let guest_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.guest_threads.max(1))
+            .thread_name("solo-guest")
+            .enable_time()
+            .build()?;
+        let guests = guest_runtime.handle().clone();
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        start_epoch_ticker(
+            compiler.engine.weak(),
+            options.engine.epoch_tick,
+            Arc::clone(&ticker_stop),
+        )?;
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                cache: ModuleCache::new(options.module_cache_entries),
+                compiler,
+                options,
+                observer,
+                log,
+                guest_runtime: Mutex::new(Some(guest_runtime)),
+                guests,
+                slots: Mutex::new(HashMap::new()),
+                reconciler: Mutex::new(None),
+                ticker_stop,
+            }),
+        })
+    }
+
+    /// Validates and compiles a module sent for deploy (wasm, or WAT converted to wasm), and
+    /// caches it. Returns the module as it will be stored: wasm bytes and their hash.
+    pub async fn prepare(&self, bytes: &[u8]) -> Result<Module, InvalidModule> {
+        let wasm: Arc<[u8]> = module::to_wasm(bytes)?.into();
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let module = Module::new(wasm);
+            if inner.cache.get(&module.sha256).is_none() {
+                let prepared = module::prepare(
+                    &inner.compiler.engine,
+                    &inner.compiler.linker,
+                    module.sha256,
+                    &module.bytes,
+                )?;
+                inner.cache.insert(prepared);
+            }
+            Ok(module)
+        })
+        .await
+        .map_err(|e| InvalidModule(format!("compilation failed: {e}")))?
+    }
+
+    /// Modules in the compile cache.
+    pub fn cached_modules(&self) -> usize {
+        self.inner.cache.len()
+    }
+
+    /// Brings back, after replay, every service that should run; records what came back in one
+    /// `node_started` event. A service that fails to come back gets a `service_crashed` event.
+    pub async fn recover(&self, services: Vec<Service>, replayed_to_seq: u64) -> Vec<ServiceRef> {
+        let mut starting = Vec::new();
+        for service in services {
+            let slot = self.inner.slot(&service.tenant, &service.id);
+            if service.comes_back_with_the_node() {
+                let (done, started) = oneshot::channel();
+                let _ = slot.commands.send(SlotCommand::Start {
+                    version: service.version,
+                    module_sha256: service.module_sha256.clone(),
+                    limits: service.limits,
+                    recovered: true,
+                    restarts: service.restarts,
+                    done: Some(done),
+                });
+                starting.push((
+                    ServiceRef {
+                        tenant: service.tenant,
+                        service_id: service.id,
+                    },
+                    started,
+                ));
+            } else if service.status == Status::Stopping {
+                // A kill was under way when the node went down; no instance is left to stop.
+                let _ = slot.commands.send(SlotCommand::Kill {
+                    version: service.version,
+                    force: true,
+                    grace: Duration::ZERO,
+                });
+            }
+        }
+        let mut recovered = Vec::new();
+        for (service, started) in starting {
+            if started.await.unwrap_or(false) {
+                recovered.push(service);
+            }
+        }
+        let node_started = Observation::NodeStarted {
+            version: crate::VERSION.to_string(),
+            node_id: self.inner.log.store().node().node_id.clone(),
+            recovered: recovered.clone(),
+            replayed_to_seq,
+        };
+        if let Err(e) = self.inner.observer.observe(node_started).await {
+            tracing::warn!(error = %e, "node_started not recorded");
+        }
+        recovered
+    }
+
+    /// Follows the log from `from_seq` and carries out deploys and kills.
+    pub fn start_reconciler(&self, from_seq: u64) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut events = Box::pin(self.inner.log.tail(from_seq));
+        let task = tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                let Some(inner) = weak.upgrade() else { return };
+                match event {
+                    Ok(event) => inner.reconcile(&event),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the runtime cannot follow the log");
+                        return;
+                    }
+                }
+            }
+        });
+        *self.inner.reconciler.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+
+    /// Calls a service: bytes in, bytes out, within `timeout` (queueing included).
+    pub async fn call(
+        &self,
+        tenant: &str,
+        service_id: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let not_running = || CallError::NotRunning {
+            service_id: service_id.to_string(),
+        };
+        let deadline = Instant::now() + timeout;
+        let slot = self.inner.find(tenant, service_id).ok_or_else(not_running)?;
+        let mut ready = slot.ready.subscribe();
+        let mut payload = Some(payload);
+        let reply = loop {
+            let handle = match tokio::time::timeout_at(deadline.into(), ready.wait_for(Option::is_some)).await {
+                Err(_) => return Err(timed_out(service_id, timeout)),
+                Ok(Err(_)) => return Err(not_running()),
+                Ok(Ok(handle)) => handle.clone().expect("waited for Some"),
+            };
+            let (reply, answer) = oneshot::channel();
+            let call = Call {
+                payload: payload.take().expect("sent once"),
+                deadline,
+                reply,
+            };
+            match handle.mailbox.try_send(call) {
+                Ok(()) => break answer,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return Err(CallError::Busy {
+                        service_id: service_id.to_string(),
+                        capacity: handle.capacity,
+                    });
+                }
+                Err(mpsc::error::TrySendError::Closed(call)) => {
+                    // That instance is gone; wait for its slot to route elsewhere.
+                    payload = Some(call.payload);
+                    ready.mark_unchanged();
+                    if tokio::time::timeout_at(deadline.into(), ready.changed()).await.is_err() {
+                        return Err(timed_out(service_id, timeout));
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), reply).await {
+            Err(_) => Err(timed_out(service_id, timeout)),
+            Ok(Err(_)) => Err(CallError::Stopped {
+                service_id: service_id.to_string(),
+            }),
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(failure))) => Err(match failure {
+                CallFailure::Timeout => timed_out(service_id, timeout),
+                CallFailure::Service(message) => CallError::Service {
+                    service_id: service_id.to_string(),
+                    message,
+                },
+                CallFailure::Trap {
+                    reason,
+                    trap_code,
+                    message,
+                } => CallError::Trapped {
+                    service_id: service_id.to_string(),
+                    reason,
+                    trap_code,
+                    message,
+                },
+            }),
+        }
+    }
+
+    /// Live figures of a service this node knows.
+    pub fn live(&self, tenant: &str, service_id: &str) -> Option<LiveStatus> {
+        self.inner.find(tenant, service_id).map(|slot| slot.stats.snapshot())
+    }
+
+    /// A service's log buffer, if this node has seen the service.
+    pub fn logs(&self, tenant: &str, service_id: &str) -> Option<Arc<LogBuffer>> {
+        self.inner.find(tenant, service_id).map(|slot| Arc::clone(&slot.logs))
+    }
+
+    /// Instances currently able to take calls.
+    pub fn running_instances(&self) -> usize {
+        let slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.values().filter(|slot| slot.ready.borrow().is_some()).count()
+    }
+
+    /// Stops following the log, stops every instance gracefully within `grace` (each recorded
+    /// as `service_stopped` with reason `node_shutdown`), then the guest threads.
+    pub async fn shutdown(&self, grace: Duration) {
+        if let Some(task) = self.inner.reconciler.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+        let slots: Vec<Arc<Slot>> = self
+            .inner
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut stopped = Vec::new();
+        for slot in slots {
+            let (done, finished) = oneshot::channel();
+            if slot.commands.send(SlotCommand::Shutdown { grace, done }).is_ok() {
+                stopped.push(finished);
+            }
+        }
+        for finished in stopped {
+            let _ = finished.await;
+        }
+        let guest_runtime = self
+            .inner
+            .guest_runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(guest_runtime) = guest_runtime {
+            guest_runtime.shutdown_background();
+        }
+    }
+}
+
+impl Inner {
+    fn find(&self, tenant: &str, service_id: &str) -> Option<Arc<Slot>> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.get(&(tenant.to_string(), service_id.to_string())).cloned()
+    }
+
+    /// The slot of a service, created (with its task) on first use.
+    fn slot(self: &Arc<Self>, tenant: &str, service_id: &str) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (tenant.to_string(), service_id.to_string());
+        if let Some(slot) = slots.get(&key) {
+            return Arc::clone(slot);
+        }
+        let (commands, queue) = mpsc::unbounded_channel();
+        let slot = Arc::new(Slot {
+            tenant: tenant.to_string(),
+            service_id: service_id.to_string(),
+            logs: Arc::new(LogBuffer::new(tenant, service_id, self.options.log_lines)),
+            stats: Arc::new(LiveStats::default()),
+            ready: Arc::new(watch::Sender::new(None)),
+            commands,
+        });
+        slots.insert(key, Arc::clone(&slot));
+        self.guests
+            .spawn(run_slot(Arc::downgrade(self), Arc::clone(&slot), queue));
+        slot
+    }
+
+    /// Acts on one committed event.
+    fn reconcile(self: &Arc<Self>, event: &Event) {
+        match &event.kind {
+            Some(Kind::ServiceDeployed(deployed)) => {
+                let slot = self.slot(&event.tenant, &event.service_id);
+                let _ = slot.commands.send(SlotCommand::Start {
+                    version: deployed.version,
+                    module_sha256: deployed.module_sha256.clone(),
+                    limits: deployed.limits.unwrap_or_default(),
+                    recovered: false,
+                    restarts: 0,
+                    done: None,
+                });
+            }
+            Some(Kind::ServiceKillRequested(kill)) => {
+                let Some(version) = self
+                    .observer
+                    .service(&event.tenant, &event.service_id)
+                    .map(|s| s.version)
+                else {
+                    return;
+                };
+                let slot = self.slot(&event.tenant, &event.service_id);
+                let grace = Duration::from_millis(kill.grace_ms.into());
+                let _ = slot.commands.send(SlotCommand::Kill {
+                    version,
+                    force: kill.force,
+                    grace,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// The compiled module with this hash, from the cache or compiled from the blob store.
+    async fn load(self: &Arc<Self>, module_sha256: &str) -> Result<Prepared, String> {
+        let mut sha = [0u8; 32];
+        hex::decode_to_slice(module_sha256, &mut sha).map_err(|_| format!("bad module hash '{module_sha256}'"))?;
+        if let Some(prepared) = self.cache.get(&sha) {
+            return Ok(prepared);
+        }
+        let inner = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let bytes = inner
+                .log
+                .store()
+                .blob(&sha)
+                .map_err(|e| format!("cannot read the module: {e}"))?
+                .ok_or_else(|| format!("module {} is missing from the blob store", hex::encode(sha)))?;
+            let check: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+            if check != sha {
+                return Err(format!("module {} is damaged in the blob store", hex::encode(sha)));
+            }
+            let prepared = module::prepare(&inner.compiler.engine, &inner.compiler.linker, sha, &bytes)
+                .map_err(|e| e.to_string())?;
+            inner.cache.insert(prepared.clone());
+            Ok(prepared)
+        })
+        .await
+        .map_err(|e| format!("compilation failed: {e}"))?
+    }
+
+    fn instance_config(&self, slot: &Slot, version: u64, limits: Limits) -> InstanceConfig {
+        InstanceConfig {
+            limits,
+            version,
+            logs: Arc::clone(&slot.logs),
+            tick: self.options.engine.epoch_tick,
+            max_response_bytes: self.options.max_response_bytes,
+            start_timeout: self.options.start_timeout,
+        }
+    }
+}
+
+/// Applies a slot's commands in order, holding its current actor.
+async fn run_slot(
+    runtime: std::sync::Weak<Inner>,
+    slot: Arc<Slot>,
+    mut commands: mpsc::UnboundedReceiver<SlotCommand>,
+) {
+    let mut current: Option<RunningActor> = None;
+    while let Some(command) = commands.recv().await {
+        let Some(inner) = runtime.upgrade() else { return };
+        match command {
+            SlotCommand::Start {
+                version,
+                module_sha256,
+                limits,
+                recovered,
+                restarts,
+                done,
+            } => {
+                let started = start(
+                    &inner,
+                    &slot,
+                    &mut current,
+                    version,
+                    &module_sha256,
+                    limits,
+                    recovered,
+                    restarts,
+                )
+                .await;
+                if let Some(done) = done {
+                    let _ = done.send(started);
+                }
+            }
+            SlotCommand::Kill { version, force, grace } => {
+                withdraw(&slot, current.take(), force, grace).await;
+                observe(&inner, stopped(&slot, version, StopReason::Killed)).await;
+            }
+            SlotCommand::Shutdown { grace, done } => {
+                if let Some(actor) = current.take() {
+                    let version = actor.version;
+                    let alive = !actor.task.is_finished();
+                    withdraw(&slot, Some(actor), false, grace).await;
+                    if alive {
+                        observe(&inner, stopped(&slot, version, StopReason::NodeShutdown)).await;
+                    }
+                }
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+}
+
+/// Starts `version`; on success it takes over from the current actor, which finishes the calls
+/// already queued for it and stops. Returns whether the new instance is up.
+#[allow(clippy::too_many_arguments)]
+async fn start(
+    inner: &Arc<Inner>,
+    slot: &Arc<Slot>,
+    current: &mut Option<RunningActor>,
+    version: u64,
+    module_sha256: &str,
+    limits: Limits,
+    recovered: bool,
+    restarts: u32,
+) -> bool {
+    let crashed = |reason: CrashReason, message: String| Observation::Crashed {
+        tenant: slot.tenant.clone(),
+        service_id: slot.service_id.clone(),
+        version,
+        reason,
+        trap_code: String::new(),
+        message,
+        restarting: false,
+    };
+    let prepared = match inner.load(module_sha256).await {
+        Ok(prepared) => prepared,
+        Err(message) => {
+            tracing::warn!(tenant = %slot.tenant, service = %slot.service_id, version, %message, "module not loaded");
+            withdraw(slot, current.take(), false, Duration::ZERO).await;
+            observe(inner, crashed(CrashReason::LoadFailure, message)).await;
+            return false;
+        }
+    };
+    let actor = Actor {
+        tenant: slot.tenant.clone(),
+        service_id: slot.service_id.clone(),
+        prepared,
+        config: inner.instance_config(slot, version, limits),
+        stats: Arc::clone(&slot.stats),
+        observer: inner.observer.clone(),
+        ready: Arc::clone(&slot.ready),
+        restarts,
+    };
+    match actor.spawn(&inner.guests).await {
+        Ok(actor) => {
+            // The swap: new calls go to the new instance from here on. The old actor keeps its
+            // queue, serves it, and stops once the last sender is gone.
+            slot.ready.send_replace(Some(actor.handle.clone()));
+            drop(current.replace(actor).map(|old| old.handle));
+            observe(
+                inner,
+                Observation::Started {
+                    tenant: slot.tenant.clone(),
+                    service_id: slot.service_id.clone(),
+                    version,
+                    recovered,
+                },
+            )
+            .await;
+            true
+        }
+        Err(failure) => {
+            tracing::info!(tenant = %slot.tenant, service = %slot.service_id, version, error = %failure, "instance did not start");
+            *slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = failure.message.clone();
+            withdraw(slot, current.take(), false, Duration::ZERO).await;
+            observe(inner, crashed(failure.reason, failure.message)).await;
+            false
+        }
+    }
+}
+
+/// Takes calls away from the slot and stops `actor`, if any.
+async fn withdraw(slot: &Slot, actor: Option<RunningActor>, force: bool, grace: Duration) {
+    slot.ready.send_replace(None);
+    if let Some(actor) = actor {
+        actor.stop(force, grace).await;
+    }
+    slot.stats.instance_stopped();
+}
+
+fn stopped(slot: &Slot, version: u64, reason: StopReason) -> Observation {
+    Observation::Stopped {
+        tenant: slot.tenant.clone(),
+        service_id: slot.service_id.clone(),
+        version,
+        reason,
+    }
+}
+
+async fn observe(inner: &Inner, observation: Observation) {
+    if let Err(e) = inner.observer.observe(observation).await {
+        tracing::debug!(error = %e, "observation not recorded");
+    }
+}
+
+fn timed_out(service_id: &str, timeout: Duration) -> CallError {
+    CallError::Timeout {
+        service_id: service_id.to_string(),
+        timeout_ms: timeout.as_millis() as u64,
+    }
+}
+
+/// Advances the engine's epoch every `tick`: the clock of CPU deadlines and guest yields.
+fn start_epoch_ticker(engine: wasmtime::EngineWeak, tick: Duration, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+    std::thread::Builder::new().name("solo-epoch".into()).spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(tick);
+            match engine.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        }
+    })?;
+    Ok(())
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+        if let Some(guest_runtime) = self.guest_runtime.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            guest_runtime.shutdown_background();
+        }
+    }
+}

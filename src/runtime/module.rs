@@ -1,0 +1,264 @@
+//! The engine, and modules: turning bytes a tenant sent into a validated, compiled, linked
+//! module, once per content hash.
+//!
+//! Modules are always compiled here from wasm (or WAT, converted to wasm first); precompiled
+//! native code is never accepted. A module must follow the guest ABI (`docs/service-abi.md`):
+//! its imports must all be granted, and its exports must have the documented types.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wasmtime::{
+    Config, Engine, ExternType, FuncType, InstanceAllocationStrategy, InstancePre, Linker, Module, OptLevel,
+    PoolingAllocationConfig, ValType,
+};
+
+use super::error::InvalidModule;
+use super::instance::{Host, link_host_functions};
+
+/// Host functions a service may import, all in module `solo`. Imports are deny-by-default:
+/// anything else fails the deploy.
+pub const GRANTED_IMPORTS: [&str; 2] = ["solo.log", "solo.now_ms"];
+
+/// How the engine is built. All of it is fixed at startup.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Instances that may exist at once (pool slots); also bounds concurrent calls.
+    pub max_instances: u32,
+    /// The largest linear memory any service may have (sizes each pool slot).
+    pub max_memory_bytes: u64,
+    /// Wasm stack per call; deeper recursion traps with `stack_overflow`.
+    pub max_wasm_stack: usize,
+    /// Period of the epoch that enforces CPU deadlines and lets looping guests yield.
+    pub epoch_tick: Duration,
+}
+
+/// A module ready to instantiate: validated, compiled and linked.
+#[derive(Clone)]
+pub struct Prepared {
+    pub sha256: [u8; 32],
+    pub pre: InstancePre<Host>,
+    pub has_init: bool,
+    pub has_stop: bool,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("sha256", &hex::encode(self.sha256))
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn build_engine(options: &EngineOptions) -> anyhow::Result<Engine> {
+    let mut pool = PoolingAllocationConfig::new();
+    let slots = options.max_instances.max(1);
+    let memory_slot = usize::try_from(options.max_memory_bytes.next_multiple_of(1 << 16)).unwrap_or(usize::MAX);
+    pool.total_core_instances(slots)
+        .total_memories(slots)
+        .total_tables(slots)
+        .total_stacks(slots)
+        .max_memories_per_module(1)
+        .max_tables_per_module(1)
+        .max_memory_size(memory_slot)
+        // Idle slots give their pages back; a fresh instance starts from zeroed memory.
+        .linear_memory_keep_resident(0)
+        .max_unused_warm_slots(slots.min(100));
+    let mut config = Config::new();
+    config
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        // Each memory reserves only what its service may use (plus a guard), so thousands of
+        // instances fit in the address space; bounds are checked explicitly.
+        .memory_reservation(options.max_memory_bytes)
+        .memory_guard_size(1 << 16)
+        .memory_reservation_for_growth(0)
+        .epoch_interruption(true)
+        .max_wasm_stack(options.max_wasm_stack)
+        .async_stack_size(options.max_wasm_stack + (256 << 10))
+        .cranelift_opt_level(OptLevel::Speed);
+    Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))
+}
+
+/// Converts WAT text to wasm; wasm passes through. Errors say what is wrong with the input.
+pub fn to_wasm(bytes: &[u8]) -> Result<Vec<u8>, InvalidModule> {
+    if bytes.starts_with(b"\0asm") {
+        return Ok(bytes.to_vec());
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| InvalidModule("the module is neither wasm (no \\0asm header) nor WAT text (not UTF-8)".into()))?;
+    wat::parse_str(text).map_err(|e| InvalidModule(format!("WAT syntax error: {e}")))
+}
+
+/// Compiles and checks a module against the guest ABI.
+pub fn prepare(
+    engine: &Engine,
+    linker: &Linker<Host>,
+    sha256: [u8; 32],
+    wasm: &[u8],
+) -> Result<Prepared, InvalidModule> {
+    let module = Module::from_binary(engine, wasm).map_err(|e| InvalidModule(format!("not valid wasm: {e:#}")))?;
+    check_imports(&module)?;
+    check_export(&module, "memory", None)?;
+    check_export(&module, "solo_alloc", Some((&[ValType::I32], &[ValType::I32])))?;
+    check_export(
+        &module,
+        "solo_handle",
+        Some((&[ValType::I32, ValType::I32], &[ValType::I64])),
+    )?;
+    let has_init = optional_export(&module, "solo_init", (&[], &[ValType::I32]))?;
+    let has_stop = optional_export(&module, "solo_stop", (&[], &[]))?;
+    let pre = linker
+        .instantiate_pre(&module)
+        .map_err(|e| InvalidModule(format!("cannot link the module: {e:#}")))?;
+    Ok(Prepared {
+        sha256,
+        pre,
+        has_init,
+        has_stop,
+    })
+}
+
+fn check_imports(module: &Module) -> Result<(), InvalidModule> {
+    for import in module.imports() {
+        let name = format!("{}.{}", import.module(), import.name());
+        if !GRANTED_IMPORTS.contains(&name.as_str()) {
+            return Err(InvalidModule(format!(
+                "the module imports '{name}', which is not granted; a service may import only {}",
+                GRANTED_IMPORTS.join(", ")
+            )));
+        }
+        let expected: (&[ValType], &[ValType]) = match import.name() {
+            "log" => (&[ValType::I32, ValType::I32, ValType::I32], &[]),
+            _ => (&[], &[ValType::I64]),
+        };
+        match import.ty() {
+            ExternType::Func(ty) if signature_is(&ty, expected) => {}
+            _ => {
+                return Err(InvalidModule(format!(
+                    "the import '{name}' must be a function {}",
+                    describe_signature(expected)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+type Signature<'a> = (&'a [ValType], &'a [ValType]);
+
+fn check_export(module: &Module, name: &str, signature: Option<Signature<'_>>) -> Result<(), InvalidModule> {
+    let export = module.get_export(name);
+    let ok = match (&export, signature) {
+        (Some(ExternType::Memory(memory)), None) => !memory.is_64() && !memory.is_shared(),
+        (Some(ExternType::Func(ty)), Some(signature)) => signature_is(ty, signature),
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let wanted = match signature {
+        None => "a 32-bit linear memory".to_string(),
+        Some(signature) => format!("a function {}", describe_signature(signature)),
+    };
+    Err(InvalidModule(match export {
+        None => format!("the module does not export '{name}' ({wanted}); see docs/service-abi.md"),
+        Some(_) => format!("the export '{name}' must be {wanted}"),
+    }))
+}
+
+fn optional_export(module: &Module, name: &str, signature: Signature<'_>) -> Result<bool, InvalidModule> {
+    if module.get_export(name).is_none() {
+        return Ok(false);
+    }
+    check_export(module, name, Some(signature)).map(|()| true)
+}
+
+fn signature_is(ty: &FuncType, (params, results): Signature<'_>) -> bool {
+    ty.params().len() == params.len()
+        && ty.results().len() == results.len()
+        && ty.params().zip(params).all(|(a, b)| ValType::eq(&a, b))
+        && ty.results().zip(results).all(|(a, b)| ValType::eq(&a, b))
+}
+
+fn describe_signature((params, results): Signature<'_>) -> String {
+    let list = |types: &[ValType]| types.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    format!("({}) -> ({})", list(params), list(results))
+}
+
+/// Compiled modules by content hash, least recently used evicted first.
+#[derive(Debug)]
+pub struct ModuleCache {
+    capacity: usize,
+    /// Why a std lock: held for a map lookup or insert, never while compiling.
+    entries: Mutex<CacheEntries>,
+}
+
+#[derive(Debug, Default)]
+struct CacheEntries {
+    modules: HashMap<[u8; 32], (Prepared, u64)>,
+    clock: u64,
+}
+
+impl ModuleCache {
+    pub fn new(capacity: usize) -> ModuleCache {
+        ModuleCache {
+            capacity: capacity.max(1),
+            entries: Mutex::new(CacheEntries::default()),
+        }
+    }
+
+    pub fn get(&self, sha256: &[u8; 32]) -> Option<Prepared> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.clock += 1;
+        let now = entries.clock;
+        let (prepared, used) = entries.modules.get_mut(sha256)?;
+        *used = now;
+        Some(prepared.clone())
+    }
+
+    pub fn insert(&self, prepared: Prepared) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.clock += 1;
+        let now = entries.clock;
+        if entries.modules.len() >= self.capacity && !entries.modules.contains_key(&prepared.sha256) {
+            let oldest = entries
+                .modules
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(sha, _)| *sha);
+            if let Some(oldest) = oldest {
+                entries.modules.remove(&oldest);
+            }
+        }
+        entries.modules.insert(prepared.sha256, (prepared, now));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).modules.len()
+    }
+}
+
+/// The engine and linker every instance shares.
+pub struct Compiler {
+    pub engine: Engine,
+    pub linker: Arc<Linker<Host>>,
+}
+
+impl Compiler {
+    pub fn new(options: &EngineOptions) -> anyhow::Result<Compiler> {
+        let engine = build_engine(options)?;
+        let mut linker = Linker::new(&engine);
+        link_host_functions(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        Ok(Compiler {
+            engine,
+            linker: Arc::new(linker),
+        })
+    }
+}
+
+impl std::fmt::Debug for Compiler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiler").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,114 @@
+//! TLS for both listeners (rustls), and client certificates whose subject names a tenant.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+use crate::control::validate_tenant;
+
+/// The tenant a verified client certificate names, attached to every request of its connection.
+#[derive(Debug, Clone, Default)]
+pub struct PeerTenant(pub Option<String>);
+
+/// The node's certificate, key and (optionally) the CA that client certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// What both listeners need to speak TLS.
+#[derive(Clone)]
+pub struct TlsSetup {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+    /// For the HTTP listener.
+    pub http: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSetup")
+            .field("client_ca", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+impl TlsSetup {
+    /// Loads and checks the files; errors name the file and what is wrong with it.
+    pub fn load(files: &TlsFiles) -> Result<TlsSetup, String> {
+        let cert_pem = read(&files.cert, "security.tls_cert")?;
+        let key_pem = read(&files.key, "security.tls_key")?;
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("security.tls_cert {}: not PEM certificates: {e}", files.cert.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "security.tls_cert {}: holds no certificate",
+                files.cert.display()
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| format!("security.tls_key {}: not a PEM private key: {e}", files.key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let client_ca_pem = match &files.client_ca {
+            Some(path) => Some(read(path, "security.client_ca")?),
+            None => None,
+        };
+        let builder = match &client_ca_pem {
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| format!("security.client_ca: not PEM certificates: {e}"))?;
+                    roots.add(cert).map_err(|e| format!("security.client_ca: {e}"))?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| format!("security.client_ca: {e}"))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut http = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("security.tls_cert and tls_key do not make a usable pair: {e}"))?;
+        http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(TlsSetup {
+            cert_pem,
+            key_pem,
+            client_ca_pem,
+            http: Arc::new(http),
+        })
+    }
+
+    /// The same identity for tonic.
+    pub fn grpc(&self) -> tonic::transport::ServerTlsConfig {
+        let identity = tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem);
+        let config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        match &self.client_ca_pem {
+            Some(ca) => config.client_ca_root(tonic::transport::Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+}
+
+/// The tenant named by a (verified) client certificate: its subject's common name, if that is
+/// a valid tenant name.
+pub fn certificate_tenant(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    validate_tenant(&name).ok().map(|()| name)
+}

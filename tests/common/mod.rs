@@ -1,0 +1,192 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use solo::config::Config;
+use solo::control::{Clock, Control, ControlOptions, DeployOutcome, DeployRequest, KillCommand, KillOutcome};
+use solo::proto::Limits;
+
+/// Options for a node in `dir` with the defaults of an empty config and a small map.
+pub fn options(dir: &Path) -> ControlOptions {
+    let mut config = Config::default();
+    config.solo.data_dir = dir.to_path_buf();
+    config.database.map_size_mb = 256;
+    config.control_options().expect("default config is valid")
+}
+
+/// A clock the test moves by hand.
+pub fn manual_clock(start_ms: u64) -> (Clock, Arc<AtomicU64>) {
+    let now = Arc::new(AtomicU64::new(start_ms));
+    let reader = Arc::clone(&now);
+    (Arc::new(move || reader.load(Ordering::SeqCst)), now)
+}
+
+pub fn open(options: ControlOptions) -> Control {
+    Control::open(options).expect("the data directory opens").0
+}
+
+/// A tiny stand-in module; the log treats module bytes as opaque.
+pub fn module(tag: &str) -> Arc<[u8]> {
+    Arc::from(format!("\0asm module {tag}").into_bytes())
+}
+
+pub fn deploy_request(tenant: &str, id: &str, module_tag: &str) -> DeployRequest {
+    DeployRequest {
+        tenant: tenant.into(),
+        actor: format!("tenant:{tenant}"),
+        service_id: id.into(),
+        module: module(module_tag),
+        limits: Limits::default(),
+        labels: HashMap::new(),
+        idempotency_key: String::new(),
+    }
+}
+
+pub async fn deploy(control: &Control, tenant: &str, id: &str, module_tag: &str) -> DeployOutcome {
+    control
+        .deploy(deploy_request(tenant, id, module_tag))
+        .await
+        .expect("deploy succeeds")
+}
+
+pub fn kill_command(tenant: &str, id: &str) -> KillCommand {
+    KillCommand {
+        tenant: tenant.into(),
+        actor: format!("tenant:{tenant}"),
+        service_id: id.into(),
+        force: false,
+        grace_ms: 0,
+        idempotency_key: String::new(),
+    }
+}
+
+pub async fn kill(control: &Control, tenant: &str, id: &str) -> KillOutcome {
+    control.kill(kill_command(tenant, id)).await.expect("kill succeeds")
+}
+
+/// A config for a whole node in `dir`: small pools and maps, so tests start fast.
+pub fn node_config(dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.solo.data_dir = dir.to_path_buf();
+    config.database.map_size_mb = 256;
+    config.runtime.max_instances = 64;
+    config.runtime.guest_threads = 2;
+    config.limits.max_memory_mb = 64;
+    config
+}
+
+pub async fn open_node(config: &Config) -> solo::server::Node {
+    solo::server::open_node(config).await.expect("the node opens")
+}
+
+/// An example service from `examples/services/`, as WAT bytes.
+pub fn example(name: &str) -> Arc<[u8]> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/services")
+        .join(format!("{name}.wat"));
+    Arc::from(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+pub fn deploy_example(tenant: &str, id: &str, name: &str) -> DeployRequest {
+    DeployRequest {
+        module: example(name),
+        ..deploy_request(tenant, id, "")
+    }
+}
+
+/// Waits (up to 20 s, a guard against hangs) for an event from `from_seq` on that `matches`.
+pub async fn wait_for_event(
+    control: &Control,
+    from_seq: u64,
+    matches: impl Fn(&solo::proto::Event) -> bool,
+) -> std::sync::Arc<solo::proto::Event> {
+    use futures_util::StreamExt;
+    let mut tail = Box::pin(control.log().tail(from_seq));
+    let found = async {
+        while let Some(event) = tail.next().await {
+            let event = event.expect("the tail reads");
+            if matches(&event) {
+                return event;
+            }
+        }
+        panic!("the log closed while waiting");
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), found)
+        .await
+        .expect("the event arrives in time")
+}
+
+/// Waits for `id` of `tenant` to report `kind` (snake_case) at or after `from_seq`.
+pub async fn wait_for_kind(
+    control: &Control,
+    from_seq: u64,
+    tenant: &str,
+    id: &str,
+    kind: &str,
+) -> std::sync::Arc<solo::proto::Event> {
+    wait_for_event(control, from_seq, |e| {
+        e.tenant == tenant && e.service_id == id && solo::event::kind_name(e) == kind
+    })
+    .await
+}
+
+/// Deploys an example and waits until it runs.
+pub async fn deploy_running(control: &Control, tenant: &str, id: &str, name: &str) -> DeployOutcome {
+    let outcome = control
+        .deploy(deploy_example(tenant, id, name))
+        .await
+        .expect("deploy succeeds");
+    wait_for_kind(control, outcome.seq, tenant, id, "service_started").await;
+    outcome
+}
+
+/// A whole node on ports 0 in `dir`, in development mode unless `tweak` adds tokens.
+pub async fn start_server(dir: &Path, tweak: impl FnOnce(&mut Config)) -> solo::server::Server {
+    let mut config = node_config(dir);
+    config.solo.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.solo.http_addr = "127.0.0.1:0".parse().unwrap();
+    tweak(&mut config);
+    solo::server::Server::start(config).await.expect("the server starts")
+}
+
+/// A gRPC client of `server`.
+pub async fn grpc_client(
+    server: &solo::server::Server,
+) -> solo::proto::solo_kernel_client::SoloKernelClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .expect("the gRPC endpoint connects");
+    solo::proto::solo_kernel_client::SoloKernelClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
+/// A gRPC request acting as `tenant` in development mode.
+pub fn as_tenant<T>(tenant: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("x-tenant-id", tenant.parse().unwrap());
+    request
+}
+
+/// A gRPC request carrying a bearer token.
+pub fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// A gRPC deploy of an example service.
+pub fn grpc_deploy(id: &str, name: &str) -> solo::proto::DeployRequest {
+    let wat = String::from_utf8(example(name).to_vec()).unwrap();
+    solo::proto::DeployRequest {
+        service_id: id.into(),
+        module: Some(solo::proto::deploy_request::Module::Wat(wat)),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,712 @@
+//! The gRPC API, end to end: a real server on port 0 and a generated tonic client.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use solo::proto::{self, watch_response::Msg};
+use tonic::Code;
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("a temp dir")
+}
+
+/// A guard against hangs, never a performance assertion.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+type Client = proto::solo_kernel_client::SoloKernelClient<tonic::transport::Channel>;
+
+/// The code of a call that must fail.
+fn code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    result.unwrap_err().code()
+}
+
+async fn deploy(client: &mut Client, tenant: &str, id: &str, example_name: &str) -> proto::DeployResponse {
+    client
+        .deploy(as_tenant(tenant, grpc_deploy(id, example_name)))
+        .await
+        .expect("deploy succeeds")
+        .into_inner()
+}
+
+/// Watches as `tenant` until an event matches.
+async fn wait_until(
+    client: &mut Client,
+    tenant: &str,
+    from_seq: u64,
+    matches: impl Fn(&proto::Event) -> bool,
+) -> proto::Event {
+    let watch = proto::WatchRequest {
+        from_seq,
+        ..Default::default()
+    };
+    let mut stream = client.watch(as_tenant(tenant, watch)).await.unwrap().into_inner();
+    let found = async {
+        while let Some(item) = stream.next().await {
+            if let Some(Msg::Event(event)) = item.unwrap().msg
+                && matches(&event)
+            {
+                return event;
+            }
+        }
+        panic!("the watch ended");
+    };
+    tokio::time::timeout(PATIENCE, found).await.expect("the event arrives")
+}
+
+async fn running(client: &mut Client, tenant: &str, id: &str, from_seq: u64) {
+    wait_until(client, tenant, from_seq, |e| {
+        e.service_id == id && matches!(e.kind, Some(proto::event::Kind::ServiceStarted(_)))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_works_and_fails_as_documented() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+
+    // Deploy: created, then unchanged for the identical module.
+    let first = deploy(&mut client, "acme", "echo", "echo").await;
+    assert!(first.created && !first.unchanged && first.version == 1 && first.module_sha256.len() == 64);
+    let again = deploy(&mut client, "acme", "echo", "echo").await;
+    assert!(again.unchanged && !again.created && again.seq == first.seq);
+    running(&mut client, "acme", "echo", first.seq).await;
+
+    // Call: bytes in, bytes out, binary-safe.
+    let payload: Vec<u8> = (0..=255).collect();
+    let call = proto::CallRequest {
+        service_id: "echo".into(),
+        payload: payload.clone(),
+        timeout_ms: 0,
+    };
+    assert_eq!(
+        client.call(as_tenant("acme", call)).await.unwrap().into_inner().payload,
+        payload
+    );
+
+    // Status with live figures.
+    let status = client
+        .status(as_tenant(
+            "acme",
+            proto::StatusRequest {
+                service_id: "echo".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let status = status.into_inner();
+    assert_eq!(
+        (
+            status.status.as_str(),
+            status.tenant.as_str(),
+            status.version,
+            status.calls
+        ),
+        ("running", "acme", 1, 1)
+    );
+    assert_eq!(status.module_sha256, first.module_sha256);
+    assert!(status.memory_bytes > 0 && status.limits.unwrap().memory_bytes > 0);
+
+    // Logs.
+    let logs = client.logs(as_tenant(
+        "acme",
+        proto::LogsRequest {
+            service_id: "echo".into(),
+            ..Default::default()
+        },
+    ));
+    let lines: Vec<proto::LogLine> = logs.await.unwrap().into_inner().map(|l| l.unwrap()).collect().await;
+    assert_eq!(
+        lines.iter().map(|l| l.message.as_str()).collect::<Vec<_>>(),
+        ["echo ready"]
+    );
+    assert_eq!(
+        (lines[0].seq, lines[0].level.as_str(), lines[0].version),
+        (1, "info", 1)
+    );
+
+    // List: filters and pages.
+    for id in ["b", "c", "d"] {
+        let mut request = grpc_deploy(id, "counter");
+        request.labels = HashMap::from([("team".to_string(), if id == "d" { "x" } else { "y" }.to_string())]);
+        client.deploy(as_tenant("acme", request)).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let list = proto::ListRequest {
+            page_size: 2,
+            page_token: token.clone(),
+            ..Default::default()
+        };
+        let page = client.list(as_tenant("acme", list)).await.unwrap().into_inner();
+        assert!(page.services.len() <= 2);
+        seen.extend(page.services.into_iter().map(|s| s.service_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ["b", "c", "d", "echo"]);
+    let labelled = proto::ListRequest {
+        labels: HashMap::from([("team".into(), "y".into())]),
+        ..Default::default()
+    };
+    let ids: Vec<String> = client
+        .list(as_tenant("acme", labelled))
+        .await
+        .unwrap()
+        .into_inner()
+        .services
+        .into_iter()
+        .map(|s| s.service_id)
+        .collect();
+    assert_eq!(ids, ["b", "c"]);
+
+    // Kill, and the errors around it.
+    let kill = proto::KillRequest {
+        service_id: "b".into(),
+        grace_ms: 1000,
+        ..Default::default()
+    };
+    let killed = client.kill(as_tenant("acme", kill.clone())).await.unwrap().into_inner();
+    assert!(!killed.already_stopped && killed.seq > 0);
+    assert!(
+        client
+            .kill(as_tenant("acme", kill))
+            .await
+            .unwrap()
+            .into_inner()
+            .already_stopped
+    );
+
+    let missing = || proto::StatusRequest {
+        service_id: "nope".into(),
+    };
+    assert_eq!(code(client.status(as_tenant("acme", missing())).await), Code::NotFound);
+    let kill_missing = proto::KillRequest {
+        service_id: "nope".into(),
+        ..Default::default()
+    };
+    assert_eq!(code(client.kill(as_tenant("acme", kill_missing)).await), Code::NotFound);
+    let no_module = proto::DeployRequest {
+        service_id: "x".into(),
+        ..Default::default()
+    };
+    let err = client.deploy(as_tenant("acme", no_module)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("module"), "{}", err.message());
+    let err = client
+        .deploy(as_tenant("acme", grpc_deploy("x", "forbidden_import")))
+        .await
+        .unwrap_err();
+    assert!(
+        err.code() == Code::InvalidArgument && err.message().contains("fd_write"),
+        "{err:?}"
+    );
+    let bad_id = grpc_deploy("no/slashes", "echo");
+    assert_eq!(
+        code(client.deploy(as_tenant("acme", bad_id)).await),
+        Code::InvalidArgument
+    );
+    let bad_status = proto::ListRequest {
+        status: "sleepy".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(client.list(as_tenant("acme", bad_status)).await),
+        Code::InvalidArgument
+    );
+    let bad_token = proto::ListRequest {
+        page_token: "!!".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(client.list(as_tenant("acme", bad_token)).await),
+        Code::InvalidArgument
+    );
+    let call_stopped = proto::CallRequest {
+        service_id: "b".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(client.call(as_tenant("acme", call_stopped)).await),
+        Code::FailedPrecondition
+    );
+    let bad_kind = proto::WatchRequest {
+        kinds: vec!["nope".into()],
+        ..Default::default()
+    };
+    let err = client.watch(as_tenant("acme", bad_kind)).await.map(|_| ()).unwrap_err();
+    assert!(
+        err.code() == Code::InvalidArgument && err.message().contains("service_deployed"),
+        "{err:?}"
+    );
+
+    // A trap is ABORTED with its kind; a call past its time is DEADLINE_EXCEEDED.
+    let trap = deploy(&mut client, "acme", "trap", "unreachable").await;
+    running(&mut client, "acme", "trap", trap.seq).await;
+    let err = client
+        .call(as_tenant(
+            "acme",
+            proto::CallRequest {
+                service_id: "trap".into(),
+                ..Default::default()
+            },
+        ))
+        .await;
+    let err = err.unwrap_err();
+    assert!(
+        err.code() == Code::Aborted && err.message().contains("unreachable"),
+        "{err:?}"
+    );
+    let spin = deploy(&mut client, "acme", "spin", "spin").await;
+    running(&mut client, "acme", "spin", spin.seq).await;
+    let slow = proto::CallRequest {
+        service_id: "spin".into(),
+        payload: b"800".to_vec(),
+        timeout_ms: 100,
+    };
+    assert_eq!(code(client.call(as_tenant("acme", slow)).await), Code::DeadlineExceeded);
+    let err = client
+        .call(as_tenant(
+            "acme",
+            proto::CallRequest {
+                service_id: "kv-missing".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // A tenant may not shut the node down (development mode: naming a tenant makes one).
+    let err = client
+        .shutdown(as_tenant("acme", proto::ShutdownRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_deploys_and_kills_with_a_key_append_nothing() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let mut request = grpc_deploy("echo", "echo");
+    request.idempotency_key = "agent-retry-1".into();
+    let first = client
+        .deploy(as_tenant("acme", request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let retry = client
+        .deploy(as_tenant("acme", request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (retry.seq, retry.version, retry.created),
+        (first.seq, first.version, first.created)
+    );
+    let kill = proto::KillRequest {
+        service_id: "echo".into(),
+        idempotency_key: "kill-1".into(),
+        ..Default::default()
+    };
+    let killed = client.kill(as_tenant("acme", kill.clone())).await.unwrap().into_inner();
+    let retried = client.kill(as_tenant("acme", kill.clone())).await.unwrap().into_inner();
+    assert_eq!(retried.seq, killed.seq);
+    // The same key for another service is a conflict, not a silent answer.
+    let mut other = grpc_deploy("other", "echo");
+    other.idempotency_key = "agent-retry-1".into();
+    assert_eq!(
+        client.deploy(as_tenant("acme", other)).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    server.stop().await.unwrap();
+
+    // Across a restart too.
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let retry = client.deploy(as_tenant("acme", request)).await.unwrap().into_inner();
+    assert_eq!(retry.seq, first.seq);
+    assert_eq!(
+        client.kill(as_tenant("acme", kill)).await.unwrap().into_inner().seq,
+        killed.seq
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_from_one_replays_history_then_follows_live_with_progress_while_idle() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    deploy(&mut client, "acme", "a", "echo").await;
+    deploy(&mut client, "acme", "b", "echo").await;
+
+    let request = proto::WatchRequest {
+        from_seq: 1,
+        progress_interval_ms: 200,
+        ..Default::default()
+    };
+    let mut stream = client.watch(request).await.unwrap().into_inner(); // the admin sees everything
+    let mut kinds = Vec::new();
+    let mut last = 0;
+    while kinds.len() < 5 {
+        if let Some(Msg::Event(e)) = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .msg
+        {
+            assert_eq!(e.seq, last + 1, "in order, each once");
+            last = e.seq;
+            kinds.push(solo::event::kind_name(&e));
+        }
+    }
+    assert_eq!(kinds[0], "node_started");
+    assert_eq!(kinds.iter().filter(|k| **k == "service_deployed").count(), 2);
+    // Live: a new deploy arrives on the same stream.
+    let live = deploy(&mut client, "acme", "c", "echo").await;
+    let seen = loop {
+        if let Some(Msg::Event(e)) = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .msg
+            && e.seq == live.seq
+        {
+            break e;
+        }
+    };
+    assert_eq!(seen.service_id, "c");
+
+    // A watcher whose filter matches nothing still learns how far the log has moved.
+    let quiet = proto::WatchRequest {
+        from_seq: 1,
+        kinds: vec!["shutdown_requested".into()],
+        progress_interval_ms: 150,
+        ..Default::default()
+    };
+    let mut quiet = client.watch(quiet).await.unwrap().into_inner();
+    let head = client
+        .status(as_tenant("acme", proto::StatusRequest { service_id: "c".into() }))
+        .await
+        .unwrap();
+    let head = head.into_inner().last_seq;
+    let progressed = loop {
+        match tokio::time::timeout(PATIENCE, quiet.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .msg
+        {
+            Some(Msg::Progress(p)) if p.head_seq >= head => break p.head_seq,
+            Some(Msg::Progress(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(progressed >= live.seq);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_a_dropped_watch_under_concurrent_writes_misses_and_repeats_nothing() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let total = 50; // within the default quotas (4 GiB per tenant at 64 MiB each)
+    let writer = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            for i in 0..total {
+                let mut request = grpc_deploy(&format!("s{i}"), "echo");
+                request.labels = HashMap::from([("n".to_string(), i.to_string())]);
+                client.deploy(as_tenant("acme", request)).await.unwrap();
+            }
+        })
+    };
+    let mut seqs = Vec::new();
+    let mut next = 1;
+    let mut reconnects = 0;
+    while seqs.len() < total {
+        let watch = proto::WatchRequest {
+            from_seq: next,
+            kinds: vec!["service_deployed".into()],
+            ..Default::default()
+        };
+        let mut stream = client.watch(as_tenant("acme", watch)).await.unwrap().into_inner();
+        // Take a few, then drop the stream as a flaky network would.
+        for _ in 0..7 {
+            match tokio::time::timeout(PATIENCE, stream.next()).await.unwrap() {
+                Some(Ok(proto::WatchResponse {
+                    msg: Some(Msg::Event(e)),
+                })) => {
+                    seqs.push(e.seq);
+                    next = e.seq + 1;
+                }
+                Some(Ok(_)) => {}
+                other => panic!("the watch broke: {other:?}"),
+            }
+            if seqs.len() == total {
+                break;
+            }
+        }
+        reconnects += 1;
+    }
+    writer.await.unwrap();
+    let unique: BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(unique.len(), seqs.len(), "no event twice");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert!(reconnects > 3);
+    // Nothing missed: every deploy in the log is in what was received.
+    let history = proto::WatchRequest {
+        from_seq: 1,
+        kinds: vec!["service_deployed".into()],
+        ..Default::default()
+    };
+    let mut stream = client.watch(as_tenant("acme", history)).await.unwrap().into_inner();
+    let mut all = Vec::new();
+    while all.len() < total {
+        if let Some(Msg::Event(e)) = stream.next().await.unwrap().unwrap().msg {
+            all.push(e.seq);
+        }
+    }
+    assert_eq!(all, seqs);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_watchers_each_receive_every_event() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |config| config.limits.max_watchers = 500).await;
+    let client = grpc_client(&server).await;
+    let events = 40u64;
+    let start = client
+        .clone()
+        .status(as_tenant("acme", proto::StatusRequest { service_id: "x".into() }))
+        .await;
+    assert_eq!(start.unwrap_err().code(), Code::NotFound);
+    let mut watchers = Vec::new();
+    for _ in 0..200 {
+        let mut client = client.clone();
+        let watch = proto::WatchRequest {
+            from_seq: 2,
+            kinds: vec!["service_deployed".into()],
+            ..Default::default()
+        };
+        let mut stream = client.watch(as_tenant("acme", watch)).await.unwrap().into_inner();
+        watchers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while (got.len() as u64) < events {
+                if let Some(Msg::Event(e)) = stream.next().await.unwrap().unwrap().msg {
+                    got.push(e.service_id);
+                }
+            }
+            got
+        }));
+    }
+    let mut writer = client.clone();
+    for i in 0..events {
+        deploy(&mut writer, "acme", &format!("s{i}"), "echo").await;
+    }
+    let expected: Vec<String> = (0..events).map(|i| format!("s{i}")).collect();
+    for watcher in watchers {
+        assert_eq!(
+            tokio::time::timeout(PATIENCE, watcher).await.unwrap().unwrap(),
+            expected
+        );
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_watch_never_carries_another_tenants_events() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let watch = proto::WatchRequest {
+        from_seq: 1,
+        ..Default::default()
+    };
+    let mut alice = client.watch(as_tenant("alice", watch)).await.unwrap().into_inner();
+    let mut writer = client.clone();
+    for i in 0..5 {
+        deploy(&mut writer, "bob", &format!("b{i}"), "echo").await;
+        deploy(&mut writer, "alice", &format!("a{i}"), "echo").await;
+    }
+    let mut seen = 0;
+    while seen < 10 {
+        // 5 deploys and 5 starts of alice's, interleaved with bob's that must not show.
+        if let Some(Msg::Event(e)) = tokio::time::timeout(PATIENCE, alice.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .msg
+        {
+            assert_eq!(e.tenant, "alice", "{e:?}");
+            seen += 1;
+        }
+    }
+    // Another tenant's service does not exist for alice, whatever she tries.
+    let status = client
+        .status(as_tenant(
+            "alice",
+            proto::StatusRequest {
+                service_id: "b0".into(),
+            },
+        ))
+        .await;
+    assert_eq!(status.unwrap_err().code(), Code::NotFound);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_streams_and_a_restart_brings_the_services_back() {
+    let dir = tempdir();
+    let (admin_token, admin_hash) = solo::api::auth::new_token().unwrap();
+    let (acme_token, acme_hash) = solo::api::auth::new_token().unwrap();
+    let tokens = move |config: &mut solo::config::Config| {
+        config.security.admin_token_sha256 = vec![admin_hash.clone()];
+        config.tenants.insert(
+            "acme".into(),
+            solo::config::TenantConfig {
+                token_sha256: vec![acme_hash.clone()],
+                limits: None,
+            },
+        );
+    };
+    let server = start_server(dir.path(), tokens.clone()).await;
+    let mut client = grpc_client(&server).await;
+    let deployed = client
+        .deploy(with_token(&acme_token, grpc_deploy("counter", "counter")))
+        .await
+        .unwrap()
+        .into_inner();
+    let watch = proto::WatchRequest {
+        from_seq: deployed.seq,
+        ..Default::default()
+    };
+    let mut stream = client.watch(with_token(&acme_token, watch)).await.unwrap().into_inner();
+    loop {
+        let item = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(Msg::Event(e)) = item.msg
+            && solo::event::kind_name(&e) == "service_started"
+        {
+            break;
+        }
+    }
+    // Without credentials, or with the wrong ones, nothing.
+    let status = || proto::StatusRequest {
+        service_id: "counter".into(),
+    };
+    assert_eq!(client.status(status()).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        client.status(with_token("nope", status())).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        client
+            .shutdown(with_token(&acme_token, proto::ShutdownRequest::default()))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+
+    let shutdown = client
+        .shutdown(with_token(&admin_token, proto::ShutdownRequest { grace_ms: 2000 }))
+        .await
+        .unwrap();
+    assert!(shutdown.into_inner().seq > deployed.seq);
+    let end = loop {
+        match tokio::time::timeout(PATIENCE, stream.next()).await.unwrap() {
+            Some(Ok(_)) => {}
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended without a status"),
+        }
+    };
+    assert_eq!(end.code(), Code::Unavailable);
+    assert!(end.message().contains("shutting down"), "{}", end.message());
+    tokio::time::timeout(PATIENCE, server.stopped()).await.unwrap().unwrap();
+
+    let server = start_server(dir.path(), tokens).await;
+    let mut client = grpc_client(&server).await;
+    let status = client
+        .status(with_token(&acme_token, status()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status, "running", "the service came back with the node");
+    let call = proto::CallRequest {
+        service_id: "counter".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        client
+            .call(with_token(&acme_token, call))
+            .await
+            .unwrap()
+            .into_inner()
+            .payload,
+        b"1"
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let check = tonic_health::pb::HealthCheckRequest {
+        service: "solo.v1.SoloKernel".into(),
+    };
+    assert_eq!(
+        health.check(check).await.unwrap().into_inner().status(),
+        ServingStatus::Serving
+    );
+
+    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures_util::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("{response:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"solo.v1.SoloKernel".to_string()), "{names:?}");
+    server.stop().await.unwrap();
+}

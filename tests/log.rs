@@ -1,0 +1,549 @@
+//! The log and the control writer: tails, durability, bad input and recovery.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use solo::control::{Control, Error, KillCommand};
+use solo::event::EventKind;
+use solo::inspect;
+use solo::log::{FrameError, frame};
+use solo::proto::event::Kind;
+use tokio::time::timeout;
+
+/// A guard against hangs: generous, never a performance assertion.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("a temp dir")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tailer_from_one_sees_every_event_once_in_order_during_concurrent_writes() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    let writers = 8;
+    let per_writer = 50;
+    let total = (writers * per_writer) as u64;
+
+    let tailer = {
+        let mut tail = Box::pin(control.log().tail(1));
+        tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            while let Some(event) = tail.next().await {
+                let event = event.expect("tail reads");
+                seqs.push(event.seq);
+                if event.seq == total {
+                    break;
+                }
+            }
+            seqs
+        })
+    };
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let control = control.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_writer {
+                deploy(&control, &format!("t{w}"), &format!("svc-{i}"), "m").await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let seqs = timeout(PATIENCE, tailer).await.expect("tailer finishes").unwrap();
+    assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tailer_does_not_hold_back_the_writer_or_the_other_tailers() {
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.log.tail_window = 64; // the stalled tailer will fall far behind the window
+    opts.log.tail_read_chunk = 100;
+    opts.limits.node.max_deploys_per_minute = u32::MAX;
+    let control = open(opts);
+    let total = 1_000u64;
+
+    // The stalled tailer reads one event, then nobody polls it until the end.
+    let mut stalled = Box::pin(control.log().tail(1));
+    let mut tailers = Vec::new();
+    for _ in 0..99 {
+        let mut tail = Box::pin(control.log().tail(1));
+        tailers.push(tokio::spawn(async move {
+            let mut next = 1;
+            while next <= total {
+                let event = tail.next().await.expect("stream open").expect("tail reads");
+                assert_eq!(event.seq, next);
+                next += 1;
+            }
+        }));
+    }
+    let writer = {
+        let control = control.clone();
+        tokio::spawn(async move {
+            for i in 0..total {
+                deploy(&control, "acme", &format!("svc-{}", i % 50), &format!("m{i}")).await;
+            }
+        })
+    };
+    let first = stalled.next().await.unwrap().unwrap();
+    assert_eq!(first.seq, 1);
+    timeout(PATIENCE, writer)
+        .await
+        .expect("the writer is not held back")
+        .unwrap();
+    for tailer in tailers {
+        timeout(PATIENCE, tailer)
+            .await
+            .expect("the other tailers keep up")
+            .unwrap();
+    }
+    assert_eq!(control.head(), total);
+    // The stalled tailer resumes from disk, missing nothing.
+    for expected in 2..=total {
+        let event = timeout(PATIENCE, stalled.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(event.seq, expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_past_the_head_waits_for_new_events() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    let mut tail = Box::pin(control.log().tail(3));
+    assert!(
+        timeout(Duration::from_millis(200), tail.next()).await.is_err(),
+        "nothing to read yet"
+    );
+    deploy(&control, "acme", "b", "m1").await;
+    assert!(
+        timeout(Duration::from_millis(200), tail.next()).await.is_err(),
+        "seq 2 is before the start"
+    );
+    deploy(&control, "acme", "c", "m1").await;
+    let event = timeout(PATIENCE, tail.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((event.seq, event.service_id.as_str()), (3, "c"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tails_end_when_the_log_closes() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    let mut tail = Box::pin(control.log().tail(1));
+    control.close().await;
+    drop(control);
+    assert!(timeout(PATIENCE, tail.next()).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_state_survives_a_reopen_and_replays_equal() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    deploy(&control, "acme", "a", "m2").await;
+    deploy(&control, "beta", "a", "m1").await;
+    kill(&control, "beta", "a").await;
+    let live = control.read_state(Clone::clone);
+    let head = control.head();
+    control.close().await;
+    drop(control);
+
+    let (control, recovery) = Control::open(options(dir.path())).unwrap();
+    assert_eq!((recovery.head, recovery.replayed, recovery.skipped), (head, head, 0));
+    assert_eq!(control.read_state(Clone::clone), live);
+    let a = control.status("acme", "a").unwrap();
+    assert_eq!((a.version, a.status.as_str()), (2, "starting"));
+    assert_eq!(control.status("beta", "a").unwrap().status.as_str(), "stopping");
+    assert!(matches!(control.status("acme", "nope"), Err(Error::NotFound { .. })));
+    // Tenants have their own namespaces.
+    assert!(matches!(control.status("gamma", "a"), Err(Error::NotFound { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeploying_the_identical_module_is_a_no_op_that_says_so() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    let first = deploy(&control, "acme", "a", "m1").await;
+    assert!(first.created && !first.unchanged);
+    let again = deploy(&control, "acme", "a", "m1").await;
+    assert!(again.unchanged && !again.created);
+    assert_eq!((again.version, again.seq), (1, first.seq));
+    assert_eq!(control.head(), 1, "nothing appended");
+    let upgrade = deploy(&control, "acme", "a", "m2").await;
+    assert_eq!((upgrade.version, upgrade.created, upgrade.seq), (2, false, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_return_the_original_answer_across_a_restart() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    let mut request = deploy_request("acme", "a", "m1");
+    request.idempotency_key = "deploy-1".into();
+    let first = control.deploy(request.clone()).await.unwrap();
+    let retry = control.deploy(request.clone()).await.unwrap();
+    assert!(retry.replayed);
+    assert_eq!(
+        (retry.version, retry.seq, retry.created),
+        (first.version, first.seq, true)
+    );
+
+    let kill_cmd = KillCommand {
+        idempotency_key: "kill-1".into(),
+        ..kill_command("acme", "a")
+    };
+    let killed = control.kill(kill_cmd.clone()).await.unwrap();
+    let head = control.head();
+    control.close().await;
+    drop(control);
+
+    let control = open(options(dir.path()));
+    let retry = control.deploy(request.clone()).await.unwrap();
+    assert_eq!((retry.seq, retry.replayed), (first.seq, true));
+    let retry_kill = control.kill(kill_cmd).await.unwrap();
+    assert_eq!((retry_kill.seq, retry_kill.replayed), (killed.seq, true));
+    assert_eq!(control.head(), head, "retries append nothing");
+
+    // The same key for a different request is refused, not silently answered.
+    let mut other = deploy_request("acme", "b", "m1");
+    other.idempotency_key = "deploy-1".into();
+    assert!(matches!(
+        control.deploy(other).await,
+        Err(Error::IdempotencyConflict { .. })
+    ));
+    // Keys are per tenant.
+    let mut beta = deploy_request("beta", "a", "m9");
+    beta.idempotency_key = "deploy-1".into();
+    assert!(!control.deploy(beta).await.unwrap().replayed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_is_typed_for_unknown_ids_and_idempotent_for_killed_ones() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    assert!(matches!(
+        control.kill(kill_command("acme", "ghost")).await,
+        Err(Error::NotFound { .. })
+    ));
+    deploy(&control, "acme", "a", "m1").await;
+    let first = kill(&control, "acme", "a").await;
+    let again = kill(&control, "acme", "a").await;
+    assert!(again.already_stopped && !first.already_stopped);
+    assert_eq!(control.head(), 2);
+    // Another tenant's service is simply not found.
+    assert!(matches!(
+        control.kill(kill_command("beta", "a")).await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_names_are_refused_before_anything_is_written() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    for (tenant, id) in [("Acme", "a"), ("acme", "a/b"), ("acme", ""), ("", "a")] {
+        let err = control.deploy(deploy_request(tenant, id, "m")).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{tenant}/{id}: {err}");
+    }
+    assert_eq!(control.head(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_hold_at_their_edges_and_under_a_race() {
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.limits.node.max_services = 3;
+    opts.limits.node.max_module_bytes = 64;
+    let control = open(opts);
+    deploy(&control, "acme", "a", "m").await;
+    deploy(&control, "acme", "b", "m").await;
+    // Two deploys race for the last slot: exactly one wins.
+    let (x, y) = tokio::join!(
+        control.deploy(deploy_request("acme", "c", "m")),
+        control.deploy(deploy_request("acme", "d", "m"))
+    );
+    assert_eq!(
+        [x.is_ok(), y.is_ok()].iter().filter(|ok| **ok).count(),
+        1,
+        "{x:?} {y:?}"
+    );
+    let loser = x.err().or(y.err()).unwrap();
+    assert!(
+        matches!(
+            loser,
+            Error::QuotaExceeded {
+                quota: "max_services",
+                limit: 3,
+                ..
+            }
+        ),
+        "{loser}"
+    );
+    let head = control.head();
+    // Upgrading an existing service needs no new slot; another tenant has its own quota.
+    deploy(&control, "acme", "a", "m2").await;
+    deploy(&control, "beta", "a", "m").await;
+    // A killed service frees its slot.
+    kill(&control, "acme", "b").await;
+    deploy(&control, "acme", "e", "m").await;
+    assert_eq!(control.head(), head + 4);
+
+    let mut big = deploy_request("acme", "big", "m");
+    big.module = Arc::from(vec![0u8; 65]);
+    let err = control.deploy(big).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::QuotaExceeded {
+                quota: "max_module_bytes",
+                limit: 64,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_rate_quota_uses_the_logged_times() {
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.limits.node.max_deploys_per_minute = 2;
+    let (clock, now) = manual_clock(1_000_000);
+    opts.clock = clock;
+    let control = open(opts);
+    deploy(&control, "acme", "a", "m").await;
+    deploy(&control, "acme", "b", "m").await;
+    let err = control.deploy(deploy_request("acme", "c", "m")).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::QuotaExceeded {
+                quota: "max_deploys_per_minute",
+                limit: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    now.fetch_add(60_001, std::sync::atomic::Ordering::SeqCst);
+    deploy(&control, "acme", "c", "m").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_map_is_a_typed_error_and_never_a_corrupt_log() {
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.log.store.map_size = 1 << 20;
+    opts.limits.node.max_module_bytes = 1 << 20;
+    let control = open(opts);
+    deploy(&control, "acme", "small", "m").await;
+    let mut failure = None;
+    for i in 0..64 {
+        let mut request = deploy_request("acme", &format!("big-{i}"), "m");
+        request.module = Arc::from(vec![i as u8; 200_000]);
+        if let Err(e) = control.deploy(request).await {
+            failure = Some(e);
+            break;
+        }
+    }
+    let Some(Error::Storage(e)) = failure else {
+        panic!("the map never filled: {failure:?}")
+    };
+    assert!(matches!(*e, solo::log::Error::MapFull { .. }), "{e}");
+    assert!(
+        e.to_string().contains("map_size_mb"),
+        "the message says what to do: {e}"
+    );
+    let head = control.head();
+    // The failed batch left no trace, and the writer still serves.
+    let retried = control.deploy(deploy_request("acme", "small", "m2")).await.unwrap();
+    assert_eq!((retried.version, retried.seq), (2, head + 1));
+    let report = inspect::verify(control.log().store(), control.read_state(|s| s.settings())).unwrap();
+    assert!(report.ok(), "{}", report.summary());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_is_reported_by_verify_with_its_seq() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    for i in 0..20 {
+        let id = if i == 13 {
+            "needle-service".to_string()
+        } else {
+            format!("svc-{i}")
+        };
+        deploy(&control, "acme", &id, "m").await;
+    }
+    control.close().await;
+    drop(control);
+    let clean = std::process::Command::new(env!("CARGO_BIN_EXE_solo"))
+        .args(["log", "verify", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stdout));
+
+    let copy = tempdir();
+    let mut bytes = std::fs::read(dir.path().join("data.mdb")).unwrap();
+    // LMDB copies pages on write, so stale copies of the record may sit in free pages: damage
+    // every copy, the live one among them.
+    let places: Vec<usize> = bytes
+        .windows(14)
+        .enumerate()
+        .filter(|(_, w)| *w == b"needle-service")
+        .map(|(at, _)| at)
+        .collect();
+    assert!(!places.is_empty(), "the record is in the file");
+    for at in places {
+        bytes[at + 3] ^= 0x20;
+    }
+    std::fs::write(copy.path().join("data.mdb"), bytes).unwrap();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_solo"))
+        .args(["log", "verify", "--data-dir"])
+        .arg(copy.path())
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{summary}");
+    assert!(summary.contains("seq 14") && summary.contains("checksum"), "{summary}");
+    assert_eq!(summary.lines().count(), 1, "one-line summary: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_uses_the_newest_valid_snapshot_and_skips_bad_ones() {
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.writer.snapshot_every = 10;
+    let control = open(opts);
+    for i in 0..35 {
+        deploy(&control, "acme", &format!("svc-{}", i % 7), &format!("m{i}")).await;
+    }
+    let live = control.read_state(Clone::clone);
+    // A damaged snapshot and one of another frame version, both newer than the good ones.
+    let store = control.log().store();
+    let mut damaged = frame::encode(b"not a snapshot");
+    damaged[7] ^= 1;
+    store.put_snapshot(34, &damaged, 10).unwrap();
+    let mut future = frame::encode(b"from a newer build");
+    future[0] = 9;
+    assert_eq!(frame::decode(&future), Err(FrameError::UnknownVersion { found: 9 }));
+    store.put_snapshot(35, &future, 10).unwrap();
+    control.close().await;
+    drop(control);
+
+    let (control, recovery) = Control::open(options(dir.path())).unwrap();
+    assert_eq!(recovery.snapshot_seq, Some(30));
+    assert_eq!(recovery.replayed, 5);
+    assert_eq!(control.read_state(Clone::clone), live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_an_unknown_format_version_is_refused() {
+    let dir = tempdir();
+    drop(open(options(dir.path())));
+    set_format_version(dir.path(), 99);
+    let err = Control::open(options(dir.path())).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            solo::log::Error::UnsupportedFormat {
+                found: 99,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("format version 99"), "{err}");
+}
+
+#[allow(unsafe_code)]
+fn set_format_version(dir: &std::path::Path, version: u32) {
+    use heed::types::{Bytes, Str};
+    // SAFETY: nothing else has this test's directory open.
+    let env = unsafe { heed::EnvOpenOptions::new().max_dbs(4).open(dir) }.unwrap();
+    let mut wtxn = env.write_txn().unwrap();
+    let meta: heed::Database<Str, Bytes> = env.create_database(&mut wtxn, Some("meta")).unwrap();
+    meta.put(&mut wtxn, "format_version", &version.to_be_bytes()).unwrap();
+    wtxn.commit().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observations_that_no_longer_fit_are_refused_as_stale() {
+    use solo::control::Observation;
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    deploy(&control, "acme", "a", "m2").await;
+    let started = |version| Observation::Started {
+        tenant: "acme".into(),
+        service_id: "a".into(),
+        version,
+        recovered: false,
+    };
+    assert!(
+        matches!(control.observe(started(1)).await, Err(Error::Stale(_))),
+        "version 1 was replaced"
+    );
+    let seq = control.observe(started(2)).await.unwrap();
+    assert_eq!(seq, 3);
+    assert!(
+        matches!(control.observe(started(2)).await, Err(Error::Stale(_))),
+        "already running"
+    );
+    assert_eq!(control.status("acme", "a").unwrap().status.as_str(), "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_shutdown_request_deploys_and_kills_are_refused() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    let seq = control.shutdown("admin", 1000).await.unwrap();
+    assert!(control.is_shutting_down());
+    let events = control.log().read(seq..=seq).unwrap();
+    assert_eq!(EventKind::of_event(&events[0]), Some(EventKind::ShutdownRequested));
+    assert!(matches!(
+        control.deploy(deploy_request("acme", "b", "m")).await,
+        Err(Error::ShuttingDown)
+    ));
+    assert!(matches!(
+        control.kill(kill_command("acme", "a")).await,
+        Err(Error::ShuttingDown)
+    ));
+    // The runtime may still report what happens while it stops.
+    let stopped = solo::control::Observation::Stopped {
+        tenant: "acme".into(),
+        service_id: "a".into(),
+        version: 1,
+        reason: solo::proto::StopReason::NodeShutdown,
+    };
+    control.observe(stopped).await.unwrap();
+    let last = control.log().read(control.head()..=control.head()).unwrap();
+    assert!(matches!(last[0].kind, Some(Kind::ServiceStopped(_))));
+}
+
+#[test]
+fn garbage_config_gives_a_clear_error() {
+    let dir = tempdir();
+    let path = dir.path().join("solo.toml");
+    std::fs::write(&path, "[database]\nmap_size_mb = \"lots\"\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_solo"))
+        .args(["log", "stats", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("database.map_size_mb") && stderr.contains("solo.toml"),
+        "{stderr}"
+    );
+}

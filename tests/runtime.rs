@@ -1,0 +1,452 @@
+//! WebAssembly services through the control layer: the examples, the crashers, supervision,
+//! upgrades, kills and recovery.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use solo::control::{Error, KillCommand};
+use solo::proto::event::Kind;
+use solo::proto::{CrashReason, Limits};
+use solo::runtime::CallError;
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("a temp dir")
+}
+
+async fn call(control: &solo::control::Control, tenant: &str, id: &str, payload: &[u8]) -> Result<Vec<u8>, Error> {
+    control.call(tenant, id, payload.to_vec(), None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_counter_and_kv_behave_as_documented() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = &node.control;
+    deploy_running(control, "acme", "echo", "echo").await;
+    deploy_running(control, "acme", "counter", "counter").await;
+    deploy_running(control, "acme", "kv", "kv").await;
+
+    assert_eq!(call(control, "acme", "echo", b"hello").await.unwrap(), b"hello");
+    let binary: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    assert_eq!(call(control, "acme", "echo", &binary).await.unwrap(), binary);
+    assert_eq!(call(control, "acme", "echo", b"").await.unwrap(), b"");
+
+    for expected in ["1", "2", "3"] {
+        assert_eq!(
+            call(control, "acme", "counter", b"").await.unwrap(),
+            expected.as_bytes()
+        );
+    }
+
+    assert_eq!(call(control, "acme", "kv", b"set colour blue").await.unwrap(), b"ok");
+    assert_eq!(call(control, "acme", "kv", b"set size 42").await.unwrap(), b"ok");
+    assert_eq!(call(control, "acme", "kv", b"get colour").await.unwrap(), b"blue");
+    assert_eq!(call(control, "acme", "kv", b"set colour red").await.unwrap(), b"ok");
+    assert_eq!(call(control, "acme", "kv", b"get colour").await.unwrap(), b"red");
+    assert_eq!(call(control, "acme", "kv", b"del colour").await.unwrap(), b"ok");
+    let missing = call(control, "acme", "kv", b"get colour").await.unwrap_err();
+    assert!(
+        matches!(&missing, Error::Call(CallError::Service { message, .. }) if message == "no such key"),
+        "{missing}"
+    );
+    // An application error is not a crash: the data lives on.
+    assert_eq!(call(control, "acme", "kv", b"get size").await.unwrap(), b"42");
+    let bad = call(control, "acme", "kv", b"frobnicate").await.unwrap_err();
+    assert!(matches!(bad, Error::Call(CallError::Service { .. })), "{bad}");
+
+    let live = control.live("acme", "kv").unwrap();
+    assert_eq!((live.calls, live.calls_failed), (9, 2));
+    assert!(live.memory_bytes >= 65536 && live.uptime_ms < 60_000, "{live:?}");
+    let logs: Vec<String> = control
+        .logs("acme", "echo")
+        .unwrap()
+        .lines_from(0)
+        .into_iter()
+        .map(|l| l.message)
+        .collect();
+    assert_eq!(logs, ["echo ready"]);
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traps_fail_the_call_and_restart_the_instance_fresh() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = &node.control;
+    for (id, name, code) in [
+        ("u", "unreachable", "unreachable"),
+        ("s", "stack_overflow", "stack_overflow"),
+    ] {
+        let deployed = deploy_running(control, "acme", id, name).await;
+        let err = call(control, "acme", id, b"x").await.unwrap_err();
+        let Error::Call(CallError::Trapped { reason, trap_code, .. }) = &err else {
+            panic!("{id}: {err}")
+        };
+        assert_eq!((*reason, trap_code.as_str()), (CrashReason::Trap, code), "{err}");
+        let crashed = wait_for_kind(control, deployed.seq, "acme", id, "service_crashed").await;
+        let Some(Kind::ServiceCrashed(c)) = &crashed.kind else {
+            unreachable!()
+        };
+        assert!(c.restarting && c.trap_code == code, "{c:?}");
+        let restarted = wait_for_kind(control, crashed.seq, "acme", id, "service_restarted").await;
+        let Some(Kind::ServiceRestarted(r)) = &restarted.kind else {
+            unreachable!()
+        };
+        assert_eq!(r.restarts, 1);
+        assert_eq!(control.status("acme", id).unwrap().status.as_str(), "running");
+    }
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_hog_stops_at_its_cap_and_the_policy_gives_up_after_n_restarts() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.limits.max_restarts = 2;
+    let node = open_node(&config).await;
+    let control = &node.control;
+    let mut request = deploy_example("acme", "hog", "memory_hog");
+    request.limits = Limits {
+        memory_bytes: 2 << 20,
+        ..Limits::default()
+    };
+    let deployed = control.deploy(request).await.unwrap();
+    wait_for_kind(control, deployed.seq, "acme", "hog", "service_started").await;
+
+    for attempt in 0..3 {
+        let err = call(control, "acme", "hog", b"more").await.unwrap_err();
+        let Error::Call(CallError::Trapped { reason, .. }) = &err else {
+            panic!("attempt {attempt}: {err}")
+        };
+        assert_eq!(*reason, CrashReason::MemoryLimit, "{err}");
+        let live = control.live("acme", "hog").unwrap();
+        assert!(live.memory_bytes <= 2 << 20, "memory grew past its cap: {live:?}");
+        if attempt < 2 {
+            wait_for_kind(control, control.head(), "acme", "hog", "service_restarted").await;
+        }
+    }
+    let gave_up = wait_for_event(
+        control,
+        deployed.seq,
+        |e| matches!(&e.kind, Some(Kind::ServiceCrashed(c)) if !c.restarting),
+    )
+    .await;
+    assert_eq!(gave_up.service_id, "hog");
+    let status = control.status("acme", "hog").unwrap();
+    assert_eq!((status.status.as_str(), status.restarts), ("crashed", 2));
+    let err = call(control, "acme", "hog", b"more").await.unwrap_err();
+    assert!(matches!(err, Error::NotRunning { .. }), "{err}");
+    assert!(err.to_string().contains("crashed"), "{err}");
+
+    // Redeploying brings it back.
+    let redeployed = control
+        .deploy(deploy_example("acme", "hog", "memory_hog"))
+        .await
+        .unwrap();
+    assert_eq!(redeployed.version, 2);
+    wait_for_kind(control, redeployed.seq, "acme", "hog", "service_started").await;
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_guest_is_stopped_at_its_deadline_while_another_tenants_echo_answers() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    let mut request = deploy_example("mallory", "loop", "loop");
+    request.limits = Limits {
+        cpu_ms_per_call: 300,
+        ..Limits::default()
+    };
+    let deployed = control.deploy(request).await.unwrap();
+    wait_for_kind(&control, deployed.seq, "mallory", "loop", "service_started").await;
+    deploy_running(&control, "acme", "echo", "echo").await;
+
+    let looping = {
+        let control = control.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let err = call(&control, "mallory", "loop", b"").await.unwrap_err();
+            (started.elapsed(), err)
+        })
+    };
+    // While the loop burns its budget, echo keeps answering.
+    let mut slowest = Duration::ZERO;
+    let mut answered = 0;
+    while !looping.is_finished() {
+        let started = Instant::now();
+        assert_eq!(call(&control, "acme", "echo", b"ping").await.unwrap(), b"ping");
+        slowest = slowest.max(started.elapsed());
+        answered += 1;
+    }
+    let (took, err) = looping.await.unwrap();
+    let Error::Call(CallError::Trapped { reason, .. }) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(*reason, CrashReason::CpuLimit);
+    assert!(
+        took >= Duration::from_millis(290),
+        "stopped before its deadline: {took:?}"
+    );
+    // The deadline plus one tick, with room for a loaded test machine.
+    assert!(took < Duration::from_millis(300 + 700), "stopped late: {took:?}");
+    assert!(answered > 10, "echo answered only {answered} times");
+    assert!(slowest < Duration::from_millis(250), "an echo call waited {slowest:?}");
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_under_load_fails_no_call() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    deploy_running(&control, "acme", "echo", "echo").await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for task in 0..8 {
+        let (control, stop) = (control.clone(), Arc::clone(&stop));
+        callers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let payload = format!("{task}-{i}");
+                match call(&control, "acme", "echo", payload.as_bytes()).await {
+                    Ok(answer) if answer == payload.as_bytes() => ok += 1,
+                    Ok(answer) => failed.push(format!("wrong answer {answer:?}")),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A different module (the log line differs) with the same behaviour.
+    let v2 = String::from_utf8(example("echo").to_vec())
+        .unwrap()
+        .replace("echo ready", "echo v2!!");
+    let request = solo::control::DeployRequest {
+        module: Arc::from(v2.into_bytes()),
+        ..deploy_request("acme", "echo", "")
+    };
+    let upgraded = control.deploy(request).await.unwrap();
+    assert_eq!((upgraded.version, upgraded.created), (2, false));
+    wait_for_kind(&control, upgraded.seq, "acme", "echo", "service_started").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for caller in callers {
+        let (ok, failed) = caller.await.unwrap();
+        assert!(failed.is_empty(), "calls failed during the upgrade: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 100, "only {total} calls ran");
+    let versions: Vec<u64> = control
+        .logs("acme", "echo")
+        .unwrap()
+        .lines_from(0)
+        .iter()
+        .map(|l| l.version)
+        .collect();
+    assert_eq!(
+        versions,
+        [1, 2, 1],
+        "v1 started, v2 started, then v1 stopped after draining its queue"
+    );
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_and_forced_kills() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = &node.control;
+    deploy_running(control, "acme", "gentle", "echo").await;
+    deploy_running(control, "acme", "abrupt", "echo").await;
+
+    let killed = control
+        .kill(KillCommand {
+            grace_ms: 2000,
+            ..kill_command("acme", "gentle")
+        })
+        .await
+        .unwrap();
+    let stopped = wait_for_kind(control, killed.seq, "acme", "gentle", "service_stopped").await;
+    assert!(matches!(&stopped.kind, Some(Kind::ServiceStopped(s)) if s.reason() == solo::proto::StopReason::Killed));
+    let lines: Vec<String> = control
+        .logs("acme", "gentle")
+        .unwrap()
+        .lines_from(0)
+        .into_iter()
+        .map(|l| l.message)
+        .collect();
+    assert_eq!(lines, ["echo ready", "echo stopping"], "solo_stop ran");
+
+    let killed = control
+        .kill(KillCommand {
+            force: true,
+            ..kill_command("acme", "abrupt")
+        })
+        .await
+        .unwrap();
+    wait_for_kind(control, killed.seq, "acme", "abrupt", "service_stopped").await;
+    let lines: Vec<String> = control
+        .logs("acme", "abrupt")
+        .unwrap()
+        .lines_from(0)
+        .into_iter()
+        .map(|l| l.message)
+        .collect();
+    assert_eq!(lines, ["echo ready"], "solo_stop did not run");
+
+    for id in ["gentle", "abrupt"] {
+        assert_eq!(control.status("acme", id).unwrap().status.as_str(), "stopped");
+        let err = call(control, "acme", id, b"x").await.unwrap_err();
+        assert!(matches!(err, Error::NotRunning { .. }), "{err}");
+    }
+    let err = control.kill(kill_command("acme", "ghost")).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_refuses_calls_as_busy() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    let mut request = deploy_example("acme", "spin", "spin");
+    request.limits = Limits {
+        mailbox_capacity: 1,
+        ..Limits::default()
+    };
+    let deployed = control.deploy(request).await.unwrap();
+    wait_for_kind(&control, deployed.seq, "acme", "spin", "service_started").await;
+    let running = {
+        let control = control.clone();
+        tokio::spawn(async move { call(&control, "acme", "spin", b"400").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await; // the first call is now in the guest
+    let queued = {
+        let control = control.clone();
+        tokio::spawn(async move { call(&control, "acme", "spin", b"1").await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let err = call(&control, "acme", "spin", b"1").await.unwrap_err();
+    assert!(matches!(err, Error::Call(CallError::Busy { capacity: 1, .. })), "{err}");
+    assert_eq!(running.await.unwrap().unwrap(), b"done");
+    assert_eq!(queued.await.unwrap().unwrap(), b"done");
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_failures_leave_the_service_failed() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = &node.control;
+    let deployed = control
+        .deploy(deploy_example("acme", "broken", "init_trap"))
+        .await
+        .unwrap();
+    let crashed = wait_for_kind(control, deployed.seq, "acme", "broken", "service_crashed").await;
+    let Some(Kind::ServiceCrashed(c)) = &crashed.kind else {
+        unreachable!()
+    };
+    assert_eq!((c.reason(), c.restarting), (CrashReason::InitFailure, false));
+    let status = control.status("acme", "broken").unwrap();
+    assert_eq!(status.status.as_str(), "failed");
+    assert!(status.last_error.contains("solo_init"), "{}", status.last_error);
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_modules_get_clear_errors_and_append_nothing() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = &node.control;
+    let cases: [(&[u8], &str); 5] = [
+        (b"\0asm\x01\0\0\0\xff\xff", "not valid wasm"),
+        (b"(module (func $f (result i32) (i32.const 1)", "WAT syntax error"),
+        (b"(module (memory (export \"memory\") 1))", "does not export 'solo_alloc'"),
+        (b"(module (memory (export \"memory\") 1) (func (export \"solo_alloc\") (param i64) (result i32) (i32.const 0)) (func (export \"solo_handle\") (param i32 i32) (result i64) (i64.const 0)))", "must be a function (i32) -> (i32)"),
+        (&[0xff, 0xfe, 0x00], "neither wasm"),
+    ];
+    for (module, expected) in cases {
+        let request = solo::control::DeployRequest {
+            module: Arc::from(module),
+            ..deploy_request("acme", "bad", "")
+        };
+        let err = control.deploy(request).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidModule(_)), "{err}");
+        assert!(err.to_string().contains(expected), "expected '{expected}' in: {err}");
+    }
+    let err = control
+        .deploy(deploy_example("acme", "bad", "forbidden_import"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("wasi_snapshot_preview1.fd_write") && err.to_string().contains("not granted"),
+        "{err}"
+    );
+    assert_eq!(control.head(), 1, "only node_started is in the log");
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restart_brings_running_services_back_fresh_with_their_history() {
+    let dir = tempdir();
+    let config = node_config(dir.path());
+    let node = open_node(&config).await;
+    let control = node.control.clone();
+    deploy_running(&control, "acme", "counter", "counter").await;
+    deploy_running(&control, "beta", "echo", "echo").await;
+    let broken = control
+        .deploy(deploy_example("acme", "broken", "init_trap"))
+        .await
+        .unwrap();
+    wait_for_kind(&control, broken.seq, "acme", "broken", "service_crashed").await;
+    deploy_running(&control, "acme", "gone", "echo").await;
+    let killed = control.kill(kill_command("acme", "gone")).await.unwrap();
+    wait_for_kind(&control, killed.seq, "acme", "gone", "service_stopped").await;
+    for _ in 0..3 {
+        call(&control, "acme", "counter", b"").await.unwrap();
+    }
+    let history = control.head();
+    control.shutdown("admin", 1000).await.unwrap();
+    node.stop(Duration::from_secs(5)).await;
+    drop((node, control));
+
+    let node = open_node(&config).await;
+    let control = &node.control;
+    let node_started = wait_for_kind(control, history, "", "", "node_started").await;
+    let Some(Kind::NodeStarted(started)) = &node_started.kind else {
+        unreachable!()
+    };
+    let mut recovered: Vec<String> = started
+        .recovered
+        .iter()
+        .map(|r| format!("{}/{}", r.tenant, r.service_id))
+        .collect();
+    recovered.sort();
+    assert_eq!(recovered, ["acme/counter", "beta/echo"]);
+    assert_eq!(
+        call(control, "acme", "counter", b"").await.unwrap(),
+        b"1",
+        "a fresh instance"
+    );
+    assert_eq!(call(control, "beta", "echo", b"back").await.unwrap(), b"back");
+    assert_eq!(control.status("acme", "broken").unwrap().status.as_str(), "failed");
+    assert_eq!(control.status("acme", "gone").unwrap().status.as_str(), "stopped");
+    // The history is all there, and the shutdown was recorded.
+    let events = control.log().read(1..=control.head()).unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| solo::event::kind_name(e)).collect();
+    assert!(kinds.contains(&"shutdown_requested"));
+    assert_eq!(kinds.iter().filter(|k| **k == "node_started").count(), 2);
+    let stopped_for_shutdown = events.iter().filter(
+        |e| matches!(&e.kind, Some(Kind::ServiceStopped(s)) if s.reason() == solo::proto::StopReason::NodeShutdown),
+    );
+    assert_eq!(stopped_for_shutdown.count(), 2);
+    node.stop(Duration::from_secs(5)).await;
+}
