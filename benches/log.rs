@@ -23,6 +23,10 @@ use solo::log::{BlobRef, LogOptions, frame};
 use solo::proto::{self, CrashReason, Event, Limits, StopReason, event::Kind};
 use solo::state::{Settings, State};
 
+/// As in the `solo` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -54,8 +58,9 @@ const APPENDERS: [usize; 4] = [1, 16, 256, 1024];
 /// one (`State::deploys_since`), which with a single tenant dominates the writer's time.
 const APPEND_TENANTS: u64 = 16_384;
 
-/// The module every deploy carries: tiny and fixed, so its blob is stored once.
+/// The two modules deploys alternate between: tiny and fixed, so each blob is stored once.
 const TINY_MODULE: &[u8] = b"\0asm\x01\0\0\0";
+const TINY_MODULE_V2: &[u8] = b"\0asm\x01\0\0\0\0\x02\x01v";
 
 /// A node whose quotas never refuse the benchmark's deploys.
 fn unlimited() -> LimitsTable {
@@ -66,7 +71,7 @@ fn unlimited() -> LimitsTable {
             max_tenant_memory_mb: 1 << 30,
             ..TenantLimits::default()
         },
-        tenants: HashMap::new(),
+        ..LimitsTable::default()
     }
 }
 
@@ -136,26 +141,37 @@ fn control_options(dir: &TempDir, stats: &Arc<CommitStats>) -> ControlOptions {
     options
 }
 
-/// One appender: deploys a new service (one `service_deployed` event) per index it claims,
-/// until the indices up to `end` are taken.
-async fn deploy_loop(control: Control, module: Arc<[u8]>, next: Arc<AtomicU64>, end: u64, failed: Arc<AtomicU64>) {
+/// Services the appenders upgrade in turn. A bounded set, so the state stays the size of a
+/// real node's while every deploy is a new version (one `service_deployed` event).
+const APPEND_SERVICES: u64 = 4096;
+
+/// One appender: claims indices until `end` and deploys, for each, the next version of service
+/// `index % APPEND_SERVICES` (the module alternates, so nothing is an unchanged no-op).
+async fn deploy_loop(
+    control: Control,
+    modules: Arc<[Arc<[u8]>; 2]>,
+    next: Arc<AtomicU64>,
+    end: u64,
+    failed: Arc<AtomicU64>,
+) {
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= end {
             return;
         }
-        let tenant = format!("t{}", i % APPEND_TENANTS);
+        let service = i % APPEND_SERVICES;
+        let tenant = format!("t{}", service % APPEND_TENANTS);
         let request = DeployRequest {
             actor: format!("tenant:{tenant}"),
             tenant,
-            service_id: format!("s{i}"),
-            module: Arc::clone(&module),
+            service_id: format!("s{service}"),
+            module: Arc::clone(&modules[(i / APPEND_SERVICES % 2) as usize]),
             limits: Limits::default(),
             labels: HashMap::new(),
             idempotency_key: String::new(),
         };
         match control.deploy(request).await {
-            Ok(outcome) if outcome.created => {}
+            Ok(outcome) if !outcome.unchanged && !outcome.replayed => {}
             Ok(outcome) => {
                 if failed.fetch_add(1, Ordering::Relaxed) == 0 {
                     eprintln!("deploy {i} appended nothing: {outcome:?}");
@@ -172,7 +188,7 @@ async fn deploy_loop(control: Control, module: Arc<[u8]>, next: Arc<AtomicU64>, 
 
 fn bench_append(c: &mut Criterion) {
     let rt = runtime();
-    let module: Arc<[u8]> = Arc::from(TINY_MODULE);
+    let modules: Arc<[Arc<[u8]>; 2]> = Arc::new([Arc::from(TINY_MODULE), Arc::from(TINY_MODULE_V2)]);
     let mut group = c.benchmark_group("append_durable");
     group
         .sample_size(10)
@@ -204,7 +220,7 @@ fn bench_append(c: &mut Criterion) {
                         .map(|_| {
                             tokio::spawn(deploy_loop(
                                 control.clone(),
-                                Arc::clone(&module),
+                                Arc::clone(&modules),
                                 Arc::clone(&next),
                                 end,
                                 Arc::clone(&failed),

@@ -23,6 +23,10 @@ use tokio::runtime::Runtime;
 use solo::config::Config;
 use solo::server::Server;
 
+/// As in the `solo` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Clients wanted; fewer if the open-file limit does not allow them.
 const WANTED_CLIENTS: usize = 1000;
 

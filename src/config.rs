@@ -301,11 +301,19 @@ impl Config {
 
     fn validate_security(&self) -> Result<(), ConfigError> {
         let invalid = |path: String, message: String| ConfigError::Invalid { path, message };
+        let mut seen: std::collections::HashMap<String, String> = std::collections::HashMap::new();
         for (key, hash, _) in self.tokens() {
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(invalid(
                     key,
                     "not a SHA-256 in hex (64 hex digits); `solo token new` prints one".into(),
+                ));
+            }
+            // One token names one principal: a hash given twice would make it ambiguous.
+            if let Some(first) = seen.insert(hash.to_ascii_lowercase(), key.clone()) {
+                return Err(invalid(
+                    key,
+                    format!("this hash is already given to {first}; a token names one principal"),
                 ));
             }
         }
@@ -395,9 +403,12 @@ impl Config {
         for name in self.tenants.keys() {
             tenants.insert(name.clone(), self.tenant_limits(name)?);
         }
+        // Upgrades and restarts briefly need a second instance: keep a sixteenth of the pool for them.
+        let pool = u64::from(self.runtime.max_instances);
         Ok(LimitsTable {
             node: self.limits.clone(),
             tenants,
+            node_services: Some(pool - pool / 16),
         })
     }
 

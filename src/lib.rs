@@ -7,6 +7,7 @@
 //! projection of the log; [`server`] wires a node together.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod event;

@@ -142,6 +142,9 @@ impl TenantLimits {
 pub struct LimitsTable {
     pub node: TenantLimits,
     pub tenants: HashMap<String, TenantLimits>,
+    /// Services the node can run at once, all tenants together (its instance pool, less room
+    /// for upgrades); `None` when nothing runs them (the log alone).
+    pub node_services: Option<u64>,
 }
 
 impl LimitsTable {

@@ -35,6 +35,13 @@ pub struct Permit {
     _node: OwnedSemaphorePermit,
 }
 
+/// Either kind of permit, for a handler that takes one or the other.
+#[derive(Debug)]
+pub enum Held {
+    Request(Permit),
+    Watcher(WatcherPermit),
+}
+
 /// Held for the life of one Watch, SSE or log-follow stream.
 #[derive(Debug)]
 #[must_use = "the stream is admitted only while the permit lives"]
@@ -122,7 +129,7 @@ mod tests {
                 max_watchers: 1,
                 ..TenantLimits::default()
             },
-            tenants: HashMap::new(),
+            ..LimitsTable::default()
         };
         Shedder::new(node, Arc::new(limits), Metrics::new())
     }

@@ -35,6 +35,8 @@ fn child(dir: std::path::PathBuf) {
     options.limits.node.max_services = u32::MAX;
     options.limits.node.max_deploys_per_minute = u32::MAX;
     options.limits.node.max_tenant_memory_mb = u64::MAX >> 21;
+    // No runtime here: the node-wide instance quota does not apply.
+    options.limits.node_services = None;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -62,14 +64,18 @@ async fn append_forever(control: Control, task: usize, round: String) {
         let outcome = control
             .deploy(common::deploy_request(&tenant, &id, &format!("{round}-{n}")))
             .await;
-        let Ok(outcome) = outcome else { return };
+        // A refusal here is a bug in the test's setup: say so rather than fall silent.
+        let outcome = outcome.unwrap_or_else(|e| panic!("the child's deploy failed: {e}"));
         ack("deploy", outcome.seq, &tenant, &id);
         if n % 4 == 3 {
             let kill = KillCommand {
                 idempotency_key: format!("kill-{round}-{n}"),
                 ..common::kill_command(&tenant, &id)
             };
-            let Ok(killed) = control.kill(kill).await else { return };
+            let killed = control
+                .kill(kill)
+                .await
+                .unwrap_or_else(|e| panic!("the child's kill failed: {e}"));
             ack("kill", killed.seq, &tenant, &id);
         }
     }

@@ -439,8 +439,10 @@ async fn startup_uses_the_newest_valid_snapshot_and_skips_bad_ones() {
     drop(control);
 
     let (control, recovery) = Control::open(options(dir.path())).unwrap();
-    assert_eq!(recovery.snapshot_seq, Some(30));
-    assert_eq!(recovery.replayed, 5);
+    // Snapshots are taken off the writer's thread, of whatever is committed when one is due.
+    let used = recovery.snapshot_seq.expect("a good snapshot was used");
+    assert!((20..=33).contains(&used), "snapshot at {used}");
+    assert_eq!(recovery.replayed, 35 - used);
     assert_eq!(control.read_state(Clone::clone), live);
 }
 

@@ -95,6 +95,18 @@ impl Caller {
     }
 }
 
+/// A credential header as text: absent is `None`, present but not visible ASCII is an error
+/// (never mistaken for an absent header, which in development mode would mean the admin).
+pub fn header_text<'a>(name: &str, value: Option<&'a http::HeaderValue>) -> Result<Option<&'a str>, Error> {
+    match value {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .map(Some)
+            .map_err(|_| Error::invalid(format!("{name}: not printable ASCII"))),
+    }
+}
+
 /// How callers are recognised.
 #[derive(Debug)]
 pub struct Authenticator {
@@ -125,6 +137,9 @@ impl Authenticator {
                 }
                 .to_string()
             })?;
+            if parsed.iter().any(|(other, _)| *other == bytes) {
+                return Err(format!("{key}: this token hash is given to two principals"));
+            }
             parsed.push((bytes, principal));
         }
         let loopback = listeners.iter().all(|addr| addr.ip().is_loopback());

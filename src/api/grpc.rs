@@ -13,7 +13,7 @@ use super::ops::{self, ListFilter};
 use super::watch::{WatchFilter, WatchItem, watch};
 use super::{ApiState, Caller, Error, GaugeGuard, TENANT_HEADER};
 use crate::proto::{self, deploy_request, solo_kernel_server::SoloKernel, watch_response};
-use crate::shed::Permit;
+use crate::shed::{Held, Permit};
 
 /// The descriptor set that reflection serves (written by build.rs).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/solo_descriptor.bin"));
@@ -33,15 +33,24 @@ impl GrpcApi {
     /// Who is calling, from the metadata and the client certificate.
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
         let metadata = request.metadata();
-        let text = |key: &str| metadata.get(key).and_then(|v| v.to_str().ok());
+        // Present but unreadable is an error, never taken for absent.
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .map(|v| {
+                    v.to_str()
+                        .map_err(|_| Error::invalid(format!("{key}: not printable ASCII")))
+                })
+                .transpose()
+        };
         let certificate_tenant = request.peer_certs().and_then(|certs| {
             certs
                 .first()
                 .and_then(|cert| crate::tls::certificate_tenant(cert.as_ref()))
         });
         self.state.auth.authenticate(
-            text("authorization"),
-            text(TENANT_HEADER),
+            text("authorization")?,
+            text(TENANT_HEADER)?,
             certificate_tenant.as_deref(),
         )
     }
@@ -177,10 +186,11 @@ impl SoloKernel for GrpcApi {
         let result = (|| {
             let caller = self.caller(&request)?;
             let r = request.into_inner();
+            // A follower is a stream and counts as a watcher; a one-off read is a request.
             let permit = if r.follow {
-                Some(self.state.shed.admit_watcher(caller.tenant())?)
+                Held::Watcher(self.state.shed.admit_watcher(caller.tenant())?)
             } else {
-                None
+                Held::Request(self.state.shed.admit(caller.tenant())?)
             };
             let lines = ops::logs(&self.state, &caller, &r.service_id, r.from_seq, r.follow)?;
             let stream: Self::LogsStream = Box::pin(lines.map(move |line| {

@@ -39,6 +39,9 @@ impl WatchFilter {
             .map(|k| k.parse::<EventKind>().map_err(Error::invalid))
             .collect::<Result<_, _>>()?;
         let service_id = service_id.filter(|s| !s.is_empty());
+        if let Some(id) = &service_id {
+            crate::control::validate_service_id(id).map_err(|e| Error::invalid(e.to_string()))?;
+        }
         Ok(WatchFilter {
             service_id,
             kinds: (!kinds.is_empty()).then_some(kinds),

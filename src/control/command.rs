@@ -17,20 +17,24 @@ pub const NODE_ACTOR: &str = "node";
 #[derive(Debug, Clone)]
 pub struct Module {
     pub sha256: [u8; 32],
+    /// The hash in lower-case hex, as events carry it (computed by the caller, off the writer).
+    sha256_hex: String,
     pub bytes: Arc<[u8]>,
 }
 
 impl Module {
     pub fn new(bytes: Arc<[u8]>) -> Module {
         use sha2::Digest as _;
+        let sha256: [u8; 32] = sha2::Sha256::digest(&bytes).into();
         Module {
-            sha256: sha2::Sha256::digest(&bytes).into(),
+            sha256,
+            sha256_hex: hex::encode(sha256),
             bytes,
         }
     }
 
-    pub fn sha256_hex(&self) -> String {
-        hex::encode(self.sha256)
+    pub fn sha256_hex(&self) -> &str {
+        &self.sha256_hex
     }
 }
 
@@ -155,6 +159,8 @@ pub(super) struct Context<'a> {
     pub now_ms: u64,
     pub shutting_down: bool,
     pub limits: &'a TenantLimits,
+    /// Services the node can run, all tenants together.
+    pub node_services: Option<u64>,
 }
 
 pub(super) fn decide(state: &State, command: &Command, cx: Context<'_>) -> Result<Decision> {
@@ -183,7 +189,10 @@ fn decide_deploy(state: &State, cmd: &DeployCommand, cx: Context<'_>) -> Result<
     if !cmd.idempotency_key.is_empty()
         && let Some(record) = state.idempotency(&cmd.tenant, &cmd.idempotency_key, cx.now_ms)
     {
-        if record.op != IdempotentOp::Deploy || record.service_id != cmd.service_id || record.module_sha256 != sha {
+        if record.op != IdempotentOp::Deploy
+            || record.service_id != cmd.service_id
+            || record.module_hash != cmd.module.sha256
+        {
             return Err(Error::IdempotencyConflict {
                 key: cmd.idempotency_key.clone(),
             });
@@ -191,7 +200,7 @@ fn decide_deploy(state: &State, cmd: &DeployCommand, cx: Context<'_>) -> Result<
         return Ok(Decision::Answer(Reply::Deployed(DeployOutcome {
             service_id: cmd.service_id.clone(),
             version: record.version,
-            module_sha256: record.module_sha256.clone(),
+            module_sha256: hex::encode(record.module_hash),
             seq: record.seq,
             created: record.version == 1,
             unchanged: false,
@@ -222,7 +231,7 @@ fn decide_deploy(state: &State, cmd: &DeployCommand, cx: Context<'_>) -> Result<
         &cmd.service_id,
         &cmd.actor,
         Kind::ServiceDeployed(proto::ServiceDeployed {
-            module_sha256: sha,
+            module_sha256: sha.to_string(),
             version: existing.map_or(1, |s| s.version + 1),
             limits: Some(cmd.limits),
             labels: cmd.labels.clone(),
@@ -266,6 +275,19 @@ fn check_deploy_quotas(
         Some(s) if s.is_active() => (1, s.limits.memory_bytes),
         _ => (0, 0),
     };
+    if let Some(capacity) = cx.node_services
+        && held_slot == 0
+        && state.active_services() >= capacity
+    {
+        return Err(Error::QuotaExceeded {
+            quota: "runtime.max_instances",
+            limit: capacity,
+            detail: format!(
+                "the node runs {} services, all it has room for",
+                state.active_services()
+            ),
+        });
+    }
     if active - held_slot >= limits.max_services {
         return Err(Error::QuotaExceeded {
             quota: "max_services",

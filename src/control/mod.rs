@@ -9,6 +9,7 @@
 pub mod command;
 mod error;
 mod recovery;
+mod snapshotter;
 mod writer;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ pub use error::{Error, Result};
 pub use recovery::{Recovery, load_snapshot, replay};
 
 use command::{Command, Reply};
+use snapshotter::Snapshotter;
 use writer::{Request, Writer};
 
 use crate::limits::LimitsTable;
@@ -125,7 +127,8 @@ struct Shared {
     log: EventLog,
     limits: Arc<LimitsTable>,
     shutting_down: Arc<AtomicBool>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The writer's thread, then the snapshotter's, joined in that order at close.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     node: NodeMeta,
     /// The wasm runtime, once attached: it validates modules and serves calls. Without one (as
     /// in tests of the log alone), module bytes are opaque and calls fail.
@@ -152,6 +155,14 @@ impl Control {
         let published = Arc::new(RwLock::new(state.clone()));
         let limits = Arc::new(options.limits);
         let shutting_down = Arc::new(AtomicBool::new(false));
+        let snapshots = Snapshotter::start(
+            log.clone(),
+            Arc::clone(&published),
+            options.writer.snapshot_every,
+            options.writer.snapshots_kept,
+            last_snapshot_seq,
+        );
+        let (snapshots, snapshot_thread) = snapshots.unzip();
         let writer = Writer {
             log: log.clone(),
             working: state,
@@ -160,7 +171,8 @@ impl Control {
             clock: options.clock,
             options: options.writer,
             shutting_down: Arc::clone(&shutting_down),
-            last_snapshot_seq,
+            snapshots,
+            stored_blobs: std::collections::HashSet::new(),
             on_commit: options.on_commit,
         };
         let thread = std::thread::Builder::new()
@@ -175,7 +187,8 @@ impl Control {
                 log,
                 limits,
                 shutting_down,
-                writer: Mutex::new(Some(thread)),
+                // The writer first: when it ends, the snapshotter's queue closes.
+                threads: Mutex::new([Some(thread), snapshot_thread].into_iter().flatten().collect()),
                 runtime: OnceLock::new(),
             }),
         }
@@ -206,10 +219,8 @@ impl Control {
         if self.shared.requests.send(Request::Close { done }).await.is_ok() {
             let _ = closed.await;
         }
-        let thread = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = thread {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        let threads = std::mem::take(&mut *self.shared.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
     }
 
     async fn submit(&self, command: Command) -> Result<Reply> {
@@ -314,15 +325,21 @@ impl Control {
     ) -> Result<Vec<u8>> {
         validate_tenant(tenant)?;
         validate_service_id(service_id)?;
-        let service = self.status(tenant, service_id)?;
-        if !matches!(service.status, Status::Starting | Status::Running) {
-            return Err(Error::NotRunning {
+        // Only what the call needs is read: this is the data plane's hot path.
+        let call_timeout_ms = self.read_state(|state| {
+            let service = state.service(tenant, service_id).ok_or_else(|| Error::NotFound {
                 service_id: service_id.to_string(),
-                status: service.status,
-                last_error: service.last_error,
-            });
-        }
-        let limit = Duration::from_millis(service.limits.call_timeout_ms.into());
+            })?;
+            if !matches!(service.status, Status::Starting | Status::Running) {
+                return Err(Error::NotRunning {
+                    service_id: service_id.to_string(),
+                    status: service.status,
+                    last_error: service.last_error.clone(),
+                });
+            }
+            Ok(service.limits.call_timeout_ms)
+        })?;
+        let limit = Duration::from_millis(call_timeout_ms.into());
         let timeout = timeout.filter(|t| !t.is_zero()).map_or(limit, |t| t.min(limit));
         let runtime = self.runtime().ok_or(Error::Closed)?;
         runtime
@@ -352,6 +369,8 @@ impl Control {
 
     /// One service of `tenant`.
     pub fn status(&self, tenant: &str, service_id: &str) -> Result<Service> {
+        validate_tenant(tenant)?;
+        validate_service_id(service_id)?;
         self.read_state(|state| state.service(tenant, service_id).cloned())
             .ok_or_else(|| Error::NotFound {
                 service_id: service_id.to_string(),
@@ -418,7 +437,7 @@ impl Drop for Shared {
         // when the last handle goes (tests reopen the same directory).
         let (closed, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.requests, closed));
-        if let Some(thread) = self.writer.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+        for thread in std::mem::take(self.threads.get_mut().unwrap_or_else(|p| p.into_inner())) {
             let _ = thread.join();
         }
     }

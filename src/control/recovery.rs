@@ -9,8 +9,11 @@ use crate::log::{self, Store, frame};
 use crate::proto::Event;
 use crate::state::{Settings, State};
 
-/// Events decoded and applied per read transaction during replay.
-const REPLAY_CHUNK: u64 = 65_536;
+/// Events decoded per read transaction during replay.
+const REPLAY_CHUNK: u64 = 8192;
+
+/// Decoded chunks the reading thread may hold ready for the applying one.
+const DECODED_CHUNKS_AHEAD: usize = 4;
 
 /// What recovery did, for the startup log line and `NodeStarted`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,10 +61,13 @@ pub fn load_snapshot(store: &Store, settings: Settings, head: u64) -> Option<Sta
         }
     };
     for seq in seqs {
-        let loaded = store.snapshot(seq).map_err(|e| e.to_string()).and_then(|bytes| {
+        let decoded = store.read_snapshot(seq, |bytes| {
             let bytes = bytes.ok_or("vanished while loading")?;
-            let payload = frame::decode(&bytes).map_err(|e| e.to_string())?;
-            let state = State::decode_snapshot(payload, settings).map_err(|e| e.to_string())?;
+            let payload = frame::decode(bytes).map_err(|e| e.to_string())?;
+            State::decode_snapshot(payload, settings).map_err(|e| e.to_string())
+        });
+        let loaded = decoded.map_err(|e| e.to_string()).and_then(|decoded| {
+            let state = decoded?;
             if state.applied_seq() != seq {
                 return Err(format!("it says it was taken after seq {}", state.applied_seq()));
             }
@@ -81,35 +87,60 @@ pub fn load_snapshot(store: &Store, settings: Settings, head: u64) -> Option<Sta
 /// Applies the events `from..=to` to `state`. A record that fails its checks stops replay
 /// with an error; an event that does not apply is logged and stepped over. Returns how many
 /// were stepped over.
+///
+/// Reading and decoding run on a second thread, a few chunks ahead of applying.
 pub fn replay(store: &Store, state: &mut State, from: u64, to: u64) -> log::Result<u64> {
-    let mut skipped = 0;
-    let mut chunk_start = from;
-    while chunk_start <= to {
-        let chunk_end = to.min(chunk_start + REPLAY_CHUNK - 1);
-        let read = store.read_frames(chunk_start..=chunk_end, |seq, payload| {
-            let event = Event::decode(payload).map_err(|e| log::Error::UndecodableRecord {
-                seq,
-                reason: e.to_string(),
-            })?;
-            if event.seq != seq {
-                return Err(log::Error::UndecodableRecord {
-                    seq,
-                    reason: format!("payload says seq {}", event.seq),
-                });
+    if from > to {
+        return Ok(0);
+    }
+    std::thread::scope(|scope| {
+        let (chunks, decoded) = std::sync::mpsc::sync_channel(DECODED_CHUNKS_AHEAD);
+        scope.spawn(move || {
+            let mut chunk_start = from;
+            while chunk_start <= to {
+                let chunk_end = to.min(chunk_start + REPLAY_CHUNK - 1);
+                let chunk = decode_chunk(store, chunk_start, chunk_end);
+                let failed = chunk.is_err();
+                if chunks.send(chunk).is_err() || failed {
+                    return;
+                }
+                chunk_start = chunk_end + 1;
             }
-            if let Err(e) = state.apply(&event) {
-                tracing::warn!(seq, error = %e, "event does not apply; stepping over it");
-                state.skip(&event);
-                skipped += 1;
+        });
+        let mut skipped = 0;
+        for chunk in decoded {
+            // By reference: moving each decoded event out would copy it.
+            for event in &chunk? {
+                if let Err(e) = state.apply(event) {
+                    tracing::warn!(seq = event.seq, error = %e, "event does not apply; stepping over it");
+                    state.skip(event);
+                    skipped += 1;
+                }
             }
-            Ok(())
+        }
+        Ok(skipped)
+    })
+}
+
+/// The events `from..=to`, checked and decoded, in one read transaction.
+fn decode_chunk(store: &Store, from: u64, to: u64) -> log::Result<Vec<Event>> {
+    let events = store.read_frames(from..=to, |seq, payload| {
+        let event = Event::decode(payload).map_err(|e| log::Error::UndecodableRecord {
+            seq,
+            reason: e.to_string(),
         })?;
-        if (read.len() as u64) < chunk_end - chunk_start + 1 {
-            return Err(log::Error::MissingRecord {
-                seq: chunk_start + read.len() as u64,
+        if event.seq != seq {
+            return Err(log::Error::UndecodableRecord {
+                seq,
+                reason: format!("payload says seq {}", event.seq),
             });
         }
-        chunk_start = chunk_end + 1;
+        Ok(event)
+    })?;
+    if (events.len() as u64) < to - from + 1 {
+        return Err(log::Error::MissingRecord {
+            seq: from + events.len() as u64,
+        });
     }
-    Ok(skipped)
+    Ok(events)
 }

@@ -7,18 +7,23 @@
 //! every caller. Callers are answered only after their events are durable. If the commit
 //! fails, every caller of the batch gets the error and the working state is reset to the
 //! published (committed) one.
+//!
+//! A commit costs about the same for one event as for hundreds (the fsync dominates), so under
+//! load the writer lets a batch fill: when the previous batch was large and the queue is still
+//! short, it waits a moment for the callers it just answered to come back.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::command::{Command, Context, Decision, Reply, decide};
+use super::command::{Command, Context, Decision, Module, Reply, decide};
 use super::error::{Error, Result};
+use super::snapshotter::Heads;
 use super::{Clock, CommitHook, EventLog, WriterOptions};
 use crate::limits::LimitsTable;
-use crate::log::{BlobRef, frame};
+use crate::log::BlobRef;
 use crate::proto::{Event, event::Kind};
 use crate::state::State;
 
@@ -34,6 +39,16 @@ pub(super) enum Request {
     Close { done: oneshot::Sender<()> },
 }
 
+/// Module hashes the writer remembers as stored; forgetting one only costs a lookup.
+const STORED_BLOBS_REMEMBERED: usize = 4096;
+
+/// A batch this large means callers are queueing: worth letting the next one fill.
+const BUSY_BATCH: usize = 16;
+
+/// The longest the writer waits for a batch to fill, and how often it looks.
+const LINGER: Duration = Duration::from_micros(200);
+const LINGER_STEP: Duration = Duration::from_micros(20);
+
 pub(super) struct Writer {
     pub log: EventLog,
     pub working: State,
@@ -42,7 +57,10 @@ pub(super) struct Writer {
     pub clock: Clock,
     pub options: WriterOptions,
     pub shutting_down: Arc<AtomicBool>,
-    pub last_snapshot_seq: u64,
+    /// Hashes of modules known to be in the blob store (bounded: cleared when full).
+    pub stored_blobs: std::collections::HashSet<[u8; 32]>,
+    /// The head after each commit goes here for snapshots, if they are on.
+    pub snapshots: Option<Heads>,
     pub on_commit: Option<CommitHook>,
 }
 
@@ -55,28 +73,48 @@ struct Pending {
 impl Writer {
     pub(super) fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(self.options.max_batch);
+        let mut last_batch = 0;
         while let Some(first) = requests.blocking_recv() {
             batch.push(first);
-            while batch.len() < self.options.max_batch {
-                match requests.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
-                }
-            }
+            self.fill(&mut requests, &mut batch, last_batch);
+            last_batch = batch.len();
             let mut close = None;
-            let commands = batch.drain(..).filter_map(|request| match request {
-                Request::Command { command, reply } => Some((command, reply)),
-                Request::Close { done } => {
-                    close = Some(done);
-                    None
-                }
-            });
-            let commands: Vec<_> = commands.collect();
+            let commands: Vec<_> = batch
+                .drain(..)
+                .filter_map(|request| match request {
+                    Request::Command { command, reply } => Some((command, reply)),
+                    Request::Close { done } => {
+                        close = Some(done);
+                        None
+                    }
+                })
+                .collect();
             self.process(commands);
             if let Some(done) = close {
                 let _ = done.send(());
                 return;
             }
+        }
+    }
+
+    /// Adds queued requests to `batch`, lingering briefly while the queue is short of what the
+    /// previous batch held (the callers just answered are about to send again).
+    fn fill(&self, requests: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, last_batch: usize) {
+        let max = self.options.max_batch;
+        let target = last_batch.min(max);
+        let linger_until = Instant::now() + LINGER;
+        loop {
+            while batch.len() < max {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            let waiting = last_batch >= BUSY_BATCH && batch.len() < target * 9 / 10 && Instant::now() < linger_until;
+            if !waiting {
+                return;
+            }
+            std::thread::sleep(LINGER_STEP);
         }
     }
 
@@ -89,19 +127,21 @@ impl Writer {
         // is raised only once the request is durable.
         let mut shutting_down = self.shutting_down.load(Ordering::Acquire);
         for (command, reply) in commands {
-            let tenant_limits = match &command {
+            let limits = match &command {
                 Command::Deploy(cmd) => self.limits.for_tenant(&cmd.tenant),
                 _ => &self.limits.node,
             };
             let cx = Context {
                 now_ms,
                 shutting_down,
-                limits: tenant_limits,
+                limits,
+                node_services: self.limits.node_services,
             };
             match decide(&self.working, &command, cx) {
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
+                // Answered after the commit: it may rest on events of this batch.
                 Ok(Decision::Answer(answer)) => pending.push(Pending { reply, answer }),
                 Ok(Decision::Append {
                     mut event,
@@ -121,7 +161,13 @@ impl Writer {
                         reply,
                         answer: answer_for(&event),
                     });
-                    blobs.extend(blob);
+                    // A module already in the blob store (or in this batch) is not written again.
+                    if let Some(module) = blob
+                        && !self.stored_blobs.contains(&module.sha256)
+                        && !blobs.iter().any(|m: &Module| m.sha256 == module.sha256)
+                    {
+                        blobs.push(module);
+                    }
                     events.push(Arc::new(event));
                 }
             }
@@ -130,18 +176,12 @@ impl Writer {
             answer(pending);
             return;
         }
-        self.commit(events, &blobs, pending, shutting_down);
+        self.commit(events, blobs, pending, shutting_down);
     }
 
     /// Appends the batch and answers its callers. `shutting_down` is raised for everyone once
     /// the batch (which may hold the shutdown request) is durable.
-    fn commit(
-        &mut self,
-        events: Vec<Arc<Event>>,
-        blobs: &[super::command::Module],
-        pending: Vec<Pending>,
-        shutting_down: bool,
-    ) {
+    fn commit(&mut self, events: Vec<Arc<Event>>, blobs: Vec<Module>, pending: Vec<Pending>, shutting_down: bool) {
         let blob_refs: Vec<BlobRef<'_>> = blobs
             .iter()
             .map(|m| BlobRef {
@@ -150,60 +190,45 @@ impl Writer {
             })
             .collect();
         let started = Instant::now();
-        match self.log.append(&events, &blob_refs) {
-            Ok(_) => {
-                let elapsed = started.elapsed();
-                {
-                    let mut published = self.published.write().unwrap_or_else(|poison| poison.into_inner());
-                    for event in &events {
-                        if let Err(e) = published.apply(event) {
-                            tracing::error!(seq = event.seq, error = %e, "committed event does not apply");
-                            published.skip(event);
-                        }
-                    }
-                }
-                if shutting_down {
-                    self.shutting_down.store(true, Ordering::Release);
-                }
-                // Tailers hear of the batch only now, so whoever sees an event finds it in the state.
-                self.log.publish(&events);
-                if let Some(hook) = &self.on_commit {
-                    hook(&events, elapsed);
-                }
-                answer(pending);
-                self.maybe_snapshot();
+        if let Err(e) = self.log.append(&events, &blob_refs) {
+            tracing::error!(error = %e, events = events.len(), "commit failed; the batch was not written");
+            let error = Error::from(e);
+            for p in pending {
+                let _ = p.reply.send(Err(error.clone()));
             }
-            Err(e) => {
-                tracing::error!(error = %e, events = events.len(), "commit failed; the batch was not written");
-                let error = Error::from(e);
-                for p in pending {
-                    let _ = p.reply.send(Err(error.clone()));
-                }
-                self.working = self
-                    .published
-                    .read()
-                    .unwrap_or_else(|poison| poison.into_inner())
-                    .clone();
-            }
-        }
-    }
-
-    fn maybe_snapshot(&mut self) {
-        let seq = self.working.applied_seq();
-        if self.options.snapshot_every == 0 || seq - self.last_snapshot_seq < self.options.snapshot_every {
+            self.working = self
+                .published
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .clone();
             return;
         }
-        let frame = frame::encode_with(|out| self.working.encode_snapshot(out));
-        match self.log.store().put_snapshot(seq, &frame, self.options.snapshots_kept) {
-            Ok(()) => {
-                self.last_snapshot_seq = seq;
-                tracing::debug!(seq, bytes = frame.len(), "snapshot written");
+        let elapsed = started.elapsed();
+        if self.stored_blobs.len() + blobs.len() > STORED_BLOBS_REMEMBERED {
+            self.stored_blobs.clear();
+        }
+        self.stored_blobs.extend(blobs.iter().map(|m| m.sha256));
+        {
+            let mut published = self.published.write().unwrap_or_else(|poison| poison.into_inner());
+            for event in &events {
+                if let Err(e) = published.apply(event) {
+                    tracing::error!(seq = event.seq, error = %e, "committed event does not apply");
+                    published.skip(event);
+                }
             }
-            Err(e) => {
-                // A snapshot only saves replay time; the log itself is intact.
-                tracing::warn!(seq, error = %e, "snapshot not written");
-                self.last_snapshot_seq = seq;
-            }
+        }
+        if shutting_down {
+            self.shutting_down.store(true, Ordering::Release);
+        }
+        // Tailers hear of the batch only now, so whoever sees an event finds it in the state.
+        self.log.publish(&events);
+        if let Some(hook) = &self.on_commit {
+            hook(&events, elapsed);
+        }
+        answer(pending);
+        if let (Some(snapshots), Some(last)) = (&self.snapshots, events.last()) {
+            // The snapshotter is gone only when the node is closing.
+            let _ = snapshots.send(last.seq);
         }
     }
 }

@@ -238,7 +238,7 @@ impl Store {
     ) -> Result<Vec<T>> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         let iter = self.events.range(&rtxn, &range).map_err(|e| self.err(e))?;
-        let mut out = Vec::with_capacity((range.end() - range.start()).saturating_add(1).min(4096) as usize);
+        let mut out = Vec::with_capacity((range.end() - range.start()).saturating_add(1).min(8192) as usize);
         for (expected, item) in (*range.start()..).zip(iter) {
             let (seq, bytes) = item.map_err(|e| self.err(e))?;
             if seq != expected {
@@ -317,6 +317,13 @@ impl Store {
             .map_err(|e| self.err(e))?
             .map(|item| item.map(|(seq, _)| seq).map_err(|e| self.err(e)))
             .collect()
+    }
+
+    /// Runs `read` on the framed snapshot taken after `seq`, in place (no copy of what may be
+    /// megabytes), within one read transaction.
+    pub fn read_snapshot<T>(&self, seq: u64, read: impl FnOnce(Option<&[u8]>) -> T) -> Result<T> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        Ok(read(self.snapshots.get(&rtxn, &seq).map_err(|e| self.err(e))?))
     }
 
     /// The framed snapshot taken after `seq`.

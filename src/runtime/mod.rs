@@ -87,8 +87,9 @@ struct Inner {
     /// Where guest code runs; owned here so it can be shut down without blocking.
     guest_runtime: Mutex<Option<tokio::runtime::Runtime>>,
     guests: tokio::runtime::Handle,
+    /// Slots by tenant, then by service id (so lookups need no allocation).
     /// Why a std lock: lookups and inserts only, never held across an `.await`.
-    slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
+    slots: Mutex<HashMap<String, HashMap<String, Arc<Slot>>>>,
     reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
     ticker_stop: Arc<AtomicBool>,
 }
@@ -343,8 +344,11 @@ impl Runtime {
 
     /// Instances currently able to take calls.
     pub fn running_instances(&self) -> usize {
-        let slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.values().filter(|slot| slot.ready.borrow().is_some()).count()
+        self.inner
+            .all_slots()
+            .iter()
+            .filter(|slot| slot.ready.borrow().is_some())
+            .count()
     }
 
     /// Stops following the log, stops every instance gracefully within `grace` (each recorded
@@ -353,14 +357,7 @@ impl Runtime {
         if let Some(task) = self.inner.reconciler.lock().unwrap_or_else(|p| p.into_inner()).take() {
             task.abort();
         }
-        let slots: Vec<Arc<Slot>> = self
-            .inner
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let slots = self.inner.all_slots();
         let mut stopped = Vec::new();
         for slot in slots {
             let (done, finished) = oneshot::channel();
@@ -386,14 +383,18 @@ impl Runtime {
 impl Inner {
     fn find(&self, tenant: &str, service_id: &str) -> Option<Arc<Slot>> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.get(&(tenant.to_string(), service_id.to_string())).cloned()
+        slots.get(tenant)?.get(service_id).cloned()
+    }
+
+    fn all_slots(&self) -> Vec<Arc<Slot>> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.values().flat_map(|tenant| tenant.values().cloned()).collect()
     }
 
     /// The slot of a service, created (with its task) on first use.
     fn slot(self: &Arc<Self>, tenant: &str, service_id: &str) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (tenant.to_string(), service_id.to_string());
-        if let Some(slot) = slots.get(&key) {
+        if let Some(slot) = slots.get(tenant).and_then(|t| t.get(service_id)) {
             return Arc::clone(slot);
         }
         let (commands, queue) = mpsc::unbounded_channel();
@@ -405,7 +406,10 @@ impl Inner {
             ready: Arc::new(watch::Sender::new(None)),
             commands,
         });
-        slots.insert(key, Arc::clone(&slot));
+        slots
+            .entry(tenant.to_string())
+            .or_default()
+            .insert(service_id.to_string(), Arc::clone(&slot));
         self.guests
             .spawn(run_slot(Arc::downgrade(self), Arc::clone(&slot), queue));
         slot
@@ -492,7 +496,27 @@ async fn run_slot(
     mut commands: mpsc::UnboundedReceiver<SlotCommand>,
 ) {
     let mut current: Option<RunningActor> = None;
-    while let Some(command) = commands.recv().await {
+    let mut queued = std::collections::VecDeque::new();
+    loop {
+        let command = match queued.pop_front() {
+            Some(command) => command,
+            None => match commands.recv().await {
+                Some(command) => command,
+                None => return,
+            },
+        };
+        while let Ok(more) = commands.try_recv() {
+            queued.push_back(more);
+        }
+        // Under a storm of deploys, only the newest version is worth starting: a start that a
+        // later start or kill supersedes is skipped (its version never runs).
+        if let SlotCommand::Start { done: None, .. } = &command
+            && queued
+                .iter()
+                .any(|c| matches!(c, SlotCommand::Start { .. } | SlotCommand::Kill { .. }))
+        {
+            continue;
+        }
         let Some(inner) = runtime.upgrade() else { return };
         match command {
             SlotCommand::Start {

@@ -64,6 +64,8 @@ pub struct State {
     applied_seq: u64,
     last_timestamp_ms: u64,
     tenants: Map<String, Tenant>,
+    /// Services of all tenants that hold quota (the node's share of them).
+    active_services: u64,
     /// (time, tenant, key) of remembered idempotency keys, oldest first, for expiry.
     idempotency_expiry: VecDeque<(u64, String, String)>,
 }
@@ -75,6 +77,7 @@ impl State {
             applied_seq: 0,
             last_timestamp_ms: 0,
             tenants: Map::default(),
+            active_services: 0,
             idempotency_expiry: VecDeque::new(),
         }
     }
@@ -91,6 +94,11 @@ impl State {
     /// Commit time of the last event applied.
     pub fn last_timestamp_ms(&self) -> u64 {
         self.last_timestamp_ms
+    }
+
+    /// Services of every tenant that hold quota.
+    pub fn active_services(&self) -> u64 {
+        self.active_services
     }
 
     pub fn tenant(&self, tenant: &str) -> Option<&Tenant> {
@@ -118,9 +126,10 @@ impl State {
 
     /// Deploys of `tenant` committed after `since_ms`.
     pub fn deploys_since(&self, tenant: &str, since_ms: u64) -> usize {
-        // Commit times never go back, so the window is sorted.
+        // Commit times never go back, and applying a deploy drops those past the window, so
+        // only the few oldest entries can be at or before `since_ms`.
         self.tenants.get(tenant).map_or(0, |t| {
-            t.recent_deploys.len() - t.recent_deploys.partition_point(|&at| at <= since_ms)
+            t.recent_deploys.len() - t.recent_deploys.iter().take_while(|&&at| at <= since_ms).count()
         })
     }
 
@@ -201,6 +210,12 @@ impl State {
                 field: "limits",
             });
         }
+        if parse_sha256(&e.module_sha256).is_none() {
+            return Err(ApplyError::MissingField {
+                kind: "service_deployed",
+                field: "module_sha256 (64 hex digits)",
+            });
+        }
         let current = self.service(&event.tenant, &event.service_id).map_or(0, |s| s.version);
         if current.checked_add(1) != Some(e.version) {
             return Err(stale(event, current, e.version));
@@ -210,20 +225,16 @@ impl State {
 
     fn apply_deployed(&mut self, event: &Event, e: &proto::ServiceDeployed) {
         let limits = e.limits.unwrap_or_default();
-        if !self.tenants.contains_key(&event.tenant) {
-            self.tenants.insert(event.tenant.clone(), Tenant::default());
-        }
-        let tenant = self.tenants.get_mut(&event.tenant).expect("inserted above");
-        if !tenant.services.contains_key(&event.service_id) {
-            tenant
-                .services
-                .insert(event.service_id.clone(), Service::new(event, limits));
-        }
-        let service = tenant.services.get_mut(&event.service_id).expect("inserted above");
+        let tenant = self.tenants.entry_ref(event.tenant.as_str()).or_default();
+        let service = tenant
+            .services
+            .entry_ref(event.service_id.as_str())
+            .or_insert_with(|| Service::new(event, limits));
         if service.is_active() {
             tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
         } else {
             tenant.active_services = tenant.active_services.saturating_add(1);
+            self.active_services += 1;
         }
         tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(limits.memory_bytes);
         service.module_sha256.clone_from(&e.module_sha256);
@@ -249,7 +260,7 @@ impl State {
                 service_id: event.service_id.clone(),
                 seq: event.seq,
                 version: e.version,
-                module_sha256: e.module_sha256.clone(),
+                module_hash: parse_sha256(&e.module_sha256).unwrap_or_default(),
                 at_ms: event.timestamp_ms,
             };
             self.remember(&event.tenant, &e.idempotency_key, record);
@@ -269,6 +280,7 @@ impl State {
         service.touched(event);
         let version = service.version;
         tenant.active_services = tenant.active_services.saturating_sub(1);
+        self.active_services = self.active_services.saturating_sub(1);
         tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
         if !e.idempotency_key.is_empty() {
             let record = IdempotencyRecord {
@@ -276,7 +288,7 @@ impl State {
                 service_id: event.service_id.clone(),
                 seq: event.seq,
                 version,
-                module_sha256: String::new(),
+                module_hash: [0; 32],
                 at_ms: event.timestamp_ms,
             };
             self.remember(&event.tenant, &e.idempotency_key, record);
@@ -306,7 +318,7 @@ impl State {
     /// Keys past the window are forgotten first.
     fn remember(&mut self, tenant: &str, key: &str, record: IdempotencyRecord) {
         self.expire_idempotency(record.at_ms);
-        let keys = &mut self.tenants.entry(tenant.to_string()).or_default().idempotency;
+        let keys = &mut self.tenants.entry_ref(tenant).or_default().idempotency;
         if !keys.contains_key(key) {
             self.idempotency_expiry
                 .push_back((record.at_ms, tenant.to_string(), key.to_string()));
@@ -382,6 +394,12 @@ fn stale(event: &Event, current: u64, found: u64) -> ApplyError {
         current,
         event: found,
     }
+}
+
+/// A module hash from its hex form.
+pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let mut hash = [0; 32];
+    hex::decode_to_slice(hex, &mut hash).ok().map(|()| hash)
 }
 
 fn unknown(event: &Event) -> ApplyError {

@@ -4,9 +4,9 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::proto::{DesiredState, IdempotentOp, Limits, ServiceStatusCode};
 
-/// The maps of the projection: hashed with foldhash, which is fast and seeded per map (service
-/// ids come from tenants, so the hash must not be predictable).
-pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// The maps of the projection: hashbrown with foldhash, which is fast and seeded per map
+/// (service ids come from tenants, so the hash must not be predictable).
+pub type Map<K, V> = hashbrown::HashMap<K, V>;
 
 /// What should be true of a service: the user's intent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +191,8 @@ pub struct IdempotencyRecord {
     /// Seq of the event that carried the key.
     pub seq: u64,
     pub version: u64,
-    pub module_sha256: String,
+    /// SHA-256 of the deployed module; zeros for a kill.
+    pub module_hash: [u8; 32],
     pub at_ms: u64,
 }
 

@@ -62,40 +62,63 @@ impl State {
         let mut state = State::new(settings);
         state.applied_seq = snapshot.seq;
         state.last_timestamp_ms = snapshot.last_timestamp_ms;
-        for record in snapshot.services {
-            let service = service_from_record(record)?;
-            let tenant = state.tenants.entry(service.tenant.clone()).or_default();
-            if tenant.services.contains_key(&service.id) {
-                return Err(SnapshotError::Inconsistent(format!(
-                    "service {}/{} appears twice",
-                    service.tenant, service.id
-                )));
+        // Snapshots list services by tenant: size each tenant's map once, from its run.
+        let mut runs: Vec<(String, usize)> = Vec::new();
+        for record in &snapshot.services {
+            match runs.last_mut() {
+                Some((tenant, run)) if *tenant == record.tenant => *run += 1,
+                _ => runs.push((record.tenant.clone(), 1)),
             }
-            if service.is_active() {
-                tenant.active_services = tenant.active_services.saturating_add(1);
-                tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(service.limits.memory_bytes);
-            }
-            tenant.services.insert(service.id.clone(), service);
         }
+        let mut records = snapshot.services.into_iter();
+        for (name, run) in runs {
+            let tenant = state.tenants.entry(name).or_default();
+            tenant.services.reserve(run);
+            for record in records.by_ref().take(run) {
+                let service = service_from_record(record)?;
+                if tenant.services.contains_key(&service.id) {
+                    return Err(SnapshotError::Inconsistent(format!(
+                        "service {}/{} appears twice",
+                        service.tenant, service.id
+                    )));
+                }
+                if service.is_active() {
+                    tenant.active_services = tenant.active_services.saturating_add(1);
+                    state.active_services += 1;
+                    tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(service.limits.memory_bytes);
+                }
+                tenant.services.insert(service.id.clone(), service);
+            }
+        }
+        state.idempotency_expiry.reserve(snapshot.idempotency.len());
         for record in snapshot.idempotency {
             let op = IdempotentOp::try_from(record.op)
                 .ok()
                 .filter(|op| *op != IdempotentOp::Unspecified)
                 .ok_or_else(|| SnapshotError::Inconsistent(format!("idempotency op {}", record.op)))?;
+            let module_hash = match record.module_hash.len() {
+                0 => [0; 32],
+                _ => record.module_hash.as_slice().try_into().map_err(|_| {
+                    SnapshotError::Inconsistent(format!("idempotency key '{}': bad module hash", record.key))
+                })?,
+            };
             state
                 .idempotency_expiry
                 .push_back((record.at_ms, record.tenant.clone(), record.key.clone()));
-            state.tenants.entry(record.tenant).or_default().idempotency.insert(
-                record.key,
-                IdempotencyRecord {
-                    op,
-                    service_id: record.service_id,
-                    seq: record.seq,
-                    version: record.version,
-                    module_sha256: record.module_sha256,
-                    at_ms: record.at_ms,
-                },
-            );
+            let remembered = IdempotencyRecord {
+                op,
+                service_id: record.service_id,
+                seq: record.seq,
+                version: record.version,
+                module_hash,
+                at_ms: record.at_ms,
+            };
+            state
+                .tenants
+                .entry(record.tenant)
+                .or_default()
+                .idempotency
+                .insert(record.key, remembered);
         }
         for deploys in snapshot.recent_deploys {
             state.tenants.entry(deploys.tenant).or_default().recent_deploys = deploys.at_ms.into();
@@ -168,7 +191,11 @@ fn idempotency_record(tenant: &str, key: &str, r: &IdempotencyRecord) -> proto::
         service_id: r.service_id.clone(),
         seq: r.seq,
         version: r.version,
-        module_sha256: r.module_sha256.clone(),
+        module_hash: if r.module_hash == [0; 32] {
+            Vec::new()
+        } else {
+            r.module_hash.to_vec()
+        },
         at_ms: r.at_ms,
     }
 }

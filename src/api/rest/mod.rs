@@ -214,8 +214,8 @@ pub(crate) fn caller(
     query_tenant: Option<&str>,
     certificate: Option<&crate::tls::PeerTenant>,
 ) -> Result<Caller, Error> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let header_tenant = text(TENANT_HEADER);
+    let text = |name: &str| super::auth::header_text(name, headers.get(name));
+    let header_tenant = text(TENANT_HEADER)?;
     let tenant = match (header_tenant, query_tenant) {
         (Some(h), Some(q)) if h != q => {
             return Err(Error::invalid(format!(
@@ -228,7 +228,7 @@ pub(crate) fn caller(
     let certificate_tenant = certificate.and_then(|c| c.0.as_deref());
     state
         .auth
-        .authenticate(text("authorization"), tenant, certificate_tenant)
+        .authenticate(text("authorization")?, tenant, certificate_tenant)
 }
 
 /// Authenticates and admits a request.

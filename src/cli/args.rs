@@ -1,0 +1,524 @@
+//! Every subcommand and flag of `solo`, with its help text and examples. Parsing only: what a
+//! command does lives in the module that runs it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::builder::PossibleValuesParser;
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+
+use crate::event::EventKind;
+use crate::state::Status;
+
+/// The exit codes, as every client command's help lists them.
+macro_rules! exit_codes {
+    () => {
+        "Exit codes:
+  0  success
+  1  failure: the node refused the request, the call failed, a file could not be read
+  2  usage error: bad flags or arguments
+  3  not found: no such service (another tenant's services do not exist for you)
+  4  unauthenticated or forbidden: missing or wrong token, or an admin-only request
+  5  unavailable: the node cannot be reached, or is shutting down"
+    };
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "solo",
+    version,
+    about = "An event-sourced control plane for sandboxed WebAssembly services",
+    long_about = "An event-sourced control plane for sandboxed WebAssembly services.\n\n\
+        `solo serve` runs a node. The other commands are its client: they talk gRPC to the node at \
+        --endpoint (SOLO_ENDPOINT), except `solo log`, `solo config`, `solo token` and `solo completions`, \
+        which work offline.",
+    after_help = concat!(
+        "Examples:
+  solo serve --data-dir ./data
+  solo deploy echo examples/services/echo.wat --wait
+  echo -n hello | solo call echo
+  solo list --status running
+  solo events --follow --json
+  SOLO_ENDPOINT=https://node:50051 SOLO_TOKEN=solo_... solo status echo --ca-cert ca.pem
+
+Environment: SOLO_ENDPOINT, SOLO_TOKEN, SOLO_TENANT, SOLO_CA_CERT, SOLO_CONFIG; NO_COLOR turns colour off.
+
+",
+        exit_codes!()
+    )
+)]
+pub struct Cli {
+    /// Configuration file (TOML); without one, the defaults serve.
+    #[arg(long, global = true, env = "SOLO_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print JSON for programs: one document per command, JSON lines for `events` and `logs`.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// Parses `std::env::args`, exiting with the usage code (2) on bad arguments.
+    pub fn parse_args() -> Cli {
+        Cli::parse_from_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses the given arguments (the first is the program name).
+    pub fn parse_from_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        // `log dump --tenant` filters the dump. It shares its name with the global --tenant, so
+        // clap hands it SOLO_TENANT too; only a value given on the command line filters.
+        if let Command::Log(LogCommand::Dump { tenant, .. }) = &mut cli.command {
+            let source = matches
+                .subcommand_matches("log")
+                .and_then(|m| m.subcommand_matches("dump"))
+                .and_then(|m| m.value_source("tenant"));
+            if source != Some(ValueSource::CommandLine) {
+                *tenant = None;
+            }
+        }
+        Ok(cli)
+    }
+}
+
+/// Where the node is and who is asking: shared by every client command.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection")]
+pub struct ConnectionArgs {
+    /// The node's gRPC address: http://HOST:PORT, or https://HOST:PORT with --ca-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "SOLO_ENDPOINT",
+        default_value = "http://127.0.0.1:50051",
+        value_name = "URL"
+    )]
+    pub endpoint: String,
+    /// Bearer token (`solo token new` makes one); sent as `authorization: Bearer <token>`.
+    #[arg(
+        long,
+        global = true,
+        env = "SOLO_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Tenant to act as (development mode), or, for the admin, the tenant to act for.
+    #[arg(long, global = true, env = "SOLO_TENANT", value_name = "TENANT")]
+    pub tenant: Option<String>,
+    /// PEM certificate of the CA that signed the node's certificate (for https endpoints).
+    #[arg(long, global = true, env = "SOLO_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for nodes that name the tenant by certificate (with --client-key).
+    #[arg(long, global = true, env = "SOLO_CLIENT_CERT", value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, global = true, env = "SOLO_CLIENT_KEY", value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
+    /// How long to wait for the node to answer a connection, in milliseconds.
+    #[arg(
+        long,
+        global = true,
+        env = "SOLO_CONNECT_TIMEOUT_MS",
+        default_value_t = 5000,
+        value_name = "MS"
+    )]
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node.
+    #[command(after_help = "Examples:
+  solo serve
+  solo serve --data-dir /var/lib/solo --grpc-addr 127.0.0.1:50051 --http-addr 127.0.0.1:8080
+  solo serve --config solo.toml
+
+Once it listens, it prints one line for scripts: solo listening grpc=ADDR http=ADDR")]
+    Serve(ServeArgs),
+    /// Deploy a module (.wasm or .wat) to a service: the first version, or an upgrade.
+    #[command(after_help = concat!("Examples:
+  solo deploy echo examples/services/echo.wat
+  solo deploy echo echo.wasm --memory-mb 16 --call-timeout-ms 2000 --label team=search --wait
+  solo deploy echo echo.wasm --idempotency-key deploy-42 --json
+  cat echo.wasm | solo deploy echo -
+
+", exit_codes!()))]
+    Deploy(DeployArgs),
+    /// List services, with filters.
+    #[command(after_help = concat!("Examples:
+  solo list
+  solo list --status crashed
+  solo list --label team=search --json
+  solo list --token $ADMIN_TOKEN --tenant acme
+
+", exit_codes!()))]
+    List(ListArgs),
+    /// Show one service, with live figures.
+    #[command(after_help = concat!("Examples:
+  solo status echo
+  solo status echo --json
+
+", exit_codes!()))]
+    Status(StatusArgs),
+    /// Call a service: the request from --data, --file or stdin, the response bytes to stdout.
+    #[command(after_help = concat!("Examples:
+  solo call echo --data hello
+  solo call echo --file request.bin > response.bin
+  printf 'ping' | solo call echo
+  solo call counter --timeout-ms 500
+
+", exit_codes!()))]
+    Call(CallArgs),
+    /// Stop a service, gracefully (it may finish within the grace) or at once (--force).
+    #[command(after_help = concat!("Examples:
+  solo kill echo
+  solo kill echo --grace-ms 2000 --wait
+  solo kill echo --force
+
+", exit_codes!()))]
+    Kill(KillArgs),
+    /// Print a service's log lines; with --follow, new ones as they are written.
+    #[command(after_help = concat!("Examples:
+  solo logs echo
+  solo logs echo --follow
+  solo logs echo --from 100 --json
+
+--follow survives a dropped connection or a node restart: it reconnects and carries on after the \
+last line it printed. It ends on Ctrl-C.
+
+", exit_codes!()))]
+    Logs(LogsArgs),
+    /// Print the events of the log you may see; with --follow, new ones as they are committed.
+    #[command(after_help = concat!("Examples:
+  solo events                                  # the whole history, then exit
+  solo events --from 120 --service echo
+  solo events --kind service_crashed,service_stopped
+  solo events --follow --json                  # new events, as JSON lines, until Ctrl-C
+
+Without --follow, `events` prints history from --from (default 1) up to the head of the log, then \
+exits. With --follow and no --from it starts at the head. --follow survives a dropped connection or \
+a node restart: it reconnects and resumes after the last seq it saw, without a gap or a repeat.
+
+", exit_codes!()))]
+    Events(EventsArgs),
+    /// Shut the node down (admin only); its services come back when it starts again.
+    #[command(after_help = concat!("Examples:
+  solo shutdown
+  solo shutdown --grace-ms 30000 --token $ADMIN_TOKEN
+
+", exit_codes!()))]
+    Shutdown(ShutdownArgs),
+    /// Read a data directory offline (works while a server runs).
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  solo log verify --data-dir ./data
+  solo log dump --from 100 --service echo --json
+  solo log stats"
+    )]
+    Log(LogCommand),
+    /// Configuration tools.
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  solo config check solo.toml"
+    )]
+    Config(ConfigCommand),
+    /// Token tools.
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  solo token new"
+    )]
+    Token(TokenCommand),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:
+  solo completions bash > /etc/bash_completion.d/solo
+  solo completions zsh > \"${fpath[1]}/_solo\"
+  solo completions fish > ~/.config/fish/completions/solo.fish")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a fresh random token, and the config line that holds its hash.
+    #[command(after_help = "Examples:
+  solo token new > admin.token")]
+    New,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data directory [config: solo.data_dir, default ./data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address; port 0 picks a free port [config: solo.grpc_addr].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub grpc_addr: Option<std::net::SocketAddr>,
+    /// HTTP listen address; port 0 picks a free port [config: solo.http_addr].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct DataDirArg {
+    /// Data directory [config: solo.data_dir, default ./data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Check every record, blob and snapshot; exit 1 naming the first bad seq.
+    #[command(after_help = "Examples:
+  solo log verify --data-dir ./data")]
+    Verify(DataDirArg),
+    /// Print events, one per line.
+    #[command(after_help = "Examples:
+  solo log dump
+  solo log dump --from 100 --to 200 --tenant acme --service echo --json")]
+    Dump {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// First seq to print.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Last seq to print.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Only this tenant's events.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this service's events.
+        #[arg(long = "service")]
+        service_id: Option<String>,
+        /// JSON lines: {seq, timestamp_ms, tenant, service_id, actor, kind, ...fields}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counts by kind, sizes, head and snapshots.
+    #[command(after_help = "Examples:
+  solo log stats --data-dir ./data --json")]
+    Stats {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file and print the effective configuration.
+    #[command(after_help = "Examples:
+  solo config check solo.toml")]
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The service id.
+    pub service_id: String,
+    /// The module: a wasm binary or WAT text (`-` reads stdin).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Maximum linear memory, in MiB (default: the node's).
+    #[arg(long, value_name = "MIB")]
+    pub memory_mb: Option<u64>,
+    /// Wall-clock limit of one call, in milliseconds (default: the node's).
+    #[arg(long, value_name = "MS")]
+    pub call_timeout_ms: Option<u32>,
+    /// CPU limit of one call, in milliseconds (default: the node's).
+    #[arg(long, value_name = "MS")]
+    pub cpu_ms: Option<u32>,
+    /// Calls that may wait in the service's mailbox (default: the node's).
+    #[arg(long, value_name = "N")]
+    pub mailbox: Option<u32>,
+    /// Restarts allowed within --restart-window-ms before the service counts as crashed.
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
+    /// The window of --max-restarts, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub restart_window_ms: Option<u32>,
+    /// A label, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// A retry with the same key gets the first answer and changes nothing.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+impl DeployArgs {
+    pub fn label_map(&self) -> HashMap<String, String> {
+        self.labels.iter().cloned().collect()
+    }
+}
+
+/// Waiting for the outcome of a deploy or a kill.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// Wait until the service runs (deploy) or has stopped (kill); exit 1 if it fails instead.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 60_000, requires = "wait")]
+    pub wait_timeout_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only services with this status.
+    #[arg(long, value_parser = PossibleValuesParser::new(Status::ALL.map(Status::as_str)))]
+    pub status: Option<String>,
+    /// Only services carrying this label, KEY=VALUE (repeatable: all must match).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Services per request; `list` always pages through all of them.
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub page_size: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The service id.
+    pub service_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// The service id.
+    pub service_id: String,
+    /// The request, as given (otherwise --file, otherwise stdin unless it is a terminal).
+    #[arg(long, short = 'd', value_name = "STRING", conflicts_with = "file")]
+    pub data: Option<String>,
+    /// Read the request from FILE (`-` for stdin).
+    #[arg(long, short = 'f', value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Time limit of the call, in milliseconds; capped by the service's own.
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// The service id.
+    pub service_id: String,
+    /// Stop at once, without solo_stop or the queued calls.
+    #[arg(long)]
+    pub force: bool,
+    /// How long solo_stop and queued calls may take (default: the node's).
+    #[arg(long, value_name = "MS")]
+    pub grace_ms: Option<u32>,
+    /// A retry with the same key gets the first answer and changes nothing.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The service id.
+    pub service_id: String,
+    /// Keep printing new lines until Ctrl-C.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// First line to print, by its seq (default: every line the node still holds).
+    #[arg(long, value_name = "SEQ")]
+    pub from: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// First seq to print (default: 1, or the head with --follow).
+    #[arg(long, value_name = "SEQ")]
+    pub from: Option<u64>,
+    /// Only this service's events.
+    #[arg(long = "service", value_name = "ID")]
+    pub service_id: Option<String>,
+    /// Only these kinds (repeatable, or comma-separated).
+    #[arg(
+        long = "kind",
+        value_name = "KIND",
+        num_args = 1..,
+        value_delimiter = ',',
+        value_parser = PossibleValuesParser::new(EventKind::ALL.map(EventKind::as_str)),
+    )]
+    pub kinds: Vec<String>,
+    /// Keep printing new events until Ctrl-C.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// How long calls in flight and services may take to stop (default: the node's).
+    #[arg(long, value_name = "MS")]
+    pub grace_ms: Option<u32>,
+}
+
+/// `KEY=VALUE`, with a non-empty key.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn labels_parse() {
+        assert_eq!(parse_label("team=x=y"), Ok(("team".into(), "x=y".into())));
+        assert_eq!(parse_label("k="), Ok(("k".into(), String::new())));
+        assert!(parse_label("=v").is_err() && parse_label("kv").is_err());
+    }
+
+    #[test]
+    fn global_flags_go_anywhere_and_dump_keeps_its_tenant() {
+        let cli = Cli::parse_from_args(["solo", "list", "--endpoint", "http://h:1", "--json"]).unwrap();
+        assert_eq!(cli.connection.endpoint, "http://h:1");
+        assert!(cli.json);
+        let cli = Cli::parse_from_args(["solo", "--tenant", "acme", "status", "x"]).unwrap();
+        assert_eq!(cli.connection.tenant.as_deref(), Some("acme"));
+        let cli = Cli::parse_from_args(["solo", "log", "dump", "--tenant", "beta"]).unwrap();
+        let Command::Log(LogCommand::Dump { tenant, .. }) = cli.command else {
+            panic!()
+        };
+        assert_eq!(tenant.as_deref(), Some("beta"));
+    }
+
+    #[test]
+    fn kinds_split_on_commas_and_unknown_ones_are_usage_errors() {
+        let cli = Cli::parse_from_args(["solo", "events", "--kind", "service_started,service_stopped"]).unwrap();
+        let Command::Events(args) = cli.command else { panic!() };
+        assert_eq!(args.kinds, ["service_started", "service_stopped"]);
+        let err = Cli::parse_from_args(["solo", "events", "--kind", "nope"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+}

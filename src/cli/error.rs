@@ -1,0 +1,211 @@
+//! What a client command's failure is: one sentence for stderr, and the exit code scripts
+//! branch on. Every gRPC code is classified here, once, with an exhaustive match.
+
+use tonic::Code;
+
+/// The exit codes of `solo` (listed in `solo --help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Success,
+    /// The node refused the request, the call failed, a file could not be read.
+    Failure,
+    /// Bad flags or arguments (clap exits with the same code).
+    Usage,
+    /// No such service.
+    NotFound,
+    /// Missing or wrong credentials, or a request the principal may not make.
+    Denied,
+    /// The node cannot be reached, or is shutting down.
+    Unavailable,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::Failure => 1,
+            Exit::Usage => 2,
+            Exit::NotFound => 3,
+            Exit::Denied => 4,
+            Exit::Unavailable => 5,
+        }
+    }
+
+    /// The exit code for a gRPC status code.
+    pub fn of(code: Code) -> Exit {
+        match code {
+            Code::Ok => Exit::Success,
+            Code::NotFound => Exit::NotFound,
+            Code::Unauthenticated | Code::PermissionDenied => Exit::Denied,
+            Code::Unavailable => Exit::Unavailable,
+            Code::Cancelled
+            | Code::Unknown
+            | Code::InvalidArgument
+            | Code::DeadlineExceeded
+            | Code::AlreadyExists
+            | Code::ResourceExhausted
+            | Code::FailedPrecondition
+            | Code::Aborted
+            | Code::OutOfRange
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::DataLoss => Exit::Failure,
+        }
+    }
+}
+
+/// A failed client command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CliError {
+    pub exit: Exit,
+    /// One sentence for a person; empty when there is nothing to say (stdout was closed).
+    pub message: String,
+    /// Whether a follower should reconnect and try again rather than give up.
+    pub retry: bool,
+}
+
+impl CliError {
+    pub fn new(exit: Exit, message: impl Into<String>) -> CliError {
+        CliError {
+            exit,
+            message: message.into(),
+            retry: false,
+        }
+    }
+
+    /// The same error, marked as worth a retry.
+    pub fn retryable(mut self) -> CliError {
+        self.retry = true;
+        self
+    }
+
+    pub fn failure(message: impl Into<String>) -> CliError {
+        CliError::new(Exit::Failure, message)
+    }
+
+    pub fn usage(message: impl Into<String>) -> CliError {
+        CliError::new(Exit::Usage, message)
+    }
+
+    /// The reader of stdout went away (`solo events | head`): stop quietly, successfully.
+    pub fn stdout_closed() -> CliError {
+        CliError::new(Exit::Success, "")
+    }
+
+    /// The node cannot be reached at all.
+    pub fn unreachable(endpoint: &str, cause: &dyn std::error::Error) -> CliError {
+        CliError::new(
+            Exit::Unavailable,
+            format!("cannot reach the node at {endpoint}: {}", causes(cause)),
+        )
+        .retryable()
+    }
+
+    /// A failed request: the node's own message, or what went wrong on the way to it.
+    pub fn from_status(status: &tonic::Status, endpoint: &str) -> CliError {
+        // A status the client made up (the connection broke) carries the error behind it.
+        if let Some(source) = std::error::Error::source(status) {
+            return CliError::new(
+                Exit::Unavailable,
+                format!("lost the connection to the node at {endpoint}: {}", causes(source)),
+            )
+            .retryable();
+        }
+        let exit = Exit::of(status.code());
+        let mut message = status.message().trim().to_string();
+        if message.is_empty() {
+            message = format!("the node answered {:?}", status.code());
+        }
+        match status.code() {
+            Code::Unauthenticated => message.push_str(" (give a token with --token or SOLO_TOKEN)"),
+            Code::ResourceExhausted => {
+                if let Some(ms) = status
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    message.push_str(&format!(" (retry after {})", super::output::human_duration_ms(ms)));
+                }
+            }
+            _ => {}
+        }
+        CliError {
+            exit,
+            message,
+            retry: worth_retrying(status.code()),
+        }
+    }
+}
+
+/// Whether a stream that failed with `code` may work when opened again: the node went away or
+/// was busy, as opposed to a request it will refuse again.
+fn worth_retrying(code: Code) -> bool {
+    match code {
+        Code::Unavailable
+        | Code::Unknown
+        | Code::Internal
+        | Code::Cancelled
+        | Code::Aborted
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted => true,
+        Code::Ok
+        | Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::DataLoss
+        | Code::Unauthenticated => false,
+    }
+}
+
+/// The messages of an error and its sources, most general first, without tonic's and hyper's
+/// generic wrappers or repeats.
+pub fn causes(error: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        let generic = matches!(
+            text.as_str(),
+            "transport error" | "error trying to connect" | "client error (Connect)" | "status: Unknown"
+        );
+        if !generic && !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    if parts.is_empty() {
+        error.to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_map_to_exits() {
+        assert_eq!(Exit::of(Code::NotFound).code(), 3);
+        assert_eq!(Exit::of(Code::PermissionDenied).code(), 4);
+        assert_eq!(Exit::of(Code::Unauthenticated).code(), 4);
+        assert_eq!(Exit::of(Code::Unavailable).code(), 5);
+        assert_eq!(Exit::of(Code::InvalidArgument).code(), 1);
+    }
+
+    #[test]
+    fn statuses_keep_the_nodes_message() {
+        let e = CliError::from_status(&tonic::Status::not_found("service 'x' not found"), "http://n");
+        assert_eq!((e.exit, e.message.as_str()), (Exit::NotFound, "service 'x' not found"));
+        let mut busy = tonic::Status::resource_exhausted("too many requests");
+        busy.metadata_mut().insert("retry-after-ms", "1000".parse().unwrap());
+        let e = CliError::from_status(&busy, "http://n");
+        assert_eq!(e.message, "too many requests (retry after 1s)");
+    }
+}

@@ -1,0 +1,365 @@
+//! The streaming commands, `events` and `logs`.
+//!
+//! Without `--follow` they print what is there and exit: for events, history up to the head
+//! of the log as it was when the command started (learned from a first watch, whose first
+//! message names the head). With `--follow` they keep printing until Ctrl-C, and survive a
+//! dropped connection or a node restart: they reconnect with backoff and resume just after the
+//! last seq seen (events: the last event or progress note; logs: the last line), so nothing is
+//! missed and nothing is printed twice.
+
+use std::time::Duration;
+
+use super::args::{EventsArgs, LogsArgs};
+use super::connect::{Client, Connector};
+use super::error::{CliError, Exit};
+use super::output::{Colour, Output, describe_log_line, human_duration_ms, log_line_json, note};
+use crate::proto::{self, watch_response::Msg};
+
+/// Progress interval of the watches here: the smallest the node allows, so an idle or
+/// filtered watch still learns quickly how far the log has moved.
+const PROGRESS_INTERVAL_MS: u32 = 100;
+
+/// Reconnect delays: doubling from the first to the last.
+const FIRST_DELAY: Duration = Duration::from_millis(100);
+const LAST_DELAY: Duration = Duration::from_secs(5);
+
+pub async fn events(conn: &Connector, out: Output, args: EventsArgs) -> Result<(), CliError> {
+    if args.follow {
+        until_interrupted(follow_events(conn, out, &args)).await
+    } else {
+        event_history(conn, out, &args).await
+    }
+}
+
+pub async fn logs(conn: &Connector, out: Output, args: LogsArgs) -> Result<(), CliError> {
+    if args.follow {
+        until_interrupted(follow_logs(conn, out, &args)).await
+    } else {
+        let mut client = conn.connect().await?;
+        let request = proto::LogsRequest {
+            service_id: args.service_id.clone(),
+            follow: false,
+            from_seq: args.from.unwrap_or(0),
+        };
+        let mut stream = client.logs(request).await.map_err(|s| conn.error(&s))?.into_inner();
+        while let Some(line) = stream.message().await.map_err(|s| conn.error(&s))? {
+            print_log_line(out, &line)?;
+        }
+        Ok(())
+    }
+}
+
+fn watch_request(args: &EventsArgs, from_seq: u64) -> proto::WatchRequest {
+    proto::WatchRequest {
+        from_seq,
+        service_id: args.service_id.clone().unwrap_or_default(),
+        kinds: args.kinds.clone(),
+        progress_interval_ms: PROGRESS_INTERVAL_MS,
+    }
+}
+
+fn print_event(out: Output, event: &proto::Event) -> Result<(), CliError> {
+    if out.json {
+        return out.json_line(&crate::event::to_json(event));
+    }
+    let line = crate::event::describe(event);
+    match crate::event::kind_name(event) {
+        "service_crashed" => out.line(&out.paint(Colour::Red, &line)),
+        _ => out.line(&line),
+    }
+}
+
+fn print_log_line(out: Output, line: &proto::LogLine) -> Result<(), CliError> {
+    if out.json {
+        out.json_line(&log_line_json(line))
+    } else {
+        out.line(&describe_log_line(&out, line))
+    }
+}
+
+/// The head of the log, as far as this caller can tell: a watch from "now" names it in its
+/// first message (an event just past it, or a progress note at it).
+async fn head(client: &mut Client, conn: &Connector) -> Result<u64, CliError> {
+    let request = proto::WatchRequest {
+        from_seq: 0,
+        progress_interval_ms: PROGRESS_INTERVAL_MS,
+        ..Default::default()
+    };
+    let mut stream = client.watch(request).await.map_err(|s| conn.error(&s))?.into_inner();
+    while let Some(item) = stream.message().await.map_err(|s| conn.error(&s))? {
+        match item.msg {
+            Some(Msg::Event(event)) => return Ok(event.seq.saturating_sub(1)),
+            Some(Msg::Progress(progress)) => return Ok(progress.head_seq),
+            None => {}
+        }
+    }
+    Err(CliError::new(
+        Exit::Unavailable,
+        "the node ended the watch before naming its head",
+    ))
+}
+
+/// History from `--from` (default 1) up to the head as it was at the start.
+async fn event_history(conn: &Connector, out: Output, args: &EventsArgs) -> Result<(), CliError> {
+    let mut client = conn.connect().await?;
+    let head = head(&mut client, conn).await?;
+    let request = watch_request(args, args.from.unwrap_or(1).max(1));
+    let mut stream = client.watch(request).await.map_err(|s| conn.error(&s))?.into_inner();
+    while let Some(item) = stream.message().await.map_err(|s| conn.error(&s))? {
+        match item.msg {
+            Some(Msg::Event(event)) => {
+                if event.seq > head {
+                    break;
+                }
+                print_event(out, &event)?;
+                if event.seq == head {
+                    break;
+                }
+            }
+            Some(Msg::Progress(progress)) if progress.head_seq >= head => break,
+            Some(Msg::Progress(_)) | None => {}
+        }
+    }
+    Ok(())
+}
+
+/// Waits before each reconnect: 100 ms, doubling up to 5 s; back to the start once a stream
+/// delivers again.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: FIRST_DELAY }
+    }
+
+    fn delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(LAST_DELAY);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = FIRST_DELAY;
+    }
+}
+
+/// Waits out the backoff and connects again, as often as it takes; notes each try on stderr.
+async fn reconnect(conn: &Connector, backoff: &mut Backoff, lost: &CliError, resume: &str) -> Client {
+    let mut delay = backoff.delay();
+    note(&format!(
+        "{}; reconnecting in {} (then resuming {resume})",
+        lost.message,
+        human_duration_ms(delay.as_millis() as u64)
+    ));
+    loop {
+        tokio::time::sleep(delay).await;
+        match conn.connect().await {
+            Ok(client) => return client,
+            Err(e) => {
+                delay = backoff.delay();
+                note(&format!(
+                    "{}; retrying in {}",
+                    e.message,
+                    human_duration_ms(delay.as_millis() as u64)
+                ));
+            }
+        }
+    }
+}
+
+/// A stream that ended without an error: the node (or something on the way) closed it.
+fn ended(conn: &Connector) -> CliError {
+    CliError::new(
+        Exit::Unavailable,
+        format!("the node at {} ended the stream", conn.url()),
+    )
+    .retryable()
+}
+
+/// Where a follow resumes: just after what it last saw.
+fn resume_text(next: u64) -> String {
+    if next == 0 {
+        "at the head of the log".to_string()
+    } else {
+        format!("at seq {next}")
+    }
+}
+
+async fn follow_events(conn: &Connector, out: Output, args: &EventsArgs) -> Result<(), CliError> {
+    // 0: from the head; after that, one past the last event or progress note seen.
+    let mut next = args.from.unwrap_or(0);
+    let mut backoff = Backoff::new();
+    let mut client = conn.connect().await?;
+    loop {
+        let lost = match watch_events(&mut client, conn, out, args, &mut next, &mut backoff).await {
+            Ok(()) => ended(conn),
+            Err(e) if e.retry => e,
+            Err(e) => return Err(e),
+        };
+        client = reconnect(conn, &mut backoff, &lost, &resume_text(next)).await;
+        note(&format!(
+            "reconnected to {}; resuming {}",
+            conn.url(),
+            resume_text(next)
+        ));
+    }
+}
+
+/// One watch, until it ends; `next` follows what it delivers.
+async fn watch_events(
+    client: &mut Client,
+    conn: &Connector,
+    out: Output,
+    args: &EventsArgs,
+    next: &mut u64,
+    backoff: &mut Backoff,
+) -> Result<(), CliError> {
+    let mut stream = client
+        .watch(watch_request(args, *next))
+        .await
+        .map_err(|s| conn.error(&s))?
+        .into_inner();
+    while let Some(item) = stream.message().await.map_err(|s| conn.error(&s))? {
+        backoff.reset();
+        match item.msg {
+            Some(Msg::Event(event)) => {
+                // The node sends each seq once and in order; a repeat could only come from
+                // a node whose log went back in time, and is not printed twice.
+                if *next != 0 && event.seq < *next {
+                    continue;
+                }
+                print_event(out, &event)?;
+                *next = event.seq + 1;
+            }
+            Some(Msg::Progress(progress)) => *next = (*next).max(progress.head_seq + 1),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+async fn follow_logs(conn: &Connector, out: Output, args: &LogsArgs) -> Result<(), CliError> {
+    let mut last: Option<proto::LogLine> = None;
+    let mut backoff = Backoff::new();
+    let mut client = conn.connect().await?;
+    let mut resumed = false;
+    loop {
+        let lost = match stream_logs(&mut client, conn, out, args, &mut last, resumed, &mut backoff).await {
+            Ok(()) => ended(conn),
+            Err(e) if e.retry => e,
+            Err(e) => return Err(e),
+        };
+        let resume = match &last {
+            Some(line) => format!("after line {}", line.seq),
+            None => "at the first line".to_string(),
+        };
+        client = reconnect(conn, &mut backoff, &lost, &resume).await;
+        note(&format!("reconnected to {}; resuming {resume}", conn.url()));
+        resumed = true;
+    }
+}
+
+async fn stream_logs(
+    client: &mut Client,
+    conn: &Connector,
+    out: Output,
+    args: &LogsArgs,
+    last: &mut Option<proto::LogLine>,
+    resumed: bool,
+    backoff: &mut Backoff,
+) -> Result<(), CliError> {
+    let from_seq = match last {
+        None => args.from.unwrap_or(0),
+        Some(line) if resumed => resume_point(client, conn, &args.service_id, line).await?,
+        Some(line) => line.seq + 1,
+    };
+    let request = proto::LogsRequest {
+        service_id: args.service_id.clone(),
+        follow: true,
+        from_seq,
+    };
+    let mut stream = client.logs(request).await.map_err(|s| conn.error(&s))?.into_inner();
+    while let Some(line) = stream.message().await.map_err(|s| conn.error(&s))? {
+        backoff.reset();
+        print_log_line(out, &line)?;
+        *last = Some(line);
+    }
+    Ok(())
+}
+
+/// Where to pick a service's log up again after `last`. Log lines live in the node's memory:
+/// the same node still holds `last` (or, if it overflowed, later lines), while a restarted node
+/// numbers a fresh log from 1, all of it new to us.
+async fn resume_point(
+    client: &mut Client,
+    conn: &Connector,
+    service_id: &str,
+    last: &proto::LogLine,
+) -> Result<u64, CliError> {
+    let request = proto::LogsRequest {
+        service_id: service_id.to_string(),
+        follow: false,
+        from_seq: last.seq,
+    };
+    let mut stream = client.logs(request).await.map_err(|s| conn.error(&s))?.into_inner();
+    let first = stream.message().await.map_err(|s| conn.error(&s))?;
+    let same_log = first.is_some_and(|line| {
+        line.seq > last.seq || (line.timestamp_ms == last.timestamp_ms && line.message == last.message)
+    });
+    if same_log {
+        Ok(last.seq + 1)
+    } else {
+        note(&format!(
+            "the node's log of {service_id} starts afresh (the node restarted); printing it from its first line"
+        ));
+        Ok(1)
+    }
+}
+
+/// Runs `work` until it ends or the user interrupts (Ctrl-C, SIGTERM), which ends it cleanly.
+async fn until_interrupted(work: impl Future<Output = Result<(), CliError>>) -> Result<(), CliError> {
+    tokio::select! {
+        result = work => result,
+        () = interrupted() => Ok(()),
+    }
+}
+
+async fn interrupted() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_five_seconds_and_resets() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<u128> = (0..8).map(|_| backoff.delay().as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        backoff.reset();
+        assert_eq!(backoff.delay(), FIRST_DELAY);
+    }
+}

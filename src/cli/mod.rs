@@ -1,0 +1,84 @@
+//! The `solo` command line: a client of a node's gRPC API for operators and agents (deploy,
+//! list, status, call, kill, logs, events, shutdown), beside the commands that need no node
+//! (serve, log, config, token, completions).
+//!
+//! [`args`] parses; [`connect`] reaches the node; [`services`] and [`follow`] run the
+//! commands; [`output`] prints tables or JSON; [`error`] turns failures into one sentence and
+//! an exit code. Nothing here decides anything about services: the node does.
+
+pub mod args;
+mod connect;
+mod error;
+mod follow;
+mod offline;
+pub mod output;
+mod services;
+mod spinner;
+
+use std::process::ExitCode;
+
+pub use args::Cli;
+use args::Command;
+pub use error::{CliError, Exit};
+
+/// Runs a parsed command line and returns the process's exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let Cli {
+        config,
+        connection,
+        json,
+        command,
+    } = cli;
+    let offline = match command {
+        Command::Serve(args) => offline::serve(config, args),
+        Command::Log(command) => offline::log(config, command),
+        Command::Config(command) => offline::config(command),
+        Command::Token(command) => offline::token(command),
+        Command::Completions { shell } => offline::completions(shell),
+        client => return exit(run_client(&connection, json, client)),
+    };
+    offline.unwrap_or_else(|e| {
+        output::print_error(&format!("{e:#}"));
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs a client command on a small runtime of its own.
+fn run_client(connection: &args::ConnectionArgs, json: bool, command: Command) -> Result<(), CliError> {
+    let conn = connect::Connector::new(connection)?;
+    let out = output::Output::new(json);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failure(format!("cannot start the client runtime: {e}")))?;
+    runtime.block_on(async {
+        match command {
+            Command::Deploy(args) => services::deploy(&conn, out, args).await,
+            Command::List(args) => services::list(&conn, out, args).await,
+            Command::Status(args) => services::status(&conn, out, args).await,
+            Command::Call(args) => services::call(&conn, out, args).await,
+            Command::Kill(args) => services::kill(&conn, out, args).await,
+            Command::Shutdown(args) => services::shutdown(&conn, out, args).await,
+            Command::Logs(args) => follow::logs(&conn, out, args).await,
+            Command::Events(args) => follow::events(&conn, out, args).await,
+            Command::Serve(_)
+            | Command::Log(_)
+            | Command::Config(_)
+            | Command::Token(_)
+            | Command::Completions { .. } => Err(CliError::usage("not a client command")),
+        }
+    })
+}
+
+/// The exit code of a client command, its error (if any) on stderr.
+fn exit(result: Result<(), CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            if !error.message.is_empty() {
+                output::print_error(&error.message);
+            }
+            ExitCode::from(error.exit.code())
+        }
+    }
+}

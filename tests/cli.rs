@@ -1,0 +1,1174 @@
+//! The `solo` command line, end to end: the real binary against a real node. Most tests start
+//! the node in-process on port 0; the restart tests run `solo serve` as a child process on
+//! fixed free ports, so it can be killed and started again where the followers expect it.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::{BufRead as _, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A guard against hangs, never a performance assertion.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Every variable the CLI reads, so the environment of whoever runs the tests cannot leak in.
+const SOLO_VARS: [&str; 9] = [
+    "SOLO_ENDPOINT",
+    "SOLO_TOKEN",
+    "SOLO_TENANT",
+    "SOLO_CA_CERT",
+    "SOLO_CLIENT_CERT",
+    "SOLO_CLIENT_KEY",
+    "SOLO_CONFIG",
+    "SOLO_CONNECT_TIMEOUT_MS",
+    "RUST_LOG",
+];
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_solo")
+}
+
+/// `solo` with a clean environment.
+fn solo() -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::new(bin());
+    for var in SOLO_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.timeout(PATIENCE);
+    cmd
+}
+
+/// What a finished command left behind.
+#[derive(Debug)]
+struct Ran {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Ran {
+    fn text(&self) -> String {
+        String::from_utf8(self.stdout.clone()).expect("stdout is UTF-8")
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", self.text()))
+    }
+
+    /// Every line of stdout as JSON.
+    fn json_lines(&self) -> Vec<Value> {
+        self.text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+            .collect()
+    }
+
+    #[track_caller]
+    fn ok(self) -> Ran {
+        assert_eq!(self.code, 0, "expected success; stderr: {}", self.stderr);
+        self
+    }
+
+    #[track_caller]
+    fn fails(self, code: i32) -> Ran {
+        assert_eq!(
+            self.code,
+            code,
+            "expected exit {code}; stdout: {} stderr: {}",
+            String::from_utf8_lossy(&self.stdout),
+            self.stderr
+        );
+        // One sentence; only the node's detail for a module (a WAT error's context) may
+        // follow, indented.
+        let mut lines = self.stderr.trim_end().lines();
+        assert!(
+            lines.next().is_some_and(|l| l.starts_with("error: ")) && lines.all(|l| l.starts_with(' ')),
+            "one error sentence on stderr: {:?}",
+            self.stderr
+        );
+        self
+    }
+}
+
+fn run(cmd: &mut assert_cmd::Command) -> Ran {
+    let output = cmd.output().expect("solo runs");
+    Ran {
+        code: output.status.code().expect("solo exited by itself"),
+        stdout: output.stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn example_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/services")
+        .join(format!("{name}.wat"))
+}
+
+/// A node served in-process on port 0, by a runtime of its own so the test thread can block
+/// on the CLI.
+struct Node {
+    runtime: tokio::runtime::Runtime,
+    server: Option<solo::server::Server>,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(tweak: impl FnOnce(&mut solo::config::Config)) -> Node {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = runtime.block_on(common::start_server(dir.path(), tweak));
+        Node {
+            url: server.grpc_url(),
+            server: Some(server),
+            runtime,
+            _dir: dir,
+        }
+    }
+
+    fn dev() -> Node {
+        Node::start(|_| {})
+    }
+
+    /// `solo --endpoint <this node>`.
+    fn solo(&self) -> assert_cmd::Command {
+        let mut cmd = solo();
+        cmd.args(["--endpoint", &self.url]);
+        cmd
+    }
+
+    /// `solo --endpoint <this node> --tenant <tenant> ARGS`, run.
+    fn run(&self, tenant: &str, args: &[&str]) -> Ran {
+        run(self.solo().args(["--tenant", tenant]).args(args))
+    }
+
+    fn deploy(&self, tenant: &str, id: &str, example: &str, extra: &[&str]) -> Ran {
+        let path = example_path(example);
+        let mut args = vec!["deploy", id, path.to_str().unwrap(), "--wait"];
+        args.extend_from_slice(extra);
+        self.run(tenant, &args).ok()
+    }
+
+    /// Waits until the node has stopped by itself (after `solo shutdown`).
+    fn stopped(mut self) {
+        let server = self.server.take().unwrap();
+        self.runtime
+            .block_on(async { tokio::time::timeout(PATIENCE, server.stopped()).await })
+            .expect("the node stops in time")
+            .unwrap();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = self.runtime.block_on(server.stop());
+        }
+    }
+}
+
+/// A port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn help_documents_exit_codes_and_every_subcommand_has_examples() {
+    let help = run(solo().arg("--help")).ok().text();
+    for needle in [
+        "Exit codes",
+        "0  success",
+        "2  usage",
+        "3  not found",
+        "4  unauthenticated or forbidden",
+        "5  unavailable",
+        "SOLO_ENDPOINT",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
+    }
+    let subcommands: &[&[&str]] = &[
+        &["serve"],
+        &["deploy"],
+        &["list"],
+        &["status"],
+        &["call"],
+        &["kill"],
+        &["logs"],
+        &["events"],
+        &["shutdown"],
+        &["completions"],
+        &["log"],
+        &["log", "verify"],
+        &["log", "dump"],
+        &["log", "stats"],
+        &["config"],
+        &["config", "check"],
+        &["token"],
+        &["token", "new"],
+    ];
+    for subcommand in subcommands {
+        let help = run(solo().args(*subcommand).arg("--help")).ok().text();
+        assert!(
+            help.contains("Examples:"),
+            "solo {subcommand:?} --help has no examples:\n{help}"
+        );
+    }
+    let deploy_help = run(solo().args(["deploy", "--help"])).ok().text();
+    assert!(deploy_help.contains("Exit codes") && deploy_help.contains("--memory-mb"));
+    // The token's value never shows in help.
+    let help = run(solo().env("SOLO_TOKEN", "sekrit-token").args(["list", "--help"]))
+        .ok()
+        .text();
+    assert!(!help.contains("sekrit-token"), "{help}");
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(solo().args(["completions", shell])).ok().text();
+        assert!(
+            script.contains("solo") && script.contains("deploy") && script.contains("events"),
+            "{shell}: {script}"
+        );
+    }
+    assert_eq!(run(solo().args(["completions", "tcsh"])).code, 2);
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    for args in [
+        &["deploy"][..],
+        &["deploy", "only-an-id"],
+        &["events", "--kind", "service_exploded"],
+        &["list", "--label", "no-equals-sign"],
+        &["list", "--status", "sleeping"],
+        &["list", "--page-size", "0"],
+        &["call", "x", "--data", "a", "--file", "b"],
+        &["kill", "x", "--grace-ms", "soon"],
+        &["no-such-command"],
+    ] {
+        let ran = run(solo().args(args));
+        assert_eq!(ran.code, 2, "solo {args:?}: {}", ran.stderr);
+    }
+    // Flags the CLI itself refuses before reaching any node.
+    let ran = run(solo().args(["list", "--endpoint", "https://127.0.0.1:1"])).fails(2);
+    assert!(ran.stderr.contains("--ca-cert"), "{}", ran.stderr);
+    let ran = run(solo().args(["list", "--endpoint", "http://127.0.0.1:1", "--ca-cert", "x.pem"])).fails(2);
+    assert!(ran.stderr.contains("https"), "{}", ran.stderr);
+}
+
+#[test]
+fn a_node_that_is_not_there_exits_5() {
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    for args in [
+        &["list"][..],
+        &["status", "echo"],
+        &["call", "echo", "--data", "x"],
+        &["events"],
+        &["events", "--follow"],
+        &["logs", "echo", "--follow"],
+        &["shutdown"],
+    ] {
+        let ran = run(solo().args(["--endpoint", &endpoint]).args(args)).fails(5);
+        assert!(
+            ran.stderr.contains(&format!("cannot reach the node at {endpoint}")),
+            "solo {args:?}: {}",
+            ran.stderr
+        );
+    }
+    // SOLO_ENDPOINT works as well as the flag, and a bare host:port is taken as http.
+    let ran = run(solo().env("SOLO_ENDPOINT", format!("127.0.0.1:{port}")).arg("list")).fails(5);
+    assert!(ran.stderr.contains(&endpoint), "{}", ran.stderr);
+}
+
+#[test]
+fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
+    let node = Node::dev();
+
+    // Deploy, WAT and wasm, waiting until it runs.
+    let ran = node.deploy("acme", "echo", "echo", &[]);
+    let text = ran.text();
+    assert!(
+        text.contains("deployed echo version 1 (created") && text.contains("echo is running"),
+        "{text}"
+    );
+    assert!(
+        !ran.stderr.contains('\r'),
+        "no spinner off a terminal: {:?}",
+        ran.stderr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("counter.wasm");
+    std::fs::write(&wasm, wat::parse_file(example_path("counter")).unwrap()).unwrap();
+    let deployed = node
+        .run(
+            "acme",
+            &[
+                "deploy",
+                "counter",
+                wasm.to_str().unwrap(),
+                "--memory-mb",
+                "8",
+                "--call-timeout-ms",
+                "2000",
+                "--cpu-ms",
+                "500",
+                "--mailbox",
+                "7",
+                "--label",
+                "team=x",
+                "--label",
+                "tier=web",
+                "--idempotency-key",
+                "first-deploy",
+                "--json",
+            ],
+        )
+        .ok()
+        .json();
+    assert_eq!(deployed["created"], true);
+    assert_eq!(deployed["version"], 1);
+    assert_eq!(deployed["module_sha256"].as_str().unwrap().len(), 64);
+    // A retry with the key is the first answer; the same module again is unchanged.
+    let retried = node
+        .run(
+            "acme",
+            &[
+                "deploy",
+                "counter",
+                wasm.to_str().unwrap(),
+                "--idempotency-key",
+                "first-deploy",
+                "--json",
+            ],
+        )
+        .ok()
+        .json();
+    assert_eq!(retried["seq"], deployed["seq"]);
+    let again = node
+        .run(
+            "acme",
+            &["deploy", "echo", example_path("echo").to_str().unwrap(), "--json"],
+        )
+        .ok()
+        .json();
+    assert_eq!(
+        (again["unchanged"].as_bool(), again["version"].as_u64()),
+        (Some(true), Some(1))
+    );
+    // `--wait --json` adds the service as it runs.
+    let waited = node
+        .run(
+            "beta",
+            &[
+                "deploy",
+                "echo",
+                example_path("echo").to_str().unwrap(),
+                "--wait",
+                "--json",
+            ],
+        )
+        .ok()
+        .json();
+    assert_eq!(waited["service"]["status"], "running");
+    assert_eq!(waited["service"]["tenant"], "beta");
+
+    // Deploy failures.
+    let ran = node.run("acme", &["deploy", "bad", "/no/such/file.wasm"]).fails(1);
+    assert!(ran.stderr.contains("/no/such/file.wasm"), "{}", ran.stderr);
+    let junk = dir.path().join("junk.wat");
+    std::fs::write(&junk, "(module (func $oops").unwrap();
+    let ran = node.run("acme", &["deploy", "bad", junk.to_str().unwrap()]).fails(1);
+    assert!(
+        ran.stderr.contains("bad") || ran.stderr.contains("module"),
+        "{}",
+        ran.stderr
+    );
+    let ran = node
+        .run(
+            "acme",
+            &[
+                "deploy",
+                "init-trap",
+                example_path("init_trap").to_str().unwrap(),
+                "--wait",
+                "--json",
+            ],
+        )
+        .fails(1);
+    assert!(ran.stderr.contains("did not start"), "{}", ran.stderr);
+    let failed = ran.json();
+    assert_eq!(
+        (failed["created"].as_bool(), failed["service"]["status"].as_str()),
+        (Some(true), Some("failed"))
+    );
+
+    // Status: people and programs; the JSON is the REST API's, field for field.
+    let status = node.run("acme", &["status", "counter"]).ok().text();
+    for needle in [
+        "counter",
+        "acme",
+        "running",
+        "team=x,tier=web",
+        "memory 8 MiB",
+        "mailbox 7",
+    ] {
+        assert!(status.contains(needle), "status lacks {needle:?}:\n{status}");
+    }
+    assert!(!status.contains('\x1b'), "no colour off a terminal");
+    let status = node.run("acme", &["status", "counter", "--json"]).ok().json();
+    assert_eq!(status["limits"]["memory_bytes"], 8 << 20);
+    assert_eq!(status["limits"]["call_timeout_ms"], 2000);
+    assert_eq!(status["limits"]["cpu_ms_per_call"], 500);
+    assert_eq!(status["labels"]["tier"], "web");
+    let rest: Value = node.runtime.block_on(async {
+        reqwest::Client::new()
+            .get(format!(
+                "http://{}/services/counter",
+                node.server.as_ref().unwrap().http_addr
+            ))
+            .header("x-tenant-id", "acme")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    for (key, value) in status.as_object().unwrap() {
+        let live = ["memory_bytes", "uptime_ms", "cpu_ms", "calls", "calls_failed"].contains(&key.as_str());
+        assert!(rest.get(key).is_some(), "REST has no {key}");
+        if !live {
+            assert_eq!(&rest[key], value, "{key}");
+        }
+    }
+    node.run("acme", &["status", "nope"]).fails(3);
+    node.run("beta", &["status", "counter"]).fails(3);
+
+    // List: a table, JSON, filters, and every page.
+    let table = node.run("acme", &["list"]).ok().text();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID")
+            && ["TENANT", "STATUS", "VERSION", "RESTARTS", "MEMORY", "AGE"]
+                .iter()
+                .all(|h| lines[0].contains(h)),
+        "{table}"
+    );
+    let status_column = lines[0].find("STATUS").unwrap();
+    assert!(lines.iter().skip(1).all(|l| l.len() > status_column), "{table}");
+    assert!(table.contains("counter") && table.contains("echo") && table.contains("init-trap"));
+    let ids = |ran: Ran| -> Vec<String> {
+        ran.ok().json()["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["service_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        ids(node.run("acme", &["list", "--json"])),
+        ["counter", "echo", "init-trap"]
+    );
+    assert_eq!(
+        ids(node.run("acme", &["list", "--json", "--status", "failed"])),
+        ["init-trap"]
+    );
+    assert_eq!(
+        ids(node.run("acme", &["list", "--json", "--label", "team=x"])),
+        ["counter"]
+    );
+    assert_eq!(
+        ids(node.run("acme", &["list", "--json", "--label", "team=x", "--label", "tier=db"])),
+        Vec::<String>::new()
+    );
+    for id in ["p1", "p2", "p3", "p4"] {
+        node.run("acme", &["deploy", id, wasm.to_str().unwrap()]).ok();
+    }
+    assert_eq!(
+        ids(node.run("acme", &["list", "--json", "--page-size", "2"])),
+        ["counter", "echo", "init-trap", "p1", "p2", "p3", "p4"]
+    );
+    // The admin (no tenant) sees every tenant's services.
+    let all = run(node.solo().args(["list", "--json"])).ok().json();
+    let tenants: BTreeSet<&str> = all["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tenant"].as_str().unwrap())
+        .collect();
+    assert_eq!(tenants, BTreeSet::from(["acme", "beta"]));
+
+    // Call: --data, --file, stdin; the response unchanged on stdout.
+    assert_eq!(
+        node.run("acme", &["call", "echo", "--data", "hello"]).ok().stdout,
+        b"hello"
+    );
+    let request = dir.path().join("request.bin");
+    std::fs::write(&request, b"from a file").unwrap();
+    assert_eq!(
+        node.run("acme", &["call", "echo", "--file", request.to_str().unwrap()])
+            .ok()
+            .stdout,
+        b"from a file"
+    );
+    assert_eq!(node.run("acme", &["call", "counter"]).ok().stdout, b"1");
+    let called = node
+        .run("acme", &["call", "echo", "--data", "hi", "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        (called["payload_text"].as_str(), called["size"].as_u64()),
+        (Some("hi"), Some(2))
+    );
+    assert_eq!(called["payload_base64"], "aGk=");
+    node.run("acme", &["call", "nope", "--data", "x"]).fails(3);
+
+    // Logs.
+    let logs = node.run("acme", &["logs", "echo"]).ok().text();
+    assert!(logs.contains("INFO") && logs.contains("echo ready"), "{logs}");
+    let lines = node.run("acme", &["logs", "echo", "--json"]).ok().json_lines();
+    assert_eq!(lines.len(), 1);
+    let line = lines[0].as_object().unwrap();
+    assert_eq!(
+        line.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        BTreeSet::from(["seq", "timestamp_ms", "level", "message", "version"])
+    );
+    assert_eq!(
+        (line["seq"].as_u64(), line["message"].as_str()),
+        (Some(1), Some("echo ready"))
+    );
+    assert!(
+        node.run("acme", &["logs", "echo", "--from", "2", "--json"])
+            .ok()
+            .stdout
+            .is_empty()
+    );
+    node.run("acme", &["logs", "nope"]).fails(3);
+    node.run("acme", &["logs", "nope", "--follow"]).fails(3);
+
+    // Kill, waiting until it stopped; then calls fail and a second kill finds it stopped.
+    let killed = node
+        .run("acme", &["kill", "echo", "--grace-ms", "2000", "--wait"])
+        .ok()
+        .text();
+    assert!(
+        killed.contains("kill of echo requested") && killed.contains("stopped"),
+        "{killed}"
+    );
+    let ran = node.run("acme", &["call", "echo", "--data", "x"]).fails(1);
+    assert!(ran.stderr.contains("echo"), "{}", ran.stderr);
+    let again = node.run("acme", &["kill", "echo", "--json"]).ok().json();
+    assert_eq!(again["already_stopped"], true);
+    let forced = node.run("acme", &["kill", "counter", "--force", "--json"]).ok().json();
+    assert_eq!(
+        (forced["service_id"].as_str(), forced["already_stopped"].as_bool()),
+        (Some("counter"), Some(false))
+    );
+    node.run("acme", &["kill", "nope"]).fails(3);
+    let logs = node.run("acme", &["logs", "echo"]).ok().text();
+    assert!(logs.contains("echo stopping"), "{logs}");
+
+    // Events: history up to the head, then exit; the same events as the log holds.
+    let events = run(node.solo().args(["events", "--json"])).ok().json_lines();
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "every seq, in order");
+    assert_eq!(events[0]["kind"], "node_started");
+    let acme = node.run("acme", &["events", "--json"]).ok().json_lines();
+    assert!(!acme.is_empty() && acme.iter().all(|e| e["tenant"] == "acme"));
+    let filtered = node
+        .run(
+            "acme",
+            &[
+                "events",
+                "--json",
+                "--service",
+                "echo",
+                "--kind",
+                "service_started,service_stopped",
+            ],
+        )
+        .ok()
+        .json_lines();
+    let kinds: Vec<&str> = filtered.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["service_started", "service_stopped"]);
+    let later = run(node.solo().args(["events", "--json", "--from", "5"]))
+        .ok()
+        .json_lines();
+    assert_eq!(later.first().unwrap()["seq"], 5);
+    assert_eq!(later.len(), seqs.len() - 4);
+    let people = run(node.solo().args(["events"])).ok().text();
+    assert_eq!(people.lines().count(), seqs.len());
+    assert!(
+        people.contains("service_deployed") && people.contains("acme/echo"),
+        "{people}"
+    );
+    assert!(
+        run(node.solo().args(["events", "--from", "100000"]))
+            .ok()
+            .stdout
+            .is_empty(),
+        "nothing past the head"
+    );
+
+    // A reader that goes away (`solo events --follow | head -1`) ends the command quietly.
+    let mut follower = std::process::Command::new(bin())
+        .args(["--endpoint", &node.url, "events", "--follow", "--from", "1", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(follower.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"seq\":1"), "{first}");
+    node.deploy("acme", "after-the-reader-left", "counter", &[]);
+    let output = follower.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn call_passes_binary_data_and_large_payloads_unchanged() {
+    let node = Node::dev();
+    node.deploy("acme", "echo", "echo", &[]);
+    let every_byte: Vec<u8> = (0..=255).collect();
+    let ran = run(node
+        .solo()
+        .args(["--tenant", "acme", "call", "echo"])
+        .write_stdin(every_byte.clone()))
+    .ok();
+    assert_eq!(ran.stdout, every_byte);
+    let large: Vec<u8> = (0..6 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let output = node
+        .solo()
+        .args(["--tenant", "acme", "call", "echo", "--file", "-"])
+        .write_stdin(large.clone())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.stdout == large,
+        "6 MiB came back changed ({} bytes)",
+        output.stdout.len()
+    );
+    let called = node
+        .solo()
+        .args(["--tenant", "acme", "call", "echo", "--json"])
+        .write_stdin(every_byte.clone())
+        .output()
+        .unwrap();
+    let called: Value = serde_json::from_slice(&called.stdout).unwrap();
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(called["payload_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(decoded, every_byte);
+    assert_eq!(called["payload_text"], Value::Null);
+    // A call that runs past its time limit fails with the node's reason.
+    node.deploy("acme", "spin", "spin", &["--call-timeout-ms", "300"]);
+    let ran = node
+        .run("acme", &["call", "spin", "--data", "1500", "--timeout-ms", "200"])
+        .fails(1);
+    assert!(ran.stderr.contains("spin"), "{}", ran.stderr);
+}
+
+/// Tokens for the admin and for tenant `acme`.
+fn with_tokens() -> (String, String, impl Fn(&mut solo::config::Config) + Clone) {
+    let (admin_token, admin_hash) = solo::api::auth::new_token().unwrap();
+    let (acme_token, acme_hash) = solo::api::auth::new_token().unwrap();
+    let tweak = move |config: &mut solo::config::Config| {
+        config.security.admin_token_sha256 = vec![admin_hash.clone()];
+        config.tenants.insert(
+            "acme".into(),
+            solo::config::TenantConfig {
+                token_sha256: vec![acme_hash.clone()],
+                limits: None,
+            },
+        );
+    };
+    (admin_token, acme_token, tweak)
+}
+
+#[test]
+fn tokens_decide_who_may_do_what_and_shutdown_is_the_admins() {
+    let (admin, acme, tweak) = with_tokens();
+    let node = Node::start(tweak);
+    let echo = example_path("echo");
+    let echo = echo.to_str().unwrap();
+
+    // No token, a wrong one: 4.
+    let ran = run(node.solo().args(["list"])).fails(4);
+    assert!(ran.stderr.contains("token"), "{}", ran.stderr);
+    let ran = run(node.solo().args(["--token", "solo_wrong", "list"])).fails(4);
+    assert!(ran.stderr.contains("invalid token"), "{}", ran.stderr);
+    run(node
+        .solo()
+        .env("SOLO_TOKEN", "solo_wrong")
+        .args(["deploy", "echo", echo]))
+    .fails(4);
+
+    // The tenant's token acts for the tenant, and only for it.
+    run(node
+        .solo()
+        .env("SOLO_TOKEN", &acme)
+        .args(["deploy", "echo", echo, "--wait"]))
+    .ok();
+    let mine = run(node.solo().args(["--token", &acme, "list", "--json"])).ok().json();
+    assert_eq!(mine["services"][0]["tenant"], "acme");
+    let ran = run(node.solo().args(["--token", &acme, "--tenant", "beta", "list"])).fails(4);
+    assert!(ran.stderr.contains("cannot act for tenant 'beta'"), "{}", ran.stderr);
+    run(node.solo().args(["--token", &acme, "shutdown"])).fails(4);
+
+    // The admin picks a tenant with --tenant (or SOLO_TENANT).
+    let theirs = run(node
+        .solo()
+        .args(["--token", &admin, "--tenant", "acme", "status", "echo", "--json"]))
+    .ok()
+    .json();
+    assert_eq!(theirs["tenant"], "acme");
+    run(node
+        .solo()
+        .env("SOLO_TOKEN", &admin)
+        .env("SOLO_TENANT", "acme")
+        .args(["status", "echo"]))
+    .ok();
+    run(node.solo().args(["--token", &admin, "status", "echo"])).fails(3);
+
+    // Shutdown: the admin's; afterwards the node is gone (5).
+    let done = run(node
+        .solo()
+        .args(["--token", &admin, "shutdown", "--grace-ms", "2000", "--json"]))
+    .ok()
+    .json();
+    assert!(done["seq"].as_u64().unwrap() > 1);
+    let url = node.url.clone();
+    node.stopped();
+    run(solo().args(["--endpoint", &url, "--token", &admin, "list"])).fails(5);
+}
+
+/// A CA, and a certificate it signed for 127.0.0.1 (server) or naming `tenant` (client).
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "solo test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let pki = Pki {
+            dir: tempfile::tempdir().unwrap(),
+            ca,
+        };
+        std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes NAME.pem and NAME.key.
+    fn issue(&self, name: &str, params: rcgen::CertificateParams) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &*self.ca).unwrap();
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[test]
+fn tls_with_the_nodes_ca_and_a_client_certificate_that_names_the_tenant() {
+    let pki = Pki::new();
+    pki.issue(
+        "server",
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap(),
+    );
+    let mut client = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    client.distinguished_name.push(rcgen::DnType::CommonName, "acme");
+    pki.issue("acme", client);
+    let (cert, key, ca) = (pki.path("server.pem"), pki.path("server.key"), pki.path("ca.pem"));
+    let node = Node::start(|config| {
+        config.security.tls_cert = Some(cert);
+        config.security.tls_key = Some(key);
+        config.security.client_ca = Some(ca);
+    });
+    assert!(node.url.starts_with("https://"), "{}", node.url);
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let client_cert = pki.path("acme.pem");
+    let client_key = pki.path("acme.key");
+    let identity = [
+        "--ca-cert",
+        ca,
+        "--client-cert",
+        client_cert.to_str().unwrap(),
+        "--client-key",
+        client_key.to_str().unwrap(),
+    ];
+    let echo = example_path("echo");
+    run(node
+        .solo()
+        .args(identity)
+        .args(["deploy", "echo", echo.to_str().unwrap(), "--wait"]))
+    .ok();
+    let status = run(node.solo().args(identity).args(["status", "echo", "--json"]))
+        .ok()
+        .json();
+    assert_eq!(status["tenant"], "acme", "the certificate named the tenant");
+    // The CA from the environment, the endpoint without a scheme: https, since TLS files are given.
+    let bare = node.url.trim_start_matches("https://").to_string();
+    let ran = run(solo()
+        .env("SOLO_CA_CERT", ca)
+        .env("SOLO_ENDPOINT", &bare)
+        .args([
+            "--client-cert",
+            client_cert.to_str().unwrap(),
+            "--client-key",
+            client_key.to_str().unwrap(),
+        ])
+        .args(["call", "echo", "--data", "over tls"]))
+    .ok();
+    assert_eq!(ran.stdout, b"over tls");
+    // Without a client certificate this node refuses the handshake; with the wrong CA the
+    // node's certificate is not trusted: both leave the node unreachable.
+    let ran = run(node.solo().args(["--ca-cert", ca, "list"])).fails(5);
+    assert!(
+        ran.stderr.contains(&format!("the node at {}", node.url)),
+        "{}",
+        ran.stderr
+    );
+    let other = Pki::new();
+    let ran = run(node
+        .solo()
+        .args(["--ca-cert", other.path("ca.pem").to_str().unwrap(), "list"]))
+    .fails(5);
+    assert!(ran.stderr.contains("certificate"), "{}", ran.stderr);
+    run(node.solo().args(["--ca-cert", "/no/such/ca.pem", "list"])).fails(1);
+    run(node
+        .solo()
+        .args(["--ca-cert", ca, "--client-cert", client_cert.to_str().unwrap(), "list"]))
+    .fails(2);
+}
+
+#[test]
+fn the_offline_tools_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = run(solo().args(["token", "new"])).ok();
+    assert!(token.text().starts_with("solo_") && token.stderr.contains("admin_token_sha256"));
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let checked = run(solo().args(["config", "check", example.to_str().unwrap()])).ok();
+    assert!(checked.stderr.contains(": ok"), "{}", checked.stderr);
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[solo]\nnot_a_key = 1\n").unwrap();
+    assert_eq!(run(solo().args(["config", "check", bad.to_str().unwrap()])).code, 1);
+
+    // A data directory with two tenants' events, read offline.
+    let data = dir.path().join("data");
+    {
+        let node = Node::start(|config| config.solo.data_dir = data.clone());
+        node.deploy("acme", "echo", "echo", &[]);
+        node.deploy("beta", "echo", "echo", &[]);
+    }
+    let data = data.to_str().unwrap();
+    let verified = run(solo().args(["log", "verify", "--data-dir", data])).ok();
+    assert!(!verified.text().is_empty());
+    let stats = run(solo().args(["log", "stats", "--data-dir", data, "--json"]))
+        .ok()
+        .json();
+    assert!(stats["head"].as_u64().unwrap() >= 5, "{stats}");
+    // `log dump --tenant` filters; SOLO_TENANT (the client's tenant) does not.
+    let dump = |extra: &[&str], env_tenant: Option<&str>| -> Vec<Value> {
+        let mut cmd = solo();
+        if let Some(tenant) = env_tenant {
+            cmd.env("SOLO_TENANT", tenant);
+        }
+        run(cmd.args(["log", "dump", "--data-dir", data, "--json"]).args(extra))
+            .ok()
+            .json_lines()
+    };
+    let all = dump(&[], Some("acme"));
+    assert_eq!(all.len() as u64, stats["head"].as_u64().unwrap());
+    let acme = dump(&["--tenant", "acme"], Some("beta"));
+    assert!(!acme.is_empty() && acme.iter().all(|e| e["tenant"] == "acme"));
+    let people = run(solo().args(["log", "stats", "--data-dir", data])).ok().text();
+    assert!(people.contains("by kind:"), "{people}");
+}
+
+/// A `solo` child process whose stdout lines arrive on a channel and whose stderr is kept.
+struct Watcher {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    seen: Vec<String>,
+}
+
+impl Watcher {
+    fn spawn(args: &[&str]) -> Watcher {
+        let mut cmd = std::process::Command::new(bin());
+        for var in SOLO_VARS {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (send, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let mut sink = sink.lock().unwrap();
+                sink.push_str(&line);
+                sink.push('\n');
+            }
+        });
+        Watcher {
+            child,
+            lines,
+            stderr,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads lines until `done` holds for what was seen so far.
+    fn until(&mut self, what: &str, done: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(e) => panic!(
+                    "{what}: {e}; seen {:?}; stderr {}",
+                    self.seen,
+                    self.stderr.lock().unwrap()
+                ),
+            }
+        }
+    }
+
+    /// Ends it as Ctrl-C would, which is a clean end (exit 0).
+    fn interrupt(mut self) -> (Vec<String>, String) {
+        let sent = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "Ctrl-C did not end it");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{status}: {}", self.stderr.lock().unwrap());
+        self.stop()
+    }
+
+    fn stop(mut self) -> (Vec<String>, String) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(line);
+        }
+        let stderr = self.stderr.lock().unwrap().clone();
+        (self.seen, stderr)
+    }
+}
+
+/// `solo serve` as a child process on fixed ports.
+struct ServeProcess {
+    child: Child,
+    _stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl ServeProcess {
+    fn start(data: &Path, grpc: u16, http: u16, log: &Path) -> ServeProcess {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let mut cmd = std::process::Command::new(bin());
+            for var in SOLO_VARS {
+                cmd.env_remove(var);
+            }
+            let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+            let mut child = cmd
+                .args(["serve", "--data-dir", data.to_str().unwrap()])
+                .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+                .args(["--http-addr", &format!("127.0.0.1:{http}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log_file)
+                .spawn()
+                .unwrap();
+            let mut stdout = BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            if line.starts_with("solo listening") {
+                assert!(line.contains(&format!("grpc=127.0.0.1:{grpc}")), "{line}");
+                return ServeProcess { child, _stdout: stdout };
+            }
+            // The port may linger for a moment after the previous node; try again.
+            let _ = child.wait();
+            assert!(
+                Instant::now() < deadline,
+                "solo serve did not start: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `kill -9`.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Waits until it has exited by itself (after `solo shutdown`).
+    fn exited(mut self) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the node did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn events_and_logs_follow_across_restarts_without_a_gap_or_a_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("serve.log");
+    let (grpc, http) = (free_port(), free_port());
+    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let cli = |args: &[&str]| run(solo().args(["--endpoint", &endpoint, "--tenant", "acme"]).args(args));
+    let echo = example_path("echo");
+    let counter = example_path("counter");
+
+    let node = ServeProcess::start(&data, grpc, http, &log);
+    cli(&["deploy", "echo", echo.to_str().unwrap(), "--wait"]).ok();
+    let mut events = Watcher::spawn(&["--endpoint", &endpoint, "events", "--follow", "--from", "1", "--json"]);
+    let mut logs = Watcher::spawn(&[
+        "--endpoint",
+        &endpoint,
+        "--tenant",
+        "acme",
+        "logs",
+        "echo",
+        "--follow",
+        "--json",
+    ]);
+    let ready = |seen: &[String], n: usize| seen.iter().filter(|l| l.contains("\"echo ready\"")).count() >= n;
+    logs.until("the first echo ready", |seen| ready(seen, 1));
+    cli(&["deploy", "counter", counter.to_str().unwrap(), "--wait"]).ok();
+    events.until("the counter's start", |seen| {
+        seen.iter()
+            .any(|l| l.contains("\"service_started\"") && l.contains("counter"))
+    });
+
+    // kill -9 while the followers follow; deploys after the restart must reach them.
+    node.kill();
+    let node = ServeProcess::start(&data, grpc, http, &log);
+    cli(&["deploy", "kv", example_path("kv").to_str().unwrap(), "--wait"]).ok();
+    logs.until("echo ready after kill -9", |seen| ready(seen, 2));
+
+    // A clean shutdown through the API, then a third node.
+    cli(&["kill", "counter", "--wait"]).ok();
+    run(solo().args(["--endpoint", &endpoint, "shutdown", "--grace-ms", "2000"])).ok();
+    node.exited();
+    let node = ServeProcess::start(&data, grpc, http, &log);
+    cli(&["deploy", "counter", counter.to_str().unwrap(), "--wait"]).ok();
+    logs.until("echo ready after a shutdown", |seen| ready(seen, 3));
+
+    // What the log holds, read offline while the node runs.
+    let dump = run(solo().args(["log", "dump", "--data-dir", data.to_str().unwrap(), "--json"]))
+        .ok()
+        .json_lines();
+    let head = dump.last().unwrap()["seq"].as_u64().unwrap();
+    events.until("the head", |seen| {
+        seen.last()
+            .and_then(|l| serde_json::from_str::<Value>(l).ok())
+            .is_some_and(|e| e["seq"].as_u64() >= Some(head))
+    });
+    let (followed, notes) = events.interrupt();
+    let followed: Vec<Value> = followed.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let seqs: Vec<u64> = followed.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=head).collect::<Vec<_>>(),
+        "every seq once, in order; stderr: {notes}"
+    );
+    assert_eq!(followed, dump, "the same events as the log");
+    assert!(
+        notes.matches("reconnected").count() >= 2,
+        "each reconnect is noted on stderr: {notes}"
+    );
+    // Two nodes started after the first, and each was seen.
+    let starts = followed.iter().filter(|e| e["kind"] == "node_started").count();
+    assert_eq!(starts, 3);
+
+    let (lines, notes) = logs.interrupt();
+    let lines: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let unique: HashSet<(u64, u64, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["seq"].as_u64().unwrap(),
+                l["timestamp_ms"].as_u64().unwrap(),
+                l["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(unique.len(), lines.len(), "no line twice: {lines:?}");
+    assert_eq!(
+        lines.iter().filter(|l| l["message"] == "echo ready").count(),
+        3,
+        "one start per node: {lines:?}; stderr: {notes}"
+    );
+    assert!(notes.contains("reconnected"), "{notes}");
+    drop(node);
+}
