@@ -79,8 +79,17 @@ fn deploy(id: &str, wasm: &[u8]) -> proto::DeployRequest {
     }
 }
 
+/// Whether the command line's filter (`cargo bench -- FILTER`) selects a measurement that
+/// is not a criterion benchmark and so is not filtered by criterion.
+fn selected(name: &str) -> bool {
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+}
+
+/// Zero when nothing was measured (a filtered-out benchmark).
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+    let index = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).copied().unwrap_or_default()
 }
 
 fn bench_deploy(c: &mut Criterion) {
@@ -140,13 +149,67 @@ fn bench_deploy(c: &mut Criterion) {
             });
         });
         latencies.sort();
-        eprintln!(
-            "grpc_deploy/cached_module/{clients}: {} deploys, latency p50 {:?}, p99 {:?}",
-            latencies.len(),
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99)
-        );
+        if !latencies.is_empty() {
+            eprintln!(
+                "grpc_deploy/cached_module/{clients}: {} deploys, latency p50 {:?}, p99 {:?}",
+                latencies.len(),
+                percentile(&latencies, 0.5),
+                percentile(&latencies, 0.99)
+            );
+        }
     }
+    group.finish();
+    rt.block_on(server.stop()).expect("the node stops");
+}
+
+/// The ceiling of this harness on this machine: a health check, which touches neither the log
+/// nor the runtime, with as many clients and connections as the deploy benchmark.
+fn bench_baseline(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = rt.block_on(start(dir.path()));
+    let clients = 256usize;
+    let connections: Vec<_> = rt.block_on(async {
+        let mut connections = Vec::new();
+        for _ in 0..16 {
+            let channel = Channel::from_shared(server.grpc_url())
+                .expect("a url")
+                .connect()
+                .await
+                .expect("it connects");
+            connections.push(tonic_health::pb::health_client::HealthClient::new(channel));
+        }
+        connections
+    });
+    let mut group = c.benchmark_group("grpc_baseline");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Elements(1));
+    group.bench_with_input(BenchmarkId::new("health_check", clients), &clients, |b, &clients| {
+        b.iter_custom(|iters| {
+            let next = Arc::new(AtomicU64::new(0));
+            rt.block_on(async {
+                let started = Instant::now();
+                let tasks: Vec<_> = (0..clients)
+                    .map(|i| {
+                        let mut client = connections[i % connections.len()].clone();
+                        let next = Arc::clone(&next);
+                        tokio::spawn(async move {
+                            while next.fetch_add(1, Ordering::Relaxed) < iters {
+                                let request = tonic_health::pb::HealthCheckRequest::default();
+                                client.check(request).await.expect("the node answers");
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.expect("a client does not panic");
+                }
+                started.elapsed()
+            })
+        });
+    });
     group.finish();
     rt.block_on(server.stop()).expect("the node stops");
 }
@@ -225,109 +288,267 @@ fn bench_call(c: &mut Criterion) {
     rt.block_on(server.stop()).expect("the node stops");
 }
 
-/// Not a criterion measurement: 1,000 watchers while events are appended at a steady rate;
-/// prints commit-to-delivery percentiles and checks nothing was lost.
-fn watch_fan_out(_: &mut Criterion) {
-    let watchers = 1000;
-    let rate = 5000u64; // events per second
-    let seconds = 4u64;
-    let rt = runtime();
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let server = rt.block_on(start(dir.path()));
-    let report = rt.block_on(async {
-        let mut connections = Vec::new();
-        for _ in 0..8 {
-            connections.push(client(&server).await);
-        }
-        let mut writer = client(&server).await;
-        let module = echo_wasm("echo ready");
-        // One service, killed and redeployed in turns: two events per round, none of them
-        // starting instances at the event rate (starts coalesce).
-        writer.deploy(as_tenant("bench", deploy("w", &module))).await.unwrap();
-        let first = writer
-            .deploy(as_tenant("bench", deploy("w", &echo_wasm("v2"))))
-            .await
-            .unwrap()
-            .into_inner()
-            .seq
-            + 1;
-        let total = rate * seconds;
-        let mut tasks = Vec::new();
-        for i in 0..watchers {
-            let mut client = connections[i % connections.len()].clone();
-            let watch = proto::WatchRequest {
-                from_seq: first,
-                kinds: vec!["service_kill_requested".into(), "service_deployed".into()],
-                ..Default::default()
-            };
-            let mut stream = client.watch(as_tenant("bench", watch)).await.unwrap().into_inner();
-            tasks.push(tokio::spawn(async move {
-                let mut delays = Vec::with_capacity(total as usize);
-                let mut next_seq = 0;
-                while (delays.len() as u64) < total {
-                    let Some(Ok(item)) = stream.next().await else { break };
-                    if let Some(Msg::Event(event)) = item.msg {
-                        assert!(event.seq > next_seq, "in order, each once");
-                        next_seq = event.seq;
-                        let now_ms = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as u64);
-                        delays.push(Duration::from_millis(now_ms.saturating_sub(event.timestamp_ms)));
-                    }
-                }
-                delays
-            }));
-        }
-        let started = Instant::now();
-        let mut sent = 0u64;
-        let wasm = [module, echo_wasm("v2")];
-        while sent < total {
-            // Paced: stay on the rate, one event at a time (kill, then deploy).
-            let due = Duration::from_micros(sent * 1_000_000 / rate);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
-            if sent % 2 == 0 {
-                let kill = proto::KillRequest {
-                    service_id: "w".into(),
-                    force: true,
-                    ..Default::default()
-                };
-                writer.kill(as_tenant("bench", kill)).await.unwrap();
-            } else {
-                writer
-                    .deploy(as_tenant("bench", deploy("w", &wasm[(sent / 2 % 2) as usize])))
-                    .await
-                    .unwrap();
-            }
-            sent += 1;
-        }
-        let elapsed = started.elapsed();
-        let mut all = Vec::new();
-        let mut complete = 0;
-        for task in tasks {
-            let delays = tokio::time::timeout(Duration::from_secs(60), task)
-                .await
-                .expect("watchers finish")
-                .unwrap();
-            if delays.len() as u64 == total {
-                complete += 1;
-            }
-            all.extend(delays);
-        }
-        all.sort();
-        format!(
-            "watch fan-out: {watchers} watchers, {total} events at {:.0} events/s; {complete}/{watchers} watchers got \
-             every event; commit-to-delivery p50 {:?}, p99 {:?}, max {:?} (millisecond clock)",
-            total as f64 / elapsed.as_secs_f64(),
-            percentile(&all, 0.5),
-            percentile(&all, 0.99),
-            all.last().copied().unwrap_or_default(),
-        )
-    });
-    eprintln!("{report}");
-    rt.block_on(server.stop()).expect("the node stops");
+/// One shape of the watch fan-out measurement.
+struct FanOut {
+    watchers: usize,
+    /// Services the load cycles through; with `per_service`, watcher `i` follows service
+    /// `i % services` only, as a controller following its own objects would.
+    services: usize,
+    per_service: bool,
+    /// Events a second the load aims for (each kill or deploy appends about two).
+    events_per_second: u64,
+    seconds: u64,
 }
 
-criterion_group!(benches, bench_deploy, bench_call, watch_fan_out);
+/// Not a criterion measurement: watchers follow the log while a paced load of kills and
+/// deploys appends events; prints commit-to-delivery percentiles and checks, against an
+/// unfiltered reference watch, that every watcher got each of its events once, in order.
+fn watch_fan_out(_: &mut Criterion) {
+    if !selected("watch_fan_out") {
+        return;
+    }
+    let shapes = [
+        FanOut {
+            watchers: 1000,
+            services: 1000,
+            per_service: true,
+            events_per_second: 5000,
+            seconds: 5,
+        },
+        FanOut {
+            watchers: 1000,
+            services: 100,
+            per_service: false,
+            events_per_second: 5000,
+            seconds: 5,
+        },
+    ];
+    let only: Option<usize> = std::env::var("SOLO_BENCH_FAN_OUT_SHAPE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for (index, shape) in shapes.into_iter().enumerate() {
+        if only.is_some_and(|only| only != index) {
+            continue;
+        }
+        let rt = runtime();
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let server = rt.block_on(start(dir.path()));
+        let report = rt.block_on(fan_out(&server, &shape));
+        eprintln!("{report}");
+        rt.block_on(server.stop()).expect("the node stops");
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Follows a watch until `done` holds a seq and the watch has passed it, by an event or by a
+/// progress note. Returns, in arrival order, the seq and `record` of each event before it.
+async fn follow<T>(
+    mut client: SoloKernelClient<Channel>,
+    request: proto::WatchRequest,
+    done: tokio::sync::watch::Receiver<u64>,
+    record: fn(proto::Event, u32) -> T,
+    expected_events: usize,
+) -> Vec<(u64, T)> {
+    let mut stream = client.watch(as_tenant("bench", request)).await.unwrap().into_inner();
+    let mut seen = Vec::with_capacity(expected_events);
+    loop {
+        let passed = match stream.next().await {
+            Some(Ok(proto::WatchResponse {
+                msg: Some(Msg::Event(event)),
+            })) => {
+                let delay_ms = u32::try_from(now_ms().saturating_sub(event.timestamp_ms)).unwrap_or(u32::MAX);
+                let seq = event.seq;
+                seen.push((seq, record(event, delay_ms)));
+                seq
+            }
+            Some(Ok(proto::WatchResponse {
+                msg: Some(Msg::Progress(p)),
+            })) => p.head_seq,
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => panic!("the watch failed: {status}"),
+            None => panic!("the watch ended early"),
+        };
+        let end = *done.borrow();
+        if end != 0 && passed >= end {
+            seen.retain(|&(seq, _)| seq < end);
+            return seen;
+        }
+    }
+}
+
+async fn fan_out(server: &solo::server::Server, shape: &FanOut) -> String {
+    let mut connections = Vec::new();
+    for _ in 0..16 {
+        connections.push(client(server).await);
+    }
+    let modules = Arc::new([echo_wasm("echo one"), echo_wasm("echo two")]);
+    let mut first = 0;
+    for i in 0..shape.services {
+        let n = connections.len();
+        let deployed = connections[i % n]
+            .deploy(as_tenant("bench", deploy(&format!("svc{i}"), &modules[0])))
+            .await
+            .unwrap();
+        first = first.max(deployed.into_inner().seq + 1);
+    }
+    let (done_tx, done) = tokio::sync::watch::channel(0u64);
+    let watch_request = |service_id: String| proto::WatchRequest {
+        from_seq: first,
+        service_id,
+        progress_interval_ms: 100,
+        ..Default::default()
+    };
+    let total_events = (shape.events_per_second * shape.seconds) as usize + 16;
+    let reference = tokio::spawn(follow(
+        client(server).await,
+        watch_request(String::new()),
+        done.clone(),
+        |event, _| event.service_id,
+        total_events,
+    ));
+    let mut watchers = Vec::new();
+    for i in 0..shape.watchers {
+        let service = if shape.per_service {
+            format!("svc{}", i % shape.services)
+        } else {
+            String::new()
+        };
+        let client = connections[i % connections.len()].clone();
+        let expected_events = if shape.per_service {
+            total_events / shape.services
+        } else {
+            total_events
+        };
+        let watch = follow(
+            client,
+            watch_request(service.clone()),
+            done.clone(),
+            |_, delay_ms| delay_ms,
+            expected_events,
+        );
+        watchers.push((service, tokio::spawn(watch)));
+    }
+
+    // The load: writers, each cycling through its own services, alternately killing and
+    // redeploying each one, paced to the rate.
+    let writers = 32.min(shape.services);
+    let requests_per_second = (shape.events_per_second / 2).max(1);
+    let total_requests = requests_per_second * shape.seconds;
+    let started = Instant::now();
+    let load: Vec<_> = (0..writers)
+        .map(|w| {
+            let mut client = connections[w % connections.len()].clone();
+            let modules = Arc::clone(&modules);
+            let services: Vec<usize> = (w..shape.services).step_by(writers).collect();
+            tokio::spawn(async move {
+                let mut k = w as u64;
+                let mut round = 0usize;
+                while k < total_requests {
+                    let due = Duration::from_micros(k * 1_000_000 / requests_per_second);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                    let id = format!("svc{}", services[round % services.len()]);
+                    let cycle = round / services.len();
+                    if cycle % 2 == 0 {
+                        let kill = proto::KillRequest {
+                            service_id: id,
+                            force: true,
+                            ..Default::default()
+                        };
+                        client
+                            .kill(as_tenant("bench", kill))
+                            .await
+                            .expect("the kill is acknowledged");
+                    } else {
+                        let module = &modules[(cycle / 2) % 2];
+                        client
+                            .deploy(as_tenant("bench", deploy(&id, module)))
+                            .await
+                            .expect("the deploy is acknowledged");
+                    }
+                    round += 1;
+                    k += writers as u64;
+                }
+            })
+        })
+        .collect();
+    for task in load {
+        task.await.expect("a writer does not panic");
+    }
+    let elapsed = started.elapsed();
+    // Let the runtime's last observations land, then mark the end with one more event.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let end = connections[0]
+        .deploy(as_tenant("bench", deploy("end", &modules[0])))
+        .await
+        .unwrap()
+        .into_inner()
+        .seq;
+    done_tx.send(end).expect("watchers are listening");
+
+    let reference = reference.await.expect("the reference watch does not panic");
+    let all: Vec<u64> = reference.iter().map(|(seq, _)| *seq).collect();
+    let mut by_service: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
+    for (seq, service) in reference {
+        by_service.entry(service).or_default().push(seq);
+    }
+    // Milliseconds of commit-to-delivery delay -> deliveries.
+    let mut delays = std::collections::BTreeMap::<u32, u64>::new();
+    let mut complete = 0;
+    for (service, watcher) in watchers {
+        let seen = tokio::time::timeout(Duration::from_secs(120), watcher)
+            .await
+            .expect("watchers finish")
+            .expect("a watcher does not panic");
+        let expected = if service.is_empty() {
+            Some(&all)
+        } else {
+            by_service.get(&service)
+        };
+        let got: Vec<u64> = seen.iter().map(|&(seq, _)| seq).collect();
+        if got == expected.map_or(&[][..], Vec::as_slice) {
+            complete += 1;
+        }
+        for (_, delay_ms) in seen {
+            *delays.entry(delay_ms).or_default() += 1;
+        }
+    }
+    let deliveries: u64 = delays.values().sum();
+    let delay_percentile = |q: f64| {
+        let rank = (deliveries as f64 * q) as u64;
+        let mut below = 0;
+        for (&delay_ms, &count) in &delays {
+            below += count;
+            if below > rank {
+                return delay_ms;
+            }
+        }
+        0
+    };
+    let shape_name = if shape.per_service {
+        format!("each following one of {} services", shape.services)
+    } else {
+        "each following every event".to_string()
+    };
+    format!(
+        "watch fan-out: {} watchers {shape_name}; {} events at {:.0} events/s; {} deliveries; {complete}/{} watchers got \
+         exactly their events in order; commit-to-delivery p50 {} ms, p99 {} ms, max {} ms",
+        shape.watchers,
+        all.len(),
+        all.len() as f64 / elapsed.as_secs_f64(),
+        deliveries,
+        shape.watchers,
+        delay_percentile(0.5),
+        delay_percentile(0.99),
+        delays.last_key_value().map_or(0, |(&delay_ms, _)| delay_ms),
+    )
+}
+
+criterion_group!(benches, bench_baseline, bench_deploy, bench_call, watch_fan_out);
 criterion_main!(benches);

@@ -30,11 +30,16 @@ fn runtime() -> Runtime {
         .expect("a tokio runtime")
 }
 
-fn example(name: &str) -> String {
+fn example_wat(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("examples/services")
         .join(format!("{name}.wat"));
     std::fs::read_to_string(path).expect("the example exists")
+}
+
+/// Clients send compiled wasm; turning text into wasm is theirs to do, before the clock.
+fn wasm(wat: &str) -> Vec<u8> {
+    wat::parse_str(wat).expect("the example is valid WAT")
 }
 
 /// A node in `dir` with quotas out of the way and a pool for `instances` services.
@@ -51,12 +56,12 @@ fn config(dir: &Path, instances: u32) -> Config {
     config
 }
 
-fn request(tenant: &str, id: &str, module: &str) -> DeployRequest {
+fn request(tenant: &str, id: &str, module: &[u8]) -> DeployRequest {
     DeployRequest {
         tenant: tenant.into(),
         actor: format!("tenant:{tenant}"),
         service_id: id.into(),
-        module: Arc::from(module.as_bytes()),
+        module: Arc::from(module),
         limits: Limits::default(),
         labels: HashMap::new(),
         idempotency_key: String::new(),
@@ -74,8 +79,17 @@ async fn started(control: &Control, from: u64, tenant: &str, id: &str) {
     }
 }
 
+/// Whether the command line's filter (`cargo bench -- FILTER`) selects a measurement that
+/// is not a criterion benchmark and so is not filtered by criterion.
+fn selected(name: &str) -> bool {
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+}
+
+/// Zero when nothing was measured (a filtered-out benchmark).
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+    let index = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).copied().unwrap_or_default()
 }
 
 fn bench_deploy(c: &mut Criterion) {
@@ -84,10 +98,10 @@ fn bench_deploy(c: &mut Criterion) {
     let node: Node = rt
         .block_on(solo::server::open_node(&config(dir.path(), 1000)))
         .expect("the node opens");
-    let echo = example("echo");
+    let echo = example_wat("echo");
     // Two variants of echo, alternately deployed to one id: every deploy is an upgrade whose
     // module is already compiled.
-    let variants = [echo.clone(), echo.replace("echo ready", "echo again")];
+    let variants = [wasm(&echo), wasm(&echo.replace("echo ready", "echo again"))];
     let mut group = c.benchmark_group("deploy");
     group.sample_size(10).measurement_time(Duration::from_secs(5));
     let mut latencies = Vec::new();
@@ -110,11 +124,54 @@ fn bench_deploy(c: &mut Criterion) {
         });
     });
     latencies.sort();
-    eprintln!(
-        "deploy/cached_module: {} deploys, p50 {:?}, p99 {:?} (each one durable commit)",
-        latencies.len(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99)
+    if !latencies.is_empty() {
+        eprintln!(
+            "deploy/cached_module: {} deploys, p50 {:?}, p99 {:?} (each one durable commit)",
+            latencies.len(),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99)
+        );
+    }
+
+    // Many clients, each upgrading its own service between the two variants.
+    let clients = 256u64;
+    let variants = Arc::new(variants);
+    group.throughput(Throughput::Elements(1));
+    group.bench_with_input(
+        BenchmarkId::new("cached_module_concurrent", clients),
+        &clients,
+        |b, &clients| {
+            b.iter_custom(|iters| {
+                let next = Arc::new(AtomicU64::new(0));
+                rt.block_on(async {
+                    let started_at = Instant::now();
+                    let tasks: Vec<_> = (0..clients)
+                        .map(|client| {
+                            let (control, next, variants) =
+                                (node.control.clone(), Arc::clone(&next), Arc::clone(&variants));
+                            tokio::spawn(async move {
+                                let id = format!("svc{client}");
+                                loop {
+                                    let round = next.fetch_add(1, Ordering::Relaxed);
+                                    if round >= iters {
+                                        break;
+                                    }
+                                    let module = &variants[(round % 2) as usize];
+                                    control
+                                        .deploy(request("bench", &id, module))
+                                        .await
+                                        .expect("deploy succeeds");
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.expect("a client does not panic");
+                    }
+                    started_at.elapsed()
+                })
+            });
+        },
     );
 
     let mut cold = Vec::new();
@@ -124,7 +181,7 @@ fn bench_deploy(c: &mut Criterion) {
                 let started_at = Instant::now();
                 for _ in 0..iters {
                     // A fresh module each time: the data string makes its hash new.
-                    let module = echo.replace("echo ready", &format!("cold {n:06}"));
+                    let module = wasm(&echo.replace("echo ready", &format!("cold {n:06}")));
                     let t = Instant::now();
                     node.control
                         .deploy(request("bench", "cold", &module))
@@ -138,12 +195,14 @@ fn bench_deploy(c: &mut Criterion) {
         });
     });
     cold.sort();
-    eprintln!(
-        "deploy/cold_compile_and_deploy_echo: {} deploys, p50 {:?}, p99 {:?}",
-        cold.len(),
-        percentile(&cold, 0.5),
-        percentile(&cold, 0.99)
-    );
+    if !cold.is_empty() {
+        eprintln!(
+            "deploy/cold_compile_and_deploy_echo: {} deploys, p50 {:?}, p99 {:?}",
+            cold.len(),
+            percentile(&cold, 0.5),
+            percentile(&cold, 0.99)
+        );
+    }
     group.finish();
     rt.block_on(node.stop(Duration::from_secs(5)));
 }
@@ -154,7 +213,7 @@ fn bench_calls(c: &mut Criterion) {
     let node: Node = rt
         .block_on(solo::server::open_node(&config(dir.path(), 1000)))
         .expect("the node opens");
-    let echo = example("echo");
+    let echo = wasm(&example_wat("echo"));
     // Several echo services, so calls spread over instances as real tenants' would.
     let services = 8;
     rt.block_on(async {
@@ -214,9 +273,18 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
+/// A pool large enough that `services` fit under the node-wide quota, which keeps a
+/// sixteenth of the pool back for upgrades and restarts.
+fn pool_for(services: u32) -> u32 {
+    services + services / 15 + 100
+}
+
 /// Not a criterion measurement: deploys idle echo services and reports the memory each one
 /// holds and how many would fit in 24 GiB.
 fn idle_services(_: &mut Criterion) {
+    if !selected("idle_services") {
+        return;
+    }
     let count: u32 = std::env::var("SOLO_BENCH_IDLE_SERVICES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -224,9 +292,9 @@ fn idle_services(_: &mut Criterion) {
     let rt = runtime();
     let dir = tempfile::tempdir().expect("a temp dir");
     let node: Node = rt
-        .block_on(solo::server::open_node(&config(dir.path(), count + 100)))
+        .block_on(solo::server::open_node(&config(dir.path(), pool_for(count))))
         .expect("the node opens");
-    let echo = example("echo");
+    let echo = wasm(&example_wat("echo"));
     let before = rss_bytes();
     let started_at = Instant::now();
     rt.block_on(async {

@@ -295,7 +295,11 @@ async fn serve_grpc(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(kernel)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        // Small replies must not wait on Nagle's algorithm for the peer's delayed ACK.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .context("gRPC server")
 }
@@ -326,6 +330,9 @@ async fn serve_http(
             },
             () = drained.cancelled() => break,
         };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot turn Nagle's algorithm off");
+        }
         let router = router.clone();
         let acceptor = acceptor.clone();
         let builder = builder.clone();

@@ -80,11 +80,17 @@ pub fn watch(
     let interval = progress_interval.max(MIN_PROGRESS_INTERVAL);
     async_stream::stream! {
         let mut examined = start - 1;
+        // Both futures live across turns: re-arming a timer and a cancellation waiter for
+        // every event would cost more than delivering it. The deadline moves lazily: the timer
+        // fires at the old one and is re-armed for `quiet_until` if something was sent since.
         let mut quiet_until = Instant::now() + interval;
+        let progress_timer = tokio::time::sleep_until(quiet_until);
+        let stopping = shutdown.cancelled_owned();
+        tokio::pin!(progress_timer, stopping);
         loop {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => {
+                () = &mut stopping => {
                     // What was committed before the stop (shutdown_requested among it) is still
                     // delivered; then the stream ends.
                     let head = log.head();
@@ -123,9 +129,13 @@ pub fn watch(
                         return;
                     }
                 },
-                () = tokio::time::sleep_until(quiet_until) => {
-                    quiet_until = Instant::now() + interval;
-                    yield Ok(WatchItem::Progress(examined));
+                () = &mut progress_timer => {
+                    let now = Instant::now();
+                    if now >= quiet_until {
+                        quiet_until = now + interval;
+                        yield Ok(WatchItem::Progress(examined));
+                    }
+                    progress_timer.as_mut().reset(quiet_until);
                 }
             }
         }

@@ -33,6 +33,18 @@ impl Module {
         }
     }
 
+    /// As `new`, but a large module is hashed on the blocking pool rather than on a worker
+    /// thread; a small one costs less than the hand-off would.
+    pub async fn hashed(bytes: Arc<[u8]>) -> Module {
+        const INLINE_MAX: usize = 256 << 10;
+        if bytes.len() <= INLINE_MAX {
+            return Module::new(bytes);
+        }
+        tokio::task::spawn_blocking(move || Module::new(bytes))
+            .await
+            .expect("hashing does not panic")
+    }
+
     pub fn sha256_hex(&self) -> &str {
         &self.sha256_hex
     }

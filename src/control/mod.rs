@@ -135,9 +135,6 @@ struct Shared {
     runtime: OnceLock<Runtime>,
 }
 
-/// Modules larger than this are hashed on the blocking pool rather than on a worker thread.
-const HASH_INLINE_MAX: usize = 256 << 10;
-
 impl Control {
     /// Opens the log, rebuilds the state and starts the writer. Blocking: call it from
     /// `spawn_blocking` in async code.
@@ -261,10 +258,10 @@ impl Control {
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let module = match self.runtime() {
             Some(runtime) => runtime
-                .prepare(&request.module)
+                .prepare(request.module)
                 .await
                 .map_err(|e| Error::InvalidModule(e.0))?,
-            None => hash_module(request.module).await,
+            None => Module::hashed(request.module).await,
         };
         let command = DeployCommand {
             tenant: request.tenant,
@@ -441,13 +438,4 @@ impl Drop for Shared {
             let _ = thread.join();
         }
     }
-}
-
-async fn hash_module(bytes: Arc<[u8]>) -> Module {
-    if bytes.len() <= HASH_INLINE_MAX {
-        return Module::new(bytes);
-    }
-    tokio::task::spawn_blocking(move || Module::new(bytes))
-        .await
-        .expect("hashing does not panic")
 }

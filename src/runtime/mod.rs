@@ -167,11 +167,23 @@ impl Runtime {
 
     /// Validates and compiles a module sent for deploy (wasm, or WAT converted to wasm), and
     /// caches it. Returns the module as it will be stored: wasm bytes and their hash.
-    pub async fn prepare(&self, bytes: &[u8]) -> Result<Module, InvalidModule> {
-        let wasm: Arc<[u8]> = module::to_wasm(bytes)?.into();
+    pub async fn prepare(&self, bytes: Arc<[u8]>) -> Result<Module, InvalidModule> {
+        // The common case, a wasm module that is already compiled, needs no blocking thread.
+        let module = if bytes.starts_with(module::WASM_MAGIC) {
+            let module = Module::hashed(bytes).await;
+            if self.inner.cache.get(&module.sha256).is_some() {
+                return Ok(module);
+            }
+            Ok(module)
+        } else {
+            Err(bytes)
+        };
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
-            let module = Module::new(wasm);
+            let module = match module {
+                Ok(module) => module,
+                Err(text) => Module::new(module::to_wasm(&text)?.into()),
+            };
             if inner.cache.get(&module.sha256).is_none() {
                 let prepared = module::prepare(
                     &inner.compiler.engine,
