@@ -20,6 +20,10 @@ use tonic::transport::Channel;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Connections the clients of a benchmark share, as a client pool would: HTTP/2 multiplexes
+/// their calls. Fewer connections favour trivial calls, more favour calls that wait.
+const CONNECTIONS: usize = 8;
+
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -107,7 +111,7 @@ fn bench_deploy(c: &mut Criterion) {
         let mut latencies = Vec::new();
         let connections: Vec<_> = rt.block_on(async {
             let mut connections = Vec::new();
-            for _ in 0..clients.min(16) {
+            for _ in 0..clients.min(CONNECTIONS) {
                 connections.push(client(&server).await);
             }
             connections
@@ -171,7 +175,7 @@ fn bench_baseline(c: &mut Criterion) {
     let clients = 256usize;
     let connections: Vec<_> = rt.block_on(async {
         let mut connections = Vec::new();
-        for _ in 0..16 {
+        for _ in 0..CONNECTIONS {
             let channel = Channel::from_shared(server.grpc_url())
                 .expect("a url")
                 .connect()
@@ -244,7 +248,7 @@ fn bench_call(c: &mut Criterion) {
             }
         }
         let mut connections = Vec::new();
-        for _ in 0..8 {
+        for _ in 0..CONNECTIONS {
             connections.push(client(&server).await);
         }
         connections
@@ -383,7 +387,7 @@ async fn follow<T>(
 
 async fn fan_out(server: &solo::server::Server, shape: &FanOut) -> String {
     let mut connections = Vec::new();
-    for _ in 0..16 {
+    for _ in 0..CONNECTIONS {
         connections.push(client(server).await);
     }
     let modules = Arc::new([echo_wasm("echo one"), echo_wasm("echo two")]);
