@@ -3,10 +3,11 @@
 //! One thread owns a working copy of the state and the right to append. It drains its queue
 //! into a batch, decides each command against the working state (which already holds the
 //! earlier commands of the batch), appends the whole batch in one write transaction with one
-//! durable commit, then applies it to the published state, lets tailers see it and answers
-//! every caller. Callers are answered only after their events are durable. If the commit
-//! fails, every caller of the batch gets the error and the working state is reset to the
-//! published (committed) one.
+//! durable commit, then swaps the working copy in as the published state, lets tailers see
+//! the batch and answers every caller; the copy swapped out then catches up on the batch.
+//! Callers are answered only after their events are durable. If the commit fails, every caller
+//! of the batch gets the error and the working state is reset to the published (committed)
+//! one.
 //!
 //! A commit costs about the same for one event as for hundreds (the fsync dominates), so under
 //! load the writer lets a batch fill: when the previous batch was large and the queue is still
@@ -208,14 +209,12 @@ impl Writer {
             self.stored_blobs.clear();
         }
         self.stored_blobs.extend(blobs.iter().map(|m| m.sha256));
+        // The working copy holds the batch: it becomes the published state in one swap, so
+        // readers wait only for the swap. The copy that was published catches up after the
+        // callers are answered, while they prepare their next commands.
         {
             let mut published = self.published.write().unwrap_or_else(|poison| poison.into_inner());
-            for event in &events {
-                if let Err(e) = published.apply(event) {
-                    tracing::error!(seq = event.seq, error = %e, "committed event does not apply");
-                    published.skip(event);
-                }
-            }
+            std::mem::swap(&mut *published, &mut self.working);
         }
         if shutting_down {
             self.shutting_down.store(true, Ordering::Release);
@@ -229,6 +228,12 @@ impl Writer {
         if let (Some(snapshots), Some(last)) = (&self.snapshots, events.last()) {
             // The snapshotter is gone only when the node is closing.
             let _ = snapshots.send(last.seq);
+        }
+        for event in &events {
+            if let Err(e) = self.working.apply(event) {
+                tracing::error!(seq = event.seq, error = %e, "committed event does not apply");
+                self.working.skip(event);
+            }
         }
     }
 }
