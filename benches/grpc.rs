@@ -10,10 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{closed_loop, percentile, runtime, selected};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 use solo::proto::{self, solo_kernel_client::SoloKernelClient, watch_response::Msg};
-use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
 /// As in the `solo` binary.
@@ -23,14 +25,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Connections the clients of a benchmark share, as a client pool would: HTTP/2 multiplexes
 /// their calls. Fewer connections favour trivial calls, more favour calls that wait.
 const CONNECTIONS: usize = 8;
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
 
 fn echo_wasm(tag: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/services/echo.wat");
@@ -83,19 +77,6 @@ fn deploy(id: &str, wasm: &[u8]) -> proto::DeployRequest {
     }
 }
 
-/// Whether the command line's filter (`cargo bench -- FILTER`) selects a measurement that
-/// is not a criterion benchmark and so is not filtered by criterion.
-fn selected(name: &str) -> bool {
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
-}
-
-/// Zero when nothing was measured (a filtered-out benchmark).
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    let index = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
-    sorted.get(index).copied().unwrap_or_default()
-}
-
 fn bench_deploy(c: &mut Criterion) {
     let rt = runtime();
     let dir = tempfile::tempdir().expect("a temp dir");
@@ -106,7 +87,9 @@ fn bench_deploy(c: &mut Criterion) {
         .sample_size(10)
         .measurement_time(Duration::from_secs(5))
         .throughput(Throughput::Elements(1));
-    let flip = Arc::new(AtomicU64::new(0));
+    // Deploys made by each client so far, whose parity picks the module that differs from the
+    // one its service runs: every deploy is an upgrade, none an unchanged no-op.
+    let deploys_by_client: Arc<Vec<AtomicU64>> = Arc::new((0..256).map(|_| AtomicU64::new(0)).collect());
     for clients in [1usize, 256] {
         let mut latencies = Vec::new();
         let connections: Vec<_> = rt.block_on(async {
@@ -118,33 +101,22 @@ fn bench_deploy(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("cached_module", clients), &clients, |b, &clients| {
             b.iter_custom(|iters| {
-                let next = Arc::new(AtomicU64::new(0));
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                let elapsed = rt.block_on(async {
-                    let started = Instant::now();
-                    let tasks: Vec<_> = (0..clients)
-                        .map(|i| {
-                            let mut client = connections[i % connections.len()].clone();
-                            let (next, flip, modules, tx) =
-                                (Arc::clone(&next), Arc::clone(&flip), modules.clone(), tx.clone());
-                            tokio::spawn(async move {
-                                // Each client upgrades its own service between two cached modules.
-                                let id = format!("svc{i}");
-                                while next.fetch_add(1, Ordering::Relaxed) < iters {
-                                    let module = &modules[(flip.fetch_add(1, Ordering::Relaxed) % 2) as usize];
-                                    let t = Instant::now();
-                                    let done = client.deploy(as_tenant("bench", deploy(&id, module))).await;
-                                    done.expect("the deploy is acknowledged");
-                                    let _ = tx.send(t.elapsed());
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.expect("a client does not panic");
+                let elapsed = rt.block_on(closed_loop(clients, iters, |i, turns| {
+                    let mut client = connections[i % connections.len()].clone();
+                    let (modules, tx, deploys) = (modules.clone(), tx.clone(), Arc::clone(&deploys_by_client));
+                    // Each client upgrades its own service between two cached modules.
+                    let id = format!("svc{i}");
+                    async move {
+                        while turns.claim().is_some() {
+                            let module = &modules[(deploys[i].fetch_add(1, Ordering::Relaxed) % 2) as usize];
+                            let t = Instant::now();
+                            let done = client.deploy(as_tenant("bench", deploy(&id, module))).await;
+                            done.expect("the deploy is acknowledged");
+                            let _ = tx.send(t.elapsed());
+                        }
                     }
-                    started.elapsed()
-                });
+                }));
                 drop(tx);
                 while let Ok(latency) = rx.try_recv() {
                     latencies.push(latency);
@@ -192,26 +164,15 @@ fn bench_baseline(c: &mut Criterion) {
         .throughput(Throughput::Elements(1));
     group.bench_with_input(BenchmarkId::new("health_check", clients), &clients, |b, &clients| {
         b.iter_custom(|iters| {
-            let next = Arc::new(AtomicU64::new(0));
-            rt.block_on(async {
-                let started = Instant::now();
-                let tasks: Vec<_> = (0..clients)
-                    .map(|i| {
-                        let mut client = connections[i % connections.len()].clone();
-                        let next = Arc::clone(&next);
-                        tokio::spawn(async move {
-                            while next.fetch_add(1, Ordering::Relaxed) < iters {
-                                let request = tonic_health::pb::HealthCheckRequest::default();
-                                client.check(request).await.expect("the node answers");
-                            }
-                        })
-                    })
-                    .collect();
-                for task in tasks {
-                    task.await.expect("a client does not panic");
+            rt.block_on(closed_loop(clients, iters, |i, turns| {
+                let mut client = connections[i % connections.len()].clone();
+                async move {
+                    while turns.claim().is_some() {
+                        let request = tonic_health::pb::HealthCheckRequest::default();
+                        client.check(request).await.expect("the node answers");
+                    }
                 }
-                started.elapsed()
-            })
+            }))
         });
     });
     group.finish();
@@ -261,31 +222,20 @@ fn bench_call(c: &mut Criterion) {
     let clients = 64usize;
     group.bench_with_input(BenchmarkId::new("echo", clients), &clients, |b, &clients| {
         b.iter_custom(|iters| {
-            let next = Arc::new(AtomicU64::new(0));
-            rt.block_on(async {
-                let started = Instant::now();
-                let tasks: Vec<_> = (0..clients)
-                    .map(|i| {
-                        let mut client = connections[i % connections.len()].clone();
-                        let next = Arc::clone(&next);
-                        tokio::spawn(async move {
-                            let request = proto::CallRequest {
-                                service_id: format!("echo{}", i % 8),
-                                payload: b"ping".to_vec(),
-                                timeout_ms: 0,
-                            };
-                            while next.fetch_add(1, Ordering::Relaxed) < iters {
-                                let answer = client.call(as_tenant("bench", request.clone())).await;
-                                assert_eq!(answer.expect("the call succeeds").into_inner().payload, b"ping");
-                            }
-                        })
-                    })
-                    .collect();
-                for task in tasks {
-                    task.await.expect("a client does not panic");
+            rt.block_on(closed_loop(clients, iters, |i, turns| {
+                let mut client = connections[i % connections.len()].clone();
+                let request = proto::CallRequest {
+                    service_id: format!("echo{}", i % 8),
+                    payload: b"ping".to_vec(),
+                    timeout_ms: 0,
+                };
+                async move {
+                    while turns.claim().is_some() {
+                        let answer = client.call(as_tenant("bench", request.clone())).await;
+                        assert_eq!(answer.expect("the call succeeds").into_inner().payload, b"ping");
+                    }
                 }
-                started.elapsed()
-            })
+            }))
         });
     });
     group.finish();

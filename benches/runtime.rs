@@ -10,25 +10,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{closed_loop, percentile, runtime, selected};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 use solo::config::Config;
 use solo::control::{Control, DeployRequest};
 use solo::proto::Limits;
 use solo::server::Node;
-use tokio::runtime::Runtime;
 
 /// As in the `solo` binary.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
 
 fn example_wat(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -79,19 +73,6 @@ async fn started(control: &Control, from: u64, tenant: &str, id: &str) {
     }
 }
 
-/// Whether the command line's filter (`cargo bench -- FILTER`) selects a measurement that
-/// is not a criterion benchmark and so is not filtered by criterion.
-fn selected(name: &str) -> bool {
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
-}
-
-/// Zero when nothing was measured (a filtered-out benchmark).
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    let index = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
-    sorted.get(index).copied().unwrap_or_default()
-}
-
 fn bench_deploy(c: &mut Criterion) {
     let rt = runtime();
     let dir = tempfile::tempdir().expect("a temp dir");
@@ -133,43 +114,35 @@ fn bench_deploy(c: &mut Criterion) {
         );
     }
 
-    // Many clients, each upgrading its own service between the two variants.
-    let clients = 256u64;
+    // Many clients, each upgrading its own service between the two variants: the parity of
+    // a client's deploys so far picks the variant its service does not run.
+    let clients = 256usize;
     let variants = Arc::new(variants);
+    let deploys_by_client: Arc<Vec<AtomicU64>> = Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect());
     group.throughput(Throughput::Elements(1));
     group.bench_with_input(
         BenchmarkId::new("cached_module_concurrent", clients),
         &clients,
         |b, &clients| {
             b.iter_custom(|iters| {
-                let next = Arc::new(AtomicU64::new(0));
-                rt.block_on(async {
-                    let started_at = Instant::now();
-                    let tasks: Vec<_> = (0..clients)
-                        .map(|client| {
-                            let (control, next, variants) =
-                                (node.control.clone(), Arc::clone(&next), Arc::clone(&variants));
-                            tokio::spawn(async move {
-                                let id = format!("svc{client}");
-                                loop {
-                                    let round = next.fetch_add(1, Ordering::Relaxed);
-                                    if round >= iters {
-                                        break;
-                                    }
-                                    let module = &variants[(round % 2) as usize];
-                                    control
-                                        .deploy(request("bench", &id, module))
-                                        .await
-                                        .expect("deploy succeeds");
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.expect("a client does not panic");
+                rt.block_on(closed_loop(clients, iters, |i, turns| {
+                    let (control, variants, deploys) = (
+                        node.control.clone(),
+                        Arc::clone(&variants),
+                        Arc::clone(&deploys_by_client),
+                    );
+                    let id = format!("svc{i}");
+                    async move {
+                        while turns.claim().is_some() {
+                            let module = &variants[(deploys[i].fetch_add(1, Ordering::Relaxed) % 2) as usize];
+                            let outcome = control.deploy(request("bench", &id, module)).await;
+                            assert!(
+                                !outcome.expect("deploy succeeds").unchanged,
+                                "every deploy is an upgrade"
+                            );
+                        }
                     }
-                    started_at.elapsed()
-                })
+                }))
             });
         },
     );
@@ -235,26 +208,16 @@ fn bench_calls(c: &mut Criterion) {
     for callers in [1usize, 64, 256] {
         group.bench_with_input(BenchmarkId::new("echo", callers), &callers, |b, &callers| {
             b.iter_custom(|iters| {
-                let next = Arc::new(AtomicU64::new(0));
-                rt.block_on(async {
-                    let started_at = Instant::now();
-                    let tasks: Vec<_> = (0..callers)
-                        .map(|task| {
-                            let (control, next) = (node.control.clone(), Arc::clone(&next));
-                            tokio::spawn(async move {
-                                let id = format!("echo{}", task % services);
-                                while next.fetch_add(1, Ordering::Relaxed) < iters {
-                                    let out = control.call("bench", &id, b"ping".to_vec(), None).await;
-                                    assert_eq!(out.expect("the call succeeds"), b"ping");
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.expect("a caller does not panic");
+                rt.block_on(closed_loop(callers, iters, |i, turns| {
+                    let control = node.control.clone();
+                    let id = format!("echo{}", i % services);
+                    async move {
+                        while turns.claim().is_some() {
+                            let out = control.call("bench", &id, b"ping".to_vec(), None).await;
+                            assert_eq!(out.expect("the call succeeds"), b"ping");
+                        }
                     }
-                    started_at.elapsed()
-                })
+                }))
             });
         });
     }
