@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{Authenticator, Caller, Principal, TENANT_HEADER};
+/// The REST API's JSON form of a service, also what the CLI prints with `--json`.
+pub use convert::service_json;
 pub use error::{Error, ErrorKind};
 
 use crate::control::Control;

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use super::error::CliError;
-use crate::event::limits_json;
 use crate::proto;
 
 /// Where and how a command prints.
@@ -264,31 +263,6 @@ pub fn human_age(then_ms: u64, now_ms: u64) -> String {
     } else {
         human_duration_ms(ms)
     }
-}
-
-/// A service in the REST API's JSON form (`GET /services/{id}`), field for field.
-pub fn service_json(status: &proto::ServiceStatus) -> Value {
-    json!({
-        "service_id": status.service_id,
-        "tenant": status.tenant,
-        "version": status.version,
-        "status": status.status,
-        "module_sha256": status.module_sha256,
-        "labels": status.labels,
-        "limits": limits_json(&status.limits.unwrap_or_default()),
-        "created_at_ms": status.created_at_ms,
-        "updated_at_ms": status.updated_at_ms,
-        "restarts": status.restarts,
-        "memory_bytes": status.memory_bytes,
-        "calls": status.calls,
-        "calls_failed": status.calls_failed,
-        "last_error": status.last_error,
-        "uptime_ms": status.uptime_ms,
-        "cpu_ms": status.cpu_ms,
-        "module_size": status.module_size,
-        "desired": status.desired,
-        "last_seq": status.last_seq,
-    })
 }
 
 /// A log line as JSON: `{seq, timestamp_ms, level, message, version}`.

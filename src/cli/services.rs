@@ -85,7 +85,7 @@ pub async fn deploy(conn: &Connector, out: Output, args: DeployArgs) -> Result<(
     let status = service_status(&mut client, conn, &id).await;
     if out.json {
         if let Ok(status) = &status {
-            document["service"] = super::output::service_json(status);
+            document["service"] = crate::api::service_json(status);
         }
         out.document(&document)?;
     } else if let (Ok(()), Ok(status)) = (&waited, &status) {
@@ -191,7 +191,7 @@ pub async fn list(conn: &Connector, out: Output, args: ListArgs) -> Result<(), C
         page_token = page.next_page_token;
     }
     if out.json {
-        let services: Vec<Value> = services.iter().map(super::output::service_json).collect();
+        let services: Vec<Value> = services.iter().map(crate::api::service_json).collect();
         return out.document(&json!({ "services": services }));
     }
     if services.is_empty() {
@@ -237,7 +237,7 @@ pub async fn status(conn: &Connector, out: Output, args: StatusArgs) -> Result<(
     let mut client = conn.connect().await?;
     let s = service_status(&mut client, conn, &args.service_id).await?;
     if out.json {
-        return out.document(&super::output::service_json(&s));
+        return out.document(&crate::api::service_json(&s));
     }
     let now = now_ms();
     let limits = s.limits.unwrap_or_default();
