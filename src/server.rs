@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
@@ -338,17 +339,9 @@ async fn serve_http(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let result = match acceptor {
-                None => {
-                    let service = service_for(router, PeerTenant(None));
-                    watcher
-                        .watch(
-                            builder
-                                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                                .into_owned(),
-                        )
-                        .await
-                }
+            // A TLS peer may name its tenant by its client certificate.
+            let (stream, tenant) = match acceptor {
+                None => (Either::Left(stream), None),
                 Some(acceptor) => {
                     let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => stream,
@@ -367,16 +360,12 @@ async fn serve_http(
                         .peer_certificates()
                         .and_then(|certs| certs.first())
                         .and_then(|cert| crate::tls::certificate_tenant(cert.as_ref()));
-                    let service = service_for(router, PeerTenant(tenant));
-                    watcher
-                        .watch(
-                            builder
-                                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                                .into_owned(),
-                        )
-                        .await
+                    (Either::Right(stream), tenant)
                 }
             };
+            let service = service_for(router, PeerTenant(tenant));
+            let connection = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
+            let result = watcher.watch(connection.into_owned()).await;
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }

@@ -641,6 +641,7 @@ async fn malformed_json_is_400_and_says_where() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_deploys_raw_wasm_and_wat_and_refuses_other_media_types() {
     let node = dev_node().await;
+    // `id` may carry a query string.
     let put = |id: &str, content_type: &str, body: Vec<u8>| {
         node.request(Method::PUT, &format!("/services/{id}"), "a")
             .header("content-type", content_type)
@@ -682,26 +683,11 @@ async fn put_deploys_raw_wasm_and_wat_and_refuses_other_media_types() {
     assert!(png.error(415, "unsupported_media_type").contains("application/wasm"));
     let form = send(put("form", "application/x-www-form-urlencoded", b"a=b".to_vec())).await;
     form.error(415, "unsupported_media_type");
-    let unknown = send(
-        node.request(Method::PUT, "/services/x?colour=red", "a")
-            .header("content-type", "application/wasm")
-            .body(wasm_bytes("echo")),
-    )
-    .await;
+    let unknown = send(put("x?colour=red", "application/wasm", wasm_bytes("echo"))).await;
     assert!(unknown.error(400, "invalid_argument").contains("colour"));
-    let bad_label = send(
-        node.request(Method::PUT, "/services/x?label=nokey", "a")
-            .header("content-type", "application/wasm")
-            .body(wasm_bytes("echo")),
-    )
-    .await;
+    let bad_label = send(put("x?label=nokey", "application/wasm", wasm_bytes("echo"))).await;
     assert!(bad_label.error(400, "invalid_argument").contains("key=value"));
-    let bad_number = send(
-        node.request(Method::PUT, "/services/x?memory_bytes=lots", "a")
-            .header("content-type", "application/wasm")
-            .body(wasm_bytes("echo")),
-    )
-    .await;
+    let bad_number = send(put("x?memory_bytes=lots", "application/wasm", wasm_bytes("echo"))).await;
     assert!(bad_number.error(400, "invalid_argument").contains("memory_bytes"));
     let not_wasm = send(put("junk", "application/wasm", b"\0asm\x01\0\0\0garbage".to_vec())).await;
     not_wasm.error(400, "invalid_argument");

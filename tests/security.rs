@@ -536,6 +536,13 @@ fn tenant_with_limits(pairs: &[(&str, i64)]) -> TenantConfig {
     }
 }
 
+/// A node whose tenants and admin authenticate with the tokens of the returned [`Keys`].
+async fn start_with_tokens(dir: &Path) -> (Server, Keys) {
+    let mut keys = None;
+    let server = start_server(dir, |c| keys = Some(Keys::configure(c))).await;
+    (server, keys.expect("the configuration was made"))
+}
+
 async fn stop(server: Server) {
     tokio::time::timeout(PATIENCE, server.stop())
         .await
@@ -550,9 +557,7 @@ async fn stop(server: Server) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_tenants_cannot_read_call_kill_watch_or_overwrite_each_other() {
     let dir = tempdir();
-    let mut keys = None;
-    let server = start_server(dir.path(), |c| keys = Some(Keys::configure(c))).await;
-    let keys = keys.unwrap();
+    let (server, keys) = start_with_tokens(dir.path()).await;
     let (alpha, beta) = (Auth::bearer(&keys.alpha[0]), Auth::bearer(&keys.beta));
     let (http, base) = (http_client(), server.http_url());
     let mut client = grpc_client(&server).await;
@@ -714,9 +719,7 @@ async fn grpc_tenants_cannot_read_call_kill_watch_or_overwrite_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_tenants_cannot_read_call_kill_watch_or_overwrite_each_other_on_any_route() {
     let dir = tempdir();
-    let mut keys = None;
-    let server = start_server(dir.path(), |c| keys = Some(Keys::configure(c))).await;
-    let keys = keys.unwrap();
+    let (server, keys) = start_with_tokens(dir.path()).await;
     let (alpha, beta) = (Auth::bearer(&keys.alpha[0]), Auth::bearer(&keys.beta));
     let (http, base) = (http_client(), server.http_url());
     let mut client = grpc_client(&server).await;
@@ -881,9 +884,7 @@ async fn rest_tenants_cannot_read_call_kill_watch_or_overwrite_each_other_on_any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_every_rpc_needs_a_valid_token_and_only_the_admin_shuts_down() {
     let dir = tempdir();
-    let mut keys = None;
-    let server = start_server(dir.path(), |c| keys = Some(Keys::configure(c))).await;
-    let keys = keys.unwrap();
+    let (server, keys) = start_with_tokens(dir.path()).await;
     let (http, base) = (http_client(), server.http_url());
     let mut client = grpc_client(&server).await;
     let alpha = Auth::bearer(&keys.alpha[0]);
@@ -966,9 +967,7 @@ async fn grpc_every_rpc_needs_a_valid_token_and_only_the_admin_shuts_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_every_route_needs_a_valid_token_and_only_the_admin_shuts_down() {
     let dir = tempdir();
-    let mut keys = None;
-    let server = start_server(dir.path(), |c| keys = Some(Keys::configure(c))).await;
-    let keys = keys.unwrap();
+    let (server, keys) = start_with_tokens(dir.path()).await;
     let (http, base) = (http_client(), server.http_url());
     let mut client = grpc_client(&server).await;
     let alpha = Auth::bearer(&keys.alpha[0]);
@@ -1050,9 +1049,7 @@ async fn rest_every_route_needs_a_valid_token_and_only_the_admin_shuts_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_acts_for_any_tenant_it_names() {
     let dir = tempdir();
-    let mut keys = None;
-    let server = start_server(dir.path(), |c| keys = Some(Keys::configure(c))).await;
-    let keys = keys.unwrap();
+    let (server, keys) = start_with_tokens(dir.path()).await;
     let (http, base) = (http_client(), server.http_url());
     let url = |path: &str| format!("{base}{path}");
     let mut client = grpc_client(&server).await;
@@ -1150,9 +1147,7 @@ async fn the_admin_acts_for_any_tenant_it_names() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_tokens_of_a_rotation_act_for_the_same_tenant() {
     let dir = tempdir();
-    let mut keys = None;
-    let server = start_server(dir.path(), |c| keys = Some(Keys::configure(c))).await;
-    let keys = keys.unwrap();
+    let (server, keys) = start_with_tokens(dir.path()).await;
     let (http, base) = (http_client(), server.http_url());
     let mut client = grpc_client(&server).await;
     let (old, new) = (Auth::bearer(&keys.alpha[0]), Auth::bearer(&keys.alpha[1]));

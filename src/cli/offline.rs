@@ -27,7 +27,7 @@ pub fn serve(config_path: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<Ex
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listeners = crate::server::Listeners::bind(&config).await?;
-        crate::server::run(config, listeners, shutdown_signal()).await
+        crate::server::run(config, listeners, super::interrupted()).await
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -160,27 +160,5 @@ fn init_tracing(config: &Config) {
     match config.telemetry.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
 }
