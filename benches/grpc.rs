@@ -3,7 +3,10 @@
 //!   256 concurrent clients (target ≥ 50,000 durable deploys/s);
 //! - echo Call throughput with 64 concurrent clients (target ≥ 25,000 calls/s);
 //! - Watch fan-out: 1,000 watchers while 5,000 events/s are appended (target p99
-//!   commit-to-delivery < 50 ms, nothing lost).
+//!   commit-to-delivery < 50 ms, nothing lost), in two shapes: each watcher following one
+//!   service (0), and each following every event (1); `SOLO_BENCH_FAN_OUT_SHAPE=N` runs one.
+//!
+//! Also a no-op baseline (the health check), the ceiling of this harness on the machine.
 
 use std::path::Path;
 use std::sync::Arc;
