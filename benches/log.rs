@@ -19,7 +19,7 @@ use solo::config::Config;
 use solo::control::{Control, ControlOptions, DeployRequest, EventLog, load_snapshot, replay};
 use solo::event::envelope;
 use solo::limits::{LimitsTable, TenantLimits};
-use solo::log::{BlobRef, LogOptions, frame};
+use solo::log::{Batch, BlobRef, LogOptions, frame};
 use solo::proto::{self, CrashReason, Event, Limits, StopReason, event::Kind};
 use solo::state::{Settings, State};
 
@@ -53,9 +53,7 @@ fn tempdir() -> TempDir {
 const APPENDERS: [usize; 4] = [1, 16, 256, 1024];
 
 /// Deploys are spread over this many tenants. With the default quota of 100 services a tenant,
-/// a node holding the services these runs create would need about as many tenants. It also keeps
-/// each tenant's deploy-rate window short: the quota check counts that window's deploys one by
-/// one (`State::deploys_since`), which with a single tenant dominates the writer's time.
+/// a node holding the services these runs create would need about as many tenants.
 const APPEND_TENANTS: u64 = 16_384;
 
 /// The two modules deploys alternate between: tiny and fixed, so each blob is stored once.
@@ -462,7 +460,7 @@ fn build_dataset() -> Dataset {
     let mut state = State::new(settings);
     let base_ms = 1_750_000_000_000;
     let mut counts: HashMap<&'static str, u64> = HashMap::new();
-    let mut batch = Vec::with_capacity(DATASET_BATCH);
+    let mut batch = Batch::with_capacity(DATASET_BATCH);
     let mut first_batch = true;
     for seq in 1..=DATASET_EVENTS {
         let c = rng.below(DATASET_CURSORS as u64) as usize;
@@ -492,7 +490,7 @@ fn build_dataset() -> Dataset {
         if batch.len() == DATASET_BATCH || seq == DATASET_EVENTS {
             let blobs: &[BlobRef<'_>] = if first_batch { &blobs } else { &[] };
             log.append(&batch, blobs).expect("the data set is written");
-            log.publish(&batch);
+            log.publish(batch.records());
             batch.clear();
             first_batch = false;
         }
@@ -684,11 +682,11 @@ fn tail_round(rt: &Runtime, log: &EventLog, tailers: usize, events: u64, histogr
     let mut committed = Vec::with_capacity(events as usize);
     let started = Instant::now();
     for seq in from..=last {
-        let records = [tail_event(seq)];
+        let records: Batch<Event> = std::iter::once(tail_event(seq)).collect();
         log.append(&records, &[]).expect("the append commits");
         committed.push(base.elapsed().as_nanos() as u64);
         let publishing = Instant::now();
-        log.publish(&records);
+        log.publish(records.records());
         histogram.publish += publishing.elapsed();
         histogram.publishes += 1;
     }

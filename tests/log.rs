@@ -331,7 +331,12 @@ async fn the_deploy_rate_quota_uses_the_logged_times() {
         ),
         "{err}"
     );
+    // Deploys count per second of the window: both were in the second from 1,000,000 ms,
+    // which must leave the minute entirely before they stop counting.
     now.fetch_add(60_001, std::sync::atomic::Ordering::SeqCst);
+    let err = control.deploy(deploy_request("acme", "c", "m")).await.unwrap_err();
+    assert!(matches!(err, Error::QuotaExceeded { .. }), "{err}");
+    now.fetch_add(999, std::sync::atomic::Ordering::SeqCst);
     deploy(&control, "acme", "c", "m").await;
 }
 

@@ -26,9 +26,12 @@ impl Module {
     pub fn new(bytes: Arc<[u8]>) -> Module {
         use sha2::Digest as _;
         let sha256: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+        let mut hex = [0; 64];
+        // `hex::encode` goes char by char; this is on every deploy's path.
+        hex::encode_to_slice(sha256, &mut hex).expect("64 hex digits for 32 bytes");
         Module {
             sha256,
-            sha256_hex: hex::encode(sha256),
+            sha256_hex: std::str::from_utf8(&hex).expect("hex digits are ASCII").to_owned(),
             bytes,
         }
     }

@@ -1,9 +1,9 @@
 //! The single writer: group commit.
 //!
-//! One thread owns a working copy of the state and the right to append. It drains its queue
-//! into a batch, decides each command against the working state (which already holds the
-//! earlier commands of the batch), appends the whole batch in one write transaction with one
-//! durable commit, then swaps the working copy in as the published state, lets tailers see
+//! One thread owns a working copy of the state and the right to append. It takes commands off
+//! its queue into a batch, deciding each as it comes against the working state (which already
+//! holds the earlier commands of the batch) and framing its event, appends the whole batch in
+//! one write transaction with one durable commit, then swaps the working copy in as the published state, lets tailers see
 //! the batch and answers every caller; the copy swapped out then catches up on the batch.
 //! Callers are answered only after their events are durable. If the commit fails, every caller
 //! of the batch gets the error and the working state is reset to the published (committed)
@@ -24,7 +24,7 @@ use super::error::{Error, Result};
 use super::snapshotter::Heads;
 use super::{Clock, CommitHook, EventLog, WriterOptions};
 use crate::limits::LimitsTable;
-use crate::log::BlobRef;
+use crate::log::{self, BlobRef};
 use crate::proto::{Event, event::Kind};
 use crate::state::State;
 
@@ -68,29 +68,43 @@ pub(super) struct Writer {
 /// A caller waiting for the batch to commit, and what it will be told.
 struct Pending {
     reply: oneshot::Sender<Result<Reply>>,
-    answer: Reply,
+    answer: Result<Reply>,
+}
+
+/// The batch being gathered: what its commands decided, and who waits for it.
+struct Batch {
+    /// The timestamp every event of the batch carries.
+    now_ms: u64,
+    /// Raised by a shutdown request earlier in the batch: later commands are refused too. The
+    /// shared flag is raised only once the request is durable.
+    shutting_down: bool,
+    /// Commands taken, whether or not they append anything.
+    commands: usize,
+    events: log::Batch<Event>,
+    /// Modules not yet in the blob store, each once.
+    blobs: Vec<Module>,
+    pending: Vec<Pending>,
+    close: Option<oneshot::Sender<()>>,
 }
 
 impl Writer {
     pub(super) fn run(mut self, mut requests: mpsc::Receiver<Request>) {
-        let mut batch = Vec::with_capacity(self.options.max_batch);
         let mut last_batch = 0;
         while let Some(first) = requests.blocking_recv() {
-            batch.push(first);
-            self.fill(&mut requests, &mut batch, last_batch);
-            last_batch = batch.len();
-            let mut close = None;
-            let commands: Vec<_> = batch
-                .drain(..)
-                .filter_map(|request| match request {
-                    Request::Command { command, reply } => Some((command, reply)),
-                    Request::Close { done } => {
-                        close = Some(done);
-                        None
-                    }
-                })
-                .collect();
-            self.process(commands);
+            let mut batch = Batch {
+                now_ms: (self.clock)().max(self.working.last_timestamp_ms()),
+                shutting_down: self.shutting_down.load(Ordering::Acquire),
+                commands: 0,
+                events: log::Batch::with_capacity(last_batch.max(1)),
+                blobs: Vec::new(),
+                pending: Vec::with_capacity(last_batch.max(1)),
+                close: None,
+            };
+            self.take(first, &mut batch);
+            self.gather(&mut requests, &mut batch, last_batch);
+            last_batch = batch.commands;
+            let close = batch.close.take();
+            self.commit(batch);
             if let Some(done) = close {
                 let _ = done.send(());
                 return;
@@ -98,91 +112,101 @@ impl Writer {
         }
     }
 
-    /// Adds queued requests to `batch`, lingering briefly while the queue is short of what the
-    /// previous batch held (the callers just answered are about to send again).
-    fn fill(&self, requests: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, last_batch: usize) {
+    /// Takes queued requests into `batch`, deciding each as it comes, so deciding overlaps
+    /// with the callers' sending. While the queue is short of what the previous batch held
+    /// (the callers just answered are about to send again), it lingers briefly.
+    fn gather(&mut self, requests: &mut mpsc::Receiver<Request>, batch: &mut Batch, last_batch: usize) {
         let max = self.options.max_batch;
-        let target = last_batch.min(max);
+        let target = last_batch.min(max) * 9 / 10;
         let linger_until = Instant::now() + LINGER;
-        loop {
-            while batch.len() < max {
-                match requests.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
+        while batch.commands < max && batch.close.is_none() {
+            match requests.try_recv() {
+                Ok(request) => self.take(request, batch),
+                Err(mpsc::error::TryRecvError::Empty)
+                    if last_batch >= BUSY_BATCH && batch.commands < target && Instant::now() < linger_until =>
+                {
+                    std::thread::sleep(LINGER_STEP);
                 }
+                Err(_) => return,
             }
-            let waiting = last_batch >= BUSY_BATCH && batch.len() < target * 9 / 10 && Instant::now() < linger_until;
-            if !waiting {
-                return;
-            }
-            std::thread::sleep(LINGER_STEP);
         }
     }
 
-    fn process(&mut self, commands: Vec<(Command, oneshot::Sender<Result<Reply>>)>) {
-        let now_ms = (self.clock)().max(self.working.last_timestamp_ms());
-        let mut events: Vec<Arc<Event>> = Vec::with_capacity(commands.len());
-        let mut blobs = Vec::new();
-        let mut pending = Vec::with_capacity(commands.len());
-        // Commands after a shutdown request in the same batch are refused too; the shared flag
-        // is raised only once the request is durable.
-        let mut shutting_down = self.shutting_down.load(Ordering::Acquire);
-        for (command, reply) in commands {
-            let limits = match &command {
-                Command::Deploy(cmd) => self.limits.for_tenant(&cmd.tenant),
-                _ => &self.limits.node,
-            };
-            let cx = Context {
-                now_ms,
-                shutting_down,
-                limits,
-                node_services: self.limits.node_services,
-            };
-            match decide(&self.working, &command, cx) {
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-                // Answered after the commit: it may rest on events of this batch.
-                Ok(Decision::Answer(answer)) => pending.push(Pending { reply, answer }),
-                Ok(Decision::Append {
-                    mut event,
-                    blob,
-                    reply: answer_for,
-                }) => {
-                    event.seq = self.working.applied_seq() + 1;
-                    event.timestamp_ms = now_ms;
-                    if let Err(e) = self.working.apply(&event) {
-                        // decide() checked this; a failure here is a bug, reported, not appended.
-                        tracing::error!(error = %e, "a decided event does not apply");
-                        let _ = reply.send(Err(Error::Stale(e)));
-                        continue;
-                    }
-                    shutting_down |= matches!(event.kind, Some(Kind::ShutdownRequested(_)));
-                    pending.push(Pending {
+    /// Decides one request against the working state, which holds the batch's earlier events.
+    fn take(&mut self, request: Request, batch: &mut Batch) {
+        let (command, reply) = match request {
+            Request::Command { command, reply } => (command, reply),
+            Request::Close { done } => {
+                batch.close = Some(done);
+                return;
+            }
+        };
+        batch.commands += 1;
+        let limits = match &command {
+            Command::Deploy(cmd) => self.limits.for_tenant(&cmd.tenant),
+            _ => &self.limits.node,
+        };
+        let cx = Context {
+            now_ms: batch.now_ms,
+            shutting_down: batch.shutting_down,
+            limits,
+            node_services: self.limits.node_services,
+        };
+        match decide(&self.working, &command, cx) {
+            // Every answer waits for the batch: an answer may rest on its events, and a caller
+            // answered early could send again into this batch, whose time is already set.
+            Err(e) => batch.pending.push(Pending { reply, answer: Err(e) }),
+            Ok(Decision::Answer(answer)) => batch.pending.push(Pending {
+                reply,
+                answer: Ok(answer),
+            }),
+            Ok(Decision::Append {
+                mut event,
+                blob,
+                reply: answer_for,
+            }) => {
+                event.seq = self.working.applied_seq() + 1;
+                event.timestamp_ms = batch.now_ms;
+                if let Err(e) = self.working.apply(&event) {
+                    // decide() checked this; a failure here is a bug, reported, not appended.
+                    tracing::error!(error = %e, "a decided event does not apply");
+                    batch.pending.push(Pending {
                         reply,
-                        answer: answer_for(&event),
+                        answer: Err(Error::Stale(e)),
                     });
-                    // A module already in the blob store (or in this batch) is not written again.
-                    if let Some(module) = blob
-                        && !self.stored_blobs.contains(&module.sha256)
-                        && !blobs.iter().any(|m: &Module| m.sha256 == module.sha256)
-                    {
-                        blobs.push(module);
-                    }
-                    events.push(Arc::new(event));
+                    return;
                 }
+                batch.shutting_down |= matches!(event.kind, Some(Kind::ShutdownRequested(_)));
+                batch.pending.push(Pending {
+                    reply,
+                    answer: Ok(answer_for(&event)),
+                });
+                // A module already in the blob store (or in this batch) is not written again.
+                if let Some(module) = blob
+                    && !self.stored_blobs.contains(&module.sha256)
+                    && !batch.blobs.iter().any(|m| m.sha256 == module.sha256)
+                {
+                    batch.blobs.push(module);
+                }
+                batch.events.push(Arc::new(event));
             }
         }
+    }
+
+    /// Appends the batch and answers its callers. A shutdown request in it is announced to
+    /// everyone once it is durable.
+    fn commit(&mut self, batch: Batch) {
+        let Batch {
+            shutting_down,
+            events,
+            blobs,
+            pending,
+            ..
+        } = batch;
         if events.is_empty() {
             answer(pending);
             return;
         }
-        self.commit(events, blobs, pending, shutting_down);
-    }
-
-    /// Appends the batch and answers its callers. `shutting_down` is raised for everyone once
-    /// the batch (which may hold the shutdown request) is durable.
-    fn commit(&mut self, events: Vec<Arc<Event>>, blobs: Vec<Module>, pending: Vec<Pending>, shutting_down: bool) {
         let blob_refs: Vec<BlobRef<'_>> = blobs
             .iter()
             .map(|m| BlobRef {
@@ -195,7 +219,9 @@ impl Writer {
             tracing::error!(error = %e, events = events.len(), "commit failed; the batch was not written");
             let error = Error::from(e);
             for p in pending {
-                let _ = p.reply.send(Err(error.clone()));
+                // A refusal stands; whatever rested on the batch failed with it.
+                let answer = p.answer.and(Err(error.clone()));
+                let _ = p.reply.send(answer);
             }
             self.working = self
                 .published
@@ -220,16 +246,17 @@ impl Writer {
             self.shutting_down.store(true, Ordering::Release);
         }
         // Tailers hear of the batch only now, so whoever sees an event finds it in the state.
-        self.log.publish(&events);
+        let events = events.records();
+        self.log.publish(events);
         if let Some(hook) = &self.on_commit {
-            hook(&events, elapsed);
+            hook(events, elapsed);
         }
         answer(pending);
         if let (Some(snapshots), Some(last)) = (&self.snapshots, events.last()) {
             // The snapshotter is gone only when the node is closing.
             let _ = snapshots.send(last.seq);
         }
-        for event in &events {
+        for event in events {
             if let Err(e) = self.working.apply(event) {
                 tracing::error!(seq = event.seq, error = %e, "committed event does not apply");
                 self.working.skip(event);
@@ -240,6 +267,6 @@ impl Writer {
 
 fn answer(pending: Vec<Pending>) {
     for p in pending {
-        let _ = p.reply.send(Ok(p.answer));
+        let _ = p.reply.send(p.answer);
     }
 }

@@ -37,12 +37,19 @@ pub fn encode(payload: &[u8]) -> Vec<u8> {
 
 /// Builds a frame whose payload `write` appends in place, sparing a copy of the payload.
 pub fn encode_with(write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let mut out = vec![0; HEADER_LEN];
-    write(&mut out);
-    let crc = crc32fast::hash(&out[HEADER_LEN..]);
-    out[0] = FRAME_VERSION;
-    out[1..HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
+    let mut out = Vec::new();
+    append_with(&mut out, write);
     out
+}
+
+/// As [`encode_with`], but appends the frame to `out`, so many frames can share one buffer.
+pub fn append_with(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    write(out);
+    let crc = crc32fast::hash(&out[start + HEADER_LEN..]);
+    out[start] = FRAME_VERSION;
+    out[start + 1..start + HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// Checks a frame and returns its payload.
@@ -80,6 +87,9 @@ mod tests {
         assert_eq!(decode(&frame[..3]), Err(FrameError::Truncated { len: 3 }));
         assert_eq!(decode(&encode(b"")), Ok(&b""[..]));
         assert_eq!(encode_with(|out| out.extend_from_slice(b"hello")), frame);
+        let mut two = encode(b"x");
+        append_with(&mut two, |out| out.extend_from_slice(b"hello"));
+        assert_eq!(two[two.len() - frame.len()..], frame[..]);
     }
 
     #[test]

@@ -103,12 +103,13 @@ impl<R: Record> Log<R> {
         &self.inner.store
     }
 
-    /// Appends `records` (whose seqs must continue the log) and `blobs` in one write transaction
-    /// and one durable commit. Blocking. On error nothing was written.
+    /// Appends the records of `batch` (whose seqs must continue the log) and `blobs` in one
+    /// write transaction and one durable commit. Blocking. On error nothing was written.
     ///
     /// The records are durable but not yet visible: [`Log::publish`] shows them to tailers,
     /// once the appender has done what must happen before anyone hears of them.
-    pub fn append(&self, records: &[Arc<R>], blobs: &[BlobRef<'_>]) -> Result<u64> {
+    pub fn append(&self, batch: &Batch<R>, blobs: &[BlobRef<'_>]) -> Result<u64> {
+        let records = batch.records();
         let _appending = self
             .inner
             .append_lock
@@ -126,11 +127,7 @@ impl<R: Record> Log<R> {
                 });
             }
         }
-        let frames: Vec<Vec<u8>> = records
-            .iter()
-            .map(|r| frame::encode_with(|out| r.encode_payload(out)))
-            .collect();
-        self.inner.store.append(first.seq(), &frames, blobs)?;
+        self.inner.store.append(first.seq(), batch.frames(), blobs)?;
         let new_durable = durable + records.len() as u64;
         self.inner.durable.store(new_durable, Ordering::Release);
         Ok(new_durable)
@@ -163,6 +160,67 @@ impl<R: Record> Log<R> {
             self.inner.head.subscribe(),
             from_seq.max(1),
         )
+    }
+}
+
+/// Records on their way into the log, each framed as it is added: the encoding happens as a
+/// batch is gathered, not inside the write transaction. The frames share one buffer.
+#[derive(Debug)]
+pub struct Batch<R> {
+    records: Vec<Arc<R>>,
+    frames: Vec<u8>,
+    /// Where each record's frame ends in `frames`.
+    frame_ends: Vec<usize>,
+}
+
+impl<R: Record> Batch<R> {
+    pub fn with_capacity(records: usize) -> Batch<R> {
+        Batch {
+            records: Vec::with_capacity(records),
+            frames: Vec::with_capacity(records * 128),
+            frame_ends: Vec::with_capacity(records),
+        }
+    }
+
+    pub fn push(&mut self, record: Arc<R>) {
+        frame::append_with(&mut self.frames, |out| record.encode_payload(out));
+        self.frame_ends.push(self.frames.len());
+        self.records.push(record);
+    }
+
+    pub fn records(&self) -> &[Arc<R>] {
+        &self.records
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.frames.clear();
+        self.frame_ends.clear();
+    }
+
+    /// The framed records, in order.
+    fn frames(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.frame_ends.iter().copied());
+        starts
+            .zip(&self.frame_ends)
+            .map(|(start, &end)| &self.frames[start..end])
+    }
+}
+
+impl<R: Record> FromIterator<Arc<R>> for Batch<R> {
+    fn from_iter<I: IntoIterator<Item = Arc<R>>>(records: I) -> Batch<R> {
+        let records = records.into_iter();
+        let mut batch = Batch::with_capacity(records.size_hint().0);
+        records.for_each(|record| batch.push(record));
+        batch
     }
 }
 

@@ -206,7 +206,12 @@ impl Store {
 
     /// Writes `frames` as records `first_seq..` and the blobs, in one durable transaction.
     /// Either all of it is committed or none of it.
-    pub fn append(&self, first_seq: u64, frames: &[Vec<u8>], blobs: &[BlobRef<'_>]) -> Result<()> {
+    pub fn append<'f>(
+        &self,
+        first_seq: u64,
+        frames: impl IntoIterator<Item = &'f [u8]>,
+        blobs: &[BlobRef<'_>],
+    ) -> Result<()> {
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
         for blob in blobs {
             match self

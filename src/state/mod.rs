@@ -11,7 +11,9 @@ use std::collections::VecDeque;
 
 use crate::proto::{self, CrashReason, Event, IdempotentOp, StopReason, event::Kind};
 
-pub use service::{Desired, IdempotencyRecord, Map, RECENT_EVENTS, Service, Status, Tenant};
+pub use service::{
+    DEPLOY_WINDOW_INTERVALS, DeployWindow, Desired, IdempotencyRecord, Map, RECENT_EVENTS, Service, Status, Tenant,
+};
 pub use snapshot::SnapshotError;
 
 /// Windows that shape the projection. They are part of the fold, so a node must keep them
@@ -124,12 +126,11 @@ impl State {
         (record.at_ms.saturating_add(self.settings.idempotency_window_ms) > now_ms).then_some(record)
     }
 
-    /// Deploys of `tenant` committed after `since_ms`.
+    /// Deploys of `tenant` committed after `since_ms`, counted in whole intervals of the
+    /// rate window (see [`DeployWindow`]): never fewer than there were.
     pub fn deploys_since(&self, tenant: &str, since_ms: u64) -> usize {
-        // Commit times never go back, and applying a deploy drops those past the window, so
-        // only the few oldest entries can be at or before `since_ms`.
         self.tenants.get(tenant).map_or(0, |t| {
-            t.recent_deploys.len() - t.recent_deploys.iter().take_while(|&&at| at <= since_ms).count()
+            t.recent_deploys.since(since_ms, self.settings.deploy_rate_window_ms)
         })
     }
 
@@ -249,11 +250,9 @@ impl State {
         service.deployed_seq = event.seq;
         service.touched(event);
 
-        let window_start = event.timestamp_ms.saturating_sub(self.settings.deploy_rate_window_ms);
-        while tenant.recent_deploys.front().is_some_and(|&at| at <= window_start) {
-            tenant.recent_deploys.pop_front();
-        }
-        tenant.recent_deploys.push_back(event.timestamp_ms);
+        tenant
+            .recent_deploys
+            .record(event.timestamp_ms, self.settings.deploy_rate_window_ms);
         if !e.idempotency_key.is_empty() {
             let record = IdempotencyRecord {
                 op: IdempotentOp::Deploy,

@@ -203,7 +203,79 @@ pub struct Tenant {
     /// Services that hold quota ([`Service::is_active`]) and the memory they reserve.
     pub active_services: u32,
     pub active_memory_bytes: u64,
-    /// Commit times of deploys within the rate window, oldest first.
-    pub recent_deploys: VecDeque<u64>,
+    /// Deploys within the rate window.
+    pub recent_deploys: DeployWindow,
     pub idempotency: Map<String, IdempotencyRecord>,
+}
+
+/// Intervals a deploy-rate window is counted in.
+pub const DEPLOY_WINDOW_INTERVALS: u64 = 60;
+
+/// A tenant's deploys within the rate window, counted per interval of a sixtieth of the window
+/// (one second for the default minute), oldest first. Counting per interval keeps the state
+/// small however fast a tenant deploys. A deploy counts until its whole interval has left the
+/// window, so the quota errs on the strict side, by less than one interval.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeployWindow {
+    /// (interval start in ms, deploys committed in it), oldest first.
+    intervals: VecDeque<(u64, u32)>,
+}
+
+impl DeployWindow {
+    /// Rebuilds a window from its intervals, as [`DeployWindow::intervals`] gave them.
+    pub fn from_intervals(intervals: impl IntoIterator<Item = (u64, u32)>) -> DeployWindow {
+        DeployWindow {
+            intervals: intervals.into_iter().collect(),
+        }
+    }
+
+    /// (interval start in ms, deploys in it), oldest first.
+    pub fn intervals(&self) -> impl ExactSizeIterator<Item = (u64, u32)> + '_ {
+        self.intervals.iter().copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.intervals.is_empty()
+    }
+
+    /// Counts a deploy committed at `at_ms`, first forgetting intervals that left the window.
+    pub fn record(&mut self, at_ms: u64, window_ms: u64) {
+        let width = interval_ms(window_ms);
+        let window_start = at_ms.saturating_sub(window_ms);
+        while self
+            .intervals
+            .front()
+            .is_some_and(|&(start, _)| !reaches_past(start, width, window_start))
+        {
+            self.intervals.pop_front();
+        }
+        let start = at_ms - at_ms % width;
+        match self.intervals.back_mut() {
+            // Commit times never go back; should a log say otherwise, the newest interval
+            // takes the deploy.
+            Some((newest, count)) if *newest >= start => *count = count.saturating_add(1),
+            _ => self.intervals.push_back((start, 1)),
+        }
+    }
+
+    /// Deploys in the intervals that reach past `since_ms`: at least every deploy committed
+    /// after it.
+    pub fn since(&self, since_ms: u64, window_ms: u64) -> usize {
+        let width = interval_ms(window_ms);
+        self.intervals
+            .iter()
+            .rev()
+            .take_while(|&&(start, _)| reaches_past(start, width, since_ms))
+            .map(|&(_, count)| count as usize)
+            .sum()
+    }
+}
+
+fn interval_ms(window_ms: u64) -> u64 {
+    (window_ms / DEPLOY_WINDOW_INTERVALS).max(1)
+}
+
+/// Whether the interval `start..start + width` holds times after `time_ms`.
+fn reaches_past(start: u64, width: u64, time_ms: u64) -> bool {
+    start.saturating_add(width) > time_ms.saturating_add(1)
 }

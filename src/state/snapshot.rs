@@ -4,7 +4,7 @@ use prost::Message as _;
 
 use std::collections::VecDeque;
 
-use super::{Desired, IdempotencyRecord, Map, Service, Settings, State, Status};
+use super::{DeployWindow, Desired, IdempotencyRecord, Map, Service, Settings, State, Status};
 use crate::proto::{self, IdempotentOp, StateSnapshot};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -13,6 +13,9 @@ pub enum SnapshotError {
     Decode(String),
     #[error("snapshot is inconsistent: {0}")]
     Inconsistent(String),
+    /// Sound, but in a form this build no longer reads; replay rebuilds what it held.
+    #[error("snapshot was written by an older build ({0})")]
+    Outdated(&'static str),
 }
 
 impl State {
@@ -33,9 +36,14 @@ impl State {
             .tenants
             .iter()
             .filter(|(_, t)| !t.recent_deploys.is_empty())
-            .map(|(name, t)| proto::TenantDeploys {
-                tenant: name.clone(),
-                at_ms: t.recent_deploys.iter().copied().collect(),
+            .map(|(name, t)| {
+                let (interval_start_ms, interval_deploys) = t.recent_deploys.intervals().unzip();
+                proto::TenantDeploys {
+                    tenant: name.clone(),
+                    at_ms: Vec::new(),
+                    interval_start_ms,
+                    interval_deploys,
+                }
             })
             .collect();
         recent_deploys.sort_by(|a, b| a.tenant.cmp(&b.tenant));
@@ -114,7 +122,19 @@ impl State {
             }
         }
         for deploys in snapshot.recent_deploys {
-            state.tenants.entry(deploys.tenant).or_default().recent_deploys = deploys.at_ms.into();
+            if !deploys.at_ms.is_empty() {
+                return Err(SnapshotError::Outdated("it lists deploy times one by one"));
+            }
+            if deploys.interval_start_ms.len() != deploys.interval_deploys.len() {
+                return Err(SnapshotError::Inconsistent(format!(
+                    "tenant {} has {} deploy interval starts but {} counts",
+                    deploys.tenant,
+                    deploys.interval_start_ms.len(),
+                    deploys.interval_deploys.len()
+                )));
+            }
+            let intervals = deploys.interval_start_ms.into_iter().zip(deploys.interval_deploys);
+            state.tenants.entry(deploys.tenant).or_default().recent_deploys = DeployWindow::from_intervals(intervals);
         }
         Ok(state)
     }
@@ -277,6 +297,8 @@ mod tests {
             recent_deploys: vec![TenantDeploys {
                 tenant: "acme".into(),
                 at_ms: vec![1, 2],
+                interval_start_ms: vec![0, 1000],
+                interval_deploys: vec![2, 1],
             }],
             last_timestamp_ms: 99,
         };

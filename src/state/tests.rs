@@ -80,7 +80,10 @@ fn lifecycle_and_quota_counts() {
     );
     state.apply(&at(stopped, 6, 15)).unwrap();
     assert_eq!(state.service("acme", "b").unwrap().status, Status::Stopped);
-    assert_eq!(state.deploys_since("acme", 10), 2);
+    // The three deploys (at 10, 11 and 13 ms) share the window's first second, which counts
+    // them together until all of it is past.
+    assert_eq!(state.deploys_since("acme", 10), 3);
+    assert_eq!(state.deploys_since("acme", 999), 0);
 }
 
 #[test]
@@ -158,8 +161,67 @@ fn idempotency_keys_expire_after_the_window() {
     state.apply(&at(deployed("b", 1, 1, "k2"), 2, 1100)).unwrap();
     let keys: Vec<&String> = state.tenant("acme").unwrap().idempotency.keys().collect();
     assert_eq!(keys, ["k2"]);
+    // Deploys count per second (a sixtieth of the minute window): 100 and 1100 fall in
+    // different seconds.
     assert_eq!(state.deploys_since("acme", 99), 2);
-    assert_eq!(state.deploys_since("acme", 100), 1);
+    assert_eq!(state.deploys_since("acme", 998), 2);
+    assert_eq!(state.deploys_since("acme", 999), 1);
+}
+
+#[test]
+fn the_deploy_window_counts_per_interval_and_never_undercounts() {
+    let window_ms = 60_000;
+    let mut window = DeployWindow::default();
+    let mut times = Vec::new();
+    // A deterministic walk of commit times: bursts within one interval, gaps across many.
+    let mut at = 1_000_000u64;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..5_000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        at += match seed % 10 {
+            0 => seed % 90_000,
+            1..=3 => seed % 3_000,
+            _ => seed % 50,
+        };
+        window.record(at, window_ms);
+        times.push(at);
+        for since in [at.saturating_sub(window_ms), at - 30_000, at - 1_500, at - 1, at] {
+            let exact = times.iter().filter(|&&t| t > since).count();
+            let counted = window.since(since, window_ms);
+            assert!(counted >= exact, "at {at}, since {since}: counted {counted} < {exact}");
+            // Over by at most the deploys of the interval that holds `since`.
+            let interval = since - since % 1000;
+            let same_interval = times.iter().filter(|&&t| t >= interval && t <= since).count();
+            assert!(
+                counted <= exact + same_interval,
+                "at {at}, since {since}: {counted} > {exact} + {same_interval}"
+            );
+        }
+        // Bounded however fast the deploys come: one entry per interval of the window, plus
+        // the interval the window starts in.
+        assert!(window.intervals().len() as u64 <= DEPLOY_WINDOW_INTERVALS + 1);
+    }
+}
+
+#[test]
+fn a_burst_of_deploys_is_one_interval() {
+    let mut window = DeployWindow::default();
+    for at in 5_000..5_500 {
+        window.record(at, 60_000);
+    }
+    assert_eq!(window.intervals().collect::<Vec<_>>(), [(5_000, 500)]);
+    assert_eq!(window.since(4_999, 60_000), 500);
+    // The interval counts until all of it has left the window.
+    assert_eq!(window.since(5_998, 60_000), 500);
+    assert_eq!(window.since(5_999, 60_000), 0);
+    window.record(66_000, 60_000);
+    assert_eq!(
+        window.intervals().collect::<Vec<_>>(),
+        [(66_000, 1)],
+        "5,000..6,000 left the window"
+    );
 }
 
 #[test]
@@ -174,4 +236,25 @@ fn snapshot_round_trips() {
     let restored = State::decode_snapshot(&bytes, Settings::default()).unwrap();
     assert_eq!(restored, state);
     assert!(State::decode_snapshot(b"\xff\xff", Settings::default()).is_err());
+}
+
+#[test]
+fn snapshots_with_deploy_times_one_by_one_are_outdated() {
+    use prost::Message as _;
+    let mut state = State::new(Settings::default());
+    state.apply(&at(deployed("a", 1, 7, ""), 1, 1)).unwrap();
+    let mut snapshot = state.to_snapshot();
+    assert_eq!(snapshot.recent_deploys[0].interval_deploys, [1]);
+
+    snapshot.recent_deploys[0].at_ms = vec![1];
+    let decoded = State::decode_snapshot(&snapshot.encode_to_vec(), Settings::default());
+    assert!(matches!(decoded, Err(SnapshotError::Outdated(_))), "{decoded:?}");
+
+    snapshot.recent_deploys[0].at_ms.clear();
+    snapshot.recent_deploys[0].interval_deploys.push(3);
+    let decoded = State::decode_snapshot(&snapshot.encode_to_vec(), Settings::default());
+    assert!(
+        matches!(&decoded, Err(SnapshotError::Inconsistent(m)) if m.contains("1 deploy interval starts but 2 counts")),
+        "{decoded:?}"
+    );
 }
