@@ -452,6 +452,41 @@ async fn startup_uses_the_newest_valid_snapshot_and_skips_bad_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_from_an_older_build_is_skipped_and_is_no_damage() {
+    use prost::Message as _;
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.writer.snapshot_every = 10;
+    let control = open(opts);
+    for i in 0..25 {
+        deploy(&control, "acme", &format!("svc-{}", i % 7), &format!("m{i}")).await;
+    }
+    let live = control.read_state(Clone::clone);
+    // Older builds listed each deploy time of the rate window.
+    let mut old = live.to_snapshot();
+    old.recent_deploys[0].at_ms = vec![old.last_timestamp_ms; 3];
+    let store = control.log().store();
+    store
+        .put_snapshot(live.applied_seq(), &frame::encode(&old.encode_to_vec()), 10)
+        .unwrap();
+    let report = inspect::verify(store, live.settings()).unwrap();
+    assert!(report.ok(), "{}", report.summary());
+    assert!(
+        report.snapshots.iter().all(|(seq, _)| *seq < live.applied_seq()),
+        "{report:?}"
+    );
+    control.close().await;
+    drop(control);
+
+    let (control, recovery) = Control::open(options(dir.path())).unwrap();
+    let used = recovery
+        .snapshot_seq
+        .expect("an older, current-format snapshot was used");
+    assert!(used < live.applied_seq(), "snapshot at {used}");
+    assert_eq!(control.read_state(Clone::clone), live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_of_an_unknown_format_version_is_refused() {
     let dir = tempdir();
     drop(open(options(dir.path())));

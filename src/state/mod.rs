@@ -9,7 +9,7 @@ mod snapshot;
 
 use std::collections::VecDeque;
 
-use crate::proto::{self, CrashReason, Event, IdempotentOp, StopReason, event::Kind};
+use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, event::Kind};
 
 pub use service::{
     DEPLOY_WINDOW_INTERVALS, DeployWindow, Desired, IdempotencyRecord, Map, RECENT_EVENTS, Service, Status, Tenant,
@@ -139,10 +139,7 @@ impl State {
     pub fn apply(&mut self, event: &Event) -> Result<(), ApplyError> {
         self.check_seq(event)?;
         match &event.kind {
-            Some(Kind::ServiceDeployed(e)) => {
-                self.check_deployed(event, e)?;
-                self.apply_deployed(event, e);
-            }
+            Some(Kind::ServiceDeployed(e)) => self.apply_deployed(event, e)?,
             Some(Kind::ServiceKillRequested(e)) => self.apply_kill_requested(event, e)?,
             Some(Kind::ServiceStarted(_)) => self.update(event, |s| s.status = Status::Running)?,
             Some(Kind::ServiceCrashed(e)) => self.update(event, |s| {
@@ -204,33 +201,33 @@ impl State {
     }
 
     fn check_deployed(&self, event: &Event, e: &proto::ServiceDeployed) -> Result<(), ApplyError> {
-        require_service_ids(event, "service_deployed")?;
-        if e.limits.is_none() {
-            return Err(ApplyError::MissingField {
-                kind: "service_deployed",
-                field: "limits",
-            });
-        }
-        if parse_sha256(&e.module_sha256).is_none() {
-            return Err(ApplyError::MissingField {
-                kind: "service_deployed",
-                field: "module_sha256 (64 hex digits)",
-            });
-        }
+        check_deployed_fields(event, e)?;
         let current = self.service(&event.tenant, &event.service_id).map_or(0, |s| s.version);
-        if current.checked_add(1) != Some(e.version) {
-            return Err(stale(event, current, e.version));
-        }
-        Ok(())
+        check_next_version(event, current, e.version)
     }
 
-    fn apply_deployed(&mut self, event: &Event, e: &proto::ServiceDeployed) {
-        let limits = e.limits.unwrap_or_default();
-        let tenant = self.tenants.entry_ref(event.tenant.as_str()).or_default();
-        let service = tenant
-            .services
-            .entry_ref(event.service_id.as_str())
-            .or_insert_with(|| Service::new(event, limits));
+    /// Checks and applies in one lookup of the tenant and one of the service (replay and the
+    /// writer apply every deploy), changing nothing when a check fails.
+    fn apply_deployed(&mut self, event: &Event, e: &proto::ServiceDeployed) -> Result<(), ApplyError> {
+        use hashbrown::hash_map::EntryRef;
+        let (limits, module_hash) = check_deployed_fields(event, e)?;
+        let tenant = match self.tenants.entry_ref(event.tenant.as_str()) {
+            EntryRef::Occupied(tenant) => tenant.into_mut(),
+            EntryRef::Vacant(tenant) => {
+                check_next_version(event, 0, e.version)?;
+                tenant.insert(Tenant::default())
+            }
+        };
+        let service = match tenant.services.entry_ref(event.service_id.as_str()) {
+            EntryRef::Occupied(service) => {
+                check_next_version(event, service.get().version, e.version)?;
+                service.into_mut()
+            }
+            EntryRef::Vacant(service) => {
+                check_next_version(event, 0, e.version)?;
+                service.insert(Service::new(event, limits))
+            }
+        };
         if service.is_active() {
             tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
         } else {
@@ -259,11 +256,12 @@ impl State {
                 service_id: event.service_id.clone(),
                 seq: event.seq,
                 version: e.version,
-                module_hash: parse_sha256(&e.module_sha256).unwrap_or_default(),
+                module_hash,
                 at_ms: event.timestamp_ms,
             };
             self.remember(&event.tenant, &e.idempotency_key, record);
         }
+        Ok(())
     }
 
     fn apply_kill_requested(&mut self, event: &Event, e: &proto::ServiceKillRequested) -> Result<(), ApplyError> {
@@ -384,6 +382,29 @@ fn transition_allowed(event: &Event, service: &Service) -> Result<(), ApplyError
         });
     }
     Ok(())
+}
+
+/// The fields a `service_deployed` event cannot do without: its limits and module hash.
+fn check_deployed_fields(event: &Event, e: &proto::ServiceDeployed) -> Result<(Limits, [u8; 32]), ApplyError> {
+    require_service_ids(event, "service_deployed")?;
+    let limits = e.limits.ok_or(ApplyError::MissingField {
+        kind: "service_deployed",
+        field: "limits",
+    })?;
+    let module_hash = parse_sha256(&e.module_sha256).ok_or(ApplyError::MissingField {
+        kind: "service_deployed",
+        field: "module_sha256 (64 hex digits)",
+    })?;
+    Ok((limits, module_hash))
+}
+
+/// A deploy makes the version after the current one (0 for a new service).
+fn check_next_version(event: &Event, current: u64, version: u64) -> Result<(), ApplyError> {
+    if current.checked_add(1) == Some(version) {
+        Ok(())
+    } else {
+        Err(stale(event, current, version))
+    }
 }
 
 fn stale(event: &Event, current: u64, found: u64) -> ApplyError {
