@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use solo::event::EventKind;
 use solo::inspect;
 use solo::log::{FrameError, frame};
 use solo::proto::event::Kind;
+use solo::state::State;
 use tokio::time::timeout;
 
 /// A guard against hangs: generous, never a performance assertion.
@@ -421,16 +423,22 @@ async fn a_flipped_byte_is_reported_by_verify_with_its_seq() {
     assert_eq!(summary.lines().count(), 1, "one-line summary: {summary}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn startup_uses_the_newest_valid_snapshot_and_skips_bad_ones() {
-    let dir = tempdir();
-    let mut opts = options(dir.path());
+/// A node snapshotting every 10 events, after `deploys` deploys over 7 services; and its state.
+async fn snapshotting_node(dir: &Path, deploys: usize) -> (Control, State) {
+    let mut opts = options(dir);
     opts.writer.snapshot_every = 10;
     let control = open(opts);
-    for i in 0..35 {
+    for i in 0..deploys {
         deploy(&control, "acme", &format!("svc-{}", i % 7), &format!("m{i}")).await;
     }
     let live = control.read_state(Clone::clone);
+    (control, live)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_uses_the_newest_valid_snapshot_and_skips_bad_ones() {
+    let dir = tempdir();
+    let (control, live) = snapshotting_node(dir.path(), 35).await;
     // A damaged snapshot and one of another frame version, both newer than the good ones.
     let store = control.log().store();
     let mut damaged = frame::encode(b"not a snapshot");
@@ -455,13 +463,7 @@ async fn startup_uses_the_newest_valid_snapshot_and_skips_bad_ones() {
 async fn a_snapshot_from_an_older_build_is_skipped_and_is_no_damage() {
     use prost::Message as _;
     let dir = tempdir();
-    let mut opts = options(dir.path());
-    opts.writer.snapshot_every = 10;
-    let control = open(opts);
-    for i in 0..25 {
-        deploy(&control, "acme", &format!("svc-{}", i % 7), &format!("m{i}")).await;
-    }
-    let live = control.read_state(Clone::clone);
+    let (control, live) = snapshotting_node(dir.path(), 25).await;
     // Older builds listed each deploy time of the rate window.
     let mut old = live.to_snapshot();
     old.recent_deploys[0].at_ms = vec![old.last_timestamp_ms; 3];
