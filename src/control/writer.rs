@@ -3,11 +3,11 @@
 //! One thread owns a working copy of the state and the right to append. It takes commands off
 //! its queue into a batch, deciding each as it comes against the working state (which already
 //! holds the earlier commands of the batch) and framing its event, appends the whole batch in
-//! one write transaction with one durable commit, then swaps the working copy in as the published state, lets tailers see
-//! the batch and answers every caller; the copy swapped out then catches up on the batch.
-//! Callers are answered only after their events are durable. If the commit fails, every caller
-//! of the batch gets the error and the working state is reset to the published (committed)
-//! one.
+//! one write transaction with one durable commit, then swaps the working copy in as the
+//! published state, lets tailers see the batch and answers every caller; the copy swapped out
+//! then catches up on the batch. Callers are answered only once their batch is durable, refused
+//! ones too. If the commit fails, every caller of the batch that was not refused gets the
+//! error, and the working state is reset to the published (committed) one.
 //!
 //! A commit costs about the same for one event as for hundreds (the fsync dominates), so under
 //! load the writer lets a batch fill: when the previous batch was large and the queue is still
