@@ -1063,8 +1063,25 @@ impl ServeProcess {
 
     /// Waits until it has exited by itself (after `solo shutdown`).
     fn exited(mut self) {
+        self.wait_exit();
+    }
+
+    /// Sends SIGTERM, as a service manager stopping it would, and returns how it exited.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        self.wait_exit()
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + PATIENCE;
-        while self.child.try_wait().unwrap().is_none() {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
             assert!(Instant::now() < deadline, "the node did not stop");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1076,6 +1093,49 @@ impl Drop for ServeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+#[test]
+fn sigterm_stops_serve_cleanly_and_the_next_start_brings_the_services_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("serve.log");
+    let (grpc, http) = (free_port(), free_port());
+    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let cli = |args: &[&str]| run(solo().args(["--endpoint", &endpoint, "--tenant", "acme"]).args(args));
+
+    let node = ServeProcess::start(&data, grpc, http, &log);
+    cli(&["deploy", "echo", example_path("echo").to_str().unwrap(), "--wait"]).ok();
+    let status = node.terminate();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "SIGTERM ended it with {status}: {stderr}");
+    assert!(stderr.contains("shutdown signal received"), "{stderr}");
+
+    // The stop is on record, by the node, and says nothing about what should run.
+    let dump = run(solo().args(["log", "dump", "--data-dir", data.to_str().unwrap(), "--json"]))
+        .ok()
+        .json_lines();
+    let shutdown = dump
+        .iter()
+        .find(|e| e["kind"] == "shutdown_requested")
+        .unwrap_or_else(|| panic!("no shutdown_requested in {dump:?}"));
+    assert_eq!(shutdown["actor"], "node", "{shutdown}");
+    run(solo().args(["log", "verify", "--data-dir", data.to_str().unwrap()])).ok();
+
+    let _node = ServeProcess::start(&data, grpc, http, &log);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let status = cli(&["status", "echo", "--json"]).ok().json();
+        if status["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "echo did not come back: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        cli(&["call", "echo", "--data", "back again"]).ok().stdout,
+        b"back again"
+    );
 }
 
 #[test]
