@@ -252,9 +252,23 @@ async fn serve(
         }
     }
     node.stop(grace).await;
+    // Connections that are still closing hold the node until they are gone; an embedder (or a
+    // test) that reopens the data directory right after `stop` must find it released.
+    let closed = node.control.log().closed_signal();
+    drop((node, state));
+    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+    while !closed() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if !closed() {
+        tracing::warn!("the data directory is still open after {RELEASE_WAIT:?}: connections are still closing");
+    }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// The longest a stopped node waits for its connections to let go of the data directory.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 fn api_options(config: &Config) -> ApiOptions {
     let solo = &config.solo;

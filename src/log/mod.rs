@@ -94,6 +94,13 @@ impl<R: Record> Log<R> {
         *self.inner.head.borrow()
     }
 
+    /// Whether every handle to this log has been dropped, which closes the LMDB environment:
+    /// only then can the data directory be opened again in this process.
+    pub fn closed_signal(&self) -> impl Fn() -> bool + Send + Sync + 'static + use<R> {
+        let inner = Arc::downgrade(&self.inner);
+        move || inner.strong_count() == 0
+    }
+
     /// A receiver that changes whenever the head moves.
     pub fn subscribe_head(&self) -> watch::Receiver<u64> {
         self.inner.head.subscribe()
