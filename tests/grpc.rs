@@ -418,6 +418,24 @@ async fn watch_from_one_replays_history_then_follows_live_with_progress_while_id
         }
     };
     assert!(progressed >= live.seq);
+
+    // A watch from "now" opens by naming the head, before any event or interval passes, so a
+    // client cut off before the next event knows where to resume.
+    let now = proto::WatchRequest {
+        from_seq: 0,
+        progress_interval_ms: 600_000,
+        ..Default::default()
+    };
+    let mut now = client.watch(now).await.unwrap().into_inner();
+    let first = tokio::time::timeout(PATIENCE, now.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match first.msg {
+        Some(Msg::Progress(p)) => assert!(p.head_seq >= progressed, "{p:?} before {progressed}"),
+        other => panic!("a watch from now opened with {other:?}"),
+    }
     server.stop().await.unwrap();
 }
 

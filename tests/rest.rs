@@ -1591,6 +1591,25 @@ async fn sse_replays_history_and_filters_by_kind_and_service() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_from_now_opens_with_the_head_as_its_id() {
+    let node = node(|_| {}).await;
+    let deployed = node.deploy("a", "echo", "echo").await;
+    let seq = deployed.ok(201)["deploy"]["seq"].as_u64().unwrap();
+    let response = send_stream(node.request(Method::GET, "/events", "a")).await;
+    let mut raw = RawSse::new(response);
+    // Before anything else happens: an id-only frame, so that a reconnect sends a
+    // Last-Event-ID and misses nothing committed in between.
+    let first = raw.next_frame().await;
+    let id = first
+        .iter()
+        .find_map(|l| l.strip_prefix("id: "))
+        .map(|id| id.parse::<u64>().expect("the id is a seq"));
+    assert!(id.is_some_and(|id| id >= seq), "{first:?}");
+    assert_eq!(first.len(), 1, "an id-only frame: {first:?}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_sends_id_only_progress_frames_while_filtering() {
     let node = node(|c| c.solo.sse_keepalive_ms = 200).await;
     let response = send_stream(node.request(Method::GET, "/events?kinds=service_stopped", "a")).await;

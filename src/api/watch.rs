@@ -66,6 +66,10 @@ pub enum WatchItem {
 
 /// Events from `from_seq` (inclusive; 0: only what comes next) that `caller` may see and
 /// `filter` selects, in seq order, each once. Ends with [`ErrorKind::ShuttingDown`] on shutdown.
+///
+/// A watch that starts at the head opens with a progress note naming it (as etcd's "created"
+/// response carries the revision), so a client that follows "from now" can resume exactly
+/// even if it is cut off before any event arrives.
 pub fn watch(
     control: &Control,
     caller: Caller,
@@ -74,7 +78,8 @@ pub fn watch(
     progress_interval: Duration,
     shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<WatchItem, Error>> + Send + 'static {
-    let start = if from_seq == 0 { control.head() + 1 } else { from_seq };
+    let head = control.head();
+    let start = if from_seq == 0 { head + 1 } else { from_seq };
     let log = control.log().clone();
     let mut events = Box::pin(log.tail(start));
     let interval = progress_interval.max(MIN_PROGRESS_INTERVAL);
@@ -87,6 +92,9 @@ pub fn watch(
         let progress_timer = tokio::time::sleep_until(quiet_until);
         let stopping = shutdown.cancelled_owned();
         tokio::pin!(progress_timer, stopping);
+        if start == head + 1 {
+            yield Ok(WatchItem::Progress(head));
+        }
         loop {
             tokio::select! {
                 biased;
