@@ -1095,19 +1095,52 @@ impl Drop for ServeProcess {
     }
 }
 
+/// A data directory, a log file and two free ports for `solo serve` child processes.
+struct ServeDir {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    log: PathBuf,
+    grpc: u16,
+    http: u16,
+    endpoint: String,
+}
+
+impl ServeDir {
+    fn new() -> ServeDir {
+        let dir = tempfile::tempdir().unwrap();
+        let grpc = free_port();
+        ServeDir {
+            data: dir.path().join("data"),
+            log: dir.path().join("serve.log"),
+            grpc,
+            http: free_port(),
+            endpoint: format!("http://127.0.0.1:{grpc}"),
+            _dir: dir,
+        }
+    }
+
+    fn start(&self) -> ServeProcess {
+        ServeProcess::start(&self.data, self.grpc, self.http, &self.log)
+    }
+
+    /// `solo` against the node, as tenant acme.
+    fn cli(&self, args: &[&str]) -> Ran {
+        run(solo()
+            .args(["--endpoint", &self.endpoint, "--tenant", "acme"])
+            .args(args))
+    }
+}
+
 #[test]
 fn sigterm_stops_serve_cleanly_and_the_next_start_brings_the_services_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let log = dir.path().join("serve.log");
-    let (grpc, http) = (free_port(), free_port());
-    let endpoint = format!("http://127.0.0.1:{grpc}");
-    let cli = |args: &[&str]| run(solo().args(["--endpoint", &endpoint, "--tenant", "acme"]).args(args));
+    let serve = ServeDir::new();
+    let (data, log) = (&serve.data, &serve.log);
+    let cli = |args: &[&str]| serve.cli(args);
 
-    let node = ServeProcess::start(&data, grpc, http, &log);
+    let node = serve.start();
     cli(&["deploy", "echo", example_path("echo").to_str().unwrap(), "--wait"]).ok();
     let status = node.terminate();
-    let stderr = std::fs::read_to_string(&log).unwrap();
+    let stderr = std::fs::read_to_string(log).unwrap();
     assert!(status.success(), "SIGTERM ended it with {status}: {stderr}");
     assert!(stderr.contains("shutdown signal received"), "{stderr}");
 
@@ -1122,7 +1155,7 @@ fn sigterm_stops_serve_cleanly_and_the_next_start_brings_the_services_back() {
     assert_eq!(shutdown["actor"], "node", "{shutdown}");
     run(solo().args(["log", "verify", "--data-dir", data.to_str().unwrap()])).ok();
 
-    let _node = ServeProcess::start(&data, grpc, http, &log);
+    let _node = serve.start();
     let deadline = Instant::now() + PATIENCE;
     loop {
         let status = cli(&["status", "echo", "--json"]).ok().json();
@@ -1140,16 +1173,13 @@ fn sigterm_stops_serve_cleanly_and_the_next_start_brings_the_services_back() {
 
 #[test]
 fn events_and_logs_follow_across_restarts_without_a_gap_or_a_repeat() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let log = dir.path().join("serve.log");
-    let (grpc, http) = (free_port(), free_port());
-    let endpoint = format!("http://127.0.0.1:{grpc}");
-    let cli = |args: &[&str]| run(solo().args(["--endpoint", &endpoint, "--tenant", "acme"]).args(args));
+    let serve = ServeDir::new();
+    let (data, endpoint) = (&serve.data, serve.endpoint.clone());
+    let cli = |args: &[&str]| serve.cli(args);
     let echo = example_path("echo");
     let counter = example_path("counter");
 
-    let node = ServeProcess::start(&data, grpc, http, &log);
+    let node = serve.start();
     cli(&["deploy", "echo", echo.to_str().unwrap(), "--wait"]).ok();
     let mut events = Watcher::spawn(&["--endpoint", &endpoint, "events", "--follow", "--from", "1", "--json"]);
     let mut logs = Watcher::spawn(&[
@@ -1172,7 +1202,7 @@ fn events_and_logs_follow_across_restarts_without_a_gap_or_a_repeat() {
 
     // kill -9 while the followers follow; deploys after the restart must reach them.
     node.kill();
-    let node = ServeProcess::start(&data, grpc, http, &log);
+    let node = serve.start();
     cli(&["deploy", "kv", example_path("kv").to_str().unwrap(), "--wait"]).ok();
     logs.until("echo ready after kill -9", |seen| ready(seen, 2));
 
@@ -1180,7 +1210,7 @@ fn events_and_logs_follow_across_restarts_without_a_gap_or_a_repeat() {
     cli(&["kill", "counter", "--wait"]).ok();
     run(solo().args(["--endpoint", &endpoint, "shutdown", "--grace-ms", "2000"])).ok();
     node.exited();
-    let node = ServeProcess::start(&data, grpc, http, &log);
+    let node = serve.start();
     cli(&["deploy", "counter", counter.to_str().unwrap(), "--wait"]).ok();
     logs.until("echo ready after a shutdown", |seen| ready(seen, 3));
 
