@@ -168,22 +168,18 @@ impl Runtime {
     /// Validates and compiles a module sent for deploy (wasm, or WAT converted to wasm), and
     /// caches it. Returns the module as it will be stored: wasm bytes and their hash.
     pub async fn prepare(&self, bytes: Arc<[u8]>) -> Result<Module, InvalidModule> {
-        // The common case, a wasm module that is already compiled, needs no blocking thread.
         let module = if bytes.starts_with(module::WASM_MAGIC) {
-            let module = Module::hashed(bytes).await;
-            if self.inner.cache.get(&module.sha256).is_some() {
-                return Ok(module);
-            }
-            Ok(module)
+            Module::hashed(bytes).await
         } else {
-            Err(bytes)
+            // WAT: parsing it is work for a blocking thread, as compiling is.
+            blocking(move || Ok(Module::new(module::to_wasm(&bytes)?.into()))).await?
         };
+        // The common case, a module already compiled, needs no blocking thread at all.
+        if self.inner.cache.get(&module.sha256).is_some() {
+            return Ok(module);
+        }
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let module = match module {
-                Ok(module) => module,
-                Err(text) => Module::new(module::to_wasm(&text)?.into()),
-            };
+        blocking(move || {
             if inner.cache.get(&module.sha256).is_none() {
                 let prepared = module::prepare(
                     &inner.compiler.engine,
@@ -196,7 +192,6 @@ impl Runtime {
             Ok(module)
         })
         .await
-        .map_err(|e| InvalidModule(format!("compilation failed: {e}")))?
     }
 
     /// Modules in the compile cache.
@@ -695,4 +690,13 @@ impl Drop for Inner {
             guest_runtime.shutdown_background();
         }
     }
+}
+
+/// Runs module work (parsing, compiling) on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, InvalidModule> + Send + 'static,
+) -> Result<T, InvalidModule> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| InvalidModule(format!("compilation failed: {e}")))?
 }

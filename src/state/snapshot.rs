@@ -62,9 +62,9 @@ impl State {
         snapshot.encode(out).expect("a Vec grows as needed");
     }
 
-    /// Rebuilds a state from snapshot bytes.
-    /// Decodes a snapshot. The services and the idempotency keys are decoded on two threads:
-    /// a large snapshot is mostly allocation and copying, which halves across cores.
+    /// Rebuilds a state from snapshot bytes. The services and the idempotency keys are decoded
+    /// on two threads: a large snapshot is mostly allocation and copying, which halves across
+    /// cores.
     pub fn decode_snapshot(bytes: &[u8], settings: Settings) -> Result<State, SnapshotError> {
         let decode = |e: prost::DecodeError| SnapshotError::Decode(e.to_string());
         let (services, idempotency) = std::thread::scope(|scope| {
