@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{closed_loop, percentile, runtime, selected};
+use common::{closed_loop, report_latencies, runtime, selected};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 use solo::proto::{self, solo_kernel_client::SoloKernelClient, watch_response::Msg};
@@ -55,13 +55,25 @@ async fn start(dir: &Path) -> solo::server::Server {
     solo::server::Server::start(config).await.expect("the node starts")
 }
 
-async fn client(server: &solo::server::Server) -> SoloKernelClient<Channel> {
-    let channel = Channel::from_shared(server.grpc_url())
+async fn channel(server: &solo::server::Server) -> Channel {
+    Channel::from_shared(server.grpc_url())
         .expect("a url")
         .connect()
         .await
-        .expect("it connects");
-    SoloKernelClient::new(channel)
+        .expect("it connects")
+}
+
+async fn client(server: &solo::server::Server) -> SoloKernelClient<Channel> {
+    SoloKernelClient::new(channel(server).await)
+}
+
+/// `count` connections to `server`, each its own HTTP/2 connection, as `make` wraps them.
+async fn connections<C>(server: &solo::server::Server, count: usize, make: fn(Channel) -> C) -> Vec<C> {
+    let mut connections = Vec::with_capacity(count);
+    for _ in 0..count {
+        connections.push(make(channel(server).await));
+    }
+    connections
 }
 
 fn as_tenant<T>(tenant: &str, message: T) -> tonic::Request<T> {
@@ -95,13 +107,7 @@ fn bench_deploy(c: &mut Criterion) {
     let deploys_by_client: Arc<Vec<AtomicU64>> = Arc::new((0..256).map(|_| AtomicU64::new(0)).collect());
     for clients in [1usize, 256] {
         let mut latencies = Vec::new();
-        let connections: Vec<_> = rt.block_on(async {
-            let mut connections = Vec::new();
-            for _ in 0..clients.min(CONNECTIONS) {
-                connections.push(client(&server).await);
-            }
-            connections
-        });
+        let connections = rt.block_on(connections(&server, clients.min(CONNECTIONS), SoloKernelClient::new));
         group.bench_with_input(BenchmarkId::new("cached_module", clients), &clients, |b, &clients| {
             b.iter_custom(|iters| {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -127,15 +133,11 @@ fn bench_deploy(c: &mut Criterion) {
                 elapsed
             });
         });
-        latencies.sort();
-        if !latencies.is_empty() {
-            eprintln!(
-                "grpc_deploy/cached_module/{clients}: {} deploys, latency p50 {:?}, p99 {:?}",
-                latencies.len(),
-                percentile(&latencies, 0.5),
-                percentile(&latencies, 0.99)
-            );
-        }
+        report_latencies(
+            &format!("grpc_deploy/cached_module/{clients}"),
+            "deploys",
+            &mut latencies,
+        );
     }
     group.finish();
     rt.block_on(server.stop()).expect("the node stops");
@@ -148,18 +150,11 @@ fn bench_baseline(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temp dir");
     let server = rt.block_on(start(dir.path()));
     let clients = 256usize;
-    let connections: Vec<_> = rt.block_on(async {
-        let mut connections = Vec::new();
-        for _ in 0..CONNECTIONS {
-            let channel = Channel::from_shared(server.grpc_url())
-                .expect("a url")
-                .connect()
-                .await
-                .expect("it connects");
-            connections.push(tonic_health::pb::health_client::HealthClient::new(channel));
-        }
-        connections
-    });
+    let connections = rt.block_on(connections(
+        &server,
+        CONNECTIONS,
+        tonic_health::pb::health_client::HealthClient::new,
+    ));
     let mut group = c.benchmark_group("grpc_baseline");
     group
         .sample_size(10)
@@ -211,11 +206,7 @@ fn bench_call(c: &mut Criterion) {
                 running += 1;
             }
         }
-        let mut connections = Vec::new();
-        for _ in 0..CONNECTIONS {
-            connections.push(client(&server).await);
-        }
-        connections
+        connections(&server, CONNECTIONS, SoloKernelClient::new).await
     });
     let mut group = c.benchmark_group("grpc_call");
     group
@@ -339,10 +330,7 @@ async fn follow<T>(
 }
 
 async fn fan_out(server: &solo::server::Server, shape: &FanOut) -> String {
-    let mut connections = Vec::new();
-    for _ in 0..CONNECTIONS {
-        connections.push(client(server).await);
-    }
+    let mut connections = connections(server, CONNECTIONS, SoloKernelClient::new).await;
     let modules = Arc::new([echo_wasm("echo one"), echo_wasm("echo two")]);
     let mut first = 0;
     for i in 0..shape.services {

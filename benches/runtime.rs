@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{closed_loop, percentile, runtime, selected};
+use common::{closed_loop, report_latencies, runtime, selected};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 use solo::config::Config;
@@ -104,15 +104,11 @@ fn bench_deploy(c: &mut Criterion) {
             })
         });
     });
-    latencies.sort();
-    if !latencies.is_empty() {
-        eprintln!(
-            "deploy/cached_module: {} deploys, p50 {:?}, p99 {:?} (each one durable commit)",
-            latencies.len(),
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99)
-        );
-    }
+    report_latencies(
+        "deploy/cached_module",
+        "deploys (each one durable commit)",
+        &mut latencies,
+    );
 
     // Many clients, each upgrading its own service between the two variants: the parity of
     // a client's deploys so far picks the variant its service does not run.
@@ -167,15 +163,7 @@ fn bench_deploy(c: &mut Criterion) {
             })
         });
     });
-    cold.sort();
-    if !cold.is_empty() {
-        eprintln!(
-            "deploy/cold_compile_and_deploy_echo: {} deploys, p50 {:?}, p99 {:?}",
-            cold.len(),
-            percentile(&cold, 0.5),
-            percentile(&cold, 0.99)
-        );
-    }
+    report_latencies("deploy/cold_compile_and_deploy_echo", "deploys", &mut cold);
     group.finish();
     rt.block_on(node.stop(Duration::from_secs(5)));
 }

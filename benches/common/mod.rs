@@ -23,6 +23,20 @@ pub fn selected(name: &str) -> bool {
     filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
 }
 
+/// Sorts `latencies` and prints their count, p50 and p99 as `label: N what, p50 …, p99 …`;
+/// nothing for a filtered-out benchmark, which measured nothing.
+pub fn report_latencies(label: &str, what: &str, latencies: &mut [Duration]) {
+    latencies.sort();
+    if !latencies.is_empty() {
+        eprintln!(
+            "{label}: {} {what}, p50 {:?}, p99 {:?}",
+            latencies.len(),
+            percentile(latencies, 0.5),
+            percentile(latencies, 0.99)
+        );
+    }
+}
+
 /// Zero when nothing was measured (a filtered-out benchmark).
 pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
     let index = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
