@@ -143,10 +143,31 @@ fn control_options(dir: &TempDir, stats: &Arc<CommitStats>) -> ControlOptions {
 /// real node's while every deploy is a new version (one `service_deployed` event).
 const APPEND_SERVICES: u64 = 4096;
 
+/// The names of one service the appenders deploy: a client has them at hand, not to format.
+struct AppendTarget {
+    tenant: String,
+    actor: String,
+    service_id: String,
+}
+
+fn append_targets() -> Arc<[AppendTarget]> {
+    (0..APPEND_SERVICES)
+        .map(|service| {
+            let tenant = format!("t{}", service % APPEND_TENANTS);
+            AppendTarget {
+                actor: format!("tenant:{tenant}"),
+                tenant,
+                service_id: format!("s{service}"),
+            }
+        })
+        .collect()
+}
+
 /// One appender: claims indices until `end` and deploys, for each, the next version of service
 /// `index % APPEND_SERVICES` (the module alternates, so nothing is an unchanged no-op).
 async fn deploy_loop(
     control: Control,
+    targets: Arc<[AppendTarget]>,
     modules: Arc<[Arc<[u8]>; 2]>,
     next: Arc<AtomicU64>,
     end: u64,
@@ -157,12 +178,11 @@ async fn deploy_loop(
         if i >= end {
             return;
         }
-        let service = i % APPEND_SERVICES;
-        let tenant = format!("t{}", service % APPEND_TENANTS);
+        let target = &targets[(i % APPEND_SERVICES) as usize];
         let request = DeployRequest {
-            actor: format!("tenant:{tenant}"),
-            tenant,
-            service_id: format!("s{service}"),
+            actor: target.actor.clone(),
+            tenant: target.tenant.clone(),
+            service_id: target.service_id.clone(),
             module: Arc::clone(&modules[(i / APPEND_SERVICES % 2) as usize]),
             limits: Limits::default(),
             labels: HashMap::new(),
@@ -187,6 +207,7 @@ async fn deploy_loop(
 fn bench_append(c: &mut Criterion) {
     let rt = runtime();
     let modules: Arc<[Arc<[u8]>; 2]> = Arc::new([Arc::from(TINY_MODULE), Arc::from(TINY_MODULE_V2)]);
+    let targets = append_targets();
     let mut group = c.benchmark_group("append_durable");
     group
         .sample_size(10)
@@ -218,6 +239,7 @@ fn bench_append(c: &mut Criterion) {
                         .map(|_| {
                             tokio::spawn(deploy_loop(
                                 control.clone(),
+                                Arc::clone(&targets),
                                 Arc::clone(&modules),
                                 Arc::clone(&next),
                                 end,
@@ -490,7 +512,7 @@ fn build_dataset() -> Dataset {
         if batch.len() == DATASET_BATCH || seq == DATASET_EVENTS {
             let blobs: &[BlobRef<'_>] = if first_batch { &blobs } else { &[] };
             log.append(&batch, blobs).expect("the data set is written");
-            log.publish(batch.records());
+            log.publish(batch.records(), &mut Vec::new());
             batch.clear();
             first_batch = false;
         }
@@ -624,7 +646,7 @@ impl Histogram {
 fn tail_event(seq: u64) -> Arc<Event> {
     let mut event = envelope(
         "acme",
-        &format!("svc-{seq}"),
+        format!("svc-{seq}"),
         "tenant:acme",
         Kind::ServiceDeployed(proto::ServiceDeployed {
             module_sha256: "ab".repeat(32),
@@ -686,7 +708,7 @@ fn tail_round(rt: &Runtime, log: &EventLog, tailers: usize, events: u64, histogr
         log.append(&records, &[]).expect("the append commits");
         committed.push(base.elapsed().as_nanos() as u64);
         let publishing = Instant::now();
-        log.publish(records.records());
+        log.publish(records.records(), &mut Vec::new());
         histogram.publish += publishing.elapsed();
         histogram.publishes += 1;
     }

@@ -262,13 +262,18 @@ pub fn format_timestamp_ms(ms: u64) -> String {
 }
 
 /// Builds an event envelope; the writer fills in seq and timestamp at commit.
-pub fn envelope(tenant: &str, service_id: &str, actor: &str, kind: Kind) -> Event {
+pub fn envelope(
+    tenant: impl Into<String>,
+    service_id: impl Into<String>,
+    actor: impl Into<String>,
+    kind: Kind,
+) -> Event {
     Event {
         seq: 0,
         timestamp_ms: 0,
-        tenant: tenant.to_string(),
-        service_id: service_id.to_string(),
-        actor: actor.to_string(),
+        tenant: tenant.into(),
+        service_id: service_id.into(),
+        actor: actor.into(),
         kind: Some(kind),
     }
 }

@@ -51,6 +51,22 @@ impl Module {
     pub fn sha256_hex(&self) -> &str {
         &self.sha256_hex
     }
+
+    /// The hash in hex, for the event, and the module as the blob store keeps it.
+    fn into_parts(self) -> (String, Blob) {
+        let blob = Blob {
+            sha256: self.sha256,
+            bytes: self.bytes,
+        };
+        (self.sha256_hex, blob)
+    }
+}
+
+/// Module bytes for the blob store, keyed by their SHA-256.
+#[derive(Debug)]
+pub(super) struct Blob {
+    pub sha256: [u8; 32],
+    pub bytes: Arc<[u8]>,
 }
 
 /// Deploy `module` as `service_id` of `tenant` (the effective limits are already resolved).
@@ -146,24 +162,40 @@ pub(super) enum Command {
     Observe(Observation),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum Reply {
     Deployed(DeployOutcome),
     Killed(KillOutcome),
-    Appended { seq: u64 },
+    /// The command's event, now durable. The caller reads its answer from it: the writer
+    /// shares the event rather than copying fields out of it.
+    Appended(Arc<Event>),
+}
+
+impl DeployOutcome {
+    /// The answer to a deploy that appended `event`.
+    pub(super) fn appended(event: &Event) -> DeployOutcome {
+        let Some(Kind::ServiceDeployed(deployed)) = &event.kind else {
+            unreachable!("a deploy appends service_deployed, not {:?}", event.kind)
+        };
+        DeployOutcome {
+            service_id: event.service_id.clone(),
+            version: deployed.version,
+            module_sha256: deployed.module_sha256.clone(),
+            seq: event.seq,
+            created: deployed.version == 1,
+            unchanged: false,
+            replayed: false,
+        }
+    }
 }
 
 /// What the writer does with one command.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // built and consumed once per command, never stored
 pub(super) enum Decision {
-    /// Append this event (its seq and time are filled in by the writer) and answer with
-    /// `reply(seq)`.
-    Append {
-        event: Event,
-        blob: Option<Module>,
-        reply: fn(&Event) -> Reply,
-    },
+    /// Append this event (its seq and time are filled in by the writer), storing `blob` if
+    /// the blob store lacks it, and answer with [`Reply::Appended`].
+    Append { event: Event, blob: Option<Blob> },
     /// Answer without appending anything.
     Answer(Reply),
 }
@@ -178,25 +210,25 @@ pub(super) struct Context<'a> {
     pub node_services: Option<u64>,
 }
 
-pub(super) fn decide(state: &State, command: &Command, cx: Context<'_>) -> Result<Decision> {
+/// Takes the command by value: its strings move into the event, so the writer copies none.
+pub(super) fn decide(state: &State, command: Command, cx: Context<'_>) -> Result<Decision> {
     match command {
         Command::Deploy(cmd) => decide_deploy(state, cmd, cx),
         Command::Kill(cmd) => decide_kill(state, cmd, cx),
         Command::Shutdown { actor, grace_ms } => Ok(Decision::Append {
             event: envelope(
-                "",
-                "",
+                String::new(),
+                String::new(),
                 actor,
-                Kind::ShutdownRequested(proto::ShutdownRequested { grace_ms: *grace_ms }),
+                Kind::ShutdownRequested(proto::ShutdownRequested { grace_ms }),
             ),
             blob: None,
-            reply: |e| Reply::Appended { seq: e.seq },
         }),
         Command::Observe(observation) => decide_observation(state, observation),
     }
 }
 
-fn decide_deploy(state: &State, cmd: &DeployCommand, cx: Context<'_>) -> Result<Decision> {
+fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<Decision> {
     if cx.shutting_down {
         return Err(Error::ShuttingDown);
     }
@@ -240,37 +272,26 @@ fn decide_deploy(state: &State, cmd: &DeployCommand, cx: Context<'_>) -> Result<
             replayed: false,
         })));
     }
-    check_deploy_quotas(state, cmd, existing, cx)?;
+    check_deploy_quotas(state, &cmd, existing, cx)?;
+    let version = existing.map_or(1, |s| s.version + 1);
+    let module_size = cmd.module.bytes.len() as u64;
+    let (module_sha256, blob) = cmd.module.into_parts();
     let event = envelope(
-        &cmd.tenant,
-        &cmd.service_id,
-        &cmd.actor,
+        cmd.tenant,
+        cmd.service_id,
+        cmd.actor,
         Kind::ServiceDeployed(proto::ServiceDeployed {
-            module_sha256: sha.to_string(),
-            version: existing.map_or(1, |s| s.version + 1),
+            module_sha256,
+            version,
             limits: Some(cmd.limits),
-            labels: cmd.labels.clone(),
-            idempotency_key: cmd.idempotency_key.clone(),
-            module_size: cmd.module.bytes.len() as u64,
+            labels: cmd.labels,
+            idempotency_key: cmd.idempotency_key,
+            module_size,
         }),
     );
     Ok(Decision::Append {
         event,
-        blob: Some(cmd.module.clone()),
-        reply: |e| {
-            let Some(Kind::ServiceDeployed(d)) = &e.kind else {
-                unreachable!("a deploy appends service_deployed")
-            };
-            Reply::Deployed(DeployOutcome {
-                service_id: e.service_id.clone(),
-                version: d.version,
-                module_sha256: d.module_sha256.clone(),
-                seq: e.seq,
-                created: d.version == 1,
-                unchanged: false,
-                replayed: false,
-            })
-        },
+        blob: Some(blob),
     })
 }
 
@@ -333,7 +354,7 @@ fn check_deploy_quotas(
     Ok(())
 }
 
-fn decide_kill(state: &State, cmd: &KillCommand, cx: Context<'_>) -> Result<Decision> {
+fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decision> {
     if cx.shutting_down {
         return Err(Error::ShuttingDown);
     }
@@ -364,51 +385,37 @@ fn decide_kill(state: &State, cmd: &KillCommand, cx: Context<'_>) -> Result<Deci
         })));
     }
     let event = envelope(
-        &cmd.tenant,
-        &cmd.service_id,
-        &cmd.actor,
+        cmd.tenant,
+        cmd.service_id,
+        cmd.actor,
         Kind::ServiceKillRequested(proto::ServiceKillRequested {
             force: cmd.force,
             grace_ms: cmd.grace_ms,
-            idempotency_key: cmd.idempotency_key.clone(),
+            idempotency_key: cmd.idempotency_key,
         }),
     );
-    Ok(Decision::Append {
-        event,
-        blob: None,
-        reply: |e| {
-            Reply::Killed(KillOutcome {
-                seq: e.seq,
-                already_stopped: false,
-                replayed: false,
-            })
-        },
-    })
+    Ok(Decision::Append { event, blob: None })
 }
 
-fn decide_observation(state: &State, observation: &Observation) -> Result<Decision> {
+fn decide_observation(state: &State, observation: Observation) -> Result<Decision> {
     let mut event = observation_event(observation);
     // Check against the state as if this were the next event: a stale observation (say, from
     // an instance that an upgrade replaced) is refused rather than appended.
     event.seq = state.applied_seq() + 1;
     state.check(&event).map_err(Error::Stale)?;
-    Ok(Decision::Append {
-        event,
-        blob: None,
-        reply: |e| Reply::Appended { seq: e.seq },
-    })
+    Ok(Decision::Append { event, blob: None })
 }
 
-fn observation_event(observation: &Observation) -> Event {
-    match observation.clone() {
+fn observation_event(observation: Observation) -> Event {
+    match observation {
         Observation::Started {
             tenant,
             service_id,
             version,
             recovered,
         } => envelope(
-            &tenant,
-            &service_id,
+            tenant,
+            service_id,
             NODE_ACTOR,
             Kind::ServiceStarted(proto::ServiceStarted { version, recovered }),
         ),
@@ -421,8 +428,8 @@ fn observation_event(observation: &Observation) -> Event {
             message,
             restarting,
         } => envelope(
-            &tenant,
-            &service_id,
+            tenant,
+            service_id,
             NODE_ACTOR,
             Kind::ServiceCrashed(proto::ServiceCrashed {
                 version,
@@ -438,8 +445,8 @@ fn observation_event(observation: &Observation) -> Event {
             version,
             restarts,
         } => envelope(
-            &tenant,
-            &service_id,
+            tenant,
+            service_id,
             NODE_ACTOR,
             Kind::ServiceRestarted(proto::ServiceRestarted { version, restarts }),
         ),
@@ -449,8 +456,8 @@ fn observation_event(observation: &Observation) -> Event {
             version,
             reason,
         } => envelope(
-            &tenant,
-            &service_id,
+            tenant,
+            service_id,
             NODE_ACTOR,
             Kind::ServiceStopped(proto::ServiceStopped {
                 version,
@@ -463,8 +470,8 @@ fn observation_event(observation: &Observation) -> Event {
             recovered,
             replayed_to_seq,
         } => envelope(
-            "",
-            "",
+            String::new(),
+            String::new(),
             NODE_ACTOR,
             Kind::NodeStarted(proto::NodeStarted {
                 version,

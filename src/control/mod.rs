@@ -171,6 +171,7 @@ impl Control {
             snapshots,
             stored_blobs: std::collections::HashSet::new(),
             on_commit: options.on_commit,
+            evicted: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("solo-writer".into())
@@ -274,6 +275,7 @@ impl Control {
         };
         match self.submit(Command::Deploy(command)).await? {
             Reply::Deployed(outcome) => Ok(outcome),
+            Reply::Appended(event) => Ok(DeployOutcome::appended(&event)),
             other => unreachable!("deploy answered with {other:?}"),
         }
     }
@@ -285,6 +287,11 @@ impl Control {
         validate_idempotency_key(&command.idempotency_key)?;
         match self.submit(Command::Kill(command)).await? {
             Reply::Killed(outcome) => Ok(outcome),
+            Reply::Appended(event) => Ok(KillOutcome {
+                seq: event.seq,
+                already_stopped: false,
+                replayed: false,
+            }),
             other => unreachable!("kill answered with {other:?}"),
         }
     }
@@ -298,7 +305,7 @@ impl Control {
             })
             .await?
         {
-            Reply::Appended { seq } => Ok(seq),
+            Reply::Appended(event) => Ok(event.seq),
             other => unreachable!("shutdown answered with {other:?}"),
         }
     }
@@ -306,7 +313,7 @@ impl Control {
     /// Records what the runtime observed, if it still fits the state ([`Error::Stale`] if not).
     pub async fn observe(&self, observation: Observation) -> Result<u64> {
         match self.submit(Command::Observe(observation)).await? {
-            Reply::Appended { seq } => Ok(seq),
+            Reply::Appended(event) => Ok(event.seq),
             other => unreachable!("observation answered with {other:?}"),
         }
     }
@@ -379,7 +386,7 @@ impl Control {
         let mut services: Vec<Service> = self.read_state(|state| match tenant {
             Some(tenant) => state
                 .tenant(tenant)
-                .map(|t| t.services.values().cloned().collect())
+                .map(|t| t.services.values().map(|s| (**s).clone()).collect())
                 .unwrap_or_default(),
             None => state.services().cloned().collect(),
         });

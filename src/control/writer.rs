@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::command::{Command, Context, Decision, Module, Reply, decide};
+use super::command::{Blob, Command, Context, Decision, Reply, decide};
 use super::error::{Error, Result};
 use super::snapshotter::Heads;
 use super::{Clock, CommitHook, EventLog, WriterOptions};
@@ -63,6 +63,8 @@ pub(super) struct Writer {
     /// The head after each commit goes here for snapshots, if they are on.
     pub snapshots: Option<Heads>,
     pub on_commit: Option<CommitHook>,
+    /// Events that left the log's in-memory window, freed once the batch's callers are answered.
+    pub evicted: Vec<Arc<Event>>,
 }
 
 /// A caller waiting for the batch to commit, and what it will be told.
@@ -82,7 +84,7 @@ struct Batch {
     commands: usize,
     events: log::Batch<Event>,
     /// Modules not yet in the blob store, each once.
-    blobs: Vec<Module>,
+    blobs: Vec<Blob>,
     pending: Vec<Pending>,
     close: Option<oneshot::Sender<()>>,
 }
@@ -152,7 +154,7 @@ impl Writer {
             limits,
             node_services: self.limits.node_services,
         };
-        match decide(&self.working, &command, cx) {
+        match decide(&self.working, command, cx) {
             // Every answer waits for the batch: an answer may rest on its events, and a caller
             // answered early could send again into this batch, whose time is already set.
             Err(e) => batch.pending.push(Pending { reply, answer: Err(e) }),
@@ -160,11 +162,7 @@ impl Writer {
                 reply,
                 answer: Ok(answer),
             }),
-            Ok(Decision::Append {
-                mut event,
-                blob,
-                reply: answer_for,
-            }) => {
+            Ok(Decision::Append { mut event, blob }) => {
                 event.seq = self.working.applied_seq() + 1;
                 event.timestamp_ms = batch.now_ms;
                 if let Err(e) = self.working.apply(&event) {
@@ -177,10 +175,6 @@ impl Writer {
                     return;
                 }
                 batch.shutting_down |= matches!(event.kind, Some(Kind::ShutdownRequested(_)));
-                batch.pending.push(Pending {
-                    reply,
-                    answer: Ok(answer_for(&event)),
-                });
                 // A module already in the blob store (or in this batch) is not written again.
                 if let Some(module) = blob
                     && !self.stored_blobs.contains(&module.sha256)
@@ -188,7 +182,12 @@ impl Writer {
                 {
                     batch.blobs.push(module);
                 }
-                batch.events.push(Arc::new(event));
+                let event = Arc::new(event);
+                batch.pending.push(Pending {
+                    reply,
+                    answer: Ok(Reply::Appended(Arc::clone(&event))),
+                });
+                batch.events.push(event);
             }
         }
     }
@@ -247,7 +246,7 @@ impl Writer {
         }
         // Tailers hear of the batch only now, so whoever sees an event finds it in the state.
         let events = events.records();
-        self.log.publish(events);
+        self.log.publish(events, &mut self.evicted);
         if let Some(hook) = &self.on_commit {
             hook(events, elapsed);
         }
@@ -262,6 +261,8 @@ impl Writer {
                 self.working.skip(event);
             }
         }
+        // Freeing what left the window is the last thing, off the callers' wait.
+        self.evicted.clear();
     }
 }
 

@@ -141,14 +141,16 @@ impl<R: Record> Log<R> {
     }
 
     /// Makes appended records visible to tailers and moves the head past them. Records must be
-    /// published in the order they were appended.
-    pub fn publish(&self, records: &[Arc<R>]) {
+    /// published in the order they were appended. Records that leave the in-memory window move
+    /// into `evicted`, so that the caller chooses when to pay for freeing them (the writer does
+    /// so once its callers are answered), and tailers never wait on it.
+    pub fn publish(&self, records: &[Arc<R>], evicted: &mut Vec<Arc<R>>) {
         let Some(last) = records.last() else { return };
         debug_assert!(
             last.seq() <= self.inner.durable.load(Ordering::Acquire),
             "published before it was durable"
         );
-        self.inner.window.push(records);
+        self.inner.window.push(records, evicted);
         self.inner.head.send_replace(last.seq());
     }
 

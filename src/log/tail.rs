@@ -32,15 +32,15 @@ impl<R: Record> Window<R> {
         }
     }
 
-    /// Adds freshly committed records, forgetting the oldest beyond the capacity.
-    pub(super) fn push(&self, records: &[Arc<R>]) {
+    /// Adds freshly committed records; the oldest beyond the capacity move to `evicted`.
+    pub(super) fn push(&self, records: &[Arc<R>], evicted: &mut Vec<Arc<R>>) {
         if self.capacity == 0 {
             return;
         }
         let mut window = self.records.write().unwrap_or_else(|poison| poison.into_inner());
         let keep = records.len().min(self.capacity);
         let overflow = (window.len() + keep).saturating_sub(self.capacity);
-        window.drain(..overflow);
+        evicted.extend(window.drain(..overflow));
         window.extend(records[records.len() - keep..].iter().cloned());
     }
 

@@ -65,7 +65,7 @@ pub struct State {
     settings: Settings,
     applied_seq: u64,
     last_timestamp_ms: u64,
-    tenants: Map<String, Tenant>,
+    tenants: Map<String, Box<Tenant>>,
     /// Services of all tenants that hold quota (the node's share of them).
     active_services: u64,
     /// (time, tenant, key) of remembered idempotency keys, oldest first, for expiry.
@@ -104,20 +104,20 @@ impl State {
     }
 
     pub fn tenant(&self, tenant: &str) -> Option<&Tenant> {
-        self.tenants.get(tenant)
+        self.tenants.get(tenant).map(|t| &**t)
     }
 
     pub fn tenants(&self) -> impl Iterator<Item = (&str, &Tenant)> {
-        self.tenants.iter().map(|(name, tenant)| (name.as_str(), tenant))
+        self.tenants.iter().map(|(name, tenant)| (name.as_str(), &**tenant))
     }
 
     pub fn service(&self, tenant: &str, service_id: &str) -> Option<&Service> {
-        self.tenants.get(tenant)?.services.get(service_id)
+        self.tenants.get(tenant)?.services.get(service_id).map(|s| &**s)
     }
 
     /// Every service of every tenant (in no particular order of tenants).
     pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.tenants.values().flat_map(|t| t.services.values())
+        self.tenants.values().flat_map(|t| t.services.values().map(|s| &**s))
     }
 
     /// The remembered answer for `key`, if it is still within the window at `now_ms`.
@@ -215,7 +215,7 @@ impl State {
             EntryRef::Occupied(tenant) => tenant.into_mut(),
             EntryRef::Vacant(tenant) => {
                 check_next_version(event, 0, e.version)?;
-                tenant.insert(Tenant::default())
+                tenant.insert(Box::default())
             }
         };
         let service = match tenant.services.entry_ref(event.service_id.as_str()) {
@@ -225,7 +225,7 @@ impl State {
             }
             EntryRef::Vacant(service) => {
                 check_next_version(event, 0, e.version)?;
-                service.insert(Service::new(event, limits))
+                service.insert(Box::new(Service::new(event, limits)))
             }
         };
         if service.is_active() {

@@ -118,7 +118,7 @@ impl State {
                     state.active_services += 1;
                     tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(service.limits.memory_bytes);
                 }
-                tenant.services.insert(service.id.clone(), service);
+                tenant.services.insert(service.id.clone(), Box::new(service));
             }
         }
         for deploys in snapshot.recent_deploys {
