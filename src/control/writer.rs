@@ -9,6 +9,11 @@
 //! ones too. If the commit fails, every caller of the batch that was not refused gets the
 //! error, and the working state is reset to the published (committed) one.
 //!
+//! The writer is the one serial step, so it leaves what it can to the callers: a command's
+//! strings move into its event rather than being copied, an appended command is answered with
+//! the shared event (the caller reads its answer from it), and events that left the tail window
+//! are freed only after the callers are answered.
+//!
 //! A commit costs about the same for one event as for hundreds (the fsync dominates), so under
 //! load the writer lets a batch fill: when the previous batch was large and the queue is still
 //! short, it waits a moment for the callers it just answered to come back.

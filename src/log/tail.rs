@@ -113,3 +113,62 @@ async fn read_from_disk<R: Record>(log: &Weak<Inner<R>>, from: u64, to: u64) -> 
     }
     Ok(batch)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record that is only its seq.
+    #[derive(Debug, PartialEq)]
+    struct Seq(u64);
+
+    impl Record for Seq {
+        fn seq(&self) -> u64 {
+            self.0
+        }
+
+        fn encode_payload(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(&self.0.to_be_bytes());
+        }
+
+        fn decode_payload(payload: &[u8]) -> std::result::Result<Self, String> {
+            let bytes = payload.try_into().map_err(|_| "not 8 bytes".to_string())?;
+            Ok(Seq(u64::from_be_bytes(bytes)))
+        }
+    }
+
+    fn records(seqs: std::ops::RangeInclusive<u64>) -> Vec<Arc<Seq>> {
+        seqs.map(|seq| Arc::new(Seq(seq))).collect()
+    }
+
+    fn seqs(records: &[Arc<Seq>]) -> Vec<u64> {
+        records.iter().map(|r| r.0).collect()
+    }
+
+    #[test]
+    fn records_leaving_the_window_go_to_the_caller_oldest_first() {
+        let window = Window::new(4);
+        let mut evicted = Vec::new();
+        window.push(&records(1..=3), &mut evicted);
+        assert!(evicted.is_empty());
+        window.push(&records(4..=6), &mut evicted);
+        assert_eq!(seqs(&evicted), [1, 2]);
+        assert_eq!(window.read_from(3, 10).map(|r| seqs(&r)), Some(vec![3, 4, 5, 6]));
+        assert_eq!(window.read_from(2, 10), None, "an evicted seq is read from disk");
+
+        // A batch larger than the window keeps only its newest records; the rest never enter.
+        evicted.clear();
+        window.push(&records(7..=12), &mut evicted);
+        assert_eq!(seqs(&evicted), [3, 4, 5, 6]);
+        assert_eq!(window.read_from(9, 10).map(|r| seqs(&r)), Some(vec![9, 10, 11, 12]));
+    }
+
+    #[test]
+    fn a_window_of_zero_keeps_nothing_and_evicts_nothing() {
+        let window = Window::new(0);
+        let mut evicted = Vec::new();
+        window.push(&records(1..=3), &mut evicted);
+        assert!(evicted.is_empty());
+        assert_eq!(window.read_from(1, 10), None);
+    }
+}
