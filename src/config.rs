@@ -43,6 +43,10 @@ pub struct SoloConfig {
     pub max_request_bytes: u64,
     /// Time limit of a non-streaming HTTP request.
     pub http_request_timeout_ms: u32,
+    /// How much of a request body left unread (one over the limit, or refused before it was
+    /// read) the server still reads and discards, so the client gets the answer rather than a
+    /// connection reset.
+    pub http_discard_bytes: u64,
     /// Keep-alive comment interval of SSE streams.
     pub sse_keepalive_ms: u32,
     /// Progress interval of a Watch that names none.
@@ -60,6 +64,7 @@ impl Default for SoloConfig {
             max_in_flight: 1000,
             max_request_bytes: 24 << 20,
             http_request_timeout_ms: 70_000,
+            http_discard_bytes: 64 << 20,
             sse_keepalive_ms: 15_000,
             watch_progress_interval_ms: 10_000,
         }

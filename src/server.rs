@@ -278,6 +278,7 @@ fn api_options(config: &Config) -> ApiOptions {
         sse_keepalive: Duration::from_millis(solo.sse_keepalive_ms.into()),
         max_body_bytes: usize::try_from(solo.max_request_bytes).unwrap_or(usize::MAX),
         request_timeout: Duration::from_millis(solo.http_request_timeout_ms.into()),
+        discard_bytes: usize::try_from(solo.http_discard_bytes).unwrap_or(usize::MAX),
     }
 }
 

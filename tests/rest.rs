@@ -1130,6 +1130,7 @@ async fn stopping_router() -> (String, solo::server::Node, TempDir) {
             sse_keepalive: Duration::from_secs(1),
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(10),
+            discard_bytes: 1 << 20,
         },
         stopping: tokio_util::sync::CancellationToken::new(),
         shutdown_requested: tokio_util::sync::CancellationToken::new(),
@@ -1307,6 +1308,17 @@ async fn bodies_over_the_limit_are_413() {
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..4).map(|_| Ok(vec![b'x'; 1500])).collect();
     let chunked = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
     node.call("a", "big", chunked).await.error(413, "payload_too_large");
+    // A body far over the limit is refused before it is read; the server reads and discards
+    // the rest before it answers, so the client gets the 413 every time, never a reset.
+    let huge = vec![b'x'; 4 << 20];
+    for _ in 0..10 {
+        node.call("a", "big", huge.clone())
+            .await
+            .error(413, "payload_too_large");
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = huge.chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();
+        let chunked = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+        node.call("a", "big", chunked).await.error(413, "payload_too_large");
+    }
     // Under the limit, the same routes go on to their usual answers.
     node.call("a", "big", "small").await.error(404, "not_found");
     node.deploy_running("a", "tiny", "unreachable").await;

@@ -40,6 +40,8 @@ pub struct ApiOptions {
     pub max_body_bytes: usize,
     /// Time limit of non-streaming REST requests (calls have their own).
     pub request_timeout: Duration,
+    /// Most of an unread request body discarded before the answer goes out.
+    pub discard_bytes: usize,
 }
 
 /// What every handler of both APIs shares.

@@ -5,6 +5,7 @@
 //! from [`ErrorKind::http_status`]; axum's own rejections (unknown route, wrong method, body too
 //! large, timeout) are rewritten into that shape by [`normalize_errors`].
 
+mod drain;
 mod events;
 mod services;
 
@@ -64,6 +65,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(streaming)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), normalize_errors))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            drain::drain_unread_bodies,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(state.options.max_body_bytes))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
