@@ -144,3 +144,91 @@ fn decode_chunk(store: &Store, from: u64, to: u64) -> log::Result<Vec<Event>> {
     }
     Ok(events)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::event::envelope;
+    use crate::proto::{Limits, ServiceDeployed, ServiceKillRequested, ServiceStarted, event::Kind};
+
+    /// Events of `services` services, each deployed, started and killed in turn, on 7 tenants.
+    /// Every other deploy has labels and every third an idempotency key.
+    fn history(services: u64, rounds: u64) -> Vec<Event> {
+        let mut events = Vec::new();
+        for round in 1..=rounds {
+            for service in 0..services {
+                let id = format!("s{service}");
+                let tenant = format!("t{}", service % 7);
+                let labels = if round % 2 == 1 {
+                    HashMap::from([("round".to_string(), round.to_string())])
+                } else {
+                    HashMap::new()
+                };
+                let idempotency_key = if round % 3 == 0 {
+                    format!("deploy-{service}-{round}")
+                } else {
+                    String::new()
+                };
+                let deployed = ServiceDeployed {
+                    module_sha256: format!("{round:064x}"),
+                    version: round,
+                    limits: Some(Limits {
+                        memory_bytes: 1 << 20,
+                        ..Limits::default()
+                    }),
+                    labels,
+                    idempotency_key,
+                    module_size: 8,
+                };
+                let started = ServiceStarted {
+                    version: round,
+                    recovered: false,
+                };
+                events.push(envelope(&tenant, &id, "tenant:a", Kind::ServiceDeployed(deployed)));
+                events.push(envelope(&tenant, &id, "node", Kind::ServiceStarted(started)));
+                let kill = ServiceKillRequested::default();
+                events.push(envelope(&tenant, &id, "tenant:a", Kind::ServiceKillRequested(kill)));
+            }
+        }
+        for (seq, event) in (1..).zip(&mut events) {
+            event.seq = seq;
+            event.timestamp_ms = 1_000_000 + seq;
+        }
+        events
+    }
+
+    /// Replay reads in chunks on a second thread; across chunk boundaries it must still apply
+    /// every event once, in order.
+    #[test]
+    fn replay_over_many_chunks_equals_applying_the_events() {
+        let events = history(1_000, 9);
+        assert!(
+            events.len() as u64 > 3 * REPLAY_CHUNK,
+            "the replay spans several chunks"
+        );
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let log =
+            EventLog::open(dir.path(), &crate::config::Config::default().log_options(false)).expect("the log opens");
+        let mut expected = State::new(Settings::default());
+        let mut head = 0;
+        for chunk in events.chunks(4096) {
+            let mut batch = log::Batch::with_capacity(chunk.len());
+            for event in chunk {
+                expected.apply(event).expect("the history applies");
+                batch.push(Arc::new(event.clone()));
+            }
+            head = log.append(&batch, &[]).expect("the batch commits");
+        }
+
+        let mut replayed = State::new(Settings::default());
+        let skipped = replay(log.store(), &mut replayed, 1, head).expect("replay reads the log");
+        assert_eq!(skipped, 0);
+        assert_eq!(replayed.applied_seq(), events.len() as u64);
+        assert!(replayed == expected, "the replayed state differs from the applied one");
+        let last = replayed.service("t1", "s1").expect("a service");
+        assert!(last.labels.contains_key("round"), "round 9 deploys carry labels");
+    }
+}
