@@ -1,11 +1,12 @@
-//! Request bodies a handler left unread are read and discarded before the answer goes out.
+//! Request bodies a handler left unread are read and discarded, so the client gets the answer.
 //!
 //! A server that answers before reading the whole request body (413 for one over the limit, or
 //! a refusal that never looks at it) and then closes the connection makes the kernel reset it,
 //! since unread data remains; the client may then see the reset instead of the answer. So every
-//! handler gets its body through [`Tracked`], which hands back what it left unread, and this
-//! layer discards that rest (bounded in bytes and time, like nginx's lingering close) before
-//! the answer is sent. A rest it cannot finish closes the connection after the answer.
+//! handler gets its body through [`Tracked`], which hands back what it left unread, and while
+//! the answer goes out this layer reads and discards that rest, bounded in bytes and time (what
+//! nginx's lingering close does). A rest whose length is known to be over the bound is not
+//! read: the connection closes after the answer.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -21,8 +22,8 @@ use http_body_util::BodyExt as _;
 
 use crate::api::ApiState;
 
-/// Discards what the handler left of the request body: at most `http_discard_bytes`, within the
-/// request timeout.
+/// Discards what the handler left of the request body, alongside the answer: at most
+/// `http_discard_bytes`, within the request timeout.
 pub(super) async fn drain_unread_bodies(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let version = request.version();
     let (parts, body) = request.into_parts();
@@ -35,28 +36,31 @@ pub(super) async fn drain_unread_bodies(State(state): State<Arc<ApiState>>, requ
     let rest = unread.lock().unwrap_or_else(|poison| poison.into_inner()).take();
     if let Some(rest) = rest {
         let limit = state.options.discard_bytes;
-        let drained = tokio::time::timeout(state.options.request_timeout, discard(rest, limit)).await;
-        // HTTP/2 ends one stream, not the connection, and forbids the header.
-        if drained != Ok(true) && version <= Version::HTTP_11 {
+        let too_much = rest.size_hint().lower() > limit as u64;
+        if too_much && version <= Version::HTTP_11 {
+            // HTTP/2 ends one stream, not the connection, and forbids the header.
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        } else if !too_much {
+            // The answer goes out at once; the connection reads the rest meanwhile.
+            let timeout = state.options.request_timeout;
+            tokio::spawn(tokio::time::timeout(timeout, discard(rest, limit)));
         }
     }
     response
 }
 
-/// Reads `body` to its end; false if it ends in an error or holds more than `max_bytes`.
-async fn discard(mut body: Body, max_bytes: usize) -> bool {
+/// Reads `body` to its end, unless it fails or holds more than `max_bytes`. Dropping a body
+/// before its end closes the connection once the answer is out.
+async fn discard(mut body: Body, max_bytes: usize) {
     let mut read = 0usize;
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { return false };
+    while let Some(Ok(frame)) = body.frame().await {
         read = read.saturating_add(frame.data_ref().map_or(0, Bytes::len));
         if read > max_bytes {
-            return false;
+            return;
         }
     }
-    true
 }
 
 /// A request body that, dropped before its end, leaves the rest for [`drain_unread_bodies`].
