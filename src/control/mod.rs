@@ -82,7 +82,8 @@ pub struct ControlOptions {
     pub writer: WriterOptions,
     pub limits: LimitsTable,
     pub clock: Clock,
-    /// Told of every committed batch and how long its commit took (metrics).
+    /// Told of every committed batch and how long its commit took (metrics), before readers
+    /// and tailers can see the batch.
     pub on_commit: Option<CommitHook>,
 }
 

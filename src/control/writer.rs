@@ -235,6 +235,11 @@ impl Writer {
             return;
         }
         let elapsed = started.elapsed();
+        let events = events.records();
+        // Before anyone can see the batch: whoever sees an event finds it counted.
+        if let Some(hook) = &self.on_commit {
+            hook(events, elapsed);
+        }
         if self.stored_blobs.len() + blobs.len() > STORED_BLOBS_REMEMBERED {
             self.stored_blobs.clear();
         }
@@ -250,11 +255,7 @@ impl Writer {
             self.shutting_down.store(true, Ordering::Release);
         }
         // Tailers hear of the batch only now, so whoever sees an event finds it in the state.
-        let events = events.records();
         self.log.publish(events, &mut self.evicted);
-        if let Some(hook) = &self.on_commit {
-            hook(events, elapsed);
-        }
         answer(pending);
         if let (Some(snapshots), Some(last)) = (&self.snapshots, events.last()) {
             // The snapshotter is gone only when the node is closing.
