@@ -85,11 +85,10 @@ struct Batch {
     /// Raised by a shutdown request earlier in the batch: later commands are refused too. The
     /// shared flag is raised only once the request is durable.
     shutting_down: bool,
-    /// Commands taken, whether or not they append anything.
-    commands: usize,
     events: log::Batch<Event>,
     /// Modules not yet in the blob store, each once.
     blobs: Vec<Blob>,
+    /// Every command taken, with what it will be told, whether or not it appends anything.
     pending: Vec<Pending>,
     close: Option<oneshot::Sender<()>>,
 }
@@ -101,7 +100,6 @@ impl Writer {
             let mut batch = Batch {
                 now_ms: (self.clock)().max(self.working.last_timestamp_ms()),
                 shutting_down: self.shutting_down.load(Ordering::Acquire),
-                commands: 0,
                 events: log::Batch::with_capacity(last_batch.max(1)),
                 blobs: Vec::new(),
                 pending: Vec::with_capacity(last_batch.max(1)),
@@ -109,7 +107,7 @@ impl Writer {
             };
             self.take(first, &mut batch);
             self.gather(&mut requests, &mut batch, last_batch);
-            last_batch = batch.commands;
+            last_batch = batch.pending.len();
             let close = batch.close.take();
             self.commit(batch);
             if let Some(done) = close {
@@ -126,11 +124,11 @@ impl Writer {
         let max = self.options.max_batch;
         let target = last_batch.min(max) * 9 / 10;
         let linger_until = Instant::now() + LINGER;
-        while batch.commands < max && batch.close.is_none() {
+        while batch.pending.len() < max && batch.close.is_none() {
             match requests.try_recv() {
                 Ok(request) => self.take(request, batch),
                 Err(mpsc::error::TryRecvError::Empty)
-                    if last_batch >= BUSY_BATCH && batch.commands < target && Instant::now() < linger_until =>
+                    if last_batch >= BUSY_BATCH && batch.pending.len() < target && Instant::now() < linger_until =>
                 {
                     std::thread::sleep(LINGER_STEP);
                 }
@@ -148,7 +146,6 @@ impl Writer {
                 return;
             }
         };
-        batch.commands += 1;
         let limits = match &command {
             Command::Deploy(cmd) => self.limits.for_tenant(&cmd.tenant),
             _ => &self.limits.node,

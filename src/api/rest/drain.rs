@@ -36,16 +36,15 @@ pub(super) async fn drain_unread_bodies(State(state): State<Arc<ApiState>>, requ
     let rest = unread.lock().unwrap_or_else(|poison| poison.into_inner()).take();
     if let Some(rest) = rest {
         let limit = state.options.discard_bytes;
-        let too_much = rest.size_hint().lower() > limit as u64;
-        if too_much && version <= Version::HTTP_11 {
+        if rest.size_hint().lower() <= limit as u64 {
+            // The answer goes out at once; the connection reads the rest meanwhile.
+            let timeout = state.options.request_timeout;
+            tokio::spawn(tokio::time::timeout(timeout, discard(rest, limit)));
+        } else if version <= Version::HTTP_11 {
             // HTTP/2 ends one stream, not the connection, and forbids the header.
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        } else if !too_much {
-            // The answer goes out at once; the connection reads the rest meanwhile.
-            let timeout = state.options.request_timeout;
-            tokio::spawn(tokio::time::timeout(timeout, discard(rest, limit)));
         }
     }
     response
