@@ -1020,10 +1020,18 @@ struct ServeProcess {
 }
 
 impl ServeProcess {
-    fn start(data: &Path, grpc: u16, http: u16, log: &Path) -> ServeProcess {
+    /// `prelude`, if any, runs in `sh` first and confines the node (as `ulimit` does).
+    fn start(data: &Path, grpc: u16, http: u16, log: &Path, prelude: Option<&str>) -> ServeProcess {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let mut cmd = std::process::Command::new(bin());
+            let mut cmd = match prelude {
+                None => std::process::Command::new(bin()),
+                Some(prelude) => {
+                    let mut sh = std::process::Command::new("sh");
+                    sh.args(["-c", &format!("{prelude}; exec \"$0\" \"$@\""), bin()]);
+                    sh
+                }
+            };
             for var in SOLO_VARS {
                 cmd.env_remove(var);
             }
@@ -1120,7 +1128,24 @@ impl ServeDir {
     }
 
     fn start(&self) -> ServeProcess {
-        ServeProcess::start(&self.data, self.grpc, self.http, &self.log)
+        ServeProcess::start(&self.data, self.grpc, self.http, &self.log, None)
+    }
+
+    /// Starts the node after `prelude` has run in the shell that execs it.
+    fn start_confined(&self, prelude: &str) -> ServeProcess {
+        ServeProcess::start(&self.data, self.grpc, self.http, &self.log, Some(prelude))
+    }
+
+    /// The ids `solo list` shows tenant acme.
+    fn service_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.cli(&["list", "--json"]).ok().json()["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["service_id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// `solo` against the node, as tenant acme.
@@ -1261,4 +1286,113 @@ fn events_and_logs_follow_across_restarts_without_a_gap_or_a_repeat() {
     );
     assert!(notes.contains("reconnected"), "{notes}");
     drop(node);
+}
+
+/// Deploys modules of 200 KB each, each kept once in the blob store, until the node runs out
+/// of room; then checks that the failure says `why` and wrote nothing, and that the node goes
+/// on serving. With `make_room`, room is made while the node runs and the refused deploy then
+/// succeeds at once; without, only a restart lifts the limit. Either way a restart after
+/// `kill -9` finds every acknowledged deploy, and nothing else, in a log that verifies.
+fn running_out_of_room(serve: &ServeDir, node: ServeProcess, why: &str, make_room: Option<&dyn Fn()>) {
+    let modules = tempfile::tempdir().unwrap();
+    let echo = std::fs::read_to_string(example_path("echo")).unwrap();
+    let body = echo.trim_end().strip_suffix(')').expect("a module ends with ')'");
+    let mut acknowledged = Vec::new();
+    let mut refused = None;
+    for i in 0..64 {
+        let path = modules.path().join(format!("big-{i}.wat"));
+        let padding = format!("{i:02}").repeat(100_000);
+        std::fs::write(&path, format!("{body}\n  (@custom \"padding\" \"{padding}\"))\n")).unwrap();
+        let id = format!("big-{i:02}");
+        let ran = serve.cli(&["deploy", &id, path.to_str().unwrap()]);
+        if ran.code == 0 {
+            acknowledged.push(id);
+            continue;
+        }
+        let ran = ran.fails(1);
+        assert!(ran.stderr.contains(why), "the error says {why:?}: {}", ran.stderr);
+        assert!(
+            ran.stderr.contains("nothing of the failed batch was written"),
+            "{}",
+            ran.stderr
+        );
+        refused = Some((id, path));
+        break;
+    }
+    let (refused, module) = refused.expect("the node ran out of room");
+    assert!(!acknowledged.is_empty(), "some deploys fit");
+    let deploy_refused = || serve.cli(&["deploy", &refused, module.to_str().unwrap()]);
+
+    // Out of room, the node still answers, and holds exactly what it acknowledged.
+    assert_eq!(serve.service_ids(), acknowledged);
+    deploy_refused().fails(1);
+    if let Some(make_room) = make_room {
+        make_room();
+        deploy_refused().ok();
+        acknowledged.push(refused.clone());
+    }
+
+    node.kill();
+    let _node = serve.start();
+    run(solo().args(["log", "verify", "--data-dir", serve.data.to_str().unwrap()])).ok();
+    assert_eq!(serve.service_ids(), acknowledged);
+    if make_room.is_none() {
+        deploy_refused().ok();
+    }
+}
+
+#[test]
+fn a_file_size_limit_fails_the_batch_says_so_and_loses_nothing() {
+    let serve = ServeDir::new();
+    // A few MiB (sh counts in blocks of 512 or 1024 bytes); SIGXFSZ ignored, so a write past
+    // the limit is cut short or fails, as on a full disk.
+    let node = serve.start_confined("ulimit -f 6144 && trap '' XFSZ");
+    running_out_of_room(&serve, node, "file size limit", None);
+}
+
+/// A small tmpfs mounted for one test, unmounted when it ends.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` where this process may not mount file systems (it is not root).
+    fn mount(mib: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk { dir })
+    }
+
+    fn resize(&self, mib: u32) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "the tmpfs grows");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_batch_says_so_and_loses_nothing() {
+    let Some(disk) = SmallDisk::mount(4) else {
+        // CI runs as root; a developer's machine may not.
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let mut serve = ServeDir::new();
+    serve.data = disk.dir.path().join("data");
+    let node = serve.start();
+    running_out_of_room(&serve, node, "is full", Some(&|| disk.resize(64)));
 }

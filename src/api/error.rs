@@ -212,7 +212,7 @@ impl From<control::Error> for Error {
 fn storage_kind(error: &crate::log::Error) -> ErrorKind {
     use crate::log::Error as E;
     match error {
-        E::MapFull { .. } | E::DiskFull { .. } => ErrorKind::InsufficientStorage,
+        E::MapFull { .. } | E::DiskFull { .. } | E::FileSizeLimit { .. } => ErrorKind::InsufficientStorage,
         E::ReadersFull => ErrorKind::Unavailable,
         E::Closed => ErrorKind::Unavailable,
         E::Io { .. }

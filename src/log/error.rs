@@ -4,8 +4,16 @@ use std::path::PathBuf;
 
 use super::frame::FrameError;
 
-/// ENOSPC: LMDB reports a full disk as this errno.
+/// A full disk, when a write finds no room at all.
 const ENOSPC: i32 = 28;
+/// What LMDB reports when a write is cut short (it cannot tell why); also a device's own error.
+const EIO: i32 = 5;
+/// A write past the process's file size limit (with SIGXFSZ ignored).
+const EFBIG: i32 = 27;
+
+/// Room left below which a write cut short is put down to a full disk or a reached file size
+/// limit: the write that was cut short has just used up the rest.
+const NEARLY_OUT_OF_ROOM: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,6 +24,11 @@ pub enum Error {
     MapFull { map_size_mb: u64 },
     #[error("the disk holding {path} is full; free some space and retry (nothing of the failed batch was written)")]
     DiskFull { path: PathBuf },
+    #[error(
+        "the log file in {path} reached this process's file size limit of {limit_bytes} bytes \
+         (`ulimit -f`); raise the limit and restart (nothing of the failed batch was written)"
+    )]
+    FileSizeLimit { path: PathBuf, limit_bytes: u64 },
     #[error("I/O error on the data directory {path}: {source}")]
     Io {
         path: PathBuf,
@@ -64,16 +77,54 @@ impl Error {
     pub(crate) fn from_heed(source: heed::Error, path: &std::path::Path, map_size: u64) -> Error {
         use heed::MdbError;
         let path = path.to_path_buf();
+        if let Some(error) = os_error(&source).and_then(|code| out_of_room(code, &path)) {
+            return error;
+        }
         match source {
             heed::Error::Mdb(MdbError::MapFull) => Error::MapFull {
                 map_size_mb: map_size >> 20,
             },
             heed::Error::Mdb(MdbError::ReadersFull) => Error::ReadersFull,
-            heed::Error::Mdb(MdbError::Other(ENOSPC)) => Error::DiskFull { path },
-            heed::Error::Io(source) if source.raw_os_error() == Some(ENOSPC) => Error::DiskFull { path },
             heed::Error::Io(source) => Error::Io { path, source },
             heed::Error::EnvAlreadyOpened => Error::AlreadyOpen { path },
             source => Error::Lmdb { path, source },
         }
+    }
+}
+
+/// The errno a heed error carries, if any.
+fn os_error(error: &heed::Error) -> Option<i32> {
+    match error {
+        heed::Error::Mdb(heed::MdbError::Other(code)) => Some(*code),
+        heed::Error::Io(error) => error.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// Whether a failed write in `dir` ran out of room, on the disk or under the file size limit.
+/// LMDB reports a write the kernel cut short as EIO, as it does a device error: what room is
+/// left tells them apart.
+fn out_of_room(code: i32, dir: &std::path::Path) -> Option<Error> {
+    let file_size_limit = || {
+        let limit_bytes = rustix::process::getrlimit(rustix::process::Resource::Fsize).current?;
+        let size = std::fs::metadata(dir.join(super::store::DATA_FILE)).ok()?.len();
+        (size.saturating_add(NEARLY_OUT_OF_ROOM) >= limit_bytes).then(|| Error::FileSizeLimit {
+            path: dir.to_path_buf(),
+            limit_bytes,
+        })
+    };
+    let disk_full = || {
+        let fs = rustix::fs::statvfs(dir).ok()?;
+        (fs.f_bavail.saturating_mul(fs.f_frsize) < NEARLY_OUT_OF_ROOM).then(|| Error::DiskFull {
+            path: dir.to_path_buf(),
+        })
+    };
+    match code {
+        ENOSPC => Some(Error::DiskFull {
+            path: dir.to_path_buf(),
+        }),
+        EFBIG => file_size_limit(),
+        EIO => disk_full().or_else(file_size_limit),
+        _ => None,
     }
 }

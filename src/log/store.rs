@@ -23,6 +23,9 @@ pub const BLOBS_DB: &str = "blobs";
 pub const SNAPSHOTS_DB: &str = "snapshots";
 pub const META_DB: &str = "meta";
 
+/// LMDB's data file in the data directory.
+pub const DATA_FILE: &str = "data.mdb";
+
 pub const META_FORMAT_VERSION: &str = "format_version";
 pub const META_NODE_ID: &str = "node_id";
 pub const META_CREATED_AT_MS: &str = "created_at_ms";
@@ -79,7 +82,7 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path, options: &StoreOptions) -> Result<Store> {
-        if options.read_only && !path.join("data.mdb").exists() {
+        if options.read_only && !path.join(DATA_FILE).exists() {
             return Err(Error::BadDataDir {
                 path: path.to_path_buf(),
                 reason: "it holds no Solo log (no data.mdb)".into(),
@@ -346,7 +349,7 @@ impl Store {
         let mut stats = StoreStats {
             events: self.events.len(&rtxn).map_err(|e| self.err(e))?,
             map_size: self.map_size,
-            file_bytes: std::fs::metadata(self.path.join("data.mdb")).map_or(0, |m| m.len()),
+            file_bytes: std::fs::metadata(self.path.join(DATA_FILE)).map_or(0, |m| m.len()),
             ..StoreStats::default()
         };
         for item in self.blobs.iter(&rtxn).map_err(|e| self.err(e))? {
