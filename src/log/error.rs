@@ -77,17 +77,25 @@ impl Error {
     pub(crate) fn from_heed(source: heed::Error, path: &std::path::Path, map_size: u64) -> Error {
         use heed::MdbError;
         let path = path.to_path_buf();
-        if let Some(error) = os_error(&source).and_then(|code| out_of_room(code, &path)) {
-            return error;
-        }
         match source {
             heed::Error::Mdb(MdbError::MapFull) => Error::MapFull {
                 map_size_mb: map_size >> 20,
             },
             heed::Error::Mdb(MdbError::ReadersFull) => Error::ReadersFull,
+            heed::Error::Mdb(MdbError::Other(ENOSPC)) => Error::DiskFull { path },
+            heed::Error::Io(source) if source.raw_os_error() == Some(ENOSPC) => Error::DiskFull { path },
             heed::Error::Io(source) => Error::Io { path, source },
             heed::Error::EnvAlreadyOpened => Error::AlreadyOpen { path },
             source => Error::Lmdb { path, source },
+        }
+    }
+
+    /// As `from_heed`, for a failed commit: a write cut short, or refused for the file size
+    /// limit, is told apart from a device error by the room left.
+    pub(crate) fn from_commit(source: heed::Error, path: &std::path::Path, map_size: u64) -> Error {
+        match os_error(&source).and_then(|code| out_of_room(code, path)) {
+            Some(error) => error,
+            None => Error::from_heed(source, path, map_size),
         }
     }
 }
@@ -120,9 +128,6 @@ fn out_of_room(code: i32, dir: &std::path::Path) -> Option<Error> {
         })
     };
     match code {
-        ENOSPC => Some(Error::DiskFull {
-            path: dir.to_path_buf(),
-        }),
         EFBIG => file_size_limit(),
         EIO => disk_full().or_else(file_size_limit),
         _ => None,

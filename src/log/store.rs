@@ -131,6 +131,11 @@ impl Store {
         Error::from_heed(e, &self.path, self.map_size)
     }
 
+    /// As `err`, for a failed commit: the one place a write reaches the disk.
+    fn commit_err(&self, e: heed::Error) -> Error {
+        Error::from_commit(e, &self.path, self.map_size)
+    }
+
     /// Verifies the format version, or stamps a new data directory with this build's.
     fn check_or_init_meta(&self, read_only: bool) -> Result<NodeMeta> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
@@ -193,7 +198,7 @@ impl Store {
         put(&mut wtxn, META_FORMAT_VERSION, &FORMAT_VERSION.to_be_bytes()).map_err(|e| self.err(e))?;
         put(&mut wtxn, META_NODE_ID, &node_id).map_err(|e| self.err(e))?;
         put(&mut wtxn, META_CREATED_AT_MS, &created_at_ms.to_be_bytes()).map_err(|e| self.err(e))?;
-        wtxn.commit().map_err(|e| self.err(e))?;
+        wtxn.commit().map_err(|e| self.commit_err(e))?;
         Ok(NodeMeta {
             node_id: hex::encode(node_id),
             created_at_ms,
@@ -234,7 +239,7 @@ impl Store {
                     e => self.err(e),
                 })?;
         }
-        wtxn.commit().map_err(|e| self.err(e))
+        wtxn.commit().map_err(|e| self.commit_err(e))
     }
 
     /// Reads the frames of `range`, checking each frame, in one short read transaction.
@@ -314,7 +319,7 @@ impl Store {
         for seq in older {
             self.snapshots.delete(&mut wtxn, &seq).map_err(|e| self.err(e))?;
         }
-        wtxn.commit().map_err(|e| self.err(e))
+        wtxn.commit().map_err(|e| self.commit_err(e))
     }
 
     /// Seqs of the stored snapshots, newest first.
