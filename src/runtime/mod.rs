@@ -38,6 +38,10 @@ use crate::control::{EventLog, Module, Observation, Observer};
 use crate::proto::{CrashReason, Event, Limits, ServiceRef, StopReason, event::Kind};
 use crate::state::{Service, Status};
 
+/// How long shutdown waits for the guest threads to drop their ended tasks. Every instance has
+/// stopped by then; this only covers a guest that ignores its deadline.
+const GUEST_THREADS_EXIT: Duration = Duration::from_secs(1);
+
 /// Everything the runtime is configured with. Fixed at startup.
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
@@ -360,9 +364,14 @@ impl Runtime {
 
     /// Stops following the log, stops every instance gracefully within `grace` (each recorded
     /// as `service_stopped` with reason `node_shutdown`), then the guest threads.
+    ///
+    /// Returns once the runtime's tasks are gone, and with them their handles on the log, so
+    /// the data directory can be opened again at once (a restart within the process).
     pub async fn shutdown(&self, grace: Duration) {
-        if let Some(task) = self.inner.reconciler.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let reconciler = self.inner.reconciler.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = reconciler {
             task.abort();
+            let _ = task.await;
         }
         let slots = self.inner.all_slots();
         let mut stopped = Vec::new();
@@ -382,7 +391,9 @@ impl Runtime {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(guest_runtime) = guest_runtime {
-            guest_runtime.shutdown_background();
+            // The stopped actors' tasks are still ending on the guest threads; a guest stuck
+            // past its deadline is left behind after the timeout, as the process exits anyway.
+            let _ = tokio::task::spawn_blocking(move || guest_runtime.shutdown_timeout(GUEST_THREADS_EXIT)).await;
         }
     }
 }
