@@ -1309,7 +1309,7 @@ async fn bodies_over_the_limit_are_413() {
     let chunked = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
     node.call("a", "big", chunked).await.error(413, "payload_too_large");
     // A body far over the limit is refused before it is read; the server reads and discards
-    // the rest before it answers, so the client gets the 413 every time, never a reset.
+    // the rest while the answer goes out, so the client gets the 413 every time, never a reset.
     let huge = vec![b'x'; 4 << 20];
     for _ in 0..10 {
         node.call("a", "big", huge.clone())
