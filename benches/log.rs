@@ -4,7 +4,7 @@
 //! `cargo bench --bench log`. These measure; they assert nothing. Figures that criterion cannot
 //! report (tail latency percentiles, the shape of the data set) are printed to stderr.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -185,7 +185,7 @@ async fn deploy_loop(
             service_id: target.service_id.clone(),
             module: Arc::clone(&modules[(i / APPEND_SERVICES % 2) as usize]),
             limits: Limits::default(),
-            labels: HashMap::new(),
+            labels: BTreeMap::new(),
             idempotency_key: String::new(),
         };
         match control.deploy(request).await {
@@ -349,7 +349,7 @@ struct EpisodeContext<'a> {
 /// from, as (kind, by the tenant?).
 fn deploy_events(rng: &mut Rng, slot: &mut Slot, cx: &mut EpisodeContext<'_>, kinds: &mut Vec<(Kind, bool)>) {
     slot.version += 1;
-    let mut labels = HashMap::new();
+    let mut labels = BTreeMap::new();
     labels.insert("app".to_string(), slot.service_id.clone());
     labels.insert(
         "env".to_string(),
@@ -656,7 +656,7 @@ fn tail_event(seq: u64) -> Arc<Event> {
                     .resolve(&Limits::default())
                     .expect("the defaults resolve"),
             ),
-            labels: HashMap::new(),
+            labels: BTreeMap::new(),
             idempotency_key: String::new(),
             module_size: 2048,
         }),

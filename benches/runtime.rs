@@ -4,7 +4,7 @@
 //! - echo call throughput with concurrent callers (target ≥ 200,000 calls/s on 2 cores),
 //! - memory per idle service, and how many idle services fit in 24 GiB (target ≥ 10,000).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +57,7 @@ fn request(tenant: &str, id: &str, module: &[u8]) -> DeployRequest {
         service_id: id.into(),
         module: Arc::from(module),
         limits: Limits::default(),
-        labels: HashMap::new(),
+        labels: BTreeMap::new(),
         idempotency_key: String::new(),
     }
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
@@ -133,7 +133,7 @@ async fn every_rpc_works_and_fails_as_documented() {
     // List: filters and pages.
     for id in ["b", "c", "d"] {
         let mut request = grpc_deploy(id, "counter");
-        request.labels = HashMap::from([("team".to_string(), if id == "d" { "x" } else { "y" }.to_string())]);
+        request.labels = BTreeMap::from([("team".to_string(), if id == "d" { "x" } else { "y" }.to_string())]);
         client.deploy(as_tenant("acme", request)).await.unwrap();
     }
     let mut seen = Vec::new();
@@ -154,7 +154,7 @@ async fn every_rpc_works_and_fails_as_documented() {
     }
     assert_eq!(seen, ["b", "c", "d", "echo"]);
     let labelled = proto::ListRequest {
-        labels: HashMap::from([("team".into(), "y".into())]),
+        labels: BTreeMap::from([("team".into(), "y".into())]),
         ..Default::default()
     };
     let ids: Vec<String> = client
@@ -450,7 +450,7 @@ async fn resuming_a_dropped_watch_under_concurrent_writes_misses_and_repeats_not
         tokio::spawn(async move {
             for i in 0..total {
                 let mut request = grpc_deploy(&format!("s{i}"), "echo");
-                request.labels = HashMap::from([("n".to_string(), i.to_string())]);
+                request.labels = BTreeMap::from([("n".to_string(), i.to_string())]);
                 client.deploy(as_tenant("acme", request)).await.unwrap();
             }
         })

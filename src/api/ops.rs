@@ -1,7 +1,7 @@
 //! The operations both APIs offer, each one call into the control layer plus its metrics, so
 //! gRPC and REST handlers only decode and encode.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ pub struct Deploy {
     pub service_id: String,
     pub module: Arc<[u8]>,
     pub limits: Limits,
-    pub labels: HashMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     pub idempotency_key: String,
 }
 
@@ -58,11 +58,11 @@ pub fn status(state: &ApiState, caller: &Caller, service_id: &str) -> Result<pro
 #[derive(Debug, Default)]
 pub struct ListFilter {
     pub status: Option<Status>,
-    pub labels: HashMap<String, String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 impl ListFilter {
-    pub fn new(status: &str, labels: HashMap<String, String>) -> Result<ListFilter, Error> {
+    pub fn new(status: &str, labels: BTreeMap<String, String>) -> Result<ListFilter, Error> {
         let status = match status.trim() {
             "" => None,
             name => Some(name.parse::<Status>().map_err(Error::invalid)?),

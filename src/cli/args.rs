@@ -1,7 +1,7 @@
 //! Every subcommand and flag of `solo`, with its help text and examples. Parsing only: what a
 //! command does lives in the module that runs it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::builder::PossibleValuesParser;
@@ -367,7 +367,7 @@ pub struct DeployArgs {
 }
 
 impl DeployArgs {
-    pub fn label_map(&self) -> HashMap<String, String> {
+    pub fn label_map(&self) -> BTreeMap<String, String> {
         self.labels.iter().cloned().collect()
     }
 }

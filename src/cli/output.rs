@@ -293,12 +293,11 @@ pub fn describe_log_line(output: &Output, line: &proto::LogLine) -> String {
 }
 
 /// Labels as `k=v,k2=v2`, sorted; `-` for none.
-pub fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
+pub fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
     if labels.is_empty() {
         return "-".to_string();
     }
-    let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    pairs.sort();
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     pairs.join(",")
 }
 

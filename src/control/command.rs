@@ -1,7 +1,7 @@
 //! Commands, their outcomes, and `decide`: the pure rule that turns a command and the state
 //! into the events to append (or a refusal, or an answer that needs no event).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::error::{Error, Result};
@@ -77,7 +77,7 @@ pub struct DeployCommand {
     pub service_id: String,
     pub module: Module,
     pub limits: Limits,
-    pub labels: HashMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     pub idempotency_key: String,
 }
 
@@ -521,7 +521,7 @@ pub fn validate_service_id(id: &str) -> Result<()> {
 }
 
 /// Labels: at most 64; keys `[A-Za-z0-9][A-Za-z0-9_./-]{0,62}`, values up to 256 bytes.
-pub fn validate_labels(labels: &HashMap<String, String>) -> Result<()> {
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     if labels.len() > 64 {
         return Err(Error::InvalidArgument(format!(
             "{} labels given; at most 64 are allowed",

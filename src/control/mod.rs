@@ -12,7 +12,7 @@ mod recovery;
 mod snapshotter;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -110,7 +110,7 @@ pub struct DeployRequest {
     pub service_id: String,
     pub module: Arc<[u8]>,
     pub limits: Limits,
-    pub labels: HashMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     pub idempotency_key: String,
 }
 

@@ -249,18 +249,35 @@ impl Store {
         range: RangeInclusive<u64>,
         mut each: impl FnMut(u64, &[u8]) -> Result<T>,
     ) -> Result<Vec<T>> {
+        let mut out = Vec::with_capacity((range.end() - range.start()).saturating_add(1).min(8192) as usize);
+        self.visit_frames(range, |seq, payload| {
+            out.push(each(seq, payload)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Hands `each` the checked payload of every frame of `range`, in order, in one short read
+    /// transaction, and returns how many there were. Stops early at a missing seq, as
+    /// [`Store::read_frames`] does.
+    pub fn visit_frames(
+        &self,
+        range: RangeInclusive<u64>,
+        mut each: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<u64> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         let iter = self.events.range(&rtxn, &range).map_err(|e| self.err(e))?;
-        let mut out = Vec::with_capacity((range.end() - range.start()).saturating_add(1).min(8192) as usize);
+        let mut visited = 0;
         for (expected, item) in (*range.start()..).zip(iter) {
             let (seq, bytes) = item.map_err(|e| self.err(e))?;
             if seq != expected {
                 return Err(Error::MissingRecord { seq: expected });
             }
             let payload = frame::decode(bytes).map_err(|source| Error::CorruptRecord { seq, source })?;
-            out.push(each(seq, payload)?);
+            each(seq, payload)?;
+            visited += 1;
         }
-        Ok(out)
+        Ok(visited)
     }
 
     /// Visits raw records (unchecked frames) of `range`, in one read transaction; for the

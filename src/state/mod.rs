@@ -12,7 +12,8 @@ use std::collections::VecDeque;
 use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, event::Kind};
 
 pub use service::{
-    DEPLOY_WINDOW_INTERVALS, DeployWindow, Desired, IdempotencyRecord, Map, RECENT_EVENTS, Service, Status, Tenant,
+    CompactString, DEPLOY_WINDOW_INTERVALS, DeployWindow, Desired, IdempotencyRecord, Labels, Map, RECENT_EVENTS,
+    RecentSeqs, Service, Status, Tenant,
 };
 pub use snapshot::SnapshotError;
 
@@ -65,11 +66,11 @@ pub struct State {
     settings: Settings,
     applied_seq: u64,
     last_timestamp_ms: u64,
-    tenants: Map<String, Box<Tenant>>,
+    tenants: Map<CompactString, Box<Tenant>>,
     /// Services of all tenants that hold quota (the node's share of them).
     active_services: u64,
     /// (time, tenant, key) of remembered idempotency keys, oldest first, for expiry.
-    idempotency_expiry: VecDeque<(u64, String, String)>,
+    idempotency_expiry: VecDeque<(u64, CompactString, CompactString)>,
 }
 
 impl State {
@@ -137,9 +138,31 @@ impl State {
     /// Folds one event into the state. On error nothing changed (not even the applied seq):
     /// see [`State::skip`].
     pub fn apply(&mut self, event: &Event) -> Result<(), ApplyError> {
+        self.apply_with(event, None)
+    }
+
+    /// As [`State::apply`], but moves the labels of a `service_deployed` event into the state
+    /// rather than copying them; once applied, `event` holds the labels they replaced. For
+    /// replay, which drops every event it applies, and where copying labels and freeing the old
+    /// ones took a tenth of its time.
+    pub fn apply_taking(&mut self, event: &mut Event) -> Result<(), ApplyError> {
+        let Some(Kind::ServiceDeployed(deployed)) = &mut event.kind else {
+            return self.apply(event);
+        };
+        let mut labels = std::mem::take(&mut deployed.labels);
+        let applied = self.apply_with(event, Some(&mut labels));
+        if let Some(Kind::ServiceDeployed(deployed)) = &mut event.kind {
+            deployed.labels = labels;
+        }
+        applied
+    }
+
+    /// Applies `event`; a deploy takes `labels`, when given, in place of the event's own,
+    /// and leaves the service's old labels in their place.
+    fn apply_with(&mut self, event: &Event, labels: Option<&mut Labels>) -> Result<(), ApplyError> {
         self.check_seq(event)?;
         match &event.kind {
-            Some(Kind::ServiceDeployed(e)) => self.apply_deployed(event, e)?,
+            Some(Kind::ServiceDeployed(e)) => self.apply_deployed(event, e, labels)?,
             Some(Kind::ServiceKillRequested(e)) => self.apply_kill_requested(event, e)?,
             Some(Kind::ServiceStarted(_)) => self.update(event, |s| s.status = Status::Running)?,
             Some(Kind::ServiceCrashed(e)) => self.update(event, |s| {
@@ -208,7 +231,12 @@ impl State {
 
     /// Checks and applies in one lookup of the tenant and one of the service (replay and the
     /// writer apply every deploy), changing nothing when a check fails.
-    fn apply_deployed(&mut self, event: &Event, e: &proto::ServiceDeployed) -> Result<(), ApplyError> {
+    fn apply_deployed(
+        &mut self,
+        event: &Event,
+        e: &proto::ServiceDeployed,
+        labels: Option<&mut Labels>,
+    ) -> Result<(), ApplyError> {
         use hashbrown::hash_map::EntryRef;
         let (limits, module_hash) = check_deployed_fields(event, e)?;
         let tenant = match self.tenants.entry_ref(event.tenant.as_str()) {
@@ -239,7 +267,10 @@ impl State {
         service.module_size = e.module_size;
         service.version = e.version;
         service.limits = limits;
-        service.labels.clone_from(&e.labels);
+        match labels {
+            Some(labels) => std::mem::swap(&mut service.labels, labels),
+            None => service.labels.clone_from(&e.labels),
+        }
         service.desired = Desired::Running;
         service.status = Status::Starting;
         service.restarts = 0;
@@ -253,7 +284,7 @@ impl State {
         if !e.idempotency_key.is_empty() {
             let record = IdempotencyRecord {
                 op: IdempotentOp::Deploy,
-                service_id: event.service_id.clone(),
+                service_id: event.service_id.as_str().into(),
                 seq: event.seq,
                 version: e.version,
                 module_hash,
@@ -266,10 +297,13 @@ impl State {
 
     fn apply_kill_requested(&mut self, event: &Event, e: &proto::ServiceKillRequested) -> Result<(), ApplyError> {
         require_service_ids(event, "service_kill_requested")?;
-        let tenant = self.tenants.get_mut(&event.tenant).ok_or_else(|| unknown(event))?;
+        let tenant = self
+            .tenants
+            .get_mut(event.tenant.as_str())
+            .ok_or_else(|| unknown(event))?;
         let service = tenant
             .services
-            .get_mut(&event.service_id)
+            .get_mut(event.service_id.as_str())
             .ok_or_else(|| unknown(event))?;
         transition_allowed(event, service)?;
         service.desired = Desired::Stopped;
@@ -282,7 +316,7 @@ impl State {
         if !e.idempotency_key.is_empty() {
             let record = IdempotencyRecord {
                 op: IdempotentOp::Kill,
-                service_id: event.service_id.clone(),
+                service_id: event.service_id.as_str().into(),
                 seq: event.seq,
                 version,
                 module_hash: [0; 32],
@@ -302,8 +336,8 @@ impl State {
         require_service_ids(event, kind)?;
         let service = self
             .tenants
-            .get_mut(&event.tenant)
-            .and_then(|t| t.services.get_mut(&event.service_id))
+            .get_mut(event.tenant.as_str())
+            .and_then(|t| t.services.get_mut(event.service_id.as_str()))
             .ok_or_else(|| unknown(event))?;
         transition_allowed(event, service)?;
         change(service);
@@ -318,8 +352,8 @@ impl State {
         let keys = &mut self.tenants.entry_ref(tenant).or_default().idempotency;
         if !keys.contains_key(key) {
             self.idempotency_expiry
-                .push_back((record.at_ms, tenant.to_string(), key.to_string()));
-            keys.insert(key.to_string(), record);
+                .push_back((record.at_ms, tenant.into(), key.into()));
+            keys.insert(key.into(), record);
         }
     }
 

@@ -1,6 +1,8 @@
 //! One service as the log says it is, and the per-tenant figures quotas are checked against.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+pub use compact_str::CompactString;
 
 use crate::proto::{DesiredState, IdempotentOp, Limits, ServiceStatusCode};
 
@@ -121,7 +123,7 @@ pub struct Service {
     pub module_size: u64,
     pub version: u64,
     pub limits: Limits,
-    pub labels: HashMap<String, String>,
+    pub labels: Labels,
     pub desired: Desired,
     pub status: Status,
     /// Restarts since the current version was deployed.
@@ -134,12 +136,59 @@ pub struct Service {
     pub deployed_seq: u64,
     /// Seq of the last event about this service.
     pub last_seq: u64,
-    /// Seqs of the service's most recent events, oldest first (at most [`RECENT_EVENTS`]).
-    pub recent_seqs: VecDeque<u64>,
+    /// Seqs of the service's most recent events.
+    pub recent_seqs: RecentSeqs,
 }
+
+/// A service's labels, in key order.
+pub type Labels = BTreeMap<String, String>;
 
 /// Events per service whose seqs the projection keeps, for "what happened to it lately".
 pub const RECENT_EVENTS: usize = 10;
+
+/// The seqs of a service's newest [`RECENT_EVENTS`] events, oldest first. Held inline, since
+/// every event of a service records its seq here and replay should not chase a pointer for it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecentSeqs {
+    seqs: [u64; RECENT_EVENTS],
+    len: usize,
+}
+
+impl RecentSeqs {
+    /// Records the newest seq, forgetting the oldest once full.
+    pub fn push(&mut self, seq: u64) {
+        if self.len == RECENT_EVENTS {
+            self.seqs.copy_within(1.., 0);
+            self.seqs[RECENT_EVENTS - 1] = seq;
+        } else {
+            self.seqs[self.len] = seq;
+            self.len += 1;
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u64] {
+        &self.seqs[..self.len]
+    }
+
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = u64> + '_ {
+        self.as_slice().iter().copied()
+    }
+}
+
+impl PartialEq for RecentSeqs {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+/// Keeps the newest [`RECENT_EVENTS`] of `seqs`, given oldest first.
+impl FromIterator<u64> for RecentSeqs {
+    fn from_iter<I: IntoIterator<Item = u64>>(seqs: I) -> RecentSeqs {
+        let mut recent = RecentSeqs::default();
+        seqs.into_iter().for_each(|seq| recent.push(seq));
+        recent
+    }
+}
 
 impl Service {
     /// Whether the service holds quota: everything the user has not killed.
@@ -158,7 +207,7 @@ impl Service {
             module_size: 0,
             version: 0,
             limits,
-            labels: HashMap::new(),
+            labels: BTreeMap::new(),
             desired: Desired::Stopped,
             status: Status::Stopped,
             restarts: 0,
@@ -167,7 +216,7 @@ impl Service {
             last_error: String::new(),
             deployed_seq: event.seq,
             last_seq: event.seq,
-            recent_seqs: VecDeque::with_capacity(RECENT_EVENTS),
+            recent_seqs: RecentSeqs::default(),
         }
     }
 
@@ -175,10 +224,7 @@ impl Service {
     pub(crate) fn touched(&mut self, event: &crate::proto::Event) {
         self.updated_at_ms = event.timestamp_ms;
         self.last_seq = event.seq;
-        while self.recent_seqs.len() >= RECENT_EVENTS {
-            self.recent_seqs.pop_front();
-        }
-        self.recent_seqs.push_back(event.seq);
+        self.recent_seqs.push(event.seq);
     }
 
     pub fn comes_back_with_the_node(&self) -> bool {
@@ -190,7 +236,7 @@ impl Service {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyRecord {
     pub op: IdempotentOp,
-    pub service_id: String,
+    pub service_id: CompactString,
     /// Seq of the event that carried the key.
     pub seq: u64,
     pub version: u64,
@@ -202,13 +248,13 @@ pub struct IdempotencyRecord {
 /// Everything of one tenant.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Tenant {
-    pub services: Map<String, Box<Service>>,
+    pub services: Map<CompactString, Box<Service>>,
     /// Services that hold quota ([`Service::is_active`]) and the memory they reserve.
     pub active_services: u32,
     pub active_memory_bytes: u64,
     /// Deploys within the rate window.
     pub recent_deploys: DeployWindow,
-    pub idempotency: Map<String, IdempotencyRecord>,
+    pub idempotency: Map<CompactString, IdempotencyRecord>,
 }
 
 /// Intervals a deploy-rate window is counted in.

@@ -4,7 +4,7 @@ use prost::Message as _;
 
 use std::collections::VecDeque;
 
-use super::{DeployWindow, Desired, IdempotencyRecord, Map, Service, Settings, State, Status};
+use super::{CompactString, DeployWindow, Desired, IdempotencyRecord, Map, Service, Settings, State, Status};
 use crate::proto::{self, IdempotentOp, StateSnapshot};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,7 +39,7 @@ impl State {
             .map(|(name, t)| {
                 let (interval_start_ms, interval_deploys) = t.recent_deploys.intervals().unzip();
                 proto::TenantDeploys {
-                    tenant: name.clone(),
+                    tenant: name.to_string(),
                     at_ms: Vec::new(),
                     interval_start_ms,
                     interval_deploys,
@@ -94,11 +94,11 @@ impl State {
         state.applied_seq = snapshot.seq;
         state.last_timestamp_ms = snapshot.last_timestamp_ms;
         // Snapshots list services by tenant: size each tenant's map once, from its run.
-        let mut runs: Vec<(String, usize)> = Vec::new();
+        let mut runs: Vec<(CompactString, usize)> = Vec::new();
         for record in &snapshot.services {
             match runs.last_mut() {
                 Some((tenant, run)) if *tenant == record.tenant => *run += 1,
-                _ => runs.push((record.tenant.clone(), 1)),
+                _ => runs.push((record.tenant.as_str().into(), 1)),
             }
         }
         let mut records = snapshot.services.into_iter();
@@ -107,7 +107,7 @@ impl State {
             tenant.services.reserve(run);
             for record in records.by_ref().take(run) {
                 let service = service_from_record(record)?;
-                if tenant.services.contains_key(&service.id) {
+                if tenant.services.contains_key(service.id.as_str()) {
                     return Err(SnapshotError::Inconsistent(format!(
                         "service {}/{} appears twice",
                         service.tenant, service.id
@@ -118,7 +118,7 @@ impl State {
                     state.active_services += 1;
                     tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(service.limits.memory_bytes);
                 }
-                tenant.services.insert(service.id.clone(), Box::new(service));
+                tenant.services.insert(service.id.as_str().into(), Box::new(service));
             }
         }
         for deploys in snapshot.recent_deploys {
@@ -134,7 +134,8 @@ impl State {
                 )));
             }
             let intervals = deploys.interval_start_ms.into_iter().zip(deploys.interval_deploys);
-            state.tenants.entry(deploys.tenant).or_default().recent_deploys = DeployWindow::from_intervals(intervals);
+            state.tenants.entry(deploys.tenant.into()).or_default().recent_deploys =
+                DeployWindow::from_intervals(intervals);
         }
         Ok(state)
     }
@@ -163,12 +164,12 @@ struct IdempotencyPart {
 
 /// Remembered keys by tenant, and the expiry queue, oldest first as the snapshot lists them.
 type Idempotency = (
-    Map<String, Map<String, IdempotencyRecord>>,
-    VecDeque<(u64, String, String)>,
+    Map<CompactString, Map<CompactString, IdempotencyRecord>>,
+    VecDeque<(u64, CompactString, CompactString)>,
 );
 
 fn idempotency_from_records(records: Vec<proto::IdempotencyRecord>) -> Result<Idempotency, SnapshotError> {
-    let mut tenants: Map<String, Map<String, IdempotencyRecord>> = Map::default();
+    let mut tenants: Map<CompactString, Map<CompactString, IdempotencyRecord>> = Map::default();
     let mut expiry = VecDeque::with_capacity(records.len());
     for record in records {
         let op = IdempotentOp::try_from(record.op)
@@ -181,16 +182,18 @@ fn idempotency_from_records(records: Vec<proto::IdempotencyRecord>) -> Result<Id
                 SnapshotError::Inconsistent(format!("idempotency key '{}': bad module hash", record.key))
             })?,
         };
-        expiry.push_back((record.at_ms, record.tenant.clone(), record.key.clone()));
+        let tenant = CompactString::from(record.tenant);
+        let key = CompactString::from(record.key);
+        expiry.push_back((record.at_ms, tenant.clone(), key.clone()));
         let remembered = IdempotencyRecord {
             op,
-            service_id: record.service_id,
+            service_id: record.service_id.into(),
             seq: record.seq,
             version: record.version,
             module_hash,
             at_ms: record.at_ms,
         };
-        tenants.entry(record.tenant).or_default().insert(record.key, remembered);
+        tenants.entry(tenant).or_default().insert(key, remembered);
     }
     Ok((tenants, expiry))
 }
@@ -212,7 +215,7 @@ fn service_record(s: &Service) -> proto::ServiceRecord {
         last_error: s.last_error.clone(),
         deployed_seq: s.deployed_seq,
         last_seq: s.last_seq,
-        recent_seqs: s.recent_seqs.iter().copied().collect(),
+        recent_seqs: s.recent_seqs.as_slice().to_vec(),
     }
 }
 
@@ -244,10 +247,7 @@ fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError
         deployed_seq: r.deployed_seq,
         last_seq: r.last_seq,
         // Only the newest RECENT_EVENTS, whatever the snapshot holds.
-        recent_seqs: r.recent_seqs[r.recent_seqs.len().saturating_sub(super::RECENT_EVENTS)..]
-            .iter()
-            .copied()
-            .collect(),
+        recent_seqs: r.recent_seqs.into_iter().collect(),
     })
 }
 
@@ -256,7 +256,7 @@ fn idempotency_record(tenant: &str, key: &str, r: &IdempotencyRecord) -> proto::
         tenant: tenant.to_string(),
         key: key.to_string(),
         op: r.op as i32,
-        service_id: r.service_id.clone(),
+        service_id: r.service_id.to_string(),
         seq: r.seq,
         version: r.version,
         module_hash: if r.module_hash == [0; 32] {

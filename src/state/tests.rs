@@ -159,7 +159,13 @@ fn idempotency_keys_expire_after_the_window() {
     assert!(state.idempotency("acme", "k1", 1100).is_none());
     // Expired keys are forgotten when the next key is remembered.
     state.apply(&at(deployed("b", 1, 1, "k2"), 2, 1100)).unwrap();
-    let keys: Vec<&String> = state.tenant("acme").unwrap().idempotency.keys().collect();
+    let keys: Vec<&str> = state
+        .tenant("acme")
+        .unwrap()
+        .idempotency
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
     assert_eq!(keys, ["k2"]);
     // Deploys count per second (a sixtieth of the minute window): 100 and 1100 fall in
     // different seconds.
@@ -257,4 +263,85 @@ fn snapshots_with_deploy_times_one_by_one_are_outdated() {
         matches!(&decoded, Err(SnapshotError::Inconsistent(m)) if m.contains("1 deploy interval starts but 2 counts")),
         "{decoded:?}"
     );
+}
+
+fn labelled(mut event: Event, labels: &[(&str, &str)]) -> Event {
+    if let Some(Kind::ServiceDeployed(e)) = &mut event.kind {
+        e.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
+    event
+}
+
+fn labels_of(event: &Event) -> Labels {
+    match &event.kind {
+        Some(Kind::ServiceDeployed(e)) => e.labels.clone(),
+        other => panic!("not a deploy: {other:?}"),
+    }
+}
+
+#[test]
+fn applying_by_taking_the_labels_equals_applying_a_copy() {
+    let events = [
+        at(
+            labelled(deployed("a", 1, 7, "k1"), &[("env", "prod"), ("app", "a")]),
+            1,
+            10,
+        ),
+        at(started("a", 1), 2, 20),
+        at(labelled(deployed("a", 2, 7, ""), &[("env", "dev")]), 3, 30),
+        at(kill("a"), 4, 40),
+    ];
+    let mut copied = State::new(Settings::default());
+    let mut taken = State::new(Settings::default());
+    let mut handed_back = Vec::new();
+    for event in &events {
+        copied.apply(event).unwrap();
+        let mut event = event.clone();
+        taken.apply_taking(&mut event).unwrap();
+        if matches!(event.kind, Some(Kind::ServiceDeployed(_))) {
+            handed_back.push(labels_of(&event));
+        }
+    }
+    assert_eq!(taken, copied);
+    let service = taken.service("acme", "a").unwrap();
+    assert_eq!(service.labels, labels_of(&events[2]));
+    // Each deploy hands back the labels it replaced: none, then the first version's.
+    assert_eq!(handed_back, [Labels::new(), labels_of(&events[0])]);
+
+    // A deploy that does not apply keeps its labels and changes nothing.
+    let mut stale = at(labelled(deployed("a", 2, 7, ""), &[("env", "qa")]), 5, 50);
+    let before = taken.clone();
+    assert!(matches!(
+        taken.apply_taking(&mut stale),
+        Err(ApplyError::StaleVersion { .. })
+    ));
+    assert_eq!(taken, before);
+    assert_eq!(labels_of(&stale), Labels::from([("env".to_string(), "qa".to_string())]));
+}
+
+#[test]
+fn a_service_keeps_the_seqs_of_its_newest_events() {
+    let mut state = State::new(Settings::default());
+    state.apply(&at(deployed("a", 1, 7, ""), 1, 1)).unwrap();
+    assert_eq!(state.service("acme", "a").unwrap().recent_seqs.as_slice(), [1]);
+    let mut seq = 1;
+    for version in 2..=12 {
+        seq += 1;
+        state.apply(&at(deployed("a", version, 7, ""), seq, seq)).unwrap();
+    }
+    let recent: Vec<u64> = state.service("acme", "a").unwrap().recent_seqs.iter().collect();
+    assert_eq!(
+        recent,
+        (3..=12).collect::<Vec<_>>(),
+        "the newest {RECENT_EVENTS}, oldest first"
+    );
+
+    let mut bytes = Vec::new();
+    state.encode_snapshot(&mut bytes);
+    let restored = State::decode_snapshot(&bytes, Settings::default()).unwrap();
+    assert_eq!(
+        restored.service("acme", "a").unwrap().recent_seqs,
+        state.service("acme", "a").unwrap().recent_seqs
+    );
+    assert_eq!(RecentSeqs::from_iter(1..=25).as_slice(), (16..=25).collect::<Vec<_>>());
 }

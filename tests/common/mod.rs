@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +41,7 @@ pub fn deploy_request(tenant: &str, id: &str, module_tag: &str) -> DeployRequest
         service_id: id.into(),
         module: module(module_tag),
         limits: Limits::default(),
-        labels: HashMap::new(),
+        labels: BTreeMap::new(),
         idempotency_key: String::new(),
     }
 }

@@ -1,6 +1,6 @@
 //! REST handlers for services, shutdown, health and metrics.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::Json;
@@ -63,7 +63,7 @@ impl Params {
     }
 
     /// `label=k=v` pairs.
-    fn labels(&self) -> Result<HashMap<String, String>, Error> {
+    fn labels(&self) -> Result<BTreeMap<String, String>, Error> {
         self.0
             .iter()
             .filter(|(k, _)| k == "label")
@@ -126,7 +126,7 @@ struct DeployBody {
     #[serde(default)]
     limits: LimitsBody,
     #[serde(default)]
-    labels: HashMap<String, String>,
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -298,10 +298,10 @@ pub(super) async fn status(
     let service = state.control.status(caller.tenant(), &id)?;
     let mut body = service_json(&ops::service_status(&state, &service));
     let control = state.control.clone();
-    let seqs: Vec<u64> = service.recent_seqs.iter().copied().collect();
+    let seqs = service.recent_seqs;
     let events = tokio::task::spawn_blocking(move || {
         seqs.iter()
-            .map(|&seq| control.log().read(seq..=seq).map(|events| events.into_iter().next()))
+            .map(|seq| control.log().read(seq..=seq).map(|events| events.into_iter().next()))
             .collect::<Result<Vec<_>, _>>()
     })
     .await
