@@ -249,7 +249,10 @@ mod tests {
         decode_chunk(log.store(), 1101, 1200, &mut reused).expect("round 4 decodes");
         assert_eq!(reused, events[1100..1200]);
         let missing = decode_chunk(log.store(), 1101, 1300, &mut reused);
-        assert!(matches!(missing, Err(log::Error::MissingRecord { seq: 1201 })), "{missing:?}");
+        assert!(
+            matches!(missing, Err(log::Error::MissingRecord { seq: 1201 })),
+            "{missing:?}"
+        );
     }
 
     /// Replay reads in chunks on a second thread; across chunk boundaries it must still apply
