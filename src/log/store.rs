@@ -258,16 +258,14 @@ impl Store {
     }
 
     /// Hands `each` the checked payload of every frame of `range`, in order, in one short read
-    /// transaction, and returns how many there were. Stops early at a missing seq, as
-    /// [`Store::read_frames`] does.
+    /// transaction. Stops early at a missing seq, as [`Store::read_frames`] does.
     pub fn visit_frames(
         &self,
         range: RangeInclusive<u64>,
         mut each: impl FnMut(u64, &[u8]) -> Result<()>,
-    ) -> Result<u64> {
+    ) -> Result<()> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         let iter = self.events.range(&rtxn, &range).map_err(|e| self.err(e))?;
-        let mut visited = 0;
         for (expected, item) in (*range.start()..).zip(iter) {
             let (seq, bytes) = item.map_err(|e| self.err(e))?;
             if seq != expected {
@@ -275,9 +273,8 @@ impl Store {
             }
             let payload = frame::decode(bytes).map_err(|source| Error::CorruptRecord { seq, source })?;
             each(seq, payload)?;
-            visited += 1;
         }
-        Ok(visited)
+        Ok(())
     }
 
     /// Visits raw records (unchecked frames) of `range`, in one read transaction; for the
