@@ -10,6 +10,7 @@ pub mod command;
 mod error;
 mod recovery;
 mod snapshotter;
+mod spare;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,7 @@ pub use recovery::{Recovery, load_snapshot, replay};
 
 use command::{Command, Reply};
 use snapshotter::Snapshotter;
+use spare::Spare;
 use writer::{Request, Writer};
 
 use crate::limits::LimitsTable;
@@ -163,6 +165,7 @@ impl Control {
         let (snapshots, snapshot_thread) = snapshots.unzip();
         let writer = Writer {
             log: log.clone(),
+            spare: Spare::start(state.clone()),
             working: state,
             published: Arc::clone(&published),
             limits: Arc::clone(&limits),

@@ -167,7 +167,7 @@ fn decode_chunk(store: &Store, from: u64, to: u64, events: &mut Vec<Event>) -> l
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
@@ -177,7 +177,7 @@ mod tests {
 
     /// Events of `services` services, each deployed, started and killed in turn, on 7 tenants.
     /// Every other deploy has labels and every third an idempotency key.
-    fn history(services: u64, rounds: u64) -> Vec<Event> {
+    pub(in crate::control) fn history(services: u64, rounds: u64) -> Vec<Event> {
         let mut events = Vec::new();
         for round in 1..=rounds {
             for service in 0..services {

@@ -4,10 +4,12 @@
 //! its queue into a batch, deciding each as it comes against the working state (which already
 //! holds the earlier commands of the batch) and framing its event, appends the whole batch in
 //! one write transaction with one durable commit, then swaps the working copy in as the
-//! published state, lets tailers see the batch and answers every caller; the copy swapped out
-//! then catches up on the batch. Callers are answered only once their batch is durable, refused
-//! ones too. If the commit fails, every caller of the batch that was not refused gets the
-//! error, and the working state is reset to the published (committed) one.
+//! published state, lets tailers see the batch and answers every caller. The copy swapped out
+//! has missed the batch; it goes to a helper thread ([`super::spare`]) in exchange for a third
+//! copy that the helper brought up to date during the commit. Callers are answered only once
+//! their batch is durable, refused ones too. If the commit fails, every caller of the batch
+//! that was not refused gets the error, and the working state is reset to the published
+//! (committed) one.
 //!
 //! The writer is the one serial step, so it leaves what it can to the callers: a command's
 //! strings move into its event rather than being copied, an appended command is answered with
@@ -27,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::command::{Blob, Command, Context, Decision, Reply, decide};
 use super::error::{Error, Result};
 use super::snapshotter::Heads;
+use super::spare::{Events, Spare};
 use super::{Clock, CommitHook, EventLog, WriterOptions};
 use crate::limits::LimitsTable;
 use crate::log::{self, BlobRef};
@@ -59,6 +62,8 @@ pub(super) struct Writer {
     pub log: EventLog,
     pub working: State,
     pub published: Arc<RwLock<State>>,
+    /// The third copy, kept up to date by a helper thread.
+    pub spare: Spare,
     pub limits: Arc<LimitsTable>,
     pub clock: Clock,
     pub options: WriterOptions,
@@ -68,7 +73,7 @@ pub(super) struct Writer {
     /// The head after each commit goes here for snapshots, if they are on.
     pub snapshots: Option<Heads>,
     pub on_commit: Option<CommitHook>,
-    /// Events that left the log's in-memory window, freed once the batch's callers are answered.
+    /// Events that left the log's in-memory window; the helper frees them in the next round.
     pub evicted: Vec<Arc<Event>>,
 }
 
@@ -215,6 +220,9 @@ impl Writer {
                 bytes: &m.bytes,
             })
             .collect();
+        // The helper applies the batch to its copy while the commit waits for the disk.
+        let shared: Events = events.records().into();
+        self.spare.lend(Arc::clone(&shared), std::mem::take(&mut self.evicted));
         let started = Instant::now();
         if let Err(e) = self.log.append(&events, &blob_refs) {
             tracing::error!(error = %e, events = events.len(), "commit failed; the batch was not written");
@@ -224,11 +232,13 @@ impl Writer {
                 let answer = p.answer.and(Err(error.clone()));
                 let _ = p.reply.send(answer);
             }
-            self.working = self
+            let committed = self
                 .published
                 .read()
                 .unwrap_or_else(|poison| poison.into_inner())
                 .clone();
+            self.evicted = self.spare.reset(committed.clone());
+            self.working = committed;
             return;
         }
         let elapsed = started.elapsed();
@@ -242,8 +252,7 @@ impl Writer {
         }
         self.stored_blobs.extend(blobs.iter().map(|m| m.sha256));
         // The working copy holds the batch: it becomes the published state in one swap, so
-        // readers wait only for the swap. The copy that was published catches up after the
-        // callers are answered, while they prepare their next commands.
+        // readers wait only for the swap.
         {
             let mut published = self.published.write().unwrap_or_else(|poison| poison.into_inner());
             std::mem::swap(&mut *published, &mut self.working);
@@ -258,14 +267,12 @@ impl Writer {
             // The snapshotter is gone only when the node is closing.
             let _ = snapshots.send(last.seq);
         }
-        for event in events {
-            if let Err(e) = self.working.apply(event) {
-                tracing::error!(seq = event.seq, error = %e, "committed event does not apply");
-                self.working.skip(event);
-            }
-        }
-        // Freeing what left the window is the last thing, off the callers' wait.
-        self.evicted.clear();
+        // The copy swapped out missed the batch; the helper's copy holds it.
+        let placeholder = State::new(self.working.settings());
+        let behind = std::mem::replace(&mut self.working, placeholder);
+        let (working, emptied) = self.spare.exchange(behind, shared);
+        self.working = working;
+        self.evicted = emptied;
     }
 }
 
