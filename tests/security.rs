@@ -298,13 +298,18 @@ fn is(event: &proto::Event, tenant: &str, id: &str, kind: &str) -> bool {
 
 /// Waits, watching as `auth` from `from_seq`, until every `(tenant, id)` has started.
 async fn wait_started(client: &mut Grpc, auth: &Auth, from_seq: u64, services: &[(&str, &str)]) {
+    wait_for_each(client, auth, from_seq, "service_started", services).await;
+}
+
+/// Waits until each of `services` (tenant, id) has an event of `kind` at or after `from_seq`.
+async fn wait_for_each(client: &mut Grpc, auth: &Auth, from_seq: u64, kind: &str, services: &[(&str, &str)]) {
     let mut stream = open_watch(client, auth, from_seq, "").await;
     let mut waiting: BTreeSet<(String, String)> =
         services.iter().map(|(t, id)| (t.to_string(), id.to_string())).collect();
     let found = async {
         while let Some(item) = stream.next().await {
             if let Some(Msg::Event(event)) = item.expect("the watch goes on").msg
-                && solo::event::kind_name(&event) == "service_started"
+                && solo::event::kind_name(&event) == kind
             {
                 waiting.remove(&(event.tenant.clone(), event.service_id.clone()));
                 if waiting.is_empty() {
@@ -312,11 +317,11 @@ async fn wait_started(client: &mut Grpc, auth: &Auth, from_seq: u64, services: &
                 }
             }
         }
-        panic!("the watch ended while waiting for services to start");
+        panic!("the watch ended while waiting for {kind} of {waiting:?}");
     };
     tokio::time::timeout(PATIENCE, found)
         .await
-        .expect("the services start in time");
+        .unwrap_or_else(|_| panic!("{kind} of {services:?} in time"));
 }
 
 async fn head(http: &reqwest::Client, base: &str) -> u64 {
@@ -1724,6 +1729,49 @@ async fn quotas_hold_across_a_restart() {
         "max_deploys_per_minute",
         2,
     );
+    stop(server).await;
+}
+
+/// Instances reuse the slots of a pool, and a freed slot is zeroed only where its guest wrote:
+/// whatever one tenant's service left in memory, the next service in that slot must not see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_instance_slot_holds_nothing_of_the_last_tenant() {
+    let dir = tempdir();
+    // One slot: the second service can only run in the first one's.
+    let server = start_server(dir.path(), |c| c.runtime.max_instances = 1).await;
+    let mut client = grpc_client(&server).await;
+    let (q, r) = (Auth::dev("q"), Auth::dev("r"));
+
+    let vault = client.deploy(q.grpc(grpc_deploy("vault", "kv"))).await.unwrap();
+    wait_started(&mut client, &q, vault.get_ref().seq, &[("q", "vault")]).await;
+    let set = client
+        .call(q.grpc(call_request("vault", b"set secret hunter2")))
+        .await
+        .expect("the secret is stored");
+    assert_eq!(set.get_ref().payload, b"ok");
+    let got = client.call(q.grpc(call_request("vault", b"get secret"))).await.unwrap();
+    assert_eq!(got.get_ref().payload, b"hunter2", "the store works");
+    let killed = client.kill(q.grpc(kill_request("vault"))).await.unwrap();
+    wait_for_each(
+        &mut client,
+        &q,
+        killed.get_ref().seq,
+        "service_stopped",
+        &[("q", "vault")],
+    )
+    .await;
+
+    let probe = client
+        .deploy(r.grpc(grpc_deploy("probe", "kv")))
+        .await
+        .expect("the freed slot takes the next service");
+    wait_started(&mut client, &r, probe.get_ref().seq, &[("r", "probe")]).await;
+    let status = client
+        .call(r.grpc(call_request("probe", b"get secret")))
+        .await
+        .expect_err("the key is not in a fresh store");
+    assert!(status.message().contains("no such key"), "{status:?}");
+    assert!(!status.message().contains("hunter2"), "{status:?}");
     stop(server).await;
 }
 

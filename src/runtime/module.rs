@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wasmtime::{
-    Config, Engine, ExternType, FuncType, InstanceAllocationStrategy, InstancePre, Linker, Module, OptLevel,
+    Config, Enabled, Engine, ExternType, FuncType, InstanceAllocationStrategy, InstancePre, Linker, Module, OptLevel,
     PoolingAllocationConfig, ValType,
 };
 
@@ -70,6 +70,8 @@ pub fn build_engine(options: &EngineOptions) -> anyhow::Result<Engine> {
         // TLB shootdown costs every core more than a 64 KiB memset.
         .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
         .table_keep_resident(KEEP_RESIDENT_BYTES)
+        // Where Linux has PAGEMAP_SCAN (6.7+), only the pages the guest wrote are zeroed.
+        .pagemap_scan(Enabled::Auto)
         .max_unused_warm_slots(slots.min(100));
     let mut config = Config::new();
     config
