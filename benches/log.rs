@@ -121,8 +121,8 @@ impl CommitStats {
     }
 }
 
-/// A node as the default configuration makes it (so snapshots are written every 100,000 events,
-/// on the writer thread), with quotas out of the way and a hook counting commits.
+/// A node as the default configuration makes it (so snapshots are written every 100,000 events),
+/// with quotas out of the way and a hook counting commits.
 fn control_options(dir: &TempDir, stats: &Arc<CommitStats>) -> ControlOptions {
     let mut options = Config::default()
         .control_options()

@@ -452,11 +452,54 @@ async fn startup_uses_the_newest_valid_snapshot_and_skips_bad_ones() {
     drop(control);
 
     let (control, recovery) = Control::open(options(dir.path())).unwrap();
-    // Snapshots are taken off the writer's thread, of whatever is committed when one is due.
+    // A snapshot is taken at the end of the first batch that brings 10 events since the last.
     let used = recovery.snapshot_seq.expect("a good snapshot was used");
     assert!((20..=33).contains(&used), "snapshot at {used}");
     assert_eq!(recovery.replayed, 35 - used);
     assert_eq!(control.read_state(Clone::clone), live);
+}
+
+/// The snapshotter follows the writer's batches with a copy of its own: each snapshot must be
+/// exactly the log replayed up to its seq, however the batches fell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_snapshot_is_the_log_replayed_to_its_seq() {
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.writer.snapshot_every = 10;
+    opts.writer.snapshots_kept = 100;
+    let control = open(opts);
+    // Waves of 7 concurrent deploys: batches of several events, whose ends are not multiples of
+    // 10, so snapshots fall where the batches end.
+    for wave in 0..18 {
+        let deploys = (wave * 7..wave * 7 + 7).map(|i| {
+            let control = control.clone();
+            async move { deploy(&control, "acme", &format!("svc-{}", i % 9), &format!("m{i}")).await }
+        });
+        futures_util::future::join_all(deploys).await;
+    }
+    let head = control.head();
+    let settings = control.read_state(|s| s.settings());
+    control.close().await;
+    drop(control);
+
+    let (control, _) = Control::open(options(dir.path())).unwrap();
+    let store = control.log().store();
+    let mut seqs = store.snapshot_seqs().unwrap();
+    seqs.sort_unstable();
+    assert!(seqs.len() >= 5, "snapshots at {seqs:?} of {head} events");
+    for pair in seqs.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 10,
+            "snapshots closer than snapshot_every: {seqs:?}"
+        );
+    }
+    for &seq in &seqs {
+        let snapshot = solo::control::load_snapshot(store, settings, seq).expect("the snapshot loads");
+        assert_eq!(snapshot.applied_seq(), seq);
+        let mut replayed = State::new(settings);
+        solo::control::replay(store, &mut replayed, 1, seq).unwrap();
+        assert_eq!(snapshot, replayed, "snapshot at {seq}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,6 +42,19 @@ use crate::state::{Service, Settings, State, Status};
 /// The log of Solo's events.
 pub type EventLog = Log<Event>;
 
+/// A committed batch's events, shared by the writer and the threads that follow it.
+type Events = Arc<[Arc<Event>]>;
+
+/// Applies committed events to a copy of the state, as the writer did when deciding them.
+fn apply_committed(state: &mut State, events: &[Arc<Event>]) {
+    for event in events {
+        if let Err(e) = state.apply(event) {
+            tracing::error!(seq = event.seq, error = %e, "committed event does not apply");
+            state.skip(event);
+        }
+    }
+}
+
 /// Wall-clock milliseconds since the Unix epoch. Injected so tests can steer time.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
@@ -157,7 +170,7 @@ impl Control {
         let shutting_down = Arc::new(AtomicBool::new(false));
         let snapshots = Snapshotter::start(
             log.clone(),
-            Arc::clone(&published),
+            &state,
             options.writer.snapshot_every,
             options.writer.snapshots_kept,
             last_snapshot_seq,

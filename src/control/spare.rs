@@ -20,11 +20,9 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
+use super::{Events, apply_committed};
 use crate::proto::Event;
 use crate::state::State;
-
-/// A batch's events, shared by the writer and the helper.
-pub(super) type Events = Arc<[Arc<Event>]>;
 
 /// The third copy and the helper that catches it up. Used in rounds: [`Spare::lend`] as a batch
 /// is about to be committed, then [`Spare::exchange`] once it is, or [`Spare::reset`] if the
@@ -119,8 +117,8 @@ fn serve(rounds: Receiver<Round>, handback: Sender<(State, Vec<Arc<Event>>)>) {
     // The vector emptied in the previous round, handed back with this round's copy.
     let mut emptied = Vec::new();
     for mut round in rounds {
-        catch_up(&mut round.copy, &round.missed);
-        catch_up(&mut round.copy, &round.batch);
+        apply_committed(&mut round.copy, &round.missed);
+        apply_committed(&mut round.copy, &round.batch);
         if handback.send((round.copy, emptied)).is_err() {
             return;
         }
@@ -128,16 +126,6 @@ fn serve(rounds: Receiver<Round>, handback: Sender<(State, Vec<Arc<Event>>)>) {
         round.evicted.clear();
         emptied = round.evicted;
         drop(round.missed);
-    }
-}
-
-/// Applies a batch's events, as the writer did when deciding them.
-fn catch_up(state: &mut State, events: &[Arc<Event>]) {
-    for event in events {
-        if let Err(e) = state.apply(event) {
-            tracing::error!(seq = event.seq, error = %e, "committed event does not apply");
-            state.skip(event);
-        }
     }
 }
 

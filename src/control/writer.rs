@@ -28,9 +28,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::command::{Blob, Command, Context, Decision, Reply, decide};
 use super::error::{Error, Result};
-use super::snapshotter::Heads;
-use super::spare::{Events, Spare};
-use super::{Clock, CommitHook, EventLog, WriterOptions};
+use super::snapshotter::Batches;
+use super::spare::Spare;
+use super::{Clock, CommitHook, EventLog, Events, WriterOptions};
 use crate::limits::LimitsTable;
 use crate::log::{self, BlobRef};
 use crate::proto::{Event, event::Kind};
@@ -70,8 +70,8 @@ pub(super) struct Writer {
     pub shutting_down: Arc<AtomicBool>,
     /// Hashes of modules known to be in the blob store (bounded: cleared when full).
     pub stored_blobs: std::collections::HashSet<[u8; 32]>,
-    /// The head after each commit goes here for snapshots, if they are on.
-    pub snapshots: Option<Heads>,
+    /// Each committed batch goes here for snapshots, if they are on.
+    pub snapshots: Option<Batches>,
     pub on_commit: Option<CommitHook>,
     /// Events that left the log's in-memory window; the helper frees them in the next round.
     pub evicted: Vec<Arc<Event>>,
@@ -263,9 +263,9 @@ impl Writer {
         // Tailers hear of the batch only now, so whoever sees an event finds it in the state.
         self.log.publish(events, &mut self.evicted);
         answer(pending);
-        if let (Some(snapshots), Some(last)) = (&self.snapshots, events.last()) {
+        if let Some(snapshots) = &self.snapshots {
             // The snapshotter is gone only when the node is closing.
-            let _ = snapshots.send(last.seq);
+            let _ = snapshots.send(Arc::clone(&shared));
         }
         // The copy swapped out missed the batch; the helper's copy holds it.
         let placeholder = State::new(self.working.settings());
