@@ -5,6 +5,11 @@
 //! their events to the log with group commit and answers each caller once its events are
 //! durable. Queries read the published state, which only ever holds committed events. At
 //! open, the state is rebuilt from the newest valid snapshot plus the events after it.
+//!
+//! The state is held in four copies, so that nothing waits for a copy to catch up: the
+//! writer's working copy, the published one, a spare that a helper thread brings up to date
+//! during each commit (`spare`), and the snapshotter's, which follows the committed batches
+//! (`snapshotter`).
 
 pub mod command;
 mod error;

@@ -62,7 +62,7 @@ pub(super) struct Writer {
     pub log: EventLog,
     pub working: State,
     pub published: Arc<RwLock<State>>,
-    /// The third copy, kept up to date by a helper thread.
+    /// The copy that becomes the working one after each commit, caught up by a helper thread.
     pub spare: Spare,
     pub limits: Arc<LimitsTable>,
     pub clock: Clock,
