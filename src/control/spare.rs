@@ -3,11 +3,10 @@
 //! The writer decides commands on its working copy while queries read the published one; after
 //! each commit the two swap, and the copy swapped out has missed the batch. Applying the batch
 //! to it on the writer thread put a third of a microsecond per event on every caller's wait. So
-//! the writer keeps a third copy, and a helper thread brings a copy up to date while the writer
-//! waits for a batch's commit, when the writer and its callers leave the CPU idle. After the
-//! commit the writer takes the helper's copy, which holds the batch, as its working copy, and
-//! keeps the copy swapped out for the next round. The price is a third copy of the state in
-//! memory.
+//! the writer keeps one more copy, and a helper thread brings a copy up to date while the
+//! writer waits for a batch's commit, when the writer and its callers leave the CPU idle. After
+//! the commit the writer takes the helper's copy, which holds the batch, as its working copy,
+//! and keeps the copy swapped out for the next round. The price is that copy's memory.
 //!
 //! The helper also frees the events that left the log's in-memory window, which would
 //! otherwise take the writer's time between batches.
@@ -24,7 +23,7 @@ use super::{Events, apply_committed};
 use crate::proto::Event;
 use crate::state::State;
 
-/// The third copy and the helper that catches it up. Used in rounds: [`Spare::lend`] as a batch
+/// The spare copy and the helper that catches it up. Used in rounds: [`Spare::lend`] as a batch
 /// is about to be committed, then [`Spare::exchange`] once it is, or [`Spare::reset`] if the
 /// commit failed.
 pub(super) struct Spare {
@@ -75,8 +74,8 @@ impl Spare {
             batch,
             evicted,
         };
-        // The helper ends only when `rounds` closes, or by a panic, which applying the same
-        // events has already not caused on the writer.
+        // The helper ends only when `rounds` closes, or by a panic in applying events, which
+        // the writer would have met first: it applied them when deciding them.
         self.rounds
             .as_ref()
             .and_then(|rounds| rounds.send(round).ok())
@@ -84,7 +83,8 @@ impl Spare {
     }
 
     /// After the lent batch committed: takes the helper's copy, which holds it, and keeps
-    /// `behind`, which holds everything before it. Returns the emptied vector of evicted events.
+    /// `behind`, which holds everything before it. Also returns an empty vector for the next
+    /// round's evicted events.
     pub(super) fn exchange(&mut self, behind: State, batch: Events) -> (State, Vec<Arc<Event>>) {
         let caught_up = self.take();
         self.behind = Some((behind, batch));
