@@ -321,7 +321,7 @@ async fn wait_for_each(client: &mut Grpc, auth: &Auth, from_seq: u64, kind: &str
     };
     tokio::time::timeout(PATIENCE, found)
         .await
-        .unwrap_or_else(|_| panic!("{kind} of {services:?} in time"));
+        .unwrap_or_else(|_| panic!("no {kind} of {services:?} within {PATIENCE:?}"));
 }
 
 async fn head(http: &reqwest::Client, base: &str) -> u64 {
