@@ -82,13 +82,13 @@ impl Spare {
             .expect("the spare state's thread takes rounds");
     }
 
-    /// After the lent batch committed: takes the helper's copy, which holds it, and keeps
-    /// `behind`, which holds everything before it. Also returns an empty vector for the next
+    /// After the lent batch committed: puts the helper's copy, which holds it, in `working`, and
+    /// keeps the copy that was there, which missed it. Returns an empty vector for the next
     /// round's evicted events.
-    pub(super) fn exchange(&mut self, behind: State, batch: Events) -> (State, Vec<Arc<Event>>) {
-        let caught_up = self.take();
-        self.behind = Some((behind, batch));
-        caught_up
+    pub(super) fn exchange(&mut self, working: &mut State, batch: Events) -> Vec<Arc<Event>> {
+        let (caught_up, emptied) = self.take();
+        self.behind = Some((std::mem::replace(working, caught_up), batch));
+        emptied
     }
 
     /// After the lent batch failed to commit: the helper's copy holds it, so `committed` takes
@@ -166,8 +166,7 @@ mod tests {
                 working = published.clone();
             } else {
                 std::mem::swap(&mut published, &mut working);
-                let (caught_up, _) = spare.exchange(working, Arc::clone(&batch));
-                working = caught_up;
+                spare.exchange(&mut working, Arc::clone(&batch));
                 committed += batch.len();
             }
             let expected = replayed(&events[..committed]);
@@ -194,7 +193,7 @@ mod tests {
         spare.reset(published.clone());
         spare.lend(Arc::clone(&batch), Vec::with_capacity(1));
         std::mem::swap(&mut published, &mut working);
-        let (_, emptied) = spare.exchange(working, batch);
+        let emptied = spare.exchange(&mut working, batch);
         assert!(emptied.is_empty());
         assert!(
             emptied.capacity() >= events.len(),

@@ -268,11 +268,7 @@ impl Writer {
             let _ = snapshots.send(Arc::clone(&shared));
         }
         // The copy swapped out missed the batch; the helper's copy holds it.
-        let placeholder = State::new(self.working.settings());
-        let behind = std::mem::replace(&mut self.working, placeholder);
-        let (working, emptied) = self.spare.exchange(behind, shared);
-        self.working = working;
-        self.evicted = emptied;
+        self.evicted = self.spare.exchange(&mut self.working, shared);
     }
 }
 
