@@ -21,8 +21,8 @@ impl Record for Event {
     }
 
     fn encode_payload(&self, out: &mut Vec<u8>) {
-        out.reserve(self.encoded_len());
-        // Encoding into a Vec cannot run out of space.
+        // No `reserve`: `encode` measures the event itself, and the batch's buffer is reused,
+        // so a second measurement would only repeat work. A Vec never runs out of space.
         self.encode(out).expect("a Vec grows as needed");
     }
 

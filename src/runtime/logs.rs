@@ -81,10 +81,18 @@ impl LogBuffer {
     }
 
     pub fn push(&self, level: Level, version: u64, message: String) {
+        let (tenant, service) = (&self.tenant, &self.service_id);
+        match level {
+            Level::Trace => tracing::trace!(target: "solo::guest", tenant, service, version, "{message}"),
+            Level::Debug => tracing::debug!(target: "solo::guest", tenant, service, version, "{message}"),
+            Level::Info => tracing::info!(target: "solo::guest", tenant, service, version, "{message}"),
+            Level::Warn => tracing::warn!(target: "solo::guest", tenant, service, version, "{message}"),
+            Level::Error => tracing::error!(target: "solo::guest", tenant, service, version, "{message}"),
+        }
         let timestamp_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let line = {
+        let followed = {
             let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
             let line = LogLine {
                 seq: lines.next_seq,
@@ -97,19 +105,16 @@ impl LogBuffer {
             if lines.ring.len() == self.capacity {
                 lines.ring.pop_front();
             }
-            lines.ring.push_back(line.clone());
-            line
+            // Counted under the lock: a follower that subscribes after this finds the line in
+            // the ring, as it reads the ring after subscribing. Most lines have no follower.
+            let followed = (self.follow.receiver_count() > 0).then(|| line.clone());
+            lines.ring.push_back(line);
+            followed
         };
-        let (tenant, service, message) = (&self.tenant, &self.service_id, &line.message);
-        match level {
-            Level::Trace => tracing::trace!(target: "solo::guest", tenant, service, version, "{message}"),
-            Level::Debug => tracing::debug!(target: "solo::guest", tenant, service, version, "{message}"),
-            Level::Info => tracing::info!(target: "solo::guest", tenant, service, version, "{message}"),
-            Level::Warn => tracing::warn!(target: "solo::guest", tenant, service, version, "{message}"),
-            Level::Error => tracing::error!(target: "solo::guest", tenant, service, version, "{message}"),
+        if let Some(line) = followed {
+            // A follower that left meanwhile is fine.
+            let _ = self.follow.send(line);
         }
-        // Nobody following is fine.
-        let _ = self.follow.send(line);
     }
 
     /// The buffered lines with a seq of at least `from`, oldest first.
@@ -140,5 +145,18 @@ mod tests {
         assert_eq!(kept, [3, 4, 5]);
         assert_eq!(buffer.lines_from(5).len(), 1);
         assert_eq!(follow.try_recv().unwrap().message, "line 0");
+    }
+
+    #[test]
+    fn a_line_nobody_follows_is_kept_and_a_later_follower_gets_what_comes_next() {
+        let buffer = LogBuffer::new("acme", "svc", 10);
+        buffer.push(Level::Info, 1, "unfollowed".into());
+        let mut follow = buffer.subscribe();
+        buffer.push(Level::Warn, 1, "followed".into());
+        let messages: Vec<String> = buffer.lines_from(0).into_iter().map(|l| l.message).collect();
+        assert_eq!(messages, ["unfollowed", "followed"]);
+        let line = follow.try_recv().unwrap();
+        assert_eq!((line.seq, line.message.as_str()), (2, "followed"));
+        assert!(follow.try_recv().is_err(), "the follower sees each line once");
     }
 }
