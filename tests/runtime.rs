@@ -200,6 +200,38 @@ async fn a_looping_guest_is_stopped_at_its_deadline_while_another_tenants_echo_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_short_deadline_fails_that_call_and_never_the_service() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    let deployed = deploy_running(&control, "acme", "spin", "spin").await;
+    let max_restarts = control.status("acme", "spin").unwrap().limits.max_restarts;
+    // More impatient calls than the restart policy would forgive as crashes: the first runs on
+    // past its caller's deadline, the others are skipped in the mailbox once theirs pass.
+    for _ in 0..=max_restarts {
+        let impatient = Some(Duration::from_millis(20));
+        let err = control
+            .call("acme", "spin", b"300".to_vec(), impatient)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Call(CallError::Timeout { .. })), "{err}");
+    }
+    assert_eq!(call(&control, "acme", "spin", b"0").await.unwrap(), b"done");
+    let service = control.status("acme", "spin").unwrap();
+    assert_eq!((service.status, service.restarts), (solo::state::Status::Running, 0));
+    let events = control.log().read(deployed.seq..=control.head()).unwrap();
+    let crashes: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e.kind, Some(Kind::ServiceCrashed(_))))
+        .collect();
+    assert!(
+        crashes.is_empty(),
+        "a caller's deadline was recorded as a crash: {crashes:?}"
+    );
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_under_load_fails_no_call() {
     let dir = tempdir();
     let node = open_node(&node_config(dir.path())).await;

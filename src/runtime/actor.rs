@@ -22,6 +22,8 @@ use crate::proto::CrashReason;
 /// One request waiting in a mailbox.
 pub(super) struct Call {
     pub payload: Vec<u8>,
+    /// When the caller stops waiting. A call not begun by then is skipped; one under way runs
+    /// on to the service's own limits, as interrupting it would cost the instance.
     pub deadline: Instant,
     pub reply: oneshot::Sender<Result<Vec<u8>, CallFailure>>,
 }
@@ -176,7 +178,10 @@ impl Actor {
             return None;
         }
         let started = Instant::now();
-        let result = instance.call(&call.payload, call.deadline).await;
+        // The service's own wall-clock limit, not the caller's: a guest stopped mid-call loses
+        // its instance, and one caller's short deadline must not crash the service for all.
+        let limit = Duration::from_millis(self.config.limits.call_timeout_ms.max(1).into());
+        let result = instance.call(&call.payload, started + limit).await;
         self.stats
             .call_finished(started.elapsed(), result.is_ok(), instance.memory_bytes());
         let fatal = match &result {
@@ -195,7 +200,11 @@ impl Actor {
                 trap_code,
                 message,
             } => (reason, trap_code, message),
-            CallFailure::Timeout => (CrashReason::CpuLimit, "call_timeout".to_string(), failure.to_string()),
+            CallFailure::Timeout => (
+                CrashReason::CpuLimit,
+                "call_timeout".to_string(),
+                format!("{failure} of {} ms", self.config.limits.call_timeout_ms),
+            ),
             CallFailure::Service(_) => return None,
         };
         *self.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = format!("{trap_code}: {message}");
