@@ -68,13 +68,15 @@ impl Default for TenantLimits {
     }
 }
 
-/// A request that asks for more than a limit allows.
+/// A request that asks for more than a limit allows (or, for the restart window, for less).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field} = {requested} is over the maximum of {max}")]
+#[error("{field} = {requested} is {} of {limit}", if *.under { "under the minimum" } else { "over the maximum" })]
 pub struct OverLimit {
     pub field: &'static str,
     pub requested: u64,
-    pub max: u64,
+    pub limit: u64,
+    /// The limit is a minimum: the request is too small.
+    pub under: bool,
 }
 
 impl TenantLimits {
@@ -87,7 +89,8 @@ impl TenantLimits {
                 r if r > max => Err(OverLimit {
                     field,
                     requested: r,
-                    max,
+                    limit: max,
+                    under: false,
                 }),
                 r => Ok(r),
             }
@@ -124,7 +127,20 @@ impl TenantLimits {
                 self.max_restarts.into(),
                 self.max_restarts.into(),
             )?),
-            restart_window_ms: requested.restart_window_ms.max(self.restart_window_ms),
+            // A shorter window would allow more restarts than the tenant's policy: refused, as
+            // a higher `max_restarts` is, rather than quietly lengthened.
+            restart_window_ms: match requested.restart_window_ms {
+                0 => self.restart_window_ms,
+                r if r < self.restart_window_ms => {
+                    return Err(OverLimit {
+                        field: "restart_window_ms",
+                        requested: r.into(),
+                        limit: self.restart_window_ms.into(),
+                        under: true,
+                    });
+                }
+                r => r,
+            },
         })
     }
 
@@ -177,5 +193,21 @@ mod tests {
         let err = limits.resolve(&over).unwrap_err();
         assert_eq!(err.field, "memory_bytes");
         assert!(err.to_string().contains("over the maximum"), "{err}");
+    }
+
+    #[test]
+    fn a_restart_window_may_be_lengthened_never_shortened() {
+        let limits = TenantLimits::default();
+        let longer = Limits {
+            restart_window_ms: 120_000,
+            ..Limits::default()
+        };
+        assert_eq!(limits.resolve(&longer).unwrap().restart_window_ms, 120_000);
+        let shorter = Limits {
+            restart_window_ms: 1,
+            ..Limits::default()
+        };
+        let err = limits.resolve(&shorter).unwrap_err();
+        assert_eq!(err.to_string(), "restart_window_ms = 1 is under the minimum of 60000");
     }
 }

@@ -207,7 +207,7 @@ async fn idempotency_keys_return_the_original_answer_across_a_restart() {
     let control = open(options(dir.path()));
     let retry = control.deploy(request.clone()).await.unwrap();
     assert_eq!((retry.seq, retry.replayed), (first.seq, true));
-    let retry_kill = control.kill(kill_cmd).await.unwrap();
+    let retry_kill = control.kill(kill_cmd.clone()).await.unwrap();
     assert_eq!((retry_kill.seq, retry_kill.replayed), (killed.seq, true));
     assert_eq!(control.head(), head, "retries append nothing");
 
@@ -218,6 +218,33 @@ async fn idempotency_keys_return_the_original_answer_across_a_restart() {
         control.deploy(other).await,
         Err(Error::IdempotencyConflict { .. })
     ));
+    // So is a retry that changes anything else the original asked for: its change would
+    // otherwise be reported as applied and silently dropped.
+    let mut relabelled = request.clone();
+    relabelled.labels.insert("team".into(), "red".into());
+    let mut resized = request.clone();
+    resized.limits.memory_bytes = 2 << 20;
+    for changed in [relabelled, resized] {
+        assert!(matches!(
+            control.deploy(changed).await,
+            Err(Error::IdempotencyConflict { .. })
+        ));
+    }
+    let forced = KillCommand {
+        force: true,
+        ..kill_cmd.clone()
+    };
+    let longer = KillCommand {
+        grace_ms: kill_cmd.grace_ms + 1,
+        ..kill_cmd
+    };
+    for changed in [forced, longer] {
+        assert!(matches!(
+            control.kill(changed).await,
+            Err(Error::IdempotencyConflict { .. })
+        ));
+    }
+    assert_eq!(control.head(), head, "refused retries append nothing");
     // Keys are per tenant.
     let mut beta = deploy_request("beta", "a", "m9");
     beta.idempotency_key = "deploy-1".into();

@@ -8,7 +8,7 @@ use super::error::{Error, Result};
 use crate::event::envelope;
 use crate::limits::TenantLimits;
 use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, event::Kind};
-use crate::state::{Desired, State, Status};
+use crate::state::{Desired, State, Status, deploy_request_hash, kill_request_hash};
 
 /// Who caused an event, as recorded in its `actor` field.
 pub const NODE_ACTOR: &str = "node";
@@ -239,6 +239,9 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
         if record.op != IdempotentOp::Deploy
             || record.service_id != cmd.service_id
             || record.module_hash != cmd.module.sha256
+            || record
+                .request_hash
+                .is_some_and(|h| h != deploy_request_hash(&cmd.limits, &cmd.labels))
         {
             return Err(Error::IdempotencyConflict {
                 key: cmd.idempotency_key.clone(),
@@ -361,7 +364,12 @@ fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decis
     if !cmd.idempotency_key.is_empty()
         && let Some(record) = state.idempotency(&cmd.tenant, &cmd.idempotency_key, cx.now_ms)
     {
-        if record.op != IdempotentOp::Kill || record.service_id != cmd.service_id {
+        if record.op != IdempotentOp::Kill
+            || record.service_id != cmd.service_id
+            || record
+                .request_hash
+                .is_some_and(|h| h != kill_request_hash(cmd.force, cmd.grace_ms))
+        {
             return Err(Error::IdempotencyConflict {
                 key: cmd.idempotency_key.clone(),
             });

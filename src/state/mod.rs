@@ -13,7 +13,7 @@ use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, e
 
 pub use service::{
     CompactString, DEPLOY_WINDOW_INTERVALS, DeployWindow, Desired, IdempotencyRecord, Labels, Map, RECENT_EVENTS,
-    RecentSeqs, Service, Status, Tenant,
+    RecentSeqs, RequestHash, Service, Status, Tenant, deploy_request_hash, kill_request_hash,
 };
 pub use snapshot::SnapshotError;
 
@@ -277,6 +277,7 @@ impl State {
         service.last_error.clear();
         service.deployed_seq = event.seq;
         service.touched(event);
+        let request_hash = (!e.idempotency_key.is_empty()).then(|| deploy_request_hash(&limits, &service.labels));
 
         tenant
             .recent_deploys
@@ -288,6 +289,7 @@ impl State {
                 seq: event.seq,
                 version: e.version,
                 module_hash,
+                request_hash,
                 at_ms: event.timestamp_ms,
             };
             self.remember(&event.tenant, &e.idempotency_key, record);
@@ -320,6 +322,7 @@ impl State {
                 seq: event.seq,
                 version,
                 module_hash: [0; 32],
+                request_hash: Some(kill_request_hash(e.force, e.grace_ms)),
                 at_ms: event.timestamp_ms,
             };
             self.remember(&event.tenant, &e.idempotency_key, record);

@@ -232,6 +232,47 @@ impl Service {
     }
 }
 
+/// A digest of what a keyed request asked for beyond its operation, service and module, so
+/// that a retry which changes any of it is refused rather than answered as if applied. It is
+/// kept in snapshots, so its encoding is fixed: SHA-256 over the fields in a set order.
+pub type RequestHash = [u8; 32];
+
+/// The [`RequestHash`] of a deploy: its effective limits and its labels.
+pub fn deploy_request_hash(limits: &Limits, labels: &Labels) -> RequestHash {
+    use sha2::Digest as _;
+    let mut digest = sha2::Sha256::new();
+    digest.update(b"deploy");
+    let fields = [
+        limits.memory_bytes,
+        limits.call_timeout_ms.into(),
+        limits.cpu_ms_per_call.into(),
+        limits.mailbox_capacity.into(),
+        limits.max_restarts.into(),
+        limits.restart_window_ms.into(),
+    ];
+    for field in fields {
+        digest.update(field.to_le_bytes());
+    }
+    // Length-prefixed, so no two label sets encode alike; a BTreeMap iterates in key order.
+    for (key, value) in labels {
+        for text in [key, value] {
+            digest.update((text.len() as u64).to_le_bytes());
+            digest.update(text.as_bytes());
+        }
+    }
+    digest.finalize().into()
+}
+
+/// The [`RequestHash`] of a kill: how forcefully, and with what grace.
+pub fn kill_request_hash(force: bool, grace_ms: u32) -> RequestHash {
+    use sha2::Digest as _;
+    let mut digest = sha2::Sha256::new();
+    digest.update(b"kill");
+    digest.update([u8::from(force)]);
+    digest.update(grace_ms.to_le_bytes());
+    digest.finalize().into()
+}
+
 /// A remembered answer to a command that carried an idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyRecord {
@@ -242,6 +283,9 @@ pub struct IdempotencyRecord {
     pub version: u64,
     /// SHA-256 of the deployed module; zeros for a kill.
     pub module_hash: [u8; 32],
+    /// What else the request asked for ([`deploy_request_hash`], [`kill_request_hash`]);
+    /// `None` for a key remembered by a snapshot from before it was kept.
+    pub request_hash: Option<RequestHash>,
     pub at_ms: u64,
 }
 

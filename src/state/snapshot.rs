@@ -182,6 +182,12 @@ fn idempotency_from_records(records: Vec<proto::IdempotencyRecord>) -> Result<Id
                 SnapshotError::Inconsistent(format!("idempotency key '{}': bad module hash", record.key))
             })?,
         };
+        let request_hash = match record.request_hash.len() {
+            0 => None,
+            _ => Some(record.request_hash.as_slice().try_into().map_err(|_| {
+                SnapshotError::Inconsistent(format!("idempotency key '{}': bad request hash", record.key))
+            })?),
+        };
         let tenant = CompactString::from(record.tenant);
         let key = CompactString::from(record.key);
         expiry.push_back((record.at_ms, tenant.clone(), key.clone()));
@@ -191,6 +197,7 @@ fn idempotency_from_records(records: Vec<proto::IdempotencyRecord>) -> Result<Id
             seq: record.seq,
             version: record.version,
             module_hash,
+            request_hash,
             at_ms: record.at_ms,
         };
         tenants.entry(tenant).or_default().insert(key, remembered);
@@ -265,6 +272,7 @@ fn idempotency_record(tenant: &str, key: &str, r: &IdempotencyRecord) -> proto::
             r.module_hash.to_vec()
         },
         at_ms: r.at_ms,
+        request_hash: r.request_hash.map(|h| h.to_vec()).unwrap_or_default(),
     }
 }
 

@@ -345,3 +345,21 @@ fn a_service_keeps_the_seqs_of_its_newest_events() {
     );
     assert_eq!(RecentSeqs::from_iter(1..=25).as_slice(), (16..=25).collect::<Vec<_>>());
 }
+
+#[test]
+fn request_hashes_tell_apart_every_field_a_retry_could_change() {
+    use crate::state::{deploy_request_hash, kill_request_hash};
+    let labels =
+        |pairs: &[(&str, &str)]| -> Labels { pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+    let base = deploy_request_hash(&Limits::default(), &labels(&[("ab", "c")]));
+    assert_eq!(base, deploy_request_hash(&Limits::default(), &labels(&[("ab", "c")])));
+    // Length prefixes keep label boundaries apart.
+    assert_ne!(base, deploy_request_hash(&Limits::default(), &labels(&[("a", "bc")])));
+    let windowed = Limits {
+        restart_window_ms: 1,
+        ..Limits::default()
+    };
+    assert_ne!(base, deploy_request_hash(&windowed, &labels(&[("ab", "c")])));
+    assert_ne!(kill_request_hash(false, 0), kill_request_hash(true, 0));
+    assert_ne!(kill_request_hash(false, 0), kill_request_hash(false, 1));
+}
