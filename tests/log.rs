@@ -661,3 +661,41 @@ fn garbage_config_gives_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_of_a_module_heals_its_damaged_copy_in_the_blob_store() {
+    use sha2::Digest as _;
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "rotting-module").await;
+    control.close().await;
+    drop(control);
+
+    // A bad sector under the module's bytes (every copy, as LMDB may keep stale ones).
+    let path = dir.path().join("data.mdb");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let marker = b"rotting-module";
+    let places: Vec<usize> = bytes
+        .windows(marker.len())
+        .enumerate()
+        .filter(|(_, w)| *w == marker)
+        .map(|(at, _)| at)
+        .collect();
+    assert!(!places.is_empty(), "the module is in the file");
+    for at in places {
+        bytes[at] ^= 0x20;
+    }
+    std::fs::write(&path, bytes).unwrap();
+
+    let module = module("rotting-module");
+    let sha: [u8; 32] = sha2::Sha256::digest(&module).into();
+    let control = open(options(dir.path()));
+    let stored = control.log().store().blob(&sha).unwrap().expect("the blob is there");
+    assert_ne!(stored, &module[..], "the copy is damaged");
+    // Deploying the same module again, to any service, carries good bytes: they replace the
+    // damaged copy, or every restart would bring both services back failed.
+    deploy(&control, "acme", "b", "rotting-module").await;
+    let stored = control.log().store().blob(&sha).unwrap().expect("the blob is there");
+    assert_eq!(stored, &module[..]);
+    control.close().await;
+}

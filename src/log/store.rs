@@ -226,7 +226,18 @@ impl Store {
                 .blobs
                 .put_with_flags(&mut wtxn, PutFlags::NO_OVERWRITE, blob.sha256, blob.bytes)
             {
-                Ok(()) | Err(heed::Error::Mdb(heed::MdbError::KeyExist)) => {}
+                Ok(()) => {}
+                Err(heed::Error::Mdb(heed::MdbError::KeyExist)) => {
+                    // The key is the hash of the bytes in hand, so a stored copy that differs
+                    // is damaged: replacing it heals every service that runs this module.
+                    let stored = self.blobs.get(&wtxn, blob.sha256).map_err(|e| self.err(e))?;
+                    if stored != Some(blob.bytes) {
+                        tracing::warn!(module = %hex::encode(blob.sha256), "a damaged module in the blob store is rewritten from a deploy");
+                        self.blobs
+                            .put(&mut wtxn, blob.sha256, blob.bytes)
+                            .map_err(|e| self.err(e))?;
+                    }
+                }
                 Err(e) => return Err(self.err(e)),
             }
         }
