@@ -93,10 +93,35 @@ async fn open_node_with(config: &Config, metrics: Option<Arc<Metrics>>) -> anyho
     let runtime = Runtime::new(config.runtime_options()?, control.observer(), control.log().clone())?;
     control.attach_runtime(runtime.clone());
     let (services, head) = control.read_state(|s| (s.services().cloned().collect::<Vec<_>>(), s.applied_seq()));
+    check_modules_readable(&control, &services)?;
     runtime.start_reconciler(head + 1);
     let recovered = runtime.recover(services, head).await;
     tracing::info!(recovered = recovered.len(), "services brought back");
     Ok(Node { control, runtime })
+}
+
+/// Refuses to start when the modules of the services coming back cannot be read. A module
+/// missing or altered fails only its own service; a read error means the data file itself is
+/// damaged, and recording every service on it as crashed would bury the cause and change
+/// what should run.
+fn check_modules_readable(control: &Control, services: &[crate::state::Service]) -> anyhow::Result<()> {
+    let mut checked = std::collections::HashSet::new();
+    for service in services.iter().filter(|s| s.comes_back_with_the_node()) {
+        let mut sha = [0u8; 32];
+        if !checked.insert(service.module_sha256.as_str())
+            || hex::decode_to_slice(&service.module_sha256, &mut sha).is_err()
+        {
+            continue;
+        }
+        control.log().store().has_blob(&sha).with_context(|| {
+            format!(
+                "the data directory is damaged: module {} (service '{}' of tenant '{}') cannot be read; \
+                 `solo log verify` reports the damage, and a backup of the data directory repairs it",
+                service.module_sha256, service.id, service.tenant
+            )
+        })?;
+    }
+    Ok(())
 }
 
 impl Node {

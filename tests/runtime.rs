@@ -491,3 +491,45 @@ async fn a_node_restart_brings_running_services_back_fresh_with_their_history() 
     assert_eq!(stopped_for_shutdown.count(), 2);
     node.stop(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_modules_cannot_be_read_refuses_to_start_and_records_nothing() {
+    let dir = tempdir();
+    let config = node_config(dir.path());
+    let node = open_node(&config).await;
+    deploy_running(&node.control, "acme", "echo", "echo").await;
+    node.stop(Duration::from_secs(5)).await;
+    drop(node);
+    let head = {
+        let control = common::open(options(dir.path()));
+        let head = control.head();
+        control.close().await;
+        head
+    };
+
+    // Zero the page that holds the module, as a lost write would: LMDB then finds a page that
+    // is not a leaf where the module's leaf should be.
+    const PAGE: usize = 4096;
+    let path = dir.path().join("data.mdb");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let marker = b"echo ready";
+    let pages: std::collections::BTreeSet<usize> = bytes
+        .windows(marker.len())
+        .enumerate()
+        .filter(|(_, w)| *w == marker)
+        .map(|(at, _)| at / PAGE)
+        .collect();
+    assert!(!pages.is_empty(), "the module is in the file");
+    for page in pages {
+        bytes[page * PAGE..(page + 1) * PAGE].fill(0);
+    }
+    std::fs::write(&path, bytes).unwrap();
+
+    let err = match solo::server::open_node(&config).await {
+        Ok(_) => panic!("a node started on a damaged data file"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("damaged") && err.contains("echo"), "{err}");
+    let control = common::open(options(dir.path()));
+    assert_eq!(control.head(), head, "nothing was recorded on the damaged file");
+}
