@@ -179,23 +179,10 @@ impl Runtime {
             blocking(move || Ok(Module::new(module::to_wasm(&bytes)?.into()))).await?
         };
         // The common case, a module already compiled, needs no blocking thread at all.
-        if self.inner.cache.get(&module.sha256).is_some() {
-            return Ok(module);
-        }
-        let inner = Arc::clone(&self.inner);
-        blocking(move || {
-            if inner.cache.get(&module.sha256).is_none() {
-                let prepared = module::prepare(
-                    &inner.compiler.engine,
-                    &inner.compiler.linker,
-                    module.sha256,
-                    &module.bytes,
-                )?;
-                inner.cache.insert(prepared);
-            }
-            Ok(module)
-        })
-        .await
+        let (inner, sha256, bytes) = (Arc::clone(&self.inner), module.sha256, Arc::clone(&module.bytes));
+        let compile = blocking(move || module::prepare(&inner.compiler.engine, &inner.compiler.linker, sha256, &bytes));
+        self.inner.cache.get_or_prepare(sha256, compile).await?;
+        Ok(module)
     }
 
     /// Modules in the compile cache.
@@ -471,28 +458,27 @@ impl Inner {
     async fn load(self: &Arc<Self>, module_sha256: &str) -> Result<Prepared, String> {
         let mut sha = [0u8; 32];
         hex::decode_to_slice(module_sha256, &mut sha).map_err(|_| format!("bad module hash '{module_sha256}'"))?;
-        if let Some(prepared) = self.cache.get(&sha) {
-            return Ok(prepared);
-        }
         let inner = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let bytes = inner
-                .log
-                .store()
-                .blob(&sha)
-                .map_err(|e| format!("cannot read the module: {e}"))?
-                .ok_or_else(|| format!("module {} is missing from the blob store", hex::encode(sha)))?;
-            let check: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
-            if check != sha {
-                return Err(format!("module {} is damaged in the blob store", hex::encode(sha)));
-            }
-            let prepared = module::prepare(&inner.compiler.engine, &inner.compiler.linker, sha, &bytes)
-                .map_err(|e| e.to_string())?;
-            inner.cache.insert(prepared.clone());
-            Ok(prepared)
-        })
-        .await
-        .map_err(|e| format!("compilation failed: {e}"))?
+        // Read and compiled only if the cache still lacks it when this caller's turn comes.
+        let compile = async move {
+            let read_and_compile = move || {
+                let bytes = inner
+                    .log
+                    .store()
+                    .blob(&sha)
+                    .map_err(|e| format!("cannot read the module: {e}"))?
+                    .ok_or_else(|| format!("module {} is missing from the blob store", hex::encode(sha)))?;
+                let check: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+                if check != sha {
+                    return Err(format!("module {} is damaged in the blob store", hex::encode(sha)));
+                }
+                module::prepare(&inner.compiler.engine, &inner.compiler.linker, sha, &bytes).map_err(|e| e.to_string())
+            };
+            tokio::task::spawn_blocking(read_and_compile)
+                .await
+                .map_err(|e| format!("compilation failed: {e}"))?
+        };
+        self.cache.get_or_prepare(sha, compile).await
     }
 
     fn instance_config(&self, slot: &Slot, version: u64, limits: Limits) -> InstanceConfig {

@@ -203,6 +203,8 @@ pub struct ModuleCache {
     capacity: usize,
     /// Why a std lock: held for a map lookup or insert, never while compiling.
     entries: Mutex<CacheEntries>,
+    /// A turn per module being compiled, so that it is compiled once however many wait for it.
+    compiling: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Debug, Default)]
@@ -216,7 +218,42 @@ impl ModuleCache {
         ModuleCache {
             capacity: capacity.max(1),
             entries: Mutex::new(CacheEntries::default()),
+            compiling: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The module from the cache, or from `prepare`, run by one caller at a time per module:
+    /// the others wait for its result instead of compiling the same bytes again (a restart
+    /// brings back every service of a module at once; agents deploy a new module in parallel).
+    /// `prepare` is not polled when the module is cached by the time the caller's turn comes.
+    pub async fn get_or_prepare<E>(
+        &self,
+        sha256: [u8; 32],
+        prepare: impl Future<Output = Result<Prepared, E>>,
+    ) -> Result<Prepared, E> {
+        if let Some(prepared) = self.get(&sha256) {
+            return Ok(prepared);
+        }
+        let turn = Arc::clone(
+            self.compiling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(sha256)
+                .or_default(),
+        );
+        let result = {
+            let _turn = turn.lock().await;
+            match self.get(&sha256) {
+                Some(prepared) => Ok(prepared),
+                None => prepare.await.inspect(|prepared| self.insert(prepared.clone())),
+            }
+        };
+        let mut compiling = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
+        // Counted under the map's lock, where waiters take their handle: the map's and ours.
+        if Arc::strong_count(&turn) == 2 {
+            compiling.remove(&sha256);
+        }
+        result
     }
 
     pub fn get(&self, sha256: &[u8; 32]) -> Option<Prepared> {
@@ -271,5 +308,53 @@ impl Compiler {
 impl std::fmt::Debug for Compiler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Compiler").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_module_wanted_by_many_at_once_is_compiled_once() {
+        let options = crate::runtime::RuntimeOptions::default().engine;
+        let compiler = Arc::new(
+            Compiler::new(&EngineOptions {
+                max_instances: 4,
+                ..options
+            })
+            .unwrap(),
+        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/services/echo.wat");
+        let wasm: Arc<[u8]> = to_wasm(&std::fs::read(path).unwrap()).unwrap().into();
+        let cache = Arc::new(ModuleCache::new(4));
+        let compiled = Arc::new(AtomicUsize::new(0));
+        let sha = [7; 32];
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, compiler, wasm, compiled) = (
+                    Arc::clone(&cache),
+                    Arc::clone(&compiler),
+                    Arc::clone(&wasm),
+                    Arc::clone(&compiled),
+                );
+                tokio::spawn(async move {
+                    let compile = async move {
+                        compiled.fetch_add(1, Ordering::SeqCst);
+                        // Long enough that every waiter arrives while it runs.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        prepare(&compiler.engine, &compiler.linker, sha, &wasm)
+                    };
+                    cache.get_or_prepare(sha, compile).await.map(|p| p.sha256)
+                })
+            })
+            .collect();
+        for waiter in waiters {
+            assert_eq!(waiter.await.unwrap().unwrap(), sha);
+        }
+        assert_eq!(compiled.load(Ordering::SeqCst), 1);
+        assert!(cache.compiling.lock().unwrap().is_empty(), "no turn is left behind");
     }
 }
