@@ -335,7 +335,7 @@ async fn serve_grpc(
     builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(kernel)
+        .add_service(crate::api::codec::SizeLimited::new(kernel, max_message))
         // Small replies must not wait on Nagle's algorithm for the peer's delayed ACK.
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -728,3 +728,193 @@ async fn health_and_reflection_are_served() {
     assert!(names.contains(&"solo.v1.SoloKernel".to_string()), "{names:?}");
     server.stop().await.unwrap();
 }
+
+/// A status's message must fit the `grpc-message` header of any client.
+#[track_caller]
+fn assert_bounded(status: &tonic::Status) {
+    assert!(status.message().len() <= 1024, "{} bytes", status.message().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_quoting_long_input_are_cut_to_fit_a_header() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+
+    // A long id is abbreviated, so the rule after it survives.
+    let deploy = proto::DeployRequest {
+        service_id: "a".repeat(20_000),
+        ..grpc_deploy("", "echo")
+    };
+    let status = client.deploy(as_tenant("acme", deploy)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_bounded(&status);
+    assert!(
+        status.message().contains("invalid service id 'aaaa") && status.message().contains("use 1 to 128 characters"),
+        "{status:?}"
+    );
+    let status = client
+        .status(as_tenant(
+            "acme",
+            proto::StatusRequest {
+                service_id: "b".repeat(20_000),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_bounded(&status);
+
+    // A WAT error quotes its line: one of 20 KB, of two-byte chars, is cut at a char boundary.
+    let wat = format!(
+        "(module (func (export \"f\") (result i32) (i32.const 1) {}))",
+        "é".repeat(10_000)
+    );
+    let deploy = proto::DeployRequest {
+        service_id: "wat".into(),
+        module: Some(proto::deploy_request::Module::Wat(wat)),
+        ..Default::default()
+    };
+    let status = client.deploy(as_tenant("acme", deploy)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_bounded(&status);
+    assert!(
+        status.message().contains("WAT syntax error") && status.message().contains("… (message cut; it was"),
+        "{status:?}"
+    );
+    server.stop().await.unwrap();
+}
+
+/// Sends raw bytes as the request message of `method`: what a broken or hostile client sends.
+async fn raw_unary(server: &solo::server::Server, method: &'static str, message: Vec<u8>) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(method);
+    let reply: Result<tonic::Response<Vec<u8>>, _> = grpc.unary(as_tenant("acme", message), path, RawCodec).await;
+    reply.unwrap_err()
+}
+
+/// A codec of bytes as they are, both ways.
+#[derive(Debug, Clone, Copy)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let bytes = prost::bytes::Buf::copy_to_bytes(src, prost::bytes::Buf::remaining(src));
+        Ok(Some(bytes.to_vec()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_is_not_protobuf_is_invalid_argument() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("a string field of invalid UTF-8", vec![0x0a, 0x02, 0xff, 0xfe]),
+        ("a field cut short", vec![0x0a, 0x05, b'a']),
+        ("garbage", vec![0xff; 16]),
+    ];
+    for (what, bytes) in cases {
+        let status = raw_unary(&server, "/solo.v1.SoloKernel/Status", bytes).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(
+            status.message().contains("the request is not a valid protobuf message"),
+            "{what}: {status:?}"
+        );
+    }
+    // The same client with a well-formed message reaches the handler.
+    let status = raw_unary(&server, "/solo.v1.SoloKernel/Status", vec![0x0a, 0x01, b'x']).await;
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_limit_is_resource_exhausted_and_names_it() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |c| c.solo.max_request_bytes = 4096).await;
+    let mut client = grpc_client(&server).await;
+    let call = |payload: Vec<u8>| proto::CallRequest {
+        service_id: "absent".into(),
+        payload,
+        timeout_ms: 0,
+    };
+    let status = client.call(as_tenant("acme", call(vec![7; 8000]))).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("limit of 4096 bytes"), "{status:?}");
+    // Under the limit, the usual answer; the connection is still good.
+    let status = client.call(as_tenant("acme", call(vec![7; 100]))).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasm_field_that_is_not_wasm_is_refused_with_a_hint() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let deploy = |wasm: &[u8]| proto::DeployRequest {
+        service_id: "svc".into(),
+        module: Some(proto::deploy_request::Module::Wasm(wasm.to_vec())),
+        ..Default::default()
+    };
+    for (body, detail) in [(&b"hello"[..], "these 5 bytes do not"), (b"", "it is empty")] {
+        let status = client.deploy(as_tenant("acme", deploy(body))).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let message = status.message();
+        assert!(
+            message.contains("`wasm` field is not a wasm binary")
+                && message.contains("\\0asm")
+                && message.contains(detail)
+                && message.contains("the `wat` field"),
+            "{status:?}"
+        );
+    }
+    // WAT text sent as binary is refused the same way; a real binary deploys.
+    let wat = String::from_utf8(example("echo").to_vec()).unwrap();
+    let status = client
+        .deploy(as_tenant("acme", deploy(wat.as_bytes())))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let binary = wat::parse_str(&wat).unwrap();
+    let created = client
+        .deploy(as_tenant("acme", deploy(&binary)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.created);
+    server.stop().await.unwrap();
+}

@@ -1021,6 +1021,10 @@ async fn shutdown_is_for_the_admin_and_stops_the_server() {
         }
     };
     send(shutdown(Some(&acme), "")).await.error(403, "permission_denied");
+    // A tenant is refused before its query is read, as over gRPC.
+    for query in ["?grace_ms=abc", "?colour=red"] {
+        send(shutdown(Some(&acme), query)).await.error(403, "permission_denied");
+    }
     send(shutdown(None, "")).await.error(401, "unauthenticated");
     send(shutdown(Some("solo_wrong"), ""))
         .await
@@ -1295,7 +1299,7 @@ async fn bodies_over_the_limit_are_413() {
     let reply = node
         .post_json("/services", "a", &json!({ "service_id": "big", "wat": big }))
         .await;
-    assert!(reply.error(413, "payload_too_large").contains("limit"));
+    assert!(reply.error(413, "payload_too_large").contains("limit of 2048 bytes"));
     let reply = send(
         node.request(Method::PUT, "/services/big", "a")
             .header("content-type", "application/wasm")
@@ -2094,6 +2098,133 @@ async fn grpc_and_rest_agree_on_one_scenario() {
 // ---------------------------------------------------------------------------------------------
 
 const HTTP_METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+
+/// A message a client can take in any header: at most 1 KiB.
+#[track_caller]
+fn assert_bounded(message: &str) {
+    assert!(message.len() <= 1024, "{} bytes", message.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_quoting_long_input_are_cut_and_keep_their_shape() {
+    let node = dev_node().await;
+    let put_wat = |line: String| {
+        node.request(Method::PUT, "/services/wat", "a")
+            .header("content-type", "text/plain")
+            .body(line)
+    };
+    // One line with a syntax error, of 20 KB and of 1.5 MiB: the JSON error, cut.
+    for len in [20_000, 3 << 19] {
+        let wat = format!("(module (func (result i32) (i32.const 1) {}))", "x".repeat(len));
+        let reply = send(put_wat(wat)).await;
+        let message = reply.error(400, "invalid_argument");
+        assert_bounded(message);
+        assert!(
+            message.contains("WAT syntax error") && message.contains("… (message cut; it was"),
+            "{message}"
+        );
+    }
+    // A long id is abbreviated, so the rule after it survives.
+    let body = json!({ "service_id": "a".repeat(20_000), "wat": wat_text("echo") });
+    let reply = node.post_json("/services", "a", &body).await;
+    let message = reply.error(400, "invalid_argument");
+    assert_bounded(message);
+    assert!(message.contains("use 1 to 128 characters"), "{message}");
+    let reply = node.get(&format!("/services/{}", "b".repeat(5000)), "a").await;
+    assert_bounded(reply.error(400, "invalid_argument"));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_request_ids_are_replaced_by_generated_ones() {
+    let node = dev_node().await;
+    let with_id = |id: reqwest::header::HeaderValue| {
+        node.request(Method::GET, "/services/nope", "a")
+            .header("x-request-id", id)
+    };
+    let longest = "r".repeat(128);
+    let kept = send(with_id(longest.parse().unwrap())).await;
+    kept.error(404, "not_found");
+    assert_eq!(kept.json["request_id"], longest.as_str());
+    let unusable = [
+        "r".repeat(129).into_bytes(),
+        "x".repeat(8192).into_bytes(),
+        "café".as_bytes().to_vec(),
+        b"has space".to_vec(),
+    ];
+    for id in unusable {
+        let reply = send(with_id(reqwest::header::HeaderValue::from_bytes(&id).unwrap())).await;
+        reply.error(404, "not_found"); // the body's id is the header's
+        let generated = reply.header("x-request-id").unwrap();
+        assert!(
+            generated.len() == 16 && generated.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{generated}"
+        );
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_declared_wasm_that_is_not_wasm_is_refused_with_a_hint() {
+    let node = dev_node().await;
+    let put = |content_type: &str, body: Vec<u8>| {
+        node.request(Method::PUT, "/services/svc", "a")
+            .header("content-type", content_type)
+            .body(body)
+    };
+    for (body, detail) in [(b"hello".to_vec(), "these 5 bytes do not"), (Vec::new(), "it is empty")] {
+        let reply = send(put("application/wasm", body)).await;
+        let message = reply.error(400, "invalid_argument");
+        assert!(
+            message.contains("application/wasm is not a wasm binary")
+                && message.contains("\\0asm")
+                && message.contains(detail)
+                && message.contains("text/plain"),
+            "{message}"
+        );
+    }
+    let b64 = base64::engine::general_purpose::STANDARD.encode(wat_text("echo"));
+    let reply = node
+        .post_json("/services", "a", &json!({ "service_id": "svc", "wasm_base64": b64 }))
+        .await;
+    let message = reply.error(400, "invalid_argument");
+    assert!(
+        message.contains("`wasm_base64` is not a wasm binary") && message.contains("the `wat` field"),
+        "{message}"
+    );
+    assert_eq!(node.get("/services", "a").await.ok(200)["total"], 0);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_types_are_case_insensitive() {
+    let node = dev_node().await;
+    for (id, content_type) in [("upper", "TEXT/PLAIN"), ("mixed", "Text/Plain; Charset=UTF-8")] {
+        let reply = send(
+            node.request(Method::PUT, &format!("/services/{id}"), "a")
+                .header("content-type", content_type)
+                .body(wat_text("echo")),
+        )
+        .await;
+        reply.ok(201);
+    }
+    let reply = send(
+        node.request(Method::PUT, "/services/bin", "a")
+            .header("content-type", "Application/WASM")
+            .body(wasm_bytes("echo")),
+    )
+    .await;
+    reply.ok(201);
+    let body = json!({ "service_id": "json", "wat": wat_text("echo") });
+    let reply = send(
+        node.request(Method::POST, "/services", "a")
+            .header("content-type", "APPLICATION/JSON; charset=utf-8")
+            .body(body.to_string()),
+    )
+    .await;
+    reply.ok(201);
+    node.stop().await;
+}
 
 /// `paths:` of an OpenAPI document: each path and its methods, each method with whether it has
 /// `responses:`. Relies on block style with two-space indentation, as the file is written.

@@ -123,16 +123,19 @@ impl ErrorKind {
 #[error("{message}")]
 pub struct Error {
     pub kind: ErrorKind,
-    pub message: String,
+    /// Private so that [`Error::new`], which bounds it, is the only way in.
+    message: String,
     /// For overload and quota errors: when a retry may succeed.
     pub retry_after: Option<Duration>,
 }
 
 impl Error {
+    /// An error whose message is cut to [`MAX_MESSAGE_BYTES`]: messages quote what the
+    /// client sent (an id, a line of WAT), and gRPC carries them in a header.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
         Error {
             kind,
-            message: message.into(),
+            message: bounded(message.into()),
             retry_after: None,
         }
     }
@@ -162,6 +165,10 @@ impl Error {
         self.kind
     }
 
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// The gRPC status, with the retry hint in `retry-after-ms` metadata.
     pub fn to_status(&self) -> tonic::Status {
         let mut status = tonic::Status::new(self.kind.grpc_code(), self.message.clone());
@@ -177,6 +184,33 @@ impl Error {
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> tonic::Status {
         error.to_status()
+    }
+}
+
+/// The longest message either API sends. gRPC puts it in the `grpc-message` header, which
+/// clients refuse past 8 to 16 KiB (percent-encoding can triple it), so 1 KiB leaves room.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message`, or its head cut at a char boundary and marked as cut, within
+/// [`MAX_MESSAGE_BYTES`].
+fn bounded(message: String) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message;
+    }
+    let note = format!("… (message cut; it was {} bytes)", message.len());
+    let mut end = MAX_MESSAGE_BYTES - note.len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{note}", &message[..end])
+}
+
+/// `text` if it is at most `max_chars` long, else its first `max_chars` chars, "…" and its
+/// length: for quoting client input, such as an id, inside a message.
+pub(crate) fn abbreviate(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max_chars) {
+        None => text.into(),
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()).into(),
     }
 }
 

@@ -84,7 +84,10 @@ impl SoloKernel for GrpcApi {
             let (caller, _permit) = self.admit(&request)?;
             let request = request.into_inner();
             let module: Arc<[u8]> = match request.module {
-                Some(deploy_request::Module::Wasm(bytes)) => bytes.into(),
+                Some(deploy_request::Module::Wasm(bytes)) => {
+                    ops::require_wasm_binary(&bytes, "the `wasm` field", "the `wat` field")?;
+                    bytes.into()
+                }
                 Some(deploy_request::Module::Wat(text)) => text.into_bytes().into(),
                 None => return Err(Error::invalid("no module: set `wasm` (binary) or `wat` (text)")),
             };

@@ -6,6 +6,7 @@
 //! ([`Error`]) whose kind gives the gRPC code and the HTTP status together.
 
 pub mod auth;
+pub mod codec;
 mod convert;
 mod error;
 pub mod grpc;

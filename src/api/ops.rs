@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 
+use super::error::abbreviate;
 use super::{ApiState, Caller, Error, ErrorKind};
 use crate::control::{DeployOutcome, DeployRequest, KillCommand, KillOutcome};
 use crate::proto::{self, Limits};
@@ -23,8 +24,37 @@ pub struct Deploy {
     pub idempotency_key: String,
 }
 
+/// The control layer's check of a service id, with a long id abbreviated in the message: the
+/// control layer quotes it whole, and the message cap would then cut off the rule after it.
+pub fn check_service_id(id: &str) -> Result<(), Error> {
+    crate::control::validate_service_id(id).map_err(|e| {
+        let quoted = id.escape_debug().to_string();
+        Error::invalid(e.to_string().replacen(&quoted, &abbreviate(&quoted, 64), 1))
+    })
+}
+
+/// Refuses a module the caller declared binary (`declared`) that is not: parsed as WAT it would
+/// fail with a baffling syntax error. `text_way` says where WAT text goes instead.
+pub fn require_wasm_binary(module: &[u8], declared: &str, text_way: &str) -> Result<(), Error> {
+    if module.starts_with(b"\0asm") {
+        return Ok(());
+    }
+    let what = if module.is_empty() {
+        "it is empty".to_string()
+    } else {
+        format!("these {} bytes do not", module.len())
+    };
+    Err(Error::invalid(format!(
+        "{declared} is not a wasm binary: a wasm binary starts with the bytes \\0asm and {what}; send WAT text in {text_way}"
+    )))
+}
+
 pub async fn deploy(state: &ApiState, caller: &Caller, deploy: Deploy) -> Result<DeployOutcome, Error> {
     state.check_open()?;
+    if let Err(e) = check_service_id(&deploy.service_id) {
+        state.metrics.deploys.with_label_values(&["refused"]).inc();
+        return Err(e);
+    }
     let request = DeployRequest {
         tenant: caller.tenant().to_string(),
         actor: caller.actor(),
@@ -47,6 +77,7 @@ pub async fn deploy(state: &ApiState, caller: &Caller, deploy: Deploy) -> Result
 }
 
 pub fn status(state: &ApiState, caller: &Caller, service_id: &str) -> Result<proto::ServiceStatus, Error> {
+    check_service_id(service_id)?;
     let service = state.control.status(caller.tenant(), service_id)?;
     Ok(super::convert::service_status(
         &service,
@@ -100,6 +131,7 @@ pub async fn kill(
     idempotency_key: String,
 ) -> Result<KillOutcome, Error> {
     state.check_open()?;
+    check_service_id(service_id)?;
     let command = KillCommand {
         tenant: caller.tenant().to_string(),
         actor: caller.actor(),
@@ -123,6 +155,10 @@ pub async fn call(
     timeout_ms: u32,
 ) -> Result<Vec<u8>, Error> {
     state.check_open()?;
+    if let Err(e) = check_service_id(service_id) {
+        state.metrics.calls.with_label_values(&["refused"]).inc();
+        return Err(e);
+    }
     let started = Instant::now();
     let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
     let result = state.control.call(caller.tenant(), service_id, payload, timeout).await;
@@ -163,6 +199,7 @@ pub fn logs(
     from_seq: u64,
     follow: bool,
 ) -> Result<impl Stream<Item = Result<LogLine, Error>> + Send + 'static, Error> {
+    check_service_id(service_id)?;
     let buffer = state.control.logs(caller.tenant(), service_id)?;
     let stopping = state.stopping.clone();
     // Subscribe before reading the ring, so nothing falls between the two.

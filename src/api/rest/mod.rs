@@ -80,7 +80,25 @@ pub fn router(state: Arc<ApiState>) -> Router {
             tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
         }))
         .layer(SetRequestIdLayer::new(REQUEST_ID, RandomRequestId))
+        .layer(middleware::map_request(drop_unusable_request_id))
         .with_state(state)
+}
+
+/// The longest request id a client may choose. Ids are echoed in a header, in error bodies and
+/// in every log line of the request, so they are kept short and plain.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Removes a client's `X-Request-Id` that is longer than [`MAX_REQUEST_ID`] or holds anything
+/// but visible ASCII, so that [`RandomRequestId`] replaces it.
+async fn drop_unusable_request_id(mut request: Request) -> Request {
+    let usable = |id: &HeaderValue| {
+        let bytes = id.as_bytes();
+        !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID && bytes.iter().all(u8::is_ascii_graphic)
+    };
+    if request.headers().get_all(REQUEST_ID).iter().any(|id| !usable(id)) {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    request
 }
 
 /// Request ids: 16 random hex digits, unless the client sent one.
@@ -102,7 +120,7 @@ async fn not_found() -> Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.kind.http_status();
-        let body = json!({ "error": self.kind.as_str(), "message": self.message });
+        let body = json!({ "error": self.kind.as_str(), "message": self.message() });
         let mut response = (status, axum::Json(body)).into_response();
         if let Some(after) = self.retry_after {
             let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
@@ -111,14 +129,15 @@ impl IntoResponse for Error {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         // The request id is filled in by `normalize_errors`, which knows it.
-        response.extensions_mut().insert(ErrorBody);
+        response.extensions_mut().insert(ErrorBody(self));
         response
     }
 }
 
-/// Marks a response whose body is one of our JSON errors.
-#[derive(Debug, Clone, Copy)]
-struct ErrorBody;
+/// Marks a response whose body is one of our JSON errors, and carries that error, so that
+/// `normalize_errors` rebuilds the body without reading it back.
+#[derive(Debug, Clone)]
+struct ErrorBody(Error);
 
 /// Rewrites every error response into the JSON shape with the request id, counts the request,
 /// and logs server errors.
@@ -153,26 +172,26 @@ async fn normalize_errors(State(state): State<Arc<ApiState>>, request: Request, 
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let ours = response.extensions().get::<ErrorBody>().is_some();
+    let ours = response.extensions().get::<ErrorBody>().cloned();
     let json = response
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes() == b"application/json");
-    if !ours && json {
+    if ours.is_none() && json {
         // A handler's own JSON answer with an error status (`/health` while shutting down).
         return response;
     }
     let (mut parts, body) = response.into_parts();
-    let mut value: serde_json::Value = if ours {
-        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({}))
-    } else {
-        // One of axum's or tower's own rejections: say the same in our words.
-        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
-        let detail = String::from_utf8_lossy(&bytes).trim().to_string();
-        let (kind, message) = rejection(status, route, detail);
-        json!({ "error": kind.as_str(), "message": message })
+    let error = match ours {
+        Some(ErrorBody(error)) => error,
+        None => {
+            // One of axum's or tower's own rejections: say the same in our words.
+            let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+            let detail = String::from_utf8_lossy(&bytes).trim().to_string();
+            rejection(status, route, detail, state.options.max_body_bytes)
+        }
     };
+    let mut value = json!({ "error": error.kind.as_str(), "message": error.message() });
     value["request_id"] = json!(request_id);
     parts
         .headers
@@ -181,7 +200,8 @@ async fn normalize_errors(State(state): State<Arc<ApiState>>, request: Request, 
     Response::from_parts(parts, axum::body::Body::from(value.to_string()))
 }
 
-fn rejection(status: StatusCode, route: &str, detail: String) -> (ErrorKind, String) {
+fn rejection(status: StatusCode, route: &str, detail: String, max_body_bytes: usize) -> Error {
+    let or_status = |detail: String| if detail.is_empty() { status.to_string() } else { detail };
     match status {
         StatusCode::METHOD_NOT_ALLOWED => {
             let methods = ROUTES
@@ -191,23 +211,17 @@ fn rejection(status: StatusCode, route: &str, detail: String) -> (ErrorKind, Str
                 .unwrap_or_default();
             let allow: Vec<String> = methods.iter().map(|m| m.to_uppercase()).collect();
             let message = format!("{route} does not take this method; it takes {}", allow.join(", "));
-            (ErrorKind::MethodNotAllowed, message)
+            Error::new(ErrorKind::MethodNotAllowed, message)
         }
-        StatusCode::PAYLOAD_TOO_LARGE => (
+        StatusCode::PAYLOAD_TOO_LARGE => Error::new(
             ErrorKind::PayloadTooLarge,
-            "the request body is over the configured limit".into(),
+            format!("the request body is over this node's limit of {max_body_bytes} bytes (max_request_bytes)"),
         ),
-        StatusCode::REQUEST_TIMEOUT => (ErrorKind::DeadlineExceeded, "the request did not finish in time".into()),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => (ErrorKind::UnsupportedMediaType, detail),
-        StatusCode::NOT_FOUND => (ErrorKind::NotFound, "no such route; see docs/openapi.yaml".into()),
-        s if s.is_server_error() => (
-            ErrorKind::Internal,
-            if detail.is_empty() { s.to_string() } else { detail },
-        ),
-        _ => (
-            ErrorKind::InvalidArgument,
-            if detail.is_empty() { status.to_string() } else { detail },
-        ),
+        StatusCode::REQUEST_TIMEOUT => Error::new(ErrorKind::DeadlineExceeded, "the request did not finish in time"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => Error::new(ErrorKind::UnsupportedMediaType, detail),
+        StatusCode::NOT_FOUND => Error::new(ErrorKind::NotFound, "no such route; see docs/openapi.yaml"),
+        s if s.is_server_error() => Error::new(ErrorKind::Internal, or_status(detail)),
+        _ => Error::new(ErrorKind::InvalidArgument, or_status(detail)),
     }
 }
 

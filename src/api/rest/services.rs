@@ -106,12 +106,14 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, Error> {
     }
 }
 
-fn content_type(headers: &HeaderMap) -> &str {
+/// The media type of the body, lower-cased (media types are case-insensitive), without
+/// parameters such as `charset`.
+fn content_type(headers: &HeaderMap) -> String {
     let value = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    value.split(';').next().unwrap_or("").trim()
+    value.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
 }
 
 /// The deploy body of `POST /services`.
@@ -176,10 +178,13 @@ pub(super) async fn deploy_json(
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
     let body: DeployBody = parse_json(&headers, &body)?;
     let module: Arc<[u8]> = match (body.wasm_base64, body.wat) {
-        (Some(b64), None) => base64::engine::general_purpose::STANDARD
-            .decode(b64.split_ascii_whitespace().collect::<String>())
-            .map_err(|e| Error::invalid(format!("wasm_base64 is not valid base64: {e}")))?
-            .into(),
+        (Some(b64), None) => {
+            let wasm = base64::engine::general_purpose::STANDARD
+                .decode(b64.split_ascii_whitespace().collect::<String>())
+                .map_err(|e| Error::invalid(format!("wasm_base64 is not valid base64: {e}")))?;
+            ops::require_wasm_binary(&wasm, "`wasm_base64`", "the `wat` field")?;
+            wasm.into()
+        }
         (None, Some(wat)) => wat.into_bytes().into(),
         _ => return Err(Error::invalid("give exactly one of wasm_base64 and wat")),
     };
@@ -215,8 +220,14 @@ pub(super) async fn deploy_raw(
     let params = Params::parse(query, &allowed)?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
     let is_wasm = body.starts_with(b"\0asm");
-    match content_type(&headers) {
-        "application/wasm" | "application/octet-stream" | "text/plain" | "text/wat" => {}
+    match content_type(&headers).as_str() {
+        // Declared a binary: WAT text sent this way would be taken for one and fail oddly.
+        "application/wasm" => ops::require_wasm_binary(
+            &body,
+            "a body sent as Content-Type: application/wasm",
+            "a body sent as Content-Type: text/plain",
+        )?,
+        "application/octet-stream" | "text/plain" | "text/wat" => {}
         // curl --data-binary sends this by default; accept it for a wasm binary.
         "application/x-www-form-urlencoded" if is_wasm => {}
         other => {
@@ -295,6 +306,7 @@ pub(super) async fn status(
 ) -> Result<Json<Value>, Error> {
     let params = Params::parse(query, &["tenant"])?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    ops::check_service_id(&id)?;
     let service = state.control.status(caller.tenant(), &id)?;
     let mut body = service_json(&ops::service_status(&state, &service));
     let control = state.control.clone();
@@ -351,8 +363,10 @@ pub(super) async fn shutdown(
     RawQuery(query): RawQuery,
     certificate: Certificate,
 ) -> Result<Response, Error> {
-    let params = Params::parse(query, &["grace_ms"])?;
     let caller = super::caller(&state, &headers, None, certificate.as_deref())?;
+    // Authorized before the query is read, so a tenant learns nothing but "no", as over gRPC.
+    caller.require_admin("shut the node down")?;
+    let params = Params::parse(query, &["grace_ms"])?;
     let seq = ops::shutdown(&state, &caller, params.number("grace_ms")?.unwrap_or(0)).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "seq": seq }))).into_response())
 }

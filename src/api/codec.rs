@@ -1,0 +1,118 @@
+//! How gRPC messages are read off the wire: the codec of the generated server and client
+//! (wired in by `build.rs`), and the status of a message over the size limit.
+//!
+//! Both exist to give the client the code the gRPC spec asks for: INVALID_ARGUMENT for bytes
+//! that are not the request message (tonic's prost codec says INTERNAL, as if the node were
+//! at fault), and RESOURCE_EXHAUSTED for a message over the limit (tonic says OUT_OF_RANGE).
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use tonic::Status;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic::server::NamedService;
+use tonic_prost::{ProstCodec, ProstDecoder};
+
+/// [`ProstCodec`], whose decode errors are INVALID_ARGUMENT.
+#[derive(Debug, Clone, Default)]
+pub struct SoloCodec<T, U>(ProstCodec<T, U>);
+
+impl<T, U> Codec for SoloCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
+    type Decoder = SoloDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.0.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        SoloDecoder(self.0.decoder())
+    }
+}
+
+/// [`ProstDecoder`], whose errors blame the message, not the node.
+#[derive(Debug, Clone, Default)]
+pub struct SoloDecoder<U>(ProstDecoder<U>);
+
+impl<U: prost::Message + Default> Decoder for SoloDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        // The generated client decodes replies with this too, where the words would be wrong;
+        // but our own server's replies always decode.
+        self.0.decode(buf).map_err(|status| {
+            let detail = status.message();
+            let detail = detail
+                .strip_prefix("failed to decode Protobuf message: ")
+                .unwrap_or(detail);
+            Status::invalid_argument(format!("the request is not a valid protobuf message: {detail}"))
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// Wraps the gRPC service so that a request message over the size limit is answered
+/// RESOURCE_EXHAUSTED naming the limit. Tonic checks the limit before any codec sees the bytes
+/// and answers OUT_OF_RANGE; Solo never answers OUT_OF_RANGE itself (no [`super::ErrorKind`]
+/// maps to it), so that code in a reply's headers, before any message went out, can only be
+/// this refusal.
+#[derive(Debug, Clone)]
+pub struct SizeLimited<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S> SizeLimited<S> {
+    /// `limit` is the `max_decoding_message_size` the inner service was given.
+    pub fn new(inner: S, limit: usize) -> SizeLimited<S> {
+        SizeLimited { inner, limit }
+    }
+}
+
+impl<S: NamedService> NamedService for SizeLimited<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type Reply = http::Response<tonic::body::Body>;
+
+impl<S, B> tower::Service<http::Request<B>> for SizeLimited<S>
+where
+    S: tower::Service<http::Request<B>, Response = Reply, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Reply;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Reply, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let limit = self.limit;
+        let reply = self.inner.call(request);
+        Box::pin(async move {
+            let reply = reply.await?;
+            let out_of_range = reply
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|code| code.as_bytes() == b"11");
+            if !out_of_range {
+                return Ok(reply);
+            }
+            let message = format!("the request message is over this node's limit of {limit} bytes (max_request_bytes)");
+            Ok(Status::resource_exhausted(message).into_http())
+        })
+    }
+}
