@@ -314,50 +314,45 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = dir.path().join("counter.wasm");
     std::fs::write(&wasm, wat::parse_file(example_path("counter")).unwrap()).unwrap();
-    let deployed = node
-        .run(
-            "acme",
-            &[
-                "deploy",
-                "counter",
-                wasm.to_str().unwrap(),
-                "--memory-mb",
-                "8",
-                "--call-timeout-ms",
-                "2000",
-                "--cpu-ms",
-                "500",
-                "--mailbox",
-                "7",
-                "--label",
-                "team=x",
-                "--label",
-                "tier=web",
-                "--idempotency-key",
-                "first-deploy",
-                "--json",
-            ],
-        )
-        .ok()
-        .json();
+    let path = wasm.to_str().unwrap();
+    let keyed = [
+        "deploy",
+        "counter",
+        path,
+        "--memory-mb",
+        "8",
+        "--call-timeout-ms",
+        "2000",
+        "--cpu-ms",
+        "500",
+        "--mailbox",
+        "7",
+        "--label",
+        "team=x",
+        "--label",
+        "tier=web",
+        "--idempotency-key",
+        "first-deploy",
+        "--json",
+    ];
+    let deployed = node.run("acme", &keyed).ok().json();
     assert_eq!(deployed["created"], true);
     assert_eq!(deployed["version"], 1);
     assert_eq!(deployed["module_sha256"].as_str().unwrap().len(), 64);
-    // A retry with the key is the first answer; the same module again is unchanged.
-    let retried = node
-        .run(
-            "acme",
-            &[
-                "deploy",
-                "counter",
-                wasm.to_str().unwrap(),
-                "--idempotency-key",
-                "first-deploy",
-                "--json",
-            ],
-        )
-        .ok()
-        .json();
+    // A retry with the key is the first answer; the key with another request is a conflict;
+    // the same module again is unchanged.
+    let retried = node.run("acme", &keyed).ok().json();
+    let relabelled = node.run(
+        "acme",
+        &["deploy", "counter", path, "--idempotency-key", "first-deploy"],
+    );
+    assert!(
+        relabelled
+            .fails(1)
+            .stderr
+            .contains("already used for a different request"),
+        "the key with other limits and labels"
+    );
     assert_eq!(retried["seq"], deployed["seq"]);
     let again = node
         .run(
