@@ -375,6 +375,16 @@ async fn watch_from_one_replays_history_then_follows_live_with_progress_while_id
     }
     assert_eq!(kinds[0], "node_started");
     assert_eq!(kinds.iter().filter(|k| **k == "service_deployed").count(), 2);
+    // A seq far past the head was never acknowledged here: refused, not waited for.
+    let past = proto::WatchRequest {
+        from_seq: last + 1000,
+        ..Default::default()
+    };
+    let err = client.watch(past).await.unwrap_err();
+    assert!(
+        err.code() == Code::InvalidArgument && err.message().contains("this node's log ends at seq"),
+        "{err:?}"
+    );
     // Live: a new deploy arrives on the same stream.
     let live = deploy(&mut client, "acme", "c", "echo").await;
     let seen = loop {

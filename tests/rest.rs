@@ -1602,6 +1602,19 @@ async fn sse_replays_history_and_filters_by_kind_and_service() {
     node.get("/events?colour=red", "a").await.error(400, "invalid_argument");
     let bad_resume = send(node.request(Method::GET, "/events", "a").header("last-event-id", "abc")).await;
     bad_resume.error(400, "invalid_argument");
+    // A resume point this node never reached is refused, not waited for: it comes from another
+    // node or from before a restore, and waiting would skip the events in between.
+    let head = node.get("/health", "a").await.json["head_seq"].as_u64().unwrap();
+    let past = node.get(&format!("/events?from={}", head + 1000), "a").await;
+    assert!(
+        past.error(400, "invalid_argument")
+            .contains("this node's log ends at seq"),
+        "{past:?}"
+    );
+    for last in [(head + 1000).to_string(), u64::MAX.to_string()] {
+        let ahead = send(node.request(Method::GET, "/events", "a").header("last-event-id", last)).await;
+        ahead.error(400, "invalid_argument");
+    }
     drop((all, started, counter, both, resumed));
     node.stop().await;
 }

@@ -225,7 +225,7 @@ impl SoloKernel for GrpcApi {
                 r.from_seq,
                 progress,
                 self.state.stopping.clone(),
-            );
+            )?;
             let gauge = GaugeGuard::new(self.state.metrics.watchers.with_label_values(&["grpc"]));
             let stream: Self::WatchStream = Box::pin(events.map(move |item| {
                 let _held = (&permit, &gauge);

@@ -70,6 +70,11 @@ pub enum WatchItem {
 /// A watch that starts at the head opens with a progress note naming it (as etcd's "created"
 /// response carries the revision), so a client that follows "from now" can resume exactly
 /// even if it is cut off before any event arrives.
+///
+/// A start past the next seq is refused, as Kubernetes refuses a resource version it has not
+/// reached: every seq this node acknowledged is at most its head, so such a resume point comes
+/// from another node or from before this node's data was restored, and waiting for it would
+/// silently skip the events in between.
 pub fn watch(
     control: &Control,
     caller: Caller,
@@ -77,13 +82,21 @@ pub fn watch(
     from_seq: u64,
     progress_interval: Duration,
     shutdown: CancellationToken,
-) -> impl Stream<Item = Result<WatchItem, Error>> + Send + 'static {
+) -> Result<impl Stream<Item = Result<WatchItem, Error>> + Send + 'static, Error> {
     let head = control.head();
     let start = if from_seq == 0 { head + 1 } else { from_seq };
+    if start > head + 1 {
+        return Err(Error::invalid(format!(
+            "cannot start at seq {start}: this node's log ends at seq {head}, so that seq was never \
+             acknowledged here (was it from another node, or from before a restore?); start at \
+             {} or earlier",
+            head + 1
+        )));
+    }
     let log = control.log().clone();
     let mut events = Box::pin(log.tail(start));
     let interval = progress_interval.max(MIN_PROGRESS_INTERVAL);
-    async_stream::stream! {
+    Ok(async_stream::stream! {
         let mut examined = start - 1;
         // Both futures live across turns: re-arming a timer and a cancellation waiter for
         // every event would cost more than delivering it. The deadline moves lazily: the timer
@@ -147,5 +160,5 @@ pub fn watch(
                 }
             }
         }
-    }
+    })
 }

@@ -48,7 +48,7 @@ pub(super) async fn events(
         from_seq,
         progress,
         state.stopping.clone(),
-    );
+    )?;
     // The stream ends cleanly at shutdown: the error that says so is not sent as a frame.
     let frames = items
         .take_while(|item| std::future::ready(item.is_ok()))
@@ -69,7 +69,9 @@ fn resume_point(headers: &HeaderMap, from: Option<u64>) -> Result<u64, Error> {
             .ok_or_else(|| Error::invalid("Last-Event-ID must be the seq of an event"))
     });
     match (last_event_id.transpose()?, from) {
-        (Some(last), _) => Ok(last + 1),
+        (Some(last), _) => last
+            .checked_add(1)
+            .ok_or_else(|| Error::invalid("Last-Event-ID is past the last possible seq")),
         (None, Some(from)) => Ok(from),
         (None, None) => Ok(0),
     }
