@@ -1454,10 +1454,11 @@ async fn max_module_bytes_holds_at_its_edge() {
         "max_module_bytes",
         size,
     );
-    assert_rest_quota(
-        &rest_put(&http, &base, &q, "e2", &format!("{echo};"), "").await,
-        "max_module_bytes",
-        size,
+    let over_by_put = rest_put(&http, &base, &q, "e2", &format!("{echo};"), "").await;
+    assert_rest_quota(&over_by_put, "max_module_bytes", size);
+    assert!(
+        !over_by_put.headers.contains_key("retry-after"),
+        "the same module is refused every time: no retry is invited"
     );
     assert_eq!(head(&http, &base).await, before, "a refused deploy appends nothing");
     let by_put = rest_put(&http, &base, &q, "e2", &echo, "").await;

@@ -225,12 +225,14 @@ impl From<control::Error> for Error {
             E::InvalidArgument(_) | E::InvalidModule(_) => Error::new(ErrorKind::InvalidArgument, message),
             E::NotFound { .. } => Error::new(ErrorKind::NotFound, message),
             E::QuotaExceeded { quota, .. } => {
-                let retry = if quota == "max_deploys_per_minute" {
-                    Duration::from_secs(60)
-                } else {
-                    RETRY_SOON
-                };
-                Error::new(ErrorKind::QuotaExceeded, message).with_retry_after(retry)
+                let refused = Error::new(ErrorKind::QuotaExceeded, message);
+                match quota {
+                    // Limits on the request itself: the same request is refused every time, so
+                    // no `Retry-After` invites a retry.
+                    "max_module_bytes" | "max_memory_mb" => refused,
+                    "max_deploys_per_minute" => refused.with_retry_after(Duration::from_secs(60)),
+                    _ => refused.with_retry_after(RETRY_SOON),
+                }
             }
             E::IdempotencyConflict { .. } => Error::new(ErrorKind::Conflict, message),
             E::NotRunning { .. } => Error::new(ErrorKind::FailedPrecondition, message),
