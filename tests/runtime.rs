@@ -431,6 +431,14 @@ async fn bad_modules_get_clear_errors_and_append_nothing() {
         err.to_string().contains("wasi_snapshot_preview1.fd_write") && err.to_string().contains("not granted"),
         "{err}"
     );
+    // A memory limit below the module's own minimum (one 64 KiB page) could never start.
+    let mut cramped = deploy_example("acme", "bad", "echo");
+    cramped.limits.memory_bytes = 1;
+    let err = control.deploy(cramped).await.unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidModule(_)) && err.to_string().contains("starts at 65536 bytes"),
+        "{err}"
+    );
     assert_eq!(control.head(), 1, "only node_started is in the log");
     node.stop(Duration::from_secs(5)).await;
 }

@@ -170,8 +170,9 @@ impl Runtime {
     }
 
     /// Validates and compiles a module sent for deploy (wasm, or WAT converted to wasm), and
-    /// caches it. Returns the module as it will be stored: wasm bytes and their hash.
-    pub async fn prepare(&self, bytes: Arc<[u8]>) -> Result<Module, InvalidModule> {
+    /// caches it; checks that its memory starts within `memory_bytes`, the service's limit.
+    /// Returns the module as it will be stored: wasm bytes and their hash.
+    pub async fn prepare(&self, bytes: Arc<[u8]>, memory_bytes: u64) -> Result<Module, InvalidModule> {
         let module = if bytes.starts_with(module::WASM_MAGIC) {
             Module::hashed(bytes).await
         } else {
@@ -181,7 +182,14 @@ impl Runtime {
         // The common case, a module already compiled, needs no blocking thread at all.
         let (inner, sha256, bytes) = (Arc::clone(&self.inner), module.sha256, Arc::clone(&module.bytes));
         let compile = blocking(move || module::prepare(&inner.compiler.engine, &inner.compiler.linker, sha256, &bytes));
-        self.inner.cache.get_or_prepare(sha256, compile).await?;
+        let prepared = self.inner.cache.get_or_prepare(sha256, compile).await?;
+        if prepared.min_memory_bytes > memory_bytes {
+            return Err(InvalidModule(format!(
+                "the module's memory starts at {} bytes, over the service's memory limit of {memory_bytes} \
+                 bytes; ask for more memory_bytes, or lower the module's minimum",
+                prepared.min_memory_bytes
+            )));
+        }
         Ok(module)
     }
 

@@ -41,6 +41,8 @@ pub struct Prepared {
     pub pre: InstancePre<Host>,
     pub has_init: bool,
     pub has_stop: bool,
+    /// The size the module's memory starts at: a service limited below it cannot start.
+    pub min_memory_bytes: u64,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -119,6 +121,10 @@ pub fn prepare(
     )?;
     let has_init = optional_export(&module, "solo_init", (&[], &[ValType::I32]))?;
     let has_stop = optional_export(&module, "solo_stop", (&[], &[]))?;
+    let min_memory_bytes = match module.get_export("memory") {
+        Some(ExternType::Memory(memory)) => memory.minimum().saturating_mul(memory.page_size()),
+        _ => 0,
+    };
     let pre = linker
         .instantiate_pre(&module)
         .map_err(|e| InvalidModule(format!("cannot link the module: {e:#}")))?;
@@ -127,6 +133,7 @@ pub fn prepare(
         pre,
         has_init,
         has_stop,
+        min_memory_bytes,
     })
 }
 
