@@ -357,6 +357,17 @@ impl Store {
             .collect()
     }
 
+    /// Every stored snapshot (seq and frame), newest first, as of one moment: read in one read
+    /// transaction, so one the server prunes meanwhile is still here rather than vanished.
+    pub fn snapshots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        self.snapshots
+            .rev_iter(&rtxn)
+            .map_err(|e| self.err(e))?
+            .map(|item| item.map(|(seq, bytes)| (seq, bytes.to_vec())).map_err(|e| self.err(e)))
+            .collect()
+    }
+
     /// Runs `read` on the framed snapshot taken after `seq`, in place (no copy of what may be
     /// megabytes), within one read transaction.
     pub fn read_snapshot<T>(&self, seq: u64, read: impl FnOnce(Option<&[u8]>) -> T) -> Result<T> {
