@@ -35,7 +35,8 @@ type SeqKey = U64<BigEndian>;
 /// How the environment is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// Size of LMDB's memory map: the most the data file may ever hold.
+    /// Size of LMDB's memory map: the most the data file may ever hold. A read-only open
+    /// ignores it and maps what the data file records (the largest map a writer used).
     pub map_size: u64,
     /// Slots in LMDB's reader table: concurrent read transactions, across processes.
     pub max_readers: u32,
@@ -58,6 +59,7 @@ pub struct StoreStats {
     pub blob_bytes: u64,
     pub snapshots: Vec<(u64, u64)>,
     pub file_bytes: u64,
+    /// The map in effect: for a read-only open, the size recorded in the data file.
     pub map_size: u64,
 }
 
@@ -102,10 +104,11 @@ impl Store {
         } else {
             create_databases(&env).map_err(heed_err)?
         };
+        let map_size = env.info().map_size as u64;
         let mut store = Store {
             env,
             path: path.to_path_buf(),
-            map_size: options.map_size,
+            map_size,
             events,
             blobs,
             snapshots,
@@ -419,6 +422,10 @@ fn open_env(path: &Path, options: &StoreOptions) -> Result<Env<WithoutTls>> {
         unsafe {
             open.flags(EnvFlags::READ_ONLY);
         }
+    } else {
+        let page = 4096;
+        let map_size = options.map_size.div_ceil(page) * page;
+        open.map_size(usize::try_from(map_size).unwrap_or(usize::MAX));
     }
     // SAFETY: LMDB maps the file into memory; the file must not be modified other than through
     // LMDB. Only Solo opens this directory, always through this function, and LMDB's own lock
