@@ -242,23 +242,22 @@ pub fn dump(
     while from <= to {
         let end = to.min(from + CHUNK - 1);
         let mut lines = Vec::new();
-        store
-            .scan_raw(from..=end, |seq, bytes| {
-                let decoded = frame::decode(bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|p| Event::decode(p).map_err(|e| format!("payload does not decode: {e}")));
-                match decoded {
-                    Ok(event) if filter.matches(&event) => lines.push(Ok(if json {
-                        event::to_json(&event).to_string()
-                    } else {
-                        event::describe(&event)
-                    })),
-                    Ok(_) => {}
-                    Err(reason) => lines.push(Err(format!("seq {seq}: damaged record: {reason}"))),
-                }
-                ControlFlow::Continue(())
-            })
-            .map_err(std::io::Error::other)?;
+        let scanned = store.scan_raw(from..=end, |seq, bytes| {
+            let decoded = frame::decode(bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|p| Event::decode(p).map_err(|e| format!("payload does not decode: {e}")));
+            match decoded {
+                Ok(event) if filter.matches(&event) => lines.push(Ok(if json {
+                    event::to_json(&event).to_string()
+                } else {
+                    event::describe(&event)
+                })),
+                Ok(_) => {}
+                Err(reason) => lines.push(Err(format!("seq {seq}: damaged record: {reason}"))),
+            }
+            ControlFlow::Continue(())
+        });
+        // The records before damage that stops the scan are printed, then the damage.
         for line in lines {
             match line {
                 Ok(line) => writeln!(out, "{line}")?,
@@ -268,6 +267,7 @@ pub fn dump(
                 }
             }
         }
+        scanned.map_err(std::io::Error::other)?;
         from = end + 1;
     }
     Ok(damaged)

@@ -281,7 +281,7 @@ impl Store {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         let iter = self.events.range(&rtxn, &range).map_err(|e| self.err(e))?;
         for (expected, item) in (*range.start()..).zip(iter) {
-            let (seq, bytes) = item.map_err(|e| self.err(e))?;
+            let (seq, bytes) = item.map_err(|e| self.damaged_from(expected, e))?;
             if seq != expected {
                 return Err(Error::MissingRecord { seq: expected });
             }
@@ -299,13 +299,28 @@ impl Store {
         mut each: impl FnMut(u64, &[u8]) -> std::ops::ControlFlow<()>,
     ) -> Result<()> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let mut next = *range.start();
         for item in self.events.range(&rtxn, &range).map_err(|e| self.err(e))? {
-            let (seq, bytes) = item.map_err(|e| self.err(e))?;
+            let (seq, bytes) = item.map_err(|e| self.damaged_from(next, e))?;
             if each(seq, bytes).is_break() {
                 break;
             }
+            next = seq + 1;
         }
         Ok(())
+    }
+
+    /// An error met walking the events from `seq` on: a key that does not decode or a page
+    /// that LMDB cannot find means the records from `seq` on are unreadable, so it names it.
+    fn damaged_from(&self, seq: u64, e: heed::Error) -> Error {
+        let reason = match &e {
+            heed::Error::Decoding(_) => format!("its key in data.mdb is damaged ({e})"),
+            heed::Error::Mdb(heed::MdbError::Corrupted | heed::MdbError::PageNotFound) => {
+                format!("the page of data.mdb that holds it is damaged ({e})")
+            }
+            _ => return self.err(e),
+        };
+        Error::UndecodableRecord { seq, reason }
     }
 
     pub fn blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>> {
@@ -411,12 +426,11 @@ impl Store {
 
 fn open_env(path: &Path, options: &StoreOptions) -> Result<Env<WithoutTls>> {
     let mut open = EnvOpenOptions::new().read_txn_without_tls();
-    let page = 4096;
-    let map_size = options.map_size.div_ceil(page) * page;
-    open.map_size(usize::try_from(map_size).unwrap_or(usize::MAX))
-        .max_dbs(4)
-        .max_readers(options.max_readers);
+    open.max_dbs(4).max_readers(options.max_readers);
     if options.read_only {
+        // No map size: LMDB then maps what the data file records, which a writer raises to its
+        // own map at each commit, so a reader maps all the writer may write and reports the
+        // size the directory is really served with, whatever this process's config says.
         // SAFETY: READ_ONLY only restricts what this handle may do.
         #[allow(unsafe_code)]
         unsafe {
