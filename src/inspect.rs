@@ -1,7 +1,8 @@
 //! Offline inspection of a data directory: `solo log verify`, `dump` and `stats`.
 //!
 //! These open the log read-only, so they work while a server is writing (LMDB allows readers
-//! in other processes). They read in bounded chunks, one short read transaction each.
+//! in other processes). They read in bounded chunks, one short read transaction each; `verify`
+//! reads all snapshots in one more, so a server pruning them meanwhile cannot fool it.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -63,14 +64,26 @@ impl VerifyReport {
 /// (its hash), that every deployed module is present, and that replaying the log reproduces
 /// each stored snapshot.
 pub fn verify(store: &Store, settings: Settings) -> log::Result<VerifyReport> {
+    verify_with_snapshots(store, settings, store.snapshots()?)
+}
+
+/// As [`verify`], against `stored`: the snapshots (seq and frame) as [`Store::snapshots`] read
+/// them at one moment. A running server prunes old snapshots at any time; one it pruned since
+/// is still compared, rather than taken for damage.
+pub fn verify_with_snapshots(
+    store: &Store,
+    settings: Settings,
+    stored: Vec<(u64, Vec<u8>)>,
+) -> log::Result<VerifyReport> {
+    // After the snapshots: every snapshot read is then at or below the head, and compared.
     let head = store.head()?;
     let mut report = VerifyReport {
         head,
         ..VerifyReport::default()
     };
     let mut snapshots = BTreeMap::new();
-    for seq in store.snapshot_seqs()? {
-        match snapshot_state(store, seq, settings) {
+    for (seq, frame) in stored {
+        match snapshot_state(&frame, settings) {
             Ok(Some(state)) => {
                 snapshots.insert(seq, state);
             }
@@ -87,7 +100,7 @@ pub fn verify(store: &Store, settings: Settings) -> log::Result<VerifyReport> {
     while from <= head && report.first_bad.is_none() {
         let to = head.min(from + CHUNK - 1);
         let mut expected = from;
-        store.scan_raw(from..=to, |seq, bytes| {
+        let scanned = store.scan_raw(from..=to, |seq, bytes| {
             let checked = check_record(seq, expected, bytes, &mut state);
             expected = seq + 1;
             report.records += 1;
@@ -111,7 +124,13 @@ pub fn verify(store: &Store, settings: Settings) -> log::Result<VerifyReport> {
                     ControlFlow::Break(())
                 }
             }
-        })?;
+        });
+        match scanned {
+            Ok(()) => {}
+            // A damaged page or key of data.mdb: damage to report, at the seq it starts from.
+            Err(log::Error::UndecodableRecord { seq, reason }) => report.first_bad = Some((seq, reason)),
+            Err(e) => return Err(e),
+        }
         if report.first_bad.is_none() && expected <= to {
             report.first_bad = Some((expected, "missing: the log has a gap".into()));
         }
@@ -137,10 +156,9 @@ fn check_record(seq: u64, expected: u64, bytes: &[u8], state: &mut State) -> Res
     Ok(event)
 }
 
-/// The state a snapshot holds; `None` for one in a form only older builds wrote.
-fn snapshot_state(store: &Store, seq: u64, settings: Settings) -> Result<Option<State>, String> {
-    let bytes = store.snapshot(seq).map_err(|e| e.to_string())?.ok_or("vanished")?;
-    let payload = frame::decode(&bytes).map_err(|e| e.to_string())?;
+/// The state a framed snapshot holds; `None` for one in a form only older builds wrote.
+fn snapshot_state(frame: &[u8], settings: Settings) -> Result<Option<State>, String> {
+    let payload = frame::decode(frame).map_err(|e| e.to_string())?;
     match State::decode_snapshot(payload, settings) {
         Ok(state) => Ok(Some(state)),
         Err(SnapshotError::Outdated(_)) => Ok(None),
@@ -224,23 +242,22 @@ pub fn dump(
     while from <= to {
         let end = to.min(from + CHUNK - 1);
         let mut lines = Vec::new();
-        store
-            .scan_raw(from..=end, |seq, bytes| {
-                let decoded = frame::decode(bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|p| Event::decode(p).map_err(|e| format!("payload does not decode: {e}")));
-                match decoded {
-                    Ok(event) if filter.matches(&event) => lines.push(Ok(if json {
-                        event::to_json(&event).to_string()
-                    } else {
-                        event::describe(&event)
-                    })),
-                    Ok(_) => {}
-                    Err(reason) => lines.push(Err(format!("seq {seq}: damaged record: {reason}"))),
-                }
-                ControlFlow::Continue(())
-            })
-            .map_err(std::io::Error::other)?;
+        let scanned = store.scan_raw(from..=end, |seq, bytes| {
+            let decoded = frame::decode(bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|p| Event::decode(p).map_err(|e| format!("payload does not decode: {e}")));
+            match decoded {
+                Ok(event) if filter.matches(&event) => lines.push(Ok(if json {
+                    event::to_json(&event).to_string()
+                } else {
+                    event::describe(&event)
+                })),
+                Ok(_) => {}
+                Err(reason) => lines.push(Err(format!("seq {seq}: damaged record: {reason}"))),
+            }
+            ControlFlow::Continue(())
+        });
+        // The records before damage that stops the scan are printed, then the damage.
         for line in lines {
             match line {
                 Ok(line) => writeln!(out, "{line}")?,
@@ -250,6 +267,7 @@ pub fn dump(
                 }
             }
         }
+        scanned.map_err(std::io::Error::other)?;
         from = end + 1;
     }
     Ok(damaged)

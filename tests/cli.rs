@@ -1391,3 +1391,86 @@ fn a_full_disk_fails_the_batch_says_so_and_loses_nothing() {
     let node = serve.start();
     running_out_of_room(&serve, node, "is full", Some(&|| disk.resize(64)));
 }
+
+/// A data directory of `events` small events written straight to the store, which was opened
+/// with a map of `map_size` bytes.
+fn offline_data_dir(dir: &Path, map_size: u64, events: u64) {
+    use prost::Message as _;
+    let options = solo::log::StoreOptions {
+        map_size,
+        max_readers: 16,
+        read_only: false,
+    };
+    let store = solo::log::Store::open(dir, &options).unwrap();
+    let frames: Vec<Vec<u8>> = (1..=events)
+        .map(|seq| {
+            let event = solo::proto::Event {
+                seq,
+                timestamp_ms: 1_700_000_000_000 + seq,
+                tenant: "acme".into(),
+                service_id: format!("svc-{seq}"),
+                ..Default::default()
+            };
+            solo::log::frame::encode(&event.encode_to_vec())
+        })
+        .collect();
+    store.append(1, frames.iter().map(Vec::as_slice), &[]).unwrap();
+}
+
+#[test]
+fn stats_reports_the_map_the_data_directory_is_served_with() {
+    let dir = tempfile::tempdir().unwrap();
+    offline_data_dir(dir.path(), 1 << 20, 10);
+    let data = dir.path().to_str().unwrap();
+    // This process's config has the default map (64 GiB); the directory was served with 1 MiB.
+    let stats = run(solo().args(["log", "stats", "--data-dir", data, "--json"]))
+        .ok()
+        .json();
+    assert_eq!(stats["map_size_bytes"], 1 << 20, "{stats}");
+    let people = run(solo().args(["log", "stats", "--data-dir", data])).ok().text();
+    assert!(people.contains("of a 1048576 byte map"), "{people}");
+}
+
+#[test]
+fn the_offline_tools_stop_quietly_when_stdout_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Far more than a pipe holds (64 KiB), so dump is still writing when the reader goes.
+    offline_data_dir(dir.path(), 64 << 20, 5_000);
+    let data = dir.path().to_str().unwrap();
+    let commands: [&[&str]; 6] = [
+        &["log", "dump", "--data-dir", data],
+        &["log", "dump", "--json", "--data-dir", data],
+        &["log", "stats", "--data-dir", data],
+        &["log", "stats", "--json", "--data-dir", data],
+        &["log", "verify", "--data-dir", data],
+        &["completions", "bash"],
+    ];
+    for args in commands {
+        let mut cmd = std::process::Command::new(bin());
+        for var in SOLO_VARS {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `| head -c 10`: read a little, then close the pipe (before the short outputs are
+        // even written, as the child is still starting).
+        let mut stdout = child.stdout.take().unwrap();
+        if args[1] == "dump" {
+            let mut some = [0u8; 10];
+            std::io::Read::read_exact(&mut stdout, &mut some).unwrap();
+        }
+        drop(stdout);
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stderr.is_empty(),
+            "{args:?}: {:?}, stderr: {stderr}",
+            output.status
+        );
+    }
+}

@@ -450,6 +450,55 @@ async fn a_flipped_byte_is_reported_by_verify_with_its_seq() {
     assert_eq!(summary.lines().count(), 1, "one-line summary: {summary}");
 }
 
+/// A key of data.mdb damaged so that it no longer decodes: verify and dump name the seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_key_is_reported_with_its_seq() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    for i in 0..20 {
+        deploy(&control, "acme", &format!("svc-{i}"), "m").await;
+    }
+    control.close().await;
+    drop(control);
+    let mut bytes = std::fs::read(dir.path().join("data.mdb")).unwrap();
+    // A leaf node is (data size: 4 bytes, flags: 2, key size: 2, key): the key of seq 14, with
+    // its size, in every copy of the page; a size of 4 leaves half a u64.
+    let mut node = vec![8, 0];
+    node.extend_from_slice(&14u64.to_be_bytes());
+    let places: Vec<usize> = bytes
+        .windows(node.len())
+        .enumerate()
+        .filter(|(_, w)| *w == node.as_slice())
+        .map(|(at, _)| at)
+        .collect();
+    assert!(!places.is_empty(), "the key is in the file");
+    for at in places {
+        bytes[at] = 4;
+    }
+    let copy = tempdir();
+    std::fs::write(copy.path().join("data.mdb"), bytes).unwrap();
+
+    let solo = |command: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_solo"))
+            .args(["log", command, "--data-dir"])
+            .arg(copy.path())
+            .output()
+            .unwrap()
+    };
+    let verified = solo("verify");
+    let summary = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(1), "{summary}");
+    assert!(
+        summary.starts_with("FAILED: first bad record is seq 14: its key in data.mdb is damaged"),
+        "{summary}"
+    );
+    let dumped = solo("dump");
+    let error = String::from_utf8_lossy(&dumped.stderr);
+    assert_eq!(dumped.status.code(), Some(1), "{error}");
+    assert!(error.contains("record 14 does not decode"), "{error}");
+    assert_eq!(String::from_utf8_lossy(&dumped.stdout).lines().count(), 13);
+}
+
 /// A node snapshotting every 10 events, after `deploys` deploys over 7 services; and its state.
 async fn snapshotting_node(dir: &Path, deploys: usize) -> (Control, State) {
     let mut opts = options(dir);
@@ -527,6 +576,33 @@ async fn every_snapshot_is_the_log_replayed_to_its_seq() {
         solo::control::replay(store, &mut replayed, 1, seq).unwrap();
         assert_eq!(snapshot, replayed, "snapshot at {seq}");
     }
+}
+
+/// A running server prunes old snapshots whenever it takes a new one, also while `solo log
+/// verify` reads: one pruned after verify read the snapshots is compared all the same, and is
+/// no damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_pruned_while_verify_runs_is_no_damage() {
+    let dir = tempdir();
+    let (control, live) = snapshotting_node(dir.path(), 35).await;
+    let store = control.log().store();
+    let read = store.snapshots().unwrap();
+    assert!(
+        read.len() >= 2,
+        "snapshots at {:?}",
+        read.iter().map(|(seq, _)| seq).collect::<Vec<_>>()
+    );
+    let oldest = read.last().unwrap().0;
+    // The server's next snapshot prunes all but the newest.
+    let (newest, frame) = read[0].clone();
+    store.put_snapshot(newest, &frame, 1).unwrap();
+    assert_eq!(store.snapshot(oldest).unwrap(), None);
+
+    let report = inspect::verify_with_snapshots(store, live.settings(), read.clone()).unwrap();
+    assert!(report.ok(), "{}", report.summary());
+    let compared: Vec<u64> = report.snapshots.iter().map(|(seq, _)| *seq).collect();
+    let listed: Vec<u64> = read.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(compared, listed, "every snapshot read is compared, the pruned one too");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

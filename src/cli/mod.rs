@@ -38,9 +38,16 @@ pub fn run(cli: Cli) -> ExitCode {
         client => return exit(run_client(&connection, json, client)),
     };
     offline.unwrap_or_else(|e| {
-        output::print_error(&format!("{e:#}"));
+        output::print_error(&offline_error(&e));
         ExitCode::FAILURE
     })
+}
+
+/// An offline command's error and its causes, each said once: a storage error's message
+/// already quotes the LMDB error that is also its source.
+fn offline_error(error: &anyhow::Error) -> String {
+    let error: &(dyn std::error::Error + 'static) = error.as_ref();
+    error::causes(error)
 }
 
 /// Runs a client command on a small runtime of its own.
@@ -105,5 +112,23 @@ async fn interrupted() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_lmdb_error_is_said_once() {
+        let error = anyhow::Error::from(crate::log::Error::Lmdb {
+            path: "/data".into(),
+            source: heed::Error::Mdb(heed::MdbError::PageNotFound),
+        });
+        let text = offline_error(&error);
+        assert!(text.starts_with("LMDB error on /data: MDB_PAGE_NOTFOUND"), "{text}");
+        assert_eq!(text.matches("MDB_PAGE_NOTFOUND").count(), 1, "{text}");
+        let io = anyhow::Error::from(std::io::Error::other("disk on fire")).context("cannot print");
+        assert_eq!(offline_error(&io), "cannot print: disk on fire");
     }
 }

@@ -1,6 +1,7 @@
 //! The commands that need no node: `serve` (which runs one), `log verify|dump|stats`,
 //! `config check`, `token new` and `completions`. They fail with exit code 1.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,9 +41,11 @@ pub fn config_check(file: PathBuf) -> anyhow::Result<ExitCode> {
         crate::tls::TlsSetup::load(&files).map_err(anyhow::Error::msg)?;
     }
     let text = toml::to_string_pretty(&config.redacted()).context("cannot print the configuration")?;
-    print!("{text}");
-    eprintln!("{}: ok", file.display());
-    Ok(ExitCode::SUCCESS)
+    printing(|out| {
+        write!(out, "{text}")?;
+        eprintln!("{}: ok", file.display());
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 pub fn config(command: ConfigCommand) -> anyhow::Result<ExitCode> {
@@ -55,20 +58,27 @@ pub fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
     match command {
         TokenCommand::New => {
             let (token, hash) = crate::api::auth::new_token().context("no randomness for a token")?;
-            println!("{token}");
-            eprintln!("Keep the token secret. Put its hash in the config: for the admin, under [security]:");
-            eprintln!("  admin_token_sha256 = [\"{hash}\"]");
-            eprintln!("or for a tenant, under [tenants.<name>]:");
-            eprintln!("  token_sha256 = [\"{hash}\"]");
-            Ok(ExitCode::SUCCESS)
+            printing(|out| {
+                writeln!(out, "{token}")?;
+                eprintln!("Keep the token secret. Put its hash in the config: for the admin, under [security]:");
+                eprintln!("  admin_token_sha256 = [\"{hash}\"]");
+                eprintln!("or for a tenant, under [tenants.<name>]:");
+                eprintln!("  token_sha256 = [\"{hash}\"]");
+                Ok(ExitCode::SUCCESS)
+            })
         }
     }
 }
 
 pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
     let mut command = Cli::command();
-    clap_complete::generate(shell, &mut command, "solo", &mut std::io::stdout());
-    Ok(ExitCode::SUCCESS)
+    // Into memory first: clap_complete panics when a write fails.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "solo", &mut script);
+    printing(|out| {
+        out.write_all(&script)?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 pub fn log(config_path: Option<PathBuf>, command: LogCommand) -> anyhow::Result<ExitCode> {
@@ -83,11 +93,13 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand) -> anyhow::Result<
             for problem in report.problems.iter().skip(1) {
                 eprintln!("also: {problem}");
             }
-            println!("{}", report.summary());
-            Ok(if report.ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+            printing(|out| {
+                writeln!(out, "{}", report.summary())?;
+                Ok(if report.ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             })
         }
         LogCommand::Dump {
@@ -104,50 +116,102 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand) -> anyhow::Result<
                 tenant,
                 service_id,
             };
-            let stdout = std::io::stdout();
-            let damaged = inspect::dump(&open(dir)?, &filter, json, &mut stdout.lock(), &mut std::io::stderr())?;
-            Ok(if damaged == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+            let store = open(dir)?;
+            printing(|out| {
+                let damaged = inspect::dump(&store, &filter, json, out, &mut std::io::stderr())?;
+                Ok(if damaged == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             })
         }
         LogCommand::Stats { dir, json } => {
             let stats = inspect::stats(&open(dir)?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
-            } else {
-                print_stats(&stats);
-            }
-            Ok(ExitCode::SUCCESS)
+            printing(|out| {
+                if json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
+                } else {
+                    print_stats(out, &stats)?;
+                }
+                Ok(ExitCode::SUCCESS)
+            })
         }
     }
 }
 
-fn print_stats(stats: &inspect::Stats) {
-    println!("node        {}", stats.node_id);
-    println!("head        {}", stats.head);
-    println!("records     {} ({} bytes)", stats.records, stats.record_bytes);
+/// Stdout for the offline commands, noting whether its reader went away.
+struct Stdout {
+    out: std::io::StdoutLock<'static>,
+    closed: bool,
+}
+
+impl Stdout {
+    fn note(&mut self, result: &std::io::Result<impl Sized>) {
+        self.closed |= matches!(result, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe);
+    }
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let result = self.out.write(buf);
+        self.note(&result);
+        result
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let result = self.out.flush();
+        self.note(&result);
+        result
+    }
+}
+
+/// Runs `command` with stdout. When the reader of stdout goes away (`solo log dump | head`),
+/// the command stops quietly with exit code 0, as the client commands do: Rust ignores
+/// SIGPIPE, so the write fails with EPIPE where C tools would die of the signal.
+fn printing(command: impl FnOnce(&mut Stdout) -> anyhow::Result<ExitCode>) -> anyhow::Result<ExitCode> {
+    let mut out = Stdout {
+        out: std::io::stdout().lock(),
+        closed: false,
+    };
+    let result = command(&mut out).and_then(|code| {
+        out.flush()?;
+        Ok(code)
+    });
+    match result {
+        Err(_) if out.closed => Ok(ExitCode::SUCCESS),
+        result => result,
+    }
+}
+
+fn print_stats(out: &mut dyn Write, stats: &inspect::Stats) -> std::io::Result<()> {
+    writeln!(out, "node        {}", stats.node_id)?;
+    writeln!(out, "head        {}", stats.head)?;
+    writeln!(out, "records     {} ({} bytes)", stats.records, stats.record_bytes)?;
     if stats.records > 0 {
-        println!(
+        writeln!(
+            out,
             "time        {} .. {}",
             crate::event::format_timestamp_ms(stats.first_timestamp_ms),
             crate::event::format_timestamp_ms(stats.last_timestamp_ms)
-        );
+        )?;
     }
-    println!("services    {} in {} tenants", stats.services, stats.tenants);
-    println!("blobs       {} ({} bytes)", stats.blobs, stats.blob_bytes);
-    println!(
+    writeln!(out, "services    {} in {} tenants", stats.services, stats.tenants)?;
+    writeln!(out, "blobs       {} ({} bytes)", stats.blobs, stats.blob_bytes)?;
+    // The map the data file records: the one a node serving it uses, not this config's.
+    writeln!(
+        out,
         "file        {} bytes of a {} byte map",
         stats.file_bytes, stats.map_size_bytes
-    );
+    )?;
     for (seq, bytes) in &stats.snapshots {
-        println!("snapshot    at seq {seq} ({bytes} bytes)");
+        writeln!(out, "snapshot    at seq {seq} ({bytes} bytes)")?;
     }
-    println!("by kind:");
+    writeln!(out, "by kind:")?;
     for (kind, count) in &stats.by_kind {
-        println!("  {kind:<24}{count}");
+        writeln!(out, "  {kind:<24}{count}")?;
     }
+    Ok(())
 }
 
 fn init_tracing(config: &Config) {

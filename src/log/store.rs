@@ -35,7 +35,8 @@ type SeqKey = U64<BigEndian>;
 /// How the environment is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// Size of LMDB's memory map: the most the data file may ever hold.
+    /// Size of LMDB's memory map: the most the data file may ever hold. A read-only open
+    /// ignores it and maps what the data file records (the largest map a writer used).
     pub map_size: u64,
     /// Slots in LMDB's reader table: concurrent read transactions, across processes.
     pub max_readers: u32,
@@ -58,6 +59,7 @@ pub struct StoreStats {
     pub blob_bytes: u64,
     pub snapshots: Vec<(u64, u64)>,
     pub file_bytes: u64,
+    /// The map in effect: for a read-only open, the size recorded in the data file.
     pub map_size: u64,
 }
 
@@ -102,10 +104,11 @@ impl Store {
         } else {
             create_databases(&env).map_err(heed_err)?
         };
+        let map_size = env.info().map_size as u64;
         let mut store = Store {
             env,
             path: path.to_path_buf(),
-            map_size: options.map_size,
+            map_size,
             events,
             blobs,
             snapshots,
@@ -278,7 +281,7 @@ impl Store {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         let iter = self.events.range(&rtxn, &range).map_err(|e| self.err(e))?;
         for (expected, item) in (*range.start()..).zip(iter) {
-            let (seq, bytes) = item.map_err(|e| self.err(e))?;
+            let (seq, bytes) = item.map_err(|e| self.damaged_from(expected, e))?;
             if seq != expected {
                 return Err(Error::MissingRecord { seq: expected });
             }
@@ -296,13 +299,28 @@ impl Store {
         mut each: impl FnMut(u64, &[u8]) -> std::ops::ControlFlow<()>,
     ) -> Result<()> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let mut next = *range.start();
         for item in self.events.range(&rtxn, &range).map_err(|e| self.err(e))? {
-            let (seq, bytes) = item.map_err(|e| self.err(e))?;
+            let (seq, bytes) = item.map_err(|e| self.damaged_from(next, e))?;
             if each(seq, bytes).is_break() {
                 break;
             }
+            next = seq + 1;
         }
         Ok(())
+    }
+
+    /// An error met walking the events from `seq` on: a key that does not decode or a page
+    /// that LMDB cannot find means the records from `seq` on are unreadable, so it names it.
+    fn damaged_from(&self, seq: u64, e: heed::Error) -> Error {
+        let reason = match &e {
+            heed::Error::Decoding(_) => format!("its key in data.mdb is damaged ({e})"),
+            heed::Error::Mdb(heed::MdbError::Corrupted | heed::MdbError::PageNotFound) => {
+                format!("the page of data.mdb that holds it is damaged ({e})")
+            }
+            _ => return self.err(e),
+        };
+        Error::UndecodableRecord { seq, reason }
     }
 
     pub fn blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>> {
@@ -357,6 +375,17 @@ impl Store {
             .collect()
     }
 
+    /// Every stored snapshot (seq and frame), newest first, as of one moment: read in one read
+    /// transaction, so one the server prunes meanwhile is still here rather than vanished.
+    pub fn snapshots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        self.snapshots
+            .rev_iter(&rtxn)
+            .map_err(|e| self.err(e))?
+            .map(|item| item.map(|(seq, bytes)| (seq, bytes.to_vec())).map_err(|e| self.err(e)))
+            .collect()
+    }
+
     /// Runs `read` on the framed snapshot taken after `seq`, in place (no copy of what may be
     /// megabytes), within one read transaction.
     pub fn read_snapshot<T>(&self, seq: u64, read: impl FnOnce(Option<&[u8]>) -> T) -> Result<T> {
@@ -397,17 +426,20 @@ impl Store {
 
 fn open_env(path: &Path, options: &StoreOptions) -> Result<Env<WithoutTls>> {
     let mut open = EnvOpenOptions::new().read_txn_without_tls();
-    let page = 4096;
-    let map_size = options.map_size.div_ceil(page) * page;
-    open.map_size(usize::try_from(map_size).unwrap_or(usize::MAX))
-        .max_dbs(4)
-        .max_readers(options.max_readers);
+    open.max_dbs(4).max_readers(options.max_readers);
     if options.read_only {
+        // No map size: LMDB then maps what the data file records, which a writer raises to its
+        // own map at each commit, so a reader maps all the writer may write and reports the
+        // size the directory is really served with, whatever this process's config says.
         // SAFETY: READ_ONLY only restricts what this handle may do.
         #[allow(unsafe_code)]
         unsafe {
             open.flags(EnvFlags::READ_ONLY);
         }
+    } else {
+        let page = 4096;
+        let map_size = options.map_size.div_ceil(page) * page;
+        open.map_size(usize::try_from(map_size).unwrap_or(usize::MAX));
     }
     // SAFETY: LMDB maps the file into memory; the file must not be modified other than through
     // LMDB. Only Solo opens this directory, always through this function, and LMDB's own lock
