@@ -103,7 +103,12 @@ async fn head(client: &mut Client, conn: &Connector) -> Result<u64, CliError> {
 async fn event_history(conn: &Connector, out: Output, args: &EventsArgs) -> Result<(), CliError> {
     let mut client = conn.connect().await?;
     let head = head(&mut client, conn).await?;
-    let request = watch_request(args, args.from.unwrap_or(1).max(1));
+    let from = args.from.unwrap_or(1).max(1);
+    if from > head {
+        // Nothing of the history is at or past `from`; the node would refuse such a watch.
+        return Ok(());
+    }
+    let request = watch_request(args, from);
     let mut stream = client.watch(request).await.map_err(|s| conn.error(&s))?.into_inner();
     while let Some(item) = stream.message().await.map_err(|s| conn.error(&s))? {
         match item.msg {
