@@ -205,15 +205,6 @@ fn bounded(message: String) -> String {
     format!("{}{note}", &message[..end])
 }
 
-/// `text` if it is at most `max_chars` long, else its first `max_chars` chars, "…" and its
-/// length: for quoting client input, such as an id, inside a message.
-pub(crate) fn abbreviate(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
-    match text.char_indices().nth(max_chars) {
-        None => text.into(),
-        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()).into(),
-    }
-}
-
 /// How long a client should wait after being shed or refused by a rate quota.
 const RETRY_SOON: Duration = Duration::from_secs(1);
 

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 
-use super::error::abbreviate;
 use super::{ApiState, Caller, Error, ErrorKind};
 use crate::control::{DeployOutcome, DeployRequest, KillCommand, KillOutcome};
 use crate::proto::{self, Limits};
@@ -22,15 +21,6 @@ pub struct Deploy {
     pub limits: Limits,
     pub labels: BTreeMap<String, String>,
     pub idempotency_key: String,
-}
-
-/// The control layer's check of a service id, with a long id abbreviated in the message: the
-/// control layer quotes it whole, and the message cap would then cut off the rule after it.
-pub fn check_service_id(id: &str) -> Result<(), Error> {
-    crate::control::validate_service_id(id).map_err(|e| {
-        let quoted = id.escape_debug().to_string();
-        Error::invalid(e.to_string().replacen(&quoted, &abbreviate(&quoted, 64), 1))
-    })
 }
 
 /// Refuses a module the caller declared binary (`declared`) that is not: parsed as WAT it would
@@ -51,10 +41,6 @@ pub fn require_wasm_binary(module: &[u8], declared: &str, text_way: &str) -> Res
 
 pub async fn deploy(state: &ApiState, caller: &Caller, deploy: Deploy) -> Result<DeployOutcome, Error> {
     state.check_open()?;
-    if let Err(e) = check_service_id(&deploy.service_id) {
-        state.metrics.deploys.with_label_values(&["refused"]).inc();
-        return Err(e);
-    }
     let request = DeployRequest {
         tenant: caller.tenant().to_string(),
         actor: caller.actor(),
@@ -77,7 +63,6 @@ pub async fn deploy(state: &ApiState, caller: &Caller, deploy: Deploy) -> Result
 }
 
 pub fn status(state: &ApiState, caller: &Caller, service_id: &str) -> Result<proto::ServiceStatus, Error> {
-    check_service_id(service_id)?;
     let service = state.control.status(caller.tenant(), service_id)?;
     Ok(super::convert::service_status(
         &service,
@@ -131,7 +116,6 @@ pub async fn kill(
     idempotency_key: String,
 ) -> Result<KillOutcome, Error> {
     state.check_open()?;
-    check_service_id(service_id)?;
     let command = KillCommand {
         tenant: caller.tenant().to_string(),
         actor: caller.actor(),
@@ -155,10 +139,6 @@ pub async fn call(
     timeout_ms: u32,
 ) -> Result<Vec<u8>, Error> {
     state.check_open()?;
-    if let Err(e) = check_service_id(service_id) {
-        state.metrics.calls.with_label_values(&["refused"]).inc();
-        return Err(e);
-    }
     let started = Instant::now();
     let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
     let result = state.control.call(caller.tenant(), service_id, payload, timeout).await;
@@ -199,7 +179,6 @@ pub fn logs(
     from_seq: u64,
     follow: bool,
 ) -> Result<impl Stream<Item = Result<LogLine, Error>> + Send + 'static, Error> {
-    check_service_id(service_id)?;
     let buffer = state.control.logs(caller.tenant(), service_id)?;
     let stopping = state.stopping.clone();
     // Subscribe before reading the ring, so nothing falls between the two.

@@ -40,7 +40,7 @@ impl WatchFilter {
             .collect::<Result<_, _>>()?;
         let service_id = service_id.filter(|s| !s.is_empty());
         if let Some(id) = &service_id {
-            super::ops::check_service_id(id)?;
+            crate::control::validate_service_id(id).map_err(|e| Error::invalid(e.to_string()))?;
         }
         Ok(WatchFilter {
             service_id,

@@ -506,8 +506,19 @@ pub fn validate_tenant(name: &str) -> Result<()> {
     } else {
         Err(Error::InvalidArgument(format!(
             "invalid tenant name '{}': use 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit",
-            name.escape_debug()
+            quoted(name)
         )))
+    }
+}
+
+/// Client input quoted in a refusal: escaped, and cut to 64 characters (with its length) so
+/// that a huge id cannot crowd out the rule that follows it, or outgrow a gRPC header.
+fn quoted(input: &str) -> String {
+    const SHOWN: usize = 64;
+    let escaped = input.escape_debug().to_string();
+    match escaped.char_indices().nth(SHOWN) {
+        None => escaped,
+        Some((end, _)) => format!("{}… ({} bytes)", &escaped[..end], input.len()),
     }
 }
 
@@ -523,7 +534,7 @@ pub fn validate_service_id(id: &str) -> Result<()> {
     } else {
         Err(Error::InvalidArgument(format!(
             "invalid service id '{}': use 1 to 128 characters of A-Z, a-z, 0-9, '_', '.' and '-', starting with a letter or digit",
-            id.escape_debug()
+            quoted(id)
         )))
     }
 }
@@ -545,12 +556,13 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
         if !key_ok {
             return Err(Error::InvalidArgument(format!(
                 "invalid label key '{}': use 1 to 63 characters of A-Z, a-z, 0-9, '_', '.', '/' and '-'",
-                key.escape_debug()
+                quoted(key)
             )));
         }
         if value.len() > 256 {
             return Err(Error::InvalidArgument(format!(
-                "label '{key}' has a value over 256 bytes"
+                "label '{}' has a value over 256 bytes",
+                quoted(key)
             )));
         }
     }

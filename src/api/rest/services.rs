@@ -306,7 +306,6 @@ pub(super) async fn status(
 ) -> Result<Json<Value>, Error> {
     let params = Params::parse(query, &["tenant"])?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
-    ops::check_service_id(&id)?;
     let service = state.control.status(caller.tenant(), &id)?;
     let mut body = service_json(&ops::service_status(&state, &service));
     let control = state.control.clone();
