@@ -181,6 +181,20 @@ impl Drop for Node {
 }
 
 /// A port nothing listens on (bound, then released).
+/// `solo ARGS` as a child, free of the caller's SOLO_* settings, its stdout and stderr piped.
+fn spawn_piped(args: &[&str]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(bin());
+    for var in SOLO_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -922,17 +936,7 @@ struct Watcher {
 
 impl Watcher {
     fn spawn(args: &[&str]) -> Watcher {
-        let mut cmd = std::process::Command::new(bin());
-        for var in SOLO_VARS {
-            cmd.env_remove(var);
-        }
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_piped(args);
         let (send, lines) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
@@ -1446,17 +1450,7 @@ fn the_offline_tools_stop_quietly_when_stdout_closes() {
         &["completions", "bash"],
     ];
     for args in commands {
-        let mut cmd = std::process::Command::new(bin());
-        for var in SOLO_VARS {
-            cmd.env_remove(var);
-        }
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_piped(args);
         // `| head -c 10`: read a little, then close the pipe (before the short outputs are
         // even written, as the child is still starting).
         let mut stdout = child.stdout.take().unwrap();
