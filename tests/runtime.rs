@@ -541,3 +541,57 @@ async fn a_node_whose_modules_cannot_be_read_refuses_to_start_and_records_nothin
     let control = common::open(options(dir.path()));
     assert_eq!(control.head(), head, "nothing was recorded on the damaged file");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_gave_up_fails_calls_at_once_even_when_the_log_cannot_say_so() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.database.map_size_mb = 1;
+    config.limits.max_deploys_per_minute = u32::MAX;
+    let node = open_node(&config).await;
+    let control = node.control.clone();
+    let mut crasher = deploy_example("acme", "crash", "unreachable");
+    crasher.limits.max_restarts = 1;
+    crasher.limits.call_timeout_ms = 20_000;
+    let deployed = control.deploy(crasher).await.unwrap();
+    wait_for_kind(&control, deployed.seq, "acme", "crash", "service_started").await;
+
+    // Fill the log: upgrades with labels, smaller and smaller, until not even the least fits.
+    for value_len in [256, 16, 0] {
+        for n in 0u32.. {
+            let mut filler = deploy_example("acme", "filler", "echo");
+            let labels = if value_len == 0 { 1 } else { 64 };
+            filler.labels = (0..labels)
+                .map(|i| (format!("k{i}"), format!("{n:0>width$}", width = value_len.max(1))))
+                .collect();
+            match control.deploy(filler).await {
+                Ok(_) => {}
+                Err(Error::Storage(_)) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(n < 100_000, "the 1 MiB log never filled");
+        }
+    }
+
+    // A trap, a restart, a second trap: the policy gives up. None of it can be recorded.
+    for _ in 0..2 {
+        let err = call(&control, "acme", "crash", b"x").await.unwrap_err();
+        assert!(matches!(err, Error::Call(CallError::Trapped { .. })), "{err}");
+    }
+    let service = control.status("acme", "crash").unwrap();
+    assert_eq!(service.status.as_str(), "running", "the log could not take the crashes");
+    // A call sent as the second trap is answered may still reach the last instance's mailbox,
+    // which closes as the actor gives up.
+    let err = call(&control, "acme", "crash", b"x").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Call(CallError::NotRunning { .. } | CallError::Stopped { .. })
+        ),
+        "{err}"
+    );
+    // From then on calls fail at once, not after their 20 s timeout.
+    let err = call(&control, "acme", "crash", b"x").await.unwrap_err();
+    assert!(matches!(err, Error::Call(CallError::NotRunning { .. })), "{err}");
+    node.stop(Duration::from_secs(5)).await;
+}

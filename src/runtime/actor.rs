@@ -36,8 +36,25 @@ pub(super) struct Handle {
     pub capacity: u32,
 }
 
-/// The slot's view of the handle calls should use; `None` while nothing can serve.
-pub(super) type Ready = Arc<watch::Sender<Option<Handle>>>;
+/// Where a service's calls go, as its slot and its actor see it.
+#[derive(Clone, Debug)]
+pub(super) enum Route {
+    /// An instance is on its way: calls wait for it.
+    Pending,
+    /// Calls go to this instance.
+    Up(Handle),
+    /// Nothing will serve until the next deploy: calls fail at once. This holds even when the
+    /// log could not record why (a full disk), and the state still says the service runs.
+    Down,
+}
+
+impl Route {
+    pub fn is_up(&self) -> bool {
+        matches!(self, Route::Up(_))
+    }
+}
+
+pub(super) type Ready = Arc<watch::Sender<Route>>;
 
 /// A request to stop: finish queued calls and run `solo_stop` within `grace`.
 #[derive(Debug)]
@@ -266,9 +283,9 @@ impl Actor {
     /// Stops routing calls to this actor (if it is still the one calls go to).
     fn withdraw(&self) {
         let version = self.config.version;
-        self.ready.send_if_modified(|handle| match handle {
-            Some(h) if h.version == version => {
-                *handle = None;
+        self.ready.send_if_modified(|route| match route {
+            Route::Up(h) if h.version == version => {
+                *route = Route::Down;
                 true
             }
             _ => false,

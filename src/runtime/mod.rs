@@ -29,7 +29,7 @@ pub use logs::{Level, LogBuffer, LogLine};
 pub use module::{EngineOptions, GRANTED_IMPORTS};
 pub use stats::LiveStatus;
 
-use actor::{Actor, Call, Ready, RunningActor};
+use actor::{Actor, Call, Ready, Route, RunningActor};
 use instance::InstanceConfig;
 use module::{Compiler, ModuleCache, Prepared};
 use stats::LiveStats;
@@ -283,10 +283,14 @@ impl Runtime {
         let mut ready = slot.ready.subscribe();
         let mut payload = Some(payload);
         let reply = loop {
-            let handle = match tokio::time::timeout_at(deadline.into(), ready.wait_for(Option::is_some)).await {
+            let waited = tokio::time::timeout_at(deadline.into(), ready.wait_for(|r| !matches!(r, Route::Pending)));
+            let handle = match waited.await {
                 Err(_) => return Err(timed_out(service_id, timeout)),
                 Ok(Err(_)) => return Err(not_running()),
-                Ok(Ok(handle)) => handle.clone().expect("waited for Some"),
+                Ok(Ok(route)) => match &*route {
+                    Route::Up(handle) => handle.clone(),
+                    Route::Down | Route::Pending => return Err(not_running()),
+                },
             };
             let (reply, answer) = oneshot::channel();
             let call = Call {
@@ -353,7 +357,7 @@ impl Runtime {
         self.inner
             .all_slots()
             .iter()
-            .filter(|slot| slot.ready.borrow().is_some())
+            .filter(|slot| slot.ready.borrow().is_up())
             .count()
     }
 
@@ -416,7 +420,7 @@ impl Inner {
             service_id: service_id.to_string(),
             logs: Arc::new(LogBuffer::new(tenant, service_id, self.options.log_lines)),
             stats: Arc::new(LiveStats::default()),
-            ready: Arc::new(watch::Sender::new(None)),
+            ready: Arc::new(watch::Sender::new(Route::Pending)),
             commands,
         });
         slots
@@ -596,6 +600,14 @@ async fn start(
         message,
         restarting: false,
     };
+    // An instance is on its way again: calls that find none wait for it rather than fail.
+    slot.ready.send_if_modified(|route| match route {
+        Route::Down => {
+            *route = Route::Pending;
+            true
+        }
+        _ => false,
+    });
     let prepared = match inner.load(module_sha256).await {
         Ok(prepared) => prepared,
         Err(message) => {
@@ -619,7 +631,7 @@ async fn start(
         Ok(actor) => {
             // The swap: new calls go to the new instance from here on. The old actor keeps its
             // queue, serves it, and stops once the last sender is gone.
-            slot.ready.send_replace(Some(actor.handle.clone()));
+            slot.ready.send_replace(Route::Up(actor.handle.clone()));
             drop(current.replace(actor).map(|old| old.handle));
             observe(
                 inner,
@@ -645,7 +657,7 @@ async fn start(
 
 /// Takes calls away from the slot and stops `actor`, if any.
 async fn withdraw(slot: &Slot, actor: Option<RunningActor>, force: bool, grace: Duration) {
-    slot.ready.send_replace(None);
+    slot.ready.send_replace(Route::Down);
     if let Some(actor) = actor {
         actor.stop(force, grace).await;
     }
