@@ -393,16 +393,6 @@ impl Store {
         Ok(read(self.snapshots.get(&rtxn, &seq).map_err(|e| self.err(e))?))
     }
 
-    /// The framed snapshot taken after `seq`.
-    pub fn snapshot(&self, seq: u64) -> Result<Option<Vec<u8>>> {
-        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        Ok(self
-            .snapshots
-            .get(&rtxn, &seq)
-            .map_err(|e| self.err(e))?
-            .map(<[u8]>::to_vec))
-    }
-
     pub fn stats(&self) -> Result<StoreStats> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         let mut stats = StoreStats {
