@@ -159,7 +159,7 @@ async fn normalize_errors(State(state): State<Arc<ApiState>>, request: Request, 
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     let status = response.status();
     state
         .metrics
@@ -172,7 +172,7 @@ async fn normalize_errors(State(state): State<Arc<ApiState>>, request: Request, 
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let ours = response.extensions().get::<ErrorBody>().cloned();
+    let ours = response.extensions_mut().remove::<ErrorBody>();
     let json = response
         .headers()
         .get(header::CONTENT_TYPE)
