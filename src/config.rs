@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::control::{ControlOptions, WriterOptions, system_clock};
 use crate::limits::{LimitsTable, TenantLimits};
 use crate::log::{LogOptions, StoreOptions};
-use crate::runtime::{EngineOptions, RuntimeOptions};
+use crate::runtime::{EngineOptions, RetryOptions, RuntimeOptions};
 use crate::state::Settings;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -126,6 +126,9 @@ pub struct RuntimeConfig {
     pub max_wasm_stack_kb: u32,
     /// Time an instance may take to start, solo_init included.
     pub start_timeout_ms: u32,
+    /// Longest wait between two tries to record what the runtime observed (a crash, a
+    /// restart) while the log cannot take writes; the wait starts short and doubles.
+    pub observation_retry_max_ms: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -140,6 +143,7 @@ impl Default for RuntimeConfig {
             max_response_bytes: defaults.max_response_bytes as u64,
             max_wasm_stack_kb: (defaults.engine.max_wasm_stack >> 10) as u32,
             start_timeout_ms: defaults.start_timeout.as_millis() as u32,
+            observation_retry_max_ms: defaults.observation_retry.max.as_millis() as u32,
         }
     }
 }
@@ -288,6 +292,7 @@ impl Config {
             ("runtime.log_lines_per_service", rt.log_lines_per_service.into()),
             ("runtime.max_response_bytes", rt.max_response_bytes),
             ("runtime.start_timeout_ms", rt.start_timeout_ms.into()),
+            ("runtime.observation_retry_max_ms", rt.observation_retry_max_ms.into()),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -456,6 +461,13 @@ impl Config {
             log_lines: rt.log_lines_per_service as usize,
             max_response_bytes: usize::try_from(rt.max_response_bytes).unwrap_or(usize::MAX),
             start_timeout: std::time::Duration::from_millis(rt.start_timeout_ms.into()),
+            observation_retry: {
+                let max = std::time::Duration::from_millis(rt.observation_retry_max_ms.into());
+                RetryOptions {
+                    initial: RetryOptions::default().initial.min(max),
+                    max,
+                }
+            },
         })
     }
 

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub log_head_seq: IntGauge,
     /// Services by status (set at each scrape from the state).
     pub services: IntGaugeVec,
+    /// Observations the log could not take yet, waiting for a retry (set at each scrape).
+    pub unrecorded_observations: IntGauge,
     /// Deploys by result: created, upgraded, unchanged, replayed, refused.
     pub deploys: IntCounterVec,
     /// Calls by result: ok, service_error, trapped, timeout, busy, not_running, refused.
@@ -84,6 +86,14 @@ impl Metrics {
         let services =
             IntGaugeVec::new(Opts::new("solo_services", "Services by status."), &["status"]).expect("a valid metric");
         registry.register(Box::new(services.clone())).expect("registered once");
+        let unrecorded_observations = IntGauge::new(
+            "solo_unrecorded_observations",
+            "Observations (crashes, restarts) the log could not take yet, waiting for a retry.",
+        )
+        .expect("valid");
+        registry
+            .register(Box::new(unrecorded_observations.clone()))
+            .expect("registered once");
         let deploys = counter_vec("solo_deploys_total", "Deploys by result.", &["result"]);
         let calls = counter_vec("solo_calls_total", "Calls by result.", &["result"]);
         let call_duration = histogram(
@@ -128,6 +138,7 @@ impl Metrics {
             commit_duration,
             log_head_seq,
             services,
+            unrecorded_observations,
             deploys,
             calls,
             call_duration,

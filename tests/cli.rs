@@ -1294,32 +1294,7 @@ fn events_and_logs_follow_across_restarts_without_a_gap_or_a_repeat() {
 /// `kill -9` finds every acknowledged deploy, and nothing else, in a log that verifies.
 fn running_out_of_room(serve: &ServeDir, node: ServeProcess, why: &str, make_room: Option<&dyn Fn()>) {
     let modules = tempfile::tempdir().unwrap();
-    let echo = std::fs::read_to_string(example_path("echo")).unwrap();
-    let body = echo.trim_end().strip_suffix(')').expect("a module ends with ')'");
-    let mut acknowledged = Vec::new();
-    let mut refused = None;
-    for i in 0..64 {
-        let path = modules.path().join(format!("big-{i}.wat"));
-        let padding = format!("{i:02}").repeat(100_000);
-        std::fs::write(&path, format!("{body}\n  (@custom \"padding\" \"{padding}\"))\n")).unwrap();
-        let id = format!("big-{i:02}");
-        let ran = serve.cli(&["deploy", &id, path.to_str().unwrap()]);
-        if ran.code == 0 {
-            acknowledged.push(id);
-            continue;
-        }
-        let ran = ran.fails(1);
-        assert!(ran.stderr.contains(why), "the error says {why:?}: {}", ran.stderr);
-        assert!(
-            ran.stderr.contains("nothing of the failed batch was written"),
-            "{}",
-            ran.stderr
-        );
-        refused = Some((id, path));
-        break;
-    }
-    let (refused, module) = refused.expect("the node ran out of room");
-    assert!(!acknowledged.is_empty(), "some deploys fit");
+    let (mut acknowledged, (refused, module)) = fill_the_log(serve, modules.path(), why);
     let deploy_refused = || serve.cli(&["deploy", &refused, module.to_str().unwrap()]);
 
     // Out of room, the node still answers, and holds exactly what it acknowledged.
@@ -1338,6 +1313,39 @@ fn running_out_of_room(serve: &ServeDir, node: ServeProcess, why: &str, make_roo
     if make_room.is_none() {
         deploy_refused().ok();
     }
+}
+
+/// Deploys modules of 200 KB each (kept in `modules`), each kept once in the blob store, until
+/// the node refuses one for want of room, saying `why`. Returns the services acknowledged, and
+/// the one refused with its module.
+fn fill_the_log(serve: &ServeDir, modules: &Path, why: &str) -> (Vec<String>, (String, PathBuf)) {
+    let echo = std::fs::read_to_string(example_path("echo")).unwrap();
+    let body = echo.trim_end().strip_suffix(')').expect("a module ends with ')'");
+    let mut acknowledged = Vec::new();
+    let mut refused = None;
+    for i in 0..64 {
+        let path = modules.join(format!("big-{i}.wat"));
+        let padding = format!("{i:02}").repeat(100_000);
+        std::fs::write(&path, format!("{body}\n  (@custom \"padding\" \"{padding}\"))\n")).unwrap();
+        let id = format!("big-{i:02}");
+        let ran = serve.cli(&["deploy", &id, path.to_str().unwrap()]);
+        if ran.code == 0 {
+            acknowledged.push(id);
+            continue;
+        }
+        let ran = ran.fails(1);
+        assert!(ran.stderr.contains(why), "the error says {why:?}: {}", ran.stderr);
+        assert!(
+            ran.stderr.contains("nothing of the failed batch was written"),
+            "{}",
+            ran.stderr
+        );
+        refused = Some((id, path));
+        break;
+    }
+    let refused = refused.expect("the node ran out of room");
+    assert!(!acknowledged.is_empty(), "some deploys fit");
+    (acknowledged, refused)
 }
 
 #[test]
@@ -1394,6 +1402,80 @@ fn a_full_disk_fails_the_batch_says_so_and_loses_nothing() {
     serve.data = disk.dir.path().join("data");
     let node = serve.start();
     running_out_of_room(&serve, node, "is full", Some(&|| disk.resize(64)));
+}
+
+#[test]
+fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
+    let Some(disk) = SmallDisk::mount(4) else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let mut serve = ServeDir::new();
+    serve.data = disk.dir.path().join("data");
+    let _node = serve.start();
+    let crasher = example_path("unreachable");
+    serve
+        .cli(&[
+            "deploy",
+            "crash",
+            crasher.to_str().unwrap(),
+            "--max-restarts",
+            "1",
+            "--wait",
+        ])
+        .ok();
+    let modules = tempfile::tempdir().unwrap();
+    fill_the_log(&serve, modules.path(), "is full");
+    // Small events still fit in what the big ones left: upgrade a service with fewer and
+    // fewer labels until not even the smallest fits.
+    let echo = example_path("echo");
+    for (labels, value_len) in [(64, 256), (1, 1)] {
+        for n in 0.. {
+            assert!(n < 1000, "the disk never filled");
+            let mut args = vec!["deploy".to_string(), "filler".into(), echo.to_str().unwrap().into()];
+            for i in 0..labels {
+                args.extend(["--label".into(), format!("k{i}={n:0>value_len$}")]);
+            }
+            let ran = serve.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            if ran.code != 0 {
+                assert!(ran.fails(1).stderr.contains("is full"));
+                break;
+            }
+        }
+    }
+
+    // The guest traps, restarts, traps again, and its restart policy gives up; the log can
+    // take none of it.
+    for _ in 0..2 {
+        let ran = serve.cli(&["call", "crash", "--data", "x"]).fails(1);
+        assert!(ran.stderr.contains("trapped"), "{}", ran.stderr);
+    }
+    let status = || serve.cli(&["status", "crash", "--json"]).ok().json()["status"].clone();
+    assert_eq!(status(), "running", "the log could not take the crash yet");
+
+    // Once the disk has room, what happened is recorded, in order: in the log, and so in the
+    // state.
+    disk.resize(64);
+    let deadline = Instant::now() + PATIENCE;
+    while status() != "crashed" {
+        assert!(Instant::now() < deadline, "the crash was never recorded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let events = serve
+        .cli(&["events", "--from", "1", "--service", "crash", "--json"])
+        .ok()
+        .json_lines();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "service_deployed",
+            "service_started",
+            "service_crashed",
+            "service_restarted",
+            "service_crashed"
+        ]
+    );
 }
 
 /// A data directory of `events` small events written straight to the store, which was opened

@@ -15,8 +15,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::error::{CallFailure, StartFailure};
 use super::instance::{Instance, InstanceConfig};
 use super::module::Prepared;
+use super::recorder::Recorder;
 use super::stats::LiveStats;
-use crate::control::{Observation, Observer};
+use crate::control::Observation;
 use crate::proto::CrashReason;
 
 /// One request waiting in a mailbox.
@@ -68,7 +69,7 @@ pub(super) struct Actor {
     pub prepared: Prepared,
     pub config: InstanceConfig,
     pub stats: Arc<LiveStats>,
-    pub observer: Observer,
+    pub recorder: Arc<Recorder>,
     pub ready: Ready,
     /// Restarts of this version so far (carried over from the state after a node restart).
     pub restarts: u32,
@@ -293,8 +294,6 @@ impl Actor {
     }
 
     async fn observe(&self, observation: Observation) {
-        if let Err(e) = self.observer.observe(observation).await {
-            tracing::debug!(tenant = %self.tenant, service = %self.service_id, error = %e, "observation not recorded");
-        }
+        self.recorder.record(observation).await;
     }
 }

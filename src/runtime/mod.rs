@@ -13,6 +13,7 @@ mod error;
 mod instance;
 mod logs;
 mod module;
+mod recorder;
 mod stats;
 
 use std::collections::HashMap;
@@ -27,11 +28,13 @@ pub use error::{CallError, CallFailure, InvalidModule, StartFailure};
 pub use instance::trap_code;
 pub use logs::{Level, LogBuffer, LogLine};
 pub use module::{EngineOptions, GRANTED_IMPORTS};
+pub use recorder::RetryOptions;
 pub use stats::LiveStatus;
 
 use actor::{Actor, Call, Ready, Route, RunningActor};
 use instance::InstanceConfig;
 use module::{Compiler, ModuleCache, Prepared};
+use recorder::Recorder;
 use stats::LiveStats;
 
 use crate::control::{EventLog, Module, Observation, Observer};
@@ -56,6 +59,8 @@ pub struct RuntimeOptions {
     pub max_response_bytes: usize,
     /// Time an instance may take to start (`solo_init` included).
     pub start_timeout: Duration,
+    /// How observations the log could not take are retried.
+    pub observation_retry: RetryOptions,
 }
 
 impl Default for RuntimeOptions {
@@ -72,6 +77,7 @@ impl Default for RuntimeOptions {
             log_lines: 1000,
             max_response_bytes: 16 << 20,
             start_timeout: Duration::from_secs(10),
+            observation_retry: RetryOptions::default(),
         }
     }
 }
@@ -87,6 +93,8 @@ struct Inner {
     cache: ModuleCache,
     options: RuntimeOptions,
     observer: Observer,
+    /// Takes observations to the log, keeping those it cannot take yet.
+    recorder: Arc<Recorder>,
     log: EventLog,
     /// Where guest code runs; owned here so it can be shut down without blocking.
     guest_runtime: Mutex<Option<tokio::runtime::Runtime>>,
@@ -157,6 +165,7 @@ impl Runtime {
             inner: Arc::new(Inner {
                 cache: ModuleCache::new(options.module_cache_entries),
                 compiler,
+                recorder: Recorder::new(observer.clone(), options.observation_retry),
                 options,
                 observer,
                 log,
@@ -242,9 +251,7 @@ impl Runtime {
             recovered: recovered.clone(),
             replayed_to_seq,
         };
-        if let Err(e) = self.inner.observer.observe(node_started).await {
-            tracing::warn!(error = %e, "node_started not recorded");
-        }
+        self.inner.recorder.record(node_started).await;
         recovered
     }
 
@@ -350,6 +357,11 @@ impl Runtime {
     /// A service's log buffer, if this node has seen the service.
     pub fn logs(&self, tenant: &str, service_id: &str) -> Option<Arc<LogBuffer>> {
         self.inner.find(tenant, service_id).map(|slot| Arc::clone(&slot.logs))
+    }
+
+    /// Observations the log could not take yet, waiting for a retry.
+    pub fn unrecorded_observations(&self) -> usize {
+        self.inner.recorder.backlog_len()
     }
 
     /// Instances currently able to take calls.
@@ -623,7 +635,7 @@ async fn start(
         prepared,
         config: inner.instance_config(slot, version, limits),
         stats: Arc::clone(&slot.stats),
-        observer: inner.observer.clone(),
+        recorder: Arc::clone(&inner.recorder),
         ready: Arc::clone(&slot.ready),
         restarts,
     };
@@ -674,9 +686,7 @@ fn stopped(slot: &Slot, version: u64, reason: StopReason) -> Observation {
 }
 
 async fn observe(inner: &Inner, observation: Observation) {
-    if let Err(e) = inner.observer.observe(observation).await {
-        tracing::debug!(error = %e, "observation not recorded");
-    }
+    inner.recorder.record(observation).await;
 }
 
 fn timed_out(service_id: &str, timeout: Duration) -> CallError {

@@ -402,6 +402,8 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             .set(counts.get(&status).copied().unwrap_or(0));
     }
     state.metrics.log_head_seq.set(state.control.head() as i64);
+    let unrecorded = state.control.runtime().map_or(0, |r| r.unrecorded_observations());
+    state.metrics.unrecorded_observations.set(unrecorded as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(),
