@@ -356,13 +356,16 @@ fn deploy_events(rng: &mut Rng, slot: &mut Slot, cx: &mut EpisodeContext<'_>, ki
         if rng.chance(70) { "prod" } else { "dev" }.to_string(),
     );
     let module = rng.below(cx.modules.len() as u64) as usize;
+    let idempotency_key = idempotency_key(rng, &mut cx.keys);
     kinds.push((
         Kind::ServiceDeployed(proto::ServiceDeployed {
             module_sha256: cx.modules[module].clone(),
             version: slot.version,
             limits: Some(cx.limits),
             labels,
-            idempotency_key: idempotency_key(rng, &mut cx.keys),
+            // A keyed deploy keeps the limits as requested: here, every default.
+            requested_limits: (!idempotency_key.is_empty()).then(Limits::default),
+            idempotency_key,
             module_size: 2048,
         }),
         true,
@@ -657,6 +660,7 @@ fn tail_event(seq: u64) -> Arc<Event> {
                     .expect("the defaults resolve"),
             ),
             labels: BTreeMap::new(),
+            requested_limits: None,
             idempotency_key: String::new(),
             module_size: 2048,
         }),

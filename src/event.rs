@@ -165,6 +165,7 @@ fn kind_fields_json(kind: &Kind) -> Value {
             "limits": limits_json(&e.limits.unwrap_or_default()),
             "labels": e.labels,
             "idempotency_key": e.idempotency_key,
+            "requested_limits": e.requested_limits.as_ref().map(limits_json),
         }),
         Kind::ServiceStarted(e) => json!({ "version": e.version, "recovered": e.recovered }),
         Kind::ServiceCrashed(e) => json!({

@@ -181,6 +181,43 @@ async fn redeploying_the_identical_module_is_a_no_op_that_says_so() {
     assert_eq!((upgrade.version, upgrade.created, upgrade.seq), (2, false, 2));
 }
 
+#[tokio::test]
+async fn a_retry_is_compared_with_the_request_not_with_defaults_that_changed_since() {
+    let dir = tempdir();
+    let with_default_memory = |mb: u64| {
+        let mut config = solo::config::Config::default();
+        config.solo.data_dir = dir.path().to_path_buf();
+        config.database.map_size_mb = 256;
+        config.limits.default_memory_mb = mb;
+        config.control_options().unwrap()
+    };
+    let control = open(with_default_memory(16));
+    let mut request = deploy_request("acme", "a", "m1");
+    request.idempotency_key = "deploy-1".into();
+    let first = control.deploy(request.clone()).await.unwrap();
+    assert_eq!(control.status("acme", "a").unwrap().limits.memory_bytes, 16 << 20);
+    control.close().await;
+    drop(control);
+
+    // The operator changes the default; the agent's retry is the same request, and gets the
+    // original answer rather than a conflict.
+    let control = open(with_default_memory(32));
+    let retry = control.deploy(request.clone()).await.unwrap();
+    assert_eq!((retry.seq, retry.replayed), (first.seq, true));
+    // A retry that asks for something else is still a conflict.
+    let mut other = request.clone();
+    other.limits.memory_bytes = 8 << 20;
+    assert!(matches!(
+        control.deploy(other).await,
+        Err(Error::IdempotencyConflict { .. })
+    ));
+    let event = control.log().read(first.seq..=first.seq).unwrap().remove(0);
+    let Some(Kind::ServiceDeployed(deployed)) = &event.kind else {
+        panic!("{event:?}")
+    };
+    assert_eq!(deployed.requested_limits, Some(request.limits));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_keys_return_the_original_answer_across_a_restart() {
     let dir = tempdir();

@@ -76,7 +76,10 @@ pub struct DeployCommand {
     pub actor: String,
     pub service_id: String,
     pub module: Module,
+    /// The effective limits: the request's, with the node's defaults for those it left at 0.
     pub limits: Limits,
+    /// The limits as the request gave them, for comparing a retry with it.
+    pub requested_limits: Limits,
     pub labels: BTreeMap<String, String>,
     pub idempotency_key: String,
 }
@@ -239,9 +242,12 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
         if record.op != IdempotentOp::Deploy
             || record.service_id != cmd.service_id
             || record.module_hash != cmd.module.sha256
-            || record
-                .request_hash
-                .is_some_and(|h| h != deploy_request_hash(&cmd.limits, &cmd.labels))
+            || record.request_hash.is_some_and(|h| {
+                // The original is hashed as requested (as granted, before requests were
+                // kept); either way a retry asking for the same matches.
+                h != deploy_request_hash(&cmd.requested_limits, &cmd.labels)
+                    && h != deploy_request_hash(&cmd.limits, &cmd.labels)
+            })
         {
             return Err(Error::IdempotencyConflict {
                 key: cmd.idempotency_key.clone(),
@@ -288,6 +294,7 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
             version,
             limits: Some(cmd.limits),
             labels: cmd.labels,
+            requested_limits: (!cmd.idempotency_key.is_empty()).then_some(cmd.requested_limits),
             idempotency_key: cmd.idempotency_key,
             module_size,
         }),

@@ -292,6 +292,7 @@ impl Control {
             service_id: request.service_id,
             module,
             limits,
+            requested_limits: request.limits,
             labels: request.labels,
             idempotency_key: request.idempotency_key,
         };

@@ -201,6 +201,7 @@ pub(super) mod tests {
                         ..Limits::default()
                     }),
                     labels,
+                    requested_limits: (!idempotency_key.is_empty()).then(Limits::default),
                     idempotency_key,
                     module_size: 8,
                 };

@@ -237,7 +237,8 @@ impl Service {
 /// kept in snapshots, so its encoding is fixed: SHA-256 over the fields in a set order.
 pub type RequestHash = [u8; 32];
 
-/// The [`RequestHash`] of a deploy: its effective limits and its labels.
+/// The [`RequestHash`] of a deploy: its limits as requested (as granted, for events from before
+/// requests were kept) and its labels.
 pub fn deploy_request_hash(limits: &Limits, labels: &Labels) -> RequestHash {
     use sha2::Digest as _;
     let mut digest = sha2::Sha256::new();
