@@ -129,6 +129,8 @@ pub struct RuntimeConfig {
     /// Longest wait between two tries to record what the runtime observed (a crash, a
     /// restart) while the log cannot take writes; the wait starts short and doubles.
     pub observation_retry_max_ms: u32,
+    /// Observations kept for a retry at most; past it the oldest is dropped.
+    pub observation_backlog_max: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -144,6 +146,7 @@ impl Default for RuntimeConfig {
             max_wasm_stack_kb: (defaults.engine.max_wasm_stack >> 10) as u32,
             start_timeout_ms: defaults.start_timeout.as_millis() as u32,
             observation_retry_max_ms: defaults.observation_retry.max.as_millis() as u32,
+            observation_backlog_max: defaults.observation_retry.max_backlog as u32,
         }
     }
 }
@@ -293,6 +296,7 @@ impl Config {
             ("runtime.max_response_bytes", rt.max_response_bytes),
             ("runtime.start_timeout_ms", rt.start_timeout_ms.into()),
             ("runtime.observation_retry_max_ms", rt.observation_retry_max_ms.into()),
+            ("runtime.observation_backlog_max", rt.observation_backlog_max.into()),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -466,6 +470,7 @@ impl Config {
                 RetryOptions {
                     initial: RetryOptions::default().initial.min(max),
                     max,
+                    max_backlog: rt.observation_backlog_max as usize,
                 }
             },
         })

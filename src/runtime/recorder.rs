@@ -9,7 +9,8 @@
 //! per backoff period however many services are waiting.
 //!
 //! A service with an observation in the backlog has its later ones queued behind it, so its
-//! events keep their order. A retried observation that no longer fits the state (a later
+//! events keep their order. The backlog is bounded: past `max_backlog` the oldest observation
+//! is dropped, as the newest say most about where each service stands. A retried observation that no longer fits the state (a later
 //! deploy replaced that version) is dropped, as any stale observation is. The backlog ends
 //! with the control layer: once its writer has closed, nothing can be recorded any more.
 
@@ -38,6 +39,8 @@ pub struct RetryOptions {
     pub initial: Duration,
     /// The longest wait between two tries.
     pub max: Duration,
+    /// Observations kept at most; past it the oldest is dropped.
+    pub max_backlog: usize,
 }
 
 impl Default for RetryOptions {
@@ -45,6 +48,7 @@ impl Default for RetryOptions {
         RetryOptions {
             initial: Duration::from_millis(50),
             max: Duration::from_secs(5),
+            max_backlog: 10_000,
         }
     }
 }
@@ -57,7 +61,10 @@ pub(super) struct Recorder<S: Sink = Observer> {
 
 #[derive(Default)]
 struct Backlog {
-    queue: VecDeque<Observation>,
+    /// Each with a number of its own, so the retry task knows whether the one it tried is still
+    /// at the front (a full backlog may have dropped it meanwhile).
+    queue: VecDeque<(u64, Observation)>,
+    next_number: u64,
     /// Observations in the queue, by (tenant, service id): later ones of these services wait
     /// their turn.
     held: HashMap<(String, String), usize>,
@@ -103,8 +110,20 @@ impl<S: Sink> Recorder<S> {
 
     fn defer(self: &Arc<Self>, observation: Observation) {
         let mut backlog = self.backlog();
+        if backlog.queue.len() >= self.retry.max_backlog.max(1)
+            && let Some((_, dropped)) = backlog.queue.pop_front()
+        {
+            backlog.release(&dropped);
+            tracing::warn!(
+                max_backlog = self.retry.max_backlog,
+                observation = ?dropped,
+                "the backlog of observations is full; the oldest is dropped"
+            );
+        }
         *backlog.held.entry(service_of(&observation)).or_default() += 1;
-        backlog.queue.push_back(observation);
+        let number = backlog.next_number;
+        backlog.next_number += 1;
+        backlog.queue.push_back((number, observation));
         if !std::mem::replace(&mut backlog.draining, true) {
             tokio::spawn(Arc::clone(self).drain());
         }
@@ -114,10 +133,10 @@ impl<S: Sink> Recorder<S> {
     async fn drain(self: Arc<Self>) {
         let mut wait = self.retry.initial;
         loop {
-            let next = {
+            let (number, next) = {
                 let mut backlog = self.backlog();
                 match backlog.queue.front() {
-                    Some(next) => next.clone(),
+                    Some((number, next)) => (*number, next.clone()),
                     None => {
                         backlog.draining = false;
                         return;
@@ -144,7 +163,9 @@ impl<S: Sink> Recorder<S> {
                 Err(e) => tracing::debug!(error = %e, "a retried observation no longer applies"),
             }
             let mut backlog = self.backlog();
-            if let Some(done) = backlog.queue.pop_front() {
+            if backlog.queue.front().is_some_and(|(front, _)| *front == number)
+                && let Some((_, done)) = backlog.queue.pop_front()
+            {
                 backlog.release(&done);
             }
             if backlog.queue.is_empty() {
@@ -244,11 +265,16 @@ mod tests {
     }
 
     fn recorder(log: &Arc<FakeLog>) -> Arc<Recorder<Arc<FakeLog>>> {
+        recorder_of(log, 100)
+    }
+
+    fn recorder_of(log: &Arc<FakeLog>, max_backlog: usize) -> Arc<Recorder<Arc<FakeLog>>> {
         Recorder::new(
             Arc::clone(log),
             RetryOptions {
                 initial: Duration::from_millis(1),
                 max: Duration::from_millis(8),
+                max_backlog,
             },
         )
     }
@@ -335,5 +361,19 @@ mod tests {
         // Nothing is held back: a later observation is tried at once.
         recorder.record(started("a", 2)).await;
         assert_eq!(log.tries.load(Ordering::SeqCst), tries + 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_backlog_drops_its_oldest_observation() {
+        let log = Arc::new(FakeLog::default());
+        let recorder = recorder_of(&log, 2);
+        log.full.store(true, Ordering::SeqCst);
+        for version in 1..=3 {
+            recorder.record(started("a", version)).await;
+        }
+        assert_eq!(recorder.backlog_len(), 2);
+        log.full.store(false, Ordering::SeqCst);
+        until(|| recorder.backlog_len() == 0).await;
+        assert_eq!(*log.taken.lock().unwrap(), vec![started("a", 2), started("a", 3)]);
     }
 }
