@@ -81,14 +81,11 @@ impl LogBuffer {
     }
 
     pub fn push(&self, level: Level, version: u64, message: String) {
-        let (tenant, service) = (&self.tenant, &self.service_id);
-        match level {
-            Level::Trace => tracing::trace!(target: "solo::guest", tenant, service, version, "{message}"),
-            Level::Debug => tracing::debug!(target: "solo::guest", tenant, service, version, "{message}"),
-            Level::Info => tracing::info!(target: "solo::guest", tenant, service, version, "{message}"),
-            Level::Warn => tracing::warn!(target: "solo::guest", tenant, service, version, "{message}"),
-            Level::Error => tracing::error!(target: "solo::guest", tenant, service, version, "{message}"),
-        }
+        // Tenants' lines reach the node's own log only at debug, whatever their level: a guest
+        // that logs without end must not flood the operator's log, nor block every tenant's
+        // calls on a slow stderr. Its own buffer (the Logs APIs) is where they belong.
+        let (tenant, service, guest_level) = (&self.tenant, &self.service_id, level.as_str());
+        tracing::debug!(target: "solo::guest", tenant, service, version, level = guest_level, "{message}");
         let timestamp_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -133,6 +130,46 @@ impl LogBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the node's own log prints of one guest error line, under `filter`.
+    fn node_log_of_a_guest_error(filter: &str) -> String {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            LogBuffer::new("acme", "svc", 3).push(Level::Error, 1, "guest says boom".into());
+        });
+        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn guest_lines_reach_the_node_log_only_when_its_filter_asks_for_them() {
+        assert_eq!(
+            node_log_of_a_guest_error("info"),
+            "",
+            "an error of a guest is not the node's"
+        );
+        let shown = node_log_of_a_guest_error("info,solo::guest=debug");
+        assert!(
+            shown.contains("DEBUG") && shown.contains("level=\"error\"") && shown.contains("guest says boom"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn the_ring_keeps_the_newest_lines() {
