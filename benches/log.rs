@@ -19,7 +19,7 @@ use solo::config::Config;
 use solo::control::{Control, ControlOptions, DeployRequest, EventLog, load_snapshot, replay};
 use solo::event::envelope;
 use solo::limits::{LimitsTable, TenantLimits};
-use solo::log::{Batch, BlobRef, LogOptions, frame};
+use solo::log::{Batch, BlobChanges, BlobRef, LogOptions, frame};
 use solo::proto::{self, CrashReason, Event, Limits, StopReason, event::Kind};
 use solo::state::{Settings, State};
 
@@ -513,8 +513,9 @@ fn build_dataset() -> Dataset {
         state.apply(&event).expect("the generator writes events that apply");
         batch.push(Arc::new(event));
         if batch.len() == DATASET_BATCH || seq == DATASET_EVENTS {
-            let blobs: &[BlobRef<'_>] = if first_batch { &blobs } else { &[] };
-            log.append(&batch, blobs).expect("the data set is written");
+            let put: &[BlobRef<'_>] = if first_batch { &blobs } else { &[] };
+            let changes = BlobChanges { put, delete: &[] };
+            log.append(&batch, changes).expect("the data set is written");
             log.publish(batch.records(), &mut Vec::new());
             batch.clear();
             first_batch = false;
@@ -709,7 +710,7 @@ fn tail_round(rt: &Runtime, log: &EventLog, tailers: usize, events: u64, histogr
     let started = Instant::now();
     for seq in from..=last {
         let records: Batch<Event> = std::iter::once(tail_event(seq)).collect();
-        log.append(&records, &[]).expect("the append commits");
+        log.append(&records, Default::default()).expect("the append commits");
         committed.push(base.elapsed().as_nanos() as u64);
         let publishing = Instant::now();
         log.publish(records.records(), &mut Vec::new());

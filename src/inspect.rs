@@ -137,6 +137,9 @@ pub fn verify_with_snapshots(
         from = to + 1;
     }
     report.snapshots.reverse();
+    // Modules no service runs any more leave the blob store; those that some service runs
+    // must be there.
+    modules.retain(|sha, _| crate::state::parse_sha256(sha).is_some_and(|hash| state.module_users(&hash) > 0));
     check_blobs(store, &modules, &mut report)?;
     Ok(report)
 }

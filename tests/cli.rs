@@ -1500,7 +1500,9 @@ fn offline_data_dir(dir: &Path, map_size: u64, events: u64) {
             solo::log::frame::encode(&event.encode_to_vec())
         })
         .collect();
-    store.append(1, frames.iter().map(Vec::as_slice), &[]).unwrap();
+    store
+        .append(1, frames.iter().map(Vec::as_slice), Default::default())
+        .unwrap();
 }
 
 #[test]

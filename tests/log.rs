@@ -439,6 +439,56 @@ async fn a_full_map_is_a_typed_error_and_never_a_corrupt_log() {
     assert!(report.ok(), "{}", report.summary());
 }
 
+#[tokio::test]
+async fn a_module_no_service_runs_any_more_leaves_the_blob_store() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    let sha = |outcome: &solo::control::DeployOutcome| solo::state::parse_sha256(&outcome.module_sha256).unwrap();
+    let has = |control: &Control, hash: &[u8; 32]| control.log().store().has_blob(hash).unwrap();
+    let m1 = sha(&deploy(&control, "acme", "a", "m1").await);
+    deploy(&control, "globex", "b", "m1").await;
+    let m2 = sha(&deploy(&control, "acme", "a", "m2").await);
+    assert!(has(&control, &m1), "globex/b still runs m1");
+    assert!(has(&control, &m2));
+
+    // Upgrade after upgrade, as a tenant filling the disk would: only what runs is kept.
+    for round in 0..20 {
+        deploy(&control, "acme", "a", &format!("filler-{round}")).await;
+    }
+    let m3 = sha(&deploy(&control, "globex", "b", "m3").await);
+    assert!(!has(&control, &m1) && !has(&control, &m2), "nothing runs m1 or m2 now");
+    assert!(has(&control, &m3));
+    let (blobs, _) = blob_count(&control);
+    assert_eq!(blobs, 2, "acme/a's latest module and globex/b's");
+
+    // A killed service still holds its module (a redeploy may bring it back), and a module
+    // collected once is stored again by its next deploy.
+    control.kill(kill_command("globex", "b")).await.unwrap();
+    assert!(has(&control, &m3));
+    let again = deploy(&control, "acme", "c", "m1").await;
+    assert!(has(&control, &sha(&again)));
+
+    // The log verifies (history names collected modules), also after a restart.
+    let report = inspect::verify(control.log().store(), control.read_state(|s| s.settings())).unwrap();
+    assert!(report.ok(), "{}", report.summary());
+    control.close().await;
+    drop(control);
+    let control = open(options(dir.path()));
+    assert!(has(&control, &m1) && has(&control, &m3) && !has(&control, &m2));
+    deploy(&control, "acme", "c", "m4").await;
+    assert!(!has(&control, &m1), "the state rebuilt at open counts who runs what");
+}
+
+fn blob_count(control: &Control) -> (u64, u64) {
+    let mut count = (0, 0);
+    control
+        .log()
+        .store()
+        .scan_blobs(|_, bytes| count = (count.0 + 1, count.1 + bytes.len() as u64))
+        .unwrap();
+    count
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_is_reported_by_verify_with_its_seq() {
     let dir = tempdir();

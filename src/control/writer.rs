@@ -32,7 +32,7 @@ use super::snapshotter::Batches;
 use super::spare::Spare;
 use super::{Clock, CommitHook, EventLog, Events, WriterOptions};
 use crate::limits::LimitsTable;
-use crate::log::{self, BlobRef};
+use crate::log::{self, BlobChanges, BlobRef};
 use crate::proto::{Event, event::Kind};
 use crate::state::State;
 
@@ -93,6 +93,9 @@ struct Batch {
     events: log::Batch<Event>,
     /// Modules not yet in the blob store, each once.
     blobs: Vec<Blob>,
+    /// Modules that deploys of the batch moved services off; those that no service runs once
+    /// the batch is decided leave the blob store with it.
+    replaced: Vec<[u8; 32]>,
     /// Every command taken, with what it will be told, whether or not it appends anything.
     pending: Vec<Pending>,
     close: Option<oneshot::Sender<()>>,
@@ -107,6 +110,7 @@ impl Writer {
                 shutting_down: self.shutting_down.load(Ordering::Acquire),
                 events: log::Batch::with_capacity(last_batch.max(1)),
                 blobs: Vec::new(),
+                replaced: Vec::new(),
                 pending: Vec::with_capacity(last_batch.max(1)),
                 close: None,
             };
@@ -172,6 +176,14 @@ impl Writer {
             Ok(Decision::Append { mut event, blob }) => {
                 event.seq = self.working.applied_seq() + 1;
                 event.timestamp_ms = batch.now_ms;
+                let replaced = match &event.kind {
+                    Some(Kind::ServiceDeployed(deployed)) => self
+                        .working
+                        .service(&event.tenant, &event.service_id)
+                        .filter(|s| s.module_sha256 != deployed.module_sha256)
+                        .and_then(|s| crate::state::parse_sha256(&s.module_sha256)),
+                    _ => None,
+                };
                 if let Err(e) = self.working.apply(&event) {
                     // decide() checked this; a failure here is a bug, reported, not appended.
                     tracing::error!(error = %e, "a decided event does not apply");
@@ -182,6 +194,7 @@ impl Writer {
                     return;
                 }
                 batch.shutting_down |= matches!(event.kind, Some(Kind::ShutdownRequested(_)));
+                batch.replaced.extend(replaced);
                 // A module already in the blob store (or in this batch) is not written again.
                 if let Some(module) = blob
                     && !self.stored_blobs.contains(&module.sha256)
@@ -206,6 +219,7 @@ impl Writer {
             shutting_down,
             events,
             blobs,
+            mut replaced,
             pending,
             ..
         } = batch;
@@ -220,11 +234,20 @@ impl Writer {
                 bytes: &m.bytes,
             })
             .collect();
+        // Garbage collection of modules, in the commit that made them garbage: stored modules
+        // stay bounded by what services run, however often a tenant deploys new ones.
+        replaced.sort_unstable();
+        replaced.dedup();
+        replaced.retain(|module| self.working.module_users(module) == 0);
+        let changes = BlobChanges {
+            put: &blob_refs,
+            delete: &replaced,
+        };
         // The helper applies the batch to its copy while the commit waits for the disk.
         let shared: Events = events.records().into();
         self.spare.lend(Arc::clone(&shared), std::mem::take(&mut self.evicted));
         let started = Instant::now();
-        if let Err(e) = self.log.append(&events, &blob_refs) {
+        if let Err(e) = self.log.append(&events, changes) {
             tracing::error!(error = %e, events = events.len(), "commit failed; the batch was not written");
             let error = Error::from(e);
             for p in pending {
@@ -251,6 +274,9 @@ impl Writer {
             self.stored_blobs.clear();
         }
         self.stored_blobs.extend(blobs.iter().map(|m| m.sha256));
+        for module in &replaced {
+            self.stored_blobs.remove(module);
+        }
         // The working copy holds the batch: it becomes the published state in one swap, so
         // readers wait only for the swap.
         {

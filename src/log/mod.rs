@@ -20,8 +20,8 @@ use tokio::sync::watch;
 pub use error::{Error, Result};
 pub use frame::FrameError;
 pub use store::{
-    BLOBS_DB, BlobRef, EVENTS_DB, FORMAT_VERSION, META_CREATED_AT_MS, META_DB, META_FORMAT_VERSION, META_NODE_ID,
-    NodeMeta, SNAPSHOTS_DB, Store, StoreOptions, StoreStats,
+    BLOBS_DB, BlobChanges, BlobRef, EVENTS_DB, FORMAT_VERSION, META_CREATED_AT_MS, META_DB, META_FORMAT_VERSION,
+    META_NODE_ID, NodeMeta, SNAPSHOTS_DB, Store, StoreOptions, StoreStats,
 };
 
 use tail::Window;
@@ -110,12 +110,13 @@ impl<R: Record> Log<R> {
         &self.inner.store
     }
 
-    /// Appends the records of `batch` (whose seqs must continue the log) and `blobs` in one
-    /// write transaction and one durable commit. Blocking. On error nothing was written.
+    /// Appends the records of `batch` (whose seqs must continue the log) and makes the `blobs`
+    /// changes in one write transaction and one durable commit. Blocking. On error nothing was
+    /// written.
     ///
     /// The records are durable but not yet visible: [`Log::publish`] shows them to tailers,
     /// once the appender has done what must happen before anyone hears of them.
-    pub fn append(&self, batch: &Batch<R>, blobs: &[BlobRef<'_>]) -> Result<u64> {
+    pub fn append(&self, batch: &Batch<R>, blobs: BlobChanges<'_>) -> Result<u64> {
         let records = batch.records();
         let _appending = self
             .inner

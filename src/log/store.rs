@@ -51,6 +51,15 @@ pub struct BlobRef<'a> {
     pub bytes: &'a [u8],
 }
 
+/// What a commit changes in the blob store, beside the records it appends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlobChanges<'a> {
+    /// Blobs to store; one already stored is kept (or healed, if its copy is damaged).
+    pub put: &'a [BlobRef<'a>],
+    /// Blobs nothing needs any more, deleted once the puts are done.
+    pub delete: &'a [[u8; 32]],
+}
+
 /// Sizes and counts, for `solo log stats`.
 #[derive(Debug, Clone, Default)]
 pub struct StoreStats {
@@ -215,16 +224,16 @@ impl Store {
         Ok(last.map_or(0, |(seq, _)| seq))
     }
 
-    /// Writes `frames` as records `first_seq..` and the blobs, in one durable transaction.
-    /// Either all of it is committed or none of it.
+    /// Writes `frames` as records `first_seq..` and the blob changes, in one durable
+    /// transaction. Either all of it is committed or none of it.
     pub fn append<'f>(
         &self,
         first_seq: u64,
         frames: impl IntoIterator<Item = &'f [u8]>,
-        blobs: &[BlobRef<'_>],
+        blobs: BlobChanges<'_>,
     ) -> Result<()> {
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
-        for blob in blobs {
+        for blob in blobs.put {
             match self
                 .blobs
                 .put_with_flags(&mut wtxn, PutFlags::NO_OVERWRITE, blob.sha256, blob.bytes)
@@ -243,6 +252,9 @@ impl Store {
                 }
                 Err(e) => return Err(self.err(e)),
             }
+        }
+        for sha256 in blobs.delete {
+            self.blobs.delete(&mut wtxn, sha256).map_err(|e| self.err(e))?;
         }
         for (seq, frame) in (first_seq..).zip(frames) {
             // APPEND: keys only grow, and LMDB refuses (KeyExist) a key that would not.

@@ -71,6 +71,9 @@ pub struct State {
     active_services: u64,
     /// (time, tenant, key) of remembered idempotency keys, oldest first, for expiry.
     idempotency_expiry: VecDeque<(u64, CompactString, CompactString)>,
+    /// Services of every tenant whose current version runs each module, by its SHA-256: a
+    /// module none of them runs may leave the blob store. Derived from the services.
+    module_users: Map<[u8; 32], u32>,
 }
 
 impl State {
@@ -82,6 +85,34 @@ impl State {
             tenants: Map::default(),
             active_services: 0,
             idempotency_expiry: VecDeque::new(),
+            module_users: Map::default(),
+        }
+    }
+
+    /// Services whose current version runs the module with this SHA-256.
+    pub fn module_users(&self, sha256: &[u8; 32]) -> u32 {
+        self.module_users.get(sha256).copied().unwrap_or(0)
+    }
+
+    /// Modules that some service's current version runs.
+    pub fn modules_in_use(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.module_users.keys()
+    }
+
+    /// Counts one more service running `module`.
+    fn module_used(&mut self, module: [u8; 32]) {
+        *self.module_users.entry(module).or_default() += 1;
+    }
+
+    /// Counts one service fewer running `module` (a hex SHA-256, as services hold it).
+    fn module_released(&mut self, module: &str) {
+        if let Some(hash) = parse_sha256(module)
+            && let hashbrown::hash_map::Entry::Occupied(mut users) = self.module_users.entry(hash)
+        {
+            *users.get_mut() -= 1;
+            if *users.get() == 0 {
+                users.remove();
+            }
         }
     }
 
@@ -263,6 +294,8 @@ impl State {
             self.active_services += 1;
         }
         tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(limits.memory_bytes);
+        let replaced_module =
+            (service.module_sha256 != e.module_sha256).then(|| std::mem::take(&mut service.module_sha256));
         service.module_sha256.clone_from(&e.module_sha256);
         service.module_size = e.module_size;
         service.version = e.version;
@@ -294,6 +327,12 @@ impl State {
                 at_ms: event.timestamp_ms,
             };
             self.remember(&event.tenant, &e.idempotency_key, record);
+        }
+        if let Some(replaced) = replaced_module {
+            self.module_used(module_hash);
+            if !replaced.is_empty() {
+                self.module_released(&replaced);
+            }
         }
         Ok(())
     }

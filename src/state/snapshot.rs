@@ -118,6 +118,9 @@ impl State {
                     state.active_services += 1;
                     tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(service.limits.memory_bytes);
                 }
+                if let Some(module) = super::parse_sha256(&service.module_sha256) {
+                    *state.module_users.entry(module).or_default() += 1;
+                }
                 tenant.services.insert(service.id.as_str().into(), Box::new(service));
             }
         }
