@@ -400,7 +400,7 @@ async fn fan_out(server: &solo::server::Server, shape: &FanOut) -> String {
                     }
                     let id = format!("svc{}", services[round % services.len()]);
                     let cycle = round / services.len();
-                    if cycle % 2 == 0 {
+                    if cycle.is_multiple_of(2) {
                         let kill = proto::KillRequest {
                             service_id: id,
                             force: true,

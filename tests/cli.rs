@@ -1478,6 +1478,77 @@ fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
     );
 }
 
+#[test]
+fn a_second_node_on_a_data_directory_in_use_is_refused_and_offline_tools_still_read_it() {
+    let serve = ServeDir::new();
+    let first = serve.start();
+    serve
+        .cli(&["deploy", "echo", example_path("echo").to_str().unwrap()])
+        .ok();
+    let data = serve.data.to_str().unwrap();
+    let second = run(solo()
+        .args(["serve", "--data-dir", data, "--grpc-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"]));
+    assert_ne!(second.code, 0, "{}", second.stderr);
+    let pid = first.child.id().to_string();
+    assert!(
+        second.stderr.contains("in use by another node") && second.stderr.contains(&pid),
+        "the refusal says who holds the directory: {}",
+        second.stderr
+    );
+    // The first node is untouched and goes on writing; readers are welcome.
+    serve
+        .cli(&["deploy", "echo2", example_path("echo").to_str().unwrap()])
+        .ok();
+    run(solo().args(["log", "verify", "--data-dir", data])).ok();
+    // The lock dies with its holder, kill -9 included: the next node starts at once.
+    first.kill();
+    let _next = serve.start();
+    assert_eq!(serve.service_ids(), ["echo", "echo2"]);
+}
+
+#[test]
+fn a_data_file_cut_short_is_refused_with_a_reason_not_a_crash() {
+    let serve = ServeDir::new();
+    let node = serve.start();
+    for i in 0..20 {
+        serve
+            .cli(&["deploy", &format!("echo{i}"), example_path("echo").to_str().unwrap()])
+            .ok();
+    }
+    node.kill();
+    let file = serve.data.join("data.mdb");
+    let length = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(length / 2)
+        .unwrap();
+
+    let data = serve.data.to_str().unwrap();
+    for args in [
+        vec!["log", "verify", "--data-dir", data],
+        vec!["log", "stats", "--data-dir", data],
+    ] {
+        let ran = run(solo().args(&args));
+        assert!(
+            ran.code == 1 || ran.code == 2,
+            "{args:?} exits with an error, not a signal: {}",
+            ran.code
+        );
+        assert!(ran.stderr.contains("cut short"), "{args:?}: {}", ran.stderr);
+    }
+    let served = run(solo()
+        .args(["serve", "--data-dir", data, "--grpc-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"]));
+    assert!(
+        served.code > 0 && served.stderr.contains("cut short"),
+        "{}",
+        served.stderr
+    );
+}
+
 /// A data directory of `events` small events written straight to the store, which was opened
 /// with a map of `map_size` bytes.
 fn offline_data_dir(dir: &Path, map_size: u64, events: u64) {

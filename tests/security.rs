@@ -1905,7 +1905,7 @@ fn spawn_spin(
 ) {
     let auth = Auth::dev(tenant);
     let (id, ms) = (id.to_string(), ms.to_string());
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         let mut client = client.clone();
         set.spawn(async move { grpc_outcome(client.call(auth.grpc(call_request(&id, ms.as_bytes()))).await) });
     } else {

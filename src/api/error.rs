@@ -246,6 +246,7 @@ fn storage_kind(error: &crate::log::Error) -> ErrorKind {
         | E::UnsupportedFormat { .. }
         | E::BadDataDir { .. }
         | E::AlreadyOpen { .. }
+        | E::InUse { .. }
         | E::CorruptRecord { .. }
         | E::UndecodableRecord { .. }
         | E::MissingRecord { .. }

@@ -44,6 +44,12 @@ pub enum Error {
     BadDataDir { path: PathBuf, reason: String },
     #[error("data directory {path} is already open in this process")]
     AlreadyOpen { path: PathBuf },
+    #[error(
+        "data directory {path} is in use by another node ({holder}); two nodes writing one log \
+         would each miss the other's events. Stop that node first; `solo log` tools read a \
+         directory in use safely"
+    )]
+    InUse { path: PathBuf, holder: String },
     #[error("record {seq} is corrupt: {source}")]
     CorruptRecord {
         seq: u64,

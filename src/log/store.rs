@@ -89,6 +89,8 @@ pub struct Store {
     snapshots: Database<SeqKey, Bytes>,
     meta: Database<Str, Bytes>,
     node: NodeMeta,
+    /// The writer's exclusive lock on the directory, held while the store is open.
+    _writer_lock: Option<std::fs::File>,
 }
 
 impl Store {
@@ -104,6 +106,9 @@ impl Store {
             source,
         })?;
         let env = open_env(path, options)?;
+        // After the environment: a second open in this process is told so by LMDB itself.
+        let writer_lock = (!options.read_only).then(|| lock_for_writing(path)).transpose()?;
+        check_file_length(&env, path)?;
         let heed_err = |e| Error::from_heed(e, path, options.map_size);
         let (events, blobs, snapshots, meta) = if options.read_only {
             open_databases(&env, path).map_err(|e| match e {
@@ -126,6 +131,7 @@ impl Store {
                 node_id: String::new(),
                 created_at_ms: 0,
             },
+            _writer_lock: writer_lock,
         };
         store.node = store.check_or_init_meta(options.read_only)?;
         Ok(store)
@@ -424,6 +430,74 @@ impl Store {
         }
         Ok(stats)
     }
+}
+
+/// The file whose lock marks the directory's one writer.
+const LOCK_FILE: &str = "solo.lock";
+
+/// Takes the directory's writer lock, or says who holds it. LMDB's own lock file lets any
+/// number of processes write in turn, which is right for its readers but would let a second
+/// node append to the log behind the first one's back. The kernel drops the lock with its
+/// holder, `kill -9` included, so a stale lock file never blocks a restart.
+fn lock_for_writing(path: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let lock_path = path.join(LOCK_FILE);
+    let io = |source| Error::Io {
+        path: lock_path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "a process that has not said which".to_string(),
+                pid => format!("process {pid}"),
+            };
+            return Err(Error::InUse {
+                path: path.to_path_buf(),
+                holder,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    // Who holds it, for the next one to be told; only a courtesy, the lock is what counts.
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+/// Refuses a data file shorter than the pages its last commit says it holds (a cut-short copy
+/// or restore): mapping it would kill the process with SIGBUS at the first read past its end.
+fn check_file_length(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
+    let file = path.join(DATA_FILE);
+    let length = std::fs::metadata(&file)
+        .map_err(|source| Error::Io {
+            path: file.clone(),
+            source,
+        })?
+        .len();
+    let pages = env.info().last_page_number as u64 + 1;
+    let needed = pages.saturating_mul(u64::from(env.stat().page_size));
+    if length < needed {
+        return Err(Error::BadDataDir {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{DATA_FILE} is {length} bytes, but its last commit holds {pages} pages ({needed} bytes): \
+                 the file was cut short (an interrupted copy or restore?); restore it from a backup"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn open_env(path: &Path, options: &StoreOptions) -> Result<Env<WithoutTls>> {
