@@ -25,12 +25,26 @@ pub fn serve(config_path: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<Ex
         config.solo.http_addr = addr;
     }
     init_tracing(&config);
+    ignore_file_size_signal();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listeners = crate::server::Listeners::bind(&config).await?;
         crate::server::run(config, listeners, super::interrupted()).await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A write past the file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) raises SIGXFSZ,
+/// whose default kills the process. Ignored, the write fails with EFBIG instead, and the log
+/// refuses that batch with an error that names the limit while the node goes on serving.
+fn ignore_file_size_signal() {
+    // SAFETY: SIG_IGN installs no handler code; it only changes what the kernel does with the
+    // signal, before any thread that writes is started.
+    #[allow(unsafe_code)]
+    let previous = unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    if previous == libc::SIG_ERR {
+        tracing::warn!("SIGXFSZ could not be ignored: a write past the file size limit will end the process");
+    }
 }
 
 pub fn config_check(file: PathBuf) -> anyhow::Result<ExitCode> {
