@@ -1478,6 +1478,65 @@ async fn quota_and_shedding_refusals_carry_retry_after() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_over_damaged_history_ends_with_an_error_frame_not_a_clean_end() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let snapshot_often = |config: &mut Config| config.database.snapshot_every = 4;
+    let on = |server: solo::server::Server| Node {
+        base: server.http_url(),
+        server,
+        http: client(),
+        _dir: tempfile::tempdir().expect("a temp dir"),
+    };
+    let node = on(start_server(dir.path(), snapshot_often).await);
+    // A label only the first deploy's event holds: the upgrade replaces it, and the snapshots
+    // taken after it hold the state without it.
+    let labelled = json!({ "service_id": "svc", "wat": wat_text("echo"), "labels": { "mark": "needle-label-7731" } });
+    node.post_json("/services", "a", &labelled).await.ok(201);
+    node.deploy("a", "svc", "counter").await.ok(200);
+    for i in 0..3 {
+        node.deploy_running("a", &format!("more{i}"), "echo").await;
+    }
+    node.stop().await;
+
+    // Damage the first event, in every copy LMDB left in the file; the snapshots are intact,
+    // so the node starts.
+    let file = dir.path().join("data.mdb");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let needle = b"needle-label-7731";
+    let places: Vec<usize> = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(at, _)| at)
+        .collect();
+    assert!(!places.is_empty(), "the event is in the file");
+    for at in places {
+        bytes[at] ^= 0xff;
+    }
+    std::fs::write(&file, bytes).unwrap();
+    let node = on(start_server(dir.path(), snapshot_often).await);
+
+    let response = node.request(Method::GET, "/events?from=1", "").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut raw = RawSse::new(response);
+    let frame = raw.next_frame().await;
+    assert!(frame.contains(&"event: error".to_string()), "{frame:?}");
+    let data: Value = serde_json::from_str(frame.iter().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+    let message = data["message"].as_str().unwrap();
+    assert!(
+        message.contains("record 2 is corrupt"),
+        "the first deploy, after node_started: {data}"
+    );
+    assert!(data["error"].as_str().is_some_and(|e| !e.is_empty()), "{data}");
+    // Nothing follows: the stream ends after saying why.
+    let rest = tokio::time::timeout(DEADLINE, raw.body.next())
+        .await
+        .expect("the stream ends");
+    assert!(rest.is_none(), "{rest:?}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_frames_carry_seq_kind_and_one_json_line() {
     let node = dev_node().await;
     let (headers, mut stream) = node.events("", "a", None).await;

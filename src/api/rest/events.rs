@@ -19,7 +19,7 @@ use serde_json::json;
 use super::services::Params;
 use crate::api::convert::log_line_json;
 use crate::api::watch::{WatchFilter, WatchItem, watch};
-use crate::api::{ApiState, Error, GaugeGuard, ops};
+use crate::api::{ApiState, Error, ErrorKind, GaugeGuard, ops};
 use crate::tls::PeerTenant;
 
 type Certificate = Option<Extension<PeerTenant>>;
@@ -49,12 +49,25 @@ pub(super) async fn events(
         progress,
         state.stopping.clone(),
     )?;
-    // The stream ends cleanly at shutdown: the error that says so is not sent as a frame.
+    // The stream ends cleanly at shutdown. Any other error (a damaged record) is sent as a
+    // last `error` frame: a stream that just ended would read as "nothing more" to a client,
+    // which would reconnect to the same damage forever without ever learning of it.
     let frames = items
-        .take_while(|item| std::future::ready(item.is_ok()))
-        .filter_map(move |item| {
+        .scan(false, |ended, item| {
+            let next = match item {
+                _ if *ended => None,
+                Ok(item) => Some(frame(&item)),
+                Err(e) if e.kind() == ErrorKind::ShuttingDown => None,
+                Err(e) => {
+                    *ended = true;
+                    Some(error_frame(&e))
+                }
+            };
+            std::future::ready(next)
+        })
+        .map(move |frame| {
             let _held = (&permit, &gauge);
-            std::future::ready(item.ok().map(|item| Ok::<_, Infallible>(frame(&item))))
+            Ok::<_, Infallible>(frame)
         });
     Ok(sse(frames, state.options.sse_keepalive))
 }
@@ -85,6 +98,12 @@ fn frame(item: &WatchItem) -> SseEvent {
             .data(crate::event::to_json(event).to_string()),
         WatchItem::Progress(seq) => SseEvent::default().id(seq.to_string()),
     }
+}
+
+/// The error that ends a stream, as the JSON body of a REST error.
+fn error_frame(error: &Error) -> SseEvent {
+    let body = json!({ "error": error.kind().as_str(), "message": error.message() });
+    SseEvent::default().event("error").data(body.to_string())
 }
 
 fn sse<S>(frames: S, keepalive: Duration) -> Response
