@@ -182,6 +182,60 @@ async fn redeploying_the_identical_module_is_a_no_op_that_says_so() {
 }
 
 #[tokio::test]
+async fn a_retry_of_a_keyed_request_that_changed_nothing_changes_nothing_either() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    control.kill(kill_command("acme", "a")).await.unwrap();
+
+    // A keyed kill of a stopped service changes nothing; someone redeploys the service; the
+    // kill's retry must not stop it.
+    let kill = KillCommand {
+        idempotency_key: "kill-1".into(),
+        ..kill_command("acme", "a")
+    };
+    let first = control.kill(kill.clone()).await.unwrap();
+    assert!(first.already_stopped && !first.replayed);
+    let redeployed = deploy(&control, "acme", "a", "m2").await;
+    let head = control.head();
+    let retry = control.kill(kill.clone()).await.unwrap();
+    assert_eq!(
+        (retry.seq, retry.already_stopped, retry.replayed),
+        (first.seq, true, true)
+    );
+    assert_eq!(control.head(), head, "the retry appended nothing");
+    assert_eq!(control.status("acme", "a").unwrap().version, redeployed.version);
+
+    // A keyed deploy of what already runs changes nothing; someone kills the service; the
+    // deploy's retry must not bring it back.
+    let mut same = deploy_request("acme", "a", "m2");
+    same.idempotency_key = "deploy-1".into();
+    let first = control.deploy(same.clone()).await.unwrap();
+    assert!(first.unchanged && !first.replayed);
+    control.kill(kill_command("acme", "a")).await.unwrap();
+    let head = control.head();
+    let retry = control.deploy(same.clone()).await.unwrap();
+    assert_eq!(
+        (retry.version, retry.seq, retry.unchanged, retry.replayed),
+        (first.version, first.seq, true, true)
+    );
+    assert_eq!(control.head(), head, "the retry appended nothing");
+
+    // Those keys are taken: another request with one is a conflict.
+    let mut other = same.clone();
+    other.labels.insert("team".into(), "red".into());
+    assert!(matches!(
+        control.deploy(other).await,
+        Err(Error::IdempotencyConflict { .. })
+    ));
+    let forced = KillCommand { force: true, ..kill };
+    assert!(matches!(
+        control.kill(forced).await,
+        Err(Error::IdempotencyConflict { .. })
+    ));
+}
+
+#[tokio::test]
 async fn a_retry_is_compared_with_the_request_not_with_defaults_that_changed_since() {
     let dir = tempdir();
     let with_default_memory = |mb: u64| {

@@ -13,6 +13,7 @@
 
 pub mod command;
 mod error;
+mod noop_keys;
 mod recovery;
 mod snapshotter;
 mod spare;
@@ -34,6 +35,7 @@ pub use error::{Error, Result};
 pub use recovery::{Recovery, load_snapshot, replay};
 
 use command::{Command, Reply};
+use noop_keys::NoOpKeys;
 use snapshotter::Snapshotter;
 use spare::Spare;
 use writer::{Request, Writer};
@@ -43,6 +45,9 @@ use crate::log::{Log, LogOptions, NodeMeta};
 use crate::proto::{Event, Limits};
 use crate::runtime::{LiveStatus, LogBuffer, Runtime};
 use crate::state::{Service, Settings, State, Status};
+
+/// Keys of keyed requests that changed nothing, remembered at most (the oldest go first).
+const NOOP_KEYS_REMEMBERED: usize = 65_536;
 
 /// The log of Solo's events.
 pub type EventLog = Log<Event>;
@@ -182,6 +187,7 @@ impl Control {
         );
         let (snapshots, snapshot_thread) = snapshots.unzip();
         let writer = Writer {
+            noop_keys: NoOpKeys::new(state.settings().idempotency_window_ms, NOOP_KEYS_REMEMBERED),
             log: log.clone(),
             spare: Spare::start(state.clone()),
             working: state,

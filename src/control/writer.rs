@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::command::{Blob, Command, Context, Decision, Reply, decide};
 use super::error::{Error, Result};
+use super::noop_keys::{KeyedRequest, NoOpKeys};
 use super::snapshotter::Batches;
 use super::spare::Spare;
 use super::{Clock, CommitHook, EventLog, Events, WriterOptions};
@@ -75,6 +76,8 @@ pub(super) struct Writer {
     pub on_commit: Option<CommitHook>,
     /// Events that left the log's in-memory window; the helper frees them in the next round.
     pub evicted: Vec<Arc<Event>>,
+    /// Keys of requests that changed nothing, which no event carries.
+    pub noop_keys: NoOpKeys,
 }
 
 /// A caller waiting for the batch to commit, and what it will be told.
@@ -155,6 +158,13 @@ impl Writer {
                 return;
             }
         };
+        let keyed = KeyedRequest::of(&command);
+        if let Some(request) = &keyed
+            && let Some(answer) = self.noop_keys.answer(request, batch.now_ms)
+        {
+            batch.pending.push(Pending { reply, answer });
+            return;
+        }
         let limits = match &command {
             Command::Deploy(cmd) => self.limits.for_tenant(&cmd.tenant),
             _ => &self.limits.node,
@@ -169,10 +179,15 @@ impl Writer {
             // Every answer waits for the batch: an answer may rest on its events, and a caller
             // answered early could send again into this batch, whose time is already set.
             Err(e) => batch.pending.push(Pending { reply, answer: Err(e) }),
-            Ok(Decision::Answer(answer)) => batch.pending.push(Pending {
-                reply,
-                answer: Ok(answer),
-            }),
+            Ok(Decision::Answer(answer)) => {
+                if let Some(request) = keyed {
+                    self.noop_keys.remember(request, &answer, batch.now_ms);
+                }
+                batch.pending.push(Pending {
+                    reply,
+                    answer: Ok(answer),
+                });
+            }
             Ok(Decision::Append { mut event, blob }) => {
                 event.seq = self.working.applied_seq() + 1;
                 event.timestamp_ms = batch.now_ms;
