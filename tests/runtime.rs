@@ -440,6 +440,22 @@ async fn bad_modules_get_clear_errors_and_append_nothing() {
         "{err}"
     );
     assert_eq!(control.head(), 1, "only node_started is in the log");
+
+    // A refused module sent again is refused at once, for the same reason, without compiling
+    // its bytes again: refusals cost their tenant no quota, so they must cost the node little.
+    let runtime = control.runtime().unwrap();
+    let missing_export = || {
+        let mut request = deploy_example("acme", "bad", "echo");
+        request.module = Arc::from(&b"(module (memory (export \"memory\") 1) (func (export \"solo_alloc\") (param i32) (result i32) (i32.const 0)))"[..]);
+        request
+    };
+    let compiled = runtime.modules_compiled();
+    let first = control.deploy(missing_export()).await.unwrap_err().to_string();
+    assert_eq!(runtime.modules_compiled(), compiled + 1);
+    for _ in 0..3 {
+        assert_eq!(control.deploy(missing_export()).await.unwrap_err().to_string(), first);
+    }
+    assert_eq!(runtime.modules_compiled(), compiled + 1, "compiled once");
     node.stop(Duration::from_secs(5)).await;
 }
 

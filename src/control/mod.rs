@@ -287,7 +287,7 @@ impl Control {
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let module = match self.runtime() {
             Some(runtime) => runtime
-                .prepare(request.module, limits.memory_bytes)
+                .prepare(&request.tenant, request.module, limits.memory_bytes)
                 .await
                 .map_err(|e| Error::InvalidModule(e.0))?,
             None => Module::hashed(request.module).await,

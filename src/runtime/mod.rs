@@ -91,6 +91,14 @@ pub struct Runtime {
 struct Inner {
     compiler: Compiler,
     cache: ModuleCache,
+    /// Why modules were refused, by hash: the same bytes sent again are refused without
+    /// compiling them again (a refused deploy costs its tenant no quota).
+    refused: Mutex<HashMap<[u8; 32], String>>,
+    /// One compile at a time per tenant: a tenant sending many large modules at once queues
+    /// behind itself, and leaves the other cores to everyone else.
+    compiles: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Modules compiled from deploys since the runtime started, refused ones included.
+    compiled: std::sync::atomic::AtomicU64,
     options: RuntimeOptions,
     observer: Observer,
     /// Takes observations to the log, keeping those it cannot take yet.
@@ -164,6 +172,9 @@ impl Runtime {
         Ok(Runtime {
             inner: Arc::new(Inner {
                 cache: ModuleCache::new(options.module_cache_entries),
+                refused: Mutex::new(HashMap::new()),
+                compiles: Mutex::new(HashMap::new()),
+                compiled: std::sync::atomic::AtomicU64::new(0),
                 compiler,
                 recorder: Recorder::new(observer.clone(), options.observation_retry),
                 options,
@@ -178,19 +189,41 @@ impl Runtime {
         })
     }
 
-    /// Validates and compiles a module sent for deploy (wasm, or WAT converted to wasm), and
-    /// caches it; checks that its memory starts within `memory_bytes`, the service's limit.
-    /// Returns the module as it will be stored: wasm bytes and their hash.
-    pub async fn prepare(&self, bytes: Arc<[u8]>, memory_bytes: u64) -> Result<Module, InvalidModule> {
+    /// Validates and compiles a module that `tenant` sent for deploy (wasm, or WAT converted to
+    /// wasm), and caches it; checks that its memory starts within `memory_bytes`, the service's
+    /// limit. Returns the module as it will be stored: wasm bytes and their hash.
+    pub async fn prepare(&self, tenant: &str, bytes: Arc<[u8]>, memory_bytes: u64) -> Result<Module, InvalidModule> {
         let module = if bytes.starts_with(module::WASM_MAGIC) {
             Module::hashed(bytes).await
         } else {
             // WAT: parsing it is work for a blocking thread, as compiling is.
+            let _turn = self.inner.compile_turn(tenant).await;
             blocking(move || Ok(Module::new(module::to_wasm(&bytes)?.into()))).await?
         };
+        let sha256 = module.sha256;
+        if let Some(reason) = self
+            .inner
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sha256)
+        {
+            return Err(InvalidModule(reason.clone()));
+        }
         // The common case, a module already compiled, needs no blocking thread at all.
-        let (inner, sha256, bytes) = (Arc::clone(&self.inner), module.sha256, Arc::clone(&module.bytes));
-        let compile = blocking(move || module::prepare(&inner.compiler.engine, &inner.compiler.linker, sha256, &bytes));
+        let (inner, bytes) = (Arc::clone(&self.inner), Arc::clone(&module.bytes));
+        let compile = async move {
+            let _turn = inner.compile_turn(tenant).await;
+            inner.compiled.fetch_add(1, Ordering::Relaxed);
+            let compiler = Arc::clone(&inner);
+            let compiled =
+                blocking(move || module::prepare(&compiler.compiler.engine, &compiler.compiler.linker, sha256, &bytes))
+                    .await;
+            if let Err(refusal) = &compiled {
+                inner.remember_refusal(sha256, &refusal.0);
+            }
+            compiled
+        };
         let prepared = self.inner.cache.get_or_prepare(sha256, compile).await?;
         if prepared.min_memory_bytes > memory_bytes {
             return Err(InvalidModule(format!(
@@ -205,6 +238,11 @@ impl Runtime {
     /// Modules in the compile cache.
     pub fn cached_modules(&self) -> usize {
         self.inner.cache.len()
+    }
+
+    /// Modules compiled for deploys since the runtime started, refused ones included.
+    pub fn modules_compiled(&self) -> u64 {
+        self.inner.compiled.load(Ordering::Relaxed)
     }
 
     /// Brings back, after replay, every service that should run; records what came back in one
@@ -409,7 +447,35 @@ impl Runtime {
     }
 }
 
+/// Refusals remembered at most; past it the memory starts afresh.
+const REFUSALS_REMEMBERED: usize = 1024;
+
 impl Inner {
+    /// Waits for `tenant`'s turn to compile.
+    async fn compile_turn(&self, tenant: &str) -> tokio::sync::OwnedSemaphorePermit {
+        let gate = {
+            let mut compiles = self.compiles.lock().unwrap_or_else(|p| p.into_inner());
+            // Gates nobody holds or waits for are dropped as the map grows, not one by one.
+            if compiles.len() >= REFUSALS_REMEMBERED {
+                compiles.retain(|_, gate| Arc::strong_count(gate) > 1);
+            }
+            Arc::clone(
+                compiles
+                    .entry(tenant.to_string())
+                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))),
+            )
+        };
+        gate.acquire_owned().await.expect("the gate is never closed")
+    }
+
+    fn remember_refusal(&self, sha256: [u8; 32], reason: &str) {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if refused.len() >= REFUSALS_REMEMBERED {
+            refused.clear();
+        }
+        refused.insert(sha256, reason.to_string());
+    }
+
     fn find(&self, tenant: &str, service_id: &str) -> Option<Arc<Slot>> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.get(tenant)?.get(service_id).cloned()
