@@ -43,6 +43,10 @@ pub struct SoloConfig {
     pub max_request_bytes: u64,
     /// Time limit of a non-streaming HTTP request.
     pub http_request_timeout_ms: u32,
+    /// Time a client may take to send a request's headers (HTTP/1).
+    pub http_header_timeout_ms: u32,
+    /// HTTP connections open at once; more wait in the listen backlog.
+    pub max_http_connections: u32,
     /// How much of a request body left unread (one over the limit, or refused before it was
     /// read) the server still reads and discards, so the client gets the answer rather than a
     /// connection reset.
@@ -64,6 +68,8 @@ impl Default for SoloConfig {
             max_in_flight: 1000,
             max_request_bytes: 24 << 20,
             http_request_timeout_ms: 70_000,
+            http_header_timeout_ms: 10_000,
+            max_http_connections: 10_000,
             http_discard_bytes: 64 << 20,
             sse_keepalive_ms: 15_000,
             watch_progress_interval_ms: 10_000,
@@ -281,6 +287,12 @@ impl Config {
         }
         if self.solo.idempotency_window_ms == 0 {
             return Err(invalid("solo.idempotency_window_ms", "must be at least 1"));
+        }
+        if self.solo.http_header_timeout_ms == 0 {
+            return Err(invalid("solo.http_header_timeout_ms", "must be at least 1"));
+        }
+        if self.solo.max_http_connections == 0 {
+            return Err(invalid("solo.max_http_connections", "must be at least 1"));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level) {
             return Err(invalid("telemetry.log_level", &format!("not a tracing filter: {e}")));

@@ -238,7 +238,17 @@ async fn serve(
         tls.clone(),
         drained.clone(),
     ));
-    let http = tokio::spawn(serve_http(listeners.http, Arc::clone(&state), tls, drained.clone()));
+    let http_limits = HttpLimits {
+        header_timeout: Duration::from_millis(config.solo.http_header_timeout_ms.into()),
+        max_connections: config.solo.max_http_connections as usize,
+    };
+    let http = tokio::spawn(serve_http(
+        listeners.http,
+        Arc::clone(&state),
+        tls,
+        http_limits,
+        drained.clone(),
+    ));
     println!("{}", listening_line(grpc_addr, http_addr));
     tracing::info!(%grpc_addr, %http_addr, "serving");
     if let Some(ready) = ready {
@@ -348,17 +358,34 @@ async fn serve_grpc(
 /// How long a client may take over its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the HTTP listener allows a connection.
+struct HttpLimits {
+    header_timeout: Duration,
+    max_connections: usize,
+}
+
 async fn serve_http(
     listener: TcpListener,
     state: Arc<ApiState>,
     tls: Option<TlsSetup>,
+    limits: HttpLimits,
     drained: CancellationToken,
 ) -> anyhow::Result<()> {
     let router = crate::api::rest::router(state);
     let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.http));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        // A connection slot first: at the cap, new clients wait in the kernel's backlog.
+        let slot = tokio::select! {
+            slot = Arc::clone(&connections).acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = drained.cancelled() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -379,6 +406,7 @@ async fn serve_http(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _slot = slot;
             // A TLS peer may name its tenant by its client certificate.
             let (stream, tenant) = match acceptor {
                 None => (Either::Left(stream), None),

@@ -2429,3 +2429,52 @@ fn openapi_documents_every_route_and_method() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_headers_is_disconnected_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let node = node(|c| c.solo.http_header_timeout_ms = 300).await;
+    let address = node.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: solo\r\n").await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    // The headers never end: the node hangs up (after a 408, if it sends one).
+    let read = tokio::time::timeout(DEADLINE, slow.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection is closed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Clients that send their requests are served as ever.
+    node.get("/health", "").await.ok(200);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let node = node(|c| c.solo.max_http_connections = 2).await;
+    let address = node.base.trim_start_matches("http://").to_string();
+    let first = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(&address).await.unwrap();
+    // Both slots are held by silent connections: a third client's request waits...
+    let waiting = tokio::spawn({
+        let url = node.url("/health");
+        async move { client().get(url).send().await.map(|r| r.status()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "served past the cap");
+    // ...until one closes.
+    drop(first);
+    let status = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("served once a slot is free");
+    assert_eq!(status.unwrap().unwrap(), StatusCode::OK);
+    node.stop().await;
+}
