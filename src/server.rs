@@ -286,7 +286,9 @@ async fn serve(
             ),
         }
     }
-    node.stop(grace).await;
+    // One grace for the whole shutdown: services get what the requests left of it.
+    node.stop(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
     // Connections that are still closing hold the node until they are gone; an embedder (or a
     // test) that reopens the data directory right after `stop` must find it released.
     let closed = node.control.log().closed_signal();

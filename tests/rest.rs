@@ -2478,3 +2478,42 @@ async fn connections_past_the_cap_wait_until_one_closes() {
     assert_eq!(status.unwrap().unwrap(), StatusCode::OK);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_grace_bounds_the_shutdown_and_a_call_it_cuts_off_is_unavailable() {
+    let node = dev_node().await;
+    let body = json!({
+        "service_id": "spin",
+        "wat": wat_text("spin"),
+        "limits": { "call_timeout_ms": 20000, "cpu_ms_per_call": 20000 },
+    });
+    let seq = node.post_json("/services", "a", &body).await.ok(201)["deploy"]["seq"]
+        .as_u64()
+        .unwrap();
+    node.wait_event("a", seq, "spin", "service_started").await;
+    // A 15 s call is in flight when the shutdown comes with a 2 s grace.
+    let request = node.request(Method::POST, "/services/spin/call", "a").body("15000");
+    let call = tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    send(node.request(Method::POST, "/shutdown?grace_ms=2000", ""))
+        .await
+        .ok(202);
+    let Node { server, _dir: dir, .. } = node;
+    tokio::time::timeout(DEADLINE, server.stopped())
+        .await
+        .expect("the server stops")
+        .expect("cleanly");
+    // The requests' wait and the services' stop share the one grace: not a grace each (4 s).
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(3500), "the shutdown took {took:?}");
+    let cut_off = tokio::time::timeout(DEADLINE, call)
+        .await
+        .expect("the call ends")
+        .unwrap();
+    assert!(
+        matches!(cut_off, Ok(503)),
+        "a call cut off by the shutdown is retryable: {cut_off:?}"
+    );
+    drop(dir);
+}

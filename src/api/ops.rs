@@ -156,7 +156,16 @@ pub async fn call(
     };
     state.metrics.calls.with_label_values(&[label]).inc();
     state.metrics.call_duration.observe(started.elapsed().as_secs_f64());
-    Ok(result?)
+    match result {
+        // A call the shutdown cut off is worth retrying once the node is back: not a
+        // precondition of the service, but the node's unavailability.
+        Err(crate::control::Error::Call(CallError::Stopped { .. } | CallError::NotRunning { .. }))
+            if state.stopping.is_cancelled() =>
+        {
+            Err(Error::shutting_down())
+        }
+        result => Ok(result?),
+    }
 }
 
 pub async fn shutdown(state: &ApiState, caller: &Caller, grace_ms: u32) -> Result<u64, Error> {
