@@ -1189,6 +1189,49 @@ async fn both_tokens_of_a_rotation_act_for_the_same_tenant() {
     stop(server).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_header_sent_twice_is_refused_whichever_copy_comes_first() {
+    let dir = tempdir();
+    let (server, keys) = start_with_tokens(dir.path()).await;
+    let (http, base) = (http_client(), server.http_url());
+    let mut client = grpc_client(&server).await;
+    let (alpha, beta) = (format!("Bearer {}", keys.alpha[0]), format!("Bearer {}", keys.beta));
+    for (first, second) in [(&alpha, &beta), (&beta, &alpha), (&alpha, &alpha)] {
+        let mut request = tonic::Request::new(proto::ListRequest::default());
+        for value in [first, second] {
+            request.metadata_mut().append("authorization", value.parse().unwrap());
+        }
+        let refused = client.list(request).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().contains("authorization: sent more than once"),
+            "{refused:?}"
+        );
+
+        let reply = send(
+            http.get(format!("{base}/services"))
+                .header("authorization", first.as_str())
+                .header("authorization", second.as_str()),
+        )
+        .await;
+        assert_eq!(
+            (reply.status, reply.json["error"].as_str()),
+            (400, Some("invalid_argument")),
+            "{reply:?}"
+        );
+    }
+    // So is a tenant header sent twice, even by the admin.
+    let reply = send(
+        http.get(format!("{base}/services"))
+            .header("authorization", format!("Bearer {}", keys.admin))
+            .header("x-tenant-id", "alpha")
+            .header("x-tenant-id", "beta"),
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{reply:?}");
+    stop(server).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Quotas
 // ---------------------------------------------------------------------------------------------

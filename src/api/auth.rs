@@ -97,6 +97,16 @@ impl Caller {
 
 /// A credential header as text: absent is `None`, present but not visible ASCII is an error
 /// (never mistaken for an absent header, which in development mode would mean the admin).
+/// The one value of a credential header: sent twice, it is refused rather than either copy
+/// believed, as a proxy that appends a header could otherwise override the client's.
+pub fn single_value<T>(name: &str, mut values: impl Iterator<Item = T>) -> Result<Option<T>, Error> {
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(Error::invalid(format!("{name}: sent more than once")));
+    }
+    Ok(first)
+}
+
 pub fn header_text<'a>(name: &str, value: Option<&'a http::HeaderValue>) -> Result<Option<&'a str>, Error> {
     match value {
         None => Ok(None),

@@ -35,8 +35,7 @@ impl GrpcApi {
         let metadata = request.metadata();
         // Present but unreadable is an error, never taken for absent.
         let text = |key: &str| {
-            metadata
-                .get(key)
+            crate::api::auth::single_value(key, metadata.get_all(key).iter())?
                 .map(|v| {
                     v.to_str()
                         .map_err(|_| Error::invalid(format!("{key}: not printable ASCII")))

@@ -233,7 +233,8 @@ pub(crate) fn caller(
     query_tenant: Option<&str>,
     certificate: Option<&crate::tls::PeerTenant>,
 ) -> Result<Caller, Error> {
-    let text = |name: &str| super::auth::header_text(name, headers.get(name));
+    let text =
+        |name: &str| super::auth::header_text(name, super::auth::single_value(name, headers.get_all(name).iter())?);
     let header_tenant = text(TENANT_HEADER)?;
     let tenant = match (header_tenant, query_tenant) {
         (Some(h), Some(q)) if h != q => {
