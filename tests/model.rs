@@ -81,8 +81,15 @@ struct ModelService {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum KeyUse {
-    Deploy { service: usize, module: u8, version: u64 },
-    Kill { service: usize },
+    /// `unchanged`: the deploy changed nothing, and its retries say so.
+    Deploy {
+        service: usize,
+        module: u8,
+        version: u64,
+        unchanged: bool,
+    },
+    /// `already_stopped`: the kill changed nothing, and its retries say so.
+    Kill { service: usize, already_stopped: bool },
 }
 
 /// What a command answered, reduced to what the model can predict.
@@ -135,10 +142,11 @@ impl Model {
                             service: s,
                             module: m,
                             version,
+                            unchanged,
                         } if s == service && m == module => Answer::Deployed {
                             version,
-                            created: version == 1,
-                            unchanged: false,
+                            created: version == 1 && !unchanged,
+                            unchanged,
                             replayed: true,
                         },
                         _ => Answer::Conflict,
@@ -150,6 +158,19 @@ impl Model {
                     && s.running_desired
                     && matches!(s.status, "starting" | "running")
                 {
+                    if let Some(k) = key {
+                        let version = s.version;
+                        let unchanged = true;
+                        self.keys.insert(
+                            (tenant, k),
+                            KeyUse::Deploy {
+                                service,
+                                module,
+                                version,
+                                unchanged,
+                            },
+                        );
+                    }
                     return Answer::Deployed {
                         version: s.version,
                         created: false,
@@ -179,6 +200,7 @@ impl Model {
                             service,
                             module,
                             version,
+                            unchanged: false,
                         },
                     );
                 }
@@ -194,8 +216,11 @@ impl Model {
                     && let Some(used) = self.keys.get(&(tenant, k))
                 {
                     return match *used {
-                        KeyUse::Kill { service: s } if s == service => Answer::Killed {
-                            already_stopped: false,
+                        KeyUse::Kill {
+                            service: s,
+                            already_stopped,
+                        } if s == service => Answer::Killed {
+                            already_stopped,
                             replayed: true,
                         },
                         _ => Answer::Conflict,
@@ -205,6 +230,16 @@ impl Model {
                     return Answer::NotFound;
                 };
                 if !s.running_desired {
+                    if let Some(k) = key {
+                        let already_stopped = true;
+                        self.keys.insert(
+                            (tenant, k),
+                            KeyUse::Kill {
+                                service,
+                                already_stopped,
+                            },
+                        );
+                    }
                     return Answer::Killed {
                         already_stopped: true,
                         replayed: false,
@@ -213,7 +248,14 @@ impl Model {
                 s.running_desired = false;
                 s.status = "stopping";
                 if let Some(k) = key {
-                    self.keys.insert((tenant, k), KeyUse::Kill { service });
+                    let already_stopped = false;
+                    self.keys.insert(
+                        (tenant, k),
+                        KeyUse::Kill {
+                            service,
+                            already_stopped,
+                        },
+                    );
                 }
                 Answer::Killed {
                     already_stopped: false,
