@@ -79,21 +79,19 @@ impl Metrics {
             "Time of one durable commit.",
             LATENCY_BUCKETS.to_vec(),
         );
-        let log_head_seq = IntGauge::new("solo_log_head_seq", "Seq of the last committed event.").expect("valid");
-        registry
-            .register(Box::new(log_head_seq.clone()))
-            .expect("registered once");
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("a valid metric");
+            registry.register(Box::new(metric.clone())).expect("registered once");
+            metric
+        };
+        let log_head_seq = gauge("solo_log_head_seq", "Seq of the last committed event.");
         let services =
             IntGaugeVec::new(Opts::new("solo_services", "Services by status."), &["status"]).expect("a valid metric");
         registry.register(Box::new(services.clone())).expect("registered once");
-        let unrecorded_observations = IntGauge::new(
+        let unrecorded_observations = gauge(
             "solo_unrecorded_observations",
             "Observations (crashes, restarts) the log could not take yet, waiting for a retry.",
-        )
-        .expect("valid");
-        registry
-            .register(Box::new(unrecorded_observations.clone()))
-            .expect("registered once");
+        );
         let deploys = counter_vec("solo_deploys_total", "Deploys by result.", &["result"]);
         let calls = counter_vec("solo_calls_total", "Calls by result.", &["result"]);
         let call_duration = histogram(

@@ -1375,6 +1375,18 @@ impl SmallDisk {
         mounted.then_some(SmallDisk { dir })
     }
 
+    /// A serve directory whose data lives on a tmpfs of `mib` MiB; `None` (and a note) where
+    /// this process may not mount one. CI runs as root; a developer's machine may not.
+    fn serve_dir(mib: u32) -> Option<(SmallDisk, ServeDir)> {
+        let Some(disk) = SmallDisk::mount(mib) else {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        };
+        let mut serve = ServeDir::new();
+        serve.data = disk.dir.path().join("data");
+        Some((disk, serve))
+    }
+
     fn resize(&self, mib: u32) {
         let status = std::process::Command::new("mount")
             .args(["-o", &format!("remount,size={mib}m")])
@@ -1393,25 +1405,18 @@ impl Drop for SmallDisk {
 
 #[test]
 fn a_full_disk_fails_the_batch_says_so_and_loses_nothing() {
-    let Some(disk) = SmallDisk::mount(4) else {
-        // CI runs as root; a developer's machine may not.
-        eprintln!("skipped: mounting a tmpfs needs root");
+    let Some((disk, serve)) = SmallDisk::serve_dir(4) else {
         return;
     };
-    let mut serve = ServeDir::new();
-    serve.data = disk.dir.path().join("data");
     let node = serve.start();
     running_out_of_room(&serve, node, "is full", Some(&|| disk.resize(64)));
 }
 
 #[test]
 fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
-    let Some(disk) = SmallDisk::mount(4) else {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    let Some((disk, serve)) = SmallDisk::serve_dir(4) else {
         return;
     };
-    let mut serve = ServeDir::new();
-    serve.data = disk.dir.path().join("data");
     let _node = serve.start();
     let crasher = example_path("unreachable");
     serve
@@ -1478,6 +1483,14 @@ fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
     );
 }
 
+/// `solo serve` on `data` and free ports, for a node expected to refuse to start (one that
+/// starts runs until the command's timeout).
+fn serve_expecting_refusal(data: &str) -> Ran {
+    run(solo()
+        .args(["serve", "--data-dir", data, "--grpc-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"]))
+}
+
 #[test]
 fn a_second_node_on_a_data_directory_in_use_is_refused_and_offline_tools_still_read_it() {
     let serve = ServeDir::new();
@@ -1486,9 +1499,7 @@ fn a_second_node_on_a_data_directory_in_use_is_refused_and_offline_tools_still_r
         .cli(&["deploy", "echo", example_path("echo").to_str().unwrap()])
         .ok();
     let data = serve.data.to_str().unwrap();
-    let second = run(solo()
-        .args(["serve", "--data-dir", data, "--grpc-addr", "127.0.0.1:0"])
-        .args(["--http-addr", "127.0.0.1:0"]));
+    let second = serve_expecting_refusal(data);
     assert_ne!(second.code, 0, "{}", second.stderr);
     let pid = first.child.id().to_string();
     assert!(
@@ -1539,9 +1550,7 @@ fn a_data_file_cut_short_is_refused_with_a_reason_not_a_crash() {
         );
         assert!(ran.stderr.contains("cut short"), "{args:?}: {}", ran.stderr);
     }
-    let served = run(solo()
-        .args(["serve", "--data-dir", data, "--grpc-addr", "127.0.0.1:0"])
-        .args(["--http-addr", "127.0.0.1:0"]));
+    let served = serve_expecting_refusal(data);
     assert!(
         served.code > 0 && served.stderr.contains("cut short"),
         "{}",

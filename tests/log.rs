@@ -566,16 +566,8 @@ async fn a_flipped_byte_is_reported_by_verify_with_its_seq() {
 
     let copy = tempdir();
     let mut bytes = std::fs::read(dir.path().join("data.mdb")).unwrap();
-    // LMDB copies pages on write, so stale copies of the record may sit in free pages: damage
-    // every copy, the live one among them.
-    let places: Vec<usize> = bytes
-        .windows(14)
-        .enumerate()
-        .filter(|(_, w)| *w == b"needle-service")
-        .map(|(at, _)| at)
-        .collect();
-    assert!(!places.is_empty(), "the record is in the file");
-    for at in places {
+    // Every copy of the record, the live one among them.
+    for at in places_of(&bytes, b"needle-service") {
         bytes[at + 3] ^= 0x20;
     }
     std::fs::write(copy.path().join("data.mdb"), bytes).unwrap();
@@ -606,14 +598,7 @@ async fn a_damaged_key_is_reported_with_its_seq() {
     // its size, in every copy of the page; a size of 4 leaves half a u64.
     let mut node = vec![8, 0];
     node.extend_from_slice(&14u64.to_be_bytes());
-    let places: Vec<usize> = bytes
-        .windows(node.len())
-        .enumerate()
-        .filter(|(_, w)| *w == node.as_slice())
-        .map(|(at, _)| at)
-        .collect();
-    assert!(!places.is_empty(), "the key is in the file");
-    for at in places {
+    for at in places_of(&bytes, &node) {
         bytes[at] = 4;
     }
     let copy = tempdir();
@@ -891,15 +876,7 @@ async fn a_deploy_of_a_module_heals_its_damaged_copy_in_the_blob_store() {
     // A bad sector under the module's bytes (every copy, as LMDB may keep stale ones).
     let path = dir.path().join("data.mdb");
     let mut bytes = std::fs::read(&path).unwrap();
-    let marker = b"rotting-module";
-    let places: Vec<usize> = bytes
-        .windows(marker.len())
-        .enumerate()
-        .filter(|(_, w)| *w == marker)
-        .map(|(at, _)| at)
-        .collect();
-    assert!(!places.is_empty(), "the module is in the file");
-    for at in places {
+    for at in places_of(&bytes, b"rotting-module") {
         bytes[at] ^= 0x20;
     }
     std::fs::write(&path, bytes).unwrap();

@@ -92,6 +92,17 @@ enum KeyUse {
     Kill { service: usize, already_stopped: bool },
 }
 
+impl KeyUse {
+    fn deploy(service: usize, module: u8, version: u64, unchanged: bool) -> KeyUse {
+        KeyUse::Deploy {
+            service,
+            module,
+            version,
+            unchanged,
+        }
+    }
+}
+
 /// What a command answered, reduced to what the model can predict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Answer {
@@ -126,6 +137,13 @@ impl Model {
             .count() as u32
     }
 
+    /// What a keyed request's retries will be answered from.
+    fn remember(&mut self, tenant: usize, key: Option<u8>, used: KeyUse) {
+        if let Some(k) = key {
+            self.keys.insert((tenant, k), used);
+        }
+    }
+
     fn apply(&mut self, op: &Op) -> Answer {
         match *op {
             Op::Deploy {
@@ -158,19 +176,7 @@ impl Model {
                     && s.running_desired
                     && matches!(s.status, "starting" | "running")
                 {
-                    if let Some(k) = key {
-                        let version = s.version;
-                        let unchanged = true;
-                        self.keys.insert(
-                            (tenant, k),
-                            KeyUse::Deploy {
-                                service,
-                                module,
-                                version,
-                                unchanged,
-                            },
-                        );
-                    }
+                    self.remember(tenant, key, KeyUse::deploy(service, module, s.version, true));
                     return Answer::Deployed {
                         version: s.version,
                         created: false,
@@ -193,17 +199,7 @@ impl Model {
                         restarts: 0,
                     },
                 );
-                if let Some(k) = key {
-                    self.keys.insert(
-                        (tenant, k),
-                        KeyUse::Deploy {
-                            service,
-                            module,
-                            version,
-                            unchanged: false,
-                        },
-                    );
-                }
+                self.remember(tenant, key, KeyUse::deploy(service, module, version, false));
                 Answer::Deployed {
                     version,
                     created: version == 1,
@@ -229,36 +225,21 @@ impl Model {
                 let Some(s) = self.services.get_mut(&(tenant, service)) else {
                     return Answer::NotFound;
                 };
-                if !s.running_desired {
-                    if let Some(k) = key {
-                        let already_stopped = true;
-                        self.keys.insert(
-                            (tenant, k),
-                            KeyUse::Kill {
-                                service,
-                                already_stopped,
-                            },
-                        );
-                    }
-                    return Answer::Killed {
-                        already_stopped: true,
-                        replayed: false,
-                    };
+                let already_stopped = !s.running_desired;
+                if !already_stopped {
+                    s.running_desired = false;
+                    s.status = "stopping";
                 }
-                s.running_desired = false;
-                s.status = "stopping";
-                if let Some(k) = key {
-                    let already_stopped = false;
-                    self.keys.insert(
-                        (tenant, k),
-                        KeyUse::Kill {
-                            service,
-                            already_stopped,
-                        },
-                    );
-                }
+                self.remember(
+                    tenant,
+                    key,
+                    KeyUse::Kill {
+                        service,
+                        already_stopped,
+                    },
+                );
                 Answer::Killed {
-                    already_stopped: false,
+                    already_stopped,
                     replayed: false,
                 }
             }

@@ -1502,15 +1502,7 @@ async fn sse_over_damaged_history_ends_with_an_error_frame_not_a_clean_end() {
     // so the node starts.
     let file = dir.path().join("data.mdb");
     let mut bytes = std::fs::read(&file).unwrap();
-    let needle = b"needle-label-7731";
-    let places: Vec<usize> = bytes
-        .windows(needle.len())
-        .enumerate()
-        .filter(|(_, w)| *w == needle)
-        .map(|(at, _)| at)
-        .collect();
-    assert!(!places.is_empty(), "the event is in the file");
-    for at in places {
+    for at in places_of(&bytes, b"needle-label-7731") {
         bytes[at] ^= 0xff;
     }
     std::fs::write(&file, bytes).unwrap();

@@ -190,3 +190,21 @@ pub fn grpc_deploy(id: &str, name: &str) -> solo::proto::DeployRequest {
         ..Default::default()
     }
 }
+
+/// Every offset of `pattern` in a data file's `bytes`: LMDB copies pages on write, so stale
+/// copies of a record may sit in free pages beside the live one, and damage meant for it must
+/// hit them all. Panics if there is none.
+pub fn places_of(bytes: &[u8], pattern: &[u8]) -> Vec<usize> {
+    let places: Vec<usize> = bytes
+        .windows(pattern.len())
+        .enumerate()
+        .filter(|(_, w)| *w == pattern)
+        .map(|(at, _)| at)
+        .collect();
+    assert!(
+        !places.is_empty(),
+        "{:?} is in the file",
+        String::from_utf8_lossy(pattern)
+    );
+    places
+}
