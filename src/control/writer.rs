@@ -196,7 +196,7 @@ impl Writer {
                         .working
                         .service(&event.tenant, &event.service_id)
                         .filter(|s| s.module_sha256 != deployed.module_sha256)
-                        .and_then(|s| crate::state::parse_sha256(&s.module_sha256)),
+                        .map(|s| s.module_hash),
                     _ => None,
                 };
                 if let Err(e) = self.working.apply(&event) {

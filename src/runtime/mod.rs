@@ -450,13 +450,16 @@ impl Runtime {
 /// Refusals remembered at most; past it the memory starts afresh.
 const REFUSALS_REMEMBERED: usize = 1024;
 
+/// Tenants' compile gates kept before the idle ones are dropped.
+const COMPILE_GATES_KEPT: usize = 1024;
+
 impl Inner {
     /// Waits for `tenant`'s turn to compile.
     async fn compile_turn(&self, tenant: &str) -> tokio::sync::OwnedSemaphorePermit {
         let gate = {
             let mut compiles = self.compiles.lock().unwrap_or_else(|p| p.into_inner());
             // Gates nobody holds or waits for are dropped as the map grows, not one by one.
-            if compiles.len() >= REFUSALS_REMEMBERED {
+            if compiles.len() >= COMPILE_GATES_KEPT {
                 compiles.retain(|_, gate| Arc::strong_count(gate) > 1);
             }
             Arc::clone(

@@ -71,9 +71,12 @@ pub struct State {
     active_services: u64,
     /// (time, tenant, key) of remembered idempotency keys, oldest first, for expiry.
     idempotency_expiry: VecDeque<(u64, CompactString, CompactString)>,
-    /// Services of every tenant whose current version runs each module, by its SHA-256: a
-    /// module none of them runs may leave the blob store. Derived from the services.
-    module_users: Map<[u8; 32], u32>,
+    /// Services of every tenant whose current version runs each module, by the first 8 bytes
+    /// of its SHA-256 (a u64 hashes far faster than 32 bytes, and every deploy counts here, in
+    /// every copy of the state): a module none of them runs may leave the blob store. Modules
+    /// that share a prefix share a count, which can only keep a module longer, never drop one
+    /// in use. Derived from the services.
+    module_users: Map<u64, u32>,
 }
 
 impl State {
@@ -91,24 +94,17 @@ impl State {
 
     /// Services whose current version runs the module with this SHA-256.
     pub fn module_users(&self, sha256: &[u8; 32]) -> u32 {
-        self.module_users.get(sha256).copied().unwrap_or(0)
-    }
-
-    /// Modules that some service's current version runs.
-    pub fn modules_in_use(&self) -> impl Iterator<Item = &[u8; 32]> {
-        self.module_users.keys()
+        self.module_users.get(&module_key(sha256)).copied().unwrap_or(0)
     }
 
     /// Counts one more service running `module`.
     fn module_used(&mut self, module: [u8; 32]) {
-        *self.module_users.entry(module).or_default() += 1;
+        *self.module_users.entry(module_key(&module)).or_default() += 1;
     }
 
-    /// Counts one service fewer running `module` (a hex SHA-256, as services hold it).
-    fn module_released(&mut self, module: &str) {
-        if let Some(hash) = parse_sha256(module)
-            && let hashbrown::hash_map::Entry::Occupied(mut users) = self.module_users.entry(hash)
-        {
+    /// Counts one service fewer running `module`.
+    fn module_released(&mut self, module: [u8; 32]) {
+        if let hashbrown::hash_map::Entry::Occupied(mut users) = self.module_users.entry(module_key(&module)) {
             *users.get_mut() -= 1;
             if *users.get() == 0 {
                 users.remove();
@@ -294,9 +290,10 @@ impl State {
             self.active_services += 1;
         }
         tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(limits.memory_bytes);
-        let replaced_module =
-            (service.module_sha256 != e.module_sha256).then(|| std::mem::take(&mut service.module_sha256));
+        // The module it runs no more: zeros for a service's first deploy.
+        let replaced_module = (service.module_sha256 != e.module_sha256).then_some(service.module_hash);
         service.module_sha256.clone_from(&e.module_sha256);
+        service.module_hash = module_hash;
         service.module_size = e.module_size;
         service.version = e.version;
         service.limits = limits;
@@ -330,8 +327,8 @@ impl State {
         }
         if let Some(replaced) = replaced_module {
             self.module_used(module_hash);
-            if !replaced.is_empty() {
-                self.module_released(&replaced);
+            if replaced != [0; 32] {
+                self.module_released(replaced);
             }
         }
         Ok(())
@@ -494,6 +491,13 @@ fn stale(event: &Event, current: u64, found: u64) -> ApplyError {
 }
 
 /// A module hash from its hex form.
+/// The key of a module in [`State::module_users`].
+fn module_key(sha256: &[u8; 32]) -> u64 {
+    let mut prefix = [0; 8];
+    prefix.copy_from_slice(&sha256[..8]);
+    u64::from_le_bytes(prefix)
+}
+
 pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     let mut hash = [0; 32];
     hex::decode_to_slice(hex, &mut hash).ok().map(|()| hash)

@@ -120,6 +120,9 @@ pub struct Service {
     pub id: String,
     /// Lower-case hex SHA-256 of the module, its key in the blob store.
     pub module_sha256: String,
+    /// The same hash as bytes (zeros before the first deploy), kept so that counting who runs
+    /// each module never parses hex.
+    pub module_hash: [u8; 32],
     pub module_size: u64,
     pub version: u64,
     pub limits: Limits,
@@ -204,6 +207,7 @@ impl Service {
             tenant: event.tenant.clone(),
             id: event.service_id.clone(),
             module_sha256: String::new(),
+            module_hash: [0; 32],
             module_size: 0,
             version: 0,
             limits,

@@ -118,9 +118,10 @@ impl State {
                     state.active_services += 1;
                     tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(service.limits.memory_bytes);
                 }
-                if let Some(module) = super::parse_sha256(&service.module_sha256) {
-                    *state.module_users.entry(module).or_default() += 1;
-                }
+                *state
+                    .module_users
+                    .entry(super::module_key(&service.module_hash))
+                    .or_default() += 1;
                 tenant.services.insert(service.id.as_str().into(), Box::new(service));
             }
         }
@@ -240,10 +241,12 @@ fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError
         .and_then(Status::from_proto)
         .ok_or_else(|| bad("unknown status"))?;
     let limits = r.limits.ok_or_else(|| bad("no limits"))?;
+    let module_hash = super::parse_sha256(&r.module_sha256).ok_or_else(|| bad("module_sha256 is not 64 hex digits"))?;
     Ok(Service {
         tenant: r.tenant,
         id: r.service_id,
         module_sha256: r.module_sha256,
+        module_hash,
         module_size: r.module_size,
         version: r.version,
         limits,
