@@ -241,6 +241,7 @@ async fn serve(
     let http_limits = HttpLimits {
         header_timeout: Duration::from_millis(config.solo.http_header_timeout_ms.into()),
         max_connections: config.solo.max_http_connections as usize,
+        max_per_client: config.solo.max_http_connections_per_client as usize,
     };
     let http = tokio::spawn(serve_http(
         listeners.http,
@@ -364,7 +365,72 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 struct HttpLimits {
     header_timeout: Duration,
     max_connections: usize,
+    max_per_client: usize,
 }
+
+/// Open HTTP connections by client address.
+#[derive(Default)]
+struct ClientConnections {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One client's open connection, counted until it is dropped.
+struct ClientConnection {
+    clients: Arc<ClientConnections>,
+    address: std::net::IpAddr,
+}
+
+impl ClientConnections {
+    /// Counts a connection from `address`, unless it holds `max` already.
+    fn admit(self: &Arc<Self>, address: std::net::IpAddr, max: usize) -> Option<ClientConnection> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(address).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientConnection {
+            clients: Arc::clone(self),
+            address,
+        })
+    }
+}
+
+impl Drop for ClientConnection {
+    fn drop(&mut self) {
+        let mut open = self.clients.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut count) = open.entry(self.address) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+    }
+}
+
+/// Answers a connection over its client's cap with a 429, once its request's headers are in (a
+/// client that is still sending takes an early answer for a broken connection), then closes it.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let answered = async {
+        let mut request = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 << 10 {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => request.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = stream.write_all(TOO_MANY_CONNECTIONS).await;
+        let _ = stream.shutdown().await;
+    };
+    let _ = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, answered).await;
+}
+
+/// What a client over its connection cap is told before the connection closes.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+    connection: close\r\ncontent-length: 95\r\n\r\n\
+    {\"error\":\"overloaded\",\"message\":\"too many connections from this address; close some and retry\"}";
 
 async fn serve_http(
     listener: TcpListener,
@@ -382,6 +448,7 @@ async fn serve_http(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let clients = Arc::new(ClientConnections::default());
     loop {
         // A connection slot first: at the cap, new clients wait in the kernel's backlog.
         let slot = tokio::select! {
@@ -400,6 +467,15 @@ async fn serve_http(
             },
             () = drained.cancelled() => break,
         };
+        let Some(client) = clients.admit(peer.ip(), limits.max_per_client) else {
+            tracing::debug!(%peer, "too many connections from this address");
+            // Over TLS the answer could not be read before a handshake: the connection just closes.
+            if acceptor.is_some() {
+                continue;
+            }
+            tokio::spawn(refuse_connection(stream));
+            continue;
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot turn Nagle's algorithm off");
         }
@@ -408,7 +484,7 @@ async fn serve_http(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _held = (slot, client);
             // A TLS peer may name its tenant by its client certificate.
             let (stream, tenant) = match acceptor {
                 None => (Either::Left(stream), None),

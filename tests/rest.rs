@@ -2509,3 +2509,36 @@ async fn one_grace_bounds_the_shutdown_and_a_call_it_cuts_off_is_unavailable() {
     );
     drop(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_address_cannot_take_every_connection() {
+    let node = node(|c| c.solo.max_http_connections_per_client = 2).await;
+    let address = node.base.trim_start_matches("http://").to_string();
+    let first = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(&address).await.unwrap();
+    // A third connection from the same address is told why, and closed.
+    let refused = send(client().get(node.url("/health"))).await;
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.json["error"], "overloaded", "{refused:?}");
+    assert!(
+        refused.json["message"]
+            .as_str()
+            .unwrap()
+            .contains("too many connections")
+    );
+    // Once one closes, the address may connect again.
+    drop(first);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let reply = send(client().get(node.url("/health"))).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection was never counted out: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await;
+}
