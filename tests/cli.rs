@@ -1135,6 +1135,16 @@ impl ServeDir {
         ServeProcess::start(&self.data, self.grpc, self.http, &self.log, Some(prelude))
     }
 
+    /// `GET /health`, as JSON.
+    fn health(&self) -> Value {
+        let url = format!("http://127.0.0.1:{}/health", self.http);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+    }
+
     /// The ids `solo list` shows tenant acme.
     fn service_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.cli(&["list", "--json"]).ok().json()["services"]
@@ -1457,12 +1467,14 @@ fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
     }
     let status = || serve.cli(&["status", "crash", "--json"]).ok().json()["status"].clone();
     assert_eq!(status(), "running", "the log could not take the crash yet");
+    let waiting = serve.health()["unrecorded_observations"].as_u64().unwrap();
+    assert!(waiting >= 3, "crashed, restarted, crashed wait for the log: {waiting}");
 
     // Once the disk has room, what happened is recorded, in order: in the log, and so in the
     // state.
     disk.resize(64);
     let deadline = Instant::now() + PATIENCE;
-    while status() != "crashed" {
+    while status() != "crashed" || serve.health()["unrecorded_observations"] != 0 {
         assert!(Instant::now() < deadline, "the crash was never recorded");
         std::thread::sleep(Duration::from_millis(100));
     }

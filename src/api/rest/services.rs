@@ -378,6 +378,8 @@ pub(super) async fn health(State(state): State<Arc<ApiState>>) -> Response {
         "uptime_ms": state.started.elapsed().as_millis() as u64,
         "head_seq": state.control.head(),
         "services_running": state.control.runtime().map_or(0, |r| r.running_instances()),
+        // What the runtime saw but the log could not take yet (a full disk): statuses lag.
+        "unrecorded_observations": state.control.runtime().map_or(0, |r| r.unrecorded_observations()),
     });
     let status = if stopping {
         StatusCode::SERVICE_UNAVAILABLE
