@@ -143,7 +143,7 @@ impl Fanout {
         config.limits.max_services = 1_000_000;
         config.limits.max_watchers = 1_000_000;
         // Every client of the bench is on loopback: one address.
-        config.solo.max_http_connections_per_client = 1_000_000;
+        config.solo.max_connections_per_client = 1_000_000;
         let server = rt.block_on(Server::start(config)).expect("the node starts");
         let base = server.http_url();
         let http = reqwest::Client::builder().no_proxy().build().expect("an HTTP client");

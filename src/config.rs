@@ -45,10 +45,10 @@ pub struct SoloConfig {
     pub http_request_timeout_ms: u32,
     /// Time a client may take to send a request's headers (HTTP/1).
     pub http_header_timeout_ms: u32,
-    /// HTTP connections open at once; more wait in the listen backlog.
-    pub max_http_connections: u32,
-    /// HTTP connections one client address may hold open; more are refused with 429.
-    pub max_http_connections_per_client: u32,
+    /// Connections each listener (HTTP, gRPC) holds open at once; more wait in the backlog.
+    pub max_connections: u32,
+    /// Connections one client address may hold open on each listener; more are closed.
+    pub max_connections_per_client: u32,
     /// How much of a request body left unread (one over the limit, or refused before it was
     /// read) the server still reads and discards, so the client gets the answer rather than a
     /// connection reset.
@@ -71,8 +71,8 @@ impl Default for SoloConfig {
             max_request_bytes: 24 << 20,
             http_request_timeout_ms: 70_000,
             http_header_timeout_ms: 10_000,
-            max_http_connections: 10_000,
-            max_http_connections_per_client: 1_000,
+            max_connections: 10_000,
+            max_connections_per_client: 1_000,
             http_discard_bytes: 64 << 20,
             sse_keepalive_ms: 15_000,
             watch_progress_interval_ms: 10_000,
@@ -294,11 +294,11 @@ impl Config {
         if self.solo.http_header_timeout_ms == 0 {
             return Err(invalid("solo.http_header_timeout_ms", "must be at least 1"));
         }
-        if self.solo.max_http_connections == 0 {
-            return Err(invalid("solo.max_http_connections", "must be at least 1"));
+        if self.solo.max_connections == 0 {
+            return Err(invalid("solo.max_connections", "must be at least 1"));
         }
-        if self.solo.max_http_connections_per_client == 0 {
-            return Err(invalid("solo.max_http_connections_per_client", "must be at least 1"));
+        if self.solo.max_connections_per_client == 0 {
+            return Err(invalid("solo.max_connections_per_client", "must be at least 1"));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level) {
             return Err(invalid("telemetry.log_level", &format!("not a tracing filter: {e}")));

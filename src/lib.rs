@@ -9,6 +9,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod control;
 pub mod event;
 pub mod fuzzing;

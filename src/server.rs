@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
+use crate::connections::{Accepted, AdmittedStream, ConnectionLimits};
 use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::proto::solo_kernel_server::SoloKernelServer;
@@ -231,17 +232,24 @@ async fn serve(
         shutdown_grace: std::sync::Mutex::new(None),
         started: Instant::now(),
     });
+    // Each listener has connection limits of its own.
+    let connection_limits = || {
+        ConnectionLimits::new(
+            config.solo.max_connections as usize,
+            config.solo.max_connections_per_client as usize,
+        )
+    };
     let drained = CancellationToken::new();
     let grpc = tokio::spawn(serve_grpc(
         listeners.grpc,
         Arc::clone(&state),
         tls.clone(),
+        connection_limits(),
         drained.clone(),
     ));
     let http_limits = HttpLimits {
         header_timeout: Duration::from_millis(config.solo.http_header_timeout_ms.into()),
-        max_connections: config.solo.max_http_connections as usize,
-        max_per_client: config.solo.max_http_connections_per_client as usize,
+        connections: connection_limits(),
     };
     let http = tokio::spawn(serve_http(
         listeners.http,
@@ -324,6 +332,7 @@ async fn serve_grpc(
     listener: TcpListener,
     state: Arc<ApiState>,
     tls: Option<TlsSetup>,
+    limits: ConnectionLimits,
     drained: CancellationToken,
 ) -> anyhow::Result<()> {
     let max_message = state.options.max_body_bytes;
@@ -349,13 +358,38 @@ async fn serve_grpc(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(crate::api::codec::SizeLimited::new(kernel, max_message))
-        // Small replies must not wait on Nagle's algorithm for the peer's delayed ACK.
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(admitted_connections(listener, limits), shutdown)
         .await
         .context("gRPC server")
+}
+
+/// The gRPC listener's connections, as its limits admit them. One over its client's cap is
+/// closed at once: HTTP/2 offers nothing to say why before its handshake.
+fn admitted_connections(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+) -> impl futures_util::Stream<Item = std::io::Result<AdmittedStream>> {
+    futures_util::stream::unfold((listener, limits), |(listener, limits)| async move {
+        loop {
+            match limits.accept(&listener).await {
+                Ok(Accepted::Admitted(stream, peer, admission)) => {
+                    // Small replies must not wait on Nagle's algorithm for the peer's delayed ACK.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(%peer, error = %e, "cannot turn Nagle's algorithm off");
+                    }
+                    return Some((Ok(AdmittedStream::new(stream, admission)), (listener, limits)));
+                }
+                Ok(Accepted::OverClientCap(_, peer)) => {
+                    tracing::debug!(%peer, "too many gRPC connections from this address");
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
 }
 
 /// How long a client may take over its TLS handshake.
@@ -364,48 +398,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the HTTP listener allows a connection.
 struct HttpLimits {
     header_timeout: Duration,
-    max_connections: usize,
-    max_per_client: usize,
-}
-
-/// Open HTTP connections by client address.
-#[derive(Default)]
-struct ClientConnections {
-    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// One client's open connection, counted until it is dropped.
-struct ClientConnection {
-    clients: Arc<ClientConnections>,
-    address: std::net::IpAddr,
-}
-
-impl ClientConnections {
-    /// Counts a connection from `address`, unless it holds `max` already.
-    fn admit(self: &Arc<Self>, address: std::net::IpAddr, max: usize) -> Option<ClientConnection> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let count = open.entry(address).or_default();
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(ClientConnection {
-            clients: Arc::clone(self),
-            address,
-        })
-    }
-}
-
-impl Drop for ClientConnection {
-    fn drop(&mut self) {
-        let mut open = self.clients.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let std::collections::hash_map::Entry::Occupied(mut count) = open.entry(self.address) {
-            *count.get_mut() -= 1;
-            if *count.get() == 0 {
-                count.remove();
-            }
-        }
-    }
+    connections: ConnectionLimits,
 }
 
 /// Answers a connection over its client's cap with a 429, once its request's headers are in (a
@@ -447,17 +440,18 @@ async fn serve_http(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let clients = Arc::new(ClientConnections::default());
     loop {
-        // A connection slot first: at the cap, new clients wait in the kernel's backlog.
-        let slot = tokio::select! {
-            slot = Arc::clone(&connections).acquire_owned() => slot.expect("the semaphore is never closed"),
-            () = drained.cancelled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+        let (stream, peer, admission) = tokio::select! {
+            accepted = limits.connections.accept(&listener) => match accepted {
+                Ok(Accepted::Admitted(stream, peer, admission)) => (stream, peer, admission),
+                Ok(Accepted::OverClientCap(stream, peer)) => {
+                    tracing::debug!(%peer, "too many connections from this address");
+                    // Over TLS the answer could not be read before a handshake: it just closes.
+                    if acceptor.is_none() {
+                        tokio::spawn(refuse_connection(stream));
+                    }
+                    continue;
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -467,15 +461,6 @@ async fn serve_http(
             },
             () = drained.cancelled() => break,
         };
-        let Some(client) = clients.admit(peer.ip(), limits.max_per_client) else {
-            tracing::debug!(%peer, "too many connections from this address");
-            // Over TLS the answer could not be read before a handshake: the connection just closes.
-            if acceptor.is_some() {
-                continue;
-            }
-            tokio::spawn(refuse_connection(stream));
-            continue;
-        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot turn Nagle's algorithm off");
         }
@@ -484,7 +469,7 @@ async fn serve_http(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _held = (slot, client);
+            let _admission = admission;
             // A TLS peer may name its tenant by its client certificate.
             let (stream, tenant) = match acceptor {
                 None => (Either::Left(stream), None),

@@ -928,3 +928,43 @@ async fn a_wasm_field_that_is_not_wasm_is_refused_with_a_hint() {
     assert!(created.created);
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_address_cannot_take_every_grpc_connection() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = start_server(dir.path(), |c| c.solo.max_connections_per_client = 2).await;
+    let address = server.grpc_url().trim_start_matches("http://").to_string();
+    let first = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let second = tokio::net::TcpStream::connect(&address).await.unwrap();
+    // A third connection from the same address is closed before HTTP/2 starts.
+    let refused = tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .map(solo::proto::solo_kernel_client::SoloKernelClient::new);
+    let failed = match refused {
+        Err(_) => true,
+        Ok(mut client) => client
+            .list(as_tenant("a", proto::ListRequest::default()))
+            .await
+            .is_err(),
+    };
+    assert!(failed, "a third connection was served");
+    // Once one closes, the address may connect again.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut client = grpc_client(&server).await;
+        if client.list(as_tenant("a", proto::ListRequest::default())).await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection was never counted out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A connection that never starts HTTP/2 would hold the shutdown for its whole grace.
+    drop(second);
+    server.stop().await.unwrap();
+}

@@ -2452,7 +2452,7 @@ async fn a_client_trickling_headers_is_disconnected_after_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_wait_until_one_closes() {
-    let node = node(|c| c.solo.max_http_connections = 2).await;
+    let node = node(|c| c.solo.max_connections = 2).await;
     let address = node.base.trim_start_matches("http://").to_string();
     let first = tokio::net::TcpStream::connect(&address).await.unwrap();
     let _second = tokio::net::TcpStream::connect(&address).await.unwrap();
@@ -2513,7 +2513,7 @@ async fn one_grace_bounds_the_shutdown_and_a_call_it_cuts_off_is_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_address_cannot_take_every_connection() {
-    let node = node(|c| c.solo.max_http_connections_per_client = 2).await;
+    let node = node(|c| c.solo.max_connections_per_client = 2).await;
     let address = node.base.trim_start_matches("http://").to_string();
     let first = tokio::net::TcpStream::connect(&address).await.unwrap();
     let _second = tokio::net::TcpStream::connect(&address).await.unwrap();

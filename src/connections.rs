@@ -1,0 +1,144 @@
+//! How many connections a listener holds open: in all, and per client address.
+//!
+//! Each listener (HTTP and gRPC) has its own [`ConnectionLimits`]. At the total cap it stops
+//! accepting, so new clients wait in the kernel's listen backlog rather than the node running
+//! out of file descriptors for its log. Past the per-client cap, a connection is refused, so
+//! that one client (20,000 connections each trickling a request) cannot take every slot. An
+//! admitted connection holds its place until it is dropped.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    slots: Arc<Semaphore>,
+    per_client: usize,
+    clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// A connection's place under the limits, given back when it is dropped.
+#[derive(Debug)]
+pub struct Admission {
+    _slot: OwnedSemaphorePermit,
+    clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    address: IpAddr,
+}
+
+/// A connection taken off the listener.
+#[derive(Debug)]
+pub enum Accepted {
+    Admitted(TcpStream, SocketAddr, Admission),
+    /// Its address holds as many connections as it may: answer it if the protocol allows, and
+    /// close it.
+    OverClientCap(TcpStream, SocketAddr),
+}
+
+impl ConnectionLimits {
+    pub fn new(max: usize, per_client: usize) -> ConnectionLimits {
+        ConnectionLimits {
+            slots: Arc::new(Semaphore::new(max.max(1))),
+            per_client: per_client.max(1),
+            clients: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Waits for a free slot, then for the next connection.
+    pub async fn accept(&self, listener: &TcpListener) -> std::io::Result<Accepted> {
+        let slot = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (stream, peer) = listener.accept().await?;
+        let address = peer.ip();
+        {
+            let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            let open = clients.entry(address).or_default();
+            if *open >= self.per_client {
+                return Ok(Accepted::OverClientCap(stream, peer));
+            }
+            *open += 1;
+        }
+        let admission = Admission {
+            _slot: slot,
+            clients: Arc::clone(&self.clients),
+            address,
+        };
+        Ok(Accepted::Admitted(stream, peer, admission))
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut open) = clients.entry(self.address) {
+            *open.get_mut() -= 1;
+            if *open.get() == 0 {
+                open.remove();
+            }
+        }
+    }
+}
+
+/// An admitted TCP connection that holds its [`Admission`] for as long as it is open: the form
+/// a server that takes a stream of connections (tonic) can use.
+#[derive(Debug)]
+pub struct AdmittedStream {
+    stream: TcpStream,
+    _admission: Admission,
+}
+
+impl AdmittedStream {
+    pub fn new(stream: TcpStream, admission: Admission) -> AdmittedStream {
+        AdmittedStream {
+            stream,
+            _admission: admission,
+        }
+    }
+}
+
+impl AsyncRead for AdmittedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AdmittedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for AdmittedStream {
+    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
