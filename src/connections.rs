@@ -36,8 +36,8 @@ pub struct Admission {
 pub enum Accepted {
     Admitted(TcpStream, SocketAddr, Admission),
     /// Its address holds as many connections as it may: answer it if the protocol allows, and
-    /// close it.
-    OverClientCap(TcpStream, SocketAddr),
+    /// close it. It holds a slot until then, so refusals too stay within the total.
+    OverClientCap(TcpStream, SocketAddr, OwnedSemaphorePermit),
 }
 
 impl ConnectionLimits {
@@ -61,7 +61,7 @@ impl ConnectionLimits {
             let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
             let open = clients.entry(address).or_default();
             if *open >= self.per_client {
-                return Ok(Accepted::OverClientCap(stream, peer));
+                return Ok(Accepted::OverClientCap(stream, peer, slot));
             }
             *open += 1;
         }

@@ -379,7 +379,7 @@ fn admitted_connections(
                     }
                     return Some((Ok(AdmittedStream::new(stream, admission)), (listener, limits)));
                 }
-                Ok(Accepted::OverClientCap(_, peer)) => {
+                Ok(Accepted::OverClientCap(_, peer, _)) => {
                     tracing::debug!(%peer, "too many gRPC connections from this address");
                 }
                 Err(e) => {
@@ -417,8 +417,12 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
         let _ = stream.write_all(TOO_MANY_CONNECTIONS).await;
         let _ = stream.shutdown().await;
     };
-    let _ = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, answered).await;
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, answered).await;
 }
+
+/// How long a refused connection may take to send its request's headers: not long, as the
+/// slot it holds meanwhile is one of the listener's.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a client over its connection cap is told before the connection closes.
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
@@ -444,11 +448,14 @@ async fn serve_http(
         let (stream, peer, admission) = tokio::select! {
             accepted = limits.connections.accept(&listener) => match accepted {
                 Ok(Accepted::Admitted(stream, peer, admission)) => (stream, peer, admission),
-                Ok(Accepted::OverClientCap(stream, peer)) => {
+                Ok(Accepted::OverClientCap(stream, peer, slot)) => {
                     tracing::debug!(%peer, "too many connections from this address");
                     // Over TLS the answer could not be read before a handshake: it just closes.
                     if acceptor.is_none() {
-                        tokio::spawn(refuse_connection(stream));
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            refuse_connection(stream).await;
+                        });
                     }
                     continue;
                 }
