@@ -11,10 +11,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The pause after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
@@ -49,19 +53,32 @@ impl ConnectionLimits {
         }
     }
 
-    /// Waits for a free slot, then for the next connection.
-    pub async fn accept(&self, listener: &TcpListener) -> std::io::Result<Accepted> {
+    /// Waits for a free slot, then for the next connection. An accept that fails (out of file
+    /// descriptors and the like) is logged and retried after a pause rather than spun on.
+    pub async fn accept(&self, listener: &TcpListener) -> Accepted {
         let slot = Arc::clone(&self.slots)
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let (stream, peer) = listener.accept().await?;
+        let (stream, peer) = loop {
+            match listener.accept().await {
+                Ok(accepted) => break accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                }
+            }
+        };
+        // Small replies must not wait on Nagle's algorithm for the peer's delayed ACK.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot turn Nagle's algorithm off");
+        }
         let address = peer.ip();
         {
             let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
             let open = clients.entry(address).or_default();
             if *open >= self.per_client {
-                return Ok(Accepted::OverClientCap(stream, peer, slot));
+                return Accepted::OverClientCap(stream, peer, slot);
             }
             *open += 1;
         }
@@ -70,7 +87,7 @@ impl ConnectionLimits {
             clients: Arc::clone(&self.clients),
             address,
         };
-        Ok(Accepted::Admitted(stream, peer, admission))
+        Accepted::Admitted(stream, peer, admission)
     }
 }
 

@@ -108,13 +108,10 @@ async fn open_node_with(config: &Config, metrics: Option<Arc<Metrics>>) -> anyho
 fn check_modules_readable(control: &Control, services: &[crate::state::Service]) -> anyhow::Result<()> {
     let mut checked = std::collections::HashSet::new();
     for service in services.iter().filter(|s| s.comes_back_with_the_node()) {
-        let mut sha = [0u8; 32];
-        if !checked.insert(service.module_sha256.as_str())
-            || hex::decode_to_slice(&service.module_sha256, &mut sha).is_err()
-        {
+        if !checked.insert(service.module_hash) {
             continue;
         }
-        control.log().store().has_blob(&sha).with_context(|| {
+        control.log().store().has_blob(&service.module_hash).with_context(|| {
             format!(
                 "the data directory is damaged: module {} (service '{}' of tenant '{}') cannot be read; \
                  `solo log verify` reports the damage, and a backup of the data directory repairs it",
@@ -372,20 +369,12 @@ fn admitted_connections(
     futures_util::stream::unfold((listener, limits), |(listener, limits)| async move {
         loop {
             match limits.accept(&listener).await {
-                Ok(Accepted::Admitted(stream, peer, admission)) => {
-                    // Small replies must not wait on Nagle's algorithm for the peer's delayed ACK.
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::debug!(%peer, error = %e, "cannot turn Nagle's algorithm off");
-                    }
-                    return Some((Ok(AdmittedStream::new(stream, admission)), (listener, limits)));
+                Accepted::Admitted(stream, _, admission) => {
+                    let connection: std::io::Result<_> = Ok(AdmittedStream::new(stream, admission));
+                    return Some((connection, (listener, limits)));
                 }
-                Ok(Accepted::OverClientCap(_, peer, _)) => {
+                Accepted::OverClientCap(_, peer, _) => {
                     tracing::debug!(%peer, "too many gRPC connections from this address");
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "gRPC accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
@@ -414,7 +403,7 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
                 Ok(n) => request.extend_from_slice(&chunk[..n]),
             }
         }
-        let _ = stream.write_all(TOO_MANY_CONNECTIONS).await;
+        let _ = stream.write_all(too_many_connections().as_bytes()).await;
         let _ = stream.shutdown().await;
     };
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, answered).await;
@@ -424,10 +413,20 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
 /// slot it holds meanwhile is one of the listener's.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What a client over its connection cap is told before the connection closes.
-const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
-    connection: close\r\ncontent-length: 95\r\n\r\n\
-    {\"error\":\"overloaded\",\"message\":\"too many connections from this address; close some and retry\"}";
+/// What a client over its connection cap is told before the connection closes: a REST error,
+/// written by hand as no HTTP connection is served to it.
+fn too_many_connections() -> String {
+    let error = crate::api::Error::new(
+        crate::api::ErrorKind::Overloaded,
+        "too many connections from this address; close some and retry",
+    );
+    let status = error.kind().http_status();
+    let body = error.json_body().to_string();
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
 
 async fn serve_http(
     listener: TcpListener,
@@ -447,8 +446,8 @@ async fn serve_http(
     loop {
         let (stream, peer, admission) = tokio::select! {
             accepted = limits.connections.accept(&listener) => match accepted {
-                Ok(Accepted::Admitted(stream, peer, admission)) => (stream, peer, admission),
-                Ok(Accepted::OverClientCap(stream, peer, slot)) => {
+                Accepted::Admitted(stream, peer, admission) => (stream, peer, admission),
+                Accepted::OverClientCap(stream, peer, slot) => {
                     tracing::debug!(%peer, "too many connections from this address");
                     // Over TLS the answer could not be read before a handshake: it just closes.
                     if acceptor.is_none() {
@@ -459,18 +458,9 @@ async fn serve_http(
                     }
                     continue;
                 }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
             },
             () = drained.cancelled() => break,
         };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(%peer, error = %e, "cannot turn Nagle's algorithm off");
-        }
         let router = router.clone();
         let acceptor = acceptor.clone();
         let builder = builder.clone();

@@ -95,8 +95,6 @@ impl Caller {
     }
 }
 
-/// A credential header as text: absent is `None`, present but not visible ASCII is an error
-/// (never mistaken for an absent header, which in development mode would mean the admin).
 /// The one value of a credential header: sent twice, it is refused rather than either copy
 /// believed, as a proxy that appends a header could otherwise override the client's.
 pub fn single_value<T>(name: &str, mut values: impl Iterator<Item = T>) -> Result<Option<T>, Error> {
@@ -107,6 +105,8 @@ pub fn single_value<T>(name: &str, mut values: impl Iterator<Item = T>) -> Resul
     Ok(first)
 }
 
+/// A credential header as text: absent is `None`, present but not visible ASCII is an error
+/// (never mistaken for an absent header, which in development mode would mean the admin).
 pub fn header_text<'a>(name: &str, value: Option<&'a http::HeaderValue>) -> Result<Option<&'a str>, Error> {
     match value {
         None => Ok(None),

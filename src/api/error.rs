@@ -169,6 +169,11 @@ impl Error {
         &self.message
     }
 
+    /// The JSON body every REST error (and an SSE stream's last `error` frame) carries.
+    pub fn json_body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self.kind.as_str(), "message": self.message() })
+    }
+
     /// The gRPC status, with the retry hint in `retry-after-ms` metadata.
     pub fn to_status(&self) -> tonic::Status {
         let mut status = tonic::Status::new(self.kind.grpc_code(), self.message.clone());

@@ -151,21 +151,12 @@ pub async fn call(
             CallError::Busy { .. } => "busy",
             CallError::NotRunning { .. } | CallError::Stopped { .. } => "not_running",
         },
-        Err(crate::control::Error::NotRunning { .. }) => "not_running",
+        Err(crate::control::Error::NotRunning { .. } | crate::control::Error::ShuttingDown) => "not_running",
         Err(_) => "refused",
     };
     state.metrics.calls.with_label_values(&[label]).inc();
     state.metrics.call_duration.observe(started.elapsed().as_secs_f64());
-    match result {
-        // A call the shutdown cut off is worth retrying once the node is back: not a
-        // precondition of the service, but the node's unavailability.
-        Err(crate::control::Error::Call(CallError::Stopped { .. } | CallError::NotRunning { .. }))
-            if state.stopping.is_cancelled() =>
-        {
-            Err(Error::shutting_down())
-        }
-        result => Ok(result?),
-    }
+    Ok(result?)
 }
 
 pub async fn shutdown(state: &ApiState, caller: &Caller, grace_ms: u32) -> Result<u64, Error> {

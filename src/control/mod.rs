@@ -43,7 +43,7 @@ use writer::{Request, Writer};
 use crate::limits::LimitsTable;
 use crate::log::{Log, LogOptions, NodeMeta};
 use crate::proto::{Event, Limits};
-use crate::runtime::{LiveStatus, LogBuffer, Runtime};
+use crate::runtime::{CallError, LiveStatus, LogBuffer, Runtime};
 use crate::state::{Service, Settings, State, Status};
 
 /// Keys of keyed requests that changed nothing, remembered at most (the oldest go first).
@@ -378,7 +378,14 @@ impl Control {
         runtime
             .call(tenant, service_id, payload, timeout)
             .await
-            .map_err(Error::Call)
+            .map_err(|e| match e {
+                // A call the shutdown cut off is worth retrying once the node is back: not a
+                // precondition of the service, but the node's unavailability.
+                CallError::Stopped { .. } | CallError::NotRunning { .. } if self.is_shutting_down() => {
+                    Error::ShuttingDown
+                }
+                e => Error::Call(e),
+            })
     }
 
     /// Live figures of a service, if the runtime knows it.

@@ -102,8 +102,7 @@ fn frame(item: &WatchItem) -> SseEvent {
 
 /// The error that ends a stream, as the JSON body of a REST error.
 fn error_frame(error: &Error) -> SseEvent {
-    let body = json!({ "error": error.kind().as_str(), "message": error.message() });
-    SseEvent::default().event("error").data(body.to_string())
+    SseEvent::default().event("error").data(error.json_body().to_string())
 }
 
 fn sse<S>(frames: S, keepalive: Duration) -> Response

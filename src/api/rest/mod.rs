@@ -120,8 +120,7 @@ async fn not_found() -> Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.kind.http_status();
-        let body = json!({ "error": self.kind.as_str(), "message": self.message() });
-        let mut response = (status, axum::Json(body)).into_response();
+        let mut response = (status, axum::Json(self.json_body())).into_response();
         if let Some(after) = self.retry_after {
             let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
             response
@@ -191,7 +190,7 @@ async fn normalize_errors(State(state): State<Arc<ApiState>>, request: Request, 
             rejection(status, route, detail, state.options.max_body_bytes)
         }
     };
-    let mut value = json!({ "error": error.kind.as_str(), "message": error.message() });
+    let mut value = error.json_body();
     value["request_id"] = json!(request_id);
     parts
         .headers
