@@ -91,9 +91,6 @@ pub struct Runtime {
 struct Inner {
     compiler: Compiler,
     cache: ModuleCache,
-    /// Why modules were refused, by hash: the same bytes sent again are refused without
-    /// compiling them again (a refused deploy costs its tenant no quota).
-    refused: Mutex<HashMap<[u8; 32], String>>,
     /// One compile at a time per tenant: a tenant sending many large modules at once queues
     /// behind itself, and leaves the other cores to everyone else.
     compiles: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
@@ -172,7 +169,6 @@ impl Runtime {
         Ok(Runtime {
             inner: Arc::new(Inner {
                 cache: ModuleCache::new(options.module_cache_entries),
-                refused: Mutex::new(HashMap::new()),
                 compiles: Mutex::new(HashMap::new()),
                 compiled: std::sync::atomic::AtomicU64::new(0),
                 compiler,
@@ -201,14 +197,8 @@ impl Runtime {
             blocking(move || Ok(Module::new(module::to_wasm(&bytes)?.into()))).await?
         };
         let sha256 = module.sha256;
-        if let Some(reason) = self
-            .inner
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&sha256)
-        {
-            return Err(InvalidModule(reason.clone()));
+        if let Some(reason) = self.inner.cache.refusal(&sha256) {
+            return Err(InvalidModule(reason));
         }
         // The common case, a module already compiled, needs no blocking thread at all.
         let (inner, bytes) = (Arc::clone(&self.inner), Arc::clone(&module.bytes));
@@ -220,7 +210,7 @@ impl Runtime {
                 blocking(move || module::prepare(&compiler.compiler.engine, &compiler.compiler.linker, sha256, &bytes))
                     .await;
             if let Err(refusal) = &compiled {
-                inner.remember_refusal(sha256, &refusal.0);
+                inner.cache.remember_refusal(sha256, &refusal.0);
             }
             compiled
         };
@@ -447,9 +437,6 @@ impl Runtime {
     }
 }
 
-/// Refusals remembered at most; past it the memory starts afresh.
-const REFUSALS_REMEMBERED: usize = 1024;
-
 /// Tenants' compile gates kept before the idle ones are dropped.
 const COMPILE_GATES_KEPT: usize = 1024;
 
@@ -469,14 +456,6 @@ impl Inner {
             )
         };
         gate.acquire_owned().await.expect("the gate is never closed")
-    }
-
-    fn remember_refusal(&self, sha256: [u8; 32], reason: &str) {
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        if refused.len() >= REFUSALS_REMEMBERED {
-            refused.clear();
-        }
-        refused.insert(sha256, reason.to_string());
     }
 
     fn find(&self, tenant: &str, service_id: &str) -> Option<Arc<Slot>> {

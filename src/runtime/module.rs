@@ -204,7 +204,8 @@ fn describe_signature((params, results): Signature<'_>) -> String {
     format!("({}) -> ({})", list(params), list(results))
 }
 
-/// Compiled modules by content hash, least recently used evicted first.
+/// Compiled modules by content hash, least recently used evicted first, and why modules were
+/// refused.
 #[derive(Debug)]
 pub struct ModuleCache {
     capacity: usize,
@@ -212,7 +213,13 @@ pub struct ModuleCache {
     entries: Mutex<CacheEntries>,
     /// A turn per module being compiled, so that it is compiled once however many wait for it.
     compiling: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    /// Why modules were refused: the same bytes sent again are refused without compiling them
+    /// again (a refused deploy costs its tenant no quota).
+    refused: Mutex<HashMap<[u8; 32], String>>,
 }
+
+/// Refusals remembered at most; past it the memory starts afresh.
+const REFUSALS_REMEMBERED: usize = 1024;
 
 #[derive(Debug, Default)]
 struct CacheEntries {
@@ -226,7 +233,25 @@ impl ModuleCache {
             capacity: capacity.max(1),
             entries: Mutex::new(CacheEntries::default()),
             compiling: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Why the module with this hash was refused, if it was.
+    pub fn refusal(&self, sha256: &[u8; 32]) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sha256)
+            .cloned()
+    }
+
+    pub fn remember_refusal(&self, sha256: [u8; 32], reason: &str) {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if refused.len() >= REFUSALS_REMEMBERED {
+            refused.clear();
+        }
+        refused.insert(sha256, reason.to_string());
     }
 
     /// The module from the cache, or from `prepare`, run by one caller at a time per module:
