@@ -43,8 +43,14 @@ pub struct SoloConfig {
     pub max_request_bytes: u64,
     /// Time limit of a non-streaming HTTP request.
     pub http_request_timeout_ms: u32,
-    /// Time a client may take to send a request's headers (HTTP/1).
+    /// Time a client may take to send a request's headers (HTTP/1), and a new connection on
+    /// either listener to send its first bytes (the HTTP/2 preface, a TLS hello).
     pub http_header_timeout_ms: u32,
+    /// Idle time after which the gRPC listener pings a client to learn whether it is still
+    /// there (as etcd's `--grpc-keepalive-interval`).
+    pub grpc_keepalive_interval_ms: u64,
+    /// How long the answer to that ping may take before the connection is closed.
+    pub grpc_keepalive_timeout_ms: u32,
     /// Connections each listener (HTTP, gRPC) holds open at once; more wait in the backlog.
     pub max_connections: u32,
     /// Connections one client address may hold open on each listener; more are closed.
@@ -71,6 +77,8 @@ impl Default for SoloConfig {
             max_request_bytes: 24 << 20,
             http_request_timeout_ms: 70_000,
             http_header_timeout_ms: 10_000,
+            grpc_keepalive_interval_ms: 2 * 3600 * 1000,
+            grpc_keepalive_timeout_ms: 20_000,
             max_connections: 10_000,
             max_connections_per_client: 1_000,
             http_discard_bytes: 64 << 20,
@@ -293,6 +301,12 @@ impl Config {
         }
         if self.solo.http_header_timeout_ms == 0 {
             return Err(invalid("solo.http_header_timeout_ms", "must be at least 1"));
+        }
+        if self.solo.grpc_keepalive_interval_ms == 0 {
+            return Err(invalid("solo.grpc_keepalive_interval_ms", "must be at least 1"));
+        }
+        if self.solo.grpc_keepalive_timeout_ms == 0 {
+            return Err(invalid("solo.grpc_keepalive_timeout_ms", "must be at least 1"));
         }
         if self.solo.max_connections == 0 {
             return Err(invalid("solo.max_connections", "must be at least 1"));

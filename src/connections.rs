@@ -5,6 +5,12 @@
 //! out of file descriptors for its log. Past the per-client cap, a connection is refused, so
 //! that one client (20,000 connections each trickling a request) cannot take every slot. An
 //! admitted connection holds its place until it is dropped.
+//!
+//! A connection must also start speaking: one that sends nothing within [`FirstBytes::within`],
+//! or by the time the listener drains, is closed. HTTP/2 has no bound of its own there (its
+//! keep-alive pings start after the handshake), and a silent connection — a client pool's
+//! spare, dialled and never used — would otherwise hold a slot for good and hold a graceful
+//! shutdown for its whole grace.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +22,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// The pause after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
@@ -25,11 +32,12 @@ pub struct ConnectionLimits {
     slots: Arc<Semaphore>,
     per_client: usize,
     clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    first_bytes: FirstBytes,
 }
 
 /// A connection's place under the limits, given back when it is dropped.
 #[derive(Debug)]
-pub struct Admission {
+struct Admission {
     _slot: OwnedSemaphorePermit,
     clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
     address: IpAddr,
@@ -38,18 +46,19 @@ pub struct Admission {
 /// A connection taken off the listener.
 #[derive(Debug)]
 pub enum Accepted {
-    Admitted(TcpStream, SocketAddr, Admission),
+    Admitted(AdmittedStream, SocketAddr),
     /// Its address holds as many connections as it may: answer it if the protocol allows, and
     /// close it. It holds a slot until then, so refusals too stay within the total.
     OverClientCap(TcpStream, SocketAddr, OwnedSemaphorePermit),
 }
 
 impl ConnectionLimits {
-    pub fn new(max: usize, per_client: usize) -> ConnectionLimits {
+    pub fn new(max: usize, per_client: usize, first_bytes: FirstBytes) -> ConnectionLimits {
         ConnectionLimits {
             slots: Arc::new(Semaphore::new(max.max(1))),
             per_client: per_client.max(1),
             clients: Arc::new(Mutex::new(HashMap::new())),
+            first_bytes,
         }
     }
 
@@ -87,7 +96,7 @@ impl ConnectionLimits {
             clients: Arc::clone(&self.clients),
             address,
         };
-        Accepted::Admitted(stream, peer, admission)
+        Accepted::Admitted(AdmittedStream::new(stream, admission, &self.first_bytes), peer)
     }
 }
 
@@ -103,26 +112,68 @@ impl Drop for Admission {
     }
 }
 
-/// An admitted TCP connection that holds its [`Admission`] for as long as it is open: the form
-/// a server that takes a stream of connections (tonic) can use.
+/// How long an admitted connection may stay silent before its first bytes.
+#[derive(Debug, Clone)]
+pub struct FirstBytes {
+    pub within: Duration,
+    /// Once cancelled, connections that have sent nothing yet are closed: they asked nothing.
+    pub drained: CancellationToken,
+}
+
+/// An admitted TCP connection that holds its [`Admission`] for as long as it is open, and is
+/// closed if it stays silent (see [`FirstBytes`]): the form a server that takes a stream of
+/// connections (tonic) can use.
 #[derive(Debug)]
 pub struct AdmittedStream {
     stream: TcpStream,
     _admission: Admission,
+    /// Until the first bytes arrive.
+    silent: Option<Silent>,
+}
+
+#[derive(Debug)]
+struct Silent {
+    within: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    drained: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl AdmittedStream {
-    pub fn new(stream: TcpStream, admission: Admission) -> AdmittedStream {
+    fn new(stream: TcpStream, admission: Admission, first_bytes: &FirstBytes) -> AdmittedStream {
         AdmittedStream {
             stream,
             _admission: admission,
+            silent: Some(Silent {
+                within: first_bytes.within,
+                deadline: Box::pin(tokio::time::sleep(first_bytes.within)),
+                drained: Box::pin(first_bytes.drained.clone().cancelled_owned()),
+            }),
         }
     }
 }
 
 impl AsyncRead for AdmittedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let Some(silent) = self.silent.as_mut() else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.silent = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if silent.drained.as_mut().poll(cx).is_ready() => {
+                // The end of the stream: the server closes a connection that asked nothing.
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if silent.deadline.as_mut().poll(cx).is_ready() => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client sent nothing within {:?}", silent.within),
+            ))),
+            other => other,
+        }
     }
 }
 

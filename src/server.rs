@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
-use crate::connections::{Accepted, AdmittedStream, ConnectionLimits};
+use crate::connections::{Accepted, AdmittedStream, ConnectionLimits, FirstBytes};
 use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::proto::solo_kernel_server::SoloKernelServer;
@@ -229,30 +229,37 @@ async fn serve(
         shutdown_grace: std::sync::Mutex::new(None),
         started: Instant::now(),
     });
+    let drained = CancellationToken::new();
+    let header_timeout = Duration::from_millis(config.solo.http_header_timeout_ms.into());
     // Each listener has connection limits of its own.
     let connection_limits = || {
         ConnectionLimits::new(
             config.solo.max_connections as usize,
             config.solo.max_connections_per_client as usize,
+            FirstBytes {
+                within: header_timeout,
+                drained: drained.clone(),
+            },
         )
     };
-    let drained = CancellationToken::new();
+    let keepalive = Keepalive {
+        interval: Duration::from_millis(config.solo.grpc_keepalive_interval_ms),
+        timeout: Duration::from_millis(config.solo.grpc_keepalive_timeout_ms.into()),
+    };
     let grpc = tokio::spawn(serve_grpc(
         listeners.grpc,
         Arc::clone(&state),
         tls.clone(),
         connection_limits(),
+        keepalive,
         drained.clone(),
     ));
-    let http_limits = HttpLimits {
-        header_timeout: Duration::from_millis(config.solo.http_header_timeout_ms.into()),
-        connections: connection_limits(),
-    };
     let http = tokio::spawn(serve_http(
         listeners.http,
         Arc::clone(&state),
         tls,
-        http_limits,
+        connection_limits(),
+        header_timeout,
         drained.clone(),
     ));
     println!("{}", listening_line(grpc_addr, http_addr));
@@ -325,11 +332,18 @@ fn api_options(config: &Config) -> ApiOptions {
     }
 }
 
+/// HTTP/2 pings on idle gRPC connections.
+struct Keepalive {
+    interval: Duration,
+    timeout: Duration,
+}
+
 async fn serve_grpc(
     listener: TcpListener,
     state: Arc<ApiState>,
     tls: Option<TlsSetup>,
     limits: ConnectionLimits,
+    keepalive: Keepalive,
     drained: CancellationToken,
 ) -> anyhow::Result<()> {
     let max_message = state.options.max_body_bytes;
@@ -342,7 +356,11 @@ async fn serve_grpc(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("gRPC reflection")?;
-    let mut builder = tonic::transport::Server::builder();
+    // A client that vanished without closing (a laptop put to sleep) is found by its missed
+    // ping, and its connection is given back.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(keepalive.interval))
+        .http2_keepalive_timeout(Some(keepalive.timeout));
     if let Some(tls) = &tls {
         builder = builder.tls_config(tls.grpc()).context("gRPC TLS")?;
     }
@@ -369,8 +387,8 @@ fn admitted_connections(
     futures_util::stream::unfold((listener, limits), |(listener, limits)| async move {
         loop {
             match limits.accept(&listener).await {
-                Accepted::Admitted(stream, _, admission) => {
-                    let connection: std::io::Result<_> = Ok(AdmittedStream::new(stream, admission));
+                Accepted::Admitted(stream, _) => {
+                    let connection: std::io::Result<_> = Ok(stream);
                     return Some((connection, (listener, limits)));
                 }
                 Accepted::OverClientCap(_, peer, _) => {
@@ -383,12 +401,6 @@ fn admitted_connections(
 
 /// How long a client may take over its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What the HTTP listener allows a connection.
-struct HttpLimits {
-    header_timeout: Duration,
-    connections: ConnectionLimits,
-}
 
 /// Answers a connection over its client's cap with a 429, once its request's headers are in (a
 /// client that is still sending takes an early answer for a broken connection), then closes it.
@@ -432,7 +444,8 @@ async fn serve_http(
     listener: TcpListener,
     state: Arc<ApiState>,
     tls: Option<TlsSetup>,
-    limits: HttpLimits,
+    connections: ConnectionLimits,
+    header_timeout: Duration,
     drained: CancellationToken,
 ) -> anyhow::Result<()> {
     let router = crate::api::rest::router(state);
@@ -442,11 +455,11 @@ async fn serve_http(
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(header_timeout);
     loop {
-        let (stream, peer, admission) = tokio::select! {
-            accepted = limits.connections.accept(&listener) => match accepted {
-                Accepted::Admitted(stream, peer, admission) => (stream, peer, admission),
+        let (stream, peer) = tokio::select! {
+            accepted = connections.accept(&listener) => match accepted {
+                Accepted::Admitted(stream, peer) => (stream, peer),
                 Accepted::OverClientCap(stream, peer, slot) => {
                     tracing::debug!(%peer, "too many connections from this address");
                     // Over TLS the answer could not be read before a handshake: it just closes.
@@ -466,7 +479,6 @@ async fn serve_http(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _admission = admission;
             // A TLS peer may name its tenant by its client certificate.
             let (stream, tenant) = match acceptor {
                 None => (Either::Left(stream), None),

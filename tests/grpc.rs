@@ -964,7 +964,66 @@ async fn one_client_address_cannot_take_every_grpc_connection() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A connection that never starts HTTP/2 would hold the shutdown for its whole grace.
     drop(second);
+    server.stop().await.unwrap();
+}
+
+/// Reads until the node closes the connection; `None` if it is still open after `within`.
+async fn closed_within(connection: &mut tokio::net::TcpStream, within: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt as _;
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(within, connection.read_to_end(&mut sink))
+        .await
+        .ok()
+        .map(|_| started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_speaks_is_closed_and_holds_no_shutdown() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = start_server(dir.path(), |c| {
+        c.solo.http_header_timeout_ms = 300;
+        c.solo.shutdown_grace_ms = 60_000;
+    })
+    .await;
+    let address = server.grpc_url().trim_start_matches("http://").to_string();
+    // A client pool's spare connection, dialled and never used, is closed after the timeout...
+    let mut spare = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let closed = closed_within(&mut spare, Duration::from_secs(20)).await;
+    assert!(closed.is_some(), "a silent connection stays open");
+    assert!(closed.unwrap() >= Duration::from_millis(250), "closed after {closed:?}");
+    // ...and one still silent when the node stops is closed at once, not after the grace.
+    let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let mut client = grpc_client(&server).await;
+    client.list(as_tenant("a", proto::ListRequest::default())).await.unwrap();
+    let started = std::time::Instant::now();
+    server.stop().await.unwrap();
+    let stopped = started.elapsed();
+    assert!(stopped < Duration::from_secs(20), "the node took {stopped:?} to stop");
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_answering_pings_is_disconnected() {
+    use tokio::io::AsyncWriteExt as _;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = start_server(dir.path(), |c| {
+        c.solo.grpc_keepalive_interval_ms = 200;
+        c.solo.grpc_keepalive_timeout_ms = 200;
+    })
+    .await;
+    let address = server.grpc_url().trim_start_matches("http://").to_string();
+    // An HTTP/2 client that says hello (preface, empty SETTINGS) and is then gone.
+    let mut gone = tokio::net::TcpStream::connect(&address).await.unwrap();
+    gone.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let closed = closed_within(&mut gone, Duration::from_secs(20)).await;
+    assert!(closed.is_some(), "a client that answers no ping stays connected");
+    // One that answers is served as ever.
+    let mut client = grpc_client(&server).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    client.list(as_tenant("a", proto::ListRequest::default())).await.unwrap();
     server.stop().await.unwrap();
 }

@@ -2424,7 +2424,7 @@ fn openapi_documents_every_route_and_method() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_trickling_headers_is_disconnected_after_the_header_timeout() {
+async fn a_client_trickling_headers_or_silent_is_disconnected_after_the_header_timeout() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let node = node(|c| c.solo.http_header_timeout_ms = 300).await;
     let address = node.base.trim_start_matches("http://").to_string();
@@ -2445,6 +2445,10 @@ async fn a_client_trickling_headers_is_disconnected_after_the_header_timeout() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
+    // A connection that sends nothing at all is closed too.
+    let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let read = tokio::time::timeout(DEADLINE, silent.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the silent connection is closed");
     // Clients that send their requests are served as ever.
     node.get("/health", "").await.ok(200);
     node.stop().await;
