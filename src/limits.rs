@@ -25,7 +25,8 @@ pub struct TenantLimits {
     pub max_tenant_memory_mb: u64,
     /// Size of one module.
     pub max_module_bytes: u64,
-    /// Deploys a tenant may make per minute.
+    /// Deploys a tenant may make per minute; also the modules that may be compiled for it per
+    /// minute, refused ones included.
     pub max_deploys_per_minute: u32,
     /// Wall-clock time of one call.
     pub max_call_timeout_ms: u32,

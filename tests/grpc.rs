@@ -996,7 +996,10 @@ async fn a_connection_that_never_speaks_is_closed_and_holds_no_shutdown() {
     // ...and one still silent when the node stops is closed at once, not after the grace.
     let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
     let mut client = grpc_client(&server).await;
-    client.list(as_tenant("a", proto::ListRequest::default())).await.unwrap();
+    client
+        .list(as_tenant("a", proto::ListRequest::default()))
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     server.stop().await.unwrap();
     let stopped = started.elapsed();
@@ -1024,6 +1027,9 @@ async fn a_client_that_stops_answering_pings_is_disconnected() {
     // One that answers is served as ever.
     let mut client = grpc_client(&server).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    client.list(as_tenant("a", proto::ListRequest::default())).await.unwrap();
+    client
+        .list(as_tenant("a", proto::ListRequest::default()))
+        .await
+        .unwrap();
     server.stop().await.unwrap();
 }

@@ -442,7 +442,7 @@ async fn bad_modules_get_clear_errors_and_append_nothing() {
     assert_eq!(control.head(), 1, "only node_started is in the log");
 
     // A refused module sent again is refused at once, for the same reason, without compiling
-    // its bytes again: refusals cost their tenant no quota, so they must cost the node little.
+    // its bytes again, nor counting against the tenant's compiles.
     let runtime = control.runtime().unwrap();
     let missing_export = || {
         let mut request = deploy_example("acme", "bad", "echo");
@@ -456,6 +456,64 @@ async fn bad_modules_get_clear_errors_and_append_nothing() {
         assert_eq!(control.deploy(missing_export()).await.unwrap_err().to_string(), first);
     }
     assert_eq!(runtime.modules_compiled(), compiled + 1, "compiled once");
+    node.stop(Duration::from_secs(5)).await;
+}
+
+/// A module with a distinct hash (and nothing else), which the runtime refuses: it exports no
+/// handler.
+fn refused_module(n: usize) -> solo::control::DeployRequest {
+    let mut request = deploy_request("acme", "bad", "");
+    request.module =
+        Arc::from(format!("(module (memory (export \"memory\") 1) (global i32 (i32.const {n})))").as_bytes());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiles_count_against_the_deploy_rate_refused_ones_too() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.limits.max_deploys_per_minute = 3;
+    let node = open_node(&config).await;
+    let control = &node.control;
+    let runtime = control.runtime().unwrap();
+    // One module compiled for a deploy, two refused: the tenant's three compiles for the minute.
+    deploy_running(control, "acme", "echo", "echo").await;
+    for n in 0..2 {
+        let err = control.deploy(refused_module(n)).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidModule(_)), "{err}");
+    }
+    let compiled = runtime.modules_compiled();
+    // A fourth module is refused before it is compiled, and says which quota to raise.
+    let err = control.deploy(refused_module(2)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::QuotaExceeded {
+                quota: "max_deploys_per_minute",
+                limit: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("3 modules were compiled for tenant 'acme'"),
+        "{err}"
+    );
+    assert_eq!(runtime.modules_compiled(), compiled, "nothing was compiled");
+    // Modules compiled before cost nothing: a known refusal is told again, and a module that
+    // runs already deploys (the tenant's second deploy of three).
+    let err = control.deploy(refused_module(0)).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidModule(_)), "{err}");
+    control.deploy(deploy_example("acme", "echo2", "echo")).await.unwrap();
+    assert_eq!(runtime.modules_compiled(), compiled);
+    // Another tenant's compiles are its own.
+    let mut other = refused_module(3);
+    other.tenant = "beta".into();
+    let err = control.deploy(other).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidModule(_)), "{err}");
+    assert_eq!(runtime.modules_compiled(), compiled + 1);
+    assert_eq!(control.list(Some("acme")).len(), 2, "the refusals appended nothing");
     node.stop(Duration::from_secs(5)).await;
 }
 

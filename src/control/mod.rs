@@ -43,7 +43,7 @@ use writer::{Request, Writer};
 use crate::limits::LimitsTable;
 use crate::log::{Log, LogOptions, NodeMeta};
 use crate::proto::{Event, Limits};
-use crate::runtime::{CallError, LiveStatus, LogBuffer, Runtime};
+use crate::runtime::{CallError, CompileQuota, LiveStatus, LogBuffer, PrepareError, Runtime};
 use crate::state::{Service, Settings, State, Status};
 
 /// Keys of keyed requests that changed nothing, remembered at most (the oldest go first).
@@ -145,13 +145,15 @@ pub struct Control {
     shared: Arc<Shared>,
 }
 
-#[derive(Debug)]
 struct Shared {
     requests: mpsc::Sender<Request>,
     /// The committed state. A std lock: held only to copy or to apply a batch, never across `.await`.
     state: Arc<RwLock<State>>,
     log: EventLog,
     limits: Arc<LimitsTable>,
+    clock: Clock,
+    /// The state's, fixed at start.
+    deploy_rate_window_ms: u64,
     shutting_down: Arc<AtomicBool>,
     /// The writer's thread, then the snapshotter's, joined in that order at close.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -159,6 +161,16 @@ struct Shared {
     /// The wasm runtime, once attached: it validates modules and serves calls. Without one (as
     /// in tests of the log alone), module bytes are opaque and calls fail.
     runtime: OnceLock<Runtime>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("node", &self.node)
+            .field("limits", &self.limits)
+            .field("shutting_down", &self.shutting_down)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Control {
@@ -193,7 +205,7 @@ impl Control {
             working: state,
             published: Arc::clone(&published),
             limits: Arc::clone(&limits),
-            clock: options.clock,
+            clock: Arc::clone(&options.clock),
             options: options.writer,
             shutting_down: Arc::clone(&shutting_down),
             snapshots,
@@ -212,6 +224,8 @@ impl Control {
                 node: log.store().node().clone(),
                 log,
                 limits,
+                clock: options.clock,
+                deploy_rate_window_ms: options.settings.deploy_rate_window_ms,
                 shutting_down,
                 // The writer first: when it ends, the snapshotter's queue closes.
                 threads: Mutex::new([Some(thread), snapshot_thread].into_iter().flatten().collect()),
@@ -286,10 +300,28 @@ impl Control {
             .resolve(&request.limits)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let module = match self.runtime() {
-            Some(runtime) => runtime
-                .prepare(&request.tenant, request.module, limits.memory_bytes)
-                .await
-                .map_err(|e| Error::InvalidModule(e.0))?,
+            Some(runtime) => {
+                let quota = CompileQuota {
+                    max: tenant_limits.max_deploys_per_minute,
+                    window_ms: self.shared.deploy_rate_window_ms,
+                    now_ms: (self.shared.clock)(),
+                };
+                runtime
+                    .prepare(&request.tenant, request.module, limits.memory_bytes, quota)
+                    .await
+                    .map_err(|e| match e {
+                        PrepareError::Invalid(invalid) => Error::InvalidModule(invalid.0),
+                        PrepareError::OverCompileQuota { limit, compiled } => Error::QuotaExceeded {
+                            quota: "max_deploys_per_minute",
+                            limit: limit.into(),
+                            detail: format!(
+                                "{compiled} modules were compiled for tenant '{}' in the last minute (a \
+                                 module deployed before needs no compile)",
+                                request.tenant
+                            ),
+                        },
+                    })?
+            }
             None => Module::hashed(request.module).await,
         };
         let command = DeployCommand {

@@ -8,6 +8,16 @@ use crate::proto::CrashReason;
 #[error("{0}")]
 pub struct InvalidModule(pub String);
 
+/// Why a module sent for deploy was not made ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidModule),
+    /// The tenant had as many modules compiled within the window as its quota allows.
+    #[error("{compiled} modules were compiled for the tenant within the window, its limit of {limit}")]
+    OverCompileQuota { limit: u32, compiled: usize },
+}
+
 /// An instance that did not come up.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]

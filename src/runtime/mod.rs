@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use error::{CallError, CallFailure, InvalidModule, StartFailure};
+pub use error::{CallError, CallFailure, InvalidModule, PrepareError, StartFailure};
 pub use instance::trap_code;
 pub use logs::{Level, LogBuffer, LogLine};
 pub use module::{EngineOptions, GRANTED_IMPORTS};
@@ -39,7 +39,7 @@ use stats::LiveStats;
 
 use crate::control::{EventLog, Module, Observation, Observer};
 use crate::proto::{CrashReason, Event, Limits, ServiceRef, StopReason, event::Kind};
-use crate::state::{Service, Status};
+use crate::state::{DeployWindow, Service, Status};
 
 /// How long shutdown waits for the guest threads to drop their ended tasks. Every instance has
 /// stopped by then; this only covers a guest that ignores its deadline.
@@ -91,9 +91,8 @@ pub struct Runtime {
 struct Inner {
     compiler: Compiler,
     cache: ModuleCache,
-    /// One compile at a time per tenant: a tenant sending many large modules at once queues
-    /// behind itself, and leaves the other cores to everyone else.
-    compiles: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Each tenant's compiles for deploys, by tenant.
+    compiles: Mutex<HashMap<String, Arc<TenantCompiles>>>,
     /// Modules compiled from deploys since the runtime started, refused ones included.
     compiled: std::sync::atomic::AtomicU64,
     options: RuntimeOptions,
@@ -187,23 +186,37 @@ impl Runtime {
 
     /// Validates and compiles a module that `tenant` sent for deploy (wasm, or WAT converted to
     /// wasm), and caches it; checks that its memory starts within `memory_bytes`, the service's
-    /// limit. Returns the module as it will be stored: wasm bytes and their hash.
-    pub async fn prepare(&self, tenant: &str, bytes: Arc<[u8]>, memory_bytes: u64) -> Result<Module, InvalidModule> {
+    /// limit. A module that must be compiled is charged to the tenant's `quota` first. Returns
+    /// the module as it will be stored: wasm bytes and their hash.
+    pub async fn prepare(
+        &self,
+        tenant: &str,
+        bytes: Arc<[u8]>,
+        memory_bytes: u64,
+        quota: CompileQuota,
+    ) -> Result<Module, PrepareError> {
         let module = if bytes.starts_with(module::WASM_MAGIC) {
             Module::hashed(bytes).await
         } else {
             // WAT: parsing it is work for a blocking thread, as compiling is.
-            let _turn = self.inner.compile_turn(tenant).await;
+            let compiles = self.inner.compiles_of(tenant, quota);
+            let _turn = compiles.turn().await;
             blocking(move || Ok(Module::new(module::to_wasm(&bytes)?.into()))).await?
         };
         let sha256 = module.sha256;
         if let Some(reason) = self.inner.cache.refusal(&sha256) {
-            return Err(InvalidModule(reason));
+            return Err(InvalidModule(reason).into());
         }
         // The common case, a module already compiled, needs no blocking thread at all.
         let (inner, bytes) = (Arc::clone(&self.inner), Arc::clone(&module.bytes));
         let compile = async move {
-            let _turn = inner.compile_turn(tenant).await;
+            let compiles = inner.compiles_of(tenant, quota);
+            let _turn = compiles.turn().await;
+            // Refused while this caller waited for its turn: by the same module sent at once.
+            if let Some(reason) = inner.cache.refusal(&sha256) {
+                return Err(PrepareError::Invalid(InvalidModule(reason)));
+            }
+            compiles.charge(quota)?;
             inner.compiled.fetch_add(1, Ordering::Relaxed);
             let compiler = Arc::clone(&inner);
             let compiled =
@@ -212,7 +225,7 @@ impl Runtime {
             if let Err(refusal) = &compiled {
                 inner.cache.remember_refusal(sha256, &refusal.0);
             }
-            compiled
+            compiled.map_err(PrepareError::Invalid)
         };
         let prepared = self.inner.cache.get_or_prepare(sha256, compile).await?;
         if prepared.min_memory_bytes > memory_bytes {
@@ -220,7 +233,8 @@ impl Runtime {
                 "the module's memory starts at {} bytes, over the service's memory limit of {memory_bytes} \
                  bytes; ask for more memory_bytes, or lower the module's minimum",
                 prepared.min_memory_bytes
-            )));
+            ))
+            .into());
         }
         Ok(module)
     }
@@ -437,25 +451,75 @@ impl Runtime {
     }
 }
 
-/// Tenants' compile gates kept before the idle ones are dropped.
-const COMPILE_GATES_KEPT: usize = 1024;
+/// How many modules a tenant may have compiled for its deploys: at most `max` within the last
+/// `window_ms`. It is the tenant's deploy rate, so that modules refused (as invalid, or by
+/// another quota once compiled) cost the node no more than deploys would; a module already
+/// compiled costs nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct CompileQuota {
+    pub max: u32,
+    pub window_ms: u64,
+    pub now_ms: u64,
+}
+
+impl CompileQuota {
+    fn window_start(&self) -> u64 {
+        self.now_ms.saturating_sub(self.window_ms)
+    }
+}
+
+/// A tenant's compiles. One at a time: a tenant sending many large modules at once queues
+/// behind itself, and leaves the other cores to everyone else.
+struct TenantCompiles {
+    turn: tokio::sync::Semaphore,
+    /// Compiles within the quota's window.
+    recent: Mutex<DeployWindow>,
+}
+
+impl TenantCompiles {
+    async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.turn.acquire().await.expect("the turn is never closed")
+    }
+
+    /// Counts one compile, if the quota has room for it.
+    fn charge(&self, quota: CompileQuota) -> Result<(), PrepareError> {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let compiled = recent.since(quota.window_start(), quota.window_ms);
+        if compiled >= quota.max as usize {
+            return Err(PrepareError::OverCompileQuota {
+                limit: quota.max,
+                compiled,
+            });
+        }
+        recent.record(quota.now_ms, quota.window_ms);
+        Ok(())
+    }
+
+    /// Whether the tenant compiled nothing within the window: its record may go.
+    fn is_idle(&self, quota: CompileQuota) -> bool {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.since(quota.window_start(), quota.window_ms) == 0
+    }
+}
+
+/// Tenants' compile records kept before the idle ones are dropped.
+const COMPILE_RECORDS_KEPT: usize = 1024;
 
 impl Inner {
-    /// Waits for `tenant`'s turn to compile.
-    async fn compile_turn(&self, tenant: &str) -> tokio::sync::OwnedSemaphorePermit {
-        let gate = {
-            let mut compiles = self.compiles.lock().unwrap_or_else(|p| p.into_inner());
-            // Gates nobody holds or waits for are dropped as the map grows, not one by one.
-            if compiles.len() >= COMPILE_GATES_KEPT {
-                compiles.retain(|_, gate| Arc::strong_count(gate) > 1);
-            }
-            Arc::clone(
-                compiles
-                    .entry(tenant.to_string())
-                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))),
-            )
-        };
-        gate.acquire_owned().await.expect("the gate is never closed")
+    /// `tenant`'s compile record, created on first use.
+    fn compiles_of(&self, tenant: &str, quota: CompileQuota) -> Arc<TenantCompiles> {
+        let mut compiles = self.compiles.lock().unwrap_or_else(|p| p.into_inner());
+        // Records that nobody holds and that count no compile are dropped as the map grows,
+        // not one by one.
+        if compiles.len() >= COMPILE_RECORDS_KEPT {
+            compiles.retain(|_, record| Arc::strong_count(record) > 1 || !record.is_idle(quota));
+        }
+        Arc::clone(compiles.entry(tenant.to_string()).or_insert_with(|| {
+            Arc::new(TenantCompiles {
+                turn: tokio::sync::Semaphore::new(1),
+                recent: Mutex::new(DeployWindow::default()),
+            })
+        }))
     }
 
     fn find(&self, tenant: &str, service_id: &str) -> Option<Arc<Slot>> {
@@ -774,4 +838,34 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| InvalidModule(format!("compilation failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenants_compiles_are_counted_within_the_window() {
+        let record = TenantCompiles {
+            turn: tokio::sync::Semaphore::new(1),
+            recent: Mutex::new(DeployWindow::default()),
+        };
+        let at = |now_ms| CompileQuota {
+            max: 2,
+            window_ms: 60_000,
+            now_ms,
+        };
+        assert!(record.is_idle(at(1_000)));
+        record.charge(at(1_000)).unwrap();
+        record.charge(at(30_000)).unwrap();
+        assert_eq!(
+            record.charge(at(59_000)),
+            Err(PrepareError::OverCompileQuota { limit: 2, compiled: 2 })
+        );
+        // The first compile leaves the window (counted to the end of its second): room for one.
+        record.charge(at(62_000)).unwrap();
+        assert!(record.charge(at(62_000)).is_err());
+        assert!(!record.is_idle(at(62_000)));
+        assert!(record.is_idle(at(200_000)));
+    }
 }
