@@ -1135,14 +1135,17 @@ impl ServeDir {
         ServeProcess::start(&self.data, self.grpc, self.http, &self.log, Some(prelude))
     }
 
-    /// `GET /health`, as JSON.
-    fn health(&self) -> Value {
+    /// `GET /health`: the HTTP status, and the body as JSON.
+    fn health(&self) -> (u16, Value) {
         let url = format!("http://127.0.0.1:{}/health", self.http);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        runtime.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+        runtime.block_on(async {
+            let response = reqwest::get(url).await.unwrap();
+            (response.status().as_u16(), response.json().await.unwrap())
+        })
     }
 
     /// The ids `solo list` shows tenant acme.
@@ -1467,17 +1470,25 @@ fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
     }
     let status = || serve.cli(&["status", "crash", "--json"]).ok().json()["status"].clone();
     assert_eq!(status(), "running", "the log could not take the crash yet");
-    let waiting = serve.health()["unrecorded_observations"].as_u64().unwrap();
+    let (code, health) = serve.health();
+    let waiting = health["unrecorded_observations"].as_u64().unwrap();
     assert!(waiting >= 3, "crashed, restarted, crashed wait for the log: {waiting}");
+    // The node says that its log takes no writes, and why.
+    assert_eq!((code, health["status"].as_str()), (503, Some("degraded")), "{health}");
+    assert!(health["log_error"].as_str().unwrap().contains("is full"), "{health}");
 
     // Once the disk has room, what happened is recorded, in order: in the log, and so in the
     // state.
     disk.resize(64);
     let deadline = Instant::now() + PATIENCE;
-    while status() != "crashed" || serve.health()["unrecorded_observations"] != 0 {
+    while status() != "crashed" || serve.health().1["unrecorded_observations"] != 0 {
         assert!(Instant::now() < deadline, "the crash was never recorded");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The retries' commits cleared the alarm.
+    let (code, health) = serve.health();
+    assert_eq!((code, health["status"].as_str()), (200, Some("ok")), "{health}");
+    assert!(health["log_error"].is_null(), "{health}");
     let events = serve
         .cli(&["events", "--from", "1", "--service", "crash", "--json"])
         .ok()

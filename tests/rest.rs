@@ -1106,6 +1106,7 @@ async fn health_reports_ok_and_the_head() {
     assert_eq!(body["version"], solo::VERSION);
     assert_eq!(body["services_running"], 0);
     assert_eq!(body["unrecorded_observations"], 0);
+    assert!(body["log_error"].is_null(), "{body}");
     let head = body["head_seq"].as_u64().unwrap();
     assert!(head >= 1, "node_started is in the log: {body}");
     assert!(body["uptime_ms"].as_u64().is_some());

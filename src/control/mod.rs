@@ -38,7 +38,7 @@ use command::{Command, Reply};
 use noop_keys::NoOpKeys;
 use snapshotter::Snapshotter;
 use spare::Spare;
-use writer::{Request, Writer};
+use writer::{CommitFailure, Request, Writer};
 
 use crate::limits::LimitsTable;
 use crate::log::{Log, LogOptions, NodeMeta};
@@ -154,6 +154,7 @@ struct Shared {
     clock: Clock,
     /// The state's, fixed at start.
     deploy_rate_window_ms: u64,
+    commit_failure: Arc<CommitFailure>,
     shutting_down: Arc<AtomicBool>,
     /// The writer's thread, then the snapshotter's, joined in that order at close.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -198,7 +199,9 @@ impl Control {
             last_snapshot_seq,
         );
         let (snapshots, snapshot_thread) = snapshots.unzip();
+        let commit_failure = Arc::new(CommitFailure::default());
         let writer = Writer {
+            commit_failure: Arc::clone(&commit_failure),
             noop_keys: NoOpKeys::new(state.settings().idempotency_window_ms, NOOP_KEYS_REMEMBERED),
             log: log.clone(),
             spare: Spare::start(state.clone()),
@@ -226,6 +229,7 @@ impl Control {
                 limits,
                 clock: options.clock,
                 deploy_rate_window_ms: options.settings.deploy_rate_window_ms,
+                commit_failure,
                 shutting_down,
                 // The writer first: when it ends, the snapshotter's queue closes.
                 threads: Mutex::new([Some(thread), snapshot_thread].into_iter().flatten().collect()),
@@ -437,6 +441,12 @@ impl Control {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Why the log cannot take writes, if its last commit failed (cleared by the next commit
+    /// that succeeds, such as a retried observation's).
+    pub fn log_failure(&self) -> Option<String> {
+        self.shared.commit_failure.current()
     }
 
     /// One service of `tenant`.

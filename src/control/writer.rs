@@ -78,6 +78,36 @@ pub(super) struct Writer {
     pub evicted: Vec<Arc<Event>>,
     /// Keys of requests that changed nothing, which no event carries.
     pub noop_keys: NoOpKeys,
+    pub commit_failure: Arc<CommitFailure>,
+}
+
+/// Why the last commit failed, until one succeeds: a node whose log cannot take writes (a full
+/// disk) says so on `/health`.
+#[derive(Debug, Default)]
+pub struct CommitFailure {
+    failing: AtomicBool,
+    message: std::sync::Mutex<String>,
+}
+
+impl CommitFailure {
+    fn failed(&self, error: &Error) {
+        *self.message.lock().unwrap_or_else(|p| p.into_inner()) = error.to_string();
+        self.failing.store(true, Ordering::Release);
+    }
+
+    fn succeeded(&self) {
+        // Read first: a healthy writer only ever reads the flag.
+        if self.failing.load(Ordering::Relaxed) {
+            self.failing.store(false, Ordering::Release);
+        }
+    }
+
+    /// The last commit's error, if it failed.
+    pub fn current(&self) -> Option<String> {
+        self.failing
+            .load(Ordering::Acquire)
+            .then(|| self.message.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
 }
 
 /// A caller waiting for the batch to commit, and what it will be told.
@@ -265,6 +295,7 @@ impl Writer {
         if let Err(e) = self.log.append(&events, changes) {
             tracing::error!(error = %e, events = events.len(), "commit failed; the batch was not written");
             let error = Error::from(e);
+            self.commit_failure.failed(&error);
             for p in pending {
                 // A refusal stands; whatever rested on the batch failed with it.
                 let answer = p.answer.and(Err(error.clone()));
@@ -280,6 +311,7 @@ impl Writer {
             return;
         }
         let elapsed = started.elapsed();
+        self.commit_failure.succeeded();
         let events = events.records();
         // Before anyone can see the batch: whoever sees an event finds it counted.
         if let Some(hook) = &self.on_commit {

@@ -372,21 +372,30 @@ pub(super) async fn shutdown(
 
 pub(super) async fn health(State(state): State<Arc<ApiState>>) -> Response {
     let stopping = state.stopping.is_cancelled() || state.control.is_shutting_down();
+    // As etcd's NOSPACE alarm: a node whose log takes no writes is not healthy, though reads
+    // and calls still work.
+    let log_error = state.control.log_failure();
+    let status = match (stopping, &log_error) {
+        (true, _) => "shutting_down",
+        (false, Some(_)) => "degraded",
+        (false, None) => "ok",
+    };
     let body = json!({
-        "status": if stopping { "shutting_down" } else { "ok" },
+        "status": status,
         "version": crate::VERSION,
         "uptime_ms": state.started.elapsed().as_millis() as u64,
         "head_seq": state.control.head(),
         "services_running": state.control.runtime().map_or(0, |r| r.running_instances()),
         // What the runtime saw but the log could not take yet (a full disk): statuses lag.
         "unrecorded_observations": state.control.runtime().map_or(0, |r| r.unrecorded_observations()),
+        "log_error": log_error,
     });
-    let status = if stopping {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
+    let code = if status == "ok" {
         StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body)).into_response()
+    (code, Json(body)).into_response()
 }
 
 pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
