@@ -635,6 +635,57 @@ async fn malformed_json_is_400_and_says_where() {
     assert!(message.contains("limits.memory_bytes"), "{message}");
     let reply = send(raw("")).await;
     assert!(reply.error(400, "invalid_argument").contains("malformed JSON"));
+    // One document only: a second one after it, or stray characters, are refused, not ignored.
+    for trailing in ["{\"service_id\": \"y\"}", "]]]", "\0garbage"] {
+        let body = format!("{{\"service_id\": \"x\", \"wat\": \"(module)\"}}{trailing}");
+        let reply = send(
+            node.request(Method::POST, "/services", "a")
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await;
+        let message = reply.error(400, "invalid_argument");
+        assert!(message.contains("trailing characters"), "{message}");
+    }
+    assert_eq!(node.get("/services/x", "a").await.status, StatusCode::NOT_FOUND);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_says_two_things_is_refused() {
+    let node = dev_node().await;
+    node.deploy_running("a", "echo", "echo").await;
+    // A query parameter given twice: which copy would win is anyone's guess.
+    for query in ["?status=running&status=failed", "?tenant=a&tenant=b"] {
+        let reply = node.get(&format!("/services{query}"), "").await;
+        assert!(
+            reply.error(400, "invalid_argument").contains("more than once"),
+            "{reply:?}"
+        );
+    }
+    // The same label key twice.
+    let put = node
+        .request(Method::PUT, "/services/twice?label=k=1&label=k=2", "a")
+        .header("content-type", "text/plain")
+        .body(wat_text("echo"));
+    let reply = send(put).await;
+    assert!(reply.error(400, "invalid_argument").contains("label 'k'"), "{reply:?}");
+    // An empty tenant header is a mistake, not the admin (which would see every tenant).
+    let empty = send(node.http.get(node.url("/services")).header("x-tenant-id", "")).await;
+    assert!(
+        empty.error(400, "invalid_argument").contains("x-tenant-id"),
+        "{empty:?}"
+    );
+    // A bad ?tenant= is named as such.
+    let reply = node.get("/services?tenant=BAD", "").await;
+    assert!(reply.error(400, "invalid_argument").contains("?tenant="), "{reply:?}");
+    assert_eq!(
+        node.get("/services", "").await.ok(200)["services"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     node.stop().await;
 }
 

@@ -192,7 +192,8 @@ impl Authenticator {
         tenant_header: Option<&str>,
         certificate_tenant: Option<&str>,
     ) -> Result<Caller, Error> {
-        let named = tenant_header.map(str::trim).filter(|t| !t.is_empty());
+        // Present but empty is a mistake, not the admin: it is refused as an invalid name.
+        let named = tenant_header.map(str::trim);
         if let Some(tenant) = named {
             validate_tenant(tenant).map_err(|e| Error::invalid(format!("{TENANT_HEADER}: {e}")))?;
         }

@@ -235,6 +235,9 @@ pub(crate) fn caller(
     let text =
         |name: &str| super::auth::header_text(name, super::auth::single_value(name, headers.get_all(name).iter())?);
     let header_tenant = text(TENANT_HEADER)?;
+    if let Some(named) = query_tenant {
+        crate::control::validate_tenant(named).map_err(|e| Error::invalid(format!("?tenant=: {e}")))?;
+    }
     let tenant = match (header_tenant, query_tenant) {
         (Some(h), Some(q)) if h != q => {
             return Err(Error::invalid(format!(

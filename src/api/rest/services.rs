@@ -36,6 +36,14 @@ impl Params {
                 allowed.join(", ")
             )));
         }
+        // Which copy would win is anyone's guess: a request that says two things is refused.
+        for (i, (key, _)) in pairs.iter().enumerate() {
+            if key != "label" && pairs[..i].iter().any(|(earlier, _)| earlier == key) {
+                return Err(Error::invalid(format!(
+                    "query parameter '{key}' is given more than once"
+                )));
+            }
+        }
         Ok(Params(pairs))
     }
 
@@ -62,17 +70,18 @@ impl Params {
         }
     }
 
-    /// `label=k=v` pairs.
+    /// `label=k=v` pairs; a key may appear once.
     fn labels(&self) -> Result<BTreeMap<String, String>, Error> {
-        self.0
-            .iter()
-            .filter(|(k, _)| k == "label")
-            .map(|(_, v)| {
-                v.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .ok_or_else(|| Error::invalid(format!("label '{v}' is not of the form key=value")))
-            })
-            .collect()
+        let mut labels = BTreeMap::new();
+        for (_, pair) in self.0.iter().filter(|(k, _)| k == "label") {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| Error::invalid(format!("label '{pair}' is not of the form key=value")))?;
+            if labels.insert(key.to_string(), value.to_string()).is_some() {
+                return Err(Error::invalid(format!("label '{key}' is given more than once")));
+            }
+        }
+        Ok(labels)
     }
 
     fn limits(&self) -> Result<Limits, Error> {
@@ -151,7 +160,7 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, bo
         ));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+    let parsed = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let at = if path == "." {
@@ -164,7 +173,16 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, bo
             inner.line(),
             inner.column()
         ))
-    })
+    })?;
+    // One document: anything after it (a second object, stray brackets) is refused, not ignored.
+    deserializer.end().map_err(|e| {
+        Error::invalid(format!(
+            "malformed JSON (line {}, column {}): {e}",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    Ok(parsed)
 }
 
 pub(super) async fn deploy_json(
