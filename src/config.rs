@@ -281,6 +281,12 @@ impl Config {
         if db.map_size_mb == 0 {
             return Err(invalid("database.map_size_mb", "must be at least 1"));
         }
+        if db.map_size_mb > MAX_MAP_SIZE_MB {
+            return Err(invalid(
+                "database.map_size_mb",
+                &format!("must be at most {MAX_MAP_SIZE_MB} (64 TiB of address space)"),
+            ));
+        }
         if db.max_readers == 0 {
             return Err(invalid("database.max_readers", "must be at least 1"));
         }
@@ -307,6 +313,13 @@ impl Config {
         }
         if self.solo.grpc_keepalive_timeout_ms == 0 {
             return Err(invalid("solo.grpc_keepalive_timeout_ms", "must be at least 1"));
+        }
+        // Zero would refuse every request (or body) with an error that says to retry.
+        if self.solo.max_in_flight == 0 {
+            return Err(invalid("solo.max_in_flight", "must be at least 1"));
+        }
+        if self.solo.max_request_bytes == 0 {
+            return Err(invalid("solo.max_request_bytes", "must be at least 1"));
         }
         if self.solo.max_connections == 0 {
             return Err(invalid("solo.max_connections", "must be at least 1"));
@@ -337,6 +350,7 @@ impl Config {
         if rt.max_wasm_stack_kb < 64 {
             return Err(invalid("runtime.max_wasm_stack_kb", "must be at least 64"));
         }
+        self.validate_instance_pool()?;
         for name in self.tenants.keys() {
             crate::control::validate_tenant(name).map_err(|e| invalid(&format!("tenants.{name}"), &e.to_string()))?;
             let limits = self.tenant_limits(name)?;
@@ -534,7 +548,55 @@ impl Config {
     }
 }
 
+/// The largest LMDB map: address space is reserved for all of it.
+const MAX_MAP_SIZE_MB: u64 = 64 << 20;
+
+/// The address space the instance pool may reserve: each slot holds its largest memory.
+const MAX_POOL_RESERVATION: u64 = 64 << 40;
+
+impl Config {
+    /// The instance pool reserves a memory slot for each instance up front: refuses a pool that
+    /// could never be reserved, naming the keys to lower.
+    fn validate_instance_pool(&self) -> Result<(), ConfigError> {
+        let largest_memory = self
+            .limits_table()?
+            .tenants
+            .values()
+            .chain([&self.limits])
+            .map(TenantLimits::max_memory_bytes)
+            .max()
+            .unwrap_or(0);
+        // A slot is the memory plus its guard page, as the engine lays them out.
+        let slot = largest_memory.next_multiple_of(1 << 16) + (1 << 16);
+        let reserved = u64::from(self.runtime.max_instances).saturating_mul(slot);
+        if reserved > MAX_POOL_RESERVATION {
+            return Err(ConfigError::Invalid {
+                path: "runtime.max_instances".into(),
+                message: format!(
+                    "{} instances of up to {} MiB each would reserve {} TiB of address space, over 64 TiB; \
+                     lower runtime.max_instances or [limits] max_memory_mb",
+                    self.runtime.max_instances,
+                    largest_memory >> 20,
+                    reserved >> 40
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 fn validate_limits(path: &str, limits: &TenantLimits) -> Result<(), ConfigError> {
+    for (key, value) in [
+        ("max_in_flight_requests", limits.max_in_flight_requests),
+        ("max_watchers", limits.max_watchers),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::Invalid {
+                path: format!("{path}.{key}"),
+                message: "must be at least 1".into(),
+            });
+        }
+    }
     let pairs = [
         (
             "default_memory_mb",
@@ -669,6 +731,39 @@ mod tests {
         );
         let e = error_of("this is not toml");
         assert!(e.contains("config"), "{e}");
+    }
+
+    #[test]
+    fn values_that_no_request_could_get_past_are_refused() {
+        for (text, key) in [
+            ("[solo]\nmax_in_flight = 0\n", "solo.max_in_flight"),
+            ("[solo]\nmax_request_bytes = 0\n", "solo.max_request_bytes"),
+            (
+                "[limits]\nmax_in_flight_requests = 0\n",
+                "limits.max_in_flight_requests",
+            ),
+            ("[limits]\nmax_watchers = 0\n", "limits.max_watchers"),
+            (
+                "[tenants.acme.limits]\nmax_watchers = 0\n",
+                "tenants.acme.limits.max_watchers",
+            ),
+        ] {
+            let e = error_of(text);
+            assert!(e.contains(key) && e.contains("at least 1"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn reservations_beyond_the_address_space_are_refused() {
+        let e = error_of("[database]\nmap_size_mb = 18446744073709551615\n");
+        assert!(e.contains("database.map_size_mb") && e.contains("64 TiB"), "{e}");
+        let e = error_of("[runtime]\nmax_instances = 4294967295\n");
+        assert!(
+            e.contains("runtime.max_instances") && e.contains("max_memory_mb"),
+            "{e}"
+        );
+        // A pool within the address space is fine, however large.
+        Config::parse("[runtime]\nmax_instances = 100000\n[limits]\nmax_memory_mb = 64\n").unwrap();
     }
 
     #[test]
