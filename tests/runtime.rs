@@ -459,6 +459,38 @@ async fn bad_modules_get_clear_errors_and_append_nothing() {
     node.stop(Duration::from_secs(5)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_over_the_limit_fails_the_call_not_the_service() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.runtime.max_response_bytes = 1000;
+    let node = open_node(&config).await;
+    let control = &node.control;
+    deploy_running(control, "acme", "echo", "echo").await;
+    // An honest echo of a big request: more often than the restart policy would allow crashes,
+    // and each call fails on its own.
+    for _ in 0..8 {
+        let err = call(control, "acme", "echo", &[7; 2000]).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Call(CallError::ResponseTooLarge {
+                    bytes: 2000,
+                    limit: 1000,
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("max_response_bytes"), "{err}");
+    }
+    // The instance lived on.
+    assert_eq!(call(control, "acme", "echo", b"small").await.unwrap(), b"small");
+    let status = control.status("acme", "echo").unwrap();
+    assert_eq!((status.status.as_str(), status.restarts), ("running", 0));
+    node.stop(Duration::from_secs(5)).await;
+}
+
 /// A module with a distinct hash (and nothing else), which the runtime refuses: it exports no
 /// handler.
 fn refused_module(n: usize) -> solo::control::DeployRequest {

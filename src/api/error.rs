@@ -271,7 +271,9 @@ impl From<CallError> for Error {
             CallError::Busy { .. } => Error::new(ErrorKind::Overloaded, message).with_retry_after(RETRY_SOON),
             CallError::Timeout { .. } => Error::new(ErrorKind::DeadlineExceeded, message),
             CallError::Trapped { .. } => Error::new(ErrorKind::ServiceTrapped, message),
-            CallError::Service { .. } => Error::new(ErrorKind::ServiceError, message),
+            CallError::Service { .. } | CallError::ResponseTooLarge { .. } => {
+                Error::new(ErrorKind::ServiceError, message)
+            }
         }
     }
 }

@@ -145,7 +145,7 @@ pub async fn call(
     let label = match &result {
         Ok(_) => "ok",
         Err(crate::control::Error::Call(e)) => match e {
-            CallError::Service { .. } => "service_error",
+            CallError::Service { .. } | CallError::ResponseTooLarge { .. } => "service_error",
             CallError::Trapped { .. } => "trapped",
             CallError::Timeout { .. } => "timeout",
             CallError::Busy { .. } => "busy",

@@ -223,7 +223,7 @@ impl Actor {
                 "call_timeout".to_string(),
                 format!("{failure} of {} ms", self.config.limits.call_timeout_ms),
             ),
-            CallFailure::Service(_) => return None,
+            CallFailure::Service(_) | CallFailure::ResponseTooLarge { .. } => return None,
         };
         *self.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = format!("{trap_code}: {message}");
         let window = Duration::from_millis(self.config.limits.restart_window_ms.into());

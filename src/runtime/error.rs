@@ -42,6 +42,10 @@ pub enum CallFailure {
     /// The guest answered with an application error (bit 63 of `solo_handle`'s result).
     #[error("{0}")]
     Service(String),
+    /// The guest answered with more than the node carries back. Not the guest's fault as a
+    /// trap is (the request may have asked for it): the instance lives on.
+    #[error("the response is {bytes} bytes, over this node's limit of {limit} (runtime.max_response_bytes)")]
+    ResponseTooLarge { bytes: u32, limit: usize },
 }
 
 impl CallFailure {
@@ -55,7 +59,7 @@ impl CallFailure {
 
     /// Whether the instance must be replaced after this failure.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, CallFailure::Service(_))
+        !matches!(self, CallFailure::Service(_) | CallFailure::ResponseTooLarge { .. })
     }
 }
 
@@ -77,6 +81,15 @@ pub enum CallError {
     },
     #[error("service '{service_id}' returned an error: {message}")]
     Service { service_id: String, message: String },
+    #[error(
+        "service '{service_id}' answered with {bytes} bytes, over this node's limit of {limit} \
+         (runtime.max_response_bytes); the service runs on"
+    )]
+    ResponseTooLarge {
+        service_id: String,
+        bytes: u32,
+        limit: usize,
+    },
     #[error("service '{service_id}' stopped before the call finished")]
     Stopped { service_id: String },
 }

@@ -268,10 +268,10 @@ impl Instance {
         let out_ptr = ((packed as u64 >> 32) & 0x7fff_ffff) as u32;
         let out_len = packed as u32;
         if out_len as usize > self.max_response_bytes {
-            return Err(CallFailure::abi(format!(
-                "the response is {out_len} bytes, over the limit of {}",
-                self.max_response_bytes
-            )));
+            return Err(CallFailure::ResponseTooLarge {
+                bytes: out_len,
+                limit: self.max_response_bytes,
+            });
         }
         let range = guest_range(out_ptr, out_len, self.memory.data_size(&self.store))
             .ok_or_else(|| CallFailure::abi("solo_handle returned a response outside linear memory"))?;

@@ -377,6 +377,11 @@ impl Runtime {
                     service_id: service_id.to_string(),
                     message,
                 },
+                CallFailure::ResponseTooLarge { bytes, limit } => CallError::ResponseTooLarge {
+                    service_id: service_id.to_string(),
+                    bytes,
+                    limit,
+                },
                 CallFailure::Trap {
                     reason,
                     trap_code,
