@@ -1376,6 +1376,24 @@ async fn bodies_over_the_limit_are_413() {
         let chunked = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
         node.call("a", "big", chunked).await.error(413, "payload_too_large");
     }
+    // A Content-Length over the limit is answered at once, whether or not the body follows,
+    // and a client waiting for `100 Continue` is not invited to send it.
+    let address = node.base.trim_start_matches("http://").to_string();
+    for (extra, declared) in [("", 99_999_999_999u64), ("expect: 100-continue\r\n", 5000)] {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let head = format!(
+            "POST /services/big/call HTTP/1.1\r\nhost: solo\r\nx-tenant-id: a\r\n{extra}content-length: {declared}\r\n\r\n"
+        );
+        raw.write_all(head.as_bytes()).await.unwrap();
+        raw.write_all(b"only a little").await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, raw.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "no answer, or the connection stayed open");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("max_request_bytes"), "{answer}");
+    }
     // Under the limit, the same routes go on to their usual answers.
     node.call("a", "big", "small").await.error(404, "not_found");
     node.deploy_running("a", "tiny", "unreachable").await;

@@ -5,8 +5,9 @@
 //! since unread data remains; the client may then see the reset instead of the answer. So every
 //! handler gets its body through [`Tracked`], which hands back what it left unread, and while
 //! the answer goes out this layer reads and discards that rest, bounded in bytes and time (what
-//! nginx's lingering close does). A rest whose length is known to be over the bound is not
-//! read: the connection closes after the answer.
+//! nginx's lingering close does). A rest whose length is known to be over the bound, or that
+//! a client sending `Expect: 100-continue` holds back until told to go on, is not read: the
+//! connection closes after the answer.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,11 @@ use crate::api::ApiState;
 /// `http_discard_bytes`, within the request timeout.
 pub(super) async fn drain_unread_bodies(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let version = request.version();
+    // Such a client sends its body only once told to go on: refused, it need not send it at all.
+    let awaits_continue = request
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let (parts, body) = request.into_parts();
     let unread = Arc::new(Mutex::new(None));
     let tracked = Tracked {
@@ -36,7 +42,7 @@ pub(super) async fn drain_unread_bodies(State(state): State<Arc<ApiState>>, requ
     let rest = unread.lock().unwrap_or_else(|poison| poison.into_inner()).take();
     if let Some(rest) = rest {
         let limit = state.options.discard_bytes;
-        if rest.size_hint().lower() <= limit as u64 {
+        if rest.size_hint().lower() <= limit as u64 && !awaits_continue {
             // The answer goes out at once; the connection reads the rest meanwhile.
             let timeout = state.options.request_timeout;
             tokio::spawn(tokio::time::timeout(timeout, discard(rest, limit)));

@@ -158,7 +158,14 @@ async fn normalize_errors(State(state): State<Arc<ApiState>>, request: Request, 
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let mut response = next.run(request).await;
+    let mut response = if axum::body::HttpBody::size_hint(request.body()).lower() > state.options.max_body_bytes as u64
+    {
+        // Its Content-Length says it is over the limit: refused before a byte of it is read,
+        // rather than after reading up to the limit (or waiting for a body that never comes).
+        StatusCode::PAYLOAD_TOO_LARGE.into_response()
+    } else {
+        next.run(request).await
+    };
     let status = response.status();
     state
         .metrics
