@@ -372,7 +372,7 @@ async fn serve_grpc(
     builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(crate::api::codec::SizeLimited::new(kernel, max_message))
+        .add_service(crate::api::codec::RequestRefusals::new(kernel, max_message))
         .serve_with_incoming_shutdown(admitted_connections(listener, limits), shutdown)
         .await
         .context("gRPC server")

@@ -872,6 +872,44 @@ async fn a_request_that_is_not_protobuf_is_invalid_argument() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_badly_framed_request_is_invalid_argument_not_internal() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let http = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let status_of = |body: Vec<u8>| {
+        http.post(format!("{}/solo.v1.SoloKernel/Status", server.grpc_url()))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-tenant-id", "a")
+            .body(body)
+            .send()
+    };
+    // `Status { service_id: "x" }` is 0x0a 0x01 'x'.
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("compressed, without an encoding", vec![1, 0, 0, 0, 3, 0x0a, 1, b'x']),
+        ("a prefix longer than the body", vec![0, 0, 0, 0, 9, 0x0a, 1, b'x']),
+        ("a prefix cut short", vec![0, 0, 0]),
+        ("no message at all", vec![]),
+    ];
+    for (what, body) in cases {
+        let reply = status_of(body).await.unwrap();
+        let header = |name: &str| reply.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(
+            header("grpc-status").as_deref(),
+            Some("3"),
+            "{what}: {:?}",
+            reply.headers()
+        );
+        assert!(header("grpc-message").unwrap().contains("well-framed"), "{what}");
+    }
+    // A well-framed request goes on to its handler's answer.
+    let reply = status_of(vec![0, 0, 0, 0, 3, 0x0a, 1, b'x']).await.unwrap();
+    let trailers_or_headers = reply.headers().get("grpc-status").cloned();
+    assert_eq!(trailers_or_headers.unwrap(), "5", "NOT_FOUND: no service 'x'");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_limit_is_resource_exhausted_and_names_it() {
     let dir = tempdir();
     let server = start_server(dir.path(), |c| c.solo.max_request_bytes = 4096).await;

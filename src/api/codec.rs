@@ -1,11 +1,14 @@
 //! How gRPC messages are read off the wire: the codec of the generated server and client
-//! (wired in by `build.rs`), and the status of a message over the size limit.
+//! (wired in by `build.rs`), and the status of a request that tonic refused to read.
 //!
 //! Both exist to give the client the code the gRPC spec asks for: INVALID_ARGUMENT for bytes
-//! that are not the request message (tonic's prost codec says INTERNAL, as if the node were
-//! at fault), and RESOURCE_EXHAUSTED for a message over the limit (tonic says OUT_OF_RANGE).
+//! that are not the request message, or not framed as one (tonic says INTERNAL, as if the node
+//! were at fault), and RESOURCE_EXHAUSTED for a message over the limit (tonic says
+//! OUT_OF_RANGE).
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
@@ -62,31 +65,50 @@ impl<U: prost::Message + Default> Decoder for SoloDecoder<U> {
     }
 }
 
-/// Wraps the gRPC service so that a request message over the size limit is answered
-/// RESOURCE_EXHAUSTED naming the limit. Tonic checks the limit before any codec sees the bytes
-/// and answers OUT_OF_RANGE; Solo never answers OUT_OF_RANGE itself (no [`super::ErrorKind`]
-/// maps to it), so that code in a reply's headers, before any message went out, can only be
-/// this refusal.
+/// Wraps the gRPC service so that tonic's refusals of a request's message are answered as the
+/// client's mistakes:
+/// - over the size limit: RESOURCE_EXHAUSTED naming the limit. Tonic checks the limit before
+///   any codec sees the bytes and answers OUT_OF_RANGE; Solo never answers OUT_OF_RANGE itself
+///   (no [`super::ErrorKind`] maps to it), so that code, before any message went out, can only
+///   be this refusal.
+/// - badly framed (a compressed flag without compression, a length prefix longer than the
+///   body, no message at all): INVALID_ARGUMENT. Tonic answers INTERNAL, which Solo also uses
+///   for its own failures; the two are told apart by [`Decoded`], which a handler marks once it
+///   has the request.
 #[derive(Debug, Clone)]
-pub struct SizeLimited<S> {
+pub struct RequestRefusals<S> {
     inner: S,
     limit: usize,
 }
 
-impl<S> SizeLimited<S> {
+impl<S> RequestRefusals<S> {
     /// `limit` is the `max_decoding_message_size` the inner service was given.
-    pub fn new(inner: S, limit: usize) -> SizeLimited<S> {
-        SizeLimited { inner, limit }
+    pub fn new(inner: S, limit: usize) -> RequestRefusals<S> {
+        RequestRefusals { inner, limit }
     }
 }
 
-impl<S: NamedService> NamedService for SizeLimited<S> {
+impl<S: NamedService> NamedService for RequestRefusals<S> {
     const NAME: &'static str = S::NAME;
+}
+
+/// In a request's extensions: marked by the handler that got the decoded request.
+#[derive(Debug, Clone, Default)]
+pub struct Decoded(Arc<AtomicBool>);
+
+impl Decoded {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn is_marked(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 type Reply = http::Response<tonic::body::Body>;
 
-impl<S, B> tower::Service<http::Request<B>> for SizeLimited<S>
+impl<S, B> tower::Service<http::Request<B>> for RequestRefusals<S>
 where
     S: tower::Service<http::Request<B>, Response = Reply, Error = Infallible>,
     S::Future: Send + 'static,
@@ -99,20 +121,26 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let limit = self.limit;
+        let decoded = Decoded::default();
+        request.extensions_mut().insert(decoded.clone());
         let reply = self.inner.call(request);
         Box::pin(async move {
             let reply = reply.await?;
-            let out_of_range = reply
-                .headers()
-                .get("grpc-status")
-                .is_some_and(|code| code.as_bytes() == b"11");
-            if !out_of_range {
-                return Ok(reply);
+            let code = reply.headers().get("grpc-status").map(|code| code.as_bytes());
+            if code == Some(b"11") {
+                let message =
+                    format!("the request message is over this node's limit of {limit} bytes (max_request_bytes)");
+                return Ok(Status::resource_exhausted(message).into_http());
             }
-            let message = format!("the request message is over this node's limit of {limit} bytes (max_request_bytes)");
-            Ok(Status::resource_exhausted(message).into_http())
+            if code == Some(b"13") && !decoded.is_marked() {
+                let detail =
+                    Status::from_header_map(reply.headers()).map_or_else(String::new, |s| s.message().to_string());
+                let message = format!("the request is not a well-framed gRPC message: {detail}");
+                return Ok(Status::invalid_argument(message).into_http());
+            }
+            Ok(reply)
         })
     }
 }

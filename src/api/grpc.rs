@@ -32,6 +32,10 @@ impl GrpcApi {
 
     /// Who is calling, from the metadata and the client certificate.
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
+        // The request was decoded: a failure from here on is not tonic's refusal of it.
+        if let Some(decoded) = request.extensions().get::<crate::api::codec::Decoded>() {
+            decoded.mark();
+        }
         let metadata = request.metadata();
         // Present but unreadable is an error, never taken for absent.
         let text = |key: &str| {
