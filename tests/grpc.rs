@@ -138,6 +138,7 @@ async fn every_rpc_works_and_fails_as_documented() {
     }
     let mut seen = Vec::new();
     let mut token = String::new();
+    let mut first_token = None;
     loop {
         let list = proto::ListRequest {
             page_size: 2,
@@ -150,9 +151,36 @@ async fn every_rpc_works_and_fails_as_documented() {
         if page.next_page_token.is_empty() {
             break;
         }
+        first_token.get_or_insert_with(|| page.next_page_token.clone());
         token = page.next_page_token;
     }
     assert_eq!(seen, ["b", "c", "d", "echo"]);
+    // A page token goes on only the listing it came from: not another tenant's, nor another
+    // filter's, which would skip or repeat services.
+    let first_token = first_token.expect("four services make two pages");
+    let elsewhere = [
+        ("beta", proto::ListRequest::default()),
+        (
+            "acme",
+            proto::ListRequest {
+                status: "running".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "acme",
+            proto::ListRequest {
+                labels: BTreeMap::from([("team".into(), "y".into())]),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (tenant, mut list) in elsewhere {
+        list.page_token = first_token.clone();
+        let refused = client.list(as_tenant(tenant, list)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("another listing"), "{refused:?}");
+    }
     let labelled = proto::ListRequest {
         labels: BTreeMap::from([("team".into(), "y".into())]),
         ..Default::default()

@@ -127,9 +127,10 @@ impl SoloKernel for GrpcApi {
         let result = (|| {
             let (caller, _permit) = self.admit(&request)?;
             let request = request.into_inner();
+            let listing = listing_fingerprint(caller.scope(), &request.status, &request.labels);
             let filter = ListFilter::new(&request.status, request.labels)?;
             let page_size = ops::page_size(request.page_size.into())?;
-            let after = decode_page_token(&request.page_token)?;
+            let after = decode_page_token(&request.page_token, &listing)?;
             let services = ops::list(&self.state, &caller, &filter);
             let page: Vec<_> = services
                 .iter()
@@ -137,7 +138,7 @@ impl SoloKernel for GrpcApi {
                 .take(page_size + 1)
                 .collect();
             let next_page_token = match page.get(page_size) {
-                Some(_) => encode_page_token(&page[page_size - 1].tenant, &page[page_size - 1].id),
+                Some(_) => encode_page_token(&listing, &page[page_size - 1].tenant, &page[page_size - 1].id),
                 None => String::new(),
             };
             let services = page
@@ -257,11 +258,35 @@ impl SoloKernel for GrpcApi {
     }
 }
 
-fn encode_page_token(tenant: &str, id: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{tenant}\n{id}"))
+/// What a page token belongs to: whose services (the caller's scope) and which filter, hashed.
+/// A token used with another scope or filter would skip or repeat services, so it is refused.
+fn listing_fingerprint(
+    scope: Option<&str>,
+    status: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> String {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    // Length-prefixed fields: no two listings encode alike.
+    let mut field = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    field(scope.map_or(b"*".as_slice(), str::as_bytes));
+    field(status.trim().as_bytes());
+    for (key, value) in labels {
+        field(key.as_bytes());
+        field(value.as_bytes());
+    }
+    hex::encode(&hasher.finalize()[..8])
 }
 
-fn decode_page_token(token: &str) -> Result<Option<(String, String)>, Error> {
+fn encode_page_token(listing: &str, tenant: &str, id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{listing}\n{tenant}\n{id}"))
+}
+
+/// The position a page token resumes after, if it belongs to `listing`.
+fn decode_page_token(token: &str, listing: &str) -> Result<Option<(String, String)>, Error> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -270,7 +295,15 @@ fn decode_page_token(token: &str) -> Result<Option<(String, String)>, Error> {
         .decode(token)
         .map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    let (tenant, id) = text.split_once('\n').ok_or_else(bad)?;
+    let mut fields = text.splitn(3, '\n');
+    let (Some(issued_for), Some(tenant), Some(id)) = (fields.next(), fields.next(), fields.next()) else {
+        return Err(bad());
+    };
+    if issued_for != listing {
+        return Err(Error::invalid(
+            "page_token belongs to another listing (another tenant, status or labels); list again without it",
+        ));
+    }
     Ok(Some((tenant.to_string(), id.to_string())))
 }
 
