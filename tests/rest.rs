@@ -670,6 +670,33 @@ async fn a_request_that_says_two_things_is_refused() {
         .body(wat_text("echo"));
     let reply = send(put).await;
     assert!(reply.error(400, "invalid_argument").contains("label 'k'"), "{reply:?}");
+    // Headers that name one thing, sent twice.
+    let put = node
+        .request(Method::PUT, "/services/twice", "a")
+        .header("content-type", "text/plain")
+        .header("idempotency-key", "k1")
+        .header("idempotency-key", "k2")
+        .body(wat_text("echo"));
+    let reply = send(put).await;
+    assert!(
+        reply.error(400, "invalid_argument").contains("Idempotency-Key"),
+        "{reply:?}"
+    );
+    let events = node
+        .request(Method::GET, "/events", "a")
+        .header("last-event-id", "1")
+        .header("last-event-id", "5");
+    let reply = send(events).await;
+    assert!(
+        reply.error(400, "invalid_argument").contains("Last-Event-ID"),
+        "{reply:?}"
+    );
+    // A label selector no service could carry.
+    let reply = node.get("/services?label==x", "a").await;
+    assert!(
+        reply.error(400, "invalid_argument").contains("label selector"),
+        "{reply:?}"
+    );
     // An empty tenant header is a mistake, not the admin (which would see every tenant).
     let empty = send(node.http.get(node.url("/services")).header("x-tenant-id", "")).await;
     assert!(

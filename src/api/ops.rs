@@ -83,6 +83,8 @@ impl ListFilter {
             "" => None,
             name => Some(name.parse::<Status>().map_err(Error::invalid)?),
         };
+        // A selector no service could carry is a mistake, not an empty answer.
+        crate::control::validate_labels(&labels).map_err(|e| Error::invalid(format!("label selector: {e}")))?;
         Ok(ListFilter { status, labels })
     }
 

@@ -75,7 +75,8 @@ pub(super) async fn events(
 /// Where an `/events` stream starts: after `Last-Event-ID` (exclusive), at `?from=` (inclusive),
 /// or with what comes next.
 fn resume_point(headers: &HeaderMap, from: Option<u64>) -> Result<u64, Error> {
-    let last_event_id = headers.get("last-event-id").map(|v| {
+    let last_event_id = crate::api::auth::single_value("Last-Event-ID", headers.get_all("last-event-id").iter())?;
+    let last_event_id = last_event_id.map(|v| {
         v.to_str()
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())

@@ -106,7 +106,8 @@ const LIMIT_PARAMS: [&str; 6] = [
 ];
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, Error> {
-    match headers.get("idempotency-key") {
+    let key = crate::api::auth::single_value("Idempotency-Key", headers.get_all("idempotency-key").iter())?;
+    match key {
         None => Ok(String::new()),
         Some(value) => value
             .to_str()
