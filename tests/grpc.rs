@@ -900,7 +900,7 @@ async fn a_request_that_is_not_protobuf_is_invalid_argument() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_badly_framed_request_is_invalid_argument_not_internal() {
+async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
     let dir = tempdir();
     let server = start_server(dir.path(), |_| {}).await;
     let http = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
@@ -930,6 +930,21 @@ async fn a_badly_framed_request_is_invalid_argument_not_internal() {
         );
         assert!(header("grpc-message").unwrap().contains("well-framed"), "{what}");
     }
+    // A method the service lacks is named.
+    let reply = http
+        .post(format!("{}/solo.v1.SoloKernel/Frobnicate", server.grpc_url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(vec![0, 0, 0, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.headers()["grpc-status"], "12");
+    let message = reply.headers()["grpc-message"].to_str().unwrap();
+    assert!(
+        message.contains("Frobnicate") && message.contains("reflection"),
+        "{message}"
+    );
     // A well-framed request goes on to its handler's answer.
     let reply = status_of(vec![0, 0, 0, 0, 3, 0x0a, 1, b'x']).await.unwrap();
     let trailers_or_headers = reply.headers().get("grpc-status").cloned();

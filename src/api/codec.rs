@@ -71,6 +71,7 @@ impl<U: prost::Message + Default> Decoder for SoloDecoder<U> {
 ///   any codec sees the bytes and answers OUT_OF_RANGE; Solo never answers OUT_OF_RANGE itself
 ///   (no [`super::ErrorKind`] maps to it), so that code, before any message went out, can only
 ///   be this refusal.
+/// - a method the service lacks: UNIMPLEMENTED, saying so (tonic says nothing).
 /// - badly framed (a compressed flag without compression, a length prefix longer than the
 ///   body, no message at all): INVALID_ARGUMENT. Tonic answers INTERNAL, which Solo also uses
 ///   for its own failures; the two are told apart by [`Decoded`], which a handler marks once it
@@ -110,7 +111,7 @@ type Reply = http::Response<tonic::body::Body>;
 
 impl<S, B> tower::Service<http::Request<B>> for RequestRefusals<S>
 where
-    S: tower::Service<http::Request<B>, Response = Reply, Error = Infallible>,
+    S: tower::Service<http::Request<B>, Response = Reply, Error = Infallible> + NamedService,
     S::Future: Send + 'static,
 {
     type Response = Reply;
@@ -123,6 +124,7 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let limit = self.limit;
+        let path = request.uri().path().to_string();
         let decoded = Decoded::default();
         request.extensions_mut().insert(decoded.clone());
         let reply = self.inner.call(request);
@@ -133,6 +135,13 @@ where
                 let message =
                     format!("the request message is over this node's limit of {limit} bytes (max_request_bytes)");
                 return Ok(Status::resource_exhausted(message).into_http());
+            }
+            if code == Some(b"12") {
+                let message = format!(
+                    "{path} is not a method of {}; see proto/solo/v1/solo.proto, or list them with server reflection",
+                    S::NAME
+                );
+                return Ok(Status::unimplemented(message).into_http());
             }
             if code == Some(b"13") && !decoded.is_marked() {
                 let detail =
