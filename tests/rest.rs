@@ -663,7 +663,17 @@ async fn a_request_that_says_two_things_is_refused() {
             "{reply:?}"
         );
     }
-    // The same label key twice.
+    // The same label key twice, in JSON or in the query.
+    let body = format!(
+        "{{\"service_id\": \"twice\", \"wat\": {}, \"labels\": {{\"k\": \"1\", \"k\": \"2\"}}}}",
+        json!(wat_text("echo"))
+    );
+    let post = node
+        .request(Method::POST, "/services", "a")
+        .header("content-type", "application/json")
+        .body(body);
+    let reply = send(post).await;
+    assert!(reply.error(400, "invalid_argument").contains("label 'k'"), "{reply:?}");
     let put = node
         .request(Method::PUT, "/services/twice?label=k=1&label=k=2", "a")
         .header("content-type", "text/plain")

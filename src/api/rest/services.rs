@@ -137,8 +137,34 @@ struct DeployBody {
     wat: Option<String>,
     #[serde(default)]
     limits: LimitsBody,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "labels_once")]
     labels: BTreeMap<String, String>,
+}
+
+/// A labels object in which each key appears once: which copy would win is anyone's guess.
+fn labels_once<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error> {
+    struct Labels;
+    impl<'de> serde::de::Visitor<'de> for Labels {
+        type Value = BTreeMap<String, String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of string labels")
+        }
+
+        fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+            let mut labels = BTreeMap::new();
+            while let Some((key, value)) = map.next_entry::<String, String>()? {
+                if labels.contains_key(&key) {
+                    return Err(serde::de::Error::custom(format!(
+                        "label '{key}' is given more than once"
+                    )));
+                }
+                labels.insert(key, value);
+            }
+            Ok(labels)
+        }
+    }
+    deserializer.deserialize_map(Labels)
 }
 
 #[derive(Debug, Default, Deserialize)]
