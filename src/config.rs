@@ -350,12 +350,13 @@ impl Config {
         if rt.max_wasm_stack_kb < 64 {
             return Err(invalid("runtime.max_wasm_stack_kb", "must be at least 64"));
         }
-        self.validate_instance_pool()?;
         for name in self.tenants.keys() {
             crate::control::validate_tenant(name).map_err(|e| invalid(&format!("tenants.{name}"), &e.to_string()))?;
             let limits = self.tenant_limits(name)?;
             validate_limits(&format!("tenants.{name}.limits"), &limits)?;
         }
+        // After the limits: a memory limit that is wrong in itself is named as such.
+        self.validate_instance_pool()?;
         Ok(())
     }
 
