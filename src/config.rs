@@ -277,63 +277,26 @@ impl Config {
             path: path.into(),
             message: message.into(),
         };
-        let db = &self.database;
-        if db.map_size_mb == 0 {
-            return Err(invalid("database.map_size_mb", "must be at least 1"));
-        }
-        if db.map_size_mb > MAX_MAP_SIZE_MB {
-            return Err(invalid(
-                "database.map_size_mb",
-                &format!("must be at most {MAX_MAP_SIZE_MB} (64 TiB of address space)"),
-            ));
-        }
-        if db.max_readers == 0 {
-            return Err(invalid("database.max_readers", "must be at least 1"));
-        }
-        if db.max_batch_events == 0 {
-            return Err(invalid("database.max_batch_events", "must be at least 1"));
-        }
-        if db.writer_queue == 0 {
-            return Err(invalid("database.writer_queue", "must be at least 1"));
-        }
-        if db.tail_read_chunk == 0 {
-            return Err(invalid("database.tail_read_chunk", "must be at least 1"));
-        }
-        if db.snapshots_kept == 0 {
-            return Err(invalid("database.snapshots_kept", "must be at least 1"));
-        }
-        if self.solo.idempotency_window_ms == 0 {
-            return Err(invalid("solo.idempotency_window_ms", "must be at least 1"));
-        }
-        if self.solo.http_header_timeout_ms == 0 {
-            return Err(invalid("solo.http_header_timeout_ms", "must be at least 1"));
-        }
-        if self.solo.grpc_keepalive_interval_ms == 0 {
-            return Err(invalid("solo.grpc_keepalive_interval_ms", "must be at least 1"));
-        }
-        if self.solo.grpc_keepalive_timeout_ms == 0 {
-            return Err(invalid("solo.grpc_keepalive_timeout_ms", "must be at least 1"));
-        }
-        // Zero would refuse every request (or body) with an error that says to retry.
-        if self.solo.max_in_flight == 0 {
-            return Err(invalid("solo.max_in_flight", "must be at least 1"));
-        }
-        if self.solo.max_request_bytes == 0 {
-            return Err(invalid("solo.max_request_bytes", "must be at least 1"));
-        }
-        if self.solo.max_connections == 0 {
-            return Err(invalid("solo.max_connections", "must be at least 1"));
-        }
-        if self.solo.max_connections_per_client == 0 {
-            return Err(invalid("solo.max_connections_per_client", "must be at least 1"));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level) {
-            return Err(invalid("telemetry.log_level", &format!("not a tracing filter: {e}")));
-        }
-        validate_limits("limits", &self.limits)?;
-        self.validate_security()?;
-        let rt = &self.runtime;
+        let (db, solo, rt) = (&self.database, &self.solo, &self.runtime);
+        // Zero would refuse every request, fill no batch, or retry in a spin: never meant.
         for (key, value) in [
+            ("database.map_size_mb", db.map_size_mb),
+            ("database.max_readers", db.max_readers.into()),
+            ("database.max_batch_events", db.max_batch_events.into()),
+            ("database.writer_queue", db.writer_queue.into()),
+            ("database.tail_read_chunk", db.tail_read_chunk.into()),
+            ("database.snapshots_kept", db.snapshots_kept.into()),
+            ("solo.idempotency_window_ms", solo.idempotency_window_ms),
+            ("solo.http_header_timeout_ms", solo.http_header_timeout_ms.into()),
+            ("solo.grpc_keepalive_interval_ms", solo.grpc_keepalive_interval_ms),
+            ("solo.grpc_keepalive_timeout_ms", solo.grpc_keepalive_timeout_ms.into()),
+            ("solo.max_in_flight", solo.max_in_flight.into()),
+            ("solo.max_request_bytes", solo.max_request_bytes),
+            ("solo.max_connections", solo.max_connections.into()),
+            (
+                "solo.max_connections_per_client",
+                solo.max_connections_per_client.into(),
+            ),
             ("runtime.max_instances", u64::from(rt.max_instances)),
             ("runtime.epoch_tick_ms", rt.epoch_tick_ms.into()),
             ("runtime.module_cache_entries", rt.module_cache_entries.into()),
@@ -347,6 +310,17 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if db.map_size_mb > MAX_MAP_SIZE_MB {
+            return Err(invalid(
+                "database.map_size_mb",
+                &format!("must be at most {MAX_MAP_SIZE_MB} (64 TiB of address space)"),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level) {
+            return Err(invalid("telemetry.log_level", &format!("not a tracing filter: {e}")));
+        }
+        validate_limits("limits", &self.limits)?;
+        self.validate_security()?;
         if rt.max_wasm_stack_kb < 64 {
             return Err(invalid("runtime.max_wasm_stack_kb", "must be at least 64"));
         }
