@@ -904,14 +904,15 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
     let dir = tempdir();
     let server = start_server(dir.path(), |_| {}).await;
     let http = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
-    let status_of = |body: Vec<u8>| {
-        http.post(format!("{}/solo.v1.SoloKernel/Status", server.grpc_url()))
+    let raw = |method: &str, body: Vec<u8>| {
+        http.post(format!("{}/solo.v1.SoloKernel/{method}", server.grpc_url()))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .header("x-tenant-id", "a")
             .body(body)
             .send()
     };
+    let status_of = |body: Vec<u8>| raw("Status", body);
     // `Status { service_id: "x" }` is 0x0a 0x01 'x'.
     let cases: [(&str, Vec<u8>); 4] = [
         ("compressed, without an encoding", vec![1, 0, 0, 0, 3, 0x0a, 1, b'x']),
@@ -931,14 +932,7 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
         assert!(header("grpc-message").unwrap().contains("well-framed"), "{what}");
     }
     // A method the service lacks is named.
-    let reply = http
-        .post(format!("{}/solo.v1.SoloKernel/Frobnicate", server.grpc_url()))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(vec![0, 0, 0, 0, 0])
-        .send()
-        .await
-        .unwrap();
+    let reply = raw("Frobnicate", vec![0, 0, 0, 0, 0]).await.unwrap();
     assert_eq!(reply.headers()["grpc-status"], "12");
     let message = reply.headers()["grpc-message"].to_str().unwrap();
     assert!(
