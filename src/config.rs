@@ -44,7 +44,7 @@ pub struct SoloConfig {
     /// Time limit of a non-streaming HTTP request.
     pub http_request_timeout_ms: u32,
     /// Time a client may take to send a request's headers (HTTP/1), and a new connection on
-    /// either listener to send its first bytes (the HTTP/2 preface, a TLS hello).
+    /// either listener to send its opening bytes (the HTTP/2 preface and SETTINGS, a TLS hello).
     pub http_header_timeout_ms: u32,
     /// Idle time after which the gRPC listener pings a client to learn whether it is still
     /// there (as etcd's `--grpc-keepalive-interval`).
@@ -548,11 +548,11 @@ impl Config {
             return Err(ConfigError::Invalid {
                 path: "runtime.max_instances".into(),
                 message: format!(
-                    "{} instances of up to {} MiB each would reserve {} TiB of address space, over 64 TiB; \
+                    "{} instances of up to {} MiB each would reserve {:.1} TiB of address space, over 64 TiB; \
                      lower runtime.max_instances or [limits] max_memory_mb",
                     self.runtime.max_instances,
                     largest_memory >> 20,
-                    reserved >> 40
+                    reserved as f64 / (1u64 << 40) as f64
                 ),
             });
         }

@@ -6,11 +6,15 @@
 //! that one client (20,000 connections each trickling a request) cannot take every slot. An
 //! admitted connection holds its place until it is dropped.
 //!
-//! A connection must also start speaking: one that sends nothing within [`FirstBytes::within`],
-//! or by the time the listener drains, is closed. HTTP/2 has no bound of its own there (its
-//! keep-alive pings start after the handshake), and a silent connection — a client pool's
-//! spare, dialled and never used — would otherwise hold a slot for good and hold a graceful
-//! shutdown for its whole grace.
+//! A connection must also open, and go when told:
+//! - it has [`Deadlines::opening_within`] to send its opening bytes (an HTTP/2 preface and
+//!   SETTINGS frame, a TLS hello, an HTTP/1 request line and Host header), or it is closed.
+//!   HTTP/2 has no bound of its own there (its keep-alive pings start after the handshake), and
+//!   a silent or half-open connection (a client pool's spare, dialled and never used) would
+//!   otherwise hold a slot for good;
+//! - once the listener drains, one that has sent nothing is closed at once: it asked nothing;
+//! - once the shutdown's grace is over, every connection is closed, so that a client that
+//!   ignores the HTTP/2 GOAWAY (or never answers its ping) cannot hold the node past it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -32,7 +36,7 @@ pub struct ConnectionLimits {
     slots: Arc<Semaphore>,
     per_client: usize,
     clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    first_bytes: FirstBytes,
+    deadlines: Deadlines,
 }
 
 /// A connection's place under the limits, given back when it is dropped.
@@ -53,12 +57,12 @@ pub enum Accepted {
 }
 
 impl ConnectionLimits {
-    pub fn new(max: usize, per_client: usize, first_bytes: FirstBytes) -> ConnectionLimits {
+    pub fn new(max: usize, per_client: usize, deadlines: Deadlines) -> ConnectionLimits {
         ConnectionLimits {
             slots: Arc::new(Semaphore::new(max.max(1))),
             per_client: per_client.max(1),
             clients: Arc::new(Mutex::new(HashMap::new())),
-            first_bytes,
+            deadlines,
         }
     }
 
@@ -96,7 +100,7 @@ impl ConnectionLimits {
             clients: Arc::clone(&self.clients),
             address,
         };
-        Accepted::Admitted(AdmittedStream::new(stream, admission, &self.first_bytes), peer)
+        Accepted::Admitted(AdmittedStream::new(stream, admission, &self.deadlines), peer)
     }
 }
 
@@ -112,65 +116,93 @@ impl Drop for Admission {
     }
 }
 
-/// How long an admitted connection may stay silent before its first bytes.
+/// The bytes a connection must send to be open: the HTTP/2 preface (24 bytes) and the header of
+/// the SETTINGS frame that must follow it (9). A TLS hello is longer, and so is any HTTP/1
+/// request worth keeping: a request line and a Host header.
+const OPENING_BYTES: usize = 33;
+
+/// When an admitted connection must have opened, and when it must close.
 #[derive(Debug, Clone)]
-pub struct FirstBytes {
-    pub within: Duration,
-    /// Once cancelled, connections that have sent nothing yet are closed: they asked nothing.
+pub struct Deadlines {
+    pub opening_within: Duration,
+    /// Cancelled as the listener drains: connections that sent nothing yet are closed.
     pub drained: CancellationToken,
+    /// Cancelled when the shutdown's grace is over: every connection is closed.
+    pub closed: CancellationToken,
 }
 
 /// An admitted TCP connection that holds its [`Admission`] for as long as it is open, and is
-/// closed if it stays silent (see [`FirstBytes`]): the form a server that takes a stream of
-/// connections (tonic) can use.
+/// closed as its [`Deadlines`] say: the form a server that takes a stream of connections
+/// (tonic) can use.
 #[derive(Debug)]
 pub struct AdmittedStream {
     stream: TcpStream,
     _admission: Admission,
-    /// Until the first bytes arrive.
-    silent: Option<Silent>,
+    /// Until the opening bytes are in.
+    opening: Option<Opening>,
+    closed: CancellationToken,
+    on_close: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 #[derive(Debug)]
-struct Silent {
+struct Opening {
+    received: usize,
     within: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
     drained: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl AdmittedStream {
-    fn new(stream: TcpStream, admission: Admission, first_bytes: &FirstBytes) -> AdmittedStream {
+    fn new(stream: TcpStream, admission: Admission, deadlines: &Deadlines) -> AdmittedStream {
         AdmittedStream {
             stream,
             _admission: admission,
-            silent: Some(Silent {
-                within: first_bytes.within,
-                deadline: Box::pin(tokio::time::sleep(first_bytes.within)),
-                drained: Box::pin(first_bytes.drained.clone().cancelled_owned()),
+            opening: Some(Opening {
+                received: 0,
+                within: deadlines.opening_within,
+                deadline: Box::pin(tokio::time::sleep(deadlines.opening_within)),
+                drained: Box::pin(deadlines.drained.clone().cancelled_owned()),
             }),
+            closed: deadlines.closed.clone(),
+            on_close: Box::pin(deadlines.closed.clone().cancelled_owned()),
         }
+    }
+
+    /// An error once the node has closed its connections; registers the task to hear of it.
+    fn check_closed(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        if self.closed.is_cancelled() || self.on_close.as_mut().poll(cx).is_ready() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the node stopped; its shutdown grace is over",
+            ));
+        }
+        Ok(())
     }
 }
 
 impl AsyncRead for AdmittedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.check_closed(cx)?;
         let before = buf.filled().len();
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
-        let Some(silent) = self.silent.as_mut() else {
+        let Some(opening) = self.opening.as_mut() else {
             return read;
         };
         match read {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                self.silent = None;
+            Poll::Ready(Ok(())) => {
+                opening.received += buf.filled().len() - before;
+                if opening.received >= OPENING_BYTES {
+                    self.opening = None;
+                }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if silent.drained.as_mut().poll(cx).is_ready() => {
+            Poll::Pending if opening.received == 0 && opening.drained.as_mut().poll(cx).is_ready() => {
                 // The end of the stream: the server closes a connection that asked nothing.
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if silent.deadline.as_mut().poll(cx).is_ready() => Poll::Ready(Err(std::io::Error::new(
+            Poll::Pending if opening.deadline.as_mut().poll(cx).is_ready() => Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("the client sent nothing within {:?}", silent.within),
+                format!("the client did not open the connection within {:?}", opening.within),
             ))),
             other => other,
         }
@@ -179,6 +211,7 @@ impl AsyncRead for AdmittedStream {
 
 impl AsyncWrite for AdmittedStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.check_closed(cx)?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -187,6 +220,7 @@ impl AsyncWrite for AdmittedStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        self.check_closed(cx)?;
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 

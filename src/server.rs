@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
-use crate::connections::{Accepted, AdmittedStream, ConnectionLimits, FirstBytes};
+use crate::connections::{Accepted, AdmittedStream, ConnectionLimits, Deadlines};
 use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::proto::solo_kernel_server::SoloKernelServer;
@@ -230,15 +230,17 @@ async fn serve(
         started: Instant::now(),
     });
     let drained = CancellationToken::new();
+    let closed = CancellationToken::new();
     let header_timeout = Duration::from_millis(config.solo.http_header_timeout_ms.into());
     // Each listener has connection limits of its own.
     let connection_limits = || {
         ConnectionLimits::new(
             config.solo.max_connections as usize,
             config.solo.max_connections_per_client as usize,
-            FirstBytes {
-                within: header_timeout,
+            Deadlines {
+                opening_within: header_timeout,
                 drained: drained.clone(),
+                closed: closed.clone(),
             },
         )
     };
@@ -299,6 +301,8 @@ async fn serve(
             ),
         }
     }
+    // Connections still open (a client that ignored the GOAWAY) are cut.
+    closed.cancel();
     // One grace for the whole shutdown: services get what the requests left of it.
     node.stop(deadline.saturating_duration_since(tokio::time::Instant::now()))
         .await;

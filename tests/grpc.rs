@@ -1063,11 +1063,21 @@ async fn a_connection_that_never_speaks_is_closed_and_holds_no_shutdown() {
     })
     .await;
     let address = server.grpc_url().trim_start_matches("http://").to_string();
-    // A client pool's spare connection, dialled and never used, is closed after the timeout...
+    // A client pool's spare connection, dialled and never used, is closed after the timeout,
+    // and so is one that stopped halfway through the HTTP/2 preface...
+    let opened = std::time::Instant::now();
     let mut spare = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let closed = closed_within(&mut spare, Duration::from_secs(20)).await;
-    assert!(closed.is_some(), "a silent connection stays open");
-    assert!(closed.unwrap() >= Duration::from_millis(250), "closed after {closed:?}");
+    let mut half_open = tokio::net::TcpStream::connect(&address).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt as _;
+        half_open.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    }
+    for connection in [&mut spare, &mut half_open] {
+        let closed = closed_within(connection, Duration::from_secs(20)).await;
+        assert!(closed.is_some(), "a connection that never opened stays open");
+    }
+    let closed = opened.elapsed();
+    assert!(closed >= Duration::from_millis(250), "closed after {closed:?}");
     // ...and one still silent when the node stops is closed at once, not after the grace.
     let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
     let mut client = grpc_client(&server).await;
@@ -1080,6 +1090,30 @@ async fn a_connection_that_never_speaks_is_closed_and_holds_no_shutdown() {
     let stopped = started.elapsed();
     assert!(stopped < Duration::from_secs(20), "the node took {stopped:?} to stop");
     assert!(closed_within(&mut silent, Duration::from_secs(5)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_ignores_the_shutdown_is_cut_when_the_grace_is_over() {
+    use tokio::io::AsyncWriteExt as _;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = start_server(dir.path(), |c| c.solo.shutdown_grace_ms = 500).await;
+    let address = server.grpc_url().trim_start_matches("http://").to_string();
+    // An HTTP/2 client that opens its connection, then answers neither GOAWAY nor ping.
+    let mut deaf = tokio::net::TcpStream::connect(&address).await.unwrap();
+    deaf.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut client = grpc_client(&server).await;
+    client
+        .list(as_tenant("a", proto::ListRequest::default()))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    server.stop().await.unwrap();
+    // It held the node for the grace, not past it (waiting for it to let go took seconds more).
+    let stopped = started.elapsed();
+    assert!(stopped < Duration::from_secs(4), "the node took {stopped:?} to stop");
+    assert!(closed_within(&mut deaf, Duration::from_secs(5)).await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
