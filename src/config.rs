@@ -41,6 +41,9 @@ pub struct SoloConfig {
     pub max_in_flight: u32,
     /// Largest request body (REST) or message (gRPC); a module in base64 JSON must fit.
     pub max_request_bytes: u64,
+    /// Bytes of request bodies the node holds at once, over both APIs (each body's first 64 KiB
+    /// not counted); a body that would go past it is refused (429 / RESOURCE_EXHAUSTED).
+    pub max_in_flight_body_bytes: u64,
     /// Time limit of a non-streaming HTTP request.
     pub http_request_timeout_ms: u32,
     /// Time a client may take to send a request's headers (HTTP/1), and a new connection on
@@ -75,6 +78,7 @@ impl Default for SoloConfig {
             shutdown_grace_ms: 10_000,
             max_in_flight: 1000,
             max_request_bytes: 24 << 20,
+            max_in_flight_body_bytes: 1 << 30,
             http_request_timeout_ms: 70_000,
             http_header_timeout_ms: 10_000,
             grpc_keepalive_interval_ms: 2 * 3600 * 1000,
@@ -309,6 +313,15 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if solo.max_in_flight_body_bytes < solo.max_request_bytes {
+            return Err(invalid(
+                "solo.max_in_flight_body_bytes",
+                &format!(
+                    "{} is under max_request_bytes = {}: the largest request could never be taken",
+                    solo.max_in_flight_body_bytes, solo.max_request_bytes
+                ),
+            ));
         }
         if db.map_size_mb > MAX_MAP_SIZE_MB {
             return Err(invalid(

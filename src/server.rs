@@ -15,6 +15,8 @@ use tokio::net::TcpListener;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::bodies::{BodyBudget, MeterBodies};
+use crate::api::codec::RequestRefusals;
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
@@ -222,6 +224,7 @@ async fn serve(
         control: node.control.clone(),
         auth,
         shed: Shedder::new(config.solo.max_in_flight as usize, limits, Arc::clone(&metrics)),
+        bodies: BodyBudget::new(config.solo.max_in_flight_body_bytes),
         metrics,
         options: api_options(&config),
         stopping: CancellationToken::new(),
@@ -376,7 +379,10 @@ async fn serve_grpc(
     builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(crate::api::codec::RequestRefusals::new(kernel, max_message))
+        .add_service(MeterBodies::new(
+            RequestRefusals::new(kernel, max_message),
+            Arc::clone(&state.bodies),
+        ))
         .serve_with_incoming_shutdown(admitted_connections(listener, limits), shutdown)
         .await
         .context("gRPC server")

@@ -1217,6 +1217,7 @@ async fn stopping_router() -> (String, solo::server::Node, TempDir) {
         control: node.control.clone(),
         auth: solo::api::Authenticator::development(),
         shed: solo::shed::Shedder::new(100, limits, std::sync::Arc::clone(&metrics)),
+        bodies: solo::api::bodies::BodyBudget::new(1 << 30),
         metrics,
         options: solo::api::ApiOptions {
             default_grace: Duration::from_secs(1),
@@ -2620,6 +2621,72 @@ async fn one_grace_bounds_the_shutdown_and_a_call_it_cuts_off_is_unavailable() {
         "a call cut off by the shutdown is retryable: {cut_off:?}"
     );
     drop(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_in_flight_share_one_budget_and_small_ones_always_pass() {
+    use tokio::io::AsyncWriteExt as _;
+    let node = node(|c| {
+        c.solo.max_request_bytes = 600 << 10;
+        c.solo.max_in_flight_body_bytes = 1 << 20;
+    })
+    .await;
+    node.deploy_running("a", "echo", "echo").await;
+    // An upload of 590 KiB under way (declared, barely sent) holds its share of the budget...
+    let address = node.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /services/echo/call HTTP/1.1\r\nhost: solo\r\nx-tenant-id: a\r\ncontent-length: {}\r\n\r\n",
+        590 << 10
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(b"the start").await.unwrap();
+    // ...so another body of as much, over REST or gRPC, does not fit, and is refused with a hint.
+    let big_wat = format!("{}\n;; {}", wat_text("echo"), "x".repeat(575 << 10));
+    let big_deploy = json!({ "service_id": "big", "wat": big_wat });
+    let deadline = Instant::now() + DEADLINE;
+    let refused = loop {
+        let reply = node.post_json("/services", "b", &big_deploy).await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            break reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upload under way never held the budget: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        refused.error(429, "overloaded").contains("max_in_flight_body_bytes"),
+        "{refused:?}"
+    );
+    assert!(refused.header("retry-after").is_some(), "{refused:?}");
+    let mut grpc = grpc_client(&node.server).await;
+    let mut request = grpc_deploy("big", "echo");
+    request.module = Some(solo::proto::deploy_request::Module::Wat(big_wat.clone()));
+    let status = grpc.deploy(as_tenant("b", request.clone())).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("max_in_flight_body_bytes"), "{status:?}");
+    // Small requests get through meanwhile, from any tenant.
+    assert_eq!(node.call("a", "echo", "ping").await.bytes, b"ping");
+    node.get("/services", "b").await.ok(200);
+    // Once the upload is gone, its share is free again.
+    drop(slow);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match grpc.deploy(as_tenant("b", request.clone())).await {
+            Ok(deployed) => {
+                assert!(deployed.into_inner().created);
+                break;
+            }
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                assert!(Instant::now() < deadline, "the budget was never given back");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

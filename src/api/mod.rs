@@ -6,6 +6,7 @@
 //! ([`Error`]) whose kind gives the gRPC code and the HTTP status together.
 
 pub mod auth;
+pub mod bodies;
 pub mod codec;
 mod convert;
 mod error;
@@ -51,6 +52,8 @@ pub struct ApiState {
     pub control: Control,
     pub auth: Authenticator,
     pub shed: Shedder,
+    /// Bytes of request bodies in flight, over both APIs.
+    pub bodies: Arc<bodies::BodyBudget>,
     pub metrics: Arc<Metrics>,
     pub options: ApiOptions,
     /// Cancelled when the node begins to shut down: streams end, new work is refused.

@@ -64,6 +64,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(bounded)
         .merge(streaming)
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), meter_bodies))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), normalize_errors))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -137,6 +138,29 @@ impl IntoResponse for Error {
 /// `normalize_errors` rebuilds the body without reading it back.
 #[derive(Debug, Clone)]
 struct ErrorBody(Error);
+
+/// Charges the request's body to the node's budget of bytes in flight ([`crate::api::bodies`])
+/// until the answer is ready; one that does not fit is refused, before it is read if its length
+/// is declared.
+async fn meter_bodies(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let (metered, charge) = state.bodies.meter(body);
+    let response = if charge.was_refused() {
+        drop(metered);
+        None
+    } else {
+        Some(
+            next.run(Request::from_parts(parts, axum::body::Body::new(metered)))
+                .await,
+        )
+    };
+    match response {
+        Some(response) if !charge.was_refused() => response,
+        _ => Error::new(ErrorKind::Overloaded, charge.refusal())
+            .with_retry_after(crate::shed::RETRY_AFTER)
+            .into_response(),
+    }
+}
 
 /// Rewrites every error response into the JSON shape with the request id, counts the request,
 /// and logs server errors.
