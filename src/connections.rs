@@ -13,8 +13,9 @@
 //!   a silent or half-open connection (a client pool's spare, dialled and never used) would
 //!   otherwise hold a slot for good;
 //! - once the listener drains, one that has sent nothing is closed at once: it asked nothing;
-//! - once the shutdown's grace is over, every connection is closed, so that a client that
-//!   ignores the HTTP/2 GOAWAY (or never answers its ping) cannot hold the node past it.
+//! - once the shutdown's grace is over (and the answers of calls it cut off are out), every
+//!   connection is closed, so that a client that ignores the HTTP/2 GOAWAY (or never answers
+//!   its ping) cannot hold the node past it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -127,7 +128,8 @@ pub struct Deadlines {
     pub opening_within: Duration,
     /// Cancelled as the listener drains: connections that sent nothing yet are closed.
     pub drained: CancellationToken,
-    /// Cancelled when the shutdown's grace is over: every connection is closed.
+    /// Cancelled once the shutdown's grace is over and the last answers are out: every
+    /// connection is closed.
     pub closed: CancellationToken,
 }
 

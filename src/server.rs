@@ -304,25 +304,37 @@ async fn serve(
             ),
         }
     }
-    // Connections still open (a client that ignored the GOAWAY) are cut.
-    closed.cancel();
     // One grace for the whole shutdown: services get what the requests left of it.
     node.stop(deadline.saturating_duration_since(tokio::time::Instant::now()))
         .await;
     // Connections that are still closing hold the node until they are gone; an embedder (or a
-    // test) that reopens the data directory right after `stop` must find it released.
-    let closed = node.control.log().closed_signal();
+    // test) that reopens the data directory right after `stop` must find it released. The
+    // answers to calls that the services' stop cut off go out first; then connections still
+    // open (a client that ignores the GOAWAY) are cut.
+    let released = node.control.log().closed_signal();
     drop((node, state));
-    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
-    while !closed() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if !closed() {
+    let wait_for_release = |within: Duration| {
+        let released = &released;
+        async move {
+            let deadline = tokio::time::Instant::now() + within;
+            while !released() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_for_release(LAST_ANSWERS).await;
+    closed.cancel();
+    wait_for_release(RELEASE_WAIT).await;
+    if !released() {
         tracing::warn!("the data directory is still open after {RELEASE_WAIT:?}: connections are still closing");
     }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long connections get, once the services have stopped, to send the answers of the calls
+/// that the stop cut off, before those still open are cut.
+const LAST_ANSWERS: Duration = Duration::from_secs(1);
 
 /// The longest a stopped node waits for its connections to let go of the data directory.
 const RELEASE_WAIT: Duration = Duration::from_secs(5);
