@@ -29,6 +29,8 @@ pub struct Metrics {
     pub services: IntGaugeVec,
     /// Observations the log could not take yet, waiting for a retry (set at each scrape).
     pub unrecorded_observations: IntGauge,
+    /// Counted bytes of request bodies in flight (set at each scrape).
+    pub body_bytes_in_flight: IntGauge,
     /// Deploys by result: created, upgraded, unchanged, replayed, refused.
     pub deploys: IntCounterVec,
     /// Calls by result: ok, service_error, trapped, timeout, busy, not_running, refused.
@@ -92,6 +94,10 @@ impl Metrics {
             "solo_unrecorded_observations",
             "Observations (crashes, restarts) the log could not take yet, waiting for a retry.",
         );
+        let body_bytes_in_flight = gauge(
+            "solo_body_bytes_in_flight",
+            "Bytes of request bodies in flight, past each body's free share, against max_in_flight_body_bytes.",
+        );
         let deploys = counter_vec("solo_deploys_total", "Deploys by result.", &["result"]);
         let calls = counter_vec("solo_calls_total", "Calls by result.", &["result"]);
         let call_duration = histogram(
@@ -137,6 +143,7 @@ impl Metrics {
             log_head_seq,
             services,
             unrecorded_observations,
+            body_bytes_in_flight,
             deploys,
             calls,
             call_duration,

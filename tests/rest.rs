@@ -2667,8 +2667,10 @@ async fn large_bodies_in_flight_share_one_budget_and_small_ones_always_pass() {
     let status = grpc.deploy(as_tenant("b", request.clone())).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("max_in_flight_body_bytes"), "{status:?}");
-    // Small requests get through meanwhile, from any tenant.
+    // Small requests get through meanwhile, from any tenant; /metrics shows what is held.
     assert_eq!(node.call("a", "echo", "ping").await.bytes, b"ping");
+    let held = node.metrics().await.value("solo_body_bytes_in_flight", &[]);
+    assert!(held >= f64::from((590 - 64) << 10), "{held}");
     node.get("/services", "b").await.ok(200);
     // Once the upload is gone, its share is free again.
     drop(slow);

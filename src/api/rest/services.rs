@@ -460,6 +460,10 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     state.metrics.log_head_seq.set(state.control.head() as i64);
     let unrecorded = state.control.runtime().map_or(0, |r| r.unrecorded_observations());
     state.metrics.unrecorded_observations.set(unrecorded as i64);
+    state
+        .metrics
+        .body_bytes_in_flight
+        .set(i64::try_from(state.bodies.held()).unwrap_or(i64::MAX));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(),
