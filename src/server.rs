@@ -27,6 +27,8 @@ use crate::proto::solo_kernel_server::SoloKernelServer;
 use crate::runtime::Runtime;
 use crate::shed::Shedder;
 use crate::tls::{PeerTenant, TlsSetup};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 /// The node's listening sockets, bound before anything is served so port 0 resolves early.
 #[derive(Debug)]
@@ -371,6 +373,7 @@ async fn serve_grpc(
         .max_encoding_message_size(max_message);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SoloKernelServer<GrpcApi>>().await;
+    let health_follower = tokio::spawn(follow_log_health(health.clone(), Arc::clone(&state)));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -386,7 +389,8 @@ async fn serve_grpc(
     let stopping = drained.clone();
     let shutdown = async move {
         stopping.cancelled().await;
-        health.set_not_serving::<SoloKernelServer<GrpcApi>>().await;
+        health_follower.abort();
+        set_health(&health, ServingStatus::NotServing).await;
     };
     builder
         .add_service(health_service)
@@ -398,6 +402,37 @@ async fn serve_grpc(
         .serve_with_incoming_shutdown(admitted_connections(listener, limits), shutdown)
         .await
         .context("gRPC server")
+}
+
+/// How often the gRPC health service looks at whether the log takes writes.
+const LOG_HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps the gRPC health service in step with `/health`: not serving while the log's last
+/// commit failed (a full disk), as etcd's NOSPACE alarm makes it unhealthy.
+async fn follow_log_health(health: HealthReporter, state: Arc<ApiState>) {
+    let mut serving = true;
+    let mut every = tokio::time::interval(LOG_HEALTH_EVERY);
+    loop {
+        every.tick().await;
+        let writable = state.control.log_failure().is_none();
+        if writable != serving {
+            serving = writable;
+            let status = if writable {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_health(&health, status).await;
+        }
+    }
+}
+
+/// Sets the node's gRPC health: the server's as a whole (`""`) and SoloKernel's.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(<SoloKernelServer<GrpcApi> as tonic::server::NamedService>::NAME, status)
+        .await;
 }
 
 /// The gRPC listener's connections, as its limits admit them. One over its client's cap is

@@ -1148,6 +1148,25 @@ impl ServeDir {
         })
     }
 
+    /// The node's overall status from the standard gRPC health service.
+    fn grpc_health(&self) -> tonic_health::pb::health_check_response::ServingStatus {
+        let url = format!("http://127.0.0.1:{}", self.grpc);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let check = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            health.check(check).await.unwrap().into_inner().status()
+        })
+    }
+
     /// The ids `solo list` shows tenant acme.
     fn service_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.cli(&["list", "--json"]).ok().json()["services"]
@@ -1473,9 +1492,17 @@ fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
     let (code, health) = serve.health();
     let waiting = health["unrecorded_observations"].as_u64().unwrap();
     assert!(waiting >= 3, "crashed, restarted, crashed wait for the log: {waiting}");
-    // The node says that its log takes no writes, and why.
+    // The node says that its log takes no writes, and why; its gRPC health follows.
     assert_eq!((code, health["status"].as_str()), (503, Some("degraded")), "{health}");
     assert!(health["log_error"].as_str().unwrap().contains("is full"), "{health}");
+    let grpc_health_becomes = |expected| {
+        let deadline = Instant::now() + PATIENCE;
+        while serve.grpc_health() != expected {
+            assert!(Instant::now() < deadline, "the gRPC health never became {expected:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    grpc_health_becomes(tonic_health::pb::health_check_response::ServingStatus::NotServing);
 
     // Once the disk has room, what happened is recorded, in order: in the log, and so in the
     // state.
@@ -1489,6 +1516,7 @@ fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
     let (code, health) = serve.health();
     assert_eq!((code, health["status"].as_str()), (200, Some("ok")), "{health}");
     assert!(health["log_error"].is_null(), "{health}");
+    grpc_health_becomes(tonic_health::pb::health_check_response::ServingStatus::Serving);
     let events = serve
         .cli(&["events", "--from", "1", "--service", "crash", "--json"])
         .ok()
