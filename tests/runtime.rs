@@ -407,8 +407,10 @@ async fn bad_modules_get_clear_errors_and_append_nothing() {
     let dir = tempdir();
     let node = open_node(&node_config(dir.path())).await;
     let control = &node.control;
-    let cases: [(&[u8], &str); 5] = [
+    let cases: [(&[u8], &str); 6] = [
         (b"\0asm\x01\0\0\0\xff\xff", "not valid wasm"),
+        // Valid, but its memory starts at 4 GiB: over what this node's instances may have.
+        (b"(module (memory (export \"memory\") 65536))", "valid wasm, but over this node's limits"),
         (b"(module (func $f (result i32) (i32.const 1)", "WAT syntax error"),
         (b"(module (memory (export \"memory\") 1))", "does not export 'solo_alloc'"),
         (b"(module (memory (export \"memory\") 1) (func (export \"solo_alloc\") (param i64) (result i32) (i32.const 0)) (func (export \"solo_handle\") (param i32 i32) (result i64) (i64.const 0)))", "must be a function (i32) -> (i32)"),

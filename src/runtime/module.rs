@@ -110,7 +110,15 @@ pub fn prepare(
     sha256: [u8; 32],
     wasm: &[u8],
 ) -> Result<Prepared, InvalidModule> {
-    let module = Module::from_binary(engine, wasm).map_err(|e| InvalidModule(format!("not valid wasm: {e:#}")))?;
+    let module = Module::from_binary(engine, wasm).map_err(|e| {
+        // Valid wasm that this node cannot load (a memory larger than its instances may have)
+        // is told apart from broken bytes; checked only on failure, as it validates again.
+        if Module::validate(engine, wasm).is_ok() {
+            InvalidModule(format!("the module is valid wasm, but over this node's limits: {e:#}"))
+        } else {
+            InvalidModule(format!("not valid wasm: {e:#}"))
+        }
+    })?;
     check_imports(&module)?;
     check_export(&module, "memory", None)?;
     check_export(&module, "solo_alloc", Some((&[ValType::I32], &[ValType::I32])))?;
