@@ -373,7 +373,7 @@ async fn serve_grpc(
         .max_encoding_message_size(max_message);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SoloKernelServer<GrpcApi>>().await;
-    let health_follower = tokio::spawn(follow_log_health(health.clone(), Arc::clone(&state)));
+    let health_follower = tokio::spawn(follow_log_health(health.clone(), Arc::downgrade(&state)));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -408,13 +408,16 @@ async fn serve_grpc(
 const LOG_HEALTH_EVERY: Duration = Duration::from_secs(1);
 
 /// Keeps the gRPC health service in step with `/health`: not serving while the log's last
-/// commit failed (a full disk), as etcd's NOSPACE alarm makes it unhealthy.
-async fn follow_log_health(health: HealthReporter, state: Arc<ApiState>) {
+/// commit failed (a full disk), as etcd's NOSPACE alarm makes it unhealthy. Holds the node only
+/// while it looks, so that it never keeps a stopped node open.
+async fn follow_log_health(health: HealthReporter, state: std::sync::Weak<ApiState>) {
     let mut serving = true;
     let mut every = tokio::time::interval(LOG_HEALTH_EVERY);
     loop {
         every.tick().await;
+        let Some(state) = state.upgrade() else { return };
         let writable = state.control.log_failure().is_none();
+        drop(state);
         if writable != serving {
             serving = writable;
             let status = if writable {
