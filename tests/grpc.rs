@@ -1080,6 +1080,14 @@ async fn a_connection_that_never_speaks_is_closed_and_holds_no_shutdown() {
     assert!(closed >= Duration::from_millis(250), "closed after {closed:?}");
     // ...and one still silent when the node stops is closed at once, not after the grace.
     let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stop_closing(server, &mut silent, Duration::from_secs(20)).await;
+}
+
+/// An HTTP/2 client's hello: the preface and an empty SETTINGS frame.
+const HTTP2_HELLO: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// Stops a node that serves a call meanwhile, within `bound`, and sees `open` closed.
+async fn stop_closing(server: solo::server::Server, open: &mut tokio::net::TcpStream, bound: Duration) {
     let mut client = grpc_client(&server).await;
     client
         .list(as_tenant("a", proto::ListRequest::default()))
@@ -1088,8 +1096,8 @@ async fn a_connection_that_never_speaks_is_closed_and_holds_no_shutdown() {
     let started = std::time::Instant::now();
     server.stop().await.unwrap();
     let stopped = started.elapsed();
-    assert!(stopped < Duration::from_secs(20), "the node took {stopped:?} to stop");
-    assert!(closed_within(&mut silent, Duration::from_secs(5)).await.is_some());
+    assert!(stopped < bound, "the node took {stopped:?} to stop");
+    assert!(closed_within(open, Duration::from_secs(5)).await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1100,20 +1108,9 @@ async fn a_client_that_ignores_the_shutdown_is_cut_when_the_grace_is_over() {
     let address = server.grpc_url().trim_start_matches("http://").to_string();
     // An HTTP/2 client that opens its connection, then answers neither GOAWAY nor ping.
     let mut deaf = tokio::net::TcpStream::connect(&address).await.unwrap();
-    deaf.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .unwrap();
-    let mut client = grpc_client(&server).await;
-    client
-        .list(as_tenant("a", proto::ListRequest::default()))
-        .await
-        .unwrap();
-    let started = std::time::Instant::now();
-    server.stop().await.unwrap();
+    deaf.write_all(HTTP2_HELLO).await.unwrap();
     // It held the node for the grace, not past it (waiting for it to let go took seconds more).
-    let stopped = started.elapsed();
-    assert!(stopped < Duration::from_secs(4), "the node took {stopped:?} to stop");
-    assert!(closed_within(&mut deaf, Duration::from_secs(5)).await.is_some());
+    stop_closing(server, &mut deaf, Duration::from_secs(4)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1128,9 +1125,7 @@ async fn a_client_that_stops_answering_pings_is_disconnected() {
     let address = server.grpc_url().trim_start_matches("http://").to_string();
     // An HTTP/2 client that says hello (preface, empty SETTINGS) and is then gone.
     let mut gone = tokio::net::TcpStream::connect(&address).await.unwrap();
-    gone.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .unwrap();
+    gone.write_all(HTTP2_HELLO).await.unwrap();
     let closed = closed_within(&mut gone, Duration::from_secs(20)).await;
     assert!(closed.is_some(), "a client that answers no ping stays connected");
     // One that answers is served as ever.
