@@ -2667,6 +2667,7 @@ async fn large_bodies_in_flight_share_one_budget_and_small_ones_always_pass() {
     let status = grpc.deploy(as_tenant("b", request.clone())).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("max_in_flight_body_bytes"), "{status:?}");
+    assert!(status.metadata().get("retry-after-ms").is_some(), "{status:?}");
     // Small requests get through meanwhile, from any tenant; /metrics shows what is held.
     assert_eq!(node.call("a", "echo", "ping").await.bytes, b"ping");
     let held = node.metrics().await.value("solo_body_bytes_in_flight", &[]);

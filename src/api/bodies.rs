@@ -96,13 +96,14 @@ impl Charge {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// What the refusal says, for either API.
-    pub fn refusal(&self) -> String {
-        format!(
+    /// The refusal, for either API: overloaded, with a retry hint.
+    pub fn refusal(&self) -> super::Error {
+        let message = format!(
             "the node holds as many request bytes in flight as it may ({} MiB, [solo] max_in_flight_body_bytes); \
              retry later",
             self.budget.limit >> 20
-        )
+        );
+        super::Error::new(super::ErrorKind::Overloaded, message).with_retry_after(crate::shed::RETRY_AFTER)
     }
 }
 
@@ -165,7 +166,7 @@ where
 
 impl<B> Metered<B> {
     fn refused(&self) -> Box<dyn std::error::Error + Send + Sync> {
-        Box::new(tonic::Status::resource_exhausted(self.charge.refusal()))
+        Box::new(self.charge.refusal().to_status())
     }
 }
 

@@ -156,9 +156,7 @@ async fn meter_bodies(State(state): State<Arc<ApiState>>, request: Request, next
     };
     match response {
         Some(response) if !charge.was_refused() => response,
-        _ => Error::new(ErrorKind::Overloaded, charge.refusal())
-            .with_retry_after(crate::shed::RETRY_AFTER)
-            .into_response(),
+        _ => charge.refusal().into_response(),
     }
 }
 
