@@ -46,8 +46,9 @@ pub struct SoloConfig {
     pub max_in_flight_body_bytes: u64,
     /// Time limit of a non-streaming HTTP request.
     pub http_request_timeout_ms: u32,
-    /// Time a client may take to send a request's headers (HTTP/1), and a new connection on
-    /// either listener to send its opening bytes (the HTTP/2 preface and SETTINGS, a TLS hello).
+    /// Time a client may take to send a request's headers (HTTP/1), and a new connection to send
+    /// its opening bytes (its first byte on the HTTP listener; the HTTP/2 preface and SETTINGS,
+    /// or a TLS hello, on the gRPC one).
     pub http_header_timeout_ms: u32,
     /// Idle time after which the gRPC listener pings a client to learn whether it is still
     /// there (as etcd's `--grpc-keepalive-interval`).

@@ -7,11 +7,12 @@
 //! admitted connection holds its place until it is dropped.
 //!
 //! A connection must also open, and go when told:
-//! - it has [`Deadlines::opening_within`] to send its opening bytes (an HTTP/2 preface and
-//!   SETTINGS frame, a TLS hello, an HTTP/1 request line and Host header), or it is closed.
-//!   HTTP/2 has no bound of its own there (its keep-alive pings start after the handshake), and
-//!   a silent or half-open connection (a client pool's spare, dialled and never used) would
-//!   otherwise hold a slot for good;
+//! - it has [`Deadlines::opening_within`] to send its opening bytes, or it is closed: on the
+//!   gRPC listener the HTTP/2 preface and SETTINGS frame ([`HTTP2_OPENING`]), on the HTTP
+//!   listener its first byte (hyper bounds an HTTP/1 request's headers itself). HTTP/2 has no
+//!   bound of its own there (its keep-alive pings start after the handshake), and a silent or
+//!   half-open connection (a client pool's spare, dialled and never used) would otherwise hold
+//!   a slot for good;
 //! - once the listener drains, one that has sent nothing is closed at once: it asked nothing;
 //! - once the shutdown's grace is over (and the answers of calls it cut off are out), every
 //!   connection is closed, so that a client that ignores the HTTP/2 GOAWAY (or never answers
@@ -117,14 +118,15 @@ impl Drop for Admission {
     }
 }
 
-/// The bytes a connection must send to be open: the HTTP/2 preface (24 bytes) and the header of
-/// the SETTINGS frame that must follow it (9). A TLS hello is longer, and so is any HTTP/1
-/// request worth keeping: a request line and a Host header.
-const OPENING_BYTES: usize = 33;
+/// What an HTTP/2 client sends first: the preface (24 bytes) and the header of the SETTINGS
+/// frame that must follow it (9). A TLS hello is longer.
+pub const HTTP2_OPENING: usize = 33;
 
 /// When an admitted connection must have opened, and when it must close.
 #[derive(Debug, Clone)]
 pub struct Deadlines {
+    /// Bytes a connection must send, within `opening_within`, to be open.
+    pub opening_bytes: usize,
     pub opening_within: Duration,
     /// Cancelled as the listener drains: connections that sent nothing yet are closed.
     pub drained: CancellationToken,
@@ -149,6 +151,7 @@ pub struct AdmittedStream {
 #[derive(Debug)]
 struct Opening {
     received: usize,
+    needed: usize,
     within: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
     drained: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -161,6 +164,7 @@ impl AdmittedStream {
             _admission: admission,
             opening: Some(Opening {
                 received: 0,
+                needed: deadlines.opening_bytes.max(1),
                 within: deadlines.opening_within,
                 deadline: Box::pin(tokio::time::sleep(deadlines.opening_within)),
                 drained: Box::pin(deadlines.drained.clone().cancelled_owned()),
@@ -193,7 +197,7 @@ impl AsyncRead for AdmittedStream {
         match read {
             Poll::Ready(Ok(())) => {
                 opening.received += buf.filled().len() - before;
-                if opening.received >= OPENING_BYTES {
+                if opening.received >= opening.needed {
                     self.opening = None;
                 }
                 Poll::Ready(Ok(()))

@@ -20,7 +20,7 @@ use crate::api::codec::RequestRefusals;
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
-use crate::connections::{Accepted, AdmittedStream, ConnectionLimits, Deadlines};
+use crate::connections::{Accepted, AdmittedStream, ConnectionLimits, Deadlines, HTTP2_OPENING};
 use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::proto::solo_kernel_server::SoloKernelServer;
@@ -238,11 +238,12 @@ async fn serve(
     let closed = CancellationToken::new();
     let header_timeout = Duration::from_millis(config.solo.http_header_timeout_ms.into());
     // Each listener has connection limits of its own.
-    let connection_limits = || {
+    let connection_limits = |opening_bytes| {
         ConnectionLimits::new(
             config.solo.max_connections as usize,
             config.solo.max_connections_per_client as usize,
             Deadlines {
+                opening_bytes,
                 opening_within: header_timeout,
                 drained: drained.clone(),
                 closed: closed.clone(),
@@ -257,7 +258,7 @@ async fn serve(
         listeners.grpc,
         Arc::clone(&state),
         tls.clone(),
-        connection_limits(),
+        connection_limits(HTTP2_OPENING),
         keepalive,
         drained.clone(),
     ));
@@ -265,7 +266,7 @@ async fn serve(
         listeners.http,
         Arc::clone(&state),
         tls,
-        connection_limits(),
+        connection_limits(1),
         header_timeout,
         drained.clone(),
     ));

@@ -2557,6 +2557,32 @@ async fn a_client_trickling_headers_or_silent_is_disconnected_after_the_header_t
     let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
     let read = tokio::time::timeout(DEADLINE, silent.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "the silent connection is closed");
+    // A short request (shorter than an HTTP/2 client's opening) is served, and its stream
+    // outlives the timeout.
+    let mut short = tokio::net::TcpStream::connect(&address).await.unwrap();
+    short.write_all(b"GET /events HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(DEADLINE, short.read(&mut byte))
+            .await
+            .expect("answered");
+        assert_eq!(
+            read.unwrap(),
+            1,
+            "the head ended early: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.0 200"), "{}", String::from_utf8_lossy(&head));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut more = [0u8; 256];
+    match tokio::time::timeout(Duration::from_millis(300), short.read(&mut more)).await {
+        Err(_) => {}             // still open, with nothing to say: as it should be
+        Ok(Ok(n)) if n > 0 => {} // a keep-alive comment
+        other => panic!("the stream was cut: {other:?}"),
+    }
     // Clients that send their requests are served as ever.
     node.get("/health", "").await.ok(200);
     node.stop().await;
