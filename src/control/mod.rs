@@ -320,7 +320,7 @@ impl Control {
                             limit: limit.into(),
                             detail: format!(
                                 "{compiled} modules were compiled for tenant '{}' in the last minute (a \
-                                 module deployed before needs no compile)",
+                                 module still in the compile cache needs no compile)",
                                 request.tenant
                             ),
                         },
