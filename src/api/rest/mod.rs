@@ -64,7 +64,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(bounded)
         .merge(streaming)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), meter_bodies))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), admit_bodies))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), normalize_errors))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -139,25 +139,26 @@ impl IntoResponse for Error {
 #[derive(Debug, Clone)]
 struct ErrorBody(Error);
 
-/// Charges the request's body to the node's budget of bytes in flight ([`crate::api::bodies`])
-/// until the answer is ready; one that does not fit is refused, before it is read if its length
-/// is declared.
-async fn meter_bodies(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+/// Admits the request's body: one whose declared length is over `max_request_bytes` is refused
+/// (413) before a byte of it is read, rather than after reading up to the limit (or waiting for
+/// a body that never comes); the rest is charged to the node's budget of bytes in flight
+/// ([`crate::api::bodies`]) until the answer is ready, and refused if it does not fit.
+async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    let (metered, charge) = state.bodies.meter(body);
-    let response = if charge.was_refused() {
-        drop(metered);
-        None
-    } else {
-        Some(
-            next.run(Request::from_parts(parts, axum::body::Body::new(metered)))
-                .await,
-        )
-    };
-    match response {
-        Some(response) if !charge.was_refused() => response,
-        _ => charge.refusal().into_response(),
+    if axum::body::HttpBody::size_hint(&body).lower() > state.options.max_body_bytes as u64 {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     }
+    let (metered, charge) = state.bodies.meter(body);
+    if charge.was_refused() {
+        return charge.refusal().into_response();
+    }
+    let response = next
+        .run(Request::from_parts(parts, axum::body::Body::new(metered)))
+        .await;
+    if charge.was_refused() {
+        return charge.refusal().into_response();
+    }
+    response
 }
 
 /// Rewrites every error response into the JSON shape with the request id, counts the request,
@@ -180,14 +181,7 @@ async fn normalize_errors(State(state): State<Arc<ApiState>>, request: Request, 
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let mut response = if axum::body::HttpBody::size_hint(request.body()).lower() > state.options.max_body_bytes as u64
-    {
-        // Its Content-Length says it is over the limit: refused before a byte of it is read,
-        // rather than after reading up to the limit (or waiting for a body that never comes).
-        StatusCode::PAYLOAD_TOO_LARGE.into_response()
-    } else {
-        next.run(request).await
-    };
+    let mut response = next.run(request).await;
     let status = response.status();
     state
         .metrics
