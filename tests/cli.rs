@@ -1138,11 +1138,7 @@ impl ServeDir {
     /// `GET /health`: the HTTP status, and the body as JSON.
     fn health(&self) -> (u16, Value) {
         let url = format!("http://127.0.0.1:{}/health", self.http);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        block_on(async {
             let response = reqwest::get(url).await.unwrap();
             (response.status().as_u16(), response.json().await.unwrap())
         })
@@ -1151,11 +1147,7 @@ impl ServeDir {
     /// The node's overall status from the standard gRPC health service.
     fn grpc_health(&self) -> tonic_health::pb::health_check_response::ServingStatus {
         let url = format!("http://127.0.0.1:{}", self.grpc);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        block_on(async {
             let channel = tonic::transport::Endpoint::from_shared(url)
                 .unwrap()
                 .connect()
@@ -1532,6 +1524,15 @@ fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
             "service_crashed"
         ]
     );
+}
+
+/// Runs one client request from these synchronous tests.
+fn block_on<T>(request: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(request)
 }
 
 /// `solo serve` on `data` and free ports, for a node expected to refuse to start (one that
