@@ -551,6 +551,58 @@ async fn compiles_count_against_the_deploy_rate_refused_ones_too() {
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// Echo plus 400 functions that no one calls, their constants numbered from `tag`: a distinct
+/// module for each tag, which takes Cranelift a good fraction of a second to compile.
+fn slow_to_compile(tenant: &str, id: &str, tag: usize) -> solo::control::DeployRequest {
+    let body: String = (0..40)
+        .map(|i| format!("(i32.mul (i32.add (local.get 0) (i32.const {i})) "))
+        .collect();
+    let close = ")".repeat(40);
+    let functions: String = (0..400)
+        .map(|f| {
+            format!(
+                "(func (param i32) (result i32) {body}(i32.const {}){close})\n",
+                tag * 1000 + f
+            )
+        })
+        .collect();
+    let echo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/services/echo.wat")).unwrap();
+    let wat = echo.trim_end().strip_suffix(')').unwrap().to_string() + &functions + ")";
+    let mut request = deploy_request(tenant, id, "");
+    request.module = Arc::from(wat.into_bytes());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_compiles_one_module_at_a_time_and_others_do_not_wait_behind_it() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    let runtime = control.runtime().unwrap().clone();
+    // Tenant acme sends eight distinct modules at once; they compile one after another.
+    let flood: Vec<_> = (0..8)
+        .map(|n| {
+            let control = control.clone();
+            tokio::spawn(async move { control.deploy(slow_to_compile("acme", &format!("s{n}"), n)).await })
+        })
+        .collect();
+    while runtime.modules_compiled() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Beta's module does not queue behind them: it is compiled while most of acme's wait.
+    control.deploy(slow_to_compile("beta", "b", 100)).await.unwrap();
+    let started_for_acme = runtime.modules_compiled() - 1;
+    assert!(
+        started_for_acme <= 4,
+        "acme's modules compiled alongside each other: {started_for_acme} of 8 begun before beta's was done"
+    );
+    for deploy in flood {
+        deploy.await.unwrap().unwrap();
+    }
+    assert_eq!(runtime.modules_compiled(), 9);
+    node.stop(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restart_brings_running_services_back_fresh_with_their_history() {
     let dir = tempdir();
