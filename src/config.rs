@@ -586,6 +586,15 @@ fn validate_limits(path: &str, limits: &TenantLimits) -> Result<(), ConfigError>
             });
         }
     }
+    if limits.max_in_flight_body_bytes < limits.max_module_bytes {
+        return Err(ConfigError::Invalid {
+            path: format!("{path}.max_in_flight_body_bytes"),
+            message: format!(
+                "{} is under max_module_bytes = {}: the largest module could never be sent",
+                limits.max_in_flight_body_bytes, limits.max_module_bytes
+            ),
+        });
+    }
     let pairs = [
         (
             "default_memory_mb",
@@ -716,6 +725,11 @@ mod tests {
         let e = error_of("[limits]\ndefault_memory_mb = 512\n");
         assert!(
             e.contains("limits.default_memory_mb") && e.contains("max_memory_mb"),
+            "{e}"
+        );
+        let e = error_of("[limits]\nmax_in_flight_body_bytes = 1048576\n");
+        assert!(
+            e.contains("limits.max_in_flight_body_bytes") && e.contains("max_module_bytes = 16777216"),
             "{e}"
         );
         let e = error_of("this is not toml");

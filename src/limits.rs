@@ -44,6 +44,9 @@ pub struct TenantLimits {
     pub max_in_flight_requests: u32,
     /// Watch, SSE and log-follow streams the tenant may hold open at once.
     pub max_watchers: u32,
+    /// Bytes of the tenant's request bodies held at once (past each body's free 64 KiB); its
+    /// share of the node's `[solo] max_in_flight_body_bytes`.
+    pub max_in_flight_body_bytes: u64,
 }
 
 impl Default for TenantLimits {
@@ -65,6 +68,7 @@ impl Default for TenantLimits {
             restart_window_ms: 60_000,
             max_in_flight_requests: 100,
             max_watchers: 100,
+            max_in_flight_body_bytes: 256 * MIB,
         }
     }
 }

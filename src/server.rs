@@ -225,8 +225,12 @@ async fn serve(
     let state = Arc::new(ApiState {
         control: node.control.clone(),
         auth,
-        shed: Shedder::new(config.solo.max_in_flight as usize, limits, Arc::clone(&metrics)),
-        bodies: BodyBudget::new(config.solo.max_in_flight_body_bytes),
+        shed: Shedder::new(
+            config.solo.max_in_flight as usize,
+            Arc::clone(&limits),
+            Arc::clone(&metrics),
+        ),
+        bodies: BodyBudget::new(config.solo.max_in_flight_body_bytes, Arc::clone(&limits)),
         metrics,
         options: api_options(&config),
         stopping: CancellationToken::new(),
@@ -398,7 +402,7 @@ async fn serve_grpc(
         .add_service(reflection)
         .add_service(MeterBodies::new(
             RequestRefusals::new(kernel, max_message),
-            Arc::clone(&state.bodies),
+            Arc::clone(&state),
         ))
         .serve_with_incoming_shutdown(admitted_connections(listener, limits), shutdown)
         .await

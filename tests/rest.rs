@@ -1216,8 +1216,8 @@ async fn stopping_router() -> (String, solo::server::Node, TempDir) {
     let state = std::sync::Arc::new(solo::api::ApiState {
         control: node.control.clone(),
         auth: solo::api::Authenticator::development(),
-        shed: solo::shed::Shedder::new(100, limits, std::sync::Arc::clone(&metrics)),
-        bodies: solo::api::bodies::BodyBudget::new(1 << 30),
+        shed: solo::shed::Shedder::new(100, std::sync::Arc::clone(&limits), std::sync::Arc::clone(&metrics)),
+        bodies: solo::api::bodies::BodyBudget::new(1 << 30, limits),
         metrics,
         options: solo::api::ApiOptions {
             default_grace: Duration::from_secs(1),
@@ -2715,6 +2715,98 @@ async fn large_bodies_in_flight_share_one_budget_and_small_ones_always_pass() {
             Err(status) => panic!("{status:?}"),
         }
     }
+    node.stop().await;
+}
+
+/// Opens an upload to `path` with these header lines, declaring `length` bytes and sending a
+/// few: read, it holds its bytes of the budget until the connection goes. Returns the
+/// connection, and the answer if one came at once.
+async fn open_upload(node: &Node, path: &str, headers: &str, length: usize) -> (tokio::net::TcpStream, Option<String>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let address = node.base.trim_start_matches("http://").to_string();
+    let mut upload = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nhost: solo\r\n{headers}content-length: {length}\r\n\r\n");
+    upload.write_all(head.as_bytes()).await.unwrap();
+    upload.write_all(b"the start").await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let answer = match tokio::time::timeout(Duration::from_millis(300), upload.read(&mut answer)).await {
+        Ok(Ok(n)) => Some(String::from_utf8_lossy(&answer[..n]).into_owned()),
+        _ => None,
+    };
+    (upload, answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_uploads_cannot_keep_anothers_out() {
+    let node = node(|c| {
+        c.solo.max_request_bytes = 600 << 10;
+        c.solo.max_in_flight_body_bytes = 4 << 20;
+        c.limits.max_module_bytes = 600 << 10;
+        c.limits.max_in_flight_body_bytes = 1 << 20;
+    })
+    .await;
+    node.deploy_running("a", "echo", "echo").await;
+    // Tenant a's first upload of 590 KiB fits in its 1 MiB share; its second does not, though
+    // the node has room, and is refused before it is read.
+    let (_first, answer) = open_upload(&node, "/services/echo/call", "x-tenant-id: a\r\n", 590 << 10).await;
+    assert_eq!(answer, None, "the first upload is being read");
+    let deadline = Instant::now() + DEADLINE;
+    let refused = loop {
+        let (_second, answer) = open_upload(&node, "/services/echo/call", "x-tenant-id: a\r\n", 590 << 10).await;
+        if let Some(answer) = answer {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "tenant a's uploads were never bounded");
+    };
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(
+        refused.contains("tenant 'a'") && refused.contains("[limits] max_in_flight_body_bytes"),
+        "{refused}"
+    );
+    let big_wat = format!("{}\n;; {}", wat_text("echo"), "x".repeat(575 << 10));
+    let mut grpc = grpc_client(&node.server).await;
+    let mut request = grpc_deploy("big", "echo");
+    request.module = Some(solo::proto::deploy_request::Module::Wat(big_wat.clone()));
+    let status = grpc.deploy(as_tenant("a", request.clone())).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("tenant 'a'"), "{status:?}");
+    // Tenant b's uploads of as much go through, over both APIs.
+    let deployed = node
+        .post_json("/services", "b", &json!({ "service_id": "big", "wat": big_wat }))
+        .await;
+    assert_eq!(deployed.ok(201)["deploy"]["created"], true);
+    let deployed = grpc.deploy(as_tenant("b", request)).await.unwrap().into_inner();
+    assert!(!deployed.created, "the same deploy again");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_with_failed_credentials_is_refused_before_it_is_read() {
+    let mut tokens = None;
+    let node = node(|c| tokens = Some(tokens_config(c))).await;
+    let (_, acme) = tokens.unwrap();
+    for authorization in ["", "authorization: Bearer solo_not_a_token\r\n"] {
+        let (_upload, answer) = open_upload(&node, "/services", authorization, 10_000_000).await;
+        let answer = answer.expect("an answer before the body");
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains("\"unauthenticated\""), "{answer}");
+    }
+    // Over gRPC, a large module from a stranger is refused as unauthenticated too.
+    let mut grpc = grpc_client(&node.server).await;
+    let mut request = grpc_deploy("big", "echo");
+    request.module = Some(solo::proto::deploy_request::Module::Wat(format!(
+        "{}\n;; {}",
+        wat_text("echo"),
+        "x".repeat(1 << 20)
+    )));
+    let status = grpc
+        .deploy(with_token("solo_not_a_token", request.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    // The tenant's own token gets it deployed.
+    let deployed = grpc.deploy(with_token(&acme, request)).await.unwrap().into_inner();
+    assert!(deployed.created);
     node.stop().await;
 }
 

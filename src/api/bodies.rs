@@ -1,18 +1,25 @@
-//! Request bodies in flight: a node-wide budget of bytes.
+//! Request bodies in flight: a node-wide budget of bytes, and each tenant's share of it.
 //!
 //! Requests in flight are bounded in number ([`crate::shed`]), but a body may be up to
 //! `max_request_bytes` (24 MiB), and a thousand large ones at once would take more memory than
 //! the machine has: one tenant could bring the node down for all. So the bytes of request bodies
 //! held at once are counted, from the first byte received to the end of the request's handling,
-//! and a body that would take the count past `solo.max_in_flight_body_bytes` is refused
-//! (429 / RESOURCE_EXHAUSTED, retry later) rather than read. A body's first
-//! [`FREE_BYTES_PER_REQUEST`] are not counted: small requests (calls, kills, queries) always get
-//! through, and the budget decides only among large uploads. A body whose length is declared is
-//! charged in full before it is read.
+//! and a body that would take the count past `[solo] max_in_flight_body_bytes` is refused
+//! (429 / RESOURCE_EXHAUSTED, retry later) rather than read. A tenant's bodies count against
+//! its own `[limits] max_in_flight_body_bytes` too, so one tenant's uploads cannot hold the
+//! whole budget and keep the others' out; the admin's count against the node's alone. A body's
+//! first [`FREE_BYTES_PER_REQUEST`] are not counted: small requests (calls, kills, queries)
+//! always get through, and the budget decides only among large uploads. A body whose length is
+//! declared is charged in full before it is read.
+//!
+//! Who pays is known from the request's credentials before its body is read. A request whose
+//! credentials fail pays nothing: past its free bytes it is refused with the authentication
+//! error, so a stranger cannot make the node read a large body at all.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use axum::body::Bytes;
@@ -20,37 +27,143 @@ use futures_util::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use tonic::server::NamedService;
 
+use super::auth::{self, Authenticator, Principal, TENANT_HEADER};
+use super::{ApiState, Error, ErrorKind};
+use crate::limits::LimitsTable;
+
 /// Bytes of each body that the budget does not count.
 pub const FREE_BYTES_PER_REQUEST: u64 = 64 << 10;
 
-/// What the node's request bodies hold, against its limit.
+/// Tenants' shares kept before those holding nothing are dropped (they come back on use).
+const SHARES_KEPT: usize = 1024;
+
+/// Bytes counted against a limit.
+#[derive(Debug, Default)]
+struct Held(AtomicU64);
+
+impl Held {
+    /// Counts `bytes` more, if that stays within `limit`.
+    fn take(&self, bytes: u64, limit: u64) -> bool {
+        let held = self.0.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if held > limit {
+            self.0.fetch_sub(bytes, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, bytes: u64) {
+        self.0.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// What the node's request bodies hold, against its limit, and each tenant's share.
 #[derive(Debug)]
 pub struct BodyBudget {
-    held: AtomicU64,
+    held: Held,
     limit: u64,
+    limits: Arc<LimitsTable>,
+    /// Why a std lock: a map lookup per large body, never held across an `.await`.
+    shares: Mutex<HashMap<String, Arc<Held>>>,
+}
+
+/// Who a request's body is charged to, as its credentials say.
+#[derive(Debug)]
+pub enum Payer {
+    /// The node's budget only: the admin's requests.
+    Node,
+    Tenant(String),
+    /// Credentials that fail: the body is refused, with this error, past its free bytes.
+    Stranger(Error),
+}
+
+impl Payer {
+    /// The payer of a request with these headers and, over TLS, this client certificate's
+    /// tenant. A body that fits in the free bytes is never counted, so its credentials are
+    /// not looked at here (the handler checks them).
+    pub fn of(
+        auth: &Authenticator,
+        headers: &http::HeaderMap,
+        certificate_tenant: impl FnOnce() -> Option<String>,
+        declared_length: Option<u64>,
+    ) -> Payer {
+        if declared_length.is_some_and(|length| length <= FREE_BYTES_PER_REQUEST) {
+            return Payer::Node;
+        }
+        let text = |name: &str| auth::header_text(name, auth::single_value(name, headers.get_all(name).iter())?);
+        let caller = text("authorization").and_then(|authorization| {
+            let tenant = text(TENANT_HEADER)?;
+            auth.authenticate(authorization, tenant, certificate_tenant().as_deref())
+        });
+        match caller.map(|caller| caller.principal) {
+            Ok(Principal::Admin) => Payer::Node,
+            Ok(Principal::Tenant(tenant)) => Payer::Tenant(tenant),
+            Err(e) => Payer::Stranger(e),
+        }
+    }
+}
+
+/// Why a body was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Refusal {
+    None = 0,
+    NodeFull,
+    ShareFull,
+    Stranger,
 }
 
 impl BodyBudget {
-    pub fn new(limit: u64) -> Arc<BodyBudget> {
+    pub fn new(limit: u64, limits: Arc<LimitsTable>) -> Arc<BodyBudget> {
         Arc::new(BodyBudget {
-            held: AtomicU64::new(0),
+            held: Held::default(),
             limit,
+            limits,
+            shares: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Counted bytes held now.
+    /// Counted bytes held now, by all payers.
     pub fn held(&self) -> u64 {
-        self.held.load(Ordering::Relaxed)
+        self.held.0.load(Ordering::Relaxed)
     }
 
-    /// Wraps a request's body so that what it receives is charged to this budget, for as long
-    /// as the returned [`Charge`] lives. A declared length is charged at once; if it cannot be,
-    /// the charge is already refused.
-    pub fn meter<B: Body>(self: &Arc<Self>, body: B) -> (Metered<B>, Arc<Charge>) {
+    /// Counted bytes held now by `tenant`'s requests.
+    pub fn held_by(&self, tenant: &str) -> u64 {
+        let shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        shares.get(tenant).map_or(0, |share| share.0.load(Ordering::Relaxed))
+    }
+
+    fn share_of(&self, tenant: &str) -> Arc<Held> {
+        let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(share) = shares.get(tenant) {
+            return Arc::clone(share);
+        }
+        if shares.len() >= SHARES_KEPT {
+            // Only the map holds them, so they hold no bytes.
+            shares.retain(|_, share| Arc::strong_count(share) > 1);
+        }
+        Arc::clone(shares.entry(tenant.to_string()).or_default())
+    }
+
+    /// Wraps a request's body so that what it receives is charged to this budget, and to the
+    /// payer's share, for as long as the returned [`Charge`] lives. A declared length is charged
+    /// at once; if it cannot be, the charge is already refused.
+    pub fn meter<B: Body>(self: &Arc<Self>, payer: Payer, body: B) -> (Metered<B>, Arc<Charge>) {
+        let share = match payer {
+            Payer::Node => Share::None,
+            Payer::Tenant(tenant) => Share::Tenant {
+                held: self.share_of(&tenant),
+                limit: self.limits.for_tenant(&tenant).max_in_flight_body_bytes,
+                tenant,
+            },
+            Payer::Stranger(error) => Share::Refused(error),
+        };
         let charge = Arc::new(Charge {
             budget: Arc::clone(self),
+            share,
             received: AtomicU64::new(0),
-            refused: AtomicBool::new(false),
+            refused: AtomicU8::new(Refusal::None as u8),
         });
         let declared = body.size_hint().exact();
         let prepaid = declared.is_some_and(|length| charge.add(length));
@@ -63,47 +176,78 @@ impl BodyBudget {
     }
 }
 
+/// What a charge counts against besides the node's budget.
+#[derive(Debug)]
+enum Share {
+    None,
+    Tenant {
+        tenant: String,
+        held: Arc<Held>,
+        limit: u64,
+    },
+    /// Nothing may be counted: the credentials failed with this error.
+    Refused(Error),
+}
+
 /// One request's share of the budget, given back when the last of its holders (the body, the
 /// request's handling) lets go of it.
 #[derive(Debug)]
 pub struct Charge {
     budget: Arc<BodyBudget>,
+    share: Share,
     /// Bytes received (or declared), counted and free together.
     received: AtomicU64,
-    refused: AtomicBool,
+    /// A [`Refusal`].
+    refused: AtomicU8,
 }
 
 impl Charge {
-    /// Counts `bytes` more of the body; false, and nothing counted, if the budget has no room.
+    /// Counts `bytes` more of the body; false, and nothing counted, if there is no room.
     fn add(&self, bytes: u64) -> bool {
         let before = self.received.fetch_add(bytes, Ordering::Relaxed);
         let counted = counted(before + bytes) - counted(before);
         if counted == 0 {
             return true;
         }
-        let held = self.budget.held.fetch_add(counted, Ordering::Relaxed) + counted;
-        if held > self.budget.limit {
-            self.budget.held.fetch_sub(counted, Ordering::Relaxed);
-            self.received.fetch_sub(bytes, Ordering::Relaxed);
-            self.refused.store(true, Ordering::Relaxed);
-            return false;
-        }
-        true
+        let refusal = match &self.share {
+            Share::Refused(_) => Some(Refusal::Stranger),
+            Share::Tenant { held, limit, .. } if !held.take(counted, *limit) => Some(Refusal::ShareFull),
+            _ if !self.budget.held.take(counted, self.budget.limit) => {
+                if let Share::Tenant { held, .. } = &self.share {
+                    held.give(counted);
+                }
+                Some(Refusal::NodeFull)
+            }
+            _ => None,
+        };
+        let Some(refusal) = refusal else { return true };
+        self.received.fetch_sub(bytes, Ordering::Relaxed);
+        self.refused.store(refusal as u8, Ordering::Relaxed);
+        false
     }
 
-    /// Whether the body was refused for want of room.
+    /// Whether the body was refused.
     pub fn was_refused(&self) -> bool {
-        self.refused.load(Ordering::Relaxed)
+        self.refused.load(Ordering::Relaxed) != Refusal::None as u8
     }
 
-    /// The refusal, for either API: overloaded, with a retry hint.
-    pub fn refusal(&self) -> super::Error {
-        let message = format!(
-            "the node holds as many request bytes in flight as it may ({} MiB, [solo] max_in_flight_body_bytes); \
-             retry later",
-            self.budget.limit >> 20
-        );
-        super::Error::new(super::ErrorKind::Overloaded, message).with_retry_after(crate::shed::RETRY_AFTER)
+    /// The refusal, for either API: overloaded with a retry hint, or, for credentials that
+    /// failed, their error.
+    pub fn refusal(&self) -> Error {
+        let message = match (self.refused.load(Ordering::Relaxed), &self.share) {
+            (_, Share::Refused(error)) => return error.clone(),
+            (r, Share::Tenant { tenant, limit, .. }) if r == Refusal::ShareFull as u8 => format!(
+                "tenant '{tenant}' holds as many request bytes in flight as it may ({} MiB, [limits] \
+                 max_in_flight_body_bytes); retry later",
+                limit >> 20
+            ),
+            _ => format!(
+                "the node holds as many request bytes in flight as it may ({} MiB, [solo] \
+                 max_in_flight_body_bytes); retry later",
+                self.budget.limit >> 20
+            ),
+        };
+        Error::new(ErrorKind::Overloaded, message).with_retry_after(crate::shed::RETRY_AFTER)
     }
 }
 
@@ -114,7 +258,10 @@ fn counted(received: u64) -> u64 {
 impl Drop for Charge {
     fn drop(&mut self) {
         let counted = counted(*self.received.get_mut());
-        self.budget.held.fetch_sub(counted, Ordering::Relaxed);
+        self.budget.held.give(counted);
+        if let Share::Tenant { held, .. } = &self.share {
+            held.give(counted);
+        }
     }
 }
 
@@ -175,12 +322,12 @@ impl<B> Metered<B> {
 #[derive(Debug, Clone)]
 pub struct MeterBodies<S> {
     inner: S,
-    budget: Arc<BodyBudget>,
+    state: Arc<ApiState>,
 }
 
 impl<S> MeterBodies<S> {
-    pub fn new(inner: S, budget: Arc<BodyBudget>) -> MeterBodies<S> {
-        MeterBodies { inner, budget }
+    pub fn new(inner: S, state: Arc<ApiState>) -> MeterBodies<S> {
+        MeterBodies { inner, state }
     }
 }
 
@@ -204,7 +351,18 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let (parts, body) = request.into_parts();
-        let (metered, charge) = self.budget.meter(body);
+        let certificate_tenant = || {
+            use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+            let certificates = parts.extensions.get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
+            crate::tls::certificate_tenant(certificates.first()?.as_ref())
+        };
+        let payer = Payer::of(
+            &self.state.auth,
+            &parts.headers,
+            certificate_tenant,
+            body.size_hint().exact(),
+        );
+        let (metered, charge) = self.state.bodies.meter(payer, body);
         let answer = self.inner.call(http::Request::from_parts(parts, metered));
         Box::pin(async move {
             let answer = answer.await;
@@ -219,6 +377,29 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt as _, Full, StreamBody};
 
+    /// A budget of `limit` bytes, in which each tenant may hold `share`; tenant "small" may
+    /// hold 20 KiB.
+    fn budget(limit: u64, share: u64) -> Arc<BodyBudget> {
+        let node = crate::limits::TenantLimits {
+            max_in_flight_body_bytes: share,
+            ..Default::default()
+        };
+        let small = crate::limits::TenantLimits {
+            max_in_flight_body_bytes: 20 << 10,
+            ..node.clone()
+        };
+        let limits = LimitsTable {
+            node,
+            tenants: HashMap::from([("small".to_string(), small)]),
+            node_services: None,
+        };
+        BodyBudget::new(limit, Arc::new(limits))
+    }
+
+    fn tenant(name: &str) -> Payer {
+        Payer::Tenant(name.into())
+    }
+
     /// A body streamed in frames of these sizes, of unknown length.
     fn chunks(sizes: &[usize]) -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin + use<> {
         let frames: Vec<Result<_, std::convert::Infallible>> = sizes
@@ -230,40 +411,91 @@ mod tests {
 
     #[tokio::test]
     async fn only_bytes_past_the_free_share_are_counted_and_held_until_the_end() {
-        let budget = BodyBudget::new(1 << 20);
+        let budget = budget(1 << 20, 1 << 20);
         let free = FREE_BYTES_PER_REQUEST as usize;
-        let (body, charge) = budget.meter(chunks(&[free, 1000, 24]));
+        let (body, charge) = budget.meter(tenant("acme"), chunks(&[free, 1000, 24]));
         let collected = body.collect().await.unwrap().to_bytes();
         assert_eq!(collected.len(), free + 1024);
         assert_eq!(budget.held(), 1024, "the free share is not counted");
+        assert_eq!(budget.held_by("acme"), 1024);
         // The body is read, and the request's handling still holds its bytes until it ends.
         drop(charge);
-        assert_eq!(budget.held(), 0);
+        assert_eq!((budget.held(), budget.held_by("acme")), (0, 0));
     }
 
     #[tokio::test]
     async fn a_body_past_the_budget_is_refused_and_counts_nothing() {
-        let budget = BodyBudget::new(100 << 10);
+        let budget = budget(100 << 10, 1 << 20);
         let free = FREE_BYTES_PER_REQUEST as usize;
         // A declared length is charged before a byte is read.
-        let (first, first_charge) = budget.meter(Full::new(Bytes::from(vec![0u8; free + (80 << 10)])));
+        let (first, first_charge) = budget.meter(Payer::Node, Full::new(Bytes::from(vec![0u8; free + (80 << 10)])));
         assert!(!first_charge.was_refused());
         assert_eq!(budget.held(), 80 << 10);
         // One streamed in is charged as it comes, and refused at the frame that does not fit.
-        let (second, second_charge) = budget.meter(chunks(&[free, 10 << 10, 30 << 10]));
+        let (second, second_charge) = budget.meter(tenant("acme"), chunks(&[free, 10 << 10, 30 << 10]));
         let error = second.collect().await.unwrap_err();
         let status = error.downcast::<tonic::Status>().expect("a status");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("max_in_flight_body_bytes"), "{status:?}");
         assert!(second_charge.was_refused());
         assert_eq!(budget.held(), 90 << 10, "the refused frame is not counted");
+        assert_eq!(budget.held_by("acme"), 10 << 10, "nor in the tenant's share");
         drop(second_charge);
         assert_eq!(budget.held(), 80 << 10);
         // Small bodies get through whatever the budget holds.
-        let (small, small_charge) = budget.meter(Full::new(Bytes::from_static(b"ping")));
+        let (small, small_charge) = budget.meter(tenant("acme"), Full::new(Bytes::from_static(b"ping")));
         assert_eq!(small.collect().await.unwrap().to_bytes(), "ping");
         assert!(!small_charge.was_refused());
         drop((first, first_charge, small_charge));
         assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_tenant_holds_at_most_its_share_and_a_stranger_nothing() {
+        let budget = budget(1 << 20, 1 << 20);
+        let free = FREE_BYTES_PER_REQUEST as usize;
+        let (_held, held_charge) = budget.meter(tenant("small"), Full::new(Bytes::from(vec![0u8; free + (15 << 10)])));
+        assert!(!held_charge.was_refused());
+        // Past its 20 KiB share, with room in the node's budget.
+        let (over, over_charge) = budget.meter(tenant("small"), chunks(&[free, 4 << 10, 4 << 10]));
+        let status = over
+            .collect()
+            .await
+            .unwrap_err()
+            .downcast::<tonic::Status>()
+            .expect("a status");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("tenant 'small'")
+                && status.message().contains("[limits] max_in_flight_body_bytes"),
+            "{status:?}"
+        );
+        assert!(over_charge.was_refused());
+        assert_eq!((budget.held(), budget.held_by("small")), (19 << 10, 19 << 10));
+        // Another tenant's bodies count against its own share.
+        let (other, other_charge) = budget.meter(tenant("acme"), chunks(&[free, 100 << 10]));
+        assert_eq!(other.collect().await.unwrap().to_bytes().len(), free + (100 << 10));
+        assert_eq!(budget.held_by("acme"), 100 << 10);
+        drop((over_charge, other_charge));
+        assert_eq!(budget.held(), 15 << 10);
+        // Failed credentials: the free bytes are read, not a byte more, and the refusal is theirs.
+        let stranger = || Payer::Stranger(Error::unauthenticated("invalid token"));
+        let (declared, declared_charge) = budget.meter(stranger(), Full::new(Bytes::from(vec![0u8; free + 1])));
+        assert!(declared_charge.was_refused());
+        assert_eq!(declared_charge.refusal().kind, ErrorKind::Unauthenticated);
+        drop((declared, declared_charge));
+        let (streamed, streamed_charge) = budget.meter(stranger(), chunks(&[free, 1]));
+        let status = streamed
+            .collect()
+            .await
+            .unwrap_err()
+            .downcast::<tonic::Status>()
+            .expect("a status");
+        assert_eq!(
+            (status.code(), status.message()),
+            (tonic::Code::Unauthenticated, "invalid token")
+        );
+        drop(streamed_charge);
+        assert_eq!(budget.held(), 15 << 10);
     }
 }

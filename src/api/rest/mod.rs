@@ -23,6 +23,7 @@ use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, 
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use super::bodies::Payer;
 use super::{ApiState, Caller, Error, ErrorKind, TENANT_HEADER};
 use crate::shed::Permit;
 
@@ -141,14 +142,22 @@ struct ErrorBody(Error);
 
 /// Admits the request's body: one whose declared length is over `max_request_bytes` is refused
 /// (413) before a byte of it is read, rather than after reading up to the limit (or waiting for
-/// a body that never comes); the rest is charged to the node's budget of bytes in flight
-/// ([`crate::api::bodies`]) until the answer is ready, and refused if it does not fit.
+/// a body that never comes); the rest is charged to the node's budget of bytes in flight and to
+/// its tenant's share ([`crate::api::bodies`]) until the answer is ready, and refused if it
+/// does not fit.
 async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
     if axum::body::HttpBody::size_hint(&body).lower() > state.options.max_body_bytes as u64 {
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     }
-    let (metered, charge) = state.bodies.meter(body);
+    let certificate_tenant = || parts.extensions.get::<crate::tls::PeerTenant>()?.0.clone();
+    let payer = Payer::of(
+        &state.auth,
+        &parts.headers,
+        certificate_tenant,
+        axum::body::HttpBody::size_hint(&body).exact(),
+    );
+    let (metered, charge) = state.bodies.meter(payer, body);
     if charge.was_refused() {
         return charge.refusal().into_response();
     }
