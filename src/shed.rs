@@ -2,6 +2,10 @@
 //! the node. A request over a limit is refused at once (429 / RESOURCE_EXHAUSTED with a retry
 //! hint) and does no work. Permits are RAII guards over semaphores: released exactly once, when
 //! the request ends, whatever way it ends.
+//!
+//! Requests count against their principal: a tenant's against its own limits, the admin's
+//! against limits of its own (the node's `[limits]`), whichever tenant it acts for. So no
+//! tenant's traffic can lock the admin out, and the admin's takes nothing from a tenant.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,8 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::api::{Error, ErrorKind};
-use crate::limits::LimitsTable;
+use crate::api::{Error, ErrorKind, Principal};
+use crate::limits::{LimitsTable, TenantLimits};
 use crate::metrics::Metrics;
 
 /// How soon a shed client should retry.
@@ -61,15 +65,16 @@ impl Shedder {
         }
     }
 
-    /// Admits one request of `tenant`, or refuses it without waiting.
-    pub fn admit(&self, tenant: &str) -> Result<Permit, Error> {
-        let limit = self.limits.for_tenant(tenant).max_in_flight_requests as usize;
-        let tenant_permit = semaphore(&self.tenants, tenant, limit)
+    /// Admits one request of `principal`, or refuses it without waiting.
+    pub fn admit(&self, principal: &Principal) -> Result<Permit, Error> {
+        let (bucket, limits) = self.bucket(principal);
+        let limit = limits.max_in_flight_requests as usize;
+        let tenant_permit = semaphore(&self.tenants, bucket, limit)
             .try_acquire_owned()
             .map_err(|_| {
                 self.shed(
                     "tenant",
-                    format!("tenant '{tenant}' has {limit} requests in flight, its limit"),
+                    format!("{} has {limit} requests in flight, its limit", who(principal)),
                 )
             })?;
         let node_permit = Arc::clone(&self.node).try_acquire_owned().map_err(|_| {
@@ -84,18 +89,28 @@ impl Shedder {
         })
     }
 
-    /// Admits one long-lived stream of `tenant`, or refuses it.
-    pub fn admit_watcher(&self, tenant: &str) -> Result<WatcherPermit, Error> {
-        let limit = self.limits.for_tenant(tenant).max_watchers as usize;
-        let permit = semaphore(&self.watchers, tenant, limit)
+    /// Admits one long-lived stream of `principal`, or refuses it.
+    pub fn admit_watcher(&self, principal: &Principal) -> Result<WatcherPermit, Error> {
+        let (bucket, limits) = self.bucket(principal);
+        let limit = limits.max_watchers as usize;
+        let permit = semaphore(&self.watchers, bucket, limit)
             .try_acquire_owned()
             .map_err(|_| {
                 self.shed(
                     "watchers",
-                    format!("tenant '{tenant}' has {limit} streams open, its limit"),
+                    format!("{} has {limit} streams open, its limit", who(principal)),
                 )
             })?;
         Ok(WatcherPermit { _tenant: permit })
+    }
+
+    /// The semaphores' key and the limits of `principal`: the admin's key is empty, which no
+    /// tenant's name can be.
+    fn bucket<'a>(&'a self, principal: &'a Principal) -> (&'a str, &'a TenantLimits) {
+        match principal {
+            Principal::Admin => (ADMIN_BUCKET, &self.limits.node),
+            Principal::Tenant(tenant) => (tenant, self.limits.for_tenant(tenant)),
+        }
     }
 
     /// Requests in flight on the node now.
@@ -106,6 +121,16 @@ impl Shedder {
     fn shed(&self, scope: &str, message: String) -> Error {
         self.metrics.shed.with_label_values(&[scope]).inc();
         Error::new(ErrorKind::Overloaded, format!("{message}; retry later")).with_retry_after(RETRY_AFTER)
+    }
+}
+
+/// The admin's key among the tenants' semaphores.
+const ADMIN_BUCKET: &str = "";
+
+fn who(principal: &Principal) -> String {
+    match principal {
+        Principal::Admin => "the admin".to_string(),
+        Principal::Tenant(tenant) => format!("tenant '{tenant}'"),
     }
 }
 
@@ -120,7 +145,10 @@ fn semaphore(map: &Mutex<HashMap<String, Arc<Semaphore>>>, tenant: &str, limit: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::TenantLimits;
+
+    fn tenant(name: &str) -> Principal {
+        Principal::Tenant(name.into())
+    }
 
     fn shedder(node: usize, per_tenant: u32) -> Shedder {
         let limits = LimitsTable {
@@ -137,24 +165,48 @@ mod tests {
     #[test]
     fn permits_are_released_when_dropped_and_only_then() {
         let shedder = shedder(3, 2);
-        let a = shedder.admit("acme").unwrap();
-        let b = shedder.admit("acme").unwrap();
-        let refused = shedder.admit("acme").unwrap_err();
+        let a = shedder.admit(&tenant("acme")).unwrap();
+        let b = shedder.admit(&tenant("acme")).unwrap();
+        let refused = shedder.admit(&tenant("acme")).unwrap_err();
         assert_eq!(refused.kind, ErrorKind::Overloaded);
         assert_eq!(refused.retry_after, Some(RETRY_AFTER));
-        let c = shedder.admit("beta").unwrap();
-        assert!(shedder.admit("gamma").is_err(), "the node limit holds across tenants");
+        let c = shedder.admit(&tenant("beta")).unwrap();
+        assert!(
+            shedder.admit(&tenant("gamma")).is_err(),
+            "the node limit holds across tenants"
+        );
         assert_eq!(shedder.in_flight(), 3);
         drop(a);
-        assert!(shedder.admit("gamma").is_ok());
+        assert!(shedder.admit(&tenant("gamma")).is_ok());
         drop((b, c));
         assert_eq!(shedder.in_flight(), 0);
         assert_eq!(shedder.metrics.shed.with_label_values(&["tenant"]).get(), 1);
         assert_eq!(shedder.metrics.shed.with_label_values(&["node"]).get(), 1);
 
-        let watch = shedder.admit_watcher("acme").unwrap();
-        assert!(shedder.admit_watcher("acme").is_err());
+        let watch = shedder.admit_watcher(&tenant("acme")).unwrap();
+        assert!(shedder.admit_watcher(&tenant("acme")).is_err());
         drop(watch);
-        assert!(shedder.admit_watcher("acme").is_ok());
+        assert!(shedder.admit_watcher(&tenant("acme")).is_ok());
+    }
+
+    #[test]
+    fn the_admin_has_limits_of_its_own() {
+        let shedder = shedder(10, 1);
+        // A tenant named `default` (the one the admin acts on when it names none) at its limits
+        // takes nothing from the admin, and the admin nothing from it.
+        let _request = shedder.admit(&tenant("default")).unwrap();
+        let _stream = shedder.admit_watcher(&tenant("default")).unwrap();
+        let admin_request = shedder.admit(&Principal::Admin).unwrap();
+        let admin_stream = shedder.admit_watcher(&Principal::Admin).unwrap();
+        let refused = shedder.admit(&Principal::Admin).unwrap_err();
+        assert!(
+            refused.to_string().starts_with("the admin has 1 requests in flight"),
+            "{refused}"
+        );
+        assert!(shedder.admit_watcher(&Principal::Admin).is_err());
+        assert!(shedder.admit(&tenant("default")).is_err());
+        drop((admin_request, admin_stream));
+        assert!(shedder.admit(&Principal::Admin).is_ok());
+        assert!(shedder.admit(&tenant("default")).is_err());
     }
 }

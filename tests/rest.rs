@@ -1578,7 +1578,18 @@ async fn quota_and_shedding_refusals_carry_retry_after() {
     assert_eq!(metrics.value("solo_deploys_total", &[("result", "refused")]), 1.0);
     // Another tenant has its own allowance.
     let (_, other) = node.events("", "b", None).await;
-    drop((stream, other));
+    // So has the admin: naming no tenant it acts on tenant `default`, but that tenant's streams
+    // take nothing from it, nor its streams from that tenant.
+    let (_, tenant_default) = node.events("", "default", None).await;
+    let (_, admin) = node.events("", "", None).await;
+    node.get("/events", "default").await.error(429, "overloaded");
+    assert!(
+        node.get("/events", "")
+            .await
+            .error(429, "overloaded")
+            .contains("the admin has 1 streams open")
+    );
+    drop((stream, other, tenant_default, admin));
     node.stop().await;
 }
 

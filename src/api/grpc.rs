@@ -61,7 +61,7 @@ impl GrpcApi {
     /// Authenticates and admits a unary request.
     fn admit<T>(&self, request: &Request<T>) -> Result<(Caller, Permit), Error> {
         let caller = self.caller(request)?;
-        let permit = self.state.shed.admit(caller.tenant())?;
+        let permit = self.state.shed.admit(&caller.principal)?;
         Ok((caller, permit))
     }
 
@@ -195,9 +195,9 @@ impl SoloKernel for GrpcApi {
             let r = request.into_inner();
             // A follower is a stream and counts as a watcher; a one-off read is a request.
             let permit = if r.follow {
-                Held::Watcher(self.state.shed.admit_watcher(caller.tenant())?)
+                Held::Watcher(self.state.shed.admit_watcher(&caller.principal)?)
             } else {
-                Held::Request(self.state.shed.admit(caller.tenant())?)
+                Held::Request(self.state.shed.admit(&caller.principal)?)
             };
             let lines = ops::logs(&self.state, &caller, &r.service_id, r.from_seq, r.follow)?;
             let stream: Self::LogsStream = Box::pin(lines.map(move |line| {
@@ -216,7 +216,7 @@ impl SoloKernel for GrpcApi {
             let caller = self.caller(&request)?;
             self.state.check_open()?;
             let r = request.into_inner();
-            let permit = self.state.shed.admit_watcher(caller.tenant())?;
+            let permit = self.state.shed.admit_watcher(&caller.principal)?;
             let filter = WatchFilter::new(Some(r.service_id), r.kinds.iter().map(String::as_str))?;
             let progress = match r.progress_interval_ms {
                 0 => self.state.options.default_progress_interval,

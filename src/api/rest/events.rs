@@ -38,7 +38,7 @@ pub(super) async fn events(
         params.get("service_id").map(str::to_string),
         params.get("kinds").unwrap_or("").split(','),
     )?;
-    let permit = state.shed.admit_watcher(caller.tenant())?;
+    let permit = state.shed.admit_watcher(&caller.principal)?;
     let gauge = GaugeGuard::new(state.metrics.watchers.with_label_values(&["sse"]));
     let progress = state.options.sse_keepalive;
     let items = watch(
@@ -132,7 +132,7 @@ pub(super) async fn logs(
     // Like /events: after Last-Event-ID (what a reconnecting EventSource sends), else ?from=.
     let from = resume_point(&headers, params.number("from")?)?;
     if !follow {
-        let _permit = state.shed.admit(caller.tenant())?;
+        let _permit = state.shed.admit(&caller.principal)?;
         let lines: Vec<_> = ops::logs(&state, &caller, &id, from, false)?.collect().await;
         let lines: Vec<_> = lines
             .into_iter()
@@ -141,7 +141,7 @@ pub(super) async fn logs(
             .collect();
         return Ok(Json(json!({ "service_id": id, "lines": lines })).into_response());
     }
-    let permit = state.shed.admit_watcher(caller.tenant())?;
+    let permit = state.shed.admit_watcher(&caller.principal)?;
     let lines = ops::logs(&state, &caller, &id, from, true)?;
     let frames = lines
         .take_while(|line| std::future::ready(line.is_ok()))

@@ -293,6 +293,6 @@ pub(crate) fn admit(
     certificate: Option<&crate::tls::PeerTenant>,
 ) -> Result<(Caller, Permit), Error> {
     let caller = caller(state, headers, query_tenant, certificate)?;
-    let permit = state.shed.admit(caller.tenant())?;
+    let permit = state.shed.admit(&caller.principal)?;
     Ok((caller, permit))
 }
