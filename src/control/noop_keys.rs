@@ -7,8 +7,13 @@
 //! answer, or a conflict if the key comes back with another request. They live in memory
 //! only: after the node restarts, a retry of a request that had changed nothing is decided
 //! again.
+//!
+//! The keys held are bounded in number, and when the bound is reached the tenant that holds
+//! the most gives up its oldest. So a tenant sending many keyed no-ops forgets its own keys,
+//! never another tenant's: a tenant that holds no more than an even share keeps every key for
+//! the whole window.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use super::command::{Command, Reply};
 use super::error::{Error, Result};
@@ -52,9 +57,15 @@ impl KeyedRequest {
 }
 
 pub(super) struct NoOpKeys {
+    /// By (tenant, key): the request, its answer, and when it was made.
     remembered: HashMap<(String, String), (KeyedRequest, Reply, u64)>,
-    /// (time, tenant, key), oldest first, for expiry.
-    order: VecDeque<(u64, String, String)>,
+    /// Each tenant's keys with the time they were remembered, oldest first. An entry whose
+    /// key has since been remembered again, or forgotten, is stale: skipped when it comes out.
+    queues: HashMap<String, VecDeque<(u64, String)>>,
+    /// (entries queued, tenant) for each tenant with a queue, to find the largest.
+    sizes: BTreeSet<(usize, String)>,
+    /// Entries in all queues, stale ones included: what the bound counts.
+    queued: usize,
     window_ms: u64,
     max_keys: usize,
 }
@@ -63,7 +74,9 @@ impl NoOpKeys {
     pub fn new(window_ms: u64, max_keys: usize) -> NoOpKeys {
         NoOpKeys {
             remembered: HashMap::new(),
-            order: VecDeque::new(),
+            queues: HashMap::new(),
+            sizes: BTreeSet::new(),
+            queued: 0,
             window_ms,
             max_keys: max_keys.max(1),
         }
@@ -72,7 +85,7 @@ impl NoOpKeys {
     /// The first answer to this request's key, marked as a replay; a conflict if the key was
     /// used for another request; `None` if the key is not remembered here.
     pub fn answer(&mut self, request: &KeyedRequest, now_ms: u64) -> Option<Result<Reply>> {
-        self.expire(now_ms);
+        self.expire(&request.tenant, now_ms);
         let (first, answer, _) = self.remembered.get(&(request.tenant.clone(), request.key.clone()))?;
         if first != request {
             return Some(Err(Error::IdempotencyConflict {
@@ -103,26 +116,53 @@ impl NoOpKeys {
         if !changed_nothing {
             return;
         }
-        if self.order.len() >= self.max_keys
-            && let Some((_, tenant, key)) = self.order.pop_front()
-        {
-            self.remembered.remove(&(tenant, key));
+        self.expire(&request.tenant, now_ms);
+        while self.queued >= self.max_keys {
+            let Some((_, largest)) = self.sizes.last().cloned() else {
+                break;
+            };
+            self.pop_oldest(&largest);
         }
-        let id = (request.tenant.clone(), request.key.clone());
-        self.order.push_back((now_ms, id.0.clone(), id.1.clone()));
+        let tenant = request.tenant.clone();
+        let size = self.queues.get(&tenant).map_or(0, VecDeque::len);
+        self.sizes.remove(&(size, tenant.clone()));
+        self.sizes.insert((size + 1, tenant.clone()));
+        self.queues
+            .entry(tenant.clone())
+            .or_default()
+            .push_back((now_ms, request.key.clone()));
+        self.queued += 1;
+        let id = (tenant, request.key.clone());
         self.remembered.insert(id, (request, answer.clone(), now_ms));
     }
 
-    fn expire(&mut self, now_ms: u64) {
-        while let Some((at_ms, _, _)) = self.order.front()
+    /// Forgets `tenant`'s keys whose window is over.
+    fn expire(&mut self, tenant: &str, now_ms: u64) {
+        while let Some((at_ms, _)) = self.queues.get(tenant).and_then(VecDeque::front)
             && at_ms.saturating_add(self.window_ms) <= now_ms
         {
-            let (at_ms, tenant, key) = self.order.pop_front().expect("a front");
-            let id = (tenant, key);
-            // Only if that entry is the one this expiry was queued for.
-            if self.remembered.get(&id).is_some_and(|(_, _, at)| *at == at_ms) {
-                self.remembered.remove(&id);
-            }
+            self.pop_oldest(tenant);
+        }
+    }
+
+    /// Takes `tenant`'s oldest queue entry out, and forgets its key unless the key has been
+    /// remembered again since.
+    fn pop_oldest(&mut self, tenant: &str) {
+        let Some(queue) = self.queues.get_mut(tenant) else {
+            return;
+        };
+        let Some((at_ms, key)) = queue.pop_front() else { return };
+        let left = queue.len();
+        self.sizes.remove(&(left + 1, tenant.to_string()));
+        if left == 0 {
+            self.queues.remove(tenant);
+        } else {
+            self.sizes.insert((left, tenant.to_string()));
+        }
+        self.queued -= 1;
+        let id = (tenant.to_string(), key);
+        if self.remembered.get(&id).is_some_and(|(_, _, at)| *at == at_ms) {
+            self.remembered.remove(&id);
         }
     }
 }
@@ -133,8 +173,12 @@ mod tests {
     use crate::control::command::KillOutcome;
 
     fn kill(key: &str) -> KeyedRequest {
+        kill_by("acme", key)
+    }
+
+    fn kill_by(tenant: &str, key: &str) -> KeyedRequest {
         KeyedRequest {
-            tenant: "acme".into(),
+            tenant: tenant.into(),
             key: key.into(),
             op: IdempotentOp::Kill,
             service_id: "a".into(),
@@ -182,5 +226,39 @@ mod tests {
         });
         keys.remember(kill("k1"), &acted, 0);
         assert!(keys.answer(&kill("k1"), 1).is_none(), "the log remembers that one");
+    }
+
+    #[test]
+    fn a_tenant_that_sends_many_keys_forgets_its_own_not_anothers() {
+        let mut keys = NoOpKeys::new(1_000_000, 4);
+        keys.remember(kill_by("beta", "b1"), &stopped(1), 0);
+        for i in 0..100 {
+            keys.remember(kill(&format!("a{i}")), &stopped(2), i);
+        }
+        assert!(keys.answer(&kill_by("beta", "b1"), 200).is_some(), "beta's key is kept");
+        assert!(keys.answer(&kill("a99"), 200).is_some());
+        assert!(keys.answer(&kill("a96"), 200).is_none(), "acme's oldest went");
+        assert_eq!(keys.queued, 4);
+        // Beta, holding fewer, may still add: acme, holding the most, gives up another.
+        keys.remember(kill_by("beta", "b2"), &stopped(3), 300);
+        assert!(keys.answer(&kill_by("beta", "b1"), 301).is_some());
+        assert!(keys.answer(&kill_by("beta", "b2"), 301).is_some());
+        assert!(keys.answer(&kill("a97"), 301).is_none());
+        assert_eq!(keys.queued, 4);
+    }
+
+    #[test]
+    fn a_key_remembered_again_is_kept_from_its_second_time() {
+        let mut keys = NoOpKeys::new(1000, 10);
+        keys.remember(kill("k1"), &stopped(1), 0);
+        keys.remember(kill("k1"), &stopped(2), 500);
+        // The first entry's expiry is stale: it does not take the second with it.
+        assert!(matches!(
+            keys.answer(&kill("k1"), 1200),
+            Some(Ok(Reply::Killed(KillOutcome { seq: 2, .. })))
+        ));
+        assert!(keys.answer(&kill("k1"), 1500).is_none());
+        assert!(keys.queues.is_empty() && keys.sizes.is_empty() && keys.queued == 0);
+        assert!(keys.remembered.is_empty());
     }
 }
