@@ -193,6 +193,16 @@ fn check_blobs(store: &Store, modules: &BTreeMap<String, u64>, report: &mut Veri
     let mut present = std::collections::BTreeSet::new();
     store.scan_blobs(|key, bytes| {
         report.blobs += 1;
+        present.insert(hex::encode(key));
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(reason) => {
+                report
+                    .problems
+                    .push(format!("blob {} is damaged: {reason}", hex::encode(key)));
+                return;
+            }
+        };
         let computed = sha2::Sha256::digest(bytes);
         if computed.as_slice() != key {
             report.problems.push(format!(
@@ -201,7 +211,6 @@ fn check_blobs(store: &Store, modules: &BTreeMap<String, u64>, report: &mut Veri
                 hex::encode(computed)
             ));
         }
-        present.insert(hex::encode(key));
     })?;
     for (sha, seq) in modules {
         if !present.contains(sha) {

@@ -538,7 +538,7 @@ fn blob_count(control: &Control) -> (u64, u64) {
     control
         .log()
         .store()
-        .scan_blobs(|_, bytes| count = (count.0 + 1, count.1 + bytes.len() as u64))
+        .scan_blobs(|_, bytes| count = (count.0 + 1, count.1 + bytes.map_or(0, <[u8]>::len) as u64))
         .unwrap();
     count
 }
@@ -623,6 +623,76 @@ async fn a_damaged_key_is_reported_with_its_seq() {
     assert_eq!(dumped.status.code(), Some(1), "{error}");
     assert!(error.contains("record 14 does not decode"), "{error}");
     assert_eq!(String::from_utf8_lossy(&dumped.stdout).lines().count(), 13);
+}
+
+/// A value whose length in data.mdb is damaged to run past the end of the file: LMDB hands it
+/// out as it is, and reading it would kill the process with SIGBUS. The tools, and a node
+/// reading its history, report it as damage instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_that_runs_past_the_end_of_the_file_is_damage_not_a_crash() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    for i in 0..20 {
+        deploy(&control, "acme", &format!("svc-{i}"), "m").await;
+    }
+    control.close().await;
+    drop(control);
+    let clean = std::fs::read(dir.path().join("data.mdb")).unwrap();
+    // A leaf node is (data size: 4 bytes, little-endian halves; flags: 2; key size: 2; key).
+    // Its size's top byte set puts the value's end a gigabyte past the file's.
+    let damaged = |key: &[u8]| {
+        let mut bytes = clean.clone();
+        let mut node = vec![key.len() as u8, 0];
+        node.extend_from_slice(key);
+        for at in places_of(&bytes, &node) {
+            bytes[at - 3] = 0x40;
+        }
+        let copy = tempdir();
+        std::fs::write(copy.path().join("data.mdb"), bytes).unwrap();
+        copy
+    };
+    let solo = |command: &str, dir: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_solo"))
+            .args(["log", command, "--data-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let event = damaged(&14u64.to_be_bytes());
+    let verified = solo("verify", event.path());
+    let summary = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(1), "{summary}");
+    assert!(
+        summary.starts_with("FAILED: first bad record is seq 14: its length in data.mdb is damaged"),
+        "{summary}"
+    );
+    let dumped = solo("dump", event.path());
+    let error = String::from_utf8_lossy(&dumped.stderr);
+    assert_eq!(dumped.status.code(), Some(1), "{error}");
+    assert!(
+        error.contains("record 14") && error.contains("past the end of the file"),
+        "{error}"
+    );
+    // A node that must replay the damaged record refuses to open, and says why.
+    let refused = Control::open(options(event.path()))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("14") && refused.contains("past the end of the file"),
+        "{refused}"
+    );
+
+    let sha: [u8; 32] =
+        sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &*module("m"))).into();
+    let blob = damaged(&sha);
+    let verified = solo("verify", blob.path());
+    let summary = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(1), "{summary}");
+    assert!(
+        summary.contains("is damaged: its length in data.mdb is damaged"),
+        "{summary}"
+    );
 }
 
 /// A node snapshotting every 10 events, after `deploys` deploys over 7 services; and its state.

@@ -89,8 +89,68 @@ pub struct Store {
     snapshots: Database<SeqKey, Bytes>,
     meta: Database<Str, Bytes>,
     node: NodeMeta,
+    /// Where this process maps data.mdb, if that can be found.
+    mapping: Option<Mapping>,
     /// The writer's exclusive lock on the directory, held while the store is open.
     _writer_lock: Option<std::fs::File>,
+}
+
+/// Where data.mdb is mapped. LMDB hands out values in place, trusting the lengths its pages
+/// record; one damaged length can make a value run past the end of the file, and reading
+/// there kills the process with SIGBUS rather than failing. Knowing the map, each value is
+/// checked to lie within the file's pages before a byte of it is read.
+#[derive(Debug, Clone, Copy)]
+struct Mapping {
+    base: usize,
+    len: usize,
+    page_size: usize,
+}
+
+/// Said of a value whose length runs past the end of data.mdb.
+const PAST_THE_END: &str = "its length in data.mdb is damaged: it runs past the end of the file";
+
+/// The addresses of data.mdb's pages as of one moment ([`Store::file_pages`]).
+#[derive(Debug, Clone, Copy)]
+struct FilePages(Option<(Mapping, usize)>);
+
+impl FilePages {
+    /// Whether `value` lies within the file's pages. One outside the map altogether is a page
+    /// of the current write transaction, in memory, and whole.
+    fn hold(&self, value: &[u8]) -> bool {
+        let Some((mapping, file_end)) = self.0 else { return true };
+        let start = value.as_ptr() as usize;
+        if start < mapping.base || start >= mapping.base + mapping.len {
+            return true;
+        }
+        start.checked_add(value.len()).is_some_and(|end| end <= file_end)
+    }
+}
+
+/// Finds the one mapping of `file` at offset 0 in this process (Linux's `/proc/self/maps`).
+/// `None` if there is no such table, or not exactly one such mapping.
+fn find_mapping(file: &Path, page_size: usize) -> Option<Mapping> {
+    let file = std::fs::canonicalize(file).ok()?;
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let mut found = maps.lines().filter_map(|line| {
+        // start-end perms offset dev inode path (the path may hold spaces)
+        let mut fields = line.splitn(6, ' ');
+        let range = fields.next()?;
+        let offset = fields.nth(1)?;
+        let path = fields.nth(2)?.trim_start();
+        if u64::from_str_radix(offset, 16).ok()? != 0 || Path::new(path) != file {
+            return None;
+        }
+        let (start, end) = range.split_once('-')?;
+        let base = usize::from_str_radix(start, 16).ok()?;
+        let end = usize::from_str_radix(end, 16).ok()?;
+        Some(Mapping {
+            base,
+            len: end.checked_sub(base)?,
+            page_size,
+        })
+    });
+    let mapping = found.next()?;
+    found.next().is_none().then_some(mapping)
 }
 
 impl Store {
@@ -119,6 +179,10 @@ impl Store {
             create_databases(&env).map_err(heed_err)?
         };
         let map_size = env.info().map_size as u64;
+        let mapping = find_mapping(&path.join(DATA_FILE), env.stat().page_size as usize);
+        if mapping.is_none() {
+            tracing::debug!(path = %path.display(), "data.mdb's mapping not found: value lengths are trusted");
+        }
         let mut store = Store {
             env,
             path: path.to_path_buf(),
@@ -131,6 +195,7 @@ impl Store {
                 node_id: String::new(),
                 created_at_ms: 0,
             },
+            mapping,
             _writer_lock: writer_lock,
         };
         store.node = store.check_or_init_meta(options.read_only)?;
@@ -183,6 +248,15 @@ impl Store {
                 self.init_meta()
             }
         }
+    }
+
+    /// The file's pages as of now: they hold every value of a transaction begun before this
+    /// call (the file only grows), unless the value's length is damaged.
+    fn file_pages(&self) -> FilePages {
+        FilePages(self.mapping.map(|mapping| {
+            let pages = self.env.info().last_page_number + 1;
+            (mapping, mapping.base + pages * mapping.page_size)
+        }))
     }
 
     fn bad(&self, reason: &str) -> Error {
@@ -248,8 +322,9 @@ impl Store {
                 Err(heed::Error::Mdb(heed::MdbError::KeyExist)) => {
                     // The key is the hash of the bytes in hand, so a stored copy that differs
                     // is damaged: replacing it heals every service that runs this module.
+                    let pages = self.file_pages();
                     let stored = self.blobs.get(&wtxn, blob.sha256).map_err(|e| self.err(e))?;
-                    if stored != Some(blob.bytes) {
+                    if stored.is_none_or(|stored| !pages.hold(stored) || stored != blob.bytes) {
                         tracing::warn!(module = %hex::encode(blob.sha256), "a damaged module in the blob store is rewritten from a deploy");
                         self.blobs
                             .put(&mut wtxn, blob.sha256, blob.bytes)
@@ -297,11 +372,15 @@ impl Store {
         mut each: impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let pages = self.file_pages();
         let iter = self.events.range(&rtxn, &range).map_err(|e| self.err(e))?;
         for (expected, item) in (*range.start()..).zip(iter) {
             let (seq, bytes) = item.map_err(|e| self.damaged_from(expected, e))?;
             if seq != expected {
                 return Err(Error::MissingRecord { seq: expected });
+            }
+            if !pages.hold(bytes) {
+                return Err(past_the_end(seq));
             }
             let payload = frame::decode(bytes).map_err(|source| Error::CorruptRecord { seq, source })?;
             each(seq, payload)?;
@@ -317,9 +396,13 @@ impl Store {
         mut each: impl FnMut(u64, &[u8]) -> std::ops::ControlFlow<()>,
     ) -> Result<()> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let pages = self.file_pages();
         let mut next = *range.start();
         for item in self.events.range(&rtxn, &range).map_err(|e| self.err(e))? {
             let (seq, bytes) = item.map_err(|e| self.damaged_from(next, e))?;
+            if !pages.hold(bytes) {
+                return Err(past_the_end(seq));
+            }
             if each(seq, bytes).is_break() {
                 break;
             }
@@ -343,11 +426,13 @@ impl Store {
 
     pub fn blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        Ok(self
-            .blobs
-            .get(&rtxn, sha256)
-            .map_err(|e| self.err(e))?
-            .map(<[u8]>::to_vec))
+        let pages = self.file_pages();
+        match self.blobs.get(&rtxn, sha256).map_err(|e| self.err(e))? {
+            Some(bytes) if !pages.hold(bytes) => {
+                Err(self.bad(&format!("blob {}: {PAST_THE_END}", hex::encode(sha256))))
+            }
+            found => Ok(found.map(<[u8]>::to_vec)),
+        }
     }
 
     pub fn has_blob(&self, sha256: &[u8; 32]) -> Result<bool> {
@@ -355,12 +440,21 @@ impl Store {
         Ok(self.blobs.get(&rtxn, sha256).map_err(|e| self.err(e))?.is_some())
     }
 
-    /// Visits every blob (key, bytes) in one read transaction.
-    pub fn scan_blobs(&self, mut each: impl FnMut(&[u8], &[u8])) -> Result<()> {
+    /// Visits every blob (key, bytes) in one read transaction; a blob whose length is
+    /// damaged comes as the reason it cannot be read.
+    pub fn scan_blobs(&self, mut each: impl FnMut(&[u8], std::result::Result<&[u8], &str>)) -> Result<()> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let pages = self.file_pages();
         for item in self.blobs.iter(&rtxn).map_err(|e| self.err(e))? {
             let (key, bytes) = item.map_err(|e| self.err(e))?;
-            each(key, bytes);
+            each(
+                key,
+                if pages.hold(bytes) {
+                    Ok(bytes)
+                } else {
+                    Err(PAST_THE_END)
+                },
+            );
         }
         Ok(())
     }
@@ -394,21 +488,29 @@ impl Store {
     }
 
     /// Every stored snapshot (seq and frame), newest first, as of one moment: read in one read
-    /// transaction, so one the server prunes meanwhile is still here rather than vanished.
+    /// transaction, so one the server prunes meanwhile is still here rather than vanished. A
+    /// snapshot whose length is damaged comes back empty, which no frame check passes.
     pub fn snapshots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let pages = self.file_pages();
         self.snapshots
             .rev_iter(&rtxn)
             .map_err(|e| self.err(e))?
-            .map(|item| item.map(|(seq, bytes)| (seq, bytes.to_vec())).map_err(|e| self.err(e)))
+            .map(|item| {
+                item.map(|(seq, bytes)| (seq, if pages.hold(bytes) { bytes.to_vec() } else { Vec::new() }))
+                    .map_err(|e| self.err(e))
+            })
             .collect()
     }
 
     /// Runs `read` on the framed snapshot taken after `seq`, in place (no copy of what may be
-    /// megabytes), within one read transaction.
+    /// megabytes), within one read transaction. A snapshot whose length is damaged is read as
+    /// empty, which no frame check passes.
     pub fn read_snapshot<T>(&self, seq: u64, read: impl FnOnce(Option<&[u8]>) -> T) -> Result<T> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        Ok(read(self.snapshots.get(&rtxn, &seq).map_err(|e| self.err(e))?))
+        let pages = self.file_pages();
+        let frame = self.snapshots.get(&rtxn, &seq).map_err(|e| self.err(e))?;
+        Ok(read(frame.map(|bytes| if pages.hold(bytes) { bytes } else { &[] })))
     }
 
     pub fn stats(&self) -> Result<StoreStats> {
@@ -429,6 +531,13 @@ impl Store {
             stats.snapshots.push((seq, bytes.len() as u64));
         }
         Ok(stats)
+    }
+}
+
+fn past_the_end(seq: u64) -> Error {
+    Error::UndecodableRecord {
+        seq,
+        reason: PAST_THE_END.into(),
     }
 }
 
