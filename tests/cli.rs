@@ -1610,6 +1610,27 @@ fn a_data_file_cut_short_is_refused_with_a_reason_not_a_crash() {
     );
 }
 
+#[test]
+fn a_data_directory_that_is_a_file_is_refused_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("data");
+    std::fs::write(&file, "not a directory").unwrap();
+    let data = file.to_str().unwrap();
+    let served = serve_expecting_refusal(data);
+    assert!(
+        served.code > 0 && served.stderr.contains("it is a file, not a directory"),
+        "{}",
+        served.stderr
+    );
+    let verified = run(solo().args(["log", "verify", "--data-dir", data]));
+    assert!(verified.code > 0, "{}", verified.stderr);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "not a directory",
+        "left as it was"
+    );
+}
+
 /// A data directory of `events` small events written straight to the store, which was opened
 /// with a map of `map_size` bytes.
 fn offline_data_dir(dir: &Path, map_size: u64, events: u64) {

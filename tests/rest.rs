@@ -1521,6 +1521,11 @@ async fn tokens_are_required_when_configured() {
     assert_eq!(deployed.ok(201)["tenant"], "acme");
     let listed = send(get("/services", Some(&bearer(&acme)))).await;
     assert_eq!(listed.ok(200)["total"], 1);
+    // The scheme's name is case-insensitive.
+    for scheme in ["bearer", "BEARER"] {
+        let listed = send(get("/services", Some(&format!("{scheme} {acme}")))).await;
+        assert_eq!(listed.ok(200)["total"], 1);
+    }
     send(get("/services", Some(&bearer(&acme))).header("x-tenant-id", "beta"))
         .await
         .error(403, "permission_denied");

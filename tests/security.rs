@@ -1248,10 +1248,22 @@ fn assert_grpc_quota<T: std::fmt::Debug>(result: Result<tonic::Response<T>, Stat
     );
 }
 
-/// Asserts a REST quota refusal naming `quota` and `value`.
+/// Asserts a REST quota refusal naming `quota` and `value`, with a `Retry-After` only where a
+/// retry of the same request may pass without the tenant changing anything.
 #[track_caller]
 fn assert_rest_quota(reply: &Reply, quota: &str, value: u64) {
     assert_eq!((reply.status, reply.error_code()), (429, "quota_exceeded"), "{reply:?}");
+    let only_the_tenant_can_lift = [
+        "max_services",
+        "max_tenant_memory_mb",
+        "max_module_bytes",
+        "max_memory_mb",
+    ];
+    assert_eq!(
+        reply.headers.contains_key("retry-after"),
+        !only_the_tenant_can_lift.contains(&quota),
+        "{quota}: {reply:?}"
+    );
     let message = reply.message();
     assert!(
         message.contains(quota) && message.contains(&value.to_string()),

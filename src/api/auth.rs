@@ -229,10 +229,11 @@ impl Authenticator {
     }
 
     fn principal_for(&self, authorization: &str) -> Result<Principal, Error> {
+        // The scheme's name is case-insensitive (RFC 9110).
         let token = authorization
-            .strip_prefix("Bearer ")
-            .or_else(|| authorization.strip_prefix("bearer "))
-            .map(str::trim)
+            .split_at_checked(7)
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer "))
+            .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::unauthenticated("malformed authorization: expected `Bearer <token>`"))?;
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();

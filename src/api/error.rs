@@ -223,9 +223,10 @@ impl From<control::Error> for Error {
             E::QuotaExceeded { quota, .. } => {
                 let refused = Error::new(ErrorKind::QuotaExceeded, message);
                 match quota {
-                    // Limits on the request itself: the same request is refused every time, so
-                    // no `Retry-After` invites a retry.
-                    "max_module_bytes" | "max_memory_mb" => refused,
+                    // Limits on the request itself, or on what the tenant holds: the same
+                    // request is refused until the request, or the tenant's own services,
+                    // change, so no `Retry-After` invites a retry.
+                    "max_module_bytes" | "max_memory_mb" | "max_services" | "max_tenant_memory_mb" => refused,
                     "max_deploys_per_minute" => refused.with_retry_after(Duration::from_secs(60)),
                     _ => refused.with_retry_after(RETRY_SOON),
                 }

@@ -161,6 +161,12 @@ impl Store {
                 reason: "it holds no Solo log (no data.mdb)".into(),
             });
         }
+        if path.exists() && !path.is_dir() {
+            return Err(Error::BadDataDir {
+                path: path.to_path_buf(),
+                reason: "it is a file, not a directory".into(),
+            });
+        }
         std::fs::create_dir_all(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
