@@ -105,10 +105,11 @@ pub fn single_value<T>(name: &str, mut values: impl Iterator<Item = T>) -> Resul
     Ok(first)
 }
 
-/// A credential header as text: absent is `None`, present but not visible ASCII is an error
-/// (never mistaken for an absent header, which in development mode would mean the admin).
-pub fn header_text<'a>(name: &str, value: Option<&'a http::HeaderValue>) -> Result<Option<&'a str>, Error> {
-    match value {
+/// The one value of credential header `name` as text: absent is `None`, present but not
+/// visible ASCII is an error (never mistaken for an absent header, which in development mode
+/// would mean the admin), and so is a header sent twice.
+pub fn header<'a>(headers: &'a http::HeaderMap, name: &str) -> Result<Option<&'a str>, Error> {
+    match single_value(name, headers.get_all(name).iter())? {
         None => Ok(None),
         Some(value) => value
             .to_str()

@@ -18,8 +18,8 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use axum::body::Bytes;
@@ -90,9 +90,8 @@ impl Payer {
         if declared_length.is_some_and(|length| length <= FREE_BYTES_PER_REQUEST) {
             return Payer::Node;
         }
-        let text = |name: &str| auth::header_text(name, auth::single_value(name, headers.get_all(name).iter())?);
-        let caller = text("authorization").and_then(|authorization| {
-            let tenant = text(TENANT_HEADER)?;
+        let caller = auth::header(headers, "authorization").and_then(|authorization| {
+            let tenant = auth::header(headers, TENANT_HEADER)?;
             auth.authenticate(authorization, tenant, certificate_tenant().as_deref())
         });
         match caller.map(|caller| caller.principal) {
@@ -105,9 +104,7 @@ impl Payer {
 
 /// Why a body was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 enum Refusal {
-    None = 0,
     NodeFull,
     ShareFull,
     Stranger,
@@ -163,7 +160,7 @@ impl BodyBudget {
             budget: Arc::clone(self),
             share,
             received: AtomicU64::new(0),
-            refused: AtomicU8::new(Refusal::None as u8),
+            refused: OnceLock::new(),
         });
         let declared = body.size_hint().exact();
         let prepaid = declared.is_some_and(|length| charge.add(length));
@@ -197,8 +194,8 @@ pub struct Charge {
     share: Share,
     /// Bytes received (or declared), counted and free together.
     received: AtomicU64,
-    /// A [`Refusal`].
-    refused: AtomicU8,
+    /// Set at the first refusal; the body ends there.
+    refused: OnceLock<Refusal>,
 }
 
 impl Charge {
@@ -222,21 +219,21 @@ impl Charge {
         };
         let Some(refusal) = refusal else { return true };
         self.received.fetch_sub(bytes, Ordering::Relaxed);
-        self.refused.store(refusal as u8, Ordering::Relaxed);
+        let _ = self.refused.set(refusal);
         false
     }
 
     /// Whether the body was refused.
     pub fn was_refused(&self) -> bool {
-        self.refused.load(Ordering::Relaxed) != Refusal::None as u8
+        self.refused.get().is_some()
     }
 
     /// The refusal, for either API: overloaded with a retry hint, or, for credentials that
     /// failed, their error.
     pub fn refusal(&self) -> Error {
-        let message = match (self.refused.load(Ordering::Relaxed), &self.share) {
+        let message = match (self.refused.get(), &self.share) {
             (_, Share::Refused(error)) => return error.clone(),
-            (r, Share::Tenant { tenant, limit, .. }) if r == Refusal::ShareFull as u8 => format!(
+            (Some(Refusal::ShareFull), Share::Tenant { tenant, limit, .. }) => format!(
                 "tenant '{tenant}' holds as many request bytes in flight as it may ({} MiB, [limits] \
                  max_in_flight_body_bytes); retry later",
                 limit >> 20

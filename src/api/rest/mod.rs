@@ -264,8 +264,7 @@ pub(crate) fn caller(
     query_tenant: Option<&str>,
     certificate: Option<&crate::tls::PeerTenant>,
 ) -> Result<Caller, Error> {
-    let text =
-        |name: &str| super::auth::header_text(name, super::auth::single_value(name, headers.get_all(name).iter())?);
+    let text = |name: &str| super::auth::header(headers, name);
     let header_tenant = text(TENANT_HEADER)?;
     if let Some(named) = query_tenant {
         crate::control::validate_tenant(named).map_err(|e| Error::invalid(format!("?tenant=: {e}")))?;
