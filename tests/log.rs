@@ -557,11 +557,7 @@ async fn a_flipped_byte_is_reported_by_verify_with_its_seq() {
     }
     control.close().await;
     drop(control);
-    let clean = std::process::Command::new(env!("CARGO_BIN_EXE_solo"))
-        .args(["log", "verify", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let clean = solo_log("verify", dir.path());
     assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stdout));
 
     let copy = tempdir();
@@ -572,20 +568,15 @@ async fn a_flipped_byte_is_reported_by_verify_with_its_seq() {
     }
     std::fs::write(copy.path().join("data.mdb"), bytes).unwrap();
 
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_solo"))
-        .args(["log", "verify", "--data-dir"])
-        .arg(copy.path())
-        .output()
-        .unwrap();
+    let output = solo_log("verify", copy.path());
     let summary = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{summary}");
     assert!(summary.contains("seq 14") && summary.contains("checksum"), "{summary}");
     assert_eq!(summary.lines().count(), 1, "one-line summary: {summary}");
 }
 
-/// A key of data.mdb damaged so that it no longer decodes: verify and dump name the seq.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_key_is_reported_with_its_seq() {
+/// The data.mdb of a closed data directory holding 20 deploys (`svc-0`..`svc-19`, module "m").
+async fn twenty_deploys() -> Vec<u8> {
     let dir = tempdir();
     let control = open(options(dir.path()));
     for i in 0..20 {
@@ -593,7 +584,29 @@ async fn a_damaged_key_is_reported_with_its_seq() {
     }
     control.close().await;
     drop(control);
-    let mut bytes = std::fs::read(dir.path().join("data.mdb")).unwrap();
+    std::fs::read(dir.path().join("data.mdb")).unwrap()
+}
+
+/// A data directory of its own holding `data` as its data.mdb.
+fn data_dir_of(data: Vec<u8>) -> tempfile::TempDir {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("data.mdb"), data).unwrap();
+    dir
+}
+
+/// Runs `solo log <command>` on `dir`.
+fn solo_log(command: &str, dir: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_solo"))
+        .args(["log", command, "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+/// A key of data.mdb damaged so that it no longer decodes: verify and dump name the seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_key_is_reported_with_its_seq() {
+    let mut bytes = twenty_deploys().await;
     // A leaf node is (data size: 4 bytes, flags: 2, key size: 2, key): the key of seq 14, with
     // its size, in every copy of the page; a size of 4 leaves half a u64.
     let mut node = vec![8, 0];
@@ -601,24 +614,15 @@ async fn a_damaged_key_is_reported_with_its_seq() {
     for at in places_of(&bytes, &node) {
         bytes[at] = 4;
     }
-    let copy = tempdir();
-    std::fs::write(copy.path().join("data.mdb"), bytes).unwrap();
-
-    let solo = |command: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_solo"))
-            .args(["log", command, "--data-dir"])
-            .arg(copy.path())
-            .output()
-            .unwrap()
-    };
-    let verified = solo("verify");
+    let copy = data_dir_of(bytes);
+    let verified = solo_log("verify", copy.path());
     let summary = String::from_utf8_lossy(&verified.stdout);
     assert_eq!(verified.status.code(), Some(1), "{summary}");
     assert!(
         summary.starts_with("FAILED: first bad record is seq 14: its key in data.mdb is damaged"),
         "{summary}"
     );
-    let dumped = solo("dump");
+    let dumped = solo_log("dump", copy.path());
     let error = String::from_utf8_lossy(&dumped.stderr);
     assert_eq!(dumped.status.code(), Some(1), "{error}");
     assert!(error.contains("record 14 does not decode"), "{error}");
@@ -626,18 +630,11 @@ async fn a_damaged_key_is_reported_with_its_seq() {
 }
 
 /// A value whose length in data.mdb is damaged to run past the end of the file: LMDB hands it
-/// out as it is, and reading it would kill the process with SIGBUS. The tools, and a node
-/// reading its history, report it as damage instead.
+/// out as it is, and reading it would kill the process with SIGBUS. The tools report it as
+/// damage instead, and a node that must replay it refuses to open, saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_length_that_runs_past_the_end_of_the_file_is_damage_not_a_crash() {
-    let dir = tempdir();
-    let control = open(options(dir.path()));
-    for i in 0..20 {
-        deploy(&control, "acme", &format!("svc-{i}"), "m").await;
-    }
-    control.close().await;
-    drop(control);
-    let clean = std::fs::read(dir.path().join("data.mdb")).unwrap();
+    let clean = twenty_deploys().await;
     // A leaf node is (data size: 4 bytes, little-endian halves; flags: 2; key size: 2; key).
     // Its size's top byte set puts the value's end a gigabyte past the file's.
     let damaged = |key: &[u8]| {
@@ -647,26 +644,17 @@ async fn a_length_that_runs_past_the_end_of_the_file_is_damage_not_a_crash() {
         for at in places_of(&bytes, &node) {
             bytes[at - 3] = 0x40;
         }
-        let copy = tempdir();
-        std::fs::write(copy.path().join("data.mdb"), bytes).unwrap();
-        copy
-    };
-    let solo = |command: &str, dir: &Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_solo"))
-            .args(["log", command, "--data-dir"])
-            .arg(dir)
-            .output()
-            .unwrap()
+        data_dir_of(bytes)
     };
     let event = damaged(&14u64.to_be_bytes());
-    let verified = solo("verify", event.path());
+    let verified = solo_log("verify", event.path());
     let summary = String::from_utf8_lossy(&verified.stdout);
     assert_eq!(verified.status.code(), Some(1), "{summary}");
     assert!(
         summary.starts_with("FAILED: first bad record is seq 14: its length in data.mdb is damaged"),
         "{summary}"
     );
-    let dumped = solo("dump", event.path());
+    let dumped = solo_log("dump", event.path());
     let error = String::from_utf8_lossy(&dumped.stderr);
     assert_eq!(dumped.status.code(), Some(1), "{error}");
     assert!(
@@ -686,7 +674,7 @@ async fn a_length_that_runs_past_the_end_of_the_file_is_damage_not_a_crash() {
     let sha: [u8; 32] =
         sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &*module("m"))).into();
     let blob = damaged(&sha);
-    let verified = solo("verify", blob.path());
+    let verified = solo_log("verify", blob.path());
     let summary = String::from_utf8_lossy(&verified.stdout);
     assert_eq!(verified.status.code(), Some(1), "{summary}");
     assert!(
