@@ -2572,6 +2572,21 @@ async fn client_certificates_are_required_with_client_ca_and_name_the_tenant() {
     )
     .await;
     assert_eq!(call.body, b"hey");
+    // Its large bodies are its own: a module past the free 64 KiB, over either API.
+    let big_wat = format!("{}\n;; {}", wat_text("echo"), "x".repeat(100 << 10));
+    let mut big = grpc_deploy("big", "echo");
+    big.module = Some(proto::deploy_request::Module::Wat(big_wat.clone()));
+    let deployed = alpha.deploy(Auth::none().grpc(big)).await.unwrap();
+    assert!(deployed.get_ref().created);
+    let deployed = send(
+        https
+            .put(format!("https://localhost:{port}/services/big2"))
+            .header("content-type", "text/plain")
+            .body(big_wat),
+    )
+    .await;
+    assert_eq!(deployed.status, 201, "{deployed:?}");
+    assert_eq!(deployed.json["tenant"], "alpha");
     let shutdown = send(https.post(format!("https://localhost:{port}/shutdown"))).await;
     assert_eq!(
         shutdown.status, 403,
