@@ -677,6 +677,16 @@ async fn a_length_that_runs_past_the_end_of_the_file_is_damage_not_a_crash() {
     let verified = solo_log("verify", blob.path());
     let summary = String::from_utf8_lossy(&verified.stdout);
     assert_eq!(verified.status.code(), Some(1), "{summary}");
+    // A node whose services run that module refuses to start, rather than crash them all.
+    let refused = solo::server::open_node(&node_config(blob.path()))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let refused = format!("{refused:#}");
+    assert!(
+        refused.contains("cannot be read") && refused.contains("past the end of the file"),
+        "{refused}"
+    );
     assert!(
         summary.contains("is damaged: its length in data.mdb is damaged"),
         "{summary}"

@@ -441,9 +441,17 @@ impl Store {
         }
     }
 
+    /// Whether the blob is stored; an error if its record cannot be read (a damaged page, or a
+    /// length that runs past the end of the file).
     pub fn has_blob(&self, sha256: &[u8; 32]) -> Result<bool> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        Ok(self.blobs.get(&rtxn, sha256).map_err(|e| self.err(e))?.is_some())
+        let pages = self.file_pages();
+        match self.blobs.get(&rtxn, sha256).map_err(|e| self.err(e))? {
+            Some(bytes) if !pages.hold(bytes) => {
+                Err(self.bad(&format!("blob {}: {PAST_THE_END}", hex::encode(sha256))))
+            }
+            found => Ok(found.is_some()),
+        }
     }
 
     /// Visits every blob (key, bytes) in one read transaction; a blob whose length is
