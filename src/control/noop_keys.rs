@@ -9,9 +9,8 @@
 //! again.
 //!
 //! The keys held are bounded in number, and when the bound is reached the tenant that holds
-//! the most gives up its oldest. So a tenant sending many keyed no-ops forgets its own keys,
-//! never another tenant's: a tenant that holds no more than an even share keeps every key for
-//! the whole window.
+//! the most gives up its oldest. So a tenant sending many keyed no-ops forgets its own keys
+//! first: a tenant that holds no more keys than it does keeps every key for the whole window.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
