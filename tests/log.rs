@@ -693,6 +693,52 @@ async fn a_length_that_runs_past_the_end_of_the_file_is_damage_not_a_crash() {
     );
 }
 
+/// A tailer reading history through a damaged record gets every record before it, then the
+/// damage: the reader learns exactly where the log stops being readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tailer_gets_the_records_before_the_damage_then_the_damage() {
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.writer.snapshot_every = 10;
+    let control = open(opts);
+    for i in 0..25 {
+        let mut request = deploy_request("acme", &format!("svc-{i}"), "m");
+        if i == 13 {
+            // A label only seq 14 holds: the next deploy replaces it, so no snapshot has it.
+            request.labels.insert("mark".into(), "needle-label".into());
+        }
+        control.deploy(request).await.unwrap();
+        if i == 13 {
+            deploy(&control, "acme", "svc-13", "m2").await;
+        }
+    }
+    control.close().await;
+    drop(control);
+    // Seq 14's payload, in every copy LMDB left: its checksum no longer matches. The node
+    // opens from the snapshot after seq 20, past it.
+    let mut bytes = std::fs::read(dir.path().join("data.mdb")).unwrap();
+    for at in places_of(&bytes, b"needle-label") {
+        bytes[at] ^= 0x20;
+    }
+    let copy = data_dir_of(bytes);
+    let mut opts = options(copy.path());
+    opts.writer.snapshot_every = 10;
+    let control = open(opts);
+    let mut tail = Box::pin(control.log().tail(1));
+    for seq in 1..14 {
+        let record = timeout(Duration::from_secs(10), tail.next()).await.unwrap().unwrap();
+        assert_eq!(record.unwrap().seq, seq);
+    }
+    let damage = timeout(Duration::from_secs(10), tail.next()).await.unwrap().unwrap();
+    let damage = damage.unwrap_err().to_string();
+    assert!(damage.contains("record 14 is corrupt"), "{damage}");
+    assert!(
+        timeout(Duration::from_secs(10), tail.next()).await.unwrap().is_none(),
+        "the stream ends"
+    );
+    control.close().await;
+}
+
 /// A node snapshotting every 10 events, after `deploys` deploys over 7 services; and its state.
 async fn snapshotting_node(dir: &Path, deploys: usize) -> (Control, State) {
     let mut opts = options(dir);

@@ -79,6 +79,18 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The record that is damaged or missing, for an error about one.
+    pub fn damaged_seq(&self) -> Option<u64> {
+        match self {
+            Error::CorruptRecord { seq, .. } | Error::UndecodableRecord { seq, .. } | Error::MissingRecord { seq } => {
+                Some(*seq)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Error {
     /// Classifies a heed error: the cases an operator can fix get their own variant.
     pub(crate) fn from_heed(source: heed::Error, path: &std::path::Path, map_size: u64) -> Error {
         use heed::MdbError;

@@ -84,8 +84,25 @@ pub(super) fn tail<R: Record>(
                 Err(chunk) => {
                     let end = committed.min(next.saturating_add(chunk as u64 - 1));
                     match read_from_disk(&log, next, end).await {
+                        Ok(batch) => batch,
                         Err(Error::Closed) => return,
-                        batch => batch?,
+                        Err(damage) => {
+                            // The records before the damage are whole: they go out first, so a
+                            // reader learns exactly where the log stops being readable.
+                            if let Some(bad) = damage.damaged_seq().filter(|&bad| bad > next) {
+                                match read_from_disk(&log, next, bad - 1).await {
+                                    Ok(whole) => {
+                                        for record in whole {
+                                            next = record.seq() + 1;
+                                            yield record;
+                                        }
+                                    }
+                                    Err(Error::Closed) => return,
+                                    Err(e) => Err(e)?,
+                                }
+                            }
+                            Err(damage)?
+                        }
                     }
                 }
             };
