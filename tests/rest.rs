@@ -1636,6 +1636,12 @@ async fn sse_over_damaged_history_ends_with_an_error_frame_not_a_clean_end() {
     let response = node.request(Method::GET, "/events?from=1", "").send().await.unwrap();
     assert_eq!(response.status(), 200);
     let mut raw = RawSse::new(response);
+    // The record before the damage goes out whole, then the damage.
+    let first = raw.next_frame().await;
+    assert!(
+        first.contains(&"id: 1".to_string()) && first.contains(&"event: node_started".to_string()),
+        "{first:?}"
+    );
     let frame = raw.next_frame().await;
     assert!(frame.contains(&"event: error".to_string()), "{frame:?}");
     let data: Value = serde_json::from_str(frame.iter().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
