@@ -555,6 +555,9 @@ fn past_the_end(seq: u64) -> Error {
     }
 }
 
+/// How long a directory lock held by this very process is waited for.
+const OWN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The file whose lock marks the directory's one writer.
 const LOCK_FILE: &str = "solo.lock";
 
@@ -576,21 +579,32 @@ fn lock_for_writing(path: &Path) -> Result<std::fs::File> {
         .truncate(false)
         .open(&lock_path)
         .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = match holder.trim() {
-                "" => "a process that has not said which".to_string(),
-                pid => format!("process {pid}"),
-            };
-            return Err(Error::InUse {
-                path: path.to_path_buf(),
-                holder,
-            });
+    // A lock this very process holds is a transient: LMDB has refused a second open of the
+    // directory in this process already, so it is a store that is closing, or a child
+    // process's copy of the descriptor between its fork and its exec. It is waited out.
+    let own_deadline = std::time::Instant::now() + OWN_LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                file.rewind().map_err(io)?;
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                if holder == std::process::id().to_string() && std::time::Instant::now() < own_deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                }
+                return Err(Error::InUse {
+                    path: path.to_path_buf(),
+                    holder: match holder {
+                        "" => "a process that has not said which".to_string(),
+                        pid => format!("process {pid}"),
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
     }
     // Who holds it, for the next one to be told; only a courtesy, the lock is what counts.
     file.set_len(0).map_err(io)?;
