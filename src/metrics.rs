@@ -113,8 +113,14 @@ impl Metrics {
         registry
             .register(Box::new(instance_restarts.clone()))
             .expect("registered once");
-        let watchers = IntGaugeVec::new(Opts::new("solo_watchers", "Open Watch and SSE streams."), &["protocol"])
-            .expect("a valid metric");
+        let watchers = IntGaugeVec::new(
+            Opts::new(
+                "solo_watchers",
+                "Open Watch, SSE and log-follow streams: what max_watchers bounds.",
+            ),
+            &["protocol"],
+        )
+        .expect("a valid metric");
         registry.register(Box::new(watchers.clone())).expect("registered once");
         let shed = counter_vec(
             "solo_shed_total",

@@ -1338,7 +1338,10 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     };
     let (_, stream) = node.events("", "a", None).await;
     watchers(1.0).await;
-    drop(stream);
+    // A log follower is a watcher too, as max_watchers counts it.
+    let follower = send_stream(node.request(Method::GET, "/services/echo/logs?follow=true", "a")).await;
+    watchers(2.0).await;
+    drop((stream, follower));
     watchers(0.0).await;
     node.stop().await;
 }

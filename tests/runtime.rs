@@ -490,6 +490,20 @@ async fn a_response_over_the_limit_fails_the_call_not_the_service() {
     assert_eq!(call(control, "acme", "echo", b"small").await.unwrap(), b"small");
     let status = control.status("acme", "echo").unwrap();
     assert_eq!((status.status.as_str(), status.restarts), ("running", 0));
+    // A response outside linear memory breaks the ABI, however long it claims to be.
+    let mut liar = deploy_request("acme", "liar", "");
+    liar.module = Arc::from(
+        &br#"(module (memory (export "memory") 1)
+               (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+               (func (export "solo_handle") (param i32 i32) (result i64) (i64.const 0xffffffff)))"#[..],
+    );
+    let deployed = control.deploy(liar).await.unwrap();
+    wait_for_kind(control, deployed.seq, "acme", "liar", "service_started").await;
+    let err = call(control, "acme", "liar", b"hi").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Call(CallError::Trapped { trap_code, .. }) if trap_code == "abi_violation"),
+        "{err}"
+    );
     node.stop(Duration::from_secs(5)).await;
 }
 

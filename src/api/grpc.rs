@@ -200,8 +200,11 @@ impl SoloKernel for GrpcApi {
                 Held::Request(self.state.shed.admit(&caller.principal)?)
             };
             let lines = ops::logs(&self.state, &caller, &r.service_id, r.from_seq, r.follow)?;
+            let gauge = r
+                .follow
+                .then(|| GaugeGuard::new(self.state.metrics.watchers.with_label_values(&["grpc"])));
             let stream: Self::LogsStream = Box::pin(lines.map(move |line| {
-                let _held = &permit;
+                let _held = (&permit, &gauge);
                 line.map(|l| super::convert::log_line(&l)).map_err(Status::from)
             }));
             Ok(stream)

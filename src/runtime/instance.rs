@@ -267,14 +267,15 @@ impl Instance {
         let is_error = packed < 0;
         let out_ptr = ((packed as u64 >> 32) & 0x7fff_ffff) as u32;
         let out_len = packed as u32;
+        // Outside memory is a broken ABI, whatever the length: checked before the size limit.
+        let range = guest_range(out_ptr, out_len, self.memory.data_size(&self.store))
+            .ok_or_else(|| CallFailure::abi("solo_handle returned a response outside linear memory"))?;
         if out_len as usize > self.max_response_bytes {
             return Err(CallFailure::ResponseTooLarge {
                 bytes: out_len,
                 limit: self.max_response_bytes,
             });
         }
-        let range = guest_range(out_ptr, out_len, self.memory.data_size(&self.store))
-            .ok_or_else(|| CallFailure::abi("solo_handle returned a response outside linear memory"))?;
         let bytes = self.memory.data(&self.store)[range].to_vec();
         if is_error {
             return Err(CallFailure::Service(String::from_utf8_lossy(&bytes).into_owned()));

@@ -143,10 +143,11 @@ pub(super) async fn logs(
     }
     let permit = state.shed.admit_watcher(&caller.principal)?;
     let lines = ops::logs(&state, &caller, &id, from, true)?;
+    let gauge = GaugeGuard::new(state.metrics.watchers.with_label_values(&["sse"]));
     let frames = lines
         .take_while(|line| std::future::ready(line.is_ok()))
         .filter_map(move |line| {
-            let _held = &permit;
+            let _held = (&permit, &gauge);
             std::future::ready(line.ok().map(|line| {
                 Ok::<_, Infallible>(
                     SseEvent::default()
