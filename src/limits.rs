@@ -44,8 +44,8 @@ pub struct TenantLimits {
     pub max_in_flight_requests: u32,
     /// Watch, SSE and log-follow streams the tenant may hold open at once.
     pub max_watchers: u32,
-    /// Bytes of the tenant's request bodies held at once (past each body's free 64 KiB); its
-    /// share of the node's `[solo] max_in_flight_body_bytes`.
+    /// Bytes of the tenant's request bodies and unwritten answers held at once (past each
+    /// one's free 64 KiB); its share of the node's `[solo] max_in_flight_body_bytes`.
     pub max_in_flight_body_bytes: u64,
 }
 

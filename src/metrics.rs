@@ -96,7 +96,7 @@ impl Metrics {
         );
         let body_bytes_in_flight = gauge(
             "solo_body_bytes_in_flight",
-            "Bytes of request bodies in flight, past each body's free share, against max_in_flight_body_bytes.",
+            "Bytes of request bodies and unwritten answers in flight, past each one's free share, against max_in_flight_body_bytes.",
         );
         let deploys = counter_vec("solo_deploys_total", "Deploys by result.", &["result"]);
         let calls = counter_vec("solo_calls_total", "Calls by result.", &["result"]);

@@ -2806,6 +2806,63 @@ async fn one_tenants_uploads_cannot_keep_anothers_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_tenants_clients_do_not_read_fill_its_share_not_the_nodes_memory() {
+    let node = node(|c| c.limits.max_in_flight_body_bytes = 16 << 20).await;
+    // Answers every call with 16 MiB of its memory, the most an answer may be.
+    let big = r#"(module (memory (export "memory") 257)
+        (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+        (func (export "solo_handle") (param i32 i32) (result i64) (i64.const 16777216)))"#;
+    let deployed = node
+        .post_json("/services", "a", &json!({ "service_id": "big", "wat": big }))
+        .await;
+    let seq = deployed.ok(201)["deploy"]["seq"].as_u64().unwrap();
+    node.wait_event("a", seq, "big", "service_started").await;
+    node.deploy_running("b", "echo", "echo").await;
+    // Calls whose answers are never read: what the sockets cannot take stays in the node,
+    // counted against tenant a's 16 MiB until a's next request is refused.
+    let mut unread = Vec::new();
+    let refused = loop {
+        assert!(unread.len() < 16, "the unread answers were never counted");
+        let (connection, _) = open_upload(&node, "/services/big/call", "x-tenant-id: a\r\n", 2).await;
+        unread.push(connection);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reply = node.call("a", "echo-missing", "ping").await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            break reply;
+        }
+    };
+    assert!(
+        refused
+            .error(429, "overloaded")
+            .contains("read the answers already asked for"),
+        "{refused:?}"
+    );
+    assert!(refused.header("retry-after").is_some(), "{refused:?}");
+    let mut grpc = grpc_client(&node.server).await;
+    let call = solo::proto::CallRequest {
+        service_id: "echo".into(),
+        payload: b"ping".to_vec(),
+        timeout_ms: 0,
+    };
+    let status = grpc.call(as_tenant("a", call.clone())).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    // Other tenants are not held back.
+    assert_eq!(
+        grpc.call(as_tenant("b", call)).await.unwrap().into_inner().payload,
+        b"ping"
+    );
+    assert_eq!(node.call("b", "echo", "ping").await.bytes, b"ping");
+    // Once those clients are gone, their answers are let go, and tenant a is served again.
+    drop(unread);
+    let deadline = Instant::now() + DEADLINE;
+    while node.call("a", "echo-missing", "ping").await.status == StatusCode::TOO_MANY_REQUESTS {
+        assert!(Instant::now() < deadline, "the unread answers were never let go");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_body_with_failed_credentials_is_refused_before_it_is_read() {
     let mut tokens = None;
     let node = node(|c| tokens = Some(tokens_config(c))).await;

@@ -15,6 +15,14 @@
 //! Who pays is known from the request's credentials before its body is read. A request whose
 //! credentials fail pays nothing: past its free bytes it is refused with the authentication
 //! error, so a stranger cannot make the node read a large body at all.
+//!
+//! Answers are bodies in flight too: a call may answer with up to `max_response_bytes`, and a
+//! client that does not read leaves the answer in the node's memory. So an answer's bytes past
+//! its free share are counted as well, from when it is produced until the connection has
+//! written them out. An answer that exists is never refused; instead, while a tenant's share
+//! is full, its new requests are refused ([`BodyBudget::admit`]), so a tenant whose clients do
+//! not read what they asked for holds at most its share, plus the answers of the requests it
+//! had in flight.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -52,8 +60,17 @@ impl Held {
         true
     }
 
+    /// Counts `bytes` more, whatever the limit.
+    fn add(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     fn give(&self, bytes: u64) {
         self.0.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -79,17 +96,12 @@ pub enum Payer {
 
 impl Payer {
     /// The payer of a request with these headers and, over TLS, this client certificate's
-    /// tenant. A body that fits in the free bytes is never counted, so its credentials are
-    /// not looked at here (the handler checks them).
+    /// tenant.
     pub fn of(
         auth: &Authenticator,
         headers: &http::HeaderMap,
         certificate_tenant: impl FnOnce() -> Option<String>,
-        declared_length: Option<u64>,
     ) -> Payer {
-        if declared_length.is_some_and(|length| length <= FREE_BYTES_PER_REQUEST) {
-            return Payer::Node;
-        }
         let caller = auth::header(headers, "authorization").and_then(|authorization| {
             let tenant = auth::header(headers, TENANT_HEADER)?;
             auth.authenticate(authorization, tenant, certificate_tenant().as_deref())
@@ -122,13 +134,31 @@ impl BodyBudget {
 
     /// Counted bytes held now, by all payers.
     pub fn held(&self) -> u64 {
-        self.held.0.load(Ordering::Relaxed)
+        self.held.get()
     }
 
     /// Counted bytes held now by `tenant`'s requests.
     pub fn held_by(&self, tenant: &str) -> u64 {
         let shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
-        shares.get(tenant).map_or(0, |share| share.0.load(Ordering::Relaxed))
+        shares.get(tenant).map_or(0, |share| share.get())
+    }
+
+    /// Refuses a new request of `principal` while its tenant's share is full: of answers its
+    /// clients have not read, or of large bodies it is sending.
+    pub fn admit(&self, principal: &Principal) -> Result<(), Error> {
+        let Principal::Tenant(tenant) = principal else {
+            return Ok(());
+        };
+        let limit = self.limits.for_tenant(tenant).max_in_flight_body_bytes;
+        if self.held_by(tenant) < limit {
+            return Ok(());
+        }
+        let message = format!(
+            "tenant '{tenant}' holds as many request and answer bytes in flight as it may ({} MiB, \
+             [limits] max_in_flight_body_bytes): read the answers already asked for, then retry",
+            limit >> 20
+        );
+        Err(Error::new(ErrorKind::Overloaded, message).with_retry_after(crate::shed::RETRY_AFTER))
     }
 
     fn share_of(&self, tenant: &str) -> Arc<Held> {
@@ -223,6 +253,21 @@ impl Charge {
         false
     }
 
+    /// Wraps the request's answer so that its bytes past the free share are counted against
+    /// the same budget and share as the request, until the connection has written them.
+    pub fn meter_answer<B>(&self, body: B) -> MeteredAnswer<B> {
+        let share = match &self.share {
+            Share::Tenant { held, .. } => Some(Arc::clone(held)),
+            Share::None | Share::Refused(_) => None,
+        };
+        MeteredAnswer {
+            body,
+            budget: Arc::clone(&self.budget),
+            share,
+            produced: 0,
+        }
+    }
+
     /// Whether the body was refused.
     pub fn was_refused(&self) -> bool {
         self.refused.get().is_some()
@@ -314,8 +359,85 @@ impl<B> Metered<B> {
     }
 }
 
-/// Meters the request bodies of a gRPC service; a request's charge lasts until its answer is
-/// ready (for a unary call: decoded, handled and encoded).
+/// An answer whose bytes are counted from when they are produced until every handle to them
+/// is dropped: the connection drops them once they are written out.
+#[derive(Debug)]
+pub struct MeteredAnswer<B> {
+    body: B,
+    budget: Arc<BodyBudget>,
+    share: Option<Arc<Held>>,
+    /// Bytes produced so far, counted and free together.
+    produced: u64,
+}
+
+impl<B> Body for MeteredAnswer<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        let frame = frame.map_data(|data| {
+            let before = self.produced;
+            self.produced += data.len() as u64;
+            let counted = counted(self.produced) - counted(before);
+            if counted == 0 {
+                return data;
+            }
+            self.budget.held.add(counted);
+            if let Some(share) = &self.share {
+                share.add(counted);
+            }
+            Bytes::from_owner(HeldBytes {
+                data,
+                budget: Arc::clone(&self.budget),
+                share: self.share.clone(),
+                counted,
+            })
+        });
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Bytes of an answer that count against the budget until dropped.
+struct HeldBytes {
+    data: Bytes,
+    budget: Arc<BodyBudget>,
+    share: Option<Arc<Held>>,
+    counted: u64,
+}
+
+impl AsRef<[u8]> for HeldBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.budget.held.give(self.counted);
+        if let Some(share) = &self.share {
+            share.give(self.counted);
+        }
+    }
+}
+
+/// Meters the request bodies of a gRPC service, and their answers: a request's charge lasts
+/// until its answer is ready (for a unary call: decoded, handled and encoded), the answer's
+/// until it is written out.
 #[derive(Debug, Clone)]
 pub struct MeterBodies<S> {
     inner: S,
@@ -334,7 +456,7 @@ impl<S: NamedService> NamedService for MeterBodies<S> {
 
 impl<S, B> tower::Service<http::Request<B>> for MeterBodies<S>
 where
-    S: tower::Service<http::Request<Metered<B>>>,
+    S: tower::Service<http::Request<Metered<B>>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
     B: Body,
 {
@@ -353,18 +475,12 @@ where
             let certificates = parts.extensions.get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
             crate::tls::certificate_tenant(certificates.first()?.as_ref())
         };
-        let payer = Payer::of(
-            &self.state.auth,
-            &parts.headers,
-            certificate_tenant,
-            body.size_hint().exact(),
-        );
+        let payer = Payer::of(&self.state.auth, &parts.headers, certificate_tenant);
         let (metered, charge) = self.state.bodies.meter(payer, body);
         let answer = self.inner.call(http::Request::from_parts(parts, metered));
         Box::pin(async move {
-            let answer = answer.await;
-            drop(charge);
-            answer
+            let answer = answer.await?;
+            Ok(answer.map(|body| tonic::body::Body::new(charge.meter_answer(body))))
         })
     }
 }
@@ -494,5 +610,38 @@ mod tests {
         );
         drop(streamed_charge);
         assert_eq!(budget.held(), 15 << 10);
+    }
+
+    #[tokio::test]
+    async fn answers_count_until_written_and_a_full_share_refuses_new_requests() {
+        let budget = budget(1 << 20, 1 << 20);
+        let free = FREE_BYTES_PER_REQUEST as usize;
+        let (_, charge) = budget.meter(tenant("small"), Full::new(Bytes::from_static(b"call")));
+        let mut answer = charge.meter_answer(chunks(&[free, 30 << 10]));
+        drop(charge);
+        let mut held = Vec::new();
+        while let Some(frame) = answer.frame().await {
+            held.push(frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(held.iter().map(Bytes::len).sum::<usize>(), free + (30 << 10));
+        // Produced, not yet written: counted past the free share, against the tenant's 20 KiB.
+        assert_eq!((budget.held(), budget.held_by("small")), (30 << 10, 30 << 10));
+        let small = Principal::Tenant("small".into());
+        let refused = budget.admit(&small).unwrap_err();
+        assert_eq!(refused.kind, ErrorKind::Overloaded);
+        assert!(
+            refused.to_string().contains("read the answers already asked for"),
+            "{refused}"
+        );
+        assert!(budget.admit(&Principal::Tenant("acme".into())).is_ok());
+        assert!(budget.admit(&Principal::Admin).is_ok());
+        // Written out: the connection drops the bytes, and the share is free again.
+        let tail = held.pop().unwrap();
+        let copy = tail.slice(10..);
+        drop((held, tail));
+        assert_eq!(budget.held(), 30 << 10, "a slice still holds them");
+        drop(copy);
+        assert_eq!((budget.held(), budget.held_by("small")), (0, 0));
+        assert!(budget.admit(&small).is_ok());
     }
 }

@@ -144,19 +144,14 @@ struct ErrorBody(Error);
 /// (413) before a byte of it is read, rather than after reading up to the limit (or waiting for
 /// a body that never comes); the rest is charged to the node's budget of bytes in flight and to
 /// its tenant's share ([`crate::api::bodies`]) until the answer is ready, and refused if it
-/// does not fit.
+/// does not fit. The answer's bytes are counted too, until they are written out.
 async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
     if axum::body::HttpBody::size_hint(&body).lower() > state.options.max_body_bytes as u64 {
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     }
     let certificate_tenant = || parts.extensions.get::<crate::tls::PeerTenant>()?.0.clone();
-    let payer = Payer::of(
-        &state.auth,
-        &parts.headers,
-        certificate_tenant,
-        axum::body::HttpBody::size_hint(&body).exact(),
-    );
+    let payer = Payer::of(&state.auth, &parts.headers, certificate_tenant);
     let (metered, charge) = state.bodies.meter(payer, body);
     if charge.was_refused() {
         return charge.refusal().into_response();
@@ -167,7 +162,7 @@ async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next
     if charge.was_refused() {
         return charge.refusal().into_response();
     }
-    response
+    response.map(|body| axum::body::Body::new(charge.meter_answer(body)))
 }
 
 /// Rewrites every error response into the JSON shape with the request id, counts the request,
@@ -293,5 +288,6 @@ pub(crate) fn admit(
 ) -> Result<(Caller, Permit), Error> {
     let caller = caller(state, headers, query_tenant, certificate)?;
     let permit = state.shed.admit(&caller.principal)?;
+    state.bodies.admit(&caller.principal)?;
     Ok((caller, permit))
 }
