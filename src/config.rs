@@ -138,8 +138,14 @@ pub struct RuntimeConfig {
     pub guest_threads: u32,
     /// Period of the epoch clock: CPU deadlines are checked, and looping guests yield, this often.
     pub epoch_tick_ms: u32,
-    /// Compiled modules kept in memory, by content hash.
+    /// Compiled modules kept in memory, by content hash, and the most compiled code they may
+    /// hold together.
     pub module_cache_entries: u32,
+    pub module_cache_mb: u32,
+    /// Modules compiled at once, all tenants together (0: one per core).
+    pub compile_threads: u32,
+    /// The largest function body a module may have; compiling takes memory in proportion.
+    pub max_function_bytes: u32,
     /// Log lines kept per service.
     pub log_lines_per_service: u32,
     /// Largest response a call may return.
@@ -163,6 +169,9 @@ impl Default for RuntimeConfig {
             guest_threads: 0,
             epoch_tick_ms: defaults.engine.epoch_tick.as_millis() as u32,
             module_cache_entries: defaults.module_cache_entries as u32,
+            module_cache_mb: (defaults.module_cache_bytes >> 20) as u32,
+            compile_threads: 0,
+            max_function_bytes: defaults.engine.max_function_bytes as u32,
             log_lines_per_service: defaults.log_lines as u32,
             max_response_bytes: defaults.max_response_bytes as u64,
             max_wasm_stack_kb: (defaults.engine.max_wasm_stack >> 10) as u32,
@@ -305,6 +314,8 @@ impl Config {
             ("runtime.max_instances", u64::from(rt.max_instances)),
             ("runtime.epoch_tick_ms", rt.epoch_tick_ms.into()),
             ("runtime.module_cache_entries", rt.module_cache_entries.into()),
+            ("runtime.module_cache_mb", rt.module_cache_mb.into()),
+            ("runtime.max_function_bytes", rt.max_function_bytes.into()),
             ("runtime.log_lines_per_service", rt.log_lines_per_service.into()),
             ("runtime.max_response_bytes", rt.max_response_bytes),
             ("runtime.start_timeout_ms", rt.start_timeout_ms.into()),
@@ -491,12 +502,18 @@ impl Config {
                 max_memory_bytes: max_memory_bytes.unwrap_or(table.node.max_memory_bytes()),
                 max_wasm_stack: (rt.max_wasm_stack_kb as usize) << 10,
                 epoch_tick: std::time::Duration::from_millis(rt.epoch_tick_ms.into()),
+                max_function_bytes: rt.max_function_bytes as usize,
             },
             guest_threads: match rt.guest_threads {
                 0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
                 n => n as usize,
             },
             module_cache_entries: rt.module_cache_entries as usize,
+            module_cache_bytes: (rt.module_cache_mb as usize) << 20,
+            compile_threads: match rt.compile_threads {
+                0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                n => n as usize,
+            },
             log_lines: rt.log_lines_per_service as usize,
             max_response_bytes: usize::try_from(rt.max_response_bytes).unwrap_or(usize::MAX),
             start_timeout: std::time::Duration::from_millis(rt.start_timeout_ms.into()),

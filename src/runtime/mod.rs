@@ -51,8 +51,12 @@ pub struct RuntimeOptions {
     pub engine: EngineOptions,
     /// Threads that run guest code.
     pub guest_threads: usize,
-    /// Compiled modules kept, by content hash.
+    /// Compiled modules kept, by content hash, and the most compiled code they may hold.
     pub module_cache_entries: usize,
+    pub module_cache_bytes: usize,
+    /// Modules compiled at once, all tenants together: each may take memory in proportion to
+    /// its largest function.
+    pub compile_threads: usize,
     /// Log lines kept per service.
     pub log_lines: usize,
     /// The largest response a call may return.
@@ -71,9 +75,12 @@ impl Default for RuntimeOptions {
                 max_memory_bytes: 256 << 20,
                 max_wasm_stack: 512 << 10,
                 epoch_tick: Duration::from_millis(2),
+                max_function_bytes: 1 << 20,
             },
             guest_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             module_cache_entries: 256,
+            module_cache_bytes: 1 << 30,
+            compile_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             log_lines: 1000,
             max_response_bytes: 16 << 20,
             start_timeout: Duration::from_secs(10),
@@ -95,6 +102,8 @@ struct Inner {
     compiles: Mutex<HashMap<String, Arc<TenantCompiles>>>,
     /// Modules compiled from deploys since the runtime started, refused ones included.
     compiled: std::sync::atomic::AtomicU64,
+    /// A permit per compile under way, all tenants together.
+    compile_slots: tokio::sync::Semaphore,
     options: RuntimeOptions,
     observer: Observer,
     /// Takes observations to the log, keeping those it cannot take yet.
@@ -167,7 +176,8 @@ impl Runtime {
         )?;
         Ok(Runtime {
             inner: Arc::new(Inner {
-                cache: ModuleCache::new(options.module_cache_entries),
+                cache: ModuleCache::new(options.module_cache_entries, options.module_cache_bytes),
+                compile_slots: tokio::sync::Semaphore::new(options.compile_threads.max(1)),
                 compiles: Mutex::new(HashMap::new()),
                 compiled: std::sync::atomic::AtomicU64::new(0),
                 compiler,
@@ -218,10 +228,9 @@ impl Runtime {
             }
             compiles.charge(quota)?;
             inner.compiled.fetch_add(1, Ordering::Relaxed);
+            let _slot = inner.compile_slot().await;
             let compiler = Arc::clone(&inner);
-            let compiled =
-                blocking(move || module::prepare(&compiler.compiler.engine, &compiler.compiler.linker, sha256, &bytes))
-                    .await;
+            let compiled = blocking(move || module::prepare(&compiler.compiler, sha256, &bytes)).await;
             if let Err(refusal) = &compiled {
                 inner.cache.remember_refusal(sha256, &refusal.0);
             }
@@ -595,13 +604,23 @@ impl Inner {
         }
     }
 
+    /// A turn to compile, among all the node's compiles.
+    async fn compile_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.compile_slots
+            .acquire()
+            .await
+            .expect("the compile slots are never closed")
+    }
+
     /// The compiled module with this hash, from the cache or compiled from the blob store.
     async fn load(self: &Arc<Self>, module_sha256: &str) -> Result<Prepared, String> {
         let mut sha = [0u8; 32];
         hex::decode_to_slice(module_sha256, &mut sha).map_err(|_| format!("bad module hash '{module_sha256}'"))?;
         let inner = Arc::clone(self);
+        let slots = Arc::clone(self);
         // Read and compiled only if the cache still lacks it when this caller's turn comes.
         let compile = async move {
+            let _slot = slots.compile_slot().await;
             let read_and_compile = move || {
                 let bytes = inner
                     .log
@@ -613,7 +632,7 @@ impl Inner {
                 if check != sha {
                     return Err(format!("module {} is damaged in the blob store", hex::encode(sha)));
                 }
-                module::prepare(&inner.compiler.engine, &inner.compiler.linker, sha, &bytes).map_err(|e| e.to_string())
+                module::prepare(&inner.compiler, sha, &bytes).map_err(|e| e.to_string())
             };
             tokio::task::spawn_blocking(read_and_compile)
                 .await

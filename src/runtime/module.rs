@@ -32,6 +32,9 @@ pub struct EngineOptions {
     pub max_wasm_stack: usize,
     /// Period of the epoch that enforces CPU deadlines and lets looping guests yield.
     pub epoch_tick: Duration,
+    /// The largest function body a module may have: compiling one takes memory in proportion
+    /// to its size (about a gigabyte per megabyte of code), so a larger one is refused first.
+    pub max_function_bytes: usize,
 }
 
 /// A module ready to instantiate: validated, compiled and linked.
@@ -43,6 +46,8 @@ pub struct Prepared {
     pub has_stop: bool,
     /// The size the module's memory starts at: a service limited below it cannot start.
     pub min_memory_bytes: u64,
+    /// Memory its compiled code takes, which the cache counts.
+    pub code_bytes: usize,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -104,12 +109,9 @@ pub fn to_wasm(bytes: &[u8]) -> Result<Vec<u8>, InvalidModule> {
 }
 
 /// Compiles and checks a module against the guest ABI.
-pub fn prepare(
-    engine: &Engine,
-    linker: &Linker<Host>,
-    sha256: [u8; 32],
-    wasm: &[u8],
-) -> Result<Prepared, InvalidModule> {
+pub fn prepare(compiler: &Compiler, sha256: [u8; 32], wasm: &[u8]) -> Result<Prepared, InvalidModule> {
+    check_function_sizes(wasm, compiler.max_function_bytes)?;
+    let engine = &compiler.engine;
     let module = Module::from_binary(engine, wasm).map_err(|e| {
         // Valid wasm that this node cannot load (a memory larger than its instances may have)
         // is told apart from broken bytes; checked only on failure, as it validates again.
@@ -133,7 +135,9 @@ pub fn prepare(
         Some(ExternType::Memory(memory)) => memory.minimum().saturating_mul(memory.page_size()),
         _ => 0,
     };
-    let pre = linker
+    let code_bytes = module.image_range().end.addr() - module.image_range().start.addr();
+    let pre = compiler
+        .linker
         .instantiate_pre(&module)
         .map_err(|e| InvalidModule(format!("cannot link the module: {e:#}")))?;
     Ok(Prepared {
@@ -142,7 +146,30 @@ pub fn prepare(
         has_init,
         has_stop,
         min_memory_bytes,
+        code_bytes,
     })
+}
+
+/// Refuses a module with a function body over `max_bytes`, before it is compiled. Bytes that
+/// do not parse are left to the validation that follows, which says what is wrong.
+fn check_function_sizes(wasm: &[u8], max_bytes: usize) -> Result<(), InvalidModule> {
+    let bodies = wasmparser::Parser::new(0)
+        .parse_all(wasm)
+        .map_while(Result::ok)
+        .filter_map(|payload| match payload {
+            wasmparser::Payload::CodeSectionEntry(body) => Some(body.range().len()),
+            _ => None,
+        });
+    for (index, size) in bodies.enumerate() {
+        if size > max_bytes {
+            return Err(InvalidModule(format!(
+                "a function body of the module (entry {index} of its code section) is {size} bytes of code, over \
+                 this node's limit of {max_bytes} bytes ([runtime] max_function_bytes): compiling it would take \
+                 memory in proportion; split it"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_imports(module: &Module) -> Result<(), InvalidModule> {
@@ -217,6 +244,8 @@ fn describe_signature((params, results): Signature<'_>) -> String {
 #[derive(Debug)]
 pub struct ModuleCache {
     capacity: usize,
+    /// Compiled code kept at most; a module larger than all of it is not kept.
+    byte_capacity: usize,
     /// Why a std lock: held for a map lookup or insert, never while compiling.
     entries: Mutex<CacheEntries>,
     /// A turn per module being compiled, so that it is compiled once however many wait for it.
@@ -233,12 +262,15 @@ const REFUSALS_REMEMBERED: usize = 1024;
 struct CacheEntries {
     modules: HashMap<[u8; 32], (Prepared, u64)>,
     clock: u64,
+    /// Compiled code of the modules kept.
+    code_bytes: usize,
 }
 
 impl ModuleCache {
-    pub fn new(capacity: usize) -> ModuleCache {
+    pub fn new(capacity: usize, byte_capacity: usize) -> ModuleCache {
         ModuleCache {
             capacity: capacity.max(1),
+            byte_capacity,
             entries: Mutex::new(CacheEntries::default()),
             compiling: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
@@ -305,20 +337,31 @@ impl ModuleCache {
         Some(prepared.clone())
     }
 
+    /// Keeps `prepared`, letting the least recently used go while the entries or their code
+    /// would be over the cache's bounds. Services running a module hold it either way: the
+    /// bounds are on what the cache alone keeps alive.
     pub fn insert(&self, prepared: Prepared) {
+        if prepared.code_bytes > self.byte_capacity {
+            return;
+        }
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.clock += 1;
         let now = entries.clock;
-        if entries.modules.len() >= self.capacity && !entries.modules.contains_key(&prepared.sha256) {
+        if let Some((old, _)) = entries.modules.remove(&prepared.sha256) {
+            entries.code_bytes -= old.code_bytes;
+        }
+        while entries.modules.len() >= self.capacity || entries.code_bytes + prepared.code_bytes > self.byte_capacity {
             let oldest = entries
                 .modules
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(sha, _)| *sha);
-            if let Some(oldest) = oldest {
-                entries.modules.remove(&oldest);
-            }
+            let Some((gone, _)) = oldest.and_then(|sha| entries.modules.remove(&sha)) else {
+                break;
+            };
+            entries.code_bytes -= gone.code_bytes;
         }
+        entries.code_bytes += prepared.code_bytes;
         entries.modules.insert(prepared.sha256, (prepared, now));
     }
 
@@ -327,10 +370,11 @@ impl ModuleCache {
     }
 }
 
-/// The engine and linker every instance shares.
+/// The engine and linker every instance shares, and what a module may be to be compiled.
 pub struct Compiler {
     pub engine: Engine,
     pub linker: Arc<Linker<Host>>,
+    max_function_bytes: usize,
 }
 
 impl Compiler {
@@ -341,6 +385,7 @@ impl Compiler {
         Ok(Compiler {
             engine,
             linker: Arc::new(linker),
+            max_function_bytes: options.max_function_bytes,
         })
     }
 }
@@ -369,7 +414,7 @@ mod tests {
         );
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/services/echo.wat");
         let wasm: Arc<[u8]> = to_wasm(&std::fs::read(path).unwrap()).unwrap().into();
-        let cache = Arc::new(ModuleCache::new(4));
+        let cache = Arc::new(ModuleCache::new(4, usize::MAX));
         let compiled = Arc::new(AtomicUsize::new(0));
         let sha = [7; 32];
         let waiters: Vec<_> = (0..8)
@@ -385,7 +430,7 @@ mod tests {
                         compiled.fetch_add(1, Ordering::SeqCst);
                         // Long enough that every waiter arrives while it runs.
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        prepare(&compiler.engine, &compiler.linker, sha, &wasm)
+                        prepare(&compiler, sha, &wasm)
                     };
                     cache.get_or_prepare(sha, compile).await.map(|p| p.sha256)
                 })
@@ -396,5 +441,30 @@ mod tests {
         }
         assert_eq!(compiled.load(Ordering::SeqCst), 1);
         assert!(cache.compiling.lock().unwrap().is_empty(), "no turn is left behind");
+    }
+
+    #[test]
+    fn the_cache_keeps_no_more_code_than_its_bytes_allow() {
+        let compiler = Compiler::new(&crate::runtime::RuntimeOptions::default().engine).unwrap();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/services/echo.wat");
+        let echo = std::fs::read_to_string(path).unwrap();
+        let module = |n: u8| {
+            let wasm = to_wasm(echo.replace("echo ready", &format!("echo {n}")).as_bytes()).unwrap();
+            prepare(&compiler, [n; 32], &wasm).unwrap()
+        };
+        let (one, two, three) = (module(1), module(2), module(3));
+        assert!(one.code_bytes > 0);
+        let cache = ModuleCache::new(10, one.code_bytes + two.code_bytes);
+        cache.insert(one);
+        cache.insert(two);
+        assert!(cache.get(&[1; 32]).is_some(), "1 is now the most recently used");
+        cache.insert(three);
+        assert_eq!(cache.len(), 2, "one had to go for the third's code");
+        assert!(cache.get(&[2; 32]).is_none(), "the least recently used went");
+        assert!(cache.get(&[1; 32]).is_some() && cache.get(&[3; 32]).is_some());
+        // A module larger than the whole cache is compiled but not kept.
+        let small = ModuleCache::new(10, 1);
+        small.insert(module(4));
+        assert_eq!(small.len(), 0);
     }
 }
