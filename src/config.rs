@@ -344,7 +344,7 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level) {
             return Err(invalid("telemetry.log_level", &format!("not a tracing filter: {e}")));
         }
-        validate_limits("limits", &self.limits)?;
+        validate_limits("limits", &self.limits, self.solo.max_request_bytes)?;
         self.validate_security()?;
         if rt.max_wasm_stack_kb < 64 {
             return Err(invalid("runtime.max_wasm_stack_kb", "must be at least 64"));
@@ -352,7 +352,7 @@ impl Config {
         for name in self.tenants.keys() {
             crate::control::validate_tenant(name).map_err(|e| invalid(&format!("tenants.{name}"), &e.to_string()))?;
             let limits = self.tenant_limits(name)?;
-            validate_limits(&format!("tenants.{name}.limits"), &limits)?;
+            validate_limits(&format!("tenants.{name}.limits"), &limits, self.solo.max_request_bytes)?;
         }
         // After the limits: a memory limit that is wrong in itself is named as such.
         self.validate_instance_pool()?;
@@ -591,7 +591,8 @@ impl Config {
     }
 }
 
-fn validate_limits(path: &str, limits: &TenantLimits) -> Result<(), ConfigError> {
+/// `max_request_bytes`: the largest request, which a tenant's share of bodies in flight must fit.
+fn validate_limits(path: &str, limits: &TenantLimits, max_request_bytes: u64) -> Result<(), ConfigError> {
     for (key, value) in [
         ("max_in_flight_requests", limits.max_in_flight_requests),
         ("max_watchers", limits.max_watchers),
@@ -603,12 +604,13 @@ fn validate_limits(path: &str, limits: &TenantLimits) -> Result<(), ConfigError>
             });
         }
     }
-    if limits.max_in_flight_body_bytes < limits.max_module_bytes {
+    if limits.max_in_flight_body_bytes < max_request_bytes {
         return Err(ConfigError::Invalid {
             path: format!("{path}.max_in_flight_body_bytes"),
             message: format!(
-                "{} is under max_module_bytes = {}: the largest module could never be sent",
-                limits.max_in_flight_body_bytes, limits.max_module_bytes
+                "{} is under [solo] max_request_bytes = {max_request_bytes}: a request of the largest size \
+                 could never be sent",
+                limits.max_in_flight_body_bytes
             ),
         });
     }
@@ -746,7 +748,7 @@ mod tests {
         );
         let e = error_of("[limits]\nmax_in_flight_body_bytes = 1048576\n");
         assert!(
-            e.contains("limits.max_in_flight_body_bytes") && e.contains("max_module_bytes = 16777216"),
+            e.contains("limits.max_in_flight_body_bytes") && e.contains("[solo] max_request_bytes = 25165824"),
             "{e}"
         );
         let e = error_of("this is not toml");

@@ -2807,7 +2807,11 @@ async fn one_tenants_uploads_cannot_keep_anothers_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_a_tenants_clients_do_not_read_fill_its_share_not_the_nodes_memory() {
-    let node = node(|c| c.limits.max_in_flight_body_bytes = 16 << 20).await;
+    let node = node(|c| {
+        c.solo.max_request_bytes = 1 << 20;
+        c.limits.max_in_flight_body_bytes = 16 << 20;
+    })
+    .await;
     // Answers every call with 16 MiB of its memory, the most an answer may be.
     let big = r#"(module (memory (export "memory") 257)
         (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
