@@ -50,6 +50,9 @@ pub struct SoloConfig {
     /// its opening bytes (its first byte on the HTTP listener; the HTTP/2 preface and SETTINGS,
     /// or a TLS hello, on the gRPC one).
     pub http_header_timeout_ms: u32,
+    /// Time a client may take none of the bytes the node writes to it (on either listener):
+    /// the connection is then closed, and lets go of the answers it held.
+    pub write_stall_timeout_ms: u32,
     /// Idle time after which the gRPC listener pings a client to learn whether it is still
     /// there (as etcd's `--grpc-keepalive-interval`).
     pub grpc_keepalive_interval_ms: u64,
@@ -82,6 +85,7 @@ impl Default for SoloConfig {
             max_in_flight_body_bytes: 1 << 30,
             http_request_timeout_ms: 70_000,
             http_header_timeout_ms: 10_000,
+            write_stall_timeout_ms: 60_000,
             grpc_keepalive_interval_ms: 2 * 3600 * 1000,
             grpc_keepalive_timeout_ms: 20_000,
             max_connections: 10_000,
@@ -302,6 +306,7 @@ impl Config {
             ("database.snapshots_kept", db.snapshots_kept.into()),
             ("solo.idempotency_window_ms", solo.idempotency_window_ms),
             ("solo.http_header_timeout_ms", solo.http_header_timeout_ms.into()),
+            ("solo.write_stall_timeout_ms", solo.write_stall_timeout_ms.into()),
             ("solo.grpc_keepalive_interval_ms", solo.grpc_keepalive_interval_ms),
             ("solo.grpc_keepalive_timeout_ms", solo.grpc_keepalive_timeout_ms.into()),
             ("solo.max_in_flight", solo.max_in_flight.into()),

@@ -133,6 +133,9 @@ pub struct Deadlines {
     /// Cancelled once the shutdown's grace is over and the last answers are out: every
     /// connection is closed.
     pub closed: CancellationToken,
+    /// How long the client may take none of the bytes the node has for it: a connection whose
+    /// writes make no progress for longer is closed, and lets go of the answers it held.
+    pub write_stall: Duration,
 }
 
 /// An admitted TCP connection that holds its [`Admission`] for as long as it is open, and is
@@ -146,6 +149,9 @@ pub struct AdmittedStream {
     opening: Option<Opening>,
     closed: CancellationToken,
     on_close: Pin<Box<WaitForCancellationFutureOwned>>,
+    write_stall: Duration,
+    /// Running while a write waits for the client to take bytes.
+    stalled_since: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 #[derive(Debug)]
@@ -171,7 +177,33 @@ impl AdmittedStream {
             }),
             closed: deadlines.closed.clone(),
             on_close: Box::pin(deadlines.closed.clone().cancelled_owned()),
+            write_stall: deadlines.write_stall,
+            stalled_since: None,
         }
+    }
+
+    /// Passes a write's outcome on, timing how long writes wait for the client: past
+    /// `write_stall` without progress, the write fails and the connection closes.
+    fn timed_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        if written.is_ready() {
+            self.stalled_since = None;
+            return written;
+        }
+        let stall = self.write_stall;
+        let timer = self
+            .stalled_since
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client took none of its answer for {stall:?}"),
+            )));
+        }
+        Poll::Pending
     }
 
     /// An error once the node has closed its connections; registers the task to hear of it.
@@ -218,7 +250,8 @@ impl AsyncRead for AdmittedStream {
 impl AsyncWrite for AdmittedStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         self.check_closed(cx)?;
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.timed_write(cx, written)
     }
 
     fn poll_write_vectored(
@@ -227,7 +260,8 @@ impl AsyncWrite for AdmittedStream {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         self.check_closed(cx)?;
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.timed_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {

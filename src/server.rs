@@ -241,6 +241,7 @@ async fn serve(
     let drained = CancellationToken::new();
     let closed = CancellationToken::new();
     let header_timeout = Duration::from_millis(config.solo.http_header_timeout_ms.into());
+    let write_stall = Duration::from_millis(config.solo.write_stall_timeout_ms.into());
     // Each listener has connection limits of its own.
     let connection_limits = |opening_bytes| {
         ConnectionLimits::new(
@@ -251,6 +252,7 @@ async fn serve(
                 opening_within: header_timeout,
                 drained: drained.clone(),
                 closed: closed.clone(),
+                write_stall,
             },
         )
     };

@@ -2806,9 +2806,10 @@ async fn one_tenants_uploads_cannot_keep_anothers_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_a_tenants_clients_do_not_read_fill_its_share_not_the_nodes_memory() {
+async fn answers_a_tenants_clients_do_not_read_fill_its_share_until_they_are_cut_off() {
     let node = node(|c| {
         c.solo.max_request_bytes = 1 << 20;
+        c.solo.write_stall_timeout_ms = 3000;
         c.limits.max_in_flight_body_bytes = 16 << 20;
     })
     .await;
@@ -2856,13 +2857,14 @@ async fn answers_a_tenants_clients_do_not_read_fill_its_share_not_the_nodes_memo
         b"ping"
     );
     assert_eq!(node.call("b", "echo", "ping").await.bytes, b"ping");
-    // Once those clients are gone, their answers are let go, and tenant a is served again.
-    drop(unread);
+    // Clients that take nothing for write_stall_timeout_ms are disconnected, though they never
+    // close: their answers are let go, and tenant a is served again.
     let deadline = Instant::now() + DEADLINE;
     while node.call("a", "echo-missing", "ping").await.status == StatusCode::TOO_MANY_REQUESTS {
         assert!(Instant::now() < deadline, "the unread answers were never let go");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    drop(unread);
     node.stop().await;
 }
 
