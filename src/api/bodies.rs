@@ -20,9 +20,9 @@
 //! client that does not read leaves the answer in the node's memory. So an answer's bytes past
 //! its free share are counted as well, from when it is produced until the connection has
 //! written them out. An answer that exists is never refused; instead, while a tenant's share
-//! is full, its new requests are refused ([`BodyBudget::admit`]), so a tenant whose clients do
-//! not read what they asked for holds at most its share, plus the answers of the requests it
-//! had in flight.
+//! is full, its new requests are refused as they come in ([`BodyBudget::meter`]), so a tenant
+//! whose clients do not read what they asked for holds at most its share, plus the answers of
+//! the requests it had in flight.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -143,24 +143,6 @@ impl BodyBudget {
         shares.get(tenant).map_or(0, |share| share.get())
     }
 
-    /// Refuses a new request of `principal` while its tenant's share is full: of answers its
-    /// clients have not read, or of large bodies it is sending.
-    pub fn admit(&self, principal: &Principal) -> Result<(), Error> {
-        let Principal::Tenant(tenant) = principal else {
-            return Ok(());
-        };
-        let limit = self.limits.for_tenant(tenant).max_in_flight_body_bytes;
-        if self.held_by(tenant) < limit {
-            return Ok(());
-        }
-        let message = format!(
-            "tenant '{tenant}' holds as many request and answer bytes in flight as it may ({} MiB, \
-             [limits] max_in_flight_body_bytes): read the answers already asked for, then retry",
-            limit >> 20
-        );
-        Err(Error::new(ErrorKind::Overloaded, message).with_retry_after(crate::shed::RETRY_AFTER))
-    }
-
     fn share_of(&self, tenant: &str) -> Arc<Held> {
         let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(share) = shares.get(tenant) {
@@ -192,8 +174,15 @@ impl BodyBudget {
             received: AtomicU64::new(0),
             refused: OnceLock::new(),
         });
+        // A tenant whose share is full has asked for answers its clients have not read yet (or
+        // is sending large bodies): its new requests wait until they are.
+        if let Share::Tenant { held, limit, .. } = &charge.share
+            && held.get() >= *limit
+        {
+            let _ = charge.refused.set(Refusal::ShareFull);
+        }
         let declared = body.size_hint().exact();
-        let prepaid = declared.is_some_and(|length| charge.add(length));
+        let prepaid = !charge.was_refused() && declared.is_some_and(|length| charge.add(length));
         let metered = Metered {
             body,
             charge: Arc::clone(&charge),
@@ -279,8 +268,9 @@ impl Charge {
         let message = match (self.refused.get(), &self.share) {
             (_, Share::Refused(error)) => return error.clone(),
             (Some(Refusal::ShareFull), Share::Tenant { tenant, limit, .. }) => format!(
-                "tenant '{tenant}' holds as many request bytes in flight as it may ({} MiB, [limits] \
-                 max_in_flight_body_bytes); retry later",
+                "tenant '{tenant}' holds as many request and answer bytes in flight as it may ({} MiB, \
+                 [limits] max_in_flight_body_bytes): read the answers already asked for, or let its \
+                 uploads end, then retry",
                 limit >> 20
             ),
             _ => format!(
@@ -626,15 +616,14 @@ mod tests {
         assert_eq!(held.iter().map(Bytes::len).sum::<usize>(), free + (30 << 10));
         // Produced, not yet written: counted past the free share, against the tenant's 20 KiB.
         assert_eq!((budget.held(), budget.held_by("small")), (30 << 10, 30 << 10));
-        let small = Principal::Tenant("small".into());
-        let refused = budget.admit(&small).unwrap_err();
+        let next = |payer: Payer| budget.meter(payer, Full::new(Bytes::from_static(b"call"))).1;
+        let refused = next(tenant("small")).refusal();
         assert_eq!(refused.kind, ErrorKind::Overloaded);
         assert!(
             refused.to_string().contains("read the answers already asked for"),
             "{refused}"
         );
-        assert!(budget.admit(&Principal::Tenant("acme".into())).is_ok());
-        assert!(budget.admit(&Principal::Admin).is_ok());
+        assert!(!next(tenant("acme")).was_refused() && !next(Payer::Node).was_refused());
         // Written out: the connection drops the bytes, and the share is free again.
         let tail = held.pop().unwrap();
         let copy = tail.slice(10..);
@@ -642,6 +631,6 @@ mod tests {
         assert_eq!(budget.held(), 30 << 10, "a slice still holds them");
         drop(copy);
         assert_eq!((budget.held(), budget.held_by("small")), (0, 0));
-        assert!(budget.admit(&small).is_ok());
+        assert!(!next(tenant("small")).was_refused());
     }
 }

@@ -288,6 +288,5 @@ pub(crate) fn admit(
 ) -> Result<(Caller, Permit), Error> {
     let caller = caller(state, headers, query_tenant, certificate)?;
     let permit = state.shed.admit(&caller.principal)?;
-    state.bodies.admit(&caller.principal)?;
     Ok((caller, permit))
 }
