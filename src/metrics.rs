@@ -41,7 +41,8 @@ pub struct Metrics {
     pub instance_restarts: IntCounter,
     /// Open Watch and SSE streams, by protocol (grpc, sse).
     pub watchers: IntGaugeVec,
-    /// Requests refused by load shedding, by scope (tenant, node, watchers).
+    /// Requests refused by load shedding, by scope (tenant, node, watchers, and body_bytes for
+    /// bodies in flight).
     pub shed: IntCounterVec,
     /// HTTP requests by route template and status code.
     pub http_requests: IntCounterVec,
@@ -96,7 +97,7 @@ impl Metrics {
         );
         let body_bytes_in_flight = gauge(
             "solo_body_bytes_in_flight",
-            "Bytes of request bodies and unwritten answers in flight, past each one's free share, against max_in_flight_body_bytes.",
+            "Bytes of request bodies in flight, past each body's free share, against [solo] max_in_flight_body_bytes.",
         );
         let deploys = counter_vec("solo_deploys_total", "Deploys by result.", &["result"]);
         let calls = counter_vec("solo_calls_total", "Calls by result.", &["result"]);
@@ -169,7 +170,7 @@ impl Metrics {
         for protocol in ["grpc", "sse"] {
             metrics.watchers.with_label_values(&[protocol]);
         }
-        for scope in ["tenant", "node", "watchers"] {
+        for scope in ["tenant", "node", "watchers", "body_bytes"] {
             metrics.shed.with_label_values(&[scope]);
         }
         for result in ["created", "upgraded", "unchanged", "replayed", "refused"] {

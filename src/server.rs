@@ -230,7 +230,11 @@ async fn serve(
             Arc::clone(&limits),
             Arc::clone(&metrics),
         ),
-        bodies: BodyBudget::new(config.solo.max_in_flight_body_bytes, Arc::clone(&limits)),
+        bodies: BodyBudget::new(
+            config.solo.max_in_flight_body_bytes,
+            Arc::clone(&limits),
+            metrics.shed.with_label_values(&["body_bytes"]),
+        ),
         metrics,
         options: api_options(&config),
         stopping: CancellationToken::new(),

@@ -1217,7 +1217,7 @@ async fn stopping_router() -> (String, solo::server::Node, TempDir) {
         control: node.control.clone(),
         auth: solo::api::Authenticator::development(),
         shed: solo::shed::Shedder::new(100, std::sync::Arc::clone(&limits), std::sync::Arc::clone(&metrics)),
-        bodies: solo::api::bodies::BodyBudget::new(1 << 30, limits),
+        bodies: solo::api::bodies::BodyBudget::new(1 << 30, limits, metrics.shed.with_label_values(&["body_bytes"])),
         metrics,
         options: solo::api::ApiOptions {
             default_grace: Duration::from_secs(1),
@@ -2843,6 +2843,11 @@ async fn answers_a_tenants_clients_do_not_read_fill_its_share_until_they_are_cut
         "{refused:?}"
     );
     assert!(refused.header("retry-after").is_some(), "{refused:?}");
+    let shed = node
+        .metrics()
+        .await
+        .value("solo_shed_total", &[("scope", "body_bytes")]);
+    assert!(shed >= 1.0, "the refusal is counted as shedding: {shed}");
     let mut grpc = grpc_client(&node.server).await;
     let call = solo::proto::CallRequest {
         service_id: "echo".into(),

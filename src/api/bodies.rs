@@ -17,8 +17,9 @@
 //! error, so a stranger cannot make the node read a large body at all.
 //!
 //! Answers are bodies in flight too: a call may answer with up to `max_response_bytes`, and a
-//! client that does not read leaves the answer in the node's memory. So an answer's bytes past
-//! its free share are counted as well, from when it is produced until the connection has
+//! client that does not read leaves the answer in the node's memory. So a tenant's answers'
+//! bytes past their free share are counted against its share as well (not the node's budget,
+//! which they would fill for all), from when they are produced until the connection has
 //! written them out. An answer that exists is never refused; instead, while a tenant's share
 //! is full, its new requests are refused as they come in ([`BodyBudget::meter`]), so a tenant
 //! whose clients do not read what they asked for holds at most its share, plus the answers of
@@ -82,6 +83,8 @@ pub struct BodyBudget {
     limits: Arc<LimitsTable>,
     /// Why a std lock: a map lookup per large body, never held across an `.await`.
     shares: Mutex<HashMap<String, Arc<Held>>>,
+    /// Counts the requests refused for want of room (`solo_shed_total{scope="body_bytes"}`).
+    refusals: prometheus::IntCounter,
 }
 
 /// Who a request's body is charged to, as its credentials say.
@@ -123,12 +126,13 @@ enum Refusal {
 }
 
 impl BodyBudget {
-    pub fn new(limit: u64, limits: Arc<LimitsTable>) -> Arc<BodyBudget> {
+    pub fn new(limit: u64, limits: Arc<LimitsTable>, refusals: prometheus::IntCounter) -> Arc<BodyBudget> {
         Arc::new(BodyBudget {
             held: Held::default(),
             limit,
             limits,
             shares: Mutex::new(HashMap::new()),
+            refusals,
         })
     }
 
@@ -179,7 +183,7 @@ impl BodyBudget {
         if let Share::Tenant { held, limit, .. } = &charge.share
             && held.get() >= *limit
         {
-            let _ = charge.refused.set(Refusal::ShareFull);
+            charge.refuse(Refusal::ShareFull);
         }
         let declared = body.size_hint().exact();
         let prepaid = !charge.was_refused() && declared.is_some_and(|length| charge.add(length));
@@ -238,12 +242,21 @@ impl Charge {
         };
         let Some(refusal) = refusal else { return true };
         self.received.fetch_sub(bytes, Ordering::Relaxed);
-        let _ = self.refused.set(refusal);
+        self.refuse(refusal);
         false
     }
 
+    /// Refuses the body, once; a want of room is counted as shedding.
+    fn refuse(&self, refusal: Refusal) {
+        if self.refused.set(refusal).is_ok() && refusal != Refusal::Stranger {
+            self.budget.refusals.inc();
+        }
+    }
+
     /// Wraps the request's answer so that its bytes past the free share are counted against
-    /// the same budget and share as the request, until the connection has written them.
+    /// the tenant's share, until the connection has written them. Only the share: an answer
+    /// cannot be refused, and the node's budget must not be filled by one tenant's answers
+    /// and so refuse the others' uploads.
     pub fn meter_answer<B>(&self, body: B) -> MeteredAnswer<B> {
         let share = match &self.share {
             Share::Tenant { held, .. } => Some(Arc::clone(held)),
@@ -251,7 +264,6 @@ impl Charge {
         };
         MeteredAnswer {
             body,
-            budget: Arc::clone(&self.budget),
             share,
             produced: 0,
         }
@@ -354,7 +366,7 @@ impl<B> Metered<B> {
 #[derive(Debug)]
 pub struct MeteredAnswer<B> {
     body: B,
-    budget: Arc<BodyBudget>,
+    /// The tenant's share; the admin's answers are not counted.
     share: Option<Arc<Held>>,
     /// Bytes produced so far, counted and free together.
     produced: u64,
@@ -372,6 +384,9 @@ where
             Poll::Ready(Some(Ok(frame))) => frame,
             other => return other,
         };
+        let Some(share) = self.share.clone() else {
+            return Poll::Ready(Some(Ok(frame)));
+        };
         let frame = frame.map_data(|data| {
             let before = self.produced;
             self.produced += data.len() as u64;
@@ -379,16 +394,8 @@ where
             if counted == 0 {
                 return data;
             }
-            self.budget.held.add(counted);
-            if let Some(share) = &self.share {
-                share.add(counted);
-            }
-            Bytes::from_owner(HeldBytes {
-                data,
-                budget: Arc::clone(&self.budget),
-                share: self.share.clone(),
-                counted,
-            })
+            share.add(counted);
+            Bytes::from_owner(HeldBytes { data, share, counted })
         });
         Poll::Ready(Some(Ok(frame)))
     }
@@ -402,11 +409,10 @@ where
     }
 }
 
-/// Bytes of an answer that count against the budget until dropped.
+/// Bytes of an answer that count against the tenant's share until dropped.
 struct HeldBytes {
     data: Bytes,
-    budget: Arc<BodyBudget>,
-    share: Option<Arc<Held>>,
+    share: Arc<Held>,
     counted: u64,
 }
 
@@ -418,10 +424,7 @@ impl AsRef<[u8]> for HeldBytes {
 
 impl Drop for HeldBytes {
     fn drop(&mut self) {
-        self.budget.held.give(self.counted);
-        if let Some(share) = &self.share {
-            share.give(self.counted);
-        }
+        self.share.give(self.counted);
     }
 }
 
@@ -496,7 +499,11 @@ mod tests {
             tenants: HashMap::from([("small".to_string(), small)]),
             node_services: None,
         };
-        BodyBudget::new(limit, Arc::new(limits))
+        BodyBudget::new(
+            limit,
+            Arc::new(limits),
+            prometheus::IntCounter::new("refused", "refused").unwrap(),
+        )
     }
 
     fn tenant(name: &str) -> Payer {
@@ -541,6 +548,7 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("max_in_flight_body_bytes"), "{status:?}");
         assert!(second_charge.was_refused());
+        assert_eq!(budget.refusals.get(), 1, "counted as shedding");
         assert_eq!(budget.held(), 90 << 10, "the refused frame is not counted");
         assert_eq!(budget.held_by("acme"), 10 << 10, "nor in the tenant's share");
         drop(second_charge);
@@ -614,8 +622,9 @@ mod tests {
             held.push(frame.unwrap().into_data().unwrap());
         }
         assert_eq!(held.iter().map(Bytes::len).sum::<usize>(), free + (30 << 10));
-        // Produced, not yet written: counted past the free share, against the tenant's 20 KiB.
-        assert_eq!((budget.held(), budget.held_by("small")), (30 << 10, 30 << 10));
+        // Produced, not yet written: counted past the free share, against the tenant's 20 KiB
+        // (and not against the node's budget).
+        assert_eq!((budget.held(), budget.held_by("small")), (0, 30 << 10));
         let next = |payer: Payer| budget.meter(payer, Full::new(Bytes::from_static(b"call"))).1;
         let refused = next(tenant("small")).refusal();
         assert_eq!(refused.kind, ErrorKind::Overloaded);
@@ -628,7 +637,7 @@ mod tests {
         let tail = held.pop().unwrap();
         let copy = tail.slice(10..);
         drop((held, tail));
-        assert_eq!(budget.held(), 30 << 10, "a slice still holds them");
+        assert_eq!(budget.held_by("small"), 30 << 10, "a slice still holds them");
         drop(copy);
         assert_eq!((budget.held(), budget.held_by("small")), (0, 0));
         assert!(!next(tenant("small")).was_refused());
