@@ -618,6 +618,31 @@ async fn a_tenant_compiles_one_module_at_a_time_and_others_do_not_wait_behind_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_outlasts_a_caller_that_gave_up_and_serves_the_retry() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = &node.control;
+    let runtime = control.runtime().unwrap();
+    let cached = runtime.cached_modules();
+    // As wasm, so that the compile is all the deploy waits for.
+    let mut request = slow_to_compile("acme", "s", 7);
+    request.module = Arc::from(wat::parse_bytes(&request.module).unwrap().into_owned());
+    // The caller gives up (a request timing out) while the module compiles.
+    let gave_up = tokio::time::timeout(Duration::from_millis(20), control.deploy(request.clone())).await;
+    assert!(gave_up.is_err(), "the compile takes longer than that");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while runtime.cached_modules() == cached {
+        assert!(Instant::now() < deadline, "the compile was dropped with its caller");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The retry finds it compiled: no second compile.
+    let compiled = runtime.modules_compiled();
+    control.deploy(request).await.unwrap();
+    assert_eq!(runtime.modules_compiled(), compiled);
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_over_max_function_bytes_is_refused_before_it_is_compiled() {
     let dir = tempdir();
     let mut config = node_config(dir.path());

@@ -41,6 +41,10 @@ use crate::control::{EventLog, Module, Observation, Observer};
 use crate::proto::{CrashReason, Event, Limits, ServiceRef, StopReason, event::Kind};
 use crate::state::{DeployWindow, Service, Status};
 
+/// Modules up to this size are compiled without a compile slot: their compile takes little
+/// memory however many run at once.
+const SMALL_MODULE_BYTES: usize = 256 << 10;
+
 /// How long shutdown waits for the guest threads to drop their ended tasks. Every instance has
 /// stopped by then; this only covers a guest that ignores its deadline.
 const GUEST_THREADS_EXIT: Duration = Duration::from_secs(1);
@@ -219,8 +223,9 @@ impl Runtime {
         }
         // The common case, a module already compiled, needs no blocking thread at all.
         let (inner, bytes) = (Arc::clone(&self.inner), Arc::clone(&module.bytes));
+        let tenant = tenant.to_string();
         let compile = async move {
-            let compiles = inner.compiles_of(tenant, quota);
+            let compiles = inner.compiles_of(&tenant, quota);
             let _turn = compiles.turn().await;
             // Refused while this caller waited for its turn: by the same module sent at once.
             if let Some(reason) = inner.cache.refusal(&sha256) {
@@ -228,7 +233,13 @@ impl Runtime {
             }
             compiles.charge(quota)?;
             inner.compiled.fetch_add(1, Ordering::Relaxed);
-            let _slot = inner.compile_slot().await;
+            // Small modules take little memory to compile: they need no slot, and so never
+            // wait behind another tenant's large ones.
+            let _slot = if bytes.len() > SMALL_MODULE_BYTES {
+                Some(inner.compile_slot().await)
+            } else {
+                None
+            };
             let compiler = Arc::clone(&inner);
             let compiled = blocking(move || module::prepare(&compiler.compiler, sha256, &bytes)).await;
             if let Err(refusal) = &compiled {
@@ -236,7 +247,17 @@ impl Runtime {
             }
             compiled.map_err(PrepareError::Invalid)
         };
-        let prepared = self.inner.cache.get_or_prepare(sha256, compile).await?;
+        let prepared = match self.inner.cache.get(&sha256) {
+            Some(prepared) => prepared,
+            None => {
+                // A task of its own: a compile outlasts a caller that gave up (a request timed
+                // out), and its module is cached for the retry rather than thrown away.
+                let inner = Arc::clone(&self.inner);
+                tokio::spawn(async move { inner.cache.get_or_prepare(sha256, compile).await })
+                    .await
+                    .map_err(|e| InvalidModule(format!("compiling the module failed: {e}")))??
+            }
+        };
         if prepared.min_memory_bytes > memory_bytes {
             return Err(InvalidModule(format!(
                 "the module's memory starts at {} bytes, over the service's memory limit of {memory_bytes} \
