@@ -141,8 +141,9 @@ impl BodyBudget {
         self.held.get()
     }
 
-    /// Counted bytes held now by `tenant`'s requests.
-    pub fn held_by(&self, tenant: &str) -> u64 {
+    /// Counted bytes held now by `tenant`'s requests and answers.
+    #[cfg(test)]
+    fn held_by(&self, tenant: &str) -> u64 {
         let shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
         shares.get(tenant).map_or(0, |share| share.get())
     }
