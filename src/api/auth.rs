@@ -13,6 +13,11 @@ use super::Error;
 use crate::control::validate_tenant;
 use crate::proto::Event;
 
+/// Who a request is from, as authenticated once where its body is admitted, for its handler
+/// to take rather than authenticate it again.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub Result<Caller, Error>);
+
 /// The header (gRPC metadata key) that names a tenant.
 pub const TENANT_HEADER: &str = "x-tenant-id";
 
@@ -183,6 +188,20 @@ impl Authenticator {
 
     pub fn is_development(&self) -> bool {
         self.development
+    }
+
+    /// Recognises a request from its headers (`authorization`, `x-tenant-id`) and the tenant
+    /// named by a verified client certificate, if any.
+    pub fn authenticate_headers(
+        &self,
+        headers: &http::HeaderMap,
+        certificate_tenant: Option<&str>,
+    ) -> Result<Caller, Error> {
+        self.authenticate(
+            header(headers, "authorization")?,
+            header(headers, TENANT_HEADER)?,
+            certificate_tenant,
+        )
     }
 
     /// Recognises a request from its `authorization` and `x-tenant-id` values, and the tenant

@@ -36,7 +36,7 @@ use futures_util::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use tonic::server::NamedService;
 
-use super::auth::{self, Authenticator, Principal, TENANT_HEADER};
+use super::auth::{Authenticated, Caller, Principal};
 use super::{ApiState, Error, ErrorKind};
 use crate::limits::LimitsTable;
 
@@ -98,21 +98,18 @@ pub enum Payer {
 }
 
 impl Payer {
-    /// The payer of a request with these headers and, over TLS, this client certificate's
-    /// tenant.
-    pub fn of(
-        auth: &Authenticator,
-        headers: &http::HeaderMap,
-        certificate_tenant: impl FnOnce() -> Option<String>,
-    ) -> Payer {
-        let caller = auth::header(headers, "authorization").and_then(|authorization| {
-            let tenant = auth::header(headers, TENANT_HEADER)?;
-            auth.authenticate(authorization, tenant, certificate_tenant().as_deref())
-        });
-        match caller.map(|caller| caller.principal) {
-            Ok(Principal::Admin) => Payer::Node,
-            Ok(Principal::Tenant(tenant)) => Payer::Tenant(tenant),
-            Err(e) => Payer::Stranger(e),
+    /// The payer of a request from `caller`, as its credentials made it out.
+    pub fn of(caller: &Result<Caller, Error>) -> Payer {
+        match caller {
+            Ok(Caller {
+                principal: Principal::Admin,
+                ..
+            }) => Payer::Node,
+            Ok(Caller {
+                principal: Principal::Tenant(tenant),
+                ..
+            }) => Payer::Tenant(tenant.clone()),
+            Err(e) => Payer::Stranger(e.clone()),
         }
     }
 }
@@ -469,8 +466,13 @@ where
             let certificates = parts.extensions.get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
             crate::tls::certificate_tenant(certificates.first()?.as_ref())
         };
-        let payer = Payer::of(&self.state.auth, &parts.headers, certificate_tenant);
-        let (metered, charge) = self.state.bodies.meter(payer, body);
+        let caller = self
+            .state
+            .auth
+            .authenticate_headers(&parts.headers, certificate_tenant().as_deref());
+        let (metered, charge) = self.state.bodies.meter(Payer::of(&caller), body);
+        let mut parts = parts;
+        parts.extensions.insert(Authenticated(caller));
         let answer = self.inner.call(http::Request::from_parts(parts, metered));
         Box::pin(async move {
             let answer = answer.await?;

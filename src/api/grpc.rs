@@ -9,9 +9,10 @@ use base64::Engine as _;
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::auth::Authenticated;
 use super::ops::{self, ListFilter};
 use super::watch::{WatchFilter, WatchItem, watch};
-use super::{ApiState, Caller, Error, GaugeGuard, TENANT_HEADER};
+use super::{ApiState, Caller, Error, GaugeGuard};
 use crate::proto::{self, deploy_request, solo_kernel_server::SoloKernel, watch_response};
 use crate::shed::{Held, Permit};
 
@@ -36,26 +37,18 @@ impl GrpcApi {
         if let Some(decoded) = request.extensions().get::<crate::api::codec::Decoded>() {
             decoded.mark();
         }
-        let metadata = request.metadata();
-        // Present but unreadable is an error, never taken for absent.
-        let text = |key: &str| {
-            crate::api::auth::single_value(key, metadata.get_all(key).iter())?
-                .map(|v| {
-                    v.to_str()
-                        .map_err(|_| Error::invalid(format!("{key}: not printable ASCII")))
-                })
-                .transpose()
-        };
+        // Authenticated already where the body was admitted ([`crate::api::bodies`]).
+        if let Some(Authenticated(caller)) = request.extensions().get::<Authenticated>() {
+            return caller.clone();
+        }
         let certificate_tenant = request.peer_certs().and_then(|certs| {
             certs
                 .first()
                 .and_then(|cert| crate::tls::certificate_tenant(cert.as_ref()))
         });
-        self.state.auth.authenticate(
-            text("authorization")?,
-            text(TENANT_HEADER)?,
-            certificate_tenant.as_deref(),
-        )
+        self.state
+            .auth
+            .authenticate_headers(request.metadata().as_ref(), certificate_tenant.as_deref())
     }
 
     /// Authenticates and admits a unary request.

@@ -150,9 +150,12 @@ async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next
     if axum::body::HttpBody::size_hint(&body).lower() > state.options.max_body_bytes as u64 {
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     }
-    let certificate_tenant = || parts.extensions.get::<crate::tls::PeerTenant>()?.0.clone();
-    let payer = Payer::of(&state.auth, &parts.headers, certificate_tenant);
-    let (metered, charge) = state.bodies.meter(payer, body);
+    let certificate_tenant = parts
+        .extensions
+        .get::<crate::tls::PeerTenant>()
+        .and_then(|c| c.0.as_deref());
+    let caller = state.auth.authenticate_headers(&parts.headers, certificate_tenant);
+    let (metered, charge) = state.bodies.meter(Payer::of(&caller), body);
     if charge.was_refused() {
         return charge.refusal().into_response();
     }
