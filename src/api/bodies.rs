@@ -513,6 +513,15 @@ mod tests {
         Payer::Tenant(name.into())
     }
 
+    /// The status a metered body ended with.
+    async fn refusal_of<B: Body>(body: B) -> tonic::Status
+    where
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let error: Box<dyn std::error::Error + Send + Sync> = body.collect().await.map(|_| ()).unwrap_err().into();
+        *error.downcast::<tonic::Status>().expect("a status")
+    }
+
     /// A body streamed in frames of these sizes, of unknown length.
     fn chunks(sizes: &[usize]) -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin + use<> {
         let frames: Vec<Result<_, std::convert::Infallible>> = sizes
@@ -546,8 +555,7 @@ mod tests {
         assert_eq!(budget.held(), 80 << 10);
         // One streamed in is charged as it comes, and refused at the frame that does not fit.
         let (second, second_charge) = budget.meter(tenant("acme"), chunks(&[free, 10 << 10, 30 << 10]));
-        let error = second.collect().await.unwrap_err();
-        let status = error.downcast::<tonic::Status>().expect("a status");
+        let status = refusal_of(second).await;
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("max_in_flight_body_bytes"), "{status:?}");
         assert!(second_charge.was_refused());
@@ -572,12 +580,7 @@ mod tests {
         assert!(!held_charge.was_refused());
         // Past its 20 KiB share, with room in the node's budget.
         let (over, over_charge) = budget.meter(tenant("small"), chunks(&[free, 4 << 10, 4 << 10]));
-        let status = over
-            .collect()
-            .await
-            .unwrap_err()
-            .downcast::<tonic::Status>()
-            .expect("a status");
+        let status = refusal_of(over).await;
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(
             status.message().contains("tenant 'small'")
@@ -599,12 +602,7 @@ mod tests {
         assert_eq!(declared_charge.refusal().kind, ErrorKind::Unauthenticated);
         drop((declared, declared_charge));
         let (streamed, streamed_charge) = budget.meter(stranger(), chunks(&[free, 1]));
-        let status = streamed
-            .collect()
-            .await
-            .unwrap_err()
-            .downcast::<tonic::Status>()
-            .expect("a status");
+        let status = refusal_of(streamed).await;
         assert_eq!(
             (status.code(), status.message()),
             (tonic::Code::Unauthenticated, "invalid token")
