@@ -85,14 +85,22 @@ pub async fn open_control(config: &Config, metrics: Option<Arc<Metrics>>) -> any
 pub struct Node {
     pub control: Control,
     pub runtime: Runtime,
+    /// Becomes true once the services that came back with the node are started (or failed
+    /// to) and `node_started` is recorded.
+    recovered: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Opens the state, starts the runtime, brings back the services that should run and starts
-/// following the log.
+/// following the log. Returns once the services are back; see [`Node::recovered`].
 pub async fn open_node(config: &Config) -> anyhow::Result<Node> {
-    open_node_with(config, None).await
+    let node = open_node_with(config, None).await?;
+    node.recovered().await;
+    Ok(node)
 }
 
+/// As [`open_node`], but returns while services with modules still to compile are coming
+/// back, so that the node can serve meanwhile (their calls wait for them). A node with
+/// nothing to bring back records `node_started` before it returns.
 async fn open_node_with(config: &Config, metrics: Option<Arc<Metrics>>) -> anyhow::Result<Node> {
     let control = open_control(config, metrics).await?;
     let runtime = Runtime::new(config.runtime_options()?, control.observer(), control.log().clone())?;
@@ -100,9 +108,24 @@ async fn open_node_with(config: &Config, metrics: Option<Arc<Metrics>>) -> anyho
     let (services, head) = control.read_state(|s| (s.services().cloned().collect::<Vec<_>>(), s.applied_seq()));
     check_modules_readable(&control, &services)?;
     runtime.start_reconciler(head + 1);
-    let recovered = runtime.recover(services, head).await;
-    tracing::info!(recovered = recovered.len(), "services brought back");
-    Ok(Node { control, runtime })
+    let recovery = runtime.recover(services, head);
+    let (done, recovered) = tokio::sync::watch::channel(false);
+    let bring_back = async move {
+        let recovered = recovery.await;
+        tracing::info!(recovered = recovered.len(), "services brought back");
+        let _ = done.send(true);
+    };
+    if runtime.recovering() == 0 {
+        bring_back.await;
+    } else {
+        tracing::info!(services = runtime.recovering(), "bringing services back");
+        tokio::spawn(bring_back);
+    }
+    Ok(Node {
+        control,
+        runtime,
+        recovered,
+    })
 }
 
 /// Refuses to start when the modules of the services coming back cannot be read. A module
@@ -127,10 +150,20 @@ fn check_modules_readable(control: &Control, services: &[crate::state::Service])
 }
 
 impl Node {
+    /// Waits until the services that came back with the node are started (or failed to) and
+    /// `node_started` is recorded.
+    pub async fn recovered(&self) {
+        // A dropped sender means the node stopped: nothing more will come back.
+        let _ = self.recovered.clone().wait_for(|done| *done).await;
+    }
+
     /// Stops every service (recorded as stopped for a node shutdown, so they come back with
     /// the node), then the writer.
     pub async fn stop(&self, grace: Duration) {
         self.runtime.shutdown(grace).await;
+        // The starts still under way finished before their services stopped: what came back
+        // is recorded before the writer closes.
+        self.recovered().await;
         self.control.close().await;
     }
 }

@@ -704,12 +704,26 @@ async fn shutdown_ends_streams_and_a_restart_brings_the_services_back() {
 
     let server = start_server(dir.path(), tokens).await;
     let mut client = grpc_client(&server).await;
-    let status = client
-        .status(with_token(&acme_token, status()))
+    // The node serves while its services come back; until its start is recorded, the service
+    // shows its last recorded status.
+    let came_back = async {
+        loop {
+            let status = client
+                .status(with_token(&acme_token, status()))
+                .await
+                .unwrap()
+                .into_inner();
+            if status.status == "running" {
+                return status;
+            }
+            assert_eq!(status.status, "stopped", "as the shutdown left it");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let status = tokio::time::timeout(PATIENCE, came_back)
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.status, "running", "the service came back with the node");
+        .expect("the service came back with the node");
+    assert_eq!(status.version, 1);
     let call = proto::CallRequest {
         service_id: "counter".into(),
         ..Default::default()
@@ -723,6 +737,100 @@ async fn shutdown_ends_streams_and_a_restart_brings_the_services_back() {
             .payload,
         b"1"
     );
+    server.stop().await.unwrap();
+}
+
+/// The node serves while the services that come back with it compile: a deploy is
+/// acknowledged and a call waits for its service; `node_started` follows once all are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_node_serves_while_its_services_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let slow = 6;
+    for tag in 0..slow {
+        let request = proto::DeployRequest {
+            service_id: format!("s{tag}"),
+            module: Some(proto::deploy_request::Module::Wat(slow_to_compile_wat(tag))),
+            ..Default::default()
+        };
+        client.deploy(as_tenant("acme", request)).await.unwrap();
+    }
+    let watch = proto::WatchRequest {
+        from_seq: 1,
+        kinds: vec!["service_started".into()],
+        ..Default::default()
+    };
+    let mut started = client.watch(watch).await.unwrap().into_inner();
+    let mut running = 0;
+    while running < slow {
+        if let Some(Msg::Event(_)) = tokio::time::timeout(PATIENCE, started.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .msg
+        {
+            running += 1;
+        }
+    }
+    drop(started);
+    server.stop().await.unwrap();
+
+    // Each module compiles afresh in the new process, a good fraction of a second each.
+    let server = start_server(dir.path(), |_| {}).await;
+    let health: serde_json::Value = reqwest::get(format!("{}/health", server.http_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert!(health["services_recovering"].as_u64().unwrap() > 0, "{health}");
+    let mut client = grpc_client(&server).await;
+    let deployed = client
+        .deploy(as_tenant("beta", grpc_deploy("quick", "echo")))
+        .await
+        .unwrap()
+        .into_inner();
+    let call = proto::CallRequest {
+        service_id: format!("s{}", slow - 1),
+        payload: b"still here".to_vec(),
+        timeout_ms: 60_000,
+    };
+    let answer = client.call(as_tenant("acme", call)).await.unwrap().into_inner();
+    assert_eq!(answer.payload, b"still here", "the call waited for its service");
+
+    let watch = proto::WatchRequest {
+        from_seq: deployed.seq,
+        kinds: vec!["node_started".into()],
+        ..Default::default()
+    };
+    let mut stream = client.watch(watch).await.unwrap().into_inner();
+    let node_started = loop {
+        if let Some(Msg::Event(e)) = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .msg
+        {
+            break e;
+        }
+    };
+    assert!(node_started.seq > deployed.seq, "recorded once the services were back");
+    let Some(proto::event::Kind::NodeStarted(recovery)) = &node_started.kind else {
+        panic!("{node_started:?}")
+    };
+    assert_eq!(recovery.recovered.len(), slow);
+    let health: serde_json::Value = reqwest::get(format!("{}/health", server.http_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["services_recovering"], 0, "{health}");
+    assert_eq!(health["services_running"], slow + 1, "{health}");
     server.stop().await.unwrap();
 }
 

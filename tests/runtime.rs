@@ -565,25 +565,10 @@ async fn compiles_count_against_the_deploy_rate_refused_ones_too() {
     node.stop(Duration::from_secs(5)).await;
 }
 
-/// Echo plus 400 functions that no one calls, their constants numbered from `tag`: a distinct
-/// module for each tag, which takes Cranelift a good fraction of a second to compile.
+/// A deploy of [`slow_to_compile_wat`]`(tag)`.
 fn slow_to_compile(tenant: &str, id: &str, tag: usize) -> solo::control::DeployRequest {
-    let body: String = (0..40)
-        .map(|i| format!("(i32.mul (i32.add (local.get 0) (i32.const {i})) "))
-        .collect();
-    let close = ")".repeat(40);
-    let functions: String = (0..400)
-        .map(|f| {
-            format!(
-                "(func (param i32) (result i32) {body}(i32.const {}){close})\n",
-                tag * 1000 + f
-            )
-        })
-        .collect();
-    let echo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/services/echo.wat")).unwrap();
-    let wat = echo.trim_end().strip_suffix(')').unwrap().to_string() + &functions + ")";
     let mut request = deploy_request(tenant, id, "");
-    request.module = Arc::from(wat.into_bytes());
+    request.module = Arc::from(slow_to_compile_wat(tag).into_bytes());
     request
 }
 

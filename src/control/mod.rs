@@ -399,7 +399,9 @@ impl Control {
             let service = state.service(tenant, service_id).ok_or_else(|| Error::NotFound {
                 service_id: service_id.to_string(),
             })?;
-            if !matches!(service.status, Status::Starting | Status::Running) {
+            // A service stopped by the node's shutdown is coming back with the node, and its
+            // calls wait for it as for one starting.
+            if !matches!(service.status, Status::Starting | Status::Running) && !service.comes_back_with_the_node() {
                 return Err(Error::NotRunning {
                     service_id: service_id.to_string(),
                     status: service.status,

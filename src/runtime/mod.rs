@@ -17,7 +17,7 @@ mod recorder;
 mod stats;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,6 +120,8 @@ struct Inner {
     /// Why a std lock: lookups and inserts only, never held across an `.await`.
     slots: Mutex<HashMap<String, HashMap<String, Arc<Slot>>>>,
     reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Services queued by `recover` whose start has not finished.
+    recovering: AtomicUsize,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -193,6 +195,7 @@ impl Runtime {
                 guests,
                 slots: Mutex::new(HashMap::new()),
                 reconciler: Mutex::new(None),
+                recovering: AtomicUsize::new(0),
                 ticker_stop,
             }),
         })
@@ -279,9 +282,18 @@ impl Runtime {
         self.inner.compiled.load(Ordering::Relaxed)
     }
 
-    /// Brings back, after replay, every service that should run; records what came back in one
-    /// `node_started` event. A service that fails to come back gets a `service_crashed` event.
-    pub async fn recover(&self, services: Vec<Service>, replayed_to_seq: u64) -> Vec<ServiceRef> {
+    /// Brings back, after replay, every service that should run, and records what came back
+    /// in one `node_started` event. A service that fails to come back gets a `service_crashed`
+    /// event.
+    ///
+    /// The starts are queued at once, ahead of anything a deploy or kill queues later, so the
+    /// node can serve while they run: the returned future waits for them (modules may take
+    /// long to compile) and records `node_started`.
+    pub fn recover(
+        &self,
+        services: Vec<Service>,
+        replayed_to_seq: u64,
+    ) -> impl Future<Output = Vec<ServiceRef>> + Send + 'static {
         let mut starting = Vec::new();
         for service in services {
             let slot = self.inner.slot(&service.tenant, &service.id);
@@ -311,20 +323,30 @@ impl Runtime {
                 });
             }
         }
-        let mut recovered = Vec::new();
-        for (service, started) in starting {
-            if started.await.unwrap_or(false) {
-                recovered.push(service);
+        self.inner.recovering.store(starting.len(), Ordering::Relaxed);
+        let inner = Arc::clone(&self.inner);
+        async move {
+            let mut recovered = Vec::new();
+            for (service, started) in starting {
+                if started.await.unwrap_or(false) {
+                    recovered.push(service);
+                }
+                inner.recovering.fetch_sub(1, Ordering::Relaxed);
             }
+            let node_started = Observation::NodeStarted {
+                version: crate::VERSION.to_string(),
+                node_id: inner.log.store().node().node_id.clone(),
+                recovered: recovered.clone(),
+                replayed_to_seq,
+            };
+            inner.recorder.record(node_started).await;
+            recovered
         }
-        let node_started = Observation::NodeStarted {
-            version: crate::VERSION.to_string(),
-            node_id: self.inner.log.store().node().node_id.clone(),
-            recovered: recovered.clone(),
-            replayed_to_seq,
-        };
-        self.inner.recorder.record(node_started).await;
-        recovered
+    }
+
+    /// Services the node is still bringing back after it started.
+    pub fn recovering(&self) -> usize {
+        self.inner.recovering.load(Ordering::Relaxed)
     }
 
     /// Follows the log from `from_seq` and carries out deploys and kills.

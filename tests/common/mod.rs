@@ -191,6 +191,25 @@ pub fn grpc_deploy(id: &str, name: &str) -> solo::proto::DeployRequest {
     }
 }
 
+/// Echo plus 400 functions that no one calls, their constants numbered from `tag`: a distinct
+/// module for each tag, which takes Cranelift a good fraction of a second to compile.
+pub fn slow_to_compile_wat(tag: usize) -> String {
+    let body: String = (0..40)
+        .map(|i| format!("(i32.mul (i32.add (local.get 0) (i32.const {i})) "))
+        .collect();
+    let close = ")".repeat(40);
+    let functions: String = (0..400)
+        .map(|f| {
+            format!(
+                "(func (param i32) (result i32) {body}(i32.const {}){close})\n",
+                tag * 1000 + f
+            )
+        })
+        .collect();
+    let echo = String::from_utf8(example("echo").to_vec()).unwrap();
+    echo.trim_end().strip_suffix(')').unwrap().to_string() + &functions + ")"
+}
+
 /// Every offset of `pattern` in a data file's `bytes`: LMDB copies pages on write, so stale
 /// copies of a record may sit in free pages beside the live one, and damage meant for it must
 /// hit them all. Panics if there is none.

@@ -431,6 +431,8 @@ pub(super) async fn health(State(state): State<Arc<ApiState>>) -> Response {
         "uptime_ms": state.started.elapsed().as_millis() as u64,
         "head_seq": state.control.head(),
         "services_running": state.control.runtime().map_or(0, |r| r.running_instances()),
+        // Services that came back with the node and are still starting (compiling, say).
+        "services_recovering": state.control.runtime().map_or(0, |r| r.recovering()),
         // What the runtime saw but the log could not take yet (a full disk): statuses lag.
         "unrecorded_observations": state.control.runtime().map_or(0, |r| r.unrecorded_observations()),
         "log_error": log_error,
