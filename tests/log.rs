@@ -931,12 +931,48 @@ async fn observations_that_no_longer_fit_are_refused_as_stale() {
     assert_eq!(control.status("acme", "a").unwrap().status.as_str(), "running");
 }
 
+/// Shutdown is idempotent, as an impatient admin or a retry sends it again: one event, and
+/// every request, concurrent or later, is answered with its seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_shutdown_request_appends_nothing_and_answers_the_first_seq() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    let requests: Vec<_> = (0..8)
+        .map(|n| {
+            let control = control.clone();
+            tokio::spawn(async move { control.shutdown("admin", 1000 + n).await.unwrap() })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.unwrap());
+    }
+    let (seq, _) = answers[0];
+    assert!(answers.iter().all(|(s, _)| *s == seq), "{answers:?}");
+    assert_eq!(
+        answers.iter().filter(|(_, appended)| *appended).count(),
+        1,
+        "{answers:?}"
+    );
+    assert_eq!(control.shutdown("admin", 5).await.unwrap(), (seq, false));
+    assert_eq!(control.head(), seq, "one shutdown_requested");
+    let shutdowns = control
+        .log()
+        .read(1..=seq)
+        .unwrap()
+        .iter()
+        .filter(|e| EventKind::of_event(e) == Some(EventKind::ShutdownRequested))
+        .count();
+    assert_eq!(shutdowns, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_shutdown_request_deploys_and_kills_are_refused() {
     let dir = tempdir();
     let control = open(options(dir.path()));
     deploy(&control, "acme", "a", "m1").await;
-    let seq = control.shutdown("admin", 1000).await.unwrap();
+    let (seq, _) = control.shutdown("admin", 1000).await.unwrap();
     assert!(control.is_shutting_down());
     let events = control.log().read(seq..=seq).unwrap();
     assert_eq!(EventKind::of_event(&events[0]), Some(EventKind::ShutdownRequested));

@@ -164,11 +164,14 @@ pub async fn call(
 pub async fn shutdown(state: &ApiState, caller: &Caller, grace_ms: u32) -> Result<u64, Error> {
     caller.require_admin("shut the node down")?;
     let grace = state.grace_or_default(grace_ms);
-    let seq = state
+    let (seq, appended) = state
         .control
         .shutdown(&caller.actor(), grace.as_millis().try_into().unwrap_or(u32::MAX))
         .await?;
-    state.request_shutdown(grace);
+    // The node stops with the grace its event records: a repeat's own grace is not used.
+    if appended {
+        state.request_shutdown(grace);
+    }
     Ok(seq)
 }
 

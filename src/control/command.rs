@@ -172,6 +172,8 @@ pub(super) enum Reply {
     /// The command's event, now durable. The caller reads its answer from it: the writer
     /// shares the event rather than copying fields out of it.
     Appended(Arc<Event>),
+    /// The node is already shutting down, as the event at this seq asked.
+    ShuttingDown(u64),
 }
 
 impl DeployOutcome {
@@ -207,7 +209,8 @@ pub(super) enum Decision {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Context<'a> {
     pub now_ms: u64,
-    pub shutting_down: bool,
+    /// The seq of the `shutdown_requested` of this run of the node, once there is one.
+    pub shutdown_seq: Option<u64>,
     pub limits: &'a TenantLimits,
     /// Services the node can run, all tenants together.
     pub node_services: Option<u64>,
@@ -218,6 +221,9 @@ pub(super) fn decide(state: &State, command: Command, cx: Context<'_>) -> Result
     match command {
         Command::Deploy(cmd) => decide_deploy(state, cmd, cx),
         Command::Kill(cmd) => decide_kill(state, cmd, cx),
+        // A repeat (an impatient client, a retry) is told of the shutdown already under way;
+        // the node stops with the first one's grace.
+        Command::Shutdown { .. } if let Some(seq) = cx.shutdown_seq => Ok(Decision::Answer(Reply::ShuttingDown(seq))),
         Command::Shutdown { actor, grace_ms } => Ok(Decision::Append {
             event: envelope(
                 String::new(),
@@ -232,7 +238,7 @@ pub(super) fn decide(state: &State, command: Command, cx: Context<'_>) -> Result
 }
 
 fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<Decision> {
-    if cx.shutting_down {
+    if cx.shutdown_seq.is_some() {
         return Err(Error::ShuttingDown);
     }
     let sha = cmd.module.sha256_hex();
@@ -365,7 +371,7 @@ fn check_deploy_quotas(
 }
 
 fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decision> {
-    if cx.shutting_down {
+    if cx.shutdown_seq.is_some() {
         return Err(Error::ShuttingDown);
     }
     if !cmd.idempotency_key.is_empty()

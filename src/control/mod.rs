@@ -211,6 +211,7 @@ impl Control {
             clock: Arc::clone(&options.clock),
             options: options.writer,
             shutting_down: Arc::clone(&shutting_down),
+            shutdown_seq: None,
             snapshots,
             stored_blobs: std::collections::HashSet::new(),
             on_commit: options.on_commit,
@@ -361,8 +362,10 @@ impl Control {
         }
     }
 
-    /// Records that the node is shutting down; later deploys and kills are refused.
-    pub async fn shutdown(&self, actor: &str, grace_ms: u32) -> Result<u64> {
+    /// Records that the node is shutting down; later deploys and kills are refused. Returns
+    /// the seq of the `shutdown_requested` event, and whether this request appended it (a
+    /// repeat appends nothing: it is answered with the first one's seq).
+    pub async fn shutdown(&self, actor: &str, grace_ms: u32) -> Result<(u64, bool)> {
         match self
             .submit(Command::Shutdown {
                 actor: actor.to_string(),
@@ -370,7 +373,8 @@ impl Control {
             })
             .await?
         {
-            Reply::Appended(event) => Ok(event.seq),
+            Reply::Appended(event) => Ok((event.seq, true)),
+            Reply::ShuttingDown(seq) => Ok((seq, false)),
             other => unreachable!("shutdown answered with {other:?}"),
         }
     }

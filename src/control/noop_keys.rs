@@ -110,7 +110,7 @@ impl NoOpKeys {
         let changed_nothing = match answer {
             Reply::Deployed(outcome) => outcome.unchanged && !outcome.replayed,
             Reply::Killed(outcome) => outcome.already_stopped && !outcome.replayed,
-            Reply::Appended(_) => false,
+            Reply::Appended(_) | Reply::ShuttingDown(_) => false,
         };
         if !changed_nothing {
             return;

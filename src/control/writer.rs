@@ -69,6 +69,8 @@ pub(super) struct Writer {
     pub clock: Clock,
     pub options: WriterOptions,
     pub shutting_down: Arc<AtomicBool>,
+    /// The seq of the durable `shutdown_requested` of this run, if any.
+    pub shutdown_seq: Option<u64>,
     /// Hashes of modules known to be in the blob store (bounded: cleared when full).
     pub stored_blobs: std::collections::HashSet<[u8; 32]>,
     /// Each committed batch goes here for snapshots, if they are on.
@@ -120,9 +122,9 @@ struct Pending {
 struct Batch {
     /// The timestamp every event of the batch carries.
     now_ms: u64,
-    /// Raised by a shutdown request earlier in the batch: later commands are refused too. The
-    /// shared flag is raised only once the request is durable.
-    shutting_down: bool,
+    /// The seq of the node's shutdown request, set by one earlier in the batch too: later
+    /// commands are refused. The shared flag is raised only once the request is durable.
+    shutdown_seq: Option<u64>,
     events: log::Batch<Event>,
     /// Modules not yet in the blob store, each once.
     blobs: Vec<Blob>,
@@ -140,7 +142,7 @@ impl Writer {
         while let Some(first) = requests.blocking_recv() {
             let mut batch = Batch {
                 now_ms: (self.clock)().max(self.working.last_timestamp_ms()),
-                shutting_down: self.shutting_down.load(Ordering::Acquire),
+                shutdown_seq: self.shutdown_seq,
                 events: log::Batch::with_capacity(last_batch.max(1)),
                 blobs: Vec::new(),
                 replaced: Vec::new(),
@@ -201,7 +203,7 @@ impl Writer {
         };
         let cx = Context {
             now_ms: batch.now_ms,
-            shutting_down: batch.shutting_down,
+            shutdown_seq: batch.shutdown_seq,
             limits,
             node_services: self.limits.node_services,
         };
@@ -238,7 +240,9 @@ impl Writer {
                     });
                     return;
                 }
-                batch.shutting_down |= matches!(event.kind, Some(Kind::ShutdownRequested(_)));
+                if let Some(Kind::ShutdownRequested(_)) = event.kind {
+                    batch.shutdown_seq = Some(event.seq);
+                }
                 batch.replaced.extend(replaced);
                 // A module already in the blob store (or in this batch) is not written again.
                 if let Some(module) = blob
@@ -261,7 +265,7 @@ impl Writer {
     /// everyone once it is durable.
     fn commit(&mut self, batch: Batch) {
         let Batch {
-            shutting_down,
+            shutdown_seq,
             events,
             blobs,
             mut replaced,
@@ -330,7 +334,8 @@ impl Writer {
             let mut published = self.published.write().unwrap_or_else(|poison| poison.into_inner());
             std::mem::swap(&mut *published, &mut self.working);
         }
-        if shutting_down {
+        if shutdown_seq.is_some() && self.shutdown_seq.is_none() {
+            self.shutdown_seq = shutdown_seq;
             self.shutting_down.store(true, Ordering::Release);
         }
         // Tailers hear of the batch only now, so whoever sees an event finds it in the state.
