@@ -136,7 +136,10 @@ where
                     format!("the request message is over this node's limit of {limit} bytes (max_request_bytes)");
                 return Ok(Status::resource_exhausted(message).into_http());
             }
-            if code == Some(b"12") {
+            // A method the service lacks comes back without a message; tonic's other
+            // UNIMPLEMENTED (an encoding it does not accept) says so itself, and names the
+            // encodings it accepts.
+            if code == Some(b"12") && !reply.headers().contains_key("grpc-message") {
                 let message = format!(
                     "{path} is not a method of {}; see proto/solo/v1/solo.proto, or list them with server reflection",
                     S::NAME
