@@ -418,10 +418,15 @@ async fn serve_grpc(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SoloKernelServer<GrpcApi>>().await;
     let health_follower = tokio::spawn(follow_log_health(health.clone(), Arc::downgrade(&state)));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("gRPC reflection")?;
+    // Both versions of reflection, as clients speak one or the other (grpcurl v1, many
+    // language runtimes only v1alpha), and the health service's schema beside Solo's.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("gRPC reflection")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("gRPC reflection")?;
     // A client that vanished without closing (a laptop put to sleep) is found by its missed
     // ping, and its connection is given back.
     let mut builder = tonic::transport::Server::builder()
@@ -438,7 +443,8 @@ async fn serve_grpc(
     };
     builder
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(MeterBodies::new(
             RequestRefusals::new(kernel, max_message),
             Arc::clone(&state),

@@ -856,7 +856,8 @@ async fn health_and_reflection_are_served() {
         ServingStatus::Serving
     );
 
-    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
     let request = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -871,7 +872,46 @@ async fn health_and_reflection_are_served() {
         panic!("{response:?}")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"solo.v1.SoloKernel".to_string()), "{names:?}");
+    for name in ["solo.v1.SoloKernel", "grpc.health.v1.Health"] {
+        assert!(names.contains(&name.to_string()), "{name} in {names:?}");
+    }
+    // The health service's schema is there too, for clients that build requests from it.
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol("grpc.health.v1.Health".into())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures_util::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            response.message_response,
+            Some(MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{response:?}"
+    );
+
+    // The older protocol, the only one some language runtimes speak.
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as AlphaResponse;
+    let mut alpha = tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(AlphaRequest::ListServices(String::new())),
+    };
+    let mut responses = alpha
+        .server_reflection_info(futures_util::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(AlphaResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("{response:?}")
+    };
+    assert!(list.service.iter().any(|s| s.name == "solo.v1.SoloKernel"), "{list:?}");
     server.stop().await.unwrap();
 }
 
@@ -1045,6 +1085,22 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
     let message = reply.headers()["grpc-message"].to_str().unwrap();
     assert!(
         message.contains("Frobnicate") && message.contains("reflection"),
+        "{message}"
+    );
+    // A compressed message is refused for its encoding, not as a missing method.
+    let reply = http
+        .post(format!("{}/solo.v1.SoloKernel/Status", server.grpc_url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-encoding", "gzip")
+        .body(vec![1, 0, 0, 0, 3, 0x0a, 1, b'x'])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.headers()["grpc-status"], "12");
+    let message = reply.headers()["grpc-message"].to_str().unwrap();
+    assert!(
+        message.contains("gzip") && !message.contains("not a method"),
         "{message}"
     );
     // A well-framed request goes on to its handler's answer.
