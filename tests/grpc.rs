@@ -301,6 +301,34 @@ async fn every_rpc_works_and_fails_as_documented() {
         timeout_ms: 100,
     };
     assert_eq!(code(client.call(as_tenant("acme", slow)).await), Code::DeadlineExceeded);
+    // The client's own deadline (`grpc-timeout`) passing is DEADLINE_EXCEEDED too, every time,
+    // and says whose deadline it was. (Tonic's client keeps that deadline itself, and says
+    // CANCELLED when it passes first; so a raw client here.)
+    let http = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let message = prost::Message::encode_to_vec(&proto::CallRequest {
+        service_id: "spin".into(),
+        payload: b"300".to_vec(),
+        timeout_ms: 0,
+    });
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    for _ in 0..10 {
+        let reply = http
+            .post(format!("{}/solo.v1.SoloKernel/Call", server.grpc_url()))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-tenant-id", "acme")
+            .header("grpc-timeout", "50m")
+            .body(framed.clone())
+            .send()
+            .await
+            .unwrap();
+        let headers = reply.headers();
+        assert_eq!(headers["grpc-status"], "4", "{headers:?}");
+        let message = headers["grpc-message"].to_str().unwrap();
+        assert!(message.contains("grpc-timeout"), "{message}");
+    }
     let err = client
         .call(as_tenant(
             "acme",

@@ -3,8 +3,8 @@
 //!
 //! Both exist to give the client the code the gRPC spec asks for: INVALID_ARGUMENT for bytes
 //! that are not the request message, or not framed as one (tonic says INTERNAL, as if the node
-//! were at fault), and RESOURCE_EXHAUSTED for a message over the limit (tonic says
-//! OUT_OF_RANGE).
+//! were at fault), RESOURCE_EXHAUSTED for a message over the limit (tonic says OUT_OF_RANGE),
+//! and DEADLINE_EXCEEDED for a request whose `grpc-timeout` passed (tonic says CANCELLED).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -76,6 +76,10 @@ impl<U: prost::Message + Default> Decoder for SoloDecoder<U> {
 ///   body, no message at all): INVALID_ARGUMENT. Tonic answers INTERNAL, which Solo also uses
 ///   for its own failures; the two are told apart by [`Decoded`], which a handler marks once it
 ///   has the request.
+/// - unfinished when its `grpc-timeout` passes: DEADLINE_EXCEEDED. Tonic's own timer, in a
+///   layer outside this one, answers CANCELLED "Timeout expired"; this one's runs out
+///   [`DEADLINE_MARGIN`] earlier and that layer polls the request before its timer, so this
+///   answer is the one sent.
 #[derive(Debug, Clone)]
 pub struct RequestRefusals<S> {
     inner: S,
@@ -127,9 +131,22 @@ where
         let path = request.uri().path().to_string();
         let decoded = Decoded::default();
         request.extensions_mut().insert(decoded.clone());
+        let timeout = request.headers().get("grpc-timeout").and_then(grpc_timeout);
         let reply = self.inner.call(request);
         Box::pin(async move {
-            let reply = reply.await?;
+            let reply = match timeout {
+                None => reply.await?,
+                Some(timeout) => match tokio::time::timeout(timeout.saturating_sub(DEADLINE_MARGIN), reply).await {
+                    Ok(reply) => reply?,
+                    Err(_) => {
+                        let message = format!(
+                            "the request did not finish within its deadline of {} ms (the client's grpc-timeout)",
+                            timeout.as_millis()
+                        );
+                        return Ok(Status::deadline_exceeded(message).into_http());
+                    }
+                },
+            };
             let code = reply.headers().get("grpc-status").map(|code| code.as_bytes());
             if code == Some(b"11") {
                 let message =
@@ -154,5 +171,49 @@ where
             }
             Ok(reply)
         })
+    }
+}
+
+/// How much sooner than tonic's timer a request's deadline is kept: one tick of tokio's
+/// millisecond timer wheel, so that both never fall due on different ticks in the wrong order.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// A `grpc-timeout` header's value: 1 to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+/// One that is malformed is ignored, as tonic ignores it.
+fn grpc_timeout(value: &http::HeaderValue) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = value.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::grpc_timeout;
+
+    #[test]
+    fn grpc_timeouts_are_read_as_the_spec_writes_them() {
+        let read = |value: &str| grpc_timeout(&http::HeaderValue::from_str(value).unwrap());
+        assert_eq!(read("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(read("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(read("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(read("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "300", "123456789m", "3x", "-1m", "1.5S"] {
+            assert_eq!(read(bad), None, "{bad}");
+        }
     }
 }
