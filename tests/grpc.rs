@@ -293,6 +293,13 @@ async fn every_rpc_works_and_fails_as_documented() {
         err.code() == Code::Aborted && err.message().contains("unreachable"),
         "{err:?}"
     );
+    // Written for a person: the trap and where, not wasmtime's whole backtrace.
+    assert!(
+        err.message().lines().count() == 1
+            && err.message().contains("in function #")
+            && !err.message().contains("backtrace"),
+        "{err:?}"
+    );
     let spin = deploy(&mut client, "acme", "spin", "spin").await;
     running(&mut client, "acme", "spin", spin.seq).await;
     let slow = proto::CallRequest {

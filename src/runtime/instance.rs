@@ -336,7 +336,24 @@ fn classify(error: &wasmtime::Error, store: &Store<Host>) -> CallFailure {
     CallFailure::Trap {
         reason,
         trap_code: trap_code.into(),
-        message: format!("{error:#}"),
+        message: trap_message(error),
+    }
+}
+
+/// What went wrong, for a person: the trap (or host error) itself and the guest function it
+/// happened in, without wasmtime's whole backtrace.
+fn trap_message(error: &wasmtime::Error) -> String {
+    let cause = error.root_cause().to_string();
+    let function = error
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|backtrace| backtrace.frames().first())
+        .map(|frame| match frame.func_name() {
+            Some(name) => format!("function '{name}'"),
+            None => format!("function #{}", frame.func_index()),
+        });
+    match function {
+        Some(function) => format!("{cause}, in {function}"),
+        None => cause,
     }
 }
 
