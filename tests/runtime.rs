@@ -137,6 +137,10 @@ async fn the_memory_hog_stops_at_its_cap_and_the_policy_gives_up_after_n_restart
     assert_eq!(gave_up.service_id, "hog");
     let status = control.status("acme", "hog").unwrap();
     assert_eq!((status.status.as_str(), status.restarts), ("crashed", 2));
+    // Down: the live figures describe no instance, and keep why it went down.
+    let live = control.live("acme", "hog").unwrap();
+    assert_eq!((live.memory_bytes, live.uptime_ms), (0, 0), "{live:?}");
+    assert!(live.last_error.contains("unreachable"), "{live:?}");
     let err = call(control, "acme", "hog", b"more").await.unwrap_err();
     assert!(matches!(err, Error::NotRunning { .. }), "{err}");
     assert!(err.to_string().contains("crashed"), "{err}");
@@ -148,6 +152,11 @@ async fn the_memory_hog_stops_at_its_cap_and_the_policy_gives_up_after_n_restart
         .unwrap();
     assert_eq!(redeployed.version, 2);
     wait_for_kind(control, redeployed.seq, "acme", "hog", "service_started").await;
+    let live = control.live("acme", "hog").unwrap();
+    assert!(
+        live.memory_bytes > 0 && live.last_error.is_empty(),
+        "a new version starts clean: {live:?}"
+    );
     node.stop(Duration::from_secs(5)).await;
 }
 

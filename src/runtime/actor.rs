@@ -235,6 +235,10 @@ impl Actor {
             restart_times.pop_front();
         }
         let restarting = restart_times.len() < self.config.limits.max_restarts as usize;
+        if !restarting {
+            // Calls fail at once from here on, before the crash is on record.
+            self.withdraw();
+        }
         self.observe(Observation::Crashed {
             tenant: self.tenant.clone(),
             service_id: self.service_id.clone(),
@@ -246,7 +250,6 @@ impl Actor {
         })
         .await;
         if !restarting {
-            self.withdraw();
             return None;
         }
         restart_times.push_back(now);
@@ -265,6 +268,7 @@ impl Actor {
                 Some(instance)
             }
             Err(failure) => {
+                self.withdraw();
                 self.observe(Observation::Crashed {
                     tenant: self.tenant.clone(),
                     service_id: self.service_id.clone(),
@@ -275,22 +279,25 @@ impl Actor {
                     restarting: false,
                 })
                 .await;
-                self.withdraw();
                 None
             }
         }
     }
 
-    /// Stops routing calls to this actor (if it is still the one calls go to).
+    /// Stops routing calls to this actor (if it is still the one calls go to); its live
+    /// figures then describe no instance.
     fn withdraw(&self) {
         let version = self.config.version;
-        self.ready.send_if_modified(|route| match route {
+        let withdrawn = self.ready.send_if_modified(|route| match route {
             Route::Up(h) if h.version == version => {
                 *route = Route::Down;
                 true
             }
             _ => false,
         });
+        if withdrawn {
+            self.stats.instance_stopped();
+        }
     }
 
     async fn observe(&self, observation: Observation) {

@@ -824,6 +824,8 @@ async fn start(
             // queue, serves it, and stops once the last sender is gone.
             slot.ready.send_replace(Route::Up(actor.handle.clone()));
             drop(current.replace(actor).map(|old| old.handle));
+            // The last error was an earlier version's, or this one's before it was redeployed.
+            slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()).clear();
             observe(
                 inner,
                 Observation::Started {
