@@ -354,6 +354,63 @@ async fn graceful_and_forced_kills() {
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// A graceful kill waits on the calls in flight; a forced kill meanwhile is recorded and cuts
+/// the wait short, as `kill -9` after `kill` would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_kill_cuts_short_a_graceful_one_under_way() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    let mut request = deploy_example("acme", "spin", "spin");
+    request.limits = Limits {
+        call_timeout_ms: 30_000,
+        cpu_ms_per_call: 30_000,
+        ..Limits::default()
+    };
+    let deployed = control.deploy(request).await.unwrap();
+    wait_for_kind(&control, deployed.seq, "acme", "spin", "service_started").await;
+    let busy = {
+        let control = control.clone();
+        tokio::spawn(async move { call(&control, "acme", "spin", b"20000").await })
+    };
+    while control.live("acme", "spin").unwrap().uptime_ms == 0 || control.runtime().unwrap().running_instances() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await; // the call is under way
+    let gentle = control
+        .kill(KillCommand {
+            grace_ms: 60_000,
+            ..kill_command("acme", "spin")
+        })
+        .await
+        .unwrap();
+    assert!(!gentle.already_stopped);
+    // A graceful kill again finds it on its way down; a forced one is recorded.
+    let again = control.kill(kill_command("acme", "spin")).await.unwrap();
+    assert_eq!((again.seq, again.already_stopped), (gentle.seq, true));
+    let started = std::time::Instant::now();
+    let forced = control
+        .kill(KillCommand {
+            force: true,
+            ..kill_command("acme", "spin")
+        })
+        .await
+        .unwrap();
+    assert!(forced.seq > gentle.seq && !forced.already_stopped, "{forced:?}");
+    wait_for_kind(&control, forced.seq, "acme", "spin", "service_stopped").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "stopped without waiting out the call or the grace: {:?}",
+        started.elapsed()
+    );
+    assert!(busy.await.unwrap().is_err(), "the call in flight was cut off");
+    assert_eq!(control.status("acme", "spin").unwrap().status.as_str(), "stopped");
+    // The quotas counted the service out once.
+    let state_services = control.read_state(|s| s.active_services());
+    assert_eq!(state_services, 0);
+    node.stop(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_mailbox_refuses_calls_as_busy() {
     let dir = tempdir();

@@ -398,7 +398,10 @@ fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decis
         .ok_or_else(|| Error::NotFound {
             service_id: cmd.service_id.clone(),
         })?;
-    if service.desired == Desired::Stopped {
+    // A forced kill of a service still stopping (a graceful kill waiting on its calls) is
+    // recorded too, and cuts the stop short; anything else finds the service on its way down.
+    let escalates = cmd.force && service.status == Status::Stopping;
+    if service.desired == Desired::Stopped && !escalates {
         return Ok(Decision::Answer(Reply::Killed(KillOutcome {
             seq: service.last_seq,
             already_stopped: true,

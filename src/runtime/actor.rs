@@ -84,17 +84,24 @@ pub(super) struct RunningActor {
 }
 
 impl RunningActor {
-    /// Stops the actor: at once with `force`, else gracefully within `grace` (then at once).
-    pub async fn stop(self, force: bool, grace: Duration) {
+    /// Stops the actor: at once with `force`, else gracefully within `grace` (then at once),
+    /// or at once when `forced` names this version meanwhile.
+    pub async fn stop(self, force: bool, grace: Duration, mut forced: watch::Receiver<u64>) {
         if !force && !self.task.is_finished() && self.stop.send(StopRequest { grace }).await.is_ok() {
-            let task = self.task;
-            let abort = task.abort_handle();
+            let mut task = self.task;
+            let version = self.version;
             // A little slack over the grace: the actor enforces it itself.
-            if tokio::time::timeout(grace + Duration::from_millis(100), task)
-                .await
-                .is_err()
-            {
-                abort.abort();
+            let cut_short = tokio::select! {
+                finished = tokio::time::timeout(grace + Duration::from_millis(100), &mut task) => finished.is_err(),
+                () = async {
+                    if forced.wait_for(|v| *v == version).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                } => true,
+            };
+            if cut_short {
+                task.abort();
+                let _ = task.await;
             }
             return;
         }

@@ -141,6 +141,9 @@ struct Slot {
     stats: Arc<LiveStats>,
     ready: Ready,
     commands: mpsc::UnboundedSender<SlotCommand>,
+    /// The version a forced kill was last asked for: it cuts short a graceful stop of that
+    /// version under way, which holds up the slot's commands.
+    forced: watch::Sender<u64>,
 }
 
 enum SlotCommand {
@@ -603,6 +606,7 @@ impl Inner {
             stats: Arc::new(LiveStats::default()),
             ready: Arc::new(watch::Sender::new(Route::Pending)),
             commands,
+            forced: watch::Sender::new(0),
         });
         slots
             .entry(tenant.to_string())
@@ -636,6 +640,9 @@ impl Inner {
                     return;
                 };
                 let slot = self.slot(&event.tenant, &event.service_id);
+                if kill.force {
+                    slot.forced.send_replace(version);
+                }
                 let grace = Duration::from_millis(kill.grace_ms.into());
                 let _ = slot.commands.send(SlotCommand::Kill {
                     version,
@@ -852,7 +859,7 @@ async fn start(
 async fn withdraw(slot: &Slot, actor: Option<RunningActor>, force: bool, grace: Duration) {
     slot.ready.send_replace(Route::Down);
     if let Some(actor) = actor {
-        actor.stop(force, grace).await;
+        actor.stop(force, grace, slot.forced.subscribe()).await;
     }
     slot.stats.instance_stopped();
 }

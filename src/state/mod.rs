@@ -345,13 +345,18 @@ impl State {
             .get_mut(event.service_id.as_str())
             .ok_or_else(|| unknown(event))?;
         transition_allowed(event, service)?;
+        // A forced kill of a service already stopping hurries the stop along; the service
+        // left the quotas with the first kill.
+        let escalation = service.desired == Desired::Stopped;
         service.desired = Desired::Stopped;
         service.status = Status::Stopping;
         service.touched(event);
         let version = service.version;
-        tenant.active_services = tenant.active_services.saturating_sub(1);
-        self.active_services = self.active_services.saturating_sub(1);
-        tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
+        if !escalation {
+            tenant.active_services = tenant.active_services.saturating_sub(1);
+            self.active_services = self.active_services.saturating_sub(1);
+            tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
+        }
         if !e.idempotency_key.is_empty() {
             let record = IdempotencyRecord {
                 op: IdempotentOp::Kill,
@@ -428,7 +433,11 @@ fn transition_allowed(event: &Event, service: &Service) -> Result<(), ApplyError
             matches!(service.status, Status::Starting | Status::Running) || service.comes_back_with_the_node(),
         ),
         Some(Kind::ServiceRestarted(e)) => ("service_restarted", Some(e.version), service.status == Status::Starting),
-        Some(Kind::ServiceKillRequested(_)) => ("service_kill_requested", None, service.desired == Desired::Running),
+        Some(Kind::ServiceKillRequested(e)) => (
+            "service_kill_requested",
+            None,
+            service.desired == Desired::Running || (e.force && service.status == Status::Stopping),
+        ),
         Some(Kind::ServiceStopped(e)) => {
             let killed = e.reason() == StopReason::Killed;
             let up = matches!(service.status, Status::Starting | Status::Running | Status::Stopping);
