@@ -525,7 +525,7 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
                 Ok(n) => request.extend_from_slice(&chunk[..n]),
             }
         }
-        let _ = stream.write_all(too_many_connections().as_bytes()).await;
+        let _ = stream.write_all(too_many_connections(&request).as_bytes()).await;
         let _ = stream.shutdown().await;
     };
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, answered).await;
@@ -535,19 +535,38 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
 /// slot it holds meanwhile is one of the listener's.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What a client over its connection cap is told before the connection closes: a REST error,
-/// written by hand as no HTTP connection is served to it.
-fn too_many_connections() -> String {
+/// What a client over its connection cap is told before the connection closes: a REST error
+/// as every other (its request id, echoed or made up, and when to retry), written by hand as
+/// no HTTP connection is served to it. `request` is what the client sent of its request.
+fn too_many_connections(request: &[u8]) -> String {
     let error = crate::api::Error::new(
         crate::api::ErrorKind::Overloaded,
         "too many connections from this address; close some and retry",
     );
     let status = error.kind().http_status();
-    let body = error.json_body().to_string();
+    let request_id = client_request_id(request).unwrap_or_else(|| {
+        let mut bytes = [0u8; 8];
+        let _ = getrandom::fill(&mut bytes);
+        hex::encode(bytes)
+    });
+    let mut body = error.json_body();
+    body["request_id"] = serde_json::json!(request_id);
+    let body = body.to_string();
     format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\nretry-after: 1\r\n\
+         x-request-id: {request_id}\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// The `X-Request-Id` in a request's raw headers, if it is one the REST API would echo.
+fn client_request_id(request: &[u8]) -> Option<String> {
+    let head = std::str::from_utf8(request).ok()?;
+    let value = head.split("\r\n").find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("x-request-id").then(|| value.trim())
+    })?;
+    crate::api::rest::usable_request_id(value).then(|| value.to_string())
 }
 
 async fn serve_http(

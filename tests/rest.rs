@@ -1251,6 +1251,19 @@ async fn a_stopping_node_refuses_work_with_503() {
     send(deploy).await.error(503, "shutting_down");
     let events = http.get(format!("{base}/events")).header("x-tenant-id", "a");
     send(events).await.error(503, "shutting_down");
+    // Reads too: every new request on a connection still open, as over gRPC.
+    for path in [
+        "/services",
+        "/services/echo",
+        "/services/echo/logs",
+        "/metrics",
+        "/nowhere",
+    ] {
+        let read = http.get(format!("{base}{path}")).header("x-tenant-id", "a");
+        let reply = send(read).await;
+        reply.error(503, "shutting_down");
+        assert!(reply.json["request_id"].as_str().is_some(), "{path}: {reply:?}");
+    }
     node.stop(Duration::from_secs(5)).await;
 }
 
@@ -2878,11 +2891,14 @@ async fn a_large_body_with_failed_credentials_is_refused_before_it_is_read() {
     let mut tokens = None;
     let node = node(|c| tokens = Some(tokens_config(c))).await;
     let (_, acme) = tokens.unwrap();
-    for authorization in ["", "authorization: Bearer solo_not_a_token\r\n"] {
-        let (_upload, answer) = open_upload(&node, "/services", authorization, 10_000_000).await;
-        let answer = answer.expect("an answer before the body");
-        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
-        assert!(answer.contains("\"unauthenticated\""), "{answer}");
+    // Also a body over the node's limit: a stranger learns of its credentials, not the limit.
+    for length in [10_000_000, 30_000_000] {
+        for authorization in ["", "authorization: Bearer solo_not_a_token\r\n"] {
+            let (_upload, answer) = open_upload(&node, "/services", authorization, length).await;
+            let answer = answer.expect("an answer before the body");
+            assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+            assert!(answer.contains("\"unauthenticated\""), "{answer}");
+        }
     }
     // Over gRPC, a large module from a stranger is refused as unauthenticated too.
     let mut grpc = grpc_client(&node.server).await;
@@ -2909,10 +2925,22 @@ async fn one_client_address_cannot_take_every_connection() {
     let address = node.base.trim_start_matches("http://").to_string();
     let first = tokio::net::TcpStream::connect(&address).await.unwrap();
     let _second = tokio::net::TcpStream::connect(&address).await.unwrap();
-    // A third connection from the same address is told why, and closed.
+    // A third connection from the same address is told why, and closed, in the shape of every
+    // error: its request id, and when to retry.
+    let reply = client()
+        .get(node.url("/health"))
+        .header("x-request-id", "third-one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.headers()["x-request-id"], "third-one");
+    assert_eq!(reply.headers()["retry-after"], "1");
+    let body: serde_json::Value = reply.json().await.unwrap();
+    assert_eq!(body["request_id"], "third-one", "{body}");
     let refused = send(client().get(node.url("/health"))).await;
     assert_eq!(refused.status, 429, "{refused:?}");
     assert_eq!(refused.json["error"], "overloaded", "{refused:?}");
+    assert_eq!(refused.json["request_id"].as_str().unwrap().len(), 16, "{refused:?}");
     assert!(
         refused.json["message"]
             .as_str()

@@ -1018,6 +1018,15 @@ async fn rest_every_route_needs_a_valid_token_and_only_the_admin_shuts_down() {
             let reply = send(alpha.rest(route_request(&http, &base, route, method, "svc", "?tenant=beta"))).await;
             let label = format!("{} {route}?tenant=beta with alpha's token", method.to_uppercase());
             expect_error(&mut failures, &label, &reply, 403, "permission_denied");
+            // Naming itself in the header does not make naming another in the query a mistake
+            // rather than a refusal.
+            let itself = Auth::bearer(&keys.alpha[1]).naming("alpha");
+            let reply = send(itself.rest(route_request(&http, &base, route, method, "svc", "?tenant=beta"))).await;
+            let label = format!(
+                "{} {route}?tenant=beta with alpha's token and X-Tenant-ID: alpha",
+                method.to_uppercase()
+            );
+            expect_error(&mut failures, &label, &reply, 403, "permission_denied");
         }
     }
     for (who, auth) in [

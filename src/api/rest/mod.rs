@@ -66,6 +66,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(streaming)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), admit_bodies))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), refuse_when_stopping))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), normalize_errors))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -93,14 +94,16 @@ const MAX_REQUEST_ID: usize = 128;
 /// Removes a client's `X-Request-Id` that is longer than [`MAX_REQUEST_ID`] or holds anything
 /// but visible ASCII, so that [`RandomRequestId`] replaces it.
 async fn drop_unusable_request_id(mut request: Request) -> Request {
-    let usable = |id: &HeaderValue| {
-        let bytes = id.as_bytes();
-        !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID && bytes.iter().all(u8::is_ascii_graphic)
-    };
+    let usable = |id: &HeaderValue| std::str::from_utf8(id.as_bytes()).is_ok_and(usable_request_id);
     if request.headers().get_all(REQUEST_ID).iter().any(|id| !usable(id)) {
         request.headers_mut().remove(REQUEST_ID);
     }
     request
+}
+
+/// Whether a client's `X-Request-Id` is kept: 1 to [`MAX_REQUEST_ID`] visible ASCII characters.
+pub(crate) fn usable_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Request ids: 16 random hex digits, unless the client sent one.
@@ -147,14 +150,18 @@ struct ErrorBody(Error);
 /// does not fit. The answer's bytes are counted too, until they are written out.
 async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    if axum::body::HttpBody::size_hint(&body).lower() > state.options.max_body_bytes as u64 {
-        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
-    }
     let certificate_tenant = parts
         .extensions
         .get::<crate::tls::PeerTenant>()
         .and_then(|c| c.0.as_deref());
     let caller = state.auth.authenticate_headers(&parts.headers, certificate_tenant);
+    if axum::body::HttpBody::size_hint(&body).lower() > state.options.max_body_bytes as u64 {
+        // A client whose credentials fail learns that, not the node's limits.
+        return match caller {
+            Err(e) => e.into_response(),
+            Ok(_) => StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+        };
+    }
     let (metered, charge) = state.bodies.meter(Payer::of(&caller), body);
     if charge.was_refused() {
         return charge.refusal().into_response();
@@ -166,6 +173,17 @@ async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next
         return charge.refusal().into_response();
     }
     response.map(|body| axum::body::Body::new(charge.meter_answer(body)))
+}
+
+/// Refuses every new request once the node is stopping, on connections still open, as the
+/// gRPC API does; `/health` answers for itself, saying the node is shutting down.
+async fn refuse_when_stopping(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    if request.uri().path() != "/health"
+        && let Err(e) = state.check_open()
+    {
+        return e.into_response();
+    }
+    next.run(request).await
 }
 
 /// Rewrites every error response into the JSON shape with the request id, counts the request,
@@ -267,8 +285,17 @@ pub(crate) fn caller(
     if let Some(named) = query_tenant {
         crate::control::validate_tenant(named).map_err(|e| Error::invalid(format!("?tenant=: {e}")))?;
     }
+    let certificate_tenant = certificate.and_then(|c| c.0.as_deref());
     let tenant = match (header_tenant, query_tenant) {
         (Some(h), Some(q)) if h != q => {
+            // Who asks decides what is wrong: a tenant may not act for another, while the
+            // admin said two things at once.
+            let asking = state
+                .auth
+                .authenticate(text("authorization")?, Some(h), certificate_tenant)?;
+            if let super::auth::Principal::Tenant(own) = &asking.principal {
+                return Err(Error::forbidden(format!("tenant '{own}' cannot act for tenant '{q}'")));
+            }
             return Err(Error::invalid(format!(
                 "{TENANT_HEADER} says '{h}' but ?tenant= says '{q}'"
             )));
@@ -276,7 +303,6 @@ pub(crate) fn caller(
         (Some(h), _) => Some(h),
         (None, q) => q,
     };
-    let certificate_tenant = certificate.and_then(|c| c.0.as_deref());
     state
         .auth
         .authenticate(text("authorization")?, tenant, certificate_tenant)
