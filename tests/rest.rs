@@ -647,6 +647,10 @@ async fn malformed_json_is_400_and_says_where() {
         let message = reply.error(400, "invalid_argument");
         assert!(message.contains("trailing characters"), "{message}");
     }
+    // An array of the fields in order is not the object the API takes.
+    let reply = send(raw("[\"arr\", null, \"(module)\", {}, {}]")).await;
+    assert!(reply.error(400, "invalid_argument").contains("JSON object"), "{reply:?}");
+    assert_eq!(node.get("/services/arr", "a").await.status, StatusCode::NOT_FOUND);
     assert_eq!(node.get("/services/x", "a").await.status, StatusCode::NOT_FOUND);
     node.stop().await;
 }

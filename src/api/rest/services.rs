@@ -186,6 +186,11 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, bo
             "send the body as Content-Type: application/json",
         ));
     }
+    // Serde would read a struct from an array of its fields in order too; the API's bodies are
+    // objects, with named fields.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Error::invalid("malformed JSON: the body must be a JSON object ({...})"));
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let parsed = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
