@@ -515,7 +515,8 @@ fn build_dataset() -> Dataset {
         if batch.len() == DATASET_BATCH || seq == DATASET_EVENTS {
             let put: &[BlobRef<'_>] = if first_batch { &blobs } else { &[] };
             let changes = BlobChanges { put, delete: &[] };
-            log.append(&batch, changes).expect("the data set is written");
+            log.append(&batch, changes, Default::default())
+                .expect("the data set is written");
             log.publish(batch.records(), &mut Vec::new());
             batch.clear();
             first_batch = false;
@@ -710,7 +711,8 @@ fn tail_round(rt: &Runtime, log: &EventLog, tailers: usize, events: u64, histogr
     let started = Instant::now();
     for seq in from..=last {
         let records: Batch<Event> = std::iter::once(tail_event(seq)).collect();
-        log.append(&records, Default::default()).expect("the append commits");
+        log.append(&records, Default::default(), Default::default())
+            .expect("the append commits");
         committed.push(base.elapsed().as_nanos() as u64);
         let publishing = Instant::now();
         log.publish(records.records(), &mut Vec::new());

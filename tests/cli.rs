@@ -1654,7 +1654,12 @@ fn offline_data_dir(dir: &Path, map_size: u64, events: u64) {
         })
         .collect();
     store
-        .append(1, frames.iter().map(Vec::as_slice), Default::default())
+        .append(
+            1,
+            frames.iter().map(Vec::as_slice),
+            Default::default(),
+            Default::default(),
+        )
         .unwrap();
 }
 

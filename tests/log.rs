@@ -196,6 +196,7 @@ async fn a_retry_of_a_keyed_request_that_changed_nothing_changes_nothing_either(
     };
     let first = control.kill(kill.clone()).await.unwrap();
     assert!(first.already_stopped && !first.replayed);
+    let first_kill_seq = first.seq;
     let redeployed = deploy(&control, "acme", "a", "m2").await;
     let head = control.head();
     let retry = control.kill(kill.clone()).await.unwrap();
@@ -220,6 +221,31 @@ async fn a_retry_of_a_keyed_request_that_changed_nothing_changes_nothing_either(
         (first.version, first.seq, true, true)
     );
     assert_eq!(control.head(), head, "the retry appended nothing");
+
+    // Across a restart too: the node stored those keys with their answers. Someone redeploys
+    // the service; neither retry may act on it.
+    control.close().await;
+    drop(control);
+    let control = open(options(dir.path()));
+    let redeployed = deploy(&control, "acme", "a", "m3").await;
+    let head = control.head();
+    let retry = control.kill(kill.clone()).await.unwrap();
+    assert_eq!(
+        (retry.seq, retry.already_stopped, retry.replayed),
+        (first_kill_seq, true, true)
+    );
+    let retry = control.deploy(same.clone()).await.unwrap();
+    assert_eq!(
+        (retry.version, retry.seq, retry.unchanged, retry.replayed),
+        (first.version, first.seq, true, true)
+    );
+    assert_eq!(control.head(), head, "the retries appended nothing");
+    let service = control.status("acme", "a").unwrap();
+    assert_eq!(
+        (service.version, service.module_sha256),
+        (redeployed.version, redeployed.module_sha256)
+    );
+    assert_eq!(service.desired, solo::state::Desired::Running);
 
     // Those keys are taken: another request with one is a conflict.
     let mut other = same.clone();

@@ -180,13 +180,21 @@ impl Control {
     pub fn open(options: ControlOptions) -> Result<(Control, Recovery), crate::log::Error> {
         let log = EventLog::open(&options.data_dir, &options.log)?;
         let (state, recovery) = recovery::recover(&log, options.settings)?;
+        let mut noop_keys = NoOpKeys::new(state.settings().idempotency_window_ms, NOOP_KEYS_REMEMBERED);
+        noop_keys.restore(log.store().requests()?, (options.clock)());
         Ok((
-            Control::start(log, state, recovery.snapshot_seq.unwrap_or(0), options),
+            Control::start(log, state, noop_keys, recovery.snapshot_seq.unwrap_or(0), options),
             recovery,
         ))
     }
 
-    fn start(log: EventLog, state: State, last_snapshot_seq: u64, options: ControlOptions) -> Control {
+    fn start(
+        log: EventLog,
+        state: State,
+        noop_keys: NoOpKeys,
+        last_snapshot_seq: u64,
+        options: ControlOptions,
+    ) -> Control {
         let (requests, receiver) = mpsc::channel(options.writer.queue_capacity.max(1));
         let published = Arc::new(RwLock::new(state.clone()));
         let limits = Arc::new(options.limits);
@@ -202,7 +210,7 @@ impl Control {
         let commit_failure = Arc::new(CommitFailure::default());
         let writer = Writer {
             commit_failure: Arc::clone(&commit_failure),
-            noop_keys: NoOpKeys::new(state.settings().idempotency_window_ms, NOOP_KEYS_REMEMBERED),
+            noop_keys,
             log: log.clone(),
             spare: Spare::start(state.clone()),
             working: state,

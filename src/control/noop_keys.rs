@@ -4,19 +4,21 @@
 //! a stopped service, appends no event, so the log cannot carry its key. Decided afresh, a
 //! retry could then act: the kill's retry would stop the service someone has redeployed since.
 //! The writer keeps such keys here for the idempotency window, so a retry gets the first
-//! answer, or a conflict if the key comes back with another request. They live in memory
-//! only: after the node restarts, a retry of a request that had changed nothing is decided
-//! again.
+//! answer, or a conflict if the key comes back with another request. Each is also written to
+//! the log's `requests` database, in the commit that answers the request, and read back when
+//! the node starts: a retry after a restart gets the first answer too.
 //!
 //! The keys held are bounded in number, and when the bound is reached the tenant that holds
 //! the most gives up its oldest. So a tenant sending many keyed no-ops forgets its own keys
 //! first: a tenant that holds no more keys than it does keeps every key for the whole window.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
-use super::command::{Command, Reply};
+use prost::Message;
+
+use super::command::{Command, DeployOutcome, KillOutcome, Reply};
 use super::error::{Error, Result};
-use crate::proto::IdempotentOp;
+use crate::proto::{IdempotentOp, NoOpRequest};
 use crate::state::{RequestHash, deploy_request_hash, kill_request_hash};
 
 /// What a keyed request asked for: a retry must ask for the same.
@@ -67,6 +69,16 @@ pub(super) struct NoOpKeys {
     queued: usize,
     window_ms: u64,
     max_keys: usize,
+    /// Keys remembered or forgotten since the last commit that stored the changes.
+    unstored: HashSet<(String, String)>,
+}
+
+/// What the `requests` database must take to match the keys held: entries to put (stored key,
+/// encoded [`NoOpRequest`]) and stored keys to delete.
+#[derive(Debug, Default)]
+pub(super) struct StoredChanges {
+    pub put: Vec<(Vec<u8>, Vec<u8>)>,
+    pub delete: Vec<Vec<u8>>,
 }
 
 impl NoOpKeys {
@@ -78,6 +90,69 @@ impl NoOpKeys {
             queued: 0,
             window_ms,
             max_keys: max_keys.max(1),
+            unstored: HashSet::new(),
+        }
+    }
+
+    /// Takes back the keys stored by earlier runs of the node, as [`Store::requests`] reads
+    /// them, dropping those whose window is over at `now_ms` (and any that cannot be read).
+    ///
+    /// [`Store::requests`]: crate::log::Store::requests
+    pub fn restore(&mut self, stored: Vec<crate::log::StoredRequest>, now_ms: u64) {
+        let mut kept = Vec::new();
+        for (stored_key, value) in stored {
+            let request = value
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| NoOpRequest::decode(bytes.as_slice()).map_err(|e| e.to_string()));
+            match request.map(decoded) {
+                Ok(Some((request, answer, at_ms))) if at_ms.saturating_add(self.window_ms) > now_ms => {
+                    kept.push((request, answer, at_ms));
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "a remembered keyed request cannot be read; it is forgotten"),
+            }
+            self.forget_stored(stored_key);
+        }
+        kept.sort_by_key(|(_, _, at_ms)| *at_ms);
+        for (request, answer, at_ms) in kept {
+            let id = (request.tenant.clone(), request.key.clone());
+            self.remember(request, &answer, at_ms);
+            self.unstored.remove(&id);
+        }
+    }
+
+    /// The changes to store with the next commit.
+    pub fn unstored_changes(&self) -> StoredChanges {
+        let mut changes = StoredChanges::default();
+        for id in &self.unstored {
+            let stored_key = stored_key(&id.0, &id.1);
+            match self.remembered.get(id) {
+                Some((request, answer, at_ms)) => changes.put.push((stored_key, encoded(request, answer, *at_ms))),
+                None => changes.delete.push(stored_key),
+            }
+        }
+        changes
+    }
+
+    /// The changes last taken are durable.
+    pub fn stored(&mut self) {
+        self.unstored.clear();
+    }
+
+    /// Marks a stored entry that is no longer wanted for deletion, by its stored key.
+    fn forget_stored(&mut self, stored_key: Vec<u8>) {
+        let id = stored_key.iter().position(|b| *b == 0).and_then(|zero| {
+            let tenant = std::str::from_utf8(&stored_key[..zero]).ok()?;
+            let key = std::str::from_utf8(&stored_key[zero + 1..]).ok()?;
+            Some((tenant.to_string(), key.to_string()))
+        });
+        match id {
+            Some(id) => {
+                self.unstored.insert(id);
+            }
+            // Not a key this build writes: no request can name it, so it is left alone.
+            None => tracing::warn!("an entry of the requests database with a foreign key is left alone"),
         }
     }
 
@@ -132,6 +207,7 @@ impl NoOpKeys {
             .push_back((now_ms, request.key.clone()));
         self.queued += 1;
         let id = (tenant, request.key.clone());
+        self.unstored.insert(id.clone());
         self.remembered.insert(id, (request, answer.clone(), now_ms));
     }
 
@@ -162,8 +238,84 @@ impl NoOpKeys {
         let id = (tenant.to_string(), key);
         if self.remembered.get(&id).is_some_and(|(_, _, at)| *at == at_ms) {
             self.remembered.remove(&id);
+            self.unstored.insert(id);
         }
     }
+}
+
+/// Where a key is stored: the tenant, a zero byte (which no tenant name holds), the key.
+fn stored_key(tenant: &str, key: &str) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(tenant.len() + 1 + key.len());
+    stored.extend_from_slice(tenant.as_bytes());
+    stored.push(0);
+    stored.extend_from_slice(key.as_bytes());
+    stored
+}
+
+fn encoded(request: &KeyedRequest, answer: &Reply, at_ms: u64) -> Vec<u8> {
+    let mut record = NoOpRequest {
+        tenant: request.tenant.clone(),
+        key: request.key.clone(),
+        op: request.op as i32,
+        service_id: request.service_id.clone(),
+        module_hash: if request.op == IdempotentOp::Deploy {
+            request.module_hash.to_vec()
+        } else {
+            Vec::new()
+        },
+        request_hash: request.request_hash.to_vec(),
+        at_ms,
+        ..Default::default()
+    };
+    match answer {
+        Reply::Deployed(outcome) => {
+            record.seq = outcome.seq;
+            record.version = outcome.version;
+            record.module_sha256 = outcome.module_sha256.clone();
+            record.created = outcome.created;
+        }
+        Reply::Killed(outcome) => record.seq = outcome.seq,
+        Reply::Appended(_) | Reply::ShuttingDown(_) => unreachable!("only no-op answers are remembered"),
+    }
+    record.encode_to_vec()
+}
+
+/// A stored request back as it was remembered; `None` if it is not one this build writes.
+fn decoded(record: NoOpRequest) -> Option<(KeyedRequest, Reply, u64)> {
+    let op = IdempotentOp::try_from(record.op).ok()?;
+    let request_hash = record.request_hash.as_slice().try_into().ok()?;
+    let (module_hash, answer) = match op {
+        IdempotentOp::Deploy => (
+            record.module_hash.as_slice().try_into().ok()?,
+            Reply::Deployed(DeployOutcome {
+                service_id: record.service_id.clone(),
+                version: record.version,
+                module_sha256: record.module_sha256,
+                seq: record.seq,
+                created: record.created,
+                unchanged: true,
+                replayed: false,
+            }),
+        ),
+        IdempotentOp::Kill => (
+            [0; 32],
+            Reply::Killed(KillOutcome {
+                seq: record.seq,
+                already_stopped: true,
+                replayed: false,
+            }),
+        ),
+        IdempotentOp::Unspecified => return None,
+    };
+    let request = KeyedRequest {
+        tenant: record.tenant,
+        key: record.key,
+        op,
+        service_id: record.service_id,
+        module_hash,
+        request_hash,
+    };
+    Some((request, answer, record.at_ms))
 }
 
 #[cfg(test)]
@@ -244,6 +396,36 @@ mod tests {
         assert!(keys.answer(&kill_by("beta", "b2"), 301).is_some());
         assert!(keys.answer(&kill("a97"), 301).is_none());
         assert_eq!(keys.queued, 4);
+    }
+
+    #[test]
+    fn stored_keys_come_back_and_those_past_their_window_or_damaged_leave_the_store() {
+        let mut keys = NoOpKeys::new(1000, 10);
+        keys.remember(kill("k1"), &stopped(7), 0);
+        keys.remember(kill("k2"), &stopped(8), 500);
+        let changes = keys.unstored_changes();
+        assert_eq!((changes.put.len(), changes.delete.len()), (2, 0));
+        keys.stored();
+        assert!(keys.unstored_changes().put.is_empty(), "stored once");
+
+        // As the database gives them back after a restart past k1's window, with a damaged one.
+        let mut stored: Vec<_> = changes.put.into_iter().map(|(k, v)| (k, Ok(v))).collect();
+        stored.push((stored_key("acme", "k3"), Err("damaged".to_string())));
+        let mut restarted = NoOpKeys::new(1000, 10);
+        restarted.restore(stored, 1200);
+        assert!(restarted.answer(&kill("k1"), 1200).is_none(), "its window is over");
+        assert!(matches!(
+            restarted.answer(&kill("k2"), 1200),
+            Some(Ok(Reply::Killed(KillOutcome {
+                seq: 8,
+                already_stopped: true,
+                replayed: true
+            })))
+        ));
+        let mut changes = restarted.unstored_changes();
+        changes.delete.sort();
+        assert!(changes.put.is_empty(), "k2 is stored already");
+        assert_eq!(changes.delete, [stored_key("acme", "k1"), stored_key("acme", "k3")]);
     }
 
     #[test]

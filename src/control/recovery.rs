@@ -229,7 +229,9 @@ pub(super) mod tests {
         let mut head = 0;
         for chunk in events.chunks(4096) {
             let batch: log::Batch<Event> = chunk.iter().cloned().map(Arc::new).collect();
-            head = log.append(&batch, Default::default()).expect("the batch commits");
+            head = log
+                .append(&batch, Default::default(), Default::default())
+                .expect("the batch commits");
         }
         (dir, log, head)
     }

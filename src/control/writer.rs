@@ -33,7 +33,7 @@ use super::snapshotter::Batches;
 use super::spare::Spare;
 use super::{Clock, CommitHook, EventLog, Events, WriterOptions};
 use crate::limits::LimitsTable;
-use crate::log::{self, BlobChanges, BlobRef};
+use crate::log::{self, BlobChanges, BlobRef, RequestChanges};
 use crate::proto::{Event, event::Kind};
 use crate::state::State;
 
@@ -272,7 +272,27 @@ impl Writer {
             pending,
             ..
         } = batch;
+        // A keyed request that changed nothing is answered once its key is durable, so that
+        // its retry gets the same answer after a restart too.
+        let requests = self.noop_keys.unstored_changes();
+        let request_changes = RequestChanges {
+            put: &requests.put,
+            delete: &requests.delete,
+        };
         if events.is_empty() {
+            if !request_changes.is_empty() {
+                if let Err(e) = self.log.append(&events, BlobChanges::default(), request_changes) {
+                    tracing::error!(error = %e, "commit failed; the remembered requests were not written");
+                    let error = Error::from(e);
+                    self.commit_failure.failed(&error);
+                    for p in pending {
+                        let _ = p.reply.send(p.answer.and(Err(error.clone())));
+                    }
+                    return;
+                }
+                self.commit_failure.succeeded();
+                self.noop_keys.stored();
+            }
             answer(pending);
             return;
         }
@@ -296,7 +316,7 @@ impl Writer {
         let shared: Events = events.records().into();
         self.spare.lend(Arc::clone(&shared), std::mem::take(&mut self.evicted));
         let started = Instant::now();
-        if let Err(e) = self.log.append(&events, changes) {
+        if let Err(e) = self.log.append(&events, changes, request_changes) {
             tracing::error!(error = %e, events = events.len(), "commit failed; the batch was not written");
             let error = Error::from(e);
             self.commit_failure.failed(&error);
@@ -316,6 +336,7 @@ impl Writer {
         }
         let elapsed = started.elapsed();
         self.commit_failure.succeeded();
+        self.noop_keys.stored();
         let events = events.records();
         // Before anyone can see the batch: whoever sees an event finds it counted.
         if let Some(hook) = &self.on_commit {

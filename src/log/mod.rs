@@ -21,7 +21,7 @@ pub use error::{Error, Result};
 pub use frame::FrameError;
 pub use store::{
     BLOBS_DB, BlobChanges, BlobRef, EVENTS_DB, FORMAT_VERSION, META_CREATED_AT_MS, META_DB, META_FORMAT_VERSION,
-    META_NODE_ID, NodeMeta, SNAPSHOTS_DB, Store, StoreOptions, StoreStats,
+    META_NODE_ID, NodeMeta, REQUESTS_DB, RequestChanges, SNAPSHOTS_DB, Store, StoreOptions, StoreStats, StoredRequest,
 };
 
 use tail::Window;
@@ -111,12 +111,13 @@ impl<R: Record> Log<R> {
     }
 
     /// Appends the records of `batch` (whose seqs must continue the log) and makes the `blobs`
-    /// changes in one write transaction and one durable commit. Blocking. On error nothing was
+    /// and `requests` changes in one write transaction and one durable commit; a batch with no
+    /// records commits the changes alone, if there are any. Blocking. On error nothing was
     /// written.
     ///
     /// The records are durable but not yet visible: [`Log::publish`] shows them to tailers,
     /// once the appender has done what must happen before anyone hears of them.
-    pub fn append(&self, batch: &Batch<R>, blobs: BlobChanges<'_>) -> Result<u64> {
+    pub fn append(&self, batch: &Batch<R>, blobs: BlobChanges<'_>, requests: RequestChanges<'_>) -> Result<u64> {
         let records = batch.records();
         let _appending = self
             .inner
@@ -125,6 +126,11 @@ impl<R: Record> Log<R> {
             .unwrap_or_else(|poison| poison.into_inner());
         let durable = self.inner.durable.load(Ordering::Acquire);
         let Some(first) = records.first() else {
+            if !requests.is_empty() {
+                self.inner
+                    .store
+                    .append(durable + 1, std::iter::empty(), blobs, requests)?;
+            }
             return Ok(durable);
         };
         for (expected, record) in (durable + 1..).zip(records) {
@@ -135,7 +141,7 @@ impl<R: Record> Log<R> {
                 });
             }
         }
-        self.inner.store.append(first.seq(), batch.frames(), blobs)?;
+        self.inner.store.append(first.seq(), batch.frames(), blobs, requests)?;
         let new_durable = durable + records.len() as u64;
         self.inner.durable.store(new_durable, Ordering::Release);
         Ok(new_durable)

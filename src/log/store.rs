@@ -22,6 +22,7 @@ pub const EVENTS_DB: &str = "events";
 pub const BLOBS_DB: &str = "blobs";
 pub const SNAPSHOTS_DB: &str = "snapshots";
 pub const META_DB: &str = "meta";
+pub const REQUESTS_DB: &str = "requests";
 
 /// LMDB's data file in the data directory.
 pub const DATA_FILE: &str = "data.mdb";
@@ -50,6 +51,24 @@ pub struct BlobRef<'a> {
     pub sha256: &'a [u8; 32],
     pub bytes: &'a [u8],
 }
+
+/// What a commit changes in the `requests` database (keyed requests that changed nothing,
+/// kept for their idempotency window), beside the records it appends. Its keys and values are
+/// the caller's; a value is put framed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestChanges<'a> {
+    pub put: &'a [(Vec<u8>, Vec<u8>)],
+    pub delete: &'a [Vec<u8>],
+}
+
+impl RequestChanges<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.put.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// An entry of the `requests` database: its key, and its value unframed, or why it cannot be.
+pub type StoredRequest = (Vec<u8>, std::result::Result<Vec<u8>, String>);
 
 /// What a commit changes in the blob store, beside the records it appends.
 #[derive(Debug, Clone, Copy, Default)]
@@ -88,6 +107,8 @@ pub struct Store {
     blobs: Database<Bytes, Bytes>,
     snapshots: Database<SeqKey, Bytes>,
     meta: Database<Str, Bytes>,
+    /// Absent only from a data directory written before it existed, opened read-only.
+    requests: Option<Database<Bytes, Bytes>>,
     node: NodeMeta,
     /// Where this process maps data.mdb, if that can be found.
     mapping: Option<Mapping>,
@@ -176,7 +197,7 @@ impl Store {
         let writer_lock = (!options.read_only).then(|| lock_for_writing(path)).transpose()?;
         check_file_length(&env, path)?;
         let heed_err = |e| Error::from_heed(e, path, options.map_size);
-        let (events, blobs, snapshots, meta) = if options.read_only {
+        let (events, blobs, snapshots, meta, requests) = if options.read_only {
             open_databases(&env, path).map_err(|e| match e {
                 Error::Lmdb { source, .. } => heed_err(source),
                 other => other,
@@ -197,6 +218,7 @@ impl Store {
             blobs,
             snapshots,
             meta,
+            requests,
             node: NodeMeta {
                 node_id: String::new(),
                 created_at_ms: 0,
@@ -317,8 +339,21 @@ impl Store {
         first_seq: u64,
         frames: impl IntoIterator<Item = &'f [u8]>,
         blobs: BlobChanges<'_>,
+        requests: RequestChanges<'_>,
     ) -> Result<()> {
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        if !requests.is_empty() {
+            let db = self.requests.ok_or_else(|| Error::BadDataDir {
+                path: self.path.clone(),
+                reason: format!("it has no `{REQUESTS_DB}` database, and is open read-only"),
+            })?;
+            for key in requests.delete {
+                db.delete(&mut wtxn, key).map_err(|e| self.err(e))?;
+            }
+            for (key, value) in requests.put {
+                db.put(&mut wtxn, key, &frame::encode(value)).map_err(|e| self.err(e))?;
+            }
+        }
         for blob in blobs.put {
             match self
                 .blobs
@@ -471,6 +506,27 @@ impl Store {
             );
         }
         Ok(())
+    }
+
+    /// Every entry of the `requests` database, its value unframed; one whose frame is damaged
+    /// comes as the reason it cannot be read.
+    pub fn requests(&self) -> Result<Vec<StoredRequest>> {
+        let Some(db) = self.requests else {
+            return Ok(Vec::new());
+        };
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let pages = self.file_pages();
+        let mut entries = Vec::new();
+        for item in db.iter(&rtxn).map_err(|e| self.err(e))? {
+            let (key, value) = item.map_err(|e| self.err(e))?;
+            let payload = if pages.hold(value) {
+                frame::decode(value).map(<[u8]>::to_vec).map_err(|e| e.to_string())
+            } else {
+                Err(PAST_THE_END.to_string())
+            };
+            entries.push((key.to_vec(), payload));
+        }
+        Ok(entries)
     }
 
     /// Stores a framed snapshot taken after `seq`, keeping only the newest `keep` snapshots.
@@ -639,7 +695,7 @@ fn check_file_length(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
 
 fn open_env(path: &Path, options: &StoreOptions) -> Result<Env<WithoutTls>> {
     let mut open = EnvOpenOptions::new().read_txn_without_tls();
-    open.max_dbs(4).max_readers(options.max_readers);
+    open.max_dbs(5).max_readers(options.max_readers);
     if options.read_only {
         // No map size: LMDB then maps what the data file records, which a writer raises to its
         // own map at each commit, so a reader maps all the writer may write and reports the
@@ -673,6 +729,7 @@ type Databases = (
     Database<Bytes, Bytes>,
     Database<SeqKey, Bytes>,
     Database<Str, Bytes>,
+    Option<Database<Bytes, Bytes>>,
 );
 
 fn create_databases(env: &Env<WithoutTls>) -> heed::Result<Databases> {
@@ -682,6 +739,7 @@ fn create_databases(env: &Env<WithoutTls>) -> heed::Result<Databases> {
         env.create_database(&mut wtxn, Some(BLOBS_DB))?,
         env.create_database(&mut wtxn, Some(SNAPSHOTS_DB))?,
         env.create_database(&mut wtxn, Some(META_DB))?,
+        Some(env.create_database(&mut wtxn, Some(REQUESTS_DB))?),
     );
     wtxn.commit()?;
     Ok(dbs)
@@ -710,6 +768,7 @@ fn open_databases(env: &Env<WithoutTls>, path: &Path) -> Result<Databases> {
         env.open_database(&rtxn, Some(META_DB))
             .map_err(lmdb)?
             .ok_or_else(|| missing(META_DB))?,
+        env.open_database(&rtxn, Some(REQUESTS_DB)).map_err(lmdb)?,
     );
     rtxn.commit().map_err(lmdb)?;
     Ok(dbs)
