@@ -39,6 +39,24 @@ impl VerifyReport {
     }
 
     /// The one-line summary `solo log verify` prints.
+    /// The report for programs (`solo log verify --json`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ok": self.ok(),
+            "summary": self.summary(),
+            "records": self.records,
+            "head": self.head,
+            "blobs": self.blobs,
+            "first_bad": self.first_bad.as_ref().map(|(seq, reason)| serde_json::json!({ "seq": seq, "reason": reason })),
+            "snapshots": self.snapshots.iter().map(|(seq, matched)| serde_json::json!({
+                "seq": seq,
+                "matches": matched.is_ok(),
+                "reason": matched.as_ref().err(),
+            })).collect::<Vec<_>>(),
+            "problems": self.problems,
+        })
+    }
+
     pub fn summary(&self) -> String {
         if let Some((seq, reason)) = &self.first_bad {
             return format!("FAILED: first bad record is seq {seq}: {reason}");

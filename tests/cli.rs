@@ -887,9 +887,16 @@ fn the_offline_tools_still_work() {
     let dir = tempfile::tempdir().unwrap();
     let token = run(solo().args(["token", "new"])).ok();
     assert!(token.text().starts_with("solo_") && token.stderr.contains("admin_token_sha256"));
+    let token = run(solo().args(["token", "new", "--json"])).ok().json();
+    assert!(token["token"].as_str().unwrap().starts_with("solo_"), "{token}");
+    assert_eq!(token["token_sha256"].as_str().unwrap().len(), 64, "{token}");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     let checked = run(solo().args(["config", "check", example.to_str().unwrap()])).ok();
     assert!(checked.stderr.contains(": ok"), "{}", checked.stderr);
+    let checked = run(solo().args(["config", "check", example.to_str().unwrap(), "--json"]))
+        .ok()
+        .json();
+    assert!(checked["solo"]["grpc_addr"].is_string(), "{checked}");
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[solo]\nnot_a_key = 1\n").unwrap();
     assert_eq!(run(solo().args(["config", "check", bad.to_str().unwrap()])).code, 1);
@@ -904,6 +911,11 @@ fn the_offline_tools_still_work() {
     let data = data.to_str().unwrap();
     let verified = run(solo().args(["log", "verify", "--data-dir", data])).ok();
     assert!(!verified.text().is_empty());
+    let verified = run(solo().args(["log", "verify", "--data-dir", data, "--json"]))
+        .ok()
+        .json();
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert!(verified["records"].as_u64().unwrap() >= 5, "{verified}");
     let stats = run(solo().args(["log", "stats", "--data-dir", data, "--json"]))
         .ok()
         .json();

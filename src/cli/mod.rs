@@ -31,9 +31,9 @@ pub fn run(cli: Cli) -> ExitCode {
     } = cli;
     let offline = match command {
         Command::Serve(args) => offline::serve(config, args),
-        Command::Log(command) => offline::log(config, command),
-        Command::Config(command) => offline::config(command),
-        Command::Token(command) => offline::token(command),
+        Command::Log(command) => offline::log(config, command, json),
+        Command::Config(command) => offline::config(command, json),
+        Command::Token(command) => offline::token(command, json),
         Command::Completions { shell } => offline::completions(shell),
         client => return exit(run_client(&connection, json, client)),
     };

@@ -47,14 +47,18 @@ fn ignore_file_size_signal() {
     }
 }
 
-pub fn config_check(file: PathBuf) -> anyhow::Result<ExitCode> {
+pub fn config_check(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(Some(&file))?;
     config.limits_table()?;
     config.runtime_options()?;
     if let Some(files) = config.tls_files() {
         crate::tls::TlsSetup::load(&files).map_err(anyhow::Error::msg)?;
     }
-    let text = toml::to_string_pretty(&config.redacted()).context("cannot print the configuration")?;
+    let text = if json {
+        serde_json::to_string_pretty(&config.redacted())? + "\n"
+    } else {
+        toml::to_string_pretty(&config.redacted()).context("cannot print the configuration")?
+    };
     printing(|out| {
         write!(out, "{text}")?;
         eprintln!("{}: ok", file.display());
@@ -62,17 +66,22 @@ pub fn config_check(file: PathBuf) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub fn config(command: ConfigCommand) -> anyhow::Result<ExitCode> {
+pub fn config(command: ConfigCommand, json: bool) -> anyhow::Result<ExitCode> {
     match command {
-        ConfigCommand::Check { file } => config_check(file),
+        ConfigCommand::Check { file } => config_check(file, json),
     }
 }
 
-pub fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
+pub fn token(command: TokenCommand, json: bool) -> anyhow::Result<ExitCode> {
     match command {
         TokenCommand::New => {
             let (token, hash) = crate::api::auth::new_token().context("no randomness for a token")?;
             printing(|out| {
+                if json {
+                    let document = serde_json::json!({ "token": token, "token_sha256": hash });
+                    writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
+                    return Ok(ExitCode::SUCCESS);
+                }
                 writeln!(out, "{token}")?;
                 eprintln!("Keep the token secret. Put its hash in the config: for the admin, under [security]:");
                 eprintln!("  admin_token_sha256 = [\"{hash}\"]");
@@ -95,7 +104,7 @@ pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub fn log(config_path: Option<PathBuf>, command: LogCommand) -> anyhow::Result<ExitCode> {
+pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path.as_deref())?;
     let open = |dir: DataDirArg| -> anyhow::Result<Store> {
         let path = dir.data_dir.unwrap_or_else(|| config.solo.data_dir.clone());
@@ -104,11 +113,17 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand) -> anyhow::Result<
     match command {
         LogCommand::Verify(dir) => {
             let report = inspect::verify(&open(dir)?, config.settings())?;
-            for problem in report.problems.iter().skip(1) {
-                eprintln!("also: {problem}");
+            if !json {
+                for problem in report.problems.iter().skip(1) {
+                    eprintln!("also: {problem}");
+                }
             }
             printing(|out| {
-                writeln!(out, "{}", report.summary())?;
+                if json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&report.to_json())?)?;
+                } else {
+                    writeln!(out, "{}", report.summary())?;
+                }
                 Ok(if report.ok() {
                     ExitCode::SUCCESS
                 } else {
