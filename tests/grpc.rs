@@ -893,17 +893,20 @@ async fn health_and_reflection_are_served() {
 
     let mut reflection =
         tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
-    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+    let mut reflect = async |request: MessageRequest| {
+        let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
+        let mut responses = reflection
+            .server_reflection_info(futures_util::stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        responses.next().await.unwrap().unwrap().message_response
     };
-    let mut responses = reflection
-        .server_reflection_info(futures_util::stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.next().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+    let response = reflect(MessageRequest::ListServices(String::new())).await;
+    let Some(MessageResponse::ListServicesResponse(list)) = response else {
         panic!("{response:?}")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
@@ -911,21 +914,9 @@ async fn health_and_reflection_are_served() {
         assert!(names.contains(&name.to_string()), "{name} in {names:?}");
     }
     // The health service's schema is there too, for clients that build requests from it.
-    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::FileContainingSymbol("grpc.health.v1.Health".into())),
-    };
-    let mut responses = reflection
-        .server_reflection_info(futures_util::stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.next().await.unwrap().unwrap();
+    let response = reflect(MessageRequest::FileContainingSymbol("grpc.health.v1.Health".into())).await;
     assert!(
-        matches!(
-            response.message_response,
-            Some(MessageResponse::FileDescriptorResponse(_))
-        ),
+        matches!(response, Some(MessageResponse::FileDescriptorResponse(_))),
         "{response:?}"
     );
 

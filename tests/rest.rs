@@ -2116,7 +2116,11 @@ async fn tenants_are_isolated_on_every_route() {
     assert!(bad.error(400, "invalid_argument").contains("x-tenant-id"));
     // Tenant b naming tenant a in the query is acting for another tenant: refused as such.
     let reply = node.get("/services?tenant=a", "b").await;
-    assert!(reply.error(403, "permission_denied").contains("cannot act for tenant 'a'"));
+    assert!(
+        reply
+            .error(403, "permission_denied")
+            .contains("cannot act for tenant 'a'")
+    );
     drop((b_events, b_filtered, a_events));
     node.stop().await;
 }
