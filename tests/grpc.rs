@@ -32,7 +32,7 @@ async fn deploy(client: &mut Client, tenant: &str, id: &str, example_name: &str)
         .into_inner()
 }
 
-/// Watches as `tenant` until an event matches.
+/// Watches as `tenant` (the admin if empty) until an event matches.
 async fn wait_until(
     client: &mut Client,
     tenant: &str,
@@ -43,7 +43,12 @@ async fn wait_until(
         from_seq,
         ..Default::default()
     };
-    let mut stream = client.watch(as_tenant(tenant, watch)).await.unwrap().into_inner();
+    let request = if tenant.is_empty() {
+        tonic::Request::new(watch)
+    } else {
+        as_tenant(tenant, watch)
+    };
+    let mut stream = client.watch(request).await.unwrap().into_inner();
     let found = async {
         while let Some(item) = stream.next().await {
             if let Some(Msg::Event(event)) = item.unwrap().msg
@@ -791,25 +796,9 @@ async fn a_restarting_node_serves_while_its_services_come_back() {
         };
         client.deploy(as_tenant("acme", request)).await.unwrap();
     }
-    let watch = proto::WatchRequest {
-        from_seq: 1,
-        kinds: vec!["service_started".into()],
-        ..Default::default()
-    };
-    let mut started = client.watch(watch).await.unwrap().into_inner();
-    let mut running = 0;
-    while running < slow {
-        if let Some(Msg::Event(_)) = tokio::time::timeout(PATIENCE, started.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .msg
-        {
-            running += 1;
-        }
+    for tag in 0..slow {
+        running(&mut client, "acme", &format!("s{tag}"), 1).await;
     }
-    drop(started);
     server.stop().await.unwrap();
 
     // Each module compiles afresh in the new process, a good fraction of a second each.
@@ -836,23 +825,10 @@ async fn a_restarting_node_serves_while_its_services_come_back() {
     let answer = client.call(as_tenant("acme", call)).await.unwrap().into_inner();
     assert_eq!(answer.payload, b"still here", "the call waited for its service");
 
-    let watch = proto::WatchRequest {
-        from_seq: deployed.seq,
-        kinds: vec!["node_started".into()],
-        ..Default::default()
-    };
-    let mut stream = client.watch(watch).await.unwrap().into_inner();
-    let node_started = loop {
-        if let Some(Msg::Event(e)) = tokio::time::timeout(PATIENCE, stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .msg
-        {
-            break e;
-        }
-    };
+    let node_started = wait_until(&mut client, "", deployed.seq, |e| {
+        matches!(e.kind, Some(proto::event::Kind::NodeStarted(_)))
+    })
+    .await;
     assert!(node_started.seq > deployed.seq, "recorded once the services were back");
     let Some(proto::event::Kind::NodeStarted(recovery)) = &node_started.kind else {
         panic!("{node_started:?}")
