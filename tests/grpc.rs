@@ -780,6 +780,12 @@ async fn shutdown_ends_streams_and_a_restart_brings_the_services_back() {
     server.stop().await.unwrap();
 }
 
+/// The node's `/health` document.
+async fn health_of(server: &solo::server::Server) -> serde_json::Value {
+    let reply = reqwest::get(format!("{}/health", server.http_url())).await.unwrap();
+    reply.json().await.unwrap()
+}
+
 /// The node serves while the services that come back with it compile: a deploy is
 /// acknowledged and a call waits for its service; `node_started` follows once all are back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -803,12 +809,7 @@ async fn a_restarting_node_serves_while_its_services_come_back() {
 
     // Each module compiles afresh in the new process, a good fraction of a second each.
     let server = start_server(dir.path(), |_| {}).await;
-    let health: serde_json::Value = reqwest::get(format!("{}/health", server.http_url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = health_of(&server).await;
     assert_eq!(health["status"], "ok", "{health}");
     assert!(health["services_recovering"].as_u64().unwrap() > 0, "{health}");
     let mut client = grpc_client(&server).await;
@@ -834,12 +835,7 @@ async fn a_restarting_node_serves_while_its_services_come_back() {
         panic!("{node_started:?}")
     };
     assert_eq!(recovery.recovered.len(), slow);
-    let health: serde_json::Value = reqwest::get(format!("{}/health", server.http_url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = health_of(&server).await;
     assert_eq!(health["services_recovering"], 0, "{health}");
     assert_eq!(health["services_running"], slow + 1, "{health}");
     server.stop().await.unwrap();
