@@ -71,6 +71,9 @@ pub(super) struct NoOpKeys {
     max_keys: usize,
     /// Keys remembered or forgotten since the last commit that stored the changes.
     unstored: HashSet<(String, String)>,
+    /// Stored entries that [`NoOpKeys::restore`] did not take back (past their window, or
+    /// unreadable), by their stored key: deleted with the next commit.
+    stale: Vec<Vec<u8>>,
 }
 
 /// What the `requests` database must take to match the keys held: entries to put (stored key,
@@ -91,6 +94,7 @@ impl NoOpKeys {
             window_ms,
             max_keys: max_keys.max(1),
             unstored: HashSet::new(),
+            stale: Vec::new(),
         }
     }
 
@@ -112,7 +116,7 @@ impl NoOpKeys {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "a remembered keyed request cannot be read; it is forgotten"),
             }
-            self.forget_stored(stored_key);
+            self.stale.push(stored_key);
         }
         kept.sort_by_key(|(_, _, at_ms)| *at_ms);
         for (request, answer, at_ms) in kept {
@@ -124,7 +128,10 @@ impl NoOpKeys {
 
     /// The changes to store with the next commit.
     pub fn unstored_changes(&self) -> StoredChanges {
-        let mut changes = StoredChanges::default();
+        let mut changes = StoredChanges {
+            put: Vec::new(),
+            delete: self.stale.clone(),
+        };
         for id in &self.unstored {
             let stored_key = stored_key(&id.0, &id.1);
             match self.remembered.get(id) {
@@ -138,22 +145,7 @@ impl NoOpKeys {
     /// The changes last taken are durable.
     pub fn stored(&mut self) {
         self.unstored.clear();
-    }
-
-    /// Marks a stored entry that is no longer wanted for deletion, by its stored key.
-    fn forget_stored(&mut self, stored_key: Vec<u8>) {
-        let id = stored_key.iter().position(|b| *b == 0).and_then(|zero| {
-            let tenant = std::str::from_utf8(&stored_key[..zero]).ok()?;
-            let key = std::str::from_utf8(&stored_key[zero + 1..]).ok()?;
-            Some((tenant.to_string(), key.to_string()))
-        });
-        match id {
-            Some(id) => {
-                self.unstored.insert(id);
-            }
-            // Not a key this build writes: no request can name it, so it is left alone.
-            None => tracing::warn!("an entry of the requests database with a foreign key is left alone"),
-        }
+        self.stale.clear();
     }
 
     /// The first answer to this request's key, marked as a replay; a conflict if the key was
