@@ -282,12 +282,7 @@ impl Writer {
         if events.is_empty() {
             if !request_changes.is_empty() {
                 if let Err(e) = self.log.append(&events, BlobChanges::default(), request_changes) {
-                    tracing::error!(error = %e, "commit failed; the remembered requests were not written");
-                    let error = Error::from(e);
-                    self.commit_failure.failed(&error);
-                    for p in pending {
-                        let _ = p.reply.send(p.answer.and(Err(error.clone())));
-                    }
+                    self.fail(pending, e, 0);
                     return;
                 }
                 self.commit_failure.succeeded();
@@ -317,14 +312,7 @@ impl Writer {
         self.spare.lend(Arc::clone(&shared), std::mem::take(&mut self.evicted));
         let started = Instant::now();
         if let Err(e) = self.log.append(&events, changes, request_changes) {
-            tracing::error!(error = %e, events = events.len(), "commit failed; the batch was not written");
-            let error = Error::from(e);
-            self.commit_failure.failed(&error);
-            for p in pending {
-                // A refusal stands; whatever rested on the batch failed with it.
-                let answer = p.answer.and(Err(error.clone()));
-                let _ = p.reply.send(answer);
-            }
+            self.fail(pending, e, events.len());
             let committed = self
                 .published
                 .read()
@@ -368,6 +356,17 @@ impl Writer {
         }
         // The copy swapped out missed the batch; the helper's copy holds it.
         self.evicted = self.spare.exchange(&mut self.working, shared);
+    }
+
+    /// Answers the callers of a batch whose commit failed, and records the failure.
+    fn fail(&self, pending: Vec<Pending>, error: crate::log::Error, events: usize) {
+        tracing::error!(error = %error, events, "commit failed; the batch was not written");
+        let error = Error::from(error);
+        self.commit_failure.failed(&error);
+        for p in pending {
+            // A refusal stands; whatever rested on the batch failed with it.
+            let _ = p.reply.send(p.answer.and(Err(error.clone())));
+        }
     }
 }
 
