@@ -286,7 +286,8 @@ pub enum LogCommand {
     #[command(after_help = "Examples:
   solo log verify --data-dir ./data")]
     Verify(DataDirArg),
-    /// Print events, one per line.
+    /// Print events, one per line; with --json, JSON lines: {seq, timestamp_ms, tenant,
+    /// service_id, actor, kind, ...fields}.
     #[command(after_help = "Examples:
   solo log dump
   solo log dump --from 100 --to 200 --tenant acme --service echo --json")]
@@ -305,9 +306,6 @@ pub enum LogCommand {
         /// Only this service's events.
         #[arg(long = "service")]
         service_id: Option<String>,
-        /// JSON lines: {seq, timestamp_ms, tenant, service_id, actor, kind, ...fields}.
-        #[arg(long)]
-        json: bool,
     },
     /// Counts by kind, sizes, head and snapshots.
     #[command(after_help = "Examples:
@@ -315,8 +313,6 @@ pub enum LogCommand {
     Stats {
         #[command(flatten)]
         dir: DataDirArg,
-        #[arg(long)]
-        json: bool,
     },
 }
 

@@ -137,7 +137,6 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
             to,
             tenant,
             service_id,
-            json,
         } => {
             let filter = DumpFilter {
                 from,
@@ -155,7 +154,7 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
                 })
             })
         }
-        LogCommand::Stats { dir, json } => {
+        LogCommand::Stats { dir } => {
             let stats = inspect::stats(&open(dir)?)?;
             printing(|out| {
                 if json {
