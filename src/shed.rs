@@ -74,13 +74,13 @@ impl Shedder {
             .map_err(|_| {
                 self.shed(
                     "tenant",
-                    format!("{} has {limit} requests in flight, its limit", who(principal)),
+                    format!("{} is at its limit of requests in flight ({limit})", who(principal)),
                 )
             })?;
         let node_permit = Arc::clone(&self.node).try_acquire_owned().map_err(|_| {
             self.shed(
                 "node",
-                format!("the node has {} requests in flight, its limit", self.node_limit),
+                format!("the node is at its limit of requests in flight ({})", self.node_limit),
             )
         })?;
         Ok(Permit {
@@ -98,7 +98,7 @@ impl Shedder {
             .map_err(|_| {
                 self.shed(
                     "watchers",
-                    format!("{} has {limit} streams open, its limit", who(principal)),
+                    format!("{} is at its limit of open streams ({limit})", who(principal)),
                 )
             })?;
         Ok(WatcherPermit { _tenant: permit })

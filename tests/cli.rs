@@ -652,6 +652,20 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
     assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
+/// Reading history holds one stream at a time, so a caller allowed a single stream can read
+/// it again and again; before, a first watch that only learned the head could still count
+/// against the limit when the second one opened.
+#[test]
+fn events_reads_history_within_a_limit_of_one_stream() {
+    let node = Node::start(|config| config.limits.max_watchers = 1);
+    node.deploy("acme", "echo", "echo", &[]).ok();
+    for round in 0..20 {
+        let events = node.run("acme", &["events", "--json"]);
+        assert_eq!(events.code, 0, "round {round}: {}", events.stderr);
+        assert!(events.json_lines().len() >= 2, "round {round}");
+    }
+}
+
 #[test]
 fn call_passes_binary_data_and_large_payloads_unchanged() {
     let node = Node::dev();

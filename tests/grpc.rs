@@ -583,6 +583,82 @@ async fn resuming_a_dropped_watch_under_concurrent_writes_misses_and_repeats_not
     server.stop().await.unwrap();
 }
 
+/// List, then Watch from the seq the listing is as of: under concurrent deploys, every service
+/// is either in the listing or deployed in the watch, never both, never neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_the_seq_of_a_listing_misses_and_repeats_nothing() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let total = 40;
+    let (first_done, first) = tokio::sync::oneshot::channel();
+    let writer = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let mut first_done = Some(first_done);
+            for i in 0..total {
+                client
+                    .deploy(as_tenant("acme", grpc_deploy(&format!("s{i:02}"), "echo")))
+                    .await
+                    .unwrap();
+                if i == 2 {
+                    first_done.take().map(|done| done.send(()));
+                }
+            }
+        })
+    };
+    first.await.unwrap();
+    let list = |client: &mut Client| {
+        let mut client = client.clone();
+        async move {
+            let request = proto::ListRequest {
+                page_size: 1000,
+                ..Default::default()
+            };
+            client.list(as_tenant("acme", request)).await.unwrap().into_inner()
+        }
+    };
+    let listing = list(&mut client).await;
+    let listed: BTreeSet<String> = listing.services.iter().map(|s| s.service_id.clone()).collect();
+    assert!(listed.len() >= 3 && listed.len() < total, "listed mid-way: {listed:?}");
+    let watch = proto::WatchRequest {
+        from_seq: listing.head_seq + 1,
+        kinds: vec!["service_deployed".into()],
+        ..Default::default()
+    };
+    let mut stream = client.watch(as_tenant("acme", watch)).await.unwrap().into_inner();
+    let mut watched = BTreeSet::new();
+    while listed.len() + watched.len() < total {
+        match tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .expect("events arrive")
+        {
+            Some(Ok(proto::WatchResponse {
+                msg: Some(Msg::Event(event)),
+            })) => {
+                assert!(event.seq > listing.head_seq);
+                assert!(
+                    !listed.contains(&event.service_id),
+                    "{} was listed and then watched deployed",
+                    event.service_id
+                );
+                assert!(watched.insert(event.service_id.clone()), "{} twice", event.service_id);
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the watch broke: {other:?}"),
+        }
+    }
+    writer.await.unwrap();
+    let everything: BTreeSet<String> = list(&mut client)
+        .await
+        .services
+        .into_iter()
+        .map(|s| s.service_id)
+        .collect();
+    assert_eq!(everything, listed.union(&watched).cloned().collect());
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_watchers_each_receive_every_event() {
     let dir = tempdir();

@@ -427,6 +427,7 @@ async fn run_on_solo(control: &Control, op: &Op) -> Answer {
 fn projection(control: &Control) -> BTreeMap<(usize, usize), ModelService> {
     control
         .list(None)
+        .services
         .into_iter()
         .map(|s| {
             let tenant = TENANTS.iter().position(|t| *t == s.tenant).unwrap();

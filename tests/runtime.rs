@@ -627,7 +627,11 @@ async fn compiles_count_against_the_deploy_rate_refused_ones_too() {
     let err = control.deploy(other).await.unwrap_err();
     assert!(matches!(err, Error::InvalidModule(_)), "{err}");
     assert_eq!(runtime.modules_compiled(), compiled + 1);
-    assert_eq!(control.list(Some("acme")).len(), 2, "the refusals appended nothing");
+    assert_eq!(
+        control.list(Some("acme")).services.len(),
+        2,
+        "the refusals appended nothing"
+    );
     node.stop(Duration::from_secs(5)).await;
 }
 

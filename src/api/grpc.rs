@@ -124,8 +124,9 @@ impl SoloKernel for GrpcApi {
             let filter = ListFilter::new(&request.status, request.labels)?;
             let page_size = ops::page_size(request.page_size.into())?;
             let after = decode_page_token(&request.page_token, &listing)?;
-            let services = ops::list(&self.state, &caller, &filter);
-            let page: Vec<_> = services
+            let found = ops::list(&self.state, &caller, &filter);
+            let page: Vec<_> = found
+                .services
                 .iter()
                 .filter(|s| after.as_ref().is_none_or(|(t, id)| (&s.tenant, &s.id) > (t, id)))
                 .take(page_size + 1)
@@ -142,6 +143,7 @@ impl SoloKernel for GrpcApi {
             Ok(proto::ListResponse {
                 services,
                 next_page_token,
+                head_seq: found.seq,
             })
         })();
         self.finish("List", result)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::Stream;
 
 use super::{ApiState, Caller, Error, ErrorKind};
-use crate::control::{DeployOutcome, DeployRequest, KillCommand, KillOutcome};
+use crate::control::{DeployOutcome, DeployRequest, KillCommand, KillOutcome, Listing};
 use crate::proto::{self, Limits};
 use crate::runtime::{CallError, LogLine};
 use crate::state::{Service, Status};
@@ -95,14 +95,11 @@ impl ListFilter {
 }
 
 /// The caller's services (all tenants' for an admin who named none) that match, ordered by
-/// (tenant, id).
-pub fn list(state: &ApiState, caller: &Caller, filter: &ListFilter) -> Vec<Service> {
-    state
-        .control
-        .list(caller.scope())
-        .into_iter()
-        .filter(|s| filter.matches(s))
-        .collect()
+/// (tenant, id), with the seq they are as of.
+pub fn list(state: &ApiState, caller: &Caller, filter: &ListFilter) -> Listing {
+    let mut listing = state.control.list(caller.scope());
+    listing.services.retain(|s| filter.matches(s));
+    listing
 }
 
 pub fn service_status(state: &ApiState, service: &Service) -> proto::ServiceStatus {

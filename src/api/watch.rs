@@ -83,7 +83,9 @@ pub fn watch(
     progress_interval: Duration,
     shutdown: CancellationToken,
 ) -> Result<impl Stream<Item = Result<WatchItem, Error>> + Send + 'static, Error> {
-    let head = control.head();
+    // The writer publishes the state a moment before tailers see its batch, so a List may
+    // name a seq just past the log's head; that seq was committed too.
+    let head = control.head().max(control.applied_seq());
     let start = if from_seq == 0 { head + 1 } else { from_seq };
     if start > head + 1 {
         return Err(Error::invalid(format!(

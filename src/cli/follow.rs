@@ -1,8 +1,7 @@
 //! The streaming commands, `events` and `logs`.
 //!
 //! Without `--follow` they print what is there and exit: for events, history up to the head
-//! of the log as it was when the command started (learned from a first watch, whose first
-//! message names the head). With `--follow` they keep printing until Ctrl-C, and survive a
+//! of the log as it was when the command started (the seq a List is as of). With `--follow` they keep printing until Ctrl-C, and survive a
 //! dropped connection or a node restart: they reconnect with backoff and resume just after the
 //! last seq seen (events: the last event or progress note; logs: the last line), so nothing is
 //! missed and nothing is printed twice.
@@ -77,26 +76,15 @@ fn print_log_line(out: Output, line: &proto::LogLine) -> Result<(), CliError> {
     }
 }
 
-/// The head of the log, as far as this caller can tell: a watch from "now" names it in its
-/// first message (an event just past it, or a progress note at it).
+/// The head of the log: the seq a listing is as of. A List rather than a first watch, so
+/// reading history holds one stream, not two in a row, against the caller's `max_watchers`.
 async fn head(client: &mut Client, conn: &Connector) -> Result<u64, CliError> {
-    let request = proto::WatchRequest {
-        from_seq: 0,
-        progress_interval_ms: PROGRESS_INTERVAL_MS,
+    let request = proto::ListRequest {
+        page_size: 1,
         ..Default::default()
     };
-    let mut stream = client.watch(request).await.map_err(|s| conn.error(&s))?.into_inner();
-    while let Some(item) = stream.message().await.map_err(|s| conn.error(&s))? {
-        match item.msg {
-            Some(Msg::Event(event)) => return Ok(event.seq.saturating_sub(1)),
-            Some(Msg::Progress(progress)) => return Ok(progress.head_seq),
-            None => {}
-        }
-    }
-    Err(CliError::new(
-        Exit::Unavailable,
-        "the node ended the watch before naming its head",
-    ))
+    let listing = client.list(request).await.map_err(|s| conn.error(&s))?.into_inner();
+    Ok(listing.head_seq)
 }
 
 /// History from `--from` (default 1) up to the head as it was at the start.

@@ -473,17 +473,27 @@ impl Control {
             })
     }
 
-    /// Services of `tenant`, or of every tenant for `None`, ordered by (tenant, id).
-    pub fn list(&self, tenant: Option<&str>) -> Vec<Service> {
-        let mut services: Vec<Service> = self.read_state(|state| match tenant {
-            Some(tenant) => state
-                .tenant(tenant)
-                .map(|t| t.services.values().map(|s| (**s).clone()).collect())
-                .unwrap_or_default(),
-            None => state.services().cloned().collect(),
+    /// Services of `tenant`, or of every tenant for `None`, ordered by (tenant, id), as of
+    /// one committed state.
+    pub fn list(&self, tenant: Option<&str>) -> Listing {
+        let (mut services, seq): (Vec<Service>, u64) = self.read_state(|state| {
+            let services = match tenant {
+                Some(tenant) => state
+                    .tenant(tenant)
+                    .map(|t| t.services.values().map(|s| (**s).clone()).collect())
+                    .unwrap_or_default(),
+                None => state.services().cloned().collect(),
+            };
+            (services, state.applied_seq())
         });
         services.sort_by(|a, b| (&a.tenant, &a.id).cmp(&(&b.tenant, &b.id)));
-        services
+        Listing { services, seq }
+    }
+
+    /// The last seq the state holds. It may run one batch ahead of [`Control::head`]: the
+    /// writer publishes the state just before it lets tailers see the batch.
+    pub fn applied_seq(&self) -> u64 {
+        self.read_state(State::applied_seq)
     }
 
     /// Runs `f` on the committed state. Keep `f` short: the writer waits for it.
@@ -506,6 +516,15 @@ impl Control {
     pub fn node(&self) -> &NodeMeta {
         &self.shared.node
     }
+}
+
+/// Services as of one committed state: every event up to `seq` is in them, none after it,
+/// so a watch from `seq + 1` misses no change and repeats none (list-then-watch, as with
+/// etcd's revision or Kubernetes' resourceVersion).
+#[derive(Debug, Clone)]
+pub struct Listing {
+    pub services: Vec<Service>,
+    pub seq: u64,
 }
 
 /// The runtime's way back into the control layer: it records observations and reads the state,

@@ -335,16 +335,21 @@ pub(super) async fn list(
     let filter = ListFilter::new(params.get("status").unwrap_or(""), params.labels()?)?;
     let limit = ops::page_size(params.number("limit")?.unwrap_or(0))?;
     let offset: usize = params.number("offset")?.unwrap_or(0);
-    let services = ops::list(&state, &caller, &filter);
-    let page: Vec<Value> = services
+    let listing = ops::list(&state, &caller, &filter);
+    let page: Vec<Value> = listing
+        .services
         .iter()
         .skip(offset)
         .take(limit)
         .map(|s| service_json(&ops::service_status(&state, s)))
         .collect();
-    Ok(Json(
-        json!({ "services": page, "total": services.len(), "limit": limit, "offset": offset }),
-    ))
+    Ok(Json(json!({
+        "services": page,
+        "total": listing.services.len(),
+        "limit": limit,
+        "offset": offset,
+        "head_seq": listing.seq,
+    })))
 }
 
 pub(super) async fn status(
