@@ -62,6 +62,9 @@ pub struct SoloConfig {
     pub max_connections: u32,
     /// Connections one client address may hold open on each listener; more are closed.
     pub max_connections_per_client: u32,
+    /// Streams one HTTP/2 connection may have open at once (gRPC calls and watches, HTTP/2
+    /// requests), as advertised in its SETTINGS; a client's further streams wait for one to end.
+    pub max_streams_per_connection: u32,
     /// How much of a request body left unread (one over the limit, or refused before it was
     /// read) the server still reads and discards, so the client gets the answer rather than a
     /// connection reset.
@@ -90,6 +93,7 @@ impl Default for SoloConfig {
             grpc_keepalive_timeout_ms: 20_000,
             max_connections: 10_000,
             max_connections_per_client: 1_000,
+            max_streams_per_connection: 1_000,
             http_discard_bytes: 64 << 20,
             sse_keepalive_ms: 15_000,
             watch_progress_interval_ms: 10_000,
@@ -315,6 +319,10 @@ impl Config {
             (
                 "solo.max_connections_per_client",
                 solo.max_connections_per_client.into(),
+            ),
+            (
+                "solo.max_streams_per_connection",
+                solo.max_streams_per_connection.into(),
             ),
             ("runtime.max_instances", u64::from(rt.max_instances)),
             ("runtime.epoch_tick_ms", rt.epoch_tick_ms.into()),

@@ -303,6 +303,7 @@ async fn serve(
         tls.clone(),
         connection_limits(HTTP2_OPENING),
         keepalive,
+        config.solo.max_streams_per_connection,
         drained.clone(),
     ));
     let http = tokio::spawn(serve_http(
@@ -311,6 +312,7 @@ async fn serve(
         tls,
         connection_limits(1),
         header_timeout,
+        config.solo.max_streams_per_connection,
         drained.clone(),
     ));
     println!("{}", listening_line(grpc_addr, http_addr));
@@ -409,6 +411,7 @@ async fn serve_grpc(
     tls: Option<TlsSetup>,
     limits: ConnectionLimits,
     keepalive: Keepalive,
+    max_streams: u32,
     drained: CancellationToken,
 ) -> anyhow::Result<()> {
     let max_message = state.options.max_body_bytes;
@@ -431,7 +434,9 @@ async fn serve_grpc(
     // ping, and its connection is given back.
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(keepalive.interval))
-        .http2_keepalive_timeout(Some(keepalive.timeout));
+        .http2_keepalive_timeout(Some(keepalive.timeout))
+        // tonic's default is no limit at all, overriding hyper's.
+        .max_concurrent_streams(max_streams);
     if let Some(tls) = &tls {
         builder = builder.tls_config(tls.grpc()).context("gRPC TLS")?;
     }
@@ -575,6 +580,7 @@ async fn serve_http(
     tls: Option<TlsSetup>,
     connections: ConnectionLimits,
     header_timeout: Duration,
+    max_streams: u32,
     drained: CancellationToken,
 ) -> anyhow::Result<()> {
     let router = crate::api::rest::router(state);
@@ -585,6 +591,7 @@ async fn serve_http(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout);
+    builder.http2().max_concurrent_streams(max_streams);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = connections.accept(&listener) => match accepted {

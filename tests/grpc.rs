@@ -1243,6 +1243,43 @@ async fn a_wasm_field_that_is_not_wasm_is_refused_with_a_hint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_at_most_its_stream_limit_and_its_further_calls_wait() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = start_server(dir.path(), |c| c.solo.max_streams_per_connection = 2).await;
+    let mut client = grpc_client(&server).await;
+    let open_watch = |client: &mut Client| {
+        let mut client = client.clone();
+        async move {
+            let watch = proto::WatchRequest::default();
+            client.watch(as_tenant("a", watch)).await.unwrap().into_inner()
+        }
+    };
+    let first = open_watch(&mut client).await;
+    let _second = open_watch(&mut client).await;
+    let list = |client: &mut Client| {
+        let mut client = client.clone();
+        async move { client.list(as_tenant("a", proto::ListRequest::default())).await }
+    };
+    // A third stream on the same connection waits for one of the two to end.
+    let mut third = tokio::spawn(list(&mut client));
+    let waited = tokio::time::timeout(Duration::from_millis(300), &mut third).await;
+    assert!(waited.is_err(), "a third stream was served at once: {waited:?}");
+    // Another connection is not held up by this one's streams.
+    let mut other = grpc_client(&server).await;
+    tokio::time::timeout(PATIENCE, list(&mut other))
+        .await
+        .expect("another connection is served")
+        .unwrap();
+    drop(first);
+    tokio::time::timeout(PATIENCE, third)
+        .await
+        .expect("the waiting call goes ahead once a stream ends")
+        .unwrap()
+        .unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_address_cannot_take_every_grpc_connection() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let server = start_server(dir.path(), |c| c.solo.max_connections_per_client = 2).await;
