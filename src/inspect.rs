@@ -25,11 +25,14 @@ pub struct VerifyReport {
     pub records: u64,
     pub head: u64,
     pub blobs: u64,
+    /// Remembered keyed requests (the `requests` database).
+    pub requests: u64,
     /// The first problem with the log: its seq and what is wrong.
     pub first_bad: Option<(u64, String)>,
     /// Snapshots compared with the replay, and whether each matched.
     pub snapshots: Vec<(u64, Result<(), String>)>,
-    /// Other problems: damaged blobs, modules missing from the blob store.
+    /// Other problems: damaged blobs, modules missing from the blob store, remembered
+    /// requests that cannot be read back.
     pub problems: Vec<String>,
 }
 
@@ -38,7 +41,6 @@ impl VerifyReport {
         self.first_bad.is_none() && self.problems.is_empty() && self.snapshots.iter().all(|(_, r)| r.is_ok())
     }
 
-    /// The one-line summary `solo log verify` prints.
     /// The report for programs (`solo log verify --json`).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -47,6 +49,7 @@ impl VerifyReport {
             "records": self.records,
             "head": self.head,
             "blobs": self.blobs,
+            "requests": self.requests,
             "first_bad": self.first_bad.as_ref().map(|(seq, reason)| serde_json::json!({ "seq": seq, "reason": reason })),
             "snapshots": self.snapshots.iter().map(|(seq, matched)| serde_json::json!({
                 "seq": seq,
@@ -57,6 +60,7 @@ impl VerifyReport {
         })
     }
 
+    /// The one-line summary `solo log verify` prints.
     pub fn summary(&self) -> String {
         if let Some((seq, reason)) = &self.first_bad {
             return format!("FAILED: first bad record is seq {seq}: {reason}");
@@ -72,15 +76,15 @@ impl VerifyReport {
             None => String::new(),
         };
         format!(
-            "ok: {} records (seq 1..={}), {} blobs{snapshots}",
-            self.records, self.head, self.blobs
+            "ok: {} records (seq 1..={}), {} blobs, {} remembered requests{snapshots}",
+            self.records, self.head, self.blobs, self.requests
         )
     }
 }
 
 /// Checks every record (frame, checksum, contiguous seqs, decoding, applying), every blob
-/// (its hash), that every deployed module is present, and that replaying the log reproduces
-/// each stored snapshot.
+/// (its hash), that every deployed module is present, that replaying the log reproduces
+/// each stored snapshot, and that every remembered keyed request reads back.
 pub fn verify(store: &Store, settings: Settings) -> log::Result<VerifyReport> {
     verify_with_snapshots(store, settings, store.snapshots()?)
 }
@@ -159,7 +163,28 @@ pub fn verify_with_snapshots(
     // must be there.
     modules.retain(|sha, _| crate::state::parse_sha256(sha).is_some_and(|hash| state.module_users(&hash) > 0));
     check_blobs(store, &modules, &mut report)?;
+    check_requests(store, &mut report)?;
     Ok(report)
+}
+
+/// Each entry of the `requests` database must read back as the node reads it when it starts
+/// (which forgets one that does not), and rest on an event the log holds.
+fn check_requests(store: &Store, report: &mut VerifyReport) -> log::Result<()> {
+    for (key, value) in store.requests()? {
+        report.requests += 1;
+        let name = String::from_utf8_lossy(&key).replace('\0', "/");
+        match crate::control::check_stored_request((key, value)) {
+            Ok(seq) if seq > report.head => report.problems.push(format!(
+                "remembered request {name:?} rests on seq {seq}, past the log's head {}",
+                report.head
+            )),
+            Ok(_) => {}
+            Err(reason) => report.problems.push(format!(
+                "remembered request {name:?} cannot be read back ({reason}); the node forgets it when it starts"
+            )),
+        }
+    }
+    Ok(())
 }
 
 fn check_record(seq: u64, expected: u64, bytes: &[u8], state: &mut State) -> Result<Event, (u64, String)> {

@@ -182,6 +182,69 @@ async fn redeploying_the_identical_module_is_a_no_op_that_says_so() {
 }
 
 #[tokio::test]
+async fn log_verify_reads_back_every_remembered_request() {
+    use prost::Message as _;
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    control.kill(kill_command("acme", "a")).await.unwrap();
+    let kill = KillCommand {
+        idempotency_key: "kill-1".into(),
+        ..kill_command("acme", "a")
+    };
+    assert!(control.kill(kill).await.unwrap().already_stopped);
+    let settings = control.read_state(|s| s.settings());
+    let store = control.log().store();
+    let report = inspect::verify(store, settings).unwrap();
+    assert!(report.ok(), "{}", report.summary());
+    assert_eq!(report.requests, 1);
+    assert!(
+        report.summary().contains("1 remembered requests"),
+        "{}",
+        report.summary()
+    );
+
+    // A copy of it under another key, one resting on a seq past the head, and bytes that are
+    // no record at all.
+    let (_, stored) = store.requests().unwrap().remove(0);
+    let stored = stored.unwrap();
+    let mut past = solo::proto::NoOpRequest::decode(stored.as_slice()).unwrap();
+    past.key = "kill-2".into();
+    past.seq = control.head() + 5;
+    let puts = [
+        (b"acme\0elsewhere".to_vec(), stored),
+        (b"acme\0kill-2".to_vec(), past.encode_to_vec()),
+        (b"acme\0garbage".to_vec(), b"\xff\xff not protobuf".to_vec()),
+    ];
+    let changes = solo::log::RequestChanges {
+        put: &puts,
+        delete: &[],
+    };
+    store
+        .append(control.head() + 1, [], solo::log::BlobChanges::default(), changes)
+        .unwrap();
+    let report = inspect::verify(store, settings).unwrap();
+    assert!(!report.ok());
+    assert_eq!(report.requests, 4);
+    let problems = report.problems.join("\n");
+    assert_eq!(report.problems.len(), 3, "{problems}");
+    assert!(
+        problems.contains("\"acme/elsewhere\" cannot be read back (it is stored under another key"),
+        "{problems}"
+    );
+    assert!(problems.contains("\"acme/kill-2\" rests on seq"), "{problems}");
+    assert!(
+        problems.contains("\"acme/garbage\" cannot be read back (it does not decode"),
+        "{problems}"
+    );
+    assert!(
+        report.summary().starts_with("FAILED: remembered request"),
+        "{}",
+        report.summary()
+    );
+}
+
+#[tokio::test]
 async fn a_retry_of_a_keyed_request_that_changed_nothing_changes_nothing_either() {
     let dir = tempdir();
     let control = open(options(dir.path()));

@@ -32,6 +32,7 @@ pub use command::{
     validate_labels, validate_service_id, validate_tenant,
 };
 pub use error::{Error, Result};
+pub use noop_keys::check_stored as check_stored_request;
 pub use recovery::{Recovery, load_snapshot, replay};
 
 use command::{Command, Reply};

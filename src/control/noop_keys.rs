@@ -105,11 +105,8 @@ impl NoOpKeys {
     pub fn restore(&mut self, stored: Vec<crate::log::StoredRequest>, now_ms: u64) {
         let mut kept = Vec::new();
         for (stored_key, value) in stored {
-            let request = value
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| NoOpRequest::decode(bytes.as_slice()).map_err(|e| e.to_string()));
-            match request.map(decoded) {
-                Ok(Some((request, answer, at_ms))) if at_ms.saturating_add(self.window_ms) > now_ms => {
+            match read_stored(&stored_key, value) {
+                Ok((request, answer, at_ms)) if at_ms.saturating_add(self.window_ms) > now_ms => {
                     kept.push((request, answer, at_ms));
                     continue;
                 }
@@ -273,6 +270,29 @@ fn encoded(request: &KeyedRequest, answer: &Reply, at_ms: u64) -> Vec<u8> {
 }
 
 /// A stored request back as it was remembered; `None` if it is not one this build writes.
+/// An entry of the `requests` database read back: the request, its answer and when it was
+/// answered; or why it cannot be.
+fn read_stored(stored_key: &[u8], value: Result<Vec<u8>, String>) -> Result<(KeyedRequest, Reply, u64), String> {
+    let record = NoOpRequest::decode(value?.as_slice()).map_err(|e| format!("it does not decode: {e}"))?;
+    if stored_key != self::stored_key(&record.tenant, &record.key) {
+        return Err(format!(
+            "it is stored under another key than tenant '{}' and key '{}'",
+            record.tenant, record.key
+        ));
+    }
+    decoded(record).ok_or_else(|| "its operation or digests are not valid".to_string())
+}
+
+/// Checks an entry of the `requests` database as the node reads it back when it starts;
+/// `Ok` with the seq of the event its answer rested on.
+pub fn check_stored((stored_key, value): crate::log::StoredRequest) -> Result<u64, String> {
+    read_stored(&stored_key, value).map(|(_, answer, _)| match answer {
+        Reply::Deployed(outcome) => outcome.seq,
+        Reply::Killed(outcome) => outcome.seq,
+        Reply::Appended(_) | Reply::ShuttingDown(_) => unreachable!("only no-op answers are stored"),
+    })
+}
+
 fn decoded(record: NoOpRequest) -> Option<(KeyedRequest, Reply, u64)> {
     let op = IdempotentOp::try_from(record.op).ok()?;
     let request_hash = record.request_hash.as_slice().try_into().ok()?;
@@ -400,9 +420,17 @@ mod tests {
         keys.stored();
         assert!(keys.unstored_changes().put.is_empty(), "stored once");
 
-        // As the database gives them back after a restart past k1's window, with a damaged one.
+        // As the database gives them back after a restart past k1's window, with a damaged
+        // one, and k2's record copied under a key that is not its own.
         let mut stored: Vec<_> = changes.put.into_iter().map(|(k, v)| (k, Ok(v))).collect();
         stored.push((stored_key("acme", "k3"), Err("damaged".to_string())));
+        let k2 = stored
+            .iter()
+            .find(|(k, _)| *k == stored_key("acme", "k2"))
+            .unwrap()
+            .1
+            .clone();
+        stored.push((stored_key("acme", "k4"), k2));
         let mut restarted = NoOpKeys::new(1000, 10);
         restarted.restore(stored, 1200);
         assert!(restarted.answer(&kill("k1"), 1200).is_none(), "its window is over");
@@ -417,7 +445,15 @@ mod tests {
         let mut changes = restarted.unstored_changes();
         changes.delete.sort();
         assert!(changes.put.is_empty(), "k2 is stored already");
-        assert_eq!(changes.delete, [stored_key("acme", "k1"), stored_key("acme", "k3")]);
+        assert_eq!(
+            changes.delete,
+            [
+                stored_key("acme", "k1"),
+                stored_key("acme", "k3"),
+                stored_key("acme", "k4")
+            ]
+        );
+        assert!(restarted.answer(&kill("k4"), 1200).is_none());
     }
 
     #[test]
