@@ -187,6 +187,7 @@ async fn deploy_loop(
             limits: Limits::default(),
             labels: BTreeMap::new(),
             idempotency_key: String::new(),
+            expected_version: None,
         };
         match control.deploy(request).await {
             Ok(outcome) if !outcome.unchanged && !outcome.replayed => {}
@@ -367,6 +368,7 @@ fn deploy_events(rng: &mut Rng, slot: &mut Slot, cx: &mut EpisodeContext<'_>, ki
             requested_limits: (!idempotency_key.is_empty()).then(Limits::default),
             idempotency_key,
             module_size: 2048,
+            expected_version: None,
         }),
         true,
     ));
@@ -665,6 +667,7 @@ fn tail_event(seq: u64) -> Arc<Event> {
             requested_limits: None,
             idempotency_key: String::new(),
             module_size: 2048,
+            expected_version: None,
         }),
     );
     event.seq = seq;

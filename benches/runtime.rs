@@ -59,6 +59,7 @@ fn request(tenant: &str, id: &str, module: &[u8]) -> DeployRequest {
         limits: Limits::default(),
         labels: BTreeMap::new(),
         idempotency_key: String::new(),
+        expected_version: None,
     }
 }
 

@@ -166,6 +166,7 @@ fn kind_fields_json(kind: &Kind) -> Value {
             "labels": e.labels,
             "idempotency_key": e.idempotency_key,
             "requested_limits": e.requested_limits.as_ref().map(limits_json),
+            "expected_version": e.expected_version,
         }),
         Kind::ServiceStarted(e) => json!({ "version": e.version, "recovered": e.recovered }),
         Kind::ServiceCrashed(e) => json!({

@@ -200,7 +200,9 @@ mod tests {
         let admin_stream = shedder.admit_watcher(&Principal::Admin).unwrap();
         let refused = shedder.admit(&Principal::Admin).unwrap_err();
         assert!(
-            refused.to_string().starts_with("the admin has 1 requests in flight"),
+            refused
+                .to_string()
+                .starts_with("the admin is at its limit of requests in flight (1)"),
             "{refused}"
         );
         assert!(shedder.admit_watcher(&Principal::Admin).is_err());

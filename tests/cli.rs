@@ -652,13 +652,35 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
     assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
+#[test]
+fn deploy_at_an_expected_version() {
+    let node = Node::dev();
+    let at = |example: &str, version: &str| {
+        let path = example_path(example);
+        node.run(
+            "acme",
+            &["deploy", "svc", path.to_str().unwrap(), "--expected-version", version],
+        )
+    };
+    at("echo", "0").ok();
+    let taken = at("counter", "0").fails(1);
+    assert!(
+        taken.stderr.contains("service 'svc' is at version 1"),
+        "{}",
+        taken.stderr
+    );
+    at("counter", "1").ok();
+    let stale = at("echo", "1").fails(1);
+    assert!(stale.stderr.contains("is at version 2"), "{}", stale.stderr);
+}
+
 /// Reading history holds one stream at a time, so a caller allowed a single stream can read
 /// it again and again; before, a first watch that only learned the head could still count
 /// against the limit when the second one opened.
 #[test]
 fn events_reads_history_within_a_limit_of_one_stream() {
     let node = Node::start(|config| config.limits.max_watchers = 1);
-    node.deploy("acme", "echo", "echo", &[]).ok();
+    node.deploy("acme", "echo", "echo", &[]);
     for round in 0..20 {
         let events = node.run("acme", &["events", "--json"]);
         assert_eq!(events.code, 0, "round {round}: {}", events.stderr);

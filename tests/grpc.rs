@@ -362,6 +362,129 @@ async fn every_rpc_works_and_fails_as_documented() {
     server.stop().await.unwrap();
 }
 
+/// A deploy at a version: `expected_version` 0 creates only, N upgrades only version N; a
+/// mismatch is ABORTED, names the version, and appends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_that_names_a_version_applies_only_at_that_version() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let at = |example: &str, expected: u64, label: &str| {
+        let mut request = grpc_deploy("svc", example);
+        request.expected_version = Some(expected);
+        request.labels = BTreeMap::from([("by".to_string(), label.to_string())]);
+        request
+    };
+    let created = client
+        .deploy(as_tenant("acme", at("echo", 0, "a")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((created.version, created.created), (1, true));
+    let refused = client.deploy(as_tenant("acme", at("echo", 0, "b"))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert!(
+        refused.message().contains("service 'svc' is at version 1")
+            && refused
+                .message()
+                .contains("expected_version 0 deploys only a new service"),
+        "{}",
+        refused.message()
+    );
+    // Another tenant's service of the same id is neither an obstacle nor revealed.
+    let theirs = client
+        .deploy(as_tenant("beta", at("echo", 0, "a")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(theirs.created);
+    let upgraded = client
+        .deploy(as_tenant("acme", at("counter", 1, "a")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(upgraded.version, 2);
+    let stale = client.deploy(as_tenant("acme", at("echo", 1, "a"))).await.unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    assert!(
+        stale.message().contains("is at version 2") && stale.message().contains("expected version 1"),
+        "{}",
+        stale.message()
+    );
+    let mut ghost = at("echo", 3, "a");
+    ghost.service_id = "ghost".into();
+    let missing = client.deploy(as_tenant("acme", ghost)).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Aborted);
+    assert!(
+        missing.message().contains("service 'ghost' does not exist"),
+        "{}",
+        missing.message()
+    );
+
+    // Racing read-modify-writes from version 2: exactly one wins.
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let mut client = client.clone();
+            let request = at("echo", 2, &format!("racer-{i}"));
+            tokio::spawn(async move { client.deploy(as_tenant("acme", request)).await })
+        })
+        .collect();
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(deployed) => {
+                assert_eq!(deployed.into_inner().version, 3);
+                won += 1;
+            }
+            Err(status) => assert_eq!(status.code(), Code::Aborted, "{status:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+
+    // A keyed conditional deploy: its retry gets the first answer though the version moved on;
+    // the key with another expected version is a conflict.
+    let mut keyed = at("counter", 3, "keyed");
+    keyed.idempotency_key = "upgrade-3".into();
+    let first = client
+        .deploy(as_tenant("acme", keyed.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.version, 4);
+    client.deploy(as_tenant("acme", at("echo", 4, "a"))).await.unwrap();
+    let retry = client
+        .deploy(as_tenant("acme", keyed.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((retry.version, retry.seq), (4, first.seq));
+    keyed.expected_version = Some(4);
+    let conflict = client.deploy(as_tenant("acme", keyed)).await.unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists, "{conflict:?}");
+
+    // The log holds the deploys that happened, each with the version it required, and none
+    // of the refused.
+    let history = proto::WatchRequest {
+        from_seq: 1,
+        kinds: vec!["service_deployed".into()],
+        ..Default::default()
+    };
+    let mut stream = client.watch(as_tenant("acme", history)).await.unwrap().into_inner();
+    let mut required = Vec::new();
+    while required.len() < 5 {
+        if let Some(Msg::Event(event)) = stream.next().await.unwrap().unwrap().msg
+            && let Some(proto::event::Kind::ServiceDeployed(deployed)) = event.kind
+        {
+            required.push((deployed.version, deployed.expected_version));
+        }
+    }
+    assert_eq!(
+        required,
+        [(1, Some(0)), (2, Some(1)), (3, Some(2)), (4, Some(3)), (5, Some(4))]
+    );
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     let dir = tempdir();

@@ -786,6 +786,20 @@ async fn put_deploys_raw_wasm_and_wat_and_refuses_other_media_types() {
     assert!(bad_number.error(400, "invalid_argument").contains("memory_bytes"));
     let not_wasm = send(put("junk", "application/wasm", b"\0asm\x01\0\0\0garbage".to_vec())).await;
     not_wasm.error(400, "invalid_argument");
+    // A deploy at a version, in the query string or in the JSON body.
+    let at_one = || put("limited?expected_version=1", "application/wasm", wasm_bytes("echo"));
+    assert_eq!(send(at_one()).await.ok(200)["deploy"]["version"], 2);
+    let stale = send(at_one()).await;
+    assert!(stale.error(409, "version_mismatch").contains("is at version 2"));
+    let soon = send(put("x?expected_version=soon", "application/wasm", wasm_bytes("echo"))).await;
+    assert!(soon.error(400, "invalid_argument").contains("expected_version"));
+    let body = json!({ "service_id": "text", "wat": wat_text("echo"), "expected_version": 0 });
+    let taken = node.post_json("/services", "a", &body).await;
+    assert!(
+        taken
+            .error(409, "version_mismatch")
+            .contains("deploys only a new service")
+    );
     let listed = node.get("/services", "a").await;
     let ids: Vec<&str> = listed.ok(200)["services"]
         .as_array()

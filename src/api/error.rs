@@ -23,6 +23,8 @@ pub enum ErrorKind {
     NotFound,
     /// The request conflicts with what was done before (an idempotency key reused).
     Conflict,
+    /// The request required a version the service is not at (a lost read-modify-write race).
+    VersionMismatch,
     /// The service is not in a state to take the request (crashed, stopped).
     FailedPrecondition,
     /// A quota is used up.
@@ -60,6 +62,7 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::NotFound => "not_found",
             ErrorKind::Conflict => "conflict",
+            ErrorKind::VersionMismatch => "version_mismatch",
             ErrorKind::FailedPrecondition => "failed_precondition",
             ErrorKind::QuotaExceeded => "quota_exceeded",
             ErrorKind::Overloaded => "overloaded",
@@ -83,6 +86,8 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => Code::PermissionDenied,
             ErrorKind::NotFound => Code::NotFound,
             ErrorKind::Conflict => Code::AlreadyExists,
+            // As gRPC's guide says of a failed test-and-set: retry the whole read-modify-write.
+            ErrorKind::VersionMismatch => Code::Aborted,
             ErrorKind::FailedPrecondition => Code::FailedPrecondition,
             ErrorKind::QuotaExceeded | ErrorKind::Overloaded | ErrorKind::InsufficientStorage => {
                 Code::ResourceExhausted
@@ -103,7 +108,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::Conflict | ErrorKind::FailedPrecondition => StatusCode::CONFLICT,
+            ErrorKind::Conflict | ErrorKind::VersionMismatch | ErrorKind::FailedPrecondition => StatusCode::CONFLICT,
             ErrorKind::QuotaExceeded | ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::ServiceTrapped => StatusCode::BAD_GATEWAY,
@@ -232,6 +237,7 @@ impl From<control::Error> for Error {
                 }
             }
             E::IdempotencyConflict { .. } => Error::new(ErrorKind::Conflict, message),
+            E::VersionMismatch { .. } => Error::new(ErrorKind::VersionMismatch, message),
             E::NotRunning { .. } => Error::new(ErrorKind::FailedPrecondition, message),
             E::Stale(_) => Error::new(ErrorKind::Internal, message),
             E::ShuttingDown => Error::shutting_down(),

@@ -93,6 +93,7 @@ impl SoloKernel for GrpcApi {
                 limits: request.limits.unwrap_or_default(),
                 labels: request.labels,
                 idempotency_key: request.idempotency_key,
+                expected_version: request.expected_version,
             };
             let outcome = ops::deploy(&self.state, &caller, deploy).await?;
             Ok(proto::DeployResponse {

@@ -21,6 +21,8 @@ pub struct Deploy {
     pub limits: Limits,
     pub labels: BTreeMap<String, String>,
     pub idempotency_key: String,
+    /// Deploy only if the service is at this version (0: only if it does not exist).
+    pub expected_version: Option<u64>,
 }
 
 /// Refuses a module the caller declared binary (`declared`) that is not: parsed as WAT it would
@@ -49,6 +51,7 @@ pub async fn deploy(state: &ApiState, caller: &Caller, deploy: Deploy) -> Result
         limits: deploy.limits,
         labels: deploy.labels,
         idempotency_key: deploy.idempotency_key,
+        expected_version: deploy.expected_version,
     };
     let result = state.control.deploy(request).await;
     let label = match &result {

@@ -358,6 +358,9 @@ pub struct DeployArgs {
     /// A retry with the same key gets the first answer and changes nothing.
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
+    /// Deploy only if the service is at this version now (0: only if it does not exist yet).
+    #[arg(long, value_name = "VERSION")]
+    pub expected_version: Option<u64>,
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -426,6 +429,9 @@ pub struct KillArgs {
     /// A retry with the same key gets the first answer and changes nothing.
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
+    /// Deploy only if the service is at this version now (0: only if it does not exist yet).
+    #[arg(long, value_name = "VERSION")]
+    pub expected_version: Option<u64>,
     #[command(flatten)]
     pub wait: WaitArgs,
 }

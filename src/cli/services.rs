@@ -35,6 +35,7 @@ pub async fn deploy(conn: &Connector, out: Output, args: DeployArgs) -> Result<(
         }),
         labels: args.label_map(),
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
+        expected_version: args.expected_version,
     };
     let mut client = conn.connect().await?;
     let spinner = Spinner::start(

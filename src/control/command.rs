@@ -82,6 +82,8 @@ pub struct DeployCommand {
     pub requested_limits: Limits,
     pub labels: BTreeMap<String, String>,
     pub idempotency_key: String,
+    /// Deploy only if the service is at this version (0: only if it does not exist).
+    pub expected_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,8 +253,8 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
             || record.request_hash.is_some_and(|h| {
                 // The original is hashed as requested (as granted, before requests were
                 // kept); either way a retry asking for the same matches.
-                h != deploy_request_hash(&cmd.requested_limits, &cmd.labels)
-                    && h != deploy_request_hash(&cmd.limits, &cmd.labels)
+                h != deploy_request_hash(&cmd.requested_limits, &cmd.labels, cmd.expected_version)
+                    && h != deploy_request_hash(&cmd.limits, &cmd.labels, cmd.expected_version)
             })
         {
             return Err(Error::IdempotencyConflict {
@@ -269,6 +271,7 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
             replayed: true,
         })));
     }
+    require_version(state, &cmd.tenant, &cmd.service_id, cmd.expected_version)?;
     let existing = state.service(&cmd.tenant, &cmd.service_id);
     if let Some(s) = existing
         && s.module_sha256 == sha
@@ -303,11 +306,29 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
             requested_limits: (!cmd.idempotency_key.is_empty()).then_some(cmd.requested_limits),
             idempotency_key: cmd.idempotency_key,
             module_size,
+            expected_version: cmd.expected_version,
         }),
     );
     Ok(Decision::Append {
         event,
         blob: Some(blob),
+    })
+}
+
+/// Refuses a deploy that requires a version (`expected`; 0: that the service not exist) the
+/// service is not at.
+pub(super) fn require_version(state: &State, tenant: &str, service_id: &str, expected: Option<u64>) -> Result<()> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let actual = state.service(tenant, service_id).map(|s| s.version);
+    if actual.unwrap_or(0) == expected {
+        return Ok(());
+    }
+    Err(Error::VersionMismatch {
+        service_id: service_id.to_string(),
+        expected,
+        actual,
     })
 }
 

@@ -29,6 +29,14 @@ pub enum Error {
     },
     #[error("idempotency key '{key}' was already used for a different request")]
     IdempotencyConflict { key: String },
+    /// A deploy required a version the service is not at.
+    #[error("{}", version_mismatch(service_id, *expected, *actual))]
+    VersionMismatch {
+        service_id: String,
+        expected: u64,
+        /// `None`: no service has this id.
+        actual: Option<u64>,
+    },
     #[error("observation no longer applies: {0}")]
     Stale(ApplyError),
     #[error("the node is shutting down")]
@@ -45,4 +53,16 @@ impl From<crate::log::Error> for Error {
     fn from(e: crate::log::Error) -> Self {
         Error::Storage(Arc::new(e))
     }
+}
+
+fn version_mismatch(service_id: &str, expected: u64, actual: Option<u64>) -> String {
+    let now = match actual {
+        Some(version) => format!("service '{service_id}' is at version {version}"),
+        None => format!("service '{service_id}' does not exist"),
+    };
+    let wanted = match expected {
+        0 => "expected_version 0 deploys only a new service".to_string(),
+        version => format!("the deploy expected version {version}"),
+    };
+    format!("{now}, and {wanted}: nothing was deployed; read the service again and decide afresh")
 }

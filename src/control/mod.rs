@@ -138,6 +138,8 @@ pub struct DeployRequest {
     pub limits: Limits,
     pub labels: BTreeMap<String, String>,
     pub idempotency_key: String,
+    /// Deploy only if the service is at this version (0: only if it does not exist).
+    pub expected_version: Option<u64>,
 }
 
 /// The handle every other part uses. Cheap to clone.
@@ -313,6 +315,13 @@ impl Control {
         let limits = tenant_limits
             .resolve(&request.limits)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        // Early, so a deploy bound to fail costs no compile; the writer decides for good. Not
+        // for a keyed deploy, whose retry gets the first answer whatever the version is now.
+        if request.idempotency_key.is_empty() {
+            self.read_state(|state| {
+                command::require_version(state, &request.tenant, &request.service_id, request.expected_version)
+            })?;
+        }
         let module = match self.runtime() {
             Some(runtime) => {
                 let quota = CompileQuota {
@@ -347,6 +356,7 @@ impl Control {
             requested_limits: request.limits,
             labels: request.labels,
             idempotency_key: request.idempotency_key,
+            expected_version: request.expected_version,
         };
         match self.submit(Command::Deploy(command)).await? {
             Reply::Deployed(outcome) => Ok(outcome),

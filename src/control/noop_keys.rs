@@ -42,7 +42,7 @@ impl KeyedRequest {
                 op: IdempotentOp::Deploy,
                 service_id: cmd.service_id.clone(),
                 module_hash: cmd.module.sha256,
-                request_hash: deploy_request_hash(&cmd.requested_limits, &cmd.labels),
+                request_hash: deploy_request_hash(&cmd.requested_limits, &cmd.labels, cmd.expected_version),
             }),
             Command::Kill(cmd) if !cmd.idempotency_key.is_empty() => Some(KeyedRequest {
                 tenant: cmd.tenant.clone(),

@@ -204,6 +204,7 @@ pub(super) mod tests {
                     requested_limits: (!idempotency_key.is_empty()).then(Limits::default),
                     idempotency_key,
                     module_size: 8,
+                    expected_version: None,
                 };
                 let started = ServiceStarted {
                     version: round,

@@ -307,8 +307,13 @@ impl State {
         service.last_error.clear();
         service.deployed_seq = event.seq;
         service.touched(event);
-        let request_hash = (!e.idempotency_key.is_empty())
-            .then(|| deploy_request_hash(&e.requested_limits.unwrap_or(limits), &service.labels));
+        let request_hash = (!e.idempotency_key.is_empty()).then(|| {
+            deploy_request_hash(
+                &e.requested_limits.unwrap_or(limits),
+                &service.labels,
+                e.expected_version,
+            )
+        });
 
         tenant
             .recent_deploys

@@ -242,8 +242,8 @@ impl Service {
 pub type RequestHash = [u8; 32];
 
 /// The [`RequestHash`] of a deploy: its limits as requested (as granted, for events from before
-/// requests were kept) and its labels.
-pub fn deploy_request_hash(limits: &Limits, labels: &Labels) -> RequestHash {
+/// requests were kept), its labels and the version it required, if any.
+pub fn deploy_request_hash(limits: &Limits, labels: &Labels, expected_version: Option<u64>) -> RequestHash {
     use sha2::Digest as _;
     let mut digest = sha2::Sha256::new();
     digest.update(b"deploy");
@@ -264,6 +264,11 @@ pub fn deploy_request_hash(limits: &Limits, labels: &Labels) -> RequestHash {
             digest.update((text.len() as u64).to_le_bytes());
             digest.update(text.as_bytes());
         }
+    }
+    // Only when named, so a deploy that names none hashes as it did before the field existed.
+    if let Some(version) = expected_version {
+        digest.update(b"expected_version");
+        digest.update(version.to_le_bytes());
     }
     digest.finalize().into()
 }

@@ -351,15 +351,24 @@ fn request_hashes_tell_apart_every_field_a_retry_could_change() {
     use crate::state::{deploy_request_hash, kill_request_hash};
     let labels =
         |pairs: &[(&str, &str)]| -> Labels { pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
-    let base = deploy_request_hash(&Limits::default(), &labels(&[("ab", "c")]));
-    assert_eq!(base, deploy_request_hash(&Limits::default(), &labels(&[("ab", "c")])));
+    let base = deploy_request_hash(&Limits::default(), &labels(&[("ab", "c")]), None);
+    assert_eq!(
+        base,
+        deploy_request_hash(&Limits::default(), &labels(&[("ab", "c")]), None)
+    );
     // Length prefixes keep label boundaries apart.
-    assert_ne!(base, deploy_request_hash(&Limits::default(), &labels(&[("a", "bc")])));
+    assert_ne!(
+        base,
+        deploy_request_hash(&Limits::default(), &labels(&[("a", "bc")]), None)
+    );
     let windowed = Limits {
         restart_window_ms: 1,
         ..Limits::default()
     };
-    assert_ne!(base, deploy_request_hash(&windowed, &labels(&[("ab", "c")])));
+    assert_ne!(base, deploy_request_hash(&windowed, &labels(&[("ab", "c")]), None));
+    let required = |version| deploy_request_hash(&Limits::default(), &labels(&[("ab", "c")]), Some(version));
+    assert_ne!(base, required(0), "naming version 0 is asking for a new service");
+    assert_ne!(required(0), required(1));
     assert_ne!(kill_request_hash(false, 0), kill_request_hash(true, 0));
     assert_ne!(kill_request_hash(false, 0), kill_request_hash(false, 1));
 }

@@ -43,6 +43,7 @@ pub fn deploy_request(tenant: &str, id: &str, module_tag: &str) -> DeployRequest
         limits: Limits::default(),
         labels: BTreeMap::new(),
         idempotency_key: String::new(),
+        expected_version: None,
     }
 }
 

@@ -139,6 +139,9 @@ struct DeployBody {
     limits: LimitsBody,
     #[serde(default, deserialize_with = "labels_once")]
     labels: BTreeMap<String, String>,
+    /// Deploy only if the service is at this version (0: only if it does not exist).
+    #[serde(default)]
+    expected_version: Option<u64>,
 }
 
 /// A labels object in which each key appears once: which copy would win is anyone's guess.
@@ -253,6 +256,7 @@ pub(super) async fn deploy_json(
         limits,
         labels: body.labels,
         idempotency_key: idempotency_key(&headers)?,
+        expected_version: body.expected_version,
     };
     deployed(&state, &caller, deploy).await
 }
@@ -265,7 +269,7 @@ pub(super) async fn deploy_raw(
     certificate: Certificate,
     body: Bytes,
 ) -> Result<Response, Error> {
-    let mut allowed = vec!["tenant", "label"];
+    let mut allowed = vec!["tenant", "label", "expected_version"];
     allowed.extend(LIMIT_PARAMS);
     let params = Params::parse(query, &allowed)?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
@@ -295,6 +299,7 @@ pub(super) async fn deploy_raw(
         limits: params.limits()?,
         labels: params.labels()?,
         idempotency_key: idempotency_key(&headers)?,
+        expected_version: params.number("expected_version")?,
     };
     deployed(&state, &caller, deploy).await
 }
