@@ -23,6 +23,8 @@ enum Op {
         service: usize,
         module: u8,
         key: Option<u8>,
+        /// The version the deploy requires (0: that the service not exist).
+        expected: Option<u64>,
     },
     Kill {
         tenant: usize,
@@ -56,9 +58,10 @@ fn op() -> impl Strategy<Value = Op> {
     let t = 0..TENANTS.len();
     let s = 0..SERVICES.len();
     let key = proptest::option::weighted(0.3, 0u8..3);
+    let expected = proptest::option::weighted(0.3, 0u64..4);
     prop_oneof![
-        4 => (t.clone(), s.clone(), 0u8..3, key.clone())
-            .prop_map(|(tenant, service, module, key)| Op::Deploy { tenant, service, module, key }),
+        4 => (t.clone(), s.clone(), 0u8..3, key.clone(), expected)
+            .prop_map(|(tenant, service, module, key, expected)| Op::Deploy { tenant, service, module, key, expected }),
         2 => (t.clone(), s.clone(), key).prop_map(|(tenant, service, key)| Op::Kill { tenant, service, key }),
         3 => (t.clone(), s.clone(), proptest::bool::weighted(0.2))
             .prop_map(|(tenant, service, stale)| Op::Started { tenant, service, stale }),
@@ -85,6 +88,7 @@ enum KeyUse {
     Deploy {
         service: usize,
         module: u8,
+        expected: Option<u64>,
         version: u64,
         unchanged: bool,
     },
@@ -93,10 +97,11 @@ enum KeyUse {
 }
 
 impl KeyUse {
-    fn deploy(service: usize, module: u8, version: u64, unchanged: bool) -> KeyUse {
+    fn deploy(service: usize, module: u8, expected: Option<u64>, version: u64, unchanged: bool) -> KeyUse {
         KeyUse::Deploy {
             service,
             module,
+            expected,
             version,
             unchanged,
         }
@@ -120,6 +125,7 @@ enum Answer {
     NotFound,
     Quota,
     Conflict,
+    VersionMismatch,
     Stale,
 }
 
@@ -151,6 +157,7 @@ impl Model {
                 service,
                 module,
                 key,
+                expected,
             } => {
                 if let Some(k) = key
                     && let Some(used) = self.keys.get(&(tenant, k))
@@ -159,9 +166,10 @@ impl Model {
                         KeyUse::Deploy {
                             service: s,
                             module: m,
+                            expected: e,
                             version,
                             unchanged,
-                        } if s == service && m == module => Answer::Deployed {
+                        } if s == service && m == module && e == expected => Answer::Deployed {
                             version,
                             created: version == 1 && !unchanged,
                             unchanged,
@@ -171,12 +179,15 @@ impl Model {
                     };
                 }
                 let existing = self.services.get(&(tenant, service)).cloned();
+                if expected.is_some_and(|e| existing.as_ref().map_or(0, |s| s.version) != e) {
+                    return Answer::VersionMismatch;
+                }
                 if let Some(s) = &existing
                     && s.module == module
                     && s.running_desired
                     && matches!(s.status, "starting" | "running")
                 {
-                    self.remember(tenant, key, KeyUse::deploy(service, module, s.version, true));
+                    self.remember(tenant, key, KeyUse::deploy(service, module, expected, s.version, true));
                     return Answer::Deployed {
                         version: s.version,
                         created: false,
@@ -199,7 +210,7 @@ impl Model {
                         restarts: 0,
                     },
                 );
-                self.remember(tenant, key, KeyUse::deploy(service, module, version, false));
+                self.remember(tenant, key, KeyUse::deploy(service, module, expected, version, false));
                 Answer::Deployed {
                     version,
                     created: version == 1,
@@ -312,9 +323,11 @@ async fn run_on_solo(control: &Control, op: &Op) -> Answer {
             service,
             module,
             key: k,
+            expected,
         } => {
             let mut request = deploy_request(TENANTS[tenant], SERVICES[service], &module.to_string());
             request.idempotency_key = key(k);
+            request.expected_version = expected;
             control.deploy(request).await.map(|o| Answer::Deployed {
                 version: o.version,
                 created: o.created,
@@ -418,6 +431,7 @@ async fn run_on_solo(control: &Control, op: &Op) -> Answer {
         Err(Error::NotFound { .. }) => Answer::NotFound,
         Err(Error::QuotaExceeded { .. }) => Answer::Quota,
         Err(Error::IdempotencyConflict { .. }) => Answer::Conflict,
+        Err(Error::VersionMismatch { .. }) => Answer::VersionMismatch,
         Err(Error::Stale(_)) => Answer::Stale,
         Err(other) => panic!("unexpected error for {op:?}: {other}"),
     }

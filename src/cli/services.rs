@@ -177,6 +177,8 @@ pub async fn list(conn: &Connector, out: Output, args: ListArgs) -> Result<(), C
     let mut client = conn.connect().await?;
     let mut services = Vec::new();
     let mut page_token = String::new();
+    // The first page's: a watch from one past it misses no change to what is listed.
+    let mut head_seq = None;
     loop {
         let request = proto::ListRequest {
             status: args.status.clone().unwrap_or_default(),
@@ -185,6 +187,7 @@ pub async fn list(conn: &Connector, out: Output, args: ListArgs) -> Result<(), C
             page_token: page_token.clone(),
         };
         let page = client.list(request).await.map_err(|s| conn.error(&s))?.into_inner();
+        head_seq.get_or_insert(page.head_seq);
         services.extend(page.services);
         if page.next_page_token.is_empty() {
             break;
@@ -193,7 +196,7 @@ pub async fn list(conn: &Connector, out: Output, args: ListArgs) -> Result<(), C
     }
     if out.json {
         let services: Vec<Value> = services.iter().map(crate::api::service_json).collect();
-        return out.document(&json!({ "services": services }));
+        return out.document(&json!({ "services": services, "head_seq": head_seq }));
     }
     if services.is_empty() {
         super::output::note("no services");
