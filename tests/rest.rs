@@ -1318,6 +1318,8 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     for (family, kind) in [
         ("solo_http_requests_total", "counter"),
         ("solo_calls_total", "counter"),
+        // No gRPC request was made: its series are there from the start.
+        ("solo_grpc_requests_total", "counter"),
         ("solo_deploys_total", "counter"),
         ("solo_events_appended_total", "counter"),
         ("solo_call_duration_seconds", "histogram"),
