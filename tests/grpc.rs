@@ -62,6 +62,26 @@ async fn wait_until(
     tokio::time::timeout(PATIENCE, found).await.expect("the event arrives")
 }
 
+/// The first `count` `service_deployed` events of `tenant`'s history.
+async fn deploys_in_history(client: &mut Client, tenant: &str, count: usize) -> Vec<proto::Event> {
+    let history = proto::WatchRequest {
+        from_seq: 1,
+        kinds: vec!["service_deployed".into()],
+        ..Default::default()
+    };
+    let mut stream = client.watch(as_tenant(tenant, history)).await.unwrap().into_inner();
+    let mut deploys = Vec::new();
+    while deploys.len() < count {
+        let next = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .expect("the history arrives");
+        if let Some(Msg::Event(event)) = next.unwrap().unwrap().msg {
+            deploys.push(event);
+        }
+    }
+    deploys
+}
+
 async fn running(client: &mut Client, tenant: &str, id: &str, from_seq: u64) {
     wait_until(client, tenant, from_seq, |e| {
         e.service_id == id && matches!(e.kind, Some(proto::event::Kind::ServiceStarted(_)))
@@ -464,20 +484,14 @@ async fn a_deploy_that_names_a_version_applies_only_at_that_version() {
 
     // The log holds the deploys that happened, each with the version it required, and none
     // of the refused.
-    let history = proto::WatchRequest {
-        from_seq: 1,
-        kinds: vec!["service_deployed".into()],
-        ..Default::default()
-    };
-    let mut stream = client.watch(as_tenant("acme", history)).await.unwrap().into_inner();
-    let mut required = Vec::new();
-    while required.len() < 5 {
-        if let Some(Msg::Event(event)) = stream.next().await.unwrap().unwrap().msg
-            && let Some(proto::event::Kind::ServiceDeployed(deployed)) = event.kind
-        {
-            required.push((deployed.version, deployed.expected_version));
-        }
-    }
+    let required: Vec<_> = deploys_in_history(&mut client, "acme", 5)
+        .await
+        .into_iter()
+        .map(|event| match event.kind {
+            Some(proto::event::Kind::ServiceDeployed(deployed)) => (deployed.version, deployed.expected_version),
+            other => panic!("not a deploy: {other:?}"),
+        })
+        .collect();
     assert_eq!(
         required,
         [(1, Some(0)), (2, Some(1)), (3, Some(2)), (4, Some(3)), (5, Some(4))]
@@ -690,18 +704,11 @@ async fn resuming_a_dropped_watch_under_concurrent_writes_misses_and_repeats_not
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order");
     assert!(reconnects > 3);
     // Nothing missed: every deploy in the log is in what was received.
-    let history = proto::WatchRequest {
-        from_seq: 1,
-        kinds: vec!["service_deployed".into()],
-        ..Default::default()
-    };
-    let mut stream = client.watch(as_tenant("acme", history)).await.unwrap().into_inner();
-    let mut all = Vec::new();
-    while all.len() < total {
-        if let Some(Msg::Event(e)) = stream.next().await.unwrap().unwrap().msg {
-            all.push(e.seq);
-        }
-    }
+    let all: Vec<u64> = deploys_in_history(&mut client, "acme", total)
+        .await
+        .iter()
+        .map(|e| e.seq)
+        .collect();
     assert_eq!(all, seqs);
     server.stop().await.unwrap();
 }

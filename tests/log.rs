@@ -181,17 +181,22 @@ async fn redeploying_the_identical_module_is_a_no_op_that_says_so() {
     assert_eq!((upgrade.version, upgrade.created, upgrade.seq), (2, false, 2));
 }
 
+/// Deploys and kills `acme/a`, and returns a keyed kill of it: a request that changes nothing.
+async fn keyed_kill_of_a_stopped_service(control: &Control) -> KillCommand {
+    deploy(control, "acme", "a", "m1").await;
+    control.kill(kill_command("acme", "a")).await.unwrap();
+    KillCommand {
+        idempotency_key: "kill-1".into(),
+        ..kill_command("acme", "a")
+    }
+}
+
 #[tokio::test]
 async fn log_verify_reads_back_every_remembered_request() {
     use prost::Message as _;
     let dir = tempdir();
     let control = open(options(dir.path()));
-    deploy(&control, "acme", "a", "m1").await;
-    control.kill(kill_command("acme", "a")).await.unwrap();
-    let kill = KillCommand {
-        idempotency_key: "kill-1".into(),
-        ..kill_command("acme", "a")
-    };
+    let kill = keyed_kill_of_a_stopped_service(&control).await;
     assert!(control.kill(kill).await.unwrap().already_stopped);
     let settings = control.read_state(|s| s.settings());
     let store = control.log().store();
@@ -248,15 +253,10 @@ async fn log_verify_reads_back_every_remembered_request() {
 async fn a_retry_of_a_keyed_request_that_changed_nothing_changes_nothing_either() {
     let dir = tempdir();
     let control = open(options(dir.path()));
-    deploy(&control, "acme", "a", "m1").await;
-    control.kill(kill_command("acme", "a")).await.unwrap();
 
     // A keyed kill of a stopped service changes nothing; someone redeploys the service; the
     // kill's retry must not stop it.
-    let kill = KillCommand {
-        idempotency_key: "kill-1".into(),
-        ..kill_command("acme", "a")
-    };
+    let kill = keyed_kill_of_a_stopped_service(&control).await;
     let first = control.kill(kill.clone()).await.unwrap();
     assert!(first.already_stopped && !first.replayed);
     let first_kill_seq = first.seq;
