@@ -99,8 +99,13 @@ pub async fn open_node(config: &Config) -> anyhow::Result<Node> {
 }
 
 /// As [`open_node`], but returns while services with modules still to compile are coming
-/// back, so that the node can serve meanwhile (their calls wait for them). A node with
-/// nothing to bring back records `node_started` before it returns.
+/// back, as `serve` does, so that the node can serve meanwhile (their calls wait for them).
+pub async fn open_node_recovering(config: &Config) -> anyhow::Result<Node> {
+    open_node_with(config, None).await
+}
+
+/// As [`open_node_recovering`], counting in `metrics`. A node with nothing to bring back
+/// records `node_started` before it returns.
 async fn open_node_with(config: &Config, metrics: Option<Arc<Metrics>>) -> anyhow::Result<Node> {
     let control = open_control(config, metrics).await?;
     let runtime = Runtime::new(config.runtime_options()?, control.observer(), control.log().clone())?;

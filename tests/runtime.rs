@@ -773,6 +773,58 @@ async fn a_node_restart_brings_running_services_back_fresh_with_their_history() 
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// A node stopped while its services come back does not compile the rest first: it gives up
+/// the starts not yet compiled (its stop keeps to its grace), records no `node_started`, and
+/// the next start brings every service back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_while_its_services_come_back_compiles_no_more() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    // One compile at a time: the returning modules take seconds together.
+    config.runtime.compile_threads = 1;
+    let node = open_node(&config).await;
+    let slow = 6;
+    for tag in 0..slow {
+        let deployed = node
+            .control
+            .deploy(slow_to_compile("acme", &format!("s{tag}"), tag))
+            .await
+            .unwrap();
+        wait_for_kind(
+            &node.control,
+            deployed.seq,
+            "acme",
+            &format!("s{tag}"),
+            "service_started",
+        )
+        .await;
+    }
+    node.stop(Duration::from_secs(5)).await;
+    drop(node);
+
+    let interrupted = solo::server::open_node_recovering(&config).await.unwrap();
+    interrupted.stop(Duration::from_secs(5)).await;
+    let loaded = interrupted.runtime.modules_loaded();
+    assert!(
+        loaded < slow as u64,
+        "{loaded} of {slow} modules compiled after the stop"
+    );
+    drop(interrupted);
+
+    let node = open_node(&config).await;
+    assert_eq!(node.runtime.modules_loaded(), slow as u64, "every service came back");
+    let events = node.control.log().read(1..=node.control.head()).unwrap();
+    let node_started: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::NodeStarted(started)) => Some(started.recovered.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(node_started, [0, slow], "the interrupted start recorded none");
+    node.stop(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_modules_cannot_be_read_refuses_to_start_and_records_nothing() {
     let dir = tempdir();

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 pub use error::{CallError, CallFailure, InvalidModule, PrepareError, StartFailure};
 pub use instance::trap_code;
@@ -106,6 +107,8 @@ struct Inner {
     compiles: Mutex<HashMap<String, Arc<TenantCompiles>>>,
     /// Modules compiled from deploys since the runtime started, refused ones included.
     compiled: std::sync::atomic::AtomicU64,
+    /// Modules compiled to start services, the cache lacking them.
+    loaded: std::sync::atomic::AtomicU64,
     /// A permit per compile under way, all tenants together.
     compile_slots: tokio::sync::Semaphore,
     options: RuntimeOptions,
@@ -122,6 +125,8 @@ struct Inner {
     reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Services queued by `recover` whose start has not finished.
     recovering: AtomicUsize,
+    /// Cancelled when the runtime shuts down: starts not yet loaded are given up.
+    stopping: CancellationToken,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -189,6 +194,7 @@ impl Runtime {
                 compile_slots: tokio::sync::Semaphore::new(options.compile_threads.max(1)),
                 compiles: Mutex::new(HashMap::new()),
                 compiled: std::sync::atomic::AtomicU64::new(0),
+                loaded: std::sync::atomic::AtomicU64::new(0),
                 compiler,
                 recorder: Recorder::new(observer.clone(), options.observation_retry),
                 options,
@@ -199,6 +205,7 @@ impl Runtime {
                 slots: Mutex::new(HashMap::new()),
                 reconciler: Mutex::new(None),
                 recovering: AtomicUsize::new(0),
+                stopping: CancellationToken::new(),
                 ticker_stop,
             }),
         })
@@ -285,13 +292,20 @@ impl Runtime {
         self.inner.compiled.load(Ordering::Relaxed)
     }
 
+    /// Modules compiled to start services (after a restart, or once evicted from the cache)
+    /// since the runtime started.
+    pub fn modules_loaded(&self) -> u64 {
+        self.inner.loaded.load(Ordering::Relaxed)
+    }
+
     /// Brings back, after replay, every service that should run, and records what came back
     /// in one `node_started` event. A service that fails to come back gets a `service_crashed`
     /// event.
     ///
     /// The starts are queued at once, ahead of anything a deploy or kill queues later, so the
     /// node can serve while they run: the returned future waits for them (modules may take
-    /// long to compile) and records `node_started`.
+    /// long to compile) and records `node_started`. A node shut down meanwhile gives up the
+    /// starts not yet compiled and records no `node_started`: it never finished starting.
     pub fn recover(
         &self,
         services: Vec<Service>,
@@ -335,6 +349,10 @@ impl Runtime {
                     recovered.push(service);
                 }
                 inner.recovering.fetch_sub(1, Ordering::Relaxed);
+            }
+            if inner.stopping.is_cancelled() {
+                // Stopped before it had started: the next start brings the services back.
+                return recovered;
             }
             let node_started = Observation::NodeStarted {
                 version: crate::VERSION.to_string(),
@@ -475,12 +493,14 @@ impl Runtime {
             .count()
     }
 
-    /// Stops following the log, stops every instance gracefully within `grace` (each recorded
-    /// as `service_stopped` with reason `node_shutdown`), then the guest threads.
+    /// Stops following the log, gives up the starts whose modules are not compiled yet, stops
+    /// every instance gracefully within `grace` (each recorded as `service_stopped` with
+    /// reason `node_shutdown`), then the guest threads.
     ///
     /// Returns once the runtime's tasks are gone, and with them their handles on the log, so
     /// the data directory can be opened again at once (a restart within the process).
     pub async fn shutdown(&self, grace: Duration) {
+        self.inner.stopping.cancel();
         let reconciler = self.inner.reconciler.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(task) = reconciler {
             task.abort();
@@ -671,6 +691,7 @@ impl Inner {
         // Read and compiled only if the cache still lacks it when this caller's turn comes.
         let compile = async move {
             let _slot = slots.compile_slot().await;
+            slots.loaded.fetch_add(1, Ordering::Relaxed);
             let read_and_compile = move || {
                 let bytes = inner
                     .log
@@ -806,7 +827,25 @@ async fn start(
         }
         _ => false,
     });
-    let prepared = match inner.load(module_sha256).await {
+    // A node that is stopping compiles nothing more (only the compiles under way finish, on
+    // their threads): its shutdown keeps to its grace, and the service, which still should
+    // run, comes back with the node's next start.
+    let loaded = tokio::select! {
+        biased;
+        () = inner.stopping.cancelled() => None,
+        loaded = inner.load(module_sha256) => Some(loaded),
+    };
+    let Some(loaded) = loaded else {
+        slot.ready.send_if_modified(|route| match route {
+            Route::Pending => {
+                *route = Route::Down;
+                true
+            }
+            _ => false,
+        });
+        return false;
+    };
+    let prepared = match loaded {
         Ok(prepared) => prepared,
         Err(message) => {
             tracing::warn!(tenant = %slot.tenant, service = %slot.service_id, version, %message, "module not loaded");
