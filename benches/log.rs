@@ -406,6 +406,7 @@ fn episode(rng: &mut Rng, slot: &mut Slot, cx: &mut EpisodeContext<'_>) -> Vec<(
             force: rng.chance(10),
             grace_ms: 5_000,
             idempotency_key: idempotency_key(rng, &mut cx.keys),
+            expected_version: None,
         }),
         true,
     ));

@@ -181,6 +181,7 @@ fn kind_fields_json(kind: &Kind) -> Value {
             "force": e.force,
             "grace_ms": e.grace_ms,
             "idempotency_key": e.idempotency_key,
+            "expected_version": e.expected_version,
         }),
         Kind::ServiceStopped(e) => json!({ "version": e.version, "reason": stop_reason_name(e.reason()) }),
         Kind::ShutdownRequested(e) => json!({ "grace_ms": e.grace_ms }),
@@ -193,6 +194,11 @@ fn kind_fields_json(kind: &Kind) -> Value {
                 .collect::<Vec<_>>(),
         }),
     }
+}
+
+/// ` expected_version=N` for a request that named the version it required.
+fn required_version(expected_version: Option<u64>) -> String {
+    expected_version.map_or(String::new(), |v| format!(" expected_version={v}"))
 }
 
 /// One line for a person: `seq time kind tenant/service fields…`.
@@ -209,10 +215,11 @@ pub fn describe(event: &Event) -> String {
     let detail = match &event.kind {
         Some(Kind::ServiceDeployed(e)) => {
             format!(
-                "version={} module={} size={}",
+                "version={} module={} size={}{}",
                 e.version,
                 short_hash(&e.module_sha256),
-                e.module_size
+                e.module_size,
+                required_version(e.expected_version)
             )
         }
         Some(Kind::ServiceStarted(e)) => {
@@ -231,7 +238,12 @@ pub fn describe(event: &Event) -> String {
             e.message
         ),
         Some(Kind::ServiceRestarted(e)) => format!("version={} restarts={}", e.version, e.restarts),
-        Some(Kind::ServiceKillRequested(e)) => format!("force={} grace_ms={}", e.force, e.grace_ms),
+        Some(Kind::ServiceKillRequested(e)) => format!(
+            "force={} grace_ms={}{}",
+            e.force,
+            e.grace_ms,
+            required_version(e.expected_version)
+        ),
         Some(Kind::ServiceStopped(e)) => format!("version={} reason={}", e.version, stop_reason_name(e.reason())),
         Some(Kind::ShutdownRequested(e)) => format!("grace_ms={}", e.grace_ms),
         Some(Kind::NodeStarted(e)) => {
@@ -317,5 +329,24 @@ mod tests {
         // Far-future times (a damaged or hostile record) print raw rather than panic.
         assert_eq!(format_timestamp_ms(253_402_300_800_000), "253402300800000ms");
         assert_eq!(format_timestamp_ms(u64::MAX), format!("{}ms", u64::MAX));
+    }
+
+    #[test]
+    fn a_required_version_shows_in_both_forms_only_when_named() {
+        let kill = |expected_version| {
+            envelope(
+                "acme",
+                "echo",
+                "tenant:acme",
+                Kind::ServiceKillRequested(proto::ServiceKillRequested {
+                    expected_version,
+                    ..Default::default()
+                }),
+            )
+        };
+        assert!(describe(&kill(Some(4))).contains("grace_ms=0 expected_version=4"));
+        assert_eq!(to_json(&kill(Some(4)))["expected_version"], 4);
+        assert!(!describe(&kill(None)).contains("expected_version"));
+        assert!(to_json(&kill(None))["expected_version"].is_null());
     }
 }

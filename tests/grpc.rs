@@ -382,10 +382,10 @@ async fn every_rpc_works_and_fails_as_documented() {
     server.stop().await.unwrap();
 }
 
-/// A deploy at a version: `expected_version` 0 creates only, N upgrades only version N; a
-/// mismatch is ABORTED, names the version, and appends nothing.
+/// Deploys and kills at a version: `expected_version` 0 creates only, N acts only on version
+/// N; a mismatch is ABORTED, names the version, and appends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deploy_that_names_a_version_applies_only_at_that_version() {
+async fn deploys_and_kills_that_name_a_version_apply_only_at_that_version() {
     let dir = tempdir();
     let server = start_server(dir.path(), |_| {}).await;
     let mut client = grpc_client(&server).await;
@@ -407,7 +407,7 @@ async fn a_deploy_that_names_a_version_applies_only_at_that_version() {
         refused.message().contains("service 'svc' is at version 1")
             && refused
                 .message()
-                .contains("expected_version 0 deploys only a new service"),
+                .contains("expected_version 0 is for a service that does not exist yet"),
         "{}",
         refused.message()
     );
@@ -481,6 +481,35 @@ async fn a_deploy_that_names_a_version_applies_only_at_that_version() {
     keyed.expected_version = Some(4);
     let conflict = client.deploy(as_tenant("acme", keyed)).await.unwrap_err();
     assert_eq!(conflict.code(), Code::AlreadyExists, "{conflict:?}");
+
+    // A kill at a version: a stale one is ABORTED and stops nothing; the current one stops.
+    let kill_at = |expected| proto::KillRequest {
+        service_id: "svc".into(),
+        expected_version: Some(expected),
+        ..Default::default()
+    };
+    let stale = client.kill(as_tenant("acme", kill_at(4))).await.unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+    assert!(stale.message().contains("is at version 5"), "{}", stale.message());
+    let status = proto::StatusRequest {
+        service_id: "svc".into(),
+    };
+    let desired = client
+        .status(as_tenant("acme", status.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .desired;
+    assert_eq!(desired, "running");
+    let killed = client.kill(as_tenant("acme", kill_at(5))).await.unwrap().into_inner();
+    assert!(!killed.already_stopped);
+    let desired = client
+        .status(as_tenant("acme", status))
+        .await
+        .unwrap()
+        .into_inner()
+        .desired;
+    assert_eq!(desired, "stopped");
 
     // The log holds the deploys that happened, each with the version it required, and none
     // of the refused.

@@ -30,6 +30,8 @@ enum Op {
         tenant: usize,
         service: usize,
         key: Option<u8>,
+        /// The version the kill requires.
+        expected: Option<u64>,
     },
     Started {
         tenant: usize,
@@ -60,9 +62,10 @@ fn op() -> impl Strategy<Value = Op> {
     let key = proptest::option::weighted(0.3, 0u8..3);
     let expected = proptest::option::weighted(0.3, 0u64..4);
     prop_oneof![
-        4 => (t.clone(), s.clone(), 0u8..3, key.clone(), expected)
+        4 => (t.clone(), s.clone(), 0u8..3, key.clone(), expected.clone())
             .prop_map(|(tenant, service, module, key, expected)| Op::Deploy { tenant, service, module, key, expected }),
-        2 => (t.clone(), s.clone(), key).prop_map(|(tenant, service, key)| Op::Kill { tenant, service, key }),
+        2 => (t.clone(), s.clone(), key, expected)
+            .prop_map(|(tenant, service, key, expected)| Op::Kill { tenant, service, key, expected }),
         3 => (t.clone(), s.clone(), proptest::bool::weighted(0.2))
             .prop_map(|(tenant, service, stale)| Op::Started { tenant, service, stale }),
         2 => (t.clone(), s.clone(), proptest::bool::weighted(0.2), any::<bool>())
@@ -93,7 +96,11 @@ enum KeyUse {
         unchanged: bool,
     },
     /// `already_stopped`: the kill changed nothing, and its retries say so.
-    Kill { service: usize, already_stopped: bool },
+    Kill {
+        service: usize,
+        expected: Option<u64>,
+        already_stopped: bool,
+    },
 }
 
 impl KeyUse {
@@ -218,15 +225,21 @@ impl Model {
                     replayed: false,
                 }
             }
-            Op::Kill { tenant, service, key } => {
+            Op::Kill {
+                tenant,
+                service,
+                key,
+                expected,
+            } => {
                 if let Some(k) = key
                     && let Some(used) = self.keys.get(&(tenant, k))
                 {
                     return match *used {
                         KeyUse::Kill {
                             service: s,
+                            expected: e,
                             already_stopped,
-                        } if s == service => Answer::Killed {
+                        } if s == service && e == expected => Answer::Killed {
                             already_stopped,
                             replayed: true,
                         },
@@ -236,6 +249,9 @@ impl Model {
                 let Some(s) = self.services.get_mut(&(tenant, service)) else {
                     return Answer::NotFound;
                 };
+                if expected.is_some_and(|e| e != s.version) {
+                    return Answer::VersionMismatch;
+                }
                 let already_stopped = !s.running_desired;
                 if !already_stopped {
                     s.running_desired = false;
@@ -246,6 +262,7 @@ impl Model {
                     key,
                     KeyUse::Kill {
                         service,
+                        expected,
                         already_stopped,
                     },
                 );
@@ -339,9 +356,11 @@ async fn run_on_solo(control: &Control, op: &Op) -> Answer {
             tenant,
             service,
             key: k,
+            expected,
         } => {
             let command = KillCommand {
                 idempotency_key: key(k),
+                expected_version: expected,
                 ..kill_command(TENANTS[tenant], SERVICES[service])
             };
             control.kill(command).await.map(|o| Answer::Killed {

@@ -795,11 +795,7 @@ async fn put_deploys_raw_wasm_and_wat_and_refuses_other_media_types() {
     assert!(soon.error(400, "invalid_argument").contains("expected_version"));
     let body = json!({ "service_id": "text", "wat": wat_text("echo"), "expected_version": 0 });
     let taken = node.post_json("/services", "a", &body).await;
-    assert!(
-        taken
-            .error(409, "version_mismatch")
-            .contains("deploys only a new service")
-    );
+    assert!(taken.error(409, "version_mismatch").contains("does not exist yet"));
     let listed = node.get("/services", "a").await;
     let ids: Vec<&str> = listed.ok(200)["services"]
         .as_array()
@@ -970,6 +966,15 @@ async fn delete_answers_202_and_unknown_services_404() {
         (Some(true), Some(25))
     );
     assert_eq!(event.data["idempotency_key"], "kill-kv");
+    assert_eq!(event.data["expected_version"], Value::Null);
+    // A kill at a version the service is not at stops nothing.
+    node.deploy_running("a", "pinned", "echo").await;
+    let stale = node.delete("/services/pinned?expected_version=2", "a").await;
+    assert!(stale.error(409, "version_mismatch").contains("is at version 1"));
+    let pinned = node.delete("/services/pinned?expected_version=1", "a").await;
+    let seq = pinned.ok(202)["seq"].as_u64().unwrap();
+    let event = node.wait_event("a", seq, "pinned", "service_kill_requested").await;
+    assert_eq!(event.data["expected_version"], 1);
     node.delete("/services/kv?force=maybe", "a")
         .await
         .error(400, "invalid_argument");

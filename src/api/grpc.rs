@@ -165,15 +165,14 @@ impl SoloKernel for GrpcApi {
         let result = async {
             let (caller, _permit) = self.admit(&request)?;
             let r = request.into_inner();
-            let outcome = ops::kill(
-                &self.state,
-                &caller,
-                &r.service_id,
-                r.force,
-                r.grace_ms,
-                r.idempotency_key,
-            )
-            .await?;
+            let kill = ops::Kill {
+                service_id: r.service_id,
+                force: r.force,
+                grace_ms: r.grace_ms,
+                idempotency_key: r.idempotency_key,
+                expected_version: r.expected_version,
+            };
+            let outcome = ops::kill(&self.state, &caller, kill).await?;
             Ok(proto::KillResponse {
                 seq: outcome.seq,
                 already_stopped: outcome.already_stopped,

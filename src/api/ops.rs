@@ -109,26 +109,32 @@ pub fn service_status(state: &ApiState, service: &Service) -> proto::ServiceStat
     super::convert::service_status(service, state.control.live(&service.tenant, &service.id))
 }
 
-pub async fn kill(
-    state: &ApiState,
-    caller: &Caller,
-    service_id: &str,
-    force: bool,
-    grace_ms: u32,
-    idempotency_key: String,
-) -> Result<KillOutcome, Error> {
+/// A kill as either API receives it.
+#[derive(Debug)]
+pub struct Kill {
+    pub service_id: String,
+    pub force: bool,
+    /// 0: the node's default.
+    pub grace_ms: u32,
+    pub idempotency_key: String,
+    /// Kill only if the service is at this version.
+    pub expected_version: Option<u64>,
+}
+
+pub async fn kill(state: &ApiState, caller: &Caller, kill: Kill) -> Result<KillOutcome, Error> {
     state.check_open()?;
     let command = KillCommand {
         tenant: caller.tenant().to_string(),
         actor: caller.actor(),
-        service_id: service_id.to_string(),
-        force,
+        service_id: kill.service_id,
+        force: kill.force,
         grace_ms: state
-            .grace_or_default(grace_ms)
+            .grace_or_default(kill.grace_ms)
             .as_millis()
             .try_into()
             .unwrap_or(u32::MAX),
-        idempotency_key,
+        idempotency_key: kill.idempotency_key,
+        expected_version: kill.expected_version,
     };
     Ok(state.control.kill(command).await?)
 }

@@ -429,7 +429,7 @@ pub struct KillArgs {
     /// A retry with the same key gets the first answer and changes nothing.
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
-    /// Deploy only if the service is at this version now (0: only if it does not exist yet).
+    /// Kill only if the service is at this version now.
     #[arg(long, value_name = "VERSION")]
     pub expected_version: Option<u64>,
     #[command(flatten)]

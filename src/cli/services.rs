@@ -343,6 +343,7 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
         force: args.force,
         grace_ms: args.grace_ms.unwrap_or(0),
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
+        expected_version: args.expected_version,
     };
     let killed = client.kill(request).await.map_err(|s| conn.error(&s))?.into_inner();
     let id = &args.service_id;

@@ -110,6 +110,8 @@ pub struct KillCommand {
     pub force: bool,
     pub grace_ms: u32,
     pub idempotency_key: String,
+    /// Kill only if the service is at this version.
+    pub expected_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,7 +317,7 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
     })
 }
 
-/// Refuses a deploy that requires a version (`expected`; 0: that the service not exist) the
+/// Refuses a request that requires a version (`expected`; 0: that the service not exist) the
 /// service is not at.
 pub(super) fn require_version(state: &State, tenant: &str, service_id: &str, expected: Option<u64>) -> Result<()> {
     let Some(expected) = expected else {
@@ -402,7 +404,7 @@ fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decis
             || record.service_id != cmd.service_id
             || record
                 .request_hash
-                .is_some_and(|h| h != kill_request_hash(cmd.force, cmd.grace_ms))
+                .is_some_and(|h| h != kill_request_hash(cmd.force, cmd.grace_ms, cmd.expected_version))
         {
             return Err(Error::IdempotencyConflict {
                 key: cmd.idempotency_key.clone(),
@@ -419,6 +421,7 @@ fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decis
         .ok_or_else(|| Error::NotFound {
             service_id: cmd.service_id.clone(),
         })?;
+    require_version(state, &cmd.tenant, &cmd.service_id, cmd.expected_version)?;
     // A forced kill of a service still stopping (a graceful kill waiting on its calls) is
     // recorded too, and cuts the stop short; anything else finds the service on its way down.
     let escalates = cmd.force && service.status == Status::Stopping;
@@ -437,6 +440,7 @@ fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decis
             force: cmd.force,
             grace_ms: cmd.grace_ms,
             idempotency_key: cmd.idempotency_key,
+            expected_version: cmd.expected_version,
         }),
     );
     Ok(Decision::Append { event, blob: None })

@@ -29,7 +29,7 @@ pub enum Error {
     },
     #[error("idempotency key '{key}' was already used for a different request")]
     IdempotencyConflict { key: String },
-    /// A deploy required a version the service is not at.
+    /// A deploy or kill required a version the service is not at.
     #[error("{}", version_mismatch(service_id, *expected, *actual))]
     VersionMismatch {
         service_id: String,
@@ -61,8 +61,8 @@ fn version_mismatch(service_id: &str, expected: u64, actual: Option<u64>) -> Str
         None => format!("service '{service_id}' does not exist"),
     };
     let wanted = match expected {
-        0 => "expected_version 0 deploys only a new service".to_string(),
-        version => format!("the deploy expected version {version}"),
+        0 => "expected_version 0 is for a service that does not exist yet".to_string(),
+        version => format!("the request expected version {version}"),
     };
-    format!("{now}, and {wanted}: nothing was deployed; read the service again and decide afresh")
+    format!("{now}, and {wanted}: nothing was changed; read the service again and decide afresh")
 }

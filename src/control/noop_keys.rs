@@ -50,7 +50,7 @@ impl KeyedRequest {
                 op: IdempotentOp::Kill,
                 service_id: cmd.service_id.clone(),
                 module_hash: [0; 32],
-                request_hash: kill_request_hash(cmd.force, cmd.grace_ms),
+                request_hash: kill_request_hash(cmd.force, cmd.grace_ms, cmd.expected_version),
             }),
             _ => None,
         }
@@ -346,7 +346,7 @@ mod tests {
             op: IdempotentOp::Kill,
             service_id: "a".into(),
             module_hash: [0; 32],
-            request_hash: kill_request_hash(false, 0),
+            request_hash: kill_request_hash(false, 0, None),
         }
     }
 

@@ -369,7 +369,7 @@ impl State {
                 seq: event.seq,
                 version,
                 module_hash: [0; 32],
-                request_hash: Some(kill_request_hash(e.force, e.grace_ms)),
+                request_hash: Some(kill_request_hash(e.force, e.grace_ms, e.expected_version)),
                 at_ms: event.timestamp_ms,
             };
             self.remember(&event.tenant, &e.idempotency_key, record);

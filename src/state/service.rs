@@ -273,13 +273,19 @@ pub fn deploy_request_hash(limits: &Limits, labels: &Labels, expected_version: O
     digest.finalize().into()
 }
 
-/// The [`RequestHash`] of a kill: how forcefully, and with what grace.
-pub fn kill_request_hash(force: bool, grace_ms: u32) -> RequestHash {
+/// The [`RequestHash`] of a kill: how forcefully, with what grace, and at which version, if
+/// it named one.
+pub fn kill_request_hash(force: bool, grace_ms: u32, expected_version: Option<u64>) -> RequestHash {
     use sha2::Digest as _;
     let mut digest = sha2::Sha256::new();
     digest.update(b"kill");
     digest.update([u8::from(force)]);
     digest.update(grace_ms.to_le_bytes());
+    // Only when named, so a kill that names none hashes as it did before the field existed.
+    if let Some(version) = expected_version {
+        digest.update(b"expected_version");
+        digest.update(version.to_le_bytes());
+    }
     digest.finalize().into()
 }
 

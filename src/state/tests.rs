@@ -369,6 +369,7 @@ fn request_hashes_tell_apart_every_field_a_retry_could_change() {
     let required = |version| deploy_request_hash(&Limits::default(), &labels(&[("ab", "c")]), Some(version));
     assert_ne!(base, required(0), "naming version 0 is asking for a new service");
     assert_ne!(required(0), required(1));
-    assert_ne!(kill_request_hash(false, 0), kill_request_hash(true, 0));
-    assert_ne!(kill_request_hash(false, 0), kill_request_hash(false, 1));
+    assert_ne!(kill_request_hash(false, 0, None), kill_request_hash(true, 0, None));
+    assert_ne!(kill_request_hash(false, 0, None), kill_request_hash(false, 1, None));
+    assert_ne!(kill_request_hash(false, 0, None), kill_request_hash(false, 0, Some(0)));
 }

@@ -62,6 +62,7 @@ pub fn kill_command(tenant: &str, id: &str) -> KillCommand {
         force: false,
         grace_ms: 0,
         idempotency_key: String::new(),
+        expected_version: None,
     }
 }
 

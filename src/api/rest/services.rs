@@ -392,11 +392,16 @@ pub(super) async fn kill(
     RawQuery(query): RawQuery,
     certificate: Certificate,
 ) -> Result<Response, Error> {
-    let params = Params::parse(query, &["tenant", "force", "grace_ms"])?;
+    let params = Params::parse(query, &["tenant", "force", "grace_ms", "expected_version"])?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
-    let force = params.flag("force")?;
-    let grace_ms = params.number("grace_ms")?.unwrap_or(0);
-    let outcome = ops::kill(&state, &caller, &id, force, grace_ms, idempotency_key(&headers)?).await?;
+    let kill = ops::Kill {
+        service_id: id.clone(),
+        force: params.flag("force")?,
+        grace_ms: params.number("grace_ms")?.unwrap_or(0),
+        idempotency_key: idempotency_key(&headers)?,
+        expected_version: params.number("expected_version")?,
+    };
+    let outcome = ops::kill(&state, &caller, kill).await?;
     let body = json!({ "service_id": id, "seq": outcome.seq, "already_stopped": outcome.already_stopped });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
