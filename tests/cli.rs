@@ -656,7 +656,7 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
 }
 
 #[test]
-fn deploy_at_an_expected_version() {
+fn deploy_and_kill_at_an_expected_version() {
     let node = Node::dev();
     let at = |example: &str, version: &str| {
         let path = example_path(example);
@@ -675,6 +675,10 @@ fn deploy_at_an_expected_version() {
     at("counter", "1").ok();
     let stale = at("echo", "1").fails(1);
     assert!(stale.stderr.contains("is at version 2"), "{}", stale.stderr);
+    let kill_at = |version: &str| node.run("acme", &["kill", "svc", "--expected-version", version]);
+    let stale = kill_at("1").fails(1);
+    assert!(stale.stderr.contains("is at version 2"), "{}", stale.stderr);
+    kill_at("2").ok();
 }
 
 /// Reading history holds one stream at a time, so a caller allowed a single stream can read

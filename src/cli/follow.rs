@@ -1,10 +1,10 @@
 //! The streaming commands, `events` and `logs`.
 //!
 //! Without `--follow` they print what is there and exit: for events, history up to the head
-//! of the log as it was when the command started (the seq a List is as of). With `--follow` they keep printing until Ctrl-C, and survive a
-//! dropped connection or a node restart: they reconnect with backoff and resume just after the
-//! last seq seen (events: the last event or progress note; logs: the last line), so nothing is
-//! missed and nothing is printed twice.
+//! of the log as it was when the command started (the seq a List is as of). With `--follow`
+//! they keep printing until Ctrl-C, and survive a dropped connection or a node restart: they
+//! reconnect with backoff and resume just after the last seq seen (events: the last event or
+//! progress note; logs: the last line), so nothing is missed and nothing is printed twice.
 
 use std::time::Duration;
 

@@ -269,7 +269,6 @@ fn encoded(request: &KeyedRequest, answer: &Reply, at_ms: u64) -> Vec<u8> {
     record.encode_to_vec()
 }
 
-/// A stored request back as it was remembered; `None` if it is not one this build writes.
 /// An entry of the `requests` database read back: the request, its answer and when it was
 /// answered; or why it cannot be.
 fn read_stored(stored_key: &[u8], value: Result<Vec<u8>, String>) -> Result<(KeyedRequest, Reply, u64), String> {
@@ -293,6 +292,7 @@ pub fn check_stored((stored_key, value): crate::log::StoredRequest) -> Result<u6
     })
 }
 
+/// A stored request back as it was remembered; `None` if it is not one this build writes.
 fn decoded(record: NoOpRequest) -> Option<(KeyedRequest, Reply, u64)> {
     let op = IdempotentOp::try_from(record.op).ok()?;
     let request_hash = record.request_hash.as_slice().try_into().ok()?;
