@@ -629,13 +629,23 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
         people.contains("service_deployed") && people.contains("acme/echo"),
         "{people}"
     );
+    let next = seqs.len() + 1;
     assert!(
-        run(node.solo().args(["events", "--from", "100000"]))
+        run(node.solo().args(["events", "--from", &next.to_string()]))
             .ok()
             .stdout
             .is_empty(),
         "nothing past the head"
     );
+    // A seq further on was never acknowledged: refused, with or without --follow.
+    for follow in [&[][..], &["--follow"][..]] {
+        let refused = run(node.solo().args(["events", "--from", "100000"]).args(follow)).fails(1);
+        assert!(
+            refused.stderr.contains("cannot start at seq 100000"),
+            "{}",
+            refused.stderr
+        );
+    }
 
     // A reader that goes away (`solo events --follow | head -1`) ends the command quietly.
     let mut follower = std::process::Command::new(bin())

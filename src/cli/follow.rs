@@ -92,10 +92,12 @@ async fn event_history(conn: &Connector, out: Output, args: &EventsArgs) -> Resu
     let mut client = conn.connect().await?;
     let head = head(&mut client, conn).await?;
     let from = args.from.unwrap_or(1).max(1);
-    if from > head {
-        // Nothing of the history is at or past `from`; the node would refuse such a watch.
+    if from == head + 1 {
+        // The history ends just before `from`: nothing to print.
         return Ok(());
     }
+    // A `from` further on names a seq this node never acknowledged: the node refuses the
+    // watch and says so, as it does for `--follow`.
     let request = watch_request(args, from);
     let mut stream = client.watch(request).await.map_err(|s| conn.error(&s))?.into_inner();
     while let Some(item) = stream.message().await.map_err(|s| conn.error(&s))? {
