@@ -604,12 +604,24 @@ async fn a_module_no_service_runs_any_more_leaves_the_blob_store() {
     let (blobs, _) = blob_count(&control);
     assert_eq!(blobs, 2, "acme/a's latest module and globex/b's");
 
-    // A killed service still holds its module (a redeploy may bring it back), and a module
-    // collected once is stored again by its next deploy.
+    // A killed service holds no module (a redeploy brings its own), so a tenant cannot fill
+    // the disk with the modules of services it deployed and killed; a module collected once
+    // is stored again by its next deploy.
     control.kill(kill_command("globex", "b")).await.unwrap();
-    assert!(has(&control, &m3));
+    assert!(!has(&control, &m3), "globex/b was killed and nothing else runs m3");
+    deploy(&control, "globex", "b", "m3").await;
+    assert!(has(&control, &m3), "the redeploy stored its module again");
     let again = deploy(&control, "acme", "c", "m1").await;
     assert!(has(&control, &sha(&again)));
+    // A module one service lets go of while another takes it up (in one batch or the next)
+    // ends up stored.
+    let (kill, redeploy) = tokio::join!(
+        control.kill(kill_command("globex", "b")),
+        control.deploy(deploy_request("globex", "b2", "m3"))
+    );
+    kill.unwrap();
+    redeploy.unwrap();
+    assert!(has(&control, &m3), "globex/b2 runs m3");
 
     // The log verifies (history names collected modules), also after a restart.
     let report = inspect::verify(control.log().store(), control.read_state(|s| s.settings())).unwrap();
@@ -620,6 +632,8 @@ async fn a_module_no_service_runs_any_more_leaves_the_blob_store() {
     assert!(has(&control, &m1) && has(&control, &m3) && !has(&control, &m2));
     deploy(&control, "acme", "c", "m4").await;
     assert!(!has(&control, &m1), "the state rebuilt at open counts who runs what");
+    control.kill(kill_command("globex", "b2")).await.unwrap();
+    assert!(!has(&control, &m3), "and who was killed");
 }
 
 fn blob_count(control: &Control) -> (u64, u64) {

@@ -223,11 +223,17 @@ impl Writer {
             Ok(Decision::Append { mut event, blob }) => {
                 event.seq = self.working.applied_seq() + 1;
                 event.timestamp_ms = batch.now_ms;
+                // The module the event lets go of: an upgrade's old one, a kill's (a killed
+                // service needs none). It leaves the blob store if nothing else runs it.
                 let replaced = match &event.kind {
                     Some(Kind::ServiceDeployed(deployed)) => self
                         .working
                         .service(&event.tenant, &event.service_id)
                         .filter(|s| s.module_sha256 != deployed.module_sha256)
+                        .map(|s| s.module_hash),
+                    Some(Kind::ServiceKillRequested(_)) => self
+                        .working
+                        .service(&event.tenant, &event.service_id)
                         .map(|s| s.module_hash),
                     _ => None,
                 };

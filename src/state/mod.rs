@@ -71,11 +71,12 @@ pub struct State {
     active_services: u64,
     /// (time, tenant, key) of remembered idempotency keys, oldest first, for expiry.
     idempotency_expiry: VecDeque<(u64, CompactString, CompactString)>,
-    /// Services of every tenant whose current version runs each module, by the first 8 bytes
-    /// of its SHA-256 (a u64 hashes far faster than 32 bytes, and every deploy counts here, in
-    /// every copy of the state): a module none of them runs may leave the blob store. Modules
-    /// that share a prefix share a count, which can only keep a module longer, never drop one
-    /// in use. Derived from the services.
+    /// Services of every tenant that should run (not killed) with each module, by the first 8
+    /// bytes of its SHA-256 (a u64 hashes far faster than 32 bytes, and every deploy counts
+    /// here, in every copy of the state): a module none of them runs may leave the blob store.
+    /// A killed service needs no module (a redeploy brings its own). Modules that share a
+    /// prefix share a count, which can only keep a module longer, never drop one in use.
+    /// Derived from the services.
     module_users: Map<u64, u32>,
 }
 
@@ -92,7 +93,8 @@ impl State {
         }
     }
 
-    /// Services whose current version runs the module with this SHA-256.
+    /// Services that should run (not killed) whose current version is the module with this
+    /// SHA-256.
     pub fn module_users(&self, sha256: &[u8; 32]) -> u32 {
         self.module_users.get(&module_key(sha256)).copied().unwrap_or(0)
     }
@@ -283,15 +285,21 @@ impl State {
                 service.insert(Box::new(Service::new(event, limits)))
             }
         };
-        if service.is_active() {
+        let was_active = service.is_active();
+        if was_active {
             tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
         } else {
             tenant.active_services = tenant.active_services.saturating_add(1);
             self.active_services += 1;
         }
         tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(limits.memory_bytes);
-        // The module it runs no more: zeros for a service's first deploy.
-        let replaced_module = (service.module_sha256 != e.module_sha256).then_some(service.module_hash);
+        // Whether the module use changes: a service that was not running (new, or killed,
+        // which let its module go) takes the module up; a running one switches modules.
+        let module_change = match (was_active, service.module_sha256 != e.module_sha256) {
+            (false, _) => Some(None),
+            (true, true) => Some(Some(service.module_hash)),
+            (true, false) => None,
+        };
         service.module_sha256.clone_from(&e.module_sha256);
         service.module_hash = module_hash;
         service.module_size = e.module_size;
@@ -330,9 +338,9 @@ impl State {
             };
             self.remember(&event.tenant, &e.idempotency_key, record);
         }
-        if let Some(replaced) = replaced_module {
+        if let Some(replaced) = module_change {
             self.module_used(module_hash);
-            if replaced != [0; 32] {
+            if let Some(replaced) = replaced {
                 self.module_released(replaced);
             }
         }
@@ -356,11 +364,12 @@ impl State {
         service.desired = Desired::Stopped;
         service.status = Status::Stopping;
         service.touched(event);
-        let version = service.version;
+        let (version, module) = (service.version, service.module_hash);
         if !escalation {
             tenant.active_services = tenant.active_services.saturating_sub(1);
             self.active_services = self.active_services.saturating_sub(1);
             tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
+            self.module_released(module);
         }
         if !e.idempotency_key.is_empty() {
             let record = IdempotencyRecord {

@@ -117,11 +117,11 @@ impl State {
                     tenant.active_services = tenant.active_services.saturating_add(1);
                     state.active_services += 1;
                     tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(service.limits.memory_bytes);
+                    *state
+                        .module_users
+                        .entry(super::module_key(&service.module_hash))
+                        .or_default() += 1;
                 }
-                *state
-                    .module_users
-                    .entry(super::module_key(&service.module_hash))
-                    .or_default() += 1;
                 tenant.services.insert(service.id.as_str().into(), Box::new(service));
             }
         }

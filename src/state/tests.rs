@@ -87,6 +87,45 @@ fn lifecycle_and_quota_counts() {
 }
 
 #[test]
+fn a_module_counts_the_services_that_should_run_it() {
+    // Modules told apart by their first byte (counts are kept by a prefix of the hash).
+    let module = |n: u8| {
+        let mut hash = [0; 32];
+        hash[0] = n;
+        hash
+    };
+    let deploy = |id: &str, version: u64, n: u8| {
+        let mut event = deployed(id, version, 1, "");
+        if let Some(Kind::ServiceDeployed(d)) = &mut event.kind {
+            d.module_sha256 = hex::encode(module(n));
+        }
+        event
+    };
+    let mut state = State::new(Settings::default());
+    state.apply(&at(deploy("a", 1, 1), 1, 1)).unwrap();
+    state.apply(&at(deploy("b", 1, 1), 2, 1)).unwrap();
+    assert_eq!(state.module_users(&module(1)), 2);
+    // A killed service lets its module go, once, however often it is killed.
+    state.apply(&at(kill("b"), 3, 1)).unwrap();
+    assert_eq!(state.module_users(&module(1)), 1);
+    let mut forced = kill("b");
+    if let Some(Kind::ServiceKillRequested(k)) = &mut forced.kind {
+        k.force = true;
+    }
+    state.apply(&at(forced, 4, 1)).unwrap();
+    assert_eq!(state.module_users(&module(1)), 1);
+    // Redeployed, it takes up its new module; an upgrade switches modules.
+    state.apply(&at(deploy("b", 2, 2), 5, 1)).unwrap();
+    assert_eq!((state.module_users(&module(1)), state.module_users(&module(2))), (1, 1));
+    state.apply(&at(deploy("a", 2, 2), 6, 1)).unwrap();
+    assert_eq!((state.module_users(&module(1)), state.module_users(&module(2))), (0, 2));
+    // A snapshot counts as the log did.
+    let mut bytes = Vec::new();
+    state.encode_snapshot(&mut bytes);
+    assert_eq!(State::decode_snapshot(&bytes, Settings::default()).unwrap(), state);
+}
+
+#[test]
 fn events_that_do_not_fit_change_nothing() {
     let mut state = State::new(Settings::default());
     state.apply(&at(deployed("a", 1, 1, ""), 1, 1)).unwrap();
