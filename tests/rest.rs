@@ -1426,6 +1426,12 @@ async fn unknown_routes_and_wrong_methods_answer_json() {
         for m in allow.split(',') {
             assert!(message.contains(m), "{method} {path}: {message}");
         }
+        // The message names what the header does.
+        assert_eq!(
+            message.contains("HEAD"),
+            header.contains("HEAD"),
+            "{method} {path}: {message}"
+        );
     }
     node.stop().await;
 }

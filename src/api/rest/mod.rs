@@ -256,7 +256,11 @@ fn rejection(status: StatusCode, route: &str, detail: String, max_body_bytes: us
                 .find(|(r, _)| *r == route)
                 .map(|(_, m)| *m)
                 .unwrap_or_default();
-            let allow: Vec<String> = methods.iter().map(|m| m.to_uppercase()).collect();
+            let mut allow: Vec<String> = methods.iter().map(|m| m.to_uppercase()).collect();
+            // As the `Allow` header says: a route that takes GET takes HEAD too.
+            if methods.contains(&"get") {
+                allow.push("HEAD".into());
+            }
             let message = format!("{route} does not take this method; it takes {}", allow.join(", "));
             Error::new(ErrorKind::MethodNotAllowed, message)
         }
