@@ -825,6 +825,64 @@ async fn a_node_stopped_while_its_services_come_back_compiles_no_more() {
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// A service killed while it waits to come back lets its module go at once; its start, when
+/// its turn comes, finds no module, and that is no crash (the state refuses a crash of a
+/// service being killed): the log says only that it was killed and stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_killed_before_it_came_back_is_not_recorded_as_crashed() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.runtime.compile_threads = 1;
+    let node = open_node(&config).await;
+    let slow = 4;
+    for tag in 0..slow {
+        let deployed = node
+            .control
+            .deploy(slow_to_compile("acme", &format!("s{tag}"), tag))
+            .await
+            .unwrap();
+        wait_for_kind(
+            &node.control,
+            deployed.seq,
+            "acme",
+            &format!("s{tag}"),
+            "service_started",
+        )
+        .await;
+    }
+    node.stop(Duration::from_secs(5)).await;
+    drop(node);
+
+    // One compile at a time: all but the first to get its turn are killed while they wait.
+    let node = solo::server::open_node_recovering(&config).await.unwrap();
+    let mut first_kill = None;
+    for tag in 0..slow {
+        let killed = node
+            .control
+            .kill(kill_command("acme", &format!("s{tag}")))
+            .await
+            .unwrap();
+        first_kill.get_or_insert(killed.seq);
+    }
+    let first_kill = first_kill.unwrap();
+    let node_started = wait_for_kind(&node.control, first_kill, "", "", "node_started").await;
+    let Some(Kind::NodeStarted(started)) = &node_started.kind else {
+        unreachable!()
+    };
+    assert!(started.recovered.len() < slow, "{started:?}");
+    let after_kill = node.control.log().read(first_kill..=node.control.head()).unwrap();
+    let crashed: Vec<_> = after_kill
+        .iter()
+        .filter(|e| matches!(e.kind, Some(Kind::ServiceCrashed(_))))
+        .collect();
+    assert!(crashed.is_empty(), "{crashed:?}");
+    for tag in 0..slow {
+        let status = node.control.status("acme", &format!("s{tag}")).unwrap().status;
+        assert_eq!(status.as_str(), "stopped", "s{tag}");
+    }
+    node.stop(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_modules_cannot_be_read_refuses_to_start_and_records_nothing() {
     let dir = tempdir();
