@@ -42,10 +42,11 @@ pub enum EventKind {
     ServiceStopped,
     ShutdownRequested,
     NodeStarted,
+    ServiceRemoved,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::ServiceDeployed,
         EventKind::ServiceStarted,
         EventKind::ServiceCrashed,
@@ -54,6 +55,7 @@ impl EventKind {
         EventKind::ServiceStopped,
         EventKind::ShutdownRequested,
         EventKind::NodeStarted,
+        EventKind::ServiceRemoved,
     ];
 
     /// The snake_case name used in filters, SSE `event:` lines and JSON.
@@ -67,6 +69,7 @@ impl EventKind {
             EventKind::ServiceStopped => "service_stopped",
             EventKind::ShutdownRequested => "shutdown_requested",
             EventKind::NodeStarted => "node_started",
+            EventKind::ServiceRemoved => "service_removed",
         }
     }
 
@@ -80,6 +83,7 @@ impl EventKind {
             Kind::ServiceStopped(_) => EventKind::ServiceStopped,
             Kind::ShutdownRequested(_) => EventKind::ShutdownRequested,
             Kind::NodeStarted(_) => EventKind::NodeStarted,
+            Kind::ServiceRemoved(_) => EventKind::ServiceRemoved,
         }
     }
 
@@ -185,6 +189,10 @@ fn kind_fields_json(kind: &Kind) -> Value {
         }),
         Kind::ServiceStopped(e) => json!({ "version": e.version, "reason": stop_reason_name(e.reason()) }),
         Kind::ShutdownRequested(e) => json!({ "grace_ms": e.grace_ms }),
+        Kind::ServiceRemoved(e) => json!({
+            "idempotency_key": e.idempotency_key,
+            "expected_version": e.expected_version,
+        }),
         Kind::NodeStarted(e) => json!({
             "version": e.version,
             "node_id": e.node_id,
@@ -246,6 +254,7 @@ pub fn describe(event: &Event) -> String {
         ),
         Some(Kind::ServiceStopped(e)) => format!("version={} reason={}", e.version, stop_reason_name(e.reason())),
         Some(Kind::ShutdownRequested(e)) => format!("grace_ms={}", e.grace_ms),
+        Some(Kind::ServiceRemoved(e)) => required_version(e.expected_version).trim_start().to_string(),
         Some(Kind::NodeStarted(e)) => {
             format!(
                 "version={} node={} recovered={}",

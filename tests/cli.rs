@@ -220,6 +220,7 @@ fn help_documents_exit_codes_and_every_subcommand_has_examples() {
         &["status"],
         &["call"],
         &["kill"],
+        &["remove"],
         &["logs"],
         &["events"],
         &["shutdown"],
@@ -685,10 +686,16 @@ fn deploy_and_kill_at_an_expected_version() {
     at("counter", "1").ok();
     let stale = at("echo", "1").fails(1);
     assert!(stale.stderr.contains("is at version 2"), "{}", stale.stderr);
-    let kill_at = |version: &str| node.run("acme", &["kill", "svc", "--expected-version", version]);
+    let kill_at = |version: &str| node.run("acme", &["kill", "svc", "--expected-version", version, "--wait"]);
     let stale = kill_at("1").fails(1);
     assert!(stale.stderr.contains("is at version 2"), "{}", stale.stderr);
     kill_at("2").ok();
+    // Removed once stopped, the id starts over.
+    let removed = node.run("acme", &["--json", "remove", "svc"]).ok().json();
+    assert_eq!(removed["removed"], true);
+    node.run("acme", &["status", "svc"]).fails(3);
+    node.run("acme", &["remove", "svc"]).fails(3);
+    at("echo", "0").ok();
 }
 
 /// Reading history holds one stream at a time, so a caller allowed a single stream can read

@@ -528,6 +528,89 @@ async fn deploys_and_kills_that_name_a_version_apply_only_at_that_version() {
     server.stop().await.unwrap();
 }
 
+/// Remove takes a stopped service out of the registry: its id starts over, its history stays,
+/// and the node remembers after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_takes_a_stopped_service_out_of_the_registry() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let first = deploy(&mut client, "acme", "svc", "echo").await;
+    running(&mut client, "acme", "svc", first.seq).await;
+    let remove = |key: &str| proto::RemoveRequest {
+        service_id: "svc".into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    let refused = client.remove(as_tenant("acme", remove(""))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("kill it"), "{}", refused.message());
+
+    let kill = proto::KillRequest {
+        service_id: "svc".into(),
+        ..Default::default()
+    };
+    let killed = client.kill(as_tenant("acme", kill)).await.unwrap().into_inner();
+    wait_until(&mut client, "acme", killed.seq, |e| {
+        matches!(e.kind, Some(proto::event::Kind::ServiceStopped(_)))
+    })
+    .await;
+    // Another tenant cannot remove it, nor learn that it exists.
+    let theirs = client.remove(as_tenant("beta", remove(""))).await.unwrap_err();
+    assert_eq!(theirs.code(), Code::NotFound);
+
+    let removed = client
+        .remove(as_tenant("acme", remove("rm-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let retry = client
+        .remove(as_tenant("acme", remove("rm-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retry.seq, removed.seq, "a keyed retry gets the first answer");
+    let status = proto::StatusRequest {
+        service_id: "svc".into(),
+    };
+    assert_eq!(
+        code(client.status(as_tenant("acme", status.clone())).await),
+        Code::NotFound
+    );
+    assert_eq!(code(client.remove(as_tenant("acme", remove(""))).await), Code::NotFound);
+    let listed = client
+        .list(as_tenant("acme", proto::ListRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.services.is_empty());
+
+    // The event is in the history, and watchers can ask for it by name.
+    let watch = proto::WatchRequest {
+        from_seq: 1,
+        kinds: vec!["service_removed".into()],
+        ..Default::default()
+    };
+    let mut stream = client.watch(as_tenant("acme", watch)).await.unwrap().into_inner();
+    let event = loop {
+        if let Some(Msg::Event(event)) = stream.next().await.unwrap().unwrap().msg {
+            break event;
+        }
+    };
+    assert_eq!((event.seq, event.service_id.as_str()), (removed.seq, "svc"));
+
+    // The id starts over, and stays so across a restart.
+    let again = deploy(&mut client, "acme", "svc", "counter").await;
+    assert_eq!((again.version, again.created), (1, true));
+    running(&mut client, "acme", "svc", again.seq).await;
+    server.stop().await.unwrap();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let status = client.status(as_tenant("acme", status)).await.unwrap().into_inner();
+    assert_eq!((status.version, status.module_sha256), (1, again.module_sha256));
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     let dir = tempdir();

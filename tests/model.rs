@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use common::*;
 use proptest::prelude::*;
-use solo::control::{Control, Error, KillCommand, Observation};
+use solo::control::{Control, Error, KillCommand, Observation, RemoveCommand};
 use solo::proto::{CrashReason, StopReason};
 use solo::state::State;
 
@@ -54,6 +54,11 @@ enum Op {
         service: usize,
         killed: bool,
     },
+    Remove {
+        tenant: usize,
+        service: usize,
+        key: Option<u8>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -71,7 +76,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (t.clone(), s.clone(), proptest::bool::weighted(0.2), any::<bool>())
             .prop_map(|(tenant, service, init, restarting)| Op::Crashed { tenant, service, init, restarting }),
         2 => (t.clone(), s.clone(), 1u32..5).prop_map(|(tenant, service, restarts)| Op::Restarted { tenant, service, restarts }),
-        2 => (t, s, any::<bool>()).prop_map(|(tenant, service, killed)| Op::Stopped { tenant, service, killed }),
+        2 => (t.clone(), s.clone(), any::<bool>()).prop_map(|(tenant, service, killed)| Op::Stopped { tenant, service, killed }),
+        2 => (t, s, proptest::option::weighted(0.3, 0u8..3))
+            .prop_map(|(tenant, service, key)| Op::Remove { tenant, service, key }),
     ]
 }
 
@@ -101,6 +108,9 @@ enum KeyUse {
         expected: Option<u64>,
         already_stopped: bool,
     },
+    Remove {
+        service: usize,
+    },
 }
 
 impl KeyUse {
@@ -128,6 +138,10 @@ enum Answer {
         already_stopped: bool,
         replayed: bool,
     },
+    Removed {
+        replayed: bool,
+    },
+    NotStopped,
     Observed,
     NotFound,
     Quota,
@@ -309,6 +323,25 @@ impl Model {
                 let up = matches!(s.status, "starting" | "running" | "stopping");
                 (up && (!killed || !s.running_desired)).then(|| s.status = "stopped")
             }),
+            Op::Remove { tenant, service, key } => {
+                if let Some(k) = key
+                    && let Some(used) = self.keys.get(&(tenant, k))
+                {
+                    return match *used {
+                        KeyUse::Remove { service: s } if s == service => Answer::Removed { replayed: true },
+                        _ => Answer::Conflict,
+                    };
+                }
+                let Some(s) = self.services.get(&(tenant, service)) else {
+                    return Answer::NotFound;
+                };
+                if s.running_desired || s.status != "stopped" {
+                    return Answer::NotStopped;
+                }
+                self.services.remove(&(tenant, service));
+                self.remember(tenant, key, KeyUse::Remove { service });
+                Answer::Removed { replayed: false }
+            }
         }
     }
 
@@ -444,6 +477,23 @@ async fn run_on_solo(control: &Control, op: &Op) -> Answer {
                 .await
                 .map(|_| Answer::Observed)
         }
+        Op::Remove {
+            tenant,
+            service,
+            key: k,
+        } => {
+            let command = RemoveCommand {
+                tenant: TENANTS[tenant].to_string(),
+                actor: format!("tenant:{}", TENANTS[tenant]),
+                service_id: SERVICES[service].to_string(),
+                idempotency_key: key(k),
+                expected_version: None,
+            };
+            control
+                .remove(command)
+                .await
+                .map(|o| Answer::Removed { replayed: o.replayed })
+        }
     };
     match result {
         Ok(answer) => answer,
@@ -451,6 +501,7 @@ async fn run_on_solo(control: &Control, op: &Op) -> Answer {
         Err(Error::QuotaExceeded { .. }) => Answer::Quota,
         Err(Error::IdempotencyConflict { .. }) => Answer::Conflict,
         Err(Error::VersionMismatch { .. }) => Answer::VersionMismatch,
+        Err(Error::NotStopped { .. }) => Answer::NotStopped,
         Err(Error::Stale(_)) => Answer::Stale,
         Err(other) => panic!("unexpected error for {op:?}: {other}"),
     }
@@ -522,7 +573,7 @@ fn check(ops: Vec<Op>, snapshot_every: u64) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn control_agrees_with_the_model(ops in proptest::collection::vec(op(), 1..60), snapshot_every in prop_oneof![Just(0u64), 1u64..12]) {

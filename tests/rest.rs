@@ -975,6 +975,22 @@ async fn delete_answers_202_and_unknown_services_404() {
     let seq = pinned.ok(202)["seq"].as_u64().unwrap();
     let event = node.wait_event("a", seq, "pinned", "service_kill_requested").await;
     assert_eq!(event.data["expected_version"], 1);
+    // `purge` removes a stopped service; it stops nothing itself.
+    node.deploy_running("a", "busy", "echo").await;
+    let busy = node.delete("/services/busy?purge=true", "a").await;
+    assert!(busy.error(409, "failed_precondition").contains("kill it"));
+    node.delete("/services/pinned?purge=true&force=true", "a")
+        .await
+        .error(400, "invalid_argument");
+    node.wait_event("a", seq, "pinned", "service_stopped").await;
+    let purged = node.delete("/services/pinned?purge=true", "a").await;
+    assert_eq!(purged.ok(200)["removed"], true);
+    let seq = purged.json["seq"].as_u64().unwrap();
+    node.wait_event("a", seq, "pinned", "service_removed").await;
+    node.get("/services/pinned", "a").await.error(404, "not_found");
+    node.delete("/services/pinned?purge=true", "a")
+        .await
+        .error(404, "not_found");
     node.delete("/services/kv?force=maybe", "a")
         .await
         .error(400, "invalid_argument");

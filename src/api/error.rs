@@ -238,7 +238,7 @@ impl From<control::Error> for Error {
             }
             E::IdempotencyConflict { .. } => Error::new(ErrorKind::Conflict, message),
             E::VersionMismatch { .. } => Error::new(ErrorKind::VersionMismatch, message),
-            E::NotRunning { .. } => Error::new(ErrorKind::FailedPrecondition, message),
+            E::NotRunning { .. } | E::NotStopped { .. } => Error::new(ErrorKind::FailedPrecondition, message),
             E::Stale(_) => Error::new(ErrorKind::Internal, message),
             E::ShuttingDown => Error::shutting_down(),
             E::Closed => Error::new(ErrorKind::Unavailable, message),

@@ -27,7 +27,9 @@ pub struct GrpcApi {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The methods of `SoloKernel`, as `solo_grpc_requests_total` names them.
-const METHODS: [&str; 8] = ["Deploy", "Status", "List", "Kill", "Call", "Logs", "Watch", "Shutdown"];
+const METHODS: [&str; 9] = [
+    "Deploy", "Status", "List", "Kill", "Remove", "Call", "Logs", "Watch", "Shutdown",
+];
 
 impl GrpcApi {
     pub fn new(state: Arc<ApiState>) -> GrpcApi {
@@ -159,6 +161,22 @@ impl SoloKernel for GrpcApi {
             })
         })();
         self.finish("List", result)
+    }
+
+    async fn remove(&self, request: Request<proto::RemoveRequest>) -> Result<Response<proto::RemoveResponse>, Status> {
+        let result = async {
+            let (caller, _permit) = self.admit(&request)?;
+            let r = request.into_inner();
+            let remove = ops::Remove {
+                service_id: r.service_id,
+                idempotency_key: r.idempotency_key,
+                expected_version: r.expected_version,
+            };
+            let outcome = ops::remove(&self.state, &caller, remove).await?;
+            Ok(proto::RemoveResponse { seq: outcome.seq })
+        }
+        .await;
+        self.finish("Remove", result)
     }
 
     async fn kill(&self, request: Request<proto::KillRequest>) -> Result<Response<proto::KillResponse>, Status> {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::Stream;
 
 use super::{ApiState, Caller, Error, ErrorKind};
-use crate::control::{DeployOutcome, DeployRequest, KillCommand, KillOutcome, Listing};
+use crate::control::{DeployOutcome, DeployRequest, KillCommand, KillOutcome, Listing, RemoveCommand, RemoveOutcome};
 use crate::proto::{self, Limits};
 use crate::runtime::{CallError, LogLine};
 use crate::state::{Service, Status};
@@ -137,6 +137,27 @@ pub async fn kill(state: &ApiState, caller: &Caller, kill: Kill) -> Result<KillO
         expected_version: kill.expected_version,
     };
     Ok(state.control.kill(command).await?)
+}
+
+/// A remove as either API receives it.
+#[derive(Debug)]
+pub struct Remove {
+    pub service_id: String,
+    pub idempotency_key: String,
+    /// Remove only if the service is at this version.
+    pub expected_version: Option<u64>,
+}
+
+pub async fn remove(state: &ApiState, caller: &Caller, remove: Remove) -> Result<RemoveOutcome, Error> {
+    state.check_open()?;
+    let command = RemoveCommand {
+        tenant: caller.tenant().to_string(),
+        actor: caller.actor(),
+        service_id: remove.service_id,
+        idempotency_key: remove.idempotency_key,
+        expected_version: remove.expected_version,
+    };
+    Ok(state.control.remove(command).await?)
 }
 
 pub async fn call(

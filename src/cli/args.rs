@@ -187,6 +187,14 @@ Once it listens, it prints one line for scripts: solo listening grpc=ADDR http=A
 
 ", exit_codes!()))]
     Kill(KillArgs),
+    /// Remove a stopped service from the registry (kill it first): its id is free again, and
+    /// a deploy to it starts over at version 1. Its history stays in the log.
+    #[command(after_help = concat!("Examples:
+  solo kill echo --wait && solo remove echo
+  solo remove echo --expected-version 3
+
+", exit_codes!()))]
+    Remove(RemoveArgs),
     /// Print a service's log lines; with --follow, new ones as they are written.
     #[command(after_help = concat!("Examples:
   solo logs echo
@@ -434,6 +442,18 @@ pub struct KillArgs {
     pub expected_version: Option<u64>,
     #[command(flatten)]
     pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// The service id.
+    pub service_id: String,
+    /// A retry with the same key gets the first answer and changes nothing.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// Remove only if the service is at this version now.
+    #[arg(long, value_name = "VERSION")]
+    pub expected_version: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -65,6 +65,7 @@ fn run_client(connection: &args::ConnectionArgs, json: bool, command: Command) -
             Command::Status(args) => services::status(&conn, out, args).await,
             Command::Call(args) => services::call(&conn, out, args).await,
             Command::Kill(args) => services::kill(&conn, out, args).await,
+            Command::Remove(args) => services::remove(&conn, out, args).await,
             Command::Shutdown(args) => services::shutdown(&conn, out, args).await,
             Command::Logs(args) => follow::logs(&conn, out, args).await,
             Command::Events(args) => follow::events(&conn, out, args).await,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use super::args::{CallArgs, DeployArgs, KillArgs, ListArgs, ShutdownArgs, StatusArgs, WaitArgs};
+use super::args::{CallArgs, DeployArgs, KillArgs, ListArgs, RemoveArgs, ShutdownArgs, StatusArgs, WaitArgs};
 use super::connect::{Client, Connector};
 use super::error::CliError;
 use super::output::{
@@ -334,6 +334,21 @@ pub async fn call(conn: &Connector, out: Output, args: CallArgs) -> Result<(), C
         }));
     }
     out.bytes(&response.payload)
+}
+
+pub async fn remove(conn: &Connector, out: Output, args: RemoveArgs) -> Result<(), CliError> {
+    let mut client = conn.connect().await?;
+    let request = proto::RemoveRequest {
+        service_id: args.service_id.clone(),
+        idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
+        expected_version: args.expected_version,
+    };
+    let removed = client.remove(request).await.map_err(|s| conn.error(&s))?.into_inner();
+    let id = &args.service_id;
+    if out.json {
+        return out.document(&json!({ "service_id": id, "seq": removed.seq, "removed": true }));
+    }
+    out.line(&format!("{id} removed (seq {})", removed.seq))
 }
 
 pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), CliError> {

@@ -8,7 +8,7 @@ use super::error::{Error, Result};
 use crate::event::envelope;
 use crate::limits::TenantLimits;
 use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, event::Kind};
-use crate::state::{Desired, State, Status, deploy_request_hash, kill_request_hash};
+use crate::state::{Desired, State, Status, deploy_request_hash, kill_request_hash, remove_request_hash};
 
 /// Who caused an event, as recorded in its `actor` field.
 pub const NODE_ACTOR: &str = "node";
@@ -114,6 +114,23 @@ pub struct KillCommand {
     pub expected_version: Option<u64>,
 }
 
+#[derive(Debug, Clone)]
+pub struct RemoveCommand {
+    pub tenant: String,
+    pub actor: String,
+    pub service_id: String,
+    pub idempotency_key: String,
+    /// Remove only if the service is at this version.
+    pub expected_version: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoveOutcome {
+    /// Seq of the `service_removed` event.
+    pub seq: u64,
+    pub replayed: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KillOutcome {
     /// Seq of the `service_kill_requested` event (or of the last event, if already stopped).
@@ -165,6 +182,7 @@ pub enum Observation {
 pub(super) enum Command {
     Deploy(DeployCommand),
     Kill(KillCommand),
+    Remove(RemoveCommand),
     Shutdown { actor: String, grace_ms: u32 },
     Observe(Observation),
 }
@@ -173,6 +191,7 @@ pub(super) enum Command {
 pub(super) enum Reply {
     Deployed(DeployOutcome),
     Killed(KillOutcome),
+    Removed(RemoveOutcome),
     /// The command's event, now durable. The caller reads its answer from it: the writer
     /// shares the event rather than copying fields out of it.
     Appended(Arc<Event>),
@@ -225,6 +244,7 @@ pub(super) fn decide(state: &State, command: Command, cx: Context<'_>) -> Result
     match command {
         Command::Deploy(cmd) => decide_deploy(state, cmd, cx),
         Command::Kill(cmd) => decide_kill(state, cmd, cx),
+        Command::Remove(cmd) => decide_remove(state, cmd, cx),
         // A repeat (an impatient client, a retry) is told of the shutdown already under way;
         // the node stops with the first one's grace.
         Command::Shutdown { .. } if let Some(seq) = cx.shutdown_seq => Ok(Decision::Answer(Reply::ShuttingDown(seq))),
@@ -315,6 +335,52 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
         event,
         blob: Some(blob),
     })
+}
+
+fn decide_remove(state: &State, cmd: RemoveCommand, cx: Context<'_>) -> Result<Decision> {
+    if cx.shutdown_seq.is_some() {
+        return Err(Error::ShuttingDown);
+    }
+    if !cmd.idempotency_key.is_empty()
+        && let Some(record) = state.idempotency(&cmd.tenant, &cmd.idempotency_key, cx.now_ms)
+    {
+        if record.op != IdempotentOp::Remove
+            || record.service_id != cmd.service_id
+            || record
+                .request_hash
+                .is_some_and(|h| h != remove_request_hash(cmd.expected_version))
+        {
+            return Err(Error::IdempotencyConflict {
+                key: cmd.idempotency_key.clone(),
+            });
+        }
+        return Ok(Decision::Answer(Reply::Removed(RemoveOutcome {
+            seq: record.seq,
+            replayed: true,
+        })));
+    }
+    let service = state
+        .service(&cmd.tenant, &cmd.service_id)
+        .ok_or_else(|| Error::NotFound {
+            service_id: cmd.service_id.clone(),
+        })?;
+    require_version(state, &cmd.tenant, &cmd.service_id, cmd.expected_version)?;
+    if !service.is_removable() {
+        return Err(Error::NotStopped {
+            service_id: cmd.service_id,
+            status: service.status,
+        });
+    }
+    let event = envelope(
+        cmd.tenant,
+        cmd.service_id,
+        cmd.actor,
+        Kind::ServiceRemoved(proto::ServiceRemoved {
+            idempotency_key: cmd.idempotency_key,
+            expected_version: cmd.expected_version,
+        }),
+    );
+    Ok(Decision::Append { event, blob: None })
 }
 
 /// Refuses a request that requires a version (`expected`; 0: that the service not exist) the

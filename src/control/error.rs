@@ -29,6 +29,9 @@ pub enum Error {
     },
     #[error("idempotency key '{key}' was already used for a different request")]
     IdempotencyConflict { key: String },
+    /// A remove of a service that is not stopped.
+    #[error("service '{service_id}' is {status}: kill it, and remove it once it has stopped")]
+    NotStopped { service_id: String, status: Status },
     /// A deploy or kill required a version the service is not at.
     #[error("{}", version_mismatch(service_id, *expected, *actual))]
     VersionMismatch {

@@ -28,8 +28,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 pub use command::{
-    DeployCommand, DeployOutcome, KillCommand, KillOutcome, Module, NODE_ACTOR, Observation, validate_idempotency_key,
-    validate_labels, validate_service_id, validate_tenant,
+    DeployCommand, DeployOutcome, KillCommand, KillOutcome, Module, NODE_ACTOR, Observation, RemoveCommand,
+    RemoveOutcome, validate_idempotency_key, validate_labels, validate_service_id, validate_tenant,
 };
 pub use error::{Error, Result};
 pub use noop_keys::check_stored as check_stored_request;
@@ -362,6 +362,21 @@ impl Control {
             Reply::Deployed(outcome) => Ok(outcome),
             Reply::Appended(event) => Ok(DeployOutcome::appended(&event)),
             other => unreachable!("deploy answered with {other:?}"),
+        }
+    }
+
+    /// Removes a stopped service from the registry; its id is free again.
+    pub async fn remove(&self, command: RemoveCommand) -> Result<RemoveOutcome> {
+        validate_tenant(&command.tenant)?;
+        validate_service_id(&command.service_id)?;
+        validate_idempotency_key(&command.idempotency_key)?;
+        match self.submit(Command::Remove(command)).await? {
+            Reply::Removed(outcome) => Ok(outcome),
+            Reply::Appended(event) => Ok(RemoveOutcome {
+                seq: event.seq,
+                replayed: false,
+            }),
+            other => unreachable!("remove answered with {other:?}"),
         }
     }
 

@@ -19,7 +19,7 @@ use prost::Message;
 use super::command::{Command, DeployOutcome, KillOutcome, Reply};
 use super::error::{Error, Result};
 use crate::proto::{IdempotentOp, NoOpRequest};
-use crate::state::{RequestHash, deploy_request_hash, kill_request_hash};
+use crate::state::{RequestHash, deploy_request_hash, kill_request_hash, remove_request_hash};
 
 /// What a keyed request asked for: a retry must ask for the same.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +51,15 @@ impl KeyedRequest {
                 service_id: cmd.service_id.clone(),
                 module_hash: [0; 32],
                 request_hash: kill_request_hash(cmd.force, cmd.grace_ms, cmd.expected_version),
+            }),
+            // Never a no-op itself, but its key may be one a no-op took.
+            Command::Remove(cmd) if !cmd.idempotency_key.is_empty() => Some(KeyedRequest {
+                tenant: cmd.tenant.clone(),
+                key: cmd.idempotency_key.clone(),
+                op: IdempotentOp::Remove,
+                service_id: cmd.service_id.clone(),
+                module_hash: [0; 32],
+                request_hash: remove_request_hash(cmd.expected_version),
             }),
             _ => None,
         }
@@ -174,7 +183,8 @@ impl NoOpKeys {
         let changed_nothing = match answer {
             Reply::Deployed(outcome) => outcome.unchanged && !outcome.replayed,
             Reply::Killed(outcome) => outcome.already_stopped && !outcome.replayed,
-            Reply::Appended(_) | Reply::ShuttingDown(_) => false,
+            // A remove always appends its event (or is refused).
+            Reply::Removed(_) | Reply::Appended(_) | Reply::ShuttingDown(_) => false,
         };
         if !changed_nothing {
             return;
@@ -264,7 +274,9 @@ fn encoded(request: &KeyedRequest, answer: &Reply, at_ms: u64) -> Vec<u8> {
             record.created = outcome.created;
         }
         Reply::Killed(outcome) => record.seq = outcome.seq,
-        Reply::Appended(_) | Reply::ShuttingDown(_) => unreachable!("only no-op answers are remembered"),
+        Reply::Removed(_) | Reply::Appended(_) | Reply::ShuttingDown(_) => {
+            unreachable!("only no-op answers are remembered")
+        }
     }
     record.encode_to_vec()
 }
@@ -288,7 +300,9 @@ pub fn check_stored((stored_key, value): crate::log::StoredRequest) -> Result<u6
     read_stored(&stored_key, value).map(|(_, answer, _)| match answer {
         Reply::Deployed(outcome) => outcome.seq,
         Reply::Killed(outcome) => outcome.seq,
-        Reply::Appended(_) | Reply::ShuttingDown(_) => unreachable!("only no-op answers are stored"),
+        Reply::Removed(_) | Reply::Appended(_) | Reply::ShuttingDown(_) => {
+            unreachable!("only no-op answers are stored")
+        }
     })
 }
 
@@ -317,7 +331,8 @@ fn decoded(record: NoOpRequest) -> Option<(KeyedRequest, Reply, u64)> {
                 replayed: false,
             }),
         ),
-        IdempotentOp::Unspecified => return None,
+        // Removes are never no-ops, so never stored here.
+        IdempotentOp::Remove | IdempotentOp::Unspecified => return None,
     };
     let request = KeyedRequest {
         tenant: record.tenant,

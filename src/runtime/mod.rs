@@ -670,7 +670,28 @@ impl Inner {
                     grace,
                 });
             }
+            Some(Kind::ServiceRemoved(_)) => self.remove_slot(&event.tenant, &event.service_id),
             _ => {}
+        }
+    }
+
+    /// Lets a removed service's slot go, and ends its task: a later deploy of the id starts
+    /// afresh, its log lines and figures too.
+    fn remove_slot(&self, tenant: &str, service_id: &str) {
+        let removed = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let removed = slots.get_mut(tenant).and_then(|t| t.remove(service_id));
+            if slots.get(tenant).is_some_and(HashMap::is_empty) {
+                slots.remove(tenant);
+            }
+            removed
+        };
+        if let Some(slot) = removed {
+            let (done, _) = oneshot::channel();
+            let _ = slot.commands.send(SlotCommand::Shutdown {
+                grace: Duration::ZERO,
+                done,
+            });
         }
     }
 

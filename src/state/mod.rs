@@ -13,7 +13,7 @@ use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, e
 
 pub use service::{
     CompactString, DEPLOY_WINDOW_INTERVALS, DeployWindow, Desired, IdempotencyRecord, Labels, Map, RECENT_EVENTS,
-    RecentSeqs, RequestHash, Service, Status, Tenant, deploy_request_hash, kill_request_hash,
+    RecentSeqs, RequestHash, Service, Status, Tenant, deploy_request_hash, kill_request_hash, remove_request_hash,
 };
 pub use snapshot::SnapshotError;
 
@@ -207,6 +207,7 @@ impl State {
                 s.restarts = e.restarts;
             })?,
             Some(Kind::ServiceStopped(_)) => self.update(event, |s| s.status = Status::Stopped)?,
+            Some(Kind::ServiceRemoved(e)) => self.apply_removed(event, e)?,
             // Node-level events, and kinds from a newer build: nothing this build tracks.
             Some(Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => {}
         }
@@ -386,6 +387,35 @@ impl State {
         Ok(())
     }
 
+    fn apply_removed(&mut self, event: &Event, e: &proto::ServiceRemoved) -> Result<(), ApplyError> {
+        require_service_ids(event, "service_removed")?;
+        let tenant = self
+            .tenants
+            .get_mut(event.tenant.as_str())
+            .ok_or_else(|| unknown(event))?;
+        let service = tenant
+            .services
+            .get(event.service_id.as_str())
+            .ok_or_else(|| unknown(event))?;
+        transition_allowed(event, service)?;
+        // A stopped service holds no quota and no module: only its entry goes.
+        let version = service.version;
+        tenant.services.remove(event.service_id.as_str());
+        if !e.idempotency_key.is_empty() {
+            let record = IdempotencyRecord {
+                op: IdempotentOp::Remove,
+                service_id: event.service_id.as_str().into(),
+                seq: event.seq,
+                version,
+                module_hash: [0; 32],
+                request_hash: Some(remove_request_hash(e.expected_version)),
+                at_ms: event.timestamp_ms,
+            };
+            self.remember(&event.tenant, &e.idempotency_key, record);
+        }
+        Ok(())
+    }
+
     /// Applies `change` to the event's service, if the event's rules allow it (one lookup).
     fn update(&mut self, event: &Event, change: impl FnOnce(&mut Service)) -> Result<(), ApplyError> {
         let kind = event
@@ -461,6 +491,7 @@ fn transition_allowed(event: &Event, service: &Service) -> Result<(), ApplyError
                 up && (!killed || service.desired == Desired::Stopped),
             )
         }
+        Some(Kind::ServiceRemoved(_)) => ("service_removed", None, service.is_removable()),
         Some(Kind::ServiceDeployed(_) | Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => {
             unreachable!("only kinds that change an existing service are checked here")
         }

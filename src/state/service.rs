@@ -199,6 +199,11 @@ impl Service {
         self.desired == Desired::Running
     }
 
+    /// Whether the service may leave the registry: killed, and stopped.
+    pub fn is_removable(&self) -> bool {
+        self.desired == Desired::Stopped && self.status == Status::Stopped
+    }
+
     /// Whether a starting node brings this service back: it should run, and it was up (or on
     /// its way up) when the node stopped. Crashed and failed services stay down.
     /// A new, not yet deployed service, as a first `service_deployed` event creates it.
@@ -282,6 +287,18 @@ pub fn kill_request_hash(force: bool, grace_ms: u32, expected_version: Option<u6
     digest.update([u8::from(force)]);
     digest.update(grace_ms.to_le_bytes());
     // Only when named, so a kill that names none hashes as it did before the field existed.
+    if let Some(version) = expected_version {
+        digest.update(b"expected_version");
+        digest.update(version.to_le_bytes());
+    }
+    digest.finalize().into()
+}
+
+/// The [`RequestHash`] of a remove: the version it required, if it named one.
+pub fn remove_request_hash(expected_version: Option<u64>) -> RequestHash {
+    use sha2::Digest as _;
+    let mut digest = sha2::Sha256::new();
+    digest.update(b"remove");
     if let Some(version) = expected_version {
         digest.update(b"expected_version");
         digest.update(version.to_le_bytes());

@@ -126,6 +126,48 @@ fn a_module_counts_the_services_that_should_run_it() {
 }
 
 #[test]
+fn a_stopped_service_leaves_the_registry_and_its_id_starts_over() {
+    let removed = |key: &str| {
+        envelope(
+            "acme",
+            "a",
+            "tenant:acme",
+            Kind::ServiceRemoved(proto::ServiceRemoved {
+                idempotency_key: key.into(),
+                expected_version: None,
+            }),
+        )
+    };
+    let stopped = envelope(
+        "acme",
+        "a",
+        "node",
+        Kind::ServiceStopped(ServiceStopped {
+            version: 1,
+            reason: StopReason::Killed as i32,
+        }),
+    );
+    let mut state = State::new(Settings::default());
+    state.apply(&at(deployed("a", 1, 1, ""), 1, 1)).unwrap();
+    // Running, then stopping: not yet.
+    assert!(state.apply(&at(removed(""), 2, 1)).is_err());
+    state.apply(&at(kill("a"), 2, 1)).unwrap();
+    assert!(state.apply(&at(removed(""), 3, 1)).is_err());
+    state.apply(&at(stopped, 3, 1)).unwrap();
+    state.apply(&at(removed("rm-1"), 4, 1)).unwrap();
+    assert!(state.service("acme", "a").is_none());
+    assert_eq!(state.tenant("acme").unwrap().active_services, 0);
+    let record = state.idempotency("acme", "rm-1", 1).unwrap();
+    assert_eq!((record.op, record.seq), (IdempotentOp::Remove, 4));
+    // The id is free: a deploy starts over at version 1.
+    assert!(state.apply(&at(deployed("a", 2, 1, ""), 5, 1)).is_err());
+    state.apply(&at(deployed("a", 1, 1, ""), 5, 1)).unwrap();
+    let mut bytes = Vec::new();
+    state.encode_snapshot(&mut bytes);
+    assert_eq!(State::decode_snapshot(&bytes, Settings::default()).unwrap(), state);
+}
+
+#[test]
 fn events_that_do_not_fit_change_nothing() {
     let mut state = State::new(Settings::default());
     state.apply(&at(deployed("a", 1, 1, ""), 1, 1)).unwrap();

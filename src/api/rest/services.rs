@@ -392,8 +392,22 @@ pub(super) async fn kill(
     RawQuery(query): RawQuery,
     certificate: Certificate,
 ) -> Result<Response, Error> {
-    let params = Params::parse(query, &["tenant", "force", "grace_ms", "expected_version"])?;
+    let params = Params::parse(query, &["tenant", "force", "grace_ms", "expected_version", "purge"])?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    if params.flag("purge")? {
+        if params.get("force").is_some() || params.get("grace_ms").is_some() {
+            return Err(Error::invalid(
+                "purge removes a stopped service and stops nothing: it takes no force or grace_ms",
+            ));
+        }
+        let remove = ops::Remove {
+            service_id: id.clone(),
+            idempotency_key: idempotency_key(&headers)?,
+            expected_version: params.number("expected_version")?,
+        };
+        let outcome = ops::remove(&state, &caller, remove).await?;
+        return Ok(Json(json!({ "service_id": id, "seq": outcome.seq, "removed": true })).into_response());
+    }
     let kill = ops::Kill {
         service_id: id.clone(),
         force: params.flag("force")?,
