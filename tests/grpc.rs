@@ -545,6 +545,12 @@ async fn remove_takes_a_stopped_service_out_of_the_registry() {
     let refused = client.remove(as_tenant("acme", remove(""))).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("kill it"), "{}", refused.message());
+    let follow = proto::LogsRequest {
+        service_id: "svc".into(),
+        follow: true,
+        ..Default::default()
+    };
+    let mut follower = client.logs(as_tenant("acme", follow)).await.unwrap().into_inner();
 
     let kill = proto::KillRequest {
         service_id: "svc".into(),
@@ -564,6 +570,15 @@ async fn remove_takes_a_stopped_service_out_of_the_registry() {
         .await
         .unwrap()
         .into_inner();
+    // A follower of its log lines gets the last of them, then the end of the stream.
+    let mut lines = Vec::new();
+    while let Some(line) = tokio::time::timeout(PATIENCE, follower.next())
+        .await
+        .expect("the follow ends")
+    {
+        lines.push(line.unwrap().message);
+    }
+    assert_eq!(lines, ["echo ready", "echo stopping"]);
     let retry = client
         .remove(as_tenant("acme", remove("rm-1")))
         .await

@@ -982,8 +982,14 @@ async fn delete_answers_202_and_unknown_services_404() {
     node.delete("/services/pinned?purge=true&force=true", "a")
         .await
         .error(400, "invalid_argument");
+    node.delete("/services/pinned?purge=true&grace_ms=5", "a")
+        .await
+        .error(400, "invalid_argument");
     node.wait_event("a", seq, "pinned", "service_stopped").await;
-    let purged = node.delete("/services/pinned?purge=true", "a").await;
+    // What a client sends by habit, saying nothing, is no obstacle.
+    let purged = node
+        .delete("/services/pinned?purge=true&force=false&grace_ms=0", "a")
+        .await;
     assert_eq!(purged.ok(200)["removed"], true);
     let seq = purged.json["seq"].as_u64().unwrap();
     node.wait_event("a", seq, "pinned", "service_removed").await;

@@ -226,6 +226,7 @@ pub fn logs(
         }
         loop {
             tokio::select! {
+                biased;
                 () = stopping.cancelled() => {
                     yield Err(Error::shutting_down());
                     return;
@@ -244,6 +245,8 @@ pub fn logs(
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
+                // The service was removed: after its last lines (above, first), the end.
+                () = buffer.ended() => return,
             }
         }
     })

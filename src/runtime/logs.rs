@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 /// Severity of a guest's log line (`solo.log`'s first argument).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -58,6 +59,8 @@ pub struct LogBuffer {
     /// Why a std lock: pushes and copies are short and never cross an `.await`.
     lines: Mutex<Lines>,
     follow: broadcast::Sender<LogLine>,
+    /// Cancelled when the service is removed: no line will come any more.
+    ended: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -77,7 +80,18 @@ impl LogBuffer {
                 next_seq: 1,
             }),
             follow: broadcast::channel(capacity.clamp(16, 4096)).0,
+            ended: CancellationToken::new(),
         }
+    }
+
+    /// Tells followers that no line will come any more: the service was removed.
+    pub fn end(&self) {
+        self.ended.cancel();
+    }
+
+    /// Resolves once [`LogBuffer::end`] was called.
+    pub fn ended(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.ended.cancelled()
     }
 
     pub fn push(&self, level: Level, version: u64, message: String) {

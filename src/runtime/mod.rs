@@ -687,6 +687,7 @@ impl Inner {
             removed
         };
         if let Some(slot) = removed {
+            slot.logs.end();
             let (done, _) = oneshot::channel();
             let _ = slot.commands.send(SlotCommand::Shutdown {
                 grace: Duration::ZERO,

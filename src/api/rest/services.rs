@@ -395,7 +395,7 @@ pub(super) async fn kill(
     let params = Params::parse(query, &["tenant", "force", "grace_ms", "expected_version", "purge"])?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
     if params.flag("purge")? {
-        if params.get("force").is_some() || params.get("grace_ms").is_some() {
+        if params.flag("force")? || params.number::<u32>("grace_ms")?.unwrap_or(0) > 0 {
             return Err(Error::invalid(
                 "purge removes a stopped service and stops nothing: it takes no force or grace_ms",
             ));
