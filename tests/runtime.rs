@@ -773,34 +773,30 @@ async fn a_node_restart_brings_running_services_back_fresh_with_their_history() 
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// The config of a node in `dir` that compiles one module at a time, and that ran `slow`
+/// services of slow-to-compile modules (acme/s0, s1, …) until it stopped: started again, it
+/// takes seconds to bring them back.
+async fn slow_services_stopped(dir: &std::path::Path, slow: usize) -> solo::config::Config {
+    let mut config = node_config(dir);
+    config.runtime.compile_threads = 1;
+    let node = open_node(&config).await;
+    for tag in 0..slow {
+        let id = format!("s{tag}");
+        let deployed = node.control.deploy(slow_to_compile("acme", &id, tag)).await.unwrap();
+        wait_for_kind(&node.control, deployed.seq, "acme", &id, "service_started").await;
+    }
+    node.stop(Duration::from_secs(5)).await;
+    config
+}
+
 /// A node stopped while its services come back does not compile the rest first: it gives up
 /// the starts not yet compiled (its stop keeps to its grace), records no `node_started`, and
 /// the next start brings every service back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_while_its_services_come_back_compiles_no_more() {
     let dir = tempdir();
-    let mut config = node_config(dir.path());
-    // One compile at a time: the returning modules take seconds together.
-    config.runtime.compile_threads = 1;
-    let node = open_node(&config).await;
     let slow = 6;
-    for tag in 0..slow {
-        let deployed = node
-            .control
-            .deploy(slow_to_compile("acme", &format!("s{tag}"), tag))
-            .await
-            .unwrap();
-        wait_for_kind(
-            &node.control,
-            deployed.seq,
-            "acme",
-            &format!("s{tag}"),
-            "service_started",
-        )
-        .await;
-    }
-    node.stop(Duration::from_secs(5)).await;
-    drop(node);
+    let config = slow_services_stopped(dir.path(), slow).await;
 
     let interrupted = solo::server::open_node_recovering(&config).await.unwrap();
     interrupted.stop(Duration::from_secs(5)).await;
@@ -831,27 +827,8 @@ async fn a_node_stopped_while_its_services_come_back_compiles_no_more() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_killed_before_it_came_back_is_not_recorded_as_crashed() {
     let dir = tempdir();
-    let mut config = node_config(dir.path());
-    config.runtime.compile_threads = 1;
-    let node = open_node(&config).await;
     let slow = 4;
-    for tag in 0..slow {
-        let deployed = node
-            .control
-            .deploy(slow_to_compile("acme", &format!("s{tag}"), tag))
-            .await
-            .unwrap();
-        wait_for_kind(
-            &node.control,
-            deployed.seq,
-            "acme",
-            &format!("s{tag}"),
-            "service_started",
-        )
-        .await;
-    }
-    node.stop(Duration::from_secs(5)).await;
-    drop(node);
+    let config = slow_services_stopped(dir.path(), slow).await;
 
     // One compile at a time: all but the first to get its turn are killed while they wait.
     let node = solo::server::open_node_recovering(&config).await.unwrap();

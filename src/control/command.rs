@@ -8,7 +8,9 @@ use super::error::{Error, Result};
 use crate::event::envelope;
 use crate::limits::TenantLimits;
 use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, event::Kind};
-use crate::state::{Desired, State, Status, deploy_request_hash, kill_request_hash, remove_request_hash};
+use crate::state::{
+    Desired, IdempotencyRecord, State, Status, deploy_request_hash, kill_request_hash, remove_request_hash,
+};
 
 /// Who caused an event, as recorded in its `actor` field.
 pub const NODE_ACTOR: &str = "node";
@@ -266,23 +268,22 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
         return Err(Error::ShuttingDown);
     }
     let sha = cmd.module.sha256_hex();
-    if !cmd.idempotency_key.is_empty()
-        && let Some(record) = state.idempotency(&cmd.tenant, &cmd.idempotency_key, cx.now_ms)
-    {
-        if record.op != IdempotentOp::Deploy
-            || record.service_id != cmd.service_id
-            || record.module_hash != cmd.module.sha256
-            || record.request_hash.is_some_and(|h| {
+    let same_request = |record: &IdempotencyRecord| {
+        record.module_hash == cmd.module.sha256
+            && record.request_hash.is_none_or(|h| {
                 // The original is hashed as requested (as granted, before requests were
                 // kept); either way a retry asking for the same matches.
-                h != deploy_request_hash(&cmd.requested_limits, &cmd.labels, cmd.expected_version)
-                    && h != deploy_request_hash(&cmd.limits, &cmd.labels, cmd.expected_version)
+                h == deploy_request_hash(&cmd.requested_limits, &cmd.labels, cmd.expected_version)
+                    || h == deploy_request_hash(&cmd.limits, &cmd.labels, cmd.expected_version)
             })
-        {
-            return Err(Error::IdempotencyConflict {
-                key: cmd.idempotency_key.clone(),
-            });
-        }
+    };
+    let keyed = Keyed {
+        tenant: &cmd.tenant,
+        key: &cmd.idempotency_key,
+        op: IdempotentOp::Deploy,
+        service_id: &cmd.service_id,
+    };
+    if let Some(record) = keyed.answered(state, cx.now_ms, same_request)? {
         return Ok(Decision::Answer(Reply::Deployed(DeployOutcome {
             service_id: cmd.service_id.clone(),
             version: record.version,
@@ -341,19 +342,18 @@ fn decide_remove(state: &State, cmd: RemoveCommand, cx: Context<'_>) -> Result<D
     if cx.shutdown_seq.is_some() {
         return Err(Error::ShuttingDown);
     }
-    if !cmd.idempotency_key.is_empty()
-        && let Some(record) = state.idempotency(&cmd.tenant, &cmd.idempotency_key, cx.now_ms)
-    {
-        if record.op != IdempotentOp::Remove
-            || record.service_id != cmd.service_id
-            || record
-                .request_hash
-                .is_some_and(|h| h != remove_request_hash(cmd.expected_version))
-        {
-            return Err(Error::IdempotencyConflict {
-                key: cmd.idempotency_key.clone(),
-            });
-        }
+    let keyed = Keyed {
+        tenant: &cmd.tenant,
+        key: &cmd.idempotency_key,
+        op: IdempotentOp::Remove,
+        service_id: &cmd.service_id,
+    };
+    let same_request = |record: &IdempotencyRecord| {
+        record
+            .request_hash
+            .is_none_or(|h| h == remove_request_hash(cmd.expected_version))
+    };
+    if let Some(record) = keyed.answered(state, cx.now_ms, same_request)? {
         return Ok(Decision::Answer(Reply::Removed(RemoveOutcome {
             seq: record.seq,
             replayed: true,
@@ -381,6 +381,39 @@ fn decide_remove(state: &State, cmd: RemoveCommand, cx: Context<'_>) -> Result<D
         }),
     );
     Ok(Decision::Append { event, blob: None })
+}
+
+/// A keyed request: what its key may have answered before.
+struct Keyed<'a> {
+    tenant: &'a str,
+    key: &'a str,
+    op: IdempotentOp,
+    service_id: &'a str,
+}
+
+impl Keyed<'_> {
+    /// The record of the request this key answered within the window, if any, for a retry
+    /// to get the same answer; a conflict if the key answered another operation or service,
+    /// or a request that `same_request` does not find the same.
+    fn answered<'s>(
+        &self,
+        state: &'s State,
+        now_ms: u64,
+        same_request: impl Fn(&IdempotencyRecord) -> bool,
+    ) -> Result<Option<&'s IdempotencyRecord>> {
+        if self.key.is_empty() {
+            return Ok(None);
+        }
+        let Some(record) = state.idempotency(self.tenant, self.key, now_ms) else {
+            return Ok(None);
+        };
+        if record.op != self.op || record.service_id != self.service_id || !same_request(record) {
+            return Err(Error::IdempotencyConflict {
+                key: self.key.to_string(),
+            });
+        }
+        Ok(Some(record))
+    }
 }
 
 /// Refuses a request that requires a version (`expected`; 0: that the service not exist) the
@@ -463,19 +496,18 @@ fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decis
     if cx.shutdown_seq.is_some() {
         return Err(Error::ShuttingDown);
     }
-    if !cmd.idempotency_key.is_empty()
-        && let Some(record) = state.idempotency(&cmd.tenant, &cmd.idempotency_key, cx.now_ms)
-    {
-        if record.op != IdempotentOp::Kill
-            || record.service_id != cmd.service_id
-            || record
-                .request_hash
-                .is_some_and(|h| h != kill_request_hash(cmd.force, cmd.grace_ms, cmd.expected_version))
-        {
-            return Err(Error::IdempotencyConflict {
-                key: cmd.idempotency_key.clone(),
-            });
-        }
+    let keyed = Keyed {
+        tenant: &cmd.tenant,
+        key: &cmd.idempotency_key,
+        op: IdempotentOp::Kill,
+        service_id: &cmd.service_id,
+    };
+    let same_request = |record: &IdempotencyRecord| {
+        record
+            .request_hash
+            .is_none_or(|h| h == kill_request_hash(cmd.force, cmd.grace_ms, cmd.expected_version))
+    };
+    if let Some(record) = keyed.answered(state, cx.now_ms, same_request)? {
         return Ok(Decision::Answer(Reply::Killed(KillOutcome {
             seq: record.seq,
             already_stopped: false,
