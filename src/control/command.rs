@@ -244,6 +244,11 @@ pub(super) struct Context<'a> {
 /// Takes the command by value: its strings move into the event, so the writer copies none.
 pub(super) fn decide(state: &State, command: Command, cx: Context<'_>) -> Result<Decision> {
     match command {
+        // A shutting-down node takes no more changes from clients (its observations still
+        // record what the runtime does).
+        Command::Deploy(_) | Command::Kill(_) | Command::Remove(_) if cx.shutdown_seq.is_some() => {
+            Err(Error::ShuttingDown)
+        }
         Command::Deploy(cmd) => decide_deploy(state, cmd, cx),
         Command::Kill(cmd) => decide_kill(state, cmd, cx),
         Command::Remove(cmd) => decide_remove(state, cmd, cx),
@@ -264,9 +269,6 @@ pub(super) fn decide(state: &State, command: Command, cx: Context<'_>) -> Result
 }
 
 fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<Decision> {
-    if cx.shutdown_seq.is_some() {
-        return Err(Error::ShuttingDown);
-    }
     let sha = cmd.module.sha256_hex();
     let same_request = |record: &IdempotencyRecord| {
         record.module_hash == cmd.module.sha256
@@ -339,9 +341,6 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
 }
 
 fn decide_remove(state: &State, cmd: RemoveCommand, cx: Context<'_>) -> Result<Decision> {
-    if cx.shutdown_seq.is_some() {
-        return Err(Error::ShuttingDown);
-    }
     let keyed = Keyed {
         tenant: &cmd.tenant,
         key: &cmd.idempotency_key,
@@ -493,9 +492,6 @@ fn check_deploy_quotas(
 }
 
 fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decision> {
-    if cx.shutdown_seq.is_some() {
-        return Err(Error::ShuttingDown);
-    }
     let keyed = Keyed {
         tenant: &cmd.tenant,
         key: &cmd.idempotency_key,

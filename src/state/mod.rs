@@ -327,17 +327,9 @@ impl State {
         tenant
             .recent_deploys
             .record(event.timestamp_ms, self.settings.deploy_rate_window_ms);
-        if !e.idempotency_key.is_empty() {
-            let record = IdempotencyRecord {
-                op: IdempotentOp::Deploy,
-                service_id: event.service_id.as_str().into(),
-                seq: event.seq,
-                version: e.version,
-                module_hash,
-                request_hash,
-                at_ms: event.timestamp_ms,
-            };
-            self.remember(&event.tenant, &e.idempotency_key, record);
+        if let Some(request_hash) = request_hash {
+            let answer = (e.version, module_hash, request_hash);
+            self.remember_answer(event, &e.idempotency_key, IdempotentOp::Deploy, answer);
         }
         if let Some(replaced) = module_change {
             self.module_used(module_hash);
@@ -373,16 +365,12 @@ impl State {
             self.module_released(module);
         }
         if !e.idempotency_key.is_empty() {
-            let record = IdempotencyRecord {
-                op: IdempotentOp::Kill,
-                service_id: event.service_id.as_str().into(),
-                seq: event.seq,
+            let answer = (
                 version,
-                module_hash: [0; 32],
-                request_hash: Some(kill_request_hash(e.force, e.grace_ms, e.expected_version)),
-                at_ms: event.timestamp_ms,
-            };
-            self.remember(&event.tenant, &e.idempotency_key, record);
+                [0; 32],
+                kill_request_hash(e.force, e.grace_ms, e.expected_version),
+            );
+            self.remember_answer(event, &e.idempotency_key, IdempotentOp::Kill, answer);
         }
         Ok(())
     }
@@ -402,16 +390,8 @@ impl State {
         let version = service.version;
         tenant.services.remove(event.service_id.as_str());
         if !e.idempotency_key.is_empty() {
-            let record = IdempotencyRecord {
-                op: IdempotentOp::Remove,
-                service_id: event.service_id.as_str().into(),
-                seq: event.seq,
-                version,
-                module_hash: [0; 32],
-                request_hash: Some(remove_request_hash(e.expected_version)),
-                at_ms: event.timestamp_ms,
-            };
-            self.remember(&event.tenant, &e.idempotency_key, record);
+            let answer = (version, [0; 32], remove_request_hash(e.expected_version));
+            self.remember_answer(event, &e.idempotency_key, IdempotentOp::Remove, answer);
         }
         Ok(())
     }
@@ -432,6 +412,22 @@ impl State {
         change(service);
         service.touched(event);
         Ok(())
+    }
+
+    /// Remembers that `event` answered the keyed request `op` with `key`: its `(version,
+    /// module_hash, request_hash)`, the module zeros for a kill or remove.
+    fn remember_answer(&mut self, event: &Event, key: &str, op: IdempotentOp, answer: (u64, [u8; 32], RequestHash)) {
+        let (version, module_hash, request_hash) = answer;
+        let record = IdempotencyRecord {
+            op,
+            service_id: event.service_id.as_str().into(),
+            seq: event.seq,
+            version,
+            module_hash,
+            request_hash: Some(request_hash),
+            at_ms: event.timestamp_ms,
+        };
+        self.remember(&event.tenant, key, record);
     }
 
     /// Remembers the first answer given for `key`; a key already remembered keeps its answer.
