@@ -10,7 +10,7 @@ use prost::Message as _;
 use serde_json::{Map, Value, json};
 
 use crate::log::Record;
-use crate::proto::{CrashReason, Event, Limits, StopReason, event::Kind};
+use crate::proto::{CrashReason, Event, Limits, RemovalReason, StopReason, event::Kind};
 
 /// A committed event as tailers receive it: decoded once, shared.
 pub type SharedEvent = Arc<Event>;
@@ -134,6 +134,17 @@ pub fn stop_reason_name(reason: StopReason) -> &'static str {
     }
 }
 
+/// The reason of a `service_removed` by its number: a removal from before reasons were
+/// recorded (0) was a requested one, as only clients removed services then; a reason from a
+/// newer build is `unspecified`, as for every enum.
+pub fn removal_reason_name(reason: i32) -> &'static str {
+    match RemovalReason::try_from(reason) {
+        Ok(RemovalReason::Unspecified | RemovalReason::Requested) => "requested",
+        Ok(RemovalReason::MaxStoppedServices) => "max_stopped_services",
+        Err(_) => "unspecified",
+    }
+}
+
 pub fn limits_json(limits: &Limits) -> Value {
     json!({
         "memory_bytes": limits.memory_bytes,
@@ -192,6 +203,7 @@ fn kind_fields_json(kind: &Kind) -> Value {
         Kind::ServiceRemoved(e) => json!({
             "idempotency_key": e.idempotency_key,
             "expected_version": e.expected_version,
+            "reason": removal_reason_name(e.reason),
         }),
         Kind::NodeStarted(e) => json!({
             "version": e.version,
@@ -254,7 +266,11 @@ pub fn describe(event: &Event) -> String {
         ),
         Some(Kind::ServiceStopped(e)) => format!("version={} reason={}", e.version, stop_reason_name(e.reason())),
         Some(Kind::ShutdownRequested(e)) => format!("grace_ms={}", e.grace_ms),
-        Some(Kind::ServiceRemoved(e)) => required_version(e.expected_version).trim_start().to_string(),
+        Some(Kind::ServiceRemoved(e)) => format!(
+            "reason={}{}",
+            removal_reason_name(e.reason),
+            required_version(e.expected_version)
+        ),
         Some(Kind::NodeStarted(e)) => {
             format!(
                 "version={} node={} recovered={}",

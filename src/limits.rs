@@ -18,6 +18,9 @@ const MIB: u64 = 1 << 20;
 pub struct TenantLimits {
     /// Services (not killed) a tenant may have.
     pub max_services: u32,
+    /// Killed, stopped services a tenant's registry keeps; past it, the node removes the one
+    /// stopped longest ago, as Kubernetes' pod garbage collector does terminated pods.
+    pub max_stopped_services: u32,
     /// Linear memory of one service, and the default when a deploy gives none.
     pub max_memory_mb: u64,
     pub default_memory_mb: u64,
@@ -53,6 +56,7 @@ impl Default for TenantLimits {
     fn default() -> Self {
         TenantLimits {
             max_services: 100,
+            max_stopped_services: 1000,
             max_memory_mb: 256,
             default_memory_mb: 64,
             max_tenant_memory_mb: 4096,

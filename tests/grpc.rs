@@ -626,6 +626,103 @@ async fn remove_takes_a_stopped_service_out_of_the_registry() {
     server.stop().await.unwrap();
 }
 
+/// Kills `id` of `tenant` and waits until it has stopped; returns the seq of `service_stopped`.
+async fn kill_and_wait(client: &mut Client, tenant: &str, id: &str) -> u64 {
+    let kill = proto::KillRequest {
+        service_id: id.into(),
+        ..Default::default()
+    };
+    let killed = client.kill(as_tenant(tenant, kill)).await.unwrap().into_inner();
+    let stopped = wait_until(client, tenant, killed.seq, |e| {
+        e.service_id == id && matches!(e.kind, Some(proto::event::Kind::ServiceStopped(_)))
+    })
+    .await;
+    stopped.seq
+}
+
+/// The ids `tenant` lists, in order.
+async fn listed_ids(client: &mut Client, tenant: &str) -> Vec<String> {
+    let listed = client
+        .list(as_tenant(tenant, proto::ListRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    listed.services.into_iter().map(|s| s.service_id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_keeps_at_most_its_stopped_services_and_the_node_removes_the_oldest() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |config| config.limits.max_stopped_services = 2).await;
+    let mut client = grpc_client(&server).await;
+    for (tenant, id) in [("acme", "a"), ("acme", "b"), ("acme", "c"), ("beta", "x")] {
+        let deployed = deploy(&mut client, tenant, id, "echo").await;
+        running(&mut client, tenant, id, deployed.seq).await;
+    }
+    kill_and_wait(&mut client, "acme", "b").await;
+    kill_and_wait(&mut client, "acme", "a").await;
+    // Another tenant's stopped services count against its own limit only.
+    kill_and_wait(&mut client, "beta", "x").await;
+    assert_eq!(listed_ids(&mut client, "acme").await, ["a", "b", "c"]);
+
+    // A third stopped service: the one stopped longest ago leaves, in the same commit.
+    let stopped = kill_and_wait(&mut client, "acme", "c").await;
+    let removed = wait_until(&mut client, "acme", stopped, |e| {
+        matches!(e.kind, Some(proto::event::Kind::ServiceRemoved(_)))
+    })
+    .await;
+    assert_eq!(
+        (removed.seq, removed.service_id.as_str(), removed.actor.as_str()),
+        (stopped + 1, "b", "node")
+    );
+    let Some(proto::event::Kind::ServiceRemoved(removal)) = &removed.kind else {
+        unreachable!()
+    };
+    assert_eq!(removal.reason(), proto::RemovalReason::MaxStoppedServices);
+    assert_eq!(listed_ids(&mut client, "acme").await, ["a", "c"]);
+    assert_eq!(listed_ids(&mut client, "beta").await, ["x"]);
+    let status = proto::StatusRequest { service_id: "b".into() };
+    assert_eq!(code(client.status(as_tenant("acme", status)).await), Code::NotFound);
+    server.stop().await.unwrap();
+
+    // A limit lowered while the node was down holds from its start.
+    let server = start_server(dir.path(), |config| {
+        config.limits.max_stopped_services = 2;
+        let keep_none = [("max_stopped_services".to_string(), toml::Value::Integer(0))];
+        config.tenants.insert(
+            "acme".into(),
+            solo::config::TenantConfig {
+                limits: Some(solo::config::TenantLimitOverrides(keep_none.into())),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let mut client = grpc_client(&server).await;
+    let collected = wait_until(&mut client, "acme", stopped + 2, |e| e.service_id == "c").await;
+    assert!(matches!(collected.kind, Some(proto::event::Kind::ServiceRemoved(_))));
+    assert_eq!(listed_ids(&mut client, "acme").await, Vec::<String>::new());
+    assert_eq!(listed_ids(&mut client, "beta").await, ["x"]);
+    // Removed services are gone from the history's present only: the log keeps every event.
+    let history = proto::WatchRequest {
+        from_seq: 1,
+        kinds: vec!["service_removed".into()],
+        ..Default::default()
+    };
+    let mut stream = client.watch(as_tenant("acme", history)).await.unwrap().into_inner();
+    let mut removals = Vec::new();
+    while removals.len() < 3 {
+        let next = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .expect("the history arrives");
+        if let Some(Msg::Event(event)) = next.unwrap().unwrap().msg {
+            removals.push(event.service_id);
+        }
+    }
+    assert_eq!(removals, ["b", "a", "c"]);
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     let dir = tempdir();

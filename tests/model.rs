@@ -15,6 +15,10 @@ use solo::state::State;
 const TENANTS: [&str; 2] = ["acme", "beta"];
 const SERVICES: [&str; 3] = ["a", "b", "c"];
 const MAX_SERVICES: u32 = 2;
+/// Killed, stopped services a tenant keeps: with one, a service that stops makes the node
+/// remove the tenant's other stopped one, necessarily stopped before it (a stopped service
+/// takes no event but a redeploy or a removal).
+const MAX_STOPPED_SERVICES: u32 = 1;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -319,10 +323,18 @@ impl Model {
                 tenant,
                 service,
                 killed,
-            } => self.observe(tenant, service, false, |s| {
-                let up = matches!(s.status, "starting" | "running" | "stopping");
-                (up && (!killed || !s.running_desired)).then(|| s.status = "stopped")
-            }),
+            } => {
+                let answer = self.observe(tenant, service, false, |s| {
+                    let up = matches!(s.status, "starting" | "running" | "stopping");
+                    (up && (!killed || !s.running_desired)).then(|| s.status = "stopped")
+                });
+                let removable = |s: &ModelService| !s.running_desired && s.status == "stopped";
+                if answer == Answer::Observed && self.services.get(&(tenant, service)).is_some_and(removable) {
+                    self.services
+                        .retain(|&(t, s), held| t != tenant || s == service || !removable(held));
+                }
+                answer
+            }
             Op::Remove { tenant, service, key } => {
                 if let Some(k) = key
                     && let Some(used) = self.keys.get(&(tenant, k))
@@ -538,6 +550,7 @@ fn check(ops: Vec<Op>, snapshot_every: u64) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let mut options = options(dir.path());
     options.limits.node.max_services = MAX_SERVICES;
+    options.limits.node.max_stopped_services = MAX_STOPPED_SERVICES;
     options.writer.snapshot_every = snapshot_every;
     let settings = options.settings;
     runtime.block_on(async {
@@ -563,6 +576,7 @@ fn check(ops: Vec<Op>, snapshot_every: u64) -> Result<(), TestCaseError> {
         // Snapshot + tail (what a restart does) equals the full replay.
         let mut reopen_options = common::options(dir.path());
         reopen_options.limits.node.max_services = MAX_SERVICES;
+        reopen_options.limits.node.max_stopped_services = MAX_STOPPED_SERVICES;
         let (control, recovery) = Control::open(reopen_options).unwrap();
         if snapshot_every > 0 && head >= snapshot_every {
             prop_assert!(recovery.snapshot_seq.is_some(), "a snapshot was used: {:?}", recovery);
@@ -570,6 +584,45 @@ fn check(ops: Vec<Op>, snapshot_every: u64) -> Result<(), TestCaseError> {
         prop_assert_eq!(&control.read_state(Clone::clone), &live);
         Ok(())
     })
+}
+
+/// The node's own removal, made sure of rather than left to chance: a tenant's second stopped
+/// service takes the first out of the registry, in the log, a replay and a snapshot alike.
+#[test]
+fn a_second_stopped_service_removes_the_first() {
+    let (tenant, killed) = (0, true);
+    let mut ops = Vec::new();
+    for service in [1, 0] {
+        let (key, expected) = (None, None);
+        ops.push(Op::Deploy {
+            tenant,
+            service,
+            module: 0,
+            key,
+            expected,
+        });
+        ops.push(Op::Kill {
+            tenant,
+            service,
+            key,
+            expected,
+        });
+        ops.push(Op::Stopped {
+            tenant,
+            service,
+            killed,
+        });
+    }
+    ops.push(Op::Deploy {
+        tenant,
+        service: 1,
+        module: 0,
+        key: None,
+        expected: Some(0),
+    });
+    for snapshot_every in [0, 1, 4] {
+        check(ops.clone(), snapshot_every).unwrap();
+    }
 }
 
 proptest! {

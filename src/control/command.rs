@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::error::{Error, Result};
 use crate::event::envelope;
 use crate::limits::TenantLimits;
-use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, event::Kind};
+use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, RemovalReason, StopReason, event::Kind};
 use crate::state::{
     Desired, IdempotencyRecord, State, Status, deploy_request_hash, kill_request_hash, remove_request_hash,
 };
@@ -377,9 +377,37 @@ fn decide_remove(state: &State, cmd: RemoveCommand, cx: Context<'_>) -> Result<D
         Kind::ServiceRemoved(proto::ServiceRemoved {
             idempotency_key: cmd.idempotency_key,
             expected_version: cmd.expected_version,
+            reason: RemovalReason::Requested.into(),
         }),
     );
     Ok(Decision::Append { event, blob: None })
+}
+
+/// The removals that bring a tenant back within its `max_stopped_services`: of the services
+/// stopped longest ago, oldest first. Usually none, or one after a service stopped; more when
+/// the limit was lowered.
+pub(super) fn collect_stopped(state: &State, tenant: &str, max_stopped_services: u32) -> Vec<Event> {
+    let Some(held) = state.tenant(tenant) else {
+        return Vec::new();
+    };
+    let excess = held.stopped_services.saturating_sub(max_stopped_services) as usize;
+    if excess == 0 {
+        return Vec::new();
+    }
+    held.stopped_longest(excess)
+        .into_iter()
+        .map(|service| {
+            envelope(
+                tenant,
+                service.id.as_str(),
+                NODE_ACTOR,
+                Kind::ServiceRemoved(proto::ServiceRemoved {
+                    reason: RemovalReason::MaxStoppedServices.into(),
+                    ..Default::default()
+                }),
+            )
+        })
+        .collect()
 }
 
 /// A keyed request: what its key may have answered before.

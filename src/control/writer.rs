@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::command::{Blob, Command, Context, Decision, Reply, decide};
+use super::command::{Blob, Command, Context, Decision, Reply, collect_stopped, decide};
 use super::error::{Error, Result};
 use super::noop_keys::{KeyedRequest, NoOpKeys};
 use super::snapshotter::Batches;
@@ -220,49 +220,71 @@ impl Writer {
                     answer: Ok(answer),
                 });
             }
-            Ok(Decision::Append { mut event, blob }) => {
-                event.seq = self.working.applied_seq() + 1;
-                event.timestamp_ms = batch.now_ms;
-                // The module the event lets go of: an upgrade's old one, a kill's (a killed
-                // service needs none). It leaves the blob store if nothing else runs it.
-                let replaced = match &event.kind {
-                    Some(Kind::ServiceDeployed(deployed)) => self
-                        .working
-                        .service(&event.tenant, &event.service_id)
-                        .filter(|s| s.module_sha256 != deployed.module_sha256)
-                        .map(|s| s.module_hash),
-                    Some(Kind::ServiceKillRequested(_)) => self
-                        .working
-                        .service(&event.tenant, &event.service_id)
-                        .map(|s| s.module_hash),
-                    _ => None,
-                };
-                if let Err(e) = self.working.apply(&event) {
-                    // decide() checked this; a failure here is a bug, reported, not appended.
-                    tracing::error!(error = %e, "a decided event does not apply");
-                    batch.pending.push(Pending {
-                        reply,
-                        answer: Err(Error::Stale(e)),
-                    });
-                    return;
-                }
-                if let Some(Kind::ShutdownRequested(_)) = event.kind {
-                    batch.shutdown_seq = Some(event.seq);
-                }
-                batch.replaced.extend(replaced);
-                // A module already in the blob store (or in this batch) is not written again.
-                if let Some(module) = blob
-                    && !self.stored_blobs.contains(&module.sha256)
-                    && !batch.blobs.iter().any(|m| m.sha256 == module.sha256)
-                {
-                    batch.blobs.push(module);
-                }
-                let event = Arc::new(event);
-                batch.pending.push(Pending {
-                    reply,
-                    answer: Ok(Reply::Appended(Arc::clone(&event))),
+            Ok(Decision::Append { event, blob }) => {
+                let answer = self.append(event, blob, batch).map(|event| {
+                    self.collect_stopped(&event, batch);
+                    Reply::Appended(event)
                 });
-                batch.events.push(event);
+                batch.pending.push(Pending { reply, answer });
+            }
+        }
+    }
+
+    /// Adds a decided event to the batch: numbers it, applies it to the working state, and
+    /// notes the module it brings and the one it lets go of.
+    fn append(&mut self, mut event: Event, blob: Option<Blob>, batch: &mut Batch) -> Result<Arc<Event>> {
+        event.seq = self.working.applied_seq() + 1;
+        event.timestamp_ms = batch.now_ms;
+        // The module the event lets go of: an upgrade's old one, a kill's (a killed service
+        // needs none). It leaves the blob store if nothing else runs it.
+        let replaced = match &event.kind {
+            Some(Kind::ServiceDeployed(deployed)) => self
+                .working
+                .service(&event.tenant, &event.service_id)
+                .filter(|s| s.module_sha256 != deployed.module_sha256)
+                .map(|s| s.module_hash),
+            Some(Kind::ServiceKillRequested(_)) => self
+                .working
+                .service(&event.tenant, &event.service_id)
+                .map(|s| s.module_hash),
+            _ => None,
+        };
+        if let Err(e) = self.working.apply(&event) {
+            // decide() checked this; a failure here is a bug, reported, not appended.
+            tracing::error!(error = %e, "a decided event does not apply");
+            return Err(Error::Stale(e));
+        }
+        if let Some(Kind::ShutdownRequested(_)) = event.kind {
+            batch.shutdown_seq = Some(event.seq);
+        }
+        batch.replaced.extend(replaced);
+        // A module already in the blob store (or in this batch) is not written again.
+        if let Some(module) = blob
+            && !self.stored_blobs.contains(&module.sha256)
+            && !batch.blobs.iter().any(|m| m.sha256 == module.sha256)
+        {
+            batch.blobs.push(module);
+        }
+        let event = Arc::new(event);
+        batch.events.push(Arc::clone(&event));
+        Ok(event)
+    }
+
+    /// Keeps tenants within their `max_stopped_services`: once a service has stopped (or, as
+    /// the node starts, for every tenant, whose limit may have been lowered), the node removes
+    /// the services stopped longest ago, in the same batch.
+    fn collect_stopped(&mut self, after: &Event, batch: &mut Batch) {
+        let tenants: Vec<String> = match &after.kind {
+            Some(Kind::ServiceStopped(_)) => vec![after.tenant.clone()],
+            Some(Kind::NodeStarted(_)) => self.working.tenants().map(|(name, _)| name.to_string()).collect(),
+            _ => return,
+        };
+        for tenant in tenants {
+            let keep = self.limits.for_tenant(&tenant).max_stopped_services;
+            for removal in collect_stopped(&self.working, &tenant, keep) {
+                if self.append(removal, None, batch).is_err() {
+                    break;
+                }
             }
         }
     }

@@ -10,6 +10,7 @@ mod snapshot;
 use std::collections::VecDeque;
 
 use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, event::Kind};
+use service::count_stopped;
 
 pub use service::{
     CompactString, DEPLOY_WINDOW_INTERVALS, DeployWindow, Desired, IdempotencyRecord, Labels, Map, RECENT_EVENTS,
@@ -276,16 +277,19 @@ impl State {
                 tenant.insert(Box::default())
             }
         };
-        let service = match tenant.services.entry_ref(event.service_id.as_str()) {
+        // A redeployed stopped service is no longer one; a new one never was.
+        let (service, was_stopped) = match tenant.services.entry_ref(event.service_id.as_str()) {
             EntryRef::Occupied(service) => {
                 check_next_version(event, service.get().version, e.version)?;
-                service.into_mut()
+                let was_stopped = service.get().is_removable();
+                (service.into_mut(), was_stopped)
             }
             EntryRef::Vacant(service) => {
                 check_next_version(event, 0, e.version)?;
-                service.insert(Box::new(Service::new(event, limits)))
+                (service.insert(Box::new(Service::new(event, limits))), false)
             }
         };
+        count_stopped(&mut tenant.stopped_services, was_stopped, false);
         let was_active = service.is_active();
         if was_active {
             tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
@@ -354,6 +358,7 @@ impl State {
         // A forced kill of a service already stopping hurries the stop along; the service
         // left the quotas with the first kill.
         let escalation = service.desired == Desired::Stopped;
+        count_stopped(&mut tenant.stopped_services, service.is_removable(), false);
         service.desired = Desired::Stopped;
         service.status = Status::Stopping;
         service.touched(event);
@@ -388,6 +393,7 @@ impl State {
         transition_allowed(event, service)?;
         // A stopped service holds no quota and no module: only its entry goes.
         let version = service.version;
+        count_stopped(&mut tenant.stopped_services, service.is_removable(), false);
         tenant.services.remove(event.service_id.as_str());
         if !e.idempotency_key.is_empty() {
             let answer = (version, [0; 32], remove_request_hash(e.expected_version));
@@ -403,14 +409,20 @@ impl State {
             .as_ref()
             .map_or("unknown", |k| crate::event::EventKind::of(k).as_str());
         require_service_ids(event, kind)?;
-        let service = self
+        let tenant = self
             .tenants
             .get_mut(event.tenant.as_str())
-            .and_then(|t| t.services.get_mut(event.service_id.as_str()))
+            .ok_or_else(|| unknown(event))?;
+        let service = tenant
+            .services
+            .get_mut(event.service_id.as_str())
             .ok_or_else(|| unknown(event))?;
         transition_allowed(event, service)?;
+        let was_removable = service.is_removable();
         change(service);
         service.touched(event);
+        let is_removable = service.is_removable();
+        count_stopped(&mut tenant.stopped_services, was_removable, is_removable);
         Ok(())
     }
 

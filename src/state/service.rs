@@ -329,9 +329,41 @@ pub struct Tenant {
     /// Services that hold quota ([`Service::is_active`]) and the memory they reserve.
     pub active_services: u32,
     pub active_memory_bytes: u64,
+    /// Services killed and stopped ([`Service::is_removable`]): what `max_stopped_services`
+    /// bounds.
+    pub stopped_services: u32,
     /// Deploys within the rate window.
     pub recent_deploys: DeployWindow,
     pub idempotency: Map<CompactString, IdempotencyRecord>,
+}
+
+/// Counts, in a tenant's `stopped_services`, a service that was removable (`was`) and now is
+/// (`is`), or not. (A field, not the tenant: its services are borrowed meanwhile.)
+pub(crate) fn count_stopped(stopped_services: &mut u32, was: bool, is: bool) {
+    match (was, is) {
+        (false, true) => *stopped_services = stopped_services.saturating_add(1),
+        (true, false) => *stopped_services = stopped_services.saturating_sub(1),
+        _ => {}
+    }
+}
+
+impl Tenant {
+    /// The `count` killed, stopped services whose last events are the oldest, oldest first:
+    /// the first to go when the tenant keeps too many.
+    pub fn stopped_longest(&self, count: usize) -> Vec<&Service> {
+        let mut stopped: Vec<&Service> = self
+            .services
+            .values()
+            .filter(|s| s.is_removable())
+            .map(|s| &**s)
+            .collect();
+        if count < stopped.len() {
+            stopped.select_nth_unstable_by_key(count, |s| s.last_seq);
+            stopped.truncate(count);
+        }
+        stopped.sort_unstable_by_key(|s| s.last_seq);
+        stopped
+    }
 }
 
 /// Intervals a deploy-rate window is counted in.

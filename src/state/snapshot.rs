@@ -4,7 +4,9 @@ use prost::Message as _;
 
 use std::collections::VecDeque;
 
-use super::{CompactString, DeployWindow, Desired, IdempotencyRecord, Map, Service, Settings, State, Status};
+use super::{
+    CompactString, DeployWindow, Desired, IdempotencyRecord, Map, Service, Settings, State, Status, count_stopped,
+};
 use crate::proto::{self, IdempotentOp, StateSnapshot};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,6 +115,7 @@ impl State {
                         service.tenant, service.id
                     )));
                 }
+                count_stopped(&mut tenant.stopped_services, false, service.is_removable());
                 if service.is_active() {
                     tenant.active_services = tenant.active_services.saturating_add(1);
                     state.active_services += 1;

@@ -134,7 +134,7 @@ fn a_stopped_service_leaves_the_registry_and_its_id_starts_over() {
             "tenant:acme",
             Kind::ServiceRemoved(proto::ServiceRemoved {
                 idempotency_key: key.into(),
-                expected_version: None,
+                ..Default::default()
             }),
         )
     };
@@ -162,6 +162,73 @@ fn a_stopped_service_leaves_the_registry_and_its_id_starts_over() {
     // The id is free: a deploy starts over at version 1.
     assert!(state.apply(&at(deployed("a", 2, 1, ""), 5, 1)).is_err());
     state.apply(&at(deployed("a", 1, 1, ""), 5, 1)).unwrap();
+    let mut bytes = Vec::new();
+    state.encode_snapshot(&mut bytes);
+    assert_eq!(State::decode_snapshot(&bytes, Settings::default()).unwrap(), state);
+}
+
+#[test]
+fn killed_and_stopped_services_are_counted_the_longest_stopped_first() {
+    let stopped = |id: &str, version: u64| {
+        envelope(
+            "acme",
+            id,
+            "node",
+            Kind::ServiceStopped(ServiceStopped {
+                version,
+                reason: StopReason::Killed as i32,
+            }),
+        )
+    };
+    let shut_down = envelope(
+        "acme",
+        "d",
+        "node",
+        Kind::ServiceStopped(ServiceStopped {
+            version: 1,
+            reason: StopReason::NodeShutdown as i32,
+        }),
+    );
+    let removed = envelope(
+        "acme",
+        "a",
+        "node",
+        Kind::ServiceRemoved(proto::ServiceRemoved::default()),
+    );
+    let count = |state: &State| state.tenant("acme").unwrap().stopped_services;
+    let longest = |state: &State, n: usize| -> Vec<String> {
+        let tenant = state.tenant("acme").unwrap();
+        tenant.stopped_longest(n).into_iter().map(|s| s.id.clone()).collect()
+    };
+    let mut state = State::new(Settings::default());
+    let events = [
+        deployed("a", 1, 1, ""),
+        deployed("b", 1, 1, ""),
+        deployed("c", 1, 1, ""),
+        deployed("d", 1, 1, ""),
+        kill("a"),
+        stopped("a", 1),
+        kill("c"),
+        stopped("c", 1),
+        kill("b"),
+        // Stopping, not yet stopped; and stopped by a shutdown, which comes back with the node.
+        shut_down,
+    ];
+    for (seq, event) in (1..).zip(events) {
+        state.apply(&at(event, seq, 1)).unwrap();
+    }
+    assert_eq!(count(&state), 2);
+    state.apply(&at(stopped("b", 1), 11, 1)).unwrap();
+    assert_eq!(count(&state), 3);
+    assert_eq!(longest(&state, 2), ["a", "c"]);
+    assert_eq!(longest(&state, 5), ["a", "c", "b"]);
+    // A new service is not one; a redeploy and a removal each take one away.
+    state.apply(&at(deployed("e", 1, 1, ""), 12, 1)).unwrap();
+    assert_eq!(count(&state), 3);
+    state.apply(&at(deployed("c", 2, 1, ""), 13, 1)).unwrap();
+    state.apply(&at(removed, 14, 1)).unwrap();
+    assert_eq!((count(&state), longest(&state, 5)), (1, vec!["b".to_string()]));
+    // A snapshot counts as the log did.
     let mut bytes = Vec::new();
     state.encode_snapshot(&mut bytes);
     assert_eq!(State::decode_snapshot(&bytes, Settings::default()).unwrap(), state);
