@@ -568,7 +568,12 @@ fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decis
     Ok(Decision::Append { event, blob: None })
 }
 
-fn decide_observation(state: &State, observation: Observation) -> Result<Decision> {
+fn decide_observation(state: &State, mut observation: Observation) -> Result<Decision> {
+    // A service brought back, then killed and removed before the node had finished starting,
+    // is no longer there to name.
+    if let Observation::NodeStarted { recovered, .. } = &mut observation {
+        recovered.retain(|r| state.service(&r.tenant, &r.service_id).is_some());
+    }
     let mut event = observation_event(observation);
     // Check against the state as if this were the next event: a stale observation (say, from
     // an instance that an upgrade replaced) is refused rather than appended.
@@ -763,5 +768,40 @@ mod tests {
         }
         assert!(validate_idempotency_key("retry-1").is_ok());
         assert!(validate_idempotency_key("has space").is_err());
+    }
+
+    #[test]
+    fn node_started_names_only_recovered_services_still_in_the_registry() {
+        let mut state = State::new(crate::state::Settings::default());
+        let mut deployed = envelope(
+            "acme",
+            "kept",
+            "tenant:acme",
+            Kind::ServiceDeployed(proto::ServiceDeployed {
+                module_sha256: "ab".repeat(32),
+                version: 1,
+                limits: Some(Limits::default()),
+                ..Default::default()
+            }),
+        );
+        deployed.seq = 1;
+        state.apply(&deployed).unwrap();
+        let service = |id: &str| proto::ServiceRef {
+            tenant: "acme".into(),
+            service_id: id.into(),
+        };
+        let observation = Observation::NodeStarted {
+            version: "1".into(),
+            node_id: "n".into(),
+            recovered: vec![service("kept"), service("removed")],
+            replayed_to_seq: 1,
+        };
+        let Ok(Decision::Append { event, .. }) = decide_observation(&state, observation) else {
+            panic!("node_started is appended");
+        };
+        let Some(Kind::NodeStarted(started)) = event.kind else {
+            panic!("{event:?}");
+        };
+        assert_eq!(started.recovered, [service("kept")]);
     }
 }
