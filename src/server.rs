@@ -74,6 +74,7 @@ pub async fn open_control(config: &Config, metrics: Option<Arc<Metrics>>) -> any
         snapshot = ?recovery.snapshot_seq,
         replayed = recovery.replayed,
         skipped = recovery.skipped,
+        modules_collected = recovery.modules_collected,
         elapsed_ms = recovery.elapsed.as_millis() as u64,
         "state rebuilt from the log"
     );

@@ -636,6 +636,61 @@ async fn a_module_no_service_runs_any_more_leaves_the_blob_store() {
     assert!(!has(&control, &m3), "and who was killed");
 }
 
+/// A data directory from before modules were collected holds those of upgraded and killed
+/// services: the node deletes them as it opens, and keeps every module a service should run.
+#[tokio::test]
+async fn modules_an_older_build_left_behind_are_deleted_at_open() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    let sha = |outcome: &solo::control::DeployOutcome| solo::state::parse_sha256(&outcome.module_sha256).unwrap();
+    let running = sha(&deploy(&control, "acme", "a", "m1").await);
+    let runs_too = sha(&deploy(&control, "acme", "b", "m2").await);
+    // What an older build left: the module of a killed service, stored beside the others.
+    let left = module("left behind");
+    let left_sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&left).into();
+    let put = [solo::log::BlobRef {
+        sha256: &left_sha,
+        bytes: &left,
+    }];
+    let changes = solo::log::BlobChanges { put: &put, delete: &[] };
+    let store = control.log().store();
+    store
+        .append(control.head() + 1, std::iter::empty(), changes, Default::default())
+        .unwrap();
+    assert_eq!(blob_count(&control).0, 3);
+    control.close().await;
+    drop(control);
+
+    let (control, recovery) = Control::open(options(dir.path())).unwrap();
+    assert_eq!(recovery.modules_collected, 1);
+    let store = control.log().store();
+    assert!(!store.has_blob(&left_sha).unwrap());
+    assert!(store.has_blob(&running).unwrap() && store.has_blob(&runs_too).unwrap());
+    let report = inspect::verify(store, control.read_state(|s| s.settings())).unwrap();
+    assert!(report.ok(), "{}", report.summary());
+
+    // A log with an event this build steps over may name services the state does not know:
+    // nothing is deleted then.
+    let mut stray = solo::event::envelope(
+        "acme",
+        "ghost",
+        "node",
+        Kind::ServiceStarted(solo::proto::ServiceStarted::default()),
+    );
+    stray.seq = control.head() + 1;
+    let frame = frame::encode(&prost::Message::encode_to_vec(&stray));
+    control
+        .log()
+        .store()
+        .append(stray.seq, [frame.as_slice()], changes, Default::default())
+        .unwrap();
+    control.close().await;
+    drop(control);
+    let (control, recovery) = Control::open(options(dir.path())).unwrap();
+    assert_eq!((recovery.skipped, recovery.modules_collected), (1, 0));
+    assert!(control.log().store().has_blob(&left_sha).unwrap());
+}
+
 fn blob_count(control: &Control) -> (u64, u64) {
     let mut count = (0, 0);
     control

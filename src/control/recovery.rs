@@ -26,6 +26,8 @@ pub struct Recovery {
     pub skipped: u64,
     pub head: u64,
     pub elapsed: Duration,
+    /// Modules deleted from the blob store because no service that should run has them.
+    pub modules_collected: usize,
 }
 
 pub(super) fn recover(log: &EventLog, settings: Settings) -> log::Result<(State, Recovery)> {
@@ -40,14 +42,52 @@ pub(super) fn recover(log: &EventLog, settings: Settings) -> log::Result<(State,
     };
     let from = state.applied_seq() + 1;
     let skipped = replay(log.store(), &mut state, from, head)?;
+    // A state that stepped over events may not know every service that should run: what it
+    // finds unused is then kept.
+    let modules_collected = if skipped == 0 {
+        collect_unused_modules(log, &state)
+    } else {
+        0
+    };
     let recovery = Recovery {
         snapshot_seq,
         replayed: head + 1 - from,
         skipped,
         head,
         elapsed: started.elapsed(),
+        modules_collected,
     };
     Ok((state, recovery))
+}
+
+/// Deletes the modules that no service that should run has: a data directory written before
+/// commits collected them (log-format.md, invariant 6) may hold those of every service ever
+/// upgraded or killed. Returns how many went. Failing costs only disk space, so it is logged,
+/// not fatal.
+fn collect_unused_modules(log: &EventLog, state: &State) -> usize {
+    let mut unused = Vec::new();
+    let scanned = log.store().scan_blobs(|key, _| {
+        // A key that is not a hash is for `solo log verify` to report, not for this to delete.
+        if let Ok(sha256) = <[u8; 32]>::try_from(key)
+            && state.module_users(&sha256) == 0
+        {
+            unused.push(sha256);
+        }
+    });
+    let deleted = scanned.and_then(|()| {
+        let changes = log::BlobChanges {
+            put: &[],
+            delete: &unused,
+        };
+        log.append(&log::Batch::with_capacity(0), changes, log::RequestChanges::default())
+    });
+    match deleted {
+        Ok(_) => unused.len(),
+        Err(e) => {
+            tracing::warn!(error = %e, "modules no service runs were not deleted");
+            0
+        }
+    }
 }
 
 /// The newest snapshot that passes its checks and is not past `head`. A snapshot that fails is

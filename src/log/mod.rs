@@ -126,7 +126,7 @@ impl<R: Record> Log<R> {
             .unwrap_or_else(|poison| poison.into_inner());
         let durable = self.inner.durable.load(Ordering::Acquire);
         let Some(first) = records.first() else {
-            if !requests.is_empty() {
+            if !requests.is_empty() || !blobs.is_empty() {
                 self.inner
                     .store
                     .append(durable + 1, std::iter::empty(), blobs, requests)?;

@@ -79,6 +79,12 @@ pub struct BlobChanges<'a> {
     pub delete: &'a [[u8; 32]],
 }
 
+impl BlobChanges<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.put.is_empty() && self.delete.is_empty()
+    }
+}
+
 /// Sizes and counts, for `solo log stats`.
 #[derive(Debug, Clone, Default)]
 pub struct StoreStats {
