@@ -626,7 +626,7 @@ fn a_second_stopped_service_removes_the_first() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
     fn control_agrees_with_the_model(ops in proptest::collection::vec(op(), 1..60), snapshot_every in prop_oneof![Just(0u64), 1u64..12]) {
