@@ -11,6 +11,10 @@
 //! that was not refused gets the error, and the working state is reset to the published
 //! (committed) one.
 //!
+//! A few events bring events of the node's own into the same batch, which no caller waits
+//! for: a stop that takes a tenant past its `max_stopped_services` (and the node's start, for
+//! every tenant) brings the removal of the services stopped longest ago.
+//!
 //! The writer is the one serial step, so it leaves what it can to the callers: a command's
 //! strings move into its event rather than being copied, an appended command is answered with
 //! the shared event (the caller reads its answer from it), and events that left the tail window
