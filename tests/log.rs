@@ -1043,7 +1043,7 @@ async fn a_data_dir_of_an_unknown_format_version_is_refused() {
             err,
             solo::log::Error::UnsupportedFormat {
                 found: 99,
-                supported: 1,
+                supported: solo::log::FORMAT_VERSION,
                 ..
             }
         ),
@@ -1052,15 +1052,60 @@ async fn a_data_dir_of_an_unknown_format_version_is_refused() {
     assert!(err.to_string().contains("format version 99"), "{err}");
 }
 
+/// A directory of the previous format (before `service_removed`) is read as it is by read-only
+/// tools, and raised to this build's format by a node, so that the previous build, which would
+/// step over removals and list removed services again, refuses it from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_of_the_previous_format_is_raised_when_a_node_opens_it() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    control.close().await;
+    drop(control);
+    set_format_version(dir.path(), solo::log::OLDEST_FORMAT_VERSION);
+
+    let read_only = solo::log::StoreOptions {
+        read_only: true,
+        ..options(dir.path()).log.store
+    };
+    let store = solo::log::Store::open(dir.path(), &read_only).unwrap();
+    assert_eq!(store.head().unwrap(), 1);
+    drop(store);
+    assert_eq!(format_version(dir.path()), solo::log::OLDEST_FORMAT_VERSION);
+
+    let control = open(options(dir.path()));
+    assert_eq!(
+        control.read_state(|s| s.service("acme", "a").map(|s| s.version)),
+        Some(1)
+    );
+    control.close().await;
+    drop(control);
+    assert_eq!(format_version(dir.path()), solo::log::FORMAT_VERSION);
+}
+
+/// The heed environment of a closed test directory, with its `meta` database.
 #[allow(unsafe_code)]
-fn set_format_version(dir: &std::path::Path, version: u32) {
-    use heed::types::{Bytes, Str};
+fn meta_of(dir: &std::path::Path) -> (heed::Env, heed::Database<heed::types::Str, heed::types::Bytes>) {
     // SAFETY: nothing else has this test's directory open.
-    let env = unsafe { heed::EnvOpenOptions::new().max_dbs(4).open(dir) }.unwrap();
+    let env = unsafe { heed::EnvOpenOptions::new().max_dbs(8).open(dir) }.unwrap();
     let mut wtxn = env.write_txn().unwrap();
-    let meta: heed::Database<Str, Bytes> = env.create_database(&mut wtxn, Some("meta")).unwrap();
+    let meta = env.create_database(&mut wtxn, Some("meta")).unwrap();
+    wtxn.commit().unwrap();
+    (env, meta)
+}
+
+fn set_format_version(dir: &std::path::Path, version: u32) {
+    let (env, meta) = meta_of(dir);
+    let mut wtxn = env.write_txn().unwrap();
     meta.put(&mut wtxn, "format_version", &version.to_be_bytes()).unwrap();
     wtxn.commit().unwrap();
+}
+
+fn format_version(dir: &std::path::Path) -> u32 {
+    let (env, meta) = meta_of(dir);
+    let rtxn = env.read_txn().unwrap();
+    let bytes = meta.get(&rtxn, "format_version").unwrap().unwrap();
+    u32::from_be_bytes(bytes.try_into().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,8 +36,8 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
-        "data directory {path} has format version {found}, but this build of Solo reads version \
-         {supported}; use a matching Solo release"
+        "data directory {path} has format version {found}, but this build of Solo reads versions \
+         up to {supported}; use a matching Solo release"
     )]
     UnsupportedFormat { path: PathBuf, found: u32, supported: u32 },
     #[error("data directory {path} is not usable: {reason}")]

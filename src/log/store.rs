@@ -15,8 +15,15 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RoTxn, RwTxn, With
 use super::error::{Error, Result};
 use super::frame;
 
-/// The on-disk format this build writes and reads (`meta/format_version`).
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format this build writes (`meta/format_version`). Version 2 may hold
+/// `service_removed` events, which a reader of version 1 would step over, and so list removed
+/// services again and refuse the deploys that reused their ids.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest format this build reads. A directory of an older format that is opened for
+/// writing is raised to [`FORMAT_VERSION`] first, so that older builds refuse it from then on
+/// rather than misread it.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 pub const EVENTS_DB: &str = "events";
 pub const BLOBS_DB: &str = "blobs";
@@ -253,7 +260,8 @@ impl Store {
         Error::from_commit(e, &self.path, self.map_size)
     }
 
-    /// Verifies the format version, or stamps a new data directory with this build's.
+    /// Verifies the format version (raising an older one, when writing), or stamps a new data
+    /// directory with this build's.
     fn check_or_init_meta(&self, read_only: bool) -> Result<NodeMeta> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         let version = self.meta.get(&rtxn, META_FORMAT_VERSION).map_err(|e| self.err(e))?;
@@ -264,14 +272,24 @@ impl Store {
                         .try_into()
                         .map_err(|_| self.bad("meta/format_version is not 4 bytes"))?,
                 );
-                if found != FORMAT_VERSION {
+                if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&found) {
                     return Err(Error::UnsupportedFormat {
                         path: self.path.clone(),
                         found,
                         supported: FORMAT_VERSION,
                     });
                 }
-                self.read_node_meta(&rtxn)
+                let node = self.read_node_meta(&rtxn)?;
+                drop(rtxn);
+                if found < FORMAT_VERSION && !read_only {
+                    let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+                    self.meta
+                        .put(&mut wtxn, META_FORMAT_VERSION, &FORMAT_VERSION.to_be_bytes())
+                        .map_err(|e| self.err(e))?;
+                    wtxn.commit().map_err(|e| self.commit_err(e))?;
+                    tracing::info!(from = found, to = FORMAT_VERSION, "data directory format raised");
+                }
+                Ok(node)
             }
             None if read_only => Err(self.bad("it was never initialised (no meta/format_version)")),
             None => {
