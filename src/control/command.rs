@@ -9,7 +9,7 @@ use crate::event::envelope;
 use crate::limits::TenantLimits;
 use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, RemovalReason, StopReason, event::Kind};
 use crate::state::{
-    Desired, IdempotencyRecord, State, Status, deploy_request_hash, kill_request_hash, remove_request_hash,
+    Desired, IdempotencyRecord, Service, State, Status, deploy_request_hash, kill_request_hash, remove_request_hash,
 };
 
 /// Who caused an event, as recorded in its `actor` field.
@@ -296,8 +296,8 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
             replayed: true,
         })));
     }
-    require_version(state, &cmd.tenant, &cmd.service_id, cmd.expected_version)?;
     let existing = state.service(&cmd.tenant, &cmd.service_id);
+    check_version(existing, &cmd.service_id, cmd.expected_version)?;
     if let Some(s) = existing
         && s.module_sha256 == sha
         && s.limits == cmd.limits
@@ -358,12 +358,7 @@ fn decide_remove(state: &State, cmd: RemoveCommand, cx: Context<'_>) -> Result<D
             replayed: true,
         })));
     }
-    let service = state
-        .service(&cmd.tenant, &cmd.service_id)
-        .ok_or_else(|| Error::NotFound {
-            service_id: cmd.service_id.clone(),
-        })?;
-    require_version(state, &cmd.tenant, &cmd.service_id, cmd.expected_version)?;
+    let service = named_service(state, &cmd.tenant, &cmd.service_id, cmd.expected_version)?;
     if !service.is_removable() {
         return Err(Error::NotStopped {
             service_id: cmd.service_id,
@@ -446,10 +441,25 @@ impl Keyed<'_> {
 /// Refuses a request that requires a version (`expected`; 0: that the service not exist) the
 /// service is not at.
 pub(super) fn require_version(state: &State, tenant: &str, service_id: &str, expected: Option<u64>) -> Result<()> {
+    check_version(state.service(tenant, service_id), service_id, expected)
+}
+
+/// The service a kill or remove names, if it exists and is at the version the request
+/// requires, if any.
+fn named_service<'s>(state: &'s State, tenant: &str, service_id: &str, expected: Option<u64>) -> Result<&'s Service> {
+    let service = state.service(tenant, service_id).ok_or_else(|| Error::NotFound {
+        service_id: service_id.to_string(),
+    })?;
+    check_version(Some(service), service_id, expected)?;
+    Ok(service)
+}
+
+/// As [`require_version`], for the service already looked up (`None`: it does not exist).
+fn check_version(service: Option<&Service>, service_id: &str, expected: Option<u64>) -> Result<()> {
     let Some(expected) = expected else {
         return Ok(());
     };
-    let actual = state.service(tenant, service_id).map(|s| s.version);
+    let actual = service.map(|s| s.version);
     if actual.unwrap_or(0) == expected {
         return Ok(());
     }
@@ -462,12 +472,7 @@ pub(super) fn require_version(state: &State, tenant: &str, service_id: &str, exp
 
 /// The quotas that depend on the state: services, tenant memory, deploy rate. (Module size and
 /// per-service memory depend on the request alone and are checked before it is queued.)
-fn check_deploy_quotas(
-    state: &State,
-    cmd: &DeployCommand,
-    existing: Option<&crate::state::Service>,
-    cx: Context<'_>,
-) -> Result<()> {
+fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Service>, cx: Context<'_>) -> Result<()> {
     let limits = cx.limits;
     let (active, memory) = state
         .tenant(&cmd.tenant)
@@ -538,12 +543,7 @@ fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decis
             replayed: true,
         })));
     }
-    let service = state
-        .service(&cmd.tenant, &cmd.service_id)
-        .ok_or_else(|| Error::NotFound {
-            service_id: cmd.service_id.clone(),
-        })?;
-    require_version(state, &cmd.tenant, &cmd.service_id, cmd.expected_version)?;
+    let service = named_service(state, &cmd.tenant, &cmd.service_id, cmd.expected_version)?;
     // A forced kill of a service still stopping (a graceful kill waiting on its calls) is
     // recorded too, and cuts the stop short; anything else finds the service on its way down.
     let escalates = cmd.force && service.status == Status::Stopping;
