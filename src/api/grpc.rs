@@ -357,3 +357,25 @@ fn code_name(code: tonic::Code) -> &'static str {
         C::Unauthenticated => "UNAUTHENTICATED",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    /// The metric's initial series cover every RPC the proto declares, added ones too.
+    #[test]
+    fn the_metric_names_every_method_of_the_service() {
+        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        let service = set
+            .file
+            .iter()
+            .flat_map(|file| &file.service)
+            .find(|service| service.name() == "SoloKernel")
+            .expect("the descriptor holds SoloKernel");
+        let mut declared: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
+        let mut counted = super::METHODS.to_vec();
+        declared.sort_unstable();
+        counted.sort_unstable();
+        assert_eq!(counted, declared);
+    }
+}
