@@ -1005,4 +1005,59 @@ mod tests {
         assert!(!record.is_idle(at(62_000)));
         assert!(record.is_idle(at(200_000)));
     }
+
+    /// A module of about `bytes` bytes, most of them one data segment.
+    fn module_of(bytes: usize) -> Arc<[u8]> {
+        let pages = bytes.div_ceil(1 << 16) + 1;
+        let wat = format!(
+            r#"(module
+                (memory (export "memory") {pages})
+                (data (i32.const 0) "{}")
+                (func (export "solo_alloc") (param i32) (result i32) i32.const 0)
+                (func (export "solo_handle") (param i32 i32) (result i64) i64.const 0))"#,
+            "a".repeat(bytes)
+        );
+        module::to_wasm(wat.as_bytes()).expect("the module assembles").into()
+    }
+
+    /// Only `compile_threads` large modules compile at once, the node's tenants together; a
+    /// small one never waits for a slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_modules_wait_for_a_compile_slot_and_small_ones_do_not() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut config = crate::config::Config::default();
+        config.solo.data_dir = dir.path().to_path_buf();
+        config.runtime.compile_threads = 1;
+        let (control, _) = crate::control::Control::open(config.control_options().unwrap()).expect("the log opens");
+        let options = config.runtime_options().unwrap();
+        let runtime = Runtime::new(options, control.observer(), control.log().clone()).expect("the runtime starts");
+        let quota = CompileQuota {
+            max: 10,
+            window_ms: 60_000,
+            now_ms: 1_000,
+        };
+        let large = module_of(SMALL_MODULE_BYTES + 1);
+        assert!(large.len() > SMALL_MODULE_BYTES);
+
+        // The one slot is taken, as by another tenant's large compile.
+        let taken = runtime.inner.compile_slot().await;
+        let mut waiting = tokio::spawn({
+            let runtime = runtime.clone();
+            async move { runtime.prepare("a", large, 1 << 30, quota).await }
+        });
+        let small = runtime.prepare("b", module_of(1024), 1 << 30, quota).await;
+        assert!(small.is_ok(), "{small:?}");
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut waiting).await;
+        assert!(early.is_err(), "a large module compiled without a slot");
+
+        drop(taken);
+        let compiled = tokio::time::timeout(Duration::from_secs(30), waiting)
+            .await
+            .expect("the large module compiles once the slot is free")
+            .expect("its task ends");
+        assert!(compiled.is_ok(), "{compiled:?}");
+        assert_eq!(runtime.modules_compiled(), 2);
+        runtime.shutdown(Duration::ZERO).await;
+        control.close().await;
+    }
 }
