@@ -309,6 +309,7 @@ impl Config {
             ("database.tail_read_chunk", db.tail_read_chunk.into()),
             ("database.snapshots_kept", db.snapshots_kept.into()),
             ("solo.idempotency_window_ms", solo.idempotency_window_ms),
+            ("solo.http_request_timeout_ms", solo.http_request_timeout_ms.into()),
             ("solo.http_header_timeout_ms", solo.http_header_timeout_ms.into()),
             ("solo.write_stall_timeout_ms", solo.write_stall_timeout_ms.into()),
             ("solo.grpc_keepalive_interval_ms", solo.grpc_keepalive_interval_ms),
@@ -337,6 +338,26 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        // More often, a keep-alive only floods the client; the Watch's progress has this floor.
+        if solo.sse_keepalive_ms < MIN_SSE_KEEPALIVE_MS {
+            return Err(invalid(
+                "solo.sse_keepalive_ms",
+                &format!("must be at least {MIN_SSE_KEEPALIVE_MS}"),
+            ));
+        }
+        // Guest threads are all made at start, each with its stack, and each compile takes
+        // memory: a typo here could take all of it.
+        for (key, value) in [
+            ("runtime.guest_threads", rt.guest_threads),
+            ("runtime.compile_threads", rt.compile_threads),
+        ] {
+            if value > MAX_THREADS {
+                return Err(invalid(
+                    key,
+                    &format!("must be at most {MAX_THREADS} (0: one per core)"),
+                ));
             }
         }
         if solo.max_in_flight_body_bytes < solo.max_request_bytes {
@@ -570,6 +591,12 @@ impl Config {
 /// The largest LMDB map: address space is reserved for all of it.
 const MAX_MAP_SIZE_MB: u64 = 64 << 20;
 
+/// The most threads of one kind (guest, compile) a node may be given.
+const MAX_THREADS: u32 = 1024;
+
+/// The shortest SSE keep-alive interval.
+const MIN_SSE_KEEPALIVE_MS: u32 = 100;
+
 /// The address space the instance pool may reserve: each slot holds its largest memory.
 const MAX_POOL_RESERVATION: u64 = 64 << 40;
 
@@ -786,6 +813,41 @@ mod tests {
             let e = error_of(text);
             assert!(e.contains(key) && e.contains("at least 1"), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn values_that_would_flood_or_exhaust_the_node_are_refused() {
+        for (text, key, says) in [
+            (
+                "[solo]\nhttp_request_timeout_ms = 0\n",
+                "solo.http_request_timeout_ms",
+                "at least 1",
+            ),
+            (
+                "[solo]\nsse_keepalive_ms = 0\n",
+                "solo.sse_keepalive_ms",
+                "at least 100",
+            ),
+            (
+                "[solo]\nsse_keepalive_ms = 99\n",
+                "solo.sse_keepalive_ms",
+                "at least 100",
+            ),
+            (
+                "[runtime]\nguest_threads = 100000000\n",
+                "runtime.guest_threads",
+                "at most 1024",
+            ),
+            (
+                "[runtime]\ncompile_threads = 1025\n",
+                "runtime.compile_threads",
+                "at most 1024",
+            ),
+        ] {
+            let e = error_of(text);
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+        }
+        Config::parse("[solo]\nsse_keepalive_ms = 100\n[runtime]\nguest_threads = 1024\n").unwrap();
     }
 
     #[test]
