@@ -730,28 +730,29 @@ async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     let mut client = grpc_client(&server).await;
     let mut request = grpc_deploy("echo", "echo");
     request.idempotency_key = "agent-retry-1".into();
-    let first = client
-        .deploy(as_tenant("acme", request.clone()))
-        .await
-        .unwrap()
-        .into_inner();
-    let retry = client
-        .deploy(as_tenant("acme", request.clone()))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (retry.seq, retry.version, retry.created),
-        (first.seq, first.version, first.created)
-    );
+    // A replayed answer is the original message, marked as a replay in its metadata.
+    let replayed = |metadata: &tonic::metadata::MetadataMap| {
+        metadata
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let first = client.deploy(as_tenant("acme", request.clone())).await.unwrap();
+    let retry = client.deploy(as_tenant("acme", request.clone())).await.unwrap();
+    assert_eq!(replayed(first.metadata()), None);
+    assert_eq!(replayed(retry.metadata()).as_deref(), Some("true"));
+    let (first, retry) = (first.into_inner(), retry.into_inner());
+    assert_eq!(retry, first);
     let kill = proto::KillRequest {
         service_id: "echo".into(),
         idempotency_key: "kill-1".into(),
         ..Default::default()
     };
-    let killed = client.kill(as_tenant("acme", kill.clone())).await.unwrap().into_inner();
-    let retried = client.kill(as_tenant("acme", kill.clone())).await.unwrap().into_inner();
-    assert_eq!(retried.seq, killed.seq);
+    let killed = client.kill(as_tenant("acme", kill.clone())).await.unwrap();
+    let retried = client.kill(as_tenant("acme", kill.clone())).await.unwrap();
+    assert_eq!(replayed(killed.metadata()), None);
+    assert_eq!(replayed(retried.metadata()).as_deref(), Some("true"));
+    let (killed, retried) = (killed.into_inner(), retried.into_inner());
+    assert_eq!(retried, killed);
     // The same key for another service is a conflict, not a silent answer.
     let mut other = grpc_deploy("other", "echo");
     other.idempotency_key = "agent-retry-1".into();
@@ -764,8 +765,9 @@ async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     // Across a restart too.
     let server = start_server(dir.path(), |_| {}).await;
     let mut client = grpc_client(&server).await;
-    let retry = client.deploy(as_tenant("acme", request)).await.unwrap().into_inner();
-    assert_eq!(retry.seq, first.seq);
+    let retry = client.deploy(as_tenant("acme", request)).await.unwrap();
+    assert_eq!(replayed(retry.metadata()).as_deref(), Some("true"));
+    assert_eq!(retry.into_inner(), first);
     assert_eq!(
         client.kill(as_tenant("acme", kill)).await.unwrap().into_inner().seq,
         killed.seq

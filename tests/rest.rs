@@ -550,8 +550,11 @@ async fn post_services_creates_upgrades_and_recognises_identical_modules() {
     };
     let first = send(keyed("kv")).await;
     let retried = send(keyed("kv")).await;
-    assert_eq!(first.ok(201)["deploy"]["seq"], retried.ok(201)["deploy"]["seq"]);
+    assert_eq!(first.ok(201)["deploy"], retried.ok(201)["deploy"]);
     assert_eq!(retried.json["version"], 1);
+    // The retry's answer says it is a replay; the first's does not.
+    assert_eq!(first.header("idempotent-replayed"), None);
+    assert_eq!(retried.header("idempotent-replayed"), Some("true"));
     send(keyed("other")).await.error(409, "conflict");
     node.stop().await;
 }
@@ -959,7 +962,9 @@ async fn delete_answers_202_and_unknown_services_404() {
     let first = send(forced()).await;
     let retry = send(forced()).await;
     let seq = first.ok(202)["seq"].as_u64().unwrap();
-    assert_eq!(retry.ok(202)["seq"].as_u64(), Some(seq));
+    assert_eq!(retry.ok(202), &first.json);
+    assert_eq!(first.header("idempotent-replayed"), None);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     let event = node.wait_event("a", seq, "kv", "service_kill_requested").await;
     assert_eq!(
         (event.data["force"].as_bool(), event.data["grace_ms"].as_u64()),

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::auth::Authenticated;
 use super::ops::{self, ListFilter};
 use super::watch::{WatchFilter, WatchItem, watch};
-use super::{ApiState, Caller, Error, GaugeGuard};
+use super::{ApiState, Caller, Error, GaugeGuard, REPLAYED_HEADER};
 use crate::proto::{self, deploy_request, solo_kernel_server::SoloKernel, watch_response};
 use crate::shed::{Held, Permit};
 
@@ -84,6 +84,19 @@ impl GrpcApi {
             .inc();
         result.map(Response::new).map_err(Status::from)
     }
+
+    /// As [`finish`](Self::finish), for a request that may carry an idempotency key: a replayed
+    /// answer says so in its metadata, its message being the original one.
+    fn finish_keyed<T>(&self, method: &str, result: Result<(T, bool), Error>) -> Result<Response<T>, Status> {
+        let replayed = matches!(result, Ok((_, true)));
+        let mut response = self.finish(method, result.map(|(answer, _)| answer))?;
+        if replayed {
+            response
+                .metadata_mut()
+                .insert(REPLAYED_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+        }
+        Ok(response)
+    }
 }
 
 #[tonic::async_trait]
@@ -109,17 +122,18 @@ impl SoloKernel for GrpcApi {
                 expected_version: request.expected_version,
             };
             let outcome = ops::deploy(&self.state, &caller, deploy).await?;
-            Ok(proto::DeployResponse {
+            let answer = proto::DeployResponse {
                 service_id: outcome.service_id,
                 version: outcome.version,
                 seq: outcome.seq,
                 created: outcome.created,
                 unchanged: outcome.unchanged,
                 module_sha256: outcome.module_sha256,
-            })
+            };
+            Ok((answer, outcome.replayed))
         }
         .await;
-        self.finish("Deploy", result)
+        self.finish_keyed("Deploy", result)
     }
 
     async fn status(&self, request: Request<proto::StatusRequest>) -> Result<Response<proto::ServiceStatus>, Status> {
@@ -173,10 +187,10 @@ impl SoloKernel for GrpcApi {
                 expected_version: r.expected_version,
             };
             let outcome = ops::remove(&self.state, &caller, remove).await?;
-            Ok(proto::RemoveResponse { seq: outcome.seq })
+            Ok((proto::RemoveResponse { seq: outcome.seq }, outcome.replayed))
         }
         .await;
-        self.finish("Remove", result)
+        self.finish_keyed("Remove", result)
     }
 
     async fn kill(&self, request: Request<proto::KillRequest>) -> Result<Response<proto::KillResponse>, Status> {
@@ -191,13 +205,14 @@ impl SoloKernel for GrpcApi {
                 expected_version: r.expected_version,
             };
             let outcome = ops::kill(&self.state, &caller, kill).await?;
-            Ok(proto::KillResponse {
+            let answer = proto::KillResponse {
                 seq: outcome.seq,
                 already_stopped: outcome.already_stopped,
-            })
+            };
+            Ok((answer, outcome.replayed))
         }
         .await;
-        self.finish("Kill", result)
+        self.finish_keyed("Kill", result)
     }
 
     async fn call(&self, request: Request<proto::CallRequest>) -> Result<Response<proto::CallResponse>, Status> {

@@ -29,6 +29,11 @@ use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::shed::Shedder;
 
+/// Marks the answer to a retry that carried a known idempotency key (`Idempotent-Replayed:
+/// true`, as Stripe's API does): the body is the original answer, and nothing was appended.
+/// A response header on REST, response metadata on gRPC.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
 /// Settings of the APIs.
 #[derive(Debug, Clone)]
 pub struct ApiOptions {

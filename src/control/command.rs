@@ -737,13 +737,13 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-/// Idempotency keys: up to 128 printable ASCII characters.
+/// Idempotency keys: up to 128 visible ASCII characters (`!` to `~`, no spaces).
 pub fn validate_idempotency_key(key: &str) -> Result<()> {
     if key.len() <= 128 && key.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {
         Err(Error::InvalidArgument(
-            "invalid idempotency key: use at most 128 printable ASCII characters".into(),
+            "invalid idempotency key: use at most 128 visible ASCII characters ('!' to '~', no spaces)".into(),
         ))
     }
 }

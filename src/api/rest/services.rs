@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::admit;
 use crate::api::convert::service_json;
 use crate::api::ops::{self, Deploy, ListFilter};
-use crate::api::{ApiState, Error, ErrorKind};
+use crate::api::{ApiState, Error, ErrorKind, REPLAYED_HEADER};
 use crate::proto::Limits;
 use crate::state::Status;
 use crate::tls::PeerTenant;
@@ -112,7 +112,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, Error> {
         Some(value) => value
             .to_str()
             .map(str::to_string)
-            .map_err(|_| Error::invalid("Idempotency-Key must be printable ASCII")),
+            .map_err(|_| Error::invalid("Idempotency-Key must be visible ASCII ('!' to '~')")),
     }
 }
 
@@ -326,7 +326,7 @@ async fn deployed(state: &ApiState, caller: &crate::api::Caller, deploy: Deploy)
             response.headers_mut().insert(header::LOCATION, value);
         }
     }
-    Ok(response)
+    Ok(marked_replayed(response, outcome.replayed))
 }
 
 pub(super) async fn list(
@@ -406,7 +406,8 @@ pub(super) async fn kill(
             expected_version: params.number("expected_version")?,
         };
         let outcome = ops::remove(&state, &caller, remove).await?;
-        return Ok(Json(json!({ "service_id": id, "seq": outcome.seq, "removed": true })).into_response());
+        let body = json!({ "service_id": id, "seq": outcome.seq, "removed": true });
+        return Ok(marked_replayed(Json(body).into_response(), outcome.replayed));
     }
     let kill = ops::Kill {
         service_id: id.clone(),
@@ -417,7 +418,20 @@ pub(super) async fn kill(
     };
     let outcome = ops::kill(&state, &caller, kill).await?;
     let body = json!({ "service_id": id, "seq": outcome.seq, "already_stopped": outcome.already_stopped });
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    Ok(marked_replayed(
+        (StatusCode::ACCEPTED, Json(body)).into_response(),
+        outcome.replayed,
+    ))
+}
+
+/// Marks the answer to a retry with a known idempotency key, whose body is the original one.
+fn marked_replayed(mut response: Response, replayed: bool) -> Response {
+    if replayed {
+        response
+            .headers_mut()
+            .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    }
+    response
 }
 
 pub(super) async fn call(
