@@ -994,6 +994,9 @@ fn the_offline_tools_still_work() {
     assert_eq!(all.len() as u64, stats["head"].as_u64().unwrap());
     let acme = dump(&["--tenant", "acme"], Some("beta"));
     assert!(!acme.is_empty() && acme.iter().all(|e| e["tenant"] == "acme"));
+    // A range that holds nothing is a mistake in the command, not an empty answer.
+    let backwards = run(solo().args(["log", "dump", "--data-dir", data, "--from", "5", "--to", "3"]));
+    assert!(backwards.fails(2).stderr.contains("--from 5 is after --to 3"));
     let people = run(solo().args(["log", "stats", "--data-dir", data])).ok().text();
     assert!(people.contains("by kind:"), "{people}");
 }

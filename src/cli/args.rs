@@ -49,7 +49,8 @@ Environment: SOLO_ENDPOINT, SOLO_TOKEN, SOLO_TENANT, SOLO_CA_CERT, SOLO_CONFIG; 
     )
 )]
 pub struct Cli {
-    /// Configuration file (TOML); without one, the defaults serve.
+    /// Configuration file (TOML) of `serve` and `log`; without one, the defaults serve. Client
+    /// commands do not read it: they take --endpoint and the connection flags.
     #[arg(long, global = true, env = "SOLO_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Print JSON for programs: one document per command, JSON lines for `events` and `logs`.

@@ -138,6 +138,10 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
             tenant,
             service_id,
         } => {
+            if let Some(to) = to.filter(|&to| to < from) {
+                super::output::print_error(&format!("--from {from} is after --to {to}: no event could be printed"));
+                return Ok(ExitCode::from(super::Exit::Usage.code()));
+            }
             let filter = DumpFilter {
                 from,
                 to,
