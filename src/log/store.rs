@@ -503,13 +503,18 @@ impl Store {
     /// Whether the blob is stored; an error if its record cannot be read (a damaged page, or a
     /// length that runs past the end of the file).
     pub fn has_blob(&self, sha256: &[u8; 32]) -> Result<bool> {
+        Ok(self.blob_len(sha256)?.is_some())
+    }
+
+    /// The size of a stored blob, read without copying it; errors as [`has_blob`](Self::has_blob).
+    pub fn blob_len(&self, sha256: &[u8; 32]) -> Result<Option<usize>> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         let pages = self.file_pages();
         match self.blobs.get(&rtxn, sha256).map_err(|e| self.err(e))? {
             Some(bytes) if !pages.hold(bytes) => {
                 Err(self.bad(&format!("blob {}: {PAST_THE_END}", hex::encode(sha256))))
             }
-            found => Ok(found.is_some()),
+            found => Ok(found.map(<[u8]>::len)),
         }
     }
 

@@ -246,13 +246,7 @@ impl Runtime {
             }
             compiles.charge(quota)?;
             inner.compiled.fetch_add(1, Ordering::Relaxed);
-            // Small modules take little memory to compile: they need no slot, and so never
-            // wait behind another tenant's large ones.
-            let _slot = if bytes.len() > SMALL_MODULE_BYTES {
-                Some(inner.compile_slot().await)
-            } else {
-                None
-            };
+            let _slot = inner.compile_slot(bytes.len()).await;
             let compiler = Arc::clone(&inner);
             let compiled = blocking(move || module::prepare(&compiler.compiler, sha256, &bytes)).await;
             if let Err(refusal) = &compiled {
@@ -696,12 +690,15 @@ impl Inner {
         }
     }
 
-    /// A turn to compile, among all the node's compiles.
-    async fn compile_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.compile_slots
-            .acquire()
-            .await
-            .expect("the compile slots are never closed")
+    /// A turn to compile a module of `bytes`, among all the node's compiles. Small modules
+    /// take little memory to compile: they need no slot, and so never wait behind another
+    /// tenant's large ones.
+    async fn compile_slot(&self, bytes: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        if bytes <= SMALL_MODULE_BYTES {
+            return None;
+        }
+        let slot = self.compile_slots.acquire().await;
+        Some(slot.expect("the compile slots are never closed"))
     }
 
     /// The compiled module with this hash, from the cache or compiled from the blob store.
@@ -709,23 +706,31 @@ impl Inner {
         let mut sha = [0u8; 32];
         hex::decode_to_slice(module_sha256, &mut sha).map_err(|_| format!("bad module hash '{module_sha256}'"))?;
         let inner = Arc::clone(self);
-        let slots = Arc::clone(self);
-        // Read and compiled only if the cache still lacks it when this caller's turn comes.
+        let missing = move || format!("module {} is missing from the blob store", hex::encode(sha));
+        // Read and compiled only if the cache still lacks it when this caller's turn comes, and
+        // read only once it has its compile slot (its size, in the store, says if it needs one).
         let compile = async move {
-            let _slot = slots.compile_slot().await;
-            slots.loaded.fetch_add(1, Ordering::Relaxed);
+            inner.loaded.fetch_add(1, Ordering::Relaxed);
+            let sized = Arc::clone(&inner);
+            let size = tokio::task::spawn_blocking(move || sized.log.store().blob_len(&sha))
+                .await
+                .map_err(|e| format!("cannot read the module: {e}"))?
+                .map_err(|e| format!("cannot read the module: {e}"))?
+                .ok_or_else(missing)?;
+            let _slot = inner.compile_slot(size).await;
+            let compiler = Arc::clone(&inner);
             let read_and_compile = move || {
-                let bytes = inner
+                let bytes = compiler
                     .log
                     .store()
                     .blob(&sha)
                     .map_err(|e| format!("cannot read the module: {e}"))?
-                    .ok_or_else(|| format!("module {} is missing from the blob store", hex::encode(sha)))?;
+                    .ok_or_else(missing)?;
                 let check: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
                 if check != sha {
                     return Err(format!("module {} is damaged in the blob store", hex::encode(sha)));
                 }
-                module::prepare(&inner.compiler, sha, &bytes).map_err(|e| e.to_string())
+                module::prepare(&compiler.compiler, sha, &bytes).map_err(|e| e.to_string())
             };
             tokio::task::spawn_blocking(read_and_compile)
                 .await
@@ -1020,8 +1025,37 @@ mod tests {
         module::to_wasm(wat.as_bytes()).expect("the module assembles").into()
     }
 
-    /// Only `compile_threads` large modules compile at once, the node's tenants together; a
-    /// small one never waits for a slot.
+    /// With the one compile slot taken (as by another tenant's large compile), `large` waits for
+    /// it and `small` does not.
+    async fn only_the_large_one_waits<L, S, A, B, E, F>(runtime: &Runtime, large: L, small: S)
+    where
+        L: Future<Output = Result<A, E>> + Send + 'static,
+        S: Future<Output = Result<B, F>>,
+        A: Send + 'static,
+        E: std::fmt::Debug + Send + 'static,
+        F: std::fmt::Debug,
+    {
+        let taken = runtime.inner.compile_slots.acquire().await.unwrap();
+        let mut large = tokio::spawn(large);
+        let small = tokio::time::timeout(Duration::from_secs(30), small).await;
+        if let Err(e) = small.expect("the small module compiles without waiting for the slot") {
+            panic!("the small module: {e:?}");
+        }
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut large).await;
+        assert!(early.is_err(), "a large module compiled without a slot");
+        drop(taken);
+        let compiled = tokio::time::timeout(Duration::from_secs(30), large)
+            .await
+            .expect("the large module compiles once the slot is free")
+            .expect("its task ends");
+        if let Err(e) = compiled {
+            panic!("the large module: {e:?}");
+        }
+    }
+
+    /// Only `compile_threads` large modules compile at once, the node's tenants together, for a
+    /// deploy and for a start (after a restart, or once evicted from the cache); a small one
+    /// never waits for a slot.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn large_modules_wait_for_a_compile_slot_and_small_ones_do_not() {
         let dir = tempfile::tempdir().expect("a temp dir");
@@ -1036,27 +1070,45 @@ mod tests {
             window_ms: 60_000,
             now_ms: 1_000,
         };
+
+        // Deploys.
         let large = module_of(SMALL_MODULE_BYTES + 1);
         assert!(large.len() > SMALL_MODULE_BYTES);
-
-        // The one slot is taken, as by another tenant's large compile.
-        let taken = runtime.inner.compile_slot().await;
-        let mut waiting = tokio::spawn({
-            let runtime = runtime.clone();
-            async move { runtime.prepare("a", large, 1 << 30, quota).await }
-        });
-        let small = runtime.prepare("b", module_of(1024), 1 << 30, quota).await;
-        assert!(small.is_ok(), "{small:?}");
-        let early = tokio::time::timeout(Duration::from_millis(300), &mut waiting).await;
-        assert!(early.is_err(), "a large module compiled without a slot");
-
-        drop(taken);
-        let compiled = tokio::time::timeout(Duration::from_secs(30), waiting)
-            .await
-            .expect("the large module compiles once the slot is free")
-            .expect("its task ends");
-        assert!(compiled.is_ok(), "{compiled:?}");
+        let deploying = runtime.clone();
+        let large = async move { deploying.prepare("a", large, 1 << 30, quota).await };
+        let small = runtime.prepare("b", module_of(1024), 1 << 30, quota);
+        only_the_large_one_waits(&runtime, large, small).await;
         assert_eq!(runtime.modules_compiled(), 2);
+
+        // Starts, of modules in the blob store that the cache lacks.
+        let (large, small) = (module_of(SMALL_MODULE_BYTES + 2), module_of(1025));
+        let sha = |bytes: &[u8]| -> [u8; 32] { <sha2::Sha256 as sha2::Digest>::digest(bytes).into() };
+        let (large_sha, small_sha) = (sha(&large), sha(&small));
+        let stored = [
+            crate::log::BlobRef {
+                sha256: &large_sha,
+                bytes: &large,
+            },
+            crate::log::BlobRef {
+                sha256: &small_sha,
+                bytes: &small,
+            },
+        ];
+        let blobs = crate::log::BlobChanges {
+            put: &stored,
+            delete: &[],
+        };
+        control
+            .log()
+            .append(&crate::log::Batch::with_capacity(0), blobs, Default::default())
+            .expect("the modules are stored");
+        let starting = Arc::clone(&runtime.inner);
+        let large = async move { starting.load(&hex::encode(large_sha)).await };
+        let small_hex = hex::encode(small_sha);
+        let small = runtime.inner.load(&small_hex);
+        only_the_large_one_waits(&runtime, large, small).await;
+        assert_eq!(runtime.modules_loaded(), 2);
+
         runtime.shutdown(Duration::ZERO).await;
         control.close().await;
     }
