@@ -154,6 +154,8 @@ pub struct RuntimeConfig {
     pub compile_threads: u32,
     /// The largest function body a module may have; compiling takes memory in proportion.
     pub max_function_bytes: u32,
+    /// The most functions a module may define; each takes memory and time to compile.
+    pub max_functions: u32,
     /// Log lines kept per service.
     pub log_lines_per_service: u32,
     /// Largest response a call may return.
@@ -180,6 +182,7 @@ impl Default for RuntimeConfig {
             module_cache_mb: (defaults.module_cache_bytes >> 20) as u32,
             compile_threads: 0,
             max_function_bytes: defaults.engine.max_function_bytes as u32,
+            max_functions: defaults.engine.max_functions as u32,
             log_lines_per_service: defaults.log_lines as u32,
             max_response_bytes: defaults.max_response_bytes as u64,
             max_wasm_stack_kb: (defaults.engine.max_wasm_stack >> 10) as u32,
@@ -330,6 +333,7 @@ impl Config {
             ("runtime.module_cache_entries", rt.module_cache_entries.into()),
             ("runtime.module_cache_mb", rt.module_cache_mb.into()),
             ("runtime.max_function_bytes", rt.max_function_bytes.into()),
+            ("runtime.max_functions", rt.max_functions.into()),
             ("runtime.log_lines_per_service", rt.log_lines_per_service.into()),
             ("runtime.max_response_bytes", rt.max_response_bytes),
             ("runtime.start_timeout_ms", rt.start_timeout_ms.into()),
@@ -537,6 +541,7 @@ impl Config {
                 max_wasm_stack: (rt.max_wasm_stack_kb as usize) << 10,
                 epoch_tick: std::time::Duration::from_millis(rt.epoch_tick_ms.into()),
                 max_function_bytes: rt.max_function_bytes as usize,
+                max_functions: rt.max_functions as usize,
             },
             guest_threads: match rt.guest_threads {
                 0 => std::thread::available_parallelism().map_or(2, |n| n.get()),

@@ -717,6 +717,25 @@ async fn a_function_over_max_function_bytes_is_refused_before_it_is_compiled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_of_more_than_max_functions_is_refused_before_it_is_compiled() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.runtime.max_functions = 100;
+    let node = open_node(&config).await;
+    let control = &node.control;
+    let err = control.deploy(slow_to_compile("acme", "many", 1)).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidModule(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("functions, over this node's limit of 100 ([runtime] max_functions)"),
+        "{err}"
+    );
+    // Modules within the limit deploy as ever.
+    deploy_running(control, "acme", "echo", "echo").await;
+    node.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restart_brings_running_services_back_fresh_with_their_history() {
     let dir = tempdir();
     let config = node_config(dir.path());

@@ -81,6 +81,7 @@ impl Default for RuntimeOptions {
                 max_wasm_stack: 512 << 10,
                 epoch_tick: Duration::from_millis(2),
                 max_function_bytes: 1 << 20,
+                max_functions: 50_000,
             },
             guest_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             module_cache_entries: 256,

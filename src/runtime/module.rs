@@ -35,6 +35,9 @@ pub struct EngineOptions {
     /// The largest function body a module may have: compiling one takes memory in proportion
     /// to its size (about a gigabyte per megabyte of code), so a larger one is refused first.
     pub max_function_bytes: usize,
+    /// The most functions a module may define: each takes memory and time to compile (about
+    /// 6 KiB and 30 µs, even an empty one), so a module of a million tiny ones took gigabytes.
+    pub max_functions: usize,
 }
 
 /// A module ready to instantiate: validated, compiled and linked.
@@ -110,7 +113,7 @@ pub fn to_wasm(bytes: &[u8]) -> Result<Vec<u8>, InvalidModule> {
 
 /// Compiles and checks a module against the guest ABI.
 pub fn prepare(compiler: &Compiler, sha256: [u8; 32], wasm: &[u8]) -> Result<Prepared, InvalidModule> {
-    check_function_sizes(wasm, compiler.max_function_bytes)?;
+    check_functions(wasm, compiler.max_function_bytes, compiler.max_functions)?;
     let engine = &compiler.engine;
     let module = Module::from_binary(engine, wasm).map_err(|e| {
         // Valid wasm that this node cannot load (a memory larger than its instances may have)
@@ -152,15 +155,19 @@ pub fn prepare(compiler: &Compiler, sha256: [u8; 32], wasm: &[u8]) -> Result<Pre
 
 /// Refuses a module with a function body over `max_bytes`, before it is compiled. Bytes that
 /// do not parse are left to the validation that follows, which says what is wrong.
-fn check_function_sizes(wasm: &[u8], max_bytes: usize) -> Result<(), InvalidModule> {
-    let bodies = wasmparser::Parser::new(0)
-        .parse_all(wasm)
-        .map_while(Result::ok)
-        .filter_map(|payload| match payload {
-            wasmparser::Payload::CodeSectionEntry(body) => Some(body.range().len()),
-            _ => None,
-        });
-    for (index, size) in bodies.enumerate() {
+fn check_functions(wasm: &[u8], max_bytes: usize, max_count: usize) -> Result<(), InvalidModule> {
+    let mut index = 0;
+    for payload in wasmparser::Parser::new(0).parse_all(wasm).map_while(Result::ok) {
+        let size = match payload {
+            wasmparser::Payload::CodeSectionStart { count, .. } if count as usize > max_count => {
+                return Err(InvalidModule(format!(
+                    "the module defines {count} functions, over this node's limit of {max_count} \
+                     ([runtime] max_functions): each takes memory and time to compile; merge or drop some"
+                )));
+            }
+            wasmparser::Payload::CodeSectionEntry(body) => body.range().len(),
+            _ => continue,
+        };
         if size > max_bytes {
             return Err(InvalidModule(format!(
                 "a function body of the module (entry {index} of its code section) is {size} bytes of code, over \
@@ -168,6 +175,7 @@ fn check_function_sizes(wasm: &[u8], max_bytes: usize) -> Result<(), InvalidModu
                  memory in proportion; split it"
             )));
         }
+        index += 1;
     }
     Ok(())
 }
@@ -375,6 +383,7 @@ pub struct Compiler {
     pub engine: Engine,
     pub linker: Arc<Linker<Host>>,
     max_function_bytes: usize,
+    max_functions: usize,
 }
 
 impl Compiler {
@@ -386,6 +395,7 @@ impl Compiler {
             engine,
             linker: Arc::new(linker),
             max_function_bytes: options.max_function_bytes,
+            max_functions: options.max_functions,
         })
     }
 }
