@@ -1274,6 +1274,96 @@ async fn a_restarting_node_serves_while_its_services_come_back() {
     server.stop().await.unwrap();
 }
 
+/// A service whose `solo_init` spins while the clock is within [from_ms, until_ms): a start
+/// inside that window is slow, one before it is quick.
+fn slow_to_start_within(from_ms: u64, until_ms: u64) -> proto::DeployRequest {
+    let wat = format!(
+        r#"(module
+            (import "solo" "now_ms" (func $now (result i64)))
+            (memory (export "memory") 1)
+            (func (export "solo_init") (result i32)
+                (block $ready
+                    (loop $spin
+                        (br_if $ready (i64.lt_u (call $now) (i64.const {from_ms})))
+                        (br_if $ready (i64.ge_u (call $now) (i64.const {until_ms})))
+                        (br $spin)))
+                (i32.const 0))
+            (func (export "solo_alloc") (param i32) (result i32) (i32.const 0))
+            (func (export "solo_handle") (param i32 i32) (result i64) (i64.const 0)))"#
+    );
+    proto::DeployRequest {
+        service_id: "a-slow".into(),
+        module: Some(proto::deploy_request::Module::Wat(wat)),
+        limits: Some(proto::Limits {
+            cpu_ms_per_call: 30_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `/health` counts the services still coming back, each leaving the count as its start ends,
+/// whatever the order they were listed in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_recovering_counts_only_the_starts_still_under_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let now = || {
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        since_epoch.unwrap().as_millis() as u64
+    };
+    let (from_ms, until_ms) = (now() + 3_000, now() + 10_000);
+    // Slow to come back; its first start was quick.
+    let slow = client
+        .deploy(as_tenant("acme", slow_to_start_within(from_ms, until_ms)))
+        .await
+        .unwrap()
+        .into_inner();
+    running(&mut client, "acme", "a-slow", slow.seq).await;
+    // Quick to come back, listed before or after it (the registry keeps no order).
+    let quick: Vec<String> = (0..6).map(|i| format!("echo{i}")).collect();
+    let mut last = slow.seq;
+    for id in &quick {
+        let deployed = client.deploy(as_tenant("acme", grpc_deploy(id, "echo"))).await.unwrap();
+        last = deployed.into_inner().seq;
+        running(&mut client, "acme", id, last).await;
+    }
+    server.stop().await.unwrap();
+    while now() < from_ms {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    for id in &quick {
+        let call = proto::CallRequest {
+            service_id: id.clone(),
+            payload: b"back".to_vec(),
+            timeout_ms: 30_000,
+        };
+        client.call(as_tenant("acme", call)).await.unwrap();
+    }
+    // A start ends once its `service_started` is recorded, a moment after the service answers.
+    let mut health = health_of(&server).await;
+    while health["services_recovering"].as_u64() > Some(1) && now() < until_ms {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        health = health_of(&server).await;
+    }
+    assert_eq!(health["services_recovering"], 1, "{health}");
+    assert!(now() < until_ms, "the slow start was still under way");
+    let node_started = wait_until(&mut client, "", last + 1, |e| {
+        matches!(e.kind, Some(proto::event::Kind::NodeStarted(_)))
+    })
+    .await;
+    let Some(proto::event::Kind::NodeStarted(recovery)) = &node_started.kind else {
+        panic!("{node_started:?}")
+    };
+    assert_eq!(recovery.recovered.len(), quick.len() + 1);
+    assert_eq!(health_of(&server).await["services_recovering"], 0);
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_are_served() {
     use tonic_health::pb::health_check_response::ServingStatus;

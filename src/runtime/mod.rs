@@ -338,13 +338,20 @@ impl Runtime {
         self.inner.recovering.store(starting.len(), Ordering::Relaxed);
         let inner = Arc::clone(&self.inner);
         async move {
-            let mut recovered = Vec::new();
-            for (service, started) in starting {
-                if started.await.unwrap_or(false) {
-                    recovered.push(service);
+            // Each start leaves the count as it ends, not in the order the services were listed.
+            let starts = starting.into_iter().map(|(service, started)| {
+                let inner = Arc::clone(&inner);
+                async move {
+                    let up = started.await.unwrap_or(false);
+                    inner.recovering.fetch_sub(1, Ordering::Relaxed);
+                    up.then_some(service)
                 }
-                inner.recovering.fetch_sub(1, Ordering::Relaxed);
-            }
+            });
+            let recovered: Vec<ServiceRef> = futures_util::future::join_all(starts)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
             if inner.stopping.is_cancelled() {
                 // Stopped before it had started: the next start brings the services back.
                 return recovered;
