@@ -642,6 +642,25 @@ fn slow_to_compile(tenant: &str, id: &str, tag: usize) -> solo::control::DeployR
     request
 }
 
+/// As [`slow_to_compile`], made a large module (over 256 KiB, so its compile takes one of the
+/// node's compile slots) by a custom section of padding.
+fn large_and_slow_to_compile(tenant: &str, id: &str, tag: usize) -> solo::control::DeployRequest {
+    let mut wasm = wat::parse_str(slow_to_compile_wat(tag)).expect("the module assembles");
+    let name = b"padding";
+    let payload = [&[name.len() as u8][..], name, &[0u8; 300 << 10]].concat();
+    wasm.push(0); // a custom section
+    let mut size = payload.len();
+    while size >= 0x80 {
+        wasm.push((size & 0x7f) as u8 | 0x80);
+        size >>= 7;
+    }
+    wasm.push(size as u8);
+    wasm.extend_from_slice(&payload);
+    let mut request = deploy_request(tenant, id, "");
+    request.module = Arc::from(wasm);
+    request
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_compiles_one_module_at_a_time_and_others_do_not_wait_behind_it() {
     let dir = tempdir();
@@ -792,16 +811,17 @@ async fn a_node_restart_brings_running_services_back_fresh_with_their_history() 
     node.stop(Duration::from_secs(5)).await;
 }
 
-/// The config of a node in `dir` that compiles one module at a time, and that ran `slow`
-/// services of slow-to-compile modules (acme/s0, s1, …) until it stopped: started again, it
-/// takes seconds to bring them back.
+/// The config of a node in `dir` that compiles one large module at a time, and that ran `slow`
+/// services of large, slow-to-compile modules (acme/s0, s1, …) until it stopped: started
+/// again, it takes seconds to bring them back, one after another.
 async fn slow_services_stopped(dir: &std::path::Path, slow: usize) -> solo::config::Config {
     let mut config = node_config(dir);
     config.runtime.compile_threads = 1;
     let node = open_node(&config).await;
     for tag in 0..slow {
         let id = format!("s{tag}");
-        let deployed = node.control.deploy(slow_to_compile("acme", &id, tag)).await.unwrap();
+        let request = large_and_slow_to_compile("acme", &id, tag);
+        let deployed = node.control.deploy(request).await.unwrap();
         wait_for_kind(&node.control, deployed.seq, "acme", &id, "service_started").await;
     }
     node.stop(Duration::from_secs(5)).await;

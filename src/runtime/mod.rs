@@ -718,7 +718,6 @@ impl Inner {
         // Read and compiled only if the cache still lacks it when this caller's turn comes, and
         // read only once it has its compile slot (its size, in the store, says if it needs one).
         let compile = async move {
-            inner.loaded.fetch_add(1, Ordering::Relaxed);
             let sized = Arc::clone(&inner);
             let size = tokio::task::spawn_blocking(move || sized.log.store().blob_len(&sha))
                 .await
@@ -726,6 +725,7 @@ impl Inner {
                 .map_err(|e| format!("cannot read the module: {e}"))?
                 .ok_or_else(missing)?;
             let _slot = inner.compile_slot(size).await;
+            inner.loaded.fetch_add(1, Ordering::Relaxed);
             let compiler = Arc::clone(&inner);
             let read_and_compile = move || {
                 let bytes = compiler
