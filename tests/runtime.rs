@@ -949,14 +949,24 @@ async fn a_service_that_gave_up_fails_calls_at_once_even_when_the_log_cannot_say
     config.limits.max_deploys_per_minute = u32::MAX;
     let node = open_node(&config).await;
     let control = node.control.clone();
-    let mut crasher = deploy_example("acme", "crash", "unreachable");
+    // Its crash event names the function that trapped: a name of 12 KiB makes it far larger
+    // than the least filler below, so that it cannot fit in what the filling leaves.
+    let mut crasher = deploy_request("acme", "crash", "");
+    let wat = format!(
+        r#"(module
+            (memory (export "memory") 1)
+            (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+            (func ${} (export "solo_handle") (param i32 i32) (result i64) unreachable))"#,
+        "a".repeat(12 << 10)
+    );
+    crasher.module = Arc::from(wat.into_bytes());
     crasher.limits.max_restarts = 1;
     crasher.limits.call_timeout_ms = 20_000;
     let deployed = control.deploy(crasher).await.unwrap();
     wait_for_kind(&control, deployed.seq, "acme", "crash", "service_started").await;
 
     // Fill the log: upgrades with labels, smaller and smaller, until not even the least fits.
-    for value_len in [256, 16, 0] {
+    let fill = async |value_len: usize| -> u32 {
         for n in 0u32.. {
             let mut filler = deploy_example("acme", "filler", "echo");
             let labels = if value_len == 0 { 1 } else { 64 };
@@ -965,10 +975,22 @@ async fn a_service_that_gave_up_fails_calls_at_once_even_when_the_log_cannot_say
                 .collect();
             match control.deploy(filler).await {
                 Ok(_) => {}
-                Err(Error::Storage(_)) => break,
+                Err(Error::Storage(_)) => return n,
                 Err(e) => panic!("{e}"),
             }
             assert!(n < 100_000, "the 1 MiB log never filled");
+        }
+        unreachable!()
+    };
+    for value_len in [256, 16, 0] {
+        fill(value_len).await;
+    }
+    // Pages that earlier commits freed come back once no reader holds them any more (the
+    // tailers move on): fill those too, until nothing more fits after a pause.
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if fill(0).await == 0 {
+            break;
         }
     }
 
