@@ -723,6 +723,21 @@ async fn a_tenant_keeps_at_most_its_stopped_services_and_the_node_removes_the_ol
     server.stop().await.unwrap();
 }
 
+/// Whether an answer is marked as a replay (a retry with a known idempotency key).
+fn replayed<T>(answer: &tonic::Response<T>) -> bool {
+    let marker = answer.metadata().get("idempotent-replayed");
+    marker.is_some_and(|value| value == "true")
+}
+
+/// Asserts that `retry` carries `first`'s message again, marked as a replay; returns it.
+#[track_caller]
+fn assert_replay<T: PartialEq + std::fmt::Debug>(first: tonic::Response<T>, retry: tonic::Response<T>) -> T {
+    assert!(!replayed(&first) && replayed(&retry));
+    let first = first.into_inner();
+    assert_eq!(retry.into_inner(), first);
+    first
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     let dir = tempdir();
@@ -731,17 +746,9 @@ async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     let mut request = grpc_deploy("echo", "echo");
     request.idempotency_key = "agent-retry-1".into();
     // A replayed answer is the original message, marked as a replay in its metadata.
-    let replayed = |metadata: &tonic::metadata::MetadataMap| {
-        metadata
-            .get("idempotent-replayed")
-            .map(|v| v.to_str().unwrap().to_string())
-    };
     let first = client.deploy(as_tenant("acme", request.clone())).await.unwrap();
     let retry = client.deploy(as_tenant("acme", request.clone())).await.unwrap();
-    assert_eq!(replayed(first.metadata()), None);
-    assert_eq!(replayed(retry.metadata()).as_deref(), Some("true"));
-    let (first, retry) = (first.into_inner(), retry.into_inner());
-    assert_eq!(retry, first);
+    let first = assert_replay(first, retry);
     let kill = proto::KillRequest {
         service_id: "echo".into(),
         idempotency_key: "kill-1".into(),
@@ -749,10 +756,7 @@ async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     };
     let killed = client.kill(as_tenant("acme", kill.clone())).await.unwrap();
     let retried = client.kill(as_tenant("acme", kill.clone())).await.unwrap();
-    assert_eq!(replayed(killed.metadata()), None);
-    assert_eq!(replayed(retried.metadata()).as_deref(), Some("true"));
-    let (killed, retried) = (killed.into_inner(), retried.into_inner());
-    assert_eq!(retried, killed);
+    let killed = assert_replay(killed, retried);
     // The same key for another service is a conflict, not a silent answer.
     let mut other = grpc_deploy("other", "echo");
     other.idempotency_key = "agent-retry-1".into();
@@ -766,12 +770,11 @@ async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     let server = start_server(dir.path(), |_| {}).await;
     let mut client = grpc_client(&server).await;
     let retry = client.deploy(as_tenant("acme", request)).await.unwrap();
-    assert_eq!(replayed(retry.metadata()).as_deref(), Some("true"));
+    assert!(replayed(&retry));
     assert_eq!(retry.into_inner(), first);
-    assert_eq!(
-        client.kill(as_tenant("acme", kill)).await.unwrap().into_inner().seq,
-        killed.seq
-    );
+    let retried = client.kill(as_tenant("acme", kill)).await.unwrap();
+    assert!(replayed(&retried));
+    assert_eq!(retried.into_inner(), killed);
     server.stop().await.unwrap();
 }
 

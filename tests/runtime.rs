@@ -717,41 +717,31 @@ async fn a_compile_outlasts_a_caller_that_gave_up_and_serves_the_retry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_function_over_max_function_bytes_is_refused_before_it_is_compiled() {
-    let dir = tempdir();
-    let mut config = node_config(dir.path());
-    config.runtime.max_function_bytes = 200;
-    let node = open_node(&config).await;
-    let control = &node.control;
-    let err = control.deploy(slow_to_compile("acme", "big", 1)).await.unwrap_err();
-    assert!(matches!(err, Error::InvalidModule(_)), "{err}");
-    assert!(
-        err.to_string()
-            .contains("bytes of code, over this node's limit of 200 bytes ([runtime] max_function_bytes)"),
-        "{err}"
-    );
-    // Modules within the limit deploy as ever.
-    deploy_running(control, "acme", "echo", "echo").await;
-    node.stop(Duration::from_secs(5)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_module_of_more_than_max_functions_is_refused_before_it_is_compiled() {
-    let dir = tempdir();
-    let mut config = node_config(dir.path());
-    config.runtime.max_functions = 100;
-    let node = open_node(&config).await;
-    let control = &node.control;
-    let err = control.deploy(slow_to_compile("acme", "many", 1)).await.unwrap_err();
-    assert!(matches!(err, Error::InvalidModule(_)), "{err}");
-    assert!(
-        err.to_string()
-            .contains("functions, over this node's limit of 100 ([runtime] max_functions)"),
-        "{err}"
-    );
-    // Modules within the limit deploy as ever.
-    deploy_running(control, "acme", "echo", "echo").await;
-    node.stop(Duration::from_secs(5)).await;
+async fn modules_over_the_compile_limits_are_refused_before_they_are_compiled() {
+    type Tweak = fn(&mut solo::config::RuntimeConfig);
+    let cases: [(Tweak, &str); 2] = [
+        (
+            |rt| rt.max_function_bytes = 200,
+            "bytes of code, over this node's limit of 200 bytes ([runtime] max_function_bytes)",
+        ),
+        (
+            |rt| rt.max_functions = 100,
+            "functions, over this node's limit of 100 ([runtime] max_functions)",
+        ),
+    ];
+    for (tweak, refusal) in cases {
+        let dir = tempdir();
+        let mut config = node_config(dir.path());
+        tweak(&mut config.runtime);
+        let node = open_node(&config).await;
+        let control = &node.control;
+        let err = control.deploy(slow_to_compile("acme", "big", 1)).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidModule(_)), "{err}");
+        assert!(err.to_string().contains(refusal), "{err}");
+        // Modules within the limits deploy as ever.
+        deploy_running(control, "acme", "echo", "echo").await;
+        node.stop(Duration::from_secs(5)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
