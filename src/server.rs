@@ -452,17 +452,32 @@ async fn serve_grpc(
         health_follower.abort();
         set_health(&health, ServingStatus::NotServing).await;
     };
-    builder
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(MeterBodies::new(
             RequestRefusals::new(kernel, max_message),
             Arc::clone(&state),
         ))
+        .into_axum_router()
+        .fallback(unknown_grpc_service);
+    builder
+        .add_routes(routes.into())
         .serve_with_incoming_shutdown(admitted_connections(listener, limits), shutdown)
         .await
         .context("gRPC server")
+}
+
+/// A call to a service this node does not serve: tonic's own answer carries no message.
+async fn unknown_grpc_service(uri: axum::http::Uri) -> axum::response::Response {
+    let service = uri.path().trim_start_matches('/').split('/').next().unwrap_or_default();
+    let message = format!(
+        "this node serves no gRPC service '{service}': it serves {}, grpc.health.v1.Health and \
+         server reflection",
+        <SoloKernelServer<GrpcApi> as tonic::server::NamedService>::NAME
+    );
+    let (parts, ()) = tonic::Status::unimplemented(message).into_http::<()>().into_parts();
+    axum::response::Response::from_parts(parts, axum::body::Body::empty())
 }
 
 /// How often the gRPC health service looks at whether the log takes writes.

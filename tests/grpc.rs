@@ -1611,6 +1611,21 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
         message.contains("Frobnicate") && message.contains("reflection"),
         "{message}"
     );
+    // So is a service the node does not serve, with the ones it does.
+    let reply = http
+        .post(format!("{}/foo.Bar/Baz", server.grpc_url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(vec![0, 0, 0, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.headers()["grpc-status"], "12");
+    let message = reply.headers()["grpc-message"].to_str().unwrap();
+    assert!(
+        message.contains("'foo.Bar'") && message.contains("solo.v1.SoloKernel"),
+        "{message}"
+    );
     // A compressed message is refused for its encoding, not as a missing method.
     let reply = http
         .post(format!("{}/solo.v1.SoloKernel/Status", server.grpc_url()))
