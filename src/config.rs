@@ -150,7 +150,8 @@ pub struct RuntimeConfig {
     /// hold together.
     pub module_cache_entries: u32,
     pub module_cache_mb: u32,
-    /// Modules compiled at once, all tenants together (0: one per core).
+    /// Large modules compiled at once, all tenants together (0: one per core); four times as
+    /// many small ones besides.
     pub compile_threads: u32,
     /// The largest function body a module may have; compiling takes memory in proportion.
     pub max_function_bytes: u32,
@@ -344,12 +345,10 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
-        // More often, a keep-alive only floods the client; the Watch's progress has this floor.
-        if solo.sse_keepalive_ms < MIN_SSE_KEEPALIVE_MS {
-            return Err(invalid(
-                "solo.sse_keepalive_ms",
-                &format!("must be at least {MIN_SSE_KEEPALIVE_MS}"),
-            ));
+        // More often, a keep-alive only floods the client: the floor of a Watch's progress.
+        let floor = crate::api::watch::MIN_PROGRESS_INTERVAL.as_millis();
+        if u128::from(solo.sse_keepalive_ms) < floor {
+            return Err(invalid("solo.sse_keepalive_ms", &format!("must be at least {floor}")));
         }
         // Guest threads are all made at start, each with its stack, and each compile takes
         // memory: a typo here could take all of it.
@@ -598,9 +597,6 @@ const MAX_MAP_SIZE_MB: u64 = 64 << 20;
 
 /// The most threads of one kind (guest, compile) a node may be given.
 const MAX_THREADS: u32 = 1024;
-
-/// The shortest SSE keep-alive interval.
-const MIN_SSE_KEEPALIVE_MS: u32 = 100;
 
 /// The address space the instance pool may reserve: each slot holds its largest memory.
 const MAX_POOL_RESERVATION: u64 = 64 << 40;

@@ -490,14 +490,7 @@ impl Store {
     }
 
     pub fn blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>> {
-        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        let pages = self.file_pages();
-        match self.blobs.get(&rtxn, sha256).map_err(|e| self.err(e))? {
-            Some(bytes) if !pages.hold(bytes) => {
-                Err(self.bad(&format!("blob {}: {PAST_THE_END}", hex::encode(sha256))))
-            }
-            found => Ok(found.map(<[u8]>::to_vec)),
-        }
+        self.with_blob(sha256, <[u8]>::to_vec)
     }
 
     /// Whether the blob is stored; an error if its record cannot be read (a damaged page, or a
@@ -508,13 +501,18 @@ impl Store {
 
     /// The size of a stored blob, read without copying it; errors as [`has_blob`](Self::has_blob).
     pub fn blob_len(&self, sha256: &[u8; 32]) -> Result<Option<usize>> {
+        self.with_blob(sha256, <[u8]>::len)
+    }
+
+    /// `read` of the blob's bytes in place, if it is stored.
+    fn with_blob<T>(&self, sha256: &[u8; 32], read: impl FnOnce(&[u8]) -> T) -> Result<Option<T>> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         let pages = self.file_pages();
         match self.blobs.get(&rtxn, sha256).map_err(|e| self.err(e))? {
             Some(bytes) if !pages.hold(bytes) => {
                 Err(self.bad(&format!("blob {}: {PAST_THE_END}", hex::encode(sha256))))
             }
-            found => Ok(found.map(<[u8]>::len)),
+            found => Ok(found.map(read)),
         }
     }
 

@@ -42,9 +42,18 @@ use crate::control::{EventLog, Module, Observation, Observer};
 use crate::proto::{CrashReason, Event, Limits, ServiceRef, StopReason, event::Kind};
 use crate::state::{DeployWindow, Service, Status};
 
-/// Modules up to this size are compiled without a compile slot: their compile takes little
-/// memory however many run at once.
+/// A module of at most this many bytes and functions is small: its compile takes little memory
+/// (about 6 KiB a function, besides its code), so small modules have compile slots of their
+/// own, more of them, and never wait behind large ones.
 const SMALL_MODULE_BYTES: usize = 256 << 10;
+const SMALL_MODULE_FUNCTIONS: usize = 2_048;
+
+/// Small compiles that may run at once for each large one (`compile_threads`).
+const SMALL_COMPILES_PER_SLOT: usize = 4;
+
+fn is_small(wasm: &[u8]) -> bool {
+    wasm.len() <= SMALL_MODULE_BYTES && module::function_count(wasm) <= SMALL_MODULE_FUNCTIONS
+}
 
 /// How long shutdown waits for the guest threads to drop their ended tasks. Every instance has
 /// stopped by then; this only covers a guest that ignores its deadline.
@@ -59,8 +68,8 @@ pub struct RuntimeOptions {
     /// Compiled modules kept, by content hash, and the most compiled code they may hold.
     pub module_cache_entries: usize,
     pub module_cache_bytes: usize,
-    /// Modules compiled at once, all tenants together: each may take memory in proportion to
-    /// its largest function.
+    /// Large modules compiled at once, all tenants together (small ones: four times as many):
+    /// each may take memory in proportion to its largest function and its functions.
     pub compile_threads: usize,
     /// Log lines kept per service.
     pub log_lines: usize,
@@ -110,8 +119,9 @@ struct Inner {
     compiled: std::sync::atomic::AtomicU64,
     /// Modules compiled to start services, the cache lacking them.
     loaded: std::sync::atomic::AtomicU64,
-    /// A permit per compile under way, all tenants together.
+    /// A permit per compile under way, all tenants together: large modules, and small ones.
     compile_slots: tokio::sync::Semaphore,
+    small_compile_slots: tokio::sync::Semaphore,
     options: RuntimeOptions,
     observer: Observer,
     /// Takes observations to the log, keeping those it cannot take yet.
@@ -193,6 +203,9 @@ impl Runtime {
             inner: Arc::new(Inner {
                 cache: ModuleCache::new(options.module_cache_entries, options.module_cache_bytes),
                 compile_slots: tokio::sync::Semaphore::new(options.compile_threads.max(1)),
+                small_compile_slots: tokio::sync::Semaphore::new(
+                    options.compile_threads.max(1) * SMALL_COMPILES_PER_SLOT,
+                ),
                 compiles: Mutex::new(HashMap::new()),
                 compiled: std::sync::atomic::AtomicU64::new(0),
                 loaded: std::sync::atomic::AtomicU64::new(0),
@@ -246,8 +259,8 @@ impl Runtime {
                 return Err(PrepareError::Invalid(InvalidModule(reason)));
             }
             compiles.charge(quota)?;
+            let _slot = inner.compile_slot(is_small(&bytes)).await;
             inner.compiled.fetch_add(1, Ordering::Relaxed);
-            let _slot = inner.compile_slot(bytes.len()).await;
             let compiler = Arc::clone(&inner);
             let compiled = blocking(move || module::prepare(&compiler.compiler, sha256, &bytes)).await;
             if let Err(refusal) = &compiled {
@@ -698,15 +711,14 @@ impl Inner {
         }
     }
 
-    /// A turn to compile a module of `bytes`, among all the node's compiles. Small modules
-    /// take little memory to compile: they need no slot, and so never wait behind another
-    /// tenant's large ones.
-    async fn compile_slot(&self, bytes: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        if bytes <= SMALL_MODULE_BYTES {
-            return None;
-        }
-        let slot = self.compile_slots.acquire().await;
-        Some(slot.expect("the compile slots are never closed"))
+    /// A turn to compile a module, small or large, among all the node's compiles.
+    async fn compile_slot(&self, small: bool) -> tokio::sync::SemaphorePermit<'_> {
+        let slots = if small {
+            &self.small_compile_slots
+        } else {
+            &self.compile_slots
+        };
+        slots.acquire().await.expect("the compile slots are never closed")
     }
 
     /// The compiled module with this hash, from the cache or compiled from the blob store.
@@ -715,8 +727,22 @@ impl Inner {
         hex::decode_to_slice(module_sha256, &mut sha).map_err(|_| format!("bad module hash '{module_sha256}'"))?;
         let inner = Arc::clone(self);
         let missing = move || format!("module {} is missing from the blob store", hex::encode(sha));
-        // Read and compiled only if the cache still lacks it when this caller's turn comes, and
-        // read only once it has its compile slot (its size, in the store, says if it needs one).
+        // The module's bytes, checked against their hash.
+        let read = move |inner: Arc<Inner>| async move {
+            let bytes = tokio::task::spawn_blocking(move || inner.log.store().blob(&sha))
+                .await
+                .map_err(|e| format!("cannot read the module: {e}"))?
+                .map_err(|e| format!("cannot read the module: {e}"))?
+                .ok_or_else(missing)?;
+            let check: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+            if check != sha {
+                return Err(format!("module {} is damaged in the blob store", hex::encode(sha)));
+            }
+            Ok(bytes)
+        };
+        // Read and compiled only if the cache still lacks it when this caller's turn comes. A
+        // module large by its size (in the store) is read once it has its slot; one small by
+        // its size is read under a small slot, and may yet prove large by its functions.
         let compile = async move {
             let sized = Arc::clone(&inner);
             let size = tokio::task::spawn_blocking(move || sized.log.store().blob_len(&sha))
@@ -724,23 +750,23 @@ impl Inner {
                 .map_err(|e| format!("cannot read the module: {e}"))?
                 .map_err(|e| format!("cannot read the module: {e}"))?
                 .ok_or_else(missing)?;
-            let _slot = inner.compile_slot(size).await;
+            let (bytes, _slot) = if size > SMALL_MODULE_BYTES {
+                let slot = inner.compile_slot(false).await;
+                (read(Arc::clone(&inner)).await?, slot)
+            } else {
+                let slot = inner.compile_slot(true).await;
+                let bytes = read(Arc::clone(&inner)).await?;
+                if is_small(&bytes) {
+                    (bytes, slot)
+                } else {
+                    drop(slot);
+                    (bytes, inner.compile_slot(false).await)
+                }
+            };
             inner.loaded.fetch_add(1, Ordering::Relaxed);
             let compiler = Arc::clone(&inner);
-            let read_and_compile = move || {
-                let bytes = compiler
-                    .log
-                    .store()
-                    .blob(&sha)
-                    .map_err(|e| format!("cannot read the module: {e}"))?
-                    .ok_or_else(missing)?;
-                let check: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
-                if check != sha {
-                    return Err(format!("module {} is damaged in the blob store", hex::encode(sha)));
-                }
-                module::prepare(&compiler.compiler, sha, &bytes).map_err(|e| e.to_string())
-            };
-            tokio::task::spawn_blocking(read_and_compile)
+            let compile = move || module::prepare(&compiler.compiler, sha, &bytes).map_err(|e| e.to_string());
+            tokio::task::spawn_blocking(compile)
                 .await
                 .map_err(|e| format!("compilation failed: {e}"))?
         };
@@ -1019,53 +1045,58 @@ mod tests {
         assert!(record.is_idle(at(200_000)));
     }
 
-    /// A module of about `bytes` bytes, most of them one data segment.
-    fn module_of(bytes: usize) -> Arc<[u8]> {
+    /// A module of about `bytes` bytes, most of them one data segment, and `functions` empty
+    /// functions besides its exports.
+    fn module_of(bytes: usize, functions: usize) -> Arc<[u8]> {
         let pages = bytes.div_ceil(1 << 16) + 1;
         let wat = format!(
             r#"(module
                 (memory (export "memory") {pages})
                 (data (i32.const 0) "{}")
+                {}
                 (func (export "solo_alloc") (param i32) (result i32) i32.const 0)
                 (func (export "solo_handle") (param i32 i32) (result i64) i64.const 0))"#,
-            "a".repeat(bytes)
+            "a".repeat(bytes),
+            "(func)".repeat(functions)
         );
         module::to_wasm(wat.as_bytes()).expect("the module assembles").into()
     }
 
-    /// With the one compile slot taken (as by another tenant's large compile), `large` waits for
-    /// it and `small` does not.
-    async fn only_the_large_one_waits<L, S, A, B, E, F>(runtime: &Runtime, large: L, small: S)
+    /// With every one of `slots` taken (as by other tenants' compiles), `waiting` waits for
+    /// one, and `free` does not.
+    async fn only_one_waits<W, F, A, B, E, G>(slots: &tokio::sync::Semaphore, waiting: W, free: F)
     where
-        L: Future<Output = Result<A, E>> + Send + 'static,
-        S: Future<Output = Result<B, F>>,
+        W: Future<Output = Result<A, E>> + Send + 'static,
+        F: Future<Output = Result<B, G>>,
         A: Send + 'static,
         E: std::fmt::Debug + Send + 'static,
-        F: std::fmt::Debug,
+        G: std::fmt::Debug,
     {
-        let taken = runtime.inner.compile_slots.acquire().await.unwrap();
-        let mut large = tokio::spawn(large);
-        let small = tokio::time::timeout(Duration::from_secs(30), small).await;
-        if let Err(e) = small.expect("the small module compiles without waiting for the slot") {
-            panic!("the small module: {e:?}");
+        let all = u32::try_from(slots.available_permits()).unwrap();
+        let taken = slots.acquire_many(all).await.unwrap();
+        let mut waiting = tokio::spawn(waiting);
+        let free = tokio::time::timeout(Duration::from_secs(30), free).await;
+        if let Err(e) = free.expect("a module of the other kind compiles without waiting") {
+            panic!("the module that need not wait: {e:?}");
         }
-        let early = tokio::time::timeout(Duration::from_millis(300), &mut large).await;
-        assert!(early.is_err(), "a large module compiled without a slot");
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut waiting).await;
+        assert!(early.is_err(), "a module compiled without a slot of its kind");
         drop(taken);
-        let compiled = tokio::time::timeout(Duration::from_secs(30), large)
+        let compiled = tokio::time::timeout(Duration::from_secs(30), waiting)
             .await
-            .expect("the large module compiles once the slot is free")
+            .expect("the waiting module compiles once a slot is free")
             .expect("its task ends");
         if let Err(e) = compiled {
-            panic!("the large module: {e:?}");
+            panic!("the waiting module: {e:?}");
         }
     }
 
-    /// Only `compile_threads` large modules compile at once, the node's tenants together, for a
-    /// deploy and for a start (after a restart, or once evicted from the cache); a small one
-    /// never waits for a slot.
+    /// Only `compile_threads` large modules (by their bytes or by their functions) compile at
+    /// once, and four times as many small ones, the node's tenants together, for deploys and for
+    /// starts (after a restart, or once evicted from the cache); neither kind waits for the
+    /// other.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn large_modules_wait_for_a_compile_slot_and_small_ones_do_not() {
+    async fn compiles_wait_for_a_slot_of_their_kind() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let mut config = crate::config::Config::default();
         config.solo.data_dir = dir.path().to_path_buf();
@@ -1073,35 +1104,40 @@ mod tests {
         let (control, _) = crate::control::Control::open(config.control_options().unwrap()).expect("the log opens");
         let options = config.runtime_options().unwrap();
         let runtime = Runtime::new(options, control.observer(), control.log().clone()).expect("the runtime starts");
+        let inner = &runtime.inner;
+        assert_eq!(inner.small_compile_slots.available_permits(), SMALL_COMPILES_PER_SLOT);
         let quota = CompileQuota {
             max: 10,
             window_ms: 60_000,
             now_ms: 1_000,
         };
 
-        // Deploys.
-        let large = module_of(SMALL_MODULE_BYTES + 1);
-        assert!(large.len() > SMALL_MODULE_BYTES);
+        // Deploys: a module large by its bytes waits for a large slot.
+        let large = module_of(SMALL_MODULE_BYTES + 1, 0);
+        assert!(!is_small(&large));
         let deploying = runtime.clone();
         let large = async move { deploying.prepare("a", large, 1 << 30, quota).await };
-        let small = runtime.prepare("b", module_of(1024), 1 << 30, quota);
-        only_the_large_one_waits(&runtime, large, small).await;
+        let small = runtime.prepare("b", module_of(1024, 0), 1 << 30, quota);
+        only_one_waits(&inner.compile_slots, large, small).await;
         assert_eq!(runtime.modules_compiled(), 2);
 
-        // Starts, of modules in the blob store that the cache lacks.
-        let (large, small) = (module_of(SMALL_MODULE_BYTES + 2), module_of(1025));
-        let sha = |bytes: &[u8]| -> [u8; 32] { <sha2::Sha256 as sha2::Digest>::digest(bytes).into() };
-        let (large_sha, small_sha) = (sha(&large), sha(&small));
-        let stored = [
-            crate::log::BlobRef {
-                sha256: &large_sha,
-                bytes: &large,
-            },
-            crate::log::BlobRef {
-                sha256: &small_sha,
-                bytes: &small,
-            },
+        // Starts, of modules in the blob store that the cache lacks: one large by its functions
+        // waits for a large slot; a small one waits for a small slot.
+        let modules = [
+            module_of(SMALL_MODULE_BYTES + 2, 0),
+            module_of(1025, SMALL_MODULE_FUNCTIONS + 1),
+            module_of(1026, 0),
+            module_of(1027, 0),
         ];
+        assert!(modules[1].len() <= SMALL_MODULE_BYTES && !is_small(&modules[1]));
+        let shas = modules
+            .each_ref()
+            .map(|m| <sha2::Sha256 as sha2::Digest>::digest(m).into());
+        let stored: Vec<_> = shas
+            .iter()
+            .zip(&modules)
+            .map(|(sha256, bytes)| crate::log::BlobRef { sha256, bytes })
+            .collect();
         let blobs = crate::log::BlobChanges {
             put: &stored,
             delete: &[],
@@ -1110,12 +1146,13 @@ mod tests {
             .log()
             .append(&crate::log::Batch::with_capacity(0), blobs, Default::default())
             .expect("the modules are stored");
-        let starting = Arc::clone(&runtime.inner);
-        let large = async move { starting.load(&hex::encode(large_sha)).await };
-        let small_hex = hex::encode(small_sha);
-        let small = runtime.inner.load(&small_hex);
-        only_the_large_one_waits(&runtime, large, small).await;
-        assert_eq!(runtime.modules_loaded(), 2);
+        let load = |index: usize| {
+            let (inner, sha) = (Arc::clone(inner), hex::encode(shas[index]));
+            async move { inner.load(&sha).await }
+        };
+        only_one_waits(&inner.compile_slots, load(1), load(2)).await;
+        only_one_waits(&inner.small_compile_slots, load(3), load(0)).await;
+        assert_eq!(runtime.modules_loaded(), 4);
 
         runtime.shutdown(Duration::ZERO).await;
         control.close().await;

@@ -153,6 +153,18 @@ pub fn prepare(compiler: &Compiler, sha256: [u8; 32], wasm: &[u8]) -> Result<Pre
     })
 }
 
+/// The functions a module defines (its code section's count), read from the section headers
+/// alone; 0 if the bytes do not parse that far.
+pub fn function_count(wasm: &[u8]) -> usize {
+    let mut sections = wasmparser::Parser::new(0).parse_all(wasm).map_while(Result::ok);
+    sections
+        .find_map(|payload| match payload {
+            wasmparser::Payload::CodeSectionStart { count, .. } => Some(count as usize),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 /// Refuses a module with a function body over `max_bytes`, before it is compiled. Bytes that
 /// do not parse are left to the validation that follows, which says what is wrong.
 fn check_functions(wasm: &[u8], max_bytes: usize, max_count: usize) -> Result<(), InvalidModule> {
