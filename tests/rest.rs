@@ -556,6 +556,17 @@ async fn post_services_creates_upgrades_and_recognises_identical_modules() {
     assert_eq!(first.header("idempotent-replayed"), None);
     assert_eq!(retried.header("idempotent-replayed"), Some("true"));
     send(keyed("other")).await.error(409, "conflict");
+    // A retry after the service was removed still gets its answer, which says so.
+    let killed = node.delete("/services/kv?force=true", "a").await;
+    let seq = killed.ok(202)["seq"].as_u64().unwrap();
+    node.wait_event("a", seq, "kv", "service_stopped").await;
+    node.delete("/services/kv?purge=true", "a").await.ok(200);
+    let late = send(keyed("kv")).await;
+    assert_eq!(late.ok(201)["deploy"], first.json["deploy"]);
+    assert_eq!(
+        (late.json["removed"].as_bool(), late.header("idempotent-replayed")),
+        (Some(true), Some("true"))
+    );
     node.stop().await;
 }
 

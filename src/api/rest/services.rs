@@ -306,7 +306,14 @@ pub(super) async fn deploy_raw(
 
 async fn deployed(state: &ApiState, caller: &crate::api::Caller, deploy: Deploy) -> Result<Response, Error> {
     let outcome = ops::deploy(state, caller, deploy).await?;
-    let mut body = service_json(&ops::status(state, caller, &outcome.service_id)?);
+    let mut body = match ops::status(state, caller, &outcome.service_id) {
+        Ok(service) => service_json(&service),
+        // A replay of a deploy whose service was removed since: its answer, without a service.
+        Err(e) if outcome.replayed && e.kind == ErrorKind::NotFound => {
+            json!({ "service_id": outcome.service_id, "tenant": caller.tenant(), "removed": true })
+        }
+        Err(e) => return Err(e),
+    };
     body["deploy"] = json!({
         "version": outcome.version,
         "seq": outcome.seq,
