@@ -739,7 +739,7 @@ fn assert_replay<T: PartialEq + std::fmt::Debug>(first: tonic::Response<T>, retr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retried_deploys_and_kills_with_a_key_append_nothing() {
+async fn retried_deploys_kills_and_removals_with_a_key_append_nothing() {
     let dir = tempdir();
     let server = start_server(dir.path(), |_| {}).await;
     let mut client = grpc_client(&server).await;
@@ -757,6 +757,18 @@ async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     let killed = client.kill(as_tenant("acme", kill.clone())).await.unwrap();
     let retried = client.kill(as_tenant("acme", kill.clone())).await.unwrap();
     let killed = assert_replay(killed, retried);
+    wait_until(&mut client, "acme", killed.seq, |e| {
+        matches!(e.kind, Some(proto::event::Kind::ServiceStopped(_)))
+    })
+    .await;
+    let remove = proto::RemoveRequest {
+        service_id: "echo".into(),
+        idempotency_key: "remove-1".into(),
+        ..Default::default()
+    };
+    let removed = client.remove(as_tenant("acme", remove.clone())).await.unwrap();
+    let retried = client.remove(as_tenant("acme", remove.clone())).await.unwrap();
+    let removed = assert_replay(removed, retried);
     // The same key for another service is a conflict, not a silent answer.
     let mut other = grpc_deploy("other", "echo");
     other.idempotency_key = "agent-retry-1".into();
@@ -775,6 +787,9 @@ async fn retried_deploys_and_kills_with_a_key_append_nothing() {
     let retried = client.kill(as_tenant("acme", kill)).await.unwrap();
     assert!(replayed(&retried));
     assert_eq!(retried.into_inner(), killed);
+    let retried = client.remove(as_tenant("acme", remove)).await.unwrap();
+    assert!(replayed(&retried));
+    assert_eq!(retried.into_inner(), removed);
     server.stop().await.unwrap();
 }
 
@@ -1310,13 +1325,15 @@ fn slow_to_start_within(from_ms: u64, until_ms: u64) -> proto::DeployRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_recovering_counts_only_the_starts_still_under_way() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), |_| {}).await;
+    // The slow start spins through its window, well within its start timeout.
+    let patient = |c: &mut solo::config::Config| c.runtime.start_timeout_ms = 60_000;
+    let server = start_server(dir.path(), patient).await;
     let mut client = grpc_client(&server).await;
     let now = || {
         let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         since_epoch.unwrap().as_millis() as u64
     };
-    let (from_ms, until_ms) = (now() + 3_000, now() + 10_000);
+    let (from_ms, until_ms) = (now() + 3_000, now() + 15_000);
     // Slow to come back; its first start was quick.
     let slow = client
         .deploy(as_tenant("acme", slow_to_start_within(from_ms, until_ms)))
@@ -1325,7 +1342,7 @@ async fn services_recovering_counts_only_the_starts_still_under_way() {
         .into_inner();
     running(&mut client, "acme", "a-slow", slow.seq).await;
     // Quick to come back, listed before or after it (the registry keeps no order).
-    let quick: Vec<String> = (0..6).map(|i| format!("echo{i}")).collect();
+    let quick: Vec<String> = (0..10).map(|i| format!("echo{i}")).collect();
     let mut last = slow.seq;
     for id in &quick {
         let deployed = client.deploy(as_tenant("acme", grpc_deploy(id, "echo"))).await.unwrap();
@@ -1337,7 +1354,7 @@ async fn services_recovering_counts_only_the_starts_still_under_way() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let server = start_server(dir.path(), |_| {}).await;
+    let server = start_server(dir.path(), patient).await;
     let mut client = grpc_client(&server).await;
     for id in &quick {
         let call = proto::CallRequest {
@@ -1354,7 +1371,10 @@ async fn services_recovering_counts_only_the_starts_still_under_way() {
         health = health_of(&server).await;
     }
     assert_eq!(health["services_recovering"], 1, "{health}");
-    assert!(now() < until_ms, "the slow start was still under way");
+    assert!(
+        now() < until_ms,
+        "the slow start ended before the quick ones were counted out"
+    );
     let node_started = wait_until(&mut client, "", last + 1, |e| {
         matches!(e.kind, Some(proto::event::Kind::NodeStarted(_)))
     })

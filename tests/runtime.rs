@@ -717,7 +717,7 @@ async fn a_compile_outlasts_a_caller_that_gave_up_and_serves_the_retry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn modules_over_the_compile_limits_are_refused_before_they_are_compiled() {
+async fn modules_over_the_compile_limits_are_refused_naming_the_limit() {
     type Tweak = fn(&mut solo::config::RuntimeConfig);
     let cases: [(Tweak, &str); 2] = [
         (

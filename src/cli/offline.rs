@@ -139,7 +139,12 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
             service_id,
         } => {
             if let Some(to) = to.filter(|&to| to < from) {
-                super::output::print_error(&format!("--from {from} is after --to {to}: no event could be printed"));
+                let problem = if to == 0 {
+                    "--to 0 is before the first event (seq 1)".to_string()
+                } else {
+                    format!("--from {from} is after --to {to}")
+                };
+                super::output::print_error(&format!("{problem}: no event could be printed"));
                 return Ok(ExitCode::from(super::Exit::Usage.code()));
             }
             let filter = DumpFilter {
