@@ -643,21 +643,12 @@ fn slow_to_compile(tenant: &str, id: &str, tag: usize) -> solo::control::DeployR
 }
 
 /// As [`slow_to_compile`], made a large module (over 256 KiB, so its compile takes one of the
-/// node's compile slots) by a custom section of padding.
+/// node's large compile slots) by a custom section of padding.
 fn large_and_slow_to_compile(tenant: &str, id: &str, tag: usize) -> solo::control::DeployRequest {
-    let mut wasm = wat::parse_str(slow_to_compile_wat(tag)).expect("the module assembles");
-    let name = b"padding";
-    let payload = [&[name.len() as u8][..], name, &[0u8; 300 << 10]].concat();
-    wasm.push(0); // a custom section
-    let mut size = payload.len();
-    while size >= 0x80 {
-        wasm.push((size & 0x7f) as u8 | 0x80);
-        size >>= 7;
-    }
-    wasm.push(size as u8);
-    wasm.extend_from_slice(&payload);
+    let wat = slow_to_compile_wat(tag);
+    let padding = format!(r#"(@custom "padding" "{}"))"#, "a".repeat(300 << 10));
     let mut request = deploy_request(tenant, id, "");
-    request.module = Arc::from(wasm);
+    request.module = Arc::from((wat.strip_suffix(')').unwrap().to_string() + &padding).into_bytes());
     request
 }
 
