@@ -407,6 +407,7 @@ fn episode(rng: &mut Rng, slot: &mut Slot, cx: &mut EpisodeContext<'_>) -> Vec<(
             grace_ms: 5_000,
             idempotency_key: idempotency_key(rng, &mut cx.keys),
             expected_version: None,
+            requested_grace_ms: None,
         }),
         true,
     ));

@@ -196,6 +196,7 @@ fn kind_fields_json(kind: &Kind) -> Value {
             "force": e.force,
             "grace_ms": e.grace_ms,
             "idempotency_key": e.idempotency_key,
+            "requested_grace_ms": e.requested_grace_ms,
             "expected_version": e.expected_version,
         }),
         Kind::ServiceStopped(e) => json!({ "version": e.version, "reason": stop_reason_name(e.reason()) }),

@@ -389,6 +389,13 @@ async fn idempotency_keys_return_the_original_answer_across_a_restart() {
     assert_eq!((retry.seq, retry.replayed), (first.seq, true));
     let retry_kill = control.kill(kill_cmd.clone()).await.unwrap();
     assert_eq!((retry_kill.seq, retry_kill.replayed), (killed.seq, true));
+    // The node's default grace changed meanwhile: the request, which named none, is the same.
+    let new_default = KillCommand {
+        grace_ms: kill_cmd.grace_ms + 5_000,
+        ..kill_cmd.clone()
+    };
+    let retry_kill = control.kill(new_default).await.unwrap();
+    assert_eq!((retry_kill.seq, retry_kill.replayed), (killed.seq, true));
     assert_eq!(control.head(), head, "retries append nothing");
 
     // The same key for a different request is refused, not silently answered.
@@ -416,6 +423,7 @@ async fn idempotency_keys_return_the_original_answer_across_a_restart() {
     };
     let longer = KillCommand {
         grace_ms: kill_cmd.grace_ms + 1,
+        requested_grace_ms: kill_cmd.requested_grace_ms + 1,
         ..kill_cmd
     };
     for changed in [forced, longer] {

@@ -128,6 +128,7 @@ pub async fn kill(state: &ApiState, caller: &Caller, kill: Kill) -> Result<KillO
         actor: caller.actor(),
         service_id: kill.service_id,
         force: kill.force,
+        requested_grace_ms: kill.grace_ms,
         grace_ms: state
             .grace_or_default(kill.grace_ms)
             .as_millis()

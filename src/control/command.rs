@@ -110,7 +110,11 @@ pub struct KillCommand {
     pub actor: String,
     pub service_id: String,
     pub force: bool,
+    /// The grace the stop gets: the request's, or the node's default.
     pub grace_ms: u32,
+    /// The grace as the request gave it (0: the node's default), which a retry with the same
+    /// idempotency key must repeat.
+    pub requested_grace_ms: u32,
     pub idempotency_key: String,
     /// Kill only if the service is at this version.
     pub expected_version: Option<u64>,
@@ -534,7 +538,7 @@ fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decis
     let same_request = |record: &IdempotencyRecord| {
         record
             .request_hash
-            .is_none_or(|h| h == kill_request_hash(cmd.force, cmd.grace_ms, cmd.expected_version))
+            .is_none_or(|h| h == kill_request_hash(cmd.force, cmd.requested_grace_ms, cmd.expected_version))
     };
     if let Some(record) = keyed.answered(state, cx.now_ms, same_request)? {
         return Ok(Decision::Answer(Reply::Killed(KillOutcome {
@@ -561,6 +565,7 @@ fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decis
         Kind::ServiceKillRequested(proto::ServiceKillRequested {
             force: cmd.force,
             grace_ms: cmd.grace_ms,
+            requested_grace_ms: (!cmd.idempotency_key.is_empty()).then_some(cmd.requested_grace_ms),
             idempotency_key: cmd.idempotency_key,
             expected_version: cmd.expected_version,
         }),

@@ -373,7 +373,7 @@ impl State {
             let answer = (
                 version,
                 [0; 32],
-                kill_request_hash(e.force, e.grace_ms, e.expected_version),
+                kill_request_hash(e.force, e.requested_grace_ms.unwrap_or(e.grace_ms), e.expected_version),
             );
             self.remember_answer(event, &e.idempotency_key, IdempotentOp::Kill, answer);
         }
