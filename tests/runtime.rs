@@ -997,3 +997,201 @@ async fn a_service_that_gave_up_fails_calls_at_once_even_when_the_log_cannot_say
     assert!(matches!(err, Error::Call(CallError::NotRunning { .. })), "{err}");
     node.stop(Duration::from_secs(5)).await;
 }
+
+/// A service whose `solo_init` keeps the CPU busy for `ms` milliseconds (at most 30,000, its
+/// CPU limit).
+fn slow_to_start(tenant: &str, id: &str, ms: u64) -> solo::control::DeployRequest {
+    let wat = format!(
+        r#"(module
+            (import "solo" "now_ms" (func $now (result i64)))
+            (memory (export "memory") 1)
+            (func (export "solo_init") (result i32)
+                (local $until i64)
+                (local.set $until (i64.add (call $now) (i64.const {ms})))
+                (loop $spin (br_if $spin (i64.lt_u (call $now) (local.get $until))))
+                (i32.const 0))
+            (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+            (func (export "solo_handle") (param i32 i32) (result i64) (i64.const 0)))"#
+    );
+    solo::control::DeployRequest {
+        module: Arc::from(wat.into_bytes()),
+        limits: Limits {
+            cpu_ms_per_call: 30_000,
+            ..Limits::default()
+        },
+        ..deploy_request(tenant, id, "")
+    }
+}
+
+/// A node whose starts may take a minute, so that only a kill or a shutdown ends a slow one.
+fn patient_config(dir: &std::path::Path) -> solo::config::Config {
+    let mut config = node_config(dir);
+    config.runtime.start_timeout_ms = 60_000;
+    config
+}
+
+/// Kinds of the events of `id` from `from_seq` on.
+fn kinds_of(control: &solo::control::Control, from_seq: u64, id: &str) -> Vec<String> {
+    let events = control.log().read(from_seq..=control.head()).unwrap();
+    events
+        .iter()
+        .filter(|e| e.service_id == id)
+        .map(|e| solo::event::kind_name(e).to_string())
+        .collect()
+}
+
+/// A forced kill is `kill -9`: it does not wait for a `solo_init` under way, whether the service
+/// is new or an upgrade of one that runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_kill_gives_up_a_start_under_way() {
+    let dir = tempdir();
+    let node = open_node(&patient_config(dir.path())).await;
+    let control = &node.control;
+    deploy_running(control, "acme", "upgraded", "echo").await;
+    for id in ["fresh", "upgraded"] {
+        let deployed = control.deploy(slow_to_start("acme", id, 20_000)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await; // solo_init is under way
+        let asked = Instant::now();
+        let forced = KillCommand {
+            force: true,
+            ..kill_command("acme", id)
+        };
+        let killed = control.kill(forced).await.unwrap();
+        wait_for_kind(control, killed.seq, "acme", id, "service_stopped").await;
+        assert!(asked.elapsed() < Duration::from_secs(5), "{id}: {:?}", asked.elapsed());
+        assert_eq!(
+            kinds_of(control, deployed.seq, id),
+            ["service_deployed", "service_kill_requested", "service_stopped"],
+            "{id}: the given-up start recorded nothing"
+        );
+        assert_eq!(control.status("acme", id).unwrap().status.as_str(), "stopped");
+        assert!(control.live("acme", id).is_none_or(|l| l.memory_bytes == 0), "{id}");
+    }
+    node.stop(Duration::from_secs(5)).await;
+}
+
+/// A shutdown gives up the starts under way and bounds everything by its grace: a graceful
+/// kill under way with a longer grace of its own is cut short with it, and nothing is recorded
+/// as started once the shutdown is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_gives_up_starts_and_cuts_kills_under_way_at_its_grace() {
+    let dir = tempdir();
+    let config = patient_config(dir.path());
+    let node = open_node(&config).await;
+    let control = node.control.clone();
+    let mut spin = deploy_example("acme", "draining", "spin");
+    spin.limits = Limits {
+        call_timeout_ms: 30_000,
+        cpu_ms_per_call: 30_000,
+        ..Limits::default()
+    };
+    let deployed = control.deploy(spin).await.unwrap();
+    wait_for_kind(&control, deployed.seq, "acme", "draining", "service_started").await;
+    let busy = {
+        let control = control.clone();
+        tokio::spawn(async move { call(&control, "acme", "draining", b"20000").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await; // the call is under way
+    let patient_kill = KillCommand {
+        grace_ms: 60_000,
+        ..kill_command("acme", "draining")
+    };
+    control.kill(patient_kill).await.unwrap();
+    control.deploy(slow_to_start("acme", "starting", 20_000)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // its solo_init is under way
+
+    let asked = Instant::now();
+    let (shutdown_seq, _) = control.shutdown("admin", 500).await.unwrap();
+    node.stop(Duration::from_millis(500)).await;
+    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    assert!(busy.await.unwrap().is_err(), "the call in flight was cut off");
+    // The log is still readable through the stopped node's handle.
+    let after: Vec<_> = control.log().read(shutdown_seq..=control.head()).unwrap();
+    let kinds: Vec<&str> = after.iter().map(|e| solo::event::kind_name(e)).collect();
+    assert_eq!(
+        kinds,
+        ["shutdown_requested", "service_stopped"],
+        "only the kill's stop, and no start: {after:?}"
+    );
+    assert_eq!(control.status("acme", "draining").unwrap().status.as_str(), "stopped");
+    assert!(control.status("acme", "starting").unwrap().comes_back_with_the_node());
+}
+
+/// Calls to a service the state says is starting wait for it, within their timeout: right after
+/// its deploy is acknowledged, and while the version before it drains a graceful kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_for_a_start_the_state_promises() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    for round in 0..50 {
+        let id = format!("echo{round}");
+        control.deploy(deploy_example("acme", &id, "echo")).await.unwrap();
+        assert_eq!(call(&control, "acme", &id, b"hi").await.unwrap(), b"hi", "{id}");
+    }
+
+    let mut spin = deploy_example("acme", "swap", "spin");
+    spin.limits = Limits {
+        call_timeout_ms: 30_000,
+        cpu_ms_per_call: 30_000,
+        ..Limits::default()
+    };
+    let deployed = control.deploy(spin).await.unwrap();
+    wait_for_kind(&control, deployed.seq, "acme", "swap", "service_started").await;
+    let busy = {
+        let control = control.clone();
+        tokio::spawn(async move { call(&control, "acme", "swap", b"1500").await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let graceful = KillCommand {
+        grace_ms: 10_000,
+        ..kill_command("acme", "swap")
+    };
+    control.kill(graceful).await.unwrap();
+    control.deploy(deploy_example("acme", "swap", "echo")).await.unwrap();
+    let waited = Instant::now();
+    let answer = control
+        .call("acme", "swap", b"after".to_vec(), Some(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(answer, b"after");
+    assert!(waited.elapsed() > Duration::from_millis(500), "it waited for the drain");
+    assert_eq!(
+        busy.await.unwrap().unwrap(),
+        b"done",
+        "the drain served the call in flight"
+    );
+    node.stop(Duration::from_secs(5)).await;
+}
+
+/// An upgrade whose new version fails to start leaves the service failed, but the old
+/// version serves the calls it had accepted, as after a successful upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_lets_the_old_version_finish_its_calls() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    let mut spin = deploy_example("acme", "svc", "spin");
+    spin.limits = Limits {
+        call_timeout_ms: 30_000,
+        cpu_ms_per_call: 30_000,
+        ..Limits::default()
+    };
+    let deployed = control.deploy(spin).await.unwrap();
+    wait_for_kind(&control, deployed.seq, "acme", "svc", "service_started").await;
+    let busy = {
+        let control = control.clone();
+        tokio::spawn(async move { call(&control, "acme", "svc", b"1500").await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let upgraded = control
+        .deploy(deploy_example("acme", "svc", "init_trap"))
+        .await
+        .unwrap();
+    wait_for_kind(&control, upgraded.seq, "acme", "svc", "service_crashed").await;
+    assert_eq!(busy.await.unwrap().unwrap(), b"done");
+    assert_eq!(control.status("acme", "svc").unwrap().status.as_str(), "failed");
+    let err = call(&control, "acme", "svc", b"1").await.unwrap_err();
+    assert!(matches!(err, Error::NotRunning { .. }), "{err}");
+    node.stop(Duration::from_secs(5)).await;
+}

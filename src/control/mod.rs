@@ -433,7 +433,7 @@ impl Control {
         validate_tenant(tenant)?;
         validate_service_id(service_id)?;
         // Only what the call needs is read: this is the data plane's hot path.
-        let call_timeout_ms = self.read_state(|state| {
+        let (call_timeout_ms, deployed_seq) = self.read_state(|state| {
             let service = state.service(tenant, service_id).ok_or_else(|| Error::NotFound {
                 service_id: service_id.to_string(),
             })?;
@@ -446,13 +446,13 @@ impl Control {
                     last_error: service.last_error.clone(),
                 });
             }
-            Ok(service.limits.call_timeout_ms)
+            Ok((service.limits.call_timeout_ms, service.deployed_seq))
         })?;
         let limit = Duration::from_millis(call_timeout_ms.into());
         let timeout = timeout.filter(|t| !t.is_zero()).map_or(limit, |t| t.min(limit));
         let runtime = self.runtime().ok_or(Error::Closed)?;
         runtime
-            .call(tenant, service_id, payload, timeout)
+            .call(tenant, service_id, payload, timeout, deployed_seq)
             .await
             .map_err(|e| match e {
                 // A call the shutdown cut off is worth retrying once the node is back: not a

@@ -75,6 +75,15 @@ pub(super) struct Actor {
     pub restarts: u32,
 }
 
+/// How a start ended.
+pub(super) enum Spawned {
+    Up(RunningActor),
+    Failed(StartFailure),
+    /// Given up before the instance was up (a forced kill, the node stopping): the instance,
+    /// `solo_init` under way included, is dropped.
+    GivenUp,
+}
+
 /// A started actor, as its slot holds it.
 pub(super) struct RunningActor {
     pub version: u64,
@@ -85,7 +94,7 @@ pub(super) struct RunningActor {
 
 impl RunningActor {
     /// Stops the actor: at once with `force`, else gracefully within `grace` (then at once),
-    /// or at once when `forced` names this version meanwhile.
+    /// or at once when `forced` reaches this version meanwhile.
     pub async fn stop(self, force: bool, grace: Duration, mut forced: watch::Receiver<u64>) {
         if !force && !self.task.is_finished() && self.stop.send(StopRequest { grace }).await.is_ok() {
             let mut task = self.task;
@@ -93,11 +102,7 @@ impl RunningActor {
             // A little slack over the grace: the actor enforces it itself.
             let cut_short = tokio::select! {
                 finished = tokio::time::timeout(grace + Duration::from_millis(100), &mut task) => finished.is_err(),
-                () = async {
-                    if forced.wait_for(|v| *v == version).await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                } => true,
+                () = forced_at_least(&mut forced, version) => true,
             };
             if cut_short {
                 task.abort();
@@ -110,9 +115,17 @@ impl RunningActor {
     }
 }
 
+/// Resolves once `forced` reaches `version`; never if its sender is gone.
+pub(super) async fn forced_at_least(forced: &mut watch::Receiver<u64>, version: u64) {
+    if forced.wait_for(|v| *v >= version).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 impl Actor {
-    /// Starts an instance on `guests`, and the actor task once it is up.
-    pub async fn spawn(self, guests: &tokio::runtime::Handle) -> Result<RunningActor, StartFailure> {
+    /// Starts an instance on `guests`, and the actor task once it is up, unless `give_up`
+    /// resolves first.
+    pub async fn spawn(self, guests: &tokio::runtime::Handle, give_up: impl Future<Output = ()>) -> Spawned {
         let capacity = self.config.limits.mailbox_capacity.max(1);
         let (mailbox, calls) = mpsc::channel(capacity as usize);
         let (stop, stops) = mpsc::channel(1);
@@ -131,8 +144,17 @@ impl Actor {
                 }
             }
         });
-        match outcome.await {
-            Ok(Ok(())) => Ok(RunningActor {
+        let outcome = tokio::select! {
+            outcome = outcome => outcome,
+            () = give_up => {
+                // Wasm yields at every epoch tick, so the abort ends even a looping solo_init.
+                task.abort();
+                let _ = task.await;
+                return Spawned::GivenUp;
+            }
+        };
+        match outcome {
+            Ok(Ok(())) => Spawned::Up(RunningActor {
                 version,
                 handle: Handle {
                     version,
@@ -142,8 +164,8 @@ impl Actor {
                 task,
                 stop,
             }),
-            Ok(Err(failure)) => Err(failure),
-            Err(_) => Err(StartFailure {
+            Ok(Err(failure)) => Spawned::Failed(failure),
+            Err(_) => Spawned::Failed(StartFailure {
                 reason: CrashReason::LoadFailure,
                 message: "the instance task ended".into(),
             }),

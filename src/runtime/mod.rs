@@ -17,12 +17,12 @@ mod recorder;
 mod stats;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use error::{CallError, CallFailure, InvalidModule, PrepareError, StartFailure};
@@ -32,7 +32,7 @@ pub use module::{EngineOptions, GRANTED_IMPORTS};
 pub use recorder::RetryOptions;
 pub use stats::LiveStatus;
 
-use actor::{Actor, Call, Ready, Route, RunningActor};
+use actor::{Actor, Call, Ready, Route, RunningActor, Spawned, forced_at_least};
 use instance::InstanceConfig;
 use module::{Compiler, ModuleCache, Prepared};
 use recorder::Recorder;
@@ -47,6 +47,10 @@ use crate::state::{DeployWindow, Service, Status};
 /// own, more of them, and never wait behind large ones.
 const SMALL_MODULE_BYTES: usize = 256 << 10;
 const SMALL_MODULE_FUNCTIONS: usize = 2_048;
+
+/// How long past its grace a shutdown waits for graceful stops (which enforce the grace
+/// themselves) before it cuts every one short.
+const SHUTDOWN_SLACK: Duration = Duration::from_millis(200);
 
 /// Small compiles that may run at once for each large one (`compile_threads`).
 const SMALL_COMPILES_PER_SLOT: usize = 4;
@@ -134,9 +138,11 @@ struct Inner {
     /// Why a std lock: lookups and inserts only, never held across an `.await`.
     slots: Mutex<HashMap<String, HashMap<String, Arc<Slot>>>>,
     reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// How far the reconciler has acted on the log.
+    reconciled: Reconciled,
     /// Services queued by `recover` whose start has not finished.
     recovering: AtomicUsize,
-    /// Cancelled when the runtime shuts down: starts not yet loaded are given up.
+    /// Cancelled once the node is shutting down: starts under way are given up.
     stopping: CancellationToken,
     ticker_stop: Arc<AtomicBool>,
 }
@@ -157,9 +163,79 @@ struct Slot {
     stats: Arc<LiveStats>,
     ready: Ready,
     commands: mpsc::UnboundedSender<SlotCommand>,
-    /// The version a forced kill was last asked for: it cuts short a graceful stop of that
-    /// version under way, which holds up the slot's commands.
+    /// The newest version a forced kill was asked for (`u64::MAX` once the node's shutdown
+    /// grace is over): it cuts short a start or a graceful stop of that version or an older
+    /// one under way, which would hold up the slot's commands.
     forced: watch::Sender<u64>,
+    /// The newest version deployed, as the reconciler has read the log: the one a kill stops.
+    deployed: AtomicU64,
+    /// Starts sent to the slot's task and not yet taken up: while there are any, calls that
+    /// find no instance wait for one rather than fail.
+    starts_queued: AtomicUsize,
+}
+
+impl Slot {
+    /// Queues a start; calls wait for it from now on.
+    fn queue_start(&self, start: SlotCommand) {
+        self.starts_queued.fetch_add(1, Ordering::AcqRel);
+        self.ready.send_if_modified(|route| match route {
+            Route::Down => {
+                *route = Route::Pending;
+                true
+            }
+            _ => false,
+        });
+        if self.commands.send(start).is_err() {
+            self.starts_queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Where calls go while no instance serves: they wait for a queued start, else fail.
+    /// Read under the route's lock, so that a start queued meanwhile is never missed.
+    fn route_without_instance(&self) -> Route {
+        if self.starts_queued.load(Ordering::Acquire) > 0 {
+            Route::Pending
+        } else {
+            Route::Down
+        }
+    }
+
+    /// No instance serves any more.
+    fn take_down(&self) {
+        self.ready.send_modify(|route| *route = self.route_without_instance());
+    }
+}
+
+/// How far the reconciler has acted on the log: a call waits for it to reach the deploy of
+/// the version the state says runs, so a call right after an acknowledged deploy never finds
+/// the service unknown to the runtime.
+#[derive(Default)]
+struct Reconciled {
+    seq: AtomicU64,
+    advanced: Notify,
+}
+
+impl Reconciled {
+    fn advance(&self, seq: u64) {
+        self.seq.store(seq, Ordering::Release);
+        self.advanced.notify_waiters();
+    }
+
+    fn has_reached(&self, seq: u64) -> bool {
+        self.seq.load(Ordering::Acquire) >= seq
+    }
+
+    async fn reached(&self, seq: u64) {
+        loop {
+            let advanced = self.advanced.notified();
+            tokio::pin!(advanced);
+            advanced.as_mut().enable();
+            if self.has_reached(seq) {
+                return;
+            }
+            advanced.await;
+        }
+    }
 }
 
 enum SlotCommand {
@@ -218,6 +294,7 @@ impl Runtime {
                 guests,
                 slots: Mutex::new(HashMap::new()),
                 reconciler: Mutex::new(None),
+                reconciled: Reconciled::default(),
                 recovering: AtomicUsize::new(0),
                 stopping: CancellationToken::new(),
                 ticker_stop,
@@ -322,9 +399,10 @@ impl Runtime {
         let mut starting = Vec::new();
         for service in services {
             let slot = self.inner.slot(&service.tenant, &service.id);
+            slot.deployed.store(service.version, Ordering::Release);
             if service.comes_back_with_the_node() {
                 let (done, started) = oneshot::channel();
-                let _ = slot.commands.send(SlotCommand::Start {
+                slot.queue_start(SlotCommand::Start {
                     version: service.version,
                     module_sha256: service.module_sha256.clone(),
                     limits: service.limits,
@@ -389,11 +467,15 @@ impl Runtime {
     pub fn start_reconciler(&self, from_seq: u64) {
         let weak = Arc::downgrade(&self.inner);
         let mut events = Box::pin(self.inner.log.tail(from_seq));
+        self.inner.reconciled.advance(from_seq.saturating_sub(1));
         let task = tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 let Some(inner) = weak.upgrade() else { return };
                 match event {
-                    Ok(event) => inner.reconcile(&event),
+                    Ok(event) => {
+                        inner.reconcile(&event);
+                        inner.reconciled.advance(event.seq);
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "the runtime cannot follow the log");
                         return;
@@ -404,18 +486,29 @@ impl Runtime {
         *self.inner.reconciler.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
     }
 
-    /// Calls a service: bytes in, bytes out, within `timeout` (queueing included).
+    /// Calls a service: bytes in, bytes out, within `timeout` (queueing included), once the
+    /// runtime has acted on the log up to `deployed_seq` (the deploy of the version the caller
+    /// expects to run).
     pub async fn call(
         &self,
         tenant: &str,
         service_id: &str,
         payload: Vec<u8>,
         timeout: Duration,
+        deployed_seq: u64,
     ) -> Result<Vec<u8>, CallError> {
         let not_running = || CallError::NotRunning {
             service_id: service_id.to_string(),
         };
         let deadline = Instant::now() + timeout;
+        let reconciled = &self.inner.reconciled;
+        if !reconciled.has_reached(deployed_seq)
+            && tokio::time::timeout_at(deadline.into(), reconciled.reached(deployed_seq))
+                .await
+                .is_err()
+        {
+            return Err(timed_out(service_id, timeout));
+        }
         let slot = self.inner.find(tenant, service_id).ok_or_else(not_running)?;
         let mut ready = slot.ready.subscribe();
         let mut payload = Some(payload);
@@ -508,9 +601,10 @@ impl Runtime {
             .count()
     }
 
-    /// Stops following the log, gives up the starts whose modules are not compiled yet, stops
-    /// every instance gracefully within `grace` (each recorded as `service_stopped` with
-    /// reason `node_shutdown`), then the guest threads.
+    /// Stops following the log, gives up the starts under way, stops every instance
+    /// gracefully within `grace` (each recorded as `service_stopped` with reason
+    /// `node_shutdown`), then the guest threads. `grace` bounds it all: a kill under way whose
+    /// own grace is longer is cut short with it.
     ///
     /// Returns once the runtime's tasks are gone, and with them their handles on the log, so
     /// the data directory can be opened again at once (a restart within the process).
@@ -523,14 +617,22 @@ impl Runtime {
         }
         let slots = self.inner.all_slots();
         let mut stopped = Vec::new();
-        for slot in slots {
+        for slot in &slots {
             let (done, finished) = oneshot::channel();
             if slot.commands.send(SlotCommand::Shutdown { grace, done }).is_ok() {
                 stopped.push(finished);
             }
         }
-        for finished in stopped {
-            let _ = finished.await;
+        let all_stopped = futures_util::future::join_all(stopped);
+        tokio::pin!(all_stopped);
+        if tokio::time::timeout(grace + SHUTDOWN_SLACK, &mut all_stopped)
+            .await
+            .is_err()
+        {
+            for slot in &slots {
+                slot.forced.send_replace(u64::MAX);
+            }
+            all_stopped.await;
         }
         let guest_runtime = self
             .inner
@@ -642,6 +744,8 @@ impl Inner {
             ready: Arc::new(watch::Sender::new(Route::Pending)),
             commands,
             forced: watch::Sender::new(0),
+            deployed: AtomicU64::new(0),
+            starts_queued: AtomicUsize::new(0),
         });
         slots
             .entry(tenant.to_string())
@@ -657,7 +761,8 @@ impl Inner {
         match &event.kind {
             Some(Kind::ServiceDeployed(deployed)) => {
                 let slot = self.slot(&event.tenant, &event.service_id);
-                let _ = slot.commands.send(SlotCommand::Start {
+                slot.deployed.store(deployed.version, Ordering::Release);
+                slot.queue_start(SlotCommand::Start {
                     version: deployed.version,
                     module_sha256: deployed.module_sha256.clone(),
                     limits: deployed.limits.unwrap_or_default(),
@@ -667,16 +772,25 @@ impl Inner {
                 });
             }
             Some(Kind::ServiceKillRequested(kill)) => {
-                let Some(version) = self
-                    .observer
-                    .service(&event.tenant, &event.service_id)
-                    .map(|s| s.version)
-                else {
-                    return;
+                // The version deployed before this event, which the state may have moved past.
+                let slot = match self.find(&event.tenant, &event.service_id) {
+                    Some(slot) => slot,
+                    None => match self.observer.service(&event.tenant, &event.service_id) {
+                        Some(service) => {
+                            let slot = self.slot(&event.tenant, &event.service_id);
+                            slot.deployed.store(service.version, Ordering::Release);
+                            slot
+                        }
+                        None => return,
+                    },
                 };
-                let slot = self.slot(&event.tenant, &event.service_id);
+                let version = slot.deployed.load(Ordering::Acquire);
                 if kill.force {
-                    slot.forced.send_replace(version);
+                    slot.forced.send_if_modified(|forced| {
+                        let raised = version > *forced;
+                        *forced = (*forced).max(version);
+                        raised
+                    });
                 }
                 let grace = Duration::from_millis(kill.grace_ms.into());
                 let _ = slot.commands.send(SlotCommand::Kill {
@@ -686,6 +800,8 @@ impl Inner {
                 });
             }
             Some(Kind::ServiceRemoved(_)) => self.remove_slot(&event.tenant, &event.service_id),
+            // Nothing starts once the node is shutting down: its services come back with it.
+            Some(Kind::ShutdownRequested(_)) => self.stopping.cancel(),
             _ => {}
         }
     }
@@ -804,6 +920,9 @@ async fn run_slot(
         while let Ok(more) = commands.try_recv() {
             queued.push_back(more);
         }
+        if matches!(command, SlotCommand::Start { .. }) {
+            slot.starts_queued.fetch_sub(1, Ordering::AcqRel);
+        }
         // Under a storm of deploys, only the newest version is worth starting: a start that a
         // later start or kill supersedes is skipped (its version never runs).
         if let SlotCommand::Start { done: None, .. } = &command
@@ -859,7 +978,11 @@ async fn run_slot(
 }
 
 /// Starts `version`; on success it takes over from the current actor, which finishes the calls
-/// already queued for it and stops. Returns whether the new instance is up.
+/// already queued for it and stops. On failure the current actor is retired the same way: the
+/// state no longer says it runs, but the calls it accepted are served. A forced kill of this
+/// version or the node stopping gives the start up, `solo_init` under way included, and
+/// records nothing: the kill records the stop, and a stopping node's services come back with
+/// its next start. Returns whether the new instance is up and its start on record.
 #[allow(clippy::too_many_arguments)]
 async fn start(
     inner: &Arc<Inner>,
@@ -888,29 +1011,39 @@ async fn start(
         }
         _ => false,
     });
-    // A node that is stopping compiles nothing more (only the compiles under way finish, on
-    // their threads): its shutdown keeps to its grace, and the service, which still should
-    // run, comes back with the node's next start.
-    let loaded = tokio::select! {
-        biased;
-        () = inner.stopping.cancelled() => None,
-        loaded = inner.load(module_sha256) => Some(loaded),
+    let given_up = || {
+        let mut forced = slot.forced.subscribe();
+        async move {
+            tokio::select! {
+                () = inner.stopping.cancelled() => {}
+                () = forced_at_least(&mut forced, version) => {}
+            }
+        }
     };
-    let Some(loaded) = loaded else {
+    let give_up = |slot: &Slot| {
         slot.ready.send_if_modified(|route| match route {
             Route::Pending => {
-                *route = Route::Down;
-                true
+                *route = slot.route_without_instance();
+                matches!(route, Route::Down)
             }
             _ => false,
         });
-        return false;
+        false
+    };
+    // Only the compiles under way finish, on their threads: a stopping node keeps to its grace.
+    let loaded = tokio::select! {
+        biased;
+        () = given_up() => None,
+        loaded = inner.load(module_sha256) => Some(loaded),
+    };
+    let Some(loaded) = loaded else {
+        return give_up(slot);
     };
     let prepared = match loaded {
         Ok(prepared) => prepared,
         Err(message) => {
             tracing::warn!(tenant = %slot.tenant, service = %slot.service_id, version, %message, "module not loaded");
-            withdraw(slot, current.take(), false, Duration::ZERO).await;
+            retire(slot, current.take());
             observe(inner, crashed(CrashReason::LoadFailure, message)).await;
             return false;
         }
@@ -925,12 +1058,12 @@ async fn start(
         ready: Arc::clone(&slot.ready),
         restarts,
     };
-    match actor.spawn(&inner.guests).await {
-        Ok(actor) => {
+    match actor.spawn(&inner.guests, given_up()).await {
+        Spawned::Up(actor) => {
             // The swap: new calls go to the new instance from here on. The old actor keeps its
             // queue, serves it, and stops once the last sender is gone.
             slot.ready.send_replace(Route::Up(actor.handle.clone()));
-            drop(current.replace(actor).map(|old| old.handle));
+            drop(current.replace(actor));
             // The last error was an earlier version's, or this one's before it was redeployed.
             slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()).clear();
             observe(
@@ -942,22 +1075,30 @@ async fn start(
                     recovered,
                 },
             )
-            .await;
-            true
+            .await
         }
-        Err(failure) => {
+        Spawned::Failed(failure) => {
             tracing::info!(tenant = %slot.tenant, service = %slot.service_id, version, error = %failure, "instance did not start");
             *slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = failure.message.clone();
-            withdraw(slot, current.take(), false, Duration::ZERO).await;
+            retire(slot, current.take());
             observe(inner, crashed(failure.reason, failure.message)).await;
             false
         }
+        Spawned::GivenUp => give_up(slot),
     }
+}
+
+/// Takes calls away from the slot; `actor`, if any, serves the calls it has accepted and
+/// stops, as an upgrade's old actor does.
+fn retire(slot: &Slot, actor: Option<RunningActor>) {
+    slot.take_down();
+    drop(actor);
+    slot.stats.instance_stopped();
 }
 
 /// Takes calls away from the slot and stops `actor`, if any.
 async fn withdraw(slot: &Slot, actor: Option<RunningActor>, force: bool, grace: Duration) {
-    slot.ready.send_replace(Route::Down);
+    slot.take_down();
     if let Some(actor) = actor {
         actor.stop(force, grace, slot.forced.subscribe()).await;
     }
@@ -973,8 +1114,9 @@ fn stopped(slot: &Slot, version: u64, reason: StopReason) -> Observation {
     }
 }
 
-async fn observe(inner: &Inner, observation: Observation) {
-    inner.recorder.record(observation).await;
+/// Records `observation`; false if it was refused (stale).
+async fn observe(inner: &Inner, observation: Observation) -> bool {
+    inner.recorder.record(observation).await
 }
 
 fn timed_out(service_id: &str, timeout: Duration) -> CallError {
@@ -1043,6 +1185,46 @@ mod tests {
         assert!(record.charge(at(62_000)).is_err());
         assert!(!record.is_idle(at(62_000)));
         assert!(record.is_idle(at(200_000)));
+    }
+
+    /// A kill stops the version deployed before it in the log, even when the state has moved
+    /// on to a later deploy by the time the runtime reads the kill (both in one batch): a
+    /// forced kill of version 1 must not cut short a later graceful kill of version 2.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kill_names_the_version_deployed_before_it_in_the_log() {
+        use crate::proto::{ServiceDeployed, ServiceKillRequested};
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut config = crate::config::Config::default();
+        config.solo.data_dir = dir.path().to_path_buf();
+        let (control, _) = crate::control::Control::open(config.control_options().unwrap()).expect("the log opens");
+        let options = config.runtime_options().unwrap();
+        let runtime = Runtime::new(options, control.observer(), control.log().clone()).expect("the runtime starts");
+        let event = |seq, kind| Event {
+            seq,
+            tenant: "acme".into(),
+            service_id: "svc".into(),
+            kind: Some(kind),
+            ..Event::default()
+        };
+        let deployed = |version| {
+            Kind::ServiceDeployed(ServiceDeployed {
+                module_sha256: "00".repeat(32),
+                version,
+                ..ServiceDeployed::default()
+            })
+        };
+        let forced = Kind::ServiceKillRequested(ServiceKillRequested {
+            force: true,
+            ..ServiceKillRequested::default()
+        });
+        let inner = &runtime.inner;
+        inner.reconcile(&event(1, deployed(1)));
+        inner.reconcile(&event(2, forced));
+        inner.reconcile(&event(3, deployed(2)));
+        let slot = inner.find("acme", "svc").expect("the deploy made a slot");
+        assert_eq!(*slot.forced.borrow(), 1, "the forced kill names version 1");
+        assert_eq!(slot.deployed.load(Ordering::Acquire), 2);
+        runtime.shutdown(Duration::from_secs(1)).await;
     }
 
     /// A module of about `bytes` bytes, most of them one data segment, and `functions` empty

@@ -82,20 +82,24 @@ impl<S: Sink> Recorder<S> {
     }
 
     /// Records `observation`, now or, if the log cannot take it, once it can. Returns once the
-    /// observation is recorded, refused as stale, or kept for a retry.
-    pub async fn record(self: &Arc<Self>, observation: Observation) {
+    /// observation is recorded (true), kept for a retry (true), or refused as stale (false).
+    pub async fn record(self: &Arc<Self>, observation: Observation) -> bool {
         if self.backlog().holds(&observation) {
             self.defer(observation);
-            return;
+            return true;
         }
         // A clone, as the writer consumes what it is sent; it costs two short strings.
         match self.sink.observe(observation.clone()).await {
-            Ok(_) => {}
+            Ok(_) => true,
             Err(control::Error::Storage(e)) => {
                 tracing::warn!(error = %e, "the log cannot take an observation; it is kept and retried");
                 self.defer(observation);
+                true
             }
-            Err(e) => tracing::debug!(error = %e, "observation not recorded"),
+            Err(e) => {
+                tracing::debug!(error = %e, "observation not recorded");
+                false
+            }
         }
     }
 

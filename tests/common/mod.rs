@@ -61,6 +61,7 @@ pub fn kill_command(tenant: &str, id: &str) -> KillCommand {
         service_id: id.into(),
         force: false,
         grace_ms: 0,
+        requested_grace_ms: 0,
         idempotency_key: String::new(),
         expected_version: None,
     }
