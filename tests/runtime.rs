@@ -1195,3 +1195,51 @@ async fn a_failed_upgrade_lets_the_old_version_finish_its_calls() {
     assert!(matches!(err, Error::NotRunning { .. }), "{err}");
     node.stop(Duration::from_secs(5)).await;
 }
+
+/// The restart policy's window holds across a node restart: a service that used its restarts
+/// before the node stopped has none left after it, until the window has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_restart_policy_window_holds_across_a_node_restart() {
+    let dir = tempdir();
+    let config = node_config(dir.path());
+    let node = open_node(&config).await;
+    let mut request = deploy_example("acme", "u", "unreachable");
+    request.limits = Limits {
+        max_restarts: 2,
+        restart_window_ms: 600_000,
+        ..Limits::default()
+    };
+    let deployed = node.control.deploy(request).await.unwrap();
+    wait_for_kind(&node.control, deployed.seq, "acme", "u", "service_started").await;
+    let mut from = deployed.seq;
+    for _ in 0..2 {
+        assert!(call(&node.control, "acme", "u", b"x").await.is_err());
+        from = wait_for_kind(&node.control, from, "acme", "u", "service_restarted")
+            .await
+            .seq
+            + 1;
+    }
+    let before = node.control.status("acme", "u").unwrap();
+    assert_eq!((before.status.as_str(), before.restarts), ("running", 2));
+    assert_eq!(before.restart_times_ms.len(), 2);
+    node.stop(Duration::from_secs(5)).await;
+    drop(node);
+
+    let node = open_node(&config).await;
+    let control = &node.control;
+    let back = control.status("acme", "u").unwrap();
+    assert_eq!((back.status.as_str(), back.restarts), ("running", 2));
+    assert_eq!(
+        back.restart_times_ms, before.restart_times_ms,
+        "the projection kept them"
+    );
+    let head = control.head();
+    assert!(call(control, "acme", "u", b"x").await.is_err());
+    let crashed = wait_for_kind(control, head, "acme", "u", "service_crashed").await;
+    let Some(Kind::ServiceCrashed(c)) = &crashed.kind else {
+        unreachable!()
+    };
+    assert!(!c.restarting, "the window still holds two restarts: {c:?}");
+    assert_eq!(control.status("acme", "u").unwrap().status.as_str(), "crashed");
+    node.stop(Duration::from_secs(5)).await;
+}

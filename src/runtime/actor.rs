@@ -72,7 +72,28 @@ pub(super) struct Actor {
     pub recorder: Arc<Recorder>,
     pub ready: Ready,
     /// Restarts of this version so far (carried over from the state after a node restart).
-    pub restarts: u32,
+    pub restarts: PastRestarts,
+}
+
+/// What a version's restart policy has used so far, as the state recorded it.
+#[derive(Debug, Clone, Default)]
+pub(super) struct PastRestarts {
+    pub count: u32,
+    /// When the latest restarts were recorded (wall clock, oldest first).
+    pub times_ms: Vec<u64>,
+}
+
+impl PastRestarts {
+    /// The recorded restarts as instants of this process's clock, oldest first: the start of
+    /// the policy's window, which a node restart must not reset.
+    fn as_instants(&self) -> VecDeque<Instant> {
+        let now = Instant::now();
+        let now_ms = crate::control::system_clock()();
+        self.times_ms
+            .iter()
+            .filter_map(|&at| now.checked_sub(Duration::from_millis(now_ms.saturating_sub(at))))
+            .collect()
+    }
 }
 
 /// How a start ended.
@@ -178,7 +199,7 @@ impl Actor {
         mut calls: mpsc::Receiver<Call>,
         mut stops: mpsc::Receiver<StopRequest>,
     ) {
-        let mut restart_times = VecDeque::new();
+        let mut restart_times = self.restarts.as_instants();
         loop {
             tokio::select! {
                 biased;
@@ -284,14 +305,14 @@ impl Actor {
         restart_times.push_back(now);
         match Instance::start(&self.prepared, self.config.clone()).await {
             Ok(instance) => {
-                self.restarts += 1;
+                self.restarts.count += 1;
                 self.stats.restarts.fetch_add(1, Ordering::Relaxed);
                 self.stats.instance_started(instance.memory_bytes());
                 self.observe(Observation::Restarted {
                     tenant: self.tenant.clone(),
                     service_id: self.service_id.clone(),
                     version: self.config.version,
-                    restarts: self.restarts,
+                    restarts: self.restarts.count,
                 })
                 .await;
                 Some(instance)

@@ -32,7 +32,7 @@ pub use module::{EngineOptions, GRANTED_IMPORTS};
 pub use recorder::RetryOptions;
 pub use stats::LiveStatus;
 
-use actor::{Actor, Call, Ready, Route, RunningActor, Spawned, forced_at_least};
+use actor::{Actor, Call, PastRestarts, Ready, Route, RunningActor, Spawned, forced_at_least};
 use instance::InstanceConfig;
 use module::{Compiler, ModuleCache, Prepared};
 use recorder::Recorder;
@@ -244,7 +244,7 @@ enum SlotCommand {
         module_sha256: String,
         limits: Limits,
         recovered: bool,
-        restarts: u32,
+        restarts: PastRestarts,
         done: Option<oneshot::Sender<bool>>,
     },
     Kill {
@@ -407,7 +407,10 @@ impl Runtime {
                     module_sha256: service.module_sha256.clone(),
                     limits: service.limits,
                     recovered: true,
-                    restarts: service.restarts,
+                    restarts: PastRestarts {
+                        count: service.restarts,
+                        times_ms: service.restart_times_ms.clone(),
+                    },
                     done: Some(done),
                 });
                 starting.push((
@@ -767,7 +770,7 @@ impl Inner {
                     module_sha256: deployed.module_sha256.clone(),
                     limits: deployed.limits.unwrap_or_default(),
                     recovered: false,
-                    restarts: 0,
+                    restarts: PastRestarts::default(),
                     done: None,
                 });
             }
@@ -992,7 +995,7 @@ async fn start(
     module_sha256: &str,
     limits: Limits,
     recovered: bool,
-    restarts: u32,
+    restarts: PastRestarts,
 ) -> bool {
     let crashed = |reason: CrashReason, message: String| Observation::Crashed {
         tenant: slot.tenant.clone(),

@@ -206,6 +206,9 @@ impl State {
             Some(Kind::ServiceRestarted(e)) => self.update(event, |s| {
                 s.status = Status::Running;
                 s.restarts = e.restarts;
+                s.restart_times_ms.push(event.timestamp_ms);
+                let excess = s.restart_times_ms.len().saturating_sub(s.limits.max_restarts as usize);
+                s.restart_times_ms.drain(..excess);
             })?,
             Some(Kind::ServiceStopped(_)) => self.update(event, |s| s.status = Status::Stopped)?,
             Some(Kind::ServiceRemoved(e)) => self.apply_removed(event, e)?,
@@ -317,6 +320,7 @@ impl State {
         service.desired = Desired::Running;
         service.status = Status::Starting;
         service.restarts = 0;
+        service.restart_times_ms.clear();
         service.last_error.clear();
         service.deployed_seq = event.seq;
         service.touched(event);

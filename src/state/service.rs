@@ -131,6 +131,10 @@ pub struct Service {
     pub status: Status,
     /// Restarts since the current version was deployed.
     pub restarts: u32,
+    /// When the current version's latest restarts were recorded (wall clock, at most
+    /// `max_restarts` of them, oldest first), so that its restart policy's window holds
+    /// across a node restart.
+    pub restart_times_ms: Vec<u64>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     /// The last crash's message; empty once a new version is deployed.
@@ -220,6 +224,7 @@ impl Service {
             desired: Desired::Stopped,
             status: Status::Stopped,
             restarts: 0,
+            restart_times_ms: Vec::new(),
             created_at_ms: event.timestamp_ms,
             updated_at_ms: event.timestamp_ms,
             last_error: String::new(),

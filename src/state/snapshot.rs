@@ -230,6 +230,7 @@ fn service_record(s: &Service) -> proto::ServiceRecord {
         deployed_seq: s.deployed_seq,
         last_seq: s.last_seq,
         recent_seqs: s.recent_seqs.as_slice().to_vec(),
+        restart_times_ms: s.restart_times_ms.clone(),
     }
 }
 
@@ -264,6 +265,7 @@ fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError
         last_seq: r.last_seq,
         // Only the newest RECENT_EVENTS, whatever the snapshot holds.
         recent_seqs: r.recent_seqs.into_iter().collect(),
+        restart_times_ms: r.restart_times_ms,
     })
 }
 
