@@ -294,13 +294,28 @@ pub fn dump(
     let to = filter.to.unwrap_or(head).min(head);
     let mut damaged = 0;
     let mut from = filter.from.max(1);
+    // Seqs are gap-free: a record missing, or one whose payload names another seq, is damage
+    // (log-format.md), reported rather than skipped in silence.
+    let missing = |from: u64, to: u64| match to - from {
+        0 => format!("seq {from}: missing (the log skips it)"),
+        _ => format!("seqs {from}..={to}: missing (the log skips them)"),
+    };
     while from <= to {
         let end = to.min(from + CHUNK - 1);
         let mut lines = Vec::new();
+        let mut expected = from;
         let scanned = store.scan_raw(from..=end, |seq, bytes| {
+            if seq > expected {
+                lines.push(Err(missing(expected, seq - 1)));
+            }
+            expected = seq + 1;
             let decoded = frame::decode(bytes)
                 .map_err(|e| e.to_string())
-                .and_then(|p| Event::decode(p).map_err(|e| format!("payload does not decode: {e}")));
+                .and_then(|p| Event::decode(p).map_err(|e| format!("payload does not decode: {e}")))
+                .and_then(|event| match event.seq {
+                    found if found == seq => Ok(event),
+                    found => Err(format!("its payload says seq {found}")),
+                });
             match decoded {
                 Ok(event) if filter.matches(&event) => lines.push(Ok(if json {
                     event::to_json(&event).to_string()
@@ -312,6 +327,9 @@ pub fn dump(
             }
             ControlFlow::Continue(())
         });
+        if scanned.is_ok() && expected <= end {
+            lines.push(Err(missing(expected, end)));
+        }
         // The records before damage that stops the scan are printed, then the damage.
         for line in lines {
             match line {

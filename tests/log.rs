@@ -1254,3 +1254,92 @@ async fn a_deploy_of_a_module_heals_its_damaged_copy_in_the_blob_store() {
     assert_eq!(stored, &module[..]);
     control.close().await;
 }
+
+/// `solo log dump` reports a record missing from the gap-free seqs, and one whose payload names
+/// another seq, as damage (log-format.md), rather than skip them in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(unsafe_code)]
+async fn dump_reports_a_gap_and_a_record_under_the_wrong_seq() {
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    for id in ["a", "b", "c", "d", "e"] {
+        deploy(&control, "acme", id, id).await;
+    }
+    control.close().await;
+    drop(control);
+    {
+        // SAFETY: nothing else has this test's directory open.
+        let env = unsafe { heed::EnvOpenOptions::new().max_dbs(8).open(dir.path()) }.unwrap();
+        let mut wtxn = env.write_txn().unwrap();
+        let events: heed::Database<heed::types::Bytes, heed::types::Bytes> =
+            env.open_database(&wtxn, Some("events")).unwrap().unwrap();
+        let fifth = events.get(&wtxn, &5u64.to_be_bytes()).unwrap().unwrap().to_vec();
+        events.delete(&mut wtxn, &2u64.to_be_bytes()).unwrap();
+        events.put(&mut wtxn, &4u64.to_be_bytes(), &fifth).unwrap();
+        wtxn.commit().unwrap();
+    }
+    let read_only = solo::log::StoreOptions {
+        read_only: true,
+        ..options(dir.path()).log.store
+    };
+    let store = solo::log::Store::open(dir.path(), &read_only).unwrap();
+    let (mut out, mut errors) = (Vec::new(), Vec::new());
+    let filter = inspect::DumpFilter {
+        from: 1,
+        to: None,
+        tenant: None,
+        service_id: None,
+    };
+    let damaged = inspect::dump(&store, &filter, false, &mut out, &mut errors).unwrap();
+    let errors = String::from_utf8(errors).unwrap();
+    assert_eq!(damaged, 2, "{errors}");
+    assert!(errors.contains("seq 2: missing"), "{errors}");
+    assert!(
+        errors.contains("seq 4: damaged record: its payload says seq 5"),
+        "{errors}"
+    );
+    assert_eq!(String::from_utf8(out).unwrap().lines().count(), 3, "seqs 1, 3 and 5");
+}
+
+/// A data directory that lost its events is refused, never served as a new, empty log (which
+/// would then collect its modules as unused): an empty data file, or an emptied `events`
+/// database beside the modules that its events brought.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(unsafe_code)]
+async fn a_directory_that_lost_its_events_is_refused_not_started_afresh() {
+    type Raw = heed::Database<heed::types::Bytes, heed::types::Bytes>;
+    let damages: [(&str, fn(&Path)); 2] = [
+        ("empty", |dir| {
+            std::fs::File::create(dir.join("data.mdb")).map(drop).unwrap()
+        }),
+        ("emptied", |dir| {
+            // SAFETY: nothing else has this test's directory open.
+            let env = unsafe { heed::EnvOpenOptions::new().max_dbs(8).open(dir) }.unwrap();
+            let mut wtxn = env.write_txn().unwrap();
+            let events: Raw = env.open_database(&wtxn, Some("events")).unwrap().unwrap();
+            events.clear(&mut wtxn).unwrap();
+            wtxn.commit().unwrap();
+        }),
+    ];
+    for (damage, apply) in damages {
+        let dir = tempdir();
+        let control = open(options(dir.path()));
+        deploy(&control, "acme", "a", "m1").await;
+        control.close().await;
+        drop(control);
+        apply(dir.path());
+        for read_only in [false, true] {
+            let store = solo::log::StoreOptions {
+                read_only,
+                ..options(dir.path()).log.store
+            };
+            let err = solo::log::Store::open(dir.path(), &store).unwrap_err().to_string();
+            let expected = if damage == "empty" {
+                "data.mdb is empty"
+            } else {
+                "events"
+            };
+            assert!(err.contains(expected), "{damage}, read_only {read_only}: {err}");
+        }
+    }
+}

@@ -205,16 +205,38 @@ impl Store {
             path: path.to_path_buf(),
             source,
         })?;
+        // LMDB would start a new log over an empty data file, under a new node id.
+        if std::fs::metadata(path.join(DATA_FILE)).is_ok_and(|m| m.len() == 0) {
+            return Err(Error::BadDataDir {
+                path: path.to_path_buf(),
+                reason: "its data.mdb is empty (0 bytes): whatever it held is gone; restore it from a \
+                         backup, or move it away to start a new log"
+                    .into(),
+            });
+        }
         let env = open_env(path, options)?;
         // After the environment: a second open in this process is told so by LMDB itself.
         let writer_lock = (!options.read_only).then(|| lock_for_writing(path)).transpose()?;
         check_file_length(&env, path)?;
         let heed_err = |e| Error::from_heed(e, path, options.map_size);
-        let (events, blobs, snapshots, meta, requests) = if options.read_only {
-            open_databases(&env, path).map_err(|e| match e {
+        // A directory already initialised must still have every database: creating a lost
+        // `events` afresh would serve an empty log over the data that remains.
+        let initialised = !options.read_only && has_database(&env, META_DB).map_err(heed_err)?;
+        let (events, blobs, snapshots, meta, requests) = if options.read_only || initialised {
+            let opened = open_databases(&env, path).map_err(|e| match e {
                 Error::Lmdb { source, .. } => heed_err(source),
                 other => other,
-            })?
+            })?;
+            match opened {
+                // Directories from before remembered requests get their database now.
+                (events, blobs, snapshots, meta, None) if !options.read_only => {
+                    let mut wtxn = env.write_txn().map_err(heed_err)?;
+                    let requests = env.create_database(&mut wtxn, Some(REQUESTS_DB)).map_err(heed_err)?;
+                    wtxn.commit().map_err(heed_err)?;
+                    (events, blobs, snapshots, meta, Some(requests))
+                }
+                opened => opened,
+            }
         } else {
             create_databases(&env).map_err(heed_err)?
         };
@@ -280,6 +302,15 @@ impl Store {
                     });
                 }
                 let node = self.read_node_meta(&rtxn)?;
+                let lost_events = self.events.is_empty(&rtxn).map_err(|e| self.err(e))?
+                    && !(self.snapshots.is_empty(&rtxn).map_err(|e| self.err(e))?
+                        && self.blobs.is_empty(&rtxn).map_err(|e| self.err(e))?);
+                if lost_events {
+                    return Err(self.bad(
+                        "its events database is empty, but it holds snapshots or modules, which only \
+                         events bring: the events were lost; restore it from a backup",
+                    ));
+                }
                 drop(rtxn);
                 if found < FORMAT_VERSION && !read_only {
                     let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
@@ -770,6 +801,13 @@ fn create_databases(env: &Env<WithoutTls>) -> heed::Result<Databases> {
     );
     wtxn.commit()?;
     Ok(dbs)
+}
+
+fn has_database(env: &Env<WithoutTls>, name: &str) -> heed::Result<bool> {
+    let rtxn = env.read_txn()?;
+    let found = env.open_database::<Bytes, Bytes>(&rtxn, Some(name))?.is_some();
+    rtxn.commit()?;
+    Ok(found)
 }
 
 fn open_databases(env: &Env<WithoutTls>, path: &Path) -> Result<Databases> {
