@@ -20,6 +20,29 @@ async fn call(control: &solo::control::Control, tenant: &str, id: &str, payload:
     control.call(tenant, id, payload.to_vec(), None).await
 }
 
+/// Deploys the `spin` example as acme/`id`, with room for calls of up to 30 s, and waits until
+/// it runs.
+async fn spin_running(control: &solo::control::Control, id: &str) {
+    let mut request = deploy_example("acme", id, "spin");
+    request.limits = Limits {
+        call_timeout_ms: 30_000,
+        cpu_ms_per_call: 30_000,
+        ..Limits::default()
+    };
+    let deployed = control.deploy(request).await.unwrap();
+    wait_for_kind(control, deployed.seq, "acme", id, "service_started").await;
+}
+
+/// A call to a `spin` service that keeps it busy for `ms`, under way in a task of its own.
+fn call_in_flight(
+    control: &solo::control::Control,
+    id: &str,
+    ms: u64,
+) -> tokio::task::JoinHandle<Result<Vec<u8>, Error>> {
+    let (control, id) = (control.clone(), id.to_string());
+    tokio::spawn(async move { call(&control, "acme", &id, ms.to_string().as_bytes()).await })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_counter_and_kv_behave_as_documented() {
     let dir = tempdir();
@@ -361,18 +384,8 @@ async fn a_forced_kill_cuts_short_a_graceful_one_under_way() {
     let dir = tempdir();
     let node = open_node(&node_config(dir.path())).await;
     let control = node.control.clone();
-    let mut request = deploy_example("acme", "spin", "spin");
-    request.limits = Limits {
-        call_timeout_ms: 30_000,
-        cpu_ms_per_call: 30_000,
-        ..Limits::default()
-    };
-    let deployed = control.deploy(request).await.unwrap();
-    wait_for_kind(&control, deployed.seq, "acme", "spin", "service_started").await;
-    let busy = {
-        let control = control.clone();
-        tokio::spawn(async move { call(&control, "acme", "spin", b"20000").await })
-    };
+    spin_running(&control, "spin").await;
+    let busy = call_in_flight(&control, "spin", 20000);
     while control.live("acme", "spin").unwrap().uptime_ms == 0 || control.runtime().unwrap().running_instances() == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -1079,18 +1092,8 @@ async fn a_shutdown_gives_up_starts_and_cuts_kills_under_way_at_its_grace() {
     let config = patient_config(dir.path());
     let node = open_node(&config).await;
     let control = node.control.clone();
-    let mut spin = deploy_example("acme", "draining", "spin");
-    spin.limits = Limits {
-        call_timeout_ms: 30_000,
-        cpu_ms_per_call: 30_000,
-        ..Limits::default()
-    };
-    let deployed = control.deploy(spin).await.unwrap();
-    wait_for_kind(&control, deployed.seq, "acme", "draining", "service_started").await;
-    let busy = {
-        let control = control.clone();
-        tokio::spawn(async move { call(&control, "acme", "draining", b"20000").await })
-    };
+    spin_running(&control, "draining").await;
+    let busy = call_in_flight(&control, "draining", 20000);
     tokio::time::sleep(Duration::from_millis(300)).await; // the call is under way
     let patient_kill = KillCommand {
         grace_ms: 60_000,
@@ -1130,18 +1133,8 @@ async fn calls_wait_for_a_start_the_state_promises() {
         assert_eq!(call(&control, "acme", &id, b"hi").await.unwrap(), b"hi", "{id}");
     }
 
-    let mut spin = deploy_example("acme", "swap", "spin");
-    spin.limits = Limits {
-        call_timeout_ms: 30_000,
-        cpu_ms_per_call: 30_000,
-        ..Limits::default()
-    };
-    let deployed = control.deploy(spin).await.unwrap();
-    wait_for_kind(&control, deployed.seq, "acme", "swap", "service_started").await;
-    let busy = {
-        let control = control.clone();
-        tokio::spawn(async move { call(&control, "acme", "swap", b"1500").await })
-    };
+    spin_running(&control, "swap").await;
+    let busy = call_in_flight(&control, "swap", 1500);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let graceful = KillCommand {
         grace_ms: 10_000,
@@ -1171,18 +1164,8 @@ async fn a_failed_upgrade_lets_the_old_version_finish_its_calls() {
     let dir = tempdir();
     let node = open_node(&node_config(dir.path())).await;
     let control = node.control.clone();
-    let mut spin = deploy_example("acme", "svc", "spin");
-    spin.limits = Limits {
-        call_timeout_ms: 30_000,
-        cpu_ms_per_call: 30_000,
-        ..Limits::default()
-    };
-    let deployed = control.deploy(spin).await.unwrap();
-    wait_for_kind(&control, deployed.seq, "acme", "svc", "service_started").await;
-    let busy = {
-        let control = control.clone();
-        tokio::spawn(async move { call(&control, "acme", "svc", b"1500").await })
-    };
+    spin_running(&control, "svc").await;
+    let busy = call_in_flight(&control, "svc", 1500);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let upgraded = control
         .deploy(deploy_example("acme", "svc", "init_trap"))
