@@ -420,10 +420,10 @@ async fn serve_grpc(
     max_streams: u32,
     drained: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Only requests are bounded here; answers are bounded by what makes them (a service's
+    // `max_response_bytes`, a page's size), not by what a request may be.
     let max_message = state.options.max_body_bytes;
-    let kernel = SoloKernelServer::new(GrpcApi::new(Arc::clone(&state)))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let kernel = SoloKernelServer::new(GrpcApi::new(Arc::clone(&state))).max_decoding_message_size(max_message);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SoloKernelServer<GrpcApi>>().await;
     let health_follower = tokio::spawn(follow_log_health(health.clone(), Arc::downgrade(&state)));

@@ -3,9 +3,10 @@
 //! hint) and does no work. Permits are RAII guards over semaphores: released exactly once, when
 //! the request ends, whatever way it ends.
 //!
-//! Requests count against their principal: a tenant's against its own limits, the admin's
-//! against limits of its own (the node's `[limits]`), whichever tenant it acts for. So no
-//! tenant's traffic can lock the admin out, and the admin's takes nothing from a tenant.
+//! Requests count against their principal: a tenant's against its own limits and the node's,
+//! the admin's against limits of its own (the node's `[limits]`) only, whichever tenant it acts
+//! for. So no tenant's traffic can lock the admin out, and the admin's takes nothing from a
+//! tenant.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,7 +37,8 @@ pub struct Shedder {
 #[must_use = "the request is admitted only while the permit lives"]
 pub struct Permit {
     _tenant: OwnedSemaphorePermit,
-    _node: OwnedSemaphorePermit,
+    /// None for the admin's requests, which the node's limit does not count.
+    _node: Option<OwnedSemaphorePermit>,
 }
 
 /// Either kind of permit, for a handler that takes one or the other.
@@ -77,12 +79,15 @@ impl Shedder {
                     format!("{} is at its limit of requests in flight ({limit})", who(principal)),
                 )
             })?;
-        let node_permit = Arc::clone(&self.node).try_acquire_owned().map_err(|_| {
-            self.shed(
-                "node",
-                format!("the node is at its limit of requests in flight ({})", self.node_limit),
-            )
-        })?;
+        let node_permit = match principal {
+            Principal::Admin => None,
+            Principal::Tenant(_) => Some(Arc::clone(&self.node).try_acquire_owned().map_err(|_| {
+                self.shed(
+                    "node",
+                    format!("the node is at its limit of requests in flight ({})", self.node_limit),
+                )
+            })?),
+        };
         Ok(Permit {
             _tenant: tenant_permit,
             _node: node_permit,
@@ -113,7 +118,7 @@ impl Shedder {
         }
     }
 
-    /// Requests in flight on the node now.
+    /// Tenants' requests in flight on the node now.
     pub fn in_flight(&self) -> usize {
         self.node_limit - self.node.available_permits()
     }
@@ -210,5 +215,19 @@ mod tests {
         drop((admin_request, admin_stream));
         assert!(shedder.admit(&Principal::Admin).is_ok());
         assert!(shedder.admit(&tenant("default")).is_err());
+    }
+
+    /// Tenants that fill the node's limit between them lock the admin out of nothing, and the
+    /// admin's requests leave the node's limit to the tenants.
+    #[test]
+    fn the_node_limit_counts_tenants_only() {
+        let shedder = shedder(2, 5);
+        let _tenants = [
+            shedder.admit(&tenant("acme")).unwrap(),
+            shedder.admit(&tenant("beta")).unwrap(),
+        ];
+        assert!(shedder.admit(&tenant("gamma")).is_err(), "the node is full");
+        let _admin: Vec<Permit> = (0..5).map(|_| shedder.admit(&Principal::Admin).unwrap()).collect();
+        assert_eq!(shedder.in_flight(), 2);
     }
 }

@@ -1897,3 +1897,23 @@ async fn a_client_that_stops_answering_pings_is_disconnected() {
         .unwrap();
     server.stop().await.unwrap();
 }
+
+/// `max_request_bytes` bounds requests only: an answer larger than any request may be (a long
+/// listing) is sent whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_not_bounded_by_the_request_limit() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |c| c.solo.max_request_bytes = 4096).await;
+    let mut client = grpc_client(&server).await;
+    for i in 0..30 {
+        deploy(&mut client, "acme", &format!("service-with-a-long-name-{i:02}"), "echo").await;
+    }
+    let listed = client
+        .list(as_tenant("acme", proto::ListRequest::default()))
+        .await
+        .expect("the listing is answered")
+        .into_inner();
+    assert_eq!(listed.services.len(), 30);
+    assert!(prost::Message::encoded_len(&listed) > 4096);
+    server.stop().await.unwrap();
+}

@@ -510,6 +510,26 @@ async fn quotas_hold_at_their_edges_and_under_a_race() {
     deploy(&control, "acme", "e", "m").await;
     assert_eq!(control.head(), head + 4);
 
+    // A limit lowered under what a tenant has leaves its services upgradable.
+    control.close().await;
+    drop(control);
+    let mut opts = options(dir.path());
+    opts.limits.node.max_services = 1;
+    opts.limits.node.max_module_bytes = 64;
+    let control = open(opts);
+    deploy(&control, "acme", "a", "m3").await;
+    let err = control.deploy(deploy_request("acme", "f", "m")).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::QuotaExceeded {
+                quota: "max_services",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
     let mut big = deploy_request("acme", "big", "m");
     big.module = Arc::from(vec![0u8; 65]);
     let err = control.deploy(big).await.unwrap_err();

@@ -1226,3 +1226,80 @@ async fn the_restart_policy_window_holds_across_a_node_restart() {
     assert_eq!(control.status("acme", "u").unwrap().status.as_str(), "crashed");
     node.stop(Duration::from_secs(5)).await;
 }
+
+/// The node's room for instances counts a service being killed until it has stopped: its
+/// instance exists until then, and a deploy let in meanwhile would fail to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instance_pool_counts_services_still_stopping() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.runtime.max_instances = 2;
+    let node = open_node(&config).await;
+    let control = node.control.clone();
+    spin_running(&control, "draining").await;
+    let busy = call_in_flight(&control, "draining", 1500);
+    tokio::time::sleep(Duration::from_millis(200)).await; // the call is under way
+    let graceful = KillCommand {
+        grace_ms: 10_000,
+        ..kill_command("acme", "draining")
+    };
+    let killed = control.kill(graceful).await.unwrap();
+    deploy_running(&control, "beta", "one", "echo").await;
+    let err = control.deploy(deploy_example("beta", "two", "echo")).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::QuotaExceeded {
+                quota: "runtime.max_instances",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("1 more are stopping"), "{err}");
+    assert_eq!(busy.await.unwrap().unwrap(), b"done");
+    wait_for_kind(&control, killed.seq, "acme", "draining", "service_stopped").await;
+    deploy_running(&control, "beta", "two", "echo").await;
+    node.stop(Duration::from_secs(5)).await;
+}
+
+/// WAT text is converted before its module's hash is known, so the conversion is charged as a
+/// compile: text that does not parse counts against the deploy rate, and so does any text over
+/// the size of a small module, whatever it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converting_wat_counts_against_the_deploy_rate() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.limits.max_deploys_per_minute = 3;
+    let node = open_node(&config).await;
+    let control = &node.control;
+    let wat = |text: String| solo::control::DeployRequest {
+        module: Arc::from(text.into_bytes()),
+        ..deploy_request("acme", "w", "")
+    };
+    for _ in 0..2 {
+        let err = control.deploy(wat("(module (oops))".into())).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidModule(_)), "{err}");
+    }
+    // Large text: a comment pads a small module past 256 KiB.
+    let padded = format!(
+        ";; {}\n{}",
+        "x".repeat(300 << 10),
+        String::from_utf8(example("echo").to_vec()).unwrap()
+    );
+    control.deploy(wat(padded.clone())).await.unwrap();
+    let err = control.deploy(wat(padded)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::QuotaExceeded {
+                quota: "max_deploys_per_minute",
+                ..
+            }
+        ),
+        "even the same module again, as large text: {err}"
+    );
+    // Small text of a module compiled before (the same module as the padded text) costs nothing.
+    control.deploy(deploy_example("acme", "echo", "echo")).await.unwrap();
+    node.stop(Duration::from_secs(5)).await;
+}

@@ -485,20 +485,28 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
         Some(s) if s.is_active() => (1, s.limits.memory_bytes),
         _ => (0, 0),
     };
+    // A service being killed still has its instance until it stops: the node's room counts it.
+    let holds_instance = held_slot == 1 || existing.is_some_and(|s| s.status == Status::Stopping);
+    let (running, stopping) = (state.active_services(), state.stopping_services());
     if let Some(capacity) = cx.node_services
-        && held_slot == 0
-        && state.active_services() >= capacity
+        && !holds_instance
+        && running + stopping >= capacity
     {
+        let stopping = match stopping {
+            0 => String::new(),
+            n => format!(" and {n} more are stopping (try again once they have stopped)"),
+        };
         return Err(Error::QuotaExceeded {
             quota: "runtime.max_instances",
             limit: capacity,
             detail: format!(
-                "the node runs {} services, all it has room for",
-                state.active_services()
+                "the node runs {running} services{stopping}, all it has room for (a sixteenth of \
+                 runtime.max_instances is kept for upgrades)"
             ),
         });
     }
-    if active - held_slot >= limits.max_services {
+    // An upgrade adds no service: it is allowed even over a limit lowered since.
+    if held_slot == 0 && active >= limits.max_services {
         return Err(Error::QuotaExceeded {
             quota: "max_services",
             limit: limits.max_services.into(),
@@ -511,8 +519,9 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
             quota: "max_tenant_memory_mb",
             limit: limits.max_tenant_memory_mb,
             detail: format!(
-                "the tenant's services would reserve {} MiB",
-                memory_after.div_ceil(1 << 20)
+                "the tenant's services reserve {} and would reserve {} with this deploy",
+                mib(memory),
+                mib(memory_after)
             ),
         });
     }
@@ -526,6 +535,11 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
         });
     }
     Ok(())
+}
+
+/// Bytes in MiB, to two decimals: a refusal must not round a figure to the limit's side.
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decision> {

@@ -313,13 +313,31 @@ impl Runtime {
         memory_bytes: u64,
         quota: CompileQuota,
     ) -> Result<Module, PrepareError> {
+        let mut charged = false;
         let module = if bytes.starts_with(module::WASM_MAGIC) {
             Module::hashed(bytes).await
         } else {
-            // WAT: parsing it is work for a blocking thread, as compiling is.
+            // WAT: converting it is work for a blocking thread and a compile slot, as compiling
+            // is, and its hash (for the caches) is known only after it. So text over the size
+            // of a small module counts as a compile whatever it holds, and other text counts as
+            // one when it is refused.
             let compiles = self.inner.compiles_of(tenant, quota);
             let _turn = compiles.turn().await;
-            blocking(move || Ok(Module::new(module::to_wasm(&bytes)?.into()))).await?
+            let small = bytes.len() <= SMALL_MODULE_BYTES;
+            if !small {
+                compiles.charge(quota)?;
+                charged = true;
+            }
+            let _slot = self.inner.compile_slot(small).await;
+            match blocking(move || module::to_wasm(&bytes)).await {
+                Ok(wasm) => Module::new(wasm.into()),
+                Err(refusal) => {
+                    if small {
+                        let _ = compiles.charge(quota);
+                    }
+                    return Err(refusal.into());
+                }
+            }
         };
         let sha256 = module.sha256;
         if let Some(reason) = self.inner.cache.refusal(&sha256) {
@@ -335,7 +353,9 @@ impl Runtime {
             if let Some(reason) = inner.cache.refusal(&sha256) {
                 return Err(PrepareError::Invalid(InvalidModule(reason)));
             }
-            compiles.charge(quota)?;
+            if !charged {
+                compiles.charge(quota)?;
+            }
             let _slot = inner.compile_slot(is_small(&bytes)).await;
             inner.compiled.fetch_add(1, Ordering::Relaxed);
             let compiler = Arc::clone(&inner);

@@ -70,6 +70,8 @@ pub struct State {
     tenants: Map<CompactString, Box<Tenant>>,
     /// Services of all tenants that hold quota (the node's share of them).
     active_services: u64,
+    /// Services being killed: they hold no quota, but their instances exist until they stop.
+    stopping_services: u64,
     /// (time, tenant, key) of remembered idempotency keys, oldest first, for expiry.
     idempotency_expiry: VecDeque<(u64, CompactString, CompactString)>,
     /// Services of every tenant that should run (not killed) with each module, by the first 8
@@ -89,6 +91,7 @@ impl State {
             last_timestamp_ms: 0,
             tenants: Map::default(),
             active_services: 0,
+            stopping_services: 0,
             idempotency_expiry: VecDeque::new(),
             module_users: Map::default(),
         }
@@ -132,6 +135,16 @@ impl State {
     /// Services of every tenant that hold quota.
     pub fn active_services(&self) -> u64 {
         self.active_services
+    }
+
+    /// Services of every tenant being killed, whose instances still exist.
+    pub fn stopping_services(&self) -> u64 {
+        self.stopping_services
+    }
+
+    fn is_stopping(&self, event: &Event) -> bool {
+        self.service(&event.tenant, &event.service_id)
+            .is_some_and(|s| s.status == Status::Stopping)
     }
 
     pub fn tenant(&self, tenant: &str) -> Option<&Tenant> {
@@ -191,6 +204,7 @@ impl State {
     /// and leaves the service's old labels in their place.
     fn apply_with(&mut self, event: &Event, labels: Option<&mut Labels>) -> Result<(), ApplyError> {
         self.check_seq(event)?;
+        let was_stopping = self.is_stopping(event);
         match &event.kind {
             Some(Kind::ServiceDeployed(e)) => self.apply_deployed(event, e, labels)?,
             Some(Kind::ServiceKillRequested(e)) => self.apply_kill_requested(event, e)?,
@@ -214,6 +228,11 @@ impl State {
             Some(Kind::ServiceRemoved(e)) => self.apply_removed(event, e)?,
             // Node-level events, and kinds from a newer build: nothing this build tracks.
             Some(Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => {}
+        }
+        match (was_stopping, self.is_stopping(event)) {
+            (false, true) => self.stopping_services += 1,
+            (true, false) => self.stopping_services = self.stopping_services.saturating_sub(1),
+            _ => {}
         }
         self.applied_seq = event.seq;
         self.last_timestamp_ms = self.last_timestamp_ms.max(event.timestamp_ms);

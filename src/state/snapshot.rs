@@ -116,6 +116,9 @@ impl State {
                     )));
                 }
                 count_stopped(&mut tenant.stopped_services, false, service.is_removable());
+                if service.status == Status::Stopping {
+                    state.stopping_services += 1;
+                }
                 if service.is_active() {
                     tenant.active_services = tenant.active_services.saturating_add(1);
                     state.active_services += 1;
