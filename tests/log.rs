@@ -1162,6 +1162,33 @@ async fn observations_that_no_longer_fit_are_refused_as_stale() {
     assert_eq!(control.status("acme", "a").unwrap().status.as_str(), "running");
 }
 
+/// Once the shutdown is recorded, no start is: a start that ended as the shutdown was being
+/// recorded is stopped with the rest, and its service comes back with the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_start_is_recorded_after_the_shutdown() {
+    use solo::control::Observation;
+    use solo::proto::StopReason;
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    control.shutdown("admin", 1000).await.unwrap();
+    let started = Observation::Started {
+        tenant: "acme".into(),
+        service_id: "a".into(),
+        version: 1,
+        recovered: false,
+    };
+    assert!(matches!(control.observe(started).await, Err(Error::ShuttingDown)));
+    let stopped = Observation::Stopped {
+        tenant: "acme".into(),
+        service_id: "a".into(),
+        version: 1,
+        reason: StopReason::NodeShutdown,
+    };
+    control.observe(stopped).await.unwrap();
+    assert!(control.status("acme", "a").unwrap().comes_back_with_the_node());
+}
+
 /// Shutdown is idempotent, as an impatient admin or a retry sends it again: one event, and
 /// every request, concurrent or later, is answered with its seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

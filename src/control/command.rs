@@ -253,6 +253,9 @@ pub(super) fn decide(state: &State, command: Command, cx: Context<'_>) -> Result
         Command::Deploy(_) | Command::Kill(_) | Command::Remove(_) if cx.shutdown_seq.is_some() => {
             Err(Error::ShuttingDown)
         }
+        // Nor is anything recorded as started: a start that ended as the shutdown was being
+        // recorded is stopped with the others, and its service comes back with the node.
+        Command::Observe(Observation::Started { .. }) if cx.shutdown_seq.is_some() => Err(Error::ShuttingDown),
         Command::Deploy(cmd) => decide_deploy(state, cmd, cx),
         Command::Kill(cmd) => decide_kill(state, cmd, cx),
         Command::Remove(cmd) => decide_remove(state, cmd, cx),
