@@ -1303,3 +1303,25 @@ async fn converting_wat_counts_against_the_deploy_rate() {
     control.deploy(deploy_example("acme", "echo", "echo")).await.unwrap();
     node.stop(Duration::from_secs(5)).await;
 }
+
+/// A deploy gives up the start of the version before it still under way, `solo_init` and all:
+/// only the newest version is worth starting, as when a rollout supersedes another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_gives_up_the_start_of_the_version_before_it() {
+    let dir = tempdir();
+    let node = open_node(&patient_config(dir.path())).await;
+    let control = &node.control;
+    let first = control.deploy(slow_to_start("acme", "svc", 20_000)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // solo_init is under way
+    let asked = Instant::now();
+    let second = control.deploy(deploy_example("acme", "svc", "echo")).await.unwrap();
+    wait_for_kind(control, second.seq, "acme", "svc", "service_started").await;
+    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    assert_eq!(
+        kinds_of(control, first.seq, "svc"),
+        ["service_deployed", "service_deployed", "service_started"],
+        "version 1 never started"
+    );
+    assert_eq!(call(control, "acme", "svc", b"hi").await.unwrap(), b"hi");
+    node.stop(Duration::from_secs(5)).await;
+}

@@ -167,8 +167,9 @@ struct Slot {
     /// grace is over): it cuts short a start or a graceful stop of that version or an older
     /// one under way, which would hold up the slot's commands.
     forced: watch::Sender<u64>,
-    /// The newest version deployed, as the reconciler has read the log: the one a kill stops.
-    deployed: AtomicU64,
+    /// The newest version deployed, as the reconciler has read the log: the one a kill stops,
+    /// and the one a start of an older version under way gives way to.
+    deployed: watch::Sender<u64>,
     /// Starts sent to the slot's task and not yet taken up: while there are any, calls that
     /// find no instance wait for one rather than fail.
     starts_queued: AtomicUsize,
@@ -419,7 +420,7 @@ impl Runtime {
         let mut starting = Vec::new();
         for service in services {
             let slot = self.inner.slot(&service.tenant, &service.id);
-            slot.deployed.store(service.version, Ordering::Release);
+            slot.deployed.send_replace(service.version);
             if service.comes_back_with_the_node() {
                 let (done, started) = oneshot::channel();
                 slot.queue_start(SlotCommand::Start {
@@ -767,7 +768,7 @@ impl Inner {
             ready: Arc::new(watch::Sender::new(Route::Pending)),
             commands,
             forced: watch::Sender::new(0),
-            deployed: AtomicU64::new(0),
+            deployed: watch::Sender::new(0),
             starts_queued: AtomicUsize::new(0),
         });
         slots
@@ -784,7 +785,7 @@ impl Inner {
         match &event.kind {
             Some(Kind::ServiceDeployed(deployed)) => {
                 let slot = self.slot(&event.tenant, &event.service_id);
-                slot.deployed.store(deployed.version, Ordering::Release);
+                slot.deployed.send_replace(deployed.version);
                 slot.queue_start(SlotCommand::Start {
                     version: deployed.version,
                     module_sha256: deployed.module_sha256.clone(),
@@ -801,13 +802,13 @@ impl Inner {
                     None => match self.observer.service(&event.tenant, &event.service_id) {
                         Some(service) => {
                             let slot = self.slot(&event.tenant, &event.service_id);
-                            slot.deployed.store(service.version, Ordering::Release);
+                            slot.deployed.send_replace(service.version);
                             slot
                         }
                         None => return,
                     },
                 };
-                let version = slot.deployed.load(Ordering::Acquire);
+                let version = *slot.deployed.borrow();
                 if kill.force {
                     slot.forced.send_if_modified(|forced| {
                         let raised = version > *forced;
@@ -1003,9 +1004,10 @@ async fn run_slot(
 /// Starts `version`; on success it takes over from the current actor, which finishes the calls
 /// already queued for it and stops. On failure the current actor is retired the same way: the
 /// state no longer says it runs, but the calls it accepted are served. A forced kill of this
-/// version or the node stopping gives the start up, `solo_init` under way included, and
-/// records nothing: the kill records the stop, and a stopping node's services come back with
-/// its next start. Returns whether the new instance is up and its start on record.
+/// version, a later deploy or the node stopping gives the start up, `solo_init` under way
+/// included, and records nothing: the kill records the stop, the later version starts next,
+/// and a stopping node's services come back with its next start. Returns whether the new
+/// instance is up and its start on record.
 #[allow(clippy::too_many_arguments)]
 async fn start(
     inner: &Arc<Inner>,
@@ -1035,11 +1037,17 @@ async fn start(
         _ => false,
     });
     let given_up = || {
-        let mut forced = slot.forced.subscribe();
+        let (mut forced, mut deployed) = (slot.forced.subscribe(), slot.deployed.subscribe());
         async move {
+            let superseded = async {
+                if deployed.wait_for(|newest| *newest > version).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 () = inner.stopping.cancelled() => {}
                 () = forced_at_least(&mut forced, version) => {}
+                () = superseded => {}
             }
         }
     };
@@ -1246,7 +1254,7 @@ mod tests {
         inner.reconcile(&event(3, deployed(2)));
         let slot = inner.find("acme", "svc").expect("the deploy made a slot");
         assert_eq!(*slot.forced.borrow(), 1, "the forced kill names version 1");
-        assert_eq!(slot.deployed.load(Ordering::Acquire), 2);
+        assert_eq!(*slot.deployed.borrow(), 2);
         runtime.shutdown(Duration::from_secs(1)).await;
     }
 
