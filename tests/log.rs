@@ -1355,7 +1355,8 @@ async fn dump_reports_a_gap_and_a_record_under_the_wrong_seq() {
 #[allow(unsafe_code)]
 async fn a_directory_that_lost_its_events_is_refused_not_started_afresh() {
     type Raw = heed::Database<heed::types::Bytes, heed::types::Bytes>;
-    let damages: [(&str, fn(&Path)); 2] = [
+    type Damage = (&'static str, fn(&Path));
+    let damages: [Damage; 2] = [
         ("empty", |dir| {
             std::fs::File::create(dir.join("data.mdb")).map(drop).unwrap()
         }),

@@ -483,7 +483,7 @@ where
 
 /// A byte limit as configured: in MiB when it is a whole number of them, else in bytes.
 fn in_mib(bytes: u64) -> String {
-    if bytes % (1 << 20) == 0 {
+    if bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
     } else {
         format!("{bytes} bytes")
