@@ -345,10 +345,28 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if solo.data_dir.as_os_str().is_empty() {
+            return Err(invalid("solo.data_dir", "is empty: name the data directory"));
+        }
         // More often, a keep-alive only floods the client: the floor of a Watch's progress.
         let floor = crate::api::watch::MIN_PROGRESS_INTERVAL.as_millis();
-        if u128::from(solo.sse_keepalive_ms) < floor {
-            return Err(invalid("solo.sse_keepalive_ms", &format!("must be at least {floor}")));
+        for (key, value) in [
+            ("solo.sse_keepalive_ms", solo.sse_keepalive_ms),
+            ("solo.watch_progress_interval_ms", solo.watch_progress_interval_ms),
+        ] {
+            if u128::from(value) < floor {
+                return Err(invalid(key, &format!("must be at least {floor}")));
+            }
+        }
+        // A slower epoch clock checks CPU limits too seldom to hold them, and the stack is
+        // reserved for every instance of the pool.
+        for (key, value, most) in [
+            ("runtime.epoch_tick_ms", rt.epoch_tick_ms, MAX_EPOCH_TICK_MS),
+            ("runtime.max_wasm_stack_kb", rt.max_wasm_stack_kb, MAX_WASM_STACK_KB),
+        ] {
+            if value > most {
+                return Err(invalid(key, &format!("must be at most {most}")));
+            }
         }
         // Guest threads are all made at start, each with its stack, and each compile takes
         // memory: a typo here could take all of it.
@@ -594,6 +612,12 @@ impl Config {
 
 /// The largest LMDB map: address space is reserved for all of it.
 const MAX_MAP_SIZE_MB: u64 = 64 << 20;
+
+/// The slowest epoch clock: CPU limits are checked this often at least.
+const MAX_EPOCH_TICK_MS: u32 = 1000;
+
+/// The largest wasm stack of a call (64 MiB); the pool reserves one for each instance.
+const MAX_WASM_STACK_KB: u32 = 64 << 10;
 
 /// The most threads of one kind (guest, compile) a node may be given.
 const MAX_THREADS: u32 = 1024;
@@ -844,11 +868,28 @@ mod tests {
                 "runtime.compile_threads",
                 "at most 1024",
             ),
+            (
+                "[solo]\nwatch_progress_interval_ms = 0\n",
+                "solo.watch_progress_interval_ms",
+                "at least 100",
+            ),
+            (
+                "[runtime]\nepoch_tick_ms = 4294967295\n",
+                "runtime.epoch_tick_ms",
+                "at most 1000",
+            ),
+            (
+                "[runtime]\nmax_wasm_stack_kb = 4294967295\n",
+                "runtime.max_wasm_stack_kb",
+                "at most 65536",
+            ),
+            ("[solo]\ndata_dir = \"\"\n", "solo.data_dir", "is empty"),
         ] {
             let e = error_of(text);
             assert!(e.contains(key) && e.contains(says), "{text}: {e}");
         }
         Config::parse("[solo]\nsse_keepalive_ms = 100\n[runtime]\nguest_threads = 1024\n").unwrap();
+        Config::parse("[runtime]\nepoch_tick_ms = 1000\nmax_wasm_stack_kb = 65536\n").unwrap();
     }
 
     #[test]

@@ -210,6 +210,9 @@ fn help_documents_exit_codes_and_every_subcommand_has_examples() {
         "4  unauthenticated or forbidden",
         "5  unavailable",
         "SOLO_ENDPOINT",
+        "SOLO_CLIENT_CERT",
+        "SOLO_CLIENT_KEY",
+        "SOLO_CONNECT_TIMEOUT_MS",
     ] {
         assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
     }
@@ -243,6 +246,35 @@ fn help_documents_exit_codes_and_every_subcommand_has_examples() {
     }
     let deploy_help = run(solo().args(["deploy", "--help"])).ok().text();
     assert!(deploy_help.contains("Exit codes") && deploy_help.contains("--memory-mb"));
+    assert!(
+        deploy_help.contains("60000"),
+        "the restart window's minimum:\n{deploy_help}"
+    );
+    assert!(deploy_help.contains("--endpoint") && deploy_help.contains("--json"));
+    // Each command's help shows the global flags that do something there, and only those.
+    let offline: [(&[&str], bool); 7] = [
+        (&["serve"], false),
+        (&["log", "verify"], true),
+        (&["log", "dump"], true),
+        (&["log", "stats"], true),
+        (&["config", "check"], true),
+        (&["token", "new"], true),
+        (&["completions"], false),
+    ];
+    for (command, json) in offline {
+        let help = run(solo().args(command).arg("--help")).ok().text();
+        for flag in ["--endpoint", "--token", "--ca-cert", "--connect-timeout-ms"] {
+            assert!(!help.contains(flag), "solo {command:?} --help shows {flag}:\n{help}");
+        }
+        assert_eq!(
+            help.contains("--json"),
+            json,
+            "solo {command:?} --help and --json:\n{help}"
+        );
+    }
+    assert!(!run(solo().args(["status", "--help"])).ok().text().contains("--config"));
+    // Still accepted anywhere, as global flags are.
+    run(solo().args(["token", "new", "--endpoint", "http://127.0.0.1:1"])).ok();
     // The token's value never shows in help.
     let help = run(solo().env("SOLO_TOKEN", "sekrit-token").args(["list", "--help"]))
         .ok()
@@ -283,6 +315,23 @@ fn bad_usage_exits_2() {
     assert!(ran.stderr.contains("--ca-cert"), "{}", ran.stderr);
     let ran = run(solo().args(["list", "--endpoint", "http://127.0.0.1:1", "--ca-cert", "x.pem"])).fails(2);
     assert!(ran.stderr.contains("https"), "{}", ran.stderr);
+    // Only http and https; a bad value from the environment names its variable.
+    let ran = run(solo().args(["list", "--endpoint", "ftp://x"]));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("--endpoint") && ran.stderr.contains("ftp://"),
+        "{}",
+        ran.stderr
+    );
+    let ran = run(solo().env("SOLO_ENDPOINT", "ftp://x").arg("list"));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(ran.stderr.contains("SOLO_ENDPOINT"), "{}", ran.stderr);
+    let ran = run(solo().env("SOLO_CONNECT_TIMEOUT_MS", "soon").arg("list"));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(ran.stderr.contains("SOLO_CONNECT_TIMEOUT_MS"), "{}", ran.stderr);
+    let ran = run(solo().args(["list", "--connect-timeout-ms", "soon"]));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(!ran.stderr.contains("SOLO_CONNECT_TIMEOUT_MS"), "{}", ran.stderr);
 }
 
 #[test]
@@ -369,6 +418,10 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
         "the key with other limits and labels"
     );
     assert_eq!(retried["seq"], deployed["seq"]);
+    assert_eq!(
+        (deployed["replayed"].as_bool(), retried["replayed"].as_bool()),
+        (Some(false), Some(true))
+    );
     let again = node
         .run(
             "acme",
@@ -403,11 +456,13 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
     let junk = dir.path().join("junk.wat");
     std::fs::write(&junk, "(module (func $oops").unwrap();
     let ran = node.run("acme", &["deploy", "bad", junk.to_str().unwrap()]).fails(1);
+    let first = ran.stderr.lines().next().unwrap();
     assert!(
-        ran.stderr.contains("bad") || ran.stderr.contains("module"),
-        "{}",
+        first.contains(junk.to_str().unwrap()) && first.contains("WAT"),
+        "the first line names the file: {}",
         ran.stderr
     );
+    assert!(!ran.stderr.contains("<anon>"), "{}", ran.stderr);
     let ran = node
         .run(
             "acme",
@@ -587,10 +642,37 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
     assert!(ran.stderr.contains("echo"), "{}", ran.stderr);
     let again = node.run("acme", &["kill", "echo", "--json"]).ok().json();
     assert_eq!(again["already_stopped"], true);
-    let forced = node.run("acme", &["kill", "counter", "--force", "--json"]).ok().json();
+    assert_eq!(again["status"], "stopped");
+    let again = node.run("acme", &["kill", "echo"]).ok().text();
+    assert!(again.contains("echo was already stopped"), "{again}");
+    let forced = node.run(
+        "acme",
+        &[
+            "kill",
+            "counter",
+            "--force",
+            "--json",
+            "--idempotency-key",
+            "stop-counter",
+        ],
+    );
+    let forced = forced.ok().json();
     assert_eq!(
         (forced["service_id"].as_str(), forced["already_stopped"].as_bool()),
         (Some("counter"), Some(false))
+    );
+    assert_eq!(forced["replayed"], false);
+    let retried = node
+        .run(
+            "acme",
+            &["kill", "counter", "--force", "--idempotency-key", "stop-counter"],
+        )
+        .ok()
+        .text();
+    assert!(
+        retried.contains(&format!("(seq {})", forced["seq"]))
+            && retried.contains("(replayed: the original answer to this idempotency key)"),
+        "{retried}"
     );
     node.run("acme", &["kill", "nope"]).fails(3);
     let logs = node.run("acme", &["logs", "echo"]).ok().text();
@@ -921,11 +1003,13 @@ fn tls_with_the_nodes_ca_and_a_client_certificate_that_names_the_tenant() {
         .args(["call", "echo", "--data", "over tls"]))
     .ok();
     assert_eq!(ran.stdout, b"over tls");
-    // Without a client certificate this node refuses the handshake; with the wrong CA the
-    // node's certificate is not trusted: both leave the node unreachable.
-    let ran = run(node.solo().args(["--ca-cert", ca, "list"])).fails(5);
+    // Without a client certificate this node refuses the handshake: unauthenticated. With
+    // the wrong CA the node's certificate is not trusted: the node is not reached.
+    let ran = run(node.solo().args(["--ca-cert", ca, "list"])).fails(4);
     assert!(
-        ran.stderr.contains(&format!("the node at {}", node.url)),
+        ran.stderr
+            .contains(&format!("the node at {} requires a client certificate", node.url))
+            && ran.stderr.contains("--client-cert"),
         "{}",
         ran.stderr
     );
@@ -936,6 +1020,36 @@ fn tls_with_the_nodes_ca_and_a_client_certificate_that_names_the_tenant() {
     .fails(5);
     assert!(ran.stderr.contains("certificate"), "{}", ran.stderr);
     run(node.solo().args(["--ca-cert", "/no/such/ca.pem", "list"])).fails(1);
+    // A file that holds no certificate is refused at once, by name.
+    let junk = pki.path("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let junk = junk.to_str().unwrap();
+    for args in [
+        &["--ca-cert", junk][..],
+        &[
+            "--ca-cert",
+            ca,
+            "--client-cert",
+            junk,
+            "--client-key",
+            client_key.to_str().unwrap(),
+        ],
+        &[
+            "--ca-cert",
+            ca,
+            "--client-cert",
+            client_cert.to_str().unwrap(),
+            "--client-key",
+            junk,
+        ],
+    ] {
+        let ran = run(node.solo().args(args).arg("list")).fails(1);
+        assert!(
+            ran.stderr.contains(junk) && ran.stderr.contains("PEM"),
+            "{}",
+            ran.stderr
+        );
+    }
     run(node
         .solo()
         .args(["--ca-cert", ca, "--client-cert", client_cert.to_str().unwrap(), "list"]))
@@ -960,6 +1074,23 @@ fn the_offline_tools_still_work() {
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[solo]\nnot_a_key = 1\n").unwrap();
     assert_eq!(run(solo().args(["config", "check", bad.to_str().unwrap()])).code, 1);
+    // Values that would pass a check and break `serve` are refused by the check, by key.
+    for (text, key) in [
+        ("[solo]\ndata_dir = \"\"\n", "solo.data_dir"),
+        (
+            "[solo]\nwatch_progress_interval_ms = 0\n",
+            "solo.watch_progress_interval_ms",
+        ),
+        (
+            "[runtime]\nmax_wasm_stack_kb = 4294967295\n",
+            "runtime.max_wasm_stack_kb",
+        ),
+        ("[runtime]\nepoch_tick_ms = 4294967295\n", "runtime.epoch_tick_ms"),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let ran = run(solo().args(["config", "check", bad.to_str().unwrap()])).fails(1);
+        assert!(ran.stderr.contains(key), "{text}: {}", ran.stderr);
+    }
 
     // A data directory with two tenants' events, read offline.
     let data = dir.path().join("data");
@@ -1266,6 +1397,7 @@ fn sigterm_stops_serve_cleanly_and_the_next_start_brings_the_services_back() {
     let stderr = std::fs::read_to_string(log).unwrap();
     assert!(status.success(), "SIGTERM ended it with {status}: {stderr}");
     assert!(stderr.contains("shutdown signal received"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "no colour off a terminal: {stderr}");
 
     // The stop is on record, by the node, and says nothing about what should run.
     let dump = run(solo().args(["log", "dump", "--data-dir", data.to_str().unwrap(), "--json"]))
@@ -1784,4 +1916,284 @@ fn the_offline_tools_stop_quietly_when_stdout_closes() {
             output.status
         );
     }
+}
+
+/// A module whose `solo_stop` takes two seconds: killed gracefully, it stays `stopping` that long.
+const SLOW_STOP: &str = r#"(module
+  (import "solo" "now_ms" (func $now_ms (result i64)))
+  (memory (export "memory") 1)
+  (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "solo_handle") (param i32 i32) (result i64) (i64.const 0))
+  (func (export "solo_stop")
+    (local $until i64)
+    (local.set $until (i64.add (call $now_ms) (i64.const 2000)))
+    (loop $spin (br_if $spin (i64.lt_s (call $now_ms) (local.get $until))))))
+"#;
+
+#[test]
+fn kill_wait_waits_for_a_service_that_is_still_stopping() {
+    let node = Node::dev();
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("slow-stop.wat");
+    std::fs::write(&module, SLOW_STOP).unwrap();
+    let module = module.to_str().unwrap();
+    node.run("acme", &["deploy", "slow", module, "--cpu-ms", "10000", "--wait"])
+        .ok();
+    let killed = node
+        .run("acme", &["kill", "slow", "--grace-ms", "20000", "--json"])
+        .ok()
+        .json();
+    assert_eq!(killed["already_stopped"], false, "{killed}");
+    let status = || node.run("acme", &["status", "slow", "--json"]).ok().json()["status"].clone();
+    assert_eq!(status(), "stopping");
+
+    // A second kill finds a kill recorded: it says the service is stopping, not stopped, and
+    // --wait waits until it has stopped.
+    let started = Instant::now();
+    let again = node.run("acme", &["kill", "slow", "--wait"]).ok().text();
+    assert!(
+        again.contains("slow is already stopping") && !again.contains("already stopped"),
+        "{again}"
+    );
+    assert!(again.trim_end().ends_with("slow stopped"), "{again}");
+    assert_eq!(status(), "stopped", "--wait returned after {:?}", started.elapsed());
+    let again = node.run("acme", &["kill", "slow", "--wait", "--json"]).ok().json();
+    assert_eq!(
+        (
+            again["already_stopped"].as_bool(),
+            again["status"].as_str(),
+            again["stopped"].as_bool()
+        ),
+        (Some(true), Some("stopped"), Some(true)),
+        "{again}"
+    );
+}
+
+/// Waits for `child` to exit by itself, for at most `within`.
+fn exits_within(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn follows_end_quietly_when_their_reader_goes_even_while_nothing_happens() {
+    let node = Node::dev();
+    node.deploy("acme", "echo", "echo", &[]);
+    let commands: [&[&str]; 2] = [
+        &["events", "--follow", "--from", "1", "--json"],
+        &["--tenant", "acme", "logs", "echo", "--follow"],
+    ];
+    for args in commands {
+        // `| head -1`: one line, then the reader goes; nothing new is ever printed.
+        let mut child = spawn_piped(&[&["--endpoint", node.url.as_str()][..], args].concat());
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty(), "{args:?}");
+        let status = exits_within(&mut child, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("{args:?} still runs with no reader of its output"));
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(status.success() && stderr.is_empty(), "{args:?}: {status}: {stderr}");
+    }
+}
+
+/// A listener that takes connections and answers each with `answer` (nothing: silent), for as
+/// long as the test runs.
+fn fake_peer(answer: &'static [u8]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let _ = std::io::Write::write_all(&mut stream, answer);
+            held.push(stream);
+        }
+    });
+    url
+}
+
+#[test]
+fn a_peer_that_does_not_answer_grpc_is_reported_within_the_connect_timeout() {
+    // Accepts the connection, never answers: given up on after the connect timeout.
+    let silent = fake_peer(b"");
+    let started = Instant::now();
+    let ran = run(solo().args(["--endpoint", &silent, "--connect-timeout-ms", "1000", "status", "kv"])).fails(5);
+    assert!(
+        ran.stderr
+            .contains(&format!("cannot reach the node at {silent}: no answer within 1000 ms")),
+        "{}",
+        ran.stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+
+    // The node's HTTP port, and an HTTP/1 server: not gRPC, and said so.
+    let node = Node::dev();
+    let http = format!("http://{}", node.server.as_ref().unwrap().http_addr);
+    let web = fake_peer(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+    for (endpoint, detail) in [(&http, "(HTTP 404)"), (&web, "(it answers HTTP/1)")] {
+        let ran = run(solo().args(["--endpoint", endpoint, "status", "kv"])).fails(5);
+        assert!(
+            ran.stderr.contains(&format!(
+                "{endpoint} is not a gRPC endpoint {detail}: is it the node's gRPC address?"
+            )),
+            "{}",
+            ran.stderr
+        );
+    }
+    let ran = run(solo().args(["--endpoint", &http, "events", "--follow"])).fails(5);
+    assert!(ran.stderr.contains("is not a gRPC endpoint"), "{}", ran.stderr);
+}
+
+/// A data directory of 25 events, copied for each way of damaging it.
+fn damaged_copy(source: &Path, damage: impl FnOnce(&mut Vec<u8>)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(source.join("data.mdb")).unwrap();
+    damage(&mut bytes);
+    std::fs::write(dir.path().join("data.mdb"), bytes).unwrap();
+    dir
+}
+
+#[test]
+fn damage_that_crashes_lmdb_or_loses_a_page_is_reported_as_damage() {
+    let source = tempfile::tempdir().unwrap();
+    offline_data_dir(source.path(), 1 << 20, 25);
+    let page = 4096;
+    // Every B-tree page claims to hold 65,535 bytes of node pointers: LMDB trusts the page
+    // header and reads far beyond it, which kills the process without the handler.
+    let crashed = damaged_copy(source.path(), |bytes| {
+        for start in (2 * page..bytes.len()).step_by(page) {
+            bytes[start + 12..start + 14].copy_from_slice(&[0xff, 0xff]);
+        }
+    });
+    // Both meta pages name a root page far past the end of the file: MDB_PAGE_NOTFOUND.
+    let lost = damaged_copy(source.path(), |bytes| {
+        for meta in [0, page] {
+            let root = meta + 16 + 24 + 48 + 40;
+            bytes[root..root + 8].copy_from_slice(&1_000_000u64.to_le_bytes());
+        }
+    });
+    for (dir, says) in [(&crashed, "LMDB crashed reading it"), (&lost, "MDB_PAGE_NOTFOUND")] {
+        let data = dir.path().to_str().unwrap();
+        for command in ["verify", "stats", "dump"] {
+            let ran = run(solo().args(["log", command, "--data-dir", data])).fails(1);
+            assert!(
+                ran.stderr.contains("damaged") && ran.stderr.contains(says) && ran.stderr.contains("backup"),
+                "log {command} on {says}: {}",
+                ran.stderr
+            );
+        }
+        for command in ["verify", "stats"] {
+            let ran = run(solo().args(["log", command, "--json", "--data-dir", data]));
+            assert_eq!(ran.code, 1, "{}", ran.stderr);
+            if says == "MDB_PAGE_NOTFOUND" {
+                let document = ran.json();
+                assert_eq!(
+                    (document["ok"].as_bool(), document["damaged"].as_bool()),
+                    (Some(false), Some(true))
+                );
+                assert!(document["error"].as_str().unwrap().contains(says), "{document}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_offline_tools_only_read_and_say_what_is_wrong_with_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ran = |data: &Path| run(solo().args(["log", "stats", "--data-dir", data.to_str().unwrap()]));
+
+    // What is there is told apart; nothing is created where there is no log.
+    let missing = root.join("missing");
+    assert!(ran(&missing).fails(1).stderr.contains("does not exist"));
+    assert!(!missing.exists());
+    let bare = root.join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    assert!(ran(&bare).fails(1).stderr.contains("holds no Solo log (no data.mdb)"));
+    let empty = root.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::write(empty.join("data.mdb"), b"").unwrap();
+    let refused = ran(&empty).fails(1);
+    assert!(
+        refused.stderr.contains("empty") && !refused.stderr.contains("descriptor"),
+        "{}",
+        refused.stderr
+    );
+    let other = root.join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("data.mdb"), vec![7u8; 16384]).unwrap();
+    assert!(ran(&other).fails(1).stderr.contains("not an LMDB file"));
+    let source = root.join("source");
+    offline_data_dir(&source, 1 << 20, 25);
+    let cut = root.join("cut");
+    std::fs::create_dir(&cut).unwrap();
+    let bytes = std::fs::read(source.join("data.mdb")).unwrap();
+    std::fs::write(cut.join("data.mdb"), &bytes[..4096]).unwrap();
+    assert!(ran(&cut).fails(1).stderr.contains("cut short"));
+    for dir in [&bare, &empty, &other, &cut] {
+        assert!(!dir.join("lock.mdb").exists(), "{} has a lock file now", dir.display());
+    }
+
+    // A directory this user may not write is read without LMDB's lock file, and says so.
+    let readonly = root.join("readonly");
+    std::fs::create_dir(&readonly).unwrap();
+    std::fs::write(readonly.join("data.mdb"), &bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |path: &Path, mode: u32| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    mode(root, 0o755);
+    mode(&readonly.join("data.mdb"), 0o444);
+    mode(&readonly, 0o555);
+    // root may write anywhere: run the tool as nobody, where this test runs as root.
+    let mut cmd = if rustix::process::geteuid().is_root() {
+        let mut cmd = assert_cmd::Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()]);
+        for var in SOLO_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.timeout(PATIENCE);
+        cmd
+    } else {
+        solo()
+    };
+    let stats = run(cmd.args(["log", "stats", "--json", "--data-dir", readonly.to_str().unwrap()]));
+    mode(&readonly, 0o755);
+    let stats = stats.ok();
+    assert_eq!(stats.json()["head"], 25, "{}", stats.stderr);
+    assert_eq!(stats.json()["unlocked"], true);
+    assert!(stats.stderr.contains("without LMDB's lock file"), "{}", stats.stderr);
+    assert!(!readonly.join("lock.mdb").exists());
+}
+
+#[test]
+fn serve_refuses_a_bad_rust_log_and_an_empty_data_directory_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ran = run(solo()
+        .env("RUST_LOG", "solo=loudest")
+        .args(["serve", "--data-dir", data.to_str().unwrap()])
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]));
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("RUST_LOG='solo=loudest' is not a tracing filter"),
+        "{}",
+        ran.stderr
+    );
+    assert!(!data.exists());
+    // An empty directory name is a usage error; `data_dir = ""` is refused by the config check.
+    let ran = serve_expecting_refusal("");
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(ran.stderr.contains("--data-dir"), "{}", ran.stderr);
 }

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::builder::PossibleValuesParser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
-use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use clap::{Arg, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 use crate::event::EventKind;
 use crate::state::Status;
@@ -19,8 +20,8 @@ macro_rules! exit_codes {
   1  failure: the node refused the request, the call failed, a file could not be read
   2  usage error: bad flags or arguments
   3  not found: no such service (another tenant's services do not exist for you)
-  4  unauthenticated or forbidden: missing or wrong token, or an admin-only request
-  5  unavailable: the node cannot be reached, or is shutting down"
+  4  unauthenticated or forbidden: missing or wrong token or client certificate, or an admin-only request
+  5  unavailable: the node cannot be reached or is shutting down, or the endpoint does not speak gRPC"
     };
 }
 
@@ -42,18 +43,21 @@ macro_rules! exit_codes {
   solo events --follow --json
   SOLO_ENDPOINT=https://node:50051 SOLO_TOKEN=solo_... solo status echo --ca-cert ca.pem
 
-Environment: SOLO_ENDPOINT, SOLO_TOKEN, SOLO_TENANT, SOLO_CA_CERT, SOLO_CONFIG; NO_COLOR turns colour off.
+Environment: SOLO_ENDPOINT, SOLO_TOKEN, SOLO_TENANT, SOLO_CA_CERT, SOLO_CLIENT_CERT, SOLO_CLIENT_KEY,
+SOLO_CONNECT_TIMEOUT_MS (the client commands); SOLO_CONFIG (serve, log); RUST_LOG (serve's log filter,
+over [telemetry] log_level); NO_COLOR turns colour off.
 
 ",
         exit_codes!()
     )
 )]
 pub struct Cli {
-    /// Configuration file (TOML) of `serve` and `log`; without one, the defaults serve. Client
-    /// commands do not read it: they take --endpoint and the connection flags.
+    /// Configuration file (TOML) of `serve` and `log`; without one, the defaults serve. The
+    /// client commands do not read it: they take their connection from flags and SOLO_*.
     #[arg(long, global = true, env = "SOLO_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Print JSON for programs: one document per command, JSON lines for `events` and `logs`.
+    /// Print JSON for programs: one document per command, JSON lines for `events`, `logs` and
+    /// `log dump`.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(flatten)]
@@ -74,7 +78,11 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let matches = Cli::command().try_get_matches_from(args)?;
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let mut command = Cli::clap_command();
+        let matches = command
+            .try_get_matches_from_mut(&args)
+            .map_err(|e| from_the_environment(e, &mut command, &args))?;
         let mut cli = Cli::from_arg_matches(&matches)?;
         // `log dump --tenant` filters the dump. It shares its name with the global --tenant, so
         // clap hands it SOLO_TENANT too; only a value given on the command line filters.
@@ -91,6 +99,101 @@ impl Cli {
     }
 }
 
+/// The global flags and the commands they mean something to. They are accepted anywhere on
+/// the command line (`solo --endpoint URL status x`), but each command's help shows only its own.
+const CONNECTION_FLAGS: [&str; 7] = [
+    "endpoint",
+    "token",
+    "tenant",
+    "ca_cert",
+    "client_cert",
+    "client_key",
+    "connect_timeout_ms",
+];
+
+impl Cli {
+    /// The command line as parsed and as its help shows it: the global flags are hidden from
+    /// the commands they do nothing for (the connection flags from the offline commands, `--json`
+    /// from `serve` and `completions`, `--config` from all but `serve` and `log`).
+    pub fn clap_command() -> clap::Command {
+        let mut command = Cli::command();
+        let hidden = |command: &clap::Command, ids: &[&str]| -> Vec<Arg> {
+            command
+                .get_arguments()
+                .filter(|arg| ids.contains(&arg.get_id().as_str()))
+                .map(|arg| arg.clone().hide(true))
+                .collect()
+        };
+        let connection = hidden(&command, &CONNECTION_FLAGS);
+        let json = hidden(&command, &["json"]);
+        let config = hidden(&command, &["config"]);
+        let offline: [(&str, &[&[Arg]]); 5] = [
+            ("serve", &[&connection, &json]),
+            ("log", &[&connection]),
+            ("config", &[&connection, &config]),
+            ("token", &[&connection, &config]),
+            ("completions", &[&connection, &json, &config]),
+        ];
+        let names: Vec<String> = command.get_subcommands().map(|c| c.get_name().to_string()).collect();
+        for name in names {
+            let flags: Vec<Arg> = match offline.iter().find(|(n, _)| *n == name) {
+                Some((_, groups)) => groups.iter().flat_map(|g| g.iter().cloned()).collect(),
+                None => config.clone(),
+            };
+            command = command.mut_subcommand(name, |sub| sub.args(flags));
+        }
+        command
+    }
+}
+
+/// A bad value clap found in an environment variable (`SOLO_CONNECT_TIMEOUT_MS=abc`) is
+/// reported naming the variable, not the flag the command line did not hold.
+fn from_the_environment(error: clap::Error, command: &mut clap::Command, args: &[std::ffi::OsString]) -> clap::Error {
+    if !matches!(error.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+        return error;
+    }
+    let Some(ContextValue::String(invalid)) = error.get(ContextKind::InvalidArg) else {
+        return error;
+    };
+    let flag = invalid.split_whitespace().next().unwrap_or_default().to_string();
+    let Some(variable) = command
+        .get_arguments()
+        .find(|arg| arg.get_long().is_some_and(|long| format!("--{long}") == flag))
+        .and_then(Arg::get_env)
+        .map(|v| v.to_string_lossy().into_owned())
+    else {
+        return error;
+    };
+    let on_the_command_line = args.iter().skip(1).any(|arg| {
+        arg.to_str()
+            .is_some_and(|arg| arg == flag || arg.starts_with(&format!("{flag}=")))
+    });
+    if on_the_command_line {
+        return error;
+    }
+    let rendered = error.render().to_string();
+    let first = rendered.lines().next().unwrap_or_default();
+    let message = first.strip_prefix("error: ").unwrap_or(first).replacen(
+        &format!("for '{invalid}'"),
+        &format!("for {variable} ({flag})"),
+        1,
+    );
+    command.error(error.kind(), message)
+}
+
+/// The endpoint of client commands without --endpoint or SOLO_ENDPOINT.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
+
+/// An endpoint: `http://` or `https://`, or a bare `host:port`.
+fn parse_endpoint(text: &str) -> Result<String, String> {
+    match text.trim().split_once("://") {
+        Some((scheme, _)) if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") => {
+            Err(format!("the scheme must be http:// or https://, not {scheme}://"))
+        }
+        _ => Ok(text.to_string()),
+    }
+}
+
 /// Where the node is and who is asking: shared by every client command.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Connection")]
@@ -100,8 +203,9 @@ pub struct ConnectionArgs {
         long,
         global = true,
         env = "SOLO_ENDPOINT",
-        default_value = "http://127.0.0.1:50051",
-        value_name = "URL"
+        default_value = DEFAULT_ENDPOINT,
+        value_name = "URL",
+        value_parser = parse_endpoint
     )]
     pub endpoint: String,
     /// Bearer token (`solo token new` makes one); sent as `authorization: Bearer <token>`.
@@ -125,7 +229,8 @@ pub struct ConnectionArgs {
     /// PEM private key of --client-cert.
     #[arg(long, global = true, env = "SOLO_CLIENT_KEY", value_name = "FILE")]
     pub client_key: Option<PathBuf>,
-    /// How long to wait for the node to answer a connection, in milliseconds.
+    /// How long to wait for the node to answer a connection, in milliseconds: the TCP connect,
+    /// the TLS handshake and the node's first bytes.
     #[arg(
         long,
         global = true,
@@ -358,7 +463,8 @@ pub struct DeployArgs {
     /// Restarts allowed within --restart-window-ms before the service counts as crashed.
     #[arg(long, value_name = "N")]
     pub max_restarts: Option<u32>,
-    /// The window of --max-restarts, in milliseconds.
+    /// The window of --max-restarts, in milliseconds: at least the node's (its [limits]
+    /// restart_window_ms, 60000 by default); a longer window only makes the policy stricter.
     #[arg(long, value_name = "MS")]
     pub restart_window_ms: Option<u32>,
     /// A label, KEY=VALUE (repeatable).
@@ -383,7 +489,8 @@ impl DeployArgs {
 /// Waiting for the outcome of a deploy or a kill.
 #[derive(Debug, Clone, Args)]
 pub struct WaitArgs {
-    /// Wait until the service runs (deploy) or has stopped (kill); exit 1 if it fails instead.
+    /// Wait until the service runs (deploy) or has stopped (kill, also one already stopping);
+    /// exit 1 if it fails instead.
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits, in milliseconds.
@@ -512,7 +619,14 @@ mod tests {
 
     #[test]
     fn the_command_line_is_consistent() {
-        Cli::command().debug_assert();
+        Cli::clap_command().debug_assert();
+    }
+
+    #[test]
+    fn endpoints_are_http_or_https() {
+        assert!(parse_endpoint("http://h:1").is_ok() && parse_endpoint("HTTPS://h:1").is_ok());
+        assert!(parse_endpoint("h:1").is_ok(), "a bare host:port gets its scheme later");
+        assert!(parse_endpoint("ftp://h").unwrap_err().contains("ftp://"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! they keep printing until Ctrl-C, and survive a dropped connection or a node restart: they
 //! reconnect with backoff and resume just after the last seq seen (events: the last event or
 //! progress note; logs: the last line), so nothing is missed and nothing is printed twice.
+//! They end quietly, with exit code 0, once the reader of stdout has gone, even while idle.
 
 use std::time::Duration;
 
@@ -17,6 +18,9 @@ use crate::proto::{self, watch_response::Msg};
 /// Progress interval of the watches here: the smallest the node allows, so an idle or
 /// filtered watch still learns quickly how far the log has moved.
 const PROGRESS_INTERVAL_MS: u32 = 100;
+
+/// How often an idle follow checks whether the reader of stdout has gone.
+const STDOUT_CHECK: Duration = Duration::from_secs(1);
 
 /// Reconnect delays: doubling from the first to the last.
 const FIRST_DELAY: Duration = Duration::from_millis(100);
@@ -314,11 +318,24 @@ async fn resume_point(
     }
 }
 
-/// Runs `work` until it ends or the user interrupts (Ctrl-C, SIGTERM), which ends it cleanly.
+/// Runs `work` until it ends, the user interrupts (Ctrl-C, SIGTERM) or the reader of stdout
+/// goes away, either of which ends it cleanly.
 async fn until_interrupted(work: impl Future<Output = Result<(), CliError>>) -> Result<(), CliError> {
     tokio::select! {
         result = work => result,
         () = super::interrupted() => Ok(()),
+        () = stdout_closed() => Ok(()),
+    }
+}
+
+/// Resolves once the reader of stdout has gone, checked every [`STDOUT_CHECK`].
+async fn stdout_closed() {
+    let mut checks = tokio::time::interval(STDOUT_CHECK);
+    loop {
+        checks.tick().await;
+        if super::output::stdout_gone() {
+            return;
+        }
     }
 }
 

@@ -1,14 +1,17 @@
 //! The commands that need no node: `serve` (which runs one), `log verify|dump|stats`,
 //! `config check`, `token new` and `completions`. They fail with exit code 1.
+//!
+//! The `log` tools only read. They open the data file read-only, and without LMDB's lock file
+//! when they may not write the directory; they create nothing in a directory that holds no
+//! log; and damage, even the kind that crashes LMDB, is reported as damage.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{IsTerminal as _, Read as _, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::CommandFactory as _;
 
-use super::args::{Cli, ConfigCommand, DataDirArg, LogCommand, ServeArgs, TokenCommand};
+use super::args::{Cli, ConfigCommand, LogCommand, ServeArgs, TokenCommand};
 use crate::config::{Config, LogFormat};
 use crate::inspect::{self, DumpFilter};
 use crate::log::Store;
@@ -24,7 +27,7 @@ pub fn serve(config_path: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<Ex
     if let Some(addr) = args.http_addr {
         config.solo.http_addr = addr;
     }
-    init_tracing(&config);
+    init_tracing(&config)?;
     ignore_file_size_signal();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -94,7 +97,7 @@ pub fn token(command: TokenCommand, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
-    let mut command = Cli::command();
+    let mut command = Cli::clap_command();
     // Into memory first: clap_complete panics when a write fails.
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut command, "solo", &mut script);
@@ -104,15 +107,51 @@ pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `solo log verify|dump|stats`. A failure is printed here, as damage when it is damage, and
+/// with `--json` as a document too (`verify`, `stats`), so that programs read it as well.
 pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path.as_deref())?;
-    let open = |dir: DataDirArg| -> anyhow::Result<Store> {
-        let path = dir.data_dir.unwrap_or_else(|| config.solo.data_dir.clone());
-        Ok(Store::open(&path, &config.log_options(true).store)?)
+    let (dir, one_document) = match &command {
+        LogCommand::Verify(dir) | LogCommand::Stats { dir } => (dir, json),
+        LogCommand::Dump { dir, .. } => (dir, false),
     };
+    let path = dir.data_dir.clone().unwrap_or_else(|| config.solo.data_dir.clone());
+    report_crashes_as_damage();
+    let error = match read_log(&config, &path, command, json) {
+        Ok(code) => return Ok(code),
+        Err(error) => error,
+    };
+    let damaged = is_damage(&error);
+    let mut message = super::error::causes(error.as_ref());
+    if damaged {
+        message = format!(
+            "the data file in {} is damaged: {message}; restore it from a backup",
+            path.display()
+        );
+    }
+    super::output::print_error(&message);
+    if one_document {
+        let document = serde_json::json!({ "ok": false, "damaged": damaged, "error": message });
+        // A reader that went away misses nothing it could act on: the exit code says it.
+        let _ = printing(|out| {
+            writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
+            Ok(ExitCode::FAILURE)
+        });
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> anyhow::Result<ExitCode> {
+    let (store, unlocked) = open_for_reading(config, path)?;
+    if unlocked {
+        super::output::note(&format!(
+            "{} is not writable: reading it without LMDB's lock file, which is safe only while no node writes to it",
+            path.display()
+        ));
+    }
     match command {
-        LogCommand::Verify(dir) => {
-            let report = inspect::verify(&open(dir)?, config.settings())?;
+        LogCommand::Verify(_) => {
+            let report = inspect::verify(&store, config.settings())?;
             if !json {
                 for problem in report.problems.iter().skip(1) {
                     eprintln!("also: {problem}");
@@ -120,7 +159,9 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
             }
             printing(|out| {
                 if json {
-                    writeln!(out, "{}", serde_json::to_string_pretty(&report.to_json())?)?;
+                    let mut document = report.to_json();
+                    document["unlocked"] = unlocked.into();
+                    writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
                 } else {
                     writeln!(out, "{}", report.summary())?;
                 }
@@ -132,7 +173,7 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
             })
         }
         LogCommand::Dump {
-            dir,
+            dir: _,
             from,
             to,
             tenant,
@@ -153,7 +194,6 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
                 tenant,
                 service_id,
             };
-            let store = open(dir)?;
             printing(|out| {
                 let damaged = inspect::dump(&store, &filter, json, out, &mut std::io::stderr())?;
                 Ok(if damaged == 0 {
@@ -163,16 +203,164 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
                 })
             })
         }
-        LogCommand::Stats { dir } => {
-            let stats = inspect::stats(&open(dir)?)?;
+        LogCommand::Stats { dir: _ } => {
+            let stats = inspect::stats(&store)?;
             printing(|out| {
                 if json {
-                    writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
+                    let mut document = serde_json::to_value(&stats)?;
+                    document["unlocked"] = unlocked.into();
+                    writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
                 } else {
                     print_stats(out, &stats)?;
                 }
                 Ok(ExitCode::SUCCESS)
             })
+        }
+    }
+}
+
+/// LMDB's data file and lock file in a data directory.
+const DATA_FILE: &str = "data.mdb";
+const LOCK_FILE: &str = "lock.mdb";
+
+/// Opens a data directory read-only; without LMDB's lock file (`true`) where this process may
+/// not write it (a directory of another user, a read-only mount), since LMDB would otherwise
+/// refuse, or create the file.
+fn open_for_reading(config: &Config, path: &Path) -> anyhow::Result<(Store, bool)> {
+    check_data_file(path)?;
+    let options = config.log_options(true).store;
+    if lock_is_usable(path) {
+        Ok((Store::open(path, &options)?, false))
+    } else {
+        Ok((Store::open_unlocked(path, &options)?, true))
+    }
+}
+
+/// Whether this process may use LMDB's lock file in `dir`: open the one there, or create it.
+fn lock_is_usable(dir: &Path) -> bool {
+    use rustix::fs::{Access, access};
+    let lock = dir.join(LOCK_FILE);
+    if lock.exists() {
+        access(&lock, Access::READ_OK | Access::WRITE_OK).is_ok()
+    } else {
+        access(dir, Access::WRITE_OK | Access::EXEC_OK).is_ok()
+    }
+}
+
+/// LMDB's magic number, at the start of each of its two meta pages (after the page header).
+const LMDB_MAGIC: u32 = 0xBEEF_C0DE;
+
+/// Refuses, before LMDB sees it (and creates its lock file beside it), a directory that does
+/// not exist or holds no Solo log, and a data file that is no LMDB file or is shorter than its
+/// two meta pages (a cut-short copy). A longer file cut short is the store's to find.
+fn check_data_file(dir: &Path) -> anyhow::Result<()> {
+    let shown = dir.display();
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::bail!("data directory {shown} does not exist (--data-dir, or [solo] data_dir in --config)")
+        }
+        Err(e) => anyhow::bail!("cannot read the data directory {shown}: {e}"),
+        Ok(meta) if !meta.is_dir() => {
+            anyhow::bail!("data directory {shown} is not usable: it is a file, not a directory")
+        }
+        Ok(_) => {}
+    }
+    let file = dir.join(DATA_FILE);
+    let mut data = match std::fs::File::open(&file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::bail!("data directory {shown} holds no Solo log (no data.mdb)")
+        }
+        Err(e) => anyhow::bail!("cannot read {}: {e}", file.display()),
+        Ok(data) => data,
+    };
+    let length = data
+        .metadata()
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .len();
+    if length == 0 {
+        anyhow::bail!(
+            "data directory {shown} holds no Solo log: its data.mdb is empty (0 bytes); whatever it held is gone, \
+             restore it from a backup"
+        );
+    }
+    // The first meta page: a 16-byte page header, then the magic, the version, the map's
+    // address and size, and the page size (the free list's `md_pad`).
+    let mut head = Vec::with_capacity(44);
+    std::io::Read::take(&mut data, 44)
+        .read_to_end(&mut head)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let word = |at: usize| {
+        head.get(at..at + 4)
+            .map(|b| u32::from_ne_bytes(b.try_into().unwrap_or_default()))
+    };
+    if word(16) != Some(LMDB_MAGIC) {
+        anyhow::bail!("data directory {shown} holds no Solo log: its data.mdb is not an LMDB file");
+    }
+    let page_size = u64::from(word(40).unwrap_or(0)).max(512);
+    if length < 2 * page_size {
+        anyhow::bail!(
+            "data directory {shown} is not usable: its data.mdb is {length} bytes, shorter than LMDB's two meta \
+             pages ({} bytes): the file was cut short (an interrupted copy or restore?); restore it from a backup",
+            2 * page_size
+        );
+    }
+    Ok(())
+}
+
+/// Whether `error` is damage in the data file: LMDB finding a page it cannot find or make
+/// sense of, or a record that is corrupt or missing.
+fn is_damage(error: &anyhow::Error) -> bool {
+    use heed::MdbError;
+    let lmdb = |e: &heed::Error| {
+        matches!(
+            e,
+            heed::Error::Mdb(MdbError::PageNotFound | MdbError::Corrupted | MdbError::Panic | MdbError::Incompatible)
+        )
+    };
+    let log = |e: &crate::log::Error| match e {
+        crate::log::Error::Lmdb { source, .. } => lmdb(source),
+        e => e.damaged_seq().is_some(),
+    };
+    error.chain().any(|e| {
+        e.downcast_ref::<heed::Error>().is_some_and(lmdb)
+            || e.downcast_ref::<crate::log::Error>().is_some_and(log)
+            // An error the tools pass on as I/O (`dump`) holds the store's.
+            || e.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<crate::log::Error>())
+                .is_some_and(log)
+    })
+}
+
+/// What a crash inside LMDB says. LMDB trusts its pages: a damaged B-tree page can send it
+/// outside the map (SIGSEGV) or past the file's end (SIGBUS) before any check could refuse it.
+const CRASHED: &[u8] = b"error: the data file is damaged: LMDB crashed reading it (SIGSEGV or SIGBUS on a \
+damaged page); restore it from a backup (solo log verify cannot read past this damage)\n";
+
+/// Turns a crash of the `log` tools into the one line above and exit code 1 (damage), rather
+/// than a silent death by signal. Only these tools: under `serve`, wasmtime handles the same
+/// signals for its guests.
+fn report_crashes_as_damage() {
+    extern "C" fn crashed(_signal: libc::c_int) {
+        // SAFETY: write(2) and _exit(2) are async-signal-safe, and the message is static.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::write(2, CRASHED.as_ptr().cast(), CRASHED.len());
+            libc::_exit(1);
+        }
+    }
+    let handler: extern "C" fn(libc::c_int) = crashed;
+    for signal in [libc::SIGSEGV, libc::SIGBUS] {
+        // SAFETY: a zeroed sigaction is valid (no flags, an empty mask once set below); the
+        // handler only calls async-signal-safe functions. SA_ONSTACK runs it on the alternate
+        // stack Rust gives the main thread, should the fault be a stack overflow.
+        #[allow(unsafe_code)]
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler as libc::sighandler_t;
+            action.sa_flags = libc::SA_ONSTACK;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
         }
     }
 }
@@ -251,15 +439,30 @@ fn print_stats(out: &mut dyn Write, stats: &inspect::Stats) -> std::io::Result<(
     Ok(())
 }
 
-fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.telemetry.log_level));
+/// The node's log on stderr: coloured only on a terminal, and never with `NO_COLOR`. A
+/// `RUST_LOG` that is not a filter is refused, as a bad `[telemetry] log_level` is, rather than
+/// silently replaced by the config's.
+fn init_tracing(config: &Config) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(value) if !value.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&value).map_err(|e| {
+            anyhow::anyhow!(
+                "RUST_LOG='{value}' is not a tracing filter: {e} (unset it to use [telemetry] log_level = '{}')",
+                config.telemetry.log_level
+            )
+        })?,
+        Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("RUST_LOG is not valid UTF-8"),
+        Ok(_) | Err(std::env::VarError::NotPresent) => tracing_subscriber::EnvFilter::new(&config.telemetry.log_level),
+    };
+    let colour =
+        super::output::colour_enabled(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
     // Logs go to stderr: stdout carries the `solo listening` line for scripts.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match config.telemetry.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }

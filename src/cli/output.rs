@@ -58,6 +58,22 @@ pub fn stderr_is_terminal() -> bool {
     std::io::stderr().is_terminal()
 }
 
+/// Whether the reader of stdout has gone (`solo events --follow | head -1` once `head` has
+/// its line): the write end of a pipe with no reader polls as an error. A terminal or a file
+/// never does. Asked while a follow is idle, as `tail -f` does, so that it need not wait for
+/// something to print to find out.
+pub fn stdout_gone() -> bool {
+    let mut stdout = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd and a zero timeout: poll only reads and writes that struct.
+    #[allow(unsafe_code)]
+    let ready = unsafe { libc::poll(&mut stdout, 1, 0) };
+    ready > 0 && stdout.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
 /// `error: …` on stderr, the prefix in red on a terminal.
 pub fn print_error(message: &str) {
     let colour = colour_enabled(stderr_is_terminal(), std::env::var_os("NO_COLOR").as_deref());

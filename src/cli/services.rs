@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::args::{CallArgs, DeployArgs, KillArgs, ListArgs, RemoveArgs, ShutdownArgs, StatusArgs, WaitArgs};
 use super::connect::{Client, Connector};
-use super::error::CliError;
+use super::error::{CliError, Exit};
 use super::output::{
     Cell, Colour, Output, Table, human_age, human_bytes, human_duration_ms, labels_text, now_ms, status_colour,
 };
@@ -48,7 +48,9 @@ pub async fn deploy(conn: &Connector, out: Output, args: DeployArgs) -> Result<(
     );
     let result = client.deploy(request).await;
     spinner.finish().await;
-    let deployed = result.map_err(|s| conn.error(&s))?.into_inner();
+    let response = result.map_err(|s| module_error(conn.error(&s), &args.file))?;
+    let replayed = replayed(&response);
+    let deployed = response.into_inner();
 
     let mut document = json!({
         "service_id": deployed.service_id,
@@ -57,6 +59,7 @@ pub async fn deploy(conn: &Connector, out: Output, args: DeployArgs) -> Result<(
         "created": deployed.created,
         "unchanged": deployed.unchanged,
         "module_sha256": deployed.module_sha256,
+        "replayed": replayed,
     });
     if !out.json {
         let how = if deployed.unchanged {
@@ -67,11 +70,12 @@ pub async fn deploy(conn: &Connector, out: Output, args: DeployArgs) -> Result<(
             "upgraded"
         };
         out.line(&format!(
-            "deployed {} version {} ({how}; seq {}, module {})",
+            "deployed {} version {} ({how}; seq {}, module {}){}",
             deployed.service_id,
             deployed.version,
             deployed.seq,
-            short_hash(&deployed.module_sha256)
+            short_hash(&deployed.module_sha256),
+            replayed_note(replayed)
         ))?;
     }
     if !args.wait.wait {
@@ -343,12 +347,18 @@ pub async fn remove(conn: &Connector, out: Output, args: RemoveArgs) -> Result<(
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
         expected_version: args.expected_version,
     };
-    let removed = client.remove(request).await.map_err(|s| conn.error(&s))?.into_inner();
+    let response = client.remove(request).await.map_err(|s| conn.error(&s))?;
+    let replayed = replayed(&response);
+    let removed = response.into_inner();
     let id = &args.service_id;
     if out.json {
-        return out.document(&json!({ "service_id": id, "seq": removed.seq, "removed": true }));
+        return out.document(&json!({ "service_id": id, "seq": removed.seq, "removed": true, "replayed": replayed }));
     }
-    out.line(&format!("{id} removed (seq {})", removed.seq))
+    out.line(&format!(
+        "{id} removed (seq {}){}",
+        removed.seq,
+        replayed_note(replayed)
+    ))
 }
 
 pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), CliError> {
@@ -360,39 +370,105 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
         expected_version: args.expected_version,
     };
-    let killed = client.kill(request).await.map_err(|s| conn.error(&s))?.into_inner();
+    let response = client.kill(request).await.map_err(|s| conn.error(&s))?;
+    let replayed = replayed(&response);
+    let killed = response.into_inner();
     let id = &args.service_id;
-    if !out.json {
-        if killed.already_stopped {
-            out.line(&format!("{id} was already stopped (seq {})", killed.seq))?;
-        } else {
-            out.line(&format!("kill of {id} requested (seq {})", killed.seq))?;
-        }
-    }
-    let mut document = json!({ "service_id": id, "seq": killed.seq, "already_stopped": killed.already_stopped });
-    if args.wait.wait && !killed.already_stopped {
-        wait_for(
-            &mut client,
-            conn,
-            &args.wait,
-            id,
-            killed.seq,
-            "stop",
-            |event| match &event.kind {
-                Some(Kind::ServiceStopped(_)) => Some(Ok(())),
-                _ => None,
-            },
-        )
-        .await?;
-        document["stopped"] = json!(true);
+    let mut document = json!({
+        "service_id": id,
+        "seq": killed.seq,
+        "already_stopped": killed.already_stopped,
+        "replayed": replayed,
+    });
+    // `already_stopped`: a kill was recorded before this one. The service may still be on its
+    // way down (a graceful stop waiting on its calls), which a wait must wait out.
+    let mut down = false;
+    if killed.already_stopped {
+        let status = match service_status(&mut client, conn, id).await {
+            Ok(status) => status.status,
+            // Removed since: gone for good.
+            Err(e) if e.exit == Exit::NotFound => "stopped".to_string(),
+            Err(e) => return Err(e),
+        };
+        down = matches!(status.as_str(), "stopped" | "crashed" | "failed");
         if !out.json {
-            out.line(&format!("{id} {}", out.status("stopped")))?;
+            let line = if down {
+                format!("{id} was already {} (seq {})", out.status(&status), killed.seq)
+            } else {
+                format!(
+                    "{id} is already {}: a kill was requested before (seq {})",
+                    out.status(&status),
+                    killed.seq
+                )
+            };
+            out.line(&format!("{line}{}", replayed_note(replayed)))?;
         }
+        document["status"] = json!(status);
+    } else if !out.json {
+        out.line(&format!(
+            "kill of {id} requested (seq {}){}",
+            killed.seq,
+            replayed_note(replayed)
+        ))?;
+    }
+    if args.wait.wait {
+        if !down {
+            // From the kill's seq (or the service's last event), inclusive: a stop recorded
+            // since is seen too.
+            wait_for(
+                &mut client,
+                conn,
+                &args.wait,
+                id,
+                killed.seq,
+                "stop",
+                |event| match &event.kind {
+                    Some(Kind::ServiceStopped(_) | Kind::ServiceRemoved(_)) => Some(Ok(())),
+                    _ => None,
+                },
+            )
+            .await?;
+            if !out.json {
+                out.line(&format!("{id} {}", out.status("stopped")))?;
+            }
+        }
+        document["stopped"] = json!(true);
     }
     if out.json {
         out.document(&document)?;
     }
     Ok(())
+}
+
+/// Whether the node answered a keyed request with the answer it gave the key before.
+fn replayed<T>(response: &tonic::Response<T>) -> bool {
+    response
+        .metadata()
+        .get(crate::api::REPLAYED_HEADER)
+        .is_some_and(|value| value == "true")
+}
+
+/// What a person is told of a replayed answer.
+fn replayed_note(replayed: bool) -> &'static str {
+    if replayed {
+        " (replayed: the original answer to this idempotency key)"
+    } else {
+        ""
+    }
+}
+
+/// A refused module's error, naming the file it came from: the node saw only its bytes.
+fn module_error(mut error: CliError, file: &Path) -> CliError {
+    let name = if file == Path::new("-") {
+        "the module from stdin".to_string()
+    } else {
+        file.display().to_string()
+    };
+    if let Some(reason) = error.message.strip_prefix("the module was refused: ") {
+        // A WAT error's excerpt names the text `<anon>`: it is this file.
+        error.message = format!("{name} was refused: {}", reason.replace("<anon>", &name));
+    }
+    error
 }
 
 pub async fn shutdown(conn: &Connector, out: Output, args: ShutdownArgs) -> Result<(), CliError> {
@@ -455,5 +531,17 @@ mod tests {
             Ok(deploy_request::Module::Wat(_))
         ));
         assert!(module_of(vec![0xff, 0xfe], path).is_err());
+    }
+
+    #[test]
+    fn a_refused_module_is_named_by_its_file() {
+        let refused = CliError::failure("the module was refused: WAT syntax error: expected `)`\n  --> <anon>:1:20");
+        let named = module_error(refused, Path::new("bad.wat"));
+        assert_eq!(
+            named.message,
+            "bad.wat was refused: WAT syntax error: expected `)`\n  --> bad.wat:1:20"
+        );
+        let quota = CliError::failure("quota exceeded: max_services = 1 (tenant 'a' has 1 services)");
+        assert_eq!(module_error(quota.clone(), Path::new("x.wat")), quota);
     }
 }

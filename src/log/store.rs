@@ -189,6 +189,21 @@ fn find_mapping(file: &Path, page_size: usize) -> Option<Mapping> {
 
 impl Store {
     pub fn open(path: &Path, options: &StoreOptions) -> Result<Store> {
+        Store::open_with(path, options, true)
+    }
+
+    /// As [`open`](Self::open), read-only and without LMDB's lock file (`MDB_NOLOCK`): for the
+    /// offline tools on a directory they may not write. A node writing meanwhile knows nothing
+    /// of this reader and may reuse the pages it reads, so it is safe only while none writes.
+    pub fn open_unlocked(path: &Path, options: &StoreOptions) -> Result<Store> {
+        let options = StoreOptions {
+            read_only: true,
+            ..options.clone()
+        };
+        Store::open_with(path, &options, false)
+    }
+
+    fn open_with(path: &Path, options: &StoreOptions, lock: bool) -> Result<Store> {
         if options.read_only && !path.join(DATA_FILE).exists() {
             return Err(Error::BadDataDir {
                 path: path.to_path_buf(),
@@ -214,7 +229,7 @@ impl Store {
                     .into(),
             });
         }
-        let env = open_env(path, options)?;
+        let env = open_env(path, options, lock)?;
         // After the environment: a second open in this process is told so by LMDB itself.
         let writer_lock = (!options.read_only).then(|| lock_for_writing(path)).transpose()?;
         check_file_length(&env, path)?;
@@ -751,17 +766,22 @@ fn check_file_length(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn open_env(path: &Path, options: &StoreOptions) -> Result<Env<WithoutTls>> {
+fn open_env(path: &Path, options: &StoreOptions, lock: bool) -> Result<Env<WithoutTls>> {
     let mut open = EnvOpenOptions::new().read_txn_without_tls();
     open.max_dbs(5).max_readers(options.max_readers);
     if options.read_only {
         // No map size: LMDB then maps what the data file records, which a writer raises to its
         // own map at each commit, so a reader maps all the writer may write and reports the
         // size the directory is really served with, whatever this process's config says.
-        // SAFETY: READ_ONLY only restricts what this handle may do.
+        // SAFETY: READ_ONLY only restricts what this handle may do; NO_LOCK (the caller's
+        // choice, see `open_unlocked`) leaves readers' safety to the caller.
         #[allow(unsafe_code)]
         unsafe {
-            open.flags(EnvFlags::READ_ONLY);
+            open.flags(if lock {
+                EnvFlags::READ_ONLY
+            } else {
+                EnvFlags::READ_ONLY | EnvFlags::NO_LOCK
+            });
         }
     } else {
         let page = 4096;
