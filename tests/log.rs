@@ -519,16 +519,7 @@ async fn quotas_hold_at_their_edges_and_under_a_race() {
     let control = open(opts);
     deploy(&control, "acme", "a", "m3").await;
     let err = control.deploy(deploy_request("acme", "f", "m")).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::QuotaExceeded {
-                quota: "max_services",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_refused_by(&err, "max_services");
 
     let mut big = deploy_request("acme", "big", "m");
     big.module = Arc::from(vec![0u8; 65]);

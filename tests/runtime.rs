@@ -1246,16 +1246,7 @@ async fn the_instance_pool_counts_services_still_stopping() {
     let killed = control.kill(graceful).await.unwrap();
     deploy_running(&control, "beta", "one", "echo").await;
     let err = control.deploy(deploy_example("beta", "two", "echo")).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::QuotaExceeded {
-                quota: "runtime.max_instances",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_refused_by(&err, "runtime.max_instances");
     assert!(err.to_string().contains("1 more are stopping"), "{err}");
     assert_eq!(busy.await.unwrap().unwrap(), b"done");
     wait_for_kind(&control, killed.seq, "acme", "draining", "service_stopped").await;
@@ -1289,16 +1280,7 @@ async fn converting_wat_counts_against_the_deploy_rate() {
     );
     control.deploy(wat(padded.clone())).await.unwrap();
     let err = control.deploy(wat(padded)).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::QuotaExceeded {
-                quota: "max_deploys_per_minute",
-                ..
-            }
-        ),
-        "even the same module again, as large text: {err}"
-    );
+    assert_refused_by(&err, "max_deploys_per_minute");
     // Small text of a module compiled before (the same module as the padded text) costs nothing.
     control.deploy(deploy_example("acme", "echo", "echo")).await.unwrap();
     node.stop(Duration::from_secs(5)).await;

@@ -230,3 +230,11 @@ pub fn places_of(bytes: &[u8], pattern: &[u8]) -> Vec<usize> {
     );
     places
 }
+
+/// Asserts that `err` is a refusal by the quota named `quota`.
+pub fn assert_refused_by(err: &solo::control::Error, quota: &str) {
+    assert!(
+        matches!(err, solo::control::Error::QuotaExceeded { quota: q, .. } if *q == quota),
+        "not refused by {quota}: {err}"
+    );
+}
