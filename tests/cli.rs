@@ -2038,6 +2038,16 @@ fn a_peer_that_does_not_answer_grpc_is_reported_within_the_connect_timeout() {
         ran.stderr
     );
     assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    // A follow too: it waits out the losses of a node that served it, not a first answer that
+    // never comes.
+    for follow in [&["events", "--follow"][..], &["logs", "kv", "--follow"]] {
+        let ran = run(solo()
+            .args(["--endpoint", &silent, "--connect-timeout-ms", "1000"])
+            .args(follow))
+        .fails(5);
+        assert!(ran.stderr.contains("no answer within 1000 ms"), "{}", ran.stderr);
+        assert!(!ran.stderr.contains("reconnected"), "{}", ran.stderr);
+    }
 
     // The node's HTTP port, and an HTTP/1 server: not gRPC, and said so.
     let node = Node::dev();

@@ -108,8 +108,12 @@ impl Connector {
         let url = normalise_url(&args.endpoint, tls_wanted);
         check_scheme(&url)?;
         let timeout = Duration::from_millis(args.connect_timeout_ms.max(1));
-        let not_a_url =
-            |e: &dyn std::fmt::Display| CliError::usage(format!("--endpoint '{}' is not a URL: {e}", args.endpoint));
+        let not_a_url = |e: &dyn std::fmt::Display| {
+            CliError::usage(format!(
+                "--endpoint (or SOLO_ENDPOINT) '{}' is not a URL: {e}",
+                args.endpoint
+            ))
+        };
         let uri: http::Uri = url.parse().map_err(|e| not_a_url(&e))?;
         let https = uri.scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("https"));
         let tls = if https {

@@ -122,6 +122,30 @@ async fn event_history(conn: &Connector, out: Output, args: &EventsArgs) -> Resu
     Ok(())
 }
 
+/// What a follow has been through. A follow whose first stream never gets going (a peer that
+/// takes the connection but never answers as a node) is given up on, as one refused at once
+/// is; only a node that served it once is waited for. A reconnect is told once its stream is
+/// going again, not when its connection opens.
+#[derive(Debug, Default)]
+struct Session {
+    streamed: bool,
+    resumed: Option<String>,
+}
+
+impl Session {
+    fn stream_opened(&mut self) {
+        self.streamed = true;
+        if let Some(resumed) = self.resumed.take() {
+            note(&resumed);
+        }
+    }
+
+    /// Whether a loss is worth a reconnect.
+    fn retries(&self, lost: &CliError) -> bool {
+        lost.retry && self.streamed
+    }
+}
+
 /// Waits before each reconnect: 100 ms, doubling up to 5 s; back to the start once a stream
 /// delivers again.
 #[derive(Debug)]
@@ -191,19 +215,17 @@ async fn follow_events(conn: &Connector, out: Output, args: &EventsArgs) -> Resu
     // 0: from the head; after that, one past the last event or progress note seen.
     let mut next = args.from.unwrap_or(0);
     let mut backoff = Backoff::new();
+    let mut session = Session::default();
     let mut client = conn.connect().await?;
     loop {
-        let lost = match watch_events(&mut client, conn, out, args, &mut next, &mut backoff).await {
+        let watched = watch_events(&mut client, conn, out, args, &mut next, &mut backoff, &mut session).await;
+        let lost = match watched {
             Ok(()) => ended(conn),
-            Err(e) if e.retry => e,
+            Err(e) if session.retries(&e) => e,
             Err(e) => return Err(e),
         };
         client = reconnect(conn, &mut backoff, &lost, &resume_text(next)).await;
-        note(&format!(
-            "reconnected to {}; resuming {}",
-            conn.url(),
-            resume_text(next)
-        ));
+        session.resumed = Some(format!("reconnected to {}; resuming {}", conn.url(), resume_text(next)));
     }
 }
 
@@ -215,12 +237,14 @@ async fn watch_events(
     args: &EventsArgs,
     next: &mut u64,
     backoff: &mut Backoff,
+    session: &mut Session,
 ) -> Result<(), CliError> {
     let mut stream = client
         .watch(watch_request(args, *next))
         .await
         .map_err(|s| conn.error(&s))?
         .into_inner();
+    session.stream_opened();
     while let Some(item) = stream.message().await.map_err(|s| conn.error(&s))? {
         backoff.reset();
         match item.msg {
@@ -243,12 +267,13 @@ async fn watch_events(
 async fn follow_logs(conn: &Connector, out: Output, args: &LogsArgs) -> Result<(), CliError> {
     let mut last: Option<proto::LogLine> = None;
     let mut backoff = Backoff::new();
+    let mut session = Session::default();
     let mut client = conn.connect().await?;
-    let mut resumed = false;
     loop {
-        let lost = match stream_logs(&mut client, conn, out, args, &mut last, resumed, &mut backoff).await {
+        let streamed = stream_logs(&mut client, conn, out, args, &mut last, &mut backoff, &mut session).await;
+        let lost = match streamed {
             Ok(()) => ended(conn),
-            Err(e) if e.retry => e,
+            Err(e) if session.retries(&e) => e,
             Err(e) => return Err(e),
         };
         let resume = match &last {
@@ -256,8 +281,7 @@ async fn follow_logs(conn: &Connector, out: Output, args: &LogsArgs) -> Result<(
             None => "at the first line".to_string(),
         };
         client = reconnect(conn, &mut backoff, &lost, &resume).await;
-        note(&format!("reconnected to {}; resuming {resume}", conn.url()));
-        resumed = true;
+        session.resumed = Some(format!("reconnected to {}; resuming {resume}", conn.url()));
     }
 }
 
@@ -267,12 +291,13 @@ async fn stream_logs(
     out: Output,
     args: &LogsArgs,
     last: &mut Option<proto::LogLine>,
-    resumed: bool,
     backoff: &mut Backoff,
+    session: &mut Session,
 ) -> Result<(), CliError> {
     let from_seq = match last {
         None => args.from.unwrap_or(0),
-        Some(line) if resumed => resume_point(client, conn, &args.service_id, line).await?,
+        // After a loss, the node may have restarted with a fresh log.
+        Some(line) if session.resumed.is_some() => resume_point(client, conn, &args.service_id, line).await?,
         Some(line) => line.seq + 1,
     };
     let request = proto::LogsRequest {
@@ -281,6 +306,7 @@ async fn stream_logs(
         from_seq,
     };
     let mut stream = client.logs(request).await.map_err(|s| conn.error(&s))?.into_inner();
+    session.stream_opened();
     while let Some(line) = stream.message().await.map_err(|s| conn.error(&s))? {
         backoff.reset();
         print_log_line(out, &line)?;
