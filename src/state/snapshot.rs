@@ -248,6 +248,11 @@ fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError
         .and_then(Status::from_proto)
         .ok_or_else(|| bad("unknown status"))?;
     let limits = r.limits.ok_or_else(|| bad("no limits"))?;
+    // Every restart on record keeps its time (the latest `max_restarts` of them): a service
+    // that restarted, with none kept, comes from a build that kept no times.
+    if r.restarts > 0 && limits.max_restarts > 0 && r.restart_times_ms.is_empty() {
+        return Err(SnapshotError::Outdated("it keeps no restart times"));
+    }
     let module_hash = super::parse_sha256(&r.module_sha256).ok_or_else(|| bad("module_sha256 is not 64 hex digits"))?;
     Ok(Service {
         tenant: r.tenant,

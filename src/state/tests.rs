@@ -392,6 +392,50 @@ fn snapshot_round_trips() {
     assert!(State::decode_snapshot(b"\xff\xff", Settings::default()).is_err());
 }
 
+/// Restart times are kept (the newest `max_restarts`), round-trip through snapshots, and a
+/// snapshot of a restarted service without them comes from a build that kept none.
+#[test]
+fn restart_times_are_kept_and_snapshots_without_them_are_outdated() {
+    use crate::proto::ServiceRestarted;
+    use prost::Message as _;
+    let mut state = State::new(Settings::default());
+    let mut deploy = deployed("a", 1, 7, "");
+    if let Some(Kind::ServiceDeployed(d)) = &mut deploy.kind {
+        d.limits.as_mut().unwrap().max_restarts = 2;
+    }
+    state.apply(&at(deploy, 1, 1)).unwrap();
+    state.apply(&at(started("a", 1), 2, 2)).unwrap();
+    for restarts in 1..=3 {
+        let crashed = envelope(
+            "acme",
+            "a",
+            "node",
+            Kind::ServiceCrashed(ServiceCrashed {
+                version: 1,
+                restarting: true,
+                ..ServiceCrashed::default()
+            }),
+        );
+        let restarted = envelope(
+            "acme",
+            "a",
+            "node",
+            Kind::ServiceRestarted(ServiceRestarted { version: 1, restarts }),
+        );
+        let seq = 2 * u64::from(restarts) + 1;
+        state.apply(&at(crashed, seq, seq * 10)).unwrap();
+        state.apply(&at(restarted, seq + 1, (seq + 1) * 10)).unwrap();
+    }
+    assert_eq!(state.service("acme", "a").unwrap().restart_times_ms, [60, 80]);
+
+    let mut snapshot = state.to_snapshot();
+    let restored = State::decode_snapshot(&snapshot.encode_to_vec(), Settings::default()).unwrap();
+    assert_eq!(restored, state);
+    snapshot.services[0].restart_times_ms.clear();
+    let decoded = State::decode_snapshot(&snapshot.encode_to_vec(), Settings::default());
+    assert!(matches!(decoded, Err(SnapshotError::Outdated(_))), "{decoded:?}");
+}
+
 #[test]
 fn snapshots_with_deploy_times_one_by_one_are_outdated() {
     use prost::Message as _;
