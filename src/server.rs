@@ -113,8 +113,9 @@ async fn open_node_with(config: &Config, metrics: Option<Arc<Metrics>>) -> anyho
     control.attach_runtime(runtime.clone());
     let (services, head) = control.read_state(|s| (s.services().cloned().collect::<Vec<_>>(), s.applied_seq()));
     check_modules_readable(&control, &services)?;
-    runtime.start_reconciler(head + 1);
+    // The slots of every service first, then what the log asks of them from here on.
     let recovery = runtime.recover(services, head);
+    runtime.start_reconciler(head + 1);
     let (done, recovered) = tokio::sync::watch::channel(false);
     let bring_back = async move {
         let recovered = recovery.await;

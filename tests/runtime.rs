@@ -1281,7 +1281,10 @@ async fn converting_wat_counts_against_the_deploy_rate() {
     control.deploy(wat(padded.clone())).await.unwrap();
     let err = control.deploy(wat(padded)).await.unwrap_err();
     assert_refused_by(&err, "max_deploys_per_minute");
-    // Small text of a module compiled before (the same module as the padded text) costs nothing.
+    // Past the budget, text that does not convert is refused as over it; small text of a
+    // module compiled before (the padded text's) still costs nothing.
+    let err = control.deploy(wat("(module (oops))".into())).await.unwrap_err();
+    assert_refused_by(&err, "max_deploys_per_minute");
     control.deploy(deploy_example("acme", "echo", "echo")).await.unwrap();
     node.stop(Duration::from_secs(5)).await;
 }
@@ -1305,5 +1308,33 @@ async fn a_deploy_gives_up_the_start_of_the_version_before_it() {
         "version 1 never started"
     );
     assert_eq!(call(control, "acme", "svc", b"hi").await.unwrap(), b"hi");
+    node.stop(Duration::from_secs(5)).await;
+}
+
+/// While the next version starts, calls wait for it even if the version before it goes down
+/// meanwhile (its restart policy gave up): the state says the service is starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_for_the_next_version_when_the_one_before_goes_down() {
+    let dir = tempdir();
+    let node = open_node(&patient_config(dir.path())).await;
+    let control = &node.control;
+    let mut crasher = deploy_example("acme", "svc", "unreachable");
+    crasher.limits = Limits {
+        max_restarts: 1,
+        ..Limits::default()
+    };
+    let first = control.deploy(crasher).await.unwrap();
+    wait_for_kind(control, first.seq, "acme", "svc", "service_started").await;
+    control.deploy(slow_to_start("acme", "svc", 1500)).await.unwrap();
+    // Version 1 traps twice (once restarted, then given up on) while version 2 starts.
+    for _ in 0..2 {
+        let err = call(control, "acme", "svc", b"x").await.unwrap_err();
+        assert!(matches!(err, Error::Call(CallError::Trapped { .. })), "{err}");
+    }
+    let answer = control
+        .call("acme", "svc", b"x".to_vec(), Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(answer.is_empty(), "version 2 answered: {answer:?}");
     node.stop(Duration::from_secs(5)).await;
 }

@@ -71,6 +71,8 @@ pub(super) struct Actor {
     pub stats: Arc<LiveStats>,
     pub recorder: Arc<Recorder>,
     pub ready: Ready,
+    /// Its slot's starts to come: calls wait for them when this instance goes down.
+    pub starts: Arc<std::sync::atomic::AtomicUsize>,
     /// Restarts of this version so far (carried over from the state after a node restart).
     pub restarts: PastRestarts,
 }
@@ -340,7 +342,7 @@ impl Actor {
         let version = self.config.version;
         let withdrawn = self.ready.send_if_modified(|route| match route {
             Route::Up(h) if h.version == version => {
-                *route = Route::Down;
+                *route = super::route_without_instance(&self.starts);
                 true
             }
             _ => false,

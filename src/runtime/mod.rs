@@ -127,7 +127,6 @@ struct Inner {
     compile_slots: tokio::sync::Semaphore,
     small_compile_slots: tokio::sync::Semaphore,
     options: RuntimeOptions,
-    observer: Observer,
     /// Takes observations to the log, keeping those it cannot take yet.
     recorder: Arc<Recorder>,
     log: EventLog,
@@ -170,15 +169,16 @@ struct Slot {
     /// The newest version deployed, as the reconciler has read the log: the one a kill stops,
     /// and the one a start of an older version under way gives way to.
     deployed: watch::Sender<u64>,
-    /// Starts sent to the slot's task and not yet taken up: while there are any, calls that
-    /// find no instance wait for one rather than fail.
-    starts_queued: AtomicUsize,
+    /// Starts sent to the slot's task and not yet ended (queued or under way): while there are
+    /// any, calls that find no instance wait for one rather than fail. Shared with the actors,
+    /// whose instance may go down while the next version starts.
+    starts: Arc<AtomicUsize>,
 }
 
 impl Slot {
     /// Queues a start; calls wait for it from now on.
     fn queue_start(&self, start: SlotCommand) {
-        self.starts_queued.fetch_add(1, Ordering::AcqRel);
+        self.starts.fetch_add(1, Ordering::AcqRel);
         self.ready.send_if_modified(|route| match route {
             Route::Down => {
                 *route = Route::Pending;
@@ -187,23 +187,33 @@ impl Slot {
             _ => false,
         });
         if self.commands.send(start).is_err() {
-            self.starts_queued.fetch_sub(1, Ordering::AcqRel);
+            self.start_ended();
         }
     }
 
-    /// Where calls go while no instance serves: they wait for a queued start, else fail.
+    /// A start was skipped, given up, failed or is up.
+    fn start_ended(&self) {
+        self.starts.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Where calls go while no instance serves: they wait for a start to come, else fail.
     /// Read under the route's lock, so that a start queued meanwhile is never missed.
     fn route_without_instance(&self) -> Route {
-        if self.starts_queued.load(Ordering::Acquire) > 0 {
-            Route::Pending
-        } else {
-            Route::Down
-        }
+        route_without_instance(&self.starts)
     }
 
     /// No instance serves any more.
     fn take_down(&self) {
         self.ready.send_modify(|route| *route = self.route_without_instance());
+    }
+}
+
+/// Where calls go while no instance serves, given the starts to come.
+fn route_without_instance(starts: &AtomicUsize) -> Route {
+    if starts.load(Ordering::Acquire) > 0 {
+        Route::Pending
+    } else {
+        Route::Down
     }
 }
 
@@ -213,6 +223,9 @@ impl Slot {
 #[derive(Default)]
 struct Reconciled {
     seq: AtomicU64,
+    /// The reconciler has ended (the node is stopping, or the log could not be read): the seq
+    /// moves no more.
+    closed: AtomicBool,
     advanced: Notify,
 }
 
@@ -222,19 +235,39 @@ impl Reconciled {
         self.advanced.notify_waiters();
     }
 
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.advanced.notify_waiters();
+    }
+
     fn has_reached(&self, seq: u64) -> bool {
         self.seq.load(Ordering::Acquire) >= seq
     }
 
-    async fn reached(&self, seq: u64) {
+    /// Waits until the reconciler has acted on `seq`; false if it ended before.
+    async fn reached(&self, seq: u64) -> bool {
         loop {
             let advanced = self.advanced.notified();
             tokio::pin!(advanced);
             advanced.as_mut().enable();
             if self.has_reached(seq) {
-                return;
+                return true;
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return false;
             }
             advanced.await;
+        }
+    }
+}
+
+/// Closes the runtime's [`Reconciled`] when the reconciler's task ends, however it ends.
+struct CloseOnExit(std::sync::Weak<Inner>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.reconciled.close();
         }
     }
 }
@@ -287,9 +320,8 @@ impl Runtime {
                 compiled: std::sync::atomic::AtomicU64::new(0),
                 loaded: std::sync::atomic::AtomicU64::new(0),
                 compiler,
-                recorder: Recorder::new(observer.clone(), options.observation_retry),
+                recorder: Recorder::new(observer, options.observation_retry),
                 options,
-                observer,
                 log,
                 guest_runtime: Mutex::new(Some(guest_runtime)),
                 guests,
@@ -320,8 +352,9 @@ impl Runtime {
         } else {
             // WAT: converting it is work for a blocking thread and a compile slot, as compiling
             // is, and its hash (for the caches) is known only after it. So text over the size
-            // of a small module counts as a compile whatever it holds, and other text counts as
-            // one when it is refused.
+            // of a small module counts as a compile whatever it holds; other text, quick to
+            // convert, counts as one when it is refused, and past the budget is refused as over
+            // it (the text of a module compiled before still costs nothing).
             let compiles = self.inner.compiles_of(tenant, quota);
             let _turn = compiles.turn().await;
             let small = bytes.len() <= SMALL_MODULE_BYTES;
@@ -334,7 +367,7 @@ impl Runtime {
                 Ok(wasm) => Module::new(wasm.into()),
                 Err(refusal) => {
                     if small {
-                        let _ = compiles.charge(quota);
+                        compiles.charge(quota)?;
                     }
                     return Err(refusal.into());
                 }
@@ -410,8 +443,10 @@ impl Runtime {
     ///
     /// The starts are queued at once, ahead of anything a deploy or kill queues later, so the
     /// node can serve while they run: the returned future waits for them (modules may take
-    /// long to compile) and records `node_started`. A node shut down meanwhile gives up the
-    /// starts not yet compiled and records no `node_started`: it never finished starting.
+    /// long to compile) and records `node_started`, naming the services whose start is on
+    /// record. A node shut down meanwhile gives up the starts under way and records no
+    /// `node_started`: it never finished starting. Call it before [`Runtime::start_reconciler`],
+    /// so that every service has its slot before the log asks anything of it.
     pub fn recover(
         &self,
         services: Vec<Service>,
@@ -493,6 +528,7 @@ impl Runtime {
         let mut events = Box::pin(self.inner.log.tail(from_seq));
         self.inner.reconciled.advance(from_seq.saturating_sub(1));
         let task = tokio::spawn(async move {
+            let _closing = CloseOnExit(weak.clone());
             while let Some(event) = events.next().await {
                 let Some(inner) = weak.upgrade() else { return };
                 match event {
@@ -526,12 +562,12 @@ impl Runtime {
         };
         let deadline = Instant::now() + timeout;
         let reconciled = &self.inner.reconciled;
-        if !reconciled.has_reached(deployed_seq)
-            && tokio::time::timeout_at(deadline.into(), reconciled.reached(deployed_seq))
-                .await
-                .is_err()
-        {
-            return Err(timed_out(service_id, timeout));
+        if !reconciled.has_reached(deployed_seq) {
+            match tokio::time::timeout_at(deadline.into(), reconciled.reached(deployed_seq)).await {
+                Ok(true) => {}
+                Ok(false) => return Err(not_running()),
+                Err(_) => return Err(timed_out(service_id, timeout)),
+            }
         }
         let slot = self.inner.find(tenant, service_id).ok_or_else(not_running)?;
         let mut ready = slot.ready.subscribe();
@@ -769,7 +805,7 @@ impl Inner {
             commands,
             forced: watch::Sender::new(0),
             deployed: watch::Sender::new(0),
-            starts_queued: AtomicUsize::new(0),
+            starts: Arc::new(AtomicUsize::new(0)),
         });
         slots
             .entry(tenant.to_string())
@@ -796,17 +832,10 @@ impl Inner {
                 });
             }
             Some(Kind::ServiceKillRequested(kill)) => {
-                // The version deployed before this event, which the state may have moved past.
-                let slot = match self.find(&event.tenant, &event.service_id) {
-                    Some(slot) => slot,
-                    None => match self.observer.service(&event.tenant, &event.service_id) {
-                        Some(service) => {
-                            let slot = self.slot(&event.tenant, &event.service_id);
-                            slot.deployed.send_replace(service.version);
-                            slot
-                        }
-                        None => return,
-                    },
+                // Every service has a slot (from its deploy, or from `recover`), which knows
+                // the version deployed before this event: the state may have moved past it.
+                let Some(slot) = self.find(&event.tenant, &event.service_id) else {
+                    return;
                 };
                 let version = *slot.deployed.borrow();
                 if kill.force {
@@ -944,9 +973,6 @@ async fn run_slot(
         while let Ok(more) = commands.try_recv() {
             queued.push_back(more);
         }
-        if matches!(command, SlotCommand::Start { .. }) {
-            slot.starts_queued.fetch_sub(1, Ordering::AcqRel);
-        }
         // Under a storm of deploys, only the newest version is worth starting: a start that a
         // later start or kill supersedes is skipped (its version never runs).
         if let SlotCommand::Start { done: None, .. } = &command
@@ -954,6 +980,7 @@ async fn run_slot(
                 .iter()
                 .any(|c| matches!(c, SlotCommand::Start { .. } | SlotCommand::Kill { .. }))
         {
+            slot.start_ended();
             continue;
         }
         let Some(inner) = runtime.upgrade() else { return };
@@ -1052,6 +1079,7 @@ async fn start(
         }
     };
     let give_up = |slot: &Slot| {
+        slot.start_ended();
         slot.ready.send_if_modified(|route| match route {
             Route::Pending => {
                 *route = slot.route_without_instance();
@@ -1087,6 +1115,7 @@ async fn start(
         stats: Arc::clone(&slot.stats),
         recorder: Arc::clone(&inner.recorder),
         ready: Arc::clone(&slot.ready),
+        starts: Arc::clone(&slot.starts),
         restarts,
     };
     match actor.spawn(&inner.guests, given_up()).await {
@@ -1094,6 +1123,7 @@ async fn start(
             // The swap: new calls go to the new instance from here on. The old actor keeps its
             // queue, serves it, and stops once the last sender is gone.
             slot.ready.send_replace(Route::Up(actor.handle.clone()));
+            slot.start_ended();
             drop(current.replace(actor));
             // The last error was an earlier version's, or this one's before it was redeployed.
             slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -1119,9 +1149,10 @@ async fn start(
     }
 }
 
-/// Takes calls away from the slot; `actor`, if any, serves the calls it has accepted and
-/// stops, as an upgrade's old actor does.
+/// Ends a start that failed: takes calls away from the slot; `actor`, if any, serves the calls
+/// it has accepted and stops, as an upgrade's old actor does.
 fn retire(slot: &Slot, actor: Option<RunningActor>) {
+    slot.start_ended();
     slot.take_down();
     drop(actor);
     slot.stats.instance_stopped();
@@ -1256,6 +1287,33 @@ mod tests {
         assert_eq!(*slot.forced.borrow(), 1, "the forced kill names version 1");
         assert_eq!(*slot.deployed.borrow(), 2);
         runtime.shutdown(Duration::from_secs(1)).await;
+    }
+
+    /// A call that waits for the runtime to act on a deploy is told at once once the runtime
+    /// will act on nothing more (it stopped), rather than wait out its timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_waiting_for_the_reconciler_end_with_it() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut config = crate::config::Config::default();
+        config.solo.data_dir = dir.path().to_path_buf();
+        let (control, _) = crate::control::Control::open(config.control_options().unwrap()).expect("the log opens");
+        let options = config.runtime_options().unwrap();
+        let runtime = Runtime::new(options, control.observer(), control.log().clone()).expect("the runtime starts");
+        runtime.start_reconciler(1);
+        let waiting = {
+            let runtime = runtime.clone();
+            tokio::spawn(async move {
+                runtime
+                    .call("acme", "svc", Vec::new(), Duration::from_secs(30), 5)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let asked = Instant::now();
+        runtime.shutdown(Duration::from_secs(1)).await;
+        let answer = waiting.await.unwrap();
+        assert!(matches!(answer, Err(CallError::NotRunning { .. })), "{answer:?}");
+        assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
     }
 
     /// A module of about `bytes` bytes, most of them one data segment, and `functions` empty
