@@ -50,7 +50,7 @@ impl KeyedRequest {
                 op: IdempotentOp::Kill,
                 service_id: cmd.service_id.clone(),
                 module_hash: [0; 32],
-                request_hash: kill_request_hash(cmd.force, cmd.grace_ms, cmd.expected_version),
+                request_hash: kill_request_hash(cmd.force, cmd.requested_grace_ms, cmd.expected_version),
             }),
             // Never a no-op itself, but its key may be one a no-op took.
             Command::Remove(cmd) if !cmd.idempotency_key.is_empty() => Some(KeyedRequest {
