@@ -178,6 +178,16 @@ impl LimitsTable {
     }
 }
 
+/// A byte figure for a person: in MiB when it is a whole number of them, else in bytes, so
+/// that no figure is rounded to a limit's side of it.
+pub fn in_mib(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

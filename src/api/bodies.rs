@@ -281,12 +281,12 @@ impl Charge {
                 "tenant '{tenant}' holds as many request and answer bytes in flight as it may ({}, \
                  [limits] max_in_flight_body_bytes): read the answers already asked for, or let its \
                  uploads end, then retry",
-                in_mib(*limit)
+                crate::limits::in_mib(*limit)
             ),
             _ => format!(
                 "the node holds as many request bytes in flight as it may ({}, [solo] \
                  max_in_flight_body_bytes); retry later",
-                in_mib(self.budget.limit)
+                crate::limits::in_mib(self.budget.limit)
             ),
         };
         Error::new(ErrorKind::Overloaded, message).with_retry_after(crate::shed::RETRY_AFTER)
@@ -478,15 +478,6 @@ where
             let answer = answer.await?;
             Ok(answer.map(|body| tonic::body::Body::new(charge.meter_answer(body))))
         })
-    }
-}
-
-/// A byte limit as configured: in MiB when it is a whole number of them, else in bytes.
-fn in_mib(bytes: u64) -> String {
-    if bytes.is_multiple_of(1 << 20) {
-        format!("{} MiB", bytes >> 20)
-    } else {
-        format!("{bytes} bytes")
     }
 }
 

@@ -503,7 +503,7 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
             quota: "runtime.max_instances",
             limit: capacity,
             detail: format!(
-                "the node runs {running} services{stopping}, all it has room for (a sixteenth of \
+                "the node runs {running} services{stopping}, all it has room for (some of \
                  runtime.max_instances is kept for upgrades)"
             ),
         });
@@ -523,8 +523,8 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
             limit: limits.max_tenant_memory_mb,
             detail: format!(
                 "the tenant's services reserve {} and would reserve {} with this deploy",
-                mib(memory),
-                mib(memory_after)
+                crate::limits::in_mib(memory),
+                crate::limits::in_mib(memory_after)
             ),
         });
     }
@@ -538,11 +538,6 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
         });
     }
     Ok(())
-}
-
-/// Bytes in MiB, to two decimals: a refusal must not round a figure to the limit's side.
-fn mib(bytes: u64) -> String {
-    format!("{:.2} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decision> {

@@ -142,11 +142,6 @@ impl State {
         self.stopping_services
     }
 
-    fn is_stopping(&self, event: &Event) -> bool {
-        self.service(&event.tenant, &event.service_id)
-            .is_some_and(|s| s.status == Status::Stopping)
-    }
-
     pub fn tenant(&self, tenant: &str) -> Option<&Tenant> {
         self.tenants.get(tenant).map(|t| &**t)
     }
@@ -204,7 +199,6 @@ impl State {
     /// and leaves the service's old labels in their place.
     fn apply_with(&mut self, event: &Event, labels: Option<&mut Labels>) -> Result<(), ApplyError> {
         self.check_seq(event)?;
-        let was_stopping = self.is_stopping(event);
         match &event.kind {
             Some(Kind::ServiceDeployed(e)) => self.apply_deployed(event, e, labels)?,
             Some(Kind::ServiceKillRequested(e)) => self.apply_kill_requested(event, e)?,
@@ -228,11 +222,6 @@ impl State {
             Some(Kind::ServiceRemoved(e)) => self.apply_removed(event, e)?,
             // Node-level events, and kinds from a newer build: nothing this build tracks.
             Some(Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => {}
-        }
-        match (was_stopping, self.is_stopping(event)) {
-            (false, true) => self.stopping_services += 1,
-            (true, false) => self.stopping_services = self.stopping_services.saturating_sub(1),
-            _ => {}
         }
         self.applied_seq = event.seq;
         self.last_timestamp_ms = self.last_timestamp_ms.max(event.timestamp_ms);
@@ -312,6 +301,7 @@ impl State {
             }
         };
         count_stopped(&mut tenant.stopped_services, was_stopped, false);
+        count_stopping(&mut self.stopping_services, service.status == Status::Stopping, false);
         let was_active = service.is_active();
         if was_active {
             tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
@@ -382,6 +372,7 @@ impl State {
         // left the quotas with the first kill.
         let escalation = service.desired == Desired::Stopped;
         count_stopped(&mut tenant.stopped_services, service.is_removable(), false);
+        count_stopping(&mut self.stopping_services, service.status == Status::Stopping, true);
         service.desired = Desired::Stopped;
         service.status = Status::Stopping;
         service.touched(event);
@@ -441,11 +432,16 @@ impl State {
             .get_mut(event.service_id.as_str())
             .ok_or_else(|| unknown(event))?;
         transition_allowed(event, service)?;
-        let was_removable = service.is_removable();
+        let (was_removable, was_stopping) = (service.is_removable(), service.status == Status::Stopping);
         change(service);
         service.touched(event);
         let is_removable = service.is_removable();
         count_stopped(&mut tenant.stopped_services, was_removable, is_removable);
+        count_stopping(
+            &mut self.stopping_services,
+            was_stopping,
+            service.status == Status::Stopping,
+        );
         Ok(())
     }
 
@@ -606,6 +602,15 @@ fn require_service_ids(event: &Event, kind: &'static str) -> Result<(), ApplyErr
         });
     }
     Ok(())
+}
+
+/// Keeps the node's count of services being killed as one changes status.
+fn count_stopping(stopping_services: &mut u64, was: bool, is: bool) {
+    match (was, is) {
+        (false, true) => *stopping_services += 1,
+        (true, false) => *stopping_services = stopping_services.saturating_sub(1),
+        _ => {}
+    }
 }
 
 #[cfg(test)]

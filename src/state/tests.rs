@@ -378,6 +378,43 @@ fn a_burst_of_deploys_is_one_interval() {
     );
 }
 
+/// Services being killed hold their instances until they stop: the node counts them, until
+/// they stop or are deployed again.
+#[test]
+fn services_being_killed_are_counted_until_they_stop_or_come_back() {
+    let mut state = State::new(Settings::default());
+    let stopped = |id: &str| {
+        envelope(
+            "acme",
+            id,
+            "node",
+            Kind::ServiceStopped(ServiceStopped {
+                version: 1,
+                ..ServiceStopped::default()
+            }),
+        )
+    };
+    state.apply(&at(deployed("a", 1, 7, ""), 1, 1)).unwrap();
+    state.apply(&at(deployed("b", 1, 7, ""), 2, 2)).unwrap();
+    state.apply(&at(kill("a"), 3, 3)).unwrap();
+    state.apply(&at(kill("b"), 4, 4)).unwrap();
+    assert_eq!((state.active_services(), state.stopping_services()), (0, 2));
+    let mut forced = kill("a");
+    forced.kind = Some(Kind::ServiceKillRequested(ServiceKillRequested {
+        force: true,
+        ..ServiceKillRequested::default()
+    }));
+    state.apply(&at(forced, 5, 5)).unwrap(); // hurries the first kill along
+    state.apply(&at(stopped("a"), 6, 6)).unwrap();
+    state.apply(&at(deployed("b", 2, 7, ""), 7, 7)).unwrap();
+    assert_eq!((state.active_services(), state.stopping_services()), (1, 0));
+    let mut bytes = Vec::new();
+    state.apply(&at(kill("b"), 8, 8)).unwrap();
+    state.encode_snapshot(&mut bytes);
+    let restored = State::decode_snapshot(&bytes, Settings::default()).unwrap();
+    assert_eq!(restored.stopping_services(), 1);
+}
+
 #[test]
 fn snapshot_round_trips() {
     let mut state = State::new(Settings::default());
