@@ -191,14 +191,20 @@ fn check_record(seq: u64, expected: u64, bytes: &[u8], state: &mut State) -> Res
     if seq != expected {
         return Err((expected, "missing: the log has a gap".into()));
     }
-    let payload = frame::decode(bytes).map_err(|e| (seq, e.to_string()))?;
-    let event = Event::decode(payload).map_err(|e| (seq, format!("payload does not decode: {e}")))?;
-    if event.seq != seq {
-        return Err((seq, format!("payload says seq {}", event.seq)));
-    }
+    let event = decode_record(seq, bytes).map_err(|reason| (seq, reason))?;
     state
         .apply(&event)
         .map_err(|e| (seq, format!("event does not apply: {e}")))?;
+    Ok(event)
+}
+
+/// The event a record at `seq` holds: its frame checked, its payload decoded and naming `seq`.
+fn decode_record(seq: u64, bytes: &[u8]) -> Result<Event, String> {
+    let payload = frame::decode(bytes).map_err(|e| e.to_string())?;
+    let event = Event::decode(payload).map_err(|e| format!("payload does not decode: {e}"))?;
+    if event.seq != seq {
+        return Err(format!("payload says seq {}", event.seq));
+    }
     Ok(event)
 }
 
@@ -281,8 +287,8 @@ impl DumpFilter {
     }
 }
 
-/// Prints events one per line (JSON lines with `json`). Damaged records are reported on
-/// `errors` and skipped. Returns the number of damaged records.
+/// Prints events one per line (JSON lines with `json`). Damaged records, and runs of missing
+/// ones, are reported on `errors` and skipped. Returns the number of those reports.
 pub fn dump(
     store: &Store,
     filter: &DumpFilter,
@@ -309,14 +315,7 @@ pub fn dump(
                 lines.push(Err(missing(expected, seq - 1)));
             }
             expected = seq + 1;
-            let decoded = frame::decode(bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|p| Event::decode(p).map_err(|e| format!("payload does not decode: {e}")))
-                .and_then(|event| match event.seq {
-                    found if found == seq => Ok(event),
-                    found => Err(format!("its payload says seq {found}")),
-                });
-            match decoded {
+            match decode_record(seq, bytes) {
                 Ok(event) if filter.matches(&event) => lines.push(Ok(if json {
                     event::to_json(&event).to_string()
                 } else {
