@@ -5,7 +5,7 @@
 //! when they may not write the directory; they create nothing in a directory that holds no
 //! log; and damage, even the kind that crashes LMDB, is reported as damage.
 
-use std::io::{IsTerminal as _, Read as _, Write};
+use std::io::{IsTerminal as _, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -219,15 +219,13 @@ fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> an
     }
 }
 
-/// LMDB's data file and lock file in a data directory.
-const DATA_FILE: &str = "data.mdb";
+/// LMDB's lock file in a data directory.
 const LOCK_FILE: &str = "lock.mdb";
 
 /// Opens a data directory read-only; without LMDB's lock file (`true`) where this process may
 /// not write it (a directory of another user, a read-only mount), since LMDB would otherwise
 /// refuse, or create the file.
 fn open_for_reading(config: &Config, path: &Path) -> anyhow::Result<(Store, bool)> {
-    check_data_file(path)?;
     let options = config.log_options(true).store;
     if lock_is_usable(path) {
         Ok((Store::open(path, &options)?, false))
@@ -245,66 +243,6 @@ fn lock_is_usable(dir: &Path) -> bool {
     } else {
         access(dir, Access::WRITE_OK | Access::EXEC_OK).is_ok()
     }
-}
-
-/// LMDB's magic number, at the start of each of its two meta pages (after the page header).
-const LMDB_MAGIC: u32 = 0xBEEF_C0DE;
-
-/// Refuses, before LMDB sees it (and creates its lock file beside it), a directory that does
-/// not exist or holds no Solo log, and a data file that is no LMDB file or is shorter than its
-/// two meta pages (a cut-short copy). A longer file cut short is the store's to find.
-fn check_data_file(dir: &Path) -> anyhow::Result<()> {
-    let shown = dir.display();
-    match std::fs::metadata(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            anyhow::bail!("data directory {shown} does not exist (--data-dir, or [solo] data_dir in --config)")
-        }
-        Err(e) => anyhow::bail!("cannot read the data directory {shown}: {e}"),
-        Ok(meta) if !meta.is_dir() => {
-            anyhow::bail!("data directory {shown} is not usable: it is a file, not a directory")
-        }
-        Ok(_) => {}
-    }
-    let file = dir.join(DATA_FILE);
-    let mut data = match std::fs::File::open(&file) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            anyhow::bail!("data directory {shown} holds no Solo log (no data.mdb)")
-        }
-        Err(e) => anyhow::bail!("cannot read {}: {e}", file.display()),
-        Ok(data) => data,
-    };
-    let length = data
-        .metadata()
-        .with_context(|| format!("cannot read {}", file.display()))?
-        .len();
-    if length == 0 {
-        anyhow::bail!(
-            "data directory {shown} holds no Solo log: its data.mdb is empty (0 bytes); whatever it held is gone, \
-             restore it from a backup"
-        );
-    }
-    // The first meta page: a 16-byte page header, then the magic, the version, the map's
-    // address and size, and the page size (the free list's `md_pad`).
-    let mut head = Vec::with_capacity(44);
-    std::io::Read::take(&mut data, 44)
-        .read_to_end(&mut head)
-        .with_context(|| format!("cannot read {}", file.display()))?;
-    let word = |at: usize| {
-        head.get(at..at + 4)
-            .map(|b| u32::from_ne_bytes(b.try_into().unwrap_or_default()))
-    };
-    if word(16) != Some(LMDB_MAGIC) {
-        anyhow::bail!("data directory {shown} holds no Solo log: its data.mdb is not an LMDB file");
-    }
-    let page_size = u64::from(word(40).unwrap_or(0)).max(512);
-    if length < 2 * page_size {
-        anyhow::bail!(
-            "data directory {shown} is not usable: its data.mdb is {length} bytes, shorter than LMDB's two meta \
-             pages ({} bytes): the file was cut short (an interrupted copy or restore?); restore it from a backup",
-            2 * page_size
-        );
-    }
-    Ok(())
 }
 
 /// Whether `error` is damage in the data file: LMDB finding a page it cannot find or make

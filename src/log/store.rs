@@ -204,31 +204,25 @@ impl Store {
     }
 
     fn open_with(path: &Path, options: &StoreOptions, lock: bool) -> Result<Store> {
-        if options.read_only && !path.join(DATA_FILE).exists() {
-            return Err(Error::BadDataDir {
-                path: path.to_path_buf(),
-                reason: "it holds no Solo log (no data.mdb)".into(),
-            });
+        let bad = |reason: &str| Error::BadDataDir {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && options.read_only => {
+                return Err(bad("it does not exist"));
+            }
+            Ok(meta) if !meta.is_dir() => return Err(bad("it is a file, not a directory")),
+            _ => {}
         }
-        if path.exists() && !path.is_dir() {
-            return Err(Error::BadDataDir {
-                path: path.to_path_buf(),
-                reason: "it is a file, not a directory".into(),
-            });
+        if options.read_only && !path.join(DATA_FILE).exists() {
+            return Err(bad("it holds no Solo log (no data.mdb)"));
         }
         std::fs::create_dir_all(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        // LMDB would start a new log over an empty data file, under a new node id.
-        if std::fs::metadata(path.join(DATA_FILE)).is_ok_and(|m| m.len() == 0) {
-            return Err(Error::BadDataDir {
-                path: path.to_path_buf(),
-                reason: "its data.mdb is empty (0 bytes): whatever it held is gone; restore it from a \
-                         backup, or move it away to start a new log"
-                    .into(),
-            });
-        }
+        check_data_file(path)?;
         let env = open_env(path, options, lock)?;
         // After the environment: a second open in this process is told so by LMDB itself.
         let writer_lock = (!options.read_only).then(|| lock_for_writing(path)).transpose()?;
@@ -744,6 +738,59 @@ fn lock_for_writing(path: &Path) -> Result<std::fs::File> {
 
 /// Refuses a data file shorter than the pages its last commit says it holds (a cut-short copy
 /// or restore): mapping it would kill the process with SIGBUS at the first read past its end.
+/// LMDB's magic number, at the start of each of its two meta pages (after the page header).
+const LMDB_MAGIC: u32 = 0xBEEF_C0DE;
+
+/// Refuses, before LMDB sees it (which would start a new log over an empty file, or create
+/// its lock file beside a stranger's), a data file that is empty, is no LMDB file, or is
+/// shorter than its two meta pages (a cut-short copy). A longer file cut short is found once
+/// open ([`check_file_length`]). A directory without a data file passes: a writer starts one.
+fn check_data_file(dir: &Path) -> Result<()> {
+    let file = dir.join(DATA_FILE);
+    let io = |source| Error::Io {
+        path: file.clone(),
+        source,
+    };
+    let bad = |reason: String| Error::BadDataDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let mut data = match std::fs::File::open(&file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+        Ok(data) => data,
+    };
+    let length = data.metadata().map_err(io)?.len();
+    if length == 0 {
+        return Err(bad(format!(
+            "its {DATA_FILE} is empty (0 bytes): whatever it held is gone; restore it from a backup, \
+             or move it away to start a new log"
+        )));
+    }
+    // The first meta page: a 16-byte page header, then the magic, the version, the map's
+    // address and size, and the page size (the free list's `md_pad`).
+    let mut head = Vec::with_capacity(44);
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut data, 44), &mut head).map_err(io)?;
+    let word = |at: usize| {
+        head.get(at..at + 4)
+            .map(|b| u32::from_ne_bytes(b.try_into().unwrap_or_default()))
+    };
+    if word(16) != Some(LMDB_MAGIC) {
+        return Err(bad(format!(
+            "its {DATA_FILE} is not an LMDB file, so it holds no Solo log"
+        )));
+    }
+    let page_size = u64::from(word(40).unwrap_or(0)).max(512);
+    if length < 2 * page_size {
+        return Err(bad(format!(
+            "its {DATA_FILE} is {length} bytes, shorter than LMDB's two meta pages ({} bytes): the file \
+             was cut short (an interrupted copy or restore?); restore it from a backup",
+            2 * page_size
+        )));
+    }
+    Ok(())
+}
+
 fn check_file_length(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
     let file = path.join(DATA_FILE);
     let length = std::fs::metadata(&file)
