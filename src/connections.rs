@@ -68,6 +68,11 @@ impl ConnectionLimits {
         }
     }
 
+    /// Connections one client address may hold open at once.
+    pub fn per_client(&self) -> usize {
+        self.per_client
+    }
+
     /// Waits for a free slot, then for the next connection. An accept that fails (out of file
     /// descriptors and the like) is logged and retried after a pause rather than spun on.
     pub async fn accept(&self, listener: &TcpListener) -> Accepted {

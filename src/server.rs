@@ -541,7 +541,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answers a connection over its client's cap with a 429, once its request's headers are in (a
 /// client that is still sending takes an early answer for a broken connection), then closes it.
-async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+async fn refuse_connection(mut stream: tokio::net::TcpStream, cap: usize) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let answered = async {
         let mut request = Vec::with_capacity(1024);
@@ -552,7 +552,7 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
                 Ok(n) => request.extend_from_slice(&chunk[..n]),
             }
         }
-        let _ = stream.write_all(too_many_connections(&request).as_bytes()).await;
+        let _ = stream.write_all(too_many_connections(&request, cap).as_bytes()).await;
         let _ = stream.shutdown().await;
     };
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, answered).await;
@@ -565,10 +565,13 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 /// What a client over its connection cap is told before the connection closes: a REST error
 /// as every other (its request id, echoed or made up, and when to retry), written by hand as
 /// no HTTP connection is served to it. `request` is what the client sent of its request.
-fn too_many_connections(request: &[u8]) -> String {
+fn too_many_connections(request: &[u8], cap: usize) -> String {
     let error = crate::api::Error::new(
         crate::api::ErrorKind::Overloaded,
-        "too many connections from this address; close some and retry",
+        format!(
+            "too many connections from this address (at most {cap}, [solo] max_connections_per_client); close \
+             some and retry"
+        ),
     );
     let status = error.kind().http_status();
     let request_id = client_request_id(request).unwrap_or_else(|| {
@@ -622,9 +625,10 @@ async fn serve_http(
                     tracing::debug!(%peer, "too many connections from this address");
                     // Over TLS the answer could not be read before a handshake: it just closes.
                     if acceptor.is_none() {
+                        let cap = connections.per_client();
                         tokio::spawn(async move {
                             let _slot = slot;
-                            refuse_connection(stream).await;
+                            refuse_connection(stream, cap).await;
                         });
                     }
                     continue;

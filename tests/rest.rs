@@ -3025,7 +3025,8 @@ async fn one_client_address_cannot_take_every_connection() {
         refused.json["message"]
             .as_str()
             .unwrap()
-            .contains("too many connections")
+            .contains("too many connections from this address (at most 2, [solo] max_connections_per_client)"),
+        "{refused:?}"
     );
     // Once one closes, the address may connect again.
     drop(first);
