@@ -1249,18 +1249,28 @@ mod tests {
         assert!(record.is_idle(at(200_000)));
     }
 
+    /// A runtime over a fresh log in a temp dir (kept alive by the first value), as `tweak`
+    /// configures it; no reconciler runs.
+    fn runtime_of(
+        tweak: impl FnOnce(&mut crate::config::Config),
+    ) -> (tempfile::TempDir, crate::control::Control, Runtime) {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut config = crate::config::Config::default();
+        config.solo.data_dir = dir.path().to_path_buf();
+        tweak(&mut config);
+        let (control, _) = crate::control::Control::open(config.control_options().unwrap()).expect("the log opens");
+        let options = config.runtime_options().unwrap();
+        let runtime = Runtime::new(options, control.observer(), control.log().clone()).expect("the runtime starts");
+        (dir, control, runtime)
+    }
+
     /// A kill stops the version deployed before it in the log, even when the state has moved
     /// on to a later deploy by the time the runtime reads the kill (both in one batch): a
     /// forced kill of version 1 must not cut short a later graceful kill of version 2.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_kill_names_the_version_deployed_before_it_in_the_log() {
         use crate::proto::{ServiceDeployed, ServiceKillRequested};
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let mut config = crate::config::Config::default();
-        config.solo.data_dir = dir.path().to_path_buf();
-        let (control, _) = crate::control::Control::open(config.control_options().unwrap()).expect("the log opens");
-        let options = config.runtime_options().unwrap();
-        let runtime = Runtime::new(options, control.observer(), control.log().clone()).expect("the runtime starts");
+        let (_dir, _control, runtime) = runtime_of(|_| {});
         let event = |seq, kind| Event {
             seq,
             tenant: "acme".into(),
@@ -1293,12 +1303,7 @@ mod tests {
     /// will act on nothing more (it stopped), rather than wait out its timeout.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_waiting_for_the_reconciler_end_with_it() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let mut config = crate::config::Config::default();
-        config.solo.data_dir = dir.path().to_path_buf();
-        let (control, _) = crate::control::Control::open(config.control_options().unwrap()).expect("the log opens");
-        let options = config.runtime_options().unwrap();
-        let runtime = Runtime::new(options, control.observer(), control.log().clone()).expect("the runtime starts");
+        let (_dir, _control, runtime) = runtime_of(|_| {});
         runtime.start_reconciler(1);
         let waiting = {
             let runtime = runtime.clone();
@@ -1368,13 +1373,7 @@ mod tests {
     /// other.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn compiles_wait_for_a_slot_of_their_kind() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let mut config = crate::config::Config::default();
-        config.solo.data_dir = dir.path().to_path_buf();
-        config.runtime.compile_threads = 1;
-        let (control, _) = crate::control::Control::open(config.control_options().unwrap()).expect("the log opens");
-        let options = config.runtime_options().unwrap();
-        let runtime = Runtime::new(options, control.observer(), control.log().clone()).expect("the runtime starts");
+        let (_dir, control, runtime) = runtime_of(|c| c.runtime.compile_threads = 1);
         let inner = &runtime.inner;
         assert_eq!(inner.small_compile_slots.available_permits(), SMALL_COMPILES_PER_SLOT);
         let quota = CompileQuota {
