@@ -39,8 +39,29 @@ impl std::fmt::Debug for TlsSetup {
     }
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+/// The bytes of the file `what` (a config key or a flag) names.
+pub fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+/// The certificates of a PEM file read from `path`; one that holds none is refused, naming it,
+/// rather than found out at a handshake.
+pub fn certificates(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} {}: not PEM certificates: {e}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{what} {}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(certificates)
+}
+
+/// The private key of a PEM file read from `path`.
+pub fn private_key(pem: &[u8], path: &Path, what: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("{what} {}: not a PEM private key: {e}", path.display()))
 }
 
 impl TlsSetup {
@@ -48,31 +69,20 @@ impl TlsSetup {
     pub fn load(files: &TlsFiles) -> Result<TlsSetup, String> {
         let cert_pem = read(&files.cert, "security.tls_cert")?;
         let key_pem = read(&files.key, "security.tls_key")?;
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(&cert_pem)
-                .collect::<Result<_, _>>()
-                .map_err(|e| format!("security.tls_cert {}: not PEM certificates: {e}", files.cert.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "security.tls_cert {}: holds no certificate",
-                files.cert.display()
-            ));
-        }
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| format!("security.tls_key {}: not a PEM private key: {e}", files.key.display()))?;
+        let certs = certificates(&cert_pem, &files.cert, "security.tls_cert")?;
+        let key = private_key(&key_pem, &files.key, "security.tls_key")?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?;
         let client_ca_pem = match &files.client_ca {
-            Some(path) => Some(read(path, "security.client_ca")?),
+            Some(path) => Some((read(path, "security.client_ca")?, path)),
             None => None,
         };
         let builder = match &client_ca_pem {
-            Some(pem) => {
+            Some((pem, path)) => {
                 let mut roots = rustls::RootCertStore::empty();
-                for cert in CertificateDer::pem_slice_iter(pem) {
-                    let cert = cert.map_err(|e| format!("security.client_ca: not PEM certificates: {e}"))?;
+                for cert in certificates(pem, path, "security.client_ca")? {
                     roots.add(cert).map_err(|e| format!("security.client_ca: {e}"))?;
                 }
                 let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -89,7 +99,7 @@ impl TlsSetup {
         Ok(TlsSetup {
             cert_pem,
             key_pem,
-            client_ca_pem,
+            client_ca_pem: client_ca_pem.map(|(pem, _)| pem),
             http: Arc::new(http),
         })
     }

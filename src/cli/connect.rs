@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::either::Either;
@@ -580,30 +579,18 @@ fn normalise_url(endpoint: &str, tls: bool) -> String {
     }
 }
 
-fn read_file(path: &std::path::Path, flag: &str) -> Result<Vec<u8>, CliError> {
-    std::fs::read(path).map_err(|e| CliError::failure(format!("cannot read {flag} {}: {e}", path.display())))
-}
-
 /// A file of PEM certificates, refused now, naming it, if it holds none: rather than as a
 /// TLS failure at the handshake.
 fn read_certificates(path: &std::path::Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, CliError> {
-    let pem = read_file(path, flag)?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CliError::failure(format!("{flag} {}: not PEM certificates: {e}", path.display())))?;
-    if certificates.is_empty() {
-        return Err(CliError::failure(format!(
-            "{flag} {}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        )));
-    }
-    Ok(certificates)
+    crate::tls::read(path, flag)
+        .and_then(|pem| crate::tls::certificates(&pem, path, flag))
+        .map_err(CliError::failure)
 }
 
 fn read_private_key(path: &std::path::Path, flag: &str) -> Result<PrivateKeyDer<'static>, CliError> {
-    let pem = read_file(path, flag)?;
-    PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| CliError::failure(format!("{flag} {}: not a PEM private key: {e}", path.display())))
+    crate::tls::read(path, flag)
+        .and_then(|pem| crate::tls::private_key(&pem, path, flag))
+        .map_err(CliError::failure)
 }
 
 /// The TLS client of an https endpoint: the node's CA, and the client's certificate if given.
