@@ -738,6 +738,17 @@ fn assert_replay<T: PartialEq + std::fmt::Debug>(first: tonic::Response<T>, retr
     first
 }
 
+/// Sends `request` as acme through `client.rpc` twice; the second answer must replay the
+/// first, which it returns.
+macro_rules! sent_twice {
+    ($client:ident . $rpc:ident ($request:expr)) => {{
+        let request = $request;
+        let first = $client.$rpc(as_tenant("acme", request.clone())).await.unwrap();
+        let retry = $client.$rpc(as_tenant("acme", request)).await.unwrap();
+        assert_replay(first, retry)
+    }};
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_deploys_kills_and_removals_with_a_key_append_nothing() {
     let dir = tempdir();
@@ -746,17 +757,13 @@ async fn retried_deploys_kills_and_removals_with_a_key_append_nothing() {
     let mut request = grpc_deploy("echo", "echo");
     request.idempotency_key = "agent-retry-1".into();
     // A replayed answer is the original message, marked as a replay in its metadata.
-    let first = client.deploy(as_tenant("acme", request.clone())).await.unwrap();
-    let retry = client.deploy(as_tenant("acme", request.clone())).await.unwrap();
-    let first = assert_replay(first, retry);
+    let first = sent_twice!(client.deploy(request.clone()));
     let kill = proto::KillRequest {
         service_id: "echo".into(),
         idempotency_key: "kill-1".into(),
         ..Default::default()
     };
-    let killed = client.kill(as_tenant("acme", kill.clone())).await.unwrap();
-    let retried = client.kill(as_tenant("acme", kill.clone())).await.unwrap();
-    let killed = assert_replay(killed, retried);
+    let killed = sent_twice!(client.kill(kill.clone()));
     wait_until(&mut client, "acme", killed.seq, |e| {
         matches!(e.kind, Some(proto::event::Kind::ServiceStopped(_)))
     })
@@ -766,9 +773,7 @@ async fn retried_deploys_kills_and_removals_with_a_key_append_nothing() {
         idempotency_key: "remove-1".into(),
         ..Default::default()
     };
-    let removed = client.remove(as_tenant("acme", remove.clone())).await.unwrap();
-    let retried = client.remove(as_tenant("acme", remove.clone())).await.unwrap();
-    let removed = assert_replay(removed, retried);
+    let removed = sent_twice!(client.remove(remove.clone()));
     // The same key for another service is a conflict, not a silent answer.
     let mut other = grpc_deploy("other", "echo");
     other.idempotency_key = "agent-retry-1".into();
@@ -1596,10 +1601,14 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
     let dir = tempdir();
     let server = start_server(dir.path(), |_| {}).await;
     let http = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
-    let raw = |method: &str, body: Vec<u8>| {
-        http.post(format!("{}/solo.v1.SoloKernel/{method}", server.grpc_url()))
+    // A gRPC request by hand to `path` (`package.Service/Method`).
+    let post = |path: &str| {
+        http.post(format!("{}/{path}", server.grpc_url()))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
+    };
+    let raw = |method: &str, body: Vec<u8>| {
+        post(&format!("solo.v1.SoloKernel/{method}"))
             .header("x-tenant-id", "a")
             .body(body)
             .send()
@@ -1632,14 +1641,7 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
         "{message}"
     );
     // So is a service the node does not serve, with the ones it does.
-    let reply = http
-        .post(format!("{}/foo.Bar/Baz", server.grpc_url()))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(vec![0, 0, 0, 0, 0])
-        .send()
-        .await
-        .unwrap();
+    let reply = post("foo.Bar/Baz").body(vec![0, 0, 0, 0, 0]).send().await.unwrap();
     assert_eq!(reply.headers()["grpc-status"], "12");
     let message = reply.headers()["grpc-message"].to_str().unwrap();
     assert!(
@@ -1647,10 +1649,7 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
         "{message}"
     );
     // A compressed message is refused for its encoding, not as a missing method.
-    let reply = http
-        .post(format!("{}/solo.v1.SoloKernel/Status", server.grpc_url()))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
+    let reply = post("solo.v1.SoloKernel/Status")
         .header("grpc-encoding", "gzip")
         .body(vec![1, 0, 0, 0, 3, 0x0a, 1, b'x'])
         .send()
