@@ -131,14 +131,15 @@ where
         let path = request.uri().path().to_string();
         let decoded = Decoded::default();
         request.extensions_mut().insert(decoded.clone());
-        let timeout = request.headers().get("grpc-timeout").and_then(grpc_timeout);
+        let now = tokio::time::Instant::now();
+        let deadline = (request.headers().get("grpc-timeout").and_then(grpc_timeout))
+            .map(|timeout| (timeout, now + timeout - DEADLINE_MARGIN.min(timeout / 2)));
         let reply = self.inner.call(request);
         Box::pin(async move {
-            let reply = match timeout {
-                None => reply.await?,
-                Some(timeout) => match tokio::time::timeout(timeout.saturating_sub(DEADLINE_MARGIN), reply).await {
-                    Ok(reply) => reply?,
-                    Err(_) => {
+            let reply = match deadline {
+                Some((timeout, deadline)) => match before(deadline, reply).await {
+                    Some(reply) => reply?,
+                    None => {
                         let message = format!(
                             "the request did not finish within its deadline of {} ms (the client's grpc-timeout)",
                             timeout.as_millis()
@@ -146,6 +147,7 @@ where
                         return Ok(Status::deadline_exceeded(message).into_http());
                     }
                 },
+                None => reply.await?,
             };
             let code = reply.headers().get("grpc-status").map(|code| code.as_bytes());
             if code == Some(b"11") {
@@ -174,9 +176,28 @@ where
     }
 }
 
-/// How much sooner than tonic's timer a request's deadline is kept: one tick of tokio's
-/// millisecond timer wheel, so that both never fall due on different ticks in the wrong order.
-const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(1);
+/// How much sooner than tonic's timer a request's deadline is kept (at most half the
+/// timeout): more than a tick of tokio's millisecond timer wheel, and than a busy thread's
+/// pause between tonic arming its timer and this layer arming its own.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// `reply`, or `None` once `deadline` has passed. The clock is read at every poll, not only
+/// when this timer fires: tonic polls the answer as its own timer fires, and by then this
+/// deadline has passed even if its timer entry is due on a later tick.
+async fn before<F: std::future::Future>(deadline: tokio::time::Instant, reply: F) -> Option<F::Output> {
+    let mut reply = std::pin::pin!(reply);
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(reply) = reply.as_mut().poll(cx) {
+            return Poll::Ready(Some(reply));
+        }
+        if tokio::time::Instant::now() >= deadline || timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
 
 /// A `grpc-timeout` header's value: 1 to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
 /// One that is malformed is ignored, as tonic ignores it.
