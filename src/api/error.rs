@@ -225,14 +225,16 @@ impl From<control::Error> for Error {
         match error {
             E::InvalidArgument(_) | E::InvalidModule(_) => Error::new(ErrorKind::InvalidArgument, message),
             E::NotFound { .. } => Error::new(ErrorKind::NotFound, message),
-            E::QuotaExceeded { quota, .. } => {
+            E::QuotaExceeded { quota, retry_after, .. } => {
                 let refused = Error::new(ErrorKind::QuotaExceeded, message);
+                if let Some(after) = retry_after {
+                    return refused.with_retry_after(after);
+                }
                 match quota {
                     // Limits on the request itself, or on what the tenant holds: the same
                     // request is refused until the request, or the tenant's own services,
                     // change, so no `Retry-After` invites a retry.
                     "max_module_bytes" | "max_memory_mb" | "max_services" | "max_tenant_memory_mb" => refused,
-                    "max_deploys_per_minute" => refused.with_retry_after(Duration::from_secs(60)),
                     _ => refused.with_retry_after(RETRY_SOON),
                 }
             }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::error::{Error, Result};
 use crate::event::envelope;
@@ -506,6 +507,7 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
                 "the node runs {running} services{stopping}, all it has room for (some of \
                  runtime.max_instances is kept for upgrades)"
             ),
+            retry_after: None,
         });
     }
     // An upgrade adds no service: it is allowed even over a limit lowered since.
@@ -514,6 +516,7 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
             quota: "max_services",
             limit: limits.max_services.into(),
             detail: format!("tenant '{}' has {active} services", cmd.tenant),
+            retry_after: None,
         });
     }
     let memory_after = memory - held_memory + cmd.limits.memory_bytes;
@@ -526,6 +529,7 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
                 crate::limits::in_mib(memory),
                 crate::limits::in_mib(memory_after)
             ),
+            retry_after: None,
         });
     }
     let window_start = cx.now_ms.saturating_sub(state.settings().deploy_rate_window_ms);
@@ -535,6 +539,9 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
             quota: "max_deploys_per_minute",
             limit: limits.max_deploys_per_minute.into(),
             detail: format!("tenant '{}' deployed {recent} times in the last minute", cmd.tenant),
+            retry_after: Some(Duration::from_millis(
+                state.deploy_room_at(&cmd.tenant, cx.now_ms, limits.max_deploys_per_minute) - cx.now_ms,
+            )),
         });
     }
     Ok(())

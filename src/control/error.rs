@@ -26,6 +26,8 @@ pub enum Error {
         quota: &'static str,
         limit: u64,
         detail: String,
+        /// For a rate quota, how long until it has room again.
+        retry_after: Option<std::time::Duration>,
     },
     #[error("idempotency key '{key}' was already used for a different request")]
     IdempotencyConflict { key: String },

@@ -303,13 +303,18 @@ impl Control {
                 quota: "max_module_bytes",
                 limit: tenant_limits.max_module_bytes,
                 detail: format!("the module is {module_size} bytes"),
+                retry_after: None,
             });
         }
         if request.limits.memory_bytes > tenant_limits.max_memory_bytes() {
             return Err(Error::QuotaExceeded {
                 quota: "max_memory_mb",
                 limit: tenant_limits.max_memory_mb,
-                detail: format!("the deploy asks for {} bytes of memory", request.limits.memory_bytes),
+                detail: format!(
+                    "the deploy asks for {} of memory",
+                    crate::limits::in_mib(request.limits.memory_bytes)
+                ),
+                retry_after: None,
             });
         }
         let limits = tenant_limits
@@ -334,7 +339,11 @@ impl Control {
                     .await
                     .map_err(|e| match e {
                         PrepareError::Invalid(invalid) => Error::InvalidModule(invalid.0),
-                        PrepareError::OverCompileQuota { limit, compiled } => Error::QuotaExceeded {
+                        PrepareError::OverCompileQuota {
+                            limit,
+                            compiled,
+                            retry_after,
+                        } => Error::QuotaExceeded {
                             quota: "max_deploys_per_minute",
                             limit: limit.into(),
                             detail: format!(
@@ -342,6 +351,7 @@ impl Control {
                                  module still in the compile cache needs no compile)",
                                 request.tenant
                             ),
+                            retry_after: Some(retry_after),
                         },
                     })?
             }

@@ -15,7 +15,12 @@ pub enum PrepareError {
     Invalid(#[from] InvalidModule),
     /// The tenant had as many modules compiled within the window as its quota allows.
     #[error("{compiled} modules were compiled for the tenant within the window, its limit of {limit}")]
-    OverCompileQuota { limit: u32, compiled: usize },
+    OverCompileQuota {
+        limit: u32,
+        compiled: usize,
+        /// Until the quota has room again.
+        retry_after: std::time::Duration,
+    },
 }
 
 /// An instance that did not come up.

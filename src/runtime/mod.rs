@@ -743,9 +743,11 @@ impl TenantCompiles {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let compiled = recent.since(quota.window_start(), quota.window_ms);
         if compiled >= quota.max as usize {
+            let room_at = recent.room_at(quota.now_ms, quota.window_ms, quota.max);
             return Err(PrepareError::OverCompileQuota {
                 limit: quota.max,
                 compiled,
+                retry_after: Duration::from_millis(room_at - quota.now_ms),
             });
         }
         recent.record(quota.now_ms, quota.window_ms);
@@ -1240,7 +1242,12 @@ mod tests {
         record.charge(at(30_000)).unwrap();
         assert_eq!(
             record.charge(at(59_000)),
-            Err(PrepareError::OverCompileQuota { limit: 2, compiled: 2 })
+            Err(PrepareError::OverCompileQuota {
+                limit: 2,
+                compiled: 2,
+                // The first compile, at 1 s, counts to the end of its second: until 61.999 s.
+                retry_after: Duration::from_millis(2_999)
+            })
         );
         // The first compile leaves the window (counted to the end of its second): room for one.
         record.charge(at(62_000)).unwrap();

@@ -173,6 +173,14 @@ impl State {
         })
     }
 
+    /// When `tenant`, allowed `max` deploys per window, may deploy again (`now_ms` if it may).
+    pub fn deploy_room_at(&self, tenant: &str, now_ms: u64, max: u32) -> u64 {
+        self.tenants.get(tenant).map_or(now_ms, |t| {
+            t.recent_deploys
+                .room_at(now_ms, self.settings.deploy_rate_window_ms, max)
+        })
+    }
+
     /// Folds one event into the state. On error nothing changed (not even the applied seq):
     /// see [`State::skip`].
     pub fn apply(&mut self, event: &Event) -> Result<(), ApplyError> {

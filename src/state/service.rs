@@ -432,6 +432,30 @@ impl DeployWindow {
             .map(|&(_, count)| count as usize)
             .sum()
     }
+
+    /// The earliest time, at or after `now_ms`, at which fewer than `max` deploys are counted
+    /// in the window ending then: when a tenant at its quota may deploy again.
+    pub fn room_at(&self, now_ms: u64, window_ms: u64, max: u32) -> u64 {
+        let width = interval_ms(window_ms);
+        let window_start = now_ms.saturating_sub(window_ms);
+        let counted = self.since(window_start, window_ms);
+        // Deploys that must leave the window before one more fits.
+        let mut to_leave = (counted + 1).saturating_sub(max as usize);
+        for &(start, count) in self.intervals.iter() {
+            if to_leave == 0 {
+                break;
+            }
+            if !reaches_past(start, width, window_start) {
+                continue;
+            }
+            if count as usize >= to_leave {
+                // The interval stops counting once the window starts at its last millisecond.
+                return (start + width - 1).saturating_add(window_ms).max(now_ms);
+            }
+            to_leave -= count as usize;
+        }
+        now_ms
+    }
 }
 
 fn interval_ms(window_ms: u64) -> u64 {

@@ -356,6 +356,21 @@ fn the_deploy_window_counts_per_interval_and_never_undercounts() {
         // Bounded however fast the deploys come: one entry per interval of the window, plus
         // the interval the window starts in.
         assert!(window.intervals().len() as u64 <= DEPLOY_WINDOW_INTERVALS + 1);
+        // `room_at` is the first moment the quota lets one more deploy in.
+        for max in [1, 7, 50, 500] {
+            let room_at = window.room_at(at, window_ms, max);
+            let counted_at = |t: u64| window.since(t - window_ms, window_ms);
+            assert!(
+                counted_at(room_at) < max as usize,
+                "at {at}, max {max}: full at {room_at}"
+            );
+            if room_at > at {
+                assert!(
+                    counted_at(room_at - 1) >= max as usize,
+                    "at {at}, max {max}: room before {room_at}"
+                );
+            }
+        }
     }
 }
 
@@ -370,6 +385,9 @@ fn a_burst_of_deploys_is_one_interval() {
     // The interval counts until all of it has left the window.
     assert_eq!(window.since(5_998, 60_000), 500);
     assert_eq!(window.since(5_999, 60_000), 0);
+    // A tenant allowed 500 a minute waits for the burst to leave; one allowed 501 need not.
+    assert_eq!(window.room_at(6_000, 60_000, 500), 65_999);
+    assert_eq!(window.room_at(6_000, 60_000, 501), 6_000);
     window.record(66_000, 60_000);
     assert_eq!(
         window.intervals().collect::<Vec<_>>(),
