@@ -1,7 +1,7 @@
 //! The WebAssembly runtime: wasmtime instances of services, reconciled from the log.
 //!
 //! It owns one `Engine` (pooling allocator, epoch interruption), a bounded cache of compiled
-//! modules, and one slot per service. A slot is a task that applies, in order, what the log
+//! modules (what compiling them may cost is [`compiles`]'s), and one slot per service. A slot is a task that applies, in order, what the log
 //! asks of its service — start version N, kill, stop for shutdown — and holds the actor of the
 //! current instance ([`actor`]). Guest code runs on a runtime of its own (`solo-guest`
 //! threads), never on the threads that serve the APIs and the log. The runtime never changes
@@ -9,6 +9,7 @@
 //! as observations, and becomes true only once it is in the log.
 
 mod actor;
+mod compiles;
 mod error;
 mod instance;
 mod logs;
@@ -25,6 +26,7 @@ use futures_util::StreamExt;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use compiles::CompileQuota;
 pub use error::{CallError, CallFailure, InvalidModule, PrepareError, StartFailure};
 pub use instance::trap_code;
 pub use logs::{Level, LogBuffer, LogLine};
@@ -33,6 +35,7 @@ pub use recorder::RetryOptions;
 pub use stats::LiveStatus;
 
 use actor::{Actor, Call, PastRestarts, Ready, Route, RunningActor, Spawned, forced_at_least};
+use compiles::{Compiles, SMALL_MODULE_BYTES, is_small};
 use instance::InstanceConfig;
 use module::{Compiler, ModuleCache, Prepared};
 use recorder::Recorder;
@@ -40,24 +43,11 @@ use stats::LiveStats;
 
 use crate::control::{EventLog, Module, Observation, Observer};
 use crate::proto::{CrashReason, Event, Limits, ServiceRef, StopReason, event::Kind};
-use crate::state::{DeployWindow, Service, Status};
-
-/// A module of at most this many bytes and functions is small: its compile takes little memory
-/// (about 6 KiB a function, besides its code), so small modules have compile slots of their
-/// own, more of them, and never wait behind large ones.
-const SMALL_MODULE_BYTES: usize = 256 << 10;
-const SMALL_MODULE_FUNCTIONS: usize = 2_048;
+use crate::state::{Service, Status};
 
 /// How long past its grace a shutdown waits for graceful stops (which enforce the grace
 /// themselves) before it cuts every one short.
 const SHUTDOWN_SLACK: Duration = Duration::from_millis(200);
-
-/// Small compiles that may run at once for each large one (`compile_threads`).
-const SMALL_COMPILES_PER_SLOT: usize = 4;
-
-fn is_small(wasm: &[u8]) -> bool {
-    wasm.len() <= SMALL_MODULE_BYTES && module::function_count(wasm) <= SMALL_MODULE_FUNCTIONS
-}
 
 /// How long shutdown waits for the guest threads to drop their ended tasks. Every instance has
 /// stopped by then; this only covers a guest that ignores its deadline.
@@ -117,15 +107,12 @@ pub struct Runtime {
 struct Inner {
     compiler: Compiler,
     cache: ModuleCache,
-    /// Each tenant's compiles for deploys, by tenant.
-    compiles: Mutex<HashMap<String, Arc<TenantCompiles>>>,
+    /// What compiles may cost: each tenant's budget and turn, the node's slots.
+    compiles: Compiles,
     /// Modules compiled from deploys since the runtime started, refused ones included.
     compiled: std::sync::atomic::AtomicU64,
     /// Modules compiled to start services, the cache lacking them.
     loaded: std::sync::atomic::AtomicU64,
-    /// A permit per compile under way, all tenants together: large modules, and small ones.
-    compile_slots: tokio::sync::Semaphore,
-    small_compile_slots: tokio::sync::Semaphore,
     options: RuntimeOptions,
     /// Takes observations to the log, keeping those it cannot take yet.
     recorder: Arc<Recorder>,
@@ -312,11 +299,7 @@ impl Runtime {
         Ok(Runtime {
             inner: Arc::new(Inner {
                 cache: ModuleCache::new(options.module_cache_entries, options.module_cache_bytes),
-                compile_slots: tokio::sync::Semaphore::new(options.compile_threads.max(1)),
-                small_compile_slots: tokio::sync::Semaphore::new(
-                    options.compile_threads.max(1) * SMALL_COMPILES_PER_SLOT,
-                ),
-                compiles: Mutex::new(HashMap::new()),
+                compiles: Compiles::new(options.compile_threads),
                 compiled: std::sync::atomic::AtomicU64::new(0),
                 loaded: std::sync::atomic::AtomicU64::new(0),
                 compiler,
@@ -355,14 +338,14 @@ impl Runtime {
             // of a small module counts as a compile whatever it holds; other text, quick to
             // convert, counts as one when it is refused, and past the budget is refused as over
             // it (the text of a module compiled before still costs nothing).
-            let compiles = self.inner.compiles_of(tenant, quota);
+            let compiles = self.inner.compiles.of(tenant, quota);
             let _turn = compiles.turn().await;
             let small = bytes.len() <= SMALL_MODULE_BYTES;
             if !small {
                 compiles.charge(quota)?;
                 charged = true;
             }
-            let _slot = self.inner.compile_slot(small).await;
+            let _slot = self.inner.compiles.slot(small).await;
             match blocking(move || module::to_wasm(&bytes)).await {
                 Ok(wasm) => Module::new(wasm.into()),
                 Err(refusal) => {
@@ -381,7 +364,7 @@ impl Runtime {
         let (inner, bytes) = (Arc::clone(&self.inner), Arc::clone(&module.bytes));
         let tenant = tenant.to_string();
         let compile = async move {
-            let compiles = inner.compiles_of(&tenant, quota);
+            let compiles = inner.compiles.of(&tenant, quota);
             let _turn = compiles.turn().await;
             // Refused while this caller waited for its turn: by the same module sent at once.
             if let Some(reason) = inner.cache.refusal(&sha256) {
@@ -390,7 +373,7 @@ impl Runtime {
             if !charged {
                 compiles.charge(quota)?;
             }
-            let _slot = inner.compile_slot(is_small(&bytes)).await;
+            let _slot = inner.compiles.slot(is_small(&bytes)).await;
             inner.compiled.fetch_add(1, Ordering::Relaxed);
             let compiler = Arc::clone(&inner);
             let compiled = blocking(move || module::prepare(&compiler.compiler, sha256, &bytes)).await;
@@ -708,79 +691,7 @@ impl Runtime {
     }
 }
 
-/// How many modules a tenant may have compiled for its deploys: at most `max` within the last
-/// `window_ms`. It is the tenant's deploy rate, so that modules refused (as invalid, or by
-/// another quota once compiled) cost the node no more than deploys would; a module already
-/// compiled costs nothing.
-#[derive(Debug, Clone, Copy)]
-pub struct CompileQuota {
-    pub max: u32,
-    pub window_ms: u64,
-    pub now_ms: u64,
-}
-
-impl CompileQuota {
-    fn window_start(&self) -> u64 {
-        self.now_ms.saturating_sub(self.window_ms)
-    }
-}
-
-/// A tenant's compiles. One at a time: a tenant sending many large modules at once queues
-/// behind itself, and leaves the other cores to everyone else.
-struct TenantCompiles {
-    turn: tokio::sync::Semaphore,
-    /// Compiles within the quota's window.
-    recent: Mutex<DeployWindow>,
-}
-
-impl TenantCompiles {
-    async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.turn.acquire().await.expect("the turn is never closed")
-    }
-
-    /// Counts one compile, if the quota has room for it.
-    fn charge(&self, quota: CompileQuota) -> Result<(), PrepareError> {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let compiled = recent.since(quota.window_start(), quota.window_ms);
-        if compiled >= quota.max as usize {
-            let room_at = recent.room_at(quota.now_ms, quota.window_ms, quota.max);
-            return Err(PrepareError::OverCompileQuota {
-                limit: quota.max,
-                compiled,
-                retry_after: Duration::from_millis(room_at - quota.now_ms),
-            });
-        }
-        recent.record(quota.now_ms, quota.window_ms);
-        Ok(())
-    }
-
-    /// Whether the tenant compiled nothing within the window: its record may go.
-    fn is_idle(&self, quota: CompileQuota) -> bool {
-        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.since(quota.window_start(), quota.window_ms) == 0
-    }
-}
-
-/// Tenants' compile records kept before the idle ones are dropped.
-const COMPILE_RECORDS_KEPT: usize = 1024;
-
 impl Inner {
-    /// `tenant`'s compile record, created on first use.
-    fn compiles_of(&self, tenant: &str, quota: CompileQuota) -> Arc<TenantCompiles> {
-        let mut compiles = self.compiles.lock().unwrap_or_else(|p| p.into_inner());
-        // Records that nobody holds and that count no compile are dropped as the map grows,
-        // not one by one.
-        if compiles.len() >= COMPILE_RECORDS_KEPT {
-            compiles.retain(|_, record| Arc::strong_count(record) > 1 || !record.is_idle(quota));
-        }
-        Arc::clone(compiles.entry(tenant.to_string()).or_insert_with(|| {
-            Arc::new(TenantCompiles {
-                turn: tokio::sync::Semaphore::new(1),
-                recent: Mutex::new(DeployWindow::default()),
-            })
-        }))
-    }
-
     fn find(&self, tenant: &str, service_id: &str) -> Option<Arc<Slot>> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.get(tenant)?.get(service_id).cloned()
@@ -882,16 +793,6 @@ impl Inner {
         }
     }
 
-    /// A turn to compile a module, small or large, among all the node's compiles.
-    async fn compile_slot(&self, small: bool) -> tokio::sync::SemaphorePermit<'_> {
-        let slots = if small {
-            &self.small_compile_slots
-        } else {
-            &self.compile_slots
-        };
-        slots.acquire().await.expect("the compile slots are never closed")
-    }
-
     /// The compiled module with this hash, from the cache or compiled from the blob store.
     async fn load(self: &Arc<Self>, module_sha256: &str) -> Result<Prepared, String> {
         let mut sha = [0u8; 32];
@@ -922,16 +823,16 @@ impl Inner {
                 .map_err(|e| format!("cannot read the module: {e}"))?
                 .ok_or_else(missing)?;
             let (bytes, _slot) = if size > SMALL_MODULE_BYTES {
-                let slot = inner.compile_slot(false).await;
+                let slot = inner.compiles.slot(false).await;
                 (read(Arc::clone(&inner)).await?, slot)
             } else {
-                let slot = inner.compile_slot(true).await;
+                let slot = inner.compiles.slot(true).await;
                 let bytes = read(Arc::clone(&inner)).await?;
                 if is_small(&bytes) {
                     (bytes, slot)
                 } else {
                     drop(slot);
-                    (bytes, inner.compile_slot(false).await)
+                    (bytes, inner.compiles.slot(false).await)
                 }
             };
             inner.loaded.fetch_add(1, Ordering::Relaxed);
@@ -1224,37 +1125,8 @@ async fn blocking<T: Send + 'static>(
 
 #[cfg(test)]
 mod tests {
+    use super::compiles::{SMALL_COMPILES_PER_SLOT, SMALL_MODULE_FUNCTIONS};
     use super::*;
-
-    #[test]
-    fn a_tenants_compiles_are_counted_within_the_window() {
-        let record = TenantCompiles {
-            turn: tokio::sync::Semaphore::new(1),
-            recent: Mutex::new(DeployWindow::default()),
-        };
-        let at = |now_ms| CompileQuota {
-            max: 2,
-            window_ms: 60_000,
-            now_ms,
-        };
-        assert!(record.is_idle(at(1_000)));
-        record.charge(at(1_000)).unwrap();
-        record.charge(at(30_000)).unwrap();
-        assert_eq!(
-            record.charge(at(59_000)),
-            Err(PrepareError::OverCompileQuota {
-                limit: 2,
-                compiled: 2,
-                // The first compile, at 1 s, counts to the end of its second: until 61.999 s.
-                retry_after: Duration::from_millis(2_999)
-            })
-        );
-        // The first compile leaves the window (counted to the end of its second): room for one.
-        record.charge(at(62_000)).unwrap();
-        assert!(record.charge(at(62_000)).is_err());
-        assert!(!record.is_idle(at(62_000)));
-        assert!(record.is_idle(at(200_000)));
-    }
 
     /// A runtime over a fresh log in a temp dir (kept alive by the first value), as `tweak`
     /// configures it; no reconciler runs.
@@ -1382,7 +1254,7 @@ mod tests {
     async fn compiles_wait_for_a_slot_of_their_kind() {
         let (_dir, control, runtime) = runtime_of(|c| c.runtime.compile_threads = 1);
         let inner = &runtime.inner;
-        assert_eq!(inner.small_compile_slots.available_permits(), SMALL_COMPILES_PER_SLOT);
+        assert_eq!(inner.compiles.small_slots.available_permits(), SMALL_COMPILES_PER_SLOT);
         let quota = CompileQuota {
             max: 10,
             window_ms: 60_000,
@@ -1395,7 +1267,7 @@ mod tests {
         let deploying = runtime.clone();
         let large = async move { deploying.prepare("a", large, 1 << 30, quota).await };
         let small = runtime.prepare("b", module_of(1024, 0), 1 << 30, quota);
-        only_one_waits(&inner.compile_slots, large, small).await;
+        only_one_waits(&inner.compiles.large_slots, large, small).await;
         assert_eq!(runtime.modules_compiled(), 2);
 
         // Starts, of modules in the blob store that the cache lacks: one large by its functions
@@ -1427,8 +1299,8 @@ mod tests {
             let (inner, sha) = (Arc::clone(inner), hex::encode(shas[index]));
             async move { inner.load(&sha).await }
         };
-        only_one_waits(&inner.compile_slots, load(1), load(2)).await;
-        only_one_waits(&inner.small_compile_slots, load(3), load(0)).await;
+        only_one_waits(&inner.compiles.large_slots, load(1), load(2)).await;
+        only_one_waits(&inner.compiles.small_slots, load(3), load(0)).await;
         assert_eq!(runtime.modules_loaded(), 4);
 
         runtime.shutdown(Duration::ZERO).await;
