@@ -188,9 +188,39 @@ pub fn in_mib(bytes: u64) -> String {
     }
 }
 
+/// The longest failure message a guest can cause (a trap, a failed start), as events, statuses
+/// and errors carry it: a trap names the guest function, whose name the module alone bounds.
+pub const MAX_FAILURE_MESSAGE_BYTES: usize = 1024;
+
+/// `message`, or its head cut at a char boundary and marked as cut, within `max_bytes` (at
+/// least 64, room for the mark).
+pub fn cut_to(message: String, max_bytes: usize) -> String {
+    if message.len() <= max_bytes {
+        return message;
+    }
+    let note = format!("… (message cut; it was {} bytes)", message.len());
+    let mut end = max_bytes.saturating_sub(note.len());
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{note}", &message[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_messages_are_cut_at_a_char_boundary_and_say_so() {
+        assert_eq!(cut_to("short".into(), 64), "short");
+        let long = "é".repeat(1000);
+        let cut = cut_to(long, 100);
+        assert!(cut.len() <= 100, "{} bytes", cut.len());
+        assert!(
+            cut.starts_with("éé") && cut.ends_with("(message cut; it was 2000 bytes)"),
+            "{cut}"
+        );
+    }
 
     #[test]
     fn zeros_take_defaults_and_maxima_are_enforced() {

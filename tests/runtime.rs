@@ -124,6 +124,53 @@ async fn traps_fail_the_call_and_restart_the_instance_fresh() {
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// A trap names the function it happened in, and the module alone bounds that name: the
+/// message is cut, in the call's error, the live status, the state and the crash event alike,
+/// so one tenant's module cannot fill the log (or every `List`) with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_in_a_function_with_a_huge_name_is_reported_in_a_bounded_message() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = &node.control;
+    let mut request = deploy_request("acme", "crash", "");
+    let wat = format!(
+        r#"(module
+            (memory (export "memory") 1)
+            (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+            (func ${} (export "solo_handle") (param i32 i32) (result i64) unreachable))"#,
+        "a".repeat(200 << 10)
+    );
+    request.module = Arc::from(wat.into_bytes());
+    let deployed = control.deploy(request).await.unwrap();
+    wait_for_kind(control, deployed.seq, "acme", "crash", "service_started").await;
+
+    // The live status puts the trap code before the message.
+    let bounded = |what: &str, message: &str| {
+        assert!(
+            message.len() <= solo::limits::MAX_FAILURE_MESSAGE_BYTES + "unreachable: ".len()
+                && message.contains("(message cut;"),
+            "{what}: {} bytes: {}",
+            message.len(),
+            &message[..message.len().min(200)]
+        );
+        assert!(message.contains("aaaa"), "{what} still names the function: {message}");
+    };
+    let err = call(control, "acme", "crash", b"x").await.unwrap_err();
+    let Error::Call(CallError::Trapped { message, .. }) = &err else {
+        panic!("{err}")
+    };
+    bounded("the call's error", message);
+    let crashed = wait_for_kind(control, deployed.seq, "acme", "crash", "service_crashed").await;
+    let Some(Kind::ServiceCrashed(c)) = &crashed.kind else {
+        unreachable!()
+    };
+    bounded("the crash event", &c.message);
+    bounded("the state", &control.status("acme", "crash").unwrap().last_error);
+    let live = control.live("acme", "crash").expect("live figures");
+    bounded("the live status", &live.last_error);
+    node.stop(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_hog_stops_at_its_cap_and_the_policy_gives_up_after_n_restarts() {
     let dir = tempdir();
@@ -943,8 +990,8 @@ async fn a_service_that_gave_up_fails_calls_at_once_even_when_the_log_cannot_say
     config.limits.max_deploys_per_minute = u32::MAX;
     let node = open_node(&config).await;
     let control = node.control.clone();
-    // Its crash event names the function that trapped: a name of 12 KiB makes it far larger
-    // than the least filler below, so that it cannot fit in what the filling leaves.
+    // Its crash event names the function that trapped: a long name makes it (cut to 1 KiB) far
+    // larger than the least filler below, so that it cannot fit in what the filling leaves.
     let mut crasher = deploy_request("acme", "crash", "");
     let wat = format!(
         r#"(module

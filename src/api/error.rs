@@ -140,7 +140,7 @@ impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
         Error {
             kind,
-            message: bounded(message.into()),
+            message: crate::limits::cut_to(message.into(), MAX_MESSAGE_BYTES),
             retry_after: None,
         }
     }
@@ -200,20 +200,6 @@ impl From<Error> for tonic::Status {
 /// The longest message either API sends. gRPC puts it in the `grpc-message` header, which
 /// clients refuse past 8 to 16 KiB (percent-encoding can triple it), so 1 KiB leaves room.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
-
-/// `message`, or its head cut at a char boundary and marked as cut, within
-/// [`MAX_MESSAGE_BYTES`].
-fn bounded(message: String) -> String {
-    if message.len() <= MAX_MESSAGE_BYTES {
-        return message;
-    }
-    let note = format!("… (message cut; it was {} bytes)", message.len());
-    let mut end = MAX_MESSAGE_BYTES - note.len();
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{note}", &message[..end])
-}
 
 /// How long a client should wait after being shed or refused by a rate quota.
 const RETRY_SOON: Duration = Duration::from_secs(1);

@@ -635,7 +635,8 @@ fn observation_event(observation: Observation) -> Event {
                 version,
                 reason: reason as i32,
                 trap_code,
-                message,
+                // Whatever the runtime saw, the log keeps no more of it than an error would.
+                message: crate::limits::cut_to(message, crate::limits::MAX_FAILURE_MESSAGE_BYTES),
                 restarting,
             }),
         ),

@@ -351,10 +351,11 @@ fn trap_message(error: &wasmtime::Error) -> String {
             Some(name) => format!("function '{name}'"),
             None => format!("function #{}", frame.func_index()),
         });
-    match function {
+    let message = match function {
         Some(function) => format!("{cause}, in {function}"),
         None => cause,
-    }
+    };
+    crate::limits::cut_to(message, crate::limits::MAX_FAILURE_MESSAGE_BYTES)
 }
 
 fn describe_failure(error: &wasmtime::Error, store: &Store<Host>) -> String {
