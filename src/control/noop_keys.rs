@@ -154,6 +154,16 @@ impl NoOpKeys {
         self.stale.clear();
     }
 
+    /// The commit that was to store the changes failed, so the answers remembered since the
+    /// last one that succeeded were never given (their callers got the error): forgets them. A
+    /// key stored before stays marked, and is deleted from the store with the next commit.
+    pub fn forget_unstored_answers(&mut self) {
+        for id in &self.unstored {
+            // Its queue entry is stale from now on, and skipped when it comes out.
+            self.remembered.remove(id);
+        }
+    }
+
     /// The first answer to this request's key, marked as a replay; a conflict if the key was
     /// used for another request; `None` if the key is not remembered here.
     pub fn answer(&mut self, request: &KeyedRequest, now_ms: u64) -> Option<Result<Reply>> {
@@ -392,6 +402,31 @@ mod tests {
         }
         assert!(keys.answer(&kill("k2"), 2001).is_none(), "the oldest went first");
         assert!(keys.answer(&kill("k4"), 2001).is_some());
+    }
+
+    /// A commit that fails answers its callers with the error: the no-op answers it was to
+    /// store are forgotten (their retries are decided afresh), those stored before are kept,
+    /// and the next commit deletes what the store may hold of the forgotten ones.
+    #[test]
+    fn answers_whose_commit_failed_are_forgotten() {
+        let mut keys = NoOpKeys::new(1000, 10);
+        keys.remember(kill("stored"), &stopped(1), 0);
+        keys.stored();
+        keys.remember(kill("failed"), &stopped(2), 10);
+        keys.forget_unstored_answers();
+        assert!(keys.answer(&kill("failed"), 11).is_none(), "never answered");
+        assert!(keys.answer(&kill("stored"), 11).is_some());
+        let changes = keys.unstored_changes();
+        assert!(changes.put.is_empty(), "{changes:?}");
+        assert_eq!(changes.delete, [stored_key("acme", "failed")]);
+        // Remembered afresh by its retry, it is stored as usual.
+        keys.remember(kill("failed"), &stopped(3), 12);
+        assert_eq!(keys.unstored_changes().put.len(), 1);
+        keys.stored();
+        assert!(matches!(
+            keys.answer(&kill("failed"), 13),
+            Some(Ok(Reply::Killed(KillOutcome { seq: 3, .. })))
+        ));
     }
 
     #[test]

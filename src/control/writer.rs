@@ -391,8 +391,10 @@ impl Writer {
     }
 
     /// Answers the callers of a batch whose commit failed, and records the failure.
-    fn fail(&self, pending: Vec<Pending>, error: crate::log::Error, events: usize) {
+    fn fail(&mut self, pending: Vec<Pending>, error: crate::log::Error, events: usize) {
         tracing::error!(error = %error, events, "commit failed; the batch was not written");
+        // The no-op answers of the batch were never given: their retries are decided afresh.
+        self.noop_keys.forget_unstored_answers();
         let error = Error::from(error);
         self.commit_failure.failed(&error);
         for p in pending {
