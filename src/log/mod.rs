@@ -7,6 +7,7 @@
 
 mod error;
 pub mod frame;
+mod pages;
 mod store;
 mod tail;
 

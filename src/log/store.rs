@@ -14,6 +14,7 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RoTxn, RwTxn, With
 
 use super::error::{Error, Result};
 use super::frame;
+use super::pages;
 
 /// The on-disk format this build writes (`meta/format_version`). Version 2 may hold
 /// `service_removed` events, which a reader of version 1 would step over, and so list removed
@@ -791,26 +792,52 @@ fn check_data_file(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a data file cut short: one that ends before a page its newest commit uses. A file
+/// that ends before the commit's last allocated page is walked (see [`pages`]): it is sound if
+/// the pages past its end are only free ones, never written.
 fn check_file_length(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
     let file = path.join(DATA_FILE);
-    let length = std::fs::metadata(&file)
-        .map_err(|source| Error::Io {
-            path: file.clone(),
-            source,
-        })?
-        .len();
+    let io = |source| Error::Io {
+        path: file.clone(),
+        source,
+    };
+    let data = std::fs::File::open(&file).map_err(io)?;
+    let length = data.metadata().map_err(io)?.len();
     let pages = env.info().last_page_number as u64 + 1;
-    let needed = pages.saturating_mul(u64::from(env.stat().page_size));
-    if length < needed {
-        return Err(Error::BadDataDir {
-            path: path.to_path_buf(),
-            reason: format!(
-                "{DATA_FILE} is {length} bytes, but its last commit holds {pages} pages ({needed} bytes): \
-                 the file was cut short (an interrupted copy or restore?); restore it from a backup"
-            ),
-        });
+    let page_size = env.stat().page_size;
+    let needed = pages.saturating_mul(u64::from(page_size));
+    if length >= needed {
+        return Ok(());
     }
-    Ok(())
+    let cut_short = |detail: String| Error::BadDataDir {
+        path: path.to_path_buf(),
+        reason: format!(
+            "{DATA_FILE} is {length} bytes, but its last commit holds {pages} pages ({needed} bytes), \
+             {detail}: the file was cut short (an interrupted copy or restore?); restore it from a backup"
+        ),
+    };
+    // A read transaction keeps a node writing beside a tool from reusing the pages walked.
+    let _pinned = env.read_txn().map_err(|e| Error::from_heed(e, path, 0))?;
+    match pages::highest_used(&data, page_size as usize, length / u64::from(page_size)) {
+        Ok((highest, _)) => {
+            tracing::info!(
+                path = %file.display(),
+                length,
+                highest_used_page = highest,
+                last_allocated_page = pages - 1,
+                "the data file ends before its last commit's last page, which only free pages (never \
+                 written) lie past: it is sound"
+            );
+            Ok(())
+        }
+        Err(pages::Unsound::PastEnd { page }) => {
+            Err(cut_short(format!("and page {page} that it uses is past its end")))
+        }
+        Err(pages::Unsound::Malformed { page, what }) => Err(cut_short(format!(
+            "and its pages cannot be walked to tell (page {page} is {what})"
+        ))),
+        Err(pages::Unsound::Io(source)) => Err(io(source)),
+    }
 }
 
 fn open_env(path: &Path, options: &StoreOptions, lock: bool) -> Result<Env<WithoutTls>> {
