@@ -159,6 +159,9 @@ pub struct RuntimeConfig {
     pub max_functions: u32,
     /// Log lines kept per service.
     pub log_lines_per_service: u32,
+    /// Bytes a service may log per second (a line counts 64 bytes besides its text); lines
+    /// over it are dropped, and counted in the next line kept.
+    pub log_bytes_per_second: u64,
     /// Largest response a call may return.
     pub max_response_bytes: u64,
     /// Wasm stack of one call; deeper recursion traps with stack_overflow.
@@ -184,7 +187,8 @@ impl Default for RuntimeConfig {
             compile_threads: 0,
             max_function_bytes: defaults.engine.max_function_bytes as u32,
             max_functions: defaults.engine.max_functions as u32,
-            log_lines_per_service: defaults.log_lines as u32,
+            log_lines_per_service: defaults.logs.lines as u32,
+            log_bytes_per_second: defaults.logs.bytes_per_second,
             max_response_bytes: defaults.max_response_bytes as u64,
             max_wasm_stack_kb: (defaults.engine.max_wasm_stack >> 10) as u32,
             start_timeout_ms: defaults.start_timeout.as_millis() as u32,
@@ -336,6 +340,7 @@ impl Config {
             ("runtime.max_function_bytes", rt.max_function_bytes.into()),
             ("runtime.max_functions", rt.max_functions.into()),
             ("runtime.log_lines_per_service", rt.log_lines_per_service.into()),
+            ("runtime.log_bytes_per_second", rt.log_bytes_per_second),
             ("runtime.max_response_bytes", rt.max_response_bytes),
             ("runtime.start_timeout_ms", rt.start_timeout_ms.into()),
             ("runtime.observation_retry_max_ms", rt.observation_retry_max_ms.into()),
@@ -357,6 +362,14 @@ impl Config {
             if u128::from(value) < floor {
                 return Err(invalid(key, &format!("must be at least {floor}")));
             }
+        }
+        // Less than one full line a second would drop every full line, however seldom.
+        let one_line = crate::runtime::LogLimits::FULL_LINE_COST;
+        if rt.log_bytes_per_second < one_line {
+            return Err(invalid(
+                "runtime.log_bytes_per_second",
+                &format!("must be at least {one_line} (one full line of 4 KiB, and what a line costs besides)"),
+            ));
         }
         // A slower epoch clock checks CPU limits too seldom to hold them, and the stack is
         // reserved for every instance of the pool.
@@ -570,7 +583,10 @@ impl Config {
                 0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
                 n => n as usize,
             },
-            log_lines: rt.log_lines_per_service as usize,
+            logs: crate::runtime::LogLimits {
+                lines: rt.log_lines_per_service as usize,
+                bytes_per_second: rt.log_bytes_per_second,
+            },
             max_response_bytes: usize::try_from(rt.max_response_bytes).unwrap_or(usize::MAX),
             start_timeout: std::time::Duration::from_millis(rt.start_timeout_ms.into()),
             observation_retry: {
@@ -884,6 +900,11 @@ mod tests {
                 "at most 65536",
             ),
             ("[solo]\ndata_dir = \"\"\n", "solo.data_dir", "is empty"),
+            (
+                "[runtime]\nlog_bytes_per_second = 4000\n",
+                "runtime.log_bytes_per_second",
+                "at least 4160",
+            ),
         ] {
             let e = error_of(text);
             assert!(e.contains(key) && e.contains(says), "{text}: {e}");

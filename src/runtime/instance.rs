@@ -12,7 +12,7 @@ use super::module::Prepared;
 use crate::proto::{CrashReason, Limits};
 
 /// Longest log line kept; longer ones are cut.
-const MAX_LOG_LINE: usize = 4096;
+pub(super) const MAX_LOG_LINE: usize = 4096;
 
 /// What a store carries for the host: limits, the budget of the call at hand, and where logs go.
 pub struct Host {

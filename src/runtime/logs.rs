@@ -1,8 +1,12 @@
 //! Each service's log lines: a bounded ring buffer (what the Logs APIs read) plus a broadcast
-//! for followers, and a copy to tracing.
+//! for followers, and a copy to tracing. A service logs at a bounded rate: every line is copied
+//! to each follower on the threads that serve the APIs, so a guest logging without end would
+//! otherwise take those threads from every tenant. Lines over the rate are dropped, as
+//! journald's rate limit drops them, and the next line kept is preceded by one saying how many.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -51,11 +55,27 @@ pub struct LogLine {
     pub message: String,
 }
 
+/// What one service may log: lines kept, and bytes per second.
+#[derive(Debug, Clone, Copy)]
+pub struct LogLimits {
+    pub lines: usize,
+    pub bytes_per_second: u64,
+}
+
+/// What a line costs of the rate besides its text: a flood of empty lines is a flood too.
+const LINE_COST: u64 = 64;
+
+impl LogLimits {
+    /// What the longest line costs of the rate: the least rate that lets every line through.
+    pub const FULL_LINE_COST: u64 = super::instance::MAX_LOG_LINE as u64 + LINE_COST;
+}
+
 #[derive(Debug)]
 pub struct LogBuffer {
     tenant: String,
     service_id: String,
     capacity: usize,
+    bytes_per_second: u64,
     /// Why a std lock: pushes and copies are short and never cross an `.await`.
     lines: Mutex<Lines>,
     follow: broadcast::Sender<LogLine>,
@@ -63,21 +83,31 @@ pub struct LogBuffer {
     ended: CancellationToken,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Lines {
     ring: VecDeque<LogLine>,
     next_seq: u64,
+    /// Bytes the service may log now: a second's worth at most, refilled as time passes.
+    allowance: u64,
+    refilled_at: Instant,
+    /// Lines dropped since the last one kept.
+    dropped: u64,
 }
 
 impl LogBuffer {
-    pub fn new(tenant: &str, service_id: &str, capacity: usize) -> LogBuffer {
+    pub fn new(tenant: &str, service_id: &str, limits: LogLimits) -> LogBuffer {
+        let capacity = limits.lines.max(1);
         LogBuffer {
             tenant: tenant.to_string(),
             service_id: service_id.to_string(),
-            capacity: capacity.max(1),
+            capacity,
+            bytes_per_second: limits.bytes_per_second,
             lines: Mutex::new(Lines {
                 ring: VecDeque::new(),
                 next_seq: 1,
+                allowance: limits.bytes_per_second,
+                refilled_at: Instant::now(),
+                dropped: 0,
             }),
             follow: broadcast::channel(capacity.clamp(16, 4096)).0,
             ended: CancellationToken::new(),
@@ -103,29 +133,53 @@ impl LogBuffer {
         let timestamp_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let followed = {
-            let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-            let line = LogLine {
-                seq: lines.next_seq,
-                timestamp_ms,
-                level,
-                version,
-                message,
-            };
-            lines.next_seq += 1;
-            if lines.ring.len() == self.capacity {
-                lines.ring.pop_front();
-            }
-            // Counted under the lock: a follower that subscribes after this finds the line in
-            // the ring, as it reads the ring after subscribing. Most lines have no follower.
-            let followed = (self.follow.receiver_count() > 0).then(|| line.clone());
-            lines.ring.push_back(line);
-            followed
-        };
-        if let Some(line) = followed {
-            // A follower that left meanwhile is fine.
-            let _ = self.follow.send(line);
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let refill = (now.duration_since(lines.refilled_at).as_micros() as u64).saturating_mul(self.bytes_per_second)
+            / 1_000_000;
+        if refill > 0 {
+            lines.allowance = (lines.allowance + refill).min(self.bytes_per_second);
+            lines.refilled_at = now;
         }
+        let cost = message.len() as u64 + LINE_COST;
+        if cost > lines.allowance {
+            lines.dropped += 1;
+            return;
+        }
+        lines.allowance -= cost;
+        if lines.dropped > 0 {
+            let dropped = std::mem::take(&mut lines.dropped);
+            let note = format!(
+                "solo: {dropped} line{} dropped: the service logged more than its {} bytes a second \
+                 ([runtime] log_bytes_per_second)",
+                if dropped == 1 { " was" } else { "s were" },
+                self.bytes_per_second
+            );
+            self.keep(&mut lines, timestamp_ms, Level::Warn, version, note);
+        }
+        self.keep(&mut lines, timestamp_ms, level, version, message);
+    }
+
+    /// Adds a line to the ring, and sends it to the followers.
+    fn keep(&self, lines: &mut Lines, timestamp_ms: u64, level: Level, version: u64, message: String) {
+        let line = LogLine {
+            seq: lines.next_seq,
+            timestamp_ms,
+            level,
+            version,
+            message,
+        };
+        lines.next_seq += 1;
+        if lines.ring.len() == self.capacity {
+            lines.ring.pop_front();
+        }
+        // Sent under the lock: a follower that subscribes after this finds the line in the
+        // ring, as it reads the ring after subscribing, and followers get lines in seq order.
+        // Most lines have no follower. One that left meanwhile is fine.
+        if self.follow.receiver_count() > 0 {
+            let _ = self.follow.send(line.clone());
+        }
+        lines.ring.push_back(line);
     }
 
     /// The buffered lines with a seq of at least `from`, oldest first.
@@ -144,6 +198,53 @@ impl LogBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Room for `count` lines, and a rate no test reaches.
+    fn lines(count: usize) -> LogLimits {
+        LogLimits {
+            lines: count,
+            bytes_per_second: 1 << 30,
+        }
+    }
+
+    /// A service logging past its rate loses the lines over it; the next line kept is preceded
+    /// by one that counts them, and the rate comes back with time.
+    #[test]
+    fn lines_over_the_rate_are_dropped_and_counted() {
+        let buffer = LogBuffer::new(
+            "acme",
+            "svc",
+            LogLimits {
+                lines: 100,
+                bytes_per_second: 1000,
+            },
+        );
+        let mut follow = buffer.subscribe();
+        // 136 bytes of the rate each (the text and the cost of a line): 7 fit in a second's 1000.
+        for i in 0..20 {
+            buffer.push(Level::Info, 1, format!("line {i:>66}"));
+        }
+        let kept: Vec<String> = buffer.lines_from(0).into_iter().map(|l| l.message).collect();
+        assert_eq!(kept.len(), 7, "{kept:?}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        buffer.push(Level::Info, 1, "after a pause".into());
+        let lines = buffer.lines_from(8);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0].level, Level::Warn);
+        assert!(
+            lines[0].message.starts_with("solo: 13 lines were dropped")
+                && lines[0].message.contains("1000 bytes a second"),
+            "{}",
+            lines[0].message
+        );
+        assert_eq!((lines[1].seq, lines[1].message.as_str()), (9, "after a pause"));
+        let followed: Vec<u64> = std::iter::from_fn(|| follow.try_recv().ok()).map(|l| l.seq).collect();
+        assert_eq!(
+            followed,
+            (1..=9).collect::<Vec<_>>(),
+            "followers get what is kept, in order"
+        );
+    }
 
     /// What the node's own log prints of one guest error line, under `filter`.
     fn node_log_of_a_guest_error(filter: &str) -> String {
@@ -166,7 +267,7 @@ mod tests {
             .with_ansi(false)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            LogBuffer::new("acme", "svc", 3).push(Level::Error, 1, "guest says boom".into());
+            LogBuffer::new("acme", "svc", lines(3)).push(Level::Error, 1, "guest says boom".into());
         });
         String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
     }
@@ -187,7 +288,7 @@ mod tests {
 
     #[test]
     fn the_ring_keeps_the_newest_lines() {
-        let buffer = LogBuffer::new("acme", "svc", 3);
+        let buffer = LogBuffer::new("acme", "svc", lines(3));
         let mut follow = buffer.subscribe();
         for i in 0..5 {
             buffer.push(Level::Info, 1, format!("line {i}"));
@@ -200,7 +301,7 @@ mod tests {
 
     #[test]
     fn a_line_nobody_follows_is_kept_and_a_later_follower_gets_what_comes_next() {
-        let buffer = LogBuffer::new("acme", "svc", 10);
+        let buffer = LogBuffer::new("acme", "svc", lines(10));
         buffer.push(Level::Info, 1, "unfollowed".into());
         let mut follow = buffer.subscribe();
         buffer.push(Level::Warn, 1, "followed".into());

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use compiles::CompileQuota;
 pub use error::{CallError, CallFailure, InvalidModule, PrepareError, StartFailure};
 pub use instance::trap_code;
-pub use logs::{Level, LogBuffer, LogLine};
+pub use logs::{Level, LogBuffer, LogLimits, LogLine};
 pub use module::{EngineOptions, GRANTED_IMPORTS};
 pub use recorder::RetryOptions;
 pub use stats::LiveStatus;
@@ -65,8 +65,8 @@ pub struct RuntimeOptions {
     /// Large modules compiled at once, all tenants together (small ones: four times as many):
     /// each may take memory in proportion to its largest function and its functions.
     pub compile_threads: usize,
-    /// Log lines kept per service.
-    pub log_lines: usize,
+    /// Log lines kept per service, and the rate it may log at.
+    pub logs: LogLimits,
     /// The largest response a call may return.
     pub max_response_bytes: usize,
     /// Time an instance may take to start (`solo_init` included).
@@ -90,7 +90,10 @@ impl Default for RuntimeOptions {
             module_cache_entries: 256,
             module_cache_bytes: 1 << 30,
             compile_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            log_lines: 1000,
+            logs: LogLimits {
+                lines: 1000,
+                bytes_per_second: 256 << 10,
+            },
             max_response_bytes: 16 << 20,
             start_timeout: Duration::from_secs(10),
             observation_retry: RetryOptions::default(),
@@ -712,7 +715,7 @@ impl Inner {
         let slot = Arc::new(Slot {
             tenant: tenant.to_string(),
             service_id: service_id.to_string(),
-            logs: Arc::new(LogBuffer::new(tenant, service_id, self.options.log_lines)),
+            logs: Arc::new(LogBuffer::new(tenant, service_id, self.options.logs)),
             stats: Arc::new(LiveStats::default()),
             ready: Arc::new(watch::Sender::new(Route::Pending)),
             commands,
