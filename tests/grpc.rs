@@ -154,6 +154,34 @@ async fn every_rpc_works_and_fails_as_documented() {
         (lines[0].seq, lines[0].level.as_str(), lines[0].version),
         (1, "info", 1)
     );
+    // From the next line on is fine (nothing yet); past it is refused, as a Watch past the
+    // log's head is: lines are numbered afresh when a node restarts, and a client resuming
+    // from its last line must learn that rather than wait for the new log to catch up.
+    for follow in [false, true] {
+        let from = |from_seq| {
+            as_tenant(
+                "acme",
+                proto::LogsRequest {
+                    service_id: "echo".into(),
+                    follow,
+                    from_seq,
+                },
+            )
+        };
+        let next = client.logs(from(2)).await.expect("the next line");
+        if !follow {
+            assert_eq!(next.into_inner().count().await, 0);
+        }
+        for past in [3, u64::MAX] {
+            let refused = client.logs(from(past)).await.expect_err("past the next line");
+            assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+            assert!(
+                refused.message().contains("next log line, 2") && refused.message().contains("afresh"),
+                "{}",
+                refused.message()
+            );
+        }
+    }
 
     // List: filters and pages.
     for id in ["b", "c", "d"] {

@@ -2048,6 +2048,18 @@ async fn logs_follow_resumes_after_last_event_id() {
         "line 1 was delivered before the reconnect and came again"
     );
     drop(resumed);
+    // An id past the log's last line, as an EventSource sends to a node restarted since (its
+    // lines numbered afresh), is refused rather than left waiting for the log to catch up.
+    node.deploy_running("a", "echo2", "echo").await;
+    let reply = node
+        .request(Method::GET, "/services/echo2/logs?follow=true", "a")
+        .header("last-event-id", "41")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    let body: serde_json::Value = reply.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("numbered afresh"), "{body}");
     node.stop().await;
 }
 

@@ -213,6 +213,16 @@ pub fn logs(
     follow: bool,
 ) -> Result<impl Stream<Item = Result<LogLine, Error>> + Send + 'static, Error> {
     let buffer = state.control.logs(caller.tenant(), service_id)?;
+    // As a Watch refuses a start past the log's next seq: a client resuming after a node
+    // restart would otherwise wait, silently, for the new log to reach its old number.
+    let next_line = buffer.next_seq();
+    if from_seq > next_line {
+        return Err(Error::invalid(format!(
+            "from_seq {from_seq} is past the service's next log line, {next_line}: log lines live in the \
+             node's memory and are numbered afresh from 1 when the node restarts; read from 0 for \
+             every line kept"
+        )));
+    }
     let stopping = state.stopping.clone();
     // Subscribe before reading the ring, so nothing falls between the two.
     let mut updates = buffer.subscribe();

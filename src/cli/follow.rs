@@ -329,19 +329,25 @@ async fn resume_point(
         follow: false,
         from_seq: last.seq,
     };
-    let mut stream = client.logs(request).await.map_err(|s| conn.error(&s))?.into_inner();
+    let mut stream = match client.logs(request).await {
+        Ok(stream) => stream.into_inner(),
+        // The node's log has not reached `last` again: it restarted.
+        Err(status) if status.code() == tonic::Code::InvalidArgument => return Ok(afresh(service_id)),
+        Err(status) => return Err(conn.error(&status)),
+    };
     let first = stream.message().await.map_err(|s| conn.error(&s))?;
     let same_log = first.is_some_and(|line| {
         line.seq > last.seq || (line.timestamp_ms == last.timestamp_ms && line.message == last.message)
     });
-    if same_log {
-        Ok(last.seq + 1)
-    } else {
-        note(&format!(
-            "the node's log of {service_id} starts afresh (the node restarted); printing it from its first line"
-        ));
-        Ok(1)
-    }
+    Ok(if same_log { last.seq + 1 } else { afresh(service_id) })
+}
+
+/// Says a restarted node's log of `service_id` is printed from its start, which it returns.
+fn afresh(service_id: &str) -> u64 {
+    note(&format!(
+        "the node's log of {service_id} starts afresh (the node restarted); printing it from its first line"
+    ));
+    1
 }
 
 /// Runs `work` until it ends, the user interrupts (Ctrl-C, SIGTERM) or the reader of stdout

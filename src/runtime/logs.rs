@@ -182,6 +182,11 @@ impl LogBuffer {
         lines.ring.push_back(line);
     }
 
+    /// The seq the next line will have.
+    pub fn next_seq(&self) -> u64 {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).next_seq
+    }
+
     /// The buffered lines with a seq of at least `from`, oldest first.
     pub fn lines_from(&self, from: u64) -> Vec<LogLine> {
         let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
