@@ -1735,6 +1735,7 @@ async fn sse_over_damaged_history_ends_with_an_error_frame_not_a_clean_end() {
     );
     let frame = raw.next_frame().await;
     assert!(frame.contains(&"event: error".to_string()), "{frame:?}");
+    assert!(frame.contains(&"retry: 60000".to_string()), "{frame:?}");
     let data: Value = serde_json::from_str(frame.iter().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
     let message = data["message"].as_str().unwrap();
     assert!(
@@ -1875,6 +1876,16 @@ async fn sse_replays_history_and_filters_by_kind_and_service() {
     node.get("/events?colour=red", "a").await.error(400, "invalid_argument");
     let bad_resume = send(node.request(Method::GET, "/events", "a").header("last-event-id", "abc")).await;
     bad_resume.error(400, "invalid_argument");
+    // An empty one names no event (the SSE spec's empty last event id): `from` decides.
+    let empty = node
+        .request(Method::GET, "/events?from=1", "")
+        .header("last-event-id", "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty.status(), 200);
+    let first = RawSse::new(empty).next_frame().await;
+    assert!(first.contains(&"id: 1".to_string()), "{first:?}");
     // A resume point this node never reached is refused, not waited for: it comes from another
     // node or from before a restore, and waiting would skip the events in between.
     let head = node.get("/health", "a").await.json["head_seq"].as_u64().unwrap();

@@ -76,6 +76,8 @@ pub(super) async fn events(
 /// or with what comes next.
 fn resume_point(headers: &HeaderMap, from: Option<u64>) -> Result<u64, Error> {
     let last_event_id = crate::api::auth::single_value("Last-Event-ID", headers.get_all("last-event-id").iter())?;
+    // An empty one names no event, as in the SSE spec: the client has seen none yet.
+    let last_event_id = last_event_id.filter(|v| !v.as_bytes().trim_ascii().is_empty());
     let last_event_id = last_event_id.map(|v| {
         v.to_str()
             .ok()
@@ -101,9 +103,16 @@ fn frame(item: &WatchItem) -> SseEvent {
     }
 }
 
+/// How long an EventSource waits before it reconnects after an error frame: what ended the
+/// stream (a damaged record) would end the next one too, so not at the browser's few seconds.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(60);
+
 /// The error that ends a stream, as the JSON body of a REST error.
 fn error_frame(error: &Error) -> SseEvent {
-    SseEvent::default().event("error").data(error.json_body().to_string())
+    SseEvent::default()
+        .event("error")
+        .retry(RETRY_AFTER_ERROR)
+        .data(error.json_body().to_string())
 }
 
 fn sse<S>(frames: S, keepalive: Duration) -> Response
