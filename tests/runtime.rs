@@ -124,6 +124,21 @@ async fn traps_fail_the_call_and_restart_the_instance_fresh() {
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// A deploy of acme/`id` whose every call traps, in a function whose name is `name_len` bytes.
+fn trapping_in(id: &str, name_len: usize) -> solo::control::DeployRequest {
+    let wat = format!(
+        r#"(module
+            (memory (export "memory") 1)
+            (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+            (func ${} (export "solo_handle") (param i32 i32) (result i64) unreachable))"#,
+        "a".repeat(name_len)
+    );
+    solo::control::DeployRequest {
+        module: Arc::from(wat.into_bytes()),
+        ..deploy_request("acme", id, "")
+    }
+}
+
 /// A trap names the function it happened in, and the module alone bounds that name: the
 /// message is cut, in the call's error, the live status, the state and the crash event alike,
 /// so one tenant's module cannot fill the log (or every `List`) with it.
@@ -132,16 +147,7 @@ async fn a_trap_in_a_function_with_a_huge_name_is_reported_in_a_bounded_message(
     let dir = tempdir();
     let node = open_node(&node_config(dir.path())).await;
     let control = &node.control;
-    let mut request = deploy_request("acme", "crash", "");
-    let wat = format!(
-        r#"(module
-            (memory (export "memory") 1)
-            (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
-            (func ${} (export "solo_handle") (param i32 i32) (result i64) unreachable))"#,
-        "a".repeat(200 << 10)
-    );
-    request.module = Arc::from(wat.into_bytes());
-    let deployed = control.deploy(request).await.unwrap();
+    let deployed = control.deploy(trapping_in("crash", 200 << 10)).await.unwrap();
     wait_for_kind(control, deployed.seq, "acme", "crash", "service_started").await;
 
     // The live status puts the trap code before the message.
@@ -992,15 +998,7 @@ async fn a_service_that_gave_up_fails_calls_at_once_even_when_the_log_cannot_say
     let control = node.control.clone();
     // Its crash event names the function that trapped: a long name makes it (cut to 1 KiB) far
     // larger than the least filler below, so that it cannot fit in what the filling leaves.
-    let mut crasher = deploy_request("acme", "crash", "");
-    let wat = format!(
-        r#"(module
-            (memory (export "memory") 1)
-            (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
-            (func ${} (export "solo_handle") (param i32 i32) (result i64) unreachable))"#,
-        "a".repeat(12 << 10)
-    );
-    crasher.module = Arc::from(wat.into_bytes());
+    let mut crasher = trapping_in("crash", 12 << 10);
     crasher.limits.max_restarts = 1;
     crasher.limits.call_timeout_ms = 20_000;
     let deployed = control.deploy(crasher).await.unwrap();
