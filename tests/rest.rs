@@ -1664,7 +1664,9 @@ async fn quota_and_shedding_refusals_carry_retry_after() {
     node.deploy("a", "two", "echo").await.ok(201);
     let refused = node.deploy("a", "three", "echo").await;
     assert!(refused.error(429, "quota_exceeded").contains("max_deploys_per_minute"));
-    assert_eq!(refused.header("retry-after"), Some("60"));
+    // When the first deploy leaves the minute: a deploy counts to the end of its second.
+    let retry_after: u64 = refused.header("retry-after").and_then(|v| v.parse().ok()).unwrap();
+    assert!((50..=61).contains(&retry_after), "{retry_after}");
     let (_, stream) = node.events("", "a", None).await;
     let shed = node.get("/events", "a").await;
     shed.error(429, "overloaded");
