@@ -48,7 +48,8 @@ pub struct SoloConfig {
     pub http_request_timeout_ms: u32,
     /// Time a client may take to send a request's headers (HTTP/1), and a new connection to send
     /// its opening bytes (its first byte on the HTTP listener; the HTTP/2 preface and SETTINGS,
-    /// or a TLS hello, on the gRPC one).
+    /// or a TLS hello, on the gRPC one). Also how long a connection to the HTTP listener may have
+    /// no request open (HTTP/1 keep-alive, or HTTP/2) before it is closed.
     pub http_header_timeout_ms: u32,
     /// Time a client may take none of the bytes the node writes to it (on either listener):
     /// the connection is then closed, and lets go of the answers it held.
@@ -58,6 +59,15 @@ pub struct SoloConfig {
     pub grpc_keepalive_interval_ms: u64,
     /// How long the answer to that ping may take before the connection is closed.
     pub grpc_keepalive_timeout_ms: u32,
+    /// How long a gRPC connection may have no call open (as grpc-go's `MaxConnectionIdle`)
+    /// before it is closed; a stream open (a Watch, a followed log), however quiet, keeps it.
+    /// Without it, a connection that opens and then asks nothing (or only pings) holds its slot
+    /// for good, and a few addresses could take every slot. A minute by default: a client
+    /// that calls at least once a minute keeps its connection (and its TLS handshake), one
+    /// that asks nothing gives its slot back within a minute, and one that comes back later
+    /// pays a reconnect; as long as `write_stall_timeout_ms`, and AWS load balancers' idle
+    /// timeout. 0: never (only where every client is trusted).
+    pub grpc_max_connection_idle_ms: u32,
     /// Connections each listener (HTTP, gRPC) holds open at once; more wait in the backlog.
     pub max_connections: u32,
     /// Connections one client address may hold open on each listener; more are closed.
@@ -91,6 +101,7 @@ impl Default for SoloConfig {
             write_stall_timeout_ms: 60_000,
             grpc_keepalive_interval_ms: 2 * 3600 * 1000,
             grpc_keepalive_timeout_ms: 20_000,
+            grpc_max_connection_idle_ms: 60_000,
             max_connections: 10_000,
             max_connections_per_client: 1_000,
             max_streams_per_connection: 1_000,
@@ -362,6 +373,14 @@ impl Config {
             if u128::from(value) < floor {
                 return Err(invalid(key, &format!("must be at least {floor}")));
             }
+        }
+        // Shorter, a connection would close between the calls of a client that is busy.
+        let idle = solo.grpc_max_connection_idle_ms;
+        if idle != 0 && u128::from(idle) < floor {
+            return Err(invalid(
+                "solo.grpc_max_connection_idle_ms",
+                &format!("must be at least {floor} (0: never)"),
+            ));
         }
         // Less than one full line a second would drop every full line, however seldom.
         let one_line = crate::runtime::LogLimits::FULL_LINE_COST;
@@ -885,6 +904,11 @@ mod tests {
                 "at most 1024",
             ),
             (
+                "[solo]\ngrpc_max_connection_idle_ms = 99\n",
+                "solo.grpc_max_connection_idle_ms",
+                "at least 100 (0: never)",
+            ),
+            (
                 "[solo]\nwatch_progress_interval_ms = 0\n",
                 "solo.watch_progress_interval_ms",
                 "at least 100",
@@ -911,6 +935,8 @@ mod tests {
         }
         Config::parse("[solo]\nsse_keepalive_ms = 100\n[runtime]\nguest_threads = 1024\n").unwrap();
         Config::parse("[runtime]\nepoch_tick_ms = 1000\nmax_wasm_stack_kb = 65536\n").unwrap();
+        Config::parse("[solo]\ngrpc_max_connection_idle_ms = 0\n").unwrap();
+        Config::parse("[solo]\ngrpc_max_connection_idle_ms = 100\n").unwrap();
     }
 
     #[test]

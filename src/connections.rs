@@ -3,8 +3,10 @@
 //! Each listener (HTTP and gRPC) has its own [`ConnectionLimits`]. At the total cap it stops
 //! accepting, so new clients wait in the kernel's listen backlog rather than the node running
 //! out of file descriptors for its log. Past the per-client cap, a connection is refused, so
-//! that one client (20,000 connections each trickling a request) cannot take every slot. An
-//! admitted connection holds its place until it is dropped.
+//! that one client (20,000 connections each trickling a request) cannot take every slot. A
+//! client is an IPv4 address, or an IPv6 /64 network ([`client_of`]): a single host is usually
+//! given a whole /64, and would otherwise have as many caps as addresses. An admitted
+//! connection holds its place until it is dropped.
 //!
 //! A connection must also open, and go when told:
 //! - it has [`Deadlines::opening_within`] to send its opening bytes, or it is closed: on the
@@ -13,22 +15,35 @@
 //!   bound of its own there (its keep-alive pings start after the handshake), and a silent or
 //!   half-open connection (a client pool's spare, dialled and never used) would otherwise hold
 //!   a slot for good;
+//! - once it has had no request open for a while, it is closed: an HTTP/2 connection that opened
+//!   and then asks nothing (or only pings) would otherwise hold its slot for good, and a few
+//!   addresses could take every slot. Each request counts as open from its call until its
+//!   answer's body ends or is dropped ([`TrackRequests`], on the connection's [`Activity`]), so a
+//!   quiet Watch or a slow call keeps its connection however long it is quiet. The HTTP listener
+//!   shuts such a connection down itself (a GOAWAY); tonic offers no handle on one connection,
+//!   so on the gRPC listener the stream closes it ([`Deadlines::close_idle_after`]);
 //! - once the listener drains, one that has sent nothing is closed at once: it asked nothing;
 //! - once the shutdown's grace is over (and the answers of calls it cut off are out), every
 //!   connection is closed, so that a client that ignores the HTTP/2 GOAWAY (or never answers
 //!   its ping) cannot hold the node past it.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use futures_util::task::AtomicWaker;
+use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::{Connected as _, TcpConnectInfo};
 
 /// The pause after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
@@ -39,6 +54,7 @@ pub struct ConnectionLimits {
     per_client: usize,
     clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
     deadlines: Deadlines,
+    activities: Activities,
 }
 
 /// A connection's place under the limits, given back when it is dropped.
@@ -65,7 +81,13 @@ impl ConnectionLimits {
             per_client: per_client.max(1),
             clients: Arc::new(Mutex::new(HashMap::new())),
             deadlines,
+            activities: Activities::default(),
         }
+    }
+
+    /// The activity of the connections this listener closes when idle, by their addresses.
+    pub fn activities(&self) -> Activities {
+        self.activities.clone()
     }
 
     /// Connections one client address may hold open at once.
@@ -93,7 +115,7 @@ impl ConnectionLimits {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot turn Nagle's algorithm off");
         }
-        let address = peer.ip();
+        let address = client_of(peer.ip());
         {
             let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
             let open = clients.entry(address).or_default();
@@ -107,7 +129,17 @@ impl ConnectionLimits {
             clients: Arc::clone(&self.clients),
             address,
         };
-        Accepted::Admitted(AdmittedStream::new(stream, admission, &self.deadlines), peer)
+        let stream = AdmittedStream::new(stream, admission, &self.deadlines, &self.activities);
+        Accepted::Admitted(stream, peer)
+    }
+}
+
+/// The client a connection from `address` counts against: the address itself, or for IPv6 its
+/// /64 network (an IPv4 address mapped into IPv6, as a dual-stack listener sees it, stays itself).
+pub fn client_of(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !(u128::from(u64::MAX)))),
+        v4 => v4,
     }
 }
 
@@ -141,6 +173,10 @@ pub struct Deadlines {
     /// How long the client may take none of the bytes the node has for it: a connection whose
     /// writes make no progress for longer is closed, and lets go of the answers it held.
     pub write_stall: Duration,
+    /// How long a connection may have no request open before its stream closes it (`None`:
+    /// never; the HTTP listener closes its idle connections itself, with a GOAWAY). Its
+    /// requests must pass through [`TrackRequests`] over [`ConnectionLimits::activities`].
+    pub close_idle_after: Option<Duration>,
 }
 
 /// An admitted TCP connection that holds its [`Admission`] for as long as it is open, and is
@@ -157,6 +193,10 @@ pub struct AdmittedStream {
     write_stall: Duration,
     /// Running while a write waits for the client to take bytes.
     stalled_since: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Taken once, at admission: what tonic puts in each request, and the connection's key in
+    /// [`Activities`].
+    connect_info: TcpConnectInfo,
+    idle: Option<Box<IdleClose>>,
 }
 
 #[derive(Debug)]
@@ -169,7 +209,16 @@ struct Opening {
 }
 
 impl AdmittedStream {
-    fn new(stream: TcpStream, admission: Admission, deadlines: &Deadlines) -> AdmittedStream {
+    fn new(stream: TcpStream, admission: Admission, deadlines: &Deadlines, activities: &Activities) -> AdmittedStream {
+        let connect_info = stream.connect_info();
+        let idle = deadlines.close_idle_after.map(|after| {
+            let activity = Activity::new();
+            Box::new(IdleClose {
+                _registered: activities.register(&connect_info, &activity),
+                wait: IdleWait::new(activity, after),
+                closing: Closing::No,
+            })
+        });
         AdmittedStream {
             stream,
             _admission: admission,
@@ -184,6 +233,8 @@ impl AdmittedStream {
             on_close: Box::pin(deadlines.closed.clone().cancelled_owned()),
             write_stall: deadlines.write_stall,
             stalled_since: None,
+            connect_info,
+            idle,
         }
     }
 
@@ -223,9 +274,9 @@ impl AdmittedStream {
     }
 }
 
-impl AsyncRead for AdmittedStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        self.check_closed(cx)?;
+impl AdmittedStream {
+    /// Reads, counting the opening bytes until they are in.
+    fn read_opening(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
         let Some(opening) = self.opening.as_mut() else {
@@ -249,6 +300,25 @@ impl AsyncRead for AdmittedStream {
             ))),
             other => other,
         }
+    }
+}
+
+impl AsyncRead for AdmittedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.check_closed(cx)?;
+        if let Some(idle) = self.idle.as_mut()
+            && ready!(idle.poll_closed(cx))
+        {
+            // The end of the stream: the server closes the connection.
+            return Poll::Ready(Ok(()));
+        }
+        let read = self.read_opening(cx, buf);
+        if read.is_pending()
+            && let Some(idle) = self.idle.as_mut()
+        {
+            idle.nothing_to_read(cx);
+        }
+        read
     }
 }
 
@@ -283,9 +353,364 @@ impl AsyncWrite for AdmittedStream {
 }
 
 impl tonic::transport::server::Connected for AdmittedStream {
-    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+    type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.connect_info.clone()
+    }
+}
+
+/// How long a connection found idle on the gRPC listener is read no more before it closes: the
+/// requests it sent just before (read, and not yet handed to a task that counts them as open)
+/// get that long to be counted, and keep it open if they are.
+const IDLE_SETTLE: Duration = Duration::from_millis(100);
+
+/// What a connection's requests are doing: how many are open, and since when none has been.
+/// The connection waits on it to go idle; [`TrackRequests`] counts the requests.
+#[derive(Debug)]
+pub struct Activity {
+    /// Requests open: from their call until their answer's body has ended or is dropped.
+    open: AtomicUsize,
+    /// The base of `last_ended_us`: when the connection was admitted.
+    opened: Instant,
+    /// When the last request ended (or the connection was admitted), in µs since `opened`.
+    last_ended_us: AtomicU64,
+    /// The one task that waits for the connection to go idle (the connection's), woken when its
+    /// last open request ends.
+    waiter: AtomicWaker,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            open: AtomicUsize::new(0),
+            opened: Instant::now(),
+            last_ended_us: AtomicU64::new(0),
+            waiter: AtomicWaker::new(),
+        })
+    }
+
+    /// Counts a request as open until the guard is dropped.
+    fn start(self: &Arc<Self>) -> OpenRequest {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        OpenRequest(Arc::clone(self))
+    }
+
+    fn end(&self) {
+        let now = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // Before the count drops: a waiter that sees none open sees when the last one ended.
+        self.last_ended_us.fetch_max(now, Ordering::SeqCst);
+        if self.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.waiter.wake();
+        }
+    }
+
+    /// Since when the connection has had no request open; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.open.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        Some(self.opened + Duration::from_micros(self.last_ended_us.load(Ordering::SeqCst)))
+    }
+
+    /// Resolves once the connection has had no request open for `after`. One task at a time
+    /// may wait (the connection's own).
+    pub async fn idle(&self, after: Duration) {
+        let mut timer = Box::pin(tokio::time::sleep(after));
+        std::future::poll_fn(|cx| self.poll_idle(after, &mut timer, cx)).await;
+    }
+
+    fn poll_idle(&self, after: Duration, timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before looking, so that a request ending meanwhile still wakes the task.
+        self.waiter.register(cx.waker());
+        let Some(since) = self.idle_since() else {
+            return Poll::Pending;
+        };
+        let deadline = since + after;
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx)
+    }
+}
+
+/// A request open on its connection, until dropped.
+#[derive(Debug)]
+struct OpenRequest(Arc<Activity>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// Closes an admitted connection at its stream once it has had no request open for a while.
+#[derive(Debug)]
+struct IdleClose {
+    wait: IdleWait,
+    closing: Closing,
+    /// Keeps the connection's activity findable by its requests while it is open.
+    _registered: Option<Registered>,
+}
+
+#[derive(Debug)]
+struct IdleWait {
+    activity: Arc<Activity>,
+    after: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+#[derive(Debug)]
+enum Closing {
+    No,
+    /// Found idle: reads wait until this ends, then the connection closes unless a request came.
+    Settling(Pin<Box<Sleep>>),
+    Closed,
+}
+
+impl IdleWait {
+    fn new(activity: Arc<Activity>, after: Duration) -> IdleWait {
+        IdleWait {
+            activity,
+            after,
+            timer: Box::pin(tokio::time::sleep(after)),
+        }
+    }
+}
+
+impl IdleClose {
+    /// Whether the stream should end (the connection close); pending while it settles.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        match &mut self.closing {
+            Closing::No => Poll::Ready(false),
+            Closing::Closed => Poll::Ready(true),
+            Closing::Settling(settle) => {
+                ready!(settle.as_mut().poll(cx));
+                let wait = &self.wait;
+                let still_idle = wait
+                    .activity
+                    .idle_since()
+                    .is_some_and(|since| since.elapsed() >= wait.after);
+                self.closing = if still_idle { Closing::Closed } else { Closing::No };
+                Poll::Ready(still_idle)
+            }
+        }
+    }
+
+    /// After a read that found nothing: starts settling once the connection has been idle for
+    /// long enough, else makes sure the task is woken when it has.
+    fn nothing_to_read(&mut self, cx: &mut Context<'_>) {
+        let wait = &mut self.wait;
+        if wait.activity.poll_idle(wait.after, &mut wait.timer, cx).is_ready() {
+            tracing::debug!(
+                idle_ms = wait.after.as_millis() as u64,
+                "closing an idle gRPC connection"
+            );
+            self.closing = Closing::Settling(Box::pin(tokio::time::sleep(IDLE_SETTLE)));
+            // Polled again at once, to poll (and so start) the settling.
+            cx.waker().wake_by_ref();
+        }
+    }
+}
+
+/// The activity of a listener's open connections, found by their addresses: tonic's
+/// [`TcpConnectInfo`] in a request is all that names its connection there.
+#[derive(Debug, Clone, Default)]
+pub struct Activities(Arc<Mutex<ByAddresses>>);
+
+/// Connections' activity by their local and remote addresses.
+type ByAddresses = HashMap<(SocketAddr, SocketAddr), Arc<Activity>>;
+
+/// A connection's entry in [`Activities`], removed when dropped.
+#[derive(Debug)]
+struct Registered {
+    activities: Activities,
+    key: (SocketAddr, SocketAddr),
+    activity: Arc<Activity>,
+}
+
+impl Activities {
+    /// `None` for a connection whose addresses the kernel could not tell (one already gone):
+    /// its requests are not counted, and it closes when idle from its admission.
+    fn register(&self, info: &TcpConnectInfo, activity: &Arc<Activity>) -> Option<Registered> {
+        let key = Self::key(info)?;
+        self.lock().insert(key, Arc::clone(activity));
+        Some(Registered {
+            activities: self.clone(),
+            key,
+            activity: Arc::clone(activity),
+        })
+    }
+
+    fn find(&self, info: &TcpConnectInfo) -> Option<Arc<Activity>> {
+        self.lock().get(&Self::key(info)?).cloned()
+    }
+
+    fn key(info: &TcpConnectInfo) -> Option<(SocketAddr, SocketAddr)> {
+        Some((info.local_addr()?, info.remote_addr()?))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ByAddresses> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut activities = self.activities.lock();
+        // A new connection with the same addresses may have come in as this one closed.
+        if activities
+            .get(&self.key)
+            .is_some_and(|a| Arc::ptr_eq(a, &self.activity))
+        {
+            activities.remove(&self.key);
+        }
+    }
+}
+
+/// Where [`TrackRequests`] finds the activity of a request's connection.
+#[derive(Debug, Clone)]
+enum Find {
+    /// The service serves one connection (the HTTP listener makes one per connection).
+    Connection(Arc<Activity>),
+    /// By the addresses tonic puts in the request.
+    ByAddress(Activities),
+}
+
+/// A layer counting each request as open on its connection (see [`TrackRequests`]): tonic's
+/// server takes one layer for all its connections, which finds each request's by its addresses.
+#[derive(Debug, Clone)]
+pub struct TrackRequestsLayer(Activities);
+
+impl TrackRequestsLayer {
+    pub fn by_address(activities: Activities) -> TrackRequestsLayer {
+        TrackRequestsLayer(activities)
+    }
+}
+
+impl<S> tower::Layer<S> for TrackRequestsLayer {
+    type Service = TrackRequests<S>;
+
+    fn layer(&self, inner: S) -> TrackRequests<S> {
+        TrackRequests {
+            inner,
+            find: Find::ByAddress(self.0.clone()),
+        }
+    }
+}
+
+/// Counts each request as open on its connection's [`Activity`] from its call until its
+/// answer's body has ended or is dropped (a client that cancels drops it): the node closes
+/// only connections with none open, so a Watch, a followed log or a slow call is never cut.
+#[derive(Debug, Clone)]
+pub struct TrackRequests<S> {
+    inner: S,
+    find: Find,
+}
+
+impl<S> TrackRequests<S> {
+    /// For a service that serves the one connection `activity` is of.
+    pub fn new(inner: S, activity: Arc<Activity>) -> TrackRequests<S> {
+        TrackRequests {
+            inner,
+            find: Find::Connection(activity),
+        }
+    }
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for TrackRequests<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<OpenBody<R>>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let activity = match &self.find {
+            Find::Connection(activity) => Some(Arc::clone(activity)),
+            Find::ByAddress(activities) => request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(|info| activities.find(info)),
+        };
+        let open = activity.map(|activity| activity.start());
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let answer = answer.await?;
+            Ok(answer.map(|body| OpenBody { body, open }))
+        })
+    }
+}
+
+/// An answer's body, which keeps its request open on its connection until it ends or is dropped.
+#[derive(Debug)]
+pub struct OpenBody<B> {
+    body: B,
+    open: Option<OpenRequest>,
+}
+
+impl<B: Body + Unpin> Body for OpenBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if frame.is_none() {
+            self.open = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_client_is_its_64_and_an_ipv4_one_its_address() {
+        let client = |text: &str| client_of(text.parse().unwrap()).to_string();
+        assert_eq!(client("192.0.2.7"), "192.0.2.7");
+        // A dual-stack listener sees IPv4 clients as mapped addresses: each is still its own.
+        assert_eq!(client("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_ne!(client("::ffff:192.0.2.7"), client("::ffff:192.0.2.8"));
+        assert_eq!(client("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(client("2001:db8:1:2:bbbb::9"), client("2001:db8:1:2:aaaa::1"));
+        assert_ne!(client("2001:db8:1:3::1"), client("2001:db8:1:2::1"));
+        assert_eq!(client("::1"), "::");
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_idle_only_once_no_request_has_been_open_for_the_time() {
+        let activity = Activity::new();
+        let after = Duration::from_millis(100);
+        let open = activity.start();
+        let idle = activity.idle(after);
+        tokio::pin!(idle);
+        // However long a request stays open, the connection is not idle.
+        assert!(tokio::time::timeout(after * 3, idle.as_mut()).await.is_err());
+        drop(open);
+        let ended = Instant::now();
+        idle.await;
+        assert!(ended.elapsed() >= after, "idle after {:?}", ended.elapsed());
+        // A request that came and went meanwhile starts the time afresh.
+        tokio::time::sleep(after / 2).await;
+        drop(activity.start());
+        let ended = Instant::now();
+        activity.idle(after).await;
+        assert!(ended.elapsed() >= after, "idle after {:?}", ended.elapsed());
     }
 }

@@ -20,7 +20,9 @@ use crate::api::codec::RequestRefusals;
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
-use crate::connections::{Accepted, AdmittedStream, ConnectionLimits, Deadlines, HTTP2_OPENING};
+use crate::connections::{
+    Accepted, Activity, AdmittedStream, ConnectionLimits, Deadlines, HTTP2_OPENING, TrackRequests, TrackRequestsLayer,
+};
 use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::proto::solo_kernel_server::SoloKernelServer;
@@ -287,7 +289,7 @@ async fn serve(
     let header_timeout = Duration::from_millis(config.solo.http_header_timeout_ms.into());
     let write_stall = Duration::from_millis(config.solo.write_stall_timeout_ms.into());
     // Each listener has connection limits of its own.
-    let connection_limits = |opening_bytes| {
+    let connection_limits = |opening_bytes, close_idle_after| {
         ConnectionLimits::new(
             config.solo.max_connections as usize,
             config.solo.max_connections_per_client as usize,
@@ -297,8 +299,13 @@ async fn serve(
                 drained: drained.clone(),
                 closed: closed.clone(),
                 write_stall,
+                close_idle_after,
             },
         )
+    };
+    let grpc_idle = match config.solo.grpc_max_connection_idle_ms {
+        0 => None,
+        ms => Some(Duration::from_millis(ms.into())),
     };
     let keepalive = Keepalive {
         interval: Duration::from_millis(config.solo.grpc_keepalive_interval_ms),
@@ -308,7 +315,7 @@ async fn serve(
         listeners.grpc,
         Arc::clone(&state),
         tls.clone(),
-        connection_limits(HTTP2_OPENING),
+        connection_limits(HTTP2_OPENING, grpc_idle),
         keepalive,
         config.solo.max_streams_per_connection,
         drained.clone(),
@@ -317,7 +324,8 @@ async fn serve(
         listeners.http,
         Arc::clone(&state),
         tls,
-        connection_limits(1),
+        // The HTTP listener closes its idle connections itself, gracefully.
+        connection_limits(1, None),
         header_timeout,
         config.solo.max_streams_per_connection,
         drained.clone(),
@@ -439,14 +447,17 @@ async fn serve_grpc(
     let reflection_v1alpha = reflection().build_v1alpha().context("gRPC reflection")?;
     // A client that vanished without closing (a laptop put to sleep) is found by its missed
     // ping, and its connection is given back.
-    let mut builder = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(keepalive.interval))
         .http2_keepalive_timeout(Some(keepalive.timeout))
         // tonic's default is no limit at all, overriding hyper's.
         .max_concurrent_streams(max_streams);
-    if let Some(tls) = &tls {
-        builder = builder.tls_config(tls.grpc()).context("gRPC TLS")?;
-    }
+    let builder = match &tls {
+        Some(tls) => builder.tls_config(tls.grpc()).context("gRPC TLS")?,
+        None => builder,
+    };
+    // Every call, to any service, keeps its connection from closing idle while it is open.
+    let mut builder = builder.layer(TrackRequestsLayer::by_address(limits.activities()));
     let stopping = drained.clone();
     let shutdown = async move {
         stopping.cancelled().await;
@@ -610,13 +621,14 @@ async fn serve_http(
 ) -> anyhow::Result<()> {
     let router = crate::api::rest::router(state);
     let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.http));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let mut builder = HttpBuilder::new(hyper_util::rt::TokioExecutor::new());
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout);
     builder.http2().max_concurrent_streams(max_streams);
+    // Each connection's task holds a sender: the listener has drained once all are dropped.
+    let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = connections.accept(&listener) => match accepted {
@@ -639,8 +651,10 @@ async fn serve_http(
         let router = router.clone();
         let acceptor = acceptor.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let drained = drained.clone();
+        let open = open.clone();
         tokio::spawn(async move {
+            let _open = open;
             // A TLS peer may name its tenant by its client certificate.
             let (stream, tenant) = match acceptor {
                 None => (Either::Left(stream), None),
@@ -665,19 +679,78 @@ async fn serve_http(
                     (Either::Right(stream), tenant)
                 }
             };
-            let service = service_for(router, PeerTenant(tenant));
-            let connection = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
-            let result = watcher.watch(connection.into_owned()).await;
-            if let Err(e) = result {
+            let activity = Activity::new();
+            let service = service_for(router, PeerTenant(tenant), Arc::clone(&activity));
+            let served = HttpConnection {
+                builder: &builder,
+                activity: &activity,
+                idle_after: header_timeout,
+                drained: &drained,
+            };
+            if let Err(e) = served.serve(stream, service).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    drop(open);
+    let _ = all_closed.recv().await;
     Ok(())
 }
 
-fn service_for(router: axum::Router, tenant: PeerTenant) -> hyper_util::service::TowerToHyperService<axum::Router> {
-    hyper_util::service::TowerToHyperService::new(router.layer(axum::Extension(tenant)))
+type HttpBuilder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
+
+type HttpStream = Either<AdmittedStream, tokio_rustls::server::TlsStream<AdmittedStream>>;
+
+type HttpService = hyper_util::service::TowerToHyperService<TrackRequests<axum::Router>>;
+
+fn service_for(router: axum::Router, tenant: PeerTenant, activity: Arc<Activity>) -> HttpService {
+    hyper_util::service::TowerToHyperService::new(TrackRequests::new(router.layer(axum::Extension(tenant)), activity))
+}
+
+/// How long a connection told to close, with no request open, may take to go: an HTTP/2 client
+/// must answer the GOAWAY's ping first, and one that never does would hold it for good.
+const GOAWAY_WAIT: Duration = Duration::from_secs(1);
+
+/// One connection of the HTTP listener, and when it is shut down.
+struct HttpConnection<'a> {
+    builder: &'a HttpBuilder,
+    activity: &'a Activity,
+    /// The header timeout: as long as hyper lets an HTTP/1 connection wait for its next request.
+    idle_after: Duration,
+    drained: &'a CancellationToken,
+}
+
+impl HttpConnection<'_> {
+    /// Serves the connection until it ends. Once the listener drains, or the connection has had
+    /// no request open for `idle_after` (HTTP/2 has no bound of its own for that), it is shut
+    /// down gracefully: an HTTP/2 client is sent a GOAWAY, an HTTP/1 one served no further
+    /// request. One still open [`GOAWAY_WAIT`] after that with no request open is dropped.
+    async fn serve(
+        self,
+        stream: HttpStream,
+        service: HttpService,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => return result,
+            () = self.drained.cancelled() => {}
+            () = self.activity.idle(self.idle_after) => tracing::trace!("closing an idle HTTP connection"),
+        }
+        connection.as_mut().graceful_shutdown();
+        let let_go = async {
+            tokio::time::sleep(GOAWAY_WAIT).await;
+            self.activity.idle(GOAWAY_WAIT).await;
+        };
+        tokio::select! {
+            result = connection => result,
+            () = let_go => {
+                tracing::debug!("dropping a connection that did not close when told");
+                Ok(())
+            }
+        }
+    }
 }

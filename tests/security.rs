@@ -2508,6 +2508,44 @@ async fn tls_serves_both_listeners_to_clients_that_trust_the_ca_and_refuses_plai
     stop(server).await;
 }
 
+/// Over TLS, a connection idle past its time closes too (the TLS layer sees the end of its
+/// stream), and its client's next request reconnects; a quiet Watch keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_connections_close_and_their_clients_reconnect() {
+    let dir = tempdir();
+    let pki = tempdir();
+    let ca = TestCa::new("solo test CA");
+    let idle = Duration::from_millis(300);
+    let server = start_server(dir.path(), |c| {
+        configure_tls(c, pki.path(), &ca, None);
+        c.solo.grpc_max_connection_idle_ms = 300;
+        c.solo.http_header_timeout_ms = 300;
+    })
+    .await;
+    let a = Auth::dev("a");
+    let (mut client, _) = tls_grpc(server.grpc_addr, Some(&ca.pem), None, &a)
+        .await
+        .expect("a client trusting the CA connects");
+    let (mut watcher, _) = tls_grpc(server.grpc_addr, Some(&ca.pem), None, &a)
+        .await
+        .expect("a client trusting the CA connects");
+    let mut watch = open_watch(&mut watcher, &a, 0, "").await;
+    let https = tls_http(server.http_addr, Some(&ca.pem), None);
+    let health = format!("https://localhost:{}/health", server.http_addr.port());
+    assert_eq!(https.get(&health).send().await.unwrap().status(), 200);
+    tokio::time::sleep(idle * 5).await;
+    // Both clients' connections closed meanwhile; their next requests are served.
+    client
+        .list(a.grpc(proto::ListRequest::default()))
+        .await
+        .expect("the call after the idle close is served");
+    assert_eq!(https.get(&health).send().await.unwrap().status(), 200);
+    let deployed = client.deploy(a.grpc(grpc_deploy("echo", "echo"))).await.unwrap();
+    let seq = deployed.get_ref().seq;
+    watch_until(&mut watch, |e| e.seq == seq).await;
+    stop(server).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_are_required_with_client_ca_and_name_the_tenant() {
     let dir = tempdir();
