@@ -1,8 +1,11 @@
 //! Offline inspection of a data directory: `solo log verify`, `dump` and `stats`.
 //!
 //! These open the log read-only, so they work while a server is writing (LMDB allows readers
-//! in other processes). They read in bounded chunks, one short read transaction each; `verify`
-//! reads all snapshots in one more, so a server pruning them meanwhile cannot fool it.
+//! in other processes). `verify` and `stats` read the whole store in one read transaction (a
+//! [`ReadView`]), so that what they compare or count is of one moment, whatever the server
+//! commits meanwhile. `dump` reads in bounded chunks, one short read transaction each, as it
+//! prints: records are never rewritten (log-format.md §3), so chunks up to one head read show
+//! what one transaction would, and a reader slow to take its output pins no pages.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,11 +15,11 @@ use prost::Message as _;
 use sha2::Digest as _;
 
 use crate::event::{self, EventKind};
-use crate::log::{self, Store, frame};
+use crate::log::{self, ReadView, Store, frame};
 use crate::proto::{Event, event::Kind};
 use crate::state::{Settings, SnapshotError, State};
 
-/// Records read per read transaction.
+/// Records `dump` reads per read transaction.
 const CHUNK: u64 = 4096;
 
 /// What `verify` found.
@@ -85,27 +88,43 @@ impl VerifyReport {
 /// Checks every record (frame, checksum, contiguous seqs, decoding, applying), every blob
 /// (its hash), that every deployed module is present, that replaying the log reproduces
 /// each stored snapshot, and that every remembered keyed request reads back.
+///
+/// All of it is read as of one moment, in one read transaction ([`Store::read_view`]): a node
+/// writing meanwhile collects modules, prunes snapshots and remembers requests, and databases
+/// read at different moments would disagree where nothing is wrong. The transaction lasts the
+/// whole check (about a second per million events), and meanwhile pins the pages of its moment
+/// in a live node's file, which grows by what the node writes in that time instead of reusing
+/// them. That is acceptable for a check run by hand; the reads themselves stream, so memory
+/// does not grow with the log.
 pub fn verify(store: &Store, settings: Settings) -> log::Result<VerifyReport> {
-    verify_with_snapshots(store, settings, store.snapshots()?)
+    verify_as_of(&store.read_view()?, settings)
 }
 
-/// As [`verify`], against `stored`: the snapshots (seq and frame) as [`Store::snapshots`] read
-/// them at one moment. A running server prunes old snapshots at any time; one it pruned since
-/// is still compared, rather than taken for damage.
-pub fn verify_with_snapshots(
-    store: &Store,
-    settings: Settings,
-    stored: Vec<(u64, Vec<u8>)>,
-) -> log::Result<VerifyReport> {
-    // After the snapshots: every snapshot read is then at or below the head, and compared.
-    let head = store.head()?;
+/// As [`verify`], of the store as `view` shows it.
+pub fn verify_as_of(view: &ReadView<'_>, settings: Settings) -> log::Result<VerifyReport> {
     let mut report = VerifyReport {
-        head,
+        head: view.head()?,
         ..VerifyReport::default()
     };
+    let snapshots = stored_snapshots(view, settings, &mut report)?;
+    let (state, mut modules) = check_events(view, settings, &snapshots, &mut report)?;
+    // Modules no service runs any more leave the blob store; those that some service runs
+    // must be there.
+    modules.retain(|sha, _| crate::state::parse_sha256(sha).is_some_and(|hash| state.module_users(&hash) > 0));
+    check_blobs(view, &modules, &mut report)?;
+    check_requests(view, &mut report)?;
+    Ok(report)
+}
+
+/// The states the stored snapshots hold, by seq; one that is damaged is reported.
+fn stored_snapshots(
+    view: &ReadView<'_>,
+    settings: Settings,
+    report: &mut VerifyReport,
+) -> log::Result<BTreeMap<u64, State>> {
     let mut snapshots = BTreeMap::new();
-    for (seq, frame) in stored {
-        match snapshot_state(&frame, settings) {
+    for (seq, frame) in view.snapshots()? {
+        match snapshot_state(frame, settings) {
             Ok(Some(state)) => {
                 snapshots.insert(seq, state);
             }
@@ -116,13 +135,24 @@ pub fn verify_with_snapshots(
                 .push(format!("snapshot at seq {seq} is damaged ({reason}); startup skips it")),
         }
     }
+    Ok(snapshots)
+}
+
+/// Replays the records `1..=head` in one pass, comparing the state with each snapshot on the
+/// way. Returns the state replayed and, for each module deployed, the seq of its first deploy.
+fn check_events(
+    view: &ReadView<'_>,
+    settings: Settings,
+    snapshots: &BTreeMap<u64, State>,
+    report: &mut VerifyReport,
+) -> log::Result<(State, BTreeMap<String, u64>)> {
     let mut state = State::new(settings);
     let mut modules = BTreeMap::new();
-    let mut from = 1;
-    while from <= head && report.first_bad.is_none() {
-        let to = head.min(from + CHUNK - 1);
-        let mut expected = from;
-        let scanned = store.scan_raw(from..=to, |seq, bytes| {
+    let head = report.head;
+    let mut expected = 1;
+    let scanned = match head {
+        0 => Ok(()),
+        _ => view.scan_raw(1..=head, |seq, bytes| {
             let checked = check_record(seq, expected, bytes, &mut state);
             expected = seq + 1;
             report.records += 1;
@@ -146,31 +176,26 @@ pub fn verify_with_snapshots(
                     ControlFlow::Break(())
                 }
             }
-        });
-        match scanned {
-            Ok(()) => {}
-            // A damaged page or key of data.mdb: damage to report, at the seq it starts from.
-            Err(log::Error::UndecodableRecord { seq, reason }) => report.first_bad = Some((seq, reason)),
-            Err(e) => return Err(e),
-        }
-        if report.first_bad.is_none() && expected <= to {
-            report.first_bad = Some((expected, "missing: the log has a gap".into()));
-        }
-        from = to + 1;
+        }),
+    };
+    match scanned {
+        Ok(()) => {}
+        // A damaged page or key of data.mdb: damage to report, at the seq it starts from.
+        Err(log::Error::UndecodableRecord { seq, reason }) => report.first_bad = Some((seq, reason)),
+        Err(e) => return Err(e),
     }
+    if report.first_bad.is_none() && expected <= head {
+        report.first_bad = Some((expected, "missing: the log has a gap".into()));
+    }
+    // Newest first, as they are stored.
     report.snapshots.reverse();
-    // Modules no service runs any more leave the blob store; those that some service runs
-    // must be there.
-    modules.retain(|sha, _| crate::state::parse_sha256(sha).is_some_and(|hash| state.module_users(&hash) > 0));
-    check_blobs(store, &modules, &mut report)?;
-    check_requests(store, &mut report)?;
-    Ok(report)
+    Ok((state, modules))
 }
 
 /// Each entry of the `requests` database must read back as the node reads it when it starts
 /// (which forgets one that does not), and rest on an event the log holds.
-fn check_requests(store: &Store, report: &mut VerifyReport) -> log::Result<()> {
-    for (key, value) in store.requests()? {
+fn check_requests(view: &ReadView<'_>, report: &mut VerifyReport) -> log::Result<()> {
+    view.scan_requests(|(key, value)| {
         report.requests += 1;
         let name = String::from_utf8_lossy(&key).replace('\0', "/");
         match crate::control::check_stored_request((key, value)) {
@@ -183,8 +208,7 @@ fn check_requests(store: &Store, report: &mut VerifyReport) -> log::Result<()> {
                 "remembered request {name:?} cannot be read back ({reason}); the node forgets it when it starts"
             )),
         }
-    }
-    Ok(())
+    })
 }
 
 fn check_record(seq: u64, expected: u64, bytes: &[u8], state: &mut State) -> Result<Event, (u64, String)> {
@@ -238,9 +262,9 @@ fn first_difference(snapshot: &State, replayed: &State) -> String {
     "quota figures or idempotency keys differ".into()
 }
 
-fn check_blobs(store: &Store, modules: &BTreeMap<String, u64>, report: &mut VerifyReport) -> log::Result<()> {
+fn check_blobs(view: &ReadView<'_>, modules: &BTreeMap<String, u64>, report: &mut VerifyReport) -> log::Result<()> {
     let mut present = std::collections::BTreeSet::new();
-    store.scan_blobs(|key, bytes| {
+    view.scan_blobs(|key, bytes| {
         report.blobs += 1;
         present.insert(hex::encode(key));
         let bytes = match bytes {
@@ -365,9 +389,11 @@ pub struct Stats {
     pub last_timestamp_ms: u64,
 }
 
+/// What the store holds, counted as of one moment (one read transaction, as [`verify`]).
 pub fn stats(store: &Store) -> log::Result<Stats> {
-    let store_stats = store.stats()?;
-    let head = store.head()?;
+    let view = store.read_view()?;
+    let store_stats = view.stats()?;
+    let head = view.head()?;
     let mut stats = Stats {
         head,
         records: store_stats.events,
@@ -380,10 +406,8 @@ pub fn stats(store: &Store) -> log::Result<Stats> {
         ..Stats::default()
     };
     let mut services = std::collections::BTreeSet::new();
-    let mut from = 1;
-    while from <= head {
-        let to = head.min(from + CHUNK - 1);
-        store.scan_raw(from..=to, |_, bytes| {
+    if head > 0 {
+        view.scan_raw(1..=head, |_, bytes| {
             stats.record_bytes += bytes.len() as u64;
             let event = frame::decode(bytes).ok().and_then(|p| Event::decode(p).ok());
             let kind = event.as_ref().map_or("damaged", |e| {
@@ -401,7 +425,6 @@ pub fn stats(store: &Store) -> log::Result<Stats> {
             }
             ControlFlow::Continue(())
         })?;
-        from = to + 1;
     }
     stats.services = services.len() as u64;
     stats.tenants = services

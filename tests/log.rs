@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
-use solo::control::{Control, Error, KillCommand};
+use solo::control::{Control, DeployRequest, Error, KillCommand};
 use solo::event::EventKind;
 use solo::inspect;
 use solo::log::{FrameError, frame};
@@ -1000,31 +1000,134 @@ async fn every_snapshot_is_the_log_replayed_to_its_seq() {
     }
 }
 
-/// A running server prunes old snapshots whenever it takes a new one, also while `solo log
-/// verify` reads: one pruned after verify read the snapshots is compared all the same, and is
-/// no damage.
+/// A running server prunes old snapshots whenever it takes a new one, collects the modules no
+/// service runs any more and remembers keyed requests, also while `solo log verify` reads:
+/// verify reads every database as of one moment, so a snapshot pruned since is compared all
+/// the same, and a module collected or a request remembered since is no damage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_pruned_while_verify_runs_is_no_damage() {
+async fn what_a_node_changes_while_verify_reads_is_no_damage() {
     let dir = tempdir();
     let (control, live) = snapshotting_node(dir.path(), 35).await;
     let store = control.log().store();
-    let read = store.snapshots().unwrap();
-    assert!(
-        read.len() >= 2,
-        "snapshots at {:?}",
-        read.iter().map(|(seq, _)| seq).collect::<Vec<_>>()
-    );
+    let view = store.read_view().unwrap();
+    let read = view.snapshots().unwrap();
+    let listed: Vec<u64> = read.iter().map(|(seq, _)| *seq).collect();
+    assert!(listed.len() >= 2, "snapshots at {listed:?}");
     let oldest = read.last().unwrap().0;
     // The server's next snapshot prunes all but the newest.
-    let (newest, frame) = read[0].clone();
-    store.put_snapshot(newest, &frame, 1).unwrap();
+    let (newest, frame) = read[0];
+    store.put_snapshot(newest, frame, 1).unwrap();
     assert!(store.read_snapshot(oldest, |bytes| bytes.is_none()).unwrap(), "pruned");
+    // svc-0's module leaves the blob store, and a keyed kill that changes nothing is
+    // remembered, resting on a seq past the head verify reads.
+    kill(&control, "acme", "svc-0").await;
+    let again = KillCommand {
+        idempotency_key: "kill-0".into(),
+        ..kill_command("acme", "svc-0")
+    };
+    assert!(control.kill(again).await.unwrap().already_stopped);
+    assert_eq!(store.requests().unwrap().len(), 1);
 
-    let report = inspect::verify_with_snapshots(store, live.settings(), read.clone()).unwrap();
+    let report = inspect::verify_as_of(&view, live.settings()).unwrap();
     assert!(report.ok(), "{}", report.summary());
+    assert_eq!((report.head, report.requests), (live.applied_seq(), 0));
     let compared: Vec<u64> = report.snapshots.iter().map(|(seq, _)| *seq).collect();
-    let listed: Vec<u64> = read.iter().map(|(seq, _)| *seq).collect();
     assert_eq!(compared, listed, "every snapshot read is compared, the pruned one too");
+    drop(view);
+    let report = inspect::verify(store, live.settings()).unwrap();
+    assert!(report.ok(), "{}", report.summary());
+    assert_eq!((report.head, report.requests), (live.applied_seq() + 1, 1));
+}
+
+/// `solo log verify` beside a node that deploys, kills and remembers keyed requests that changed
+/// nothing, as fast as it can: a module deployed or collected, a snapshot taken or pruned, a
+/// request remembered while verify reads must never look like damage. Verify reads every
+/// database as of one moment; reading them one after another, it took a module collected
+/// meanwhile for a missing one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_beside_a_node_deploying_and_killing_never_reports_damage() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.limits.node.max_deploys_per_minute = u32::MAX;
+    opts.writer.snapshot_every = 50;
+    let control = open(opts);
+    let settings = control.read_state(|s| s.settings());
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..4u64)
+        .map(|worker| {
+            let (control, stop) = (control.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut step = worker;
+                while !stop.load(Ordering::Relaxed) {
+                    // Few services and modules: modules are collected and stored again all the
+                    // time; a key on every other request, so that those that change nothing are
+                    // remembered.
+                    step = step
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let id = format!("s{}", (step >> 33) % 8);
+                    let key = match (step >> 40) % 2 {
+                        0 => String::new(),
+                        _ => format!("k{worker}-{step}"),
+                    };
+                    // Refusals (a kill of a service killed already) are part of the load.
+                    if (step >> 45) % 10 < 7 {
+                        let request = DeployRequest {
+                            idempotency_key: key,
+                            ..deploy_request("acme", &id, &format!("m{}", (step >> 50) % 12))
+                        };
+                        let _ = control.deploy(request).await;
+                    } else {
+                        let kill = KillCommand {
+                            idempotency_key: key,
+                            force: true,
+                            ..kill_command("acme", &id)
+                        };
+                        let _ = control.kill(kill).await;
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let started = std::time::Instant::now();
+    let mut runs = 0;
+    let mut heads = std::collections::BTreeSet::new();
+    while runs < 10 || started.elapsed() < Duration::from_secs(3) {
+        // The tool in a process of its own, as an operator runs it, and the same check in this
+        // one, on the node's own environment.
+        let path = dir.path().to_path_buf();
+        let output = tokio::task::spawn_blocking(move || solo_log("verify", &path))
+            .await
+            .unwrap();
+        let summary = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "run {runs} at head {}: {summary}{}",
+            control.head(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let live = control.clone();
+        let report = tokio::task::spawn_blocking(move || inspect::verify(live.log().store(), settings).unwrap())
+            .await
+            .unwrap();
+        assert!(report.ok(), "run {runs} in process: {}", report.summary());
+        heads.insert(report.head);
+        runs += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in load {
+        worker.await.unwrap();
+    }
+    let report = inspect::verify(control.log().store(), settings).unwrap();
+    assert!(report.ok(), "{}", report.summary());
+    assert!(heads.len() >= 5, "the node wrote while verify read: heads {heads:?}");
+    assert!(
+        report.requests > 0,
+        "requests that changed nothing were remembered: {}",
+        report.summary()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

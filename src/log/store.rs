@@ -392,9 +392,19 @@ impl Store {
 
     /// The seq of the last record, 0 for an empty log.
     pub fn head(&self) -> Result<u64> {
+        self.read_view()?.head()
+    }
+
+    /// The whole store as of now, for reads that must all see one moment ([`ReadView`]).
+    pub fn read_view(&self) -> Result<ReadView<'_>> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        let last = self.events.last(&rtxn).map_err(|e| self.err(e))?;
-        Ok(last.map_or(0, |(seq, _)| seq))
+        // After the transaction began: the file only grows, so these pages hold all it reads.
+        let pages = self.file_pages();
+        Ok(ReadView {
+            store: self,
+            rtxn,
+            pages,
+        })
     }
 
     /// Writes `frames` as records `first_seq..` and the blob changes, in one durable
@@ -499,22 +509,9 @@ impl Store {
     pub fn scan_raw(
         &self,
         range: RangeInclusive<u64>,
-        mut each: impl FnMut(u64, &[u8]) -> std::ops::ControlFlow<()>,
+        each: impl FnMut(u64, &[u8]) -> std::ops::ControlFlow<()>,
     ) -> Result<()> {
-        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        let pages = self.file_pages();
-        let mut next = *range.start();
-        for item in self.events.range(&rtxn, &range).map_err(|e| self.err(e))? {
-            let (seq, bytes) = item.map_err(|e| self.damaged_from(next, e))?;
-            if !pages.hold(bytes) {
-                return Err(past_the_end(seq));
-            }
-            if each(seq, bytes).is_break() {
-                break;
-            }
-            next = seq + 1;
-        }
-        Ok(())
+        self.read_view()?.scan_raw(range, each)
     }
 
     /// An error met walking the events from `seq` on: a key that does not decode or a page
@@ -559,41 +556,15 @@ impl Store {
 
     /// Visits every blob (key, bytes) in one read transaction; a blob whose length is
     /// damaged comes as the reason it cannot be read.
-    pub fn scan_blobs(&self, mut each: impl FnMut(&[u8], std::result::Result<&[u8], &str>)) -> Result<()> {
-        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        let pages = self.file_pages();
-        for item in self.blobs.iter(&rtxn).map_err(|e| self.err(e))? {
-            let (key, bytes) = item.map_err(|e| self.err(e))?;
-            each(
-                key,
-                if pages.hold(bytes) {
-                    Ok(bytes)
-                } else {
-                    Err(PAST_THE_END)
-                },
-            );
-        }
-        Ok(())
+    pub fn scan_blobs(&self, each: impl FnMut(&[u8], std::result::Result<&[u8], &str>)) -> Result<()> {
+        self.read_view()?.scan_blobs(each)
     }
 
     /// Every entry of the `requests` database, its value unframed; one whose frame is damaged
     /// comes as the reason it cannot be read.
     pub fn requests(&self) -> Result<Vec<StoredRequest>> {
-        let Some(db) = self.requests else {
-            return Ok(Vec::new());
-        };
-        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        let pages = self.file_pages();
         let mut entries = Vec::new();
-        for item in db.iter(&rtxn).map_err(|e| self.err(e))? {
-            let (key, value) = item.map_err(|e| self.err(e))?;
-            let payload = if pages.hold(value) {
-                frame::decode(value).map(<[u8]>::to_vec).map_err(|e| e.to_string())
-            } else {
-                Err(PAST_THE_END.to_string())
-            };
-            entries.push((key.to_vec(), payload));
-        }
+        self.read_view()?.scan_requests(|entry| entries.push(entry))?;
         Ok(entries)
     }
 
@@ -629,16 +600,9 @@ impl Store {
     /// transaction, so one the server prunes meanwhile is still here rather than vanished. A
     /// snapshot whose length is damaged comes back empty, which no frame check passes.
     pub fn snapshots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
-        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        let pages = self.file_pages();
-        self.snapshots
-            .rev_iter(&rtxn)
-            .map_err(|e| self.err(e))?
-            .map(|item| {
-                item.map(|(seq, bytes)| (seq, if pages.hold(bytes) { bytes.to_vec() } else { Vec::new() }))
-                    .map_err(|e| self.err(e))
-            })
-            .collect()
+        let view = self.read_view()?;
+        let frames = view.snapshots()?;
+        Ok(frames.into_iter().map(|(seq, frame)| (seq, frame.to_vec())).collect())
     }
 
     /// Runs `read` on the framed snapshot taken after `seq`, in place (no copy of what may be
@@ -652,19 +616,128 @@ impl Store {
     }
 
     pub fn stats(&self) -> Result<StoreStats> {
-        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        self.read_view()?.stats()
+    }
+}
+
+/// The store as of one moment: one read transaction, in which every database is read. A check
+/// across databases (`solo log verify`: the events against the blobs, the snapshots and the
+/// remembered requests) needs it, as separate transactions would each see another moment of a
+/// node writing meanwhile. Its scans stream: they hold nothing but the entry at hand.
+///
+/// It pins the pages of its moment for as long as it lives: a node writing meanwhile cannot
+/// reuse them, so its data file grows instead (log-format.md §1). Keep one for one check, not
+/// across waits on anything else (a reader of the output, say).
+pub struct ReadView<'s> {
+    store: &'s Store,
+    rtxn: RoTxn<'s, WithoutTls>,
+    /// The file's pages when the transaction began: they hold every value it reads.
+    pages: FilePages,
+}
+
+impl std::fmt::Debug for ReadView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadView")
+            .field("path", &self.store.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadView<'_> {
+    fn err(&self, e: heed::Error) -> Error {
+        self.store.err(e)
+    }
+
+    /// The seq of the last record, 0 for an empty log.
+    pub fn head(&self) -> Result<u64> {
+        let last = self.store.events.last(&self.rtxn).map_err(|e| self.err(e))?;
+        Ok(last.map_or(0, |(seq, _)| seq))
+    }
+
+    /// Visits raw records (unchecked frames) of `range`, in order; for the offline tools, which
+    /// report damage rather than stop at it.
+    pub fn scan_raw(
+        &self,
+        range: RangeInclusive<u64>,
+        mut each: impl FnMut(u64, &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<()> {
+        let mut next = *range.start();
+        for item in self.store.events.range(&self.rtxn, &range).map_err(|e| self.err(e))? {
+            let (seq, bytes) = item.map_err(|e| self.store.damaged_from(next, e))?;
+            if !self.pages.hold(bytes) {
+                return Err(past_the_end(seq));
+            }
+            if each(seq, bytes).is_break() {
+                break;
+            }
+            next = seq + 1;
+        }
+        Ok(())
+    }
+
+    /// Visits every blob (key, bytes); a blob whose length is damaged comes as the reason it
+    /// cannot be read.
+    pub fn scan_blobs(&self, mut each: impl FnMut(&[u8], std::result::Result<&[u8], &str>)) -> Result<()> {
+        for item in self.store.blobs.iter(&self.rtxn).map_err(|e| self.err(e))? {
+            let (key, bytes) = item.map_err(|e| self.err(e))?;
+            each(
+                key,
+                if self.pages.hold(bytes) {
+                    Ok(bytes)
+                } else {
+                    Err(PAST_THE_END)
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Visits every entry of the `requests` database, its value unframed; one whose frame is
+    /// damaged comes as the reason it cannot be read.
+    pub fn scan_requests(&self, mut each: impl FnMut(StoredRequest)) -> Result<()> {
+        let Some(db) = self.store.requests else {
+            return Ok(());
+        };
+        for item in db.iter(&self.rtxn).map_err(|e| self.err(e))? {
+            let (key, value) = item.map_err(|e| self.err(e))?;
+            let payload = if self.pages.hold(value) {
+                frame::decode(value).map(<[u8]>::to_vec).map_err(|e| e.to_string())
+            } else {
+                Err(PAST_THE_END.to_string())
+            };
+            each((key.to_vec(), payload));
+        }
+        Ok(())
+    }
+
+    /// Every stored snapshot (seq and frame, read in place), newest first. A snapshot whose
+    /// length is damaged comes back empty, which no frame check passes.
+    pub fn snapshots(&self) -> Result<Vec<(u64, &[u8])>> {
+        self.store
+            .snapshots
+            .rev_iter(&self.rtxn)
+            .map_err(|e| self.err(e))?
+            .map(|item| {
+                item.map(|(seq, bytes)| (seq, if self.pages.hold(bytes) { bytes } else { &[] }))
+                    .map_err(|e| self.err(e))
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> Result<StoreStats> {
+        let store = self.store;
         let mut stats = StoreStats {
-            events: self.events.len(&rtxn).map_err(|e| self.err(e))?,
-            map_size: self.map_size,
-            file_bytes: std::fs::metadata(self.path.join(DATA_FILE)).map_or(0, |m| m.len()),
+            events: store.events.len(&self.rtxn).map_err(|e| self.err(e))?,
+            map_size: store.map_size,
+            file_bytes: std::fs::metadata(store.path.join(DATA_FILE)).map_or(0, |m| m.len()),
             ..StoreStats::default()
         };
-        for item in self.blobs.iter(&rtxn).map_err(|e| self.err(e))? {
+        for item in store.blobs.iter(&self.rtxn).map_err(|e| self.err(e))? {
             let (_, bytes) = item.map_err(|e| self.err(e))?;
             stats.blobs += 1;
             stats.blob_bytes += bytes.len() as u64;
         }
-        for item in self.snapshots.rev_iter(&rtxn).map_err(|e| self.err(e))? {
+        for item in store.snapshots.rev_iter(&self.rtxn).map_err(|e| self.err(e))? {
             let (seq, bytes) = item.map_err(|e| self.err(e))?;
             stats.snapshots.push((seq, bytes.len() as u64));
         }
