@@ -106,6 +106,10 @@ pub fn verify_as_of(view: &ReadView<'_>, settings: Settings) -> log::Result<Veri
         head: view.head()?,
         ..VerifyReport::default()
     };
+    // First, by reading the file: damage to LMDB's own pages that its reads below trust.
+    if let Some(problem) = view.page_problem()? {
+        report.problems.push(problem);
+    }
     let snapshots = stored_snapshots(view, settings, &mut report)?;
     let (state, mut modules) = check_events(view, settings, &snapshots, &mut report)?;
     // Modules no service runs any more leave the blob store; those that some service runs

@@ -50,9 +50,36 @@ pub(super) enum Unsound {
     Io(std::io::Error),
 }
 
+/// What the newest commit uses of the file, as a walk of its trees found it.
+#[derive(Debug)]
+pub(super) struct Usage {
+    /// The highest page number the trees use (their overflow pages included).
+    pub highest: u64,
+    /// The commit's last allocated page.
+    pub last_page: u64,
+    /// The pages the free list holds, as it lists them.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub free: Vec<u64>,
+    /// Where in the file the free list's first page number is, if it is on a leaf page.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub free_listed_at: Option<u64>,
+    /// A page both on the free list and in use: a later commit may write over what it holds.
+    pub free_in_use: Option<u64>,
+    /// A page on the free list past the last allocated one: the free list is damaged.
+    pub free_past_last: Option<u64>,
+}
+
 /// The highest page number the newest commit's trees use (their overflow pages included),
 /// and that commit's last allocated page. `file` is `pages` pages of `page_size` bytes long.
 pub(super) fn highest_used(file: &File, page_size: usize, pages: u64) -> Result<(u64, u64), Unsound> {
+    walk(file, page_size, pages, None).map(|usage| (usage.highest, usage.last_page))
+}
+
+/// Walks every tree of a commit, and its free list: which pages it uses, and whether the free
+/// list and the trees agree. The commit is the one with txn id `txn_id` if a meta page still
+/// names it (a read transaction's, which keeps a writer beside it from reusing the pages it
+/// walks), else the newest.
+pub(super) fn walk(file: &File, page_size: usize, pages: u64, txn_id: Option<u64>) -> Result<Usage, Unsound> {
     let mut walk = Walk {
         file,
         page_size,
@@ -60,25 +87,38 @@ pub(super) fn highest_used(file: &File, page_size: usize, pages: u64) -> Result<
         seen: vec![0u64; pages.div_ceil(64) as usize],
         buffer: vec![0u8; page_size],
         highest: 1,
+        free: Vec::new(),
+        free_listed_at: None,
     };
     // The newer of the two meta pages is the newest commit, as LMDB itself picks it.
     let mut metas = Vec::with_capacity(2);
     for meta in 0..2u64 {
         walk.read(meta)?;
+        walk.mark(meta)?;
         let word = |at: usize| u64::from_le_bytes(walk.buffer[at..at + 8].try_into().expect("8 bytes"));
         metas.push((
             word(META_TXN_ID),
+            meta,
             word(META_LAST_PAGE),
             word(META_FREE_ROOT),
             word(META_MAIN_ROOT),
         ));
     }
-    let (_, last_page, free_root, main_root) = metas.into_iter().max().expect("two metas");
-    let mut roots = vec![free_root, main_root];
-    while let Some(root) = roots.pop() {
-        walk.tree(root, &mut roots)?;
+    let newest = metas.iter().copied().max().expect("two metas");
+    let (_, _, last_page, free_root, main_root) = metas.into_iter().find(|m| Some(m.0) == txn_id).unwrap_or(newest);
+    let mut roots = vec![(free_root, true), (main_root, false)];
+    while let Some((root, free)) = roots.pop() {
+        walk.tree(root, free, &mut roots)?;
     }
-    Ok((walk.highest, last_page))
+    let free = std::mem::take(&mut walk.free);
+    Ok(Usage {
+        highest: walk.highest,
+        last_page,
+        free_in_use: free.iter().copied().find(|&page| walk.is_seen(page)),
+        free_past_last: free.iter().copied().find(|&page| page > last_page),
+        free,
+        free_listed_at: walk.free_listed_at,
+    })
 }
 
 struct Walk<'a> {
@@ -89,6 +129,9 @@ struct Walk<'a> {
     seen: Vec<u64>,
     buffer: Vec<u8>,
     highest: u64,
+    /// The pages the free list holds.
+    free: Vec<u64>,
+    free_listed_at: Option<u64>,
 }
 
 impl Walk<'_> {
@@ -102,22 +145,37 @@ impl Walk<'_> {
             .map_err(Unsound::Io)
     }
 
-    /// Walks the tree at `root`, adding the roots of the named databases it holds to `roots`.
-    fn tree(&mut self, root: u64, roots: &mut Vec<u64>) -> Result<(), Unsound> {
+    fn is_seen(&self, page: u64) -> bool {
+        self.seen
+            .get((page / 64) as usize)
+            .is_some_and(|word| word & (1 << (page % 64)) != 0)
+    }
+
+    /// Marks `page` as in use; a page in use twice is damage.
+    fn mark(&mut self, page: u64) -> Result<(), Unsound> {
+        if page >= self.pages {
+            return Err(Unsound::PastEnd { page });
+        }
+        if self.is_seen(page) {
+            return Err(Unsound::Malformed {
+                page,
+                what: "a page two trees (or one twice) use",
+            });
+        }
+        self.seen[(page / 64) as usize] |= 1 << (page % 64);
+        Ok(())
+    }
+
+    /// Walks the tree at `root`, adding the roots of the named databases it holds to `roots`;
+    /// `free`: the free list's tree, whose values are lists of free pages.
+    fn tree(&mut self, root: u64, free: bool, roots: &mut Vec<(u64, bool)>) -> Result<(), Unsound> {
         if root == P_INVALID {
             return Ok(());
         }
         let mut stack = vec![root];
         while let Some(page) = stack.pop() {
-            let (word, bit) = ((page / 64) as usize, page % 64);
-            if self.seen.get(word).is_some_and(|w| w & (1 << bit) != 0) {
-                return Err(Unsound::Malformed {
-                    page,
-                    what: "a page two trees (or one twice) point to",
-                });
-            }
+            self.mark(page)?;
             self.read(page)?;
-            self.seen[word] |= 1 << bit;
             let malformed = |what| Unsound::Malformed { page, what };
             let half = |at: usize| u16::from_le_bytes([self.buffer[at], self.buffer[at + 1]]);
             if u64::from_le_bytes(self.buffer[..8].try_into().expect("8 bytes")) != page {
@@ -140,6 +198,7 @@ impl Walk<'_> {
                     continue;
                 }
                 let data = node + 8 + usize::from(key_size);
+                let size = usize::from(lo) | usize::from(hi) << 16;
                 let field = |at: usize| {
                     self.buffer
                         .get(data + at..data + at + 8)
@@ -149,20 +208,42 @@ impl Walk<'_> {
                 if node_flags & F_DUPDATA != 0 {
                     return Err(malformed("sorted duplicates, which no Solo database has"));
                 } else if node_flags & F_SUBDATA != 0 {
-                    roots.push(field(40)?);
+                    roots.push((field(40)?, false));
                 } else if node_flags & F_BIGDATA != 0 {
-                    overflows.push(field(0)?);
+                    overflows.push((field(0)?, size));
+                } else if free {
+                    let list = self
+                        .buffer
+                        .get(data..data + size)
+                        .ok_or(malformed("a node's data past the page's end"))?;
+                    let pages = free_list(list).ok_or(malformed("a free list that does not read"))?;
+                    if self.free.is_empty() && size > 8 {
+                        self.free_listed_at = Some(page * self.page_size as u64 + data as u64 + 8);
+                    }
+                    self.free.extend(pages);
                 }
             }
             // Read once done with this page: reading them takes the buffer.
-            for first in overflows {
+            for (first, size) in overflows {
                 self.overflow(first)?;
+                if free {
+                    let mut list = vec![0u8; size];
+                    self.file
+                        .read_exact_at(&mut list, first * self.page_size as u64 + PAGE_HEADER as u64)
+                        .map_err(Unsound::Io)?;
+                    let pages = free_list(&list).ok_or(Unsound::Malformed {
+                        page: first,
+                        what: "a free list that does not read",
+                    })?;
+                    self.free.extend(pages);
+                }
             }
         }
         Ok(())
     }
 
-    /// Checks the overflow pages starting at `first` (read from its header) lie in the file.
+    /// Checks the overflow pages starting at `first` (read from its header) lie in the file,
+    /// and marks them in use.
     fn overflow(&mut self, first: u64) -> Result<(), Unsound> {
         self.read(first)?;
         let flags = u16::from_le_bytes([self.buffer[10], self.buffer[11]]);
@@ -177,9 +258,20 @@ impl Walk<'_> {
         if last >= self.pages {
             return Err(Unsound::PastEnd { page: last });
         }
+        for page in first..=last {
+            self.mark(page)?;
+        }
         self.highest = self.highest.max(last);
         Ok(())
     }
+}
+
+/// The pages of one free-list entry: a count, then as many page numbers (LMDB's `MDB_IDL`).
+fn free_list(bytes: &[u8]) -> Option<impl Iterator<Item = u64> + '_> {
+    let word = |chunk: &[u8]| u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+    let count = usize::try_from(word(bytes.get(..8)?)).ok()?;
+    let pages = bytes.get(8..8 + count.checked_mul(8)?)?;
+    Some(pages.chunks_exact(8).map(word))
 }
 
 #[cfg(test)]
@@ -259,9 +351,29 @@ mod tests {
         assert_eq!(store.head().unwrap(), 6);
         drop(store);
 
-        // Cut short: a page in use is gone.
+        // The free list holds the module's pages, none of them in use.
         let file = data_file(dir.path());
         let pages = file.metadata().unwrap().len() / PAGE;
+        let usage = walk(&file, PAGE as usize, pages, None).expect("a sound file");
+        assert!(usage.free.len() > 16, "{usage:?}");
+        assert_eq!((usage.free_in_use, usage.free_past_last), (None, None));
+
+        // A free list that names a page in use: the next commits could write over it.
+        let mut bytes = std::fs::read(dir.path().join("data.mdb")).unwrap();
+        let listed = usage.free[0].to_le_bytes();
+        let at = usage.free_listed_at.expect("a free list on a leaf page") as usize;
+        assert_eq!(bytes[at..at + 8], listed);
+        let damaged = tempfile::tempdir().expect("a temp dir");
+        bytes[at..at + 8].copy_from_slice(&usage.highest.to_le_bytes());
+        std::fs::write(damaged.path().join("data.mdb"), &bytes).unwrap();
+        let usage = walk(&data_file(damaged.path()), PAGE as usize, pages, None).expect("trees still sound");
+        assert_eq!(usage.free_in_use, Some(usage.highest));
+        let store = Store::open(damaged.path(), &options()).expect("LMDB opens it");
+        let problem = store.read_view().unwrap().page_problem().unwrap().expect("damage");
+        assert!(problem.contains("both on the free list and in use"), "{problem}");
+        drop(store);
+
+        // Cut short: a page in use is gone.
         let (highest, _) = highest_used(&file, PAGE as usize, pages).expect("still sound");
         file.set_len(highest * PAGE).unwrap();
         match Store::open(dir.path(), &options()) {

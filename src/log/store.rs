@@ -648,6 +648,46 @@ impl ReadView<'_> {
         self.store.err(e)
     }
 
+    /// Walks the data file's pages as of this view's commit, reading the file, not the map
+    /// ([`pages`]): damage to LMDB's own structure, which its checksum-less reads could crash
+    /// on, or which a later commit would spread (a page both free and in use, so the next
+    /// commits may write over live data). A problem, for a person; `None` if the pages agree.
+    pub fn page_problem(&self) -> Result<Option<String>> {
+        let file = self.store.path.join(DATA_FILE);
+        let io = |source| Error::Io {
+            path: file.clone(),
+            source,
+        };
+        let data = std::fs::File::open(&file).map_err(io)?;
+        let page_size = u64::from(self.store.env.stat().page_size);
+        let pages = data.metadata().map_err(io)?.len() / page_size;
+        let usage = match pages::walk(&data, page_size as usize, pages, Some(self.rtxn.id() as u64)) {
+            Ok(usage) => usage,
+            Err(pages::Unsound::Io(source)) => return Err(io(source)),
+            Err(pages::Unsound::PastEnd { page }) => {
+                return Ok(Some(format!(
+                    "LMDB page {page}, which the data file's trees use, lies past the file's end"
+                )));
+            }
+            Err(pages::Unsound::Malformed { page, what }) => {
+                return Ok(Some(format!("LMDB page {page} of the data file is damaged: {what}")));
+            }
+        };
+        Ok(if let Some(page) = usage.free_in_use {
+            Some(format!(
+                "LMDB page {page} is both on the free list and in use: a later commit may write over \
+                 what it holds"
+            ))
+        } else {
+            usage.free_past_last.map(|page| {
+                format!(
+                    "LMDB's free list names page {page}, past the last page allocated ({}): it is damaged",
+                    usage.last_page
+                )
+            })
+        })
+    }
+
     /// The seq of the last record, 0 for an empty log.
     pub fn head(&self) -> Result<u64> {
         let last = self.store.events.last(&self.rtxn).map_err(|e| self.err(e))?;
