@@ -102,14 +102,16 @@ pub fn verify(store: &Store, settings: Settings) -> log::Result<VerifyReport> {
 
 /// As [`verify`], of the store as `view` shows it.
 pub fn verify_as_of(view: &ReadView<'_>, settings: Settings) -> log::Result<VerifyReport> {
-    let mut report = VerifyReport {
-        head: view.head()?,
-        ..VerifyReport::default()
-    };
-    // First, by reading the file: damage to LMDB's own pages that its reads below trust.
-    if let Some(problem) = view.page_problem()? {
-        report.problems.push(problem);
+    let mut report = VerifyReport::default();
+    // First, by reading the file: damage to LMDB's own pages, which its reads below trust. Trees
+    // that are not whole are not read through LMDB at all: it could crash on them.
+    if let Some(damage) = view.page_damage()? {
+        report.problems.push(damage.message);
+        if !damage.trees_readable {
+            return Ok(report);
+        }
     }
+    report.head = view.head()?;
     let snapshots = stored_snapshots(view, settings, &mut report)?;
     let (state, mut modules) = check_events(view, settings, &snapshots, &mut report)?;
     // Modules no service runs any more leave the blob store; those that some service runs

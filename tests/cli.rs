@@ -2120,6 +2120,36 @@ fn damage_that_crashes_lmdb_or_loses_a_page_is_reported_as_damage() {
     }
 }
 
+/// Damage LMDB never notices (it does not check the page number in a page's header) is found by
+/// `verify`'s walk of the file's pages, which reads the file, before anything reads through LMDB.
+#[test]
+fn verify_walks_lmdbs_pages_and_finds_damage_lmdb_does_not_notice() {
+    let source = tempfile::tempdir().unwrap();
+    offline_data_dir(source.path(), 1 << 20, 25);
+    let data = source.path().to_str().unwrap();
+    assert!(
+        run(solo().args(["log", "verify", "--data-dir", data]))
+            .ok()
+            .text()
+            .starts_with("ok")
+    );
+    let page = 4096;
+    let renumbered = damaged_copy(source.path(), |bytes| {
+        for start in (2 * page..bytes.len()).step_by(page) {
+            bytes[start..start + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        }
+    });
+    let data = renumbered.path().to_str().unwrap();
+    let ran = run(solo().args(["log", "verify", "--data-dir", data]));
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    let said = ran.text();
+    assert!(
+        said.starts_with("FAILED") && said.contains("whose header names another page"),
+        "{said}{}",
+        ran.stderr
+    );
+}
+
 #[test]
 fn the_offline_tools_only_read_and_say_what_is_wrong_with_a_directory() {
     let dir = tempfile::tempdir().unwrap();

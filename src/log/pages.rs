@@ -369,8 +369,12 @@ mod tests {
         let usage = walk(&data_file(damaged.path()), PAGE as usize, pages, None).expect("trees still sound");
         assert_eq!(usage.free_in_use, Some(usage.highest));
         let store = Store::open(damaged.path(), &options()).expect("LMDB opens it");
-        let problem = store.read_view().unwrap().page_problem().unwrap().expect("damage");
-        assert!(problem.contains("both on the free list and in use"), "{problem}");
+        let damage = store.read_view().unwrap().page_damage().unwrap().expect("damage");
+        assert!(damage.trees_readable, "{damage:?}");
+        assert!(
+            damage.message.contains("both on the free list and in use"),
+            "{damage:?}"
+        );
         drop(store);
 
         // Cut short: a page in use is gone.

@@ -620,6 +620,24 @@ impl Store {
     }
 }
 
+/// Damage to LMDB's own pages, found by walking the data file ([`ReadView::page_damage`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageDamage {
+    pub message: String,
+    /// Whether the B-trees are whole (the damage is the free list's): reading them through
+    /// LMDB is then safe.
+    pub trees_readable: bool,
+}
+
+impl PageDamage {
+    fn to_trees(message: String) -> PageDamage {
+        PageDamage {
+            message,
+            trees_readable: false,
+        }
+    }
+}
+
 /// The store as of one moment: one read transaction, in which every database is read. A check
 /// across databases (`solo log verify`: the events against the blobs, the snapshots and the
 /// remembered requests) needs it, as separate transactions would each see another moment of a
@@ -651,8 +669,8 @@ impl ReadView<'_> {
     /// Walks the data file's pages as of this view's commit, reading the file, not the map
     /// ([`pages`]): damage to LMDB's own structure, which its checksum-less reads could crash
     /// on, or which a later commit would spread (a page both free and in use, so the next
-    /// commits may write over live data). A problem, for a person; `None` if the pages agree.
-    pub fn page_problem(&self) -> Result<Option<String>> {
+    /// commits may write over live data). `None` if the pages agree.
+    pub fn page_damage(&self) -> Result<Option<PageDamage>> {
         let file = self.store.path.join(DATA_FILE);
         let io = |source| Error::Io {
             path: file.clone(),
@@ -665,25 +683,31 @@ impl ReadView<'_> {
             Ok(usage) => usage,
             Err(pages::Unsound::Io(source)) => return Err(io(source)),
             Err(pages::Unsound::PastEnd { page }) => {
-                return Ok(Some(format!(
+                return Ok(Some(PageDamage::to_trees(format!(
                     "LMDB page {page}, which the data file's trees use, lies past the file's end"
-                )));
+                ))));
             }
             Err(pages::Unsound::Malformed { page, what }) => {
-                return Ok(Some(format!("LMDB page {page} of the data file is damaged: {what}")));
+                return Ok(Some(PageDamage::to_trees(format!(
+                    "LMDB page {page} of the data file is damaged: {what}"
+                ))));
             }
         };
+        let to_free_list = |message| PageDamage {
+            message,
+            trees_readable: true,
+        };
         Ok(if let Some(page) = usage.free_in_use {
-            Some(format!(
+            Some(to_free_list(format!(
                 "LMDB page {page} is both on the free list and in use: a later commit may write over \
                  what it holds"
-            ))
+            )))
         } else {
             usage.free_past_last.map(|page| {
-                format!(
+                to_free_list(format!(
                     "LMDB's free list names page {page}, past the last page allocated ({}): it is damaged",
                     usage.last_page
-                )
+                ))
             })
         })
     }
