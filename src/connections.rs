@@ -306,19 +306,25 @@ impl AdmittedStream {
 impl AsyncRead for AdmittedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         self.check_closed(cx)?;
-        if let Some(idle) = self.idle.as_mut()
-            && ready!(idle.poll_closed(cx))
-        {
-            // The end of the stream: the server closes the connection.
+        if self.idle.as_ref().is_some_and(|idle| idle.is_closed()) {
             return Poll::Ready(Ok(()));
         }
+        let filled = buf.filled().len();
         let read = self.read_opening(cx, buf);
-        if read.is_pending()
-            && let Some(idle) = self.idle.as_mut()
-        {
-            idle.nothing_to_read(cx);
+        let Some(idle) = self.idle.as_mut() else {
+            return read;
+        };
+        match read {
+            Poll::Pending if idle.nothing_to_read(cx) => {
+                // The end of the stream: the server closes the connection.
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Ok(())) if buf.filled().len() > filled => {
+                idle.read_something();
+                read
+            }
+            read => read,
         }
-        read
     }
 }
 
@@ -360,10 +366,16 @@ impl tonic::transport::server::Connected for AdmittedStream {
     }
 }
 
-/// How long a connection found idle on the gRPC listener is read no more before it closes: the
-/// requests it sent just before (read, and not yet handed to a task that counts them as open)
-/// get that long to be counted, and keep it open if they are.
+/// How long a connection found idle on the gRPC listener settles before it closes. It is still
+/// read meanwhile: a request that comes (or was read just before, and is not yet handed to the
+/// task that counts it as open) is counted, and keeps the connection. hyper reads all it can
+/// before it hands requests on, so only the end of a settling that read nothing is sure to
+/// have missed none; one that read something (a request, or only a ping) settles again.
 const IDLE_SETTLE: Duration = Duration::from_millis(100);
+
+/// Settlings a connection that keeps sending something other than requests (pings) gets before
+/// it is closed anyway: pings alone must not hold a slot.
+const IDLE_SETTLINGS: u8 = 3;
 
 /// What a connection's requests are doing: how many are open, and since when none has been.
 /// The connection waits on it to go idle; [`TrackRequests`] counts the requests.
@@ -463,8 +475,14 @@ struct IdleWait {
 #[derive(Debug)]
 enum Closing {
     No,
-    /// Found idle: reads wait until this ends, then the connection closes unless a request came.
-    Settling(Pin<Box<Sleep>>),
+    /// Found idle: when this ends, the connection closes unless a request came meanwhile.
+    Settling {
+        until: Pin<Box<Sleep>>,
+        /// Settlings so far, this one included.
+        round: u8,
+        /// Whether anything was read during this one.
+        read: bool,
+    },
     Closed,
 }
 
@@ -479,36 +497,60 @@ impl IdleWait {
 }
 
 impl IdleClose {
-    /// Whether the stream should end (the connection close); pending while it settles.
-    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
-        match &mut self.closing {
-            Closing::No => Poll::Ready(false),
-            Closing::Closed => Poll::Ready(true),
-            Closing::Settling(settle) => {
-                ready!(settle.as_mut().poll(cx));
-                let wait = &self.wait;
-                let still_idle = wait
-                    .activity
-                    .idle_since()
-                    .is_some_and(|since| since.elapsed() >= wait.after);
-                self.closing = if still_idle { Closing::Closed } else { Closing::No };
-                Poll::Ready(still_idle)
-            }
+    fn is_closed(&self) -> bool {
+        matches!(self.closing, Closing::Closed)
+    }
+
+    /// A read returned bytes: a settling under way must settle again.
+    fn read_something(&mut self) {
+        if let Closing::Settling { read, .. } = &mut self.closing {
+            *read = true;
         }
     }
 
-    /// After a read that found nothing: starts settling once the connection has been idle for
-    /// long enough, else makes sure the task is woken when it has.
-    fn nothing_to_read(&mut self, cx: &mut Context<'_>) {
+    /// After a read that found nothing: whether the connection is to close now. Starts settling
+    /// once it has been idle for long enough, and makes sure the task is woken when the idle
+    /// time or the settling is over.
+    fn nothing_to_read(&mut self, cx: &mut Context<'_>) -> bool {
         let wait = &mut self.wait;
-        if wait.activity.poll_idle(wait.after, &mut wait.timer, cx).is_ready() {
-            tracing::debug!(
-                idle_ms = wait.after.as_millis() as u64,
-                "closing an idle gRPC connection"
-            );
-            self.closing = Closing::Settling(Box::pin(tokio::time::sleep(IDLE_SETTLE)));
-            // Polled again at once, to poll (and so start) the settling.
-            cx.waker().wake_by_ref();
+        loop {
+            match &mut self.closing {
+                Closing::Closed => return true,
+                Closing::No => {
+                    if wait.activity.poll_idle(wait.after, &mut wait.timer, cx).is_pending() {
+                        return false;
+                    }
+                    self.closing = Closing::Settling {
+                        until: Box::pin(tokio::time::sleep(IDLE_SETTLE)),
+                        round: 1,
+                        read: false,
+                    };
+                }
+                Closing::Settling { until, round, read } => {
+                    if until.as_mut().poll(cx).is_pending() {
+                        return false;
+                    }
+                    let still_idle = wait
+                        .activity
+                        .idle_since()
+                        .is_some_and(|since| since.elapsed() >= wait.after);
+                    self.closing = if !still_idle {
+                        Closing::No
+                    } else if *read && *round < IDLE_SETTLINGS {
+                        Closing::Settling {
+                            until: Box::pin(tokio::time::sleep(IDLE_SETTLE)),
+                            round: *round + 1,
+                            read: false,
+                        }
+                    } else {
+                        tracing::debug!(
+                            idle_ms = wait.after.as_millis() as u64,
+                            "closing an idle gRPC connection"
+                        );
+                        Closing::Closed
+                    };
+                }
+            }
         }
     }
 }
