@@ -182,15 +182,22 @@ impl Walk<'_> {
                 return Err(malformed("a page whose header names another page"));
             }
             let flags = half(10);
-            let lower = usize::from(half(12));
+            let (lower, upper) = (usize::from(half(12)), usize::from(half(14)));
             let mut overflows = Vec::new();
-            if flags & (P_BRANCH | P_LEAF) == 0 || lower < PAGE_HEADER || lower > self.page_size {
+            // On disk a tree page is a branch or a leaf page, and nothing else (LMDB's other
+            // flags live in memory only, or mark pages of kinds no Solo database has).
+            if flags != P_BRANCH && flags != P_LEAF {
                 return Err(malformed("not a branch or leaf page"));
+            }
+            // Node offsets, then free space, then the nodes: LMDB trusts these bounds, and one
+            // out of place sends its next write, or its reads, past the page.
+            if lower < PAGE_HEADER || lower > upper || upper > self.page_size {
+                return Err(malformed("a page whose free space is out of bounds"));
             }
             for index in 0..(lower - PAGE_HEADER) / 2 {
                 let node = usize::from(half(PAGE_HEADER + 2 * index));
-                if node + 8 > self.page_size {
-                    return Err(malformed("a node past the page's end"));
+                if node < upper || node + 8 > self.page_size {
+                    return Err(malformed("a node outside the page's node area"));
                 }
                 let (lo, hi, node_flags, key_size) = (half(node), half(node + 2), half(node + 4), half(node + 6));
                 if flags & P_BRANCH != 0 {
@@ -198,6 +205,8 @@ impl Walk<'_> {
                     continue;
                 }
                 let data = node + 8 + usize::from(key_size);
+                // A value's length past its page is not the tree's damage but the value's: the
+                // reads of records, modules and snapshots check what they read, and name it.
                 let size = usize::from(lo) | usize::from(hi) << 16;
                 let field = |at: usize| {
                     self.buffer
@@ -247,7 +256,7 @@ impl Walk<'_> {
     fn overflow(&mut self, first: u64) -> Result<(), Unsound> {
         self.read(first)?;
         let flags = u16::from_le_bytes([self.buffer[10], self.buffer[11]]);
-        if flags & P_OVERFLOW == 0 {
+        if flags != P_OVERFLOW {
             return Err(Unsound::Malformed {
                 page: first,
                 what: "a value's first page that is no overflow page",
