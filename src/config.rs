@@ -351,7 +351,6 @@ impl Config {
             ("runtime.max_function_bytes", rt.max_function_bytes.into()),
             ("runtime.max_functions", rt.max_functions.into()),
             ("runtime.log_lines_per_service", rt.log_lines_per_service.into()),
-            ("runtime.log_bytes_per_second", rt.log_bytes_per_second),
             ("runtime.max_response_bytes", rt.max_response_bytes),
             ("runtime.start_timeout_ms", rt.start_timeout_ms.into()),
             ("runtime.observation_retry_max_ms", rt.observation_retry_max_ms.into()),
@@ -928,6 +927,11 @@ mod tests {
                 "[runtime]\nlog_bytes_per_second = 4000\n",
                 "runtime.log_bytes_per_second",
                 "at least 4160",
+            ),
+            (
+                "[runtime]\nlog_bytes_per_second = 0\n",
+                "runtime.log_bytes_per_second",
+                "at least 4160 (one full line",
             ),
         ] {
             let e = error_of(text);
