@@ -21,29 +21,29 @@
 //!   answer's body ends or is dropped ([`TrackRequests`], on the connection's [`Activity`]), so a
 //!   quiet Watch or a slow call keeps its connection however long it is quiet. The HTTP listener
 //!   shuts such a connection down itself (a GOAWAY); tonic offers no handle on one connection,
-//!   so on the gRPC listener the stream closes it ([`Deadlines::close_idle_after`]);
+//!   so on the gRPC listener the stream closes it ([`Deadlines::close_idle_after`], [`idle`]);
 //! - once the listener drains, one that has sent nothing is closed at once: it asked nothing;
 //! - once the shutdown's grace is over (and the answers of calls it cut off are out), every
 //!   connection is closed, so that a client that ignores the HTTP/2 GOAWAY (or never answers
 //!   its ping) cannot hold the node past it.
 
+mod idle;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-use futures_util::task::AtomicWaker;
-use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::{Connected as _, TcpConnectInfo};
+
+use idle::IdleClose;
+pub use idle::{Activities, Activity, TrackRequests, TrackRequestsLayer};
 
 /// The pause after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
@@ -211,14 +211,9 @@ struct Opening {
 impl AdmittedStream {
     fn new(stream: TcpStream, admission: Admission, deadlines: &Deadlines, activities: &Activities) -> AdmittedStream {
         let connect_info = stream.connect_info();
-        let idle = deadlines.close_idle_after.map(|after| {
-            let activity = Activity::new();
-            Box::new(IdleClose {
-                _registered: activities.register(&connect_info, &activity),
-                wait: IdleWait::new(activity, after),
-                closing: Closing::No,
-            })
-        });
+        let idle = deadlines
+            .close_idle_after
+            .map(|after| Box::new(IdleClose::new(activities, &connect_info, after)));
         AdmittedStream {
             stream,
             _admission: admission,
@@ -366,358 +361,6 @@ impl tonic::transport::server::Connected for AdmittedStream {
     }
 }
 
-/// How long a connection found idle on the gRPC listener settles before it closes. It is still
-/// read meanwhile: a request that comes (or was read just before, and is not yet handed to the
-/// task that counts it as open) is counted, and keeps the connection. hyper reads all it can
-/// before it hands requests on, so only the end of a settling that read nothing is sure to
-/// have missed none; one that read something (a request, or only a ping) settles again.
-const IDLE_SETTLE: Duration = Duration::from_millis(100);
-
-/// Settlings a connection that keeps sending something other than requests (pings) gets before
-/// it is closed anyway: pings alone must not hold a slot.
-const IDLE_SETTLINGS: u8 = 3;
-
-/// What a connection's requests are doing: how many are open, and since when none has been.
-/// The connection waits on it to go idle; [`TrackRequests`] counts the requests.
-#[derive(Debug)]
-pub struct Activity {
-    /// Requests open: from their call until their answer's body has ended or is dropped.
-    open: AtomicUsize,
-    /// The base of `last_ended_us`: when the connection was admitted.
-    opened: Instant,
-    /// When the last request ended (or the connection was admitted), in µs since `opened`.
-    last_ended_us: AtomicU64,
-    /// The one task that waits for the connection to go idle (the connection's), woken when its
-    /// last open request ends.
-    waiter: AtomicWaker,
-}
-
-impl Activity {
-    pub fn new() -> Arc<Activity> {
-        Arc::new(Activity {
-            open: AtomicUsize::new(0),
-            opened: Instant::now(),
-            last_ended_us: AtomicU64::new(0),
-            waiter: AtomicWaker::new(),
-        })
-    }
-
-    /// Counts a request as open until the guard is dropped.
-    fn start(self: &Arc<Self>) -> OpenRequest {
-        self.open.fetch_add(1, Ordering::SeqCst);
-        OpenRequest(Arc::clone(self))
-    }
-
-    fn end(&self) {
-        let now = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
-        // Before the count drops: a waiter that sees none open sees when the last one ended.
-        self.last_ended_us.fetch_max(now, Ordering::SeqCst);
-        if self.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.waiter.wake();
-        }
-    }
-
-    /// Since when the connection has had no request open; `None` while one is.
-    fn idle_since(&self) -> Option<Instant> {
-        if self.open.load(Ordering::SeqCst) > 0 {
-            return None;
-        }
-        Some(self.opened + Duration::from_micros(self.last_ended_us.load(Ordering::SeqCst)))
-    }
-
-    /// Resolves once the connection has had no request open for `after`. One task at a time
-    /// may wait (the connection's own).
-    pub async fn idle(&self, after: Duration) {
-        let mut timer = Box::pin(tokio::time::sleep(after));
-        std::future::poll_fn(|cx| self.poll_idle(after, &mut timer, cx)).await;
-    }
-
-    fn poll_idle(&self, after: Duration, timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
-        // Registered before looking, so that a request ending meanwhile still wakes the task.
-        self.waiter.register(cx.waker());
-        let Some(since) = self.idle_since() else {
-            return Poll::Pending;
-        };
-        let deadline = since + after;
-        if timer.deadline() != deadline {
-            timer.as_mut().reset(deadline);
-        }
-        timer.as_mut().poll(cx)
-    }
-}
-
-/// A request open on its connection, until dropped.
-#[derive(Debug)]
-struct OpenRequest(Arc<Activity>);
-
-impl Drop for OpenRequest {
-    fn drop(&mut self) {
-        self.0.end();
-    }
-}
-
-/// Closes an admitted connection at its stream once it has had no request open for a while.
-#[derive(Debug)]
-struct IdleClose {
-    wait: IdleWait,
-    closing: Closing,
-    /// Keeps the connection's activity findable by its requests while it is open.
-    _registered: Option<Registered>,
-}
-
-#[derive(Debug)]
-struct IdleWait {
-    activity: Arc<Activity>,
-    after: Duration,
-    timer: Pin<Box<Sleep>>,
-}
-
-#[derive(Debug)]
-enum Closing {
-    No,
-    /// Found idle: when this ends, the connection closes unless a request came meanwhile.
-    Settling {
-        until: Pin<Box<Sleep>>,
-        /// Settlings so far, this one included.
-        round: u8,
-        /// Whether anything was read during this one.
-        read: bool,
-    },
-    Closed,
-}
-
-impl IdleWait {
-    fn new(activity: Arc<Activity>, after: Duration) -> IdleWait {
-        IdleWait {
-            activity,
-            after,
-            timer: Box::pin(tokio::time::sleep(after)),
-        }
-    }
-}
-
-impl IdleClose {
-    fn is_closed(&self) -> bool {
-        matches!(self.closing, Closing::Closed)
-    }
-
-    /// A read returned bytes: a settling under way must settle again.
-    fn read_something(&mut self) {
-        if let Closing::Settling { read, .. } = &mut self.closing {
-            *read = true;
-        }
-    }
-
-    /// After a read that found nothing: whether the connection is to close now. Starts settling
-    /// once it has been idle for long enough, and makes sure the task is woken when the idle
-    /// time or the settling is over.
-    fn nothing_to_read(&mut self, cx: &mut Context<'_>) -> bool {
-        let wait = &mut self.wait;
-        loop {
-            match &mut self.closing {
-                Closing::Closed => return true,
-                Closing::No => {
-                    if wait.activity.poll_idle(wait.after, &mut wait.timer, cx).is_pending() {
-                        return false;
-                    }
-                    self.closing = Closing::Settling {
-                        until: Box::pin(tokio::time::sleep(IDLE_SETTLE)),
-                        round: 1,
-                        read: false,
-                    };
-                }
-                Closing::Settling { until, round, read } => {
-                    if until.as_mut().poll(cx).is_pending() {
-                        return false;
-                    }
-                    let still_idle = wait
-                        .activity
-                        .idle_since()
-                        .is_some_and(|since| since.elapsed() >= wait.after);
-                    self.closing = if !still_idle {
-                        Closing::No
-                    } else if *read && *round < IDLE_SETTLINGS {
-                        Closing::Settling {
-                            until: Box::pin(tokio::time::sleep(IDLE_SETTLE)),
-                            round: *round + 1,
-                            read: false,
-                        }
-                    } else {
-                        tracing::debug!(
-                            idle_ms = wait.after.as_millis() as u64,
-                            "closing an idle gRPC connection"
-                        );
-                        Closing::Closed
-                    };
-                }
-            }
-        }
-    }
-}
-
-/// The activity of a listener's open connections, found by their addresses: tonic's
-/// [`TcpConnectInfo`] in a request is all that names its connection there.
-#[derive(Debug, Clone, Default)]
-pub struct Activities(Arc<Mutex<ByAddresses>>);
-
-/// Connections' activity by their local and remote addresses.
-type ByAddresses = HashMap<(SocketAddr, SocketAddr), Arc<Activity>>;
-
-/// A connection's entry in [`Activities`], removed when dropped.
-#[derive(Debug)]
-struct Registered {
-    activities: Activities,
-    key: (SocketAddr, SocketAddr),
-    activity: Arc<Activity>,
-}
-
-impl Activities {
-    /// `None` for a connection whose addresses the kernel could not tell (one already gone):
-    /// its requests are not counted, and it closes when idle from its admission.
-    fn register(&self, info: &TcpConnectInfo, activity: &Arc<Activity>) -> Option<Registered> {
-        let key = Self::key(info)?;
-        self.lock().insert(key, Arc::clone(activity));
-        Some(Registered {
-            activities: self.clone(),
-            key,
-            activity: Arc::clone(activity),
-        })
-    }
-
-    fn find(&self, info: &TcpConnectInfo) -> Option<Arc<Activity>> {
-        self.lock().get(&Self::key(info)?).cloned()
-    }
-
-    fn key(info: &TcpConnectInfo) -> Option<(SocketAddr, SocketAddr)> {
-        Some((info.local_addr()?, info.remote_addr()?))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ByAddresses> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        let mut activities = self.activities.lock();
-        // A new connection with the same addresses may have come in as this one closed.
-        if activities
-            .get(&self.key)
-            .is_some_and(|a| Arc::ptr_eq(a, &self.activity))
-        {
-            activities.remove(&self.key);
-        }
-    }
-}
-
-/// Where [`TrackRequests`] finds the activity of a request's connection.
-#[derive(Debug, Clone)]
-enum Find {
-    /// The service serves one connection (the HTTP listener makes one per connection).
-    Connection(Arc<Activity>),
-    /// By the addresses tonic puts in the request.
-    ByAddress(Activities),
-}
-
-/// A layer counting each request as open on its connection (see [`TrackRequests`]): tonic's
-/// server takes one layer for all its connections, which finds each request's by its addresses.
-#[derive(Debug, Clone)]
-pub struct TrackRequestsLayer(Activities);
-
-impl TrackRequestsLayer {
-    pub fn by_address(activities: Activities) -> TrackRequestsLayer {
-        TrackRequestsLayer(activities)
-    }
-}
-
-impl<S> tower::Layer<S> for TrackRequestsLayer {
-    type Service = TrackRequests<S>;
-
-    fn layer(&self, inner: S) -> TrackRequests<S> {
-        TrackRequests {
-            inner,
-            find: Find::ByAddress(self.0.clone()),
-        }
-    }
-}
-
-/// Counts each request as open on its connection's [`Activity`] from its call until its
-/// answer's body has ended or is dropped (a client that cancels drops it): the node closes
-/// only connections with none open, so a Watch, a followed log or a slow call is never cut.
-#[derive(Debug, Clone)]
-pub struct TrackRequests<S> {
-    inner: S,
-    find: Find,
-}
-
-impl<S> TrackRequests<S> {
-    /// For a service that serves the one connection `activity` is of.
-    pub fn new(inner: S, activity: Arc<Activity>) -> TrackRequests<S> {
-        TrackRequests {
-            inner,
-            find: Find::Connection(activity),
-        }
-    }
-}
-
-impl<S, B, R> tower::Service<http::Request<B>> for TrackRequests<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<OpenBody<R>>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let activity = match &self.find {
-            Find::Connection(activity) => Some(Arc::clone(activity)),
-            Find::ByAddress(activities) => request
-                .extensions()
-                .get::<TcpConnectInfo>()
-                .and_then(|info| activities.find(info)),
-        };
-        let open = activity.map(|activity| activity.start());
-        let answer = self.inner.call(request);
-        Box::pin(async move {
-            let answer = answer.await?;
-            Ok(answer.map(|body| OpenBody { body, open }))
-        })
-    }
-}
-
-/// An answer's body, which keeps its request open on its connection until it ends or is dropped.
-#[derive(Debug)]
-pub struct OpenBody<B> {
-    body: B,
-    open: Option<OpenRequest>,
-}
-
-impl<B: Body + Unpin> Body for OpenBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
-        if frame.is_none() {
-            self.open = None;
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -733,26 +376,5 @@ mod tests {
         assert_eq!(client("2001:db8:1:2:bbbb::9"), client("2001:db8:1:2:aaaa::1"));
         assert_ne!(client("2001:db8:1:3::1"), client("2001:db8:1:2::1"));
         assert_eq!(client("::1"), "::");
-    }
-
-    #[tokio::test]
-    async fn a_connection_is_idle_only_once_no_request_has_been_open_for_the_time() {
-        let activity = Activity::new();
-        let after = Duration::from_millis(100);
-        let open = activity.start();
-        let idle = activity.idle(after);
-        tokio::pin!(idle);
-        // However long a request stays open, the connection is not idle.
-        assert!(tokio::time::timeout(after * 3, idle.as_mut()).await.is_err());
-        drop(open);
-        let ended = Instant::now();
-        idle.await;
-        assert!(ended.elapsed() >= after, "idle after {:?}", ended.elapsed());
-        // A request that came and went meanwhile starts the time afresh.
-        tokio::time::sleep(after / 2).await;
-        drop(activity.start());
-        let ended = Instant::now();
-        activity.idle(after).await;
-        assert!(ended.elapsed() >= after, "idle after {:?}", ended.elapsed());
     }
 }
