@@ -69,16 +69,10 @@ pub(super) struct Usage {
     pub free_past_last: Option<u64>,
 }
 
-/// The highest page number the newest commit's trees use (their overflow pages included),
-/// and that commit's last allocated page. `file` is `pages` pages of `page_size` bytes long.
-pub(super) fn highest_used(file: &File, page_size: usize, pages: u64) -> Result<(u64, u64), Unsound> {
-    walk(file, page_size, pages, None).map(|usage| (usage.highest, usage.last_page))
-}
-
 /// Walks every tree of a commit, and its free list: which pages it uses, and whether the free
 /// list and the trees agree. The commit is the one with txn id `txn_id` if a meta page still
 /// names it (a read transaction's, which keeps a writer beside it from reusing the pages it
-/// walks), else the newest.
+/// walks), else the newest. `file` is `pages` pages of `page_size` bytes long.
 pub(super) fn walk(file: &File, page_size: usize, pages: u64, txn_id: Option<u64>) -> Result<Usage, Unsound> {
     let mut walk = Walk {
         file,
@@ -340,7 +334,11 @@ mod tests {
         }
         let file = data_file(dir.path());
         let pages = file.metadata().unwrap().len() / PAGE;
-        let (highest, last) = highest_used(&file, PAGE as usize, pages).expect("a sound file");
+        let Usage {
+            highest,
+            last_page: last,
+            ..
+        } = walk(&file, PAGE as usize, pages, None).expect("a sound file");
         assert_eq!(last + 1, pages, "the file holds every page allocated");
         assert!(
             highest + 16 < last,
@@ -387,7 +385,7 @@ mod tests {
         drop(store);
 
         // Cut short: a page in use is gone.
-        let (highest, _) = highest_used(&file, PAGE as usize, pages).expect("still sound");
+        let highest = walk(&file, PAGE as usize, pages, None).expect("still sound").highest;
         file.set_len(highest * PAGE).unwrap();
         match Store::open(dir.path(), &options()) {
             Err(Error::BadDataDir { reason, .. }) => assert!(

@@ -954,9 +954,10 @@ fn check_file_length(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
         ),
     };
     // A read transaction keeps a node writing beside a tool from reusing the pages walked.
-    let _pinned = env.read_txn().map_err(|e| Error::from_heed(e, path, 0))?;
-    match pages::highest_used(&data, page_size as usize, length / u64::from(page_size)) {
-        Ok((highest, _)) => {
+    let pinned = env.read_txn().map_err(|e| Error::from_heed(e, path, 0))?;
+    let txn_id = Some(pinned.id() as u64);
+    match pages::walk(&data, page_size as usize, length / u64::from(page_size), txn_id) {
+        Ok(pages::Usage { highest, .. }) => {
             tracing::info!(
                 path = %file.display(),
                 length,
