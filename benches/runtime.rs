@@ -2,6 +2,8 @@
 //! - deploy of a cached module (latency; target p50 < 1 ms),
 //! - cold compile + deploy of `echo`,
 //! - echo call throughput with concurrent callers (target ≥ 200,000 calls/s on 2 cores),
+//! - one tenant's echo calls while another tenant keeps 40 services busy (how much of the guest
+//!   threads a quiet tenant keeps beside a noisy one),
 //! - memory per idle service, and how many idle services fit in 24 GiB (target ≥ 10,000).
 
 use std::collections::BTreeMap;
@@ -214,6 +216,88 @@ fn bench_calls(c: &mut Criterion) {
     rt.block_on(node.stop(Duration::from_secs(5)));
 }
 
+/// A service whose every call counts to about a hundred million: CPU work that returns.
+const BUSY_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "solo_handle") (param i32 i32) (result i64)
+    (local $i i32)
+    (loop $busy
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $busy (i32.lt_u (local.get $i) (i32.const 100000000))))
+    (i64.const 0)))"#;
+
+/// A quiet tenant's echo calls, one caller at a time, while a noisy tenant keeps 40 services
+/// busy with CPU work (one caller each). Alone, the echo answers as `call/echo/1` does.
+fn bench_noisy_neighbour(c: &mut Criterion) {
+    const NOISY_SERVICES: usize = 40;
+    // The noise would run while other benchmarks are measured.
+    if !selected("echo_beside") {
+        return;
+    }
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let node: Node = rt
+        .block_on(solo::server::open_node(&config(dir.path(), 1000)))
+        .expect("the node opens");
+    let (echo, busy) = (wasm(&example_wat("echo")), wasm(BUSY_WAT));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let noise: Vec<_> = rt.block_on(async {
+        let outcome = node
+            .control
+            .deploy(request("quiet", "echo", &echo))
+            .await
+            .expect("deploy succeeds");
+        started(&node.control, outcome.seq, "quiet", "echo").await;
+        let mut noise = Vec::new();
+        for i in 0..NOISY_SERVICES {
+            let id = format!("busy{i}");
+            let mut deploy = request("noisy", &id, &busy);
+            deploy.limits.cpu_ms_per_call = 30_000;
+            deploy.limits.call_timeout_ms = 60_000;
+            let outcome = node.control.deploy(deploy).await.expect("deploy succeeds");
+            started(&node.control, outcome.seq, "noisy", &id).await;
+            let (control, stop) = (node.control.clone(), Arc::clone(&stop));
+            noise.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let timeout = Some(Duration::from_secs(300));
+                    control
+                        .call("noisy", &id, Vec::new(), timeout)
+                        .await
+                        .expect("the call succeeds");
+                }
+            }));
+        }
+        noise
+    });
+    let mut group = c.benchmark_group("call");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Elements(1));
+    group.bench_function("echo_beside_40_busy_services_of_another_tenant", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(closed_loop(1, iters, |_, turns| {
+                let control = node.control.clone();
+                async move {
+                    while turns.claim().is_some() {
+                        let out = control.call("quiet", "echo", b"ping".to_vec(), None).await;
+                        assert_eq!(out.expect("the call succeeds"), b"ping");
+                    }
+                }
+            }))
+        });
+    });
+    group.finish();
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(async {
+        for caller in noise {
+            caller.await.expect("the noisy caller ends");
+        }
+        node.stop(Duration::from_secs(5)).await
+    });
+}
+
 /// Resident memory of this process, from /proc (Linux).
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -293,5 +377,5 @@ fn idle_services(_: &mut Criterion) {
     rt.block_on(node.stop(Duration::from_secs(30)));
 }
 
-criterion_group!(benches, bench_deploy, bench_calls, idle_services);
+criterion_group!(benches, bench_deploy, bench_calls, bench_noisy_neighbour, idle_services);
 criterion_main!(benches);

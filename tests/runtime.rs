@@ -1393,3 +1393,70 @@ async fn calls_wait_for_the_next_version_when_the_one_before_goes_down() {
     assert!(answer.is_empty(), "version 2 answered: {answer:?}");
     node.stop(Duration::from_secs(5)).await;
 }
+
+/// A service whose every call does the same fixed amount of work (a counted loop, not a clock),
+/// so that the calls it answers measure the CPU it was given.
+fn fixed_work(tenant: &str, id: &str) -> solo::control::DeployRequest {
+    let wat = r#"(module
+      (memory (export "memory") 1)
+      (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "solo_handle") (param i32 i32) (result i64)
+        (local $i i32)
+        (loop $busy
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $busy (i32.lt_u (local.get $i) (i32.const 20000000))))
+        (i64.const 0)))"#;
+    let mut request = deploy_request(tenant, id, "");
+    request.module = Arc::from(wat.as_bytes());
+    request.limits = Limits {
+        call_timeout_ms: 30_000,
+        cpu_ms_per_call: 30_000,
+        ..Limits::default()
+    };
+    request
+}
+
+/// Guest threads are shared by tenants, not by services: a tenant with many busy services gets
+/// no more of them than a tenant with one. Each service here has one caller calling it in a
+/// loop; the quiet tenant's one service gets about one of the two threads, as the busy
+/// tenant's six do between them, where sharing by service would give it a seventh of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_with_many_busy_services_gets_no_more_guest_time_than_one_with_one() {
+    const BUSY_SERVICES: usize = 6;
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = &node.control;
+    let mut services = vec![("quiet", "work".to_string())];
+    services.extend((0..BUSY_SERVICES).map(|i| ("busy", format!("work{i}"))));
+    for (tenant, id) in &services {
+        let deployed = control.deploy(fixed_work(tenant, id)).await.unwrap();
+        wait_for_kind(control, deployed.seq, tenant, id, "service_started").await;
+    }
+    let until = Instant::now() + Duration::from_secs(4);
+    let callers: Vec<_> = services
+        .iter()
+        .map(|(tenant, id)| {
+            let (control, tenant, id) = (control.clone(), tenant.to_string(), id.clone());
+            tokio::spawn(async move {
+                let mut answered = 0u32;
+                while Instant::now() < until {
+                    call(&control, &tenant, &id, b"").await.unwrap();
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    let mut answered = Vec::new();
+    for caller in callers {
+        answered.push(caller.await.unwrap());
+    }
+    let quiet = f64::from(answered[0]);
+    let busy_each = f64::from(answered[1..].iter().sum::<u32>()) / BUSY_SERVICES as f64;
+    // Fair by tenant, the ratio is about 6; fair by service, it would be about 1.
+    assert!(
+        quiet >= 3.0 * busy_each.max(1.0),
+        "the quiet tenant's service answered {quiet} calls, each of the busy tenant's {busy_each:.1} ({answered:?})"
+    );
+    node.stop(Duration::from_secs(5)).await;
+}

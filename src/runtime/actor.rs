@@ -235,6 +235,10 @@ impl Actor {
                             None => return,
                         }
                     }
+                    if calls.is_empty() {
+                        // Nothing more to serve: the turn on the guest threads goes to others.
+                        instance.idle();
+                    }
                 }
             }
         }

@@ -9,6 +9,7 @@ use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc, 
 use super::error::{CallFailure, StartFailure};
 use super::logs::{Level, LogBuffer};
 use super::module::Prepared;
+use super::turns::{GuestTurn, TenantTurns};
 use crate::proto::{CrashReason, Limits};
 
 /// Longest log line kept; longer ones are cut.
@@ -117,6 +118,7 @@ pub struct Instance {
     limits: Limits,
     tick: Duration,
     max_response_bytes: usize,
+    turn: GuestTurn,
 }
 
 impl std::fmt::Debug for Instance {
@@ -137,6 +139,8 @@ pub struct InstanceConfig {
     pub max_response_bytes: usize,
     /// Time `solo_init` (and the module's start function) may take.
     pub start_timeout: Duration,
+    /// Its tenant's place among the turns on the guest threads.
+    pub turns: TenantTurns,
 }
 
 impl Instance {
@@ -158,7 +162,9 @@ impl Instance {
         };
         let mut store = Store::new(engine, host);
         store.limiter(|host| &mut host.limiter);
-        store.epoch_deadline_callback(|mut ctx| {
+        let turn = config.turns.guest();
+        let ticking = turn.clone();
+        store.epoch_deadline_callback(move |mut ctx| {
             let budget = &mut ctx.data_mut().budget;
             budget.ticks += 1;
             if budget.ticks > budget.max_ticks {
@@ -167,11 +173,13 @@ impl Instance {
             if Instant::now() >= budget.deadline {
                 return Err(wasmtime::Error::new(Interrupted::Timeout));
             }
-            // Give the thread back at every tick: a looping guest cannot starve the others.
-            Ok(UpdateDeadline::Yield(1))
+            // Give the thread back at every tick: a looping guest cannot starve the others, nor
+            // a tenant's many guests another tenant's few.
+            Ok(UpdateDeadline::YieldCustom(1, ticking.hand_on()))
         });
         let budget_ms = config.limits.cpu_ms_per_call.max(1) as u64;
         arm(&mut store, config.tick, budget_ms, config.start_timeout);
+        turn.take().await;
         let instance = prepared
             .pre
             .instantiate_async(&mut store)
@@ -224,6 +232,8 @@ impl Instance {
                 }
             }
         }
+        // Until its first call: a failed start lets the turn go as the store and `turn` drop.
+        turn.release();
         Ok(Instance {
             store,
             memory,
@@ -233,6 +243,7 @@ impl Instance {
             limits: config.limits,
             tick: config.tick,
             max_response_bytes: config.max_response_bytes,
+            turn,
         })
     }
 
@@ -244,6 +255,21 @@ impl Instance {
     /// One request: `solo_alloc`, copy in, `solo_handle`, copy the response out.
     pub async fn call(&mut self, payload: &[u8], deadline: Instant) -> Result<Vec<u8>, CallFailure> {
         let timeout = deadline.saturating_duration_since(Instant::now());
+        // The time limit runs from the first turn: waiting for it is queueing, not the call's.
+        self.turn.take().await;
+        let served = self.serve(payload, timeout).await;
+        // Kept for the next call in the mailbox unless it has had its tick: serving calls one
+        // after another without handing the turn on costs no wake-ups.
+        self.turn.release_after(self.tick);
+        served
+    }
+
+    /// Lets the instance's turn go: it has no call to serve.
+    pub fn idle(&self) {
+        self.turn.release();
+    }
+
+    async fn serve(&mut self, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, CallFailure> {
         arm(
             &mut self.store,
             self.tick,
@@ -293,6 +319,7 @@ impl Instance {
             self.limits.cpu_ms_per_call.max(1) as u64,
             grace,
         );
+        self.turn.take().await;
         if let Err(e) = stop.call_async(&mut self.store, ()).await {
             tracing::debug!(error = %describe_failure(&e, &self.store), "solo_stop failed");
         }

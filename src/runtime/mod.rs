@@ -16,6 +16,7 @@ mod logs;
 mod module;
 mod recorder;
 mod stats;
+mod turns;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +41,7 @@ use instance::InstanceConfig;
 use module::{Compiler, ModuleCache, Prepared};
 use recorder::Recorder;
 use stats::LiveStats;
+use turns::{GuestTurns, TenantTurns};
 
 use crate::control::{EventLog, Module, Observation, Observer};
 use crate::proto::{CrashReason, Event, Limits, ServiceRef, StopReason, event::Kind};
@@ -123,6 +125,8 @@ struct Inner {
     /// Where guest code runs; owned here so it can be shut down without blocking.
     guest_runtime: Mutex<Option<tokio::runtime::Runtime>>,
     guests: tokio::runtime::Handle,
+    /// Who runs guest code next: tenants take turns on the guest threads.
+    turns: Arc<GuestTurns>,
     /// Slots by tenant, then by service id (so lookups need no allocation).
     /// Why a std lock: lookups and inserts only, never held across an `.await`.
     slots: Mutex<HashMap<String, HashMap<String, Arc<Slot>>>>,
@@ -148,6 +152,8 @@ impl std::fmt::Debug for Inner {
 struct Slot {
     tenant: String,
     service_id: String,
+    /// The tenant's place in the rotation of turns on the guest threads, shared by its slots.
+    turns: TenantTurns,
     logs: Arc<LogBuffer>,
     stats: Arc<LiveStats>,
     ready: Ready,
@@ -293,6 +299,7 @@ impl Runtime {
             .enable_time()
             .build()?;
         let guests = guest_runtime.handle().clone();
+        let turns = GuestTurns::new(options.guest_threads);
         let ticker_stop = Arc::new(AtomicBool::new(false));
         start_epoch_ticker(
             compiler.engine.weak(),
@@ -311,6 +318,7 @@ impl Runtime {
                 log,
                 guest_runtime: Mutex::new(Some(guest_runtime)),
                 guests,
+                turns,
                 slots: Mutex::new(HashMap::new()),
                 reconciler: Mutex::new(None),
                 reconciled: Reconciled::default(),
@@ -712,9 +720,14 @@ impl Inner {
             return Arc::clone(slot);
         }
         let (commands, queue) = mpsc::unbounded_channel();
+        let turns = slots
+            .get(tenant)
+            .and_then(|services| services.values().next())
+            .map_or_else(|| self.turns.tenant(), |slot| slot.turns.clone());
         let slot = Arc::new(Slot {
             tenant: tenant.to_string(),
             service_id: service_id.to_string(),
+            turns,
             logs: Arc::new(LogBuffer::new(tenant, service_id, self.options.logs)),
             stats: Arc::new(LiveStats::default()),
             ready: Arc::new(watch::Sender::new(Route::Pending)),
@@ -856,6 +869,7 @@ impl Inner {
             tick: self.options.engine.epoch_tick,
             max_response_bytes: self.options.max_response_bytes,
             start_timeout: self.options.start_timeout,
+            turns: slot.turns.clone(),
         }
     }
 }
