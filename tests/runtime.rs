@@ -124,6 +124,30 @@ async fn traps_fail_the_call_and_restart_the_instance_fresh() {
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// With one guest thread, hence one turn on it: the instance a trap replaces lets its turn go
+/// before the fresh one starts, which would otherwise wait for it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_guest_thread_a_trapped_instance_is_replaced_and_serves_again() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.runtime.guest_threads = 1;
+    let node = open_node(&config).await;
+    let control = &node.control;
+    let deployed = deploy_running(control, "acme", "u", "unreachable").await;
+    let mut from = deployed.seq;
+    for restarts in 1..=2 {
+        let err = call(control, "acme", "u", b"x").await.unwrap_err();
+        assert!(matches!(err, Error::Call(CallError::Trapped { .. })), "{err}");
+        let restarted = wait_for_kind(control, from, "acme", "u", "service_restarted").await;
+        let Some(Kind::ServiceRestarted(r)) = &restarted.kind else {
+            unreachable!()
+        };
+        assert_eq!(r.restarts, restarts);
+        from = restarted.seq + 1;
+    }
+    node.stop(Duration::from_secs(5)).await;
+}
+
 /// A deploy of acme/`id` whose every call traps, in a function whose name is `name_len` bytes.
 fn trapping_in(id: &str, name_len: usize) -> solo::control::DeployRequest {
     let wat = format!(

@@ -230,6 +230,8 @@ impl Actor {
                         return;
                     };
                     if let Some(failure) = self.serve(&mut instance, call).await {
+                        // The fresh instance's start may wait for a turn: this one's is free.
+                        instance.idle();
                         match self.restart(failure, &mut restart_times).await {
                             Some(fresh) => instance = fresh,
                             None => return,

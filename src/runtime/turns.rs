@@ -78,10 +78,11 @@ impl Dealer {
     fn release(&mut self, tenant: u64) -> Option<Waker> {
         self.give_up(tenant);
         self.free += 1;
-        if self.free <= 0 {
+        let (place, next) = self.neediest(None)?;
+        // Over-dealt, the turn goes back, unless a tenant waits that now holds none.
+        if self.free <= 0 && self.held(next) > 0 {
             return None;
         }
-        let (place, next) = self.neediest(None)?;
         self.free -= 1;
         self.deal(place, next)
     }
@@ -444,6 +445,21 @@ mod tests {
         );
         assert!(waits(&mut giving_up));
         assert_eq!((held(&turns, &busy), free(&turns)), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_tenant_left_holding_none_while_its_guests_wait_is_dealt_one_at_once() {
+        let turns = GuestTurns::new(1);
+        let (a, b) = (turns.tenant(), turns.tenant());
+        let a_1 = running(&a).await;
+        let _b_1 = running(&b).await;
+        let a_2 = a.guest();
+        let mut a_2_waiting = Box::pin(a_2.take());
+        assert!(waits(&mut a_2_waiting));
+        // Turns are over-dealt, but a would hold none: its waiting guest runs.
+        a_1.release();
+        assert!(a_2_waiting.as_mut().now_or_never().is_some());
+        assert_eq!(free(&turns), -1);
     }
 
     #[tokio::test]
