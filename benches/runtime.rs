@@ -216,19 +216,8 @@ fn bench_calls(c: &mut Criterion) {
     rt.block_on(node.stop(Duration::from_secs(5)));
 }
 
-/// A service whose every call counts to about a hundred million: CPU work that returns.
-const BUSY_WAT: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
-  (func (export "solo_handle") (param i32 i32) (result i64)
-    (local $i i32)
-    (loop $busy
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br_if $busy (i32.lt_u (local.get $i) (i32.const 100000000))))
-    (i64.const 0)))"#;
-
 /// A quiet tenant's echo calls, one caller at a time, while a noisy tenant keeps 40 services
-/// busy with CPU work (one caller each). Alone, the echo answers as `call/echo/1` does.
+/// busy with CPU work (`count` to a hundred million, one caller each). Alone, the echo answers as `call/echo/1` does.
 fn bench_noisy_neighbour(c: &mut Criterion) {
     const NOISY_SERVICES: usize = 40;
     // The noise would run while other benchmarks are measured.
@@ -240,7 +229,7 @@ fn bench_noisy_neighbour(c: &mut Criterion) {
     let node: Node = rt
         .block_on(solo::server::open_node(&config(dir.path(), 1000)))
         .expect("the node opens");
-    let (echo, busy) = (wasm(&example_wat("echo")), wasm(BUSY_WAT));
+    let (echo, busy) = (wasm(&example_wat("echo")), wasm(&example_wat("count")));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let noise: Vec<_> = rt.block_on(async {
         let outcome = node
@@ -262,7 +251,7 @@ fn bench_noisy_neighbour(c: &mut Criterion) {
                 while !stop.load(Ordering::Relaxed) {
                     let timeout = Some(Duration::from_secs(300));
                     control
-                        .call("noisy", &id, Vec::new(), timeout)
+                        .call("noisy", &id, b"100000000".to_vec(), timeout)
                         .await
                         .expect("the call succeeds");
                 }

@@ -1418,20 +1418,10 @@ async fn calls_wait_for_the_next_version_when_the_one_before_goes_down() {
     node.stop(Duration::from_secs(5)).await;
 }
 
-/// A service whose every call does the same fixed amount of work (a counted loop, not a clock),
-/// so that the calls it answers measure the CPU it was given.
+/// The `count` example, whose calls do a fixed amount of work (a counted loop, not a clock), so
+/// that the calls it answers measure the CPU it was given.
 fn fixed_work(tenant: &str, id: &str) -> solo::control::DeployRequest {
-    let wat = r#"(module
-      (memory (export "memory") 1)
-      (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
-      (func (export "solo_handle") (param i32 i32) (result i64)
-        (local $i i32)
-        (loop $busy
-          (local.set $i (i32.add (local.get $i) (i32.const 1)))
-          (br_if $busy (i32.lt_u (local.get $i) (i32.const 20000000))))
-        (i64.const 0)))"#;
-    let mut request = deploy_request(tenant, id, "");
-    request.module = Arc::from(wat.as_bytes());
+    let mut request = deploy_example(tenant, id, "count");
     request.limits = Limits {
         call_timeout_ms: 30_000,
         cpu_ms_per_call: 30_000,
@@ -1464,7 +1454,7 @@ async fn a_tenant_with_many_busy_services_gets_no_more_guest_time_than_one_with_
             tokio::spawn(async move {
                 let mut answered = 0u32;
                 while Instant::now() < until {
-                    call(&control, &tenant, &id, b"").await.unwrap();
+                    call(&control, &tenant, &id, b"20000000").await.unwrap();
                     answered += 1;
                 }
                 answered
