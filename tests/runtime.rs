@@ -1474,3 +1474,47 @@ async fn a_tenant_with_many_busy_services_gets_no_more_guest_time_than_one_with_
     );
     node.stop(Duration::from_secs(5)).await;
 }
+
+/// With more busy tenants than guest threads, the turns go round them: three tenants, one busy
+/// service each (two callers apiece, so that its mailbox is never empty), on two guest threads,
+/// get about a third each, not a whole thread for one and half of one for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_busy_tenants_than_guest_threads_get_even_shares() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = &node.control;
+    let tenants = ["a", "b", "c"];
+    for tenant in tenants {
+        let deployed = control.deploy(fixed_work(tenant, "work")).await.unwrap();
+        wait_for_kind(control, deployed.seq, tenant, "work", "service_started").await;
+    }
+    let until = Instant::now() + Duration::from_secs(4);
+    let callers: Vec<_> = tenants
+        .iter()
+        .flat_map(|tenant| [tenant, tenant])
+        .map(|tenant| {
+            let (control, tenant) = (control.clone(), tenant.to_string());
+            tokio::spawn(async move {
+                let mut answered = 0u32;
+                while Instant::now() < until {
+                    call(&control, &tenant, "work", b"20000000").await.unwrap();
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    let mut answered = Vec::new();
+    for caller in callers {
+        answered.push(caller.await.unwrap());
+    }
+    let by_tenant: Vec<u32> = answered.chunks(2).map(|two| two.iter().sum()).collect();
+    let (least, most) = (by_tenant.iter().min().unwrap(), by_tenant.iter().max().unwrap());
+    // Even, the ratio is about 1; a thread for one tenant and half of one each for the other
+    // two, it would be about 0.5.
+    assert!(
+        f64::from(*least) >= 0.75 * f64::from(*most),
+        "calls answered by tenant: {by_tenant:?}"
+    );
+    node.stop(Duration::from_secs(5)).await;
+}

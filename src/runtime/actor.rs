@@ -248,18 +248,22 @@ impl Actor {
 
     /// Serves one call; returns the failure if the instance must be replaced.
     async fn serve(&self, instance: &mut Instance, call: Call) -> Option<CallFailure> {
+        // On a busy node the turn may take a while: the caller is asked after it.
+        instance.take_turn().await;
         if Instant::now() >= call.deadline || call.reply.is_closed() {
             // The caller has given up already; running it would only waste the budget.
             let _ = call.reply.send(Err(CallFailure::Timeout));
             return None;
         }
         let started = Instant::now();
+        let guest_time = instance.guest_time();
         // The service's own wall-clock limit, not the caller's: a guest stopped mid-call loses
         // its instance, and one caller's short deadline must not crash the service for all.
         let limit = Duration::from_millis(self.config.limits.call_timeout_ms.max(1).into());
         let result = instance.call(&call.payload, started + limit).await;
-        self.stats
-            .call_finished(started.elapsed(), result.is_ok(), instance.memory_bytes());
+        // The time the guest had the threads, not the time it waited for them.
+        let took = instance.guest_time().saturating_sub(guest_time);
+        self.stats.call_finished(took, result.is_ok(), instance.memory_bytes());
         let fatal = match &result {
             Err(failure) if failure.is_fatal() => Some(failure.clone()),
             _ => None,

@@ -269,6 +269,17 @@ impl Instance {
         self.turn.release();
     }
 
+    /// Waits for a turn on the guest threads, unless the instance holds one: a call's caller
+    /// may have given up meanwhile.
+    pub async fn take_turn(&self) {
+        self.turn.take().await;
+    }
+
+    /// How long the instance's guest code has had the threads, in all.
+    pub fn guest_time(&self) -> Duration {
+        self.turn.held_for()
+    }
+
     async fn serve(&mut self, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, CallFailure> {
         arm(
             &mut self.store,

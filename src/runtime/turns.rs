@@ -7,9 +7,9 @@
 //! one at once, beyond them if need be: its guest runs among the others straight away, as a
 //! process does on a busy Unix machine. Past that, a turn goes to the waiting tenant that holds
 //! the fewest (in rotation among equals), and within a tenant to its guests in the order they
-//! came. At every tick a guest gives its turn up if its tenant holds more than one while turns
-//! are over-dealt, hands it to a tenant holding fewer, or else to the next guest of its own
-//! tenant, and keeps it if no one waits. Busy tenants so get even shares however many services
+//! came. At every tick a guest gives its turn up if turns are over-dealt (it then waits in line,
+//! and those holding one hand theirs to it in rotation), hands it to a tenant holding fewer, or
+//! else to the next guest of its own tenant, and keeps it if no one waits. Busy tenants so get even shares however many services
 //! each keeps busy, and a tenant alone may use every thread.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -87,16 +87,17 @@ impl Dealer {
         self.deal(place, next)
     }
 
-    /// Whether `tenant` may run a guest without waiting.
-    fn may_take(&self, tenant: u64) -> bool {
-        self.free > 0 || self.held(tenant) == 0
+    /// Whether a guest of `tenant` may run without waiting: when a turn is free, and when its
+    /// tenant holds none, unless the guest has just let its turn go (`in_line`).
+    fn may_take(&self, tenant: u64, in_line: bool) -> bool {
+        self.free > 0 || (!in_line && self.held(tenant) == 0)
     }
 
-    /// At a tick of `tenant`'s guest: its turn is given up if turns are over-dealt and the
-    /// tenant holds others, or goes to a waiting tenant that holds fewer, or else to the next
-    /// guest of its own. Returns whether the guest let its turn go, and whom to wake.
+    /// At a tick of `tenant`'s guest: its turn is given up if turns are over-dealt, or goes to
+    /// a waiting tenant that holds fewer, or else to the next guest of its own. Returns whether
+    /// the guest let its turn go (it then waits in line), and whom to wake.
     fn hand_over(&mut self, tenant: u64) -> (bool, Option<Waker>) {
-        if self.free < 0 && self.held(tenant) > 1 {
+        if self.free < 0 {
             self.give_up(tenant);
             self.free += 1;
             return (true, None);
@@ -214,12 +215,14 @@ impl TenantTurns {
         GuestTurn(Arc::new(Holder {
             tenant: self.clone(),
             since: Mutex::new(None),
+            held_before: Mutex::new(Duration::ZERO),
         }))
     }
 
-    fn wait(&self) -> Wait<'_> {
+    fn wait(&self, in_line: bool) -> Wait<'_> {
         Wait {
             turns: self,
+            in_line,
             guest: None,
             dealt: false,
         }
@@ -238,6 +241,8 @@ struct Holder {
     tenant: TenantTurns,
     /// Since when the instance holds its turn; `None` while it holds none.
     since: Mutex<Option<Instant>>,
+    /// How long it held turns before that.
+    held_before: Mutex<Duration>,
 }
 
 impl Drop for Holder {
@@ -252,7 +257,7 @@ impl GuestTurn {
     /// Waits for a turn, unless the instance holds one already.
     pub async fn take(&self) {
         if self.held_since().is_none() {
-            self.0.tenant.wait().await;
+            self.0.tenant.wait(false).await;
             self.hold(Some(Instant::now()));
         }
     }
@@ -280,10 +285,17 @@ impl GuestTurn {
             let tenant = &turn.0.tenant;
             if turn.held_since().is_some() && tenant.turns.hand_over(tenant.tenant) {
                 turn.hold(None);
-                tenant.wait().await;
+                tenant.wait(true).await;
                 turn.hold(Some(Instant::now()));
             }
         })
+    }
+
+    /// How long the instance has held turns in all: the time its guest code had the threads,
+    /// waits for turns left out.
+    pub fn held_for(&self) -> Duration {
+        let before = *self.0.held_before.lock().unwrap_or_else(|p| p.into_inner());
+        before + self.held_since().map_or(Duration::ZERO, |since| since.elapsed())
     }
 
     fn held_since(&self) -> Option<Instant> {
@@ -292,7 +304,11 @@ impl GuestTurn {
 
     /// Records whether the turn is held; returns what was recorded before.
     fn hold(&self, since: Option<Instant>) -> Option<Instant> {
-        std::mem::replace(&mut *self.0.since.lock().unwrap_or_else(|p| p.into_inner()), since)
+        let was = std::mem::replace(&mut *self.0.since.lock().unwrap_or_else(|p| p.into_inner()), since);
+        if let Some(held_since) = was {
+            *self.0.held_before.lock().unwrap_or_else(|p| p.into_inner()) += held_since.elapsed();
+        }
+        was
     }
 }
 
@@ -300,6 +316,8 @@ impl GuestTurn {
 /// dropped after, it hands the turn on.
 struct Wait<'a> {
     turns: &'a TenantTurns,
+    /// Whether the guest has just let its turn go, and so gets none beyond the guest threads.
+    in_line: bool,
     guest: Option<u64>,
     dealt: bool,
 }
@@ -311,7 +329,7 @@ impl Future for Wait<'_> {
         let turns = self.turns;
         let mut dealer = turns.turns.lock();
         match self.guest {
-            None if dealer.may_take(turns.tenant) => {
+            None if dealer.may_take(turns.tenant, self.in_line) => {
                 dealer.free -= 1;
                 dealer.hold(turns.tenant);
             }
@@ -416,8 +434,13 @@ mod tests {
         let guest = running(&turns.tenant()).await;
         guest.release_after(Duration::from_secs(60));
         assert_eq!(free(&turns), 0, "kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
         guest.release_after(Duration::ZERO);
         assert_eq!(free(&turns), 1, "let go");
+        let held = guest.held_for();
+        assert!(held >= Duration::from_millis(20), "{held:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(guest.held_for(), held, "no turn, no time");
     }
 
     #[tokio::test]
@@ -460,6 +483,23 @@ mod tests {
         a_1.release();
         assert!(a_2_waiting.as_mut().now_or_never().is_some());
         assert_eq!(free(&turns), -1);
+    }
+
+    #[tokio::test]
+    async fn over_dealt_the_turns_go_round_the_tenants_a_tick_each() {
+        let turns = GuestTurns::new(2);
+        let (a, b, c) = (turns.tenant(), turns.tenant(), turns.tenant());
+        let (a_1, b_1, _c_1) = (running(&a).await, running(&b).await, running(&c).await);
+        assert_eq!(free(&turns), -1);
+        // At its tick, a's guest lets its turn go and waits, though a then holds none.
+        let mut a_ticks = a_1.hand_on();
+        assert!(waits(&mut a_ticks) && waits(&mut a_ticks));
+        assert_eq!((held(&turns, &a), free(&turns)), (0, 0));
+        // At b's tick, b hands its turn to a, which holds fewer.
+        let mut b_ticks = b_1.hand_on();
+        assert!(waits(&mut b_ticks) && waits(&mut b_ticks));
+        assert!(a_ticks.as_mut().now_or_never().is_some(), "a runs again");
+        assert_eq!((held(&turns, &a), held(&turns, &b), held(&turns, &c)), (1, 0, 1));
     }
 
     #[tokio::test]
