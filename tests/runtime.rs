@@ -1430,25 +1430,21 @@ fn fixed_work(tenant: &str, id: &str) -> solo::control::DeployRequest {
     request
 }
 
-/// Guest threads are shared by tenants, not by services: a tenant with many busy services gets
-/// no more of them than a tenant with one. Each service here has one caller calling it in a
-/// loop; the quiet tenant's one service gets about one of the two threads, as the busy
-/// tenant's six do between them, where sharing by service would give it a seventh of both.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tenant_with_many_busy_services_gets_no_more_guest_time_than_one_with_one() {
-    const BUSY_SERVICES: usize = 6;
-    let dir = tempdir();
-    let node = open_node(&node_config(dir.path())).await;
-    let control = &node.control;
-    let mut services = vec![("quiet", "work".to_string())];
-    services.extend((0..BUSY_SERVICES).map(|i| ("busy", format!("work{i}"))));
-    for (tenant, id) in &services {
+/// Deploys `count` as each of `services` (tenant, id), then calls each service in a loop with
+/// `callers` callers apiece for four seconds; returns the calls each caller had answered.
+async fn calls_answered_under_load(
+    control: &solo::control::Control,
+    services: &[(&str, String)],
+    callers: usize,
+) -> Vec<u32> {
+    for (tenant, id) in services {
         let deployed = control.deploy(fixed_work(tenant, id)).await.unwrap();
         wait_for_kind(control, deployed.seq, tenant, id, "service_started").await;
     }
     let until = Instant::now() + Duration::from_secs(4);
     let callers: Vec<_> = services
         .iter()
+        .flat_map(|service| std::iter::repeat_n(service, callers))
         .map(|(tenant, id)| {
             let (control, tenant, id) = (control.clone(), tenant.to_string(), id.clone());
             tokio::spawn(async move {
@@ -1465,6 +1461,22 @@ async fn a_tenant_with_many_busy_services_gets_no_more_guest_time_than_one_with_
     for caller in callers {
         answered.push(caller.await.unwrap());
     }
+    answered
+}
+
+/// Guest threads are shared by tenants, not by services: a tenant with many busy services gets
+/// no more of them than a tenant with one. Each service here has one caller calling it in a
+/// loop; the quiet tenant's one service gets about one of the two threads, as the busy
+/// tenant's six do between them, where sharing by service would give it a seventh of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_with_many_busy_services_gets_no_more_guest_time_than_one_with_one() {
+    const BUSY_SERVICES: usize = 6;
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = &node.control;
+    let mut services = vec![("quiet", "work".to_string())];
+    services.extend((0..BUSY_SERVICES).map(|i| ("busy", format!("work{i}"))));
+    let answered = calls_answered_under_load(control, &services, 1).await;
     let quiet = f64::from(answered[0]);
     let busy_each = f64::from(answered[1..].iter().sum::<u32>()) / BUSY_SERVICES as f64;
     // Fair by tenant, the ratio is about 6; fair by service, it would be about 1.
@@ -1483,31 +1495,8 @@ async fn more_busy_tenants_than_guest_threads_get_even_shares() {
     let dir = tempdir();
     let node = open_node(&node_config(dir.path())).await;
     let control = &node.control;
-    let tenants = ["a", "b", "c"];
-    for tenant in tenants {
-        let deployed = control.deploy(fixed_work(tenant, "work")).await.unwrap();
-        wait_for_kind(control, deployed.seq, tenant, "work", "service_started").await;
-    }
-    let until = Instant::now() + Duration::from_secs(4);
-    let callers: Vec<_> = tenants
-        .iter()
-        .flat_map(|tenant| [tenant, tenant])
-        .map(|tenant| {
-            let (control, tenant) = (control.clone(), tenant.to_string());
-            tokio::spawn(async move {
-                let mut answered = 0u32;
-                while Instant::now() < until {
-                    call(&control, &tenant, "work", b"20000000").await.unwrap();
-                    answered += 1;
-                }
-                answered
-            })
-        })
-        .collect();
-    let mut answered = Vec::new();
-    for caller in callers {
-        answered.push(caller.await.unwrap());
-    }
+    let services = ["a", "b", "c"].map(|tenant| (tenant, "work".to_string()));
+    let answered = calls_answered_under_load(control, &services, 2).await;
     let by_tenant: Vec<u32> = answered.chunks(2).map(|two| two.iter().sum()).collect();
     let (least, most) = (by_tenant.iter().min().unwrap(), by_tenant.iter().max().unwrap());
     // Even, the ratio is about 1; a thread for one tenant and half of one each for the other
