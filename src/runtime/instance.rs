@@ -257,7 +257,7 @@ impl Instance {
         let timeout = deadline.saturating_duration_since(Instant::now());
         // The time limit runs from the first turn: waiting for it is queueing, not the call's.
         self.turn.take().await;
-        let served = self.serve(payload, timeout).await;
+        let served = self.call_with_turn(payload, timeout).await;
         // Kept for the next call in the mailbox unless it has had its tick: serving calls one
         // after another without handing the turn on costs no wake-ups.
         self.turn.release_after(self.tick);
@@ -280,7 +280,7 @@ impl Instance {
         self.turn.held_for()
     }
 
-    async fn serve(&mut self, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, CallFailure> {
+    async fn call_with_turn(&mut self, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, CallFailure> {
         arm(
             &mut self.store,
             self.tick,
