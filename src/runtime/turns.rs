@@ -9,8 +9,8 @@
 //! the fewest (in rotation among equals), and within a tenant to its guests in the order they
 //! came. At every tick a guest gives its turn up if turns are over-dealt (it then waits in line,
 //! and those holding one hand theirs to it in rotation), hands it to a tenant holding fewer, or
-//! else to the next guest of its own tenant, and keeps it if no one waits. Busy tenants so get even shares however many services
-//! each keeps busy, and a tenant alone may use every thread.
+//! else to the next guest of its own tenant, and keeps it if no one waits. Busy tenants so get
+//! even shares however many services each keeps busy, and a tenant alone may use every thread.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -214,8 +214,7 @@ impl TenantTurns {
     pub fn guest(&self) -> GuestTurn {
         GuestTurn(Arc::new(Holder {
             tenant: self.clone(),
-            since: Mutex::new(None),
-            held_before: Mutex::new(Duration::ZERO),
+            held: Mutex::default(),
         }))
     }
 
@@ -239,15 +238,20 @@ pub(super) struct GuestTurn(Arc<Holder>);
 #[derive(Debug)]
 struct Holder {
     tenant: TenantTurns,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
     /// Since when the instance holds its turn; `None` while it holds none.
-    since: Mutex<Option<Instant>>,
+    since: Option<Instant>,
     /// How long it held turns before that.
-    held_before: Mutex<Duration>,
+    before: Duration,
 }
 
 impl Drop for Holder {
     fn drop(&mut self) {
-        if self.since.get_mut().unwrap_or_else(|p| p.into_inner()).is_some() {
+        if self.held.get_mut().unwrap_or_else(|p| p.into_inner()).since.is_some() {
             self.tenant.turns.release(self.tenant.tenant);
         }
     }
@@ -294,21 +298,26 @@ impl GuestTurn {
     /// How long the instance has held turns in all: the time its guest code had the threads,
     /// waits for turns left out.
     pub fn held_for(&self) -> Duration {
-        let before = *self.0.held_before.lock().unwrap_or_else(|p| p.into_inner());
-        before + self.held_since().map_or(Duration::ZERO, |since| since.elapsed())
+        let held = self.held();
+        held.before + held.since.map_or(Duration::ZERO, |since| since.elapsed())
     }
 
     fn held_since(&self) -> Option<Instant> {
-        *self.0.since.lock().unwrap_or_else(|p| p.into_inner())
+        self.held().since
     }
 
     /// Records whether the turn is held; returns what was recorded before.
     fn hold(&self, since: Option<Instant>) -> Option<Instant> {
-        let was = std::mem::replace(&mut *self.0.since.lock().unwrap_or_else(|p| p.into_inner()), since);
+        let mut held = self.held();
+        let was = std::mem::replace(&mut held.since, since);
         if let Some(held_since) = was {
-            *self.0.held_before.lock().unwrap_or_else(|p| p.into_inner()) += held_since.elapsed();
+            held.before += held_since.elapsed();
         }
         was
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held> {
+        self.0.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
