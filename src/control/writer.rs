@@ -22,7 +22,10 @@
 //!
 //! A commit costs about the same for one event as for hundreds (the fsync dominates), so under
 //! load the writer lets a batch fill: when the previous batch was large and the queue is still
-//! short, it waits a moment for the callers it just answered to come back.
+//! short, it waits a moment for the callers it just answered to come back. A batch of the
+//! runtime's observations alone, which no client waits for, waits that moment too: a deploy
+//! brings its service's `service_started` just as the client that deployed sends its next
+//! command, which would otherwise queue behind a commit of its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -59,7 +62,8 @@ const STORED_BLOBS_REMEMBERED: usize = 4096;
 /// A batch this large means callers are queueing: worth letting the next one fill.
 const BUSY_BATCH: usize = 16;
 
-/// The longest the writer waits for a batch to fill, and how often it looks.
+/// The longest the writer waits for a batch to fill (a commit takes a few times this), and how
+/// often it looks.
 const LINGER: Duration = Duration::from_micros(200);
 const LINGER_STEP: Duration = Duration::from_micros(20);
 
@@ -137,6 +141,8 @@ struct Batch {
     replaced: Vec<[u8; 32]>,
     /// Every command taken, with what it will be told, whether or not it appends anything.
     pending: Vec<Pending>,
+    /// Whether a client waits for the batch: it holds more than the runtime's observations.
+    awaited: bool,
     close: Option<oneshot::Sender<()>>,
 }
 
@@ -151,6 +157,7 @@ impl Writer {
                 blobs: Vec::new(),
                 replaced: Vec::new(),
                 pending: Vec::with_capacity(last_batch.max(1)),
+                awaited: false,
                 close: None,
             };
             self.take(first, &mut batch);
@@ -166,17 +173,15 @@ impl Writer {
     }
 
     /// Takes queued requests into `batch`, deciding each as it comes, so deciding overlaps
-    /// with the callers' sending. While the queue is short of what the previous batch held
-    /// (the callers just answered are about to send again), it lingers briefly.
+    /// with the callers' sending; lingers briefly while [`worth_lingering`] says so.
     fn gather(&mut self, requests: &mut mpsc::Receiver<Request>, batch: &mut Batch, last_batch: usize) {
         let max = self.options.max_batch;
-        let target = last_batch.min(max) * 9 / 10;
         let linger_until = Instant::now() + LINGER;
         while batch.pending.len() < max && batch.close.is_none() {
             match requests.try_recv() {
                 Ok(request) => self.take(request, batch),
                 Err(mpsc::error::TryRecvError::Empty)
-                    if last_batch >= BUSY_BATCH && batch.pending.len() < target && Instant::now() < linger_until =>
+                    if worth_lingering(batch, last_batch, max) && Instant::now() < linger_until =>
                 {
                     std::thread::sleep(LINGER_STEP);
                 }
@@ -194,6 +199,7 @@ impl Writer {
                 return;
             }
         };
+        batch.awaited |= !matches!(command, Command::Observe(_));
         let keyed = KeyedRequest::of(&command);
         if let Some(request) = &keyed
             && let Some(answer) = self.noop_keys.answer(request, batch.now_ms)
@@ -404,8 +410,57 @@ impl Writer {
     }
 }
 
+/// Whether a batch whose queue ran dry should wait a moment for more: when no client waits
+/// for it (the next command can share its commit), or when the queue is still short of what
+/// the previous batch held (the callers just answered are about to send again).
+fn worth_lingering(batch: &Batch, last_batch: usize, max_batch: usize) -> bool {
+    let refilling = last_batch >= BUSY_BATCH && batch.pending.len() < last_batch.min(max_batch) * 9 / 10;
+    !batch.awaited || refilling
+}
+
 fn answer(pending: Vec<Pending>) {
     for p in pending {
         let _ = p.reply.send(p.answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(callers: usize, awaited: bool) -> Batch {
+        Batch {
+            now_ms: 0,
+            shutdown_seq: None,
+            events: log::Batch::with_capacity(1),
+            blobs: Vec::new(),
+            replaced: Vec::new(),
+            pending: (0..callers)
+                .map(|_| Pending {
+                    reply: oneshot::channel().0,
+                    answer: Err(Error::Closed),
+                })
+                .collect(),
+            awaited,
+            close: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_of_observations_alone_waits_for_a_command_to_share_its_commit() {
+        assert!(worth_lingering(&batch(1, false), 0, 1024));
+        assert!(worth_lingering(&batch(3, false), 1, 1024));
+    }
+
+    #[test]
+    fn a_batch_a_client_waits_for_lingers_only_while_the_callers_just_answered_come_back() {
+        // Quiet: the one caller is answered at once.
+        assert!(!worth_lingering(&batch(1, true), 0, 1024));
+        assert!(!worth_lingering(&batch(1, true), BUSY_BATCH - 1, 1024));
+        // Busy: it waits until the batch holds nine tenths of the last one (of at most max).
+        assert!(worth_lingering(&batch(1, true), 100, 1024));
+        assert!(worth_lingering(&batch(89, true), 100, 1024));
+        assert!(!worth_lingering(&batch(90, true), 100, 1024));
+        assert!(!worth_lingering(&batch(45, true), 100, 50));
     }
 }
