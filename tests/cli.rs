@@ -841,6 +841,48 @@ fn call_passes_binary_data_and_large_payloads_unchanged() {
     assert!(ran.stderr.contains("spin"), "{}", ran.stderr);
 }
 
+/// A service's words reach a person's terminal with their control characters escaped: its log
+/// lines, the error it answers a call with, and the last error that `status` shows the admin.
+#[test]
+fn what_a_service_writes_cannot_drive_the_terminal_of_who_reads_it() {
+    const HOSTILE: &str = r#"
+        (module
+          (import "solo" "log" (func $log (param i32 i32 i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 16) "\1b[2J\1b]0;pwned\07\1b[32mall good")
+          (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+          (func (export "solo_init") (result i32)
+            (call $log (i32.const 2) (i32.const 16) (i32.const 27))
+            (i32.const 0))
+          (func (export "solo_handle") (param i32) (param $len i32) (result i64)
+            (if (i32.eq (local.get $len) (i32.const 4)) (then (call $trap)))
+            (i64.or (i64.const 0x8000000000000000) (i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 27))))
+          (func $trap (@name "\1b]0;owned\07") unreachable))
+    "#;
+    let node = Node::dev();
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("hostile.wat");
+    std::fs::write(&module, HOSTILE).unwrap();
+    node.run("acme", &["deploy", "hostile", module.to_str().unwrap(), "--wait"])
+        .ok();
+    let escaped = r"\u{1b}[2J\u{1b}]0;pwned\u{7}\u{1b}[32mall good";
+    let logs = node.run("acme", &["logs", "hostile"]).ok().text();
+    assert!(logs.contains(escaped) && !logs.contains('\u{1b}'), "{logs:?}");
+    let called = node.run("acme", &["call", "hostile", "--data", "x"]).fails(1);
+    assert!(
+        called.stderr.contains(escaped) && !called.stderr.contains('\u{1b}'),
+        "{:?}",
+        called.stderr
+    );
+    // A trap names the function it happened in, as the module's name section calls it.
+    node.run("acme", &["call", "hostile", "--data", "trap"]).fails(1);
+    let status = node.run("acme", &["status", "hostile"]).ok().text();
+    assert!(
+        status.contains(r"\u{1b}]0;owned\u{7}") && !status.contains('\u{1b}'),
+        "{status:?}"
+    );
+}
+
 /// Tokens for the admin and for tenant `acme`.
 fn with_tokens() -> (String, String, impl Fn(&mut solo::config::Config) + Clone) {
     let (admin_token, admin_hash) = solo::api::auth::new_token().unwrap();

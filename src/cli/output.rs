@@ -77,13 +77,39 @@ pub fn stdout_gone() -> bool {
 /// `error: …` on stderr, the prefix in red on a terminal.
 pub fn print_error(message: &str) {
     let colour = colour_enabled(stderr_is_terminal(), std::env::var_os("NO_COLOR").as_deref());
-    eprintln!("{} {message}", paint(colour, Colour::Red, "error:"));
+    eprintln!("{} {}", paint(colour, Colour::Red, "error:"), printable(message));
 }
 
 /// A note on stderr (reconnects and the like), so stdout stays clean for programs.
 pub fn note(message: &str) {
     let colour = colour_enabled(stderr_is_terminal(), std::env::var_os("NO_COLOR").as_deref());
-    eprintln!("{}", paint(colour, Colour::Dim, &format!("solo: {message}")));
+    eprintln!(
+        "{}",
+        paint(colour, Colour::Dim, &format!("solo: {}", printable(message)))
+    );
+}
+
+/// Text that a service or a client wrote (log lines, trap messages, errors quoting them), made
+/// safe for a terminal: control characters other than tab and newline, and the bidirectional
+/// overrides, are escaped (`\u{1b}`), so a tenant's output cannot move the cursor, retitle the
+/// terminal or disguise itself as the node's own words when an admin reads it.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        (c.is_control() && c != '\t' && c != '\n')
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.contains(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            escaped.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
 }
 
 impl Output {
@@ -304,7 +330,7 @@ pub fn describe_log_line(output: &Output, line: &proto::LogLine) -> String {
     format!(
         "{}  {level}  {}",
         output.paint(Colour::Dim, &crate::event::format_timestamp_ms(line.timestamp_ms)),
-        line.message
+        printable(&line.message)
     )
 }
 
@@ -334,6 +360,17 @@ mod tests {
         assert_eq!(human_age(1, 5 * 60_000 + 1), "5m");
         assert_eq!(human_age(1, 2 * 3_600_000 + 1), "2h");
         assert_eq!(human_age(1, 4 * 86_400_000 + 1), "4d");
+    }
+
+    #[test]
+    fn text_from_a_service_reaches_a_terminal_with_its_control_characters_escaped() {
+        assert_eq!(printable("plain, ünïcode\tand\nlines"), "plain, ünïcode\tand\nlines");
+        assert_eq!(
+            printable("\u{1b}[2J\u{1b}]0;pwned\u{7}\u{9b}31m\r\0"),
+            "\\u{1b}[2J\\u{1b}]0;pwned\\u{7}\\u{9b}31m\\u{d}\\u{0}"
+        );
+        assert_eq!(printable("abc\u{202e}def"), "abc\\u{202e}def");
+        assert!(matches!(printable("clean"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

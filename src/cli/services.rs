@@ -12,7 +12,8 @@ use super::args::{CallArgs, DeployArgs, KillArgs, ListArgs, RemoveArgs, Shutdown
 use super::connect::{Client, Connector};
 use super::error::{CliError, Exit};
 use super::output::{
-    Cell, Colour, Output, Table, human_age, human_bytes, human_duration_ms, labels_text, now_ms, status_colour,
+    Cell, Colour, Output, Table, human_age, human_bytes, human_duration_ms, labels_text, now_ms, printable,
+    status_colour,
 };
 use super::spinner::Spinner;
 use crate::event::crash_reason_name;
@@ -305,7 +306,7 @@ pub async fn status(conn: &Connector, out: Output, args: StatusArgs) -> Result<(
         ("CALLS", format!("{} ({} failed)", s.calls, s.calls_failed)),
     ];
     if !s.last_error.is_empty() {
-        rows.push(("LAST ERROR", out.paint(Colour::Red, &s.last_error)));
+        rows.push(("LAST ERROR", out.paint(Colour::Red, &printable(&s.last_error))));
     }
     rows.push(("LAST SEQ", s.last_seq.to_string()));
     for (key, value) in rows {
