@@ -660,6 +660,22 @@ async fn a_response_over_the_limit_fails_the_call_not_the_service() {
         matches!(&err, Error::Call(CallError::Trapped { trap_code, .. }) if trap_code == "abi_violation"),
         "{err}"
     );
+    // So does a message to the host outside linear memory.
+    let mut scribbler = deploy_request("acme", "scribbler", "");
+    scribbler.module = Arc::from(
+        &br#"(module (import "solo" "log" (func $log (param i32 i32 i32))) (memory (export "memory") 1)
+               (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+               (func $scribble (export "solo_handle") (param i32 i32) (result i64)
+                 (call $log (i32.const 2) (i32.const 65530) (i32.const 100)) (i64.const 0)))"#[..],
+    );
+    let deployed = control.deploy(scribbler).await.unwrap();
+    wait_for_kind(control, deployed.seq, "acme", "scribbler", "service_started").await;
+    let err = call(control, "acme", "scribbler", b"hi").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Call(CallError::Trapped { trap_code, message, .. })
+            if trap_code == "abi_violation" && message.contains("outside linear memory") && message.contains("scribble")),
+        "{err}"
+    );
     node.stop(Duration::from_secs(5)).await;
 }
 

@@ -70,6 +70,12 @@ pub enum Interrupted {
     Timeout,
 }
 
+/// A guest broke the ABI in a call to a host function (a message outside its memory): the call
+/// fails as `abi_violation`, as when `solo_alloc` or `solo_handle` answer out of bounds.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+struct AbiViolation(&'static str);
+
 /// Registers the host functions of module `solo` (the granted imports).
 pub fn link_host_functions(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     linker.func_wrap(
@@ -92,11 +98,13 @@ pub fn link_host_functions(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
 
 fn read_guest_string(caller: &mut Caller<'_, Host>, ptr: i32, len: i32) -> wasmtime::Result<String> {
     let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
-        return Err(wasmtime::Error::msg("solo.log: the module exports no memory"));
+        return Err(wasmtime::Error::new(AbiViolation(
+            "solo.log: the module exports no memory",
+        )));
     };
     let data = memory.data(&caller);
     let range = guest_range(ptr as u32, len as u32, data.len())
-        .ok_or_else(|| wasmtime::Error::msg("solo.log: the message is outside linear memory"))?;
+        .ok_or_else(|| wasmtime::Error::new(AbiViolation("solo.log: the message is outside linear memory")))?;
     let bytes = &data[range];
     let cut = &bytes[..bytes.len().min(MAX_LOG_LINE)];
     Ok(String::from_utf8_lossy(cut).into_owned())
@@ -362,6 +370,9 @@ fn classify(error: &wasmtime::Error, store: &Store<Host>) -> CallFailure {
             },
             Interrupted::Timeout => CallFailure::Timeout,
         };
+    }
+    if error.downcast_ref::<AbiViolation>().is_some() {
+        return CallFailure::abi(trap_message(error));
     }
     let trap_code = error
         .downcast_ref::<Trap>()
