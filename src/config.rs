@@ -692,9 +692,13 @@ impl Config {
 
 /// `max_request_bytes`: the largest request, which a tenant's share of bodies in flight must fit.
 fn validate_limits(path: &str, limits: &TenantLimits, max_request_bytes: u64) -> Result<(), ConfigError> {
+    // Zero would refuse every request or stream, or (a window of no time) let a crashing
+    // service restart without end: never meant.
     for (key, value) in [
         ("max_in_flight_requests", limits.max_in_flight_requests),
         ("max_watchers", limits.max_watchers),
+        ("max_deploys_per_minute", limits.max_deploys_per_minute),
+        ("restart_window_ms", limits.restart_window_ms),
     ] {
         if value == 0 {
             return Err(ConfigError::Invalid {
@@ -868,6 +872,15 @@ mod tests {
                 "[tenants.acme.limits]\nmax_watchers = 0\n",
                 "tenants.acme.limits.max_watchers",
             ),
+            (
+                "[limits]\nmax_deploys_per_minute = 0\n",
+                "limits.max_deploys_per_minute",
+            ),
+            (
+                "[tenants.acme.limits]\nmax_deploys_per_minute = 0\n",
+                "tenants.acme.limits.max_deploys_per_minute",
+            ),
+            ("[limits]\nrestart_window_ms = 0\n", "limits.restart_window_ms"),
         ] {
             let e = error_of(text);
             assert!(e.contains(key) && e.contains("at least 1"), "{text}: {e}");

@@ -250,7 +250,14 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let (grpc_addr, http_addr) = listeners.addrs()?;
     let auth = Authenticator::new(config.tokens(), &[grpc_addr, http_addr]).map_err(anyhow::Error::msg)?;
-    if auth.is_development() {
+    let client_certificates = config.tls_files().is_some_and(|files| files.client_ca.is_some());
+    if auth.is_development() && client_certificates {
+        // Every request comes with a verified certificate, which names its tenant.
+        tracing::info!(
+            "no tokens are configured: client certificates name the tenants (their subject CN), and no one \
+             can act as the admin"
+        );
+    } else if auth.is_development() {
         tracing::warn!(
             "development mode: no tokens are configured, so the x-tenant-id header names the tenant and \
              requests without it act as the admin; every listener is on loopback"

@@ -1128,6 +1128,12 @@ fn the_offline_tools_still_work() {
             "runtime.max_wasm_stack_kb",
         ),
         ("[runtime]\nepoch_tick_ms = 4294967295\n", "runtime.epoch_tick_ms"),
+        // An instance pool within the address space but past what any system lets a process
+        // map (two mappings an instance, at least).
+        (
+            "[runtime]\nmax_instances = 4000000\n[limits]\nmax_memory_mb = 1\ndefault_memory_mb = 1\n",
+            "runtime.max_instances",
+        ),
     ] {
         std::fs::write(&bad, text).unwrap();
         let ran = run(solo().args(["config", "check", bad.to_str().unwrap()])).fails(1);

@@ -380,10 +380,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// gRPC listen address; port 0 picks a free port [config: solo.grpc_addr].
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "IP:PORT")]
     pub grpc_addr: Option<std::net::SocketAddr>,
     /// HTTP listen address; port 0 picks a free port [config: solo.http_addr].
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "IP:PORT")]
     pub http_addr: Option<std::net::SocketAddr>,
 }
 

@@ -53,7 +53,8 @@ fn ignore_file_size_signal() {
 pub fn config_check(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(Some(&file))?;
     config.limits_table()?;
-    config.runtime_options()?;
+    // Reserved as `serve` would: whether this machine can map the instance pool.
+    crate::runtime::build_engine(&config.runtime_options()?.engine)?;
     if let Some(files) = config.tls_files() {
         crate::tls::TlsSetup::load(&files).map_err(anyhow::Error::msg)?;
     }

@@ -31,7 +31,7 @@ pub use compiles::CompileQuota;
 pub use error::{CallError, CallFailure, InvalidModule, PrepareError, StartFailure};
 pub use instance::trap_code;
 pub use logs::{Level, LogBuffer, LogLimits, LogLine};
-pub use module::{EngineOptions, GRANTED_IMPORTS};
+pub use module::{EngineOptions, GRANTED_IMPORTS, build_engine};
 pub use recorder::RetryOptions;
 pub use stats::LiveStatus;
 

@@ -95,7 +95,14 @@ pub fn build_engine(options: &EngineOptions) -> anyhow::Result<Engine> {
         .max_wasm_stack(options.max_wasm_stack)
         .async_stack_size(options.max_wasm_stack + (256 << 10))
         .cranelift_opt_level(OptLevel::Speed);
-    Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))
+    // The pool is reserved here, all at once: a system that cannot map it refuses now.
+    Engine::new(&config).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reserve the instance pool of runtime.max_instances = {slots}: {e:#}. Each instance \
+             reserves a memory slot and a stack with guard pages up front; lower runtime.max_instances \
+             (or, on Linux, raise vm.max_map_count, the memory mappings a process may hold)"
+        )
+    })
 }
 
 /// The first bytes of every binary wasm module.
