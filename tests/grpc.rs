@@ -346,6 +346,7 @@ async fn every_rpc_works_and_fails_as_documented() {
         err.code() == Code::Aborted && err.message().contains("unreachable"),
         "{err:?}"
     );
+    assert_eq!(err.metadata().get("solo-error").unwrap(), "service_trapped");
     // Written for a person: the trap and where, not wasmtime's whole backtrace.
     assert!(
         err.message().lines().count() == 1
@@ -400,6 +401,25 @@ async fn every_rpc_works_and_fails_as_documented() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.metadata().get("solo-error").unwrap(), "not_found");
+    // The service's own refusal shares UNKNOWN with failures of the transport; its kind says
+    // which it is.
+    let kv = deploy(&mut client, "acme", "kv", "kv").await;
+    running(&mut client, "acme", "kv", kv.seq).await;
+    let refused = client
+        .call(as_tenant(
+            "acme",
+            proto::CallRequest {
+                service_id: "kv".into(),
+                payload: b"get nothing".to_vec(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unknown, "{refused:?}");
+    assert_eq!(refused.metadata().get("solo-error").unwrap(), "service_error");
+    assert!(refused.message().contains("no such key"), "{refused:?}");
 
     // A tenant may not shut the node down (development mode: naming a tenant makes one).
     let err = client
@@ -431,6 +451,7 @@ async fn deploys_and_kills_that_name_a_version_apply_only_at_that_version() {
     assert_eq!((created.version, created.created), (1, true));
     let refused = client.deploy(as_tenant("acme", at("echo", 0, "b"))).await.unwrap_err();
     assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert_eq!(refused.metadata().get("solo-error").unwrap(), "version_mismatch");
     assert!(
         refused.message().contains("service 'svc' is at version 1")
             && refused

@@ -179,9 +179,15 @@ impl Error {
         serde_json::json!({ "error": self.kind.as_str(), "message": self.message() })
     }
 
-    /// The gRPC status, with the retry hint in `retry-after-ms` metadata.
+    /// The gRPC status, with the error's kind in `solo-error` metadata (the `error` of a REST
+    /// body: several kinds share a code, as a service's `service_error` shares `UNKNOWN` with
+    /// failures of the transport) and the retry hint in `retry-after-ms`.
     pub fn to_status(&self) -> tonic::Status {
         let mut status = tonic::Status::new(self.kind.grpc_code(), self.message.clone());
+        status.metadata_mut().insert(
+            "solo-error",
+            tonic::metadata::MetadataValue::from_static(self.kind.as_str()),
+        );
         if let Some(after) = self.retry_after
             && let Ok(value) = after.as_millis().to_string().parse()
         {
