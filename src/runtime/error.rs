@@ -31,11 +31,22 @@ pub struct StartFailure {
     pub message: String,
 }
 
+/// A trap's kind for a person, each name once: `unreachable`, `cpu_limit`, or, when a limit led
+/// to the trap, both (`memory_limit, then unreachable`).
+fn trap_kind(reason: CrashReason, trap_code: &str) -> String {
+    let reason = crash_reason_name(reason);
+    if reason == "trap" || reason == trap_code {
+        trap_code.to_string()
+    } else {
+        format!("{reason}, then {trap_code}")
+    }
+}
+
 /// How one call into a guest failed, as the instance saw it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallFailure {
     /// The guest trapped, ran out of CPU or broke the ABI: the instance is replaced.
-    #[error("{} ({trap_code}): {message}", crash_reason_name(*reason))]
+    #[error("{}: {message}", trap_kind(*reason, trap_code))]
     Trap {
         reason: CrashReason,
         trap_code: String,
@@ -77,7 +88,7 @@ pub enum CallError {
     Busy { service_id: String, capacity: u32 },
     #[error("the call to '{service_id}' did not finish within {timeout_ms} ms")]
     Timeout { service_id: String, timeout_ms: u64 },
-    #[error("service '{service_id}' trapped: {reason} ({trap_code}): {message}", reason = crash_reason_name(*reason))]
+    #[error("service '{service_id}' trapped ({}): {message}", trap_kind(*reason, trap_code))]
     Trapped {
         service_id: String,
         reason: CrashReason,
@@ -97,4 +108,43 @@ pub enum CallError {
     },
     #[error("service '{service_id}' stopped before the call finished")]
     Stopped { service_id: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trapped(reason: CrashReason, trap_code: &str, message: &str) -> String {
+        CallError::Trapped {
+            service_id: "svc".into(),
+            reason,
+            trap_code: trap_code.into(),
+            message: message.into(),
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn a_trap_is_described_naming_each_kind_once() {
+        assert_eq!(
+            trapped(
+                CrashReason::Trap,
+                "unreachable",
+                "wasm `unreachable` instruction executed"
+            ),
+            "service 'svc' trapped (unreachable): wasm `unreachable` instruction executed"
+        );
+        assert_eq!(
+            trapped(CrashReason::CpuLimit, "cpu_limit", "the call ran past its CPU limit"),
+            "service 'svc' trapped (cpu_limit): the call ran past its CPU limit"
+        );
+        assert_eq!(
+            trapped(
+                CrashReason::MemoryLimit,
+                "unreachable",
+                "wasm `unreachable` instruction executed"
+            ),
+            "service 'svc' trapped (memory_limit, then unreachable): wasm `unreachable` instruction executed"
+        );
+    }
 }

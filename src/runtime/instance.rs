@@ -392,7 +392,9 @@ fn classify(error: &wasmtime::Error, store: &Store<Host>) -> CallFailure {
 /// What went wrong, for a person: the trap (or host error) itself and the guest function it
 /// happened in, without wasmtime's whole backtrace.
 fn trap_message(error: &wasmtime::Error) -> String {
+    // wasmtime says "wasm trap: " before each trap's own words; the kind is given beside them.
     let cause = error.root_cause().to_string();
+    let cause = cause.strip_prefix("wasm trap: ").map(str::to_string).unwrap_or(cause);
     let function = error
         .downcast_ref::<wasmtime::WasmBacktrace>()
         .and_then(|backtrace| backtrace.frames().first())
