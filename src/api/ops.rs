@@ -218,7 +218,7 @@ pub fn logs(
     let next_line = buffer.next_seq();
     if from_seq > next_line {
         return Err(Error::invalid(format!(
-            "from_seq {from_seq} is past the service's next log line, {next_line}: log lines live in the \
+            "line {from_seq} is past the service's next log line, {next_line}: log lines live in the \
              node's memory and are numbered afresh from 1 when the node restarts; read from 0 for \
              every line kept"
         )));

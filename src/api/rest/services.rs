@@ -203,21 +203,21 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, bo
         } else {
             format!(" at '{path}'")
         };
-        Error::invalid(format!(
-            "malformed JSON{at} (line {}, column {}): {inner}",
-            inner.line(),
-            inner.column()
-        ))
+        Error::invalid(format!("malformed JSON{at} {}", json_problem(&inner)))
     })?;
     // One document: anything after it (a second object, stray brackets) is refused, not ignored.
-    deserializer.end().map_err(|e| {
-        Error::invalid(format!(
-            "malformed JSON (line {}, column {}): {e}",
-            e.line(),
-            e.column()
-        ))
-    })?;
+    deserializer
+        .end()
+        .map_err(|e| Error::invalid(format!("malformed JSON {}", json_problem(&e))))?;
     Ok(parsed)
+}
+
+/// `(line L, column C): what`, the position given once: serde_json's own words end with it.
+fn json_problem(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    let suffix = format!(" at line {} column {}", error.line(), error.column());
+    let what = text.strip_suffix(&suffix).unwrap_or(&text);
+    format!("(line {}, column {}): {what}", error.line(), error.column())
 }
 
 pub(super) async fn deploy_json(
