@@ -74,14 +74,19 @@ pub fn router(state: Arc<ApiState>) -> Router {
         ))
         .layer(axum::extract::DefaultBodyLimit::max(state.options.max_body_bytes))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            let request_id = request
-                .headers()
-                .get(REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    let request_id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+                })
+                // normalize_errors logs failures, each at the level its cause deserves.
+                .on_failure(()),
+        )
         .layer(SetRequestIdLayer::new(REQUEST_ID, RandomRequestId))
         .layer(middleware::map_request(drop_unusable_request_id))
         .with_state(state)
@@ -213,8 +218,13 @@ async fn normalize_errors(State(state): State<Arc<ApiState>>, request: Request, 
         .http_requests
         .with_label_values(&[route, status.as_str()])
         .inc();
-    if status.is_server_error() {
-        tracing::warn!(route, %status, request_id, elapsed_ms = started.elapsed().as_millis() as u64, "request failed");
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    // A service's trap or slow call (502, 504) is its tenant's business, not the operator's:
+    // at warn, any tenant could fill the node's log with its own bugs.
+    if matches!(status, StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT) {
+        tracing::debug!(route, %status, request_id, elapsed_ms, "the service failed the call");
+    } else if status.is_server_error() {
+        tracing::warn!(route, %status, request_id, elapsed_ms, "request failed");
     }
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
