@@ -234,6 +234,22 @@ async fn every_rpc_works_and_fails_as_documented() {
         assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
         assert!(refused.message().contains("another listing"), "{refused:?}");
     }
+    // A token of this listing whose position was rewritten to name no possible service.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let issued = String::from_utf8(b64.decode(&first_token).unwrap()).unwrap();
+    let (listing, _) = issued.split_once('\n').unwrap();
+    for position in ["acme\n../!!", "ACME\nsvc01", "acme"] {
+        let forged = proto::ListRequest {
+            page_token: b64.encode(format!("{listing}\n{position}")),
+            ..Default::default()
+        };
+        let refused = client.list(as_tenant("acme", forged)).await.unwrap_err();
+        assert!(
+            refused.code() == Code::InvalidArgument && refused.message().contains("not one this node issued"),
+            "{position:?}: {refused:?}"
+        );
+    }
     let labelled = proto::ListRequest {
         labels: BTreeMap::from([("team".into(), "y".into())]),
         ..Default::default()

@@ -346,6 +346,13 @@ fn decode_page_token(token: &str, listing: &str) -> Result<Option<(String, Strin
             "page_token belongs to another listing (another tenant, status or labels); list again without it",
         ));
     }
+    // The position is only a place to resume from (a page never holds more than the caller
+    // may see), but one that names no possible service was not issued here.
+    let within_scope =
+        crate::control::validate_tenant(tenant).is_ok() && crate::control::validate_service_id(id).is_ok();
+    if !within_scope {
+        return Err(bad());
+    }
     Ok(Some((tenant.to_string(), id.to_string())))
 }
 
