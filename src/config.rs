@@ -421,6 +421,13 @@ impl Config {
                 ),
             ));
         }
+        // Each slot takes 64 bytes of the lock file, which LMDB sizes for all of them at once.
+        if db.max_readers > MAX_READERS {
+            return Err(invalid(
+                "database.max_readers",
+                &format!("must be at most {MAX_READERS} (a 64 MiB lock file)"),
+            ));
+        }
         if db.map_size_mb > MAX_MAP_SIZE_MB {
             return Err(invalid(
                 "database.map_size_mb",
@@ -646,6 +653,9 @@ impl Config {
 
 /// The largest LMDB map: address space is reserved for all of it.
 const MAX_MAP_SIZE_MB: u64 = 64 << 20;
+
+/// The most LMDB reader slots: readers are threads reading at once, not clients.
+const MAX_READERS: u32 = 1 << 20;
 
 /// The slowest epoch clock: CPU limits are checked this often at least.
 const MAX_EPOCH_TICK_MS: u32 = 1000;
@@ -890,6 +900,11 @@ mod tests {
     #[test]
     fn values_that_would_flood_or_exhaust_the_node_are_refused() {
         for (text, key, says) in [
+            (
+                "[database]\nmax_readers = 4294967295\n",
+                "database.max_readers",
+                "at most 1048576",
+            ),
             (
                 "[solo]\nhttp_request_timeout_ms = 0\n",
                 "solo.http_request_timeout_ms",
