@@ -315,6 +315,25 @@ fn bad_usage_exits_2() {
     assert!(ran.stderr.contains("--ca-cert"), "{}", ran.stderr);
     let ran = run(solo().args(["list", "--endpoint", "http://127.0.0.1:1", "--ca-cert", "x.pem"])).fails(2);
     assert!(ran.stderr.contains("https"), "{}", ran.stderr);
+    // Each flag named as given.
+    let ran = run(solo().args([
+        "list",
+        "--endpoint",
+        "http://127.0.0.1:1",
+        "--client-cert",
+        "c.pem",
+        "--client-key",
+        "c.key",
+    ]))
+    .fails(2);
+    assert!(
+        ran.stderr.contains("--client-cert needs an https") && !ran.stderr.contains("--ca-cert"),
+        "{}",
+        ran.stderr
+    );
+    // A path would be dropped unsaid: gRPC's paths are its methods'.
+    let ran = run(solo().args(["list", "--endpoint", "http://127.0.0.1:1/solo"])).fails(2);
+    assert!(ran.stderr.contains("no path"), "{}", ran.stderr);
     // Only http and https; a bad value from the environment names its variable.
     let ran = run(solo().args(["list", "--endpoint", "ftp://x"]));
     assert_eq!(ran.code, 2, "{}", ran.stderr);
@@ -2113,6 +2132,25 @@ fn a_peer_that_does_not_answer_grpc_is_reported_within_the_connect_timeout() {
     }
     let ran = run(solo().args(["--endpoint", &http, "events", "--follow"])).fails(5);
     assert!(ran.stderr.contains("is not a gRPC endpoint"), "{}", ran.stderr);
+    // An https endpoint of a node that speaks plaintext.
+    let pki = Pki::new();
+    let plaintext = format!("https://{}", node.server.as_ref().unwrap().grpc_addr);
+    let ca = pki.path("ca.pem");
+    let ran = run(solo().args([
+        "--endpoint",
+        &plaintext,
+        "--ca-cert",
+        ca.to_str().unwrap(),
+        "status",
+        "kv",
+    ]))
+    .fails(5);
+    assert!(
+        ran.stderr
+            .contains(&format!("the node at {plaintext} does not speak TLS")),
+        "{}",
+        ran.stderr
+    );
 }
 
 /// A data directory of 25 events, copied for each way of damaging it.

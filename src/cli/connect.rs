@@ -114,6 +114,12 @@ impl Connector {
             ))
         };
         let uri: http::Uri = url.parse().map_err(|e| not_a_url(&e))?;
+        // gRPC's paths are the methods' own: a path here would be dropped, unsaid.
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(not_a_url(
+                &"a gRPC endpoint is a scheme, a host and a port, with no path",
+            ));
+        }
         let https = uri.scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("https"));
         let tls = if https {
             let host = uri
@@ -128,9 +134,12 @@ impl Connector {
                 name,
             })
         } else if tls_wanted {
-            return Err(CliError::usage(format!(
-                "--ca-cert and --client-cert need an https:// endpoint, not {url}"
-            )));
+            let flag = if args.ca_cert.is_some() {
+                "--ca-cert"
+            } else {
+                "--client-cert"
+            };
+            return Err(CliError::usage(format!("{flag} needs an https:// endpoint, not {url}")));
         } else {
             None
         };
@@ -210,6 +219,16 @@ impl Connector {
             return self.not_grpc(&format!("HTTP {}", not_grpc.describe()));
         }
         let text = super::error::causes(cause);
+        // What a TLS client makes of a plaintext node's first bytes.
+        if self.tls.is_some() && text.contains("InvalidContentType") {
+            return CliError::new(
+                Exit::Unavailable,
+                format!(
+                    "the node at {} does not speak TLS: give it as http://… without --ca-cert",
+                    self.url
+                ),
+            );
+        }
         let peer = self.peer.lock().map(|p| p.clone()).unwrap_or_default();
         match peer {
             Peer::Alert(alert) => {
