@@ -661,7 +661,10 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
     assert!(ran.stderr.contains("echo"), "{}", ran.stderr);
     let again = node.run("acme", &["kill", "echo", "--json"]).ok().json();
     assert_eq!(again["already_stopped"], true);
-    assert_eq!(again["status"], "stopped");
+    assert_eq!(
+        (again["status"].as_str(), again["stopped"].as_bool()),
+        (Some("stopped"), Some(true))
+    );
     let again = node.run("acme", &["kill", "echo"]).ok().text();
     assert!(again.contains("echo was already stopped"), "{again}");
     let forced = node.run(
@@ -681,6 +684,11 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
         (Some("counter"), Some(false))
     );
     assert_eq!(forced["replayed"], false);
+    // The same fields whatever the kill found.
+    assert_eq!(
+        (forced["status"].as_str(), forced["stopped"].as_bool()),
+        (Some("stopping"), Some(false))
+    );
     let retried = node
         .run(
             "acme",

@@ -291,6 +291,10 @@ Once it listens, it prints one line for scripts: solo listening grpc=ADDR http=A
   solo kill echo --grace-ms 2000 --wait
   solo kill echo --force
 
+With --json: {service_id, seq, already_stopped, replayed, status, stopped}; status is
+`stopping` after a kill just recorded, what the service is at if one was recorded before,
+and `stopped` once --wait has seen it stop.
+
 ", exit_codes!()))]
     Kill(KillArgs),
     /// Remove a stopped service from the registry (kill it first): its id is free again, and

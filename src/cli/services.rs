@@ -405,12 +405,16 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
             out.line(&format!("{line}{}", replayed_note(replayed)))?;
         }
         document["status"] = json!(status);
-    } else if !out.json {
-        out.line(&format!(
-            "kill of {id} requested (seq {}){}",
-            killed.seq,
-            replayed_note(replayed)
-        ))?;
+    } else {
+        // What the kill just recorded makes of it.
+        document["status"] = json!("stopping");
+        if !out.json {
+            out.line(&format!(
+                "kill of {id} requested (seq {}){}",
+                killed.seq,
+                replayed_note(replayed)
+            ))?;
+        }
     }
     if args.wait.wait {
         if !down {
@@ -432,9 +436,11 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
             if !out.json {
                 out.line(&format!("{id} {}", out.status("stopped")))?;
             }
+            document["status"] = json!("stopped");
         }
-        document["stopped"] = json!(true);
+        down = true;
     }
+    document["stopped"] = json!(down);
     if out.json {
         out.document(&document)?;
     }
