@@ -579,6 +579,13 @@ fn bench_rebuild(c: &mut Criterion) {
             BatchSize::PerIteration,
         );
     });
+    // The walk of every page in use that a node does as it opens its data directory, before
+    // LMDB reads a tree (the store's open refuses damaged pages with it).
+    group.bench_function(BenchmarkId::new("page_walk_at_open", DATASET_EVENTS), |b| {
+        let data = &*dataset.get_or_insert_with(build_dataset);
+        let view = data.log.store().read_view().expect("a read view");
+        b.iter(|| assert!(view.page_damage().expect("the pages walk").is_none()));
+    });
     group
         .measurement_time(Duration::from_secs(10))
         .throughput(Throughput::Elements(DATASET_EVENTS));

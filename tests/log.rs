@@ -1445,17 +1445,19 @@ async fn dump_reports_a_gap_and_a_record_under_the_wrong_seq() {
 }
 
 /// A data directory that lost its events is refused, never served as a new, empty log (which
-/// would then collect its modules as unused): an empty data file, or an emptied `events`
-/// database beside the modules that its events brought.
+/// would then collect its modules as unused): an empty data file, one deleted beside the lock
+/// file of the node that wrote it, or an emptied `events` database beside the modules that its
+/// events brought.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(unsafe_code)]
 async fn a_directory_that_lost_its_events_is_refused_not_started_afresh() {
     type Raw = heed::Database<heed::types::Bytes, heed::types::Bytes>;
     type Damage = (&'static str, fn(&Path));
-    let damages: [Damage; 2] = [
+    let damages: [Damage; 3] = [
         ("empty", |dir| {
             std::fs::File::create(dir.join("data.mdb")).map(drop).unwrap()
         }),
+        ("deleted", |dir| std::fs::remove_file(dir.join("data.mdb")).unwrap()),
         ("emptied", |dir| {
             // SAFETY: nothing else has this test's directory open.
             let env = unsafe { heed::EnvOpenOptions::new().max_dbs(8).open(dir) }.unwrap();
@@ -1478,10 +1480,11 @@ async fn a_directory_that_lost_its_events_is_refused_not_started_afresh() {
                 ..options(dir.path()).log.store
             };
             let err = solo::log::Store::open(dir.path(), &store).unwrap_err().to_string();
-            let expected = if damage == "empty" {
-                "data.mdb is empty"
-            } else {
-                "events"
+            let expected = match damage {
+                "empty" => "data.mdb is empty",
+                "deleted" if read_only => "no data.mdb",
+                "deleted" => "data.mdb is missing, though a node ran here",
+                _ => "events",
             };
             assert!(err.contains(expected), "{damage}, read_only {read_only}: {err}");
         }

@@ -295,6 +295,65 @@ mod tests {
         }
     }
 
+    /// Opening `dir` to write is refused, for a reason that says `why`.
+    #[track_caller]
+    fn refused(dir: &Path, why: &str) {
+        match Store::open(dir, &options()) {
+            Err(Error::BadDataDir { reason, .. }) => assert!(reason.contains(why), "{reason}"),
+            Err(e) => panic!("{e}"),
+            Ok(store) => panic!("opened, at head {}", store.head().unwrap()),
+        }
+    }
+
+    /// A store of `events` records, closed.
+    fn store_of(events: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path(), &options()).expect("a new store");
+        let record = frame::encode(b"an event");
+        for seq in 1..=events {
+            store
+                .append(seq, [record.as_slice()], Default::default(), Default::default())
+                .unwrap();
+        }
+        dir
+    }
+
+    /// The offset of the newest meta page (of the two, the one with the higher txn id).
+    fn newest_meta(bytes: &[u8]) -> usize {
+        let txn = |page: usize| {
+            let at = page * PAGE as usize + META_TXN_ID;
+            u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+        };
+        if txn(1) > txn(0) { PAGE as usize } else { 0 }
+    }
+
+    /// One bit of the newest commit's roots flipped: LMDB has no checksum to tell, and would
+    /// serve another tree (or none) as the log. Each is refused before the node writes, rather
+    /// than started afresh or carried on from an older tree under seqs already given out.
+    #[test]
+    fn a_commit_whose_roots_are_damaged_is_refused_not_built_on() {
+        for (root, bit) in [
+            (META_MAIN_ROOT, 0),
+            (META_MAIN_ROOT, 1),
+            (META_MAIN_ROOT, 3),
+            (META_FREE_ROOT, 0),
+        ] {
+            let dir = store_of(200);
+            let path = dir.path().join("data.mdb");
+            let mut bytes = std::fs::read(&path).unwrap();
+            let at = newest_meta(&bytes) + root;
+            bytes[at] ^= 1 << bit;
+            std::fs::write(&path, &bytes).unwrap();
+            match Store::open(dir.path(), &options()) {
+                Err(Error::BadDataDir { reason, .. }) => {
+                    assert!(reason.contains("database") || reason.contains("LMDB page"), "{reason}")
+                }
+                Err(e) => panic!("root at {root}, bit {bit}: {e}"),
+                Ok(store) => panic!("root at {root}, bit {bit}: opened, at head {}", store.head().unwrap()),
+            }
+        }
+    }
+
     fn data_file(dir: &Path) -> File {
         std::fs::OpenOptions::new()
             .read(true)
@@ -375,7 +434,7 @@ mod tests {
         std::fs::write(damaged.path().join("data.mdb"), &bytes).unwrap();
         let usage = walk(&data_file(damaged.path()), PAGE as usize, pages, None).expect("trees still sound");
         assert_eq!(usage.free_in_use, Some(usage.highest));
-        let store = Store::open(damaged.path(), &options()).expect("LMDB opens it");
+        let store = Store::open_unlocked(damaged.path(), &options()).expect("LMDB opens it to read");
         let damage = store.read_view().unwrap().page_damage().unwrap().expect("damage");
         assert!(damage.trees_readable, "{damage:?}");
         assert!(
@@ -383,6 +442,8 @@ mod tests {
             "{damage:?}"
         );
         drop(store);
+        // A node will not write over it.
+        refused(damaged.path(), "both on the free list and in use");
 
         // Cut short: a page in use is gone.
         let highest = walk(&file, PAGE as usize, pages, None).expect("still sound").highest;

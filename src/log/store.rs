@@ -228,10 +228,14 @@ impl Store {
         // After the environment: a second open in this process is told so by LMDB itself.
         let writer_lock = (!options.read_only).then(|| lock_for_writing(path)).transpose()?;
         check_file_length(&env, path)?;
+        if !options.read_only {
+            refuse_page_damage(&env, path)?;
+        }
         let heed_err = |e| Error::from_heed(e, path, options.map_size);
-        // A directory already initialised must still have every database: creating a lost
-        // `events` afresh would serve an empty log over the data that remains.
-        let initialised = !options.read_only && has_database(&env, META_DB).map_err(heed_err)?;
+        // A data file with commits must still have every database: creating a lost `events`
+        // afresh (its main tree damaged, say) would serve an empty log over the data that
+        // remains. A new one has none: the databases are its first commit.
+        let initialised = !options.read_only && env.info().last_txn_id > 0;
         let (events, blobs, snapshots, meta, requests) = if options.read_only || initialised {
             let opened = open_databases(&env, path).map_err(|e| match e {
                 Error::Lmdb { source, .. } => heed_err(source),
@@ -630,6 +634,46 @@ pub struct PageDamage {
 }
 
 impl PageDamage {
+    /// What a walk of a commit's pages ([`pages::walk`]) of the data file `file` found wrong.
+    fn of(walked: std::result::Result<pages::Usage, pages::Unsound>, file: &Path) -> Result<Option<PageDamage>> {
+        let usage = match walked {
+            Ok(usage) => usage,
+            Err(pages::Unsound::Io(source)) => {
+                return Err(Error::Io {
+                    path: file.to_path_buf(),
+                    source,
+                });
+            }
+            Err(pages::Unsound::PastEnd { page }) => {
+                return Ok(Some(PageDamage::to_trees(format!(
+                    "LMDB page {page}, which the data file's trees use, lies past the file's end"
+                ))));
+            }
+            Err(pages::Unsound::Malformed { page, what }) => {
+                return Ok(Some(PageDamage::to_trees(format!(
+                    "LMDB page {page} of the data file is damaged: {what}"
+                ))));
+            }
+        };
+        let to_free_list = |message| PageDamage {
+            message,
+            trees_readable: true,
+        };
+        Ok(if let Some(page) = usage.free_in_use {
+            Some(to_free_list(format!(
+                "LMDB page {page} is both on the free list and in use: a later commit may write over \
+                 what it holds"
+            )))
+        } else {
+            usage.free_past_last.map(|page| {
+                to_free_list(format!(
+                    "LMDB's free list names page {page}, past the last page allocated ({}): it is damaged",
+                    usage.last_page
+                ))
+            })
+        })
+    }
+
     fn to_trees(message: String) -> PageDamage {
         PageDamage {
             message,
@@ -679,37 +723,10 @@ impl ReadView<'_> {
         let data = std::fs::File::open(&file).map_err(io)?;
         let page_size = u64::from(self.store.env.stat().page_size);
         let pages = data.metadata().map_err(io)?.len() / page_size;
-        let usage = match pages::walk(&data, page_size as usize, pages, Some(self.rtxn.id() as u64)) {
-            Ok(usage) => usage,
-            Err(pages::Unsound::Io(source)) => return Err(io(source)),
-            Err(pages::Unsound::PastEnd { page }) => {
-                return Ok(Some(PageDamage::to_trees(format!(
-                    "LMDB page {page}, which the data file's trees use, lies past the file's end"
-                ))));
-            }
-            Err(pages::Unsound::Malformed { page, what }) => {
-                return Ok(Some(PageDamage::to_trees(format!(
-                    "LMDB page {page} of the data file is damaged: {what}"
-                ))));
-            }
-        };
-        let to_free_list = |message| PageDamage {
-            message,
-            trees_readable: true,
-        };
-        Ok(if let Some(page) = usage.free_in_use {
-            Some(to_free_list(format!(
-                "LMDB page {page} is both on the free list and in use: a later commit may write over \
-                 what it holds"
-            )))
-        } else {
-            usage.free_past_last.map(|page| {
-                to_free_list(format!(
-                    "LMDB's free list names page {page}, past the last page allocated ({}): it is damaged",
-                    usage.last_page
-                ))
-            })
-        })
+        PageDamage::of(
+            pages::walk(&data, page_size as usize, pages, Some(self.rtxn.id() as u64)),
+            &file,
+        )
     }
 
     /// The seq of the last record, 0 for an empty log.
@@ -894,6 +911,14 @@ fn check_data_file(dir: &Path) -> Result<()> {
         reason,
     };
     let mut data = match std::fs::File::open(&file) {
+        // A node makes the data file before its lock file: with the lock file there, the data
+        // file was lost, and a new log would start in its place as if nothing had been.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.join(LOCK_FILE).exists() => {
+            return Err(bad(format!(
+                "its {DATA_FILE} is missing, though a node ran here ({LOCK_FILE} is there): whatever it \
+                 held is gone; restore it from a backup, or remove {LOCK_FILE} too to start a new log"
+            )));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io(e)),
         Ok(data) => data,
@@ -978,6 +1003,43 @@ fn check_file_length(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
     }
 }
 
+/// Refuses, before LMDB reads any tree of it, a data file whose newest commit's pages are
+/// damaged, as `solo log verify` finds them. LMDB keeps no checksums: a root or free list a
+/// bit off would have it abort on an assertion, serve an older tree (or none, started afresh)
+/// as the log under seqs already given out, or let the node's own commits write over
+/// acknowledged events. One read of each page in use, done by a writer only: the offline
+/// tools report damage rather than refuse it.
+fn refuse_page_damage(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
+    if env.info().last_txn_id == 0 {
+        return Ok(()); // A new data file: no commit yet.
+    }
+    let file = path.join(DATA_FILE);
+    let io = |source| Error::Io {
+        path: file.clone(),
+        source,
+    };
+    let data = std::fs::File::open(&file).map_err(io)?;
+    let page_size = env.stat().page_size;
+    let pages = data.metadata().map_err(io)?.len() / u64::from(page_size);
+    let started = std::time::Instant::now();
+    let walked = pages::walk(&data, page_size as usize, pages, None);
+    tracing::debug!(
+        pages,
+        took_ms = started.elapsed().as_millis() as u64,
+        "walked the data file's pages"
+    );
+    match PageDamage::of(walked, &file)? {
+        None => Ok(()),
+        Some(damage) => Err(Error::BadDataDir {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{}; the node will not build on it (`solo log verify` tells more): restore it from a backup",
+                damage.message
+            ),
+        }),
+    }
+}
+
 fn open_env(path: &Path, options: &StoreOptions, lock: bool) -> Result<Env<WithoutTls>> {
     let mut open = EnvOpenOptions::new().read_txn_without_tls();
     open.max_dbs(5).max_readers(options.max_readers);
@@ -1033,13 +1095,6 @@ fn create_databases(env: &Env<WithoutTls>) -> heed::Result<Databases> {
     );
     wtxn.commit()?;
     Ok(dbs)
-}
-
-fn has_database(env: &Env<WithoutTls>, name: &str) -> heed::Result<bool> {
-    let rtxn = env.read_txn()?;
-    let found = env.open_database::<Bytes, Bytes>(&rtxn, Some(name))?.is_some();
-    rtxn.commit()?;
-    Ok(found)
 }
 
 fn open_databases(env: &Env<WithoutTls>, path: &Path) -> Result<Databases> {
