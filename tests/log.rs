@@ -876,7 +876,8 @@ async fn a_length_that_runs_past_the_end_of_the_file_is_damage_not_a_crash() {
 }
 
 /// A tailer reading history through a damaged record gets every record before it, then the
-/// damage: the reader learns exactly where the log stops being readable.
+/// damage: the reader learns exactly where the log stops being readable. The node, which
+/// started past it from a snapshot, finds it as it starts, and says so (on `/health`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tailer_gets_the_records_before_the_damage_then_the_damage() {
     let dir = tempdir();
@@ -918,6 +919,22 @@ async fn a_tailer_gets_the_records_before_the_damage_then_the_damage() {
         timeout(Duration::from_secs(10), tail.next()).await.unwrap().is_none(),
         "the stream ends"
     );
+    let found = timeout(Duration::from_secs(10), async {
+        loop {
+            match control.log_failure() {
+                Some(found) => return found,
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await
+    .expect("the check of the history finds the damage");
+    assert!(
+        found.contains("history is damaged") && found.contains("record 14 is corrupt"),
+        "{found}"
+    );
+    // It still takes writes.
+    deploy(&control, "acme", "after", "m").await;
     control.close().await;
 }
 

@@ -13,6 +13,7 @@
 
 pub mod command;
 mod error;
+mod history;
 mod noop_keys;
 mod recovery;
 mod snapshotter;
@@ -36,6 +37,7 @@ pub use noop_keys::check_stored as check_stored_request;
 pub use recovery::{Recovery, load_snapshot, replay};
 
 use command::{Command, Reply};
+use history::HistoryCheck;
 use noop_keys::NoOpKeys;
 use snapshotter::Snapshotter;
 use spare::Spare;
@@ -158,8 +160,11 @@ struct Shared {
     /// The state's, fixed at start.
     deploy_rate_window_ms: u64,
     commit_failure: Arc<CommitFailure>,
+    /// The check of the history before the snapshot the node started from.
+    history: Arc<HistoryCheck>,
     shutting_down: Arc<AtomicBool>,
-    /// The writer's thread, then the snapshotter's, joined in that order at close.
+    /// The writer's thread, then the snapshotter's and the history check's, joined in that
+    /// order at close.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     node: NodeMeta,
     /// The wasm runtime, once attached: it validates modules and serves calls. Without one (as
@@ -210,6 +215,8 @@ impl Control {
             last_snapshot_seq,
         );
         let (snapshots, snapshot_thread) = snapshots.unzip();
+        // Recovery read and checked every record after the snapshot; the ones before it, here.
+        let (history, history_thread) = HistoryCheck::start(log.clone(), last_snapshot_seq);
         let commit_failure = Arc::new(CommitFailure::default());
         let writer = Writer {
             commit_failure: Arc::clone(&commit_failure),
@@ -242,9 +249,15 @@ impl Control {
                 clock: options.clock,
                 deploy_rate_window_ms: options.settings.deploy_rate_window_ms,
                 commit_failure,
+                history,
                 shutting_down,
                 // The writer first: when it ends, the snapshotter's queue closes.
-                threads: Mutex::new([Some(thread), snapshot_thread].into_iter().flatten().collect()),
+                threads: Mutex::new(
+                    [Some(thread), snapshot_thread, history_thread]
+                        .into_iter()
+                        .flatten()
+                        .collect(),
+                ),
                 runtime: OnceLock::new(),
             }),
         }
@@ -275,6 +288,7 @@ impl Control {
         if self.shared.requests.send(Request::Close { done }).await.is_ok() {
             let _ = closed.await;
         }
+        self.shared.history.stop();
         let threads = std::mem::take(&mut *self.shared.threads.lock().unwrap_or_else(|p| p.into_inner()));
         let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
     }
@@ -494,9 +508,13 @@ impl Control {
     }
 
     /// Why the log cannot take writes, if its last commit failed (cleared by the next commit
-    /// that succeeds, such as a retried observation's).
+    /// that succeeds, such as a retried observation's); else what the check of its history
+    /// found damaged, if anything.
     pub fn log_failure(&self) -> Option<String> {
-        self.shared.commit_failure.current()
+        self.shared
+            .commit_failure
+            .current()
+            .or_else(|| self.shared.history.damage().map(str::to_string))
     }
 
     /// One service of `tenant`.
