@@ -64,6 +64,12 @@ impl VerifyReport {
     }
 
     /// The one-line summary `solo log verify` prints.
+    /// The problems that [`summary`](Self::summary) does not name, for a person to read after it.
+    pub fn other_problems(&self) -> &[String] {
+        let summarised = self.first_bad.is_none() && !self.snapshots.iter().any(|(_, r)| r.is_err());
+        &self.problems[usize::from(summarised).min(self.problems.len())..]
+    }
+
     pub fn summary(&self) -> String {
         if let Some((seq, reason)) = &self.first_bad {
             return format!("FAILED: first bad record is seq {seq}: {reason}");
@@ -115,7 +121,11 @@ pub fn verify_as_of(view: &ReadView<'_>, settings: Settings) -> log::Result<Veri
     let snapshots = stored_snapshots(view, settings, &mut report)?;
     let (state, mut modules) = check_events(view, settings, &snapshots, &mut report)?;
     // Modules no service runs any more leave the blob store; those that some service runs
-    // must be there.
+    // must be there. Which ones those are, only a replay to the head tells: one stopped at
+    // damage would name modules that later kills let go of, a second problem that is not.
+    if report.first_bad.is_some() {
+        modules.clear();
+    }
     modules.retain(|sha, _| crate::state::parse_sha256(sha).is_some_and(|hash| state.module_users(&hash) > 0));
     check_blobs(view, &modules, &mut report)?;
     check_requests(view, &mut report)?;
@@ -439,4 +449,37 @@ pub fn stats(store: &Store) -> log::Result<Stats> {
         .collect::<std::collections::BTreeSet<_>>()
         .len() as u64;
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VerifyReport;
+
+    #[test]
+    fn every_problem_is_either_in_the_summary_or_among_the_others() {
+        let problems = vec![
+            "blob 00 is damaged".to_string(),
+            "request r cannot be read back".to_string(),
+        ];
+        let only_problems = VerifyReport {
+            problems: problems.clone(),
+            ..VerifyReport::default()
+        };
+        assert!(only_problems.summary().contains("blob 00 is damaged"));
+        assert_eq!(only_problems.other_problems(), &problems[1..]);
+        let with_a_bad_record = VerifyReport {
+            first_bad: Some((14, "checksum mismatch".into())),
+            problems: problems.clone(),
+            ..VerifyReport::default()
+        };
+        assert!(with_a_bad_record.summary().contains("seq 14"));
+        assert_eq!(with_a_bad_record.other_problems(), &problems[..]);
+        let with_a_bad_snapshot = VerifyReport {
+            snapshots: vec![(10, Err("services differ".into()))],
+            problems: problems.clone(),
+            ..VerifyReport::default()
+        };
+        assert_eq!(with_a_bad_snapshot.other_problems(), &problems[..]);
+        assert!(VerifyReport::default().other_problems().is_empty());
+    }
 }

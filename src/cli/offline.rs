@@ -154,7 +154,7 @@ fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> an
         LogCommand::Verify(_) => {
             let report = inspect::verify(&store, config.settings())?;
             if !json {
-                for problem in report.problems.iter().skip(1) {
+                for problem in report.other_problems() {
                     eprintln!("also: {problem}");
                 }
             }
