@@ -255,6 +255,16 @@ impl Store {
             create_databases(&env).map_err(heed_err)?
         };
         let map_size = env.info().map_size as u64;
+        if !options.read_only && map_size > options.map_size {
+            // LMDB maps what the data file records when that is larger: a map is never shrunk.
+            tracing::warn!(
+                path = %path.display(),
+                map_size_mb = map_size >> 20,
+                configured_mb = options.map_size >> 20,
+                "the data file's map is larger than [database] map_size_mb, which it keeps: a map is never \
+                 shrunk"
+            );
+        }
         let mapping = find_mapping(&path.join(DATA_FILE), env.stat().page_size as usize);
         if mapping.is_none() {
             tracing::debug!(path = %path.display(), "data.mdb's mapping not found: value lengths are trusted");
