@@ -418,6 +418,29 @@ async fn every_rpc_works_and_fails_as_documented() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(err.metadata().get("solo-error").unwrap(), "not_found");
+    // The admin naming no tenant acts for `default`, and is told so when it finds nothing.
+    let err = client
+        .status(proto::StatusRequest {
+            service_id: "trap".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.code() == Code::NotFound
+            && err.message().contains("in tenant 'default'")
+            && err.message().contains("x-tenant-id"),
+        "{err:?}"
+    );
+    let err = client
+        .status(as_tenant(
+            "acme",
+            proto::StatusRequest {
+                service_id: "nope".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(!err.message().contains("default"), "{err:?}");
     // The service's own refusal shares UNKNOWN with failures of the transport; its kind says
     // which it is.
     let kv = deploy(&mut client, "acme", "kv", "kv").await;

@@ -174,6 +174,23 @@ impl Error {
         &self.message
     }
 
+    /// The error as `caller` should read it: an admin who named no tenant acted for the
+    /// `default` one, and a service it did not find there may well be another tenant's.
+    pub fn seen_by(self, caller: &super::auth::Caller) -> Error {
+        if self.kind != ErrorKind::NotFound || !caller.is_admin() || caller.scope().is_some() {
+            return self;
+        }
+        let message = format!(
+            "{} in tenant '{}': the admin acts for the tenant it names (x-tenant-id, ?tenant=, --tenant)",
+            self.message,
+            caller.tenant()
+        );
+        Error {
+            message: crate::limits::cut_to(message, MAX_MESSAGE_BYTES),
+            ..self
+        }
+    }
+
     /// The JSON body every REST error (and an SSE stream's last `error` frame) carries.
     pub fn json_body(&self) -> serde_json::Value {
         serde_json::json!({ "error": self.kind.as_str(), "message": self.message() })

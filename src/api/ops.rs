@@ -66,7 +66,10 @@ pub async fn deploy(state: &ApiState, caller: &Caller, deploy: Deploy) -> Result
 }
 
 pub fn status(state: &ApiState, caller: &Caller, service_id: &str) -> Result<proto::ServiceStatus, Error> {
-    let service = state.control.status(caller.tenant(), service_id)?;
+    let service = state
+        .control
+        .status(caller.tenant(), service_id)
+        .map_err(|e| Error::from(e).seen_by(caller))?;
     Ok(super::convert::service_status(
         &service,
         state.control.live(&service.tenant, &service.id),
@@ -137,7 +140,11 @@ pub async fn kill(state: &ApiState, caller: &Caller, kill: Kill) -> Result<KillO
         idempotency_key: kill.idempotency_key,
         expected_version: kill.expected_version,
     };
-    Ok(state.control.kill(command).await?)
+    state
+        .control
+        .kill(command)
+        .await
+        .map_err(|e| Error::from(e).seen_by(caller))
 }
 
 /// A remove as either API receives it.
@@ -158,7 +165,11 @@ pub async fn remove(state: &ApiState, caller: &Caller, remove: Remove) -> Result
         idempotency_key: remove.idempotency_key,
         expected_version: remove.expected_version,
     };
-    Ok(state.control.remove(command).await?)
+    state
+        .control
+        .remove(command)
+        .await
+        .map_err(|e| Error::from(e).seen_by(caller))
 }
 
 pub async fn call(
@@ -186,7 +197,7 @@ pub async fn call(
     };
     state.metrics.calls.with_label_values(&[label]).inc();
     state.metrics.call_duration.observe(started.elapsed().as_secs_f64());
-    Ok(result?)
+    result.map_err(|e| Error::from(e).seen_by(caller))
 }
 
 pub async fn shutdown(state: &ApiState, caller: &Caller, grace_ms: u32) -> Result<u64, Error> {
@@ -212,7 +223,10 @@ pub fn logs(
     from_seq: u64,
     follow: bool,
 ) -> Result<impl Stream<Item = Result<LogLine, Error>> + Send + 'static, Error> {
-    let buffer = state.control.logs(caller.tenant(), service_id)?;
+    let buffer = state
+        .control
+        .logs(caller.tenant(), service_id)
+        .map_err(|e| Error::from(e).seen_by(caller))?;
     // As a Watch refuses a start past the log's next seq: a client resuming after a node
     // restart would otherwise wait, silently, for the new log to reach its old number.
     let next_line = buffer.next_seq();
