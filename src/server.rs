@@ -479,12 +479,44 @@ async fn serve_grpc(
             Arc::clone(&state),
         ))
         .into_axum_router()
-        .fallback(unknown_grpc_service);
+        .fallback(unknown_grpc_service)
+        .layer(axum::middleware::from_fn(require_grpc_content_type));
     builder
         .add_routes(routes.into())
         .serve_with_incoming_shutdown(admitted_connections(listener, limits), shutdown)
         .await
         .context("gRPC server")
+}
+
+/// Only gRPC is read as gRPC: a request of another content type (grpc-web, JSON, a form) is
+/// answered `415 Unsupported Media Type`, as the gRPC spec asks of servers, rather than have
+/// its body taken for gRPC frames and refused for their framing.
+async fn require_grpc_content_type(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    // `application/grpc`, `application/grpc+proto` and the like; case-insensitive.
+    let grpc = content_type
+        .get(..16)
+        .is_some_and(|head| head.eq_ignore_ascii_case(b"application/grpc"))
+        && matches!(content_type.get(16), None | Some(b'+' | b';'));
+    if grpc {
+        return next.run(request).await;
+    }
+    use axum::response::IntoResponse as _;
+    let message = "this is the node's gRPC port: send gRPC (content-type application/grpc); the REST API \
+                   is on the HTTP port";
+    (
+        http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        message,
+    )
+        .into_response()
 }
 
 /// A call to a service this node does not serve: tonic's own answer carries no message.

@@ -1753,6 +1753,39 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
     let reply = status_of(vec![0, 0, 0, 0, 3, 0x0a, 1, b'x']).await.unwrap();
     let trailers_or_headers = reply.headers().get("grpc-status").cloned();
     assert_eq!(trailers_or_headers.unwrap(), "5", "NOT_FOUND: no service 'x'");
+    // Only gRPC is read as gRPC: another content type is 415, as the gRPC spec asks.
+    for content_type in [
+        Some("application/json"),
+        Some("application/grpc-web"),
+        Some("text/plain"),
+        None,
+    ] {
+        let mut request = http
+            .post(format!("{}/solo.v1.SoloKernel/Status", server.grpc_url()))
+            .header("te", "trailers")
+            .header("x-tenant-id", "a");
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let reply = request.body(vec![0, 0, 0, 0, 3, 0x0a, 1, b'x']).send().await.unwrap();
+        assert_eq!(reply.status(), 415, "{content_type:?}");
+        assert!(
+            reply.text().await.unwrap().contains("application/grpc"),
+            "{content_type:?}"
+        );
+    }
+    for content_type in ["application/grpc+proto", "Application/GRPC"] {
+        let reply = http
+            .post(format!("{}/solo.v1.SoloKernel/Status", server.grpc_url()))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .header("x-tenant-id", "a")
+            .body(vec![0, 0, 0, 0, 3, 0x0a, 1, b'x'])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.headers()["grpc-status"], "5", "{content_type}");
+    }
     server.stop().await.unwrap();
 }
 
