@@ -305,6 +305,9 @@ fn bad_usage_exits_2() {
         &["list", "--page-size", "0"],
         &["call", "x", "--data", "a", "--file", "b"],
         &["kill", "x", "--grace-ms", "soon"],
+        // An id no service could have is refused before any connection.
+        &["status", "bad id!"],
+        &["deploy", "a/b", "echo.wat"],
         &["no-such-command"],
     ] {
         let ran = run(solo().args(args));

@@ -448,6 +448,7 @@ pub enum ConfigCommand {
 #[derive(Debug, Args)]
 pub struct DeployArgs {
     /// The service id.
+    #[arg(value_parser = parse_service_id)]
     pub service_id: String,
     /// The module: a wasm binary or WAT text (`-` reads stdin).
     #[arg(value_name = "FILE")]
@@ -518,12 +519,14 @@ pub struct ListArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The service id.
+    #[arg(value_parser = parse_service_id)]
     pub service_id: String,
 }
 
 #[derive(Debug, Args)]
 pub struct CallArgs {
     /// The service id.
+    #[arg(value_parser = parse_service_id)]
     pub service_id: String,
     /// The request, as given (otherwise --file, otherwise stdin unless it is a terminal).
     #[arg(long, short = 'd', value_name = "STRING", conflicts_with = "file")]
@@ -539,6 +542,7 @@ pub struct CallArgs {
 #[derive(Debug, Args)]
 pub struct KillArgs {
     /// The service id.
+    #[arg(value_parser = parse_service_id)]
     pub service_id: String,
     /// Stop at once, without solo_stop or the queued calls.
     #[arg(long)]
@@ -559,6 +563,7 @@ pub struct KillArgs {
 #[derive(Debug, Args)]
 pub struct RemoveArgs {
     /// The service id.
+    #[arg(value_parser = parse_service_id)]
     pub service_id: String,
     /// A retry with the same key gets the first answer and changes nothing.
     #[arg(long, value_name = "KEY")]
@@ -571,6 +576,7 @@ pub struct RemoveArgs {
 #[derive(Debug, Args)]
 pub struct LogsArgs {
     /// The service id.
+    #[arg(value_parser = parse_service_id)]
     pub service_id: String,
     /// Keep printing new lines until Ctrl-C.
     #[arg(long, short = 'f')]
@@ -610,6 +616,13 @@ pub struct ShutdownArgs {
 }
 
 /// `KEY=VALUE`, with a non-empty key.
+/// A service id the node could hold, checked here so that a typo is a usage error (exit 2)
+/// found before any connection.
+fn parse_service_id(text: &str) -> Result<String, String> {
+    crate::control::validate_service_id(text).map_err(|e| e.to_string())?;
+    Ok(text.to_string())
+}
+
 fn parse_label(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
