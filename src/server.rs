@@ -249,10 +249,12 @@ async fn serve(
     ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> anyhow::Result<()> {
     let (grpc_addr, http_addr) = listeners.addrs()?;
-    let auth = Authenticator::new(config.tokens(), &[grpc_addr, http_addr]).map_err(anyhow::Error::msg)?;
     let client_certificates = config.tls_files().is_some_and(|files| files.client_ca.is_some());
+    let auth = Authenticator::new(config.tokens(), &[grpc_addr, http_addr])
+        .map_err(anyhow::Error::msg)?
+        .requiring_client_certificates(client_certificates);
     if auth.is_development() && client_certificates {
-        // Every request comes with a verified certificate, which names its tenant.
+        // Every request comes with a verified certificate, which names its tenant or is refused.
         tracing::info!(
             "no tokens are configured: client certificates name the tenants (their subject CN), and no one \
              can act as the admin"

@@ -127,6 +127,8 @@ pub fn header<'a>(headers: &'a http::HeaderMap, name: &str) -> Result<Option<&'a
 #[derive(Debug)]
 pub struct Authenticator {
     development: bool,
+    /// Whether every connection comes with a verified client certificate (`client_ca`).
+    client_certificates: bool,
     /// (SHA-256 of a token, its principal).
     tokens: Vec<([u8; 32], Principal)>,
 }
@@ -174,14 +176,26 @@ impl Authenticator {
         }
         Ok(Authenticator {
             development: parsed.is_empty(),
+            client_certificates: false,
             tokens: parsed,
         })
+    }
+
+    /// Every connection presents a verified client certificate: one whose subject names no
+    /// tenant is refused, never taken for a request without credentials (which in
+    /// development mode acts as the admin).
+    pub fn requiring_client_certificates(self, required: bool) -> Authenticator {
+        Authenticator {
+            client_certificates: required,
+            ..self
+        }
     }
 
     /// An authenticator for development mode.
     pub fn development() -> Authenticator {
         Authenticator {
             development: true,
+            client_certificates: false,
             tokens: Vec::new(),
         }
     }
@@ -221,6 +235,12 @@ impl Authenticator {
             Some(value) => self.principal_for(value)?,
             None => match certificate_tenant {
                 Some(tenant) => Principal::Tenant(tenant.to_string()),
+                None if self.client_certificates => {
+                    return Err(Error::unauthenticated(
+                        "the client certificate names no tenant: its subject CN must be a tenant name \
+                         (1 to 63 characters of a-z, 0-9, '_' and '-'), or send `authorization: Bearer <token>`",
+                    ));
+                }
                 None if self.development => {
                     return Ok(match named {
                         Some(tenant) => Caller::tenant_principal(tenant),
@@ -300,6 +320,21 @@ mod tests {
             exposed.contains("solo token new") && exposed.contains("0.0.0.0:8080"),
             "{exposed}"
         );
+    }
+
+    /// Under client certificates, a certificate whose subject names no tenant (its CN not a
+    /// tenant name) is refused: never the admin, nor the tenant a header names.
+    #[test]
+    fn a_client_certificate_that_names_no_tenant_is_refused() {
+        let mtls = Authenticator::new(Vec::new(), &loopback())
+            .unwrap()
+            .requiring_client_certificates(true);
+        assert_eq!(mtls.authenticate(None, None, Some("acme")).unwrap().tenant(), "acme");
+        for named in [None, Some("acme")] {
+            let refused = mtls.authenticate(None, named, None).unwrap_err();
+            assert_eq!(refused.kind, super::super::ErrorKind::Unauthenticated);
+            assert!(refused.message().contains("names no tenant"), "{refused:?}");
+        }
     }
 
     #[test]
