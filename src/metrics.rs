@@ -25,6 +25,8 @@ pub struct Metrics {
     pub commit_duration: Histogram,
     /// Seq of the last committed event.
     pub log_head_seq: IntGauge,
+    /// 1 once the check at start found the history before the snapshot damaged.
+    pub log_history_damaged: IntGauge,
     /// Services by status (set at each scrape from the state).
     pub services: IntGaugeVec,
     /// Observations the log could not take yet, waiting for a retry (set at each scrape).
@@ -88,6 +90,10 @@ impl Metrics {
             metric
         };
         let log_head_seq = gauge("solo_log_head_seq", "Seq of the last committed event.");
+        let log_history_damaged = gauge(
+            "solo_log_history_damaged",
+            "1 if the check at start found a record before the snapshot damaged or missing.",
+        );
         let services =
             IntGaugeVec::new(Opts::new("solo_services", "Services by status."), &["status"]).expect("a valid metric");
         registry.register(Box::new(services.clone())).expect("registered once");
@@ -148,6 +154,7 @@ impl Metrics {
             append_batch_size,
             commit_duration,
             log_head_seq,
+            log_history_damaged,
             services,
             unrecorded_observations,
             body_bytes_in_flight,

@@ -883,7 +883,7 @@ async fn a_length_that_runs_past_the_end_of_the_file_is_damage_not_a_crash() {
 
 /// A tailer reading history through a damaged record gets every record before it, then the
 /// damage: the reader learns exactly where the log stops being readable. The node, which
-/// started past it from a snapshot, finds it as it starts, and says so (on `/health`).
+/// started past it from a snapshot, finds it as it starts, and says so, serving on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tailer_gets_the_records_before_the_damage_then_the_damage() {
     let dir = tempdir();
@@ -927,7 +927,7 @@ async fn a_tailer_gets_the_records_before_the_damage_then_the_damage() {
     );
     let found = timeout(Duration::from_secs(10), async {
         loop {
-            match control.log_failure() {
+            match control.history_damage() {
                 Some(found) => return found,
                 None => tokio::time::sleep(Duration::from_millis(10)).await,
             }
@@ -935,6 +935,11 @@ async fn a_tailer_gets_the_records_before_the_damage_then_the_damage() {
     })
     .await
     .expect("the check of the history finds the damage");
+    assert_eq!(
+        control.log_failure(),
+        None,
+        "the log takes writes: the node is not degraded"
+    );
     assert!(
         found.contains("history is damaged") && found.contains("record 14 is corrupt"),
         "{found}"

@@ -508,13 +508,15 @@ impl Control {
     }
 
     /// Why the log cannot take writes, if its last commit failed (cleared by the next commit
-    /// that succeeds, such as a retried observation's); else what the check of its history
-    /// found damaged, if anything.
+    /// that succeeds, such as a retried observation's).
     pub fn log_failure(&self) -> Option<String> {
-        self.shared
-            .commit_failure
-            .current()
-            .or_else(|| self.shared.history.damage().map(str::to_string))
+        self.shared.commit_failure.current()
+    }
+
+    /// What the check of the history before the snapshot this node started from found
+    /// damaged, if anything (it runs as the node starts).
+    pub fn history_damage(&self) -> Option<String> {
+        self.shared.history.damage().map(str::to_string)
     }
 
     /// One service of `tenant`.
@@ -606,6 +608,7 @@ impl Drop for Shared {
         // when the last handle goes (tests reopen the same directory).
         let (closed, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.requests, closed));
+        self.history.stop();
         for thread in std::mem::take(self.threads.get_mut().unwrap_or_else(|p| p.into_inner())) {
             let _ = thread.join();
         }

@@ -491,6 +491,8 @@ pub(super) async fn health(State(state): State<Arc<ApiState>>) -> Response {
         // What the runtime saw but the log could not take yet (a full disk): statuses lag.
         "unrecorded_observations": state.control.runtime().map_or(0, |r| r.unrecorded_observations()),
         "log_error": log_error,
+        // Damage to the history before the snapshot the node started from: it serves on.
+        "history_error": state.control.history_damage(),
     });
     let code = if status == "ok" {
         StatusCode::OK
@@ -515,6 +517,10 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             .set(counts.get(&status).copied().unwrap_or(0));
     }
     state.metrics.log_head_seq.set(state.control.head() as i64);
+    state
+        .metrics
+        .log_history_damaged
+        .set(i64::from(state.control.history_damage().is_some()));
     let unrecorded = state.control.runtime().map_or(0, |r| r.unrecorded_observations());
     state.metrics.unrecorded_observations.set(unrecorded as i64);
     state
