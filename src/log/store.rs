@@ -256,13 +256,13 @@ impl Store {
         };
         let map_size = env.info().map_size as u64;
         if !options.read_only && map_size > options.map_size {
-            // LMDB maps what the data file records when that is larger: a map is never shrunk.
+            // LMDB raises a map smaller than the data already committed to just fit it.
             tracing::warn!(
                 path = %path.display(),
                 map_size_mb = map_size >> 20,
                 configured_mb = options.map_size >> 20,
-                "the data file's map is larger than [database] map_size_mb, which it keeps: a map is never \
-                 shrunk"
+                "[database] map_size_mb is smaller than the data the file already holds, so the map is just \
+                 that large: writes will fail for want of room until map_size_mb is raised"
             );
         }
         let mapping = find_mapping(&path.join(DATA_FILE), env.stat().page_size as usize);
