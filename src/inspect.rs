@@ -63,13 +63,13 @@ impl VerifyReport {
         })
     }
 
-    /// The one-line summary `solo log verify` prints.
     /// The problems that [`summary`](Self::summary) does not name, for a person to read after it.
     pub fn other_problems(&self) -> &[String] {
         let summarised = self.first_bad.is_none() && !self.snapshots.iter().any(|(_, r)| r.is_err());
         &self.problems[usize::from(summarised).min(self.problems.len())..]
     }
 
+    /// The one-line summary `solo log verify` prints.
     pub fn summary(&self) -> String {
         if let Some((seq, reason)) = &self.first_bad {
             return format!("FAILED: first bad record is seq {seq}: {reason}");

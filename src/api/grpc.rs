@@ -348,9 +348,9 @@ fn decode_page_token(token: &str, listing: &str) -> Result<Option<(String, Strin
     }
     // The position is only a place to resume from (a page never holds more than the caller
     // may see), but one that names no possible service was not issued here.
-    let within_scope =
+    let well_formed =
         crate::control::validate_tenant(tenant).is_ok() && crate::control::validate_service_id(id).is_ok();
-    if !within_scope {
+    if !well_formed {
         return Err(bad());
     }
     Ok(Some((tenant.to_string(), id.to_string())))

@@ -292,8 +292,8 @@ Once it listens, it prints one line for scripts: solo listening grpc=ADDR http=A
   solo kill echo --force
 
 With --json: {service_id, seq, already_stopped, replayed, status, stopped}; status is
-`stopping` after a kill just recorded, what the service is at if one was recorded before,
-and `stopped` once --wait has seen it stop.
+`stopping` after a kill just recorded, what the service is at now if one was recorded
+before (or the answer is a replay), and `stopped` once --wait has seen it stop.
 
 ", exit_codes!()))]
     Kill(KillArgs),

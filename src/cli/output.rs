@@ -339,7 +339,11 @@ pub fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> Strin
     if labels.is_empty() {
         return "-".to_string();
     }
-    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // Tenants write labels (their values may hold any character).
+    let pairs: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{}={}", printable(k), printable(v)))
+        .collect();
     pairs.join(",")
 }
 

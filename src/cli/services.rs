@@ -382,9 +382,10 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
         "replayed": replayed,
     });
     // `already_stopped`: a kill was recorded before this one. The service may still be on its
-    // way down (a graceful stop waiting on its calls), which a wait must wait out.
+    // way down (a graceful stop waiting on its calls), which a wait must wait out. A replayed
+    // answer is of a kill recorded before too, whose service may have stopped since.
     let mut down = false;
-    if killed.already_stopped {
+    if killed.already_stopped || replayed {
         let status = match service_status(&mut client, conn, id).await {
             Ok(status) => status.status,
             // Removed since: gone for good.
@@ -392,6 +393,10 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
             Err(e) => return Err(e),
         };
         down = matches!(status.as_str(), "stopped" | "crashed" | "failed");
+        document["status"] = json!(status);
+    }
+    if killed.already_stopped {
+        let status = document["status"].as_str().unwrap_or_default().to_string();
         if !out.json {
             let line = if down {
                 format!("{id} was already {} (seq {})", out.status(&status), killed.seq)
@@ -404,10 +409,11 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
             };
             out.line(&format!("{line}{}", replayed_note(replayed)))?;
         }
-        document["status"] = json!(status);
     } else {
-        // What the kill just recorded makes of it.
-        document["status"] = json!("stopping");
+        if !replayed {
+            // What the kill just recorded makes of it.
+            document["status"] = json!("stopping");
+        }
         if !out.json {
             out.line(&format!(
                 "kill of {id} requested (seq {}){}",

@@ -23,7 +23,7 @@
 //! A commit costs about the same for one event as for hundreds (the fsync dominates), so under
 //! load the writer lets a batch fill: when the previous batch was large and the queue is still
 //! short, it waits a moment for the callers it just answered to come back. A batch of the
-//! runtime's observations alone, which no client waits for, waits that moment too: a deploy
+//! runtime's observations alone, which no caller's reply waits for, waits that moment too: a deploy
 //! brings its service's `service_started` just as the client that deployed sends its next
 //! command, which would otherwise queue behind a commit of its own.
 
@@ -141,7 +141,7 @@ struct Batch {
     replaced: Vec<[u8; 32]>,
     /// Every command taken, with what it will be told, whether or not it appends anything.
     pending: Vec<Pending>,
-    /// Whether a client waits for the batch: it holds more than the runtime's observations.
+    /// Whether a caller's reply waits for the batch: it holds more than the runtime's observations.
     awaited: bool,
     close: Option<oneshot::Sender<()>>,
 }

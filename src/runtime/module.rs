@@ -98,9 +98,10 @@ pub fn build_engine(options: &EngineOptions) -> anyhow::Result<Engine> {
     // The pool is reserved here, all at once: a system that cannot map it refuses now.
     Engine::new(&config).map_err(|e| {
         anyhow::anyhow!(
-            "cannot reserve the instance pool of runtime.max_instances = {slots}: {e:#}. Each instance \
-             reserves a memory slot and a stack with guard pages up front; lower runtime.max_instances \
-             (or, on Linux, raise vm.max_map_count, the memory mappings a process may hold)"
+            "cannot build the wasm engine, which reserves the instance pool of runtime.max_instances = \
+             {slots} up front: {e:#}. Each instance takes a memory slot and a stack with guard pages; \
+             lower runtime.max_instances (or, on Linux, raise vm.max_map_count, the memory mappings a \
+             process may hold)"
         )
     })
 }
