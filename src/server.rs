@@ -529,7 +529,8 @@ async fn unknown_grpc_service(uri: axum::http::Uri) -> axum::response::Response 
          server reflection",
         <SoloKernelServer<GrpcApi> as tonic::server::NamedService>::NAME
     );
-    let (parts, ()) = tonic::Status::unimplemented(message).into_http::<()>().into_parts();
+    let refusal = crate::api::Error::new(crate::api::ErrorKind::MethodNotAllowed, message).to_status();
+    let (parts, ()) = refusal.into_http::<()>().into_parts();
     axum::response::Response::from_parts(parts, axum::body::Body::empty())
 }
 

@@ -1677,6 +1677,7 @@ async fn a_request_that_is_not_protobuf_is_invalid_argument() {
             status.message().contains("the request is not a valid protobuf message"),
             "{what}: {status:?}"
         );
+        assert_eq!(status.metadata().get("solo-error").unwrap(), "invalid_argument");
     }
     // The same client with a well-formed message reaches the handler.
     let status = raw_unary(&server, "/solo.v1.SoloKernel/Status", vec![0x0a, 0x01, b'x']).await;
@@ -1723,6 +1724,7 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
     // A method the service lacks is named.
     let reply = raw("Frobnicate", vec![0, 0, 0, 0, 0]).await.unwrap();
     assert_eq!(reply.headers()["grpc-status"], "12");
+    assert_eq!(reply.headers()["solo-error"], "method_not_allowed");
     let message = reply.headers()["grpc-message"].to_str().unwrap();
     assert!(
         message.contains("Frobnicate") && message.contains("reflection"),

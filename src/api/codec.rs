@@ -17,6 +17,8 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::server::NamedService;
 use tonic_prost::{ProstCodec, ProstDecoder};
 
+use super::{Error, ErrorKind};
+
 /// [`ProstCodec`], whose decode errors are INVALID_ARGUMENT.
 #[derive(Debug, Clone, Default)]
 pub struct SoloCodec<T, U>(ProstCodec<T, U>);
@@ -56,7 +58,7 @@ impl<U: prost::Message + Default> Decoder for SoloDecoder<U> {
             let detail = detail
                 .strip_prefix("failed to decode Protobuf message: ")
                 .unwrap_or(detail);
-            Status::invalid_argument(format!("the request is not a valid protobuf message: {detail}"))
+            Error::invalid(format!("the request is not a valid protobuf message: {detail}")).to_status()
         })
     }
 
@@ -144,7 +146,7 @@ where
                             "the request did not finish within its deadline of {} ms (the client's grpc-timeout)",
                             timeout.as_millis()
                         );
-                        return Ok(Status::deadline_exceeded(message).into_http());
+                        return Ok(Error::new(ErrorKind::DeadlineExceeded, message).to_status().into_http());
                     }
                 },
                 None => reply.await?,
@@ -153,7 +155,7 @@ where
             if code == Some(b"11") {
                 let message =
                     format!("the request message is over this node's limit of {limit} bytes (max_request_bytes)");
-                return Ok(Status::resource_exhausted(message).into_http());
+                return Ok(Error::new(ErrorKind::PayloadTooLarge, message).to_status().into_http());
             }
             // A method the service lacks comes back without a message; tonic's other
             // UNIMPLEMENTED (an encoding it does not accept) says so itself, and names the
@@ -163,13 +165,13 @@ where
                     "{path} is not a method of {}; see proto/solo/v1/solo.proto, or list them with server reflection",
                     S::NAME
                 );
-                return Ok(Status::unimplemented(message).into_http());
+                return Ok(Error::new(ErrorKind::MethodNotAllowed, message).to_status().into_http());
             }
             if code == Some(b"13") && !decoded.is_marked() {
                 let detail =
                     Status::from_header_map(reply.headers()).map_or_else(String::new, |s| s.message().to_string());
                 let message = format!("the request is not a well-framed gRPC message: {detail}");
-                return Ok(Status::invalid_argument(message).into_http());
+                return Ok(Error::invalid(message).to_status().into_http());
             }
             Ok(reply)
         })
