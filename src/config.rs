@@ -130,6 +130,8 @@ pub struct DatabaseConfig {
     pub max_batch_events: u32,
     /// Commands that may queue for the writer before callers wait.
     pub writer_queue: u32,
+    /// Walk every page of the data file's newest commit as the node opens it, refusing damage.
+    pub check_pages_at_start: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -144,6 +146,7 @@ impl Default for DatabaseConfig {
             tail_read_chunk: 1024,
             max_batch_events: writer.max_batch as u32,
             writer_queue: writer.queue_capacity as u32,
+            check_pages_at_start: true,
         }
     }
 }
@@ -572,6 +575,7 @@ impl Config {
                 map_size: db.map_size_mb << 20,
                 max_readers: db.max_readers,
                 read_only,
+                check_pages: db.check_pages_at_start,
             },
             tail_window: db.tail_window_events as usize,
             tail_read_chunk: db.tail_read_chunk as usize,

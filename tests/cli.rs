@@ -1924,6 +1924,7 @@ fn offline_data_dir(dir: &Path, map_size: u64, events: u64) {
         map_size,
         max_readers: 16,
         read_only: false,
+        check_pages: true,
     };
     let store = solo::log::Store::open(dir, &options).unwrap();
     let frames: Vec<Vec<u8>> = (1..=events)

@@ -51,6 +51,8 @@ pub struct StoreOptions {
     pub max_readers: u32,
     /// Open for reading only, as the offline tools do while a server may be writing.
     pub read_only: bool,
+    /// Opening to write, walk the newest commit's pages first and refuse damage.
+    pub check_pages: bool,
 }
 
 /// A content-addressed blob: SHA-256 of the bytes, and the bytes.
@@ -228,7 +230,7 @@ impl Store {
         // After the environment: a second open in this process is told so by LMDB itself.
         let writer_lock = (!options.read_only).then(|| lock_for_writing(path)).transpose()?;
         check_file_length(&env, path)?;
-        if !options.read_only {
+        if options.check_pages && !options.read_only {
             refuse_page_damage(&env, path)?;
         }
         let heed_err = |e| Error::from_heed(e, path, options.map_size);
@@ -644,7 +646,21 @@ pub struct PageDamage {
 }
 
 impl PageDamage {
-    /// What a walk of a commit's pages ([`pages::walk`]) of the data file `file` found wrong.
+    /// Walks the pages of the commit `txn_id` (else the newest) of the data file in `dir`,
+    /// reading the file ([`pages::walk`]), and says what it found wrong.
+    fn find(env: &Env<WithoutTls>, dir: &Path, txn_id: Option<u64>) -> Result<Option<PageDamage>> {
+        let file = dir.join(DATA_FILE);
+        let io = |source| Error::Io {
+            path: file.clone(),
+            source,
+        };
+        let data = std::fs::File::open(&file).map_err(io)?;
+        let page_size = u64::from(env.stat().page_size);
+        let pages = data.metadata().map_err(io)?.len() / page_size;
+        PageDamage::of(pages::walk(&data, page_size as usize, pages, txn_id), &file)
+    }
+
+    /// What a walk of a commit's pages of the data file `file` found wrong.
     fn of(walked: std::result::Result<pages::Usage, pages::Unsound>, file: &Path) -> Result<Option<PageDamage>> {
         let usage = match walked {
             Ok(usage) => usage,
@@ -725,18 +741,7 @@ impl ReadView<'_> {
     /// on, or which a later commit would spread (a page both free and in use, so the next
     /// commits may write over live data). `None` if the pages agree.
     pub fn page_damage(&self) -> Result<Option<PageDamage>> {
-        let file = self.store.path.join(DATA_FILE);
-        let io = |source| Error::Io {
-            path: file.clone(),
-            source,
-        };
-        let data = std::fs::File::open(&file).map_err(io)?;
-        let page_size = u64::from(self.store.env.stat().page_size);
-        let pages = data.metadata().map_err(io)?.len() / page_size;
-        PageDamage::of(
-            pages::walk(&data, page_size as usize, pages, Some(self.rtxn.id() as u64)),
-            &file,
-        )
+        PageDamage::find(&self.store.env, &self.store.path, Some(self.rtxn.id() as u64))
     }
 
     /// The seq of the last record, 0 for an empty log.
@@ -1023,22 +1028,13 @@ fn refuse_page_damage(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
     if env.info().last_txn_id == 0 {
         return Ok(()); // A new data file: no commit yet.
     }
-    let file = path.join(DATA_FILE);
-    let io = |source| Error::Io {
-        path: file.clone(),
-        source,
-    };
-    let data = std::fs::File::open(&file).map_err(io)?;
-    let page_size = env.stat().page_size;
-    let pages = data.metadata().map_err(io)?.len() / u64::from(page_size);
     let started = std::time::Instant::now();
-    let walked = pages::walk(&data, page_size as usize, pages, None);
-    tracing::debug!(
-        pages,
+    let damage = PageDamage::find(env, path, None)?;
+    tracing::info!(
         took_ms = started.elapsed().as_millis() as u64,
-        "walked the data file's pages"
+        "walked the data file's pages in use"
     );
-    match PageDamage::of(walked, &file)? {
+    match damage {
         None => Ok(()),
         Some(damage) => Err(Error::BadDataDir {
             path: path.to_path_buf(),
