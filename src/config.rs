@@ -171,6 +171,10 @@ pub struct RuntimeConfig {
     pub max_function_bytes: u32,
     /// The most functions a module may define; each takes memory and time to compile.
     pub max_functions: u32,
+    /// The most locals a module's functions may declare, all together.
+    pub max_locals: u64,
+    /// The most instructions a module may hold inside loops, counted once per enclosing loop.
+    pub max_looped_instructions: u64,
     /// Log lines kept per service.
     pub log_lines_per_service: u32,
     /// Bytes a service may log per second (a line counts 64 bytes besides its text); lines
@@ -201,6 +205,8 @@ impl Default for RuntimeConfig {
             compile_threads: 0,
             max_function_bytes: defaults.engine.max_function_bytes as u32,
             max_functions: defaults.engine.max_functions as u32,
+            max_locals: defaults.engine.max_locals,
+            max_looped_instructions: defaults.engine.max_looped_instructions,
             log_lines_per_service: defaults.logs.lines as u32,
             log_bytes_per_second: defaults.logs.bytes_per_second,
             max_response_bytes: defaults.max_response_bytes as u64,
@@ -353,6 +359,8 @@ impl Config {
             ("runtime.module_cache_mb", rt.module_cache_mb.into()),
             ("runtime.max_function_bytes", rt.max_function_bytes.into()),
             ("runtime.max_functions", rt.max_functions.into()),
+            ("runtime.max_locals", rt.max_locals),
+            ("runtime.max_looped_instructions", rt.max_looped_instructions),
             ("runtime.log_lines_per_service", rt.log_lines_per_service.into()),
             ("runtime.max_response_bytes", rt.max_response_bytes),
             ("runtime.start_timeout_ms", rt.start_timeout_ms.into()),
@@ -601,6 +609,8 @@ impl Config {
                 epoch_tick: std::time::Duration::from_millis(rt.epoch_tick_ms.into()),
                 max_function_bytes: rt.max_function_bytes as usize,
                 max_functions: rt.max_functions as usize,
+                max_locals: rt.max_locals,
+                max_looped_instructions: rt.max_looped_instructions,
             },
             guest_threads: match rt.guest_threads {
                 0 => std::thread::available_parallelism().map_or(2, |n| n.get()),

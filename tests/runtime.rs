@@ -813,26 +813,60 @@ async fn a_compile_outlasts_a_caller_that_gave_up_and_serves_the_retry() {
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// A service module whose functions besides the ABI's are `extra` (WAT).
+fn module_with(extra: &str) -> solo::control::DeployRequest {
+    let mut request = deploy_request("acme", "big", "");
+    request.module = Arc::from(
+        format!(
+            r#"(module (memory (export "memory") 1)
+                 (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+                 (func (export "solo_handle") (param i32 i32) (result i64) (i64.const 0))
+                 {extra})"#
+        )
+        .into_bytes(),
+    );
+    request
+}
+
+/// What is cheap to send but dear to compile is refused before it is compiled: a large
+/// function, many functions, many locals declared in a few bytes, loops nested deep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modules_over_the_compile_limits_are_refused_naming_the_limit() {
     type Tweak = fn(&mut solo::config::RuntimeConfig);
-    let cases: [(Tweak, &str); 2] = [
+    let locals = format!("(func (local {}))", "i64 ".repeat(400)).repeat(3);
+    let nested = format!("(func {} (nop) {})", "(loop ".repeat(40), ")".repeat(40));
+    let cases: [(Tweak, solo::control::DeployRequest, &str); 4] = [
         (
             |rt| rt.max_function_bytes = 200,
+            slow_to_compile("acme", "big", 1),
             "bytes of code, over this node's limit of 200 bytes ([runtime] max_function_bytes)",
         ),
         (
             |rt| rt.max_functions = 100,
+            slow_to_compile("acme", "big", 1),
             "functions, over this node's limit of 100 ([runtime] max_functions)",
         ),
+        (
+            |rt| rt.max_locals = 1000,
+            module_with(&locals),
+            "declare more than 1000 locals, this node's limit ([runtime] max_locals), by entry 4",
+        ),
+        (
+            // 40 loops nested hold 40 × 41 / 2 instructions (their own and the nop) besides
+            // their ends: over 1,000.
+            |rt| rt.max_looped_instructions = 1000,
+            module_with(&nested),
+            "inside loops, each counted once for every loop around it, this node's limit ([runtime] \
+             max_looped_instructions)",
+        ),
     ];
-    for (tweak, refusal) in cases {
+    for (tweak, module, refusal) in cases {
         let dir = tempdir();
         let mut config = node_config(dir.path());
         tweak(&mut config.runtime);
         let node = open_node(&config).await;
         let control = &node.control;
-        let err = control.deploy(slow_to_compile("acme", "big", 1)).await.unwrap_err();
+        let err = control.deploy(module).await.unwrap_err();
         assert!(matches!(err, Error::InvalidModule(_)), "{err}");
         assert!(err.to_string().contains(refusal), "{err}");
         // Modules within the limits deploy as ever.

@@ -87,6 +87,8 @@ impl Default for RuntimeOptions {
                 epoch_tick: Duration::from_millis(2),
                 max_function_bytes: 1 << 20,
                 max_functions: 50_000,
+                max_locals: 4_000_000,
+                max_looped_instructions: 32_000_000,
             },
             guest_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             module_cache_entries: 256,

@@ -38,6 +38,13 @@ pub struct EngineOptions {
     /// The most functions a module may define: each takes memory and time to compile (about
     /// 6 KiB and 30 µs, even an empty one), so a module of a million tiny ones took gigabytes.
     pub max_functions: usize,
+    /// The most locals a module's functions may declare, all together: each takes time to
+    /// compile (about 70 ns), and a few bytes declare thousands.
+    pub max_locals: u64,
+    /// The most instructions a module's functions may hold inside loops, each counted once for
+    /// every loop around it: compiling with CPU limits takes time in proportion (about 50 ns
+    /// each), so nested loops make it quadratic in their depth.
+    pub max_looped_instructions: u64,
 }
 
 /// A module ready to instantiate: validated, compiled and linked.
@@ -121,7 +128,7 @@ pub fn to_wasm(bytes: &[u8]) -> Result<Vec<u8>, InvalidModule> {
 
 /// Compiles and checks a module against the guest ABI.
 pub fn prepare(compiler: &Compiler, sha256: [u8; 32], wasm: &[u8]) -> Result<Prepared, InvalidModule> {
-    check_functions(wasm, compiler.max_function_bytes, compiler.max_functions)?;
+    check_code(wasm, &compiler.limits)?;
     let engine = &compiler.engine;
     let module = Module::from_binary(engine, wasm).map_err(|e| {
         // Valid wasm that this node cannot load (a memory larger than its instances may have)
@@ -173,31 +180,100 @@ pub fn function_count(wasm: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
-/// Refuses a module with a function body over `max_bytes`, before it is compiled. Bytes that
-/// do not parse are left to the validation that follows, which says what is wrong.
-fn check_functions(wasm: &[u8], max_bytes: usize, max_count: usize) -> Result<(), InvalidModule> {
-    let mut index = 0;
+/// What a module's code may cost to compile, checked before it is: each limit bounds what
+/// some cheap-to-send construct costs the compiler.
+#[derive(Debug, Clone, Copy)]
+pub struct CodeLimits {
+    pub function_bytes: usize,
+    pub functions: usize,
+    pub locals: u64,
+    pub looped_instructions: u64,
+}
+
+/// Refuses a module whose code is over one of `limits`, before it is compiled, by reading its
+/// code section. Bytes that do not parse are left to the validation that follows, which says
+/// what is wrong.
+fn check_code(wasm: &[u8], limits: &CodeLimits) -> Result<(), InvalidModule> {
+    let (mut index, mut locals, mut looped) = (0, 0u64, 0u64);
     for payload in wasmparser::Parser::new(0).parse_all(wasm).map_while(Result::ok) {
-        let size = match payload {
-            wasmparser::Payload::CodeSectionStart { count, .. } if count as usize > max_count => {
+        let body = match payload {
+            wasmparser::Payload::CodeSectionStart { count, .. } if count as usize > limits.functions => {
                 return Err(InvalidModule(format!(
-                    "the module defines {count} functions, over this node's limit of {max_count} \
-                     ([runtime] max_functions): each takes memory and time to compile; merge or drop some"
+                    "the module defines {count} functions, over this node's limit of {} \
+                     ([runtime] max_functions): each takes memory and time to compile; merge or drop some",
+                    limits.functions
                 )));
             }
-            wasmparser::Payload::CodeSectionEntry(body) => body.range().len(),
+            wasmparser::Payload::CodeSectionEntry(body) => body,
             _ => continue,
         };
-        if size > max_bytes {
+        let size = body.range().len();
+        if size > limits.function_bytes {
             return Err(InvalidModule(format!(
                 "a function body of the module (entry {index} of its code section) is {size} bytes of code, over \
-                 this node's limit of {max_bytes} bytes ([runtime] max_function_bytes): compiling it would take \
-                 memory in proportion; split it"
+                 this node's limit of {} bytes ([runtime] max_function_bytes): compiling it would take \
+                 memory in proportion; split it",
+                limits.function_bytes
+            )));
+        }
+        locals += declared_locals(&body);
+        if locals > limits.locals {
+            return Err(InvalidModule(format!(
+                "the module's functions declare more than {} locals, this node's limit ([runtime] max_locals), \
+                 by entry {index} of its code section: each takes time to compile; reuse locals",
+                limits.locals
+            )));
+        }
+        looped += looped_instructions(&body);
+        if looped > limits.looped_instructions {
+            return Err(InvalidModule(format!(
+                "the module's functions hold more than {} instructions inside loops, each counted once for every \
+                 loop around it, this node's limit ([runtime] max_looped_instructions), by entry {index} of its \
+                 code section: compiling takes time in proportion, so deeply nested loops take very long; \
+                 nest fewer",
+                limits.looped_instructions
             )));
         }
         index += 1;
     }
     Ok(())
+}
+
+/// The locals a function body declares (its parameters aside); 0 for a list that does not parse.
+fn declared_locals(body: &wasmparser::FunctionBody<'_>) -> u64 {
+    let Ok(reader) = body.get_locals_reader() else { return 0 };
+    reader
+        .into_iter()
+        .map_while(Result::ok)
+        .map(|(count, _)| u64::from(count))
+        .sum()
+}
+
+/// A function body's instructions, each counted once for every loop that encloses it (what
+/// compiling a loop costs is in proportion to what it holds); up to where it stops parsing.
+fn looped_instructions(body: &wasmparser::FunctionBody<'_>) -> u64 {
+    use wasmparser::Operator;
+    let Ok(mut reader) = body.get_operators_reader() else {
+        return 0;
+    };
+    // Whether each open block is a loop, and how many are.
+    let (mut open, mut loops, mut total) = (Vec::<bool>::new(), 0u64, 0u64);
+    while !reader.eof() {
+        let Ok(operator) = reader.read() else { break };
+        total += loops;
+        match operator {
+            Operator::Loop { .. } => {
+                open.push(true);
+                loops += 1;
+            }
+            Operator::Block { .. } | Operator::If { .. } | Operator::Try { .. } | Operator::TryTable { .. } => {
+                open.push(false)
+            }
+            Operator::End if open.pop() == Some(true) => loops -= 1,
+            _ => {}
+        }
+    }
+    total
 }
 
 fn check_imports(module: &Module) -> Result<(), InvalidModule> {
@@ -402,8 +478,7 @@ impl ModuleCache {
 pub struct Compiler {
     pub engine: Engine,
     pub linker: Arc<Linker<Host>>,
-    max_function_bytes: usize,
-    max_functions: usize,
+    limits: CodeLimits,
 }
 
 impl Compiler {
@@ -414,8 +489,12 @@ impl Compiler {
         Ok(Compiler {
             engine,
             linker: Arc::new(linker),
-            max_function_bytes: options.max_function_bytes,
-            max_functions: options.max_functions,
+            limits: CodeLimits {
+                function_bytes: options.max_function_bytes,
+                functions: options.max_functions,
+                locals: options.max_locals,
+                looped_instructions: options.max_looped_instructions,
+            },
         })
     }
 }
@@ -431,6 +510,34 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    /// The first function body of `wat`'s module.
+    fn first_body(wasm: &[u8]) -> wasmparser::FunctionBody<'_> {
+        wasmparser::Parser::new(0)
+            .parse_all(wasm)
+            .find_map(|p| match p {
+                Ok(wasmparser::Payload::CodeSectionEntry(body)) => Some(body),
+                _ => None,
+            })
+            .expect("a function body")
+    }
+
+    #[test]
+    fn instructions_count_once_for_each_loop_around_them() {
+        let count = |wat: &str| {
+            let wasm = wat::parse_str(format!("(module (func {wat}))")).unwrap();
+            (looped_instructions(&first_body(&wasm)), declared_locals(&first_body(&wasm)))
+        };
+        assert_eq!(count("(nop) (nop)"), (0, 0));
+        // loop nop end: the nop and the end are inside it.
+        assert_eq!(count("(loop (nop))"), (2, 0));
+        // loop loop nop end end: 0 + 1 + 2 + 2 + 1.
+        assert_eq!(count("(loop (loop (nop)))"), (6, 0));
+        // A block is no loop, but inside one it counts, as does what it holds.
+        assert_eq!(count("(loop (block (nop)))"), (4, 0));
+        assert_eq!(count("(loop) (loop)"), (2, 0));
+        assert_eq!(count("(local i32 i64) (local $x f32)"), (0, 3));
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_module_wanted_by_many_at_once_is_compiled_once() {
