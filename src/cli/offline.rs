@@ -30,12 +30,20 @@ pub fn serve(config_path: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<Ex
     init_tracing(&config)?;
     ignore_file_size_signal();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listeners = crate::server::Listeners::bind(&config).await?;
         crate::server::run(config, listeners, super::interrupted()).await
-    })?;
+    });
+    // The node has stopped, its log durable. A compile still under way cannot be cancelled,
+    // and dropping the runtime would wait for it: the process exits without it.
+    runtime.shutdown_timeout(LEFTOVER_WORK_WAIT);
+    served?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long a stopped node's process waits for work that outlived the node (a compile) before
+/// it exits without it.
+const LEFTOVER_WORK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A write past the file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) raises SIGXFSZ,
 /// whose default kills the process. Ignored, the write fails with EFBIG instead, and the log
