@@ -99,6 +99,13 @@ pub fn build_engine(options: &EngineOptions) -> anyhow::Result<Engine> {
         .memory_guard_size(1 << 16)
         .memory_reservation_for_growth(0)
         .epoch_interruption(true)
+        // The features a service may use are named here, not left to wasmtime's defaults:
+        // refused at validation, each says which one it is. Relaxed SIMD gives the same
+        // results on every host, as a service that moves with its node must.
+        .wasm_features(wasmtime::WasmFeatures::THREADS, false)
+        .wasm_multi_memory(false)
+        .wasm_wide_arithmetic(false)
+        .relaxed_simd_deterministic(true)
         .max_wasm_stack(options.max_wasm_stack)
         .async_stack_size(options.max_wasm_stack + (256 << 10))
         .cranelift_opt_level(OptLevel::Speed);
