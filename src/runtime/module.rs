@@ -533,7 +533,10 @@ mod tests {
     fn instructions_count_once_for_each_loop_around_them() {
         let count = |wat: &str| {
             let wasm = wat::parse_str(format!("(module (func {wat}))")).unwrap();
-            (looped_instructions(&first_body(&wasm)), declared_locals(&first_body(&wasm)))
+            (
+                looped_instructions(&first_body(&wasm)),
+                declared_locals(&first_body(&wasm)),
+            )
         };
         assert_eq!(count("(nop) (nop)"), (0, 0));
         // loop nop end: the nop and the end are inside it.
