@@ -7,8 +7,9 @@
 //! checks its data at start: every record's checksum, and that no seq is missing. Damage is
 //! logged as an error and shown on `/health` (`history_error`) and in `/metrics`; the node
 //! serves on, and stays ready, as everything after the snapshot is sound: a probe that took it
-//! out of service would only have it restart, and find the same damage. The scan goes in chunks, each in a short read transaction, so that it pins no
-//! pages the writer would want back, and it stops when the node closes.
+//! out of service would only have it restart, and find the same damage. The scan goes in
+//! chunks, each in a short read transaction, so that it pins no pages the writer would want
+//! back, and it stops when the node closes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};

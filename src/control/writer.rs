@@ -23,9 +23,9 @@
 //! A commit costs about the same for one event as for hundreds (the fsync dominates), so under
 //! load the writer lets a batch fill: when the previous batch was large and the queue is still
 //! short, it waits a moment for the callers it just answered to come back. A batch of the
-//! runtime's observations alone, which no caller's reply waits for, waits that moment too: a deploy
-//! brings its service's `service_started` just as the client that deployed sends its next
-//! command, which would otherwise queue behind a commit of its own.
+//! runtime's observations alone, which no caller's reply waits for, waits that moment too: a
+//! deploy brings its service's `service_started` just as the client that deployed sends its
+//! next command, which would otherwise queue behind a commit of its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -410,9 +410,9 @@ impl Writer {
     }
 }
 
-/// Whether a batch whose queue ran dry should wait a moment for more: when no client waits
-/// for it (the next command can share its commit), or when the queue is still short of what
-/// the previous batch held (the callers just answered are about to send again).
+/// Whether a batch whose queue ran dry should wait a moment for more: when no caller's reply
+/// waits for it (the next command can share its commit), or when the queue is still short of
+/// what the previous batch held (the callers just answered are about to send again).
 fn worth_lingering(batch: &Batch, last_batch: usize, max_batch: usize) -> bool {
     let refilling = last_batch >= BUSY_BATCH && batch.pending.len() < last_batch.min(max_batch) * 9 / 10;
     !batch.awaited || refilling
