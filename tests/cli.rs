@@ -1504,6 +1504,56 @@ fn sigterm_stops_serve_cleanly_and_the_next_start_brings_the_services_back() {
     );
 }
 
+/// A compile cannot be cancelled: one still under way when the node has stopped does not hold
+/// its process, which exits without it (it used to wait for the compile, minutes or hours).
+#[test]
+fn a_compile_under_way_does_not_hold_a_stopped_node_from_exiting() {
+    let serve = ServeDir::new();
+    let scratch = serve.log.parent().unwrap();
+    // Loops nested 30,000 deep take tens of seconds to compile: let this node take them.
+    let config = scratch.join("loose.toml");
+    std::fs::write(&config, "[runtime]\nmax_looped_instructions = 1000000000000\n").unwrap();
+    let module = scratch.join("nested.wat");
+    let nested = format!("{}(nop){}", "(loop ".repeat(30_000), ")".repeat(30_000));
+    std::fs::write(
+        &module,
+        format!(
+            r#"(module (memory (export "memory") 1)
+                 (func (export "solo_alloc") (param i32) (result i32) (i32.const 0))
+                 (func (export "solo_handle") (param i32 i32) (result i64) {nested} (i64.const 0)))"#
+        ),
+    )
+    .unwrap();
+    let mut node = serve.start_confined(&format!("export SOLO_CONFIG='{}'", config.display()));
+    let mut deploy = std::process::Command::new(bin())
+        .args(["--endpoint", &serve.endpoint, "--tenant", "acme", "deploy", "nested"])
+        .arg(&module)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once the compile is under way, the admin shuts the node down.
+    std::thread::sleep(Duration::from_secs(2));
+    run(solo().args(["--endpoint", &serve.endpoint, "shutdown", "--grace-ms", "200"])).ok();
+    // The stop takes some seconds (its grace, the last answers, the data directory's release);
+    // the compile, far longer.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let status = loop {
+        if let Some(status) = node.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the node's process waited for the compile");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&serve.log).unwrap()
+    );
+    let _ = deploy.kill();
+    let _ = deploy.wait();
+}
+
 #[test]
 fn events_and_logs_follow_across_restarts_without_a_gap_or_a_repeat() {
     let serve = ServeDir::new();
