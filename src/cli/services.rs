@@ -375,80 +375,65 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
     let replayed = replayed(&response);
     let killed = response.into_inner();
     let id = &args.service_id;
-    let mut document = json!({
-        "service_id": id,
-        "seq": killed.seq,
-        "already_stopped": killed.already_stopped,
-        "replayed": replayed,
-    });
     // `already_stopped`: a kill was recorded before this one. The service may still be on its
     // way down (a graceful stop waiting on its calls), which a wait must wait out. A replayed
     // answer is of a kill recorded before too, whose service may have stopped since.
-    let mut down = false;
-    if killed.already_stopped || replayed {
-        let status = match service_status(&mut client, conn, id).await {
+    let mut status = if killed.already_stopped || replayed {
+        match service_status(&mut client, conn, id).await {
             Ok(status) => status.status,
             // Removed since: gone for good.
             Err(e) if e.exit == Exit::NotFound => "stopped".to_string(),
             Err(e) => return Err(e),
-        };
-        down = matches!(status.as_str(), "stopped" | "crashed" | "failed");
-        document["status"] = json!(status);
-    }
-    if killed.already_stopped {
-        let status = document["status"].as_str().unwrap_or_default().to_string();
-        if !out.json {
-            let line = if down {
-                format!("{id} was already {} (seq {})", out.status(&status), killed.seq)
-            } else {
-                format!(
-                    "{id} is already {}: a kill was requested before (seq {})",
-                    out.status(&status),
-                    killed.seq
-                )
-            };
-            out.line(&format!("{line}{}", replayed_note(replayed)))?;
         }
     } else {
-        if !replayed {
-            // What the kill just recorded makes of it.
-            document["status"] = json!("stopping");
-        }
-        if !out.json {
-            out.line(&format!(
-                "kill of {id} requested (seq {}){}",
-                killed.seq,
-                replayed_note(replayed)
-            ))?;
-        }
-    }
-    if args.wait.wait {
-        if !down {
-            // From the kill's seq (or the service's last event), inclusive: a stop recorded
-            // since is seen too.
-            wait_for(
-                &mut client,
-                conn,
-                &args.wait,
-                id,
-                killed.seq,
-                "stop",
-                |event| match &event.kind {
-                    Some(Kind::ServiceStopped(_) | Kind::ServiceRemoved(_)) => Some(Ok(())),
-                    _ => None,
-                },
+        // What the kill just recorded makes of it.
+        "stopping".to_string()
+    };
+    let mut down = matches!(status.as_str(), "stopped" | "crashed" | "failed");
+    if !out.json {
+        let line = if !killed.already_stopped {
+            format!("kill of {id} requested (seq {})", killed.seq)
+        } else if down {
+            format!("{id} was already {} (seq {})", out.status(&status), killed.seq)
+        } else {
+            format!(
+                "{id} is already {}: a kill was requested before (seq {})",
+                out.status(&status),
+                killed.seq
             )
-            .await?;
-            if !out.json {
-                out.line(&format!("{id} {}", out.status("stopped")))?;
-            }
-            document["status"] = json!("stopped");
-        }
-        down = true;
+        };
+        out.line(&format!("{line}{}", replayed_note(replayed)))?;
     }
-    document["stopped"] = json!(down);
+    if args.wait.wait && !down {
+        // From the kill's seq (or the service's last event), inclusive: a stop recorded since
+        // is seen too.
+        wait_for(
+            &mut client,
+            conn,
+            &args.wait,
+            id,
+            killed.seq,
+            "stop",
+            |event| match &event.kind {
+                Some(Kind::ServiceStopped(_) | Kind::ServiceRemoved(_)) => Some(Ok(())),
+                _ => None,
+            },
+        )
+        .await?;
+        if !out.json {
+            out.line(&format!("{id} {}", out.status("stopped")))?;
+        }
+        (status, down) = ("stopped".to_string(), true);
+    }
     if out.json {
-        out.document(&document)?;
+        out.document(&json!({
+            "service_id": id,
+            "seq": killed.seq,
+            "already_stopped": killed.already_stopped,
+            "replayed": replayed,
+            "status": status,
+            "stopped": down,
+        }))?;
     }
     Ok(())
 }
