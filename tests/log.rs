@@ -510,10 +510,21 @@ async fn quotas_hold_at_their_edges_and_under_a_race() {
     // Upgrading an existing service needs no new slot; another tenant has its own quota.
     deploy(&control, "acme", "a", "m2").await;
     deploy(&control, "beta", "a", "m").await;
-    // A killed service frees its slot.
+    // A killed service holds its slot until it has stopped, as its instance exists until
+    // then; a redeploy of it takes its place.
     kill(&control, "acme", "b").await;
+    let err = control.deploy(deploy_request("acme", "e", "m")).await.unwrap_err();
+    assert_refused_by(&err, "max_services");
+    assert!(err.to_string().contains("1 of them is stopping"), "{err}");
+    let stopped = solo::control::Observation::Stopped {
+        tenant: "acme".into(),
+        service_id: "b".into(),
+        version: 1,
+        reason: solo::proto::StopReason::Killed,
+    };
+    control.observe(stopped).await.unwrap();
     deploy(&control, "acme", "e", "m").await;
-    assert_eq!(control.head(), head + 4);
+    assert_eq!(control.head(), head + 5);
 
     // A limit lowered under what a tenant has leaves its services upgradable.
     control.close().await;

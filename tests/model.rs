@@ -96,6 +96,12 @@ struct ModelService {
     restarts: u32,
 }
 
+impl ModelService {
+    fn holds_quota(&self) -> bool {
+        self.running_desired || self.status == "stopping"
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum KeyUse {
     /// `unchanged`: the deploy changed nothing, and its retries say so.
@@ -161,10 +167,11 @@ struct Model {
 }
 
 impl Model {
-    fn active(&self, tenant: usize) -> u32 {
+    /// The tenant's services that hold quota: not killed, or killed and still stopping.
+    fn holding_quota(&self, tenant: usize) -> u32 {
         self.services
             .iter()
-            .filter(|((t, _), s)| *t == tenant && s.running_desired)
+            .filter(|((t, _), s)| *t == tenant && s.holds_quota())
             .count() as u32
     }
 
@@ -220,8 +227,8 @@ impl Model {
                         replayed: false,
                     };
                 }
-                let holds_slot = existing.as_ref().is_some_and(|s| s.running_desired);
-                if !holds_slot && self.active(tenant) >= MAX_SERVICES {
+                let holds_slot = existing.as_ref().is_some_and(ModelService::holds_quota);
+                if !holds_slot && self.holding_quota(tenant) >= MAX_SERVICES {
                     return Answer::Quota;
                 }
                 let version = existing.map_or(1, |s| s.version + 1);

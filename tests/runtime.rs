@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use solo::control::{Error, KillCommand};
 use solo::proto::event::Kind;
-use solo::proto::{CrashReason, Limits};
+use solo::proto::{CrashReason, Limits, StopReason};
 use solo::runtime::CallError;
 
 fn tempdir() -> tempfile::TempDir {
@@ -1375,6 +1375,108 @@ async fn the_instance_pool_counts_services_still_stopping() {
     assert_eq!(busy.await.unwrap().unwrap(), b"done");
     wait_for_kind(&control, killed.seq, "acme", "draining", "service_stopped").await;
     deploy_running(&control, "beta", "two", "echo").await;
+    node.stop(Duration::from_secs(5)).await;
+}
+
+/// The `service_stopped` of `version` of acme/`id` at or after `from_seq`.
+async fn stop_of(
+    control: &solo::control::Control,
+    from_seq: u64,
+    id: &str,
+    version: u64,
+) -> solo::proto::ServiceStopped {
+    let event = wait_for_event(control, from_seq, |e| {
+        e.service_id == id && matches!(&e.kind, Some(Kind::ServiceStopped(s)) if s.version == version)
+    })
+    .await;
+    let Some(Kind::ServiceStopped(stopped)) = &event.kind else {
+        unreachable!()
+    };
+    *stopped
+}
+
+/// A killed version that a deploy replaces while it is still stopping has its stop recorded
+/// (the history says what became of it, and `kill --wait` learns of it), and the new version
+/// starts once the old one has stopped: one instance at a time, as Kubernetes' `Recreate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_version_replaced_while_stopping_records_its_stop() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    spin_running(&control, "draining").await;
+    let busy = call_in_flight(&control, "draining", 1500);
+    tokio::time::sleep(Duration::from_millis(200)).await; // the call is under way
+    let graceful = KillCommand {
+        grace_ms: 10_000,
+        ..kill_command("acme", "draining")
+    };
+    let killed = control.kill(graceful).await.unwrap();
+    let redeployed = control
+        .deploy(deploy_example("acme", "draining", "echo"))
+        .await
+        .unwrap();
+    assert_eq!(redeployed.version, 2);
+    assert_eq!(
+        busy.await.unwrap().unwrap(),
+        b"done",
+        "the killed version finished its call"
+    );
+    assert_eq!(
+        stop_of(&control, killed.seq, "draining", 1).await.reason(),
+        StopReason::Killed
+    );
+    wait_for_kind(&control, redeployed.seq, "acme", "draining", "service_started").await;
+    assert_eq!(
+        kinds_of(&control, killed.seq, "draining"),
+        [
+            "service_kill_requested",
+            "service_deployed",
+            "service_stopped",
+            "service_started"
+        ]
+    );
+    assert_eq!(call(&control, "acme", "draining", b"hi").await.unwrap(), b"hi");
+    let status = control.status("acme", "draining").unwrap();
+    assert_eq!((status.version, status.status.as_str()), (2, "running"));
+    node.stop(Duration::from_secs(5)).await;
+}
+
+/// A node that went down while a killed version, already replaced, was still stopping records
+/// that version's stop as it comes back, then starts the version that replaced it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_version_replaced_while_stopping_is_stopped_on_record_at_the_next_start() {
+    let dir = tempdir();
+    let config = node_config(dir.path());
+    let node = open_node(&config).await;
+    deploy_running(&node.control, "acme", "a", "echo").await;
+    node.stop(Duration::from_secs(5)).await;
+    drop(node);
+    // The log alone: the kill is recorded, and the redeploy, but no instance stops on record.
+    let (control, _) = solo::control::Control::open(config.control_options().unwrap()).unwrap();
+    let killed = kill(&control, "acme", "a").await;
+    let echo = wat::parse_bytes(&example("echo")).unwrap().into_owned();
+    let redeploy = solo::control::DeployRequest {
+        module: Arc::from(echo),
+        ..deploy_request("acme", "a", "")
+    };
+    assert_eq!(control.deploy(redeploy).await.unwrap().version, 2);
+    control.close().await;
+    drop(control);
+
+    let node = open_node(&config).await;
+    let control = &node.control;
+    assert_eq!(stop_of(control, killed.seq, "a", 1).await.reason(), StopReason::Killed);
+    wait_for_kind(control, killed.seq, "acme", "a", "service_started").await;
+    assert_eq!(
+        kinds_of(control, killed.seq, "a"),
+        [
+            "service_kill_requested",
+            "service_deployed",
+            "service_stopped",
+            "service_started"
+        ]
+    );
+    assert_eq!(call(control, "acme", "a", b"back").await.unwrap(), b"back");
     node.stop(Duration::from_secs(5)).await;
 }
 

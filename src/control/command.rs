@@ -10,7 +10,8 @@ use crate::event::envelope;
 use crate::limits::TenantLimits;
 use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, RemovalReason, StopReason, event::Kind};
 use crate::state::{
-    Desired, IdempotencyRecord, Service, State, Status, deploy_request_hash, kill_request_hash, remove_request_hash,
+    Desired, IdempotencyRecord, Service, State, Status, Tenant, deploy_request_hash, kill_request_hash,
+    remove_request_hash,
 };
 
 /// Who caused an event, as recorded in its `actor` field.
@@ -478,22 +479,31 @@ fn check_version(service: Option<&Service>, service_id: &str, expected: Option<u
     })
 }
 
+/// For a quota refusal: how many of the tenant's services count only until their kills end.
+fn still_stopping(tenant: Option<&Tenant>) -> String {
+    let stopping = tenant.map_or(0, |t| {
+        t.services.values().filter(|s| s.status == Status::Stopping).count()
+    });
+    match stopping {
+        0 => String::new(),
+        1 => " (1 of them is stopping; it counts until it has stopped)".to_string(),
+        n => format!(" ({n} of them are stopping; they count until they have stopped)"),
+    }
+}
+
 /// The quotas that depend on the state: services, tenant memory, deploy rate. (Module size and
 /// per-service memory depend on the request alone and are checked before it is queued.)
 fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Service>, cx: Context<'_>) -> Result<()> {
     let limits = cx.limits;
-    let (active, memory) = state
-        .tenant(&cmd.tenant)
-        .map_or((0, 0), |t| (t.active_services, t.active_memory_bytes));
-    let (held_slot, held_memory) = match existing {
-        Some(s) if s.is_active() => (1, s.limits.memory_bytes),
-        _ => (0, 0),
-    };
-    // A service being killed still has its instance until it stops: the node's room counts it.
-    let holds_instance = held_slot == 1 || existing.is_some_and(|s| s.status == Status::Stopping);
+    let tenant = state.tenant(&cmd.tenant);
+    let (held_services, memory) = tenant.map_or((0, 0), |t| (t.quota_services, t.quota_memory_bytes));
+    // A service being killed still has its instance until it stops: the node's room and its
+    // tenant's quotas count it, and a redeploy takes its place (its next version starts once
+    // it has stopped).
+    let held = existing.and_then(Service::held_quota);
     let (running, stopping) = (state.active_services(), state.stopping_services());
     if let Some(capacity) = cx.node_services
-        && !holds_instance
+        && held.is_none()
         && running + stopping >= capacity
     {
         let stopping = match stopping {
@@ -511,23 +521,28 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
         });
     }
     // An upgrade adds no service: it is allowed even over a limit lowered since.
-    if held_slot == 0 && active >= limits.max_services {
+    if held.is_none() && held_services >= limits.max_services {
         return Err(Error::QuotaExceeded {
             quota: "max_services",
             limit: limits.max_services.into(),
-            detail: format!("tenant '{}' has {active} services", cmd.tenant),
+            detail: format!(
+                "tenant '{}' has {held_services} services{}",
+                cmd.tenant,
+                still_stopping(tenant)
+            ),
             retry_after: None,
         });
     }
-    let memory_after = memory - held_memory + cmd.limits.memory_bytes;
+    let memory_after = memory - held.unwrap_or(0) + cmd.limits.memory_bytes;
     if memory_after > limits.max_tenant_memory_bytes() {
         return Err(Error::QuotaExceeded {
             quota: "max_tenant_memory_mb",
             limit: limits.max_tenant_memory_mb,
             detail: format!(
-                "the tenant's services reserve {} and would reserve {} with this deploy",
+                "the tenant's services reserve {} and would reserve {} with this deploy{}",
                 crate::limits::in_mib(memory),
-                crate::limits::in_mib(memory_after)
+                crate::limits::in_mib(memory_after),
+                still_stopping(tenant)
             ),
             retry_after: None,
         });

@@ -452,6 +452,15 @@ impl Runtime {
         for service in services {
             let slot = self.inner.slot(&service.tenant, &service.id);
             slot.deployed.send_replace(service.version);
+            // Killed versions replaced while they stopped, whose instances went down with the
+            // node: their stops are recorded before the current version starts.
+            for &version in &service.replaced_while_stopping {
+                let _ = slot.commands.send(SlotCommand::Kill {
+                    version,
+                    force: true,
+                    grace: Duration::ZERO,
+                });
+            }
             if service.comes_back_with_the_node() {
                 let (done, started) = oneshot::channel();
                 slot.queue_start(SlotCommand::Start {

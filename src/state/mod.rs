@@ -10,11 +10,12 @@ mod snapshot;
 use std::collections::VecDeque;
 
 use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, event::Kind};
-use service::count_stopped;
+use service::{count_quota, count_stopped};
 
 pub use service::{
-    CompactString, DEPLOY_WINDOW_INTERVALS, DeployWindow, Desired, IdempotencyRecord, Labels, Map, RECENT_EVENTS,
-    RecentSeqs, RequestHash, Service, Status, Tenant, deploy_request_hash, kill_request_hash, remove_request_hash,
+    CompactString, DEPLOY_WINDOW_INTERVALS, DeployWindow, Desired, IdempotencyRecord, Labels,
+    MAX_REPLACED_WHILE_STOPPING, Map, RECENT_EVENTS, RecentSeqs, RequestHash, Service, Status, Tenant,
+    deploy_request_hash, kill_request_hash, remove_request_hash,
 };
 pub use snapshot::SnapshotError;
 
@@ -226,7 +227,13 @@ impl State {
                 let excess = s.restart_times_ms.len().saturating_sub(s.limits.max_restarts as usize);
                 s.restart_times_ms.drain(..excess);
             })?,
-            Some(Kind::ServiceStopped(_)) => self.update(event, |s| s.status = Status::Stopped)?,
+            Some(Kind::ServiceStopped(e)) => self.update(event, |s| {
+                if e.version == s.version {
+                    s.status = Status::Stopped;
+                } else {
+                    s.replaced_while_stopping.retain(|v| *v != e.version);
+                }
+            })?,
             Some(Kind::ServiceRemoved(e)) => self.apply_removed(event, e)?,
             // Node-level events, and kinds from a newer build: nothing this build tracks.
             Some(Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => {}
@@ -310,14 +317,19 @@ impl State {
         };
         count_stopped(&mut tenant.stopped_services, was_stopped, false);
         count_stopping(&mut self.stopping_services, service.status == Status::Stopping, false);
+        if service.status == Status::Stopping {
+            // Its instance stops before the new version starts, and the stop is recorded.
+            let replaced = &mut service.replaced_while_stopping;
+            if replaced.len() == MAX_REPLACED_WHILE_STOPPING {
+                replaced.remove(0);
+            }
+            replaced.push(service.version);
+        }
+        let held_quota = service.held_quota();
         let was_active = service.is_active();
-        if was_active {
-            tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
-        } else {
-            tenant.active_services = tenant.active_services.saturating_add(1);
+        if !was_active {
             self.active_services += 1;
         }
-        tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(limits.memory_bytes);
         // Whether the module use changes: a service that was not running (new, or killed,
         // which let its module go) takes the module up; a running one switches modules.
         let module_change = match (was_active, service.module_sha256 != e.module_sha256) {
@@ -336,6 +348,12 @@ impl State {
         }
         service.desired = Desired::Running;
         service.status = Status::Starting;
+        count_quota(
+            &mut tenant.quota_services,
+            &mut tenant.quota_memory_bytes,
+            held_quota,
+            service.held_quota(),
+        );
         service.restarts = 0;
         service.restart_times_ms.clear();
         service.last_error.clear();
@@ -377,7 +395,8 @@ impl State {
             .ok_or_else(|| unknown(event))?;
         transition_allowed(event, service)?;
         // A forced kill of a service already stopping hurries the stop along; the service
-        // left the quotas with the first kill.
+        // stopped counting as one that should run with the first kill. It holds its tenant's
+        // quota until it has stopped.
         let escalation = service.desired == Desired::Stopped;
         count_stopped(&mut tenant.stopped_services, service.is_removable(), false);
         count_stopping(&mut self.stopping_services, service.status == Status::Stopping, true);
@@ -386,9 +405,7 @@ impl State {
         service.touched(event);
         let (version, module) = (service.version, service.module_hash);
         if !escalation {
-            tenant.active_services = tenant.active_services.saturating_sub(1);
             self.active_services = self.active_services.saturating_sub(1);
-            tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_sub(service.limits.memory_bytes);
             self.module_released(module);
         }
         if !e.idempotency_key.is_empty() {
@@ -441,10 +458,17 @@ impl State {
             .ok_or_else(|| unknown(event))?;
         transition_allowed(event, service)?;
         let (was_removable, was_stopping) = (service.is_removable(), service.status == Status::Stopping);
+        let held_quota = service.held_quota();
         change(service);
         service.touched(event);
         let is_removable = service.is_removable();
         count_stopped(&mut tenant.stopped_services, was_removable, is_removable);
+        count_quota(
+            &mut tenant.quota_services,
+            &mut tenant.quota_memory_bytes,
+            held_quota,
+            service.held_quota(),
+        );
         count_stopping(
             &mut self.stopping_services,
             was_stopping,
@@ -517,6 +541,12 @@ fn transition_allowed(event: &Event, service: &Service) -> Result<(), ApplyError
             None,
             service.desired == Desired::Running || (e.force && service.status == Status::Stopping),
         ),
+        // The stop of a killed version that a deploy has replaced: history only.
+        Some(Kind::ServiceStopped(e))
+            if e.version != service.version && service.replaced_while_stopping.contains(&e.version) =>
+        {
+            return Ok(());
+        }
         Some(Kind::ServiceStopped(e)) => {
             let killed = e.reason() == StopReason::Killed;
             let up = matches!(service.status, Status::Starting | Status::Running | Status::Stopping);

@@ -145,7 +145,14 @@ pub struct Service {
     pub last_seq: u64,
     /// Seqs of the service's most recent events.
     pub recent_seqs: RecentSeqs,
+    /// Killed versions that a deploy replaced while they were still stopping, oldest first:
+    /// each is still owed its `service_stopped` (at most [`MAX_REPLACED_WHILE_STOPPING`]).
+    pub replaced_while_stopping: Vec<u64>,
 }
+
+/// Killed versions still stopping that a service keeps track of; an older one's stop, should
+/// so many kills and redeploys outrun it, is refused as stale.
+pub const MAX_REPLACED_WHILE_STOPPING: usize = 16;
 
 /// A service's labels, in key order.
 pub type Labels = BTreeMap<String, String>;
@@ -198,9 +205,20 @@ impl FromIterator<u64> for RecentSeqs {
 }
 
 impl Service {
-    /// Whether the service holds quota: everything the user has not killed.
+    /// Whether the service should run: everything the user has not killed.
     pub fn is_active(&self) -> bool {
         self.desired == Desired::Running
+    }
+
+    /// Whether the service counts against its tenant's quotas: it should run, or it was killed
+    /// and is still stopping, as its instance and memory exist until it has stopped.
+    pub fn holds_quota(&self) -> bool {
+        self.is_active() || self.status == Status::Stopping
+    }
+
+    /// The memory this service reserves of its tenant's quota, if it holds quota.
+    pub fn held_quota(&self) -> Option<u64> {
+        self.holds_quota().then_some(self.limits.memory_bytes)
     }
 
     /// Whether the service may leave the registry: killed, and stopped.
@@ -208,8 +226,6 @@ impl Service {
         self.desired == Desired::Stopped && self.status == Status::Stopped
     }
 
-    /// Whether a starting node brings this service back: it should run, and it was up (or on
-    /// its way up) when the node stopped. Crashed and failed services stay down.
     /// A new, not yet deployed service, as a first `service_deployed` event creates it.
     pub(crate) fn new(event: &crate::proto::Event, limits: Limits) -> Service {
         Service {
@@ -231,6 +247,7 @@ impl Service {
             deployed_seq: event.seq,
             last_seq: event.seq,
             recent_seqs: RecentSeqs::default(),
+            replaced_while_stopping: Vec::new(),
         }
     }
 
@@ -241,6 +258,8 @@ impl Service {
         self.recent_seqs.push(event.seq);
     }
 
+    /// Whether a starting node brings this service back: it should run, and it was up (or on
+    /// its way up) when the node stopped. Crashed and failed services stay down.
     pub fn comes_back_with_the_node(&self) -> bool {
         self.desired == Desired::Running && matches!(self.status, Status::Starting | Status::Running | Status::Stopped)
     }
@@ -331,9 +350,9 @@ pub struct IdempotencyRecord {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Tenant {
     pub services: Map<CompactString, Box<Service>>,
-    /// Services that hold quota ([`Service::is_active`]) and the memory they reserve.
-    pub active_services: u32,
-    pub active_memory_bytes: u64,
+    /// Services that hold quota ([`Service::holds_quota`]) and the memory they reserve.
+    pub quota_services: u32,
+    pub quota_memory_bytes: u64,
     /// Services killed and stopped ([`Service::is_removable`]): what `max_stopped_services`
     /// bounds.
     pub stopped_services: u32,
@@ -350,6 +369,18 @@ pub(crate) fn count_stopped(stopped_services: &mut u32, was: bool, is: bool) {
         (true, false) => *stopped_services = stopped_services.saturating_sub(1),
         _ => {}
     }
+}
+
+/// Counts, in a tenant's `quota_services` and `quota_memory_bytes`, a service that held `was`
+/// of its quota ([`Service::held_quota`]) and now holds `is`. (Fields, not the tenant: its
+/// services are borrowed meanwhile.)
+pub(crate) fn count_quota(services: &mut u32, memory: &mut u64, was: Option<u64>, is: Option<u64>) {
+    match (was, is) {
+        (None, Some(_)) => *services = services.saturating_add(1),
+        (Some(_), None) => *services = services.saturating_sub(1),
+        _ => {}
+    }
+    *memory = memory.saturating_sub(was.unwrap_or(0)).saturating_add(is.unwrap_or(0));
 }
 
 impl Tenant {

@@ -5,7 +5,8 @@ use prost::Message as _;
 use std::collections::VecDeque;
 
 use super::{
-    CompactString, DeployWindow, Desired, IdempotencyRecord, Map, Service, Settings, State, Status, count_stopped,
+    CompactString, DeployWindow, Desired, IdempotencyRecord, Map, Service, Settings, State, Status, count_quota,
+    count_stopped,
 };
 use crate::proto::{self, IdempotentOp, StateSnapshot};
 
@@ -119,10 +120,14 @@ impl State {
                 if service.status == Status::Stopping {
                     state.stopping_services += 1;
                 }
+                count_quota(
+                    &mut tenant.quota_services,
+                    &mut tenant.quota_memory_bytes,
+                    None,
+                    service.held_quota(),
+                );
                 if service.is_active() {
-                    tenant.active_services = tenant.active_services.saturating_add(1);
                     state.active_services += 1;
-                    tenant.active_memory_bytes = tenant.active_memory_bytes.saturating_add(service.limits.memory_bytes);
                     *state
                         .module_users
                         .entry(super::module_key(&service.module_hash))
@@ -234,6 +239,7 @@ fn service_record(s: &Service) -> proto::ServiceRecord {
         last_seq: s.last_seq,
         recent_seqs: s.recent_seqs.as_slice().to_vec(),
         restart_times_ms: s.restart_times_ms.clone(),
+        replaced_while_stopping: s.replaced_while_stopping.clone(),
     }
 }
 
@@ -274,6 +280,7 @@ fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError
         // Only the newest RECENT_EVENTS, whatever the snapshot holds.
         recent_seqs: r.recent_seqs.into_iter().collect(),
         restart_times_ms: r.restart_times_ms,
+        replaced_while_stopping: r.replaced_while_stopping,
     })
 }
 

@@ -54,7 +54,7 @@ fn lifecycle_and_quota_counts() {
     state.apply(&at(deployed("b", 1, 50, ""), 2, 11)).unwrap();
     state.apply(&at(started("a", 1), 3, 12)).unwrap();
     let tenant = state.tenant("acme").unwrap();
-    assert_eq!((tenant.active_services, tenant.active_memory_bytes), (2, 150));
+    assert_eq!((tenant.quota_services, tenant.quota_memory_bytes), (2, 150));
     assert_eq!(state.service("acme", "a").unwrap().status, Status::Running);
 
     // Upgrade: memory is replaced, not added; the service starts over.
@@ -64,11 +64,13 @@ fn lifecycle_and_quota_counts() {
         (a.version, a.status, a.deployed_seq, a.created_at_ms),
         (2, Status::Starting, 4, 10)
     );
-    assert_eq!(state.tenant("acme").unwrap().active_memory_bytes, 60);
+    assert_eq!(state.tenant("acme").unwrap().quota_memory_bytes, 60);
 
+    // A service being killed holds its quota until it has stopped: its instance still exists.
     state.apply(&at(kill("b"), 5, 14)).unwrap();
     assert_eq!(state.service("acme", "b").unwrap().status, Status::Stopping);
-    assert_eq!(state.tenant("acme").unwrap().active_services, 1);
+    let tenant = state.tenant("acme").unwrap();
+    assert_eq!((tenant.quota_services, tenant.quota_memory_bytes), (2, 60));
     let stopped = envelope(
         "acme",
         "b",
@@ -80,6 +82,8 @@ fn lifecycle_and_quota_counts() {
     );
     state.apply(&at(stopped, 6, 15)).unwrap();
     assert_eq!(state.service("acme", "b").unwrap().status, Status::Stopped);
+    let tenant = state.tenant("acme").unwrap();
+    assert_eq!((tenant.quota_services, tenant.quota_memory_bytes), (1, 10));
     // The three deploys (at 10, 11 and 13 ms) share the window's first second, which counts
     // them together until all of it is past.
     assert_eq!(state.deploys_since("acme", 10), 3);
@@ -156,7 +160,7 @@ fn a_stopped_service_leaves_the_registry_and_its_id_starts_over() {
     state.apply(&at(stopped, 3, 1)).unwrap();
     state.apply(&at(removed("rm-1"), 4, 1)).unwrap();
     assert!(state.service("acme", "a").is_none());
-    assert_eq!(state.tenant("acme").unwrap().active_services, 0);
+    assert_eq!(state.tenant("acme").unwrap().quota_services, 0);
     let record = state.idempotency("acme", "rm-1", 1).unwrap();
     assert_eq!((record.op, record.seq), (IdempotentOp::Remove, 4));
     // The id is free: a deploy starts over at version 1.
@@ -431,6 +435,70 @@ fn services_being_killed_are_counted_until_they_stop_or_come_back() {
     state.encode_snapshot(&mut bytes);
     let restored = State::decode_snapshot(&bytes, Settings::default()).unwrap();
     assert_eq!(restored.stopping_services(), 1);
+}
+
+/// A killed version that a deploy replaces before it has stopped keeps its quota for the new
+/// version, and its stop is recorded, as history, once: the new version goes on.
+#[test]
+fn the_stop_of_a_killed_version_replaced_while_stopping_is_history() {
+    let mut state = State::new(Settings::default());
+    let stopped = |version| {
+        envelope(
+            "acme",
+            "a",
+            "node",
+            Kind::ServiceStopped(ServiceStopped {
+                version,
+                reason: StopReason::Killed as i32,
+            }),
+        )
+    };
+    let quota = |state: &State| {
+        let tenant = state.tenant("acme").unwrap();
+        (tenant.quota_services, tenant.quota_memory_bytes)
+    };
+    state.apply(&at(deployed("a", 1, 7, ""), 1, 1)).unwrap();
+    state.apply(&at(started("a", 1), 2, 2)).unwrap();
+    state.apply(&at(kill("a"), 3, 3)).unwrap();
+    // Never stopped: its stop is owed to no one.
+    assert!(state.check(&at(stopped(0), 4, 4)).is_err());
+    state.apply(&at(deployed("a", 2, 9, ""), 4, 4)).unwrap();
+    assert_eq!(state.service("acme", "a").unwrap().replaced_while_stopping, [1]);
+    assert_eq!(
+        quota(&state),
+        (1, 9),
+        "one instance at a time: the new version's reservation"
+    );
+    let mut bytes = Vec::new();
+    state.encode_snapshot(&mut bytes);
+    assert_eq!(State::decode_snapshot(&bytes, Settings::default()).unwrap(), state);
+
+    state.apply(&at(stopped(1), 5, 5)).unwrap();
+    let a = state.service("acme", "a").unwrap();
+    assert_eq!((a.version, a.status, a.last_seq), (2, Status::Starting, 5));
+    assert!(a.replaced_while_stopping.is_empty());
+    assert_eq!(quota(&state), (1, 9));
+    // Once recorded, a second stop of it is stale.
+    assert!(matches!(
+        state.check(&at(stopped(1), 6, 6)),
+        Err(ApplyError::StaleVersion { .. })
+    ));
+    state.apply(&at(started("a", 2), 6, 6)).unwrap();
+    assert_eq!(state.service("acme", "a").unwrap().status, Status::Running);
+
+    // Kills and redeploys that outrun a slow stop: the newest versions are kept track of.
+    let mut seq = 7;
+    for version in 2..2 + MAX_REPLACED_WHILE_STOPPING as u64 + 1 {
+        state.apply(&at(kill("a"), seq, seq)).unwrap();
+        state
+            .apply(&at(deployed("a", version + 1, 9, ""), seq + 1, seq + 1))
+            .unwrap();
+        seq += 2;
+    }
+    let a = state.service("acme", "a").unwrap();
+    assert_eq!(a.replaced_while_stopping.len(), MAX_REPLACED_WHILE_STOPPING);
+    assert_eq!(a.replaced_while_stopping.first(), Some(&3));
+    assert_eq!(quota(&state), (1, 9));
 }
 
 #[test]
