@@ -232,6 +232,26 @@ impl Server {
     }
 }
 
+/// Services outlive their tenant's entry in the config: a tenant whose token was removed keeps
+/// its services, running ones included, and only the admin can reach them. Say so at start.
+fn warn_of_tenants_without_tokens(control: &Control, auth: &Authenticator) {
+    let orphaned: Vec<(String, usize)> = control.read_state(|state| {
+        state
+            .tenants()
+            .filter(|(name, tenant)| !tenant.services.is_empty() && !auth.has_token_for(name))
+            .map(|(name, tenant)| (name.to_string(), tenant.services.len()))
+            .collect()
+    });
+    for (tenant, services) in orphaned {
+        tracing::warn!(
+            %tenant,
+            services,
+            "this tenant has services but no token in the config: only the admin can reach them \
+             (give it a token again, or kill and remove them as the admin)"
+        );
+    }
+}
+
 /// Runs a node until `shutdown` resolves (or the Shutdown API is called), printing the
 /// `solo listening` line once it serves.
 pub async fn run(
@@ -272,6 +292,9 @@ async fn serve(
         .map_err(anyhow::Error::msg)?;
     let metrics = Metrics::new();
     let node = open_node_with(&config, Some(Arc::clone(&metrics))).await?;
+    if !auth.is_development() && !client_certificates {
+        warn_of_tenants_without_tokens(&node.control, &auth);
+    }
     let limits = Arc::new(node.control.limits().clone());
     let state = Arc::new(ApiState {
         control: node.control.clone(),

@@ -2965,6 +2965,53 @@ fn serve_warns_in_development_mode_and_needs_a_token_off_loopback() {
     assert!(listening.is_some(), "{stderr}");
 }
 
+/// A tenant whose token left the config keeps its services, which only the admin can reach
+/// then: the node names it as it starts, and no tenant that still has a token.
+#[test]
+fn serve_warns_of_tenants_with_services_but_no_token() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let server = start_server(&data, |_| {}).await;
+        let mut client = grpc_client(&server).await;
+        for tenant in ["alice", "bob"] {
+            client
+                .deploy(as_tenant(tenant, grpc_deploy("svc", "echo")))
+                .await
+                .unwrap();
+        }
+        server.stop().await.unwrap();
+    });
+    let (admin, alice) = (
+        solo::api::auth::new_token().unwrap().1,
+        solo::api::auth::new_token().unwrap().1,
+    );
+    let path = dir.path().join("solo.toml");
+    let config =
+        format!("[security]\nadmin_token_sha256 = [\"{admin}\"]\n[tenants.alice]\ntoken_sha256 = [\"{alice}\"]\n");
+    std::fs::write(&path, config).unwrap();
+    let mut serve = solo_command();
+    serve
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--config")
+        .arg(&path)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]);
+    let (listening, stderr) = serve_once(&mut serve);
+    assert!(listening.is_some(), "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("no token in the config"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("tenant=bob") && warnings[0].contains("services=1"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn token_new_prints_a_token_and_the_line_with_its_sha256() {
     use sha2::Digest as _;

@@ -204,6 +204,13 @@ impl Authenticator {
         self.development
     }
 
+    /// Whether some token names `tenant` as its principal.
+    pub fn has_token_for(&self, tenant: &str) -> bool {
+        self.tokens
+            .iter()
+            .any(|(_, principal)| matches!(principal, Principal::Tenant(t) if t == tenant))
+    }
+
     /// Recognises a request from its headers (`authorization`, `x-tenant-id`) and the tenant
     /// named by a verified client certificate, if any.
     pub fn authenticate_headers(

@@ -328,8 +328,8 @@ impl Instance {
         Ok(bytes)
     }
 
-    /// Runs `solo_stop`, if exported, within `grace`. A failure is only logged: the instance
-    /// goes away either way.
+    /// Runs `solo_stop`, if exported, under a call's CPU limit and within `grace`. A failure
+    /// is only logged: the instance goes away either way.
     pub async fn stop(mut self, grace: Duration) {
         let Some(stop) = self.stop.take() else { return };
         arm(
@@ -340,7 +340,14 @@ impl Instance {
         );
         self.turn.take().await;
         if let Err(e) = stop.call_async(&mut self.store, ()).await {
-            tracing::debug!(error = %describe_failure(&e, &self.store), "solo_stop failed");
+            let host = self.store.data();
+            tracing::info!(
+                tenant = %host.logs.tenant,
+                service = %host.logs.service_id,
+                version = host.version,
+                error = %describe_failure(&e, &self.store),
+                "solo_stop did not finish; the instance is dropped"
+            );
         }
     }
 

@@ -72,8 +72,8 @@ impl LogLimits {
 
 #[derive(Debug)]
 pub struct LogBuffer {
-    tenant: String,
-    service_id: String,
+    pub(super) tenant: String,
+    pub(super) service_id: String,
     capacity: usize,
     bytes_per_second: u64,
     /// Why a std lock: pushes and copies are short and never cross an `.await`.
