@@ -136,7 +136,7 @@ struct Inner {
     /// How far the reconciler has acted on the log.
     reconciled: Reconciled,
     /// Services queued by `recover` whose start has not finished.
-    recovering: AtomicUsize,
+    recovering: Arc<AtomicUsize>,
     /// Cancelled once the node is shutting down: starts under way are given up.
     stopping: CancellationToken,
     ticker_stop: Arc<AtomicBool>,
@@ -277,7 +277,8 @@ enum SlotCommand {
         limits: Limits,
         recovered: bool,
         restarts: PastRestarts,
-        done: Option<oneshot::Sender<bool>>,
+        /// For a service the node brings back: told whether it came back.
+        done: Option<RecoveryStart>,
     },
     Kill {
         version: u64,
@@ -288,6 +289,41 @@ enum SlotCommand {
         grace: Duration,
         done: oneshot::Sender<()>,
     },
+}
+
+/// The start of a service that the node brings back: counted in [`Runtime::recovering`] from
+/// when it is queued until it ends, however it ends (answered, or dropped with its slot's
+/// queue), so the count and the log's statuses agree as soon as the start is on record.
+struct RecoveryStart {
+    done: Option<oneshot::Sender<bool>>,
+    recovering: Arc<AtomicUsize>,
+}
+
+impl RecoveryStart {
+    fn new(recovering: &Arc<AtomicUsize>) -> (RecoveryStart, oneshot::Receiver<bool>) {
+        recovering.fetch_add(1, Ordering::Relaxed);
+        let (done, answer) = oneshot::channel();
+        let start = RecoveryStart {
+            done: Some(done),
+            recovering: Arc::clone(recovering),
+        };
+        (start, answer)
+    }
+
+    /// Leaves the count, then answers whether the service is up with its start on record.
+    fn finish(mut self, up: bool) {
+        let done = self.done.take();
+        drop(self);
+        if let Some(done) = done {
+            let _ = done.send(up);
+        }
+    }
+}
+
+impl Drop for RecoveryStart {
+    fn drop(&mut self) {
+        self.recovering.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Runtime {
@@ -324,7 +360,7 @@ impl Runtime {
                 slots: Mutex::new(HashMap::new()),
                 reconciler: Mutex::new(None),
                 reconciled: Reconciled::default(),
-                recovering: AtomicUsize::new(0),
+                recovering: Arc::default(),
                 stopping: CancellationToken::new(),
                 ticker_stop,
             }),
@@ -462,7 +498,7 @@ impl Runtime {
                 });
             }
             if service.comes_back_with_the_node() {
-                let (done, started) = oneshot::channel();
+                let (done, started) = RecoveryStart::new(&self.inner.recovering);
                 slot.queue_start(SlotCommand::Start {
                     version: service.version,
                     module_sha256: service.module_sha256.clone(),
@@ -490,18 +526,11 @@ impl Runtime {
                 });
             }
         }
-        self.inner.recovering.store(starting.len(), Ordering::Relaxed);
         let inner = Arc::clone(&self.inner);
         async move {
-            // Each start leaves the count as it ends, not in the order the services were listed.
-            let starts = starting.into_iter().map(|(service, started)| {
-                let inner = Arc::clone(&inner);
-                async move {
-                    let up = started.await.unwrap_or(false);
-                    inner.recovering.fetch_sub(1, Ordering::Relaxed);
-                    up.then_some(service)
-                }
-            });
+            let starts = starting
+                .into_iter()
+                .map(|(service, started)| async move { started.await.unwrap_or(false).then_some(service) });
             let recovered: Vec<ServiceRef> = futures_util::future::join_all(starts)
                 .await
                 .into_iter()
@@ -936,7 +965,7 @@ async fn run_slot(
                 )
                 .await;
                 if let Some(done) = done {
-                    let _ = done.send(started);
+                    done.finish(started);
                 }
             }
             SlotCommand::Kill { version, force, grace } => {
