@@ -1995,6 +1995,83 @@ async fn a_client_that_ignores_the_shutdown_is_cut_when_the_grace_is_over() {
     stop_closing(server, &mut deaf, Duration::from_secs(4)).await;
 }
 
+/// A watcher replaying a long history when the node stops is not fed the rest of it: its
+/// stream ends at once with the shutdown's status (it resumes from its last seq with the next
+/// start), and the node stops well within its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_replaying_history_ends_promptly_at_shutdown() {
+    let dir = tempdir();
+    // A history of some 5,000 events, written through the log alone: upgrades of a few
+    // services, killed at the end so that nothing comes back.
+    let history = {
+        let mut options = options(dir.path());
+        options.limits.node.max_deploys_per_minute = u32::MAX;
+        let (control, _) = solo::control::Control::open(options).unwrap();
+        let upgrades = (0..8).map(|s| {
+            let control = control.clone();
+            tokio::spawn(async move {
+                let id = format!("svc{s}");
+                for n in 0..600 {
+                    deploy_request_to(&control, &id, n).await;
+                }
+                kill(&control, "acme", &id).await;
+            })
+        });
+        for upgrade in upgrades.collect::<Vec<_>>() {
+            upgrade.await.unwrap();
+        }
+        let head = control.head();
+        control.close().await;
+        head
+    };
+    assert!(history > 4_800, "{history}");
+    let server = start_server(dir.path(), |c| c.solo.shutdown_grace_ms = 20_000).await;
+    // Windows small enough that the node cannot send much of the backlog ahead of the reader.
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .initial_stream_window_size(16 << 10)
+        .initial_connection_window_size(16 << 10)
+        .connect()
+        .await
+        .unwrap();
+    let mut client = proto::solo_kernel_client::SoloKernelClient::new(channel);
+    let replay = proto::WatchRequest {
+        from_seq: 1,
+        ..Default::default()
+    };
+    let mut stream = client.watch(replay).await.unwrap().into_inner();
+    stream.next().await.unwrap().unwrap();
+    let asked = std::time::Instant::now();
+    client
+        .shutdown(proto::ShutdownRequest { grace_ms: 20_000 })
+        .await
+        .unwrap();
+    // A slow reader: fed the whole backlog, it would take ten seconds.
+    let mut received = 1u64;
+    let end = loop {
+        match tokio::time::timeout(PATIENCE, stream.next()).await.unwrap() {
+            Some(Ok(_)) => received += 1,
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended without a status"),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("shutting down"), "{}", end.message());
+    assert!(
+        received < history / 2,
+        "{received} of {history} events sent after the stop"
+    );
+    tokio::time::timeout(PATIENCE, server.stopped()).await.unwrap().unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(8), "{:?}", asked.elapsed());
+}
+
+/// An upgrade of acme/`id` to a module of its own (the log takes modules as opaque bytes).
+async fn deploy_request_to(control: &solo::control::Control, id: &str, n: usize) {
+    let request = deploy_request("acme", id, &format!("{id}-{n}"));
+    control.deploy(request).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_answering_pings_is_disconnected() {
     use tokio::io::AsyncWriteExt as _;

@@ -16,8 +16,14 @@ use crate::control::Control;
 use crate::event::{EventKind, SharedEvent};
 use crate::proto::Event;
 
-/// How long a stopping watch waits for each remaining committed event.
+/// How long a stopping watch spends on the events committed before the stop, in all.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How far behind the head a watcher may be, when the node stops, and still be sent the rest
+/// (`shutdown_requested` among it) before its stream ends. One further behind is replaying
+/// history: it ends at once, as etcd cancels its watches, and resumes from its last seq with
+/// the next start, rather than holding the shutdown for as long as its backlog takes.
+const DRAIN_MAX_EVENTS: u64 = 4096;
 
 /// The shortest progress interval a client may ask for.
 pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -115,10 +121,14 @@ pub fn watch(
                 biased;
                 () = &mut stopping => {
                     // What was committed before the stop (shutdown_requested among it) is still
-                    // delivered; then the stream ends.
+                    // delivered to a watcher that had nearly caught up; then the stream ends.
                     let head = log.head();
-                    while examined < head {
-                        match tokio::time::timeout(DRAIN_TIMEOUT, events.next()).await {
+                    let drain_until = Instant::now() + DRAIN_TIMEOUT;
+                    let drains = head.saturating_sub(examined) <= DRAIN_MAX_EVENTS;
+                    // The deadline is checked between events too: `timeout_at` takes an event that
+                    // is ready even past it, and a slow reader makes every event ready.
+                    while drains && examined < head && Instant::now() < drain_until {
+                        match tokio::time::timeout_at(drain_until, events.next()).await {
                             Ok(Some(Ok(event))) => {
                                 examined = event.seq;
                                 if caller.sees(&event) && filter.matches(&event) {
