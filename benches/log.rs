@@ -15,6 +15,8 @@ use futures_util::StreamExt as _;
 use tempfile::TempDir;
 use tokio::runtime::Runtime;
 
+mod common;
+
 use solo::config::Config;
 use solo::control::{Control, ControlOptions, DeployRequest, EventLog, load_snapshot, replay};
 use solo::event::envelope;
@@ -773,5 +775,93 @@ fn bench_tail(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_append, bench_rebuild, bench_tail);
+/// History that replays read from disk, and how many replay it at once.
+const REPLAY_HISTORY: u64 = 200_000;
+const REPLAYS: usize = 200;
+
+/// A durable commit's latency, on a thread of its own as the control writer's, while `REPLAYS`
+/// tailers replay the history from disk over and over (as clients reading `/events` from seq
+/// 1): with `tail_disk_readers` at 1, the default, the replays take turns at the disk; at
+/// `REPLAYS`, each reads at once, on a blocking thread of its own.
+fn bench_replays(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("tail");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Elements(1));
+    for readers in [1, REPLAYS] {
+        let (name, parameter) = (
+            format!("commit_beside_{REPLAYS}_replays"),
+            format!("{readers}_disk_readers"),
+        );
+        if !common::selected(&format!("tail/{name}/{parameter}")) {
+            continue;
+        }
+        let id = BenchmarkId::new(&name, &parameter);
+        let dir = tempdir();
+        let mut options = log_options();
+        options.tail_disk_readers = readers;
+        let log = EventLog::open(dir.path(), &options).expect("the log opens");
+        for start in (1..=REPLAY_HISTORY).step_by(DATASET_BATCH) {
+            let end = (start + DATASET_BATCH as u64 - 1).min(REPLAY_HISTORY);
+            let batch: Batch<Event> = (start..=end).map(tail_event).collect();
+            log.append(&batch, Default::default(), Default::default())
+                .expect("the history is written");
+            log.publish(batch.records(), &mut Vec::new());
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let replays: Vec<_> = (0..REPLAYS)
+            .map(|_| {
+                let (log, stop) = (log.clone(), Arc::clone(&stop));
+                rt.spawn(async move {
+                    let mut replayed = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut stream = std::pin::pin!(log.tail(1));
+                        while let Some(Ok(event)) = stream.next().await {
+                            replayed += 1;
+                            if event.seq >= REPLAY_HISTORY || stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                        }
+                    }
+                    replayed
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let mut latencies = Vec::new();
+        group.bench_function(id, |b| {
+            b.iter_custom(|commits| {
+                let began = Instant::now();
+                for _ in 0..commits {
+                    let records: Batch<Event> = std::iter::once(tail_event(log.head() + 1)).collect();
+                    let commit = Instant::now();
+                    log.append(&records, Default::default(), Default::default())
+                        .expect("the append commits");
+                    log.publish(records.records(), &mut Vec::new());
+                    latencies.push(commit.elapsed());
+                }
+                began.elapsed()
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+        let replayed: u64 = replays
+            .into_iter()
+            .map(|replay| rt.block_on(replay).expect("a replay does not panic"))
+            .sum();
+        latencies.sort();
+        eprintln!(
+            "tail/{name}/{parameter}: {} commits, p50 {:?}, p99 {:?}; replays delivered {:.0} events/s",
+            latencies.len(),
+            common::percentile(&latencies, 0.5),
+            common::percentile(&latencies, 0.99),
+            replayed as f64 / started.elapsed().as_secs_f64()
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_append, bench_rebuild, bench_tail, bench_replays);
 criterion_main!(benches);

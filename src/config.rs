@@ -126,6 +126,8 @@ pub struct DatabaseConfig {
     pub tail_window_events: u32,
     /// Events a subscriber behind the window reads from disk at a time.
     pub tail_read_chunk: u32,
+    /// Subscribers that may read from disk at once (replays of history take turns).
+    pub tail_disk_readers: u32,
     /// Most commands committed in one batch (one write transaction, one fsync).
     pub max_batch_events: u32,
     /// Commands that may queue for the writer before callers wait.
@@ -144,6 +146,7 @@ impl Default for DatabaseConfig {
             snapshots_kept: writer.snapshots_kept as u32,
             tail_window_events: 16_384,
             tail_read_chunk: 1024,
+            tail_disk_readers: 1,
             max_batch_events: writer.max_batch as u32,
             writer_queue: writer.queue_capacity as u32,
             check_pages_at_start: true,
@@ -335,6 +338,7 @@ impl Config {
             ("database.max_batch_events", db.max_batch_events.into()),
             ("database.writer_queue", db.writer_queue.into()),
             ("database.tail_read_chunk", db.tail_read_chunk.into()),
+            ("database.tail_disk_readers", db.tail_disk_readers.into()),
             ("database.snapshots_kept", db.snapshots_kept.into()),
             ("solo.idempotency_window_ms", solo.idempotency_window_ms),
             ("solo.http_request_timeout_ms", solo.http_request_timeout_ms.into()),
@@ -587,6 +591,7 @@ impl Config {
             },
             tail_window: db.tail_window_events as usize,
             tail_read_chunk: db.tail_read_chunk as usize,
+            tail_disk_readers: db.tail_disk_readers as usize,
         }
     }
 

@@ -113,6 +113,40 @@ async fn a_stalled_tailer_does_not_hold_back_the_writer_or_the_other_tailers() {
     }
 }
 
+/// Replays of history read the disk in turns, one chunk at a time (`tail_disk_readers`), and
+/// each still gets every event, in order, while the log goes on growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_from_disk_take_turns_and_each_gets_every_event() {
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.log.tail_window = 64;
+    opts.log.tail_read_chunk = 100;
+    opts.log.tail_disk_readers = 1;
+    opts.limits.node.max_deploys_per_minute = u32::MAX;
+    let control = open(opts);
+    let (written, total) = (1_000u64, 1_500u64);
+    for i in 0..written {
+        deploy(&control, "acme", &format!("svc-{}", i % 50), &format!("m{i}")).await;
+    }
+    let replays: Vec<_> = (0..50)
+        .map(|_| {
+            let mut tail = Box::pin(control.log().tail(1));
+            tokio::spawn(async move {
+                for expected in 1..=total {
+                    let event = tail.next().await.expect("stream open").expect("tail reads");
+                    assert_eq!(event.seq, expected);
+                }
+            })
+        })
+        .collect();
+    for i in written..total {
+        deploy(&control, "acme", &format!("svc-{}", i % 50), &format!("m{i}")).await;
+    }
+    for replay in replays {
+        timeout(PATIENCE, replay).await.expect("every replay ends").unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_past_the_head_waits_for_new_events() {
     let dir = tempdir();

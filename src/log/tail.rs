@@ -116,9 +116,19 @@ pub(super) fn tail<R: Record>(
 
 async fn read_from_disk<R: Record>(log: &Weak<Inner<R>>, from: u64, to: u64) -> Result<Vec<Arc<R>>> {
     let log = log.clone();
-    let batch = tokio::task::spawn_blocking(move || match log.upgrade() {
-        Some(inner) => inner.read(from..=to),
-        None => Err(Error::Closed),
+    let turns = match log.upgrade() {
+        Some(inner) => Arc::clone(&inner.disk_reads),
+        None => return Err(Error::Closed),
+    };
+    // Held by the read alone, not while the chunk is delivered: a reader that stalls holds
+    // no one up.
+    let turn = turns.acquire_owned().await.map_err(|_| Error::Closed)?;
+    let batch = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        match log.upgrade() {
+            Some(inner) => inner.read(from..=to),
+            None => Err(Error::Closed),
+        }
     })
     .await
     .map_err(|_| Error::Closed)??;
