@@ -615,6 +615,22 @@ async fn post_services_refuses_bad_deploys_with_reasons() {
     )
     .await;
     assert!(reply.error(415, "unsupported_media_type").contains("application/json"));
+    // A content coding the node does not decode: read as sent, the body would be misread.
+    let body = json!({ "service_id": "x", "wat": echo }).to_string();
+    for coding in ["br", "gzip, identity"] {
+        let reply = send(
+            node.request(Method::POST, "/services", "a")
+                .header("content-type", "application/json")
+                .header("content-encoding", coding)
+                .body(body.clone()),
+        )
+        .await;
+        let message = reply.error(415, "unsupported_media_type");
+        assert!(
+            message.contains("Content-Encoding") && message.contains(coding),
+            "{message}"
+        );
+    }
     let reply = node
         .post_json("/services?colour=blue", "a", &json!({ "service_id": "x", "wat": echo }))
         .await;

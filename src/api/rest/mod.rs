@@ -167,6 +167,16 @@ async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next
             Ok(_) => StatusCode::PAYLOAD_TOO_LARGE.into_response(),
         };
     }
+    if let Some(coding) = content_coding(&parts.headers) {
+        return match caller {
+            Err(e) => e.into_response(),
+            Ok(_) => Error::new(
+                ErrorKind::UnsupportedMediaType,
+                format!("the node reads bodies only as sent: Content-Encoding {coding} is not supported; send the body without it"),
+            )
+            .into_response(),
+        };
+    }
     let (metered, charge) = state.bodies.meter(Payer::of(&caller), body);
     if charge.was_refused() {
         return charge.refusal().into_response();
@@ -178,6 +188,26 @@ async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next
         return charge.refusal().into_response();
     }
     response.map(|body| axum::body::Body::new(charge.meter_answer(body)))
+}
+
+/// The request's content coding, quoted, if it is one the node does not decode (any but
+/// `identity`): read as if unencoded, a compressed body would be taken for something else.
+fn content_coding(headers: &http::HeaderMap) -> Option<String> {
+    let codings = headers.get_all(header::CONTENT_ENCODING);
+    let unsupported = codings.iter().any(|value| {
+        value.to_str().map_or(true, |v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+        })
+    });
+    unsupported.then(|| {
+        let named: Vec<String> = codings
+            .iter()
+            .map(|v| format!("{:?}", String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        named.join(", ")
+    })
 }
 
 /// Refuses every new request once the node is stopping, on connections still open, as the
