@@ -6,7 +6,9 @@
 //!   commit-to-delivery < 50 ms, nothing lost), in two shapes: each watcher following one
 //!   service (0), and each following every event (1); `SOLO_BENCH_FAN_OUT_SHAPE=N` runs one.
 //!
-//! Also a no-op baseline (the health check), the ceiling of this harness on the machine.
+//! Also two baselines: a no-op (the health check), the ceiling of this harness on the machine,
+//! and a Status, the API's own cost (authentication, admission, metrics, a read of the state)
+//! with neither a commit nor the runtime.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -168,6 +170,33 @@ fn bench_baseline(c: &mut Criterion) {
                     while turns.claim().is_some() {
                         let request = tonic_health::pb::HealthCheckRequest::default();
                         client.check(request).await.expect("the node answers");
+                    }
+                }
+            }))
+        });
+    });
+    // The API's own cost: authentication, admission, metrics and a read of the state, with
+    // neither a commit nor the runtime.
+    let kernels = rt.block_on(crate::connections(&server, CONNECTIONS, SoloKernelClient::new));
+    let wasm = echo_wasm("echo status");
+    rt.block_on(async {
+        let mut client = kernels[0].clone();
+        client.deploy(as_tenant("bench", deploy("probed", &wasm))).await
+    })
+    .expect("the deploy is acknowledged");
+    group.bench_with_input(BenchmarkId::new("status", clients), &clients, |b, &clients| {
+        b.iter_custom(|iters| {
+            rt.block_on(closed_loop(clients, iters, |i, turns| {
+                let mut client = kernels[i % kernels.len()].clone();
+                async move {
+                    while turns.claim().is_some() {
+                        let request = proto::StatusRequest {
+                            service_id: "probed".into(),
+                        };
+                        client
+                            .status(as_tenant("bench", request))
+                            .await
+                            .expect("the node answers");
                     }
                 }
             }))
