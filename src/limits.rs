@@ -16,7 +16,7 @@ const MIB: u64 = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantLimits {
-    /// Services (not killed) a tenant may have.
+    /// Services a tenant may have: not killed, or killed and still stopping.
     pub max_services: u32,
     /// Killed, stopped services a tenant's registry keeps; past it, the node removes the one
     /// stopped longest ago, as Kubernetes' pod garbage collector does terminated pods.

@@ -587,6 +587,38 @@ async fn quotas_hold_at_their_edges_and_under_a_race() {
     );
 }
 
+/// A killed service still stopping keeps its memory reserved, also once a smaller version has
+/// replaced it (they run one at a time, the new one once the old has stopped), until its stop
+/// is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_version_keeps_its_memory_reserved_until_it_has_stopped() {
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.limits.node.max_tenant_memory_mb = 30;
+    let control = open(opts);
+    let with_mib = |id: &str, tag: &str, mib: u64| DeployRequest {
+        limits: solo::proto::Limits {
+            memory_bytes: mib << 20,
+            ..Default::default()
+        },
+        ..deploy_request("acme", id, tag)
+    };
+    control.deploy(with_mib("big", "m1", 20)).await.unwrap();
+    kill(&control, "acme", "big").await;
+    control.deploy(with_mib("big", "m2", 1)).await.unwrap();
+    let err = control.deploy(with_mib("other", "m", 20)).await.unwrap_err();
+    assert_refused_by(&err, "max_tenant_memory_mb");
+    assert!(err.to_string().contains("reserve 20 MiB"), "{err}");
+    let stopped = solo::control::Observation::Stopped {
+        tenant: "acme".into(),
+        service_id: "big".into(),
+        version: 1,
+        reason: solo::proto::StopReason::Killed,
+    };
+    control.observe(stopped).await.unwrap();
+    control.deploy(with_mib("other", "m", 20)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deploy_rate_quota_uses_the_logged_times() {
     let dir = tempdir();

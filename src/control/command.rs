@@ -533,7 +533,8 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
             retry_after: None,
         });
     }
-    let memory_after = memory - held.unwrap_or(0) + cmd.limits.memory_bytes;
+    let stopping = existing.map_or(0, Service::memory_stopping_past_a_deploy);
+    let memory_after = memory - held.unwrap_or(0) + cmd.limits.memory_bytes.max(stopping);
     if memory_after > limits.max_tenant_memory_bytes() {
         return Err(Error::QuotaExceeded {
             quota: "max_tenant_memory_mb",

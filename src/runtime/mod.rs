@@ -490,9 +490,9 @@ impl Runtime {
             slot.deployed.send_replace(service.version);
             // Killed versions replaced while they stopped, whose instances went down with the
             // node: their stops are recorded before the current version starts.
-            for &version in &service.replaced_while_stopping {
+            for replaced in &service.replaced_while_stopping {
                 let _ = slot.commands.send(SlotCommand::Kill {
-                    version,
+                    version: replaced.version,
                     force: true,
                     grace: Duration::ZERO,
                 });

@@ -231,7 +231,7 @@ impl State {
                 if e.version == s.version {
                     s.status = Status::Stopped;
                 } else {
-                    s.replaced_while_stopping.retain(|v| *v != e.version);
+                    s.replaced_while_stopping.retain(|r| r.version != e.version);
                 }
             })?,
             Some(Kind::ServiceRemoved(e)) => self.apply_removed(event, e)?,
@@ -323,7 +323,10 @@ impl State {
             if replaced.len() == MAX_REPLACED_WHILE_STOPPING {
                 replaced.remove(0);
             }
-            replaced.push(service.version);
+            replaced.push(proto::ReplacedVersion {
+                version: service.version,
+                memory_bytes: service.limits.memory_bytes,
+            });
         }
         let held_quota = service.held_quota();
         let was_active = service.is_active();
@@ -542,9 +545,7 @@ fn transition_allowed(event: &Event, service: &Service) -> Result<(), ApplyError
             service.desired == Desired::Running || (e.force && service.status == Status::Stopping),
         ),
         // The stop of a killed version that a deploy has replaced: history only.
-        Some(Kind::ServiceStopped(e))
-            if e.version != service.version && service.replaced_while_stopping.contains(&e.version) =>
-        {
+        Some(Kind::ServiceStopped(e)) if e.version != service.version && service.stop_owed_to_replaced(e.version) => {
             return Ok(());
         }
         Some(Kind::ServiceStopped(e)) => {

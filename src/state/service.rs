@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 pub use compact_str::CompactString;
 
-use crate::proto::{DesiredState, IdempotentOp, Limits, ServiceStatusCode};
+use crate::proto::{DesiredState, IdempotentOp, Limits, ReplacedVersion, ServiceStatusCode};
 
 /// The maps of the projection: hashbrown with foldhash, which is fast and seeded per map
 /// (service ids come from tenants, so the hash must not be predictable). Tenants and services
@@ -146,8 +146,9 @@ pub struct Service {
     /// Seqs of the service's most recent events.
     pub recent_seqs: RecentSeqs,
     /// Killed versions that a deploy replaced while they were still stopping, oldest first:
-    /// each is still owed its `service_stopped` (at most [`MAX_REPLACED_WHILE_STOPPING`]).
-    pub replaced_while_stopping: Vec<u64>,
+    /// each is still owed its `service_stopped`, and holds its memory until then (at most
+    /// [`MAX_REPLACED_WHILE_STOPPING`]).
+    pub replaced_while_stopping: Vec<ReplacedVersion>,
 }
 
 /// Killed versions still stopping that a service keeps track of; an older one's stop, should
@@ -216,9 +217,26 @@ impl Service {
         self.is_active() || self.status == Status::Stopping
     }
 
-    /// The memory this service reserves of its tenant's quota, if it holds quota.
+    /// The memory this service reserves of its tenant's quota, if it holds quota: its current
+    /// version's, or more while a killed version it replaced still stops (a service's versions
+    /// run one at a time, so the largest of them is what it may take).
     pub fn held_quota(&self) -> Option<u64> {
-        self.holds_quota().then_some(self.limits.memory_bytes)
+        let stopping = self.replaced_while_stopping.iter().map(|r| r.memory_bytes).max();
+        self.holds_quota()
+            .then_some(self.limits.memory_bytes.max(stopping.unwrap_or(0)))
+    }
+
+    /// The memory of this service's killed versions that would still be stopping once another
+    /// version is deployed: those it replaced already, and the current one if it is stopping.
+    pub fn memory_stopping_past_a_deploy(&self) -> u64 {
+        let current = (self.status == Status::Stopping).then_some(self.limits.memory_bytes);
+        let replaced = self.replaced_while_stopping.iter().map(|r| r.memory_bytes);
+        replaced.chain(current).max().unwrap_or(0)
+    }
+
+    /// Whether `version` is a killed version this service replaced that is still owed its stop.
+    pub fn stop_owed_to_replaced(&self, version: u64) -> bool {
+        self.replaced_while_stopping.iter().any(|r| r.version == version)
     }
 
     /// Whether the service may leave the registry: killed, and stopped.

@@ -437,8 +437,9 @@ fn services_being_killed_are_counted_until_they_stop_or_come_back() {
     assert_eq!(restored.stopping_services(), 1);
 }
 
-/// A killed version that a deploy replaces before it has stopped keeps its quota for the new
-/// version, and its stop is recorded, as history, once: the new version goes on.
+/// A killed version that a deploy replaces before it has stopped is still owed its stop, which
+/// is recorded, as history, once: the new version goes on. Until then the service reserves the
+/// larger of the two versions' memory (they run one at a time), and one service slot.
 #[test]
 fn the_stop_of_a_killed_version_replaced_while_stopping_is_history() {
     let mut state = State::new(Settings::default());
@@ -462,13 +463,14 @@ fn the_stop_of_a_killed_version_replaced_while_stopping_is_history() {
     state.apply(&at(kill("a"), 3, 3)).unwrap();
     // Never stopped: its stop is owed to no one.
     assert!(state.check(&at(stopped(0), 4, 4)).is_err());
-    state.apply(&at(deployed("a", 2, 9, ""), 4, 4)).unwrap();
-    assert_eq!(state.service("acme", "a").unwrap().replaced_while_stopping, [1]);
+    // A smaller version replaces it: the killed one's memory stays reserved until it stops.
+    state.apply(&at(deployed("a", 2, 3, ""), 4, 4)).unwrap();
+    let replaced = &state.service("acme", "a").unwrap().replaced_while_stopping;
     assert_eq!(
-        quota(&state),
-        (1, 9),
-        "one instance at a time: the new version's reservation"
+        replaced.iter().map(|r| (r.version, r.memory_bytes)).collect::<Vec<_>>(),
+        [(1, 7)]
     );
+    assert_eq!(quota(&state), (1, 7));
     let mut bytes = Vec::new();
     state.encode_snapshot(&mut bytes);
     assert_eq!(State::decode_snapshot(&bytes, Settings::default()).unwrap(), state);
@@ -477,7 +479,7 @@ fn the_stop_of_a_killed_version_replaced_while_stopping_is_history() {
     let a = state.service("acme", "a").unwrap();
     assert_eq!((a.version, a.status, a.last_seq), (2, Status::Starting, 5));
     assert!(a.replaced_while_stopping.is_empty());
-    assert_eq!(quota(&state), (1, 9));
+    assert_eq!(quota(&state), (1, 3));
     // Once recorded, a second stop of it is stale.
     assert!(matches!(
         state.check(&at(stopped(1), 6, 6)),
@@ -497,8 +499,11 @@ fn the_stop_of_a_killed_version_replaced_while_stopping_is_history() {
     }
     let a = state.service("acme", "a").unwrap();
     assert_eq!(a.replaced_while_stopping.len(), MAX_REPLACED_WHILE_STOPPING);
-    assert_eq!(a.replaced_while_stopping.first(), Some(&3));
+    assert_eq!(a.replaced_while_stopping.first().map(|r| r.version), Some(3));
     assert_eq!(quota(&state), (1, 9));
+    let mut bytes = Vec::new();
+    state.encode_snapshot(&mut bytes);
+    assert_eq!(State::decode_snapshot(&bytes, Settings::default()).unwrap(), state);
 }
 
 #[test]
