@@ -631,6 +631,13 @@ async fn post_services_refuses_bad_deploys_with_reasons() {
             "{message}"
         );
     }
+    // Without a body there is nothing to decode.
+    let reply = send(
+        node.request(Method::GET, "/services", "a")
+            .header("content-encoding", "gzip"),
+    )
+    .await;
+    assert_eq!(reply.ok(200)["total"], 0);
     let reply = node
         .post_json("/services?colour=blue", "a", &json!({ "service_id": "x", "wat": echo }))
         .await;

@@ -292,11 +292,12 @@ enum SlotCommand {
 }
 
 /// The start of a service that the node brings back: counted in [`Runtime::recovering`] from
-/// when it is queued until it ends, however it ends (answered, or dropped with its slot's
-/// queue), so the count and the log's statuses agree as soon as the start is on record.
+/// when it is queued until its instance is up or its start has ended, however it ends
+/// (answered, or dropped with its slot's queue), so that no service counts as both running
+/// and recovering while its `service_started` waits for its commit.
 struct RecoveryStart {
     done: Option<oneshot::Sender<bool>>,
-    recovering: Arc<AtomicUsize>,
+    recovering: Option<Arc<AtomicUsize>>,
 }
 
 impl RecoveryStart {
@@ -305,16 +306,22 @@ impl RecoveryStart {
         let (done, answer) = oneshot::channel();
         let start = RecoveryStart {
             done: Some(done),
-            recovering: Arc::clone(recovering),
+            recovering: Some(Arc::clone(recovering)),
         };
         (start, answer)
     }
 
+    /// Leaves the count (once).
+    fn leave_count(&mut self) {
+        if let Some(recovering) = self.recovering.take() {
+            recovering.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Leaves the count, then answers whether the service is up with its start on record.
     fn finish(mut self, up: bool) {
-        let done = self.done.take();
-        drop(self);
-        if let Some(done) = done {
+        self.leave_count();
+        if let Some(done) = self.done.take() {
             let _ = done.send(up);
         }
     }
@@ -322,7 +329,7 @@ impl RecoveryStart {
 
 impl Drop for RecoveryStart {
     fn drop(&mut self) {
-        self.recovering.fetch_sub(1, Ordering::Relaxed);
+        self.leave_count();
     }
 }
 
@@ -951,7 +958,7 @@ async fn run_slot(
                 limits,
                 recovered,
                 restarts,
-                done,
+                mut done,
             } => {
                 let started = start(
                     &inner,
@@ -962,6 +969,7 @@ async fn run_slot(
                     limits,
                     recovered,
                     restarts,
+                    done.as_mut(),
                 )
                 .await;
                 if let Some(done) = done {
@@ -1005,6 +1013,7 @@ async fn start(
     limits: Limits,
     recovered: bool,
     restarts: PastRestarts,
+    recovery: Option<&mut RecoveryStart>,
 ) -> bool {
     let crashed = |reason: CrashReason, message: String| Observation::Crashed {
         tenant: slot.tenant.clone(),
@@ -1082,6 +1091,10 @@ async fn start(
         Spawned::Up(actor) => {
             // The swap: new calls go to the new instance from here on. The old actor keeps its
             // queue, serves it, and stops once the last sender is gone.
+            // Out of the recovering count before it counts as running, never in both.
+            if let Some(recovery) = recovery {
+                recovery.leave_count();
+            }
             slot.ready.send_replace(Route::Up(actor.handle.clone()));
             slot.start_ended();
             drop(current.replace(actor));

@@ -167,7 +167,8 @@ async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next
             Ok(_) => StatusCode::PAYLOAD_TOO_LARGE.into_response(),
         };
     }
-    if let Some(coding) = content_coding(&parts.headers) {
+    // Only a body is decoded: a GET or probe that sends the header with none is served.
+    if let Some(coding) = content_coding(&parts.headers).filter(|_| !axum::body::HttpBody::is_end_stream(&body)) {
         return match caller {
             Err(e) => e.into_response(),
             Ok(_) => Error::new(
