@@ -2096,6 +2096,20 @@ fn kill_wait_waits_for_a_service_that_is_still_stopping() {
         (Some(true), Some("stopped"), Some(true)),
         "{again}"
     );
+
+    // Killed, then replaced while it stops, then the new version killed with --wait: the old
+    // version's stop, recorded after this kill, does not end the wait; the new one's does.
+    node.run("acme", &["deploy", "slow", module, "--cpu-ms", "10000", "--wait"])
+        .ok();
+    node.run("acme", &["kill", "slow", "--grace-ms", "20000"]).ok();
+    node.deploy("acme", "slow", "echo", &[]);
+    let killed = node.run("acme", &["kill", "slow", "--wait", "--json"]).ok().json();
+    assert_eq!(killed["status"], "stopped", "{killed}");
+    let status = node.run("acme", &["status", "slow", "--json"]).ok().json();
+    assert_eq!(
+        (status["version"].as_u64(), status["status"].as_str()),
+        (Some(3), Some("stopped"))
+    );
 }
 
 /// Waits for `child` to exit by itself, for at most `within`.

@@ -630,6 +630,7 @@ async fn post_services_refuses_bad_deploys_with_reasons() {
             message.contains("Content-Encoding") && message.contains(coding),
             "{message}"
         );
+        assert_eq!(reply.header("accept-encoding"), Some("identity"));
     }
     // Without a body there is nothing to decode.
     let reply = send(

@@ -405,6 +405,15 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
         out.line(&format!("{line}{}", replayed_note(replayed)))?;
     }
     if args.wait.wait && !down {
+        // The version on its way down: a killed version that an earlier deploy replaced may
+        // record its stop after this kill, and is not the one waited for. (One found running
+        // again was redeployed since: the version this kill stopped is older, and any stop
+        // settles the wait.)
+        let stopping = match service_status(&mut client, conn, id).await {
+            Ok(status) => (status.status == "stopping").then_some(status.version),
+            Err(e) if e.exit == Exit::NotFound => None,
+            Err(e) => return Err(e),
+        };
         // From the kill's seq (or the service's last event), inclusive: a stop recorded since
         // is seen too.
         wait_for(
@@ -415,7 +424,8 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
             killed.seq,
             "stop",
             |event| match &event.kind {
-                Some(Kind::ServiceStopped(_) | Kind::ServiceRemoved(_)) => Some(Ok(())),
+                Some(Kind::ServiceStopped(e)) if stopping.is_none_or(|v| e.version >= v) => Some(Ok(())),
+                Some(Kind::ServiceRemoved(_)) => Some(Ok(())),
                 _ => None,
             },
         )

@@ -180,11 +180,28 @@ impl<R: Record> Log<R> {
     /// the first record), in order, each once. When caught up it waits for the head to move. A
     /// slow consumer only falls behind and then reads from disk; it never blocks the appender.
     /// The stream ends when the log is closed.
+    ///
+    /// Reads from disk take turns with every other such tail's (`tail_disk_readers`).
     pub fn tail(&self, from_seq: u64) -> impl futures_util::Stream<Item = Result<Arc<R>>> + Send + 'static + use<R> {
         tail::tail(
             Arc::downgrade(&self.inner),
             self.inner.head.subscribe(),
             from_seq.max(1),
+            Some(Arc::clone(&self.inner.disk_reads)),
+        )
+    }
+
+    /// A [`Log::tail`] for the node's own follower of the log (the runtime's reconciler), whose
+    /// reads from disk never wait behind clients' replays: calls and deploys wait on it.
+    pub fn tail_without_turns(
+        &self,
+        from_seq: u64,
+    ) -> impl futures_util::Stream<Item = Result<Arc<R>>> + Send + 'static + use<R> {
+        tail::tail(
+            Arc::downgrade(&self.inner),
+            self.inner.head.subscribe(),
+            from_seq.max(1),
+            None,
         )
     }
 }

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, RwLock, Weak};
 
 use futures_util::Stream;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use super::{Error, Inner, Record, Result};
 
@@ -58,10 +58,12 @@ impl<R: Record> Window<R> {
     }
 }
 
+/// `turns`: the turns at reading from disk this tail takes, if any.
 pub(super) fn tail<R: Record>(
     log: Weak<Inner<R>>,
     mut head: watch::Receiver<u64>,
     from_seq: u64,
+    turns: Option<Arc<Semaphore>>,
 ) -> impl Stream<Item = Result<Arc<R>>> + Send + 'static {
     async_stream::try_stream! {
         let mut next = from_seq;
@@ -83,14 +85,14 @@ pub(super) fn tail<R: Record>(
                 Ok(batch) => batch,
                 Err(chunk) => {
                     let end = committed.min(next.saturating_add(chunk as u64 - 1));
-                    match read_from_disk(&log, next, end).await {
+                    match read_from_disk(&log, next, end, turns.as_ref()).await {
                         Ok(batch) => batch,
                         Err(Error::Closed) => return,
                         Err(damage) => {
                             // The records before the damage are whole: they go out first, so a
                             // reader learns exactly where the log stops being readable.
                             if let Some(bad) = damage.damaged_seq().filter(|&bad| bad > next) {
-                                match read_from_disk(&log, next, bad - 1).await {
+                                match read_from_disk(&log, next, bad - 1, turns.as_ref()).await {
                                     Ok(whole) => {
                                         for record in whole {
                                             next = record.seq() + 1;
@@ -114,15 +116,19 @@ pub(super) fn tail<R: Record>(
     }
 }
 
-async fn read_from_disk<R: Record>(log: &Weak<Inner<R>>, from: u64, to: u64) -> Result<Vec<Arc<R>>> {
+async fn read_from_disk<R: Record>(
+    log: &Weak<Inner<R>>,
+    from: u64,
+    to: u64,
+    turns: Option<&Arc<Semaphore>>,
+) -> Result<Vec<Arc<R>>> {
     let log = log.clone();
-    let turns = match log.upgrade() {
-        Some(inner) => Arc::clone(&inner.disk_reads),
-        None => return Err(Error::Closed),
-    };
     // Held by the read alone, not while the chunk is delivered: a reader that stalls holds
     // no one up.
-    let turn = turns.acquire_owned().await.map_err(|_| Error::Closed)?;
+    let turn = match turns {
+        Some(turns) => Some(Arc::clone(turns).acquire_owned().await.map_err(|_| Error::Closed)?),
+        None => None,
+    };
     let batch = tokio::task::spawn_blocking(move || {
         let _turn = turn;
         match log.upgrade() {

@@ -484,7 +484,9 @@ impl Runtime {
     /// node can serve while they run: the returned future waits for them (modules may take
     /// long to compile) and records `node_started`, naming the services whose start is on
     /// record. A node shut down meanwhile gives up the starts under way and records no
-    /// `node_started`: it never finished starting. Call it before [`Runtime::start_reconciler`],
+    /// `node_started`: it never finished starting. Killed versions that a deploy replaced while
+    /// they stopped, whose instances went down with the node, have their stops recorded first.
+    /// Call it before [`Runtime::start_reconciler`],
     /// so that every service has its slot before the log asks anything of it.
     pub fn recover(
         &self,
@@ -566,7 +568,7 @@ impl Runtime {
     /// Follows the log from `from_seq` and carries out deploys and kills.
     pub fn start_reconciler(&self, from_seq: u64) {
         let weak = Arc::downgrade(&self.inner);
-        let mut events = Box::pin(self.inner.log.tail(from_seq));
+        let mut events = Box::pin(self.inner.log.tail_without_turns(from_seq));
         self.inner.reconciled.advance(from_seq.saturating_sub(1));
         let task = tokio::spawn(async move {
             let _closing = CloseOnExit(weak.clone());

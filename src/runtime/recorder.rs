@@ -10,8 +10,9 @@
 //!
 //! A service with an observation in the backlog has its later ones queued behind it, so its
 //! events keep their order. The backlog is bounded: past `max_backlog` the oldest observation
-//! is dropped, as the newest say most about where each service stands. A retried observation that no longer fits the state (a later
-//! deploy replaced that version) is dropped, as any stale observation is. The backlog ends
+//! is dropped, as the newest say most about where each service stands. A retried observation
+//! that no longer fits the state (a later deploy replaced that version, unless it is the stop
+//! of a killed version the state still owes one) is dropped, as any stale observation is. The backlog ends
 //! with the control layer: once its writer has closed, nothing can be recorded any more.
 
 use std::collections::{HashMap, VecDeque};

@@ -320,9 +320,7 @@ impl State {
         if service.status == Status::Stopping {
             // Its instance stops before the new version starts, and the stop is recorded.
             let replaced = &mut service.replaced_while_stopping;
-            if replaced.len() == MAX_REPLACED_WHILE_STOPPING {
-                replaced.remove(0);
-            }
+            replaced.drain(..(replaced.len() + 1).saturating_sub(MAX_REPLACED_WHILE_STOPPING));
             replaced.push(proto::ReplacedVersion {
                 version: service.version,
                 memory_bytes: service.limits.memory_bytes,

@@ -56,6 +56,7 @@ impl State {
             idempotency,
             recent_deploys,
             last_timestamp_ms: self.last_timestamp_ms,
+            format: SNAPSHOT_FORMAT,
         }
     }
 
@@ -93,6 +94,12 @@ impl State {
     }
 
     fn from_services(snapshot: ServicesPart, settings: Settings) -> Result<State, SnapshotError> {
+        if snapshot.format < SNAPSHOT_FORMAT {
+            // Its services lack what a replay of the same events gives them.
+            return Err(SnapshotError::Outdated(
+                "it keeps no killed versions replaced while stopping",
+            ));
+        }
         let mut state = State::new(settings);
         state.applied_seq = snapshot.seq;
         state.last_timestamp_ms = snapshot.last_timestamp_ms;
@@ -168,6 +175,8 @@ struct ServicesPart {
     recent_deploys: Vec<proto::TenantDeploys>,
     #[prost(uint64, tag = "5")]
     last_timestamp_ms: u64,
+    #[prost(uint32, tag = "6")]
+    format: u32,
 }
 
 /// The idempotency keys of a [`StateSnapshot`].
@@ -243,6 +252,9 @@ fn service_record(s: &Service) -> proto::ServiceRecord {
     }
 }
 
+/// The snapshot format this build writes ([`StateSnapshot::format`]).
+const SNAPSHOT_FORMAT: u32 = 1;
+
 fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError> {
     let bad = |what: &str| SnapshotError::Inconsistent(format!("service {}/{}: {what}", r.tenant, r.service_id));
     let desired = proto::DesiredState::try_from(r.desired)
@@ -260,6 +272,15 @@ fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError
         return Err(SnapshotError::Outdated("it keeps no restart times"));
     }
     let module_hash = super::parse_sha256(&r.module_sha256).ok_or_else(|| bad("module_sha256 is not 64 hex digits"))?;
+    let replaced = &r.replaced_while_stopping;
+    if replaced.len() > super::MAX_REPLACED_WHILE_STOPPING
+        || !replaced.windows(2).all(|pair| pair[0].version < pair[1].version)
+        || replaced.last().is_some_and(|newest| newest.version >= r.version)
+    {
+        return Err(bad(
+            "its killed versions replaced while stopping are out of order or too many",
+        ));
+    }
     Ok(Service {
         tenant: r.tenant,
         id: r.service_id,
@@ -335,6 +356,7 @@ mod tests {
                 interval_deploys: vec![2, 1],
             }],
             last_timestamp_ms: 99,
+            format: 1,
         };
         let bytes = snapshot.encode_to_vec();
         let services = ServicesPart::decode(bytes.as_slice()).unwrap();

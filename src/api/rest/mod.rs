@@ -171,11 +171,16 @@ async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next
     if let Some(coding) = content_coding(&parts.headers).filter(|_| !axum::body::HttpBody::is_end_stream(&body)) {
         return match caller {
             Err(e) => e.into_response(),
-            Ok(_) => Error::new(
-                ErrorKind::UnsupportedMediaType,
-                format!("the node reads bodies only as sent: Content-Encoding {coding} is not supported; send the body without it"),
-            )
-            .into_response(),
+            Ok(_) => {
+                let refusal = Error::new(
+                    ErrorKind::UnsupportedMediaType,
+                    format!(
+                        "the node reads bodies only as sent: Content-Encoding {coding} is not supported; send the body without it"
+                    ),
+                );
+                // As RFC 9110 asks of a 415 for a content coding: the codings it takes.
+                ([(header::ACCEPT_ENCODING, "identity")], refusal).into_response()
+            }
         };
     }
     let (metered, charge) = state.bodies.meter(Payer::of(&caller), body);
