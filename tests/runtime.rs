@@ -1024,14 +1024,18 @@ async fn a_service_killed_before_it_came_back_is_not_recorded_as_crashed() {
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// Runs a node of `config` until echo runs as acme/`id`, then stops it.
+async fn echo_deployed_and_node_stopped(config: &solo::config::Config, id: &str) {
+    let node = open_node(config).await;
+    deploy_running(&node.control, "acme", id, "echo").await;
+    node.stop(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_modules_cannot_be_read_refuses_to_start_and_records_nothing() {
     let dir = tempdir();
     let config = node_config(dir.path());
-    let node = open_node(&config).await;
-    deploy_running(&node.control, "acme", "echo", "echo").await;
-    node.stop(Duration::from_secs(5)).await;
-    drop(node);
+    echo_deployed_and_node_stopped(&config, "echo").await;
     let head = {
         let control = common::open(options(dir.path()));
         let head = control.head();
@@ -1447,10 +1451,7 @@ async fn a_killed_version_replaced_while_stopping_records_its_stop() {
 async fn a_killed_version_replaced_while_stopping_is_stopped_on_record_at_the_next_start() {
     let dir = tempdir();
     let config = node_config(dir.path());
-    let node = open_node(&config).await;
-    deploy_running(&node.control, "acme", "a", "echo").await;
-    node.stop(Duration::from_secs(5)).await;
-    drop(node);
+    echo_deployed_and_node_stopped(&config, "a").await;
     // The log alone: the kill is recorded, and the redeploy, but no instance stops on record.
     let (control, _) = solo::control::Control::open(config.control_options().unwrap()).unwrap();
     let killed = kill(&control, "acme", "a").await;
