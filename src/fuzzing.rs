@@ -7,7 +7,7 @@
 use prost::Message as _;
 
 use crate::log::{Record, frame};
-use crate::proto::{Event, Limits, ServiceDeployed, event::Kind};
+use crate::proto::{Event, Limits, ServiceDeployed, ServiceKillRequested, event::Kind};
 use crate::state::{Settings, State};
 
 /// `data` as a stored event record: a frame around a protobuf `solo.v1.Event`.
@@ -39,7 +39,7 @@ pub fn event(data: &[u8]) {
         "event round trip"
     );
     show(&event);
-    for state in [State::new(Settings::default()), with_service()] {
+    for state in [State::new(Settings::default()), with_service(), with_replaced_version()] {
         // As it is, and moved to the seq that follows the state, so that seq is no barrier.
         fold(state.clone(), &event);
         let next = Event {
@@ -115,5 +115,38 @@ fn with_service() -> State {
     };
     let mut state = State::new(Settings::default());
     state.apply(&deployed).expect("a first deploy applies");
+    state
+}
+
+/// [`with_service`] killed at seq 2 and redeployed at seq 3 as version 2, smaller, while
+/// version 1 still stops: a state that owes version 1 its stop.
+fn with_replaced_version() -> State {
+    let mut state = with_service();
+    let event = |seq: u64, kind: Kind| Event {
+        seq,
+        timestamp_ms: 1_700_000_000_000 + seq,
+        tenant: "acme".into(),
+        service_id: "echo".into(),
+        actor: "tenant:acme".into(),
+        kind: Some(kind),
+    };
+    let kill = event(2, Kind::ServiceKillRequested(ServiceKillRequested::default()));
+    state.apply(&kill).expect("a kill of a running service applies");
+    let redeploy = event(
+        3,
+        Kind::ServiceDeployed(ServiceDeployed {
+            module_sha256: "11".repeat(32),
+            version: 2,
+            limits: Some(Limits {
+                memory_bytes: 1 << 20,
+                ..Limits::default()
+            }),
+            module_size: 8,
+            ..ServiceDeployed::default()
+        }),
+    );
+    state
+        .apply(&redeploy)
+        .expect("a redeploy of a stopping service applies");
     state
 }

@@ -48,4 +48,12 @@ fn event_corpus() {
 #[test]
 fn snapshot_corpus() {
     run("snapshot", solo::fuzzing::snapshot);
+    // Guard against a corpus that has rotted into nothing but refused snapshots (written by
+    // builds whose formats are outdated).
+    let settings = solo::state::Settings::default();
+    let valid = seeds("snapshot")
+        .iter()
+        .filter(|(_, bytes)| solo::state::State::decode_snapshot(bytes, settings).is_ok())
+        .count();
+    assert!(valid >= 4, "only {valid} snapshot seeds decode");
 }
