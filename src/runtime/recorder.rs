@@ -12,8 +12,9 @@
 //! events keep their order. The backlog is bounded: past `max_backlog` the oldest observation
 //! is dropped, as the newest say most about where each service stands. A retried observation
 //! that no longer fits the state (a later deploy replaced that version, unless it is the stop
-//! of a killed version the state still owes one) is dropped, as any stale observation is. The backlog ends
-//! with the control layer: once its writer has closed, nothing can be recorded any more.
+//! of a killed version the state still owes one) is dropped, as any stale observation is. The
+//! backlog ends with the control layer: once its writer has closed, nothing can be recorded
+//! any more.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
