@@ -1333,18 +1333,20 @@ async fn max_services_holds_at_its_edge() {
     let missing = client.status(q.grpc(status_request("s3"))).await;
     assert_eq!(missing.unwrap_err().code(), Code::NotFound);
 
-    // An upgrade keeps its slot; another tenant has its own; a kill frees a slot.
+    // An upgrade keeps its slot; another tenant has its own; a kill frees a slot once the
+    // service has stopped.
     let upgraded = client.deploy(q.grpc(grpc_deploy("s1", "counter"))).await.unwrap();
     assert_eq!(upgraded.get_ref().version, 2);
     client
         .deploy(Auth::dev("r").grpc(grpc_deploy("s3", "echo")))
         .await
         .expect("another tenant's first service");
-    client.kill(q.grpc(kill_request("s2"))).await.unwrap();
+    let killed = client.kill(q.grpc(kill_request("s2"))).await.unwrap().into_inner();
+    wait_for_each(&mut client, &q, killed.seq, "service_stopped", &[("q", "s2")]).await;
     client
         .deploy(q.grpc(grpc_deploy("s3", "echo")))
         .await
-        .expect("a killed service frees its slot");
+        .expect("a stopped service frees its slot");
     assert_grpc_quota(
         client.deploy(q.grpc(grpc_deploy("s4", "echo"))).await,
         "max_services",
@@ -1486,11 +1488,13 @@ async fn max_tenant_memory_mb_holds_at_its_edge() {
         .deploy(Auth::dev("r").grpc(deploy_with_memory("m1", "echo", 64 * MIB)))
         .await
         .expect("another tenant has its own memory");
-    client.kill(q.grpc(kill_request("m1"))).await.unwrap();
+    let killed = client.kill(q.grpc(kill_request("m1"))).await.unwrap().into_inner();
+    // Its instance holds the memory until it has stopped.
+    wait_for_each(&mut client, &q, killed.seq, "service_stopped", &[("q", "m1")]).await;
     client
         .deploy(q.grpc(deploy_with_memory("m3", "echo", 64 * MIB)))
         .await
-        .expect("a killed service's memory is free again");
+        .expect("a stopped service's memory is free again");
     stop(server).await;
 }
 
