@@ -242,6 +242,19 @@ async fn service_status(client: &mut Client, conn: &Connector, id: &str) -> Resu
     Ok(client.status(request).await.map_err(|s| conn.error(&s))?.into_inner())
 }
 
+/// The service's status, or `None` once it has been removed.
+async fn status_unless_removed(
+    client: &mut Client,
+    conn: &Connector,
+    id: &str,
+) -> Result<Option<proto::ServiceStatus>, CliError> {
+    match service_status(client, conn, id).await {
+        Ok(status) => Ok(Some(status)),
+        Err(e) if e.exit == Exit::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 pub async fn status(conn: &Connector, out: Output, args: StatusArgs) -> Result<(), CliError> {
     let mut client = conn.connect().await?;
     let s = service_status(&mut client, conn, &args.service_id).await?;
@@ -378,16 +391,17 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
     // `already_stopped`: a kill was recorded before this one. The service may still be on its
     // way down (a graceful stop waiting on its calls), which a wait must wait out. A replayed
     // answer is of a kill recorded before too, whose service may have stopped since.
-    let mut status = if killed.already_stopped || replayed {
-        match service_status(&mut client, conn, id).await {
-            Ok(status) => status.status,
-            // Removed since: gone for good.
-            Err(e) if e.exit == Exit::NotFound => "stopped".to_string(),
-            Err(e) => return Err(e),
-        }
+    let looked_up = if killed.already_stopped || replayed {
+        Some(status_unless_removed(&mut client, conn, id).await?)
     } else {
+        None
+    };
+    let mut status = match &looked_up {
+        Some(Some(found)) => found.status.clone(),
+        // Removed since: gone for good.
+        Some(None) => "stopped".to_string(),
         // What the kill just recorded makes of it.
-        "stopping".to_string()
+        None => "stopping".to_string(),
     };
     let mut down = matches!(status.as_str(), "stopped" | "crashed" | "failed");
     if !out.json {
@@ -409,11 +423,11 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
         // record its stop after this kill, and is not the one waited for. (One found running
         // again was redeployed since: the version this kill stopped is older, and any stop
         // settles the wait.)
-        let stopping = match service_status(&mut client, conn, id).await {
-            Ok(status) => (status.status == "stopping").then_some(status.version),
-            Err(e) if e.exit == Exit::NotFound => None,
-            Err(e) => return Err(e),
+        let current = match looked_up {
+            Some(found) => found,
+            None => status_unless_removed(&mut client, conn, id).await?,
         };
+        let stopping = current.filter(|s| s.status == "stopping").map(|s| s.version);
         // From the kill's seq (or the service's last event), inclusive: a stop recorded since
         // is seen too.
         wait_for(

@@ -221,17 +221,28 @@ impl Service {
     /// version's, or more while a killed version it replaced still stops (a service's versions
     /// run one at a time, so the largest of them is what it may take).
     pub fn held_quota(&self) -> Option<u64> {
-        let stopping = self.replaced_while_stopping.iter().map(|r| r.memory_bytes).max();
         self.holds_quota()
-            .then_some(self.limits.memory_bytes.max(stopping.unwrap_or(0)))
+            .then_some(self.limits.memory_bytes.max(self.replaced_memory()))
     }
 
     /// The memory of this service's killed versions that would still be stopping once another
     /// version is deployed: those it replaced already, and the current one if it is stopping.
     pub fn memory_stopping_past_a_deploy(&self) -> u64 {
-        let current = (self.status == Status::Stopping).then_some(self.limits.memory_bytes);
-        let replaced = self.replaced_while_stopping.iter().map(|r| r.memory_bytes);
-        replaced.chain(current).max().unwrap_or(0)
+        let current = if self.status == Status::Stopping {
+            self.limits.memory_bytes
+        } else {
+            0
+        };
+        current.max(self.replaced_memory())
+    }
+
+    /// The most memory any killed version it replaced, still stopping, reserves.
+    fn replaced_memory(&self) -> u64 {
+        self.replaced_while_stopping
+            .iter()
+            .map(|r| r.memory_bytes)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Whether `version` is a killed version this service replaced that is still owed its stop.
