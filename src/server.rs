@@ -21,7 +21,8 @@ use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
 use crate::connections::{
-    Accepted, Activity, AdmittedStream, ConnectionLimits, Deadlines, HTTP2_OPENING, TrackRequests, TrackRequestsLayer,
+    Accepted, Activity, AdmittedStream, Closer, ConnectionLimits, Deadlines, HTTP2_OPENING, STREAMS_END_WITHIN,
+    TrackRequests, TrackRequestsLayer,
 };
 use crate::control::Control;
 use crate::metrics::Metrics;
@@ -321,7 +322,7 @@ async fn serve(
     let header_timeout = Duration::from_millis(config.solo.http_header_timeout_ms.into());
     let write_stall = Duration::from_millis(config.solo.write_stall_timeout_ms.into());
     // Each listener has connection limits of its own.
-    let connection_limits = |opening_bytes, close_idle_after| {
+    let connection_limits = |opening_bytes, closer| {
         ConnectionLimits::new(
             config.solo.max_connections as usize,
             config.solo.max_connections_per_client as usize,
@@ -331,7 +332,7 @@ async fn serve(
                 drained: drained.clone(),
                 closed: closed.clone(),
                 write_stall,
-                close_idle_after,
+                closer,
             },
         )
     };
@@ -347,7 +348,7 @@ async fn serve(
         listeners.grpc,
         Arc::clone(&state),
         tls.clone(),
-        connection_limits(HTTP2_OPENING, grpc_idle),
+        connection_limits(HTTP2_OPENING, Closer::Stream { idle_after: grpc_idle }),
         keepalive,
         config.solo.max_streams_per_connection,
         drained.clone(),
@@ -357,7 +358,7 @@ async fn serve(
         Arc::clone(&state),
         tls,
         // The HTTP listener closes its idle connections itself, gracefully.
-        connection_limits(1, None),
+        connection_limits(1, Closer::Server),
         header_timeout,
         config.solo.max_streams_per_connection,
         drained.clone(),
@@ -489,7 +490,7 @@ async fn serve_grpc(
         None => builder,
     };
     // Every call, to any service, keeps its connection from closing idle while it is open.
-    let mut builder = builder.layer(TrackRequestsLayer::by_address(limits.activities()));
+    let mut builder = builder.layer(TrackRequestsLayer::by_address(limits.activities(), GRPC_STREAMS));
     let stopping = drained.clone();
     let shutdown = async move {
         stopping.cancelled().await;
@@ -512,6 +513,17 @@ async fn serve_grpc(
         .await
         .context("gRPC server")
 }
+
+/// The gRPC methods whose answers are streams (server-streaming or bidirectional): the node
+/// tells them to end as it stops, and their connections do not wait for their clients to read
+/// the end (see [`crate::connections::STREAMS_END_WITHIN`]).
+const GRPC_STREAMS: &[&str] = &[
+    "/solo.v1.SoloKernel/Logs",
+    "/solo.v1.SoloKernel/Watch",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
 
 /// Only gRPC is read as gRPC: a request of another content type (grpc-web, JSON, a form) is
 /// answered `415 Unsupported Media Type`, as the gRPC spec asks of servers, rather than have
@@ -790,7 +802,9 @@ impl HttpConnection<'_> {
     /// Serves the connection until it ends. Once the listener drains, or the connection has had
     /// no request open for `idle_after` (HTTP/2 has no bound of its own for that), it is shut
     /// down gracefully: an HTTP/2 client is sent a GOAWAY, an HTTP/1 one served no further
-    /// request. One still open [`GOAWAY_WAIT`] after that with no request open is dropped.
+    /// request. One still open [`GOAWAY_WAIT`] after that with no request open is dropped; after
+    /// the drain, one still open [`STREAMS_END_WITHIN`] after it with only streams open (their
+    /// clients did not read their end) is dropped too.
     async fn serve(
         self,
         stream: HttpStream,
@@ -800,15 +814,23 @@ impl HttpConnection<'_> {
             .builder
             .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
         let mut connection = std::pin::pin!(connection);
-        tokio::select! {
+        let drained = tokio::select! {
             result = connection.as_mut() => return result,
-            () = self.drained.cancelled() => {}
-            () = self.activity.idle(self.idle_after) => tracing::trace!("closing an idle HTTP connection"),
-        }
+            () = self.drained.cancelled() => true,
+            () = self.activity.idle(self.idle_after) => {
+                tracing::trace!("closing an idle HTTP connection");
+                false
+            }
+        };
         connection.as_mut().graceful_shutdown();
         let let_go = async {
-            tokio::time::sleep(GOAWAY_WAIT).await;
-            self.activity.idle(GOAWAY_WAIT).await;
+            if drained {
+                tokio::time::sleep(STREAMS_END_WITHIN).await;
+                self.activity.calls_done().await;
+            } else {
+                tokio::time::sleep(GOAWAY_WAIT).await;
+                self.activity.idle(GOAWAY_WAIT).await;
+            }
         };
         tokio::select! {
             result = connection => result,
@@ -817,5 +839,39 @@ impl HttpConnection<'_> {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    /// Every streaming method the gRPC listener serves, from the descriptors it serves by
+    /// reflection: those of [`super::GRPC_STREAMS`].
+    #[test]
+    fn the_grpc_streams_are_every_streaming_method_served() {
+        let sets = [
+            super::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
+        let mut streams = Vec::new();
+        for set in sets {
+            let set = prost_types::FileDescriptorSet::decode(set).expect("a descriptor set");
+            for file in set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        if method.server_streaming() {
+                            streams.push(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+                        }
+                    }
+                }
+            }
+        }
+        streams.sort();
+        let mut listed: Vec<String> = super::GRPC_STREAMS.iter().map(|s| s.to_string()).collect();
+        listed.sort();
+        assert_eq!(streams, listed);
     }
 }

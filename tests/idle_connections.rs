@@ -1,5 +1,6 @@
 //! Connections that ask nothing give their slot back; connections with a request open, however
-//! quiet, are never cut. A real node on port 0, raw sockets for the clients that say nothing,
+//! quiet, are never cut, until the node stops: then streams get a moment to end, and a client
+//! that reads nothing more cannot hold the node. A real node on port 0, raw sockets for the clients that say nothing,
 //! and real clients (tonic, reqwest over HTTP/2) for those that do.
 
 mod common;
@@ -282,4 +283,116 @@ async fn a_quiet_event_stream_over_http2_keeps_its_connection() {
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
     server.stop().await.unwrap();
+}
+
+/// How a client holds a stream open at shutdown without reading it.
+#[derive(Debug, Clone, Copy)]
+enum Unread {
+    /// A Watch replaying a history larger than its HTTP/2 windows.
+    Watch,
+    /// The standard health service's Watch, which never ends by itself.
+    HealthWatch,
+    /// `/events?from=1` over HTTP/2, its windows as small.
+    EventsOverHttp2,
+}
+
+/// A node with a history of some 1,500 events, whose shutdown grace is long: a node that waits
+/// for its unread streams would take all of it.
+async fn node_with_history(dir: &std::path::Path) -> solo::server::Server {
+    {
+        let control = open(options(dir));
+        for n in 0..500 {
+            let id = format!("svc{}", n % 5);
+            control
+                .deploy(deploy_request("acme", &id, &format!("{id}-{n}")))
+                .await
+                .unwrap();
+        }
+        assert!(control.head() >= 500, "{}", control.head());
+        control.close().await;
+    }
+    start_server(dir, |c| c.solo.shutdown_grace_ms = 20_000).await
+}
+
+/// Opens a stream of the kind `unread` says, reads its first message, and returns what keeps it
+/// open, unread.
+async fn open_unread(server: &solo::server::Server, unread: Unread) -> Box<dyn std::any::Any + Send> {
+    let small_windows = || {
+        tonic::transport::Endpoint::from_shared(server.grpc_url())
+            .unwrap()
+            .initial_stream_window_size(16 << 10)
+            .initial_connection_window_size(16 << 10)
+    };
+    match unread {
+        Unread::Watch => {
+            let channel = small_windows().connect().await.unwrap();
+            let mut client = proto::solo_kernel_client::SoloKernelClient::new(channel);
+            let replay = proto::WatchRequest {
+                from_seq: 1,
+                ..Default::default()
+            };
+            let mut stream = client.watch(replay).await.unwrap().into_inner();
+            stream.next().await.unwrap().unwrap();
+            Box::new((client, stream))
+        }
+        Unread::HealthWatch => {
+            let channel = small_windows().connect().await.unwrap();
+            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            let mut stream = client.watch(request).await.unwrap().into_inner();
+            stream.next().await.unwrap().unwrap();
+            Box::new((client, stream))
+        }
+        Unread::EventsOverHttp2 => {
+            let http2 = reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .http2_initial_stream_window_size(16 << 10)
+                .http2_initial_connection_window_size(16 << 10)
+                .build()
+                .unwrap();
+            let events = http2
+                .get(format!("{}/events?from=1", server.http_url()))
+                .send()
+                .await
+                .expect("the stream opens");
+            assert_eq!(events.status(), 200);
+            let mut body = events.bytes_stream();
+            body.next().await.unwrap().unwrap();
+            Box::new((http2, body))
+        }
+    }
+}
+
+/// A stream's client that stops reading cannot hold the node past its shutdown: HTTP/2 flow
+/// control keeps the stream's end from reaching it, so the node lets go of its connection a
+/// moment after the streams were told to end, not at the end of the grace.
+async fn an_unread_stream_holds_no_shutdown(unread: Unread) {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = node_with_history(dir.path()).await;
+    let held = open_unread(&server, unread).await;
+    let asked = Instant::now();
+    let mut admin = grpc_client(&server).await;
+    admin
+        .shutdown(proto::ShutdownRequest { grace_ms: 20_000 })
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, server.stopped()).await.unwrap().unwrap();
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(8), "{unread:?}: stopped after {took:?}");
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_watch_holds_no_shutdown() {
+    an_unread_stream_holds_no_shutdown(Unread::Watch).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_health_watch_holds_no_shutdown() {
+    an_unread_stream_holds_no_shutdown(Unread::HealthWatch).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_event_stream_holds_no_shutdown() {
+    an_unread_stream_holds_no_shutdown(Unread::EventsOverHttp2).await;
 }

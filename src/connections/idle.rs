@@ -3,6 +3,12 @@
 //! [`Activity`]). The HTTP listener waits on the activity and shuts an idle connection down
 //! itself; on the gRPC listener, which offers no handle on one connection, the connection's
 //! stream ends itself ([`IdleClose`]), found by its requests through [`Activities`].
+//!
+//! Answers that are streams (a Watch, an event stream) are counted apart: the node tells them
+//! to end as it stops, and once they have had [`STREAMS_END_WITHIN`](super::STREAMS_END_WITHIN)
+//! to do so, a connection with nothing else open is closed. A client that stops reading
+//! would otherwise hold the node for its whole grace: HTTP/2 flow control keeps its stream's
+//! end from reaching it, and a health Watch never ends at all.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +22,7 @@ use futures_util::future::BoxFuture;
 use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::TcpConnectInfo;
 
 /// How long a connection found idle on the gRPC listener settles before it closes. It is still
@@ -35,12 +42,14 @@ const IDLE_SETTLINGS: u8 = 3;
 pub struct Activity {
     /// Requests open: from their call until their answer's body has ended or is dropped.
     open: AtomicUsize,
+    /// Of those, the ones whose answers are streams.
+    streams: AtomicUsize,
     /// The base of `last_ended_us`: when the connection was admitted.
     opened: Instant,
     /// When the last request ended (or the connection was admitted), in µs since `opened`.
     last_ended_us: AtomicU64,
     /// The one task that waits for the connection to go idle (the connection's), woken when its
-    /// last open request ends.
+    /// last open request ends, or its last one that is not a stream.
     waiter: AtomicWaker,
 }
 
@@ -48,6 +57,7 @@ impl Activity {
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity {
             open: AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
             opened: Instant::now(),
             last_ended_us: AtomicU64::new(0),
             waiter: AtomicWaker::new(),
@@ -57,15 +67,45 @@ impl Activity {
     /// Counts a request as open until the guard is dropped.
     fn start(self: &Arc<Self>) -> OpenRequest {
         self.open.fetch_add(1, Ordering::SeqCst);
-        OpenRequest(Arc::clone(self))
+        OpenRequest {
+            activity: Arc::clone(self),
+            stream: false,
+        }
     }
 
-    fn end(&self) {
+    fn end(&self, stream: bool) {
         let now = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
         // Before the count drops: a waiter that sees none open sees when the last one ended.
         self.last_ended_us.fetch_max(now, Ordering::SeqCst);
-        if self.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // Streams first: meanwhile the request still counts, as a call, never as nothing.
+        if stream {
+            self.streams.fetch_sub(1, Ordering::SeqCst);
+        }
+        let open = self.open.fetch_sub(1, Ordering::SeqCst) - 1;
+        if open == 0 || open == self.streams.load(Ordering::SeqCst) {
             self.waiter.wake();
+        }
+    }
+
+    /// Requests open whose answers are not streams. Read in this order, a stream that ends
+    /// meanwhile counts as a call, never the other way round.
+    fn calls_open(&self) -> usize {
+        let open = self.open.load(Ordering::SeqCst);
+        open.saturating_sub(self.streams.load(Ordering::SeqCst))
+    }
+
+    /// Resolves once no request is open but streams: at shutdown, once the streams were told to
+    /// end, all the connection still owes. One task at a time may wait (the connection's own).
+    pub async fn calls_done(&self) {
+        std::future::poll_fn(|cx| self.poll_calls_done(cx)).await;
+    }
+
+    fn poll_calls_done(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waiter.register(cx.waker());
+        if self.calls_open() == 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 
@@ -100,22 +140,41 @@ impl Activity {
 
 /// A request open on its connection, until dropped.
 #[derive(Debug)]
-struct OpenRequest(Arc<Activity>);
+struct OpenRequest {
+    activity: Arc<Activity>,
+    stream: bool,
+}
 
-impl Drop for OpenRequest {
-    fn drop(&mut self) {
-        self.0.end();
+impl OpenRequest {
+    /// Counts the request's answer as a stream from now on.
+    fn answers_a_stream(&mut self) {
+        if !self.stream {
+            self.stream = true;
+            self.activity.streams.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
-/// Closes an admitted connection at its stream once it has had no request open for a while.
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.activity.end(self.stream);
+    }
+}
+
+/// Closes an admitted connection at its stream once it has had no request open for a while,
+/// and as the node stops, once its streams have had their time to end and nothing else is open.
 #[derive(Debug)]
 pub(super) struct IdleClose {
     activity: Arc<Activity>,
-    after: Duration,
-    /// Runs out when the connection has been idle for `after`.
+    /// `None`: never closed for being idle.
+    after: Option<Duration>,
+    /// Runs out when the connection has been idle for `after` (unused without it).
     timer: Pin<Box<Sleep>>,
     closing: Closing,
+    /// Resolves as the listener drains: the node is stopping, and has told streams to end.
+    drained: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Running from the drain: until it runs out, streams may deliver their end.
+    streams_end: Option<Pin<Box<Sleep>>>,
     /// Keeps the connection's activity findable by its requests while it is open.
     _registered: Option<Registered>,
 }
@@ -136,16 +195,38 @@ enum Closing {
 
 impl IdleClose {
     /// Tracks the connection whose tonic connect info is `connect_info`, found by its requests
-    /// through `activities`, to close it once it has been idle for `after`.
-    pub(super) fn new(activities: &Activities, connect_info: &TcpConnectInfo, after: Duration) -> IdleClose {
+    /// through `activities`, to close it once it has been idle for `after`, or once `drained`
+    /// is cancelled and its streams have had their time.
+    pub(super) fn new(
+        activities: &Activities,
+        connect_info: &TcpConnectInfo,
+        after: Option<Duration>,
+        drained: &CancellationToken,
+    ) -> IdleClose {
         let activity = Activity::new();
         IdleClose {
             _registered: activities.register(connect_info, &activity),
             activity,
             after,
-            timer: Box::pin(tokio::time::sleep(after)),
+            timer: Box::pin(tokio::time::sleep(after.unwrap_or_default())),
             closing: Closing::No,
+            drained: Box::pin(drained.clone().cancelled_owned()),
+            streams_end: None,
         }
+    }
+
+    /// Whether the node is stopping and its streams have had their time to end; makes sure the
+    /// task is woken when that changes.
+    fn streams_had_their_time(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.streams_end.is_none() {
+            if self.drained.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            self.streams_end = Some(Box::pin(tokio::time::sleep(super::STREAMS_END_WITHIN)));
+        }
+        self.streams_end
+            .as_mut()
+            .is_some_and(|end| end.as_mut().poll(cx).is_ready())
     }
 
     pub(super) fn is_closed(&self) -> bool {
@@ -167,7 +248,15 @@ impl IdleClose {
             match &mut self.closing {
                 Closing::Closed => return true,
                 Closing::No => {
-                    if self.activity.poll_idle(self.after, &mut self.timer, cx).is_pending() {
+                    if self.streams_had_their_time(cx) && self.activity.poll_calls_done(cx).is_ready() {
+                        tracing::debug!("closing a gRPC connection with only streams open: the node is stopping");
+                        self.closing = Closing::Closed;
+                        continue;
+                    }
+                    let Some(after) = self.after else {
+                        return false;
+                    };
+                    if self.activity.poll_idle(after, &mut self.timer, cx).is_pending() {
                         return false;
                     }
                     self.closing = Closing::Settling {
@@ -183,7 +272,8 @@ impl IdleClose {
                     let still_idle = self
                         .activity
                         .idle_since()
-                        .is_some_and(|since| since.elapsed() >= self.after);
+                        .zip(self.after)
+                        .is_some_and(|(since, after)| since.elapsed() >= after);
                     self.closing = if !still_idle {
                         Closing::No
                     } else if *read && *round < IDLE_SETTLINGS {
@@ -194,7 +284,7 @@ impl IdleClose {
                         }
                     } else {
                         tracing::debug!(
-                            idle_ms = self.after.as_millis() as u64,
+                            idle_ms = self.after.unwrap_or_default().as_millis() as u64,
                             "closing an idle gRPC connection"
                         );
                         Closing::Closed
@@ -272,11 +362,18 @@ enum Find {
 /// A layer counting each request as open on its connection (see [`TrackRequests`]): tonic's
 /// server takes one layer for all its connections, which finds each request's by its addresses.
 #[derive(Debug, Clone)]
-pub struct TrackRequestsLayer(Activities);
+pub struct TrackRequestsLayer {
+    activities: Activities,
+    stream_paths: &'static [&'static str],
+}
 
 impl TrackRequestsLayer {
-    pub fn by_address(activities: Activities) -> TrackRequestsLayer {
-        TrackRequestsLayer(activities)
+    /// `stream_paths`: the paths of the methods whose answers are streams.
+    pub fn by_address(activities: Activities, stream_paths: &'static [&'static str]) -> TrackRequestsLayer {
+        TrackRequestsLayer {
+            activities,
+            stream_paths,
+        }
     }
 }
 
@@ -286,7 +383,8 @@ impl<S> tower::Layer<S> for TrackRequestsLayer {
     fn layer(&self, inner: S) -> TrackRequests<S> {
         TrackRequests {
             inner,
-            find: Find::ByAddress(self.0.clone()),
+            find: Find::ByAddress(self.activities.clone()),
+            stream_paths: self.stream_paths,
         }
     }
 }
@@ -294,20 +392,33 @@ impl<S> tower::Layer<S> for TrackRequestsLayer {
 /// Counts each request as open on its connection's [`Activity`] from its call until its
 /// answer's body has ended or is dropped (a client that cancels drops it): the node closes
 /// only connections with none open, so a Watch, a followed log or a slow call is never cut.
+/// An answer to a request for one of `stream_paths`, or of Server-Sent Events, counts as a
+/// stream.
 #[derive(Debug, Clone)]
 pub struct TrackRequests<S> {
     inner: S,
     find: Find,
+    stream_paths: &'static [&'static str],
 }
 
 impl<S> TrackRequests<S> {
-    /// For a service that serves the one connection `activity` is of.
+    /// For a service that serves the one connection `activity` is of; its streams are
+    /// Server-Sent Events.
     pub fn new(inner: S, activity: Arc<Activity>) -> TrackRequests<S> {
         TrackRequests {
             inner,
             find: Find::Connection(activity),
+            stream_paths: &[],
         }
     }
+}
+
+/// Whether an answer with these headers is a stream of Server-Sent Events.
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for TrackRequests<S>
@@ -331,10 +442,16 @@ where
                 .get::<TcpConnectInfo>()
                 .and_then(|info| activities.find(info)),
         };
-        let open = activity.map(|activity| activity.start());
+        let mut open = activity.map(|activity| activity.start());
+        let stream_path = self.stream_paths.contains(&request.uri().path());
         let answer = self.inner.call(request);
         Box::pin(async move {
             let answer = answer.await?;
+            if let Some(open) = open.as_mut()
+                && (stream_path || is_event_stream(answer.headers()))
+            {
+                open.answers_a_stream();
+            }
             Ok(answer.map(|body| OpenBody { body, open }))
         })
     }
@@ -391,5 +508,30 @@ mod tests {
         let ended = Instant::now();
         activity.idle(after).await;
         assert!(ended.elapsed() >= after, "idle after {:?}", ended.elapsed());
+    }
+
+    #[tokio::test]
+    async fn only_calls_hold_a_connection_whose_streams_were_told_to_end() {
+        let activity = Activity::new();
+        let mut stream = activity.start();
+        stream.answers_a_stream();
+        let call = activity.start();
+        let done = activity.calls_done();
+        tokio::pin!(done);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), done.as_mut())
+                .await
+                .is_err(),
+            "a call is open"
+        );
+        drop(call);
+        tokio::time::timeout(Duration::from_secs(5), done)
+            .await
+            .expect("only a stream is open");
+        // The stream still keeps the connection from going idle.
+        assert!(activity.idle_since().is_none());
+        drop(stream);
+        assert!(activity.idle_since().is_some());
+        assert_eq!(activity.calls_open(), 0);
     }
 }

@@ -21,8 +21,10 @@
 //!   answer's body ends or is dropped ([`TrackRequests`], on the connection's [`Activity`]), so a
 //!   quiet Watch or a slow call keeps its connection however long it is quiet. The HTTP listener
 //!   shuts such a connection down itself (a GOAWAY); tonic offers no handle on one connection,
-//!   so on the gRPC listener the stream closes it ([`Deadlines::close_idle_after`], [`idle`]);
+//!   so on the gRPC listener the stream closes it ([`Closer`], [`idle`]);
 //! - once the listener drains, one that has sent nothing is closed at once: it asked nothing;
+//!   and once its streams have had [`STREAMS_END_WITHIN`] to deliver their end, one with
+//!   nothing else open is closed: a stream's client that stops reading cannot hold the node;
 //! - once the shutdown's grace is over (and the answers of calls it cut off are out), every
 //!   connection is closed, so that a client that ignores the HTTP/2 GOAWAY (or never answers
 //!   its ping) cannot hold the node past it.
@@ -47,6 +49,12 @@ pub use idle::{Activities, Activity, TrackRequests, TrackRequestsLayer};
 
 /// The pause after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// How long streams (a Watch, an event stream) have, once their listener drains, to deliver
+/// the end the node gives them (a Watch within reach of the head is sent the rest for up to a
+/// second). A connection with nothing else open is then closed, whether its client took the
+/// end or not.
+pub const STREAMS_END_WITHIN: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
@@ -173,10 +181,20 @@ pub struct Deadlines {
     /// How long the client may take none of the bytes the node has for it: a connection whose
     /// writes make no progress for longer is closed, and lets go of the answers it held.
     pub write_stall: Duration,
-    /// How long a connection may have no request open before its stream closes it (`None`:
-    /// never; the HTTP listener closes its idle connections itself, with a GOAWAY). Its
-    /// requests must pass through [`TrackRequests`] over [`ConnectionLimits::activities`].
-    pub close_idle_after: Option<Duration>,
+    /// Who closes connections that are idle, or that hold only streams as the node stops.
+    pub closer: Closer,
+}
+
+/// Who closes a listener's connections that are idle, or that hold only streams once it drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closer {
+    /// The server, which has a handle on each connection (the HTTP listener: a GOAWAY).
+    Server,
+    /// The connection's stream, as tonic offers no handle on one connection: it ends once the
+    /// connection has had no request open for `idle_after` (`None`: never), and once the
+    /// listener drains and only streams are open after [`STREAMS_END_WITHIN`]. Its requests
+    /// must pass through [`TrackRequests`] over [`ConnectionLimits::activities`].
+    Stream { idle_after: Option<Duration> },
 }
 
 /// An admitted TCP connection that holds its [`Admission`] for as long as it is open, and is
@@ -211,9 +229,15 @@ struct Opening {
 impl AdmittedStream {
     fn new(stream: TcpStream, admission: Admission, deadlines: &Deadlines, activities: &Activities) -> AdmittedStream {
         let connect_info = stream.connect_info();
-        let idle = deadlines
-            .close_idle_after
-            .map(|after| Box::new(IdleClose::new(activities, &connect_info, after)));
+        let idle = match deadlines.closer {
+            Closer::Server => None,
+            Closer::Stream { idle_after } => Some(Box::new(IdleClose::new(
+                activities,
+                &connect_info,
+                idle_after,
+                &deadlines.drained,
+            ))),
+        };
         AdmittedStream {
             stream,
             _admission: admission,
