@@ -3046,6 +3046,35 @@ async fn a_large_body_with_failed_credentials_is_refused_before_it_is_read() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    // Nor does a stranger learn the node's message limit, or what its parser makes of bytes
+    // that are not protobuf: its credentials are checked first.
+    let mut over_the_limit = request.clone();
+    over_the_limit.module = Some(solo::proto::deploy_request::Module::Wat("x".repeat(30 << 20)));
+    for (what, deploy) in [
+        ("no credentials", tonic::Request::new(over_the_limit.clone())),
+        ("a wrong token", with_token("solo_not_a_token", over_the_limit)),
+    ] {
+        let status = grpc.deploy(deploy).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{what}: {status:?}");
+    }
+    let http2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let mut not_protobuf = vec![0u8];
+    not_protobuf.extend(4u32.to_be_bytes());
+    not_protobuf.extend([0xff; 4]);
+    let reply = http2
+        .post(format!("{}/solo.v1.SoloKernel/Status", node.server.grpc_url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(not_protobuf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.headers()["grpc-status"], "16", "{reply:?}");
+    let refused = node.metrics().await.value(
+        "solo_grpc_requests_total",
+        &[("method", "Deploy"), ("code", "UNAUTHENTICATED")],
+    );
+    assert!(refused >= 3.0, "{refused}");
     // The tenant's own token gets it deployed.
     let deployed = grpc.deploy(with_token(&acme, request)).await.unwrap().into_inner();
     assert!(deployed.created);

@@ -428,7 +428,10 @@ impl Drop for HeldBytes {
 
 /// Meters the request bodies of a gRPC service, and their answers: a request's charge lasts
 /// until its answer is ready (for a unary call: decoded, handled and encoded), the answer's
-/// until it is written out.
+/// until it is written out. A request whose credentials fail is answered with that at once,
+/// before any of its message is read: a stranger learns nothing of the node's limits or its
+/// parser (a message over the limit, or not protobuf, is refused as unauthenticated), as over
+/// REST.
 #[derive(Debug, Clone)]
 pub struct MeterBodies<S> {
     inner: S,
@@ -447,7 +450,7 @@ impl<S: NamedService> NamedService for MeterBodies<S> {
 
 impl<S, B> tower::Service<http::Request<B>> for MeterBodies<S>
 where
-    S: tower::Service<http::Request<Metered<B>>, Response = http::Response<tonic::body::Body>>,
+    S: tower::Service<http::Request<Metered<B>>, Response = http::Response<tonic::body::Body>> + NamedService,
     S::Future: Send + 'static,
     B: Body,
 {
@@ -470,6 +473,12 @@ where
             .state
             .auth
             .authenticate_headers(&parts.headers, certificate_tenant().as_deref());
+        if let Err(refusal) = &caller {
+            let status = refusal.to_status();
+            super::grpc::count_refused_unread(&self.state, S::NAME, parts.uri.path(), status.code());
+            let answer = status.into_http();
+            return Box::pin(async move { Ok(answer) });
+        }
         let (metered, charge) = self.state.bodies.meter(Payer::of(&caller), body);
         let mut parts = parts;
         parts.extensions.insert(Authenticated(caller));

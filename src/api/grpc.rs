@@ -356,6 +356,23 @@ fn decode_page_token(token: &str, listing: &str) -> Result<Option<(String, Strin
     Ok(Some((tenant.to_string(), id.to_string())))
 }
 
+/// Counts in `solo_grpc_requests_total` a request of `service` refused before its method read it
+/// (its credentials failed), if `path` names one of the methods: the label set stays fixed.
+pub(super) fn count_refused_unread(state: &ApiState, service: &str, path: &str, code: tonic::Code) {
+    let method = path
+        .strip_prefix('/')
+        .and_then(|path| path.strip_prefix(service))
+        .and_then(|path| path.strip_prefix('/'))
+        .and_then(|name| METHODS.iter().find(|method| **method == name));
+    if let Some(method) = method {
+        state
+            .metrics
+            .grpc_requests
+            .with_label_values(&[method, code_name(code)])
+            .inc();
+    }
+}
+
 /// The canonical upper-case name of a gRPC code, as metrics label it.
 fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code as C;
