@@ -192,18 +192,38 @@ pub fn in_mib(bytes: u64) -> String {
 /// and errors carry it: a trap names the guest function, whose name the module alone bounds.
 pub const MAX_FAILURE_MESSAGE_BYTES: usize = 1024;
 
+/// How a cut message ends: these two around its length before the cut.
+const CUT_NOTE: (&str, &str) = ("… (message cut; it was ", " bytes)");
+
 /// `message`, or its head cut at a char boundary and marked as cut, within `max_bytes` (at
-/// least 64, room for the mark).
+/// least 64, room for the mark). A message that quotes one cut before (a guest's trap, quoted
+/// in an API error) is cut before the earlier mark, and keeps its length if that was longer:
+/// the quoted message's length is the one worth telling.
 pub fn cut_to(message: String, max_bytes: usize) -> String {
     if message.len() <= max_bytes {
         return message;
     }
-    let note = format!("… (message cut; it was {} bytes)", message.len());
-    let mut end = max_bytes.saturating_sub(note.len());
-    while !message.is_char_boundary(end) {
+    let (text, was) = match earlier_cut(&message) {
+        Some((at, was)) => (&message[..at], was.max(message.len())),
+        None => (message.as_str(), message.len()),
+    };
+    let note = format!("{}{was}{}", CUT_NOTE.0, CUT_NOTE.1);
+    let mut end = max_bytes.saturating_sub(note.len()).min(text.len());
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}{note}", &message[..end])
+    format!("{}{note}", &text[..end])
+}
+
+/// Where the last mark of an earlier cut in `message` begins, and the length it gives.
+fn earlier_cut(message: &str) -> Option<(usize, usize)> {
+    let at = message.rfind(CUT_NOTE.0)?;
+    let rest = &message[at + CUT_NOTE.0.len()..];
+    let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+    if !rest[digits..].starts_with(CUT_NOTE.1) {
+        return None;
+    }
+    Some((at, rest[..digits].parse().ok()?))
 }
 
 #[cfg(test)]
@@ -220,6 +240,21 @@ mod tests {
             cut.starts_with("éé") && cut.ends_with("(message cut; it was 2000 bytes)"),
             "{cut}"
         );
+    }
+
+    #[test]
+    fn a_message_quoting_a_cut_one_says_how_long_the_quoted_one_was() {
+        let trap = cut_to("x".repeat(100_000), MAX_FAILURE_MESSAGE_BYTES);
+        let quoted = format!("service 'svc' trapped (unreachable): {trap}");
+        let cut = cut_to(quoted, MAX_FAILURE_MESSAGE_BYTES);
+        assert!(cut.len() <= MAX_FAILURE_MESSAGE_BYTES, "{} bytes", cut.len());
+        assert!(cut.starts_with("service 'svc' trapped (unreachable): xxx"), "{cut}");
+        assert!(cut.ends_with("xx… (message cut; it was 100000 bytes)"), "{cut}");
+        assert_eq!(cut.matches("message cut").count(), 1, "{cut}");
+        // A message that only looks like a cut one is cut as any other.
+        let odd = format!("{}… (message cut; it was many bytes)", "y".repeat(2000));
+        let was = format!("(message cut; it was {} bytes)", odd.len());
+        assert!(cut_to(odd, 100).ends_with(&was));
     }
 
     #[test]
