@@ -2410,3 +2410,26 @@ fn serve_refuses_a_bad_rust_log_and_an_empty_data_directory_name() {
     assert_eq!(ran.code, 2, "{}", ran.stderr);
     assert!(ran.stderr.contains("--data-dir"), "{}", ran.stderr);
 }
+
+#[test]
+fn a_followed_log_ends_cleanly_once_its_service_is_removed() {
+    let node = Node::dev();
+    node.deploy("acme", "echo", "echo", &[]);
+    let mut follower = Watcher::spawn(&[
+        "--endpoint",
+        &node.url,
+        "--tenant",
+        "acme",
+        "logs",
+        "echo",
+        "--follow",
+        "--json",
+    ]);
+    follower.until("the start's line", |seen| !seen.is_empty());
+    node.run("acme", &["kill", "echo", "--wait"]).ok();
+    node.run("acme", &["remove", "echo"]).ok();
+    let status = exits_within(&mut follower.child, PATIENCE).expect("the follow ends");
+    let (_, stderr) = follower.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("service 'echo' was removed"), "{stderr}");
+}

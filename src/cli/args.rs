@@ -236,7 +236,8 @@ pub struct ConnectionArgs {
         global = true,
         env = "SOLO_CONNECT_TIMEOUT_MS",
         default_value_t = 5000,
-        value_name = "MS"
+        value_name = "MS",
+        value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub connect_timeout_ms: u64,
 }
@@ -312,7 +313,7 @@ before (or the answer is a replay), and `stopped` once --wait has seen it stop.
   solo logs echo --from 100 --json
 
 --follow survives a dropped connection or a node restart: it reconnects and carries on after the \
-last line it printed. It ends on Ctrl-C.
+last line it printed. It ends on Ctrl-C, or (exit 0) once the service is removed.
 
 ", exit_codes!()))]
     Logs(LogsArgs),
@@ -485,10 +486,19 @@ pub struct DeployArgs {
     pub wait: WaitArgs,
 }
 
-impl DeployArgs {
-    pub fn label_map(&self) -> BTreeMap<String, String> {
-        self.labels.iter().cloned().collect()
+/// Labels given as repeated `--label KEY=VALUE`, by key. A key given twice is a usage error
+/// rather than its last value silently kept: a service has one value a key (the node refuses
+/// the same over REST), and a listing that must match both values matches nothing.
+pub fn labels_by_key(labels: &[(String, String)]) -> Result<BTreeMap<String, String>, crate::cli::CliError> {
+    let mut by_key = BTreeMap::new();
+    for (key, value) in labels {
+        if by_key.insert(key.clone(), value.clone()).is_some() {
+            return Err(crate::cli::CliError::usage(format!(
+                "--label {key} is given more than once; a label has one value"
+            )));
+        }
     }
+    Ok(by_key)
 }
 
 /// Waiting for the outcome of a deploy or a kill.
@@ -644,6 +654,19 @@ mod tests {
         assert!(parse_endpoint("http://h:1").is_ok() && parse_endpoint("HTTPS://h:1").is_ok());
         assert!(parse_endpoint("h:1").is_ok(), "a bare host:port gets its scheme later");
         assert!(parse_endpoint("ftp://h").unwrap_err().contains("ftp://"));
+    }
+
+    #[test]
+    fn a_label_key_given_twice_is_a_usage_error() {
+        let labels = [("team".to_string(), "red".to_string()), ("tier".into(), "1".into())];
+        assert_eq!(labels_by_key(&labels).unwrap().len(), 2);
+        let twice = [("team".to_string(), "red".to_string()), ("team".into(), "blue".into())];
+        let error = labels_by_key(&twice).unwrap_err();
+        assert_eq!(error.exit, crate::cli::Exit::Usage);
+        assert!(
+            error.message.contains("--label team is given more than once"),
+            "{error}"
+        );
     }
 
     #[test]

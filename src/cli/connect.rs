@@ -106,7 +106,7 @@ impl Connector {
         let tls_wanted = args.ca_cert.is_some() || args.client_cert.is_some();
         let url = normalise_url(&args.endpoint, tls_wanted);
         check_scheme(&url)?;
-        let timeout = Duration::from_millis(args.connect_timeout_ms.max(1));
+        let timeout = Duration::from_millis(args.connect_timeout_ms);
         let not_a_url = |e: &dyn std::fmt::Display| {
             CliError::usage(format!(
                 "--endpoint (or SOLO_ENDPOINT) '{}' is not a URL: {e}",
@@ -119,6 +119,15 @@ impl Connector {
             return Err(not_a_url(
                 &"a gRPC endpoint is a scheme, a host and a port, with no path",
             ));
+        }
+        // `http::Uri` takes anything as a port, and a port it cannot read as one would be
+        // dropped for the scheme's default: another server reached.
+        if let Some(port) = uri.authority().and_then(|a| port_text(a.as_str()))
+            && !port.parse::<u16>().is_ok_and(|port| port > 0)
+        {
+            return Err(not_a_url(&format_args!(
+                "the port '{port}' is not a number from 1 to 65535"
+            )));
         }
         let https = uri.scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("https"));
         let tls = if https {
@@ -586,6 +595,15 @@ fn check_scheme(url: &str) -> Result<(), CliError> {
     }
 }
 
+/// The port of a URL's authority as written (`None` without one): what follows the last `:`
+/// after the host, an IPv6 host being in brackets.
+fn port_text(authority: &str) -> Option<&str> {
+    let host_and_port = authority.rsplit_once('@').map_or(authority, |(_, after)| after);
+    let after_host = host_and_port.rfind(']').map_or(0, |end| end + 1);
+    let port = host_and_port[after_host..].rfind(':')?;
+    Some(&host_and_port[after_host + port + 1..])
+}
+
 /// Adds a scheme to a bare `host:port`: https when TLS files are given.
 fn normalise_url(endpoint: &str, tls: bool) -> String {
     let endpoint = endpoint.trim();
@@ -679,6 +697,42 @@ fn credentials(args: &ConnectionArgs) -> Result<Credentials, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_are_read_as_written() {
+        assert_eq!(port_text("h:50051"), Some("50051"));
+        assert_eq!(port_text("[::1]:7"), Some("7"));
+        assert_eq!(port_text("[::1]"), None);
+        assert_eq!(port_text("user:pw@h:abc"), Some("abc"));
+        assert_eq!(port_text("h"), None);
+        assert_eq!(port_text("h:"), Some(""));
+    }
+
+    #[test]
+    fn an_endpoint_whose_port_is_not_a_port_is_refused() {
+        for endpoint in [
+            "http://127.0.0.1:abc",
+            "http://127.0.0.1:70000",
+            "127.0.0.1:0",
+            "http://h:",
+        ] {
+            let args = crate::cli::args::Cli::parse_from_args(["solo", "list", "--endpoint", endpoint])
+                .unwrap()
+                .connection;
+            let Err(error) = Connector::new(&args) else {
+                panic!("{endpoint} was taken");
+            };
+            assert_eq!(error.exit, crate::cli::Exit::Usage, "{endpoint}");
+            assert!(
+                error.message.contains("is not a number from 1 to 65535"),
+                "{endpoint}: {error}"
+            );
+        }
+        let args = crate::cli::args::Cli::parse_from_args(["solo", "list", "--endpoint", "http://h:1"])
+            .unwrap()
+            .connection;
+        assert!(Connector::new(&args).is_ok());
+    }
 
     #[test]
     fn bare_addresses_get_a_scheme() {

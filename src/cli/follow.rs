@@ -272,7 +272,12 @@ async fn follow_logs(conn: &Connector, out: Output, args: &LogsArgs) -> Result<(
     loop {
         let streamed = stream_logs(&mut client, conn, out, args, &mut last, &mut backoff, &mut session).await;
         let lost = match streamed {
-            Ok(()) => ended(conn),
+            // A followed log ends without an error once its service is removed (a node that
+            // stops ends it with UNAVAILABLE): there is nothing more to follow.
+            Ok(()) => {
+                note(&format!("service '{}' was removed; its log ends here", args.service_id));
+                return Ok(());
+            }
             Err(e) if session.retries(&e) => e,
             Err(e) => return Err(e),
         };

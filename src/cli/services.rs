@@ -8,7 +8,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use super::args::{CallArgs, DeployArgs, KillArgs, ListArgs, RemoveArgs, ShutdownArgs, StatusArgs, WaitArgs};
+use super::args::{
+    CallArgs, DeployArgs, KillArgs, ListArgs, RemoveArgs, ShutdownArgs, StatusArgs, WaitArgs, labels_by_key,
+};
 use super::connect::{Client, Connector};
 use super::error::{CliError, Exit};
 use super::output::{
@@ -34,7 +36,7 @@ pub async fn deploy(conn: &Connector, out: Output, args: DeployArgs) -> Result<(
             max_restarts: args.max_restarts.unwrap_or(0),
             restart_window_ms: args.restart_window_ms.unwrap_or(0),
         }),
-        labels: args.label_map(),
+        labels: labels_by_key(&args.labels)?.into_iter().collect(),
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
         expected_version: args.expected_version,
     };
@@ -187,7 +189,7 @@ pub async fn list(conn: &Connector, out: Output, args: ListArgs) -> Result<(), C
     loop {
         let request = proto::ListRequest {
             status: args.status.clone().unwrap_or_default(),
-            labels: args.labels.iter().cloned().collect(),
+            labels: labels_by_key(&args.labels)?.into_iter().collect(),
             page_size: args.page_size,
             page_token: page_token.clone(),
         };
