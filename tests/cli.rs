@@ -1164,6 +1164,8 @@ fn the_offline_tools_still_work() {
             "[runtime]\nmax_instances = 4000000\n[limits]\nmax_memory_mb = 1\ndefault_memory_mb = 1\n",
             "runtime.max_instances",
         ),
+        // Refused by `serve` as it starts: no tokens, and a listener off loopback.
+        ("[solo]\ngrpc_addr = \"0.0.0.0:50051\"\n", "no tokens are configured"),
     ] {
         std::fs::write(&bad, text).unwrap();
         let ran = run(solo().args(["config", "check", bad.to_str().unwrap()])).fails(1);

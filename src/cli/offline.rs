@@ -66,6 +66,9 @@ pub fn config_check(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     if let Some(files) = config.tls_files() {
         crate::tls::TlsSetup::load(&files).map_err(anyhow::Error::msg)?;
     }
+    // The tokens, and whether the listeners may leave loopback without any.
+    crate::api::Authenticator::new(config.tokens(), &[config.solo.grpc_addr, config.solo.http_addr])
+        .map_err(anyhow::Error::msg)?;
     let text = if json {
         serde_json::to_string_pretty(&config.redacted())? + "\n"
     } else {
