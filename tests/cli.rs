@@ -503,6 +503,11 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
         (failed["created"].as_bool(), failed["service"]["status"].as_str()),
         (Some(true), Some("failed"))
     );
+    // Its one document also says why the command failed.
+    assert!(
+        failed["error"]["message"].as_str().unwrap().contains("did not start"),
+        "{failed}"
+    );
 
     // Status: people and programs; the JSON is the REST API's, field for field.
     let status = node.run("acme", &["status", "counter"]).ok().text();
@@ -2434,4 +2439,40 @@ fn a_followed_log_ends_cleanly_once_its_service_is_removed() {
     let (_, stderr) = follower.stop();
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.contains("service 'echo' was removed"), "{stderr}");
+}
+
+#[test]
+fn with_json_a_failure_is_a_json_document_on_stdout_too() {
+    let node = Node::dev();
+    node.deploy("acme", "echo", "echo", &[]);
+    let cases: [(&[&str], i32, &str); 4] = [
+        (&["status", "nosuch", "--json"], 3, "not_found"),
+        (&["call", "nosuch", "--data", "x", "--json"], 3, "not_found"),
+        (&["deploy", "bad", "/nonexistent/module.wasm", "--json"], 1, "failed"),
+        (&["events", "--from", "100000", "--json"], 1, "invalid_argument"),
+    ];
+    for (args, exit, code) in cases {
+        let ran = node.run("acme", args).fails(exit);
+        let error = &ran.json()["error"];
+        assert_eq!(error["code"], code, "{args:?}: {error}");
+        assert_eq!(error["exit_code"], exit, "{args:?}: {error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            ran.stderr.contains(message),
+            "{args:?}: the same sentence on stderr: {}",
+            ran.stderr
+        );
+    }
+    // The node is not there: the CLI's own error, worth a retry.
+    let ran = run(solo().args([
+        "--endpoint",
+        &format!("http://127.0.0.1:{}", free_port()),
+        "list",
+        "--json",
+    ]))
+    .fails(5);
+    assert_eq!(ran.json()["error"]["code"], "unavailable");
+    assert_eq!(ran.json()["error"]["retryable"], true);
+    // Without --json, stdout stays empty.
+    assert!(node.run("acme", &["status", "nosuch"]).fails(3).stdout.is_empty());
 }

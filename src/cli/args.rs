@@ -57,7 +57,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "SOLO_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Print JSON for programs: one document per command, JSON lines for `events`, `logs` and
-    /// `log dump`.
+    /// `log dump`. A client command's failure is that document (or the last line):
+    /// `{"error": {"code", "message", "exit_code", "retryable"}}`, besides the sentence on stderr.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(flatten)]

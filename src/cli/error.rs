@@ -63,15 +63,40 @@ pub struct CliError {
     pub message: String,
     /// Whether a follower should reconnect and try again rather than give up.
     pub retry: bool,
+    /// What went wrong, for programs: the node's error code (its `solo-error`, REST's `code`),
+    /// or else the gRPC code's name, in snake case; for the CLI's own errors, its exit's.
+    pub code: String,
 }
 
 impl CliError {
     pub fn new(exit: Exit, message: impl Into<String>) -> CliError {
+        let code = match exit {
+            Exit::Success => "",
+            Exit::Failure => "failed",
+            Exit::Usage => "usage",
+            Exit::NotFound => "not_found",
+            Exit::Denied => "permission_denied",
+            Exit::Unavailable => "unavailable",
+        };
         CliError {
             exit,
             message: message.into(),
             retry: false,
+            code: code.to_string(),
         }
+    }
+
+    /// The error as `--json` prints it, on stdout: the command's one document (or, for a
+    /// command printing JSON lines, its last line).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "exit_code": self.exit.code(),
+                "retryable": self.retry,
+            }
+        })
     }
 
     /// The same error, marked as worth a retry.
@@ -131,11 +156,41 @@ impl CliError {
             }
             _ => {}
         }
+        let code = status
+            .metadata()
+            .get("solo-error")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .map_or_else(|| snake_case_name(status.code()).to_string(), str::to_string);
         CliError {
             exit,
             message,
             retry: worth_retrying(status.code()),
+            code,
         }
+    }
+}
+
+/// A gRPC code's name in snake case, as the node's own error codes are written.
+fn snake_case_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
     }
 }
 
@@ -207,5 +262,22 @@ mod tests {
         busy.metadata_mut().insert("retry-after-ms", "1000".parse().unwrap());
         let e = CliError::from_status(&busy, "http://n");
         assert_eq!(e.message, "too many requests (retry after 1s)");
+    }
+
+    #[test]
+    fn errors_carry_a_code_for_programs() {
+        let mut refused = tonic::Status::invalid_argument("bad module");
+        refused
+            .metadata_mut()
+            .insert("solo-error", "invalid_module".parse().unwrap());
+        let e = CliError::from_status(&refused, "http://n");
+        assert_eq!(e.code, "invalid_module");
+        let e = CliError::from_status(&tonic::Status::resource_exhausted("busy"), "http://n");
+        assert_eq!(e.code, "resource_exhausted");
+        let json = e.to_json();
+        assert_eq!(json["error"]["exit_code"], 1);
+        assert_eq!(json["error"]["retryable"], true);
+        assert_eq!(json["error"]["message"], "busy");
+        assert_eq!(CliError::usage("no").code, "usage");
     }
 }

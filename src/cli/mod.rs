@@ -35,7 +35,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Config(command) => offline::config(command, json),
         Command::Token(command) => offline::token(command, json),
         Command::Completions { shell } => offline::completions(shell),
-        client => return exit(run_client(&connection, json, client)),
+        client => return exit(run_client(&connection, json, client), json),
     };
     offline.unwrap_or_else(|e| {
         output::print_error(&offline_error(&e));
@@ -78,12 +78,17 @@ fn run_client(connection: &args::ConnectionArgs, json: bool, command: Command) -
     })
 }
 
-/// The exit code of a client command, its error (if any) on stderr.
-fn exit(result: Result<(), CliError>) -> ExitCode {
+/// The exit code of a client command, its error (if any) on stderr, and with `--json` also
+/// on stdout as the command's document.
+fn exit(result: Result<(), CliError>, json: bool) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             if !error.message.is_empty() {
+                if json && !output::Output::document_printed() {
+                    // Best effort: a stdout that cannot take it still has stderr's copy.
+                    let _ = output::Output::new(true).json_line(&error.to_json());
+                }
                 output::print_error(&error.message);
             }
             ExitCode::from(error.exit.code())

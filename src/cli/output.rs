@@ -17,6 +17,9 @@ pub struct Output {
     colour: bool,
 }
 
+/// Set once a command has printed its JSON document (see [`Output::document_printed`]).
+static DOCUMENT_PRINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The few colours the CLI uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Colour {
@@ -139,7 +142,14 @@ impl Output {
     /// One JSON document, pretty-printed.
     pub fn document(&self, value: &Value) -> Result<(), CliError> {
         let text = serde_json::to_string_pretty(value).map_err(|e| CliError::failure(e.to_string()))?;
+        DOCUMENT_PRINTED.store(true, std::sync::atomic::Ordering::Relaxed);
         self.line(&text)
+    }
+
+    /// Whether this process has printed its one JSON document: a failure after it (a deploy
+    /// that did not start, with `--wait`) is told in that document, not in a second one.
+    pub fn document_printed() -> bool {
+        DOCUMENT_PRINTED.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// One JSON line of a stream.

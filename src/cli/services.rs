@@ -95,6 +95,9 @@ pub async fn deploy(conn: &Connector, out: Output, args: DeployArgs) -> Result<(
         if let Ok(status) = &status {
             document["service"] = crate::api::service_json(status);
         }
+        if let Err(error) = &waited {
+            document["error"] = error.to_json()["error"].take();
+        }
         out.document(&document)?;
     } else if let (Ok(()), Ok(status)) = (&waited, &status) {
         out.line(&format!(
