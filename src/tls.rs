@@ -92,9 +92,12 @@ impl TlsSetup {
             }
             None => builder.with_no_client_auth(),
         };
-        let mut http = builder
-            .with_single_cert(certs, key)
-            .map_err(|e| format!("security.tls_cert and tls_key do not make a usable pair: {e}"))?;
+        let mut http = builder.with_single_cert(certs, key).map_err(|e| {
+            format!(
+                "security.tls_cert and tls_key do not make a usable pair: {}",
+                unusable_pair(&e)
+            )
+        })?;
         http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(TlsSetup {
             cert_pem,
@@ -121,4 +124,16 @@ pub fn certificate_tenant(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
     validate_tenant(&name).ok().map(|()| name)
+}
+/// Why a certificate and its key make no usable pair, in words. rustls names an X.509 version 1
+/// certificate (what `openssl x509 -req` signs without `-extfile`) only by webpki's variant,
+/// which reads as if the pair did not match.
+pub fn unusable_pair(error: &rustls::Error) -> String {
+    if format!("{error:?}").contains("UnsupportedCertVersion") {
+        "the certificate is X.509 version 1 (signed without extensions, as `openssl x509 -req` does \
+         without -extfile); TLS takes version 3 only"
+            .to_string()
+    } else {
+        error.to_string()
+    }
 }

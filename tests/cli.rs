@@ -2476,3 +2476,30 @@ fn with_json_a_failure_is_a_json_document_on_stdout_too() {
     // Without --json, stdout stays empty.
     assert!(node.run("acme", &["status", "nosuch"]).fails(3).stdout.is_empty());
 }
+
+/// A self-signed X.509 version 1 certificate for CN=acme and its key: what `openssl x509 -req`
+/// signs without `-extfile`.
+const X509_V1_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBGjCBwQIUW7b+avybOQWg2hQwfDzTLaJDCNwwCgYIKoZIzj0EAwIwDzENMAsG\nA1UEAwwEYWNtZTAgFw0yNjEyMDYyMDM3MzJaGA8yMTI2MTExMjIwMzczMlowDzEN\nMAsGA1UEAwwEYWNtZTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABA5S6yfmcAS6\n1rLRBoL5rICWcLE+T2njUADujssR9OcsM5AF4yTgJEscLWCLM/TRHkUyEgJKo9HK\nnsSdZut8VJAwCgYIKoZIzj0EAwIDSAAwRQIhAN2Oeu6ck+U8r5E6dAXAq/pJSlre\nwY0W2/68qLIXXHGTAiBn/50GXQ5Z59p1UhhWe2NvTxWJ3JgkJaP7FYuxMYzVkg==\n-----END CERTIFICATE-----";
+const X509_V1_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgYzwJnJP9emGJA8QB\nAOCTGyv8ylATIVG3U6nHvK61gEyhRANCAAQOUusn5nAEutay0QaC+ayAlnCxPk9p\n41AA7o7LEfTnLDOQBeMk4CRLHC1gizP00R5FMhICSqPRyp7EnWbrfFSQ\n-----END PRIVATE KEY-----";
+
+#[test]
+fn a_client_certificate_of_x509_version_1_is_refused_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("v1.pem"), dir.path().join("v1.key"));
+    std::fs::write(&cert, X509_V1_CERT).unwrap();
+    std::fs::write(&key, X509_V1_KEY).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let ran = run(solo().args([
+        "--endpoint",
+        &format!("https://127.0.0.1:{}", free_port()),
+        "--ca-cert",
+        cert,
+        "--client-cert",
+        cert,
+        "--client-key",
+        key,
+        "list",
+    ]))
+    .fails(1);
+    assert!(ran.stderr.contains("X.509 version 1"), "{}", ran.stderr);
+}

@@ -657,9 +657,10 @@ fn tls_config(args: &ConnectionArgs) -> Result<Arc<rustls::ClientConfig>, CliErr
             )
             .map_err(|e| {
                 CliError::failure(format!(
-                    "--client-cert {} and --client-key {} do not make a usable pair: {e}",
+                    "--client-cert {} and --client-key {} do not make a usable pair: {}",
                     cert.display(),
-                    key.display()
+                    key.display(),
+                    crate::tls::unusable_pair(&e)
                 ))
             })?,
         (None, None) => builder.with_no_client_auth(),
