@@ -309,10 +309,15 @@ fn bad_usage_exits_2() {
         &["status", "bad id!"],
         &["deploy", "a/b", "echo.wat"],
         &["no-such-command"],
+        // Values that are not what they claim.
+        &["list", "--endpoint", "http://127.0.0.1:abc"],
+        &["list", "--connect-timeout-ms", "0"],
+        &["deploy", "x", "echo.wat", "--label", "team=red", "--label", "team=blue"],
     ] {
         let ran = run(solo().args(args));
         assert_eq!(ran.code, 2, "solo {args:?}: {}", ran.stderr);
     }
+
     // Flags the CLI itself refuses before reaching any node.
     let ran = run(solo().args(["list", "--endpoint", "https://127.0.0.1:1"])).fails(2);
     assert!(ran.stderr.contains("--ca-cert"), "{}", ran.stderr);

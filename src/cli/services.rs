@@ -22,6 +22,7 @@ use crate::event::crash_reason_name;
 use crate::proto::{self, CrashReason, deploy_request, event::Kind, watch_response::Msg};
 
 pub async fn deploy(conn: &Connector, out: Output, args: DeployArgs) -> Result<(), CliError> {
+    let labels = labels_by_key(&args.labels)?;
     let bytes = read_input(&args.file, "the module")?;
     let size = bytes.len() as u64;
     let module = module_of(bytes, &args.file)?;
@@ -36,7 +37,7 @@ pub async fn deploy(conn: &Connector, out: Output, args: DeployArgs) -> Result<(
             max_restarts: args.max_restarts.unwrap_or(0),
             restart_window_ms: args.restart_window_ms.unwrap_or(0),
         }),
-        labels: labels_by_key(&args.labels)?.into_iter().collect(),
+        labels: labels.into_iter().collect(),
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
         expected_version: args.expected_version,
     };
@@ -184,6 +185,7 @@ async fn wait_for(
 }
 
 pub async fn list(conn: &Connector, out: Output, args: ListArgs) -> Result<(), CliError> {
+    let labels = labels_by_key(&args.labels)?;
     let mut client = conn.connect().await?;
     let mut services = Vec::new();
     let mut page_token = String::new();
@@ -192,7 +194,7 @@ pub async fn list(conn: &Connector, out: Output, args: ListArgs) -> Result<(), C
     loop {
         let request = proto::ListRequest {
             status: args.status.clone().unwrap_or_default(),
-            labels: labels_by_key(&args.labels)?.into_iter().collect(),
+            labels: labels.clone().into_iter().collect(),
             page_size: args.page_size,
             page_token: page_token.clone(),
         };
