@@ -510,6 +510,26 @@ async fn bad_names_are_refused_before_anything_is_written() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_refusal_names_a_version_stopping_behind_a_redeploy() {
+    let dir = tempdir();
+    let mut opts = options(dir.path());
+    opts.limits.node.max_services = 1;
+    let control = open(opts);
+    deploy(&control, "acme", "a", "m").await;
+    kill(&control, "acme", "a").await;
+    // Redeployed while version 1 is still stopping: it keeps its slot, and reserves version
+    // 1's memory until that has stopped.
+    deploy(&control, "acme", "a", "m2").await;
+    let err = control.deploy(deploy_request("acme", "b", "m")).await.unwrap_err();
+    assert_refused_by(&err, "max_services");
+    assert!(
+        err.to_string()
+            .contains("1 was redeployed while its earlier version is still stopping"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_hold_at_their_edges_and_under_a_race() {
     let dir = tempdir();
     let mut opts = options(dir.path());

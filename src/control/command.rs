@@ -479,16 +479,37 @@ fn check_version(service: Option<&Service>, service_id: &str, expected: Option<u
     })
 }
 
-/// For a quota refusal: how many of the tenant's services count only until their kills end.
+/// For a quota refusal: how many of the tenant's services count only until their kills end,
+/// being stopping, or redeployed over a version still stopping (whose memory they reserve).
 fn still_stopping(tenant: Option<&Tenant>) -> String {
-    let stopping = tenant.map_or(0, |t| {
-        t.services.values().filter(|s| s.status == Status::Stopping).count()
-    });
-    match stopping {
-        0 => String::new(),
-        1 => " (1 of them is stopping; it counts until it has stopped)".to_string(),
-        n => format!(" ({n} of them are stopping; they count until they have stopped)"),
+    let (mut stopping, mut behind_a_redeploy) = (0, 0);
+    for service in tenant.iter().flat_map(|t| t.services.values()) {
+        if service.status == Status::Stopping {
+            stopping += 1;
+        } else if !service.replaced_while_stopping.is_empty() {
+            behind_a_redeploy += 1;
+        }
     }
+    let mut parts = Vec::new();
+    match stopping {
+        0 => {}
+        1 => parts.push("1 of them is stopping".to_string()),
+        n => parts.push(format!("{n} of them are stopping")),
+    }
+    match behind_a_redeploy {
+        0 => {}
+        1 => parts.push("1 was redeployed while its earlier version is still stopping".to_string()),
+        n => parts.push(format!(
+            "{n} were redeployed while their earlier versions are still stopping"
+        )),
+    }
+    if parts.is_empty() {
+        return String::new();
+    }
+    format!(
+        " ({}; a stopping version counts until it has stopped)",
+        parts.join(", and ")
+    )
 }
 
 /// The quotas that depend on the state: services, tenant memory, deploy rate. (Module size and
