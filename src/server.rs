@@ -21,7 +21,7 @@ use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
 use crate::connections::{
-    Accepted, Activity, AdmittedStream, Closer, ConnectionLimits, Deadlines, HTTP2_OPENING, STREAMS_END_WITHIN,
+    Accepted, Activity, AdmittedStream, Closer, ConnectionLimits, Deadlines, HTTP2_OPENING, STREAMS_QUIET,
     TrackRequests, TrackRequestsLayer,
 };
 use crate::control::Control;
@@ -516,7 +516,7 @@ async fn serve_grpc(
 
 /// The gRPC methods whose answers are streams (server-streaming or bidirectional): the node
 /// tells them to end as it stops, and their connections do not wait for their clients to read
-/// the end (see [`crate::connections::STREAMS_END_WITHIN`]).
+/// the end (see [`crate::connections::STREAMS_QUIET`]).
 const GRPC_STREAMS: &[&str] = &[
     "/solo.v1.SoloKernel/Logs",
     "/solo.v1.SoloKernel/Watch",
@@ -732,6 +732,7 @@ async fn serve_http(
         let open = open.clone();
         tokio::spawn(async move {
             let _open = open;
+            let activity = stream.activity();
             // A TLS peer may name its tenant by its client certificate.
             let (stream, tenant) = match acceptor {
                 None => (Either::Left(stream), None),
@@ -756,7 +757,6 @@ async fn serve_http(
                     (Either::Right(stream), tenant)
                 }
             };
-            let activity = Activity::new();
             let service = service_for(router, PeerTenant(tenant), Arc::clone(&activity));
             let served = HttpConnection {
                 builder: &builder,
@@ -803,8 +803,8 @@ impl HttpConnection<'_> {
     /// no request open for `idle_after` (HTTP/2 has no bound of its own for that), it is shut
     /// down gracefully: an HTTP/2 client is sent a GOAWAY, an HTTP/1 one served no further
     /// request. One still open [`GOAWAY_WAIT`] after that with no request open is dropped; after
-    /// the drain, one still open [`STREAMS_END_WITHIN`] after it with only streams open (their
-    /// clients did not read their end) is dropped too.
+    /// the drain, so is one with only streams open that has taken nothing written to it for
+    /// [`STREAMS_QUIET`] (its client does not read its streams' end).
     async fn serve(
         self,
         stream: HttpStream,
@@ -816,17 +816,16 @@ impl HttpConnection<'_> {
         let mut connection = std::pin::pin!(connection);
         let drained = tokio::select! {
             result = connection.as_mut() => return result,
-            () = self.drained.cancelled() => true,
+            () = self.drained.cancelled() => Some(tokio::time::Instant::now()),
             () = self.activity.idle(self.idle_after) => {
                 tracing::trace!("closing an idle HTTP connection");
-                false
+                None
             }
         };
         connection.as_mut().graceful_shutdown();
         let let_go = async {
-            if drained {
-                tokio::time::sleep(STREAMS_END_WITHIN).await;
-                self.activity.calls_done().await;
+            if let Some(drained) = drained {
+                self.activity.streams_done(drained, STREAMS_QUIET).await;
             } else {
                 tokio::time::sleep(GOAWAY_WAIT).await;
                 self.activity.idle(GOAWAY_WAIT).await;

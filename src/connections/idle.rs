@@ -5,10 +5,11 @@
 //! stream ends itself ([`IdleClose`]), found by its requests through [`Activities`].
 //!
 //! Answers that are streams (a Watch, an event stream) are counted apart: the node tells them
-//! to end as it stops, and once they have had [`STREAMS_END_WITHIN`](super::STREAMS_END_WITHIN)
-//! to do so, a connection with nothing else open is closed. A client that stops reading
-//! would otherwise hold the node for its whole grace: HTTP/2 flow control keeps its stream's
-//! end from reaching it, and a health Watch never ends at all.
+//! to end as it stops, and a connection with nothing else open, to which nothing has been
+//! written for [`STREAMS_QUIET`](super::STREAMS_QUIET) since, is closed. A client that stops
+//! reading would otherwise hold the node for its whole grace (HTTP/2 flow control keeps its
+//! stream's end from reaching it), and so would a health Watch, which never ends at all; one
+//! still taking the end it is sent keeps its connection until it has it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,6 +49,8 @@ pub struct Activity {
     opened: Instant,
     /// When the last request ended (or the connection was admitted), in µs since `opened`.
     last_ended_us: AtomicU64,
+    /// When the client last took bytes written to it, in µs since `opened`.
+    last_wrote_us: AtomicU64,
     /// The one task that waits for the connection to go idle (the connection's), woken when its
     /// last open request ends, or its last one that is not a stream.
     waiter: AtomicWaker,
@@ -60,6 +63,7 @@ impl Activity {
             streams: AtomicUsize::new(0),
             opened: Instant::now(),
             last_ended_us: AtomicU64::new(0),
+            last_wrote_us: AtomicU64::new(0),
             waiter: AtomicWaker::new(),
         })
     }
@@ -73,8 +77,18 @@ impl Activity {
         }
     }
 
+    /// Microseconds since the connection was admitted.
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// The client took bytes written to it.
+    pub(super) fn wrote(&self) {
+        self.last_wrote_us.store(self.now_us(), Ordering::Relaxed);
+    }
+
     fn end(&self, stream: bool) {
-        let now = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let now = self.now_us();
         // Before the count drops: a waiter that sees none open sees when the last one ended.
         self.last_ended_us.fetch_max(now, Ordering::SeqCst);
         // Streams first: meanwhile the request still counts, as a call, never as nothing.
@@ -94,18 +108,40 @@ impl Activity {
         open.saturating_sub(self.streams.load(Ordering::SeqCst))
     }
 
-    /// Resolves once no request is open but streams: at shutdown, once the streams were told to
-    /// end, all the connection still owes. One task at a time may wait (the connection's own).
-    pub async fn calls_done(&self) {
-        std::future::poll_fn(|cx| self.poll_calls_done(cx)).await;
+    /// Resolves once no request is open but streams, and nothing has been written to the
+    /// connection for `quiet` since `drained` (when the streams were told to end) or since: all
+    /// the connection still owes is a stream's end its client does not take, or a stream that
+    /// never ends. One task at a time may wait (the connection's own).
+    pub async fn streams_done(&self, drained: Instant, quiet: Duration) {
+        let mut timer = Box::pin(tokio::time::sleep_until(drained + quiet));
+        std::future::poll_fn(|cx| self.poll_streams_done(drained, quiet, &mut timer, cx)).await;
     }
 
-    fn poll_calls_done(&self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_streams_done(
+        &self,
+        drained: Instant,
+        quiet: Duration,
+        timer: &mut Pin<Box<Sleep>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        // Registered before looking, so that a call ending meanwhile still wakes the task.
         self.waiter.register(cx.waker());
-        if self.calls_open() == 0 {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
+        if self.calls_open() > 0 {
+            return Poll::Pending;
+        }
+        // A write since the timer was set moves the deadline on: look again once it fires.
+        loop {
+            let wrote = self.opened + Duration::from_micros(self.last_wrote_us.load(Ordering::Relaxed));
+            let deadline = drained.max(wrote) + quiet;
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
         }
     }
 
@@ -173,8 +209,10 @@ pub(super) struct IdleClose {
     closing: Closing,
     /// Resolves as the listener drains: the node is stopping, and has told streams to end.
     drained: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// Running from the drain: until it runs out, streams may deliver their end.
-    streams_end: Option<Pin<Box<Sleep>>>,
+    /// When it drained.
+    drained_at: Option<Instant>,
+    /// Runs out when only streams are open, and nothing was written for long enough.
+    streams_quiet: Pin<Box<Sleep>>,
     /// Keeps the connection's activity findable by its requests while it is open.
     _registered: Option<Registered>,
 }
@@ -194,16 +232,16 @@ enum Closing {
 }
 
 impl IdleClose {
-    /// Tracks the connection whose tonic connect info is `connect_info`, found by its requests
-    /// through `activities`, to close it once it has been idle for `after`, or once `drained`
-    /// is cancelled and its streams have had their time.
+    /// Tracks the connection of `activity`, whose tonic connect info is `connect_info`, found by
+    /// its requests through `activities`, to close it once it has been idle for `after`, or
+    /// once `drained` is cancelled and only streams whose end is not taken are left.
     pub(super) fn new(
         activities: &Activities,
+        activity: Arc<Activity>,
         connect_info: &TcpConnectInfo,
         after: Option<Duration>,
         drained: &CancellationToken,
     ) -> IdleClose {
-        let activity = Activity::new();
         IdleClose {
             _registered: activities.register(connect_info, &activity),
             activity,
@@ -211,22 +249,26 @@ impl IdleClose {
             timer: Box::pin(tokio::time::sleep(after.unwrap_or_default())),
             closing: Closing::No,
             drained: Box::pin(drained.clone().cancelled_owned()),
-            streams_end: None,
+            drained_at: None,
+            streams_quiet: Box::pin(tokio::time::sleep(super::STREAMS_QUIET)),
         }
     }
 
-    /// Whether the node is stopping and its streams have had their time to end; makes sure the
-    /// task is woken when that changes.
-    fn streams_had_their_time(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.streams_end.is_none() {
-            if self.drained.as_mut().poll(cx).is_pending() {
-                return false;
+    /// Whether the node is stopping and only streams whose end is not taken are left (see
+    /// [`Activity::streams_done`]); makes sure the task is woken when that may change.
+    fn only_untaken_streams(&mut self, cx: &mut Context<'_>) -> bool {
+        let drained = match self.drained_at {
+            Some(at) => at,
+            None => {
+                if self.drained.as_mut().poll(cx).is_pending() {
+                    return false;
+                }
+                *self.drained_at.insert(Instant::now())
             }
-            self.streams_end = Some(Box::pin(tokio::time::sleep(super::STREAMS_END_WITHIN)));
-        }
-        self.streams_end
-            .as_mut()
-            .is_some_and(|end| end.as_mut().poll(cx).is_ready())
+        };
+        self.activity
+            .poll_streams_done(drained, super::STREAMS_QUIET, &mut self.streams_quiet, cx)
+            .is_ready()
     }
 
     pub(super) fn is_closed(&self) -> bool {
@@ -248,7 +290,7 @@ impl IdleClose {
             match &mut self.closing {
                 Closing::Closed => return true,
                 Closing::No => {
-                    if self.streams_had_their_time(cx) && self.activity.poll_calls_done(cx).is_ready() {
+                    if self.only_untaken_streams(cx) {
                         tracing::debug!("closing a gRPC connection with only streams open: the node is stopping");
                         self.closing = Closing::Closed;
                         continue;
@@ -511,23 +553,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_calls_hold_a_connection_whose_streams_were_told_to_end() {
+    async fn once_streams_were_told_to_end_only_calls_and_writes_hold_a_connection() {
+        let quiet = Duration::from_millis(100);
         let activity = Activity::new();
         let mut stream = activity.start();
         stream.answers_a_stream();
         let call = activity.start();
-        let done = activity.calls_done();
+        let drained = Instant::now();
+        let done = activity.streams_done(drained, quiet);
         tokio::pin!(done);
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), done.as_mut())
-                .await
-                .is_err(),
+            tokio::time::timeout(quiet * 3, done.as_mut()).await.is_err(),
             "a call is open"
         );
         drop(call);
+        // The client takes what is written: the stream's end is on its way.
+        for _ in 0..4 {
+            activity.wrote();
+            assert!(tokio::time::timeout(quiet / 2, done.as_mut()).await.is_err());
+        }
+        activity.wrote();
+        let last_write = Instant::now();
         tokio::time::timeout(Duration::from_secs(5), done)
             .await
-            .expect("only a stream is open");
+            .expect("only a stream is open, and nothing is written");
+        assert!(last_write.elapsed() >= quiet - Duration::from_millis(10));
         // The stream still keeps the connection from going idle.
         assert!(activity.idle_since().is_none());
         drop(stream);

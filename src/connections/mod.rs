@@ -23,8 +23,9 @@
 //!   shuts such a connection down itself (a GOAWAY); tonic offers no handle on one connection,
 //!   so on the gRPC listener the stream closes it ([`Closer`], [`idle`]);
 //! - once the listener drains, one that has sent nothing is closed at once: it asked nothing;
-//!   and once its streams have had [`STREAMS_END_WITHIN`] to deliver their end, one with
-//!   nothing else open is closed: a stream's client that stops reading cannot hold the node;
+//!   and one with nothing open but streams (told to end at the drain), to which nothing has
+//!   been written for [`STREAMS_QUIET`], is closed: a stream's client that stops reading, or a
+//!   stream that never ends, cannot hold the node;
 //! - once the shutdown's grace is over (and the answers of calls it cut off are out), every
 //!   connection is closed, so that a client that ignores the HTTP/2 GOAWAY (or never answers
 //!   its ping) cannot hold the node past it.
@@ -50,11 +51,13 @@ pub use idle::{Activities, Activity, TrackRequests, TrackRequestsLayer};
 /// The pause after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
-/// How long streams (a Watch, an event stream) have, once their listener drains, to deliver
-/// the end the node gives them (a Watch within reach of the head is sent the rest for up to a
-/// second). A connection with nothing else open is then closed, whether its client took the
-/// end or not.
-pub const STREAMS_END_WITHIN: Duration = Duration::from_secs(2);
+/// How long, once its listener drains, a connection with nothing open but streams (a Watch, an
+/// event stream) may take none of what is written to it before it is closed. Their ends are
+/// written at the drain (a Watch within reach of the head is sent the rest first, for up to a
+/// second), so a connection quiet this long after is held by a client that does not read, or
+/// by a stream that never ends (a health Watch). A client still taking its stream's end keeps
+/// the connection until it has it (or the grace is over).
+pub const STREAMS_QUIET: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
@@ -192,7 +195,7 @@ pub enum Closer {
     Server,
     /// The connection's stream, as tonic offers no handle on one connection: it ends once the
     /// connection has had no request open for `idle_after` (`None`: never), and once the
-    /// listener drains and only streams are open after [`STREAMS_END_WITHIN`]. Its requests
+    /// listener drains and only streams are open, quiet for [`STREAMS_QUIET`]. Its requests
     /// must pass through [`TrackRequests`] over [`ConnectionLimits::activities`].
     Stream { idle_after: Option<Duration> },
 }
@@ -214,6 +217,8 @@ pub struct AdmittedStream {
     /// Taken once, at admission: what tonic puts in each request, and the connection's key in
     /// [`Activities`].
     connect_info: TcpConnectInfo,
+    /// What its requests are doing, and when it was last written to.
+    activity: Arc<Activity>,
     idle: Option<Box<IdleClose>>,
 }
 
@@ -229,10 +234,12 @@ struct Opening {
 impl AdmittedStream {
     fn new(stream: TcpStream, admission: Admission, deadlines: &Deadlines, activities: &Activities) -> AdmittedStream {
         let connect_info = stream.connect_info();
+        let activity = Activity::new();
         let idle = match deadlines.closer {
             Closer::Server => None,
             Closer::Stream { idle_after } => Some(Box::new(IdleClose::new(
                 activities,
+                Arc::clone(&activity),
                 &connect_info,
                 idle_after,
                 &deadlines.drained,
@@ -253,8 +260,15 @@ impl AdmittedStream {
             write_stall: deadlines.write_stall,
             stalled_since: None,
             connect_info,
+            activity,
             idle,
         }
+    }
+
+    /// What the connection's requests are doing (for a server that counts them itself, with
+    /// [`TrackRequests::new`]), and when it was last written to.
+    pub fn activity(&self) -> Arc<Activity> {
+        Arc::clone(&self.activity)
     }
 
     /// Passes a write's outcome on, timing how long writes wait for the client: past
@@ -266,6 +280,9 @@ impl AdmittedStream {
     ) -> Poll<std::io::Result<usize>> {
         if written.is_ready() {
             self.stalled_since = None;
+            if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+                self.activity.wrote();
+            }
             return written;
         }
         let stall = self.write_stall;
