@@ -1369,10 +1369,11 @@ impl ServeProcess {
         self.wait_exit();
     }
 
-    /// Sends SIGTERM, as a service manager stopping it would, and returns how it exited.
-    fn terminate(mut self) -> std::process::ExitStatus {
+    /// Sends `signal` (SIGTERM, as a service manager stopping it would; SIGHUP, as a closed
+    /// terminal would) and returns how it exited.
+    fn signal(mut self, signal: &str) -> std::process::ExitStatus {
         let sent = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(sent.success());
@@ -1483,7 +1484,7 @@ fn sigterm_stops_serve_cleanly_and_the_next_start_brings_the_services_back() {
 
     let node = serve.start();
     cli(&["deploy", "echo", example_path("echo").to_str().unwrap(), "--wait"]).ok();
-    let status = node.terminate();
+    let status = node.signal("TERM");
     let stderr = std::fs::read_to_string(log).unwrap();
     assert!(status.success(), "SIGTERM ended it with {status}: {stderr}");
     assert!(stderr.contains("shutdown signal received"), "{stderr}");
@@ -1514,6 +1515,19 @@ fn sigterm_stops_serve_cleanly_and_the_next_start_brings_the_services_back() {
         cli(&["call", "echo", "--data", "back again"]).ok().stdout,
         b"back again"
     );
+    drop(_node);
+
+    // A hangup (the terminal closed) stops it as cleanly, rather than killing it on the spot.
+    std::fs::write(log, "").unwrap();
+    let status = serve.start().signal("HUP");
+    let stderr = std::fs::read_to_string(log).unwrap();
+    assert!(status.success(), "SIGHUP ended it with {status}: {stderr}");
+    assert!(stderr.contains("SIGHUP"), "{stderr}");
+    let dump = run(solo().args(["log", "dump", "--data-dir", data.to_str().unwrap(), "--json"]))
+        .ok()
+        .json_lines();
+    let stops = dump.iter().filter(|e| e["kind"] == "shutdown_requested").count();
+    assert_eq!(stops, 2, "{dump:?}");
 }
 
 /// A compile cannot be cancelled: one still under way when the node has stopped does not hold

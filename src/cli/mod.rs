@@ -96,28 +96,47 @@ fn exit(result: Result<(), CliError>, json: bool) -> ExitCode {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM (never, for a signal that cannot be watched): what stops
-/// `serve` gracefully and ends a followed stream.
-async fn interrupted() {
-    let ctrl_c = async {
+/// Resolves on SIGINT, SIGTERM or SIGHUP (never, for a signal that cannot be watched): what
+/// stops `serve` gracefully and ends a followed stream. A hangup (the terminal `serve` runs in
+/// went away) would otherwise kill the node on the spot, as a `kill -9` does: Solo reloads no
+/// configuration on it, so it stops cleanly instead, and its services come back with the next
+/// start. The signals are watched from the call on, not from the first poll: one that came
+/// between (as a node still starts up) would take its default action and kill the process.
+/// Called within a runtime.
+#[cfg(unix)]
+fn interrupted() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    async fn received(signal: Option<Signal>) {
+        match signal {
+            Some(mut signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    let watch = |kind| signal(kind).ok();
+    let (interrupt, terminate, hangup) = (
+        watch(SignalKind::interrupt()),
+        watch(SignalKind::terminate()),
+        watch(SignalKind::hangup()),
+    );
+    async move {
+        tokio::select! {
+            () = received(interrupt) => {}
+            () = received(terminate) => {}
+            () = received(hangup) => {
+                tracing::warn!("SIGHUP: stopping as for SIGTERM (a hangup reloads nothing)");
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn interrupted() -> impl std::future::Future<Output = ()> {
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
 }
 
