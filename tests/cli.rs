@@ -2455,6 +2455,11 @@ fn a_followed_log_ends_cleanly_once_its_service_is_removed() {
     node.run("acme", &["kill", "echo", "--wait"]).ok();
     node.run("acme", &["remove", "echo"]).ok();
     let status = exits_within(&mut follower.child, PATIENCE).expect("the follow ends");
+    // Its stderr is read by a thread of its own, which may not have the last line yet.
+    let deadline = Instant::now() + PATIENCE;
+    while !follower.stderr.lock().unwrap().contains("was removed") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (_, stderr) = follower.stop();
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.contains("service 'echo' was removed"), "{stderr}");

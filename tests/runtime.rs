@@ -1661,3 +1661,55 @@ async fn more_busy_tenants_than_guest_threads_get_even_shares() {
     );
     node.stop(Duration::from_secs(5)).await;
 }
+
+/// The instance takes calls as soon as it is up, while its start is being recorded; a call
+/// that traps at once must not have its crash (or its restart) reach the log first, or the
+/// history would say the version crashed before it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_traps_at_its_first_call_is_on_record_as_started_first() {
+    use futures_util::StreamExt;
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    let rounds = 60;
+    for round in 0..rounds {
+        let id = format!("crasher{round}");
+        control
+            .deploy(deploy_example("acme", &id, "unreachable"))
+            .await
+            .unwrap();
+        // Calls that wait for the instance, and reach it the moment it is up.
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let (control, id) = (control.clone(), id.clone());
+                tokio::spawn(async move { call(&control, "acme", &id, b"boom").await })
+            })
+            .collect();
+        for called in calls {
+            assert!(called.await.unwrap().is_err(), "{id}: the crasher answered");
+        }
+    }
+    let last = format!("crasher{}", rounds - 1);
+    let head = wait_for_kind(&control, 1, "acme", &last, "service_crashed").await.seq;
+    let mut tail = Box::pin(control.log().tail(1));
+    let mut started = std::collections::HashSet::new();
+    let mut seq = 0;
+    while seq < head {
+        let event = tail.next().await.unwrap().unwrap();
+        seq = event.seq;
+        match solo::event::kind_name(&event) {
+            "service_started" => {
+                started.insert(event.service_id.clone());
+            }
+            "service_crashed" | "service_restarted" => assert!(
+                started.contains(&event.service_id),
+                "{} {} at seq {} before its start",
+                event.service_id,
+                solo::event::kind_name(&event),
+                event.seq
+            ),
+            _ => {}
+        }
+    }
+    node.stop(Duration::from_secs(5)).await;
+}

@@ -75,6 +75,10 @@ pub(super) struct Actor {
     pub starts: Arc<std::sync::atomic::AtomicUsize>,
     /// Restarts of this version so far (carried over from the state after a node restart).
     pub restarts: PastRestarts,
+    /// Becomes true once the start of this version is on record (or refused). The instance
+    /// takes calls before that, but what it observes waits for it: a call that traps at once
+    /// must not have its crash reach the log before the start it follows.
+    pub start_recorded: watch::Receiver<bool>,
 }
 
 /// What a version's restart policy has used so far, as the state recorded it.
@@ -363,6 +367,8 @@ impl Actor {
     }
 
     async fn observe(&self, observation: Observation) {
+        // A start that is never recorded (its sender gone) holds nothing back.
+        let _ = self.start_recorded.clone().wait_for(|recorded| *recorded).await;
         self.recorder.record(observation).await;
     }
 }

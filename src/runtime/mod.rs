@@ -1078,6 +1078,9 @@ async fn start(
             return false;
         }
     };
+    // The instance serves calls as soon as it is up, and its start is recorded meanwhile; what
+    // it observes (a crash) waits for that record, so the log never has it first.
+    let (record_start, start_recorded) = tokio::sync::watch::channel(false);
     let actor = Actor {
         tenant: slot.tenant.clone(),
         service_id: slot.service_id.clone(),
@@ -1088,6 +1091,7 @@ async fn start(
         ready: Arc::clone(&slot.ready),
         starts: Arc::clone(&slot.starts),
         restarts,
+        start_recorded,
     };
     match actor.spawn(&inner.guests, given_up()).await {
         Spawned::Up(actor) => {
@@ -1102,7 +1106,7 @@ async fn start(
             drop(current.replace(actor));
             // The last error was an earlier version's, or this one's before it was redeployed.
             slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            observe(
+            let recorded = observe(
                 inner,
                 Observation::Started {
                     tenant: slot.tenant.clone(),
@@ -1111,7 +1115,9 @@ async fn start(
                     recovered,
                 },
             )
-            .await
+            .await;
+            record_start.send_replace(true);
+            recorded
         }
         Spawned::Failed(failure) => {
             tracing::info!(tenant = %slot.tenant, service = %slot.service_id, version, error = %failure, "instance did not start");
