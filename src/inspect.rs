@@ -252,7 +252,12 @@ fn decode_record(seq: u64, bytes: &[u8]) -> Result<Event, String> {
 fn snapshot_state(frame: &[u8], settings: Settings) -> Result<Option<State>, String> {
     let payload = frame::decode(frame).map_err(|e| e.to_string())?;
     match State::decode_snapshot(payload, settings) {
-        Ok(state) => Ok(Some(state)),
+        // Keys past their window answer nothing, kept or not: one written before they
+        // expired with every event may hold some.
+        Ok(mut state) => {
+            state.forget_expired_keys();
+            Ok(Some(state))
+        }
         Err(SnapshotError::Outdated(_)) => Ok(None),
         Err(e) => Err(e.to_string()),
     }

@@ -208,6 +208,9 @@ impl State {
     /// and leaves the service's old labels in their place.
     fn apply_with(&mut self, event: &Event, labels: Option<&mut Labels>) -> Result<(), ApplyError> {
         self.check_seq(event)?;
+        // As time passes, whatever the event: keys are not kept past their window until the
+        // next keyed request comes.
+        self.expire_idempotency(event.timestamp_ms);
         match &event.kind {
             Some(Kind::ServiceDeployed(e)) => self.apply_deployed(event, e, labels)?,
             Some(Kind::ServiceKillRequested(e)) => self.apply_kill_requested(event, e)?,
@@ -247,9 +250,17 @@ impl State {
     /// where this build cannot use an event.
     pub fn skip(&mut self, event: &Event) {
         if self.check_seq(event).is_ok() {
+            self.expire_idempotency(event.timestamp_ms);
             self.applied_seq = event.seq;
             self.last_timestamp_ms = self.last_timestamp_ms.max(event.timestamp_ms);
         }
+    }
+
+    /// Forgets the idempotency keys past their window as of the last event applied. A
+    /// snapshot written before keys expired with every event (only as the next keyed request
+    /// came) may hold such keys: they answer nothing, and a comparison ignores them this way.
+    pub fn forget_expired_keys(&mut self) {
+        self.expire_idempotency(self.last_timestamp_ms);
     }
 
     /// Whether `event` would apply, without applying it.

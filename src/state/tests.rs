@@ -324,6 +324,9 @@ fn idempotency_keys_expire_after_the_window() {
     assert_eq!(state.deploys_since("acme", 99), 2);
     assert_eq!(state.deploys_since("acme", 998), 2);
     assert_eq!(state.deploys_since("acme", 999), 1);
+    // And as time passes, whatever the next event: an unkeyed one forgets k2 too.
+    state.apply(&at(deployed("c", 1, 1, ""), 3, 2100)).unwrap();
+    assert!(state.tenant("acme").unwrap().idempotency.is_empty());
 }
 
 #[test]
