@@ -74,7 +74,7 @@ pub async fn open_control(config: &Config, metrics: Option<Arc<Metrics>>) -> any
     tracing::info!(
         data_dir = %data_dir.display(),
         head = recovery.head,
-        snapshot = ?recovery.snapshot_seq,
+        snapshot = recovery.snapshot_seq,
         replayed = recovery.replayed,
         skipped = recovery.skipped,
         modules_collected = recovery.modules_collected,

@@ -304,6 +304,18 @@ impl Actor {
         if !restarting {
             // Calls fail at once from here on, before the crash is on record.
             self.withdraw();
+            // Each crash is its tenant's business (its events say it); the policy giving up, at
+            // most once a deploy, is worth the operator's log too.
+            tracing::info!(
+                tenant = %self.tenant,
+                service = %self.service_id,
+                version = self.config.version,
+                %trap_code,
+                restarts = self.restarts.count,
+                "the service crashed and its restart policy gave up: it stays down until redeployed"
+            );
+        } else {
+            tracing::debug!(tenant = %self.tenant, service = %self.service_id, version = self.config.version, %trap_code, "the service crashed; restarting it");
         }
         self.observe(Observation::Crashed {
             tenant: self.tenant.clone(),
@@ -335,6 +347,7 @@ impl Actor {
             }
             Err(failure) => {
                 self.withdraw();
+                tracing::info!(tenant = %self.tenant, service = %self.service_id, version = self.config.version, error = %failure, "the restarted instance did not start: the service stays down until redeployed");
                 self.observe(Observation::Crashed {
                     tenant: self.tenant.clone(),
                     service_id: self.service_id.clone(),

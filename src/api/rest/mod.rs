@@ -259,6 +259,10 @@ async fn normalize_errors(State(state): State<Arc<ApiState>>, request: Request, 
     // at warn, any tenant could fill the node's log with its own bugs.
     if matches!(status, StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT) {
         tracing::debug!(route, %status, request_id, elapsed_ms, "the service failed the call");
+    } else if route == "/health" {
+        // Its 503 is its answer (degraded, stopping), once a probe: the cause is logged once
+        // where it happens.
+        tracing::debug!(route, %status, request_id, elapsed_ms, "health reported");
     } else if status.is_server_error() {
         tracing::warn!(route, %status, request_id, elapsed_ms, "request failed");
     }
