@@ -129,17 +129,20 @@ impl Activity {
         if self.calls_open() > 0 {
             return Poll::Pending;
         }
-        // A write since the timer was set moves the deadline on: look again once it fires.
-        loop {
+        // A write since the timer was set moves the deadline on: once it fires, look again.
+        let deadline = || {
             let wrote = self.opened + Duration::from_micros(self.last_wrote_us.load(Ordering::Relaxed));
-            let deadline = drained.max(wrote) + quiet;
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
+            drained.max(wrote) + quiet
+        };
+        loop {
+            let due = deadline();
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
             }
             if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if Instant::now() >= deadline {
+            if deadline() == due {
                 return Poll::Ready(());
             }
         }
