@@ -2527,3 +2527,33 @@ fn a_client_certificate_of_x509_version_1_is_refused_saying_so() {
     .fails(1);
     assert!(ran.stderr.contains("X.509 version 1"), "{}", ran.stderr);
 }
+
+/// What the operator's log says of a tenant's crashing service: nothing per crash (its events
+/// say it), one line once its restart policy gives up and it stays down.
+#[test]
+fn the_nodes_log_says_once_that_a_service_stays_down() {
+    let serve = ServeDir::new();
+    let node = serve.start();
+    let crasher = example_path("unreachable");
+    serve
+        .cli(&[
+            "deploy",
+            "crasher",
+            crasher.to_str().unwrap(),
+            "--max-restarts",
+            "1",
+            "--wait",
+        ])
+        .ok();
+    let deadline = Instant::now() + PATIENCE;
+    while serve.cli(&["status", "crasher", "--json"]).ok().json()["status"] != "crashed" {
+        assert!(Instant::now() < deadline, "the crasher never stayed down");
+        serve.cli(&["call", "crasher", "--data", "x"]).fails(1);
+    }
+    drop(node);
+    let log = std::fs::read_to_string(&serve.log).unwrap();
+    let gave_up: Vec<&str> = log.lines().filter(|l| l.contains("restart policy gave up")).collect();
+    assert_eq!(gave_up.len(), 1, "{log}");
+    assert!(gave_up[0].contains("crasher"), "{log}");
+    assert!(!log.contains("restarting it"), "each crash is at debug: {log}");
+}
