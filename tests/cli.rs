@@ -2557,3 +2557,40 @@ fn the_nodes_log_says_once_that_a_service_stays_down() {
     assert!(gave_up[0].contains("crasher"), "{log}");
     assert!(!log.contains("restarting it"), "each crash is at debug: {log}");
 }
+
+/// With a JSON log, why the node cannot serve is a JSON line too: a log pipeline takes every
+/// line of it as JSON.
+#[test]
+fn with_a_json_log_a_refused_start_is_a_json_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("solo.toml");
+    std::fs::write(&config, "[telemetry]\nlog_format = \"json\"\n").unwrap();
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let data = dir.path().join("data");
+    let ran = run(solo().args([
+        "--config",
+        config.to_str().unwrap(),
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--grpc-addr",
+        &busy_addr,
+        "--http-addr",
+        "127.0.0.1:0",
+    ]));
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    let lines: Vec<Value> = ran
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let refusal = lines
+        .iter()
+        .find(|l| l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no error line: {}", ran.stderr));
+    assert!(
+        refusal["fields"]["error"].as_str().unwrap().contains(&busy_addr),
+        "{refusal}"
+    );
+}

@@ -29,6 +29,7 @@ pub fn serve(config_path: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<Ex
     }
     init_tracing(&config)?;
     ignore_file_size_signal();
+    let json_log = config.telemetry.log_format == LogFormat::Json;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let served = runtime.block_on(async {
         let listeners = crate::server::Listeners::bind(&config).await?;
@@ -37,8 +38,15 @@ pub fn serve(config_path: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<Ex
     // The node has stopped, its log durable. A compile still under way cannot be cancelled,
     // and dropping the runtime would wait for it: the process exits without it.
     runtime.shutdown_timeout(LEFTOVER_WORK_WAIT);
-    served?;
-    Ok(ExitCode::SUCCESS)
+    match served {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // A JSON log's reader takes every line as JSON: why the node stopped is one too.
+        Err(e) if json_log => {
+            tracing::error!(error = %super::offline_error(&e), "the node cannot serve");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// How long a stopped node's process waits for work that outlived the node (a compile) before
