@@ -1468,6 +1468,14 @@ impl ServeDir {
         ids
     }
 
+    /// Deploys `unreachable` as acme/`id`, running, with one restart allowed: its second
+    /// crashing call leaves it down.
+    fn deploy_crasher(&self, id: &str) {
+        let crasher = example_path("unreachable");
+        self.cli(&["deploy", id, crasher.to_str().unwrap(), "--max-restarts", "1", "--wait"])
+            .ok();
+    }
+
     /// `solo` against the node, as tenant acme.
     fn cli(&self, args: &[&str]) -> Ran {
         run(solo()
@@ -1803,17 +1811,7 @@ fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
         return;
     };
     let _node = serve.start();
-    let crasher = example_path("unreachable");
-    serve
-        .cli(&[
-            "deploy",
-            "crash",
-            crasher.to_str().unwrap(),
-            "--max-restarts",
-            "1",
-            "--wait",
-        ])
-        .ok();
+    serve.deploy_crasher("crash");
     let modules = tempfile::tempdir().unwrap();
     fill_the_log(&serve, modules.path(), "is full");
     // Small events still fit in what the big ones left: upgrade a service with fewer and
@@ -2534,17 +2532,7 @@ fn a_client_certificate_of_x509_version_1_is_refused_saying_so() {
 fn the_nodes_log_says_once_that_a_service_stays_down() {
     let serve = ServeDir::new();
     let node = serve.start();
-    let crasher = example_path("unreachable");
-    serve
-        .cli(&[
-            "deploy",
-            "crasher",
-            crasher.to_str().unwrap(),
-            "--max-restarts",
-            "1",
-            "--wait",
-        ])
-        .ok();
+    serve.deploy_crasher("crasher");
     let deadline = Instant::now() + PATIENCE;
     while serve.cli(&["status", "crasher", "--json"]).ok().json()["status"] != "crashed" {
         assert!(Instant::now() < deadline, "the crasher never stayed down");

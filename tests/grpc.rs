@@ -2030,20 +2030,7 @@ async fn a_watcher_replaying_history_ends_promptly_at_shutdown() {
     assert!(history > 4_800, "{history}");
     let server = start_server(dir.path(), |c| c.solo.shutdown_grace_ms = 20_000).await;
     // Windows small enough that the node cannot send much of the backlog ahead of the reader.
-    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .initial_stream_window_size(16 << 10)
-        .initial_connection_window_size(16 << 10)
-        .connect()
-        .await
-        .unwrap();
-    let mut client = proto::solo_kernel_client::SoloKernelClient::new(channel);
-    let replay = proto::WatchRequest {
-        from_seq: 1,
-        ..Default::default()
-    };
-    let mut stream = client.watch(replay).await.unwrap().into_inner();
-    stream.next().await.unwrap().unwrap();
+    let (mut client, mut stream) = small_window_replay(&server).await;
     let asked = std::time::Instant::now();
     client
         .shutdown(proto::ShutdownRequest { grace_ms: 20_000 })

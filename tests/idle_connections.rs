@@ -317,26 +317,10 @@ async fn node_with_history(dir: &std::path::Path) -> solo::server::Server {
 /// Opens a stream of the kind `unread` says, reads its first message, and returns what keeps it
 /// open, unread.
 async fn open_unread(server: &solo::server::Server, unread: Unread) -> Box<dyn std::any::Any + Send> {
-    let small_windows = || {
-        tonic::transport::Endpoint::from_shared(server.grpc_url())
-            .unwrap()
-            .initial_stream_window_size(16 << 10)
-            .initial_connection_window_size(16 << 10)
-    };
     match unread {
-        Unread::Watch => {
-            let channel = small_windows().connect().await.unwrap();
-            let mut client = proto::solo_kernel_client::SoloKernelClient::new(channel);
-            let replay = proto::WatchRequest {
-                from_seq: 1,
-                ..Default::default()
-            };
-            let mut stream = client.watch(replay).await.unwrap().into_inner();
-            stream.next().await.unwrap().unwrap();
-            Box::new((client, stream))
-        }
+        Unread::Watch => Box::new(small_window_replay(server).await),
         Unread::HealthWatch => {
-            let channel = small_windows().connect().await.unwrap();
+            let channel = small_window_channel(server).await;
             let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
             let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
             let mut stream = client.watch(request).await.unwrap().into_inner();

@@ -506,9 +506,8 @@ impl State {
     }
 
     /// Remembers the first answer given for `key`; a key already remembered keeps its answer.
-    /// Keys past the window are forgotten first.
+    /// (Keys past the window were forgotten as the event began to apply.)
     fn remember(&mut self, tenant: &str, key: &str, record: IdempotencyRecord) {
-        self.expire_idempotency(record.at_ms);
         let keys = &mut self.tenants.entry_ref(tenant).or_default().idempotency;
         if !keys.contains_key(key) {
             self.idempotency_expiry

@@ -238,3 +238,32 @@ pub fn assert_refused_by(err: &solo::control::Error, quota: &str) {
         "not refused by {quota}: {err}"
     );
 }
+
+/// A gRPC channel to `server` whose HTTP/2 windows (16 KiB) are small enough that the node can
+/// send little ahead of a reader that is slow, or reads nothing.
+pub async fn small_window_channel(server: &solo::server::Server) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .initial_stream_window_size(16 << 10)
+        .initial_connection_window_size(16 << 10)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A Watch of everything from seq 1 over a [`small_window_channel`], its first message read.
+pub async fn small_window_replay(
+    server: &solo::server::Server,
+) -> (
+    solo::proto::solo_kernel_client::SoloKernelClient<tonic::transport::Channel>,
+    tonic::Streaming<solo::proto::WatchResponse>,
+) {
+    let mut client = solo::proto::solo_kernel_client::SoloKernelClient::new(small_window_channel(server).await);
+    let replay = solo::proto::WatchRequest {
+        from_seq: 1,
+        ..Default::default()
+    };
+    let mut stream = client.watch(replay).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("a first message");
+    (client, stream)
+}
