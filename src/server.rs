@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 
 use crate::api::bodies::{BodyBudget, MeterBodies};
 use crate::api::codec::RequestRefusals;
@@ -465,8 +466,16 @@ async fn serve_grpc(
     // Only requests are bounded here; answers are bounded by what makes them (a service's
     // `max_response_bytes`, a page's size), not by what a request may be.
     let max_message = state.options.max_body_bytes;
-    let kernel = SoloKernelServer::new(GrpcApi::new(Arc::clone(&state))).max_decoding_message_size(max_message);
+    // Compressed requests are taken, as clients set to compress a whole channel send every
+    // call so; answers go uncompressed, most being too small to gain from it.
+    let kernel = SoloKernelServer::new(GrpcApi::new(Arc::clone(&state)))
+        .max_decoding_message_size(max_message)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
     let (health, health_service) = tonic_health::server::health_reporter();
+    let health_service = health_service
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
     health.set_serving::<SoloKernelServer<GrpcApi>>().await;
     let health_follower = tokio::spawn(follow_log_health(health.clone(), Arc::downgrade(&state)));
     // Both versions of reflection, as clients speak one or the other (grpcurl v1, many
@@ -476,8 +485,12 @@ async fn serve_grpc(
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1().context("gRPC reflection")?;
-    let reflection_v1alpha = reflection().build_v1alpha().context("gRPC reflection")?;
+    let reflection_v1 = (reflection().build_v1().context("gRPC reflection")?)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
+    let reflection_v1alpha = (reflection().build_v1alpha().context("gRPC reflection")?)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
     // A client that vanished without closing (a laptop put to sleep) is found by its missed
     // ping, and its connection is given back.
     let builder = tonic::transport::Server::builder()

@@ -568,7 +568,8 @@ async fn deploys_and_kills_that_name_a_version_apply_only_at_that_version() {
     assert_eq!((retry.version, retry.seq), (4, first.seq));
     keyed.expected_version = Some(4);
     let conflict = client.deploy(as_tenant("acme", keyed)).await.unwrap_err();
-    assert_eq!(conflict.code(), Code::AlreadyExists, "{conflict:?}");
+    assert_eq!(conflict.code(), Code::FailedPrecondition, "{conflict:?}");
+    assert_eq!(conflict.metadata().get("solo-error").unwrap(), "idempotency_key_reused");
 
     // A kill at a version: a stale one is ABORTED and stops nothing; the current one stops.
     let kill_at = |expected| proto::KillRequest {
@@ -867,7 +868,7 @@ async fn retried_deploys_kills_and_removals_with_a_key_append_nothing() {
     other.idempotency_key = "agent-retry-1".into();
     assert_eq!(
         client.deploy(as_tenant("acme", other)).await.unwrap_err().code(),
-        Code::AlreadyExists
+        Code::FailedPrecondition
     );
     server.stop().await.unwrap();
 
@@ -1047,6 +1048,61 @@ async fn resuming_a_dropped_watch_under_concurrent_writes_misses_and_repeats_not
         .map(|e| e.seq)
         .collect();
     assert_eq!(all, seqs);
+    server.stop().await.unwrap();
+}
+
+/// A page of services with many long labels ends short of 4 MiB, which gRPC clients take by
+/// default, and its token resumes after the last service sent: paging yields each service once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_page_fits_what_grpc_clients_take_by_default() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |config| {
+        config.limits.max_services = 1000;
+        config.limits.max_deploys_per_minute = u32::MAX;
+        config.limits.default_memory_mb = 1;
+        config.runtime.max_instances = 300;
+    })
+    .await;
+    let mut client = grpc_client(&server).await;
+    // Each about 17 KB as listed: 64 labels of 256 bytes.
+    let labels: BTreeMap<String, String> = (0..64).map(|i| (format!("label-{i:02}"), "v".repeat(256))).collect();
+    let total = 260;
+    for i in 0..total {
+        let mut request = grpc_deploy(&format!("s{i:03}"), "echo");
+        request.labels = labels.clone();
+        client.deploy(as_tenant("acme", request)).await.unwrap();
+    }
+    // A client as generated, with gRPC's default 4 MiB limit on what it receives.
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut default_client = proto::solo_kernel_client::SoloKernelClient::new(channel);
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut token = String::new();
+    loop {
+        let list = proto::ListRequest {
+            page_size: 1000,
+            page_token: token,
+            ..Default::default()
+        };
+        let page = default_client
+            .list(as_tenant("acme", list))
+            .await
+            .expect("a page")
+            .into_inner();
+        pages += 1;
+        seen.extend(page.services.into_iter().map(|s| s.service_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let expected: Vec<String> = (0..total).map(|i| format!("s{i:03}")).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(pages, 2, "4.5 MB of services take two pages");
     server.stop().await.unwrap();
 }
 
@@ -1664,6 +1720,41 @@ impl tonic::codec::Decoder for RawCodec {
     }
 }
 
+/// Clients set to compress their requests (a whole channel, as grpcio and grpc-js allow) are
+/// served, gzip or deflate; one whose message inflates past the limit is refused as over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_requests_are_served_within_the_size_limit() {
+    use tonic::codec::CompressionEncoding;
+    let dir = tempdir();
+    let server = start_server(dir.path(), |config| config.solo.max_request_bytes = 1 << 20).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for (encoding, id) in [
+        (CompressionEncoding::Gzip, "zipped"),
+        (CompressionEncoding::Deflate, "deflated"),
+    ] {
+        let mut client = proto::solo_kernel_client::SoloKernelClient::new(channel.clone()).send_compressed(encoding);
+        let deployed = client.deploy(as_tenant("acme", grpc_deploy(id, "echo"))).await.unwrap();
+        assert!(deployed.into_inner().created, "{encoding:?}");
+        let status = proto::StatusRequest { service_id: id.into() };
+        let status = client.status(as_tenant("acme", status)).await.unwrap().into_inner();
+        assert_eq!(status.service_id, id);
+        // A few KiB on the wire, 2 MiB once inflated.
+        let mut bomb = grpc_deploy("bomb", "echo");
+        bomb.labels = BTreeMap::from([("padding".to_string(), " ".repeat(2 << 20))]);
+        let refused = client.deploy(as_tenant("acme", bomb)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{encoding:?}: {refused:?}");
+        assert!(
+            refused.message().contains("1048576 bytes (max_request_bytes)"),
+            "{refused:?}"
+        );
+    }
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_is_not_protobuf_is_invalid_argument() {
     let dir = tempdir();
@@ -1741,9 +1832,10 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
         message.contains("'foo.Bar'") && message.contains("solo.v1.SoloKernel"),
         "{message}"
     );
-    // A compressed message is refused for its encoding, not as a missing method.
+    // A message in an encoding the node lacks is refused for its encoding, not as a missing
+    // method.
     let reply = post("solo.v1.SoloKernel/Status")
-        .header("grpc-encoding", "gzip")
+        .header("grpc-encoding", "zstd")
         .body(vec![1, 0, 0, 0, 3, 0x0a, 1, b'x'])
         .send()
         .await
@@ -1751,7 +1843,23 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
     assert_eq!(reply.headers()["grpc-status"], "12");
     let message = reply.headers()["grpc-message"].to_str().unwrap();
     assert!(
-        message.contains("gzip") && !message.contains("not a method"),
+        message.contains("zstd") && !message.contains("not%20a%20method"),
+        "{message}"
+    );
+    let accepted = reply.headers()["grpc-accept-encoding"].to_str().unwrap();
+    assert!(accepted.contains("gzip") && accepted.contains("deflate"), "{accepted}");
+    // One that says gzip but is not is the client's mistake.
+    let reply = post("solo.v1.SoloKernel/Status")
+        .header("x-tenant-id", "a")
+        .header("grpc-encoding", "gzip")
+        .body(vec![1, 0, 0, 0, 3, 0x0a, 1, b'x'])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.headers()["grpc-status"], "3");
+    let message = reply.headers()["grpc-message"].to_str().unwrap();
+    assert!(
+        message.contains("well-framed") && message.contains("decompressing"),
         "{message}"
     );
     // A well-framed request goes on to its handler's answer.

@@ -555,7 +555,7 @@ async fn post_services_creates_upgrades_and_recognises_identical_modules() {
     // The retry's answer says it is a replay; the first's does not.
     assert_eq!(first.header("idempotent-replayed"), None);
     assert_eq!(retried.header("idempotent-replayed"), Some("true"));
-    send(keyed("other")).await.error(409, "conflict");
+    send(keyed("other")).await.error(422, "idempotency_key_reused");
     // A retry after the service was removed still gets its answer, which says so.
     let killed = node.delete("/services/kv?force=true", "a").await;
     let seq = killed.ok(202)["seq"].as_u64().unwrap();
@@ -2666,7 +2666,7 @@ fn openapi_documents_every_route_and_method() {
         K::Unauthenticated,
         K::PermissionDenied,
         K::NotFound,
-        K::Conflict,
+        K::IdempotencyKeyReused,
         K::FailedPrecondition,
         K::QuotaExceeded,
         K::Overloaded,

@@ -1570,6 +1570,11 @@ async fn max_deploys_per_minute_holds_at_its_edge() {
         .and_then(|v| v.to_str().ok()?.parse().ok())
         .expect("a retry hint in milliseconds");
     assert!((45_000..61_000).contains(&retry_after_ms), "{status:?}");
+    // The same, for gRPC clients' own retry policies.
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        &retry_after_ms.to_string()
+    );
     let reply = rest_deploy(&http, &base, &q, "d4", &wat_text("echo"), json!({})).await;
     assert_rest_quota(&reply, "max_deploys_per_minute", 3);
     let retry_after: u64 = reply

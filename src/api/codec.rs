@@ -72,7 +72,8 @@ impl<U: prost::Message + Default> Decoder for SoloDecoder<U> {
 /// - over the size limit: RESOURCE_EXHAUSTED naming the limit. Tonic checks the limit before
 ///   any codec sees the bytes and answers OUT_OF_RANGE; Solo never answers OUT_OF_RANGE itself
 ///   (no [`super::ErrorKind`] maps to it), so that code, before any message went out, can only
-///   be this refusal.
+///   be this refusal. A compressed message over the limit once inflated is tonic's
+///   RESOURCE_EXHAUSTED before the handler has it.
 /// - a method the service lacks: UNIMPLEMENTED, saying so (tonic says nothing).
 /// - badly framed (a compressed flag without compression, a length prefix longer than the
 ///   body, no message at all): INVALID_ARGUMENT. Tonic answers INTERNAL, which Solo also uses
@@ -152,7 +153,7 @@ where
                 None => reply.await?,
             };
             let code = reply.headers().get("grpc-status").map(|code| code.as_bytes());
-            if code == Some(b"11") {
+            if code == Some(b"11") || (code == Some(b"8") && !decoded.is_marked() && inflated_too_far(&reply)) {
                 let message =
                     format!("the request message is over this node's limit of {limit} bytes (max_request_bytes)");
                 return Ok(Error::new(ErrorKind::PayloadTooLarge, message).to_status().into_http());
@@ -176,6 +177,13 @@ where
             Ok(reply)
         })
     }
+}
+
+/// Whether `reply` is tonic's refusal of a compressed message that inflated past the limit: a
+/// RESOURCE_EXHAUSTED before the handler had the request, as the request body's own refusals
+/// (a budget of bodies in flight) are too, told apart by tonic's words.
+fn inflated_too_far(reply: &Reply) -> bool {
+    Status::from_header_map(reply.headers()).is_some_and(|s| s.message().starts_with("Error decompressing: size limit"))
 }
 
 /// How much sooner than tonic's timer a request's deadline is kept (at most half the

@@ -21,8 +21,10 @@ pub enum ErrorKind {
     PermissionDenied,
     /// No such service (also: another tenant's), or no such route.
     NotFound,
-    /// The request conflicts with what was done before (an idempotency key reused).
-    Conflict,
+    /// An idempotency key that came with another request before. Not ALREADY_EXISTS nor 409,
+    /// which clients may take for "done already": 422 as the IETF's Idempotency-Key draft asks,
+    /// and FAILED_PRECONDITION, the key's earlier use being the state the request fails on.
+    IdempotencyKeyReused,
     /// The request required a version the service is not at (a lost read-modify-write race).
     VersionMismatch,
     /// The service is not in a state to take the request (crashed, stopped).
@@ -61,7 +63,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::NotFound => "not_found",
-            ErrorKind::Conflict => "conflict",
+            ErrorKind::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorKind::VersionMismatch => "version_mismatch",
             ErrorKind::FailedPrecondition => "failed_precondition",
             ErrorKind::QuotaExceeded => "quota_exceeded",
@@ -85,10 +87,9 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => Code::Unauthenticated,
             ErrorKind::PermissionDenied => Code::PermissionDenied,
             ErrorKind::NotFound => Code::NotFound,
-            ErrorKind::Conflict => Code::AlreadyExists,
             // As gRPC's guide says of a failed test-and-set: retry the whole read-modify-write.
             ErrorKind::VersionMismatch => Code::Aborted,
-            ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            ErrorKind::FailedPrecondition | ErrorKind::IdempotencyKeyReused => Code::FailedPrecondition,
             ErrorKind::QuotaExceeded | ErrorKind::Overloaded | ErrorKind::InsufficientStorage => {
                 Code::ResourceExhausted
             }
@@ -108,11 +109,11 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::Conflict | ErrorKind::VersionMismatch | ErrorKind::FailedPrecondition => StatusCode::CONFLICT,
+            ErrorKind::VersionMismatch | ErrorKind::FailedPrecondition => StatusCode::CONFLICT,
             ErrorKind::QuotaExceeded | ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::ServiceTrapped => StatusCode::BAD_GATEWAY,
-            ErrorKind::ServiceError => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::ServiceError | ErrorKind::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::ShuttingDown | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -198,7 +199,8 @@ impl Error {
 
     /// The gRPC status, with the error's kind in `solo-error` metadata (the `error` of a REST
     /// body: several kinds share a code, as a service's `service_error` shares `UNKNOWN` with
-    /// failures of the transport) and the retry hint in `retry-after-ms`.
+    /// failures of the transport) and the retry hint in `retry-after-ms`, and in
+    /// `grpc-retry-pushback-ms` for gRPC's built-in retry policies (gRFC A6).
     pub fn to_status(&self) -> tonic::Status {
         let mut status = tonic::Status::new(self.kind.grpc_code(), self.message.clone());
         status.metadata_mut().insert(
@@ -206,9 +208,13 @@ impl Error {
             tonic::metadata::MetadataValue::from_static(self.kind.as_str()),
         );
         if let Some(after) = self.retry_after
-            && let Ok(value) = after.as_millis().to_string().parse()
+            && let Ok(value) = after
+                .as_millis()
+                .to_string()
+                .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
         {
-            status.metadata_mut().insert("retry-after-ms", value);
+            status.metadata_mut().insert("retry-after-ms", value.clone());
+            status.metadata_mut().insert("grpc-retry-pushback-ms", value);
         }
         status
     }
@@ -247,7 +253,7 @@ impl From<control::Error> for Error {
                     _ => refused.with_retry_after(RETRY_SOON),
                 }
             }
-            E::IdempotencyConflict { .. } => Error::new(ErrorKind::Conflict, message),
+            E::IdempotencyConflict { .. } => Error::new(ErrorKind::IdempotencyKeyReused, message),
             E::VersionMismatch { .. } => Error::new(ErrorKind::VersionMismatch, message),
             E::NotRunning { .. } | E::NotStopped { .. } => Error::new(ErrorKind::FailedPrecondition, message),
             E::Stale(_) => Error::new(ErrorKind::Internal, message),

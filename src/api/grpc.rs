@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use futures_util::{Stream, StreamExt};
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::auth::Authenticated;
@@ -25,6 +26,12 @@ pub struct GrpcApi {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The most a List page's services may take on the wire. Official gRPC clients refuse an answer
+/// over 4 MiB unless told otherwise, and services with many long labels pass that well within
+/// the largest page size: a page ends short of this, as Kubernetes may answer fewer items than
+/// its `limit`, and its token resumes after the last service sent.
+const MAX_PAGE_BYTES: usize = 3 << 20;
 
 /// The methods of `SoloKernel`, as `solo_grpc_requests_total` names them.
 const METHODS: [&str; 9] = [
@@ -153,21 +160,17 @@ impl SoloKernel for GrpcApi {
             let page_size = ops::page_size(request.page_size.into())?;
             let after = decode_page_token(&request.page_token, &listing)?;
             let found = ops::list(&self.state, &caller, &filter);
-            let page: Vec<_> = found
+            let unsent = found
                 .services
                 .iter()
-                .filter(|s| after.as_ref().is_none_or(|(t, id)| (&s.tenant, &s.id) > (t, id)))
-                .take(page_size + 1)
-                .collect();
-            let next_page_token = match page.get(page_size) {
-                Some(_) => encode_page_token(&listing, &page[page_size - 1].tenant, &page[page_size - 1].id),
+                .filter(|s| after.as_ref().is_none_or(|(t, id)| (&s.tenant, &s.id) > (t, id)));
+            let (services, last_sent) = fill_page(unsent, page_size, MAX_PAGE_BYTES, |s| {
+                ops::service_status(&self.state, s)
+            });
+            let next_page_token = match last_sent {
+                Some(last) => encode_page_token(&listing, &last.tenant, &last.id),
                 None => String::new(),
             };
-            let services = page
-                .into_iter()
-                .take(page_size)
-                .map(|s| ops::service_status(&self.state, s))
-                .collect();
             Ok(proto::ListResponse {
                 services,
                 next_page_token,
@@ -356,6 +359,35 @@ fn decode_page_token(token: &str, listing: &str) -> Result<Option<(String, Strin
     Ok(Some((tenant.to_string(), id.to_string())))
 }
 
+/// The statuses of the first of `unsent` that fit a page: at most `page_size`, and as many as fit
+/// in `max_bytes` encoded, one at least. Also the last one taken, if more are left for another
+/// page.
+fn fill_page<'a, S: 'a>(
+    unsent: impl Iterator<Item = &'a S>,
+    page_size: usize,
+    max_bytes: usize,
+    status_of: impl Fn(&S) -> proto::ServiceStatus,
+) -> (Vec<proto::ServiceStatus>, Option<&'a S>) {
+    let mut unsent = unsent.peekable();
+    let (mut page, mut bytes, mut last) = (Vec::new(), 0, None);
+    while let Some(&next) = unsent.peek() {
+        if page.len() == page_size {
+            break;
+        }
+        let status = status_of(next);
+        // As a repeated field of the answer: a tag byte, the length, the message.
+        let size = 1 + prost::length_delimiter_len(status.encoded_len()) + status.encoded_len();
+        if !page.is_empty() && bytes + size > max_bytes {
+            break;
+        }
+        bytes += size;
+        page.push(status);
+        last = unsent.next();
+    }
+    let more = unsent.peek().is_some();
+    (page, last.filter(|_| more))
+}
+
 /// Counts in `solo_grpc_requests_total` a request of `service` refused before its method read it
 /// (its credentials failed), if `path` names one of the methods: the label set stays fixed.
 pub(super) fn count_refused_unread(state: &ApiState, service: &str, path: &str, code: tonic::Code) {
@@ -400,6 +432,53 @@ fn code_name(code: tonic::Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use prost::Message as _;
+
+    use super::fill_page;
+    use crate::proto::ServiceStatus;
+
+    fn status(id: &str, last_error: usize) -> ServiceStatus {
+        ServiceStatus {
+            service_id: id.into(),
+            last_error: "e".repeat(last_error),
+            ..Default::default()
+        }
+    }
+
+    /// Sizes as the answer encodes them, each service a repeated field.
+    fn encoded(page: &[ServiceStatus]) -> usize {
+        crate::proto::ListResponse {
+            services: page.to_vec(),
+            ..Default::default()
+        }
+        .encoded_len()
+    }
+
+    #[test]
+    fn a_page_ends_at_its_size_or_its_bytes_whichever_comes_first() {
+        let services: Vec<ServiceStatus> = (0..10).map(|i| status(&format!("s{i}"), 1000)).collect();
+        let one = encoded(&services[..1]);
+        let ids = |page: &[ServiceStatus]| page.iter().map(|s| s.service_id.clone()).collect::<Vec<_>>();
+
+        let (page, last) = fill_page(services.iter(), 4, usize::MAX, Clone::clone);
+        assert_eq!(ids(&page), ["s0", "s1", "s2", "s3"]);
+        assert_eq!(last.map(|s| s.service_id.as_str()), Some("s3"));
+
+        // Three fit in the bytes, exactly; the page's token resumes after the third.
+        let (page, last) = fill_page(services.iter(), 100, 3 * one, Clone::clone);
+        assert_eq!(ids(&page), ["s0", "s1", "s2"]);
+        assert_eq!(encoded(&page), 3 * one);
+        assert_eq!(last.map(|s| s.service_id.as_str()), Some("s2"));
+
+        // One service over the bytes on its own is still sent, alone.
+        let (page, _) = fill_page(services.iter(), 100, one / 2, Clone::clone);
+        assert_eq!(ids(&page), ["s0"]);
+
+        // The last page says nothing is left, whichever bound it met.
+        let (page, last) = fill_page(services[8..].iter(), 2, 2 * one, Clone::clone);
+        assert_eq!((page.len(), last), (2, None));
+        let (page, last) = fill_page(std::iter::empty(), 2, one, Clone::clone);
+        assert_eq!((page.len(), last), (0, None));
+    }
 
     /// The metric's initial series cover every RPC the proto declares, added ones too.
     #[test]

@@ -29,7 +29,9 @@ pub enum Error {
         /// For a rate quota, how long until it has room again.
         retry_after: Option<std::time::Duration>,
     },
-    #[error("idempotency key '{key}' was already used for a different request")]
+    #[error(
+        "idempotency key '{key}' was already used for a different request; nothing was done (a new request takes a new key)"
+    )]
     IdempotencyConflict { key: String },
     /// A remove of a service that is not stopped.
     #[error("service '{service_id}' is {status}: kill it, and remove it once it has stopped")]
