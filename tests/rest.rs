@@ -154,12 +154,18 @@ struct Frame {
     data: Value,
 }
 
-/// The next dispatched event, `None` when the stream ends.
+/// The next event of the log, `None` when the stream ends: progress frames are passed over,
+/// as an EventSource's `onmessage` and per-kind listeners pass them over.
 async fn next_frame(stream: &mut SseStream) -> Option<Frame> {
-    let item = tokio::time::timeout(DEADLINE, stream.next())
-        .await
-        .expect("an SSE event arrives in time")?;
-    let event = item.expect("the SSE stream parses");
+    let event = loop {
+        let item = tokio::time::timeout(DEADLINE, stream.next())
+            .await
+            .expect("an SSE event arrives in time")?;
+        let event = item.expect("the SSE stream parses");
+        if event.event != "progress" {
+            break event;
+        }
+    };
     assert!(!event.data.contains('\n'), "data is one line: {event:?}");
     let data = serde_json::from_str(&event.data).unwrap_or_else(|e| panic!("data is not JSON ({e}): {event:?}"));
     let id = event
@@ -193,7 +199,7 @@ fn is_event(frame: &Frame, service_id: &str, kind: &str) -> bool {
 }
 
 /// An SSE stream read as raw frames (lines up to a blank line), to see what a parser hides:
-/// id-only frames and comments.
+/// comments, and each line as sent.
 struct RawSse {
     body: Pin<Box<dyn Stream<Item = reqwest::Result<Vec<u8>>> + Send>>,
     buffer: Vec<u8>,
@@ -1940,52 +1946,58 @@ async fn sse_from_now_opens_with_the_head_as_its_id() {
     let seq = deployed.ok(201)["deploy"]["seq"].as_u64().unwrap();
     let response = send_stream(node.request(Method::GET, "/events", "a")).await;
     let mut raw = RawSse::new(response);
-    // Before anything else happens: an id-only frame, so that a reconnect sends a
+    // Before anything else happens: a progress frame, so that a reconnect sends a
     // Last-Event-ID and misses nothing committed in between.
     let first = raw.next_frame().await;
-    let id = first
-        .iter()
-        .find_map(|l| l.strip_prefix("id: "))
-        .map(|id| id.parse::<u64>().expect("the id is a seq"));
-    assert!(id.is_some_and(|id| id >= seq), "{first:?}");
-    assert_eq!(first.len(), 1, "an id-only frame: {first:?}");
+    let id = progress_id(&first);
+    assert!(id >= seq, "{first:?}");
     node.stop().await;
 }
 
+/// The seq a progress frame names, checking it is one: its id, its type, and its data (which
+/// every client keeps the id of; some drop a frame without data, id and all).
+fn progress_id(frame: &[String]) -> u64 {
+    let [id, event, data] = frame else {
+        panic!("a progress frame has three lines: {frame:?}")
+    };
+    let id: u64 = id
+        .strip_prefix("id: ")
+        .expect("an id")
+        .parse()
+        .expect("the id is a seq");
+    assert_eq!(event, "event: progress");
+    assert_eq!(data, &format!("data: {{\"head_seq\":{id}}}"));
+    id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sse_sends_id_only_progress_frames_while_filtering() {
+async fn sse_sends_progress_frames_while_filtering() {
     let node = node(|c| c.solo.sse_keepalive_ms = 200).await;
     let response = send_stream(node.request(Method::GET, "/events?kinds=service_stopped", "a")).await;
     let mut raw = RawSse::new(response);
     let deployed = node.deploy("a", "echo", "echo").await;
     let seq = deployed.ok(201)["deploy"]["seq"].as_u64().unwrap();
-    // Frames until one moves the id past the deploy without dispatching anything.
-    let progress = loop {
+    // Progress frames, and no event, until one moves the id past the deploy.
+    loop {
         let frame = raw.next_frame().await;
-        assert!(
-            frame
-                .iter()
-                .all(|l| !l.starts_with("data:") && !l.starts_with("event:")),
-            "a filtered-out event was sent: {frame:?}"
-        );
-        let id = frame
-            .iter()
-            .find_map(|l| l.strip_prefix("id: "))
-            .map(|id| id.parse::<u64>().expect("the id is a seq"));
-        if let Some(id) = id
-            && id >= seq
-        {
-            break frame;
+        if frame.iter().all(|l| l.starts_with(':')) {
+            continue;
         }
-    };
-    assert_eq!(progress.len(), 1, "an id-only frame: {progress:?}");
+        if progress_id(&frame) >= seq {
+            break;
+        }
+    }
     // The kill's service_stopped passes the filter, as a full frame with one data line.
     node.delete("/services/echo", "a").await.ok(202);
     let frame = loop {
         let frame = raw.next_frame().await;
-        if frame.iter().any(|l| l.starts_with("data:")) {
+        if frame.iter().any(|l| l == "event: service_stopped") {
             break frame;
         }
+        assert!(
+            frame.iter().all(|l| l.starts_with(':')) || frame.contains(&"event: progress".to_string()),
+            "a filtered-out event was sent: {frame:?}"
+        );
     };
     assert_eq!(frame.len(), 3, "{frame:?}");
     assert!(frame[0].starts_with("id: "));

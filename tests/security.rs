@@ -228,7 +228,7 @@ async fn sse_until(stream: &mut Sse, until: impl Fn(&Value) -> bool) -> Vec<Valu
     let found = async {
         while let Some(item) = stream.next().await {
             let event = item.expect("the SSE stream parses");
-            if event.data.is_empty() {
+            if event.data.is_empty() || event.event == "progress" {
                 continue;
             }
             let data: Value = serde_json::from_str(&event.data).expect("SSE data is JSON");

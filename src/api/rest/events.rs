@@ -1,8 +1,8 @@
 //! Server-Sent Events: `/events` (a tail of the log) and `/services/{id}/logs?follow=true`.
 //!
 //! An event frame is `id: <seq>`, `event: <kind>`, `data: <one line of JSON>`. While a filtered
-//! stream skips events, an id-only frame moves the client's `Last-Event-ID` forward without
-//! dispatching anything, so a reconnect resumes after everything already examined.
+//! stream skips events, a `progress` frame moves the client's `Last-Event-ID` forward, so a
+//! reconnect resumes after everything already examined.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -99,7 +99,13 @@ fn frame(item: &WatchItem) -> SseEvent {
             .id(event.seq.to_string())
             .event(crate::event::kind_name(event))
             .data(crate::event::to_json(event).to_string()),
-        WatchItem::Progress(seq) => SseEvent::default().id(seq.to_string()),
+        // With data, though EventSource keeps an id-only frame's id too: some clients (the npm
+        // `eventsource`) drop a frame without data, id and all, and would resume from an older
+        // id. Named, so an `onmessage` handler is not called for it.
+        WatchItem::Progress(seq) => SseEvent::default()
+            .id(seq.to_string())
+            .event("progress")
+            .data(serde_json::json!({ "head_seq": seq }).to_string()),
     }
 }
 
