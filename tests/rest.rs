@@ -480,7 +480,19 @@ async fn post_services_creates_upgrades_and_recognises_identical_modules() {
     // WAT in JSON: a new service.
     let created = node.deploy("a", "echo", "echo").await;
     let body = created.ok(201);
-    assert_eq!(created.header("location"), Some("/services/echo"));
+    assert_eq!(created.header("location"), Some("/services/echo?tenant=a"));
+    assert_eq!(node.get("/services/echo?tenant=a", "a").await.ok(200)["tenant"], "a");
+    // A deploy for a tenant is found where its Location says by anyone who may see it, the
+    // admin too: in that tenant, not in the default one, which the bare path names to the admin.
+    let for_b = node
+        .request(Method::POST, "/services?tenant=b", "")
+        .json(&json!({ "service_id": "echo", "wat": wat_text("kv") }));
+    let for_b = send(for_b).await;
+    for_b.ok(201);
+    let location = for_b.header("location").expect("a location").to_string();
+    assert_eq!(location, "/services/echo?tenant=b");
+    assert_eq!(node.get("/services/echo", "").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(node.get(&location, "").await.ok(200)["tenant"], "b");
     let keys: BTreeSet<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
     let mut expected: BTreeSet<&str> = SERVICE_FIELDS.into_iter().collect();
     expected.insert("deploy");
@@ -778,6 +790,18 @@ async fn a_request_that_says_two_things_is_refused() {
             .len(),
         1
     );
+    // Escapes are decoded as UTF-8; bytes that are not UTF-8 are refused, not replaced (two
+    // different values would become one).
+    let put = |query: &str| {
+        node.request(Method::PUT, &format!("/services/esc?{query}"), "a")
+            .header("content-type", "text/plain")
+            .body(wat_text("echo"))
+    };
+    let reply = send(put("label=k=%FF")).await;
+    assert!(reply.error(400, "invalid_argument").contains("not UTF-8"), "{reply:?}");
+    assert_eq!(node.get("/services/esc", "a").await.status, StatusCode::NOT_FOUND);
+    let reply = send(put("label=k=caf%C3%A9+noir")).await;
+    assert_eq!(reply.ok(201)["labels"]["k"], "café noir");
     node.stop().await;
 }
 
@@ -791,12 +815,17 @@ async fn put_deploys_raw_wasm_and_wat_and_refuses_other_media_types() {
             .body(body)
     };
     let wasm = send(put("bin", "application/wasm", wasm_bytes("echo"))).await;
-    assert_eq!(wasm.header("location"), Some("/services/bin"));
+    assert_eq!(wasm.header("location"), Some("/services/bin?tenant=a"));
     let body = wasm.ok(201);
     assert_eq!(
         (body["service_id"].as_str(), body["version"].as_u64()),
         (Some("bin"), Some(1))
     );
+    // No Content-Type at all (`curl -T`): a body of bytes, as RFC 9110 lets it be taken.
+    let untyped = node
+        .request(Method::PUT, "/services/untyped", "a")
+        .body(wasm_bytes("echo"));
+    send(untyped).await.ok(201);
     let text = send(put("text", "text/plain; charset=utf-8", wat_text("echo").into_bytes())).await;
     let text_body = text.ok(201);
     assert_eq!(
@@ -851,7 +880,7 @@ async fn put_deploys_raw_wasm_and_wat_and_refuses_other_media_types() {
         .iter()
         .map(|s| s["service_id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["bin", "curl", "limited", "text"]);
+    assert_eq!(ids, ["bin", "curl", "limited", "text", "untyped"]);
     node.stop().await;
 }
 
@@ -1619,7 +1648,10 @@ async fn tokens_are_required_when_configured() {
     };
     let bearer = |token: &str| format!("Bearer {token}");
     for path in ["/services", "/services/x", "/services/x/logs", "/events"] {
-        send(get(path, None)).await.error(401, "unauthenticated");
+        let refused = send(get(path, None)).await;
+        // As RFC 9110 asks of a 401: the scheme that would do.
+        assert_eq!(refused.header("www-authenticate"), Some("Bearer"), "{path}");
+        refused.error(401, "unauthenticated");
         send(get(path, Some("Bearer solo_not_a_token")))
             .await
             .error(401, "unauthenticated");
@@ -1932,8 +1964,10 @@ async fn sse_replays_history_and_filters_by_kind_and_service() {
         "{past:?}"
     );
     for last in [(head + 1000).to_string(), u64::MAX.to_string()] {
-        let ahead = send(node.request(Method::GET, "/events", "a").header("last-event-id", last)).await;
-        ahead.error(400, "invalid_argument");
+        let ahead = send(node.request(Method::GET, "/events", "a").header("last-event-id", &last)).await;
+        // Named as sent, not as the seq after it.
+        let message = ahead.error(400, "invalid_argument");
+        assert!(message.starts_with(&format!("Last-Event-ID {last}")), "{message}");
     }
     drop((all, started, counter, both, resumed));
     node.stop().await;

@@ -41,6 +41,9 @@ pub(super) async fn events(
     let permit = state.shed.admit_watcher(&caller.principal)?;
     let gauge = GaugeGuard::new(state.metrics.watchers.with_label_values(&["sse"]));
     let progress = state.options.sse_keepalive;
+    let resumed = headers
+        .get("last-event-id")
+        .is_some_and(|v| !v.as_bytes().trim_ascii().is_empty());
     let items = watch(
         &state.control,
         caller,
@@ -48,7 +51,14 @@ pub(super) async fn events(
         from_seq,
         progress,
         state.stopping.clone(),
-    )?;
+    )
+    .map_err(|e| match e.kind() {
+        // The seq refused is the one after it: name what the client sent too.
+        ErrorKind::InvalidArgument if resumed => {
+            Error::invalid(format!("Last-Event-ID {}: {}", from_seq - 1, e.message()))
+        }
+        _ => e,
+    })?;
     // The stream ends cleanly at shutdown. Any other error (a damaged record) is sent as a
     // last `error` frame: a stream that just ended would read as "nothing more" to a client,
     // which would reconnect to the same damage forever without ever learning of it.
@@ -87,7 +97,7 @@ fn resume_point(headers: &HeaderMap, from: Option<u64>) -> Result<u64, Error> {
     match (last_event_id.transpose()?, from) {
         (Some(last), _) => last
             .checked_add(1)
-            .ok_or_else(|| Error::invalid("Last-Event-ID is past the last possible seq")),
+            .ok_or_else(|| Error::invalid(format!("Last-Event-ID {last}: it is past the last possible seq"))),
         (None, Some(from)) => Ok(from),
         (None, None) => Ok(0),
     }

@@ -137,6 +137,12 @@ impl IntoResponse for Error {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        // RFC 9110 asks a 401 to say which scheme would do.
+        if self.kind == ErrorKind::Unauthenticated {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         // The request id is filled in by `normalize_errors`, which knows it.
         response.extensions_mut().insert(ErrorBody(self));
         response

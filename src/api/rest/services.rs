@@ -25,11 +25,30 @@ type Certificate = Option<Extension<PeerTenant>>;
 /// The parameters of a query string, refusing any not in `allowed`.
 pub(super) struct Params(Vec<(String, String)>);
 
+/// A query string's key or value, decoded as a form encodes it (`+` a space, `%XX` a byte); one
+/// whose bytes are not UTF-8 is refused, not stored with replacement characters.
+fn query_text(encoded: &str) -> Result<String, Error> {
+    let spaced = encoded.replace('+', " ");
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(&spaced).collect();
+    String::from_utf8(bytes).map_err(|_| {
+        Error::invalid(format!(
+            "the query string's '{}' is not UTF-8 once its %-escapes are decoded",
+            crate::limits::cut_to(encoded.to_string(), 64)
+        ))
+    })
+}
+
 impl Params {
     pub(super) fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Params, Error> {
-        let pairs: Vec<(String, String)> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
+        let raw = raw.unwrap_or_default();
+        let pairs: Vec<(String, String)> = raw
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                Ok((query_text(key)?, query_text(value)?))
+            })
+            .collect::<Result<_, Error>>()?;
         if let Some((unknown, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
             return Err(Error::invalid(format!(
                 "unknown query parameter '{unknown}'; this route takes: {}",
@@ -282,6 +301,8 @@ pub(super) async fn deploy_raw(
             "a body sent as Content-Type: text/plain",
         )?,
         "application/octet-stream" | "text/plain" | "text/wat" => {}
+        // None said (`curl -T`): octet-stream, as RFC 9110 lets a recipient assume.
+        "" => {}
         // curl --data-binary sends this by default; accept it for a wasm binary.
         "application/x-www-form-urlencoded" if is_wasm => {}
         other => {
@@ -328,7 +349,11 @@ async fn deployed(state: &ApiState, caller: &crate::api::Caller, deploy: Deploy)
     };
     let mut response = (status, Json(body)).into_response();
     if outcome.created {
-        let location = format!("/services/{}", outcome.service_id);
+        // With its tenant, as Kubernetes puts the namespace in an object's path: to the admin
+        // (or in development mode, to no one in particular) the bare id names the default
+        // tenant's service. Any caller that may see the service may name its tenant. Ids and
+        // tenant names need no escaping.
+        let location = format!("/services/{}?tenant={}", outcome.service_id, caller.tenant());
         if let Ok(value) = HeaderValue::from_str(&location) {
             response.headers_mut().insert(header::LOCATION, value);
         }
