@@ -75,6 +75,12 @@ pub struct SoloConfig {
     /// Streams one HTTP/2 connection may have open at once (gRPC calls and watches, HTTP/2
     /// requests), as advertised in its SETTINGS; a client's further streams wait for one to end.
     pub max_streams_per_connection: u32,
+    /// The most request headers (gRPC metadata) an HTTP/2 request may carry, counted as HTTP/2
+    /// counts them (each name and value, plus 32 bytes), as the connection's SETTINGS tell the
+    /// client. One over it is refused alone (`431`), and one over four times it closes its
+    /// connection (hyper's guard against a flood), ending every call on it: hyper's default of
+    /// 16 KiB put that at 64 KiB of metadata. 64 KiB, as Envoy's default.
+    pub max_header_list_bytes: u32,
     /// How much of a request body left unread (one over the limit, or refused before it was
     /// read) the server still reads and discards, so the client gets the answer rather than a
     /// connection reset.
@@ -105,6 +111,7 @@ impl Default for SoloConfig {
             max_connections: 10_000,
             max_connections_per_client: 1_000,
             max_streams_per_connection: 1_000,
+            max_header_list_bytes: 64 << 10,
             http_discard_bytes: 64 << 20,
             sse_keepalive_ms: 15_000,
             watch_progress_interval_ms: 10_000,
@@ -387,6 +394,13 @@ impl Config {
             if u128::from(value) < floor {
                 return Err(invalid(key, &format!("must be at least {floor}")));
             }
+        }
+        // Less, and a client's ordinary headers (a token, a user agent, a trace) would not fit.
+        if solo.max_header_list_bytes < MIN_HEADER_LIST_BYTES {
+            return Err(invalid(
+                "solo.max_header_list_bytes",
+                &format!("must be at least {MIN_HEADER_LIST_BYTES}"),
+            ));
         }
         // Shorter, a connection would close between the calls of a client that is busy.
         let idle = solo.grpc_max_connection_idle_ms;
@@ -685,6 +699,9 @@ const MAX_WASM_STACK_KB: u32 = 64 << 10;
 /// The most threads of one kind (guest, compile) a node may be given.
 const MAX_THREADS: u32 = 1024;
 
+/// The smallest `max_header_list_bytes`: grpc-java's and grpc C-core's own default.
+const MIN_HEADER_LIST_BYTES: u32 = 8 << 10;
+
 /// The address space the instance pool may reserve: each slot holds its largest memory.
 const MAX_POOL_RESERVATION: u64 = 64 << 40;
 
@@ -938,6 +955,11 @@ mod tests {
                 "[solo]\nsse_keepalive_ms = 99\n",
                 "solo.sse_keepalive_ms",
                 "at least 100",
+            ),
+            (
+                "[solo]\nmax_header_list_bytes = 1024\n",
+                "solo.max_header_list_bytes",
+                "at least 8192",
             ),
             (
                 "[runtime]\nguest_threads = 100000000\n",

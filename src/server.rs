@@ -351,7 +351,7 @@ async fn serve(
         tls.clone(),
         connection_limits(HTTP2_OPENING, Closer::Stream { idle_after: grpc_idle }),
         keepalive,
-        config.solo.max_streams_per_connection,
+        Http2Limits::of(&config.solo),
         drained.clone(),
     ));
     let http = tokio::spawn(serve_http(
@@ -361,7 +361,7 @@ async fn serve(
         // The HTTP listener closes its idle connections itself, gracefully.
         connection_limits(1, Closer::Server),
         header_timeout,
-        config.solo.max_streams_per_connection,
+        Http2Limits::of(&config.solo),
         drained.clone(),
     ));
     println!("{}", listening_line(grpc_addr, http_addr));
@@ -448,6 +448,22 @@ fn api_options(config: &Config) -> ApiOptions {
     }
 }
 
+/// What one HTTP/2 connection may ask of the node, on either listener.
+#[derive(Debug, Clone, Copy)]
+struct Http2Limits {
+    max_streams: u32,
+    max_header_list_bytes: u32,
+}
+
+impl Http2Limits {
+    fn of(solo: &crate::config::SoloConfig) -> Http2Limits {
+        Http2Limits {
+            max_streams: solo.max_streams_per_connection,
+            max_header_list_bytes: solo.max_header_list_bytes,
+        }
+    }
+}
+
 /// HTTP/2 pings on idle gRPC connections.
 struct Keepalive {
     interval: Duration,
@@ -460,7 +476,7 @@ async fn serve_grpc(
     tls: Option<TlsSetup>,
     limits: ConnectionLimits,
     keepalive: Keepalive,
-    max_streams: u32,
+    http2: Http2Limits,
     drained: CancellationToken,
 ) -> anyhow::Result<()> {
     // Only requests are bounded here; answers are bounded by what makes them (a service's
@@ -497,7 +513,8 @@ async fn serve_grpc(
         .http2_keepalive_interval(Some(keepalive.interval))
         .http2_keepalive_timeout(Some(keepalive.timeout))
         // tonic's default is no limit at all, overriding hyper's.
-        .max_concurrent_streams(max_streams);
+        .max_concurrent_streams(http2.max_streams)
+        .http2_max_header_list_size(http2.max_header_list_bytes);
     let builder = match &tls {
         Some(tls) => builder.tls_config(tls.grpc()).context("gRPC TLS")?,
         None => builder,
@@ -706,7 +723,7 @@ async fn serve_http(
     tls: Option<TlsSetup>,
     connections: ConnectionLimits,
     header_timeout: Duration,
-    max_streams: u32,
+    http2: Http2Limits,
     drained: CancellationToken,
 ) -> anyhow::Result<()> {
     let router = crate::api::rest::router(state);
@@ -716,7 +733,10 @@ async fn serve_http(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout);
-    builder.http2().max_concurrent_streams(max_streams);
+    builder
+        .http2()
+        .max_concurrent_streams(http2.max_streams)
+        .max_header_list_size(http2.max_header_list_bytes);
     // Each connection's task holds a sender: the listener has drained once all are dropped.
     let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     loop {

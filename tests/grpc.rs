@@ -1720,6 +1720,51 @@ impl tonic::codec::Decoder for RawCodec {
     }
 }
 
+/// Metadata of a few tens of KiB is served; more is refused for that call alone, and other
+/// calls on the same connection go on: hyper's default had the first refused and the second
+/// close the connection, a Watch on it included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_metadata_is_refused_for_its_call_alone() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let padded = |bytes: usize| {
+        let mut request = as_tenant(
+            "acme",
+            proto::StatusRequest {
+                service_id: "nothing".into(),
+            },
+        );
+        let pad = "p".repeat(bytes).parse().unwrap();
+        request.metadata_mut().insert("x-padding", pad);
+        request
+    };
+    let watch = proto::WatchRequest {
+        kinds: vec!["service_deployed".into()],
+        ..Default::default()
+    };
+    let mut watch = client.watch(as_tenant("acme", watch)).await.unwrap().into_inner();
+    // 40 KB: reaches its handler, which answers for the service it names.
+    let status = client.status(padded(40_000)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    // 100 KB: refused, alone.
+    let status = client.status(padded(100_000)).await.unwrap_err();
+    assert_ne!(status.code(), Code::NotFound, "{status:?}");
+    let deployed = deploy(&mut client, "acme", "after", "echo").await;
+    let event = loop {
+        let next = tokio::time::timeout(PATIENCE, watch.next())
+            .await
+            .expect("the watch goes on")
+            .expect("the stream is open")
+            .expect("the watch is not cut off");
+        if let Some(Msg::Event(event)) = next.msg {
+            break event;
+        }
+    };
+    assert_eq!(event.seq, deployed.seq);
+    server.stop().await.unwrap();
+}
+
 /// Clients set to compress their requests (a whole channel, as grpcio and grpc-js allow) are
 /// served, gzip or deflate; one whose message inflates past the limit is refused as over it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
