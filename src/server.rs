@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 
 use crate::api::bodies::{BodyBudget, MeterBodies};
-use crate::api::codec::RequestRefusals;
+use crate::api::codec::{RequestRefusals, spec_encoded_grpc_message};
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
@@ -536,7 +536,8 @@ async fn serve_grpc(
         ))
         .into_axum_router()
         .fallback(unknown_grpc_service)
-        .layer(axum::middleware::from_fn(require_grpc_content_type));
+        .layer(axum::middleware::from_fn(require_grpc_content_type))
+        .layer(axum::middleware::map_response(spec_encoded_status));
     builder
         .add_routes(routes.into())
         .serve_with_incoming_shutdown(admitted_connections(listener, limits), shutdown)
@@ -584,6 +585,17 @@ async fn require_grpc_content_type(
         message,
     )
         .into_response()
+}
+
+/// An answer whose status is in its headers (an error before any message) has its message
+/// encoded as the gRPC spec does (see [`spec_encoded_grpc_message`]). A stream's status comes
+/// in its trailers and keeps tonic's encoding.
+async fn spec_encoded_status(mut response: axum::response::Response) -> axum::response::Response {
+    let headers = response.headers_mut();
+    if let Some(encoded) = headers.get("grpc-message").and_then(spec_encoded_grpc_message) {
+        headers.insert("grpc-message", encoded);
+    }
+    response
 }
 
 /// A call to a service this node does not serve: tonic's own answer carries no message.

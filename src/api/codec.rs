@@ -1,5 +1,6 @@
 //! How gRPC messages are read off the wire: the codec of the generated server and client
-//! (wired in by `build.rs`), and the status of a request that tonic refused to read.
+//! (wired in by `build.rs`), and the status of a request that tonic refused to read; and how a
+//! status's message is written on it.
 //!
 //! Both exist to give the client the code the gRPC spec asks for: INVALID_ARGUMENT for bytes
 //! that are not the request message, or not framed as one (tonic says INTERNAL, as if the node
@@ -230,11 +231,45 @@ fn grpc_timeout(value: &http::HeaderValue) -> Option<std::time::Duration> {
     })
 }
 
+/// Percent-encodes a `grpc-message` as the gRPC spec does, escaping only `%` and the bytes
+/// outside printable ASCII. Tonic also escapes spaces, `#`, `?`, quotes, `<>`, `{}` and the
+/// backquote: valid, but grpc-js decodes with `decodeURI`, which leaves `%23` and `%3F` as they
+/// are, so its users read "restore%3F". `None` if the value is already as the spec writes it.
+pub fn spec_encoded_grpc_message(value: &http::HeaderValue) -> Option<http::HeaderValue> {
+    let raw = value.as_bytes();
+    let decoded: Vec<u8> = percent_encoding::percent_decode(raw).collect();
+    let mut encoded = String::with_capacity(decoded.len());
+    for byte in decoded {
+        match byte {
+            b' '..=b'~' if byte != b'%' => encoded.push(char::from(byte)),
+            _ => encoded.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    (encoded.as_bytes() != raw)
+        .then(|| http::HeaderValue::from_str(&encoded).ok())
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use super::grpc_timeout;
+    use super::{grpc_timeout, spec_encoded_grpc_message};
+
+    #[test]
+    fn grpc_messages_are_encoded_as_the_spec_encodes_them() {
+        let status = tonic::Status::not_found("is it #1? 100% \"sure\" {é}\n");
+        let (parts, ()) = status.into_http::<()>().into_parts();
+        let tonics = &parts.headers["grpc-message"];
+        let spec = spec_encoded_grpc_message(tonics).expect("tonic escapes more than the spec");
+        assert_eq!(spec, "is it #1? 100%25 \"sure\" {%C3%A9}%0A");
+        // Decoded, both are the message.
+        let decoded = |v: &http::HeaderValue| {
+            String::from_utf8(percent_encoding::percent_decode(v.as_bytes()).collect()).unwrap()
+        };
+        assert_eq!(decoded(&spec), decoded(tonics));
+        assert_eq!(spec_encoded_grpc_message(&spec), None);
+    }
 
     #[test]
     fn grpc_timeouts_are_read_as_the_spec_writes_them() {
