@@ -141,7 +141,7 @@ impl Metrics {
         );
         let grpc_requests = counter_vec(
             "solo_grpc_requests_total",
-            "gRPC requests by method and status code.",
+            "gRPC requests by method and the status code they ended with; a stream is counted as it ends (CANCELLED if its client left first).",
             &["method", "code"],
         );
         #[cfg(target_os = "linux")]

@@ -3172,3 +3172,45 @@ async fn one_client_address_cannot_take_every_connection() {
     }
     node.stop().await;
 }
+
+/// A gRPC stream is counted as it ends, with the code it ended with: a Watch its client
+/// dropped is CANCELLED, a log read to its end OK; neither is counted as it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_are_counted_by_how_they_end() {
+    let node = dev_node().await;
+    node.deploy_running("a", "echo", "echo").await;
+    let mut grpc = grpc_client(&node.server).await;
+    let count = |metrics: &Prometheus, method: &str, code: &str| {
+        metrics.value("solo_grpc_requests_total", &[("method", method), ("code", code)])
+    };
+    let watch = solo::proto::WatchRequest::default();
+    let mut watch = grpc.watch(as_tenant("a", watch)).await.unwrap().into_inner();
+    watch.next().await.expect("the opening progress").unwrap();
+    let open = node.metrics().await;
+    assert_eq!(
+        (count(&open, "Watch", "OK"), count(&open, "Watch", "CANCELLED")),
+        (0.0, 0.0)
+    );
+    drop(watch);
+    let deadline = Instant::now() + DEADLINE;
+    while count(&node.metrics().await, "Watch", "CANCELLED") < 1.0 {
+        assert!(Instant::now() < deadline, "the dropped watch was never counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = solo::proto::LogsRequest {
+        service_id: "echo".into(),
+        ..Default::default()
+    };
+    let lines: Vec<_> = grpc
+        .logs(as_tenant("a", logs))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert!(lines.iter().all(Result::is_ok), "{lines:?}");
+    let ended = node.metrics().await;
+    assert_eq!(count(&ended, "Logs", "OK"), 1.0);
+    assert_eq!(count(&ended, "Watch", "OK"), 0.0);
+    node.stop().await;
+}

@@ -92,6 +92,39 @@ impl GrpcApi {
         result.map(Response::new).map_err(Status::from)
     }
 
+    /// As [`finish`](Self::finish), for a stream: one that opened is counted as it ends, with
+    /// the code it ended with (CANCELLED if its client left first), as grpc-go's interceptors
+    /// count, not as OK when it opened.
+    fn finish_stream<T: Send + 'static>(
+        &self,
+        method: &'static str,
+        result: Result<BoxStream<T>, Error>,
+    ) -> Result<Response<BoxStream<T>>, Status> {
+        let stream = match result {
+            Ok(stream) => stream,
+            Err(e) => return self.finish(method, Err(e)),
+        };
+        let outcome = StreamOutcome {
+            counter: self.state.metrics.grpc_requests.clone(),
+            method,
+            code: None,
+        };
+        let counted: BoxStream<T> = Box::pin(async_stream::stream! {
+            // Taken whole: naming only its field would capture a copy of the field, and the
+            // guard would be dropped, and count, right here.
+            let mut outcome = outcome;
+            let mut stream = stream;
+            while let Some(item) = stream.next().await {
+                if let Err(status) = &item {
+                    outcome.code = Some(status.code());
+                }
+                yield item;
+            }
+            outcome.code.get_or_insert(tonic::Code::Ok);
+        });
+        Ok(Response::new(counted))
+    }
+
     /// As [`finish`](Self::finish), for a request that may carry an idempotency key: a replayed
     /// answer says so in its metadata, its message being the original one.
     fn finish_keyed<T>(&self, method: &str, result: Result<(T, bool), Error>) -> Result<Response<T>, Status> {
@@ -251,7 +284,7 @@ impl SoloKernel for GrpcApi {
             }));
             Ok(stream)
         })();
-        self.finish("Logs", result)
+        self.finish_stream("Logs", result)
     }
 
     type WatchStream = BoxStream<proto::WatchResponse>;
@@ -286,7 +319,7 @@ impl SoloKernel for GrpcApi {
             }));
             Ok(stream)
         })();
-        self.finish("Watch", result)
+        self.finish_stream("Watch", result)
     }
 
     async fn shutdown(
@@ -357,6 +390,21 @@ fn decode_page_token(token: &str, listing: &str) -> Result<Option<(String, Strin
         return Err(bad());
     }
     Ok(Some((tenant.to_string(), id.to_string())))
+}
+
+/// Counts a stream in `solo_grpc_requests_total` when dropped, with the code it ended with.
+struct StreamOutcome {
+    counter: prometheus::IntCounterVec,
+    method: &'static str,
+    /// `None` until the stream ends: dropped before, its client cancelled it.
+    code: Option<tonic::Code>,
+}
+
+impl Drop for StreamOutcome {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        self.counter.with_label_values(&[self.method, code_name(code)]).inc();
+    }
 }
 
 /// The statuses of the first of `unsent` that fit a page: at most `page_size`, and as many as fit
