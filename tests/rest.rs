@@ -1540,6 +1540,8 @@ async fn unknown_routes_and_wrong_methods_answer_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_limit_are_413() {
     let node = node(|c| c.solo.max_request_bytes = 2048).await;
+    // A service to call: a call to none is refused before its body is read.
+    node.deploy_running("a", "big", "unreachable").await;
     let big = "x".repeat(6000);
     let reply = node
         .post_json("/services", "a", &json!({ "service_id": "big", "wat": big }))
@@ -1587,7 +1589,7 @@ async fn bodies_over_the_limit_are_413() {
         assert!(answer.contains("max_request_bytes"), "{answer}");
     }
     // Under the limit, the same routes go on to their usual answers.
-    node.call("a", "big", "small").await.error(404, "not_found");
+    node.call("a", "nothing", "small").await.error(404, "not_found");
     node.deploy_running("a", "tiny", "unreachable").await;
     node.stop().await;
 }
@@ -3212,5 +3214,32 @@ async fn grpc_streams_are_counted_by_how_they_end() {
     let ended = node.metrics().await;
     assert_eq!(count(&ended, "Logs", "OK"), 1.0);
     assert_eq!(count(&ended, "Watch", "OK"), 0.0);
+    node.stop().await;
+}
+
+/// What the headers settle (a type that is no module, a service that is not there) is answered
+/// before the body is read: a client that asked `Expect: 100-continue` sends none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_the_headers_decide_come_before_the_body() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let node = dev_node().await;
+    let address = node.base.trim_start_matches("http://").to_string();
+    for (request, status) in [
+        ("PUT /services/big HTTP/1.1\r\ncontent-type: image/png", "415"),
+        ("POST /services/nothing/call HTTP/1.1", "404"),
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let head = format!(
+            "{request}\r\nhost: solo\r\nx-tenant-id: a\r\ncontent-length: 2000000\r\nexpect: 100-continue\r\n\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let read = tokio::time::timeout(DEADLINE, socket.read(&mut answer))
+            .await
+            .expect("answered without the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..read]).to_string();
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{request}: {answer}");
+    }
     node.stop().await;
 }

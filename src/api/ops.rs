@@ -183,21 +183,40 @@ pub async fn call(
     let started = Instant::now();
     let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
     let result = state.control.call(caller.tenant(), service_id, payload, timeout).await;
-    let label = match &result {
-        Ok(_) => "ok",
-        Err(crate::control::Error::Call(e)) => match e {
+    count_call(state, started, result.as_ref().err());
+    result.map_err(|e| Error::from(e).seen_by(caller))
+}
+
+/// Refuses, before its payload is read, a call to a service `caller` has not (or may not
+/// see), counted as [`call`] counts the refusal.
+pub fn check_callable(state: &ApiState, caller: &Caller, service_id: &str) -> Result<(), Error> {
+    state.check_open()?;
+    let started = Instant::now();
+    match state.control.status(caller.tenant(), service_id) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            count_call(state, started, Some(&e));
+            Err(Error::from(e).seen_by(caller))
+        }
+    }
+}
+
+/// Counts a call in `solo_calls_total` by how it ended (`None`: answered), and its duration.
+fn count_call(state: &ApiState, started: Instant, failure: Option<&crate::control::Error>) {
+    let label = match failure {
+        None => "ok",
+        Some(crate::control::Error::Call(e)) => match e {
             CallError::Service { .. } | CallError::ResponseTooLarge { .. } => "service_error",
             CallError::Trapped { .. } => "trapped",
             CallError::Timeout { .. } => "timeout",
             CallError::Busy { .. } => "busy",
             CallError::NotRunning { .. } | CallError::Stopped { .. } => "not_running",
         },
-        Err(crate::control::Error::NotRunning { .. } | crate::control::Error::ShuttingDown) => "not_running",
-        Err(_) => "refused",
+        Some(crate::control::Error::NotRunning { .. } | crate::control::Error::ShuttingDown) => "not_running",
+        Some(_) => "refused",
     };
     state.metrics.calls.with_label_values(&[label]).inc();
     state.metrics.call_duration.observe(started.elapsed().as_secs_f64());
-    result.map_err(|e| Error::from(e).seen_by(caller))
 }
 
 pub async fn shutdown(state: &ApiState, caller: &Caller, grace_ms: u32) -> Result<u64, Error> {

@@ -286,14 +286,30 @@ pub(super) async fn deploy_raw(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     certificate: Certificate,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Result<Response, Error> {
     let mut allowed = vec!["tenant", "label", "expected_version"];
     allowed.extend(LIMIT_PARAMS);
     let params = Params::parse(query, &allowed)?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    let content_type = content_type(&headers);
+    let module_types = [
+        "application/wasm",
+        "application/octet-stream",
+        "text/plain",
+        "text/wat",
+        "",
+        "application/x-www-form-urlencoded",
+    ];
+    if !module_types.contains(&content_type.as_str()) {
+        return Err(not_a_module(&content_type));
+    }
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err(refused) => return Ok(refused),
+    };
     let is_wasm = body.starts_with(b"\0asm");
-    match content_type(&headers).as_str() {
+    match content_type.as_str() {
         // Declared a binary: WAT text sent this way would be taken for one and fail oddly.
         "application/wasm" => ops::require_wasm_binary(
             &body,
@@ -305,14 +321,7 @@ pub(super) async fn deploy_raw(
         "" => {}
         // curl --data-binary sends this by default; accept it for a wasm binary.
         "application/x-www-form-urlencoded" if is_wasm => {}
-        other => {
-            return Err(Error::new(
-                ErrorKind::UnsupportedMediaType,
-                format!(
-                    "Content-Type '{other}' is not a module: send Content-Type: application/wasm (or text/plain for WAT)"
-                ),
-            ));
-        }
+        other => return Err(not_a_module(other)),
     }
     let deploy = Deploy {
         service_id: id,
@@ -323,6 +332,26 @@ pub(super) async fn deploy_raw(
         expected_version: params.number("expected_version")?,
     };
     deployed(&state, &caller, deploy).await
+}
+
+fn not_a_module(content_type: &str) -> Error {
+    Error::new(
+        ErrorKind::UnsupportedMediaType,
+        format!(
+            "Content-Type '{content_type}' is not a module: send Content-Type: application/wasm (or text/plain for WAT)"
+        ),
+    )
+}
+
+/// The body of `request`, read once what its headers settle has been checked: a refusal they
+/// decide is answered before the client sends the body (it waits, with `Expect: 100-continue`)
+/// rather than after the node has read all of it. Refusals of the body itself (over the limit,
+/// no room in the budget) are answered as the body extractor answers them.
+async fn read_body(request: axum::extract::Request) -> Result<Bytes, Response> {
+    use axum::extract::FromRequest as _;
+    Bytes::from_request(request, &())
+        .await
+        .map_err(IntoResponse::into_response)
 }
 
 async fn deployed(state: &ApiState, caller: &crate::api::Caller, deploy: Deploy) -> Result<Response, Error> {
@@ -472,11 +501,17 @@ pub(super) async fn call(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     certificate: Certificate,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Result<Response, Error> {
     let params = Params::parse(query, &["tenant", "timeout_ms"])?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
     let timeout_ms = params.number("timeout_ms")?.unwrap_or(0);
+    // A call to no service (or another tenant's) is answered before its payload is read.
+    ops::check_callable(&state, &caller, &id)?;
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err(refused) => return Ok(refused),
+    };
     let response = ops::call(&state, &caller, &id, body.to_vec(), timeout_ms).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], response).into_response())
 }
