@@ -657,6 +657,30 @@ async fn post_services_refuses_bad_deploys_with_reasons() {
     )
     .await;
     assert_eq!(reply.ok(200)["total"], 0);
+    // Nor a transfer coding but chunked, which is all the HTTP layer decodes: 501, as RFC 9112
+    // asks.
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let address = node.base.trim_start_matches("http://").to_string();
+        let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let request = format!(
+            "POST /services HTTP/1.1\r\nhost: solo\r\nx-tenant-id: a\r\ncontent-type: application/json\r\n\
+             transfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        );
+        raw.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(DEADLINE, raw.read_to_end(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+        assert!(
+            answer.contains("not_implemented") && answer.contains("gzip"),
+            "{answer}"
+        );
+    }
     let reply = node
         .post_json("/services?colour=blue", "a", &json!({ "service_id": "x", "wat": echo }))
         .await;
@@ -2727,6 +2751,7 @@ fn openapi_documents_every_route_and_method() {
         K::PayloadTooLarge,
         K::UnsupportedMediaType,
         K::MethodNotAllowed,
+        K::NotImplemented,
         K::Internal,
     ] {
         assert!(

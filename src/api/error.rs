@@ -51,6 +51,8 @@ pub enum ErrorKind {
     UnsupportedMediaType,
     /// The route exists, the method does not.
     MethodNotAllowed,
+    /// A request in a form the node does not read (a transfer coding other than chunked).
+    NotImplemented,
     /// A bug or an I/O failure inside the node.
     Internal,
 }
@@ -77,6 +79,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::UnsupportedMediaType => "unsupported_media_type",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::NotImplemented => "not_implemented",
             ErrorKind::Internal => "internal",
         }
     }
@@ -98,7 +101,7 @@ impl ErrorKind {
             ErrorKind::ServiceTrapped => Code::Aborted,
             ErrorKind::ServiceError => Code::Unknown,
             ErrorKind::ShuttingDown | ErrorKind::Unavailable => Code::Unavailable,
-            ErrorKind::MethodNotAllowed => Code::Unimplemented,
+            ErrorKind::MethodNotAllowed | ErrorKind::NotImplemented => Code::Unimplemented,
             ErrorKind::Internal => Code::Internal,
         }
     }
@@ -119,6 +122,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -173,6 +173,18 @@ async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next
             Ok(_) => StatusCode::PAYLOAD_TOO_LARGE.into_response(),
         };
     }
+    // Hyper decodes chunked and nothing else: a body in another transfer coding would be read
+    // as sent, misread. RFC 9112 asks for 501.
+    if let Some(coding) = transfer_coding(&parts.headers) {
+        return match caller {
+            Err(e) => e.into_response(),
+            Ok(_) => Error::new(
+                ErrorKind::NotImplemented,
+                format!("the node reads bodies only as sent or chunked: Transfer-Encoding {coding} is not supported; send the body without it"),
+            )
+            .into_response(),
+        };
+    }
     // Only a body is decoded: a GET or probe that sends the header with none is served.
     if let Some(coding) = content_coding(&parts.headers).filter(|_| !axum::body::HttpBody::is_end_stream(&body)) {
         return match caller {
@@ -205,12 +217,22 @@ async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next
 /// The request's content coding, quoted, if it is one the node does not decode (any but
 /// `identity`): read as if unencoded, a compressed body would be taken for something else.
 fn content_coding(headers: &http::HeaderMap) -> Option<String> {
-    let codings = headers.get_all(header::CONTENT_ENCODING);
+    codings_but(headers, header::CONTENT_ENCODING, "identity")
+}
+
+/// The request's transfer codings, quoted, if it has any but `chunked`, the one hyper decodes.
+fn transfer_coding(headers: &http::HeaderMap) -> Option<String> {
+    codings_but(headers, header::TRANSFER_ENCODING, "chunked")
+}
+
+/// The values of the coding header `name`, quoted, if they name a coding other than `known`.
+fn codings_but(headers: &http::HeaderMap, name: header::HeaderName, known: &str) -> Option<String> {
+    let codings = headers.get_all(name);
     let unsupported = codings.iter().any(|value| {
         value.to_str().map_or(true, |v| {
             v.split(',')
                 .map(str::trim)
-                .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+                .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case(known))
         })
     });
     unsupported.then(|| {
