@@ -146,10 +146,12 @@ type SseStream = Pin<
     >,
 >;
 
-/// One dispatched SSE event: `id`, `event` and its `data` parsed as JSON.
+/// One dispatched SSE event: `id`, `event` and its `data` parsed as JSON. A log line's id is
+/// its log's and its own, `<log>-<line>`: `id` is the line, `raw_id` the whole.
 #[derive(Debug, Clone)]
 struct Frame {
     id: u64,
+    raw_id: String,
     event: String,
     data: Value,
 }
@@ -168,12 +170,11 @@ async fn next_frame(stream: &mut SseStream) -> Option<Frame> {
     };
     assert!(!event.data.contains('\n'), "data is one line: {event:?}");
     let data = serde_json::from_str(&event.data).unwrap_or_else(|e| panic!("data is not JSON ({e}): {event:?}"));
-    let id = event
-        .id
-        .parse()
-        .unwrap_or_else(|_| panic!("the id is a seq: {event:?}"));
+    let seq = event.id.rsplit_once('-').map_or(event.id.as_str(), |(_, line)| line);
+    let id = seq.parse().unwrap_or_else(|_| panic!("the id is a seq: {event:?}"));
     Some(Frame {
         id,
+        raw_id: event.id.clone(),
         event: event.event,
         data,
     })
@@ -1221,7 +1222,12 @@ async fn logs_as_json_and_followed_as_sse() {
             break frame;
         }
     };
-    assert_eq!(frame[..2], ["id: 2".to_string(), "event: log".to_string()]);
+    // Its id names its log, then its line.
+    assert_eq!(
+        frame[..2],
+        [format!("id: {}", stopping.raw_id), "event: log".to_string()]
+    );
+    assert!(stopping.raw_id.ends_with("-2"), "{}", stopping.raw_id);
 
     node.get("/services/nope/logs", "a").await.error(404, "not_found");
     node.get("/services/nope/logs?follow=true", "a")
@@ -2143,16 +2149,25 @@ async fn sse_resume_with_last_event_id_is_gap_free_under_concurrent_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_follow_resumes_after_last_event_id() {
-    // A log stream's frames carry `id: <line seq>`, so an EventSource that reconnects sends
+    // A log stream's frames carry `id: <log>-<line>`, so an EventSource that reconnects sends
     // `Last-Event-ID` with the last line it got, and must not get that line again.
     let node = dev_node().await;
     node.deploy_running("a", "echo", "echo").await;
-    let resumed = send_stream(
-        node.request(Method::GET, "/services/echo/logs?follow=true", "a")
-            .header("last-event-id", "1"),
-    )
-    .await;
-    let mut resumed: SseStream = Box::pin(resumed.bytes_stream().eventsource());
+    let follow = |last_event_id: &str| {
+        let request = node.request(Method::GET, "/services/echo/logs?follow=true", "a");
+        let request = request.header("last-event-id", last_event_id);
+        async move { Box::pin(send_stream(request).await.bytes_stream().eventsource()) as SseStream }
+    };
+    let mut first: SseStream = Box::pin(
+        send_stream(node.request(Method::GET, "/services/echo/logs?follow=true", "a"))
+            .await
+            .bytes_stream()
+            .eventsource(),
+    );
+    let line_one = next_frame(&mut first).await.expect("a line");
+    drop(first);
+    assert_eq!(line_one.id, 1);
+    let mut resumed = follow(&line_one.raw_id).await;
     node.delete("/services/echo", "a").await.ok(202);
     let frame = next_frame(&mut resumed).await.expect("a line");
     assert_eq!(
@@ -2161,6 +2176,25 @@ async fn logs_follow_resumes_after_last_event_id() {
         "line 1 was delivered before the reconnect and came again"
     );
     drop(resumed);
+    // The service removed and deployed again has a new log, numbered from 1: a reconnect with
+    // an id of the old one gets all of the new one, rather than skipping its first lines or
+    // being refused.
+    node.delete("/services/echo?purge=true", "a").await;
+    let deadline = Instant::now() + DEADLINE;
+    while node.get("/services/echo", "a").await.status != StatusCode::NOT_FOUND {
+        assert!(Instant::now() < deadline, "the service was never removed");
+        node.delete("/services/echo?purge=true", "a").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.deploy_running("a", "echo", "echo").await;
+    let mut anew = follow(&frame.raw_id).await;
+    let first_of_new = next_frame(&mut anew).await.expect("a line");
+    assert_eq!(
+        (first_of_new.id, first_of_new.data["message"].as_str()),
+        (1, Some("echo ready"))
+    );
+    assert_ne!(first_of_new.raw_id, line_one.raw_id, "another log, another id");
+    drop(anew);
     // An id past the log's last line, as an EventSource sends to a node restarted since (its
     // lines numbered afresh), is refused rather than left waiting for the log to catch up.
     node.deploy_running("a", "echo2", "echo").await;

@@ -11,7 +11,7 @@ use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::auth::Authenticated;
-use super::ops::{self, ListFilter};
+use super::ops::{self, ListFilter, LogStart};
 use super::watch::{WatchFilter, WatchItem, watch};
 use super::{ApiState, Caller, Error, GaugeGuard, REPLAYED_HEADER};
 use crate::proto::{self, deploy_request, solo_kernel_server::SoloKernel, watch_response};
@@ -274,7 +274,13 @@ impl SoloKernel for GrpcApi {
             } else {
                 Held::Request(self.state.shed.admit(&caller.principal)?)
             };
-            let lines = ops::logs(&self.state, &caller, &r.service_id, r.from_seq, r.follow)?;
+            let (_, lines) = ops::logs(
+                &self.state,
+                &caller,
+                &r.service_id,
+                LogStart::Line(r.from_seq),
+                r.follow,
+            )?;
             let gauge = r
                 .follow
                 .then(|| GaugeGuard::new(self.state.metrics.watchers.with_label_values(&["grpc"])));

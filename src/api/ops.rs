@@ -233,19 +233,37 @@ pub async fn shutdown(state: &ApiState, caller: &Caller, grace_ms: u32) -> Resul
     Ok(seq)
 }
 
-/// A service's log lines from `from_seq` on; with `follow`, then new lines until the node
+/// Where a read of a service's log starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStart {
+    /// At this line of the service's log as it is (0 and 1: its first).
+    Line(u64),
+    /// After this line of the log `log` (a [`LogBuffer`](crate::runtime::LogBuffer) id): if
+    /// the service has a new log since (the node restarted, or it was removed and deployed
+    /// again), every line of that one is new to the reader, from the first.
+    After { log: u64, line: u64 },
+}
+
+/// A service's log lines from `start` on; with `follow`, then new lines until the node
 /// stops. Lines that a slow follower let the ring overwrite are skipped, never repeated.
+/// Also the id of the log they are from.
 pub fn logs(
     state: &ApiState,
     caller: &Caller,
     service_id: &str,
-    from_seq: u64,
+    start: LogStart,
     follow: bool,
-) -> Result<impl Stream<Item = Result<LogLine, Error>> + Send + 'static, Error> {
+) -> Result<(u64, impl Stream<Item = Result<LogLine, Error>> + Send + 'static), Error> {
     let buffer = state
         .control
         .logs(caller.tenant(), service_id)
         .map_err(|e| Error::from(e).seen_by(caller))?;
+    let from_seq = match start {
+        LogStart::Line(line) => line,
+        LogStart::After { log, line } if log == buffer.id() => line.saturating_add(1),
+        LogStart::After { .. } => 1,
+    };
+    let log_id = buffer.id();
     // As a Watch refuses a start past the log's next seq: a client resuming after a node
     // restart would otherwise wait, silently, for the new log to reach its old number.
     let next_line = buffer.next_seq();
@@ -259,41 +277,44 @@ pub fn logs(
     let stopping = state.stopping.clone();
     // Subscribe before reading the ring, so nothing falls between the two.
     let mut updates = buffer.subscribe();
-    Ok(async_stream::stream! {
-        let mut next = from_seq.max(1);
-        for line in buffer.lines_from(next) {
-            next = line.seq + 1;
-            yield Ok(line);
-        }
-        if !follow {
-            return;
-        }
-        loop {
-            tokio::select! {
-                biased;
-                () = stopping.cancelled() => {
-                    yield Err(Error::shutting_down());
-                    return;
-                }
-                update = updates.recv() => match update {
-                    Ok(line) if line.seq >= next => {
-                        next = line.seq + 1;
-                        yield Ok(line);
+    Ok((
+        log_id,
+        async_stream::stream! {
+            let mut next = from_seq.max(1);
+            for line in buffer.lines_from(next) {
+                next = line.seq + 1;
+                yield Ok(line);
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    () = stopping.cancelled() => {
+                        yield Err(Error::shutting_down());
+                        return;
                     }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        for line in buffer.lines_from(next) {
+                    update = updates.recv() => match update {
+                        Ok(line) if line.seq >= next => {
                             next = line.seq + 1;
                             yield Ok(line);
                         }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                },
-                // The service was removed: after its last lines (above, first), the end.
-                () = buffer.ended() => return,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            for line in buffer.lines_from(next) {
+                                next = line.seq + 1;
+                                yield Ok(line);
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    // The service was removed: after its last lines (above, first), the end.
+                    () = buffer.ended() => return,
+                }
             }
-        }
-    })
+        },
+    ))
 }
 
 /// Resolves a page size: 0 is the default (100), more than 1000 is refused.

@@ -72,6 +72,9 @@ impl LogLimits {
 
 #[derive(Debug)]
 pub struct LogBuffer {
+    /// Tells this log from the service's earlier ones (before the node restarted, or before it
+    /// was removed and deployed again), whose lines were numbered from 1 too.
+    id: u64,
     pub(super) tenant: String,
     pub(super) service_id: String,
     capacity: usize,
@@ -94,10 +97,32 @@ struct Lines {
     dropped: u64,
 }
 
+/// A log id: a number drawn once per process, plus a count of the logs made since, so that
+/// ids differ within a run for certain and across runs but for a 1 in 2^64 chance.
+fn new_log_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static FIRST: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let first = *FIRST.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        // Without randomness, the clock: a restart comes at another nanosecond.
+        getrandom::fill(&mut bytes).map_or_else(
+            |_| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            },
+            |()| u64::from_le_bytes(bytes),
+        )
+    });
+    first.wrapping_add(MADE.fetch_add(1, Ordering::Relaxed))
+}
+
 impl LogBuffer {
     pub fn new(tenant: &str, service_id: &str, limits: LogLimits) -> LogBuffer {
         let capacity = limits.lines.max(1);
         LogBuffer {
+            id: new_log_id(),
             tenant: tenant.to_string(),
             service_id: service_id.to_string(),
             capacity,
@@ -112,6 +137,11 @@ impl LogBuffer {
             follow: broadcast::channel(capacity.clamp(16, 4096)).0,
             ended: CancellationToken::new(),
         }
+    }
+
+    /// This log's id, which no other log of this node, before or after a restart, shares.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Tells followers that no line will come any more: the service was removed.

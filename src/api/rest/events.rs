@@ -18,6 +18,7 @@ use serde_json::json;
 
 use super::services::Params;
 use crate::api::convert::log_line_json;
+use crate::api::ops::LogStart;
 use crate::api::watch::{WatchFilter, WatchItem, watch};
 use crate::api::{ApiState, Error, ErrorKind, GaugeGuard, ops};
 use crate::tls::PeerTenant;
@@ -80,6 +81,34 @@ pub(super) async fn events(
             Ok::<_, Infallible>(frame)
         });
     Ok(sse(frames, state.options.sse_keepalive))
+}
+
+/// A log line's SSE id: its log's id and its number, so that a reconnect tells the lines of the
+/// log it followed from those of a later one, numbered from 1 again.
+fn log_event_id(log_id: u64, line: u64) -> String {
+    format!("{log_id:x}-{line}")
+}
+
+/// Where a log read starts: after `Last-Event-ID` (a log's id and line, or a bare line number),
+/// at `?from=`, or at the first line kept.
+fn log_resume_point(headers: &HeaderMap, from: Option<u64>) -> Result<LogStart, Error> {
+    let last_event_id = crate::api::auth::single_value("Last-Event-ID", headers.get_all("last-event-id").iter())?;
+    let last_event_id = last_event_id.filter(|v| !v.as_bytes().trim_ascii().is_empty());
+    let Some(value) = last_event_id else {
+        return Ok(LogStart::Line(from.unwrap_or(0)));
+    };
+    let malformed = || Error::invalid("Last-Event-ID must be the id of a log line, as sent");
+    let text = value.to_str().map_err(|_| malformed())?.trim();
+    match text.split_once('-') {
+        Some((log, line)) => Ok(LogStart::After {
+            log: u64::from_str_radix(log, 16).map_err(|_| malformed())?,
+            line: line.parse().map_err(|_| malformed())?,
+        }),
+        None => {
+            let line: u64 = text.parse().map_err(|_| malformed())?;
+            Ok(LogStart::Line(line.saturating_add(1)))
+        }
+    }
 }
 
 /// Where an `/events` stream starts: after `Last-Event-ID` (exclusive), at `?from=` (inclusive),
@@ -155,10 +184,11 @@ pub(super) async fn logs(
     let caller = super::caller(&state, &headers, params.get("tenant"), certificate.as_deref())?;
     let follow = params.flag("follow")?;
     // Like /events: after Last-Event-ID (what a reconnecting EventSource sends), else ?from=.
-    let from = resume_point(&headers, params.number("from")?)?;
+    let from = log_resume_point(&headers, params.number("from")?)?;
     if !follow {
         let _permit = state.shed.admit(&caller.principal)?;
-        let lines: Vec<_> = ops::logs(&state, &caller, &id, from, false)?.collect().await;
+        let (_, lines) = ops::logs(&state, &caller, &id, from, false)?;
+        let lines: Vec<_> = lines.collect().await;
         let lines: Vec<_> = lines
             .into_iter()
             .filter_map(Result::ok)
@@ -167,7 +197,7 @@ pub(super) async fn logs(
         return Ok(Json(json!({ "service_id": id, "lines": lines })).into_response());
     }
     let permit = state.shed.admit_watcher(&caller.principal)?;
-    let lines = ops::logs(&state, &caller, &id, from, true)?;
+    let (log_id, lines) = ops::logs(&state, &caller, &id, from, true)?;
     let gauge = GaugeGuard::new(state.metrics.watchers.with_label_values(&["sse"]));
     let frames = lines
         .take_while(|line| std::future::ready(line.is_ok()))
@@ -176,7 +206,7 @@ pub(super) async fn logs(
             std::future::ready(line.ok().map(|line| {
                 Ok::<_, Infallible>(
                     SseEvent::default()
-                        .id(line.seq.to_string())
+                        .id(log_event_id(log_id, line.seq))
                         .event("log")
                         .data(log_line_json(&line).to_string()),
                 )
