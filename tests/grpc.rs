@@ -1073,12 +1073,7 @@ async fn a_list_page_fits_what_grpc_clients_take_by_default() {
         client.deploy(as_tenant("acme", request)).await.unwrap();
     }
     // A client as generated, with gRPC's default 4 MiB limit on what it receives.
-    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut default_client = proto::solo_kernel_client::SoloKernelClient::new(channel);
+    let mut default_client = proto::solo_kernel_client::SoloKernelClient::new(grpc_channel(&server).await);
     let mut seen = Vec::new();
     let mut pages = 0;
     let mut token = String::new();
@@ -1547,11 +1542,7 @@ async fn health_and_reflection_are_served() {
 
     let dir = tempdir();
     let server = start_server(dir.path(), |_| {}).await;
-    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(&server).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let check = tonic_health::pb::HealthCheckRequest {
         service: "solo.v1.SoloKernel".into(),
@@ -1669,12 +1660,7 @@ async fn errors_quoting_long_input_are_cut_to_fit_a_header() {
 
 /// Sends raw bytes as the request message of `method`: what a broken or hostile client sends.
 async fn raw_unary(server: &solo::server::Server, method: &'static str, message: Vec<u8>) -> tonic::Status {
-    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut grpc = tonic::client::Grpc::new(grpc_channel(server).await);
     grpc.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static(method);
     let reply: Result<tonic::Response<Vec<u8>>, _> = grpc.unary(as_tenant("acme", message), path, RawCodec).await;
@@ -1772,11 +1758,7 @@ async fn compressed_requests_are_served_within_the_size_limit() {
     use tonic::codec::CompressionEncoding;
     let dir = tempdir();
     let server = start_server(dir.path(), |config| config.solo.max_request_bytes = 1 << 20).await;
-    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(&server).await;
     for (encoding, id) in [
         (CompressionEncoding::Gzip, "zipped"),
         (CompressionEncoding::Deflate, "deflated"),

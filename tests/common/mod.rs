@@ -156,15 +156,20 @@ pub async fn start_server(dir: &Path, tweak: impl FnOnce(&mut Config)) -> solo::
     solo::server::Server::start(config).await.expect("the server starts")
 }
 
+/// A connection to `server`'s gRPC listener.
+pub async fn grpc_channel(server: &solo::server::Server) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .expect("the gRPC endpoint connects")
+}
+
 /// A gRPC client of `server`.
 pub async fn grpc_client(
     server: &solo::server::Server,
 ) -> solo::proto::solo_kernel_client::SoloKernelClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .expect("the gRPC endpoint connects");
+    let channel = grpc_channel(server).await;
     solo::proto::solo_kernel_client::SoloKernelClient::new(channel).max_decoding_message_size(64 << 20)
 }
 
