@@ -42,9 +42,7 @@ pub(super) async fn events(
     let permit = state.shed.admit_watcher(&caller.principal)?;
     let gauge = GaugeGuard::new(state.metrics.watchers.with_label_values(&["sse"]));
     let progress = state.options.sse_keepalive;
-    let resumed = headers
-        .get("last-event-id")
-        .is_some_and(|v| !v.as_bytes().trim_ascii().is_empty());
+    let resumed = last_event_id(&headers)?.is_some();
     let items = watch(
         &state.control,
         caller,
@@ -92,9 +90,7 @@ fn log_event_id(log_id: u64, line: u64) -> String {
 /// Where a log read starts: after `Last-Event-ID` (a log's id and line, or a bare line number),
 /// at `?from=`, or at the first line kept.
 fn log_resume_point(headers: &HeaderMap, from: Option<u64>) -> Result<LogStart, Error> {
-    let last_event_id = crate::api::auth::single_value("Last-Event-ID", headers.get_all("last-event-id").iter())?;
-    let last_event_id = last_event_id.filter(|v| !v.as_bytes().trim_ascii().is_empty());
-    let Some(value) = last_event_id else {
+    let Some(value) = last_event_id(headers)? else {
         return Ok(LogStart::Line(from.unwrap_or(0)));
     };
     let malformed = || Error::invalid("Last-Event-ID must be the id of a log line, as sent");
@@ -111,13 +107,17 @@ fn log_resume_point(headers: &HeaderMap, from: Option<u64>) -> Result<LogStart, 
     }
 }
 
+/// The request's `Last-Event-ID`, if it names one: an empty one names none, as in the SSE spec
+/// (the client has seen nothing yet); one sent twice is refused.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<&http::HeaderValue>, Error> {
+    let value = crate::api::auth::single_value("Last-Event-ID", headers.get_all("last-event-id").iter())?;
+    Ok(value.filter(|v| !v.as_bytes().trim_ascii().is_empty()))
+}
+
 /// Where an `/events` stream starts: after `Last-Event-ID` (exclusive), at `?from=` (inclusive),
 /// or with what comes next.
 fn resume_point(headers: &HeaderMap, from: Option<u64>) -> Result<u64, Error> {
-    let last_event_id = crate::api::auth::single_value("Last-Event-ID", headers.get_all("last-event-id").iter())?;
-    // An empty one names no event, as in the SSE spec: the client has seen none yet.
-    let last_event_id = last_event_id.filter(|v| !v.as_bytes().trim_ascii().is_empty());
-    let last_event_id = last_event_id.map(|v| {
+    let last_event_id = last_event_id(headers)?.map(|v| {
         v.to_str()
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
