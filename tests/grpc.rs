@@ -1751,6 +1751,33 @@ async fn large_metadata_is_refused_for_its_call_alone() {
     server.stop().await.unwrap();
 }
 
+/// A stream ends when the client's deadline (`grpc-timeout`) passes, as a server is to end a
+/// call whose deadline passed: a Watch is not left open for a client that gave up on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_at_its_deadline() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let mut request = as_tenant("acme", proto::WatchRequest::default());
+    request.set_timeout(Duration::from_millis(300));
+    let mut stream = client.watch(request).await.unwrap().into_inner();
+    let end = async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return status,
+                None => panic!("the watch ended without a status"),
+            }
+        }
+    };
+    let ended = tokio::time::timeout(PATIENCE, end)
+        .await
+        .expect("the watch ends at its deadline");
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    assert!(ended.message().contains("grpc-timeout"), "{ended:?}");
+    server.stop().await.unwrap();
+}
+
 /// Clients set to compress their requests (a whole channel, as grpcio and grpc-js allow) are
 /// served, gzip or deflate; one whose message inflates past the limit is refused as over it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

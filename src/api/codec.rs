@@ -83,7 +83,8 @@ impl<U: prost::Message + Default> Decoder for SoloDecoder<U> {
 /// - unfinished when its `grpc-timeout` passes: DEADLINE_EXCEEDED. Tonic's own timer, in a
 ///   layer outside this one, answers CANCELLED "Timeout expired"; this one's runs out
 ///   [`DEADLINE_MARGIN`] earlier and that layer polls the request before its timer, so this
-///   answer is the one sent.
+///   answer is the one sent. A stream (a Watch, a followed log) that outlives the deadline
+///   ends with it too, in its trailers; tonic's timer covers only the answer's headers.
 #[derive(Debug, Clone)]
 pub struct RequestRefusals<S> {
     inner: S,
@@ -142,14 +143,9 @@ where
         Box::pin(async move {
             let reply = match deadline {
                 Some((timeout, deadline)) => match before(deadline, reply).await {
-                    Some(reply) => reply?,
-                    None => {
-                        let message = format!(
-                            "the request did not finish within its deadline of {} ms (the client's grpc-timeout)",
-                            timeout.as_millis()
-                        );
-                        return Ok(Error::new(ErrorKind::DeadlineExceeded, message).to_status().into_http());
-                    }
+                    // A stream (a Watch) goes on after its headers: it ends at the deadline too.
+                    Some(reply) => reply?.map(|body| tonic::body::Body::new(EndsAt::new(body, deadline, timeout))),
+                    None => return Ok(past_deadline(timeout).into_http()),
                 },
                 None => reply.await?,
             };
@@ -185,6 +181,69 @@ where
 /// (a budget of bodies in flight) are too, told apart by tonic's words.
 fn inflated_too_far(reply: &Reply) -> bool {
     Status::from_header_map(reply.headers()).is_some_and(|s| s.message().starts_with("Error decompressing: size limit"))
+}
+
+fn past_deadline(timeout: std::time::Duration) -> Status {
+    let message = format!(
+        "the request did not finish within its deadline of {} ms (the client's grpc-timeout)",
+        timeout.as_millis()
+    );
+    Error::new(ErrorKind::DeadlineExceeded, message).to_status()
+}
+
+/// An answer's body that ends with DEADLINE_EXCEEDED once `deadline` passes, as a server is
+/// to end a call whose deadline passed, its answer a stream or not.
+struct EndsAt<B> {
+    body: B,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timeout: std::time::Duration,
+    ended: bool,
+}
+
+impl<B> EndsAt<B> {
+    fn new(body: B, deadline: tokio::time::Instant, timeout: std::time::Duration) -> EndsAt<B> {
+        EndsAt {
+            body,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            timeout,
+            ended: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for EndsAt<B>
+where
+    B: http_body::Body<Data = axum::body::Bytes, Error = Status> + Unpin,
+{
+    type Data = axum::body::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<axum::body::Bytes>, Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        // The deadline first: a stream that always has more would otherwise never end.
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.ended = true;
+            let mut trailers = http::HeaderMap::new();
+            return match past_deadline(self.timeout).add_header(&mut trailers) {
+                Ok(()) => Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers)))),
+                Err(status) => Poll::Ready(Some(Err(status))),
+            };
+        }
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
+    }
 }
 
 /// How much sooner than tonic's timer a request's deadline is kept (at most half the
