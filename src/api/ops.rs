@@ -192,7 +192,7 @@ pub async fn call(
 pub fn check_callable(state: &ApiState, caller: &Caller, service_id: &str) -> Result<(), Error> {
     state.check_open()?;
     let started = Instant::now();
-    match state.control.status(caller.tenant(), service_id) {
+    match state.control.check_callable(caller.tenant(), service_id) {
         Ok(_) => Ok(()),
         Err(e) => {
             count_call(state, started, Some(&e));

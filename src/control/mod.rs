@@ -454,24 +454,7 @@ impl Control {
         payload: Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>> {
-        validate_tenant(tenant)?;
-        validate_service_id(service_id)?;
-        // Only what the call needs is read: this is the data plane's hot path.
-        let (call_timeout_ms, deployed_seq) = self.read_state(|state| {
-            let service = state.service(tenant, service_id).ok_or_else(|| Error::NotFound {
-                service_id: service_id.to_string(),
-            })?;
-            // A service stopped by the node's shutdown is coming back with the node, and its
-            // calls wait for it as for one starting.
-            if !matches!(service.status, Status::Starting | Status::Running) && !service.comes_back_with_the_node() {
-                return Err(Error::NotRunning {
-                    service_id: service_id.to_string(),
-                    status: service.status,
-                    last_error: service.last_error.clone(),
-                });
-            }
-            Ok((service.limits.call_timeout_ms, service.deployed_seq))
-        })?;
+        let (call_timeout_ms, deployed_seq) = self.callable(tenant, service_id)?;
         let limit = Duration::from_millis(call_timeout_ms.into());
         let timeout = timeout.filter(|t| !t.is_zero()).map_or(limit, |t| t.min(limit));
         let runtime = self.runtime().ok_or(Error::Closed)?;
@@ -486,6 +469,34 @@ impl Control {
                 }
                 e => Error::Call(e),
             })
+    }
+
+    /// Whether `service_id` of `tenant` takes calls now (the refusal [`Control::call`] would
+    /// give if not), so an API can refuse a call before it reads the payload.
+    pub fn check_callable(&self, tenant: &str, service_id: &str) -> Result<()> {
+        self.callable(tenant, service_id).map(|_| ())
+    }
+
+    /// A callable service's call timeout and deployed seq. Only what a call needs is read:
+    /// this is the data plane's hot path.
+    fn callable(&self, tenant: &str, service_id: &str) -> Result<(u32, u64)> {
+        validate_tenant(tenant)?;
+        validate_service_id(service_id)?;
+        self.read_state(|state| {
+            let service = state.service(tenant, service_id).ok_or_else(|| Error::NotFound {
+                service_id: service_id.to_string(),
+            })?;
+            // A service stopped by the node's shutdown is coming back with the node, and its
+            // calls wait for it as for one starting.
+            if !matches!(service.status, Status::Starting | Status::Running) && !service.comes_back_with_the_node() {
+                return Err(Error::NotRunning {
+                    service_id: service_id.to_string(),
+                    status: service.status,
+                    last_error: service.last_error.clone(),
+                });
+            }
+            Ok((service.limits.call_timeout_ms, service.deployed_seq))
+        })
     }
 
     /// Live figures of a service, if the runtime knows it.

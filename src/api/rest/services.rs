@@ -293,22 +293,17 @@ pub(super) async fn deploy_raw(
     let params = Params::parse(query, &allowed)?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
     let content_type = content_type(&headers);
-    let module_types = [
-        "application/wasm",
-        "application/octet-stream",
-        "text/plain",
-        "text/wat",
-        "",
-        "application/x-www-form-urlencoded",
-    ];
-    if !module_types.contains(&content_type.as_str()) {
-        return Err(not_a_module(&content_type));
+    match content_type.as_str() {
+        // None said (`curl -T`): octet-stream, as RFC 9110 lets a recipient assume.
+        "application/wasm" | "application/octet-stream" | "text/plain" | "text/wat" | "" => {}
+        // curl --data-binary sends this by default: taken for a wasm binary (checked below).
+        "application/x-www-form-urlencoded" => {}
+        other => return Err(not_a_module(other)),
     }
     let body = match read_body(request).await {
         Ok(body) => body,
         Err(refused) => return Ok(refused),
     };
-    let is_wasm = body.starts_with(b"\0asm");
     match content_type.as_str() {
         // Declared a binary: WAT text sent this way would be taken for one and fail oddly.
         "application/wasm" => ops::require_wasm_binary(
@@ -316,12 +311,10 @@ pub(super) async fn deploy_raw(
             "a body sent as Content-Type: application/wasm",
             "a body sent as Content-Type: text/plain",
         )?,
-        "application/octet-stream" | "text/plain" | "text/wat" => {}
-        // None said (`curl -T`): octet-stream, as RFC 9110 lets a recipient assume.
-        "" => {}
-        // curl --data-binary sends this by default; accept it for a wasm binary.
-        "application/x-www-form-urlencoded" if is_wasm => {}
-        other => return Err(not_a_module(other)),
+        "application/x-www-form-urlencoded" if !body.starts_with(b"\0asm") => {
+            return Err(not_a_module(&content_type));
+        }
+        _ => {}
     }
     let deploy = Deploy {
         service_id: id,
