@@ -1677,6 +1677,11 @@ fn events_and_logs_follow_across_restarts_without_a_gap_or_a_repeat() {
         "one start per node: {lines:?}; stderr: {notes}"
     );
     assert!(notes.contains("reconnected"), "{notes}");
+    assert_eq!(
+        notes.matches("starts afresh").count(),
+        2,
+        "each restarted node's new log is noted once: {notes}"
+    );
     drop(node);
 }
 

@@ -165,6 +165,7 @@ async fn every_rpc_works_and_fails_as_documented() {
                     service_id: "echo".into(),
                     follow,
                     from_seq,
+                    log_id: 0,
                 },
             )
         };
@@ -614,6 +615,63 @@ async fn deploys_and_kills_that_name_a_version_apply_only_at_that_version() {
         required,
         [(1, Some(0)), (2, Some(1)), (3, Some(2)), (4, Some(3)), (5, Some(4))]
     );
+    server.stop().await.unwrap();
+}
+
+/// A service's log lines name their log, and a read that names the log it resumes gets a newer
+/// one (the node restarted) from its first line, where a bare line number would be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_resume_in_the_log_they_name() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let deployed = deploy(&mut client, "acme", "echo", "echo").await;
+    running(&mut client, "acme", "echo", deployed.seq).await;
+    let logs = |log_id, from_seq, follow| {
+        as_tenant(
+            "acme",
+            proto::LogsRequest {
+                service_id: "echo".into(),
+                follow,
+                from_seq,
+                log_id,
+            },
+        )
+    };
+    let lines: Vec<_> = client
+        .logs(logs(0, 0, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    let first = lines[0].as_ref().unwrap().clone();
+    assert_eq!((first.seq, first.message.as_str()), (1, "echo ready"));
+    assert_ne!(first.log_id, 0, "a line names its log");
+    // In the same log, a resume after the last line gets what follows it, and a start past the
+    // next line is refused as it is without a log id.
+    let rest = client.logs(logs(first.log_id, 2, false)).await.unwrap().into_inner();
+    assert_eq!(rest.count().await, 0);
+    let past = client.logs(logs(first.log_id, 3, false)).await.unwrap_err();
+    assert_eq!(past.code(), Code::InvalidArgument, "{past:?}");
+    server.stop().await.unwrap();
+
+    // The restarted node keeps the service's lines in a new log, numbered from 1 again: named
+    // by the old log, the resume gets the new one from its first line, though the old log's
+    // next line, 3, is past the new one's.
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let mut follow = client.logs(logs(first.log_id, 3, true)).await.unwrap().into_inner();
+    let anew = tokio::time::timeout(PATIENCE, follow.next())
+        .await
+        .expect("the new log's first line arrives")
+        .expect("a line")
+        .unwrap();
+    assert_eq!((anew.seq, anew.message.as_str()), (1, "echo ready"));
+    assert_ne!(anew.log_id, first.log_id, "another log, another id");
+    drop(follow);
+    let bare = client.logs(logs(0, 3, false)).await.unwrap_err();
+    assert_eq!(bare.code(), Code::InvalidArgument, "{bare:?}");
     server.stop().await.unwrap();
 }
 

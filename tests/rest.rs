@@ -2195,6 +2195,14 @@ async fn logs_follow_resumes_after_last_event_id() {
     );
     assert_ne!(first_of_new.raw_id, line_one.raw_id, "another log, another id");
     drop(anew);
+    // A read of the lines names their log as the stream's ids do, so a poller can resume too.
+    let read = node.get("/services/echo/logs", "a").await;
+    let read = read.ok(200);
+    let (log, line) = first_of_new.raw_id.split_once('-').expect("<log>-<line>");
+    assert_eq!(
+        (read["log_id"].as_str(), read["lines"][0]["seq"].as_u64()),
+        (Some(log), line.parse().ok())
+    );
     // An id past the log's last line, as an EventSource sends to a node restarted since (its
     // lines numbered afresh), is refused rather than left waiting for the log to catch up.
     node.deploy_running("a", "echo2", "echo").await;

@@ -365,6 +365,7 @@ fn logs_request(id: &str, follow: bool) -> proto::LogsRequest {
         service_id: id.into(),
         follow,
         from_seq: 0,
+        log_id: 0,
     }
 }
 

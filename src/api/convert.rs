@@ -67,13 +67,15 @@ pub fn service_json(status: &proto::ServiceStatus) -> Value {
     })
 }
 
-pub fn log_line(line: &LogLine) -> proto::LogLine {
+/// A line of the log `log_id`.
+pub fn log_line(line: &LogLine, log_id: u64) -> proto::LogLine {
     proto::LogLine {
         seq: line.seq,
         timestamp_ms: line.timestamp_ms,
         level: line.level.as_str().to_string(),
         message: line.message.clone(),
         version: line.version,
+        log_id,
     }
 }
 

@@ -274,19 +274,20 @@ impl SoloKernel for GrpcApi {
             } else {
                 Held::Request(self.state.shed.admit(&caller.principal)?)
             };
-            let (_, lines) = ops::logs(
-                &self.state,
-                &caller,
-                &r.service_id,
-                LogStart::Line(r.from_seq),
-                r.follow,
-            )?;
+            let start = match r.log_id {
+                0 => LogStart::Line(r.from_seq),
+                log => LogStart::After {
+                    log,
+                    line: r.from_seq.saturating_sub(1),
+                },
+            };
+            let (log_id, lines) = ops::logs(&self.state, &caller, &r.service_id, start, r.follow)?;
             let gauge = r
                 .follow
                 .then(|| GaugeGuard::new(self.state.metrics.watchers.with_label_values(&["grpc"])));
             let stream: Self::LogsStream = Box::pin(lines.map(move |line| {
                 let _held = (&permit, &gauge);
-                line.map(|l| super::convert::log_line(&l)).map_err(Status::from)
+                line.map(|l| super::convert::log_line(&l, log_id)).map_err(Status::from)
             }));
             Ok(stream)
         })();

@@ -43,6 +43,7 @@ pub async fn logs(conn: &Connector, out: Output, args: LogsArgs) -> Result<(), C
             service_id: args.service_id.clone(),
             follow: false,
             from_seq: args.from.unwrap_or(0),
+            log_id: 0,
         };
         let mut stream = client.logs(request).await.map_err(|s| conn.error(&s))?.into_inner();
         while let Some(line) = stream.message().await.map_err(|s| conn.error(&s))? {
@@ -299,60 +300,36 @@ async fn stream_logs(
     backoff: &mut Backoff,
     session: &mut Session,
 ) -> Result<(), CliError> {
-    let from_seq = match last {
-        None => args.from.unwrap_or(0),
-        // After a loss, the node may have restarted with a fresh log.
-        Some(line) if session.resumed.is_some() => resume_point(client, conn, &args.service_id, line).await?,
-        Some(line) => line.seq + 1,
-    };
-    let request = proto::LogsRequest {
-        service_id: args.service_id.clone(),
-        follow: true,
-        from_seq,
+    // After a loss, the node may have restarted with a fresh log: naming the log we followed
+    // gets that one from its first line, all of it new to us.
+    let request = match last {
+        None => proto::LogsRequest {
+            service_id: args.service_id.clone(),
+            follow: true,
+            from_seq: args.from.unwrap_or(0),
+            log_id: 0,
+        },
+        Some(line) => proto::LogsRequest {
+            service_id: args.service_id.clone(),
+            follow: true,
+            from_seq: line.seq + 1,
+            log_id: line.log_id,
+        },
     };
     let mut stream = client.logs(request).await.map_err(|s| conn.error(&s))?.into_inner();
     session.stream_opened();
     while let Some(line) = stream.message().await.map_err(|s| conn.error(&s))? {
         backoff.reset();
+        if last.as_ref().is_some_and(|last| last.log_id != line.log_id) {
+            note(&format!(
+                "the node's log of {} starts afresh (the node restarted); printing it from its first line",
+                args.service_id
+            ));
+        }
         print_log_line(out, &line)?;
         *last = Some(line);
     }
     Ok(())
-}
-
-/// Where to pick a service's log up again after `last`. Log lines live in the node's memory:
-/// the same node still holds `last` (or, if it overflowed, later lines), while a restarted node
-/// numbers a fresh log from 1, all of it new to us.
-async fn resume_point(
-    client: &mut Client,
-    conn: &Connector,
-    service_id: &str,
-    last: &proto::LogLine,
-) -> Result<u64, CliError> {
-    let request = proto::LogsRequest {
-        service_id: service_id.to_string(),
-        follow: false,
-        from_seq: last.seq,
-    };
-    let mut stream = match client.logs(request).await {
-        Ok(stream) => stream.into_inner(),
-        // The node's log has not reached `last` again: it restarted.
-        Err(status) if status.code() == tonic::Code::InvalidArgument => return Ok(afresh(service_id)),
-        Err(status) => return Err(conn.error(&status)),
-    };
-    let first = stream.message().await.map_err(|s| conn.error(&s))?;
-    let same_log = first.is_some_and(|line| {
-        line.seq > last.seq || (line.timestamp_ms == last.timestamp_ms && line.message == last.message)
-    });
-    Ok(if same_log { last.seq + 1 } else { afresh(service_id) })
-}
-
-/// Says a restarted node's log of `service_id` is printed from its start, which it returns.
-fn afresh(service_id: &str) -> u64 {
-    note(&format!(
-        "the node's log of {service_id} starts afresh (the node restarted); printing it from its first line"
-    ));
-    1
 }
 
 /// Runs `work` until it ends, the user interrupts (Ctrl-C, SIGTERM) or the reader of stdout

@@ -98,7 +98,8 @@ struct Lines {
 }
 
 /// A log id: a number drawn once per process, plus a count of the logs made since, so that
-/// ids differ within a run for certain and across runs but for a 1 in 2^64 chance.
+/// ids differ within a run for certain and across runs but for a 1 in 2^64 chance. Never 0,
+/// which the API takes for no log named.
 fn new_log_id() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static FIRST: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
@@ -115,7 +116,7 @@ fn new_log_id() -> u64 {
             |()| u64::from_le_bytes(bytes),
         )
     });
-    first.wrapping_add(MADE.fetch_add(1, Ordering::Relaxed))
+    first.wrapping_add(MADE.fetch_add(1, Ordering::Relaxed)).max(1)
 }
 
 impl LogBuffer {

@@ -187,14 +187,15 @@ pub(super) async fn logs(
     let from = log_resume_point(&headers, params.number("from")?)?;
     if !follow {
         let _permit = state.shed.admit(&caller.principal)?;
-        let (_, lines) = ops::logs(&state, &caller, &id, from, false)?;
+        let (log_id, lines) = ops::logs(&state, &caller, &id, from, false)?;
         let lines: Vec<_> = lines.collect().await;
         let lines: Vec<_> = lines
             .into_iter()
             .filter_map(Result::ok)
             .map(|l| log_line_json(&l))
             .collect();
-        return Ok(Json(json!({ "service_id": id, "lines": lines })).into_response());
+        let log_id = format!("{log_id:x}");
+        return Ok(Json(json!({ "service_id": id, "log_id": log_id, "lines": lines })).into_response());
     }
     let permit = state.shed.admit_watcher(&caller.principal)?;
     let (log_id, lines) = ops::logs(&state, &caller, &id, from, true)?;
