@@ -1,4 +1,4 @@
-//! Offline inspection of a data directory: `solo log verify`, `dump` and `stats`.
+//! Offline inspection of a data directory: `solo log verify`, `dump`, `stats` and `backup`.
 //!
 //! These open the log read-only, so they work while a server is writing (LMDB allows readers
 //! in other processes). `verify` and `stats` read the whole store in one read transaction (a
@@ -8,8 +8,12 @@
 //! what one transaction would, and a reader slow to take its output pins no pages.
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::io::Write;
 use std::ops::ControlFlow;
+use std::path::Path;
+
+use anyhow::Context as _;
 
 use prost::Message as _;
 use sha2::Digest as _;
@@ -129,6 +133,97 @@ pub fn verify_as_of(view: &ReadView<'_>, settings: Settings) -> log::Result<Veri
     modules.retain(|sha, _| crate::state::parse_sha256(sha).is_some_and(|hash| state.module_users(&hash) > 0));
     check_blobs(view, &modules, &mut report)?;
     check_requests(view, &mut report)?;
+    Ok(report)
+}
+
+/// What `backup` made: the copy, and what verifying it found.
+#[derive(Debug)]
+pub struct BackupReport {
+    /// The copy's data file: `data.mdb` in the destination, there only if it was kept.
+    pub path: std::path::PathBuf,
+    pub bytes: u64,
+    /// The size of the data file it was copied from (the copy leaves out its free pages).
+    pub source_bytes: u64,
+    pub verified: VerifyReport,
+}
+
+impl BackupReport {
+    /// Whether the copy verified, and so was kept.
+    pub fn kept(&self) -> bool {
+        self.verified.ok()
+    }
+}
+
+/// Where a backup is written before it has verified: beside its final place, so that the
+/// rename that keeps it stays on one file system.
+const BACKUP_STAGING: &str = ".solo-backup-partial";
+
+/// Copies `store` into the directory `dest` (made if missing) as one read transaction sees it,
+/// compacted, then verifies the copy as `solo log verify` would before it takes the name
+/// `data.mdb`: a backup is either whole, durable and verified, or not there. `dest` must hold no
+/// data file already: a backup never overwrites one. The copy works beside a running node, as
+/// every `solo log` tool does, and is what a node started on `dest` serves: the log up to the
+/// head it was taken at, the modules and snapshots of that moment, the keys remembered then.
+pub fn backup(
+    store: &Store,
+    dest: &Path,
+    options: &log::StoreOptions,
+    settings: Settings,
+) -> anyhow::Result<BackupReport> {
+    let source = store.path().join(log::DATA_FILE);
+    let target = dest.join(log::DATA_FILE);
+    if target.exists() {
+        anyhow::bail!(
+            "{} already holds a data file: a backup never overwrites one; choose an empty directory",
+            dest.display()
+        );
+    }
+    fs::create_dir_all(dest).with_context(|| format!("cannot create the backup directory {}", dest.display()))?;
+    let staging = dest.join(BACKUP_STAGING);
+    // What an interrupted backup left: only ever a copy that was never verified.
+    match fs::remove_dir_all(&staging) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot clear {}", staging.display()));
+        }
+        _ => {}
+    }
+    fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    let staged = staging.join(log::DATA_FILE);
+    let copied = (|| -> anyhow::Result<BackupReport> {
+        let mut file = fs::File::create_new(&staged)?;
+        store.copy_compacted(&mut file)?;
+        file.sync_all()?;
+        let bytes = file.metadata()?.len();
+        drop(file);
+        let read_only = log::StoreOptions {
+            read_only: true,
+            ..options.clone()
+        };
+        let copy = Store::open(&staging, &read_only)?;
+        let verified = verify(&copy, settings)?;
+        Ok(BackupReport {
+            path: target.clone(),
+            bytes,
+            source_bytes: fs::metadata(&source)?.len(),
+            verified,
+        })
+    })()
+    .with_context(|| format!("cannot write the backup in {}", dest.display()));
+    let report = match copied {
+        Ok(report) if report.kept() => report,
+        // Not kept: a copy that does not verify restores nothing.
+        unkept => {
+            let _ = fs::remove_dir_all(&staging);
+            return unkept;
+        }
+    };
+    fs::rename(&staged, &target).with_context(|| format!("cannot move the backup into {}", target.display()))?;
+    // The rename is durable with the directory that holds it.
+    fs::File::open(dest)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("cannot make the backup in {} durable", dest.display()))?;
+    // LMDB's lock file of the verifying read, nothing more.
+    let _ = fs::remove_dir_all(&staging);
     Ok(report)
 }
 

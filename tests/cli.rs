@@ -1538,6 +1538,81 @@ fn sigterm_stops_serve_cleanly_and_the_next_start_brings_the_services_back() {
     assert_eq!(stops, 2, "{dump:?}");
 }
 
+/// A backup taken while the node serves is a data directory of its own: verified, never written
+/// over, and a node started on it serves what the log held when it was taken.
+#[test]
+fn a_backup_taken_while_serving_restores_what_the_log_held_then() {
+    let serve = ServeDir::new();
+    let cli = |args: &[&str]| serve.cli(args);
+    let node = serve.start();
+    cli(&["deploy", "echo", example_path("echo").to_str().unwrap(), "--wait"]).ok();
+    cli(&["deploy", "counter", example_path("counter").to_str().unwrap(), "--wait"]).ok();
+    let backups = tempfile::tempdir().unwrap();
+    let backup = backups.path().join("one");
+    let back_up = |dest: &Path| {
+        run(solo().args([
+            "log",
+            "backup",
+            "--json",
+            "--data-dir",
+            serve.data.to_str().unwrap(),
+            dest.to_str().unwrap(),
+        ]))
+    };
+    let taken = back_up(&backup).ok().json();
+    assert_eq!(
+        (taken["ok"].as_bool(), taken["verify"]["ok"].as_bool()),
+        (Some(true), Some(true)),
+        "{taken}"
+    );
+    let head = taken["head"].as_u64().unwrap();
+    assert!(head >= 4, "two deploys and two starts: {taken}");
+    assert!(
+        taken["bytes"].as_u64() <= taken["source_bytes"].as_u64(),
+        "compacted: {taken}"
+    );
+    let files: Vec<_> = std::fs::read_dir(&backup)
+        .unwrap()
+        .map(|f| f.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files, ["data.mdb"], "the data file alone, nothing left of the staging");
+
+    // What happens after the backup is not in it; a second backup never writes over the first.
+    cli(&["deploy", "kv", example_path("kv").to_str().unwrap(), "--wait"]).ok();
+    let refused = back_up(&backup).fails(1);
+    assert!(
+        refused.stderr.contains("already holds a data file"),
+        "{}",
+        refused.stderr
+    );
+    let again = run(solo().args(["log", "verify", "--json", "--data-dir", backup.to_str().unwrap()]))
+        .ok()
+        .json();
+    assert_eq!(
+        again["head"].as_u64(),
+        Some(head),
+        "the first backup is as it was: {again}"
+    );
+    node.kill();
+
+    // Restored: a node on the backup brings back the services running when it was taken.
+    let restored = ServeDir {
+        data: backup,
+        ..ServeDir::new()
+    };
+    let _node = restored.start();
+    let deadline = Instant::now() + PATIENCE;
+    while restored.cli(&["status", "counter", "--json"]).ok().json()["status"] != "running" {
+        assert!(Instant::now() < deadline, "counter did not come back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(restored.service_ids(), ["counter", "echo"]);
+    assert_eq!(
+        restored.cli(&["call", "echo", "--data", "restored"]).ok().stdout,
+        b"restored"
+    );
+}
+
 /// A compile cannot be cancelled: one still under way when the node has stopped does not hold
 /// its process, which exits without it (it used to wait for the compile, minutes or hours).
 #[test]
@@ -2288,8 +2363,13 @@ fn damage_that_crashes_lmdb_or_loses_a_page_is_reported_as_damage() {
     });
     for (dir, says) in [(&crashed, "LMDB crashed reading it"), (&lost, "MDB_PAGE_NOTFOUND")] {
         let data = dir.path().to_str().unwrap();
-        for command in ["verify", "stats", "dump"] {
-            let ran = run(solo().args(["log", command, "--data-dir", data])).fails(1);
+        let backup = dir.path().join("backup");
+        for command in ["verify", "stats", "dump", "backup"] {
+            let mut args = vec!["log", command, "--data-dir", data];
+            if command == "backup" {
+                args.push(backup.to_str().unwrap());
+            }
+            let ran = run(solo().args(&args)).fails(1);
             assert!(
                 ran.stderr.contains("damaged") && ran.stderr.contains(says) && ran.stderr.contains("backup"),
                 "log {command} on {says}: {}",
@@ -2308,7 +2388,42 @@ fn damage_that_crashes_lmdb_or_loses_a_page_is_reported_as_damage() {
                 assert!(document["error"].as_str().unwrap().contains(says), "{document}");
             }
         }
+        assert!(!backup.join("data.mdb").exists(), "no backup of {says} is kept");
     }
+}
+
+/// A copy that does not verify (a record damaged in the data file it was taken from) is not
+/// kept: a backup that restores nothing would only be found out when it is needed.
+#[test]
+fn a_backup_of_a_damaged_log_is_not_kept() {
+    let source = tempfile::tempdir().unwrap();
+    offline_data_dir(source.path(), 1 << 20, 25);
+    let damaged = damaged_copy(source.path(), |bytes| {
+        let at = bytes
+            .windows(6)
+            .position(|w| w == b"svc-14")
+            .expect("record 14's service id");
+        bytes[at] ^= 0x20;
+    });
+    let backup = damaged.path().join("backup");
+    let ran = run(solo().args([
+        "log",
+        "backup",
+        "--data-dir",
+        damaged.path().to_str().unwrap(),
+        backup.to_str().unwrap(),
+    ]))
+    .fails(1);
+    assert!(
+        ran.stderr.contains("no backup kept") && ran.stderr.contains("first bad record is seq 14"),
+        "{}",
+        ran.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(&backup).unwrap().count(),
+        0,
+        "nothing left in {backup:?}"
+    );
 }
 
 /// Damage LMDB never notices (it does not check the page number in a page's header) is found by

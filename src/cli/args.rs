@@ -434,6 +434,21 @@ pub enum LogCommand {
         #[command(flatten)]
         dir: DataDirArg,
     },
+    /// Copy the data file as of one moment into another directory, compacted, and verify the
+    /// copy: a backup a node can be started on. Works while a server runs.
+    #[command(after_help = "Examples:
+  solo log backup --data-dir ./data /backups/solo-$(date +%F)
+
+To restore, stop the node and start it on the backup: solo serve --data-dir /backups/solo-...
+(or move the backup's data.mdb into an empty data directory). The node then holds what the log
+held when the backup was taken, and brings back the services running then.")]
+    Backup {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Directory to write the backup in, made if missing; it must hold no data file.
+        #[arg(value_name = "DEST")]
+        dest: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,9 +1,10 @@
-//! The commands that need no node: `serve` (which runs one), `log verify|dump|stats`,
+//! The commands that need no node: `serve` (which runs one), `log verify|dump|stats|backup`,
 //! `config check`, `token new` and `completions`. They fail with exit code 1.
 //!
-//! The `log` tools only read. They open the data file read-only, and without LMDB's lock file
-//! when they may not write the directory; they create nothing in a directory that holds no
-//! log; and damage, even the kind that crashes LMDB, is reported as damage.
+//! The `log` tools only read the data directory (`backup` writes its copy elsewhere). They open
+//! the data file read-only, and without LMDB's lock file when they may not write the directory;
+//! they create nothing in a directory that holds no log; and damage, even the kind that crashes
+//! LMDB, is reported as damage.
 
 use std::io::{IsTerminal as _, Write};
 use std::path::{Path, PathBuf};
@@ -127,12 +128,12 @@ pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `solo log verify|dump|stats`. A failure is printed here, as damage when it is damage, and
-/// with `--json` as a document too (`verify`, `stats`), so that programs read it as well.
+/// `solo log verify|dump|stats|backup`. A failure is printed here, as damage when it is damage,
+/// and with `--json` as a document too (not `dump`), so that programs read it as well.
 pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path.as_deref())?;
     let (dir, one_document) = match &command {
-        LogCommand::Verify(dir) | LogCommand::Stats { dir } => (dir, json),
+        LogCommand::Verify(dir) | LogCommand::Stats { dir } | LogCommand::Backup { dir, .. } => (dir, json),
         LogCommand::Dump { dir, .. } => (dir, false),
     };
     let path = dir.data_dir.clone().unwrap_or_else(|| config.solo.data_dir.clone());
@@ -217,6 +218,48 @@ fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> an
             printing(|out| {
                 let damaged = inspect::dump(&store, &filter, json, out, &mut std::io::stderr())?;
                 Ok(if damaged == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            })
+        }
+        LogCommand::Backup { dir: _, dest } => {
+            let options = config.log_options(true).store;
+            let backup = inspect::backup(&store, &dest, &options, config.settings())?;
+            if !backup.kept() {
+                super::output::print_error(&format!(
+                    "no backup kept: the copy of {} does not verify, so the data file is damaged \
+                     ({}); restore it from an earlier backup",
+                    path.display(),
+                    backup.verified.summary()
+                ));
+            }
+            printing(|out| {
+                if json {
+                    let document = serde_json::json!({
+                        "ok": backup.kept(),
+                        "path": backup.kept().then(|| backup.path.display().to_string()),
+                        "bytes": backup.bytes,
+                        "source_bytes": backup.source_bytes,
+                        "head": backup.verified.head,
+                        "unlocked": unlocked,
+                        "verify": backup.verified.to_json(),
+                    });
+                    writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
+                } else if backup.kept() {
+                    writeln!(
+                        out,
+                        "backed up {} to {} as of seq {}: {} bytes (the data file: {}); the copy verifies: {}",
+                        path.display(),
+                        backup.path.display(),
+                        backup.verified.head,
+                        backup.bytes,
+                        backup.source_bytes,
+                        backup.verified.summary(),
+                    )?;
+                }
+                Ok(if backup.kept() {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE

@@ -21,9 +21,9 @@ use tokio::sync::watch;
 pub use error::{Error, Result};
 pub use frame::FrameError;
 pub use store::{
-    BLOBS_DB, BlobChanges, BlobRef, EVENTS_DB, FORMAT_VERSION, META_CREATED_AT_MS, META_DB, META_FORMAT_VERSION,
-    META_NODE_ID, NodeMeta, OLDEST_FORMAT_VERSION, PageDamage, REQUESTS_DB, ReadView, RequestChanges, SNAPSHOTS_DB,
-    Store, StoreOptions, StoreStats, StoredRequest,
+    BLOBS_DB, BlobChanges, BlobRef, DATA_FILE, EVENTS_DB, FORMAT_VERSION, META_CREATED_AT_MS, META_DB,
+    META_FORMAT_VERSION, META_NODE_ID, NodeMeta, OLDEST_FORMAT_VERSION, PageDamage, REQUESTS_DB, ReadView,
+    RequestChanges, SNAPSHOTS_DB, Store, StoreOptions, StoreStats, StoredRequest,
 };
 
 use tail::Window;

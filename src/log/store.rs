@@ -411,6 +411,20 @@ impl Store {
         self.read_view()?.head()
     }
 
+    /// Writes the whole store as one read transaction sees it to `file`, compacted (free pages
+    /// left out, pages renumbered): a data file of its own, which a node writing meanwhile does
+    /// not disturb. The caller makes it durable.
+    /// A write that fails is the copy's I/O error; anything else carries the store's error.
+    pub fn copy_compacted(&self, file: &mut std::fs::File) -> std::io::Result<()> {
+        self.env
+            .copy_to_file(file, heed::CompactionOption::Enabled)
+            .map_err(|e| match e {
+                heed::Error::Io(e) => e,
+                heed::Error::Mdb(heed::MdbError::Other(errno)) => std::io::Error::from_raw_os_error(errno),
+                other => std::io::Error::other(self.err(other)),
+            })
+    }
+
     /// The whole store as of now, for reads that must all see one moment ([`ReadView`]).
     pub fn read_view(&self) -> Result<ReadView<'_>> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
