@@ -1,5 +1,6 @@
 //! Benchmarks of the log: durable appends through the control writer (group commit), rebuilding
-//! the state from a million events, and commit-to-delivery latency of tailers.
+//! the state from a million events (and backing them up), and commit-to-delivery latency of
+//! tailers.
 //!
 //! `cargo bench --bench log`. These measure; they assert nothing. Figures that criterion cannot
 //! report (tail latency percentiles, the shape of the data set) are printed to stderr.
@@ -278,7 +279,7 @@ fn bench_append(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. Rebuilding the state from 1,000,000 events, and from a snapshot.
+// 2. Rebuilding the state from 1,000,000 events, and from a snapshot; a backup of them.
 // ---------------------------------------------------------------------------------------------
 
 const DATASET_EVENTS: u64 = 1_000_000;
@@ -599,6 +600,22 @@ fn bench_rebuild(c: &mut Criterion) {
             |mut state| {
                 let skipped = replay(store, &mut state, 1, data.head).expect("the log replays");
                 (state, skipped)
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    // `solo log backup`: LMDB's compacting copy of the whole store, made durable, then verified
+    // as `solo log verify` would (the page walk, every record, the replay, the blobs).
+    group.bench_function(BenchmarkId::new("backup_and_verify", DATASET_EVENTS), |b| {
+        let data = &*dataset.get_or_insert_with(build_dataset);
+        let store_options = log_options().store;
+        b.iter_batched(
+            tempdir,
+            |dest| {
+                let report = solo::inspect::backup(data.log.store(), dest.path(), &store_options, data.settings)
+                    .expect("the backup is written");
+                assert!(report.kept(), "{}", report.verified.summary());
+                dest
             },
             BatchSize::PerIteration,
         );

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
@@ -136,14 +136,12 @@ pub fn verify_as_of(view: &ReadView<'_>, settings: Settings) -> log::Result<Veri
     Ok(report)
 }
 
-/// What `backup` made: the copy, and what verifying it found.
+/// What a backup made: the copy, and what verifying it found.
 #[derive(Debug)]
 pub struct BackupReport {
     /// The copy's data file: `data.mdb` in the destination, there only if it was kept.
-    pub path: std::path::PathBuf,
+    pub path: PathBuf,
     pub bytes: u64,
-    /// The size of the data file it was copied from (the copy leaves out its free pages).
-    pub source_bytes: u64,
     pub verified: VerifyReport,
 }
 
@@ -158,73 +156,104 @@ impl BackupReport {
 /// rename that keeps it stays on one file system.
 const BACKUP_STAGING: &str = ".solo-backup-partial";
 
-/// Copies `store` into the directory `dest` (made if missing) as one read transaction sees it,
-/// compacted, then verifies the copy as `solo log verify` would before it takes the name
-/// `data.mdb`: a backup is either whole, durable and verified, or not there. `dest` must hold no
-/// data file already: a backup never overwrites one. The copy works beside a running node, as
-/// every `solo log` tool does, and is what a node started on `dest` serves: the log up to the
-/// head it was taken at, the modules and snapshots of that moment, the keys remembered then.
+/// A backup being written: a data file in a staging directory inside its destination, which
+/// takes the name `data.mdb` in the destination only once it is durable and has verified as
+/// `solo log verify` would. So a backup is either whole, durable and verified, or not there:
+/// one dropped unfinished, or that does not verify, is deleted.
+#[derive(Debug)]
+pub struct StagedBackup {
+    dest: PathBuf,
+    staging: PathBuf,
+    file: fs::File,
+}
+
+impl StagedBackup {
+    /// Starts a backup into the directory `dest`, made if missing, which must hold no data
+    /// file: a backup never overwrites one.
+    pub fn create(dest: &Path) -> anyhow::Result<StagedBackup> {
+        if dest.join(log::DATA_FILE).exists() {
+            anyhow::bail!(
+                "{} already holds a data file: a backup never overwrites one; choose an empty directory",
+                dest.display()
+            );
+        }
+        fs::create_dir_all(dest).with_context(|| format!("cannot create the backup directory {}", dest.display()))?;
+        let staging = dest.join(BACKUP_STAGING);
+        // What an interrupted backup left: only ever a copy that was never verified.
+        match fs::remove_dir_all(&staging) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot clear {}", staging.display()));
+            }
+            _ => {}
+        }
+        fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+        let file = fs::File::create_new(staging.join(log::DATA_FILE))
+            .with_context(|| format!("cannot write the backup in {}", dest.display()))?;
+        Ok(StagedBackup {
+            dest: dest.to_path_buf(),
+            staging,
+            file,
+        })
+    }
+
+    /// Where the copy's bytes go.
+    pub fn file(&mut self) -> &mut fs::File {
+        &mut self.file
+    }
+
+    /// Makes the copy durable and verifies it; keeps it if it verifies. Either way, the report
+    /// says what verifying it found.
+    pub fn finish(self, options: &log::StoreOptions, settings: Settings) -> anyhow::Result<BackupReport> {
+        let writing = || format!("cannot write the backup in {}", self.dest.display());
+        self.file.sync_all().with_context(writing)?;
+        let bytes = self.file.metadata().with_context(writing)?.len();
+        let read_only = log::StoreOptions {
+            read_only: true,
+            ..options.clone()
+        };
+        let verified = {
+            let copy = Store::open(&self.staging, &read_only).with_context(writing)?;
+            verify(&copy, settings).with_context(writing)?
+        };
+        let report = BackupReport {
+            path: self.dest.join(log::DATA_FILE),
+            bytes,
+            verified,
+        };
+        if report.kept() {
+            fs::rename(self.staging.join(log::DATA_FILE), &report.path)
+                .with_context(|| format!("cannot move the backup into {}", report.path.display()))?;
+            // The rename is durable with the directory that holds it.
+            fs::File::open(&self.dest)
+                .and_then(|dir| dir.sync_all())
+                .with_context(|| format!("cannot make the backup in {} durable", self.dest.display()))?;
+        }
+        Ok(report)
+    }
+}
+
+impl Drop for StagedBackup {
+    fn drop(&mut self) {
+        // The copy if it was not kept, and the lock file of the verifying read.
+        let _ = fs::remove_dir_all(&self.staging);
+    }
+}
+
+/// Backs `store` up into the directory `dest` (see [`StagedBackup`]): LMDB's copy as one read
+/// transaction sees it, compacted. It works beside a running node, as every `solo log` tool
+/// does, and is what a node started on `dest` serves: the log up to the head it was taken at,
+/// and the modules, snapshots and remembered keys of that moment.
 pub fn backup(
     store: &Store,
     dest: &Path,
     options: &log::StoreOptions,
     settings: Settings,
 ) -> anyhow::Result<BackupReport> {
-    let source = store.path().join(log::DATA_FILE);
-    let target = dest.join(log::DATA_FILE);
-    if target.exists() {
-        anyhow::bail!(
-            "{} already holds a data file: a backup never overwrites one; choose an empty directory",
-            dest.display()
-        );
-    }
-    fs::create_dir_all(dest).with_context(|| format!("cannot create the backup directory {}", dest.display()))?;
-    let staging = dest.join(BACKUP_STAGING);
-    // What an interrupted backup left: only ever a copy that was never verified.
-    match fs::remove_dir_all(&staging) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("cannot clear {}", staging.display()));
-        }
-        _ => {}
-    }
-    fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-    let staged = staging.join(log::DATA_FILE);
-    let copied = (|| -> anyhow::Result<BackupReport> {
-        let mut file = fs::File::create_new(&staged)?;
-        store.copy_compacted(&mut file)?;
-        file.sync_all()?;
-        let bytes = file.metadata()?.len();
-        drop(file);
-        let read_only = log::StoreOptions {
-            read_only: true,
-            ..options.clone()
-        };
-        let copy = Store::open(&staging, &read_only)?;
-        let verified = verify(&copy, settings)?;
-        Ok(BackupReport {
-            path: target.clone(),
-            bytes,
-            source_bytes: fs::metadata(&source)?.len(),
-            verified,
-        })
-    })()
-    .with_context(|| format!("cannot write the backup in {}", dest.display()));
-    let report = match copied {
-        Ok(report) if report.kept() => report,
-        // Not kept: a copy that does not verify restores nothing.
-        unkept => {
-            let _ = fs::remove_dir_all(&staging);
-            return unkept;
-        }
-    };
-    fs::rename(&staged, &target).with_context(|| format!("cannot move the backup into {}", target.display()))?;
-    // The rename is durable with the directory that holds it.
-    fs::File::open(dest)
-        .and_then(|dir| dir.sync_all())
-        .with_context(|| format!("cannot make the backup in {} durable", dest.display()))?;
-    // LMDB's lock file of the verifying read, nothing more.
-    let _ = fs::remove_dir_all(&staging);
-    Ok(report)
+    let mut staged = StagedBackup::create(dest)?;
+    store
+        .copy_compacted(staged.file())
+        .with_context(|| format!("cannot write the backup in {}", dest.display()))?;
+    staged.finish(options, settings)
 }
 
 /// The states the stored snapshots hold, by seq; one that is damaged is reported.

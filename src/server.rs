@@ -551,6 +551,7 @@ async fn serve_grpc(
 const GRPC_STREAMS: &[&str] = &[
     "/solo.v1.SoloKernel/Logs",
     "/solo.v1.SoloKernel/Watch",
+    "/solo.v1.SoloKernel/Backup",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",

@@ -1593,6 +1593,24 @@ fn a_backup_taken_while_serving_restores_what_the_log_held_then() {
         Some(head),
         "the first backup is as it was: {again}"
     );
+
+    // Over the API, as the admin (a tenant is refused, and leaves nothing behind).
+    let remote = backups.path().join("remote");
+    let refused = cli(&["backup", remote.to_str().unwrap()]).fails(4);
+    assert!(refused.stderr.contains("only the admin"), "{}", refused.stderr);
+    assert!(!remote.exists());
+    let streamed = run(solo().args([
+        "--endpoint",
+        &serve.endpoint,
+        "--json",
+        "backup",
+        remote.to_str().unwrap(),
+    ]))
+    .ok()
+    .json();
+    assert_eq!(streamed["verify"]["ok"].as_bool(), Some(true), "{streamed}");
+    assert!(streamed["head"].as_u64() > Some(head), "kv's deploy too: {streamed}");
+    assert_eq!(streamed["sha256"].as_str().map(str::len), Some(64), "{streamed}");
     node.kill();
 
     // Restored: a node on the backup brings back the services running when it was taken.

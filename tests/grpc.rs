@@ -1322,6 +1322,65 @@ async fn a_tenants_watch_never_carries_another_tenants_events() {
     server.stop().await.unwrap();
 }
 
+/// Backup streams the data file's copy to the admin, then its SHA-256; the bytes are a data
+/// directory that verifies and holds the log up to the head. A tenant may not take one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_streams_a_verified_copy_to_the_admin_only() {
+    use sha2::Digest as _;
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let deployed = deploy(&mut client, "acme", "echo", "echo").await;
+    running(&mut client, "acme", "echo", deployed.seq).await;
+
+    let refused = client
+        .backup(as_tenant("acme", proto::BackupRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    let mut pieces = client.backup(proto::BackupRequest {}).await.unwrap().into_inner();
+    let (mut bytes, mut sent) = (Vec::new(), None);
+    while let Some(piece) = tokio::time::timeout(PATIENCE, pieces.next())
+        .await
+        .expect("the backup streams")
+    {
+        let piece = piece.unwrap();
+        assert!(sent.is_none(), "nothing follows the SHA-256");
+        assert!(piece.data.len() <= 1 << 20, "pieces fit clients' default message size");
+        if piece.sha256.is_empty() {
+            bytes.extend_from_slice(&piece.data);
+        } else {
+            assert!(piece.data.is_empty());
+            sent = Some(piece.sha256);
+        }
+    }
+    assert_eq!(
+        sent.as_deref(),
+        Some(hex::encode(sha2::Sha256::digest(&bytes)).as_str())
+    );
+
+    let restored = tempdir();
+    std::fs::write(restored.path().join("data.mdb"), &bytes).unwrap();
+    let options = solo::log::StoreOptions {
+        map_size: 1 << 30,
+        max_readers: 16,
+        read_only: true,
+        check_pages: true,
+    };
+    let copy = solo::log::Store::open(restored.path(), &options).unwrap();
+    let verified = solo::inspect::verify(&copy, Default::default()).unwrap();
+    assert!(verified.ok(), "{}", verified.summary());
+    let listed = client.list(proto::ListRequest::default()).await.unwrap().into_inner();
+    assert!(
+        verified.head > deployed.seq,
+        "the deploy and its start: {}",
+        verified.summary()
+    );
+    assert!(verified.head <= listed.head_seq);
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_streams_and_a_restart_brings_the_services_back() {
     let dir = tempdir();

@@ -1301,6 +1301,40 @@ async fn shutdown_is_for_the_admin_and_stops_the_server() {
     drop(dir);
 }
 
+/// `GET /backup` is the admin's: the data file's copy, whole, as a download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_downloads_the_data_file_for_the_admin_only() {
+    let node = dev_node().await;
+    node.deploy_running("a", "echo", "echo").await;
+    assert!(
+        node.get("/backup", "a")
+            .await
+            .error(403, "permission_denied")
+            .contains("admin")
+    );
+    node.get("/backup?tenant=a", "").await.error(400, "invalid_argument");
+    let reply = send_stream(node.request(Method::GET, "/backup", "")).await;
+    assert_eq!(reply.status(), 200);
+    assert_eq!(reply.headers()["content-type"], "application/octet-stream");
+    assert_eq!(
+        reply.headers()["content-disposition"],
+        "attachment; filename=\"data.mdb\""
+    );
+    let bytes = reply.bytes().await.expect("the whole body");
+    let restored = tempfile::tempdir().unwrap();
+    std::fs::write(restored.path().join("data.mdb"), &bytes).unwrap();
+    let options = solo::log::StoreOptions {
+        map_size: 1 << 30,
+        max_readers: 16,
+        read_only: true,
+        check_pages: true,
+    };
+    let copy = solo::log::Store::open(restored.path(), &options).unwrap();
+    let verified = solo::inspect::verify(&copy, Default::default()).unwrap();
+    assert!(verified.ok() && verified.head >= 2, "{}", verified.summary());
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_in_development_mode_refuses_tenants_and_ends_streams() {
     let node = dev_node().await;

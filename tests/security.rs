@@ -449,6 +449,10 @@ async fn every_rpc(client: &mut Grpc, auth: &Auth, id: &str) -> Vec<(&'static st
                 .await
                 .map(drop),
         ),
+        (
+            "Backup",
+            client.backup(auth.grpc(proto::BackupRequest {})).await.map(drop),
+        ),
     ]
 }
 
@@ -781,6 +785,10 @@ async fn rest_tenants_cannot_read_call_kill_watch_or_overwrite_each_other_on_any
         403,
         "permission_denied",
     );
+    // A backup holds every tenant's services and history: the admin's alone.
+    let backup = send(beta.rest(http.get(url("/backup")))).await;
+    covered.insert(("/backup", "get"));
+    expect_error(&mut failures, "GET /backup as beta", &backup, 403, "permission_denied");
     for route in PUBLIC_ROUTES {
         let reply = send(beta.rest(http.get(url(route)))).await;
         covered.insert((route, "get"));
@@ -942,6 +950,16 @@ async fn grpc_every_rpc_needs_a_valid_token_and_only_the_admin_shuts_down() {
             &mut failures,
             &format!("Shutdown as {who}"),
             client.shutdown(auth.grpc(proto::ShutdownRequest::default())).await,
+            Code::PermissionDenied,
+        );
+        expect_code(
+            &mut failures,
+            &format!("Backup as {who}"),
+            client
+                .backup(auth.grpc(proto::BackupRequest {}))
+                .await
+                .map(drop)
+                .map(tonic::Response::new),
             Code::PermissionDenied,
         );
     }

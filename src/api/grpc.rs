@@ -34,8 +34,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 const MAX_PAGE_BYTES: usize = 3 << 20;
 
 /// The methods of `SoloKernel`, as `solo_grpc_requests_total` names them.
-const METHODS: [&str; 9] = [
-    "Deploy", "Status", "List", "Kill", "Remove", "Call", "Logs", "Watch", "Shutdown",
+const METHODS: [&str; 10] = [
+    "Deploy", "Status", "List", "Kill", "Remove", "Call", "Logs", "Watch", "Shutdown", "Backup",
 ];
 
 impl GrpcApi {
@@ -292,6 +292,33 @@ impl SoloKernel for GrpcApi {
             Ok(stream)
         })();
         self.finish_stream("Logs", result)
+    }
+
+    type BackupStream = BoxStream<proto::BackupPiece>;
+
+    async fn backup(&self, request: Request<proto::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let result = (|| {
+            let caller = self.caller(&request)?;
+            caller.require_admin("take a backup")?;
+            // A stream that lasts as long as its client takes to read it: a watcher's permit.
+            let permit = self.state.shed.admit_watcher(&caller.principal)?;
+            let pieces = ops::backup(&self.state, &caller)?;
+            let stream: Self::BackupStream = Box::pin(pieces.map(move |piece| {
+                let _held = &permit;
+                Ok(match piece.map_err(Status::from)? {
+                    ops::BackupPiece::Bytes(data) => proto::BackupPiece {
+                        data,
+                        sha256: String::new(),
+                    },
+                    ops::BackupPiece::End { sha256 } => proto::BackupPiece {
+                        data: Vec::new(),
+                        sha256,
+                    },
+                })
+            }));
+            Ok(stream)
+        })();
+        self.finish_stream("Backup", result)
     }
 
     type WatchStream = BoxStream<proto::WatchResponse>;

@@ -233,6 +233,85 @@ pub async fn shutdown(state: &ApiState, caller: &Caller, grace_ms: u32) -> Resul
     Ok(seq)
 }
 
+/// Bytes per piece of a backup stream: well within the 4 MiB gRPC clients take by default.
+const BACKUP_PIECE: usize = 1 << 20;
+
+/// A piece of a backup stream.
+#[derive(Debug)]
+pub enum BackupPiece {
+    /// The next bytes of the copy.
+    Bytes(Vec<u8>),
+    /// The end, once the copy is whole: the SHA-256 of all its bytes, in hex.
+    End { sha256: String },
+}
+
+/// A backup of the node's data file (admin only), as etcd's snapshot: LMDB's compacted copy
+/// as one read transaction sees it, streamed as it is made, through a pipe, so that it takes
+/// no room on the node's disk. A copy that fails ends the stream with an error, never with an
+/// end. The read transaction lasts as long as the stream: meanwhile the data file grows by what
+/// the node writes rather than reuse the pages of that moment, so a client reads it promptly.
+/// A client that goes away ends the copy (its writes to the pipe fail).
+pub fn backup(
+    state: &ApiState,
+    caller: &Caller,
+) -> Result<impl Stream<Item = Result<BackupPiece, Error>> + Send + 'static, Error> {
+    use sha2::Digest as _;
+    use std::os::fd::OwnedFd;
+    use tokio::io::AsyncReadExt as _;
+    caller.require_admin("take a backup")?;
+    state.check_open()?;
+    let internal = |what: &str, e: &dyn std::fmt::Display| Error::new(ErrorKind::Internal, format!("{what}: {e}"));
+    let (reader, writer) = std::io::pipe().map_err(|e| internal("cannot make a pipe for the backup", &e))?;
+    let mut reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))
+        .map_err(|e| internal("cannot read the backup's pipe", &e))?;
+    let log = state.control.log().clone();
+    let copy = tokio::task::spawn_blocking(move || {
+        let mut pipe = std::fs::File::from(OwnedFd::from(writer));
+        log.store().copy_compacted(&mut pipe)
+    });
+    let stopping = state.stopping.clone();
+    Ok(async_stream::stream! {
+        let mut hash = sha2::Sha256::new();
+        let mut piece = vec![0; BACKUP_PIECE];
+        let mut filled = 0;
+        loop {
+            let read = tokio::select! {
+                biased;
+                () = stopping.cancelled() => {
+                    yield Err(Error::shutting_down());
+                    return;
+                }
+                read = reader.read(&mut piece[filled..]) => read,
+            };
+            match read {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => {
+                    yield Err(internal("the backup's copy could not be read", &e));
+                    return;
+                }
+            }
+            if filled == BACKUP_PIECE {
+                hash.update(&piece);
+                yield Ok(BackupPiece::Bytes(std::mem::replace(&mut piece, vec![0; BACKUP_PIECE])));
+                filled = 0;
+            }
+        }
+        piece.truncate(filled);
+        hash.update(&piece);
+        match copy.await {
+            Ok(Ok(())) => {
+                if !piece.is_empty() {
+                    yield Ok(BackupPiece::Bytes(piece));
+                }
+                yield Ok(BackupPiece::End { sha256: hex::encode(hash.finalize()) });
+            }
+            Ok(Err(e)) => yield Err(internal("the backup failed", &e)),
+            Err(e) => yield Err(internal("the backup failed", &e)),
+        }
+    })
+}
+
 /// Where a read of a service's log starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogStart {

@@ -53,7 +53,8 @@ over [telemetry] log_level); NO_COLOR turns colour off.
 )]
 pub struct Cli {
     /// Configuration file (TOML) of `serve` and `log`; without one, the defaults serve. The
-    /// client commands do not read it: they take their connection from flags and SOLO_*.
+    /// client commands take their connection from flags and SOLO_*, not from it; `backup` reads
+    /// its idempotency window, to verify the copy as `log verify` would.
     #[arg(long, global = true, env = "SOLO_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Print JSON for programs: one document per command, JSON lines for `events`, `logs` and
@@ -338,6 +339,18 @@ a node restart: it reconnects and resumes after the last seq it saw, without a g
 
 ", exit_codes!()))]
     Shutdown(ShutdownArgs),
+    /// Back the node up into a directory (admin only): a copy of its data file as of one moment,
+    /// checked against the node's SHA-256 and verified before it is kept.
+    #[command(after_help = concat!("Examples:
+  solo backup /backups/solo-$(date +%F) --token $ADMIN_TOKEN
+
+The directory is made if missing and must hold no data file. The copy takes the name data.mdb \
+there only once it is whole, durable and verified (as `solo log verify` would, under --config's \
+idempotency window); otherwise nothing is kept. To restore, stop the node and start one on the \
+directory: solo serve --data-dir /backups/solo-...
+
+", exit_codes!()))]
+    Backup(BackupArgs),
     /// Read a data directory offline (works while a server runs).
     #[command(
         subcommand,
@@ -632,6 +645,13 @@ pub struct EventsArgs {
     /// Keep printing new events until Ctrl-C.
     #[arg(long, short = 'f')]
     pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Directory to write the backup in, made if missing; it must hold no data file.
+    #[arg(value_name = "DEST")]
+    pub dest: PathBuf,
 }
 
 #[derive(Debug, Args)]

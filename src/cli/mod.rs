@@ -35,7 +35,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Config(command) => offline::config(command, json),
         Command::Token(command) => offline::token(command, json),
         Command::Completions { shell } => offline::completions(shell),
-        client => return exit(run_client(&connection, json, client), json),
+        client => return exit(run_client(&connection, config.as_deref(), json, client), json),
     };
     offline.unwrap_or_else(|e| {
         output::print_error(&offline_error(&e));
@@ -51,7 +51,12 @@ fn offline_error(error: &anyhow::Error) -> String {
 }
 
 /// Runs a client command on a small runtime of its own.
-fn run_client(connection: &args::ConnectionArgs, json: bool, command: Command) -> Result<(), CliError> {
+fn run_client(
+    connection: &args::ConnectionArgs,
+    config: Option<&std::path::Path>,
+    json: bool,
+    command: Command,
+) -> Result<(), CliError> {
     let conn = connect::Connector::new(connection)?;
     let out = output::Output::new(json);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -67,6 +72,7 @@ fn run_client(connection: &args::ConnectionArgs, json: bool, command: Command) -
             Command::Kill(args) => services::kill(&conn, out, args).await,
             Command::Remove(args) => services::remove(&conn, out, args).await,
             Command::Shutdown(args) => services::shutdown(&conn, out, args).await,
+            Command::Backup(args) => services::backup(&conn, out, args, config).await,
             Command::Logs(args) => follow::logs(&conn, out, args).await,
             Command::Events(args) => follow::events(&conn, out, args).await,
             Command::Serve(_)

@@ -227,6 +227,8 @@ fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> an
         LogCommand::Backup { dir: _, dest } => {
             let options = config.log_options(true).store;
             let backup = inspect::backup(&store, &dest, &options, config.settings())?;
+            // What the copy left out: the data file's free pages.
+            let source_bytes = std::fs::metadata(path.join(crate::log::DATA_FILE)).map_or(0, |m| m.len());
             if !backup.kept() {
                 super::output::print_error(&format!(
                     "no backup kept: the copy of {} does not verify, so the data file is damaged \
@@ -241,7 +243,7 @@ fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> an
                         "ok": backup.kept(),
                         "path": backup.kept().then(|| backup.path.display().to_string()),
                         "bytes": backup.bytes,
-                        "source_bytes": backup.source_bytes,
+                        "source_bytes": source_bytes,
                         "head": backup.verified.head,
                         "unlocked": unlocked,
                         "verify": backup.verified.to_json(),
@@ -255,7 +257,7 @@ fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> an
                         backup.path.display(),
                         backup.verified.head,
                         backup.bytes,
-                        backup.source_bytes,
+                        source_bytes,
                         backup.verified.summary(),
                     )?;
                 }

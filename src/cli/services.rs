@@ -9,7 +9,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::args::{
-    CallArgs, DeployArgs, KillArgs, ListArgs, RemoveArgs, ShutdownArgs, StatusArgs, WaitArgs, labels_by_key,
+    BackupArgs, CallArgs, DeployArgs, KillArgs, ListArgs, RemoveArgs, ShutdownArgs, StatusArgs, WaitArgs, labels_by_key,
 };
 use super::connect::{Client, Connector};
 use super::error::{CliError, Exit};
@@ -513,6 +513,75 @@ pub async fn shutdown(conn: &Connector, out: Output, args: ShutdownArgs) -> Resu
             "the node at {} is shutting down (seq {})",
             conn.url(),
             done.seq
+        ))
+    }
+}
+
+/// Streams the node's backup into `args.dest`, checks it against the SHA-256 the node sends
+/// last, and keeps it only if it verifies (see [`crate::inspect::StagedBackup`]).
+pub async fn backup(conn: &Connector, out: Output, args: BackupArgs, config: Option<&Path>) -> Result<(), CliError> {
+    use sha2::Digest as _;
+    use std::io::Write as _;
+    let failure = |e: anyhow::Error| CliError::failure(super::offline_error(&e));
+    let config = crate::config::Config::load(config).map_err(|e| failure(e.into()))?;
+    let mut client = conn.connect().await?;
+    let mut stream = client
+        .backup(proto::BackupRequest {})
+        .await
+        .map_err(|s| conn.error(&s))?
+        .into_inner();
+    // Once the node has taken the request: one it refuses leaves nothing behind.
+    let mut staged = crate::inspect::StagedBackup::create(&args.dest).map_err(failure)?;
+    let mut hash = sha2::Sha256::new();
+    let sent = loop {
+        match stream.message().await.map_err(|s| conn.error(&s))? {
+            Some(piece) if piece.sha256.is_empty() => {
+                hash.update(&piece.data);
+                staged.file().write_all(&piece.data).map_err(|e| {
+                    CliError::failure(format!("cannot write the backup in {}: {e}", args.dest.display()))
+                })?;
+            }
+            Some(piece) => break piece.sha256,
+            None => {
+                return Err(CliError::failure(
+                    "the node's backup stream ended before its last piece: no backup was kept",
+                )
+                .retryable());
+            }
+        }
+    };
+    let sha256 = hex::encode(hash.finalize());
+    if sha256 != sent {
+        return Err(CliError::failure(format!(
+            "the backup's bytes hash to {sha256}, not to the SHA-256 the node sent ({sent}): no backup was kept"
+        ))
+        .retryable());
+    }
+    let report = staged
+        .finish(&config.log_options(true).store, config.settings())
+        .map_err(failure)?;
+    if !report.kept() {
+        return Err(CliError::failure(format!(
+            "the node's backup does not verify ({}): no backup was kept; run solo log verify on the node's data directory",
+            report.verified.summary()
+        )));
+    }
+    if out.json {
+        out.document(&json!({
+            "path": report.path.display().to_string(),
+            "bytes": report.bytes,
+            "sha256": sha256,
+            "head": report.verified.head,
+            "verify": report.verified.to_json(),
+        }))
+    } else {
+        out.line(&format!(
+            "backed up the node at {} to {} as of seq {}: {} bytes (SHA-256 {sha256}); the copy verifies: {}",
+            conn.url(),
+            report.path.display(),
+            report.verified.head,
+            report.bytes,
+            report.verified.summary()
         ))
     }
 }

@@ -37,6 +37,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/services/{id}/logs", &["get"]),
     ("/events", &["get"]),
     ("/shutdown", &["post"]),
+    ("/backup", &["get"]),
     ("/health", &["get"]),
     ("/metrics", &["get"]),
 ];
@@ -60,7 +61,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         ));
     let streaming = Router::new()
         .route("/services/{id}/logs", get(events::logs))
-        .route("/events", get(events::events));
+        .route("/events", get(events::events))
+        .route("/backup", get(services::backup));
     Router::new()
         .merge(bounded)
         .merge(streaming)

@@ -523,6 +523,35 @@ pub(super) async fn shutdown(
     Ok((StatusCode::ACCEPTED, Json(json!({ "seq": seq }))).into_response())
 }
 
+/// `GET /backup` (admin only): a copy of the data file, as `application/octet-stream`. A copy
+/// that fails cuts the body off before its end, so that no client takes it for a whole file.
+pub(super) async fn backup(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    certificate: Certificate,
+) -> Result<Response, Error> {
+    let caller = super::caller(&state, &headers, None, certificate.as_deref())?;
+    caller.require_admin("take a backup")?;
+    Params::parse(query, &[])?;
+    // A stream that lasts as long as its client takes to read it: a watcher's permit.
+    let permit = state.shed.admit_watcher(&caller.principal)?;
+    let pieces = futures_util::StreamExt::filter_map(ops::backup(&state, &caller)?, move |piece| {
+        let _held = &permit;
+        std::future::ready(match piece {
+            Ok(ops::BackupPiece::Bytes(bytes)) => Some(Ok(bytes)),
+            Ok(ops::BackupPiece::End { .. }) => None,
+            Err(e) => Some(Err(std::io::Error::other(e.message().to_string()))),
+        })
+    });
+    let headers = [
+        (header::CONTENT_TYPE, "application/octet-stream"),
+        (header::CONTENT_DISPOSITION, "attachment; filename=\"data.mdb\""),
+        (header::CACHE_CONTROL, "no-store"),
+    ];
+    Ok((headers, axum::body::Body::from_stream(pieces)).into_response())
+}
+
 pub(super) async fn health(State(state): State<Arc<ApiState>>) -> Response {
     let stopping = state.stopping.is_cancelled() || state.control.is_shutting_down();
     // As etcd's NOSPACE alarm: a node whose log takes no writes is not healthy, though reads
