@@ -158,9 +158,9 @@ impl LogBuffer {
     pub fn push(&self, level: Level, version: u64, message: String) {
         // Tenants' lines reach the node's own log only at debug, whatever their level: a guest
         // that logs without end must not flood the operator's log, nor block every tenant's
-        // calls on a slow stderr. Its own buffer (the Logs APIs) is where they belong.
-        let (tenant, service, guest_level) = (&self.tenant, &self.service_id, level.as_str());
-        tracing::debug!(target: "solo::guest", tenant, service, version, level = guest_level, "{message}");
+        // calls on a slow stderr. Its own buffer (the Logs APIs) is where they belong. Only lines
+        // within the rate go there too, written once the buffer's lock is let go.
+        let traced = tracing::enabled!(target: "solo::guest", tracing::Level::DEBUG).then(|| message.clone());
         let timestamp_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -189,6 +189,11 @@ impl LogBuffer {
             self.keep(&mut lines, timestamp_ms, Level::Warn, version, note);
         }
         self.keep(&mut lines, timestamp_ms, level, version, message);
+        drop(lines);
+        if let Some(message) = traced {
+            let (tenant, service, guest_level) = (&self.tenant, &self.service_id, level.as_str());
+            tracing::debug!(target: "solo::guest", tenant, service, version, level = guest_level, "{message}");
+        }
     }
 
     /// Adds a line to the ring, and sends it to the followers.
@@ -282,8 +287,9 @@ mod tests {
         );
     }
 
-    /// What the node's own log prints of one guest error line, under `filter`.
-    fn node_log_of_a_guest_error(filter: &str) -> String {
+    /// What the node's own log prints, under `filter`, of a guest writing `messages` at error
+    /// into a buffer of `limits`.
+    fn node_log_of_guest_errors(filter: &str, limits: LogLimits, messages: &[String]) -> String {
         #[derive(Clone, Default)]
         struct Captured(std::sync::Arc<Mutex<Vec<u8>>>);
         impl std::io::Write for Captured {
@@ -303,23 +309,41 @@ mod tests {
             .with_ansi(false)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            LogBuffer::new("acme", "svc", lines(3)).push(Level::Error, 1, "guest says boom".into());
+            let buffer = LogBuffer::new("acme", "svc", limits);
+            for message in messages {
+                buffer.push(Level::Error, 1, message.clone());
+            }
         });
         String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
     }
 
     #[test]
     fn guest_lines_reach_the_node_log_only_when_its_filter_asks_for_them() {
+        let boom = ["guest says boom".to_string()];
         assert_eq!(
-            node_log_of_a_guest_error("info"),
+            node_log_of_guest_errors("info", lines(3), &boom),
             "",
             "an error of a guest is not the node's"
         );
-        let shown = node_log_of_a_guest_error("info,solo::guest=debug");
+        let shown = node_log_of_guest_errors("info,solo::guest=debug", lines(3), &boom);
         assert!(
             shown.contains("DEBUG") && shown.contains("level=\"error\"") && shown.contains("guest says boom"),
             "{shown}"
         );
+    }
+
+    /// A line over the rate is dropped from the node's log too: the rate bounds what a guest
+    /// writes there as well as in its own buffer.
+    #[test]
+    fn the_node_log_gets_only_the_lines_within_the_rate() {
+        let rate = LogLimits {
+            lines: 100,
+            bytes_per_second: 1000,
+        };
+        // 136 bytes of the rate each: 7 fit in a second's 1000.
+        let messages: Vec<String> = (0..20).map(|i| format!("line {i:>66}")).collect();
+        let shown = node_log_of_guest_errors("info,solo::guest=debug", rate, &messages);
+        assert_eq!(shown.lines().count(), 7, "{shown}");
     }
 
     #[test]
