@@ -52,7 +52,8 @@ pub struct SoloConfig {
     /// no request open (HTTP/1 keep-alive, or HTTP/2) before it is closed.
     pub http_header_timeout_ms: u32,
     /// Time a client may take none of the bytes the node writes to it (on either listener):
-    /// the connection is then closed, and lets go of the answers it held.
+    /// the connection is then closed, and lets go of the answers it held. A backup stream
+    /// whose client takes none of it for as long is given up.
     pub write_stall_timeout_ms: u32,
     /// Idle time after which the gRPC listener pings a client to learn whether it is still
     /// there (as etcd's `--grpc-keepalive-interval`).

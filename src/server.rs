@@ -445,6 +445,7 @@ fn api_options(config: &Config) -> ApiOptions {
         max_body_bytes: usize::try_from(solo.max_request_bytes).unwrap_or(usize::MAX),
         request_timeout: Duration::from_millis(solo.http_request_timeout_ms.into()),
         discard_bytes: usize::try_from(solo.http_discard_bytes).unwrap_or(usize::MAX),
+        write_stall: Duration::from_millis(solo.write_stall_timeout_ms.into()),
     }
 }
 

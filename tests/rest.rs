@@ -1420,6 +1420,7 @@ async fn stopping_router() -> (String, solo::server::Node, TempDir) {
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(10),
             discard_bytes: 1 << 20,
+            write_stall: Duration::from_secs(10),
         },
         stopping: tokio_util::sync::CancellationToken::new(),
         shutdown_requested: tokio_util::sync::CancellationToken::new(),

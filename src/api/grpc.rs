@@ -302,7 +302,7 @@ impl SoloKernel for GrpcApi {
             caller.require_admin("take a backup")?;
             // A stream that lasts as long as its client takes to read it: a watcher's permit.
             let permit = self.state.shed.admit_watcher(&caller.principal)?;
-            let pieces = ops::backup(&self.state, &caller)?;
+            let pieces = ops::backup(&self.state, &caller, self.state.options.write_stall)?;
             let stream: Self::BackupStream = Box::pin(pieces.map(move |piece| {
                 let _held = &permit;
                 Ok(match piece.map_err(Status::from)? {

@@ -49,6 +49,9 @@ pub struct ApiOptions {
     pub request_timeout: Duration,
     /// Most of an unread request body discarded before the answer goes out.
     pub discard_bytes: usize,
+    /// Time a client may take none of what the node sends it: a backup it does not read is
+    /// given up after it, as its connection would be.
+    pub write_stall: Duration,
 }
 
 /// What every handler of both APIs shares.

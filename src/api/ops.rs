@@ -248,68 +248,114 @@ pub enum BackupPiece {
 /// A backup of the node's data file (admin only), as etcd's snapshot: LMDB's compacted copy
 /// as one read transaction sees it, streamed as it is made, through a pipe, so that it takes
 /// no room on the node's disk. A copy that fails ends the stream with an error, never with an
-/// end. The read transaction lasts as long as the stream: meanwhile the data file grows by what
-/// the node writes rather than reuse the pages of that moment, so a client reads it promptly.
-/// A client that goes away ends the copy (its writes to the pipe fail).
+/// end. The read transaction lasts as long as the copy, and meanwhile the data file grows by
+/// what the node writes rather than reuse the pages of that moment: so a client that takes
+/// nothing for `stall` (the write stall timeout) has its backup given up, as does one that
+/// goes away (the copy's writes to the pipe then fail).
 pub fn backup(
     state: &ApiState,
     caller: &Caller,
+    stall: Duration,
 ) -> Result<impl Stream<Item = Result<BackupPiece, Error>> + Send + 'static, Error> {
-    use sha2::Digest as _;
     use std::os::fd::OwnedFd;
-    use tokio::io::AsyncReadExt as _;
     caller.require_admin("take a backup")?;
     state.check_open()?;
-    let internal = |what: &str, e: &dyn std::fmt::Display| Error::new(ErrorKind::Internal, format!("{what}: {e}"));
     let (reader, writer) = std::io::pipe().map_err(|e| internal("cannot make a pipe for the backup", &e))?;
-    let mut reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))
+    let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))
         .map_err(|e| internal("cannot read the backup's pipe", &e))?;
     let log = state.control.log().clone();
     let copy = tokio::task::spawn_blocking(move || {
         let mut pipe = std::fs::File::from(OwnedFd::from(writer));
         log.store().copy_compacted(&mut pipe)
     });
+    // One piece waits for the client at most: the reader holds the rest back in the pipe.
+    let (pieces, mut taken) = tokio::sync::mpsc::channel(1);
     let stopping = state.stopping.clone();
+    tokio::spawn(send_backup(reader, copy, pieces, stall, stopping.clone()));
     Ok(async_stream::stream! {
-        let mut hash = sha2::Sha256::new();
-        let mut piece = vec![0; BACKUP_PIECE];
-        let mut filled = 0;
-        loop {
-            let read = tokio::select! {
-                biased;
-                () = stopping.cancelled() => {
-                    yield Err(Error::shutting_down());
-                    return;
-                }
-                read = reader.read(&mut piece[filled..]) => read,
-            };
-            match read {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) => {
-                    yield Err(internal("the backup's copy could not be read", &e));
-                    return;
-                }
-            }
-            if filled == BACKUP_PIECE {
-                hash.update(&piece);
-                yield Ok(BackupPiece::Bytes(std::mem::replace(&mut piece, vec![0; BACKUP_PIECE])));
-                filled = 0;
+        while let Some(piece) = taken.recv().await {
+            let last = !matches!(piece, Ok(BackupPiece::Bytes(_)));
+            yield piece;
+            if last {
+                return;
             }
         }
-        piece.truncate(filled);
-        hash.update(&piece);
-        match copy.await {
-            Ok(Ok(())) => {
-                if !piece.is_empty() {
-                    yield Ok(BackupPiece::Bytes(piece));
-                }
-                yield Ok(BackupPiece::End { sha256: hex::encode(hash.finalize()) });
-            }
-            Ok(Err(e)) => yield Err(internal("the backup failed", &e)),
-            Err(e) => yield Err(internal("the backup failed", &e)),
+        // Given up, with nobody to tell at the time.
+        if stopping.is_cancelled() {
+            yield Err(Error::shutting_down());
+            return;
         }
+        yield Err(Error::new(
+            ErrorKind::DeadlineExceeded,
+            format!(
+                "the backup was given up: its client took nothing for {} ms, while the copy kept \
+                 the node's data file from reusing its pages ([solo] write_stall_timeout_ms)",
+                stall.as_millis()
+            ),
+        ));
     })
+}
+
+/// Reads the copy out of its pipe and hands it to the stream in pieces, then its end; gives up
+/// (ending the copy) when a piece waits `stall` to be taken, or the stream has gone.
+async fn send_backup(
+    mut reader: tokio::net::unix::pipe::Receiver,
+    copy: tokio::task::JoinHandle<std::io::Result<()>>,
+    pieces: tokio::sync::mpsc::Sender<Result<BackupPiece, Error>>,
+    stall: Duration,
+    stopping: tokio_util::sync::CancellationToken,
+) {
+    use sha2::Digest as _;
+    use tokio::io::AsyncReadExt as _;
+    let hand_over = async |piece| matches!(tokio::time::timeout(stall, pieces.send(piece)).await, Ok(Ok(())));
+    let mut hash = sha2::Sha256::new();
+    let mut piece = vec![0; BACKUP_PIECE];
+    let mut filled = 0;
+    loop {
+        let read = tokio::select! {
+            biased;
+            () = stopping.cancelled() => {
+                let _ = pieces.try_send(Err(Error::shutting_down()));
+                return;
+            }
+            read = reader.read(&mut piece[filled..]) => read,
+        };
+        match read {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) => {
+                hand_over(Err(internal("the backup's copy could not be read", &e))).await;
+                return;
+            }
+        }
+        if filled == BACKUP_PIECE {
+            hash.update(&piece);
+            let full = std::mem::replace(&mut piece, vec![0; BACKUP_PIECE]);
+            filled = 0;
+            if !hand_over(Ok(BackupPiece::Bytes(full))).await {
+                return;
+            }
+        }
+    }
+    piece.truncate(filled);
+    hash.update(&piece);
+    let end = match copy.await {
+        Ok(Ok(())) => {
+            if !piece.is_empty() && !hand_over(Ok(BackupPiece::Bytes(piece))).await {
+                return;
+            }
+            Ok(BackupPiece::End {
+                sha256: hex::encode(hash.finalize()),
+            })
+        }
+        Ok(Err(e)) => Err(internal("the backup failed", &e)),
+        Err(e) => Err(internal("the backup failed", &e)),
+    };
+    hand_over(end).await;
+}
+
+fn internal(what: &str, error: &dyn std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Internal, format!("{what}: {error}"))
 }
 
 /// Where a read of a service's log starts.
@@ -405,5 +451,73 @@ pub fn page_size(requested: u64) -> Result<usize, Error> {
             format!("page size {n} is over the maximum of 1000"),
         )),
         n => Ok(n as usize),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::os::fd::OwnedFd;
+    use std::time::Duration;
+
+    use super::{BackupPiece, send_backup};
+
+    /// A copy of `bytes` written into a pipe, as LMDB's would be, and what `send_backup` reads.
+    fn piped(
+        bytes: usize,
+    ) -> (
+        tokio::net::unix::pipe::Receiver,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader)).unwrap();
+        let copy = tokio::task::spawn_blocking(move || {
+            let mut pipe = std::fs::File::from(OwnedFd::from(writer));
+            pipe.write_all(&vec![7; bytes])
+        });
+        (reader, copy)
+    }
+
+    #[tokio::test]
+    async fn a_backup_comes_in_whole_pieces_then_its_hash() {
+        let (reader, copy) = piped(2 * super::BACKUP_PIECE + 5);
+        let (pieces, mut taken) = tokio::sync::mpsc::channel(1);
+        let stopping = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(send_backup(reader, copy, pieces, Duration::from_secs(10), stopping));
+        let mut sizes = Vec::new();
+        let end = loop {
+            match taken.recv().await.expect("an end") {
+                Ok(BackupPiece::Bytes(bytes)) => sizes.push(bytes.len()),
+                other => break other,
+            }
+        };
+        assert_eq!(sizes, [super::BACKUP_PIECE, super::BACKUP_PIECE, 5]);
+        let Ok(BackupPiece::End { sha256 }) = end else {
+            panic!("{end:?}")
+        };
+        use sha2::Digest as _;
+        let expected = sha2::Sha256::digest(vec![7; 2 * super::BACKUP_PIECE + 5]);
+        assert_eq!(sha256, hex::encode(expected));
+    }
+
+    /// A client that takes nothing has its backup given up, and the copy ends (its writes to
+    /// the pipe fail) rather than hold its read transaction for as long as the client stays.
+    #[tokio::test]
+    async fn a_backup_nobody_reads_is_given_up_and_its_copy_ends() {
+        let (reader, copy) = piped(8 * super::BACKUP_PIECE);
+        let copy_ended = copy.abort_handle();
+        let (pieces, taken) = tokio::sync::mpsc::channel(1);
+        let stopping = tokio_util::sync::CancellationToken::new();
+        let sending = tokio::spawn(send_backup(reader, copy, pieces, Duration::from_millis(50), stopping));
+        tokio::time::timeout(Duration::from_secs(10), sending)
+            .await
+            .expect("the backup is given up")
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !copy_ended.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "the copy still writes");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(taken);
     }
 }
