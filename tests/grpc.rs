@@ -1360,16 +1360,7 @@ async fn backup_streams_a_verified_copy_to_the_admin_only() {
         Some(hex::encode(sha2::Sha256::digest(&bytes)).as_str())
     );
 
-    let restored = tempdir();
-    std::fs::write(restored.path().join("data.mdb"), &bytes).unwrap();
-    let options = solo::log::StoreOptions {
-        map_size: 1 << 30,
-        max_readers: 16,
-        read_only: true,
-        check_pages: true,
-    };
-    let copy = solo::log::Store::open(restored.path(), &options).unwrap();
-    let verified = solo::inspect::verify(&copy, Default::default()).unwrap();
+    let verified = verify_backup(&bytes);
     assert!(verified.ok(), "{}", verified.summary());
     let listed = client.list(proto::ListRequest::default()).await.unwrap().into_inner();
     assert!(

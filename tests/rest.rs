@@ -1321,16 +1321,7 @@ async fn backup_downloads_the_data_file_for_the_admin_only() {
         "attachment; filename=\"data.mdb\""
     );
     let bytes = reply.bytes().await.expect("the whole body");
-    let restored = tempfile::tempdir().unwrap();
-    std::fs::write(restored.path().join("data.mdb"), &bytes).unwrap();
-    let options = solo::log::StoreOptions {
-        map_size: 1 << 30,
-        max_readers: 16,
-        read_only: true,
-        check_pages: true,
-    };
-    let copy = solo::log::Store::open(restored.path(), &options).unwrap();
-    let verified = solo::inspect::verify(&copy, Default::default()).unwrap();
+    let verified = verify_backup(&bytes);
     assert!(verified.ok() && verified.head >= 2, "{}", verified.summary());
     node.stop().await;
 }

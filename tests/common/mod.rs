@@ -272,3 +272,17 @@ pub async fn small_window_replay(
     stream.message().await.unwrap().expect("a first message");
     (client, stream)
 }
+
+/// What `solo log verify` finds in `bytes` (a backup) as the data file of a directory of its own.
+pub fn verify_backup(bytes: &[u8]) -> solo::inspect::VerifyReport {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(dir.path().join("data.mdb"), bytes).expect("the copy is written");
+    let options = solo::log::StoreOptions {
+        map_size: 1 << 30,
+        max_readers: 16,
+        read_only: true,
+        check_pages: true,
+    };
+    let copy = solo::log::Store::open(dir.path(), &options).expect("the copy opens");
+    solo::inspect::verify(&copy, Default::default()).expect("the copy reads")
+}
