@@ -520,8 +520,6 @@ pub async fn shutdown(conn: &Connector, out: Output, args: ShutdownArgs) -> Resu
 /// Streams the node's backup into `args.dest`, checks it against the SHA-256 the node sends
 /// last, and keeps it only if it verifies (see [`crate::inspect::StagedBackup`]).
 pub async fn backup(conn: &Connector, out: Output, args: BackupArgs, config: Option<&Path>) -> Result<(), CliError> {
-    use sha2::Digest as _;
-    use std::io::Write as _;
     let failure = |e: anyhow::Error| CliError::failure(super::offline_error(&e));
     let config = crate::config::Config::load(config).map_err(|e| failure(e.into()))?;
     let mut client = conn.connect().await?;
@@ -532,34 +530,19 @@ pub async fn backup(conn: &Connector, out: Output, args: BackupArgs, config: Opt
         .into_inner();
     // Once the node has taken the request: one it refuses leaves nothing behind.
     let mut staged = crate::inspect::StagedBackup::create(&args.dest).map_err(failure)?;
-    let mut hash = sha2::Sha256::new();
-    let sent = loop {
-        match stream.message().await.map_err(|s| conn.error(&s))? {
-            Some(piece) if piece.sha256.is_empty() => {
-                hash.update(&piece.data);
-                staged.file().write_all(&piece.data).map_err(|e| {
-                    CliError::failure(format!("cannot write the backup in {}: {e}", args.dest.display()))
-                })?;
-            }
-            Some(piece) => break piece.sha256,
-            None => {
-                return Err(CliError::failure(
-                    "the node's backup stream ended before its last piece: no backup was kept",
-                )
-                .retryable());
-            }
-        }
-    };
-    let sha256 = hex::encode(hash.finalize());
-    if sha256 != sent {
-        return Err(CliError::failure(format!(
-            "the backup's bytes hash to {sha256}, not to the SHA-256 the node sent ({sent}): no backup was kept"
-        ))
-        .retryable());
-    }
-    let report = staged
-        .finish(&config.log_options(true).store, config.settings())
-        .map_err(failure)?;
+    let spinner = Spinner::start(
+        super::output::stderr_is_terminal(),
+        format!("backing up the node at {} to {}", conn.url(), args.dest.display()),
+    );
+    let copied = receive_backup(conn, &mut stream, &mut staged, &args.dest).await;
+    let report = copied.and_then(|sha256| {
+        let report = staged
+            .finish(&config.log_options(true).store, config.settings())
+            .map_err(failure)?;
+        Ok((sha256, report))
+    });
+    spinner.finish().await;
+    let (sha256, report) = report?;
     if !report.kept() {
         return Err(CliError::failure(format!(
             "the node's backup does not verify ({}): no backup was kept; run solo log verify on the node's data directory",
@@ -584,6 +567,45 @@ pub async fn backup(conn: &Connector, out: Output, args: BackupArgs, config: Opt
             report.verified.summary()
         ))
     }
+}
+
+/// Writes the backup stream's pieces into `staged`; returns their SHA-256 once it matches the
+/// one the node sent last.
+async fn receive_backup(
+    conn: &Connector,
+    stream: &mut tonic::Streaming<proto::BackupPiece>,
+    staged: &mut crate::inspect::StagedBackup,
+    dest: &Path,
+) -> Result<String, CliError> {
+    use sha2::Digest as _;
+    use std::io::Write as _;
+    let mut hash = sha2::Sha256::new();
+    let sent = loop {
+        match stream.message().await.map_err(|s| conn.error(&s))? {
+            Some(piece) if piece.sha256.is_empty() => {
+                hash.update(&piece.data);
+                staged
+                    .file()
+                    .write_all(&piece.data)
+                    .map_err(|e| CliError::failure(format!("cannot write the backup in {}: {e}", dest.display())))?;
+            }
+            Some(piece) => break piece.sha256,
+            None => {
+                return Err(CliError::failure(
+                    "the node's backup stream ended before its last piece: no backup was kept",
+                )
+                .retryable());
+            }
+        }
+    };
+    let sha256 = hex::encode(hash.finalize());
+    if sha256 != sent {
+        return Err(CliError::failure(format!(
+            "the backup's bytes hash to {sha256}, not to the SHA-256 the node sent ({sent}): no backup was kept"
+        ))
+        .retryable());
+    }
+    Ok(sha256)
 }
 
 /// A file's bytes, or stdin's for `-`.
