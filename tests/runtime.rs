@@ -308,6 +308,49 @@ async fn a_looping_guest_is_stopped_at_its_deadline_while_another_tenants_echo_a
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// CPU is counted as the time the guest runs, not as the ticks it notices: one bulk memory
+/// instruction outlasts many ticks and is checked once, when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_of_long_bulk_instructions_is_stopped_at_its_cpu_limit() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.limits.max_memory_mb = 256;
+    config.runtime.max_instances = 8;
+    config.runtime.epoch_tick_ms = 1;
+    let node = open_node(&config).await;
+    let control = node.control.clone();
+    // Each round copies 256 MiB: tens of milliseconds, many ticks, in one instruction.
+    let wat = r#"(module
+        (memory (export "memory") 4096)
+        (func (export "solo_alloc") (param i32) (result i32) (i32.const 0))
+        (func (export "solo_handle") (param i32 i32) (result i64)
+          (loop $again
+            (memory.copy (i32.const 0) (i32.const 1) (i32.const 268435455))
+            (br $again))
+          (i64.const 0)))"#;
+    let mut request = deploy_request("acme", "mover", "unused");
+    request.module = wat.as_bytes().into();
+    request.limits = Limits {
+        memory_bytes: 256 << 20,
+        cpu_ms_per_call: 300,
+        call_timeout_ms: 60_000,
+        ..Limits::default()
+    };
+    let deployed = control.deploy(request).await.unwrap();
+    wait_for_kind(&control, deployed.seq, "acme", "mover", "service_started").await;
+    let started = Instant::now();
+    let err = call(&control, "acme", "mover", b"").await.unwrap_err();
+    let took = started.elapsed();
+    let Error::Call(CallError::Trapped { reason, .. }) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(*reason, CrashReason::CpuLimit);
+    // Counted by ticks, the 300 ticks of its budget were 300 rounds: several seconds. Counted
+    // by time, the limit plus the round under way, with room for a loaded machine.
+    assert!(took < Duration::from_secs(3), "stopped late: {took:?}");
+    node.stop(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_short_deadline_fails_that_call_and_never_the_service() {
     let dir = tempdir();

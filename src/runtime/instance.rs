@@ -1,7 +1,7 @@
 //! One instance of a service: its `Store`, the host functions it may call, its limits, and the
 //! calling convention of the guest ABI (`docs/service-abi.md`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc, UpdateDeadline};
@@ -56,9 +56,26 @@ impl ResourceLimiter for MemoryLimiter {
 
 /// The running call's limits, checked at every epoch tick.
 struct Budget {
-    ticks: u64,
-    max_ticks: u64,
+    /// The guest's running time in this call so far, counted at each tick: the time since it
+    /// last began to run, however many ticks passed meanwhile (one bulk memory instruction can
+    /// outlast many, and is checked only once it ends).
+    used: Duration,
+    max: Duration,
+    /// When the guest last began to run: the call's start, or its return to the threads after
+    /// a turn it gave up. Set by the future it waits on, hence shared.
+    running_since: Arc<Mutex<Instant>>,
     deadline: Instant,
+}
+
+impl Budget {
+    fn running_since(&self) -> Instant {
+        *self.running_since.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The guest runs from now on (it has its turn).
+    fn runs_from(&self, now: Instant) {
+        *self.running_since.lock().unwrap_or_else(PoisonError::into_inner) = now;
+    }
 }
 
 /// Why the epoch callback stopped the guest.
@@ -161,8 +178,9 @@ impl Instance {
                 refused: false,
             },
             budget: Budget {
-                ticks: 0,
-                max_ticks: u64::MAX,
+                used: Duration::ZERO,
+                max: Duration::MAX,
+                running_since: Arc::new(Mutex::new(Instant::now())),
                 deadline: Instant::now(),
             },
             logs: config.logs,
@@ -173,21 +191,31 @@ impl Instance {
         let turn = config.turns.guest();
         let ticking = turn.clone();
         store.epoch_deadline_callback(move |mut ctx| {
+            let now = Instant::now();
             let budget = &mut ctx.data_mut().budget;
-            budget.ticks += 1;
-            if budget.ticks > budget.max_ticks {
+            budget.used += now.saturating_duration_since(budget.running_since());
+            if budget.used > budget.max {
                 return Err(wasmtime::Error::new(Interrupted::CpuLimit));
             }
-            if Instant::now() >= budget.deadline {
+            if now >= budget.deadline {
                 return Err(wasmtime::Error::new(Interrupted::Timeout));
             }
             // Give the thread back at every tick: a looping guest cannot starve the others, nor
-            // a tenant's many guests another tenant's few.
-            Ok(UpdateDeadline::YieldCustom(1, ticking.hand_on()))
+            // a tenant's many guests another tenant's few. The time it waits is not its own.
+            let handed_on = ticking.hand_on();
+            let resumed = Arc::clone(&budget.running_since);
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    handed_on.await;
+                    *resumed.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+                }),
+            ))
         });
         let budget_ms = config.limits.cpu_ms_per_call.max(1) as u64;
-        arm(&mut store, config.tick, budget_ms, config.start_timeout);
+        arm(&mut store, budget_ms, config.start_timeout);
         turn.take().await;
+        store.data().budget.runs_from(Instant::now());
         let instance = prepared
             .pre
             .instantiate_async(&mut store)
@@ -223,7 +251,7 @@ impl Instance {
                     reason: CrashReason::LoadFailure,
                     message: format!("{e:#}"),
                 })?;
-            arm(&mut store, config.tick, budget_ms, config.start_timeout);
+            arm(&mut store, budget_ms, config.start_timeout);
             match init.call_async(&mut store, ()).await {
                 Ok(0) => {}
                 Ok(code) => {
@@ -289,12 +317,7 @@ impl Instance {
     }
 
     async fn call_with_turn(&mut self, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, CallFailure> {
-        arm(
-            &mut self.store,
-            self.tick,
-            self.limits.cpu_ms_per_call.max(1) as u64,
-            timeout,
-        );
+        arm(&mut self.store, self.limits.cpu_ms_per_call.max(1) as u64, timeout);
         let len = i32::try_from(payload.len()).map_err(|_| CallFailure::abi("the request is over 2 GiB"))?;
         let ptr = self
             .alloc
@@ -332,13 +355,9 @@ impl Instance {
     /// is only logged: the instance goes away either way.
     pub async fn stop(mut self, grace: Duration) {
         let Some(stop) = self.stop.take() else { return };
-        arm(
-            &mut self.store,
-            self.tick,
-            self.limits.cpu_ms_per_call.max(1) as u64,
-            grace,
-        );
+        arm(&mut self.store, self.limits.cpu_ms_per_call.max(1) as u64, grace);
         self.turn.take().await;
+        self.store.data().budget.runs_from(Instant::now());
         if let Err(e) = stop.call_async(&mut self.store, ()).await {
             let host = self.store.data();
             tracing::info!(
@@ -356,13 +375,14 @@ impl Instance {
     }
 }
 
-/// Starts a fresh budget: CPU ticks and a wall-clock deadline.
-fn arm(store: &mut Store<Host>, tick: Duration, cpu_ms: u64, timeout: Duration) {
-    let tick_ms = tick.as_millis().max(1) as u64;
+/// Starts a fresh budget: CPU time, from now, and a wall-clock deadline.
+fn arm(store: &mut Store<Host>, cpu_ms: u64, timeout: Duration) {
+    let now = Instant::now();
     let budget = &mut store.data_mut().budget;
-    budget.ticks = 0;
-    budget.max_ticks = cpu_ms.div_ceil(tick_ms);
-    budget.deadline = Instant::now() + timeout;
+    budget.used = Duration::ZERO;
+    budget.max = Duration::from_millis(cpu_ms);
+    budget.runs_from(now);
+    budget.deadline = now + timeout;
     store.set_epoch_deadline(1);
 }
 
