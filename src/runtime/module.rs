@@ -104,6 +104,7 @@ pub fn build_engine(options: &EngineOptions) -> anyhow::Result<Engine> {
         // results on every host, as a service that moves with its node must.
         .wasm_features(wasmtime::WasmFeatures::THREADS, false)
         .wasm_multi_memory(false)
+        .wasm_memory64(false)
         .wasm_wide_arithmetic(false)
         .relaxed_simd_deterministic(true)
         .max_wasm_stack(options.max_wasm_stack)
@@ -588,6 +589,25 @@ mod tests {
         }
         assert_eq!(compiled.load(Ordering::SeqCst), 1);
         assert!(cache.compiling.lock().unwrap().is_empty(), "no turn is left behind");
+    }
+
+    /// The proposals a service may not use are refused at validation, each by name: none
+    /// slips through as a default of wasmtime's.
+    #[test]
+    fn modules_using_refused_proposals_are_refused_naming_them() {
+        let compiler = Compiler::new(&crate::runtime::RuntimeOptions::default().engine).unwrap();
+        for (wat, proposal) in [
+            ("(memory i64 1)", "memory64"),
+            ("(table i64 1 funcref)", "memory64"),
+            ("(memory 1 1 shared)", "threads"),
+            ("(memory 1) (memory 1)", "multiple memories"),
+        ] {
+            let wasm = wat::parse_str(format!("(module {wat})")).unwrap();
+            let Err(refused) = prepare(&compiler, [0; 32], &wasm) else {
+                panic!("{wat} was accepted")
+            };
+            assert!(refused.to_string().contains(proposal), "{wat}: {refused}");
+        }
     }
 
     #[test]
