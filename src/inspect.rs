@@ -163,21 +163,61 @@ const BACKUP_STAGING: &str = ".solo-backup-partial";
 #[derive(Debug)]
 pub struct StagedBackup {
     dest: PathBuf,
+    /// The destination, open and locked: one backup at a time writes in it.
+    _locked: fs::File,
     staging: PathBuf,
     file: fs::File,
 }
 
 impl StagedBackup {
-    /// Starts a backup into the directory `dest`, made if missing, which must hold no data
-    /// file: a backup never overwrites one.
+    /// Starts a backup into the directory `dest`, made if missing (readable by its owner
+    /// alone, as the data it holds is every tenant's), which must hold no data file: a backup
+    /// never overwrites one.
     pub fn create(dest: &Path) -> anyhow::Result<StagedBackup> {
-        if dest.join(log::DATA_FILE).exists() {
-            anyhow::bail!(
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        let held = || {
+            anyhow::anyhow!(
                 "{} already holds a data file: a backup never overwrites one; choose an empty directory",
                 dest.display()
-            );
+            )
+        };
+        // A symbolic link by that name too, even one that leads nowhere.
+        if fs::symlink_metadata(dest.join(log::DATA_FILE)).is_ok() {
+            return Err(held());
         }
-        fs::create_dir_all(dest).with_context(|| format!("cannot create the backup directory {}", dest.display()))?;
+        match fs::metadata(dest) {
+            Ok(meta) if !meta.is_dir() => {
+                anyhow::bail!("{} is not a directory: name a directory for the backup", dest.display())
+            }
+            Ok(_) => {}
+            Err(_) => {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dest)
+                    .with_context(|| format!("cannot create the backup directory {}", dest.display()))?;
+                // The new directory's entry is durable with its parent's.
+                let parent = dest
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                fs::File::open(parent)
+                    .and_then(|dir| dir.sync_all())
+                    .with_context(|| format!("cannot make the backup directory {} durable", dest.display()))?;
+            }
+        }
+        let locked =
+            fs::File::open(dest).with_context(|| format!("cannot open the backup directory {}", dest.display()))?;
+        rustix::fs::flock(&locked, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+            if e == rustix::io::Errno::WOULDBLOCK {
+                anyhow::anyhow!(
+                    "another backup is writing in {}: wait for it, or choose another directory",
+                    dest.display()
+                )
+            } else {
+                anyhow::anyhow!("cannot lock the backup directory {}: {e}", dest.display())
+            }
+        })?;
         let staging = dest.join(BACKUP_STAGING);
         // What an interrupted backup left: only ever a copy that was never verified.
         match fs::remove_dir_all(&staging) {
@@ -187,10 +227,15 @@ impl StagedBackup {
             _ => {}
         }
         fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-        let file = fs::File::create_new(staging.join(log::DATA_FILE))
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(staging.join(log::DATA_FILE))
             .with_context(|| format!("cannot write the backup in {}", dest.display()))?;
         Ok(StagedBackup {
             dest: dest.to_path_buf(),
+            _locked: locked,
             staging,
             file,
         })
@@ -221,8 +266,19 @@ impl StagedBackup {
             verified,
         };
         if report.kept() {
-            fs::rename(self.staging.join(log::DATA_FILE), &report.path)
-                .with_context(|| format!("cannot move the backup into {}", report.path.display()))?;
+            // A link, not a rename: it never replaces a data file that came meanwhile (a node
+            // started on the directory). The staged name goes with the staging directory.
+            fs::hard_link(self.staging.join(log::DATA_FILE), &report.path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    anyhow::anyhow!(
+                        "{} holds a data file now, which came while the backup was written (a node \
+                         started on the directory?): the backup was not put over it",
+                        self.dest.display()
+                    )
+                } else {
+                    anyhow::Error::new(e).context(format!("cannot move the backup into {}", report.path.display()))
+                }
+            })?;
             // The rename is durable with the directory that holds it.
             fs::File::open(&self.dest)
                 .and_then(|dir| dir.sync_all())

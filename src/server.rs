@@ -318,6 +318,7 @@ async fn serve(
         shutdown_grace: std::sync::Mutex::new(None),
         started: Instant::now(),
     });
+    tokio::spawn(clear_stale_readers(Arc::downgrade(&state)));
     let drained = CancellationToken::new();
     let closed = CancellationToken::new();
     let header_timeout = Duration::from_millis(config.solo.http_header_timeout_ms.into());
@@ -613,6 +614,32 @@ async fn unknown_grpc_service(uri: axum::http::Uri) -> axum::response::Response 
     axum::response::Response::from_parts(parts, axum::body::Body::empty())
 }
 
+/// How often the node frees the log's reader slots that dead processes left.
+const STALE_READERS_EVERY: Duration = Duration::from_secs(10);
+
+/// Frees, at start and then every [`STALE_READERS_EVERY`], the reader slots of processes that
+/// died reading the log (a `solo log backup` killed mid-copy), whose transactions would keep
+/// the data file from reusing pages for as long as the node runs. Holds the node only while
+/// it looks.
+async fn clear_stale_readers(state: std::sync::Weak<ApiState>) {
+    let mut every = tokio::time::interval(STALE_READERS_EVERY);
+    loop {
+        every.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        let log = state.control.log().clone();
+        drop(state);
+        match tokio::task::spawn_blocking(move || log.store().clear_stale_readers()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(freed)) => tracing::info!(
+                freed,
+                "freed the log's reader slots of processes that died reading it; their old pages can be reused"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "the log's stale reader slots could not be checked"),
+            Err(_) => return,
+        }
+    }
+}
+
 /// How often the gRPC health service looks at whether the log takes writes.
 const LOG_HEALTH_EVERY: Duration = Duration::from_secs(1);
 
@@ -828,8 +855,16 @@ type HttpStream = Either<AdmittedStream, tokio_rustls::server::TlsStream<Admitte
 
 type HttpService = hyper_util::service::TowerToHyperService<TrackRequests<axum::Router>>;
 
+/// The REST routes whose answers are streams besides Server-Sent Events: at shutdown they end,
+/// and a connection holding only streams is closed once its client takes nothing from it.
+const HTTP_STREAMS: &[&str] = &["/backup"];
+
 fn service_for(router: axum::Router, tenant: PeerTenant, activity: Arc<Activity>) -> HttpService {
-    hyper_util::service::TowerToHyperService::new(TrackRequests::new(router.layer(axum::Extension(tenant)), activity))
+    hyper_util::service::TowerToHyperService::new(TrackRequests::new(
+        router.layer(axum::Extension(tenant)),
+        activity,
+        HTTP_STREAMS,
+    ))
 }
 
 /// How long a connection told to close, with no request open, may take to go: an HTTP/2 client

@@ -1615,3 +1615,99 @@ async fn a_directory_that_lost_its_events_is_refused_not_started_afresh() {
         }
     }
 }
+
+/// A reader that died holding a read transaction (a `solo log` tool killed mid-read) has its
+/// slot freed, so that the pages of its moment can be reused; LMDB alone frees a slot only
+/// when its reader ends. The dead reader is this test binary, run again as a child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_slot_of_a_process_that_died_reading_is_freed() {
+    use std::io::{BufRead as _, Write as _};
+    const CHILD: &str = "SOLO_TEST_DEAD_READER_DIR";
+    if let Some(dir) = std::env::var_os(CHILD) {
+        let dir = std::path::PathBuf::from(dir);
+        let read_only = solo::log::StoreOptions {
+            read_only: true,
+            ..options(&dir).log.store
+        };
+        let store = solo::log::Store::open(&dir, &read_only).unwrap();
+        let _reading = store.read_view().unwrap();
+        println!("reading");
+        std::io::stdout().flush().unwrap();
+        std::thread::sleep(Duration::from_secs(600));
+        return;
+    }
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "the_reader_slot_of_a_process_that_died_reading_is_freed",
+            "--nocapture",
+        ])
+        .env(CHILD, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let reading = stdout
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.contains("reading"));
+    assert!(reading, "the child never read");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let store = control.log().store();
+    assert_eq!(store.clear_stale_readers().unwrap(), 1, "the dead child's slot");
+    assert_eq!(store.clear_stale_readers().unwrap(), 0);
+    control.close().await;
+}
+
+/// A backup's directory is its own while it is written, and what it holds is never replaced:
+/// a second backup into it is refused, and a data file that comes meanwhile (a node started
+/// there) stays, the backup not put over it. The copy is its owner's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_never_replaces_a_data_file_nor_shares_its_directory() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempdir();
+    let control = open(options(dir.path()));
+    deploy(&control, "acme", "a", "m1").await;
+    let store = control.log().store();
+    let store_options = options(dir.path()).log.store;
+    let settings = solo::state::Settings::default();
+    let backups = tempdir();
+
+    let dest = backups.path().join("new/nested");
+    let mut staged = inspect::StagedBackup::create(&dest).unwrap();
+    let second = inspect::StagedBackup::create(&dest).unwrap_err().to_string();
+    assert!(second.contains("another backup is writing"), "{second}");
+    store.copy_compacted(staged.file()).unwrap();
+    std::fs::write(dest.join("data.mdb"), b"precious").unwrap();
+    let refused = staged.finish(&store_options, settings).unwrap_err().to_string();
+    assert!(refused.contains("holds a data file now"), "{refused}");
+    assert_eq!(std::fs::read(dest.join("data.mdb")).unwrap(), b"precious");
+
+    let kept = inspect::backup(store, &backups.path().join("kept"), &store_options, settings).unwrap();
+    assert!(kept.kept(), "{}", kept.verified.summary());
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&kept.path), 0o600, "every tenant's data, for its owner alone");
+    assert_eq!(mode(&backups.path().join("kept")), 0o700);
+    let names: Vec<_> = std::fs::read_dir(backups.path().join("kept"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["data.mdb"]);
+
+    // A link by that name is a data file too, even one that leads nowhere; a file is no
+    // directory.
+    let linked = backups.path().join("linked");
+    std::fs::create_dir(&linked).unwrap();
+    std::os::unix::fs::symlink("/nowhere", linked.join("data.mdb")).unwrap();
+    let refused = inspect::StagedBackup::create(&linked).unwrap_err().to_string();
+    assert!(refused.contains("already holds a data file"), "{refused}");
+    let file = backups.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let refused = inspect::StagedBackup::create(&file).unwrap_err().to_string();
+    assert!(refused.contains("is not a directory"), "{refused}");
+    control.close().await;
+}

@@ -251,8 +251,9 @@ pub enum BackupPiece {
 /// end. The read transaction lasts as long as the copy, and meanwhile the data file grows by
 /// what the node writes rather than reuse the pages of that moment: so a client that takes
 /// nothing for `stall` (the write stall timeout) has its backup given up, as does one that
-/// goes away (the copy's writes to the pipe then fail).
-pub fn backup(
+/// goes away (the copy's writes to the pipe then fail). Answers once the first piece is
+/// ready, so that a copy that cannot begin (no reader slot left) is an error, not a stream.
+pub async fn backup(
     state: &ApiState,
     caller: &Caller,
     stall: Duration,
@@ -272,8 +273,17 @@ pub fn backup(
     let (pieces, mut taken) = tokio::sync::mpsc::channel(1);
     let stopping = state.stopping.clone();
     tokio::spawn(send_backup(reader, copy, pieces, stall, stopping.clone()));
+    let first = match taken.recv().await {
+        Some(Err(e)) => return Err(e),
+        Some(Ok(piece)) => piece,
+        None => return Err(internal("the backup ended before it began", &"its copy stopped")),
+    };
     Ok(async_stream::stream! {
-        while let Some(piece) = taken.recv().await {
+        let mut next = Some(Ok(first));
+        while let Some(piece) = match next.take() {
+            Some(first) => Some(first),
+            None => taken.recv().await,
+        } {
             let last = !matches!(piece, Ok(BackupPiece::Bytes(_)));
             yield piece;
             if last {
@@ -307,7 +317,18 @@ async fn send_backup(
 ) {
     use sha2::Digest as _;
     use tokio::io::AsyncReadExt as _;
-    let hand_over = async |piece| matches!(tokio::time::timeout(stall, pieces.send(piece)).await, Ok(Ok(())));
+    let hand_over = async |piece| match tokio::time::timeout(stall, pieces.send(piece)).await {
+        Ok(Ok(())) => true,
+        // The client went away: its stream has gone, and the copy with it.
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::info!(
+                stall_ms = stall.as_millis() as u64,
+                "a backup was given up: its client took nothing for the write stall timeout"
+            );
+            false
+        }
+    };
     let mut hash = sha2::Sha256::new();
     let mut piece = vec![0; BACKUP_PIECE];
     let mut filled = 0;
@@ -351,6 +372,9 @@ async fn send_backup(
         Ok(Err(e)) => Err(internal("the backup failed", &e)),
         Err(e) => Err(internal("the backup failed", &e)),
     };
+    if let Err(e) = &end {
+        tracing::warn!(error = %e.message(), "a backup failed");
+    }
     hand_over(end).await;
 }
 

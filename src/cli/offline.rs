@@ -229,17 +229,18 @@ fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> an
             let backup = inspect::backup(&store, &dest, &options, config.settings())?;
             // What the copy left out: the data file's free pages.
             let source_bytes = std::fs::metadata(path.join(crate::log::DATA_FILE)).map_or(0, |m| m.len());
+            let not_kept = format!(
+                "no backup kept: the copy of {} does not verify, so the data file is damaged ({}); \
+                 solo log verify says where",
+                path.display(),
+                backup.verified.summary()
+            );
             if !backup.kept() {
-                super::output::print_error(&format!(
-                    "no backup kept: the copy of {} does not verify, so the data file is damaged \
-                     ({}); restore it from an earlier backup",
-                    path.display(),
-                    backup.verified.summary()
-                ));
+                super::output::print_error(&not_kept);
             }
             printing(|out| {
                 if json {
-                    let document = serde_json::json!({
+                    let mut document = serde_json::json!({
                         "ok": backup.kept(),
                         "path": backup.kept().then(|| backup.path.display().to_string()),
                         "bytes": backup.bytes,
@@ -248,6 +249,11 @@ fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> an
                         "unlocked": unlocked,
                         "verify": backup.verified.to_json(),
                     });
+                    // As every failure of the log tools reads: damage, and why.
+                    if !backup.kept() {
+                        document["damaged"] = true.into();
+                        document["error"] = not_kept.clone().into();
+                    }
                     writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
                 } else if backup.kept() {
                     writeln!(

@@ -448,12 +448,12 @@ pub struct TrackRequests<S> {
 
 impl<S> TrackRequests<S> {
     /// For a service that serves the one connection `activity` is of; its streams are
-    /// Server-Sent Events.
-    pub fn new(inner: S, activity: Arc<Activity>) -> TrackRequests<S> {
+    /// Server-Sent Events and the answers to `stream_paths`.
+    pub fn new(inner: S, activity: Arc<Activity>, stream_paths: &'static [&'static str]) -> TrackRequests<S> {
         TrackRequests {
             inner,
             find: Find::Connection(activity),
-            stream_paths: &[],
+            stream_paths,
         }
     }
 }

@@ -411,6 +411,14 @@ impl Store {
         self.read_view()?.head()
     }
 
+    /// Frees the reader slots of processes that died holding a read transaction (a `solo log`
+    /// tool killed mid-read): LMDB frees a slot only when its reader ends, and a dead reader's
+    /// transaction would keep every page of its moment from reuse, the data file growing by
+    /// all that is written. Returns how many it freed.
+    pub fn clear_stale_readers(&self) -> Result<usize> {
+        self.env.clear_stale_readers().map_err(|e| self.err(e))
+    }
+
     /// Writes the whole store as one read transaction sees it to `file`, compacted (free pages
     /// left out, pages renumbered): a data file of its own, which a node writing meanwhile does
     /// not disturb. The caller makes it durable.

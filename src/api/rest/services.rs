@@ -50,10 +50,11 @@ impl Params {
             })
             .collect::<Result<_, Error>>()?;
         if let Some((unknown, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-            return Err(Error::invalid(format!(
-                "unknown query parameter '{unknown}'; this route takes: {}",
-                allowed.join(", ")
-            )));
+            let takes = match allowed {
+                [] => "this route takes none".to_string(),
+                _ => format!("this route takes: {}", allowed.join(", ")),
+            };
+            return Err(Error::invalid(format!("unknown query parameter '{unknown}'; {takes}")));
         }
         // Which copy would win is anyone's guess: a request that says two things is refused.
         for (i, (key, _)) in pairs.iter().enumerate() {
@@ -536,15 +537,17 @@ pub(super) async fn backup(
     Params::parse(query, &[])?;
     // A stream that lasts as long as its client takes to read it: a watcher's permit.
     let permit = state.shed.admit_watcher(&caller.principal)?;
-    let pieces =
-        futures_util::StreamExt::filter_map(ops::backup(&state, &caller, state.options.write_stall)?, move |piece| {
+    let pieces = futures_util::StreamExt::filter_map(
+        ops::backup(&state, &caller, state.options.write_stall).await?,
+        move |piece| {
             let _held = &permit;
             std::future::ready(match piece {
                 Ok(ops::BackupPiece::Bytes(bytes)) => Some(Ok(bytes)),
                 Ok(ops::BackupPiece::End { .. }) => None,
                 Err(e) => Some(Err(std::io::Error::other(e.message().to_string()))),
             })
-        });
+        },
+    );
     let headers = [
         (header::CONTENT_TYPE, "application/octet-stream"),
         (header::CONTENT_DISPOSITION, "attachment; filename=\"data.mdb\""),
