@@ -153,7 +153,7 @@ impl BackupReport {
 }
 
 /// Where a backup is written before it has verified: beside its final place, so that the
-/// rename that keeps it stays on one file system.
+/// link that keeps it stays on one file system.
 const BACKUP_STAGING: &str = ".solo-backup-partial";
 
 /// A backup being written: a data file in a staging directory inside its destination, which
@@ -279,7 +279,7 @@ impl StagedBackup {
                     anyhow::Error::new(e).context(format!("cannot move the backup into {}", report.path.display()))
                 }
             })?;
-            // The rename is durable with the directory that holds it.
+            // The link is durable with the directory that holds it.
             fs::File::open(&self.dest)
                 .and_then(|dir| dir.sync_all())
                 .with_context(|| format!("cannot make the backup in {} durable", self.dest.display()))?;
