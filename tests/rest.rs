@@ -1326,6 +1326,40 @@ async fn backup_downloads_the_data_file_for_the_admin_only() {
     node.stop().await;
 }
 
+/// A download nobody reads is a stream to the shutdown, as SSE is: it ends with the node's
+/// other streams rather than hold the node for the whole grace of requests in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_download_nobody_reads_does_not_hold_a_shutdown() {
+    let node = dev_node().await;
+    // 15 MiB of data segment, so that the copy outlasts what the sockets buffer.
+    let wat = format!(
+        r#"(module (memory (export "memory") 256)
+             (func (export "solo_alloc") (param i32) (result i32) (i32.const 0))
+             (func (export "solo_handle") (param i32 i32) (result i64) (i64.const 0))
+             (data (i32.const 0) "{}"))"#,
+        "a".repeat(15 << 20)
+    );
+    let wasm = wat::parse_str(wat).unwrap();
+    let deploy = node
+        .request(Method::PUT, "/services/big", "a")
+        .header("content-type", "application/wasm")
+        .body(wasm);
+    send(deploy).await.ok(201);
+    let unread = send_stream(node.request(Method::GET, "/backup", "")).await;
+    assert_eq!(unread.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    send(node.request(Method::POST, "/shutdown?grace_ms=30000", ""))
+        .await
+        .ok(202);
+    tokio::time::timeout(Duration::from_secs(20), node.server.stopped())
+        .await
+        .expect("the node stops long before the 30 s grace")
+        .expect("cleanly");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    drop(unread);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_in_development_mode_refuses_tenants_and_ends_streams() {
     let node = dev_node().await;
