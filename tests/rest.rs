@@ -1326,12 +1326,8 @@ async fn backup_downloads_the_data_file_for_the_admin_only() {
     node.stop().await;
 }
 
-/// A download nobody reads is a stream to the shutdown, as SSE is: it ends with the node's
-/// other streams rather than hold the node for the whole grace of requests in flight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_download_nobody_reads_does_not_hold_a_shutdown() {
-    let node = dev_node().await;
-    // 15 MiB of data segment, so that the copy outlasts what the sockets buffer.
+/// 15 MiB of data segment in a module: a data file that outlasts what sockets buffer.
+fn big_module() -> Vec<u8> {
     let wat = format!(
         r#"(module (memory (export "memory") 256)
              (func (export "solo_alloc") (param i32) (result i32) (i32.const 0))
@@ -1339,11 +1335,47 @@ async fn a_backup_download_nobody_reads_does_not_hold_a_shutdown() {
              (data (i32.const 0) "{}"))"#,
         "a".repeat(15 << 20)
     );
-    let wasm = wat::parse_str(wat).unwrap();
+    wat::parse_str(wat).unwrap()
+}
+
+/// A backup that cannot begin, the log's reader slots all held by backups nobody reads, is an
+/// error status that says why, not a 200 whose body ends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_cannot_begin_is_an_error_not_an_empty_download() {
+    let node = node(|c| c.database.max_readers = 4).await;
     let deploy = node
         .request(Method::PUT, "/services/big", "a")
         .header("content-type", "application/wasm")
-        .body(wasm);
+        .body(big_module());
+    send(deploy).await.ok(201);
+    let mut unread = Vec::new();
+    let refused = loop {
+        let reply = node.request(Method::GET, "/backup", "").send().await.unwrap();
+        if reply.status() != 200 {
+            break reply;
+        }
+        unread.push(reply);
+        assert!(
+            unread.len() <= 4,
+            "more backups under way than the log has reader slots"
+        );
+    };
+    assert_eq!(refused.status(), 500);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("readers"), "{body}");
+    drop(unread);
+    node.stop().await;
+}
+
+/// A download nobody reads is a stream to the shutdown, as SSE is: it ends with the node's
+/// other streams rather than hold the node for the whole grace of requests in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_download_nobody_reads_does_not_hold_a_shutdown() {
+    let node = dev_node().await;
+    let deploy = node
+        .request(Method::PUT, "/services/big", "a")
+        .header("content-type", "application/wasm")
+        .body(big_module());
     send(deploy).await.ok(201);
     let unread = send_stream(node.request(Method::GET, "/backup", "")).await;
     assert_eq!(unread.status(), 200);
