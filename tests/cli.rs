@@ -227,11 +227,13 @@ fn help_documents_exit_codes_and_every_subcommand_has_examples() {
         &["logs"],
         &["events"],
         &["shutdown"],
+        &["backup"],
         &["completions"],
         &["log"],
         &["log", "verify"],
         &["log", "dump"],
         &["log", "stats"],
+        &["log", "backup"],
         &["config"],
         &["config", "check"],
         &["token"],
@@ -273,6 +275,8 @@ fn help_documents_exit_codes_and_every_subcommand_has_examples() {
         );
     }
     assert!(!run(solo().args(["status", "--help"])).ok().text().contains("--config"));
+    // Backup verifies its copy under the config's idempotency window.
+    assert!(run(solo().args(["backup", "--help"])).ok().text().contains("--config"));
     // Still accepted anywhere, as global flags are.
     run(solo().args(["token", "new", "--endpoint", "http://127.0.0.1:1"])).ok();
     // The token's value never shows in help.

@@ -116,7 +116,8 @@ const CONNECTION_FLAGS: [&str; 7] = [
 impl Cli {
     /// The command line as parsed and as its help shows it: the global flags are hidden from
     /// the commands they do nothing for (the connection flags from the offline commands, `--json`
-    /// from `serve` and `completions`, `--config` from all but `serve` and `log`).
+    /// from `serve` and `completions`, `--config` from all but `serve`, `log` and `backup`, which
+    /// verifies its copy under the config's idempotency window).
     pub fn clap_command() -> clap::Command {
         let mut command = Cli::command();
         let hidden = |command: &clap::Command, ids: &[&str]| -> Vec<Arg> {
@@ -140,6 +141,7 @@ impl Cli {
         for name in names {
             let flags: Vec<Arg> = match offline.iter().find(|(n, _)| *n == name) {
                 Some((_, groups)) => groups.iter().flat_map(|g| g.iter().cloned()).collect(),
+                None if name == "backup" => Vec::new(),
                 None => config.clone(),
             };
             command = command.mut_subcommand(name, |sub| sub.args(flags));
