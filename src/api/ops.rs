@@ -250,17 +250,20 @@ pub enum BackupPiece {
 /// no room on the node's disk. A copy that fails ends the stream with an error, never with an
 /// end. The read transaction lasts as long as the copy, and meanwhile the data file grows by
 /// what the node writes rather than reuse the pages of that moment: so a client that takes
-/// nothing for `stall` (the write stall timeout) has its backup given up, as does one that
-/// goes away (the copy's writes to the pipe then fail). Answers once the first piece is
-/// ready, so that a copy that cannot begin (no reader slot left) is an error, not a stream.
+/// nothing for the write stall timeout has its backup given up, as does one that goes away
+/// (the copy's writes to the pipe then fail). The stream holds a watcher's permit, lasting as
+/// long as its client takes to read it. Answers once the first piece is ready, so that a copy
+/// that cannot begin (no reader slot left) is an error, not a stream.
 pub async fn backup(
     state: &ApiState,
     caller: &Caller,
-    stall: Duration,
 ) -> Result<impl Stream<Item = Result<BackupPiece, Error>> + Send + 'static, Error> {
     use std::os::fd::OwnedFd;
+    // Before admission: a tenant is told no, not that the node is busy.
     caller.require_admin("take a backup")?;
     state.check_open()?;
+    let permit = state.shed.admit_watcher(&caller.principal)?;
+    let stall = state.options.write_stall;
     let (reader, writer) = std::io::pipe().map_err(|e| internal("cannot make a pipe for the backup", &e))?;
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))
         .map_err(|e| internal("cannot read the backup's pipe", &e))?;
@@ -279,16 +282,15 @@ pub async fn backup(
         None => return Err(internal("the backup ended before it began", &"its copy stopped")),
     };
     Ok(async_stream::stream! {
+        let _permit = permit;
         let mut next = Some(Ok(first));
-        while let Some(piece) = match next.take() {
-            Some(first) => Some(first),
-            None => taken.recv().await,
-        } {
+        while let Some(piece) = next {
             let last = !matches!(piece, Ok(BackupPiece::Bytes(_)));
             yield piece;
             if last {
                 return;
             }
+            next = taken.recv().await;
         }
         // Given up, with nobody to tell at the time.
         if stopping.is_cancelled() {

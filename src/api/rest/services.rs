@@ -533,21 +533,16 @@ pub(super) async fn backup(
     certificate: Certificate,
 ) -> Result<Response, Error> {
     let caller = super::caller(&state, &headers, None, certificate.as_deref())?;
+    // Authorized before the query is read, as /shutdown is.
     caller.require_admin("take a backup")?;
     Params::parse(query, &[])?;
-    // A stream that lasts as long as its client takes to read it: a watcher's permit.
-    let permit = state.shed.admit_watcher(&caller.principal)?;
-    let pieces = futures_util::StreamExt::filter_map(
-        ops::backup(&state, &caller, state.options.write_stall).await?,
-        move |piece| {
-            let _held = &permit;
-            std::future::ready(match piece {
-                Ok(ops::BackupPiece::Bytes(bytes)) => Some(Ok(bytes)),
-                Ok(ops::BackupPiece::End { .. }) => None,
-                Err(e) => Some(Err(std::io::Error::other(e.message().to_string()))),
-            })
-        },
-    );
+    let pieces = futures_util::StreamExt::filter_map(ops::backup(&state, &caller).await?, |piece| {
+        std::future::ready(match piece {
+            Ok(ops::BackupPiece::Bytes(bytes)) => Some(Ok(bytes)),
+            Ok(ops::BackupPiece::End { .. }) => None,
+            Err(e) => Some(Err(std::io::Error::other(e.message().to_string()))),
+        })
+    });
     let headers = [
         (header::CONTENT_TYPE, "application/octet-stream"),
         (header::CONTENT_DISPOSITION, "attachment; filename=\"data.mdb\""),
