@@ -754,6 +754,14 @@ fn validate_limits(path: &str, limits: &TenantLimits, max_request_bytes: u64) ->
             });
         }
     }
+    // Less, a full line would wait more than a second, however seldom the tenant reads.
+    let one_line = crate::runtime::LogLimits::FULL_LINE_COST;
+    if limits.max_log_read_bytes_per_second < one_line {
+        return Err(ConfigError::Invalid {
+            path: format!("{path}.max_log_read_bytes_per_second"),
+            message: format!("must be at least {one_line} (one full line of 4 KiB, and what a line costs besides)"),
+        });
+    }
     if limits.max_in_flight_body_bytes < max_request_bytes {
         return Err(ConfigError::Invalid {
             path: format!("{path}.max_in_flight_body_bytes"),
@@ -937,6 +945,11 @@ mod tests {
     #[test]
     fn values_that_would_flood_or_exhaust_the_node_are_refused() {
         for (text, key, says) in [
+            (
+                "[tenants.acme.limits]\nmax_log_read_bytes_per_second = 4096\n",
+                "tenants.acme.limits.max_log_read_bytes_per_second",
+                "at least 4160",
+            ),
             (
                 "[database]\nmax_readers = 4294967295\n",
                 "database.max_readers",

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::api::Principal;
 use crate::proto::Limits;
 
 const MIB: u64 = 1 << 20;
@@ -50,6 +51,9 @@ pub struct TenantLimits {
     /// Bytes of the tenant's request bodies and unwritten answers held at once (past each
     /// one's free 64 KiB); its share of the node's `[solo] max_in_flight_body_bytes`.
     pub max_in_flight_body_bytes: u64,
+    /// Bytes of log lines that the tenant's log reads and followers are sent per second, all
+    /// together (see [`crate::api::log_pace`]).
+    pub max_log_read_bytes_per_second: u64,
 }
 
 impl Default for TenantLimits {
@@ -73,6 +77,7 @@ impl Default for TenantLimits {
             max_in_flight_requests: 100,
             max_watchers: 100,
             max_in_flight_body_bytes: 256 * MIB,
+            max_log_read_bytes_per_second: 4 * MIB,
         }
     }
 }
@@ -175,6 +180,15 @@ pub struct LimitsTable {
 impl LimitsTable {
     pub fn for_tenant(&self, tenant: &str) -> &TenantLimits {
         self.tenants.get(tenant).unwrap_or(&self.node)
+    }
+
+    /// The key that `principal`'s share of a per-tenant budget is kept under, and its limits:
+    /// the admin's key is empty, which no tenant's name can be, and its limits are the node's.
+    pub fn for_principal<'a>(&'a self, principal: &'a Principal) -> (&'a str, &'a TenantLimits) {
+        match principal {
+            Principal::Admin => ("", &self.node),
+            Principal::Tenant(tenant) => (tenant, self.for_tenant(tenant)),
+        }
     }
 }
 

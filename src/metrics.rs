@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::event::EventKind;
@@ -43,6 +44,9 @@ pub struct Metrics {
     pub instance_restarts: IntCounter,
     /// Open Watch and SSE streams, by protocol (grpc, sse).
     pub watchers: IntGaugeVec,
+    /// Seconds that log reads and followers waited for their tenant's
+    /// `max_log_read_bytes_per_second`.
+    pub log_read_wait: Counter,
     /// Requests refused by load shedding, by scope (tenant, node, watchers, and body_bytes for
     /// bodies in flight).
     pub shed: IntCounterVec,
@@ -129,6 +133,14 @@ impl Metrics {
         )
         .expect("a valid metric");
         registry.register(Box::new(watchers.clone())).expect("registered once");
+        let log_read_wait = Counter::new(
+            "solo_log_read_wait_seconds_total",
+            "Seconds that log reads and followers waited for their tenant's max_log_read_bytes_per_second.",
+        )
+        .expect("a valid metric");
+        registry
+            .register(Box::new(log_read_wait.clone()))
+            .expect("registered once");
         let shed = counter_vec(
             "solo_shed_total",
             "Requests refused by load shedding, by scope.",
@@ -165,6 +177,7 @@ impl Metrics {
             call_duration,
             instance_restarts,
             watchers,
+            log_read_wait,
             shed,
             http_requests,
             grpc_requests,

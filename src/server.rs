@@ -19,6 +19,7 @@ use tonic::codec::CompressionEncoding;
 use crate::api::bodies::{BodyBudget, MeterBodies};
 use crate::api::codec::{RequestRefusals, spec_encoded_grpc_message};
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
+use crate::api::log_pace::LogPace;
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
 use crate::connections::{
@@ -311,6 +312,7 @@ async fn serve(
             Arc::clone(&limits),
             metrics.shed.with_label_values(&["body_bytes"]),
         ),
+        log_pace: LogPace::new(Arc::clone(&limits), metrics.log_read_wait.clone()),
         metrics,
         options: api_options(&config),
         stopping: CancellationToken::new(),

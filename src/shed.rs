@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::{Error, ErrorKind, Principal};
-use crate::limits::{LimitsTable, TenantLimits};
+use crate::limits::LimitsTable;
 use crate::metrics::Metrics;
 
 /// How soon a shed client should retry.
@@ -69,7 +69,7 @@ impl Shedder {
 
     /// Admits one request of `principal`, or refuses it without waiting.
     pub fn admit(&self, principal: &Principal) -> Result<Permit, Error> {
-        let (bucket, limits) = self.bucket(principal);
+        let (bucket, limits) = self.limits.for_principal(principal);
         let limit = limits.max_in_flight_requests as usize;
         let tenant_permit = semaphore(&self.tenants, bucket, limit)
             .try_acquire_owned()
@@ -96,7 +96,7 @@ impl Shedder {
 
     /// Admits one long-lived stream of `principal`, or refuses it.
     pub fn admit_watcher(&self, principal: &Principal) -> Result<WatcherPermit, Error> {
-        let (bucket, limits) = self.bucket(principal);
+        let (bucket, limits) = self.limits.for_principal(principal);
         let limit = limits.max_watchers as usize;
         let permit = semaphore(&self.watchers, bucket, limit)
             .try_acquire_owned()
@@ -109,15 +109,6 @@ impl Shedder {
         Ok(WatcherPermit { _tenant: permit })
     }
 
-    /// The semaphores' key and the limits of `principal`: the admin's key is empty, which no
-    /// tenant's name can be.
-    fn bucket<'a>(&'a self, principal: &'a Principal) -> (&'a str, &'a TenantLimits) {
-        match principal {
-            Principal::Admin => (ADMIN_BUCKET, &self.limits.node),
-            Principal::Tenant(tenant) => (tenant, self.limits.for_tenant(tenant)),
-        }
-    }
-
     /// Tenants' requests in flight on the node now.
     pub fn in_flight(&self) -> usize {
         self.node_limit - self.node.available_permits()
@@ -128,9 +119,6 @@ impl Shedder {
         Error::new(ErrorKind::Overloaded, format!("{message}; retry later")).with_retry_after(RETRY_AFTER)
     }
 }
-
-/// The admin's key among the tenants' semaphores.
-const ADMIN_BUCKET: &str = "";
 
 fn who(principal: &Principal) -> String {
     match principal {
@@ -150,6 +138,7 @@ fn semaphore(map: &Mutex<HashMap<String, Arc<Semaphore>>>, tenant: &str, limit: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::TenantLimits;
 
     fn tenant(name: &str) -> Principal {
         Principal::Tenant(name.into())

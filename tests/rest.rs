@@ -1468,7 +1468,12 @@ async fn stopping_router() -> (String, solo::server::Node, TempDir) {
         control: node.control.clone(),
         auth: solo::api::Authenticator::development(),
         shed: solo::shed::Shedder::new(100, std::sync::Arc::clone(&limits), std::sync::Arc::clone(&metrics)),
-        bodies: solo::api::bodies::BodyBudget::new(1 << 30, limits, metrics.shed.with_label_values(&["body_bytes"])),
+        bodies: solo::api::bodies::BodyBudget::new(
+            1 << 30,
+            std::sync::Arc::clone(&limits),
+            metrics.shed.with_label_values(&["body_bytes"]),
+        ),
+        log_pace: solo::api::log_pace::LogPace::new(limits, metrics.log_read_wait.clone()),
         metrics,
         options: solo::api::ApiOptions {
             default_grace: Duration::from_secs(1),

@@ -3264,3 +3264,99 @@ async fn service_ids_outside_the_grammar_are_invalid_through_both_apis() {
     assert_no_failures(&failures);
     stop(server).await;
 }
+
+/// Logs each call's payload as a line, and answers nothing.
+const LOG_EACH_CALL: &str = r#"(module
+  (import "solo" "log" (func $log (param i32 i32 i32)))
+  (memory (export "memory") 1)
+  (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "solo_handle") (param $ptr i32) (param $len i32) (result i64)
+    (call $log (i32.const 2) (local.get $ptr) (local.get $len))
+    (i64.const 0)))"#;
+
+/// The seqs and texts of a service's log lines, read once over gRPC.
+async fn read_log(client: &mut Grpc, auth: &Auth, id: &str) -> Vec<(u64, String)> {
+    let lines = client
+        .logs(auth.grpc(logs_request(id, false)))
+        .await
+        .expect("a log read");
+    let lines: Vec<proto::LogLine> = tokio::time::timeout(PATIENCE, lines.into_inner().map(Result::unwrap).collect())
+        .await
+        .expect("the read ends");
+    lines.into_iter().map(|l| (l.seq, l.message)).collect()
+}
+
+/// What reading logs costs the node is bounded per tenant: a tenant's reads past its
+/// `max_log_read_bytes_per_second` wait their turn, get every line in order all the same, and
+/// hold back or cost no other tenant anything. A read the shutdown cuts short is an error,
+/// not fewer lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_reads_go_out_at_each_tenants_own_rate() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |c| {
+        c.tenants.insert(
+            "slow".into(),
+            tenant_with_limits(&[("max_log_read_bytes_per_second", 10_000)]),
+        );
+    })
+    .await;
+    let (http, base) = (http_client(), server.http_url());
+    let mut client = grpc_client(&server).await;
+    // 30 lines of 1,000 bytes: 31,920 bytes of the rate with what each line costs besides.
+    let written: Vec<(u64, String)> = (1..=30)
+        .map(|seq| (seq, format!("{seq:04}{}", "x".repeat(996))))
+        .collect();
+    for tenant in ["slow", "quick"] {
+        let auth = Auth::dev(tenant);
+        let mut deploy = grpc_deploy("chatty", "echo");
+        deploy.module = Some(proto::deploy_request::Module::Wat(LOG_EACH_CALL.into()));
+        let deployed = client.deploy(auth.grpc(deploy)).await.expect("a deploy");
+        wait_started(&mut client, &auth, deployed.get_ref().seq, &[(tenant, "chatty")]).await;
+        for (_, line) in &written {
+            client
+                .call(auth.grpc(call_request("chatty", line.as_bytes())))
+                .await
+                .expect("a call");
+        }
+    }
+    let waited = "solo_log_read_wait_seconds_total";
+
+    assert_eq!(read_log(&mut client, &Auth::dev("quick"), "chatty").await, written);
+    assert_eq!(
+        metric(&http, &base, waited).await,
+        0.0,
+        "quick's rate is the node's 4 MiB"
+    );
+
+    // slow's first second's worth (10,000 bytes) goes out at once, the rest at 10,000 a second.
+    let started = std::time::Instant::now();
+    assert_eq!(read_log(&mut client, &Auth::dev("slow"), "chatty").await, written);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2100),
+        "21,920 bytes over the rate took {took:?}"
+    );
+    let waited_before = metric(&http, &base, waited).await;
+    assert!(waited_before > 1.0, "{waited_before}");
+
+    // quick is not held back by slow's debt, and is charged nothing of it.
+    assert_eq!(read_log(&mut client, &Auth::dev("quick"), "chatty").await, written);
+    assert_eq!(metric(&http, &base, waited).await, waited_before);
+
+    // slow's bucket is spent: its next read waits from its first line, until the shutdown.
+    let cut = tokio::spawn(send(
+        Auth::dev("slow").rest(http.get(format!("{base}/services/chatty/logs"))),
+    ));
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while metric(&http, &base, waited).await == waited_before {
+        assert!(std::time::Instant::now() < deadline, "the read never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop(server).await;
+    let cut = cut.await.expect("the read's task");
+    assert_eq!(
+        (cut.status, cut.json["error"].as_str()),
+        (503, Some("shutting_down")),
+        "{cut:?}"
+    );
+}

@@ -11,6 +11,7 @@ pub mod codec;
 mod convert;
 mod error;
 pub mod grpc;
+pub mod log_pace;
 mod ops;
 pub mod rest;
 pub mod watch;
@@ -62,6 +63,8 @@ pub struct ApiState {
     pub shed: Shedder,
     /// Bytes of request bodies in flight, over both APIs.
     pub bodies: Arc<bodies::BodyBudget>,
+    /// Bytes of log lines sent per second, per principal.
+    pub log_pace: log_pace::LogPace,
     pub metrics: Arc<Metrics>,
     pub options: ApiOptions,
     /// Cancelled when the node begins to shut down: streams end, new work is refused.

@@ -1,13 +1,13 @@
 //! The operations both APIs offer, each one call into the control layer plus its metrics, so
 //! gRPC and REST handlers only decode and encode.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 
-use super::{ApiState, Caller, Error, ErrorKind};
+use super::{ApiState, Caller, Error, ErrorKind, Principal};
 use crate::control::{DeployOutcome, DeployRequest, KillCommand, KillOutcome, Listing, RemoveCommand, RemoveOutcome};
 use crate::proto::{self, Limits};
 use crate::runtime::{CallError, LogLine};
@@ -397,9 +397,11 @@ pub enum LogStart {
 
 /// A service's log lines from `start` on; with `follow`, then new lines until the node
 /// stops. Lines that a slow follower let the ring overwrite are skipped, never repeated.
-/// Also the id of the log they are from.
+/// Also the id of the log they are from. Lines go out at the caller's pace
+/// ([`super::log_pace`]); the stream ends with [`Error::shutting_down`] if the node stops
+/// while it waits.
 pub fn logs(
-    state: &ApiState,
+    state: &Arc<ApiState>,
     caller: &Caller,
     service_id: &str,
     start: LogStart,
@@ -425,38 +427,40 @@ pub fn logs(
              every line kept"
         )));
     }
-    let stopping = state.stopping.clone();
+    let state = Arc::clone(state);
+    let principal = caller.principal.clone();
     // Subscribe before reading the ring, so nothing falls between the two.
     let mut updates = buffer.subscribe();
     Ok((
         log_id,
         async_stream::stream! {
             let mut next = from_seq.max(1);
-            for line in buffer.lines_from(next) {
-                next = line.seq + 1;
-                yield Ok(line);
-            }
-            if !follow {
-                return;
-            }
+            let mut unsent = VecDeque::from(buffer.lines_from(next));
             loop {
+                while let Some(line) = unsent.pop_front() {
+                    if line.seq < next {
+                        continue;
+                    }
+                    if !paced(&state, &principal, &line).await {
+                        yield Err(Error::shutting_down());
+                        return;
+                    }
+                    next = line.seq + 1;
+                    yield Ok(line);
+                }
+                if !follow {
+                    return;
+                }
                 tokio::select! {
                     biased;
-                    () = stopping.cancelled() => {
+                    () = state.stopping.cancelled() => {
                         yield Err(Error::shutting_down());
                         return;
                     }
                     update = updates.recv() => match update {
-                        Ok(line) if line.seq >= next => {
-                            next = line.seq + 1;
-                            yield Ok(line);
-                        }
-                        Ok(_) => {}
+                        Ok(line) => unsent.push_back(line),
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            for line in buffer.lines_from(next) {
-                                next = line.seq + 1;
-                                yield Ok(line);
-                            }
+                            unsent.extend(buffer.lines_from(next));
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
@@ -466,6 +470,21 @@ pub fn logs(
             }
         },
     ))
+}
+
+/// Waits until `line` may go out to `principal`: false if the node began to stop meanwhile.
+async fn paced(state: &ApiState, principal: &Principal, line: &LogLine) -> bool {
+    let wait = state.log_pace.charge(principal, line.cost());
+    if wait.is_zero() {
+        // A ring read at once is thousands of lines, each encoded where it is sent: let the
+        // task yield now and then, so that the thread serves others between them.
+        tokio::task::coop::consume_budget().await;
+        return true;
+    }
+    tokio::select! {
+        () = state.stopping.cancelled() => false,
+        () = tokio::time::sleep(wait) => true,
+    }
 }
 
 /// Resolves a page size: 0 is the default (100), more than 1000 is refused.

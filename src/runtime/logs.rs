@@ -62,8 +62,19 @@ pub struct LogLimits {
     pub bytes_per_second: u64,
 }
 
-/// What a line costs of the rate besides its text: a flood of empty lines is a flood too.
+/// What a line costs of a rate besides its text: a flood of empty lines is a flood too.
 const LINE_COST: u64 = 64;
+
+impl LogLine {
+    /// What this line costs of a rate, to write or to read: its text and [`LINE_COST`].
+    pub fn cost(&self) -> u64 {
+        cost_of(&self.message)
+    }
+}
+
+fn cost_of(message: &str) -> u64 {
+    message.len() as u64 + LINE_COST
+}
 
 impl LogLimits {
     /// What the longest line costs of the rate: the least rate that lets every line through.
@@ -172,7 +183,7 @@ impl LogBuffer {
             lines.allowance = (lines.allowance + refill).min(self.bytes_per_second);
             lines.refilled_at = now;
         }
-        let cost = message.len() as u64 + LINE_COST;
+        let cost = cost_of(&message);
         if cost > lines.allowance {
             lines.dropped += 1;
             return;

@@ -13,7 +13,7 @@ use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::{Stream, StreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde_json::json;
 
 use super::services::Params;
@@ -188,12 +188,8 @@ pub(super) async fn logs(
     if !follow {
         let _permit = state.shed.admit(&caller.principal)?;
         let (log_id, lines) = ops::logs(&state, &caller, &id, from, false)?;
-        let lines: Vec<_> = lines.collect().await;
-        let lines: Vec<_> = lines
-            .into_iter()
-            .filter_map(Result::ok)
-            .map(|l| log_line_json(&l))
-            .collect();
+        // All or nothing: a read cut short (the node stopping) is an error, not fewer lines.
+        let lines: Vec<_> = lines.map(|line| line.map(|l| log_line_json(&l))).try_collect().await?;
         let log_id = format!("{log_id:x}");
         return Ok(Json(json!({ "service_id": id, "log_id": log_id, "lines": lines })).into_response());
     }
