@@ -371,13 +371,25 @@ async fn send_backup(
                 sha256: hex::encode(hash.finalize()),
             })
         }
-        Ok(Err(e)) => Err(internal("the backup failed", &e)),
+        Ok(Err(e)) => Err(copy_failed(&e)),
         Err(e) => Err(internal("the backup failed", &e)),
     };
     if let Err(e) = &end {
         tracing::warn!(error = %e.message(), "a backup failed");
     }
     hand_over(end).await;
+}
+
+/// Why a backup's copy failed: the store's own errors keep their kind (no reader slot left is
+/// the node's load, as for any read, not a fault), anything else is internal.
+fn copy_failed(error: &std::io::Error) -> Error {
+    match error.get_ref().and_then(|e| e.downcast_ref::<crate::log::Error>()) {
+        Some(crate::log::Error::ReadersFull) => {
+            let message = format!("the backup could not begin: {}", crate::log::Error::ReadersFull);
+            Error::new(ErrorKind::Unavailable, message).with_retry_after(crate::shed::RETRY_AFTER)
+        }
+        _ => internal("the backup failed", error),
+    }
 }
 
 fn internal(what: &str, error: &dyn std::fmt::Display) -> Error {
