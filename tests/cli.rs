@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// A guard against hangs, never a performance assertion.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -2637,6 +2637,45 @@ fn with_json_a_failure_is_a_json_document_on_stdout_too() {
     .fails(5);
     assert_eq!(ran.json()["error"]["code"], "unavailable");
     assert_eq!(ran.json()["error"]["retryable"], true);
+    // A refusal that holds until the request changes is not worth a retry: an agent that
+    // trusted `retryable` would send it again without end.
+    let echo = example_path("echo");
+    let ran = node
+        .run(
+            "acme",
+            &[
+                "deploy",
+                "big",
+                echo.to_str().unwrap(),
+                "--memory-mb",
+                "100000",
+                "--json",
+            ],
+        )
+        .fails(1);
+    assert_eq!(
+        (&ran.json()["error"]["code"], &ran.json()["error"]["retryable"]),
+        (&json!("quota_exceeded"), &json!(false))
+    );
+    // Bad arguments are the same document, with clap's sentence on one line.
+    for args in [&["status", "bad id!", "--json"][..], &["--json", "deploy"]] {
+        let ran = node.run("acme", args);
+        assert_eq!(ran.code, 2, "{args:?}: {}", ran.stderr);
+        let error = &ran.json()["error"];
+        assert_eq!(
+            (&error["code"], &error["exit_code"]),
+            (&json!("usage"), &json!(2)),
+            "{args:?}"
+        );
+        let message = error["message"].as_str().unwrap();
+        assert!(!message.starts_with("error") && !message.contains('\n'), "{message}");
+        assert!(
+            ran.stderr.contains(message.split(": ").next().unwrap()),
+            "{message} {}",
+            ran.stderr
+        );
+    }
+    assert!(node.run("acme", &["status", "bad id!"]).stdout.is_empty());
     // Without --json, stdout stays empty.
     assert!(node.run("acme", &["status", "nosuch"]).fails(3).stdout.is_empty());
 }

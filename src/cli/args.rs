@@ -59,7 +59,8 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     /// Print JSON for programs: one document per command, JSON lines for `events`, `logs` and
     /// `log dump`. A client command's failure is that document (or the last line):
-    /// `{"error": {"code", "message", "exit_code", "retryable"}}`, besides the sentence on stderr.
+    /// `{"error": {"code", "message", "exit_code", "retryable"}}`, besides the sentence on stderr;
+    /// `retryable` is true when the same command may succeed unchanged.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(flatten)]
@@ -71,7 +72,16 @@ pub struct Cli {
 impl Cli {
     /// Parses `std::env::args`, exiting with the usage code (2) on bad arguments.
     pub fn parse_args() -> Cli {
-        Cli::parse_from_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        Cli::parse_from_args(&args).unwrap_or_else(|e| {
+            // With --json a program reads stdout: it gets the usage error there too, as the
+            // document `exit` prints for any other failure.
+            if e.use_stderr() && asks_for_json(&args) {
+                let error = super::CliError::usage(usage_message(&e));
+                let _ = super::output::Output::new(true).json_line(&error.to_json());
+            }
+            e.exit()
+        })
     }
 
     /// Parses the given arguments (the first is the program name).
@@ -150,6 +160,27 @@ impl Cli {
     }
 }
 
+/// Whether the command line asks for JSON: `--json` before any `--`.
+fn asks_for_json(args: &[std::ffi::OsString]) -> bool {
+    args.iter()
+        .skip(1)
+        .take_while(|arg| *arg != "--")
+        .any(|arg| arg == "--json")
+}
+
+/// The sentence of a clap error on one line (the arguments it lists below it too), without
+/// its `error: ` lead, usage and tips.
+fn usage_message(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let sentence: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let sentence = sentence.join(" ");
+    sentence.strip_prefix("error: ").unwrap_or(&sentence).to_string()
+}
+
 /// A bad value clap found in an environment variable (`SOLO_CONNECT_TIMEOUT_MS=abc`) is
 /// reported naming the variable, not the flag the command line did not hold.
 fn from_the_environment(error: clap::Error, command: &mut clap::Command, args: &[std::ffi::OsString]) -> clap::Error {
@@ -175,13 +206,7 @@ fn from_the_environment(error: clap::Error, command: &mut clap::Command, args: &
     if on_the_command_line {
         return error;
     }
-    let rendered = error.render().to_string();
-    let first = rendered.lines().next().unwrap_or_default();
-    let message = first.strip_prefix("error: ").unwrap_or(first).replacen(
-        &format!("for '{invalid}'"),
-        &format!("for {variable} ({flag})"),
-        1,
-    );
+    let message = usage_message(&error).replacen(&format!("for '{invalid}'"), &format!("for {variable} ({flag})"), 1);
     command.error(error.kind(), message)
 }
 

@@ -61,7 +61,9 @@ pub struct CliError {
     pub exit: Exit,
     /// One sentence for a person; empty when there is nothing to say (stdout was closed).
     pub message: String,
-    /// Whether a follower should reconnect and try again rather than give up.
+    /// Whether the same request may succeed if sent again unchanged (a follower then
+    /// reconnects rather than give up): the node could not be reached, was unavailable or
+    /// busy, or the time ran out; not a refusal that holds until the request changes.
     pub retry: bool,
     /// What went wrong, for programs: the node's error code (its `solo-error`, REST's `code`),
     /// or else the gRPC code's name, in snake case; for the CLI's own errors, its exit's.
@@ -138,6 +140,7 @@ impl CliError {
             .retryable();
         }
         let exit = Exit::of(status.code());
+        let retry = worth_retrying(status);
         let mut message = status.message().trim().to_string();
         if message.is_empty() {
             message = format!("the node answered {:?}", status.code());
@@ -165,7 +168,7 @@ impl CliError {
         CliError {
             exit,
             message,
-            retry: worth_retrying(status.code()),
+            retry,
             code,
         }
     }
@@ -194,18 +197,18 @@ fn snake_case_name(code: Code) -> &'static str {
     }
 }
 
-/// Whether a stream that failed with `code` may work when opened again: the node went away or
-/// was busy, as opposed to a request it will refuse again.
-fn worth_retrying(code: Code) -> bool {
-    match code {
-        Code::Unavailable
+/// Whether a request the node failed with `status` may succeed if sent again unchanged: the
+/// node was unavailable, the time ran out, or it was busy and said when to come back. A quota
+/// that holds until the request changes (a module over its size) comes without that hint, as
+/// does a service's own error or trap, which the same request meets again.
+fn worth_retrying(status: &tonic::Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => true,
+        Code::ResourceExhausted => status.metadata().contains_key("retry-after-ms"),
+        Code::Ok
         | Code::Unknown
         | Code::Internal
-        | Code::Cancelled
         | Code::Aborted
-        | Code::DeadlineExceeded
-        | Code::ResourceExhausted => true,
-        Code::Ok
         | Code::InvalidArgument
         | Code::NotFound
         | Code::AlreadyExists
@@ -272,12 +275,29 @@ mod tests {
             .insert("solo-error", "invalid_module".parse().unwrap());
         let e = CliError::from_status(&refused, "http://n");
         assert_eq!(e.code, "invalid_module");
-        let e = CliError::from_status(&tonic::Status::resource_exhausted("busy"), "http://n");
+        let mut busy = tonic::Status::resource_exhausted("busy");
+        busy.metadata_mut().insert("retry-after-ms", "1000".parse().unwrap());
+        let e = CliError::from_status(&busy, "http://n");
         assert_eq!(e.code, "resource_exhausted");
         let json = e.to_json();
         assert_eq!(json["error"]["exit_code"], 1);
         assert_eq!(json["error"]["retryable"], true);
-        assert_eq!(json["error"]["message"], "busy");
+        assert_eq!(json["error"]["message"], "busy (retry after 1s)");
         assert_eq!(CliError::usage("no").code, "usage");
+    }
+
+    /// `retryable` tells an agent whether to send the same request again: never for a refusal
+    /// that holds until the request changes, or a failure the same request meets again.
+    #[test]
+    fn only_what_may_pass_unchanged_is_retryable() {
+        let retryable = |status: tonic::Status| CliError::from_status(&status, "http://n").retry;
+        assert!(retryable(tonic::Status::unavailable("shutting down")));
+        assert!(retryable(tonic::Status::deadline_exceeded("call timed out")));
+        assert!(!retryable(tonic::Status::resource_exhausted("over max_module_bytes")));
+        assert!(!retryable(tonic::Status::invalid_argument("bad module")));
+        assert!(!retryable(tonic::Status::failed_precondition("version mismatch")));
+        assert!(!retryable(tonic::Status::aborted("the service trapped")));
+        assert!(!retryable(tonic::Status::unknown("the service answered an error")));
+        assert!(!retryable(tonic::Status::not_found("no such service")));
     }
 }
