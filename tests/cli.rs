@@ -650,8 +650,16 @@ fn deploy_status_list_call_kill_logs_and_events_in_development_mode() {
     let line = lines[0].as_object().unwrap();
     assert_eq!(
         line.keys().map(String::as_str).collect::<BTreeSet<_>>(),
-        BTreeSet::from(["seq", "timestamp_ms", "level", "message", "version"])
+        BTreeSet::from(["log_id", "seq", "timestamp_ms", "level", "message", "version"])
     );
+    // The log's id in hex, as REST's read gives it: the same for every line of one log.
+    let log_id = line["log_id"].as_str().unwrap();
+    assert!(
+        !log_id.is_empty() && log_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{log_id}"
+    );
+    let again = node.run("acme", &["logs", "echo", "--json"]).ok().json_lines();
+    assert_eq!(again[0]["log_id"], log_id);
     assert_eq!(
         (line["seq"].as_u64(), line["message"].as_str()),
         (Some(1), Some("echo ready"))
@@ -2762,4 +2770,22 @@ fn with_a_json_log_a_refused_start_is_a_json_line() {
         refusal["fields"]["error"].as_str().unwrap().contains(&busy_addr),
         "{refusal}"
     );
+}
+
+/// A tenant given but blank is a mistake, never the admin that no tenant at all is in
+/// development mode: an agent whose SOLO_TENANT is exported empty would act for every tenant.
+#[test]
+fn a_blank_tenant_is_refused_rather_than_taken_for_the_admin() {
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    for ran in [
+        run(solo().args(["--endpoint", &endpoint, "--tenant", "", "list"])),
+        run(solo().env("SOLO_TENANT", " ").args(["--endpoint", &endpoint, "list"])),
+    ] {
+        let ran = ran.fails(2);
+        assert!(
+            ran.stderr.contains("tenant (--tenant or SOLO_TENANT) is empty"),
+            "{}",
+            ran.stderr
+        );
+    }
 }

@@ -246,7 +246,8 @@ pub struct ConnectionArgs {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
-    /// Tenant to act as (development mode), or, for the admin, the tenant to act for.
+    /// Tenant to act as (development mode), or, for the admin, the tenant to act for; a blank
+    /// one is refused, never taken for the admin.
     #[arg(long, global = true, env = "SOLO_TENANT", value_name = "TENANT")]
     pub tenant: Option<String>,
     /// PEM certificate of the CA that signed the node's certificate (for https endpoints).

@@ -685,6 +685,12 @@ fn credentials(args: &ConnectionArgs) -> Result<Credentials, CliError> {
             })
         })
         .transpose()?;
+    if args.tenant.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        return Err(CliError::usage(
+            "the tenant (--tenant or SOLO_TENANT) is empty: name one, or leave both unset to act as \
+             the admin",
+        ));
+    }
     let tenant = present(&args.tenant)
         .map(|tenant| {
             tenant

@@ -317,9 +317,11 @@ pub fn human_age(then_ms: u64, now_ms: u64) -> String {
     }
 }
 
-/// A log line as JSON: `{seq, timestamp_ms, level, message, version}`.
+/// A log line as JSON: `{log_id, seq, timestamp_ms, level, message, version}`, the log's id in
+/// hex as REST gives it, so a program tells a new log numbered from 1 from lines seen before.
 pub fn log_line_json(line: &proto::LogLine) -> Value {
     json!({
+        "log_id": format!("{:x}", line.log_id),
         "seq": line.seq,
         "timestamp_ms": line.timestamp_ms,
         "level": line.level,
