@@ -464,9 +464,7 @@ impl Config {
                 &format!("must be at most {MAX_MAP_SIZE_MB} (64 TiB of address space)"),
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level) {
-            return Err(invalid("telemetry.log_level", &format!("not a tracing filter: {e}")));
-        }
+        check_log_level(&self.telemetry.log_level).map_err(|e| invalid("telemetry.log_level", &e))?;
         validate_limits("limits", &self.limits, self.solo.max_request_bytes)?;
         self.validate_security()?;
         if rt.max_wasm_stack_kb < 64 {
@@ -737,6 +735,27 @@ impl Config {
     }
 }
 
+/// Checks `[telemetry] log_level`: a tracing filter, whose bare words are levels. tracing
+/// takes a bare word for a target to log at every level, so a typo such as "warning" would
+/// silently log nothing at all; here a target takes its level after `=`.
+fn check_log_level(filter: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("not a tracing filter: {e}"))?;
+    const LEVELS: [&str; 12] = [
+        "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
+    ];
+    let bare = filter
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.is_empty() && !d.contains(['=', '[']) && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)));
+    match bare {
+        Some(word) => Err(format!(
+            "'{word}' is not a level (trace, debug, info, warn, error or off); a target takes its \
+             level after '=', as in '{word}=debug'"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `max_request_bytes`: the largest request, which a tenant's share of bodies in flight must fit.
 fn validate_limits(path: &str, limits: &TenantLimits, max_request_bytes: u64) -> Result<(), ConfigError> {
     // Zero would refuse every request or stream, or (a window of no time) let a crashing
@@ -911,6 +930,33 @@ mod tests {
         );
         let e = error_of("this is not toml");
         assert!(e.contains("config"), "{e}");
+    }
+
+    #[test]
+    fn a_log_level_is_a_filter_whose_bare_words_are_levels() {
+        for good in [
+            "info",
+            "WARN",
+            "solo=debug,info",
+            "error,solo::api=trace",
+            "off",
+            "solo[call]=debug",
+        ] {
+            assert_eq!(check_log_level(good), Ok(()), "{good}");
+        }
+        for (bad, says) in [
+            ("warning", "'warning' is not a level"),
+            ("info,verbose", "'verbose' is not a level"),
+            ("solo=loud", "not a tracing filter"),
+        ] {
+            let e = check_log_level(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let e = error_of("[telemetry]\nlog_level = \"warning\"\n");
+        assert!(
+            e.contains("telemetry.log_level") && e.contains("'warning=debug'"),
+            "{e}"
+        );
     }
 
     #[test]
