@@ -97,19 +97,31 @@ pub fn note(message: &str) {
 /// overrides, are escaped (`\u{1b}`), so a tenant's output cannot move the cursor, retitle the
 /// terminal or disguise itself as the node's own words when an admin reads it.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    fn unsafe_char(c: char) -> bool {
-        (c.is_control() && c != '\t' && c != '\n')
+    escaped(text, true)
+}
+
+/// [`printable`] text for one field of a table or a one-line list (a label's value): tabs and
+/// newlines are escaped too (`\t`, `\n`), so a value cannot start a row of its own and pass
+/// for a field the node printed.
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    escaped(text, false)
+}
+
+fn escaped(text: &str, keep_lines: bool) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && !(keep_lines && matches!(c, '\t' | '\n')))
             || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    }
+    };
     if !text.contains(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut escaped = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if unsafe_char(c) {
-            escaped.push_str(&format!("\\u{{{:x}}}", c as u32));
-        } else {
-            escaped.push(c);
+        match c {
+            '\t' if !keep_lines => escaped.push_str("\\t"),
+            '\n' if !keep_lines => escaped.push_str("\\n"),
+            c if unsafe_char(c) => escaped.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => escaped.push(c),
         }
     }
     std::borrow::Cow::Owned(escaped)
@@ -354,7 +366,7 @@ pub fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> Strin
     // Tenants write labels (their values may hold any character).
     let pairs: Vec<String> = labels
         .iter()
-        .map(|(k, v)| format!("{}={}", printable(k), printable(v)))
+        .map(|(k, v)| format!("{}={}", one_line(k), one_line(v)))
         .collect();
     pairs.join(",")
 }
@@ -387,6 +399,11 @@ mod tests {
         );
         assert_eq!(printable("abc\u{202e}def"), "abc\\u{202e}def");
         assert!(matches!(printable("clean"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(
+            one_line("k=v\nSTATUS\tstopped\u{1b}"),
+            "k=v\\nSTATUS\\tstopped\\u{1b}",
+            "a field keeps to its line"
+        );
     }
 
     #[test]
