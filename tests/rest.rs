@@ -973,9 +973,24 @@ async fn get_services_filters_pages_and_refuses_bad_queries() {
     node.get("/services?status=sleepy", "a")
         .await
         .error(400, "invalid_argument");
-    node.get("/services?limit=ten", "a")
-        .await
-        .error(400, "invalid_argument");
+    let ten = node.get("/services?limit=ten", "a").await;
+    assert!(
+        ten.error(400, "invalid_argument")
+            .contains("'ten' is not a whole number")
+    );
+    // A number past what the parameter holds says so, naming the most it takes.
+    let huge = node.get("/services?offset=99999999999999999999", "a").await;
+    assert!(
+        huge.error(400, "invalid_argument")
+            .contains(&format!("over the maximum of {}", usize::MAX)),
+        "{huge:?}"
+    );
+    let grace = node.delete("/services/nope?grace_ms=99999999999", "a").await;
+    assert!(
+        grace
+            .error(400, "invalid_argument")
+            .contains("over the maximum of 4294967295")
+    );
     node.get("/services?label=team", "a")
         .await
         .error(400, "invalid_argument");
@@ -1052,7 +1067,8 @@ async fn delete_answers_202_and_unknown_services_404() {
     );
     node.delete("/services/nope", "a").await.error(404, "not_found");
 
-    // force and grace_ms reach the event; an idempotent retry gets the same answer.
+    // force reaches the event, with no grace, as it stops the service at once (the request's
+    // grace is kept to compare a retry with); an idempotent retry gets the same answer.
     node.deploy_running("a", "kv", "kv").await;
     let forced = || {
         node.request(Method::DELETE, "/services/kv?force=true&grace_ms=25", "a")
@@ -1066,8 +1082,12 @@ async fn delete_answers_202_and_unknown_services_404() {
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     let event = node.wait_event("a", seq, "kv", "service_kill_requested").await;
     assert_eq!(
-        (event.data["force"].as_bool(), event.data["grace_ms"].as_u64()),
-        (Some(true), Some(25))
+        (
+            event.data["force"].as_bool(),
+            event.data["grace_ms"].as_u64(),
+            event.data["requested_grace_ms"].as_u64()
+        ),
+        (Some(true), Some(0), Some(25))
     );
     assert_eq!(event.data["idempotency_key"], "kill-kv");
     assert_eq!(event.data["expected_version"], Value::Null);

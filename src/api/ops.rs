@@ -132,11 +132,15 @@ pub async fn kill(state: &ApiState, caller: &Caller, kill: Kill) -> Result<KillO
         service_id: kill.service_id,
         force: kill.force,
         requested_grace_ms: kill.grace_ms,
-        grace_ms: state
-            .grace_or_default(kill.grace_ms)
-            .as_millis()
-            .try_into()
-            .unwrap_or(u32::MAX),
+        // A forced kill drops the instance at once: its event says it had no grace.
+        grace_ms: match kill.force {
+            true => 0,
+            false => state
+                .grace_or_default(kill.grace_ms)
+                .as_millis()
+                .try_into()
+                .unwrap_or(u32::MAX),
+        },
         idempotency_key: kill.idempotency_key,
         expected_version: kill.expected_version,
     };

@@ -131,6 +131,13 @@ pub fn to_wasm(bytes: &[u8]) -> Result<Vec<u8>, InvalidModule> {
     }
     let text = std::str::from_utf8(bytes)
         .map_err(|_| InvalidModule("the module is neither wasm (no \\0asm header) nor WAT text (not UTF-8)".into()))?;
+    // Editors on Windows start UTF-8 files with a byte order mark, which is no WAT token.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if text.trim().is_empty() {
+        return Err(InvalidModule(
+            "the module is empty: send a wasm binary, or WAT text such as (module ...)".into(),
+        ));
+    }
     wat::parse_str(text).map_err(|e| InvalidModule(format!("WAT syntax error: {e}")))
 }
 
@@ -593,6 +600,16 @@ mod tests {
 
     /// The proposals a service may not use are refused at validation, each by name: none
     /// slips through as a default of wasmtime's.
+    #[test]
+    fn wat_text_may_start_with_a_byte_order_mark_and_empty_text_is_named_as_such() {
+        let plain = to_wasm(b"(module)").unwrap();
+        assert_eq!(to_wasm("\u{feff}(module)".as_bytes()).unwrap(), plain);
+        for empty in [&b""[..], b" \n", "\u{feff}".as_bytes()] {
+            let InvalidModule(why) = to_wasm(empty).unwrap_err();
+            assert!(why.starts_with("the module is empty"), "{why}");
+        }
+    }
+
     #[test]
     fn modules_using_refused_proposals_are_refused_naming_them() {
         let compiler = Compiler::new(&crate::runtime::RuntimeOptions::default().engine).unwrap();

@@ -38,6 +38,23 @@ fn query_text(encoded: &str) -> Result<String, Error> {
     })
 }
 
+/// A query parameter's number type, and the most it holds (for the error past it).
+pub(super) trait Number: std::str::FromStr {
+    const MAX: u64;
+}
+
+impl Number for u32 {
+    const MAX: u64 = u32::MAX as u64;
+}
+
+impl Number for u64 {
+    const MAX: u64 = u64::MAX;
+}
+
+impl Number for usize {
+    const MAX: u64 = usize::MAX as u64;
+}
+
 impl Params {
     pub(super) fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Params, Error> {
         let raw = raw.unwrap_or_default();
@@ -71,11 +88,17 @@ impl Params {
         self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
-    pub(super) fn number<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, Error> {
+    pub(super) fn number<T: Number>(&self, key: &str) -> Result<Option<T>, Error> {
         self.get(key)
             .map(|v| {
-                v.parse::<T>()
-                    .map_err(|_| Error::invalid(format!("query parameter '{key}': '{v}' is not a valid number")))
+                v.parse::<T>().map_err(|_| {
+                    let why = if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+                        format!("is over the maximum of {}", T::MAX)
+                    } else {
+                        "is not a whole number of 0 or more".to_string()
+                    };
+                    Error::invalid(format!("query parameter '{key}': '{v}' {why}"))
+                })
             })
             .transpose()
     }
