@@ -2071,6 +2071,21 @@ fn a_data_file_cut_short_is_refused_with_a_reason_not_a_crash() {
         );
         assert!(ran.stderr.contains("cut short"), "{args:?}: {}", ran.stderr);
     }
+    // For programs: damage, which a backup repairs, not some other refusal.
+    let ran = run(solo().args(["log", "verify", "--data-dir", data, "--json"]));
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    let report = ran.json();
+    assert_eq!(
+        (&report["ok"], &report["damaged"]),
+        (&json!(false), &json!(true)),
+        "{report}"
+    );
+    assert_eq!(
+        ran.stderr.matches("restore it from a backup").count(),
+        1,
+        "{}",
+        ran.stderr
+    );
     let served = serve_expecting_refusal(data);
     assert!(
         served.code > 0 && served.stderr.contains("cut short"),

@@ -278,6 +278,7 @@ fn storage_kind(error: &crate::log::Error) -> ErrorKind {
         E::Io { .. }
         | E::UnsupportedFormat { .. }
         | E::BadDataDir { .. }
+        | E::Damaged { .. }
         | E::AlreadyOpen { .. }
         | E::InUse { .. }
         | E::CorruptRecord { .. }

@@ -144,7 +144,14 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
     };
     let damaged = is_damage(&error);
     let mut message = super::error::causes(error.as_ref());
-    if damaged {
+    // The store's own word for a damaged file already says so, and what to do.
+    let said = error.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<crate::log::Error>(),
+            Some(crate::log::Error::Damaged { .. })
+        )
+    });
+    if damaged && !said {
         message = format!(
             "the data file in {} is damaged: {message}; restore it from a backup",
             path.display()
@@ -328,7 +335,7 @@ fn is_damage(error: &anyhow::Error) -> bool {
     };
     let log = |e: &crate::log::Error| match e {
         crate::log::Error::Lmdb { source, .. } => lmdb(source),
-        e => e.damaged_seq().is_some(),
+        e => e.is_damage(),
     };
     error.chain().any(|e| {
         e.downcast_ref::<heed::Error>().is_some_and(lmdb)

@@ -42,6 +42,10 @@ pub enum Error {
     UnsupportedFormat { path: PathBuf, found: u32, supported: u32 },
     #[error("data directory {path} is not usable: {reason}")]
     BadDataDir { path: PathBuf, reason: String },
+    /// The data file is damaged as a whole (cut short, emptied, or its pages in use unsound),
+    /// not in one record: the reason says where, and that a backup repairs it.
+    #[error("data directory {path} is not usable: {reason}")]
+    Damaged { path: PathBuf, reason: String },
     #[error("data directory {path} is already open in this process")]
     AlreadyOpen { path: PathBuf },
     #[error(
@@ -79,6 +83,12 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether the data file is damaged (in a record, or as a whole), as opposed to unusable
+    /// for another reason (not a Solo log, in use, a full disk).
+    pub fn is_damage(&self) -> bool {
+        matches!(self, Error::Damaged { .. }) || self.damaged_seq().is_some()
+    }
+
     /// The record that is damaged or missing, for an error about one.
     pub fn damaged_seq(&self) -> Option<u64> {
         match self {

@@ -947,6 +947,10 @@ fn check_data_file(dir: &Path) -> Result<()> {
         path: dir.to_path_buf(),
         reason,
     };
+    let damaged = |reason: String| Error::Damaged {
+        path: dir.to_path_buf(),
+        reason,
+    };
     let mut data = match std::fs::File::open(&file) {
         // A node makes the data file before its lock file: with the lock file there, the data
         // file was lost, and a new log would start in its place as if nothing had been.
@@ -962,7 +966,7 @@ fn check_data_file(dir: &Path) -> Result<()> {
     };
     let length = data.metadata().map_err(io)?.len();
     if length == 0 {
-        return Err(bad(format!(
+        return Err(damaged(format!(
             "its {DATA_FILE} is empty (0 bytes): whatever it held is gone; restore it from a backup, \
              or move it away to start a new log"
         )));
@@ -982,7 +986,7 @@ fn check_data_file(dir: &Path) -> Result<()> {
     }
     let page_size = u64::from(word(40).unwrap_or(0)).max(512);
     if length < 2 * page_size {
-        return Err(bad(format!(
+        return Err(damaged(format!(
             "its {DATA_FILE} is {length} bytes, shorter than LMDB's two meta pages ({} bytes): the file \
              was cut short (an interrupted copy or restore?); restore it from a backup",
             2 * page_size
@@ -1008,7 +1012,7 @@ fn check_file_length(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
     if length >= needed {
         return Ok(());
     }
-    let cut_short = |detail: String| Error::BadDataDir {
+    let cut_short = |detail: String| Error::Damaged {
         path: path.to_path_buf(),
         reason: format!(
             "{DATA_FILE} is {length} bytes, but its last commit holds {pages} pages ({needed} bytes), \
@@ -1058,7 +1062,7 @@ fn refuse_page_damage(env: &Env<WithoutTls>, path: &Path) -> Result<()> {
     );
     match damage {
         None => Ok(()),
-        Some(damage) => Err(Error::BadDataDir {
+        Some(damage) => Err(Error::Damaged {
             path: path.to_path_buf(),
             reason: format!(
                 "{}; the node will not build on it (`solo log verify` tells more): restore it from a backup",
