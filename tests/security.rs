@@ -3360,3 +3360,50 @@ async fn log_reads_go_out_at_each_tenants_own_rate() {
         "{cut:?}"
     );
 }
+
+/// A request of more labels than any service may carry is refused before they are built:
+/// millions of tiny labels, within the size limit, took seconds of the threads that serve every
+/// tenant, and gigabytes, before the handler could count them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_many_labels_are_refused_before_they_are_built() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let (http, base) = (http_client(), server.http_url());
+    let mut client = grpc_client(&server).await;
+    let auth = Auth::dev("acme");
+    let many: BTreeMap<String, String> = (0..5000).map(|i| (format!("k{i}"), String::new())).collect();
+
+    let mut deploy = grpc_deploy("svc", "echo");
+    deploy.labels = many.clone();
+    let refused = client.deploy(auth.grpc(deploy)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("more than 4096 times"), "{refused:?}");
+    let list = proto::ListRequest {
+        labels: many,
+        ..Default::default()
+    };
+    let refused = client.list(auth.grpc(list)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    let labels: serde_json::Map<String, Value> = (0..1000).map(|i| (format!("k{i}"), json!(""))).collect();
+    let body = json!({ "service_id": "svc", "wat": wat_text("echo"), "labels": labels });
+    let refused = send(auth.rest(http.post(format!("{base}/services")).json(&body))).await;
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert!(
+        refused.json["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than 64 labels"),
+        "{refused:?}"
+    );
+    // Nothing was deployed, and 64 labels are still fine.
+    let labels: serde_json::Map<String, Value> = (0..64).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let body = json!({ "service_id": "svc", "wat": wat_text("echo"), "labels": labels });
+    let deployed = send(auth.rest(http.post(format!("{base}/services")).json(&body))).await;
+    assert_eq!(
+        (deployed.status, deployed.json["deploy"]["version"].as_u64()),
+        (201, Some(1)),
+        "{deployed:?}"
+    );
+    stop(server).await;
+}

@@ -52,6 +52,17 @@ impl<U: prost::Message + Default> Decoder for SoloDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        use prost::bytes::Buf as _;
+        // A contiguous buffer, as tonic's always is: a split one goes to prost unchecked.
+        if buf.chunk().len() == buf.remaining()
+            && let Some(field) = over_repeated(buf.chunk())
+        {
+            return Err(Error::invalid(format!(
+                "the request repeats field {field} more than {MAX_REPEATS} times; no request of this \
+                 API needs that many (labels: at most 64)"
+            ))
+            .to_status());
+        }
         // The generated client decodes replies with this too, where the words would be wrong;
         // but our own server's replies always decode.
         self.0.decode(buf).map_err(|status| {
@@ -66,6 +77,78 @@ impl<U: prost::Message + Default> Decoder for SoloDecoder<U> {
     fn buffer_settings(&self) -> BufferSettings {
         self.0.buffer_settings()
     }
+}
+
+/// The most entries of one repeated field (or map) at a message's top level that is decoded:
+/// more than any request needs (64 labels; a page of 1,000 services in a reply the CLI reads).
+/// Protobuf's decoder builds every entry, and a tiny one (a label of two empty strings is 4
+/// bytes) takes 35 times its bytes as a map entry: a request of millions, within the size
+/// limit, took 0.8 GB and seconds of the API threads before a handler could refuse it.
+pub const MAX_REPEATS: usize = 4096;
+
+/// The first field number that `message`'s top level holds more than [`MAX_REPEATS`] times,
+/// if any, found by walking its wire format without decoding anything. The walk stops where
+/// the bytes are malformed: the decoder, reading in the same order, fails there too (having
+/// kept no more than the walk counted), and says what is wrong.
+fn over_repeated(message: &[u8]) -> Option<u64> {
+    fn varint(bytes: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = bytes.split_first()?;
+            *bytes = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    fn skip(bytes: &mut &[u8], count: u64) -> Option<()> {
+        let count = usize::try_from(count).ok().filter(|&c| c <= bytes.len())?;
+        *bytes = &bytes[count..];
+        Some(())
+    }
+    // Field numbers of this API's messages are small; a higher one is unknown, and skipped
+    // by the decoder without keeping it.
+    let mut counts = [0usize; 64];
+    let mut bytes = message;
+    // Inside a group (a proto2 relic, which the decoder skips as an unknown field): its
+    // fields are not the message's.
+    let mut groups = 0u32;
+    while !bytes.is_empty() {
+        let key = varint(&mut bytes)?;
+        match key & 7 {
+            0 => {
+                varint(&mut bytes)?;
+            }
+            1 => skip(&mut bytes, 8)?,
+            2 => {
+                let length = varint(&mut bytes)?;
+                skip(&mut bytes, length)?;
+            }
+            5 => skip(&mut bytes, 4)?,
+            3 => {
+                groups += 1;
+                continue;
+            }
+            4 => {
+                groups = groups.checked_sub(1)?;
+                continue;
+            }
+            _ => return None,
+        }
+        let field = key >> 3;
+        if groups > 0 {
+            continue;
+        }
+        if let Some(count) = counts.get_mut(field as usize) {
+            *count += 1;
+            if *count > MAX_REPEATS {
+                return Some(field);
+            }
+        }
+    }
+    None
 }
 
 /// Wraps the gRPC service so that tonic's refusals of a request's message are answered as the
@@ -313,7 +396,43 @@ pub fn spec_encoded_grpc_message(value: &http::HeaderValue) -> Option<http::Head
 mod tests {
     use std::time::Duration;
 
-    use super::{grpc_timeout, spec_encoded_grpc_message};
+    use prost::Message as _;
+
+    use super::{MAX_REPEATS, grpc_timeout, over_repeated, spec_encoded_grpc_message};
+    use crate::proto;
+
+    fn deploy_with_labels(count: usize) -> Vec<u8> {
+        proto::DeployRequest {
+            service_id: "svc".into(),
+            labels: (0..count).map(|i| (format!("k{i}"), String::new())).collect(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn a_message_is_refused_once_one_field_repeats_past_the_limit() {
+        assert_eq!(over_repeated(&deploy_with_labels(MAX_REPEATS)), None);
+        // labels is DeployRequest's field 5.
+        assert_eq!(over_repeated(&deploy_with_labels(MAX_REPEATS + 1)), Some(5));
+        // A group before them (which the decoder skips) hides nothing.
+        let mut grouped = vec![(9 << 3) | 3, (1 << 3), 1, (9 << 3) | 4];
+        grouped.extend(deploy_with_labels(MAX_REPEATS + 1));
+        assert_eq!(over_repeated(&grouped), Some(5));
+        // Fields inside a group are the group's, however many.
+        let mut inside = vec![(9 << 3) | 3];
+        inside.extend(deploy_with_labels(MAX_REPEATS + 1));
+        inside.push((9 << 3) | 4);
+        assert_eq!(over_repeated(&inside), None);
+        // Malformed bytes are the decoder's to name.
+        assert_eq!(over_repeated(&[0x0a, 0x7f]), None);
+        // A large bytes field is one entry, however large.
+        let module = proto::DeployRequest {
+            module: Some(proto::deploy_request::Module::Wasm(vec![0; 1 << 20])),
+            ..Default::default()
+        };
+        assert_eq!(over_repeated(&module.encode_to_vec()), None);
+    }
 
     #[test]
     fn grpc_messages_are_encoded_as_the_spec_encodes_them() {

@@ -769,11 +769,15 @@ pub fn validate_service_id(id: &str) -> Result<()> {
     }
 }
 
-/// Labels: at most 64; keys `[A-Za-z0-9][A-Za-z0-9_./-]{0,62}`, values up to 256 bytes.
+/// The most labels a service may carry.
+pub const MAX_LABELS: usize = 64;
+
+/// Labels: at most [`MAX_LABELS`]; keys `[A-Za-z0-9][A-Za-z0-9_./-]{0,62}`, values up to 256
+/// bytes.
 pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
-    if labels.len() > 64 {
+    if labels.len() > MAX_LABELS {
         return Err(Error::InvalidArgument(format!(
-            "{} labels given; at most 64 are allowed",
+            "{} labels given; at most {MAX_LABELS} are allowed",
             labels.len()
         )));
     }

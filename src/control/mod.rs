@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 pub use command::{
-    DeployCommand, DeployOutcome, KillCommand, KillOutcome, Module, NODE_ACTOR, Observation, RemoveCommand,
+    DeployCommand, DeployOutcome, KillCommand, KillOutcome, MAX_LABELS, Module, NODE_ACTOR, Observation, RemoveCommand,
     RemoveOutcome, validate_idempotency_key, validate_labels, validate_service_id, validate_tenant,
 };
 pub use error::{Error, Result};

@@ -188,6 +188,8 @@ struct DeployBody {
 }
 
 /// A labels object in which each key appears once: which copy would win is anyone's guess.
+/// One with more labels than a service may carry is refused at the first too many, before
+/// the rest of it is read: a body of millions took seconds to build as a map.
 fn labels_once<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error> {
     struct Labels;
     impl<'de> serde::de::Visitor<'de> for Labels {
@@ -206,6 +208,13 @@ fn labels_once<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTre
                     )));
                 }
                 labels.insert(key, value);
+                if labels.len() > crate::control::MAX_LABELS {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {} labels given; at most {} are allowed",
+                        crate::control::MAX_LABELS,
+                        crate::control::MAX_LABELS
+                    )));
+                }
             }
             Ok(labels)
         }
