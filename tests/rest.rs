@@ -940,6 +940,7 @@ async fn get_services_filters_pages_and_refuses_bad_queries() {
         ),
         (Some(3), Some(100), Some(0))
     );
+    assert_eq!(all.json["next_offset"], Value::Null, "the last page");
     // The node is quiet: the listing is as of the last event, s3's stop.
     let stopped = node.wait_event("a", seq, "s3", "service_stopped").await;
     assert_eq!(all.json["head_seq"].as_u64(), Some(stopped.id));
@@ -956,6 +957,7 @@ async fn get_services_filters_pages_and_refuses_bad_queries() {
     );
     let page = node.get("/services?limit=1&offset=1", "a").await;
     assert_eq!(ids(&page), ["s2"]);
+    assert_eq!(page.json["next_offset"].as_u64(), Some(2));
     assert_eq!(
         (
             page.json["total"].as_u64(),
@@ -994,6 +996,36 @@ async fn get_services_filters_pages_and_refuses_bad_queries() {
     node.get("/services?label=team", "a")
         .await
         .error(400, "invalid_argument");
+    node.stop().await;
+}
+
+/// Services whose labels are control characters take six times their bytes as JSON: a page
+/// of them ends before 3 MiB, as a gRPC page does, and names where the next one starts, so
+/// that paging by `next_offset` sees every service once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_services_ends_before_3_mib_and_names_the_next() {
+    let node = dev_node().await;
+    let labels: serde_json::Map<String, Value> =
+        (0..64).map(|i| (format!("k{i}"), json!("\u{1}".repeat(256)))).collect();
+    let wasm = base64::engine::general_purpose::STANDARD.encode(wasm_bytes("echo"));
+    for i in 0..40 {
+        let body = json!({ "service_id": format!("s{i:02}"), "wasm_base64": wasm, "labels": labels });
+        node.post_json("/services", "a", &body).await.ok(201);
+    }
+    let (mut seen, mut pages) = (Vec::new(), 0);
+    let mut offset = Some(0);
+    while let Some(at) = offset {
+        pages += 1;
+        let page = node.get(&format!("/services?limit=1000&offset={at}"), "a").await;
+        assert!(page.bytes.len() <= 3 << 20, "a page of {} bytes", page.bytes.len());
+        let services = page.ok(200)["services"].as_array().unwrap().clone();
+        assert!(!services.is_empty());
+        seen.extend(services.iter().map(|s| s["service_id"].as_str().unwrap().to_string()));
+        offset = page.json["next_offset"].as_u64();
+    }
+    let expected: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
+    assert_eq!(seen, expected);
+    assert!(pages >= 2, "40 services of 100 KB of JSON each fit one page");
     node.stop().await;
 }
 

@@ -27,12 +27,6 @@ pub struct GrpcApi {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// The most a List page's services may take on the wire. Official gRPC clients refuse an answer
-/// over 4 MiB unless told otherwise, and services with many long labels pass that well within
-/// the largest page size: a page ends short of this, as Kubernetes may answer fewer items than
-/// its `limit`, and its token resumes after the last service sent.
-const MAX_PAGE_BYTES: usize = 3 << 20;
-
 /// The methods of `SoloKernel`, as `solo_grpc_requests_total` names them.
 const METHODS: [&str; 10] = [
     "Deploy", "Status", "List", "Kill", "Remove", "Call", "Logs", "Watch", "Shutdown", "Backup",
@@ -197,7 +191,7 @@ impl SoloKernel for GrpcApi {
                 .services
                 .iter()
                 .filter(|s| after.as_ref().is_none_or(|(t, id)| (&s.tenant, &s.id) > (t, id)));
-            let (services, last_sent) = fill_page(unsent, page_size, MAX_PAGE_BYTES, |s| {
+            let (services, last_sent) = fill_page(unsent, page_size, ops::MAX_PAGE_BYTES, |s| {
                 ops::service_status(&self.state, s)
             });
             let next_page_token = match last_sent {

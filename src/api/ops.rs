@@ -503,6 +503,14 @@ async fn paced(state: &ApiState, principal: &Principal, line: &LogLine) -> bool 
     }
 }
 
+/// The most a List page's services may take on the wire, in either API. Official gRPC clients
+/// refuse an answer over 4 MiB unless told otherwise, and services with many long labels pass
+/// that well within the largest page size (over REST, a label of control characters takes six
+/// times its bytes as JSON: pages of 100 MB, each built whole in memory). A page ends short of
+/// this, as Kubernetes may answer fewer items than its `limit`, and the next one starts after
+/// the last service sent.
+pub const MAX_PAGE_BYTES: usize = 3 << 20;
+
 /// Resolves a page size: 0 is the default (100), more than 1000 is refused.
 pub fn page_size(requested: u64) -> Result<usize, Error> {
     match requested {

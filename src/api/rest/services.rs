@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::admit;
@@ -421,27 +422,46 @@ pub(super) async fn list(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     certificate: Certificate,
-) -> Result<Json<Value>, Error> {
+) -> Result<Json<ServicePage>, Error> {
     let params = Params::parse(query, &["tenant", "status", "label", "limit", "offset"])?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
     let filter = ListFilter::new(params.get("status").unwrap_or(""), params.labels()?)?;
     let limit = ops::page_size(params.number("limit")?.unwrap_or(0))?;
     let offset: usize = params.number("offset")?.unwrap_or(0);
     let listing = ops::list(&state, &caller, &filter);
-    let page: Vec<Value> = listing
-        .services
-        .iter()
-        .skip(offset)
-        .take(limit)
-        .map(|s| service_json(&ops::service_status(&state, s)))
-        .collect();
-    Ok(Json(json!({
-        "services": page,
-        "total": listing.services.len(),
-        "limit": limit,
-        "offset": offset,
-        "head_seq": listing.seq,
-    })))
+    // Each service is encoded once, as it is measured against the page's bytes.
+    let mut services = Vec::new();
+    let mut bytes = 0;
+    for service in listing.services.iter().skip(offset).take(limit) {
+        let text = service_json(&ops::service_status(&state, service)).to_string();
+        if !services.is_empty() && bytes + text.len() > ops::MAX_PAGE_BYTES {
+            break;
+        }
+        bytes += text.len() + 1;
+        services.push(RawValue::from_string(text).map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?);
+    }
+    let next = offset.saturating_add(services.len());
+    Ok(Json(ServicePage {
+        total: listing.services.len(),
+        limit,
+        offset,
+        next_offset: (next < listing.services.len()).then_some(next),
+        head_seq: listing.seq,
+        services,
+    }))
+}
+
+/// A page of `GET /services`.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct ServicePage {
+    services: Vec<Box<RawValue>>,
+    total: usize,
+    limit: usize,
+    offset: usize,
+    /// Where the next page starts, if any services are past this one: a page may hold fewer
+    /// than `limit` ([`ops::MAX_PAGE_BYTES`]).
+    next_offset: Option<usize>,
+    head_seq: u64,
 }
 
 pub(super) async fn status(
