@@ -344,16 +344,19 @@ async fn serve(
         0 => None,
         ms => Some(Duration::from_millis(ms.into())),
     };
-    let keepalive = Keepalive {
-        interval: Duration::from_millis(config.solo.grpc_keepalive_interval_ms),
-        timeout: Duration::from_millis(config.solo.grpc_keepalive_timeout_ms.into()),
+    let grpc_options = GrpcOptions {
+        keepalive: Keepalive {
+            interval: Duration::from_millis(config.solo.grpc_keepalive_interval_ms),
+            timeout: Duration::from_millis(config.solo.grpc_keepalive_timeout_ms.into()),
+        },
+        accept_compressed: config.solo.grpc_accept_compressed,
     };
     let grpc = tokio::spawn(serve_grpc(
         listeners.grpc,
         Arc::clone(&state),
         tls.clone(),
         connection_limits(HTTP2_OPENING, Closer::Stream { idle_after: grpc_idle }),
-        keepalive,
+        grpc_options,
         Http2Limits::of(&config.solo),
         drained.clone(),
     ));
@@ -474,28 +477,42 @@ struct Keepalive {
     timeout: Duration,
 }
 
+/// How the gRPC listener treats its connections and requests, besides their limits.
+struct GrpcOptions {
+    keepalive: Keepalive,
+    /// Whether requests may come compressed (`[solo] grpc_accept_compressed`).
+    accept_compressed: bool,
+}
+
 async fn serve_grpc(
     listener: TcpListener,
     state: Arc<ApiState>,
     tls: Option<TlsSetup>,
     limits: ConnectionLimits,
-    keepalive: Keepalive,
+    options: GrpcOptions,
     http2: Http2Limits,
     drained: CancellationToken,
 ) -> anyhow::Result<()> {
+    let GrpcOptions {
+        keepalive,
+        accept_compressed,
+    } = options;
     // Only requests are bounded here; answers are bounded by what makes them (a service's
     // `max_response_bytes`, a page's size), not by what a request may be.
     let max_message = state.options.max_body_bytes;
-    // Compressed requests are taken, as clients set to compress a whole channel send every
-    // call so; answers go uncompressed, most being too small to gain from it.
-    let kernel = SoloKernelServer::new(GrpcApi::new(Arc::clone(&state)))
-        .max_decoding_message_size(max_message)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate);
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let health_service = health_service
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate);
+    // Compressed requests are taken only if the operator says so (`grpc_accept_compressed`):
+    // clients set to compress a whole channel send every call so, but a tenant's small request
+    // may inflate to megabytes. Answers go uncompressed, most being too small to gain from it.
+    let compressed: &[CompressionEncoding] = match accept_compressed {
+        true => &[CompressionEncoding::Gzip, CompressionEncoding::Deflate],
+        false => &[],
+    };
+    let mut kernel = SoloKernelServer::new(GrpcApi::new(Arc::clone(&state))).max_decoding_message_size(max_message);
+    let (health, mut health_service) = tonic_health::server::health_reporter();
+    for &encoding in compressed {
+        kernel = kernel.accept_compressed(encoding);
+        health_service = health_service.accept_compressed(encoding);
+    }
     health.set_serving::<SoloKernelServer<GrpcApi>>().await;
     let health_follower = tokio::spawn(follow_log_health(health.clone(), Arc::downgrade(&state)));
     // Both versions of reflection, as clients speak one or the other (grpcurl v1, many
@@ -505,12 +522,12 @@ async fn serve_grpc(
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = (reflection().build_v1().context("gRPC reflection")?)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate);
-    let reflection_v1alpha = (reflection().build_v1alpha().context("gRPC reflection")?)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate);
+    let mut reflection_v1 = reflection().build_v1().context("gRPC reflection")?;
+    let mut reflection_v1alpha = reflection().build_v1alpha().context("gRPC reflection")?;
+    for &encoding in compressed {
+        reflection_v1 = reflection_v1.accept_compressed(encoding);
+        reflection_v1alpha = reflection_v1alpha.accept_compressed(encoding);
+    }
     // A client that vanished without closing (a laptop put to sleep) is found by its missed
     // ping, and its connection is given back.
     let builder = tonic::transport::Server::builder()

@@ -1887,12 +1887,30 @@ async fn a_watch_ends_at_its_deadline() {
 }
 
 /// Clients set to compress their requests (a whole channel, as grpcio and grpc-js allow) are
-/// served, gzip or deflate; one whose message inflates past the limit is refused as over it.
+/// served, gzip or deflate, where the operator takes them; one whose message inflates past the
+/// limit is refused as over it. By default they are refused: a tenant's few KiB could make the
+/// node inflate megabytes on the threads that serve every tenant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compressed_requests_are_served_within_the_size_limit() {
+async fn compressed_requests_are_served_within_the_size_limit_where_taken() {
     use tonic::codec::CompressionEncoding;
     let dir = tempdir();
-    let server = start_server(dir.path(), |config| config.solo.max_request_bytes = 1 << 20).await;
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = proto::solo_kernel_client::SoloKernelClient::new(grpc_channel(&server).await)
+        .send_compressed(CompressionEncoding::Gzip);
+    let refused = client
+        .deploy(as_tenant("acme", grpc_deploy("zipped", "echo")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    assert!(refused.message().contains("gzip"), "{refused:?}");
+    server.stop().await.unwrap();
+
+    let dir = tempdir();
+    let server = start_server(dir.path(), |config| {
+        config.solo.max_request_bytes = 1 << 20;
+        config.solo.grpc_accept_compressed = true;
+    })
+    .await;
     let channel = grpc_channel(&server).await;
     for (encoding, id) in [
         (CompressionEncoding::Gzip, "zipped"),
@@ -1944,7 +1962,7 @@ async fn a_request_that_is_not_protobuf_is_invalid_argument() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
     let dir = tempdir();
-    let server = start_server(dir.path(), |_| {}).await;
+    let server = start_server(dir.path(), |c| c.solo.grpc_accept_compressed = true).await;
     let http = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
     // A gRPC request by hand to `path` (`package.Service/Method`).
     let post = |path: &str| {
