@@ -769,6 +769,10 @@ fn validate_limits(path: &str, limits: &TenantLimits, max_request_bytes: u64) ->
     for (key, value) in [
         ("max_in_flight_requests", limits.max_in_flight_requests),
         ("max_watchers", limits.max_watchers),
+        (
+            "max_history_read_bytes_per_second",
+            u32::try_from(limits.max_history_read_bytes_per_second).unwrap_or(u32::MAX),
+        ),
         ("max_deploys_per_minute", limits.max_deploys_per_minute),
         ("restart_window_ms", limits.restart_window_ms),
     ] {
@@ -975,6 +979,10 @@ mod tests {
                 "limits.max_in_flight_requests",
             ),
             ("[limits]\nmax_watchers = 0\n", "limits.max_watchers"),
+            (
+                "[limits]\nmax_history_read_bytes_per_second = 0\n",
+                "limits.max_history_read_bytes_per_second",
+            ),
             (
                 "[tenants.acme.limits]\nmax_watchers = 0\n",
                 "tenants.acme.limits.max_watchers",

@@ -52,8 +52,11 @@ pub struct TenantLimits {
     /// one's free 64 KiB); its share of the node's `[solo] max_in_flight_body_bytes`.
     pub max_in_flight_body_bytes: u64,
     /// Bytes of log lines that the tenant's log reads and followers are sent per second, all
-    /// together (see [`crate::api::log_pace`]).
+    /// together (see [`crate::api::pace`]).
     pub max_log_read_bytes_per_second: u64,
+    /// Bytes of history (events as the log stores them) that the tenant's Watch and SSE
+    /// streams replay per second, all together; what they follow live is not paced.
+    pub max_history_read_bytes_per_second: u64,
 }
 
 impl Default for TenantLimits {
@@ -78,6 +81,7 @@ impl Default for TenantLimits {
             max_watchers: 100,
             max_in_flight_body_bytes: 256 * MIB,
             max_log_read_bytes_per_second: 4 * MIB,
+            max_history_read_bytes_per_second: 8 * MIB,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Counter, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -44,9 +44,10 @@ pub struct Metrics {
     pub instance_restarts: IntCounter,
     /// Open Watch and SSE streams, by protocol (grpc, sse).
     pub watchers: IntGaugeVec,
-    /// Seconds that log reads and followers waited for their tenant's
-    /// `max_log_read_bytes_per_second`.
-    pub log_read_wait: Counter,
+    /// Seconds that reads waited for their tenant's rate, by what they read: `logs` (service
+    /// log lines, `max_log_read_bytes_per_second`) or `history` (Watch and SSE replays,
+    /// `max_history_read_bytes_per_second`).
+    pub read_wait: CounterVec,
     /// Requests refused by load shedding, by scope (tenant, node, watchers, and body_bytes for
     /// bodies in flight).
     pub shed: IntCounterVec,
@@ -133,14 +134,17 @@ impl Metrics {
         )
         .expect("a valid metric");
         registry.register(Box::new(watchers.clone())).expect("registered once");
-        let log_read_wait = Counter::new(
-            "solo_log_read_wait_seconds_total",
-            "Seconds that log reads and followers waited for their tenant's max_log_read_bytes_per_second.",
+        let read_wait = CounterVec::new(
+            Opts::new(
+                "solo_read_wait_seconds_total",
+                "Seconds that reads waited for their tenant's rate: service log lines (reads=logs, \
+                 max_log_read_bytes_per_second) or Watch and SSE history (reads=history, \
+                 max_history_read_bytes_per_second).",
+            ),
+            &["reads"],
         )
         .expect("a valid metric");
-        registry
-            .register(Box::new(log_read_wait.clone()))
-            .expect("registered once");
+        registry.register(Box::new(read_wait.clone())).expect("registered once");
         let shed = counter_vec(
             "solo_shed_total",
             "Requests refused by load shedding, by scope.",
@@ -177,7 +181,7 @@ impl Metrics {
             call_duration,
             instance_restarts,
             watchers,
-            log_read_wait,
+            read_wait,
             shed,
             http_requests,
             grpc_requests,
@@ -191,6 +195,9 @@ impl Metrics {
         }
         for protocol in ["grpc", "sse"] {
             metrics.watchers.with_label_values(&[protocol]);
+        }
+        for reads in ["logs", "history"] {
+            metrics.read_wait.with_label_values(&[reads]);
         }
         for scope in ["tenant", "node", "watchers", "body_bytes"] {
             metrics.shed.with_label_values(&[scope]);

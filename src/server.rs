@@ -19,7 +19,7 @@ use tonic::codec::CompressionEncoding;
 use crate::api::bodies::{BodyBudget, MeterBodies};
 use crate::api::codec::{RequestRefusals, spec_encoded_grpc_message};
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
-use crate::api::log_pace::LogPace;
+use crate::api::pace::ReadPace;
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
 use crate::connections::{
@@ -312,7 +312,16 @@ async fn serve(
             Arc::clone(&limits),
             metrics.shed.with_label_values(&["body_bytes"]),
         ),
-        log_pace: LogPace::new(Arc::clone(&limits), metrics.log_read_wait.clone()),
+        log_pace: ReadPace::new(
+            Arc::clone(&limits),
+            |limits| limits.max_log_read_bytes_per_second,
+            metrics.read_wait.with_label_values(&["logs"]),
+        ),
+        history_pace: Arc::new(ReadPace::new(
+            Arc::clone(&limits),
+            |limits| limits.max_history_read_bytes_per_second,
+            metrics.read_wait.with_label_values(&["history"]),
+        )),
         metrics,
         options: api_options(&config),
         stopping: CancellationToken::new(),

@@ -3319,7 +3319,7 @@ async fn log_reads_go_out_at_each_tenants_own_rate() {
                 .expect("a call");
         }
     }
-    let waited = "solo_log_read_wait_seconds_total";
+    let waited = "solo_read_wait_seconds_total{reads=\"logs\"}";
 
     assert_eq!(read_log(&mut client, &Auth::dev("quick"), "chatty").await, written);
     assert_eq!(
@@ -3405,5 +3405,82 @@ async fn requests_of_many_labels_are_refused_before_they_are_built() {
         (201, Some(1)),
         "{deployed:?}"
     );
+    stop(server).await;
+}
+
+/// What a tenant's Watch and SSE streams replay of the history goes out at its own
+/// `max_history_read_bytes_per_second`, whole and in order; another tenant's replay pays
+/// nothing of it, and live events are not held back by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_replays_go_out_at_each_tenants_own_rate() {
+    use prost::Message as _;
+    let dir = tempdir();
+    let rate: u64 = 700;
+    let server = start_server(dir.path(), |c| {
+        c.tenants.insert(
+            "slow".into(),
+            tenant_with_limits(&[("max_history_read_bytes_per_second", rate as i64)]),
+        );
+    })
+    .await;
+    let (http, base) = (http_client(), server.http_url());
+    let mut client = grpc_client(&server).await;
+    for tenant in ["slow", "quick"] {
+        let auth = Auth::dev(tenant);
+        for i in 0..8 {
+            let deployed = client
+                .deploy(auth.grpc(grpc_deploy(&format!("s{i}"), "echo")))
+                .await
+                .unwrap();
+            wait_started(
+                &mut client,
+                &auth,
+                deployed.get_ref().seq,
+                &[(tenant, &format!("s{i}"))],
+            )
+            .await;
+        }
+    }
+    let waited = "solo_read_wait_seconds_total{reads=\"history\"}";
+    let last_started =
+        |events: &[proto::Event], tenant: &str| events.last().is_some_and(|e| is(e, tenant, "s7", "service_started"));
+
+    // (The waits for each start above replayed slow's history too.)
+    let before = metric(&http, &base, waited).await;
+    let mut quick = open_watch(&mut client, &Auth::dev("quick"), 1, "").await;
+    let replayed = watch_until(&mut quick, |e| is(e, "quick", "s7", "service_started")).await;
+    assert!(last_started(&replayed, "quick") && replayed.len() >= 16, "{replayed:?}");
+    assert_eq!(
+        metric(&http, &base, waited).await,
+        before,
+        "quick's rate is the node's 8 MiB"
+    );
+    // Time enough for slow's bucket to refill, whatever the waits above left owing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let started = std::time::Instant::now();
+    let mut slow = open_watch(&mut client, &Auth::dev("slow"), 1, "").await;
+    let replayed = watch_until(&mut slow, |e| is(e, "slow", "s7", "service_started")).await;
+    let took = started.elapsed();
+    let seqs: Vec<u64> = replayed.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]) && replayed.iter().all(|e| e.tenant == "slow"));
+    // A second's worth at once, the rest at the rate.
+    let cost: u64 = replayed.iter().map(|e| e.encoded_len() as u64 + 64).sum();
+    let least = Duration::from_secs_f64(cost.saturating_sub(rate) as f64 / rate as f64);
+    assert!(cost > 2 * rate, "a history of {cost} bytes is too short to tell");
+    assert!(
+        took >= least,
+        "{cost} bytes of history at {rate} a second took {took:?}"
+    );
+    assert!(metric(&http, &base, waited).await > before);
+
+    // Live, an event comes as it is committed: the deploy's answer names its seq, and the
+    // stream, caught up, carries it without waiting out the rate.
+    let before = metric(&http, &base, waited).await;
+    let auth = Auth::dev("slow");
+    client.deploy(auth.grpc(grpc_deploy("live", "echo"))).await.unwrap();
+    watch_until(&mut slow, |e| is(e, "slow", "live", "service_deployed")).await;
+    assert_eq!(metric(&http, &base, waited).await, before, "live events are not paced");
+    drop((quick, slow));
     stop(server).await;
 }

@@ -325,14 +325,7 @@ impl SoloKernel for GrpcApi {
                 0 => self.state.options.default_progress_interval,
                 ms => Duration::from_millis(ms.into()),
             };
-            let events = watch(
-                &self.state.control,
-                caller,
-                filter,
-                r.from_seq,
-                progress,
-                self.state.stopping.clone(),
-            )?;
+            let events = watch(&self.state, caller, filter, r.from_seq, progress)?;
             let gauge = GaugeGuard::new(self.state.metrics.watchers.with_label_values(&["grpc"]));
             let stream: Self::WatchStream = Box::pin(events.map(move |item| {
                 let _held = (&permit, &gauge);

@@ -11,8 +11,8 @@ pub mod codec;
 mod convert;
 mod error;
 pub mod grpc;
-pub mod log_pace;
 mod ops;
+pub mod pace;
 pub mod rest;
 pub mod watch;
 
@@ -63,8 +63,10 @@ pub struct ApiState {
     pub shed: Shedder,
     /// Bytes of request bodies in flight, over both APIs.
     pub bodies: Arc<bodies::BodyBudget>,
-    /// Bytes of log lines sent per second, per principal.
-    pub log_pace: log_pace::LogPace,
+    /// Bytes of service log lines sent per second, per principal.
+    pub log_pace: pace::ReadPace,
+    /// Bytes of history that Watch and SSE streams replay per second, per principal.
+    pub history_pace: Arc<pace::ReadPace>,
     pub metrics: Arc<Metrics>,
     pub options: ApiOptions,
     /// Cancelled when the node begins to shut down: streams end, new work is refused.

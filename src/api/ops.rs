@@ -414,7 +414,7 @@ pub enum LogStart {
 /// A service's log lines from `start` on; with `follow`, then new lines until the node
 /// stops. Lines that a slow follower let the ring overwrite are skipped, never repeated.
 /// Also the id of the log they are from. Lines go out at the caller's pace
-/// ([`super::log_pace`]); the stream ends with [`Error::shutting_down`] if the node stops
+/// ([`super::pace`]); the stream ends with [`Error::shutting_down`] if the node stops
 /// while it waits.
 pub fn logs(
     state: &Arc<ApiState>,

@@ -5,14 +5,14 @@
 //! watcher still learns how far the log has moved. It ends when the node shuts down.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
+use prost::Message as _;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::{Caller, Error, ErrorKind};
-use crate::control::Control;
+use super::{ApiState, Caller, Error, ErrorKind};
 use crate::event::{EventKind, SharedEvent};
 use crate::proto::Event;
 
@@ -24,6 +24,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// history: it ends at once, as etcd cancels its watches, and resumes from its last seq with
 /// the next start, rather than holding the shutdown for as long as its backlog takes.
 const DRAIN_MAX_EVENTS: u64 = 4096;
+
+/// What an event replayed costs of its caller's history rate besides its bytes, as a log line
+/// does: many small events are work too.
+const EVENT_COST: u64 = 64;
 
 /// The shortest progress interval a client may ask for.
 pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -81,14 +85,20 @@ pub enum WatchItem {
 /// reached: every seq this node acknowledged is at most its head, so such a resume point comes
 /// from another node or from before this node's data was restored, and waiting for it would
 /// silently skip the events in between.
+///
+/// What it replays of the history (the events up to the head as it starts) goes out at the
+/// caller's `max_history_read_bytes_per_second` ([`super::pace`]), in the bytes the log stores;
+/// what it follows live is not paced.
 pub fn watch(
-    control: &Control,
+    state: &ApiState,
     caller: Caller,
     filter: WatchFilter,
     from_seq: u64,
     progress_interval: Duration,
-    shutdown: CancellationToken,
 ) -> Result<impl Stream<Item = Result<WatchItem, Error>> + Send + 'static, Error> {
+    let control = &state.control;
+    let shutdown = state.stopping.clone();
+    let pace = Arc::clone(&state.history_pace);
     // The writer publishes the state a moment before tailers see its batch, so a List may
     // name a seq just past the log's head; that seq was committed too.
     let head = control.head().max(control.applied_seq());
@@ -145,6 +155,20 @@ pub fn watch(
                     Some(Ok(event)) => {
                         examined = event.seq;
                         if caller.sees(&event) && filter.matches(&event) {
+                            if event.seq <= head {
+                                let wait = pace.charge(&caller.principal, event.encoded_len() as u64 + EVENT_COST);
+                                if !wait.is_zero() {
+                                    // Far behind the head, as etcd cancels a lagging watch at
+                                    // its shutdown: it resumes with the next start.
+                                    tokio::select! {
+                                        () = &mut stopping => {
+                                            yield Err(Error::shutting_down());
+                                            return;
+                                        }
+                                        () = tokio::time::sleep(wait) => {}
+                                    }
+                                }
+                            }
                             quiet_until = Instant::now() + interval;
                             yield Ok(WatchItem::Event(event));
                         } else if Instant::now() >= quiet_until {

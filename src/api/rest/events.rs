@@ -43,15 +43,7 @@ pub(super) async fn events(
     let gauge = GaugeGuard::new(state.metrics.watchers.with_label_values(&["sse"]));
     let progress = state.options.sse_keepalive;
     let resumed = last_event_id(&headers)?.is_some();
-    let items = watch(
-        &state.control,
-        caller,
-        filter,
-        from_seq,
-        progress,
-        state.stopping.clone(),
-    )
-    .map_err(|e| match e.kind() {
+    let items = watch(&state, caller, filter, from_seq, progress).map_err(|e| match e.kind() {
         // The seq refused is the one after it: name what the client sent too.
         ErrorKind::InvalidArgument if resumed => {
             Error::invalid(format!("Last-Event-ID {}: {}", from_seq - 1, e.message()))

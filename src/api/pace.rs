@@ -1,17 +1,19 @@
-//! Pacing of log reads: the log lines sent to each principal, by all of its reads and
-//! followers over both APIs together, go out at no more than its
-//! `[limits] max_log_read_bytes_per_second`.
+//! Pacing of reads that replay what is kept: each principal's service log lines (all its log
+//! reads and followers over both APIs together) go out at no more than its
+//! `[limits] max_log_read_bytes_per_second`, and the history its Watch and SSE streams replay
+//! at no more than `max_history_read_bytes_per_second`.
 //!
 //! A service writes its log at a bounded rate, but each read and each new follower is sent the
 //! whole ring again (up to 1,000 lines of 4 KiB), encoded on the threads that serve every
-//! tenant's requests. Unpaced, one tenant's hundred followers, reconnecting, kept those threads
+//! tenant's requests; a stream from seq 1 is sent the tenant's whole history, as large as its
+//! labels make it. Unpaced, one tenant's hundred followers, reconnecting, kept those threads
 //! busy and delayed other tenants' calls by seconds. Paced, a tenant's reads cost at most its
 //! rate's worth of that work a second, however many it opens; a read past the rate waits, as
 //! one from a slow client would. A follower held back long enough misses what the ring
-//! overwrites meanwhile, as a slow reader does anyway.
+//! overwrites meanwhile, as a slow reader does anyway; a history replay misses nothing.
 //!
-//! The rate is a token bucket per principal that holds one second's worth: a read within it
-//! goes out at once. A line is charged before it is sent, and a reader that finds the bucket
+//! Each rate is a token bucket per principal that holds one second's worth: a read within it
+//! goes out at once. An item is charged before it is sent, and a reader that finds the bucket
 //! short waits for what it owes, so the tenant's readers queue in the order they asked.
 
 use std::collections::HashMap;
@@ -19,18 +21,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Principal;
-use crate::limits::LimitsTable;
+use crate::limits::{LimitsTable, TenantLimits};
 
 /// Principals' buckets kept before the full ones (those not read from for a second) are
 /// dropped: a full bucket is what a new one is.
 const BUCKETS_KEPT: usize = 1024;
 
+/// One kind of read's rates, per principal.
 #[derive(Debug)]
-pub struct LogPace {
+pub struct ReadPace {
     limits: Arc<LimitsTable>,
+    /// The rate of a principal's limits that this pace keeps.
+    rate_of: fn(&TenantLimits) -> u64,
     /// Why a std lock: a few arithmetic steps per line, never held across an `.await`.
     buckets: Mutex<HashMap<String, Bucket>>,
-    /// Seconds that log reads were held back, all principals together.
+    /// Seconds that reads were held back, all principals together.
     waited: prometheus::Counter,
 }
 
@@ -64,17 +69,18 @@ fn to_i64(bytes: u64) -> i64 {
     i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
-impl LogPace {
-    pub fn new(limits: Arc<LimitsTable>, waited: prometheus::Counter) -> LogPace {
-        LogPace {
+impl ReadPace {
+    pub fn new(limits: Arc<LimitsTable>, rate_of: fn(&TenantLimits) -> u64, waited: prometheus::Counter) -> ReadPace {
+        ReadPace {
             limits,
+            rate_of,
             buckets: Mutex::new(HashMap::new()),
             waited,
         }
     }
 
-    /// Charges `bytes` of log lines to `principal`'s rate, and says how long to wait before
-    /// they go out (zero: at once).
+    /// Charges `bytes` to `principal`'s rate, and says how long to wait before they go out
+    /// (zero: at once).
     pub fn charge(&self, principal: &Principal, bytes: u64) -> Duration {
         self.charge_at(principal, bytes, Instant::now())
     }
@@ -82,11 +88,11 @@ impl LogPace {
     fn charge_at(&self, principal: &Principal, bytes: u64, now: Instant) -> Duration {
         let (key, limits) = self.limits.for_principal(principal);
         // At least a byte a second: configuration refuses less, and 0 would divide by zero.
-        let rate = limits.max_log_read_bytes_per_second.max(1);
+        let rate = (self.rate_of)(limits).max(1);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if !buckets.contains_key(key) && buckets.len() >= BUCKETS_KEPT {
             buckets.retain(|key, bucket| {
-                let rate = self.limits.for_tenant(key).max_log_read_bytes_per_second;
+                let rate = (self.rate_of)(self.limits.for_tenant(key));
                 bucket.refill(rate, now);
                 bucket.allowance < to_i64(rate)
             });
@@ -110,9 +116,8 @@ impl LogPace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::TenantLimits;
 
-    fn pace(rate: u64, tenants: &[(&str, u64)]) -> LogPace {
+    fn pace(rate: u64, tenants: &[(&str, u64)]) -> ReadPace {
         let limits = |rate| TenantLimits {
             max_log_read_bytes_per_second: rate,
             ..TenantLimits::default()
@@ -125,7 +130,11 @@ mod tests {
                 .collect(),
             node_services: None,
         };
-        LogPace::new(Arc::new(table), prometheus::Counter::new("waited", "seconds").unwrap())
+        ReadPace::new(
+            Arc::new(table),
+            |limits| limits.max_log_read_bytes_per_second,
+            prometheus::Counter::new("waited", "seconds").unwrap(),
+        )
     }
 
     fn tenant(name: &str) -> Principal {
