@@ -744,7 +744,10 @@ impl Config {
 /// Checks `[telemetry] log_level`: a tracing filter, whose bare words are levels. tracing
 /// takes a bare word for a target to log at every level, so a typo such as "warning" would
 /// silently log nothing at all; here a target takes its level after `=`.
-fn check_log_level(filter: &str) -> Result<(), String> {
+pub(crate) fn check_log_level(filter: &str) -> Result<(), String> {
+    if filter.split(',').all(|d| d.trim().is_empty()) {
+        return Err("is empty: name a level, such as \"info\"".into());
+    }
     tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("not a tracing filter: {e}"))?;
     const LEVELS: [&str; 12] = [
         "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
@@ -955,6 +958,8 @@ mod tests {
             assert_eq!(check_log_level(good), Ok(()), "{good}");
         }
         for (bad, says) in [
+            ("", "is empty"),
+            (" , ", "is empty"),
             ("warning", "'warning' is not a level"),
             ("info,verbose", "'verbose' is not a level"),
             ("solo=loud", "not a tracing filter"),

@@ -52,6 +52,8 @@ impl VerifyReport {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "ok": self.ok(),
+            // As every failure of the log tools reads: what verify finds wrong is damage.
+            "damaged": !self.ok(),
             "summary": self.summary(),
             "records": self.records,
             "head": self.head,

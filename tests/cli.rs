@@ -2424,14 +2424,13 @@ fn damage_that_crashes_lmdb_or_loses_a_page_is_reported_as_damage() {
         for command in ["verify", "stats"] {
             let ran = run(solo().args(["log", command, "--json", "--data-dir", data]));
             assert_eq!(ran.code, 1, "{}", ran.stderr);
-            if says == "MDB_PAGE_NOTFOUND" {
-                let document = ran.json();
-                assert_eq!(
-                    (document["ok"].as_bool(), document["damaged"].as_bool()),
-                    (Some(false), Some(true))
-                );
-                assert!(document["error"].as_str().unwrap().contains(says), "{document}");
-            }
+            // A crash is reported on stdout too, as the document a program reads.
+            let document = ran.json();
+            assert_eq!(
+                (document["ok"].as_bool(), document["damaged"].as_bool()),
+                (Some(false), Some(true))
+            );
+            assert!(document["error"].as_str().unwrap().contains(says), "{document}");
         }
         assert!(!backup.join("data.mdb").exists(), "no backup of {says} is kept");
     }
@@ -2589,10 +2588,18 @@ fn serve_refuses_a_bad_rust_log_and_an_empty_data_directory_name() {
         .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]));
     assert_eq!(ran.code, 1, "{}", ran.stderr);
     assert!(
-        ran.stderr.contains("RUST_LOG='solo=loudest' is not a tracing filter"),
+        ran.stderr.contains("RUST_LOG='solo=loudest': not a tracing filter"),
         "{}",
         ran.stderr
     );
+    assert!(!data.exists());
+    // A bare word that is not a level would be taken for a target, and log nothing at all.
+    let ran = run(solo()
+        .env("RUST_LOG", "warning")
+        .args(["serve", "--data-dir", data.to_str().unwrap()])
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]));
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    assert!(ran.stderr.contains("'warning' is not a level"), "{}", ran.stderr);
     assert!(!data.exists());
     // An empty directory name is a usage error; `data_dir = ""` is refused by the config check.
     let ran = serve_expecting_refusal("");

@@ -3484,3 +3484,49 @@ async fn history_replays_go_out_at_each_tenants_own_rate() {
     drop((quick, slow));
     stop(server).await;
 }
+
+/// A one-off REST read of the log is a request like any other: one that its tenant's rate
+/// would stretch past `http_request_timeout_ms` is 408 at that time, not an answer minutes later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_read_paced_past_the_request_timeout_is_408() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |c| {
+        c.solo.http_request_timeout_ms = 1000;
+        c.tenants.insert(
+            "slow".into(),
+            tenant_with_limits(&[("max_log_read_bytes_per_second", 4160)]),
+        );
+    })
+    .await;
+    let (http, base) = (http_client(), server.http_url());
+    let mut client = grpc_client(&server).await;
+    let auth = Auth::dev("slow");
+    let mut deploy = grpc_deploy("chatty", "echo");
+    deploy.module = Some(proto::deploy_request::Module::Wat(LOG_EACH_CALL.into()));
+    let deployed = client.deploy(auth.grpc(deploy)).await.expect("a deploy");
+    wait_started(&mut client, &auth, deployed.get_ref().seq, &[("slow", "chatty")]).await;
+    // 10 lines of 1,064 bytes of the rate: past the first second's 4,160, 1.5 s more.
+    for _ in 0..10 {
+        let line = "x".repeat(1000);
+        client
+            .call(auth.grpc(call_request("chatty", line.as_bytes())))
+            .await
+            .unwrap();
+    }
+    let started = std::time::Instant::now();
+    let read = send(auth.rest(http.get(format!("{base}/services/chatty/logs")))).await;
+    assert_eq!(
+        (read.status, read.json["error"].as_str()),
+        (408, Some("deadline_exceeded")),
+        "{read:?}"
+    );
+    assert!(
+        read.json["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_log_read_bytes_per_second"),
+        "{read:?}"
+    );
+    assert!(started.elapsed() < PATIENCE);
+    stop(server).await;
+}

@@ -58,8 +58,8 @@ impl<U: prost::Message + Default> Decoder for SoloDecoder<U> {
             && let Some(field) = over_repeated(buf.chunk())
         {
             return Err(Error::invalid(format!(
-                "the request repeats field {field} more than {MAX_REPEATS} times; no request of this \
-                 API needs that many (labels: at most 64)"
+                "the request repeats its field number {field} more than {MAX_REPEATS} times; no \
+                 request of this API needs that many"
             ))
             .to_status());
         }

@@ -137,7 +137,7 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
         LogCommand::Dump { dir, .. } => (dir, false),
     };
     let path = dir.data_dir.clone().unwrap_or_else(|| config.solo.data_dir.clone());
-    report_crashes_as_damage();
+    report_crashes_as_damage(one_document);
     let error = match read_log(&config, &path, command, json) {
         Ok(code) => return Ok(code),
         Err(error) => error,
@@ -353,14 +353,28 @@ fn is_damage(error: &anyhow::Error) -> bool {
 const CRASHED: &[u8] = b"error: the data file is damaged: LMDB crashed reading it (SIGSEGV or SIGBUS on a \
 damaged page); restore it from a backup (solo log verify cannot read past this damage)\n";
 
+/// [`CRASHED`] as the JSON document of a failed `log` tool.
+const CRASHED_JSON: &[u8] = b"{\"ok\": false, \"damaged\": true, \"error\": \"the data file is damaged: LMDB crashed \
+reading it (SIGSEGV or SIGBUS on a damaged page); restore it from a backup (solo log verify cannot read past this \
+damage)\"}\n";
+
+static CRASH_AS_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Turns a crash of the `log` tools into the one line above and exit code 1 (damage), rather
 /// than a silent death by signal. Only these tools: under `serve`, wasmtime handles the same
 /// signals for its guests.
-fn report_crashes_as_damage() {
+/// With `--json`, the same as the document on stdout, where nothing else was written yet (the
+/// tools print their document once they are done).
+fn report_crashes_as_damage(as_json: bool) {
+    CRASH_AS_JSON.store(as_json, std::sync::atomic::Ordering::Relaxed);
     extern "C" fn crashed(_signal: libc::c_int) {
-        // SAFETY: write(2) and _exit(2) are async-signal-safe, and the message is static.
+        // SAFETY: write(2) and _exit(2) are async-signal-safe, the messages are static, and an
+        // atomic load is a plain load.
         #[allow(unsafe_code)]
         unsafe {
+            if CRASH_AS_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+                libc::write(1, CRASHED_JSON.as_ptr().cast(), CRASHED_JSON.len());
+            }
             libc::write(2, CRASHED.as_ptr().cast(), CRASHED.len());
             libc::_exit(1);
         }
@@ -456,16 +470,20 @@ fn print_stats(out: &mut dyn Write, stats: &inspect::Stats) -> std::io::Result<(
 }
 
 /// The node's log on stderr: coloured only on a terminal, and never with `NO_COLOR`. A
-/// `RUST_LOG` that is not a filter is refused, as a bad `[telemetry] log_level` is, rather than
-/// silently replaced by the config's.
+/// `RUST_LOG` that is not a filter, or whose bare words are not levels, is refused, as a bad
+/// `[telemetry] log_level` is, rather than silently replaced by the config's or taken for a
+/// target ("warning" would log nothing at all).
 fn init_tracing(config: &Config) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(value) if !value.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&value).map_err(|e| {
-            anyhow::anyhow!(
-                "RUST_LOG='{value}' is not a tracing filter: {e} (unset it to use [telemetry] log_level = '{}')",
-                config.telemetry.log_level
-            )
-        })?,
+        Ok(value) if !value.trim().is_empty() => {
+            crate::config::check_log_level(&value).map_err(|e| {
+                anyhow::anyhow!(
+                    "RUST_LOG='{value}': {e} (unset it to use [telemetry] log_level = '{}')",
+                    config.telemetry.log_level
+                )
+            })?;
+            tracing_subscriber::EnvFilter::new(&value)
+        }
         Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("RUST_LOG is not valid UTF-8"),
         Ok(_) | Err(std::env::VarError::NotPresent) => tracing_subscriber::EnvFilter::new(&config.telemetry.log_level),
     };

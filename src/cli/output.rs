@@ -111,6 +111,7 @@ fn escaped(text: &str, keep_lines: bool) -> std::borrow::Cow<'_, str> {
     let unsafe_char = |c: char| {
         (c.is_control() && !(keep_lines && matches!(c, '\t' | '\n')))
             || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || (!keep_lines && matches!(c, '\u{2028}' | '\u{2029}'))
     };
     if !text.contains(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);
@@ -400,8 +401,8 @@ mod tests {
         assert_eq!(printable("abc\u{202e}def"), "abc\\u{202e}def");
         assert!(matches!(printable("clean"), std::borrow::Cow::Borrowed(_)));
         assert_eq!(
-            one_line("k=v\nSTATUS\tstopped\u{1b}"),
-            "k=v\\nSTATUS\\tstopped\\u{1b}",
+            one_line("k=v\nSTATUS\tstopped\u{1b}\u{2028}"),
+            "k=v\\nSTATUS\\tstopped\\u{1b}\\u{2028}",
             "a field keeps to its line"
         );
     }

@@ -181,7 +181,28 @@ pub(super) async fn logs(
         let _permit = state.shed.admit(&caller.principal)?;
         let (log_id, lines) = ops::logs(&state, &caller, &id, from, false)?;
         // All or nothing: a read cut short (the node stopping) is an error, not fewer lines.
-        let lines: Vec<_> = lines.map(|line| line.map(|l| log_line_json(&l))).try_collect().await?;
+        // The route streams too, so it is not under the layer that bounds other requests' time;
+        // a read paced past that time is bounded here.
+        let limit = state.options.request_timeout;
+        let read = lines
+            .map(|line| line.map(|l| log_line_json(&l)))
+            .try_collect::<Vec<_>>();
+        let Ok(lines) = tokio::time::timeout(limit, read).await else {
+            let error = Error::new(
+                ErrorKind::DeadlineExceeded,
+                format!(
+                    "the read did not finish within {} ms (http_request_timeout_ms): at this tenant's \
+                     max_log_read_bytes_per_second the lines kept take longer; read from a later line \
+                     (from=), or follow the log",
+                    limit.as_millis()
+                ),
+            );
+            // 408, as the other requests over their time are: the node, not a service, took long.
+            let mut response = error.into_response();
+            *response.status_mut() = http::StatusCode::REQUEST_TIMEOUT;
+            return Ok(response);
+        };
+        let lines = lines?;
         let log_id = format!("{log_id:x}");
         return Ok(Json(json!({ "service_id": id, "log_id": log_id, "lines": lines })).into_response());
     }
