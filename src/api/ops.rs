@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 
-use super::{ApiState, Caller, Error, ErrorKind, Principal};
+use super::{ApiState, Caller, Error, ErrorKind};
 use crate::control::{DeployOutcome, DeployRequest, KillCommand, KillOutcome, Listing, RemoveCommand, RemoveOutcome};
 use crate::proto::{self, Limits};
 use crate::runtime::{CallError, LogLine};
@@ -457,7 +457,7 @@ pub fn logs(
                     if line.seq < next {
                         continue;
                     }
-                    if !paced(&state, &principal, &line).await {
+                    if !state.log_pace.wait(&principal, line.cost(), &state.stopping).await {
                         yield Err(Error::shutting_down());
                         return;
                     }
@@ -486,21 +486,6 @@ pub fn logs(
             }
         },
     ))
-}
-
-/// Waits until `line` may go out to `principal`: false if the node began to stop meanwhile.
-async fn paced(state: &ApiState, principal: &Principal, line: &LogLine) -> bool {
-    let wait = state.log_pace.charge(principal, line.cost());
-    if wait.is_zero() {
-        // A ring read at once is thousands of lines, each encoded where it is sent: let the
-        // task yield now and then, so that the thread serves others between them.
-        tokio::task::coop::consume_budget().await;
-        return true;
-    }
-    tokio::select! {
-        () = state.stopping.cancelled() => false,
-        () = tokio::time::sleep(wait) => true,
-    }
 }
 
 /// The most a List page's services may take on the wire, in either API. Official gRPC clients

@@ -20,6 +20,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+
 use super::Principal;
 use crate::limits::{LimitsTable, TenantLimits};
 
@@ -79,10 +81,20 @@ impl ReadPace {
         }
     }
 
-    /// Charges `bytes` to `principal`'s rate, and says how long to wait before they go out
-    /// (zero: at once).
-    pub fn charge(&self, principal: &Principal, bytes: u64) -> Duration {
-        self.charge_at(principal, bytes, Instant::now())
+    /// Charges `bytes` to `principal`'s rate, and waits until they may go out: false if
+    /// `stopping` was cancelled first.
+    pub async fn wait(&self, principal: &Principal, bytes: u64, stopping: &CancellationToken) -> bool {
+        let wait = self.charge_at(principal, bytes, Instant::now());
+        if wait.is_zero() {
+            // A replay at once is thousands of items, each encoded where it is sent: let the
+            // task yield now and then, so that the thread serves others between them.
+            tokio::task::coop::consume_budget().await;
+            return true;
+        }
+        tokio::select! {
+            () = stopping.cancelled() => false,
+            () = tokio::time::sleep(wait) => true,
+        }
     }
 
     fn charge_at(&self, principal: &Principal, bytes: u64, now: Instant) -> Duration {

@@ -121,7 +121,7 @@ pub fn watch(
         // fires at the old one and is re-armed for `quiet_until` if something was sent since.
         let mut quiet_until = Instant::now() + interval;
         let progress_timer = tokio::time::sleep_until(quiet_until);
-        let stopping = shutdown.cancelled_owned();
+        let stopping = shutdown.clone().cancelled_owned();
         tokio::pin!(progress_timer, stopping);
         if start == head + 1 {
             yield Ok(WatchItem::Progress(head));
@@ -155,19 +155,13 @@ pub fn watch(
                     Some(Ok(event)) => {
                         examined = event.seq;
                         if caller.sees(&event) && filter.matches(&event) {
-                            if event.seq <= head {
-                                let wait = pace.charge(&caller.principal, event.encoded_len() as u64 + EVENT_COST);
-                                if !wait.is_zero() {
-                                    // Far behind the head, as etcd cancels a lagging watch at
-                                    // its shutdown: it resumes with the next start.
-                                    tokio::select! {
-                                        () = &mut stopping => {
-                                            yield Err(Error::shutting_down());
-                                            return;
-                                        }
-                                        () = tokio::time::sleep(wait) => {}
-                                    }
-                                }
+                            // A replay cut short by the shutdown ends at once, as one far behind
+                            // the head does: it resumes with the next start.
+                            if event.seq <= head
+                                && !pace.wait(&caller.principal, event.encoded_len() as u64 + EVENT_COST, &shutdown).await
+                            {
+                                yield Err(Error::shutting_down());
+                                return;
                             }
                             quiet_until = Instant::now() + interval;
                             yield Ok(WatchItem::Event(event));
