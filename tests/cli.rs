@@ -1168,6 +1168,17 @@ fn the_offline_tools_still_work() {
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[solo]\nnot_a_key = 1\n").unwrap();
     assert_eq!(run(solo().args(["config", "check", bad.to_str().unwrap()])).code, 1);
+    // For programs, the refusal is a document on stdout too, with the sentence on stderr.
+    let ran = run(solo().args(["config", "check", bad.to_str().unwrap(), "--json"]));
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    let refused = ran.json();
+    assert_eq!(refused["ok"], false, "{refused}");
+    let message = refused["error"].as_str().unwrap();
+    assert!(
+        message.contains("not_a_key") && ran.stderr.contains(message),
+        "{refused} {}",
+        ran.stderr
+    );
     // Values that would pass a check and break `serve` are refused by the check, by key.
     for (text, key) in [
         ("[solo]\ndata_dir = \"\"\n", "solo.data_dir"),

@@ -90,9 +90,21 @@ pub fn config_check(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `solo config check`. With `--json`, a configuration refused is a document on stdout too,
+/// `{"ok": false, "error"}`, as a failure of the log tools is.
 pub fn config(command: ConfigCommand, json: bool) -> anyhow::Result<ExitCode> {
     match command {
-        ConfigCommand::Check { file } => config_check(file, json),
+        ConfigCommand::Check { file } => config_check(file, json).inspect_err(|error| {
+            if json {
+                let message = super::error::causes(error.as_ref());
+                let document = serde_json::json!({ "ok": false, "error": message });
+                // A reader that went away misses nothing it could act on: the exit code says it.
+                let _ = printing(|out| {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
+                    Ok(ExitCode::FAILURE)
+                });
+            }
+        }),
     }
 }
 
