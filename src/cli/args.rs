@@ -565,8 +565,14 @@ pub struct WaitArgs {
     /// exit 1 if it fails instead.
     #[arg(long)]
     pub wait: bool,
-    /// How long --wait waits, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 60_000, requires = "wait")]
+    /// How long --wait waits, in milliseconds (at least 1: no wait at all is no --wait).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 60_000,
+        requires = "wait",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     pub wait_timeout_ms: u64,
 }
 
@@ -731,6 +737,14 @@ mod tests {
             error.message.contains("--label team is given more than once"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_wait_of_no_time_is_a_usage_error() {
+        let wait = |ms: &str| Cli::parse_from_args(["solo", "kill", "x", "--wait", "--wait-timeout-ms", ms]);
+        assert!(wait("1").is_ok());
+        let refused = wait("0").unwrap_err();
+        assert_eq!(refused.kind(), clap::error::ErrorKind::ValueValidation, "{refused}");
     }
 
     #[test]
