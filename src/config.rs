@@ -770,14 +770,14 @@ fn validate_limits(path: &str, limits: &TenantLimits, max_request_bytes: u64) ->
     // Zero would refuse every request or stream, or (a window of no time) let a crashing
     // service restart without end: never meant.
     for (key, value) in [
-        ("max_in_flight_requests", limits.max_in_flight_requests),
-        ("max_watchers", limits.max_watchers),
+        ("max_in_flight_requests", limits.max_in_flight_requests.into()),
+        ("max_watchers", limits.max_watchers.into()),
         (
             "max_history_read_bytes_per_second",
-            u32::try_from(limits.max_history_read_bytes_per_second).unwrap_or(u32::MAX),
+            limits.max_history_read_bytes_per_second,
         ),
-        ("max_deploys_per_minute", limits.max_deploys_per_minute),
-        ("restart_window_ms", limits.restart_window_ms),
+        ("max_deploys_per_minute", limits.max_deploys_per_minute.into()),
+        ("restart_window_ms", limits.restart_window_ms.into()),
     ] {
         if value == 0 {
             return Err(ConfigError::Invalid {

@@ -312,16 +312,8 @@ async fn serve(
             Arc::clone(&limits),
             metrics.shed.with_label_values(&["body_bytes"]),
         ),
-        log_pace: ReadPace::new(
-            Arc::clone(&limits),
-            |limits| limits.max_log_read_bytes_per_second,
-            metrics.read_wait.with_label_values(&["logs"]),
-        ),
-        history_pace: Arc::new(ReadPace::new(
-            Arc::clone(&limits),
-            |limits| limits.max_history_read_bytes_per_second,
-            metrics.read_wait.with_label_values(&["history"]),
-        )),
+        log_pace: ReadPace::of_logs(Arc::clone(&limits), &metrics),
+        history_pace: Arc::new(ReadPace::of_history(Arc::clone(&limits), &metrics)),
         metrics,
         options: api_options(&config),
         stopping: CancellationToken::new(),

@@ -1527,16 +1527,8 @@ async fn stopping_router() -> (String, solo::server::Node, TempDir) {
             std::sync::Arc::clone(&limits),
             metrics.shed.with_label_values(&["body_bytes"]),
         ),
-        log_pace: solo::api::pace::ReadPace::new(
-            std::sync::Arc::clone(&limits),
-            |limits| limits.max_log_read_bytes_per_second,
-            metrics.read_wait.with_label_values(&["logs"]),
-        ),
-        history_pace: std::sync::Arc::new(solo::api::pace::ReadPace::new(
-            limits,
-            |limits| limits.max_history_read_bytes_per_second,
-            metrics.read_wait.with_label_values(&["history"]),
-        )),
+        log_pace: solo::api::pace::ReadPace::of_logs(std::sync::Arc::clone(&limits), &metrics),
+        history_pace: std::sync::Arc::new(solo::api::pace::ReadPace::of_history(limits, &metrics)),
         metrics,
         options: solo::api::ApiOptions {
             default_grace: Duration::from_secs(1),

@@ -191,8 +191,8 @@ impl SoloKernel for GrpcApi {
                 .services
                 .iter()
                 .filter(|s| after.as_ref().is_none_or(|(t, id)| (&s.tenant, &s.id) > (t, id)));
-            let (services, last_sent) = fill_page(unsent, page_size, ops::MAX_PAGE_BYTES, |s| {
-                ops::service_status(&self.state, s)
+            let (services, last_sent) = ops::fill_page(unsent, page_size, ops::MAX_PAGE_BYTES, |s| {
+                in_list_answer(ops::service_status(&self.state, s))
             });
             let next_page_token = match last_sent {
                 Some(last) => encode_page_token(&listing, &last.tenant, &last.id),
@@ -425,33 +425,11 @@ impl Drop for StreamOutcome {
     }
 }
 
-/// The statuses of the first of `unsent` that fit a page: at most `page_size`, and as many as fit
-/// in `max_bytes` encoded, one at least. Also the last one taken, if more are left for another
-/// page.
-fn fill_page<'a, S: 'a>(
-    unsent: impl Iterator<Item = &'a S>,
-    page_size: usize,
-    max_bytes: usize,
-    status_of: impl Fn(&S) -> proto::ServiceStatus,
-) -> (Vec<proto::ServiceStatus>, Option<&'a S>) {
-    let mut unsent = unsent.peekable();
-    let (mut page, mut bytes, mut last) = (Vec::new(), 0, None);
-    while let Some(&next) = unsent.peek() {
-        if page.len() == page_size {
-            break;
-        }
-        let status = status_of(next);
-        // As a repeated field of the answer: a tag byte, the length, the message.
-        let size = 1 + prost::length_delimiter_len(status.encoded_len()) + status.encoded_len();
-        if !page.is_empty() && bytes + size > max_bytes {
-            break;
-        }
-        bytes += size;
-        page.push(status);
-        last = unsent.next();
-    }
-    let more = unsent.peek().is_some();
-    (page, last.filter(|_| more))
+/// A status, and the bytes it takes in a List answer: as a repeated field, a tag byte, the
+/// length, the message.
+fn in_list_answer(status: proto::ServiceStatus) -> (proto::ServiceStatus, usize) {
+    let size = 1 + prost::length_delimiter_len(status.encoded_len()) + status.encoded_len();
+    (status, size)
 }
 
 /// Counts in `solo_grpc_requests_total` a request of `service` refused before its method read it
@@ -499,8 +477,17 @@ fn code_name(code: tonic::Code) -> &'static str {
 mod tests {
     use prost::Message as _;
 
-    use super::fill_page;
+    use super::in_list_answer;
+    use crate::api::ops;
     use crate::proto::ServiceStatus;
+
+    fn fill_page<'a>(
+        unsent: impl Iterator<Item = &'a ServiceStatus>,
+        page_size: usize,
+        max_bytes: usize,
+    ) -> (Vec<ServiceStatus>, Option<&'a ServiceStatus>) {
+        ops::fill_page(unsent, page_size, max_bytes, |s| in_list_answer(s.clone()))
+    }
 
     fn status(id: &str, last_error: usize) -> ServiceStatus {
         ServiceStatus {
@@ -525,24 +512,24 @@ mod tests {
         let one = encoded(&services[..1]);
         let ids = |page: &[ServiceStatus]| page.iter().map(|s| s.service_id.clone()).collect::<Vec<_>>();
 
-        let (page, last) = fill_page(services.iter(), 4, usize::MAX, Clone::clone);
+        let (page, last) = fill_page(services.iter(), 4, usize::MAX);
         assert_eq!(ids(&page), ["s0", "s1", "s2", "s3"]);
         assert_eq!(last.map(|s| s.service_id.as_str()), Some("s3"));
 
         // Three fit in the bytes, exactly; the page's token resumes after the third.
-        let (page, last) = fill_page(services.iter(), 100, 3 * one, Clone::clone);
+        let (page, last) = fill_page(services.iter(), 100, 3 * one);
         assert_eq!(ids(&page), ["s0", "s1", "s2"]);
         assert_eq!(encoded(&page), 3 * one);
         assert_eq!(last.map(|s| s.service_id.as_str()), Some("s2"));
 
         // One service over the bytes on its own is still sent, alone.
-        let (page, _) = fill_page(services.iter(), 100, one / 2, Clone::clone);
+        let (page, _) = fill_page(services.iter(), 100, one / 2);
         assert_eq!(ids(&page), ["s0"]);
 
         // The last page says nothing is left, whichever bound it met.
-        let (page, last) = fill_page(services[8..].iter(), 2, 2 * one, Clone::clone);
+        let (page, last) = fill_page(services[8..].iter(), 2, 2 * one);
         assert_eq!((page.len(), last), (2, None));
-        let (page, last) = fill_page(std::iter::empty(), 2, one, Clone::clone);
+        let (page, last) = fill_page(std::iter::empty(), 2, one);
         assert_eq!((page.len(), last), (0, None));
     }
 

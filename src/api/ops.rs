@@ -496,6 +496,33 @@ pub fn logs(
 /// the last service sent.
 pub const MAX_PAGE_BYTES: usize = 3 << 20;
 
+/// The first of `unsent` that fit a page, each as `encode` makes it with the bytes it takes in
+/// the answer: at most `page_size`, and as many as fit in `max_bytes`, one at least. Also the
+/// last one taken, if more are left for another page.
+pub fn fill_page<'a, S: 'a, T>(
+    unsent: impl Iterator<Item = &'a S>,
+    page_size: usize,
+    max_bytes: usize,
+    encode: impl Fn(&S) -> (T, usize),
+) -> (Vec<T>, Option<&'a S>) {
+    let mut unsent = unsent.peekable();
+    let (mut page, mut bytes, mut last) = (Vec::new(), 0, None);
+    while let Some(&next) = unsent.peek() {
+        if page.len() == page_size {
+            break;
+        }
+        let (encoded, size) = encode(next);
+        if !page.is_empty() && bytes + size > max_bytes {
+            break;
+        }
+        bytes += size;
+        page.push(encoded);
+        last = unsent.next();
+    }
+    let more = unsent.peek().is_some();
+    (page, last.filter(|_| more))
+}
+
 /// Resolves a page size: 0 is the default (100), more than 1000 is refused.
 pub fn page_size(requested: u64) -> Result<usize, Error> {
     match requested {

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Principal;
 use crate::limits::{LimitsTable, TenantLimits};
+use crate::metrics::Metrics;
 
 /// Principals' buckets kept before the full ones (those not read from for a second) are
 /// dropped: a full bucket is what a new one is.
@@ -72,13 +73,27 @@ fn to_i64(bytes: u64) -> i64 {
 }
 
 impl ReadPace {
-    pub fn new(limits: Arc<LimitsTable>, rate_of: fn(&TenantLimits) -> u64, waited: prometheus::Counter) -> ReadPace {
+    fn new(limits: Arc<LimitsTable>, rate_of: fn(&TenantLimits) -> u64, waited: prometheus::Counter) -> ReadPace {
         ReadPace {
             limits,
             rate_of,
             buckets: Mutex::new(HashMap::new()),
             waited,
         }
+    }
+
+    /// The pace of service log lines (`max_log_read_bytes_per_second`), counting its waits in
+    /// `solo_read_wait_seconds_total{reads="logs"}`.
+    pub fn of_logs(limits: Arc<LimitsTable>, metrics: &Metrics) -> ReadPace {
+        let waited = metrics.read_wait.with_label_values(&["logs"]);
+        ReadPace::new(limits, |limits| limits.max_log_read_bytes_per_second, waited)
+    }
+
+    /// The pace of Watch and SSE replays (`max_history_read_bytes_per_second`), counting its
+    /// waits in `solo_read_wait_seconds_total{reads="history"}`.
+    pub fn of_history(limits: Arc<LimitsTable>, metrics: &Metrics) -> ReadPace {
+        let waited = metrics.read_wait.with_label_values(&["history"]);
+        ReadPace::new(limits, |limits| limits.max_history_read_bytes_per_second, waited)
     }
 
     /// Charges `bytes` to `principal`'s rate, and waits until they may go out: false if

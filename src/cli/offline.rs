@@ -97,12 +97,7 @@ pub fn config(command: ConfigCommand, json: bool) -> anyhow::Result<ExitCode> {
         ConfigCommand::Check { file } => config_check(file, json).inspect_err(|error| {
             if json {
                 let message = super::error::causes(error.as_ref());
-                let document = serde_json::json!({ "ok": false, "error": message });
-                // A reader that went away misses nothing it could act on: the exit code says it.
-                let _ = printing(|out| {
-                    writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
-                    Ok(ExitCode::FAILURE)
-                });
+                print_failure(&serde_json::json!({ "ok": false, "error": message }));
             }
         }),
     }
@@ -171,14 +166,18 @@ pub fn log(config_path: Option<PathBuf>, command: LogCommand, json: bool) -> any
     }
     super::output::print_error(&message);
     if one_document {
-        let document = serde_json::json!({ "ok": false, "damaged": damaged, "error": message });
-        // A reader that went away misses nothing it could act on: the exit code says it.
-        let _ = printing(|out| {
-            writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
-            Ok(ExitCode::FAILURE)
-        });
+        print_failure(&serde_json::json!({ "ok": false, "damaged": damaged, "error": message }));
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// An offline command's failure as its `--json` document on stdout. A reader that went away
+/// misses nothing it could act on: the exit code says it.
+fn print_failure(document: &serde_json::Value) {
+    let _ = printing(|out| {
+        writeln!(out, "{}", serde_json::to_string_pretty(document)?)?;
+        Ok(ExitCode::FAILURE)
+    });
 }
 
 fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> anyhow::Result<ExitCode> {

@@ -429,23 +429,24 @@ pub(super) async fn list(
     let limit = ops::page_size(params.number("limit")?.unwrap_or(0))?;
     let offset: usize = params.number("offset")?.unwrap_or(0);
     let listing = ops::list(&state, &caller, &filter);
-    // Each service is encoded once, as it is measured against the page's bytes.
-    let mut services = Vec::new();
-    let mut bytes = 0;
-    for service in listing.services.iter().skip(offset).take(limit) {
-        let text = service_json(&ops::service_status(&state, service)).to_string();
-        if !services.is_empty() && bytes + text.len() > ops::MAX_PAGE_BYTES {
-            break;
-        }
-        bytes += text.len() + 1;
-        services.push(RawValue::from_string(text).map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?);
-    }
-    let next = offset.saturating_add(services.len());
+    // Each service is encoded once, as it is measured against the page's bytes (with the comma
+    // after it).
+    let (page, last) = ops::fill_page(listing.services.iter().skip(offset), limit, ops::MAX_PAGE_BYTES, |s| {
+        let text = service_json(&ops::service_status(&state, s)).to_string();
+        let size = text.len() + 1;
+        (text, size)
+    });
+    let next_offset = last.map(|_| offset + page.len());
+    let services = page
+        .into_iter()
+        .map(RawValue::from_string)
+        .collect::<Result<_, _>>()
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
     Ok(Json(ServicePage {
         total: listing.services.len(),
         limit,
         offset,
-        next_offset: (next < listing.services.len()).then_some(next),
+        next_offset,
         head_seq: listing.seq,
         services,
     }))
