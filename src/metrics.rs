@@ -42,6 +42,9 @@ pub struct Metrics {
     pub call_duration: Histogram,
     /// Fresh instances that replaced crashed ones.
     pub instance_restarts: IntCounter,
+    /// WebAssembly instances alive, those an upgrade replaced that are finishing their calls
+    /// included (set at each scrape).
+    pub instances: IntGauge,
     /// Open Watch and SSE streams, by protocol (grpc, sse).
     pub watchers: IntGaugeVec,
     /// Seconds that reads waited for their tenant's rate, by what they read: `logs` (service
@@ -125,6 +128,10 @@ impl Metrics {
         registry
             .register(Box::new(instance_restarts.clone()))
             .expect("registered once");
+        let instances = gauge(
+            "solo_instances",
+            "WebAssembly instances alive, those an upgrade replaced that are finishing their calls included.",
+        );
         let watchers = IntGaugeVec::new(
             Opts::new(
                 "solo_watchers",
@@ -180,6 +187,7 @@ impl Metrics {
             calls,
             call_duration,
             instance_restarts,
+            instances,
             watchers,
             read_wait,
             shed,

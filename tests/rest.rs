@@ -999,9 +999,75 @@ async fn get_services_filters_pages_and_refuses_bad_queries() {
     node.stop().await;
 }
 
+/// Paging by `next_page_token` resumes after the last service sent, wherever services added or
+/// removed since have moved it: every service there throughout is seen once, as a reflector
+/// listing page by page needs. An offset counts from the listing's start as it is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_by_token_sees_every_service_once_while_others_come_and_go() {
+    let node = dev_node().await;
+    let ids = |reply: &Reply| -> Vec<String> {
+        reply.ok(200)["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .map(|s| s["service_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for id in ["b", "c", "d", "e"] {
+        node.deploy("a", id, "echo").await.ok(201);
+    }
+    let first = node.get("/services?limit=2", "a").await;
+    assert_eq!(ids(&first), ["b", "c"]);
+    let token = first.json["next_page_token"].as_str().expect("a token").to_string();
+    assert_eq!(first.json["next_offset"].as_u64(), Some(2));
+    // Added before the position: the offset now points at `c` again, the token past it.
+    node.deploy("a", "a", "echo").await.ok(201);
+    assert_eq!(ids(&node.get("/services?limit=2&offset=2", "a").await), ["c", "d"]);
+    let second = node.get(&format!("/services?limit=2&page_token={token}"), "a").await;
+    assert_eq!(ids(&second), ["d", "e"]);
+    assert_eq!(second.json["offset"].as_u64(), Some(3), "where the page starts now");
+    assert_eq!(second.json["next_page_token"], Value::Null, "the last page");
+    assert_eq!(second.json["next_offset"], Value::Null);
+
+    // Removed before the position: the offset now skips `c`, the token does not.
+    let first = node.get("/services?limit=2", "a").await;
+    assert_eq!(ids(&first), ["a", "b"]);
+    let token = first.json["next_page_token"].as_str().expect("a token").to_string();
+    let killed = node.delete("/services/a?force=true", "a").await;
+    let seq = killed.ok(202)["seq"].as_u64().unwrap();
+    node.wait_event("a", seq, "a", "service_stopped").await;
+    node.delete("/services/a?purge=true", "a").await.ok(200);
+    assert_eq!(ids(&node.get("/services?limit=2&offset=2", "a").await), ["d", "e"]);
+    let second = node.get(&format!("/services?limit=2&page_token={token}"), "a").await;
+    assert_eq!(ids(&second), ["c", "d"]);
+
+    // A token serves only the listing it was issued for, and says where its page starts.
+    let other = node
+        .get(&format!("/services?status=running&page_token={token}"), "a")
+        .await;
+    assert!(
+        other.error(400, "invalid_argument").contains("another listing"),
+        "{other:?}"
+    );
+    let theirs = node.get(&format!("/services?page_token={token}"), "b").await;
+    assert!(
+        theirs.error(400, "invalid_argument").contains("another listing"),
+        "{theirs:?}"
+    );
+    let both = node.get(&format!("/services?offset=1&page_token={token}"), "a").await;
+    assert!(both.error(400, "invalid_argument").contains("not both"), "{both:?}");
+    let forged = node.get("/services?page_token=bm9wZQ", "a").await;
+    assert!(
+        forged
+            .error(400, "invalid_argument")
+            .contains("not one this node issued")
+    );
+    node.stop().await;
+}
+
 /// Services whose labels are control characters take six times their bytes as JSON: a page
 /// of them ends before 3 MiB, as a gRPC page does, and names where the next one starts, so
-/// that paging by `next_offset` sees every service once.
+/// that paging by `next_page_token` sees every service once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_of_services_ends_before_3_mib_and_names_the_next() {
     let node = dev_node().await;
@@ -1013,15 +1079,21 @@ async fn a_page_of_services_ends_before_3_mib_and_names_the_next() {
         node.post_json("/services", "a", &body).await.ok(201);
     }
     let (mut seen, mut pages) = (Vec::new(), 0);
-    let mut offset = Some(0);
-    while let Some(at) = offset {
+    let mut token = Some(String::new());
+    while let Some(at) = token {
         pages += 1;
-        let page = node.get(&format!("/services?limit=1000&offset={at}"), "a").await;
+        let page = node.get(&format!("/services?limit=1000&page_token={at}"), "a").await;
         assert!(page.bytes.len() <= 3 << 20, "a page of {} bytes", page.bytes.len());
         let services = page.ok(200)["services"].as_array().unwrap().clone();
         assert!(!services.is_empty());
         seen.extend(services.iter().map(|s| s["service_id"].as_str().unwrap().to_string()));
-        offset = page.json["next_offset"].as_u64();
+        token = page.json["next_page_token"].as_str().map(str::to_string);
+        let next_offset = page.json["next_offset"].as_u64().map(|n| n as usize);
+        assert_eq!(
+            next_offset,
+            token.as_ref().map(|_| seen.len()),
+            "both name the same place"
+        );
     }
     let expected: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
     assert_eq!(seen, expected);
@@ -1612,6 +1684,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         ("solo_events_appended_total", "counter"),
         ("solo_call_duration_seconds", "histogram"),
         ("solo_services", "gauge"),
+        ("solo_instances", "gauge"),
         ("solo_watchers", "gauge"),
         ("solo_log_head_seq", "gauge"),
     ] {
@@ -1646,6 +1719,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     );
     assert!(http("/events", "200") >= 1.0, "deploy_running tails /events");
     assert_eq!(after.value("solo_services", &[("status", "running")]), 1.0);
+    assert_eq!(after.value("solo_instances", &[]), 1.0);
     assert_eq!(after.value("solo_log_head_seq", &[]), node.head().await as f64);
 
     // The SSE watcher gauge follows open streams; a closed one is noticed at its next frame.

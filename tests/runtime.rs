@@ -784,6 +784,53 @@ async fn compiles_count_against_the_deploy_rate_refused_ones_too() {
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// What acme compiled, or had refused, is nothing to beta: the same module costs beta a compile
+/// of its own, and past beta's budget is refused as any other. A shared cache would let beta
+/// check guesses at acme's modules (a secret built into one) for free, refused guesses costing
+/// nothing and the right one deploying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_compiled_modules_are_not_another_tenants_shortcut() {
+    let dir = tempdir();
+    let mut config = node_config(dir.path());
+    config.limits.max_deploys_per_minute = 2;
+    let node = open_node(&config).await;
+    let control = &node.control;
+    let runtime = control.runtime().unwrap();
+    deploy_running(control, "acme", "vault", "echo").await;
+    let err = control.deploy(refused_module(0)).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidModule(_)), "{err}");
+    let compiled = runtime.modules_compiled();
+
+    let as_beta = |mut request: solo::control::DeployRequest| {
+        request.tenant = "beta".into();
+        request.actor = "tenant:beta".into();
+        request
+    };
+    // The refusal acme had is compiled afresh for beta, and charged; so is another guess.
+    for n in 0..2 {
+        let err = control.deploy(as_beta(refused_module(n))).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidModule(_)), "{err}");
+    }
+    assert_eq!(runtime.modules_compiled(), compiled + 2);
+    // Beta's budget is spent: the module acme runs is refused to it as any other would be.
+    let err = control
+        .deploy(as_beta(deploy_example("beta", "guess", "echo")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::QuotaExceeded {
+                quota: "max_deploys_per_minute",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(control.list(Some("beta")).services.is_empty());
+    node.stop(Duration::from_secs(5)).await;
+}
+
 /// A deploy of [`slow_to_compile_wat`]`(tag)`.
 fn slow_to_compile(tenant: &str, id: &str, tag: usize) -> solo::control::DeployRequest {
     let mut request = deploy_request(tenant, id, "");
@@ -1347,6 +1394,80 @@ async fn a_failed_upgrade_lets_the_old_version_finish_its_calls() {
     assert_eq!(control.status("acme", "svc").unwrap().status.as_str(), "failed");
     let err = call(&control, "acme", "svc", b"1").await.unwrap_err();
     assert!(matches!(err, Error::NotRunning { .. }), "{err}");
+    node.stop(Duration::from_secs(5)).await;
+}
+
+/// Version `tag` of the `spin` example (a data segment of its own makes it another module), with
+/// room for calls of up to 30 s.
+fn spin_version(id: &str, tag: u64) -> solo::control::DeployRequest {
+    let wat = String::from_utf8(example("spin").to_vec()).unwrap().replace(
+        r#"(data (i32.const 16) "done")"#,
+        &format!(r#"(data (i32.const 16) "done") (data (i32.const 32) "v{tag}")"#),
+    );
+    solo::control::DeployRequest {
+        module: Arc::from(wat.into_bytes()),
+        limits: Limits {
+            call_timeout_ms: 30_000,
+            cpu_ms_per_call: 30_000,
+            ..Limits::default()
+        },
+        ..deploy_request("acme", id, "")
+    }
+}
+
+/// Upgrades over a busy service do not pile its instances up, each with its memory: the
+/// version an upgrade replaced finishes its call beside the new one, but the next upgrade cuts
+/// it short. And a forced kill stops the replaced version too, not only the current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_over_a_busy_service_hold_at_most_two_of_its_instances() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    let runtime = control.runtime().unwrap();
+    spin_running(&control, "svc").await;
+    let mut busy = Vec::new();
+    for version in 2..=5 {
+        busy.push(call_in_flight(&control, "svc", 20_000));
+        tokio::time::sleep(Duration::from_millis(300)).await; // the call is under way
+        let upgraded = control.deploy(spin_version("svc", version)).await.unwrap();
+        assert_eq!(upgraded.version, version);
+        wait_for_kind(&control, upgraded.seq, "acme", "svc", "service_started").await;
+        assert!(
+            runtime.live_instances() <= 2,
+            "{} instances alive after upgrading to version {version}",
+            runtime.live_instances()
+        );
+    }
+    // Versions 1 to 3 were cut short; version 4, replaced last, still serves its call.
+    let cut_by = Instant::now() + Duration::from_secs(5);
+    for (version, call) in busy.drain(..3).enumerate() {
+        let answer = tokio::time::timeout_at(cut_by.into(), call).await;
+        let answer = answer.unwrap_or_else(|_| panic!("version {}'s call still runs", version + 1));
+        let err = answer.unwrap().unwrap_err();
+        assert!(matches!(err, Error::Call(CallError::Stopped { .. })), "{err}");
+    }
+    assert!(!busy[0].is_finished(), "the replaced version finishes its call");
+    assert_eq!(runtime.live_instances(), 2);
+
+    let started = Instant::now();
+    let forced = control
+        .kill(KillCommand {
+            force: true,
+            ..kill_command("acme", "svc")
+        })
+        .await
+        .unwrap();
+    wait_for_kind(&control, forced.seq, "acme", "svc", "service_stopped").await;
+    let cut = tokio::time::timeout(Duration::from_secs(3), busy.remove(0)).await;
+    assert!(cut.expect("the forced kill cut the call short").unwrap().is_err());
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    while runtime.live_instances() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "instances outlive a forced kill"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     node.stop(Duration::from_secs(5)).await;
 }
 

@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use futures_util::{Stream, StreamExt};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
@@ -182,10 +181,10 @@ impl SoloKernel for GrpcApi {
         let result = (|| {
             let (caller, _permit) = self.admit(&request)?;
             let request = request.into_inner();
-            let listing = listing_fingerprint(caller.scope(), &request.status, &request.labels);
+            let listing = ops::listing_fingerprint(caller.scope(), &request.status, &request.labels);
             let filter = ListFilter::new(&request.status, request.labels)?;
             let page_size = ops::page_size(request.page_size.into())?;
-            let after = decode_page_token(&request.page_token, &listing)?;
+            let after = ops::decode_page_token(&request.page_token, &listing)?;
             let found = ops::list(&self.state, &caller, &filter);
             let unsent = found
                 .services
@@ -195,7 +194,7 @@ impl SoloKernel for GrpcApi {
                 in_list_answer(ops::service_status(&self.state, s))
             });
             let next_page_token = match last_sent {
-                Some(last) => encode_page_token(&listing, &last.tenant, &last.id),
+                Some(last) => ops::encode_page_token(&listing, &last.tenant, &last.id),
                 None => String::new(),
             };
             Ok(proto::ListResponse {
@@ -352,62 +351,6 @@ impl SoloKernel for GrpcApi {
         .await;
         self.finish("Shutdown", result)
     }
-}
-
-/// What a page token belongs to: whose services (the caller's scope) and which filter, hashed.
-/// A token used with another scope or filter would skip or repeat services, so it is refused.
-fn listing_fingerprint(
-    scope: Option<&str>,
-    status: &str,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> String {
-    use sha2::Digest as _;
-    let mut hasher = sha2::Sha256::new();
-    // Length-prefixed fields: no two listings encode alike.
-    let mut field = |bytes: &[u8]| {
-        hasher.update((bytes.len() as u64).to_le_bytes());
-        hasher.update(bytes);
-    };
-    field(scope.map_or(b"*".as_slice(), str::as_bytes));
-    field(status.trim().as_bytes());
-    for (key, value) in labels {
-        field(key.as_bytes());
-        field(value.as_bytes());
-    }
-    hex::encode(&hasher.finalize()[..8])
-}
-
-fn encode_page_token(listing: &str, tenant: &str, id: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{listing}\n{tenant}\n{id}"))
-}
-
-/// The position a page token resumes after, if it belongs to `listing`.
-fn decode_page_token(token: &str, listing: &str) -> Result<Option<(String, String)>, Error> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || Error::invalid("page_token is not one this node issued");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    let mut fields = text.splitn(3, '\n');
-    let (Some(issued_for), Some(tenant), Some(id)) = (fields.next(), fields.next(), fields.next()) else {
-        return Err(bad());
-    };
-    if issued_for != listing {
-        return Err(Error::invalid(
-            "page_token belongs to another listing (another tenant, status or labels); list again without it",
-        ));
-    }
-    // The position is only a place to resume from (a page never holds more than the caller
-    // may see), but one that names no possible service was not issued here.
-    let well_formed =
-        crate::control::validate_tenant(tenant).is_ok() && crate::control::validate_service_id(id).is_ok();
-    if !well_formed {
-        return Err(bad());
-    }
-    Ok(Some((tenant.to_string(), id.to_string())))
 }
 
 /// Counts a stream in `solo_grpc_requests_total` when dropped, with the code it ended with.

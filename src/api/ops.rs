@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::Stream;
 
 use super::{ApiState, Caller, Error, ErrorKind};
@@ -495,6 +497,60 @@ pub fn logs(
 /// this, as Kubernetes may answer fewer items than its `limit`, and the next one starts after
 /// the last service sent.
 pub const MAX_PAGE_BYTES: usize = 3 << 20;
+
+/// What a page token belongs to: whose services (the caller's scope) and which filter, hashed.
+/// A token used with another scope or filter would skip or repeat services, so it is refused.
+pub fn listing_fingerprint(
+    scope: Option<&str>,
+    status: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> String {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    // Length-prefixed fields: no two listings encode alike.
+    let mut field = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    field(scope.map_or(b"*".as_slice(), str::as_bytes));
+    field(status.trim().as_bytes());
+    for (key, value) in labels {
+        field(key.as_bytes());
+        field(value.as_bytes());
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
+
+pub fn encode_page_token(listing: &str, tenant: &str, id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{listing}\n{tenant}\n{id}"))
+}
+
+/// The position a page token resumes after, if it belongs to `listing`.
+pub fn decode_page_token(token: &str, listing: &str) -> Result<Option<(String, String)>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Error::invalid("page_token is not one this node issued");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let mut fields = text.splitn(3, '\n');
+    let (Some(issued_for), Some(tenant), Some(id)) = (fields.next(), fields.next(), fields.next()) else {
+        return Err(bad());
+    };
+    if issued_for != listing {
+        return Err(Error::invalid(
+            "page_token belongs to another listing (another tenant, status or labels); list again without it",
+        ));
+    }
+    // The position is only a place to resume from (a page never holds more than the caller
+    // may see), but one that names no possible service was not issued here.
+    let well_formed =
+        crate::control::validate_tenant(tenant).is_ok() && crate::control::validate_service_id(id).is_ok();
+    if !well_formed {
+        return Err(bad());
+    }
+    Ok(Some((tenant.to_string(), id.to_string())))
+}
 
 /// The first of `unsent` that fit a page, each as `encode` makes it with the bytes it takes in
 /// the answer: at most `page_size`, and as many as fit in `max_bytes`, one at least. Also the

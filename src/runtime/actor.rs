@@ -117,6 +117,9 @@ pub(super) struct RunningActor {
     pub handle: Handle,
     pub task: tokio::task::JoinHandle<()>,
     pub stop: mpsc::Sender<StopRequest>,
+    /// The longest one of its calls may take: the time it is given to finish its queue and stop
+    /// once an upgrade has replaced it.
+    pub call_timeout: Duration,
 }
 
 impl RunningActor {
@@ -158,6 +161,7 @@ impl Actor {
         let (stop, stops) = mpsc::channel(1);
         let (started, outcome) = oneshot::channel();
         let version = self.config.version;
+        let call_timeout = Duration::from_millis(self.config.limits.call_timeout_ms.max(1).into());
         let task = guests.spawn(async move {
             match Instance::start(&self.prepared, self.config.clone()).await {
                 Ok(instance) => {
@@ -190,6 +194,7 @@ impl Actor {
                 },
                 task,
                 stop,
+                call_timeout,
             }),
             Ok(Err(failure)) => Spawned::Failed(failure),
             Err(_) => Spawned::Failed(StartFailure {
@@ -228,8 +233,7 @@ impl Actor {
                 }
                 call = calls.recv() => {
                     let Some(call) = call else {
-                        // Every sender is gone: an upgrade replaced this instance, and its queued
-                        // calls are done.
+                        // Every sender is gone (its slot's task ended): the queued calls are done.
                         instance.stop(Duration::from_millis(u64::from(self.config.limits.call_timeout_ms))).await;
                         return;
                     };

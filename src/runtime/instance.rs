@@ -1,6 +1,7 @@
 //! One instance of a service: its `Store`, the host functions it may call, its limits, and the
 //! calling convention of the guest ABI (`docs/service-abi.md`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -144,6 +145,32 @@ pub struct Instance {
     tick: Duration,
     max_response_bytes: usize,
     turn: GuestTurn,
+    _counted: Counted,
+}
+
+/// The node's instances alive, each counted from the end of its start until it is dropped:
+/// those serving calls, and those an upgrade replaced that are finishing theirs.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceCount(Arc<AtomicUsize>);
+
+impl InstanceCount {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn count(&self) -> Counted {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Counted(Arc::clone(&self.0))
+    }
+}
+
+/// One instance's place in its [`InstanceCount`], given back when it is dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Instance {
@@ -166,6 +193,8 @@ pub struct InstanceConfig {
     pub start_timeout: Duration,
     /// Its tenant's place among the turns on the guest threads.
     pub turns: TenantTurns,
+    /// Where it counts itself while alive.
+    pub alive: InstanceCount,
 }
 
 impl Instance {
@@ -280,6 +309,7 @@ impl Instance {
             tick: config.tick,
             max_response_bytes: config.max_response_bytes,
             turn,
+            _counted: config.alive.count(),
         })
     }
 

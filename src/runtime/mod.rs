@@ -37,7 +37,7 @@ pub use stats::LiveStatus;
 
 use actor::{Actor, Call, PastRestarts, Ready, Route, RunningActor, Spawned, forced_at_least};
 use compiles::{Compiles, SMALL_MODULE_BYTES, is_small};
-use instance::InstanceConfig;
+use instance::{InstanceConfig, InstanceCount};
 use module::{Compiler, ModuleCache, Prepared};
 use recorder::Recorder;
 use stats::LiveStats;
@@ -137,6 +137,8 @@ struct Inner {
     reconciled: Reconciled,
     /// Services queued by `recover` whose start has not finished.
     recovering: Arc<AtomicUsize>,
+    /// Instances alive, those finishing after an upgrade included.
+    alive: InstanceCount,
     /// Cancelled once the node is shutting down: starts under way are given up.
     stopping: CancellationToken,
     ticker_stop: Arc<AtomicBool>,
@@ -368,6 +370,7 @@ impl Runtime {
                 reconciler: Mutex::new(None),
                 reconciled: Reconciled::default(),
                 recovering: Arc::default(),
+                alive: InstanceCount::default(),
                 stopping: CancellationToken::new(),
                 ticker_stop,
             }),
@@ -413,17 +416,18 @@ impl Runtime {
             }
         };
         let sha256 = module.sha256;
-        if let Some(reason) = self.inner.cache.refusal(&sha256) {
+        let key = (tenant.to_string(), sha256);
+        if let Some(reason) = self.inner.cache.refusal(&key) {
             return Err(InvalidModule(reason).into());
         }
         // The common case, a module already compiled, needs no blocking thread at all.
         let (inner, bytes) = (Arc::clone(&self.inner), Arc::clone(&module.bytes));
-        let tenant = tenant.to_string();
+        let refused = key.clone();
         let compile = async move {
-            let compiles = inner.compiles.of(&tenant, quota);
+            let compiles = inner.compiles.of(&refused.0, quota);
             let _turn = compiles.turn().await;
             // Refused while this caller waited for its turn: by the same module sent at once.
-            if let Some(reason) = inner.cache.refusal(&sha256) {
+            if let Some(reason) = inner.cache.refusal(&refused) {
                 return Err(PrepareError::Invalid(InvalidModule(reason)));
             }
             if !charged {
@@ -434,17 +438,17 @@ impl Runtime {
             let compiler = Arc::clone(&inner);
             let compiled = blocking(move || module::prepare(&compiler.compiler, sha256, &bytes)).await;
             if let Err(refusal) = &compiled {
-                inner.cache.remember_refusal(sha256, &refusal.0);
+                inner.cache.remember_refusal(refused, &refusal.0);
             }
             compiled.map_err(PrepareError::Invalid)
         };
-        let prepared = match self.inner.cache.get(&sha256) {
+        let prepared = match self.inner.cache.get(&key) {
             Some(prepared) => prepared,
             None => {
                 // A task of its own: a compile outlasts a caller that gave up (a request timed
                 // out), and its module is cached for the retry rather than thrown away.
                 let inner = Arc::clone(&self.inner);
-                tokio::spawn(async move { inner.cache.get_or_prepare(sha256, compile).await })
+                tokio::spawn(async move { inner.cache.get_or_prepare(key, compile).await })
                     .await
                     .map_err(|e| InvalidModule(format!("compiling the module failed: {e}")))??
             }
@@ -615,8 +619,16 @@ impl Runtime {
         let slot = self.inner.find(tenant, service_id).ok_or_else(not_running)?;
         let mut ready = slot.ready.subscribe();
         let mut payload = Some(payload);
+        // The mailbox of an instance that stopped taking calls (an upgrade replaced it): the
+        // call waits for its slot to route elsewhere.
+        let mut closed: Option<mpsc::Sender<Call>> = None;
         let reply = loop {
-            let waited = tokio::time::timeout_at(deadline.into(), ready.wait_for(|r| !matches!(r, Route::Pending)));
+            let routed = |route: &Route| match route {
+                Route::Pending => false,
+                Route::Up(handle) => closed.as_ref().is_none_or(|c| !c.same_channel(&handle.mailbox)),
+                Route::Down => true,
+            };
+            let waited = tokio::time::timeout_at(deadline.into(), ready.wait_for(routed));
             let handle = match waited.await {
                 Err(_) => return Err(timed_out(service_id, timeout)),
                 Ok(Err(_)) => return Err(not_running()),
@@ -640,12 +652,8 @@ impl Runtime {
                     });
                 }
                 Err(mpsc::error::TrySendError::Closed(call)) => {
-                    // That instance is gone; wait for its slot to route elsewhere.
                     payload = Some(call.payload);
-                    ready.mark_unchanged();
-                    if tokio::time::timeout_at(deadline.into(), ready.changed()).await.is_err() {
-                        return Err(timed_out(service_id, timeout));
-                    }
+                    closed = Some(handle.mailbox);
                 }
             }
         };
@@ -693,6 +701,12 @@ impl Runtime {
     /// Observations the log could not take yet, waiting for a retry.
     pub fn unrecorded_observations(&self) -> usize {
         self.inner.recorder.backlog_len()
+    }
+
+    /// Instances alive: those serving calls, and those an upgrade replaced that are finishing
+    /// theirs.
+    pub fn live_instances(&self) -> usize {
+        self.inner.alive.get()
     }
 
     /// Instances currently able to take calls.
@@ -858,8 +872,8 @@ impl Inner {
         }
     }
 
-    /// The compiled module with this hash, from the cache or compiled from the blob store.
-    async fn load(self: &Arc<Self>, module_sha256: &str) -> Result<Prepared, String> {
+    /// `tenant`'s compiled module with this hash, from the cache or compiled from the blob store.
+    async fn load(self: &Arc<Self>, tenant: &str, module_sha256: &str) -> Result<Prepared, String> {
         let mut sha = [0u8; 32];
         hex::decode_to_slice(module_sha256, &mut sha).map_err(|_| format!("bad module hash '{module_sha256}'"))?;
         let inner = Arc::clone(self);
@@ -907,7 +921,7 @@ impl Inner {
                 .await
                 .map_err(|e| format!("compilation failed: {e}"))?
         };
-        self.cache.get_or_prepare(sha, compile).await
+        self.cache.get_or_prepare((tenant.to_string(), sha), compile).await
     }
 
     fn instance_config(&self, slot: &Slot, version: u64, limits: Limits) -> InstanceConfig {
@@ -919,17 +933,82 @@ impl Inner {
             max_response_bytes: self.options.max_response_bytes,
             start_timeout: self.options.start_timeout,
             turns: slot.turns.clone(),
+            alive: self.alive.clone(),
         }
     }
 }
 
-/// Applies a slot's commands in order, holding its current actor.
+/// A slot's actors: the one its calls go to, and the one an upgrade last replaced, finishing
+/// the calls queued for it.
+#[derive(Default)]
+struct SlotActors {
+    current: Option<RunningActor>,
+    replaced: Option<Replaced>,
+}
+
+/// A replaced actor on its way out: it serves the calls it had accepted and runs `solo_stop`,
+/// within its call timeout (a call under way was allowed that long).
+struct Replaced {
+    actor: tokio::task::AbortHandle,
+    stopping: tokio::task::JoinHandle<()>,
+}
+
+impl SlotActors {
+    /// Drops the actor replaced last, if it is still finishing, before another instance of the
+    /// service starts: a storm of upgrades over a busy service holds at most two of its
+    /// instances (the current one and the one it replaced), not one per upgrade, each with its
+    /// memory.
+    async fn make_room(&mut self) {
+        if let Some(older) = self.replaced.take() {
+            older.actor.abort();
+            let _ = older.stopping.await;
+        }
+    }
+
+    /// Calls go elsewhere from now on (`next`, or nowhere): the current actor finishes its queue
+    /// and stops.
+    fn replace(&mut self, slot: &Slot, next: Option<RunningActor>) {
+        let Some(old) = std::mem::replace(&mut self.current, next) else {
+            return;
+        };
+        if let Some(older) = self.replaced.take() {
+            older.actor.abort();
+        }
+        let (grace, forced) = (old.call_timeout, slot.forced.subscribe());
+        self.replaced = Some(Replaced {
+            actor: old.task.abort_handle(),
+            stopping: tokio::spawn(old.stop(false, grace, forced)),
+        });
+    }
+
+    /// Stops both actors as a kill asks: at once with `force`, else within `grace`.
+    async fn stop(&mut self, slot: &Slot, force: bool, grace: Duration) {
+        let replaced = self.replaced.take().map(|replaced| replaced.stop(force, grace));
+        tokio::join!(withdraw(slot, self.current.take(), force, grace), async {
+            if let Some(replaced) = replaced {
+                replaced.await;
+            }
+        });
+    }
+}
+
+impl Replaced {
+    async fn stop(mut self, force: bool, grace: Duration) {
+        if !force && tokio::time::timeout(grace, &mut self.stopping).await.is_ok() {
+            return;
+        }
+        self.actor.abort();
+        let _ = self.stopping.await;
+    }
+}
+
+/// Applies a slot's commands in order, holding its actors.
 async fn run_slot(
     runtime: std::sync::Weak<Inner>,
     slot: Arc<Slot>,
     mut commands: mpsc::UnboundedReceiver<SlotCommand>,
 ) {
-    let mut current: Option<RunningActor> = None;
+    let mut actors = SlotActors::default();
     let mut queued = std::collections::VecDeque::new();
     loop {
         let command = match queued.pop_front() {
@@ -965,7 +1044,7 @@ async fn run_slot(
                 let started = start(
                     &inner,
                     &slot,
-                    &mut current,
+                    &mut actors,
                     version,
                     &module_sha256,
                     limits,
@@ -979,17 +1058,18 @@ async fn run_slot(
                 }
             }
             SlotCommand::Kill { version, force, grace } => {
-                withdraw(&slot, current.take(), force, grace).await;
+                actors.stop(&slot, force, grace).await;
                 observe(&inner, stopped(&slot, version, StopReason::Killed)).await;
             }
             SlotCommand::Shutdown { grace, done } => {
-                if let Some(actor) = current.take() {
-                    let version = actor.version;
-                    let alive = !actor.task.is_finished();
-                    withdraw(&slot, Some(actor), false, grace).await;
-                    if alive {
-                        observe(&inner, stopped(&slot, version, StopReason::NodeShutdown)).await;
-                    }
+                let alive = actors
+                    .current
+                    .as_ref()
+                    .filter(|actor| !actor.task.is_finished())
+                    .map(|actor| actor.version);
+                actors.stop(&slot, false, grace).await;
+                if let Some(version) = alive {
+                    observe(&inner, stopped(&slot, version, StopReason::NodeShutdown)).await;
                 }
                 let _ = done.send(());
                 return;
@@ -999,8 +1079,8 @@ async fn run_slot(
 }
 
 /// Starts `version`; on success it takes over from the current actor, which finishes the calls
-/// already queued for it and stops. On failure the current actor is retired the same way: the
-/// state no longer says it runs, but the calls it accepted are served. A forced kill of this
+/// already queued for it and stops ([`SlotActors::replace`]). On failure the current actor is
+/// retired the same way: the state no longer says it runs, but the calls it accepted are served. A forced kill of this
 /// version, a later deploy or the node stopping gives the start up, `solo_init` under way
 /// included, and records nothing: the kill records the stop, the later version starts next,
 /// and a stopping node's services come back with its next start. Returns whether the new
@@ -1009,7 +1089,7 @@ async fn run_slot(
 async fn start(
     inner: &Arc<Inner>,
     slot: &Arc<Slot>,
-    current: &mut Option<RunningActor>,
+    actors: &mut SlotActors,
     version: u64,
     module_sha256: &str,
     limits: Limits,
@@ -1064,7 +1144,7 @@ async fn start(
     let loaded = tokio::select! {
         biased;
         () = given_up() => None,
-        loaded = inner.load(module_sha256) => Some(loaded),
+        loaded = inner.load(&slot.tenant, module_sha256) => Some(loaded),
     };
     let Some(loaded) = loaded else {
         return give_up(slot);
@@ -1073,7 +1153,7 @@ async fn start(
         Ok(prepared) => prepared,
         Err(message) => {
             tracing::warn!(tenant = %slot.tenant, service = %slot.service_id, version, %message, "module not loaded");
-            retire(slot, current.take());
+            retire(slot, actors);
             observe(inner, crashed(CrashReason::LoadFailure, message)).await;
             return false;
         }
@@ -1093,6 +1173,7 @@ async fn start(
         restarts,
         start_recorded,
     };
+    actors.make_room().await;
     match actor.spawn(&inner.guests, given_up()).await {
         Spawned::Up(actor) => {
             // The swap: new calls go to the new instance from here on. The old actor keeps its
@@ -1103,7 +1184,7 @@ async fn start(
             }
             slot.ready.send_replace(Route::Up(actor.handle.clone()));
             slot.start_ended();
-            drop(current.replace(actor));
+            actors.replace(slot, Some(actor));
             // The last error was an earlier version's, or this one's before it was redeployed.
             slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()).clear();
             let recorded = observe(
@@ -1122,7 +1203,7 @@ async fn start(
         Spawned::Failed(failure) => {
             tracing::info!(tenant = %slot.tenant, service = %slot.service_id, version, error = %failure, "instance did not start");
             *slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = failure.message.clone();
-            retire(slot, current.take());
+            retire(slot, actors);
             observe(inner, crashed(failure.reason, failure.message)).await;
             false
         }
@@ -1130,12 +1211,12 @@ async fn start(
     }
 }
 
-/// Ends a start that failed: takes calls away from the slot; `actor`, if any, serves the calls
-/// it has accepted and stops, as an upgrade's old actor does.
-fn retire(slot: &Slot, actor: Option<RunningActor>) {
+/// Ends a start that failed: takes calls away from the slot; its current actor, if any, serves
+/// the calls it has accepted and stops, as an upgrade's old actor does.
+fn retire(slot: &Slot, actors: &mut SlotActors) {
     slot.start_ended();
     slot.take_down();
-    drop(actor);
+    actors.replace(slot, None);
     slot.stats.instance_stopped();
 }
 
@@ -1375,7 +1456,7 @@ mod tests {
             .expect("the modules are stored");
         let load = |index: usize| {
             let (inner, sha) = (Arc::clone(inner), hex::encode(shas[index]));
-            async move { inner.load(&sha).await }
+            async move { inner.load("acme", &sha).await }
         };
         only_one_waits(&inner.compiles.large_slots, load(1), load(2)).await;
         only_one_waits(&inner.compiles.small_slots, load(3), load(0)).await;

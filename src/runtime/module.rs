@@ -358,8 +358,15 @@ fn describe_signature((params, results): Signature<'_>) -> String {
     format!("({}) -> ({})", list(params), list(results))
 }
 
-/// Compiled modules by content hash, least recently used evicted first, and why modules were
-/// refused.
+/// Compiled modules by tenant and content hash, least recently used evicted first, and why
+/// modules were refused.
+///
+/// Each tenant has entries of its own: a module another tenant compiled is compiled again, and
+/// charged to the tenant's compile budget, as a module new to the node would be. A shared entry
+/// would let a tenant tell, by a deploy that compiles nothing (quicker, and free of the budget),
+/// or a refusal remembered, which modules others deployed: a guess at a secret built into
+/// another tenant's module could be checked at no cost, as browsers partition their caches by
+/// site against the same probe.
 #[derive(Debug)]
 pub struct ModuleCache {
     capacity: usize,
@@ -368,18 +375,21 @@ pub struct ModuleCache {
     /// Why a std lock: held for a map lookup or insert, never while compiling.
     entries: Mutex<CacheEntries>,
     /// A turn per module being compiled, so that it is compiled once however many wait for it.
-    compiling: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    compiling: Mutex<HashMap<CacheKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Why modules were refused: the same bytes sent again are refused without compiling them
     /// again (a refused deploy costs its tenant no quota).
-    refused: Mutex<HashMap<[u8; 32], String>>,
+    refused: Mutex<HashMap<CacheKey, String>>,
 }
+
+/// A tenant's module: the tenant, and the module's SHA-256.
+pub type CacheKey = (String, [u8; 32]);
 
 /// Refusals remembered at most; past it the memory starts afresh.
 const REFUSALS_REMEMBERED: usize = 1024;
 
 #[derive(Debug, Default)]
 struct CacheEntries {
-    modules: HashMap<[u8; 32], (Prepared, u64)>,
+    modules: HashMap<CacheKey, (Prepared, u64)>,
     clock: u64,
     /// Compiled code of the modules kept.
     code_bytes: usize,
@@ -396,21 +406,17 @@ impl ModuleCache {
         }
     }
 
-    /// Why the module with this hash was refused, if it was.
-    pub fn refusal(&self, sha256: &[u8; 32]) -> Option<String> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(sha256)
-            .cloned()
+    /// Why this module was refused to its tenant, if it was.
+    pub fn refusal(&self, key: &CacheKey) -> Option<String> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 
-    pub fn remember_refusal(&self, sha256: [u8; 32], reason: &str) {
+    pub fn remember_refusal(&self, key: CacheKey, reason: &str) {
         let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         if refused.len() >= REFUSALS_REMEMBERED {
             refused.clear();
         }
-        refused.insert(sha256, reason.to_string());
+        refused.insert(key, reason.to_string());
     }
 
     /// The module from the cache, or from `prepare`, run by one caller at a time per module:
@@ -419,54 +425,56 @@ impl ModuleCache {
     /// `prepare` is not polled when the module is cached by the time the caller's turn comes.
     pub async fn get_or_prepare<E>(
         &self,
-        sha256: [u8; 32],
+        key: CacheKey,
         prepare: impl Future<Output = Result<Prepared, E>>,
     ) -> Result<Prepared, E> {
-        if let Some(prepared) = self.get(&sha256) {
+        if let Some(prepared) = self.get(&key) {
             return Ok(prepared);
         }
         let turn = Arc::clone(
             self.compiling
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .entry(sha256)
+                .entry(key.clone())
                 .or_default(),
         );
         let result = {
             let _turn = turn.lock().await;
-            match self.get(&sha256) {
+            match self.get(&key) {
                 Some(prepared) => Ok(prepared),
-                None => prepare.await.inspect(|prepared| self.insert(prepared.clone())),
+                None => prepare
+                    .await
+                    .inspect(|prepared| self.insert(key.clone(), prepared.clone())),
             }
         };
         let mut compiling = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
         // Counted under the map's lock, where waiters take their handle: the map's and ours.
         if Arc::strong_count(&turn) == 2 {
-            compiling.remove(&sha256);
+            compiling.remove(&key);
         }
         result
     }
 
-    pub fn get(&self, sha256: &[u8; 32]) -> Option<Prepared> {
+    pub fn get(&self, key: &CacheKey) -> Option<Prepared> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.clock += 1;
         let now = entries.clock;
-        let (prepared, used) = entries.modules.get_mut(sha256)?;
+        let (prepared, used) = entries.modules.get_mut(key)?;
         *used = now;
         Some(prepared.clone())
     }
 
-    /// Keeps `prepared`, letting the least recently used go while the entries or their code
-    /// would be over the cache's bounds. Services running a module hold it either way: the
-    /// bounds are on what the cache alone keeps alive.
-    pub fn insert(&self, prepared: Prepared) {
+    /// Keeps `prepared` for its tenant, letting the least recently used go while the entries or
+    /// their code would be over the cache's bounds. Services running a module hold it either
+    /// way: the bounds are on what the cache alone keeps alive.
+    pub fn insert(&self, key: CacheKey, prepared: Prepared) {
         if prepared.code_bytes > self.byte_capacity {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.clock += 1;
         let now = entries.clock;
-        if let Some((old, _)) = entries.modules.remove(&prepared.sha256) {
+        if let Some((old, _)) = entries.modules.remove(&key) {
             entries.code_bytes -= old.code_bytes;
         }
         while entries.modules.len() >= self.capacity || entries.code_bytes + prepared.code_bytes > self.byte_capacity {
@@ -474,14 +482,14 @@ impl ModuleCache {
                 .modules
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
-                .map(|(sha, _)| *sha);
-            let Some((gone, _)) = oldest.and_then(|sha| entries.modules.remove(&sha)) else {
+                .map(|(key, _)| key.clone());
+            let Some((gone, _)) = oldest.and_then(|key| entries.modules.remove(&key)) else {
                 break;
             };
             entries.code_bytes -= gone.code_bytes;
         }
         entries.code_bytes += prepared.code_bytes;
-        entries.modules.insert(prepared.sha256, (prepared, now));
+        entries.modules.insert(key, (prepared, now));
     }
 
     pub fn len(&self) -> usize {
@@ -572,13 +580,15 @@ mod tests {
         let cache = Arc::new(ModuleCache::new(4, usize::MAX));
         let compiled = Arc::new(AtomicUsize::new(0));
         let sha = [7; 32];
+        let key = ("acme".to_string(), sha);
         let waiters: Vec<_> = (0..8)
             .map(|_| {
-                let (cache, compiler, wasm, compiled) = (
+                let (cache, compiler, wasm, compiled, key) = (
                     Arc::clone(&cache),
                     Arc::clone(&compiler),
                     Arc::clone(&wasm),
                     Arc::clone(&compiled),
+                    key.clone(),
                 );
                 tokio::spawn(async move {
                     let compile = async move {
@@ -587,7 +597,7 @@ mod tests {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         prepare(&compiler, sha, &wasm)
                     };
-                    cache.get_or_prepare(sha, compile).await.map(|p| p.sha256)
+                    cache.get_or_prepare(key, compile).await.map(|p| p.sha256)
                 })
             })
             .collect();
@@ -638,17 +648,22 @@ mod tests {
         };
         let (one, two, three) = (module(1), module(2), module(3));
         assert!(one.code_bytes > 0);
+        let key = |n: u8| ("acme".to_string(), [n; 32]);
         let cache = ModuleCache::new(10, one.code_bytes + two.code_bytes);
-        cache.insert(one);
-        cache.insert(two);
-        assert!(cache.get(&[1; 32]).is_some(), "1 is now the most recently used");
-        cache.insert(three);
+        cache.insert(key(1), one);
+        cache.insert(key(2), two);
+        assert!(cache.get(&key(1)).is_some(), "1 is now the most recently used");
+        cache.insert(key(3), three);
         assert_eq!(cache.len(), 2, "one had to go for the third's code");
-        assert!(cache.get(&[2; 32]).is_none(), "the least recently used went");
-        assert!(cache.get(&[1; 32]).is_some() && cache.get(&[3; 32]).is_some());
+        assert!(cache.get(&key(2)).is_none(), "the least recently used went");
+        assert!(cache.get(&key(1)).is_some() && cache.get(&key(3)).is_some());
+        assert!(
+            cache.get(&("zenith".to_string(), [1; 32])).is_none(),
+            "an entry is its tenant's"
+        );
         // A module larger than the whole cache is compiled but not kept.
         let small = ModuleCache::new(10, 1);
-        small.insert(module(4));
+        small.insert(key(4), module(4));
         assert_eq!(small.len(), 0);
     }
 }

@@ -423,12 +423,25 @@ pub(super) async fn list(
     RawQuery(query): RawQuery,
     certificate: Certificate,
 ) -> Result<Json<ServicePage>, Error> {
-    let params = Params::parse(query, &["tenant", "status", "label", "limit", "offset"])?;
+    let params = Params::parse(query, &["tenant", "status", "label", "limit", "offset", "page_token"])?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
-    let filter = ListFilter::new(params.get("status").unwrap_or(""), params.labels()?)?;
+    let (status, labels) = (params.get("status").unwrap_or(""), params.labels()?);
+    let listing_id = ops::listing_fingerprint(caller.scope(), status, &labels);
+    let filter = ListFilter::new(status, labels)?;
     let limit = ops::page_size(params.number("limit")?.unwrap_or(0))?;
-    let offset: usize = params.number("offset")?.unwrap_or(0);
+    let after = ops::decode_page_token(params.get("page_token").unwrap_or(""), &listing_id)?;
+    if after.is_some() && params.get("offset").is_some() {
+        return Err(Error::invalid(
+            "give `page_token` or `offset`, not both: the token says where its page starts",
+        ));
+    }
     let listing = ops::list(&state, &caller, &filter);
+    // A token resumes after the service it names, wherever the services added or removed since
+    // have moved it in the listing; an offset counts from the listing's start as it is now.
+    let offset: usize = match &after {
+        Some((tenant, id)) => listing.services.partition_point(|s| (&s.tenant, &s.id) <= (tenant, id)),
+        None => params.number("offset")?.unwrap_or(0),
+    };
     // Each service is encoded once, as it is measured against the page's bytes (with the comma
     // after it).
     let (page, last) = ops::fill_page(listing.services.iter().skip(offset), limit, ops::MAX_PAGE_BYTES, |s| {
@@ -437,6 +450,7 @@ pub(super) async fn list(
         (text, size)
     });
     let next_offset = last.map(|_| offset + page.len());
+    let next_page_token = last.map(|s| ops::encode_page_token(&listing_id, &s.tenant, &s.id));
     let services = page
         .into_iter()
         .map(RawValue::from_string)
@@ -447,6 +461,7 @@ pub(super) async fn list(
         limit,
         offset,
         next_offset,
+        next_page_token,
         head_seq: listing.seq,
         services,
     }))
@@ -458,10 +473,15 @@ pub(super) struct ServicePage {
     services: Vec<Box<RawValue>>,
     total: usize,
     limit: usize,
+    /// Where this page starts in the listing as it is now.
     offset: usize,
-    /// Where the next page starts, if any services are past this one: a page may hold fewer
-    /// than `limit` ([`ops::MAX_PAGE_BYTES`]).
+    /// Where the next page starts in the listing as it is now, if any services are past this
+    /// one: a page may hold fewer than `limit` ([`ops::MAX_PAGE_BYTES`]). Services added or
+    /// removed before it shift it.
     next_offset: Option<usize>,
+    /// Resumes after the last service of this page, whatever is added or removed meanwhile:
+    /// paging with it sees every service that exists throughout exactly once.
+    next_page_token: Option<String>,
     head_seq: u64,
 }
 
@@ -655,8 +675,14 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         .metrics
         .log_history_damaged
         .set(i64::from(state.control.history_damage().is_some()));
-    let unrecorded = state.control.runtime().map_or(0, |r| r.unrecorded_observations());
+    let runtime = state.control.runtime();
+    let unrecorded = runtime.map_or(0, |r| r.unrecorded_observations());
     state.metrics.unrecorded_observations.set(unrecorded as i64);
+    let instances = runtime.map_or(0, |r| r.live_instances());
+    state
+        .metrics
+        .instances
+        .set(i64::try_from(instances).unwrap_or(i64::MAX));
     state
         .metrics
         .body_bytes_in_flight
