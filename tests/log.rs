@@ -1616,6 +1616,22 @@ async fn a_directory_that_lost_its_events_is_refused_not_started_afresh() {
     }
 }
 
+/// A data directory that does not exist is made, its parents too, and opened again as the same
+/// log (the names of the new directories and data file are synced with its first commit).
+#[test]
+fn a_missing_nested_data_directory_is_made_and_holds_the_log() {
+    let dir = tempdir();
+    let nested = dir.path().join("a/b/c");
+    let store = solo::log::StoreOptions {
+        read_only: false,
+        ..options(&nested).log.store
+    };
+    let node_id = solo::log::Store::open(&nested, &store).unwrap().node().node_id.clone();
+    assert!(nested.join("data.mdb").is_file());
+    let again = solo::log::Store::open(&nested, &store).unwrap();
+    assert_eq!(again.node().node_id, node_id, "the same log");
+}
+
 /// A reader that died holding a read transaction (a `solo log` tool killed mid-read) has its
 /// slot freed, so that the pages of its moment can be reused; LMDB alone frees a slot only
 /// when its reader ends. The dead reader is this test binary, run again as a child.

@@ -221,6 +221,12 @@ impl Store {
         if options.read_only && !path.join(DATA_FILE).exists() {
             return Err(bad("it holds no Solo log (no data.mdb)"));
         }
+        // The directories this open creates, innermost first: their names are made durable with
+        // the data file's first commit.
+        let created: Vec<&Path> = path
+            .ancestors()
+            .take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+            .collect();
         std::fs::create_dir_all(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
@@ -254,7 +260,14 @@ impl Store {
                 opened => opened,
             }
         } else {
-            create_databases(&env).map_err(heed_err)?
+            let databases = create_databases(&env).map_err(heed_err)?;
+            // The commit made the new data file's pages durable, not its name in the directory
+            // (nor the names of the directories made for it): a power loss could lose the file
+            // whose first commits the node has acknowledged.
+            for dir in std::iter::once(path).chain(created.iter().filter_map(|dir| dir.parent())) {
+                sync_dir(dir)?;
+            }
+            databases
         };
         let map_size = env.info().map_size as u64;
         if !options.read_only && map_size > options.map_size {
@@ -937,6 +950,21 @@ const LMDB_MAGIC: u32 = 0xBEEF_C0DE;
 /// its lock file beside a stranger's), a data file that is empty, is no LMDB file, or is
 /// shorter than its two meta pages (a cut-short copy). A longer file cut short is found once
 /// open ([`check_file_length`]). A directory without a data file passes: a writer starts one.
+/// Makes the names in `dir` durable (`.` for an empty path, a relative path's parent).
+fn sync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
 fn check_data_file(dir: &Path) -> Result<()> {
     let file = dir.join(DATA_FILE);
     let io = |source| Error::Io {
