@@ -1022,6 +1022,50 @@ async fn a_node_restart_brings_running_services_back_fresh_with_their_history() 
     node.stop(Duration::from_secs(5)).await;
 }
 
+/// A service that failed to come back because the node could not load its module (a compile
+/// limit lowered while the node was down) is tried again at the node's next start, as a kubelet
+/// retries an image that failed to pull: once the operator has raised the limit again, it runs.
+/// One whose own `solo_init` failed stays down until redeployed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_the_node_could_not_load_is_tried_again_at_its_next_start() {
+    let dir = tempdir();
+    let config = node_config(dir.path());
+    let node = open_node(&config).await;
+    let control = node.control.clone();
+    let deployed = control.deploy(module_with(&"(func)".repeat(10))).await.unwrap();
+    wait_for_kind(&control, deployed.seq, "acme", "big", "service_started").await;
+    let broken = control
+        .deploy(deploy_example("acme", "broken", "init_trap"))
+        .await
+        .unwrap();
+    wait_for_kind(&control, broken.seq, "acme", "broken", "service_crashed").await;
+    node.stop(Duration::from_secs(5)).await;
+    drop((node, control));
+
+    let mut lowered = config.clone();
+    lowered.runtime.max_functions = 5;
+    let node = open_node(&lowered).await;
+    let control = node.control.clone();
+    let failed = wait_for_kind(&control, deployed.seq, "acme", "big", "service_crashed").await;
+    assert!(
+        matches!(&failed.kind, Some(Kind::ServiceCrashed(c)) if c.reason() == CrashReason::LoadFailure),
+        "{failed:?}"
+    );
+    let err = call(&control, "acme", "big", b"").await.unwrap_err();
+    assert!(err.to_string().contains("max_functions"), "a call says why: {err}");
+    node.stop(Duration::from_secs(5)).await;
+    drop((node, control));
+
+    let node = open_node(&config).await;
+    let control = &node.control;
+    let started = wait_for_kind(control, failed.seq, "acme", "big", "service_started").await;
+    assert!(matches!(&started.kind, Some(Kind::ServiceStarted(s)) if s.recovered));
+    assert!(call(control, "acme", "big", b"").await.is_ok());
+    assert_eq!(control.status("acme", "big").unwrap().status.as_str(), "running");
+    assert_eq!(control.status("acme", "broken").unwrap().status.as_str(), "failed");
+    node.stop(Duration::from_secs(5)).await;
+}
+
 /// The config of a node in `dir` that compiles one large module at a time, and that ran `slow`
 /// services of large, slow-to-compile modules (acme/s0, s1, …) until it stopped: started
 /// again, it takes seconds to bring them back, one after another.
@@ -1428,7 +1472,8 @@ async fn upgrades_over_a_busy_service_hold_at_most_two_of_its_instances() {
     let mut busy = Vec::new();
     for version in 2..=5 {
         busy.push(call_in_flight(&control, "svc", 20_000));
-        tokio::time::sleep(Duration::from_millis(300)).await; // the call is under way
+        // The call is on its way to the current version (under way, or queued behind none).
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let upgraded = control.deploy(spin_version("svc", version)).await.unwrap();
         assert_eq!(upgraded.version, version);
         wait_for_kind(&control, upgraded.seq, "acme", "svc", "service_started").await;

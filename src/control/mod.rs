@@ -487,8 +487,10 @@ impl Control {
                 service_id: service_id.to_string(),
             })?;
             // A service stopped by the node's shutdown is coming back with the node, and its
-            // calls wait for it as for one starting.
-            if !matches!(service.status, Status::Starting | Status::Running) && !service.comes_back_with_the_node() {
+            // calls wait for it as for one starting. One that failed to load is tried again,
+            // but says why it failed until it is back.
+            let coming_back = service.status == Status::Stopped && service.comes_back_with_the_node();
+            if !matches!(service.status, Status::Starting | Status::Running) && !coming_back {
                 return Err(Error::NotRunning {
                     service_id: service_id.to_string(),
                     status: service.status,

@@ -214,8 +214,12 @@ impl State {
         match &event.kind {
             Some(Kind::ServiceDeployed(e)) => self.apply_deployed(event, e, labels)?,
             Some(Kind::ServiceKillRequested(e)) => self.apply_kill_requested(event, e)?,
-            Some(Kind::ServiceStarted(_)) => self.update(event, |s| s.status = Status::Running)?,
+            Some(Kind::ServiceStarted(_)) => self.update(event, |s| {
+                s.status = Status::Running;
+                s.load_failed = false;
+            })?,
             Some(Kind::ServiceCrashed(e)) => self.update(event, |s| {
+                s.load_failed = e.reason() == CrashReason::LoadFailure;
                 s.status = match e.reason() {
                     CrashReason::InitFailure | CrashReason::LoadFailure => Status::Failed,
                     _ if e.restarting => Status::Starting,
@@ -369,6 +373,7 @@ impl State {
         service.restarts = 0;
         service.restart_times_ms.clear();
         service.last_error.clear();
+        service.load_failed = false;
         service.deployed_seq = event.seq;
         service.touched(event);
         let request_hash = (!e.idempotency_key.is_empty()).then(|| {

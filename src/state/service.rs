@@ -149,6 +149,10 @@ pub struct Service {
     /// each is still owed its `service_stopped`, and holds its memory until then (at most
     /// [`MAX_REPLACED_WHILE_STOPPING`]).
     pub replaced_while_stopping: Vec<ReplacedVersion>,
+    /// The current version is `failed` because the node could not load its module (over a
+    /// node limit lowered since its deploy, missing or damaged in the blob store), not for
+    /// anything the module did: the cause is the node's, and the node's next start tries again.
+    pub load_failed: bool,
 }
 
 /// Killed versions still stopping that a service keeps track of; an older one's stop, should
@@ -277,6 +281,7 @@ impl Service {
             last_seq: event.seq,
             recent_seqs: RecentSeqs::default(),
             replaced_while_stopping: Vec::new(),
+            load_failed: false,
         }
     }
 
@@ -288,9 +293,14 @@ impl Service {
     }
 
     /// Whether a starting node brings this service back: it should run, and it was up (or on
-    /// its way up) when the node stopped. Crashed and failed services stay down.
+    /// its way up) when the node stopped, or failed only because the node could not load its
+    /// module (an operator who raises the limit or heals the blob store and restarts the node
+    /// gets it back, as a kubelet retries a pod whose image failed to pull). Services that
+    /// crashed, or whose `solo_init` failed, stay down until redeployed.
     pub fn comes_back_with_the_node(&self) -> bool {
-        self.desired == Desired::Running && matches!(self.status, Status::Starting | Status::Running | Status::Stopped)
+        self.desired == Desired::Running
+            && (matches!(self.status, Status::Starting | Status::Running | Status::Stopped)
+                || (self.status == Status::Failed && self.load_failed))
     }
 }
 

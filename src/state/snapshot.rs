@@ -97,7 +97,7 @@ impl State {
         if snapshot.format < SNAPSHOT_FORMAT {
             // Its services lack what a replay of the same events gives them.
             return Err(SnapshotError::Outdated(
-                "it keeps no killed versions replaced while stopping",
+                "it keeps no killed versions replaced while stopping, or no load failures",
             ));
         }
         let mut state = State::new(settings);
@@ -249,11 +249,12 @@ fn service_record(s: &Service) -> proto::ServiceRecord {
         recent_seqs: s.recent_seqs.as_slice().to_vec(),
         restart_times_ms: s.restart_times_ms.clone(),
         replaced_while_stopping: s.replaced_while_stopping.clone(),
+        load_failed: s.load_failed,
     }
 }
 
 /// The snapshot format this build writes ([`StateSnapshot::format`]).
-const SNAPSHOT_FORMAT: u32 = 1;
+const SNAPSHOT_FORMAT: u32 = 2;
 
 fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError> {
     let bad = |what: &str| SnapshotError::Inconsistent(format!("service {}/{}: {what}", r.tenant, r.service_id));
@@ -302,6 +303,7 @@ fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError
         recent_seqs: r.recent_seqs.into_iter().collect(),
         restart_times_ms: r.restart_times_ms,
         replaced_while_stopping: r.replaced_while_stopping,
+        load_failed: r.load_failed,
     })
 }
 

@@ -299,6 +299,53 @@ fn crash_reasons_decide_the_status() {
     assert_eq!(state.service("acme", "a").unwrap().last_error, "");
 }
 
+/// A version the node could not load comes back with the next node (the cause was the node's);
+/// one whose `solo_init` failed does not. Snapshots keep which it was.
+#[test]
+fn a_load_failure_comes_back_with_the_node_and_an_init_failure_does_not() {
+    use prost::Message as _;
+    let mut state = State::new(Settings::default());
+    state.apply(&at(deployed("a", 1, 1, ""), 1, 1)).unwrap();
+    let crash = |version: u64, reason: CrashReason| {
+        envelope(
+            "acme",
+            "a",
+            "node",
+            Kind::ServiceCrashed(ServiceCrashed {
+                version,
+                reason: reason as i32,
+                ..ServiceCrashed::default()
+            }),
+        )
+    };
+    state.apply(&at(crash(1, CrashReason::LoadFailure), 2, 2)).unwrap();
+    let a = state.service("acme", "a").unwrap();
+    assert_eq!((a.status, a.load_failed), (Status::Failed, true));
+    assert!(a.comes_back_with_the_node());
+    let restored = State::decode_snapshot(&state.to_snapshot().encode_to_vec(), Settings::default()).unwrap();
+    assert_eq!(restored, state);
+    // Tried again at the next start, it may fail again, or run.
+    state.apply(&at(crash(1, CrashReason::LoadFailure), 3, 3)).unwrap();
+    let started = envelope(
+        "acme",
+        "a",
+        "node",
+        Kind::ServiceStarted(ServiceStarted {
+            version: 1,
+            recovered: true,
+        }),
+    );
+    state.apply(&at(started, 4, 4)).unwrap();
+    let a = state.service("acme", "a").unwrap();
+    assert_eq!((a.status, a.load_failed), (Status::Running, false));
+
+    state.apply(&at(deployed("a", 2, 1, ""), 5, 5)).unwrap();
+    state.apply(&at(crash(2, CrashReason::InitFailure), 6, 6)).unwrap();
+    let a = state.service("acme", "a").unwrap();
+    assert_eq!((a.status, a.load_failed), (Status::Failed, false));
+    assert!(!a.comes_back_with_the_node());
+}
+
 #[test]
 fn idempotency_keys_expire_after_the_window() {
     let settings = Settings {
