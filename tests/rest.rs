@@ -922,14 +922,6 @@ async fn get_services_filters_pages_and_refuses_bad_queries() {
     let seq = killed.ok(202)["seq"].as_u64().unwrap();
     node.wait_event("a", seq, "s3", "service_stopped").await;
 
-    let ids = |reply: &Reply| -> Vec<String> {
-        reply.ok(200)["services"]
-            .as_array()
-            .expect("services")
-            .iter()
-            .map(|s| s["service_id"].as_str().unwrap().to_string())
-            .collect()
-    };
     let all = node.get("/services", "a").await;
     assert_eq!(ids(&all), ["s1", "s2", "s3"]);
     assert_eq!(
@@ -999,20 +991,22 @@ async fn get_services_filters_pages_and_refuses_bad_queries() {
     node.stop().await;
 }
 
+/// The ids of a `GET /services` page, in its order.
+fn ids(reply: &Reply) -> Vec<String> {
+    reply.ok(200)["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .map(|s| s["service_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Paging by `next_page_token` resumes after the last service sent, wherever services added or
 /// removed since have moved it: every service there throughout is seen once, as a reflector
 /// listing page by page needs. An offset counts from the listing's start as it is now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paging_by_token_sees_every_service_once_while_others_come_and_go() {
     let node = dev_node().await;
-    let ids = |reply: &Reply| -> Vec<String> {
-        reply.ok(200)["services"]
-            .as_array()
-            .expect("services")
-            .iter()
-            .map(|s| s["service_id"].as_str().unwrap().to_string())
-            .collect()
-    };
     for id in ["b", "c", "d", "e"] {
         node.deploy("a", id, "echo").await.ok(201);
     }

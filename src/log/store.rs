@@ -946,10 +946,6 @@ fn lock_for_writing(path: &Path) -> Result<std::fs::File> {
 /// LMDB's magic number, at the start of each of its two meta pages (after the page header).
 const LMDB_MAGIC: u32 = 0xBEEF_C0DE;
 
-/// Refuses, before LMDB sees it (which would start a new log over an empty file, or create
-/// its lock file beside a stranger's), a data file that is empty, is no LMDB file, or is
-/// shorter than its two meta pages (a cut-short copy). A longer file cut short is found once
-/// open ([`check_file_length`]). A directory without a data file passes: a writer starts one.
 /// Makes the names in `dir` durable (`.` for an empty path, a relative path's parent).
 fn sync_dir(dir: &Path) -> Result<()> {
     let dir = if dir.as_os_str().is_empty() {
@@ -965,6 +961,10 @@ fn sync_dir(dir: &Path) -> Result<()> {
         })
 }
 
+/// Refuses, before LMDB sees it (which would start a new log over an empty file, or create
+/// its lock file beside a stranger's), a data file that is empty, is no LMDB file, or is
+/// shorter than its two meta pages (a cut-short copy). A longer file cut short is found once
+/// open ([`check_file_length`]). A directory without a data file passes: a writer starts one.
 fn check_data_file(dir: &Path) -> Result<()> {
     let file = dir.join(DATA_FILE);
     let io = |source| Error::Io {
