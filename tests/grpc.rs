@@ -2285,6 +2285,50 @@ async fn a_client_that_ignores_the_shutdown_is_cut_when_the_grace_is_over() {
     stop_closing(server, &mut deaf, Duration::from_secs(4)).await;
 }
 
+/// A call still under way when the shutdown's grace runs out is answered `UNAVAILABLE`, saying
+/// the node is shutting down, before its connection closes: the answer, not a broken
+/// connection. (Its request counts as ended a moment before the answer's last bytes are out,
+/// and the connection, with nothing else open, was closed in that moment.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_shutdown_cuts_off_is_answered_unavailable() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |c| c.solo.shutdown_grace_ms = 2_000).await;
+    let mut client = grpc_client(&server).await;
+    let mut spin = grpc_deploy("spin", "spin");
+    spin.limits = Some(proto::Limits {
+        call_timeout_ms: 20_000,
+        cpu_ms_per_call: 20_000,
+        ..Default::default()
+    });
+    let deployed = client.deploy(as_tenant("acme", spin)).await.unwrap().into_inner();
+    running(&mut client, "acme", "spin", deployed.seq).await;
+    // On a connection of its own, as a client that makes one call would.
+    let mut caller = grpc_client(&server).await;
+    let call = tokio::spawn(async move {
+        let request = proto::CallRequest {
+            service_id: "spin".into(),
+            payload: b"15000".to_vec(),
+            timeout_ms: 0,
+        };
+        caller.call(as_tenant("acme", request)).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.shutdown(proto::ShutdownRequest::default()).await.unwrap();
+    let cut_off = tokio::time::timeout(PATIENCE, call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(cut_off.code(), Code::Unavailable, "{cut_off:?}");
+    assert!(cut_off.message().contains("shutting down"), "{cut_off:?}");
+    assert_eq!(
+        cut_off.metadata().get("solo-error").map(|v| v.to_str().unwrap()),
+        Some("shutting_down"),
+        "{cut_off:?}"
+    );
+    tokio::time::timeout(PATIENCE, server.stopped()).await.unwrap().unwrap();
+}
+
 /// A watcher replaying a long history when the node stops is not fed the rest of it: its
 /// stream ends at once with the shutdown's status (it resumes from its last seq with the next
 /// start), and the node stops well within its grace.

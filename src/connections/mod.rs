@@ -23,9 +23,10 @@
 //!   shuts such a connection down itself (a GOAWAY); tonic offers no handle on one connection,
 //!   so on the gRPC listener the stream closes it ([`Closer`], [`idle`]);
 //! - once the listener drains, one that has sent nothing is closed at once: it asked nothing;
-//!   and one with nothing open but streams (told to end at the drain), to which nothing has
-//!   been written for [`STREAMS_QUIET`], is closed: a stream's client that stops reading, or a
-//!   stream that never ends, cannot hold the node;
+//!   and one whose only open requests are streams (told to end at the drain), to which nothing
+//!   has been written for [`STREAMS_QUIET`], is closed: a stream's client that stops reading,
+//!   or a stream that never ends, cannot hold the node. One with nothing open closes itself
+//!   once it has written what it owes (the last answers of calls a shutdown cut off);
 //! - once the shutdown's grace is over (and the answers of calls it cut off are out), every
 //!   connection is closed, so that a client that ignores the HTTP/2 GOAWAY (or never answers
 //!   its ping) cannot hold the node past it.
