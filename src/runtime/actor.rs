@@ -161,7 +161,7 @@ impl Actor {
         let (stop, stops) = mpsc::channel(1);
         let (started, outcome) = oneshot::channel();
         let version = self.config.version;
-        let call_timeout = Duration::from_millis(self.config.limits.call_timeout_ms.max(1).into());
+        let call_timeout = self.config.call_timeout();
         let task = guests.spawn(async move {
             match Instance::start(&self.prepared, self.config.clone()).await {
                 Ok(instance) => {
@@ -234,7 +234,7 @@ impl Actor {
                 call = calls.recv() => {
                     let Some(call) = call else {
                         // Every sender is gone (its slot's task ended): the queued calls are done.
-                        instance.stop(Duration::from_millis(u64::from(self.config.limits.call_timeout_ms))).await;
+                        instance.stop(self.config.call_timeout()).await;
                         return;
                     };
                     if let Some(failure) = self.serve(&mut instance, call).await {
@@ -267,7 +267,7 @@ impl Actor {
         let guest_time = instance.guest_time();
         // The service's own wall-clock limit, not the caller's: a guest stopped mid-call loses
         // its instance, and one caller's short deadline must not crash the service for all.
-        let limit = Duration::from_millis(self.config.limits.call_timeout_ms.max(1).into());
+        let limit = self.config.call_timeout();
         let result = instance.call(&call.payload, started + limit).await;
         // The time the guest had the threads, not the time it waited for them.
         let took = instance.guest_time().saturating_sub(guest_time);

@@ -197,6 +197,13 @@ pub struct InstanceConfig {
     pub alive: InstanceCount,
 }
 
+impl InstanceConfig {
+    /// The wall-clock time one call may take (the service's own limit, not its caller's).
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.call_timeout_ms.max(1).into())
+    }
+}
+
 impl Instance {
     /// Instantiates the module and runs `solo_init`.
     pub async fn start(prepared: &Prepared, config: InstanceConfig) -> Result<Instance, StartFailure> {
