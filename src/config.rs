@@ -473,6 +473,7 @@ impl Config {
         check_log_level(&self.telemetry.log_level).map_err(|e| invalid("telemetry.log_level", &e))?;
         validate_limits("limits", &self.limits, self.solo.max_request_bytes)?;
         self.validate_security()?;
+        self.check_listeners()?;
         if rt.max_wasm_stack_kb < 64 {
             return Err(invalid("runtime.max_wasm_stack_kb", "must be at least 64"));
         }
@@ -483,6 +484,22 @@ impl Config {
         }
         // After the limits: a memory limit that is wrong in itself is named as such.
         self.validate_instance_pool()?;
+        Ok(())
+    }
+
+    /// Refuses listeners on one port: the second would fail to bind as if another process held
+    /// it. Run again by `serve` once its flags have set the addresses.
+    pub fn check_listeners(&self) -> Result<(), ConfigError> {
+        let (grpc, http) = (self.solo.grpc_addr, self.solo.http_addr);
+        let same_host = grpc.ip() == http.ip() || grpc.ip().is_unspecified() || http.ip().is_unspecified();
+        if grpc.port() != 0 && grpc.port() == http.port() && same_host {
+            return Err(ConfigError::Invalid {
+                path: "solo.http_addr".into(),
+                message: format!(
+                    "{http} is on the port of solo.grpc_addr ({grpc}): each listener needs a port of its own"
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -929,6 +946,8 @@ mod tests {
         assert!(e.contains("solo.grpc_addr"), "{e}");
         let e = error_of("[limits]\nmax_services = -1\n");
         assert!(e.contains("limits.max_services"), "{e}");
+        let e = error_of("[solo]\ngrpc_addr = \"127.0.0.1:7000\"\nhttp_addr = \"0.0.0.0:7000\"\n");
+        assert!(e.contains("solo.http_addr") && e.contains("port of its own"), "{e}");
         let e = error_of("[database]\nmap_size_mb = 0\n");
         assert!(e.contains("database.map_size_mb"), "{e}");
         let e = error_of("[limits]\ndefault_memory_mb = 512\n");

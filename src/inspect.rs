@@ -599,7 +599,6 @@ pub fn stats(store: &Store) -> log::Result<Stats> {
     let head = view.head()?;
     let mut stats = Stats {
         head,
-        records: store_stats.events,
         blobs: store_stats.blobs,
         blob_bytes: store_stats.blob_bytes,
         snapshots: store_stats.snapshots,
@@ -609,26 +608,45 @@ pub fn stats(store: &Store) -> log::Result<Stats> {
         ..Stats::default()
     };
     let mut services = std::collections::BTreeSet::new();
+    // Figures of a history with a record missing or damaged would contradict one another (a
+    // damaged page hides every record under it): the damage is the answer.
+    let mut damage = None;
+    let mut expected = 1;
     if head > 0 {
-        view.scan_raw(1..=head, |_, bytes| {
+        view.scan_raw(1..=head, |seq, bytes| {
+            if seq != expected {
+                damage = Some(log::Error::MissingRecord { seq: expected });
+                return ControlFlow::Break(());
+            }
+            expected = seq + 1;
             stats.record_bytes += bytes.len() as u64;
-            let event = frame::decode(bytes).ok().and_then(|p| Event::decode(p).ok());
-            let kind = event.as_ref().map_or("damaged", |e| {
-                EventKind::of_event(e).map_or("unknown", EventKind::as_str)
-            });
+            let event = match decode_record(seq, bytes) {
+                Ok(event) => event,
+                Err(reason) => {
+                    damage = Some(log::Error::UndecodableRecord { seq, reason });
+                    return ControlFlow::Break(());
+                }
+            };
+            let kind = EventKind::of_event(&event).map_or("unknown", EventKind::as_str);
             *stats.by_kind.entry(kind.to_string()).or_default() += 1;
-            if let Some(e) = event {
-                if stats.first_timestamp_ms == 0 {
-                    stats.first_timestamp_ms = e.timestamp_ms;
-                }
-                stats.last_timestamp_ms = e.timestamp_ms;
-                if !e.service_id.is_empty() {
-                    services.insert((e.tenant, e.service_id));
-                }
+            if stats.first_timestamp_ms == 0 {
+                stats.first_timestamp_ms = event.timestamp_ms;
+            }
+            stats.last_timestamp_ms = event.timestamp_ms;
+            if !event.service_id.is_empty() {
+                services.insert((event.tenant, event.service_id));
             }
             ControlFlow::Continue(())
         })?;
     }
+    if let Some(damage) = damage {
+        return Err(damage);
+    }
+    if expected <= head {
+        return Err(log::Error::MissingRecord { seq: expected });
+    }
+    // Counted, not LMDB's own count of the database, which damage may leave behind.
+    stats.records = head;
     stats.services = services.len() as u64;
     stats.tenants = services
         .iter()

@@ -44,6 +44,7 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        config.check_listeners()?;
         let grpc = TcpListener::bind(config.solo.grpc_addr)
             .await
             .with_context(|| format!("cannot listen on solo.grpc_addr {}", config.solo.grpc_addr))?;

@@ -2006,6 +2006,59 @@ fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
     );
 }
 
+/// With no room left for LMDB's lock file, `serve` and the `solo log` tools say the disk is
+/// full. LMDB makes that file without allocating it and writes it through its map, so a node
+/// died of SIGBUS with nothing said, and the tools reported the data file as damaged.
+#[test]
+fn with_no_room_for_lmdbs_lock_file_the_node_and_the_tools_say_the_disk_is_full() {
+    let Some(disk) = SmallDisk::mount(2) else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    // A log restored as the README says: its data.mdb moved into an empty directory.
+    let made = tempfile::tempdir().unwrap();
+    {
+        let node = Node::start(|config| config.solo.data_dir = made.path().join("data"));
+        node.deploy("acme", "echo", "echo", &[]);
+    }
+    let restored = disk.dir.path().join("restored");
+    std::fs::create_dir(&restored).unwrap();
+    std::fs::copy(made.path().join("data/data.mdb"), restored.join("data.mdb")).unwrap();
+    let filler = disk.dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        while file.write_all(&[0; 4096]).is_ok() {}
+    }
+
+    let restored_arg = restored.to_str().unwrap();
+    for tool in ["verify", "stats"] {
+        let ran = run(solo().args(["log", tool, "--data-dir", restored_arg])).fails(1);
+        assert!(ran.stderr.contains("is full"), "{tool}: {}", ran.stderr);
+        assert!(!ran.stderr.contains("damaged"), "{tool}: {}", ran.stderr);
+    }
+    let fresh = disk.dir.path().join("fresh");
+    for data in [restored_arg, fresh.to_str().unwrap()] {
+        let serve = solo()
+            .args(["serve", "--data-dir", data])
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&serve.stderr);
+        assert_eq!(serve.status.code(), Some(1), "{data}: {stderr}");
+        assert!(stderr.contains("is full"), "{data}: {stderr}");
+    }
+    // Nothing half-made was left behind to be taken for a damaged log.
+    assert!(!restored.join("lock.mdb").exists());
+    assert!(!fresh.join("data.mdb").exists());
+
+    std::fs::remove_file(&filler).unwrap();
+    let verified = run(solo().args(["log", "verify", "--data-dir", restored_arg, "--json"]))
+        .ok()
+        .json();
+    assert_eq!(verified["ok"], true, "{verified}");
+}
+
 /// Runs one client request from these synchronous tests.
 fn block_on<T>(request: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()
@@ -2447,6 +2500,40 @@ fn damage_that_crashes_lmdb_or_loses_a_page_is_reported_as_damage() {
     }
 }
 
+/// `stats` of a history with a damaged record names the damage rather than print figures
+/// that leave it out (and, for a damaged page, every record under it).
+#[test]
+fn stats_of_a_damaged_history_is_the_damage_not_figures() {
+    let source = tempfile::tempdir().unwrap();
+    offline_data_dir(source.path(), 1 << 20, 25);
+    let damaged = damaged_copy(source.path(), |bytes| {
+        let at = bytes
+            .windows(6)
+            .position(|w| w == b"svc-14")
+            .expect("record 14's service id");
+        bytes[at] ^= 0x20;
+    });
+    let data = damaged.path().to_str().unwrap();
+    let ran = run(solo().args(["log", "stats", "--data-dir", data])).fails(1);
+    assert!(
+        ran.stderr.contains("damaged") && ran.stderr.contains("record 14"),
+        "{}",
+        ran.stderr
+    );
+    let ran = run(solo().args(["log", "stats", "--json", "--data-dir", data]));
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    let document = ran.json();
+    assert_eq!(
+        (document["ok"].as_bool(), document["damaged"].as_bool()),
+        (Some(false), Some(true)),
+        "{document}"
+    );
+    let whole = run(solo().args(["log", "stats", "--json", "--data-dir", source.path().to_str().unwrap()]))
+        .ok()
+        .json();
+    assert_eq!(whole["records"], 25, "{whole}");
+}
+
 /// A copy that does not verify (a record damaged in the data file it was taken from) is not
 /// kept: a backup that restores nothing would only be found out when it is needed.
 #[test]
@@ -2555,7 +2642,24 @@ fn the_offline_tools_only_read_and_say_what_is_wrong_with_a_directory() {
     let bytes = std::fs::read(source.join("data.mdb")).unwrap();
     std::fs::write(cut.join("data.mdb"), &bytes[..4096]).unwrap();
     assert!(ran(&cut).fails(1).stderr.contains("cut short"));
-    for dir in [&bare, &empty, &other, &cut] {
+    // Cut past its meta pages: refused once LMDB has it open, its lock file taken away again.
+    let cut_later = root.join("cut_later");
+    std::fs::create_dir(&cut_later).unwrap();
+    std::fs::write(cut_later.join("data.mdb"), &bytes[..bytes.len() / 2]).unwrap();
+    assert!(ran(&cut_later).fails(1).stderr.contains("cut short"));
+    // One meta page's magic number gone: an LMDB file still, damaged, not a stranger's file.
+    let first_meta = root.join("first_meta");
+    std::fs::create_dir(&first_meta).unwrap();
+    let mut damaged = bytes.clone();
+    damaged[16] ^= 0x01;
+    std::fs::write(first_meta.join("data.mdb"), &damaged).unwrap();
+    let refused = ran(&first_meta).fails(1);
+    assert!(
+        refused.stderr.contains("first meta page is damaged") && refused.stderr.contains("backup"),
+        "{}",
+        refused.stderr
+    );
+    for dir in [&bare, &empty, &other, &cut, &cut_later, &first_meta] {
         assert!(!dir.join("lock.mdb").exists(), "{} has a lock file now", dir.display());
     }
 

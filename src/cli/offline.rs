@@ -362,12 +362,11 @@ fn is_damage(error: &anyhow::Error) -> bool {
 /// What a crash inside LMDB says. LMDB trusts its pages: a damaged B-tree page can send it
 /// outside the map (SIGSEGV) or past the file's end (SIGBUS) before any check could refuse it.
 const CRASHED: &[u8] = b"error: the data file is damaged: LMDB crashed reading it (SIGSEGV or SIGBUS on a \
-damaged page); restore it from a backup (solo log verify cannot read past this damage)\n";
+damaged page); restore it from a backup\n";
 
 /// [`CRASHED`] as the JSON document of a failed `log` tool.
 const CRASHED_JSON: &[u8] = b"{\"ok\": false, \"damaged\": true, \"error\": \"the data file is damaged: LMDB crashed \
-reading it (SIGSEGV or SIGBUS on a damaged page); restore it from a backup (solo log verify cannot read past this \
-damage)\"}\n";
+reading it (SIGSEGV or SIGBUS on a damaged page); restore it from a backup\"}\n";
 
 static CRASH_AS_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 

@@ -5,6 +5,7 @@
 //! content-addressed blob store and snapshots; it knows nothing of services. What a record
 //! means is the business of the [`Record`] implementation handed to it.
 
+mod dir;
 mod error;
 pub mod frame;
 mod pages;

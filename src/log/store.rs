@@ -15,6 +15,7 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RoTxn, RwTxn, With
 use super::error::{Error, Result};
 use super::frame;
 use super::pages;
+use super::dir::{self, check_data_file, lock_for_writing, sync_dir};
 
 /// The on-disk format this build writes (`meta/format_version`). Version 2 may hold
 /// `service_removed` events, which a reader of version 1 would step over, and so list removed
@@ -232,6 +233,21 @@ impl Store {
             source,
         })?;
         check_data_file(path)?;
+        let made_lock_file = lock && dir::allocate_lmdb_lock_file(path, options.max_readers)?;
+        let opened = Store::open_allocated(path, options, lock, &created);
+        if let Err(e) = &opened
+            && made_lock_file
+            && matches!(e, Error::Damaged { .. } | Error::BadDataDir { .. })
+        {
+            // Refused as no log to serve, so no node uses the directory: it is left as it was.
+            let _ = std::fs::remove_file(path.join(dir::LMDB_LOCK_FILE));
+        }
+        opened
+    }
+
+    /// [`open_with`](Self::open_with) once the directory is checked and LMDB's lock file is
+    /// ready. `created`: the directories the open made, innermost first.
+    fn open_allocated(path: &Path, options: &StoreOptions, lock: bool, created: &[&Path]) -> Result<Store> {
         let env = open_env(path, options, lock)?;
         // After the environment: a second open in this process is told so by LMDB itself.
         let writer_lock = (!options.read_only).then(|| lock_for_writing(path)).transpose()?;
@@ -881,146 +897,6 @@ fn past_the_end(seq: u64) -> Error {
         seq,
         reason: PAST_THE_END.into(),
     }
-}
-
-/// How long a directory lock held by this very process is waited for.
-const OWN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The file whose lock marks the directory's one writer.
-const LOCK_FILE: &str = "solo.lock";
-
-/// Takes the directory's writer lock, or says who holds it. LMDB's own lock file lets any
-/// number of processes write in turn, which is right for its readers but would let a second
-/// node append to the log behind the first one's back. The kernel drops the lock with its
-/// holder, `kill -9` included, so a stale lock file never blocks a restart.
-fn lock_for_writing(path: &Path) -> Result<std::fs::File> {
-    use std::io::{Read, Seek, Write};
-    let lock_path = path.join(LOCK_FILE);
-    let io = |source| Error::Io {
-        path: lock_path.clone(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(io)?;
-    // A lock this very process holds is a transient: LMDB has refused a second open of the
-    // directory in this process already, so it is a store that is closing, or a child
-    // process's copy of the descriptor between its fork and its exec. It is waited out.
-    let own_deadline = std::time::Instant::now() + OWN_LOCK_WAIT;
-    loop {
-        match file.try_lock() {
-            Ok(()) => break,
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                file.rewind().map_err(io)?;
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                if holder == std::process::id().to_string() && std::time::Instant::now() < own_deadline {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                    continue;
-                }
-                return Err(Error::InUse {
-                    path: path.to_path_buf(),
-                    holder: match holder {
-                        "" => "a process that has not said which".to_string(),
-                        pid => format!("process {pid}"),
-                    },
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
-    }
-    // Who holds it, for the next one to be told; only a courtesy, the lock is what counts.
-    file.set_len(0).map_err(io)?;
-    file.rewind().map_err(io)?;
-    write!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(file)
-}
-
-/// Refuses a data file shorter than the pages its last commit says it holds (a cut-short copy
-/// or restore): mapping it would kill the process with SIGBUS at the first read past its end.
-/// LMDB's magic number, at the start of each of its two meta pages (after the page header).
-const LMDB_MAGIC: u32 = 0xBEEF_C0DE;
-
-/// Makes the names in `dir` durable (`.` for an empty path, a relative path's parent).
-fn sync_dir(dir: &Path) -> Result<()> {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
-}
-
-/// Refuses, before LMDB sees it (which would start a new log over an empty file, or create
-/// its lock file beside a stranger's), a data file that is empty, is no LMDB file, or is
-/// shorter than its two meta pages (a cut-short copy). A longer file cut short is found once
-/// open ([`check_file_length`]). A directory without a data file passes: a writer starts one.
-fn check_data_file(dir: &Path) -> Result<()> {
-    let file = dir.join(DATA_FILE);
-    let io = |source| Error::Io {
-        path: file.clone(),
-        source,
-    };
-    let bad = |reason: String| Error::BadDataDir {
-        path: dir.to_path_buf(),
-        reason,
-    };
-    let damaged = |reason: String| Error::Damaged {
-        path: dir.to_path_buf(),
-        reason,
-    };
-    let mut data = match std::fs::File::open(&file) {
-        // A node makes the data file before its lock file: with the lock file there, the data
-        // file was lost, and a new log would start in its place as if nothing had been.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.join(LOCK_FILE).exists() => {
-            return Err(bad(format!(
-                "its {DATA_FILE} is missing, though a node ran here ({LOCK_FILE} is there): whatever it \
-                 held is gone; restore it from a backup, or remove {LOCK_FILE} too to start a new log"
-            )));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io(e)),
-        Ok(data) => data,
-    };
-    let length = data.metadata().map_err(io)?.len();
-    if length == 0 {
-        return Err(damaged(format!(
-            "its {DATA_FILE} is empty (0 bytes): whatever it held is gone; restore it from a backup, \
-             or move it away to start a new log"
-        )));
-    }
-    // The first meta page: a 16-byte page header, then the magic, the version, the map's
-    // address and size, and the page size (the free list's `md_pad`).
-    let mut head = Vec::with_capacity(44);
-    std::io::Read::read_to_end(&mut std::io::Read::take(&mut data, 44), &mut head).map_err(io)?;
-    let word = |at: usize| {
-        head.get(at..at + 4)
-            .map(|b| u32::from_ne_bytes(b.try_into().unwrap_or_default()))
-    };
-    if word(16) != Some(LMDB_MAGIC) {
-        return Err(bad(format!(
-            "its {DATA_FILE} is not an LMDB file, so it holds no Solo log"
-        )));
-    }
-    let page_size = u64::from(word(40).unwrap_or(0)).max(512);
-    if length < 2 * page_size {
-        return Err(damaged(format!(
-            "its {DATA_FILE} is {length} bytes, shorter than LMDB's two meta pages ({} bytes): the file \
-             was cut short (an interrupted copy or restore?); restore it from a backup",
-            2 * page_size
-        )));
-    }
-    Ok(())
 }
 
 /// Refuses a data file cut short: one that ends before a page its newest commit uses. A file
