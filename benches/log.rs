@@ -418,6 +418,7 @@ fn episode(rng: &mut Rng, slot: &mut Slot, cx: &mut EpisodeContext<'_>) -> Vec<(
         Kind::ServiceStopped(proto::ServiceStopped {
             version: slot.version,
             reason: StopReason::Killed as i32,
+            ..Default::default()
         }),
         false,
     ));

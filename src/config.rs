@@ -71,6 +71,11 @@ pub struct SoloConfig {
     pub grpc_max_connection_idle_ms: u32,
     /// Connections each listener (HTTP, gRPC) holds open at once; more wait in the backlog.
     pub max_connections: u32,
+    /// With a listener's `max_connections` all held, how long a connection may have had no
+    /// request open and still keep its slot: past it, one such connection a round (of the
+    /// client address holding the most, the one idle longest) is closed to make room for the
+    /// clients waiting. Idle connections from many addresses then cannot keep others out.
+    pub full_listener_idle_ms: u32,
     /// Connections one client address may hold open on each listener; more are closed.
     pub max_connections_per_client: u32,
     /// Streams one HTTP/2 connection may have open at once (gRPC calls and watches, HTTP/2
@@ -115,6 +120,7 @@ impl Default for SoloConfig {
             grpc_keepalive_timeout_ms: 20_000,
             grpc_max_connection_idle_ms: 60_000,
             max_connections: 10_000,
+            full_listener_idle_ms: 1_000,
             max_connections_per_client: 1_000,
             max_streams_per_connection: 1_000,
             max_header_list_bytes: 64 << 10,
@@ -146,6 +152,9 @@ pub struct DatabaseConfig {
     pub max_batch_events: u32,
     /// Commands that may queue for the writer before callers wait.
     pub writer_queue: u32,
+    /// While the last commit has failed, how often a small commit tries whether the log takes
+    /// writes again, so that the node's health recovers with no client write to wait for.
+    pub write_probe_interval_ms: u32,
     /// Walk every page of the data file's newest commit as the node opens it, refusing damage.
     pub check_pages_at_start: bool,
 }
@@ -163,6 +172,7 @@ impl Default for DatabaseConfig {
             tail_disk_readers: 1,
             max_batch_events: writer.max_batch as u32,
             writer_queue: writer.queue_capacity as u32,
+            write_probe_interval_ms: writer.write_probe_interval.as_millis() as u32,
             check_pages_at_start: true,
         }
     }
@@ -351,6 +361,7 @@ impl Config {
             ("database.max_readers", db.max_readers.into()),
             ("database.max_batch_events", db.max_batch_events.into()),
             ("database.writer_queue", db.writer_queue.into()),
+            ("database.write_probe_interval_ms", db.write_probe_interval_ms.into()),
             ("database.tail_read_chunk", db.tail_read_chunk.into()),
             ("database.tail_disk_readers", db.tail_disk_readers.into()),
             ("database.snapshots_kept", db.snapshots_kept.into()),
@@ -363,6 +374,7 @@ impl Config {
             ("solo.max_in_flight", solo.max_in_flight.into()),
             ("solo.max_request_bytes", solo.max_request_bytes),
             ("solo.max_connections", solo.max_connections.into()),
+            ("solo.full_listener_idle_ms", solo.full_listener_idle_ms.into()),
             (
                 "solo.max_connections_per_client",
                 solo.max_connections_per_client.into(),
@@ -698,6 +710,7 @@ impl Config {
                 queue_capacity: db.writer_queue as usize,
                 snapshot_every: db.snapshot_every,
                 snapshots_kept: db.snapshots_kept as usize,
+                write_probe_interval: std::time::Duration::from_millis(db.write_probe_interval_ms.into()),
             },
             limits: self.limits_table()?,
             clock: system_clock(),

@@ -10,7 +10,7 @@ use prost::Message as _;
 use serde_json::{Map, Value, json};
 
 use crate::log::Record;
-use crate::proto::{CrashReason, Event, Limits, RemovalReason, StopReason, event::Kind};
+use crate::proto::{CrashReason, Event, Limits, RemovalReason, StopOutcome, StopReason, event::Kind};
 
 /// A committed event as tailers receive it: decoded once, shared.
 pub type SharedEvent = Arc<Event>;
@@ -134,6 +134,19 @@ pub fn stop_reason_name(reason: StopReason) -> &'static str {
     }
 }
 
+/// How a stop went, by its number: `unspecified` for a stop recorded before outcomes were, or
+/// an outcome from a newer build.
+pub fn stop_outcome_name(outcome: i32) -> &'static str {
+    match StopOutcome::try_from(outcome).unwrap_or(StopOutcome::Unspecified) {
+        StopOutcome::Unspecified => "unspecified",
+        StopOutcome::Clean => "clean",
+        StopOutcome::GraceExpired => "grace_expired",
+        StopOutcome::Forced => "forced",
+        StopOutcome::Failed => "failed",
+        StopOutcome::NotRunning => "not_running",
+    }
+}
+
 /// The reason of a `service_removed` by its number: a removal from before reasons were
 /// recorded (0) was a requested one, as only clients removed services then; a reason from a
 /// newer build is `unspecified`, as for every enum.
@@ -199,7 +212,13 @@ fn kind_fields_json(kind: &Kind) -> Value {
             "requested_grace_ms": e.requested_grace_ms,
             "expected_version": e.expected_version,
         }),
-        Kind::ServiceStopped(e) => json!({ "version": e.version, "reason": stop_reason_name(e.reason()) }),
+        Kind::ServiceStopped(e) => json!({
+            "version": e.version,
+            "reason": stop_reason_name(e.reason()),
+            "outcome": stop_outcome_name(e.outcome),
+            "calls_cut_off": e.calls_cut_off,
+            "message": e.message,
+        }),
         Kind::ShutdownRequested(e) => json!({ "grace_ms": e.grace_ms }),
         Kind::ServiceRemoved(e) => json!({
             "idempotency_key": e.idempotency_key,
@@ -265,7 +284,20 @@ pub fn describe(event: &Event) -> String {
             e.grace_ms,
             required_version(e.expected_version)
         ),
-        Some(Kind::ServiceStopped(e)) => format!("version={} reason={}", e.version, stop_reason_name(e.reason())),
+        Some(Kind::ServiceStopped(e)) => format!(
+            "version={} reason={} outcome={}{}{}",
+            e.version,
+            stop_reason_name(e.reason()),
+            stop_outcome_name(e.outcome),
+            match e.calls_cut_off {
+                0 => String::new(),
+                n => format!(" calls_cut_off={n}"),
+            },
+            match e.message.as_str() {
+                "" => String::new(),
+                message => format!(" message={message:?}"),
+            }
+        ),
         Some(Kind::ShutdownRequested(e)) => format!("grace_ms={}", e.grace_ms),
         Some(Kind::ServiceRemoved(e)) => format!(
             "reason={}{}",
@@ -341,6 +373,7 @@ mod tests {
             Kind::ServiceStopped(proto::ServiceStopped {
                 version: 3,
                 reason: StopReason::Killed as i32,
+                ..Default::default()
             }),
         );
         event.seq = 7;

@@ -332,6 +332,7 @@ async fn serve(
         ConnectionLimits::new(
             config.solo.max_connections as usize,
             config.solo.max_connections_per_client as usize,
+            Duration::from_millis(config.solo.full_listener_idle_ms.into()),
             Deadlines {
                 opening_bytes,
                 opening_within: header_timeout,

@@ -1829,18 +1829,25 @@ fn running_out_of_room(serve: &ServeDir, node: ServeProcess, why: &str, make_roo
     }
 }
 
+/// `echo` padded to 200 KB with a custom section, a module of its own for each `i`, written in
+/// `dir`.
+fn padded_echo(dir: &Path, i: usize) -> PathBuf {
+    let echo = std::fs::read_to_string(example_path("echo")).unwrap();
+    let body = echo.trim_end().strip_suffix(')').expect("a module ends with ')'");
+    let path = dir.join(format!("big-{i}.wat"));
+    let padding = format!("{i:02}").repeat(100_000);
+    std::fs::write(&path, format!("{body}\n  (@custom \"padding\" \"{padding}\"))\n")).unwrap();
+    path
+}
+
 /// Deploys modules of 200 KB each (kept in `modules`), each kept once in the blob store, until
 /// the node refuses one for want of room, saying `why`. Returns the services acknowledged, and
 /// the one refused with its module.
 fn fill_the_log(serve: &ServeDir, modules: &Path, why: &str) -> (Vec<String>, (String, PathBuf)) {
-    let echo = std::fs::read_to_string(example_path("echo")).unwrap();
-    let body = echo.trim_end().strip_suffix(')').expect("a module ends with ')'");
     let mut acknowledged = Vec::new();
     let mut refused = None;
     for i in 0..64 {
-        let path = modules.join(format!("big-{i}.wat"));
-        let padding = format!("{i:02}").repeat(100_000);
-        std::fs::write(&path, format!("{body}\n  (@custom \"padding\" \"{padding}\"))\n")).unwrap();
+        let path = padded_echo(modules, i);
         let id = format!("big-{i:02}");
         let ran = serve.cli(&["deploy", &id, path.to_str().unwrap()]);
         if ran.code == 0 {
@@ -2004,6 +2011,50 @@ fn a_crash_while_the_disk_is_full_is_recorded_once_the_disk_has_room() {
             "service_crashed"
         ]
     );
+}
+
+/// A full disk's alarm clears once the disk has room again, with no client write to wait for:
+/// a readiness probe that keeps clients away from a degraded node would otherwise keep it
+/// degraded for good.
+#[test]
+fn a_full_disks_alarm_clears_once_it_has_room_though_nobody_writes() {
+    let Some((disk, serve)) = SmallDisk::serve_dir(4) else {
+        return;
+    };
+    let _node = serve.start();
+    serve
+        .cli(&["deploy", "echo", example_path("echo").to_str().unwrap(), "--wait"])
+        .ok();
+    let filler = disk.dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        while file.write_all(&[0; 4096]).is_ok() {}
+    }
+    let modules = tempfile::tempdir().unwrap();
+    let module = padded_echo(modules.path(), 0);
+    let deploy = || serve.cli(&["deploy", "big", module.to_str().unwrap()]);
+    assert!(deploy().fails(1).stderr.contains("is full"));
+    let (code, health) = serve.health();
+    assert_eq!((code, health["status"].as_str()), (503, Some("degraded")), "{health}");
+    assert_eq!(
+        health["unrecorded_observations"], 0,
+        "nothing else waits to be written: {health}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (code, health) = serve.health();
+        if code == 200 {
+            assert_eq!(health["status"], "ok", "{health}");
+            assert!(health["log_error"].is_null(), "{health}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the alarm never cleared: {health}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    deploy().ok();
 }
 
 /// With no room left for LMDB's lock file, `serve` and the `solo log` tools say the disk is

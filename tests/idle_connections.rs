@@ -163,6 +163,95 @@ async fn a_quiet_watch_keeps_its_connection_and_sees_the_next_event() {
     server.stop().await.unwrap();
 }
 
+/// How many of `connections` the node has closed, read within a moment.
+async fn closed_of(connections: &mut [TcpStream]) -> usize {
+    let mut closed = 0;
+    for connection in connections {
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(50), connection.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(Ok(_)) => {} // the node's SETTINGS
+                Err(_) => break,
+            }
+        }
+    }
+    closed
+}
+
+/// A full listener makes room for the clients that come: connections that ask nothing (from
+/// any number of addresses; here one, whose cap lets it hold every slot) give way, one at a
+/// time, long before their idle time is up, while a connection with a stream open keeps its
+/// slot however quiet. On both listeners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listener_closes_idle_connections_for_the_clients_that_come() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = start_server(dir.path(), |c| {
+        c.solo.max_connections = 4;
+        c.solo.full_listener_idle_ms = 200;
+        // Otherwise, idle connections keep their slots for a minute.
+        c.solo.grpc_max_connection_idle_ms = 60_000;
+        c.solo.http_header_timeout_ms = 60_000;
+    })
+    .await;
+    let grpc = address(&server.grpc_url());
+    let mut watcher = grpc_client(&server).await;
+    let watch = proto::WatchRequest {
+        progress_interval_ms: 60_000,
+        ..Default::default()
+    };
+    let mut stream = watcher.watch(as_tenant("acme", watch)).await.unwrap().into_inner();
+    tokio::time::timeout(PATIENCE, stream.next()).await.unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        let mut connection = TcpStream::connect(&grpc).await.unwrap();
+        connection.write_all(HTTP2_HELLO).await.unwrap();
+        silent.push(connection);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let mut other = tokio::time::timeout(PATIENCE, grpc_client(&server))
+        .await
+        .expect("a slot was made");
+    other
+        .deploy(as_tenant("acme", grpc_deploy("echo", "echo")))
+        .await
+        .expect("the deploy is served");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(
+        closed_of(&mut silent).await,
+        1,
+        "one silent connection gave way, no more"
+    );
+    let event = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("an event comes")
+        .expect("the watch is still open")
+        .expect("the watch did not fail");
+    assert!(matches!(event.msg, Some(Msg::Event(_))), "{event:?}");
+    drop(silent);
+
+    // The HTTP listener: four silent connections, then a request.
+    let http = address(&server.http_url());
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(&http).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let health = tokio::time::timeout(PATIENCE, reqwest::get(format!("{}/health", server.http_url())))
+        .await
+        .expect("a slot was made")
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(closed_of(&mut silent).await >= 1);
+    drop(silent);
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_for_several_idle_times_is_answered() {
     let (_dir, server) = node().await;

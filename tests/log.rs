@@ -575,6 +575,7 @@ async fn quotas_hold_at_their_edges_and_under_a_race() {
         service_id: "b".into(),
         version: 1,
         reason: solo::proto::StopReason::Killed,
+        how: Default::default(),
     };
     control.observe(stopped).await.unwrap();
     deploy(&control, "acme", "e", "m").await;
@@ -634,6 +635,7 @@ async fn a_killed_version_keeps_its_memory_reserved_until_it_has_stopped() {
         service_id: "big".into(),
         version: 1,
         reason: solo::proto::StopReason::Killed,
+        how: Default::default(),
     };
     control.observe(stopped).await.unwrap();
     control.deploy(with_mib("other", "m", 20)).await.unwrap();
@@ -1408,6 +1410,7 @@ async fn no_start_is_recorded_after_the_shutdown() {
         service_id: "a".into(),
         version: 1,
         reason: StopReason::NodeShutdown,
+        how: Default::default(),
     };
     control.observe(stopped).await.unwrap();
     assert!(control.status("acme", "a").unwrap().comes_back_with_the_node());
@@ -1472,6 +1475,7 @@ async fn after_a_shutdown_request_deploys_and_kills_are_refused() {
         service_id: "a".into(),
         version: 1,
         reason: solo::proto::StopReason::NodeShutdown,
+        how: Default::default(),
     };
     control.observe(stopped).await.unwrap();
     let last = control.log().read(control.head()..=control.head()).unwrap();

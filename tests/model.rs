@@ -492,6 +492,7 @@ async fn run_on_solo(control: &Control, op: &Op) -> Answer {
                     service_id,
                     version,
                     reason,
+                    how: Default::default(),
                 })
                 .await
                 .map(|_| Answer::Observed)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use solo::control::{Error, KillCommand};
 use solo::proto::event::Kind;
-use solo::proto::{CrashReason, Limits, StopReason};
+use solo::proto::{CrashReason, Limits, StopOutcome, StopReason};
 use solo::runtime::CallError;
 
 fn tempdir() -> tempfile::TempDir {
@@ -459,8 +459,16 @@ async fn graceful_and_forced_kills() {
         })
         .await
         .unwrap();
-    let stopped = wait_for_kind(control, killed.seq, "acme", "gentle", "service_stopped").await;
-    assert!(matches!(&stopped.kind, Some(Kind::ServiceStopped(s)) if s.reason() == solo::proto::StopReason::Killed));
+    let stopped = stop_of(control, killed.seq, "gentle", 1).await;
+    assert_eq!(
+        (
+            stopped.reason(),
+            stopped.outcome(),
+            stopped.calls_cut_off,
+            stopped.message.as_str()
+        ),
+        (StopReason::Killed, StopOutcome::Clean, 0, "")
+    );
     let lines: Vec<String> = control
         .logs("acme", "gentle")
         .unwrap()
@@ -477,7 +485,8 @@ async fn graceful_and_forced_kills() {
         })
         .await
         .unwrap();
-    wait_for_kind(control, killed.seq, "acme", "abrupt", "service_stopped").await;
+    let stopped = stop_of(control, killed.seq, "abrupt", 1).await;
+    assert_eq!((stopped.outcome(), stopped.calls_cut_off), (StopOutcome::Forced, 0));
     let lines: Vec<String> = control
         .logs("acme", "abrupt")
         .unwrap()
@@ -530,7 +539,12 @@ async fn a_forced_kill_cuts_short_a_graceful_one_under_way() {
         .await
         .unwrap();
     assert!(forced.seq > gentle.seq && !forced.already_stopped, "{forced:?}");
-    wait_for_kind(&control, forced.seq, "acme", "spin", "service_stopped").await;
+    let stopped = stop_of(&control, forced.seq, "spin", 1).await;
+    assert_eq!(
+        (stopped.outcome(), stopped.calls_cut_off),
+        (StopOutcome::Forced, 1),
+        "{stopped:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "stopped without waiting out the call or the grace: {:?}",
@@ -541,6 +555,94 @@ async fn a_forced_kill_cuts_short_a_graceful_one_under_way() {
     // The quotas counted the service out once.
     let state_services = control.read_state(|s| s.active_services());
     assert_eq!(state_services, 0);
+    node.stop(Duration::from_secs(5)).await;
+}
+
+/// A stop's record says how it went, as Kubernetes records how a container ended: the grace
+/// running out on a call, a call failing while the queue drained, or nothing left to stop. The
+/// live figures agree: the calls cut off failed, and what went wrong is the last error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_on_record_says_how_it_went() {
+    let dir = tempdir();
+    let node = open_node(&node_config(dir.path())).await;
+    let control = node.control.clone();
+    let kill = |id: &str, grace_ms: u32| KillCommand {
+        grace_ms,
+        ..kill_command("acme", id)
+    };
+
+    // The grace runs out on a call under way.
+    spin_running(&control, "slow").await;
+    let busy = call_in_flight(&control, "slow", 5000);
+    tokio::time::sleep(Duration::from_millis(200)).await; // the call is under way
+    let killed = control.kill(kill("slow", 300)).await.unwrap();
+    let stopped = stop_of(&control, killed.seq, "slow", 1).await;
+    assert_eq!(
+        (stopped.outcome(), stopped.calls_cut_off),
+        (StopOutcome::GraceExpired, 1),
+        "{stopped:?}"
+    );
+    assert!(
+        stopped.message.contains("grace of 300 ms ran out"),
+        "{}",
+        stopped.message
+    );
+    assert!(busy.await.unwrap().is_err(), "the call was cut off");
+    let live = control.live("acme", "slow").unwrap();
+    assert_eq!(
+        (live.calls_failed, live.last_error.as_str()),
+        (1, stopped.message.as_str())
+    );
+
+    // A queued call fails while the instance finishes its queue: the rest of the stop is
+    // given up, and the record says why.
+    spin_running(&control, "fails").await;
+    let first = call_in_flight(&control, "fails", 600);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let too_large = {
+        let control = control.clone();
+        // Past what the example's `solo_alloc` takes: it traps.
+        tokio::spawn(async move { call(&control, "acme", "fails", &[b'1'; 70_000]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed = control.kill(kill("fails", 10_000)).await.unwrap();
+    let stopped = stop_of(&control, killed.seq, "fails", 1).await;
+    assert_eq!(
+        (stopped.outcome(), stopped.calls_cut_off),
+        (StopOutcome::Failed, 0),
+        "{stopped:?}"
+    );
+    assert!(
+        stopped.message.contains("a call it was finishing failed") && stopped.message.contains("unreachable"),
+        "{}",
+        stopped.message
+    );
+    assert_eq!(first.await.unwrap().unwrap(), b"done");
+    assert!(too_large.await.unwrap().is_err());
+    assert_eq!(control.live("acme", "fails").unwrap().last_error, stopped.message);
+
+    // A service whose restart policy gave up has no instance to stop.
+    let mut crasher = deploy_example("acme", "crashed", "unreachable");
+    crasher.limits = Limits {
+        max_restarts: 1,
+        ..Limits::default()
+    };
+    let deployed = control.deploy(crasher).await.unwrap();
+    wait_for_kind(&control, deployed.seq, "acme", "crashed", "service_started").await;
+    // It traps, is restarted, traps again, and its restart policy gives up.
+    for _ in 0..2 {
+        call(&control, "acme", "crashed", b"x").await.unwrap_err();
+    }
+    while control.status("acme", "crashed").unwrap().status.as_str() != "crashed" {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed = control.kill(kill("crashed", 1000)).await.unwrap();
+    let stopped = stop_of(&control, killed.seq, "crashed", 1).await;
+    assert_eq!(
+        (stopped.outcome(), stopped.calls_cut_off),
+        (StopOutcome::NotRunning, 0),
+        "{stopped:?}"
+    );
     node.stop(Duration::from_secs(5)).await;
 }
 
@@ -1605,7 +1707,7 @@ async fn stop_of(
     let Some(Kind::ServiceStopped(stopped)) = &event.kind else {
         unreachable!()
     };
-    *stopped
+    stopped.clone()
 }
 
 /// A killed version that a deploy replaces while it is still stopping has its stop recorded

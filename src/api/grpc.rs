@@ -184,7 +184,7 @@ impl SoloKernel for GrpcApi {
             let listing = ops::listing_fingerprint(caller.scope(), &request.status, &request.labels);
             let filter = ListFilter::new(&request.status, request.labels)?;
             let page_size = ops::page_size(request.page_size.into())?;
-            let after = ops::decode_page_token(&request.page_token, &listing)?;
+            let after = ops::decode_page_token(&request.page_token, &listing, caller.scope())?;
             let found = ops::list(&self.state, &caller, &filter);
             let unsent = found
                 .services

@@ -525,8 +525,9 @@ pub fn encode_page_token(listing: &str, tenant: &str, id: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{listing}\n{tenant}\n{id}"))
 }
 
-/// The position a page token resumes after, if it belongs to `listing`.
-pub fn decode_page_token(token: &str, listing: &str) -> Result<Option<(String, String)>, Error> {
+/// The position a page token resumes after, if it belongs to `listing`, of `scope`'s services
+/// (`None`: every tenant's).
+pub fn decode_page_token(token: &str, listing: &str, scope: Option<&str>) -> Result<Option<(String, String)>, Error> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -544,8 +545,11 @@ pub fn decode_page_token(token: &str, listing: &str) -> Result<Option<(String, S
     }
     // The position is only a place to resume from (a page never holds more than the caller
     // may see), but one that names no possible service was not issued here.
-    let well_formed =
-        crate::control::validate_tenant(tenant).is_ok() && crate::control::validate_service_id(id).is_ok();
+    // A tenant's listing never ends on another tenant's service either: such a position would
+    // end the listing early, and quietly.
+    let well_formed = crate::control::validate_tenant(tenant).is_ok()
+        && crate::control::validate_service_id(id).is_ok()
+        && scope.is_none_or(|scope| scope == tenant);
     if !well_formed {
         return Err(bad());
     }

@@ -54,6 +54,9 @@ pub struct Activity {
     /// The one task that waits for the connection to go idle (the connection's), woken when its
     /// last open request ends, or its last one that is not a stream.
     waiter: AtomicWaker,
+    /// When it was told to give its slot up ([`Activity::evict`]), in µs since `opened`, plus
+    /// one; 0 until then. It is idle as soon as no request is open.
+    evicted_us: AtomicU64,
 }
 
 impl Activity {
@@ -65,7 +68,34 @@ impl Activity {
             last_ended_us: AtomicU64::new(0),
             last_wrote_us: AtomicU64::new(0),
             waiter: AtomicWaker::new(),
+            evicted_us: AtomicU64::new(0),
         })
+    }
+
+    /// Asks the connection to close as an idle one does, at once if it has no request open,
+    /// else once it has none: its listener is full, and others wait for its slot.
+    pub(super) fn evict(&self) {
+        self.evicted_us.store(self.now_us() + 1, Ordering::SeqCst);
+        self.waiter.wake();
+    }
+
+    pub(super) fn is_evicted(&self) -> bool {
+        self.evicted_us.load(Ordering::SeqCst) > 0
+    }
+
+    /// Whether it was told to give its slot up within `within`, and has no request open: it is
+    /// on its way out.
+    pub(super) fn leaving(&self, within: Duration) -> bool {
+        let evicted = self.evicted_us.load(Ordering::SeqCst);
+        evicted > 0
+            && self.idle_since().is_some()
+            && self.now_us().saturating_sub(evicted - 1) < u64::try_from(within.as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether no request has been open for `after` (or at all, once evicted).
+    fn idle_for(&self, after: Duration) -> bool {
+        self.idle_since()
+            .is_some_and(|since| self.is_evicted() || since.elapsed() >= after)
     }
 
     /// Counts a request as open until the guard is dropped.
@@ -152,7 +182,7 @@ impl Activity {
     }
 
     /// Since when the connection has had no request open; `None` while one is.
-    fn idle_since(&self) -> Option<Instant> {
+    pub(super) fn idle_since(&self) -> Option<Instant> {
         if self.open.load(Ordering::SeqCst) > 0 {
             return None;
         }
@@ -172,6 +202,9 @@ impl Activity {
         let Some(since) = self.idle_since() else {
             return Poll::Pending;
         };
+        if self.is_evicted() {
+            return Poll::Ready(());
+        }
         let deadline = since + after;
         if timer.deadline() != deadline {
             timer.as_mut().reset(deadline);
@@ -301,7 +334,10 @@ impl IdleClose {
                         self.closing = Closing::Closed;
                         continue;
                     }
-                    let Some(after) = self.after else {
+                    // Never closed for being idle, unless evicted: then at once. Registered before
+                    // looking, so that an eviction meanwhile still wakes the task.
+                    self.activity.waiter.register(cx.waker());
+                    let Some(after) = self.after.or(self.activity.is_evicted().then_some(Duration::ZERO)) else {
                         return false;
                     };
                     if self.activity.poll_idle(after, &mut self.timer, cx).is_pending() {
@@ -317,11 +353,7 @@ impl IdleClose {
                     if until.as_mut().poll(cx).is_pending() {
                         return false;
                     }
-                    let still_idle = self
-                        .activity
-                        .idle_since()
-                        .zip(self.after)
-                        .is_some_and(|(since, after)| since.elapsed() >= after);
+                    let still_idle = self.activity.idle_for(self.after.unwrap_or(Duration::MAX));
                     self.closing = if !still_idle {
                         Closing::No
                     } else if *read && *round < IDLE_SETTLINGS {

@@ -1,12 +1,16 @@
 //! How many connections a listener holds open: in all, and per client address.
 //!
-//! Each listener (HTTP and gRPC) has its own [`ConnectionLimits`]. At the total cap it stops
-//! accepting, so new clients wait in the kernel's listen backlog rather than the node running
-//! out of file descriptors for its log. Past the per-client cap, a connection is refused, so
+//! Each listener (HTTP and gRPC) has its own [`ConnectionLimits`]. At the total cap it takes one
+//! connection more off the kernel's listen backlog and no other, so new clients wait there
+//! rather than the node running out of file descriptors for its log. Past the per-client cap, a connection is refused, so
 //! that one client (20,000 connections each trickling a request) cannot take every slot. A
 //! client is an IPv4 address, or an IPv6 /64 network ([`client_of`]): a single host is usually
 //! given a whole /64, and would otherwise have as many caps as addresses. An admitted
-//! connection holds its place until it is dropped.
+//! connection holds its place until it is dropped. While a listener is full and a client waits
+//! (the one taken past the cap), a connection that has had no request open for a while gives
+//! way to it, one every [`EVICTION_ROUND`] until a slot is free (of the client holding the most,
+//! the one idle longest): idle connections from many addresses, each within its cap, cannot
+//! keep everyone else out.
 //!
 //! A connection must also open, and go when told:
 //! - it has [`Deadlines::opening_within`] to send its opening bytes, or it is closed: on the
@@ -52,6 +56,13 @@ pub use idle::{Activities, Activity, TrackRequests, TrackRequestsLayer};
 /// The pause after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
+/// While a listener is full, how often one of its idle connections is told to give way.
+pub const EVICTION_ROUND: Duration = Duration::from_millis(50);
+
+/// How long a connection told to give way is waited for before another is: it closes once it
+/// has settled (a request it had read meanwhile would keep it), a few hundred ms at most.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
 /// How long, once its listener drains, a connection with nothing open but streams (a Watch, an
 /// event stream) may take none of what is written to it before it is closed. Their ends are
 /// written at the drain (a Watch within reach of the head is sent the rest first, for up to a
@@ -64,21 +75,37 @@ pub const STREAMS_QUIET: Duration = Duration::from_secs(2);
 pub struct ConnectionLimits {
     slots: Arc<Semaphore>,
     per_client: usize,
-    clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    admitted: Arc<Mutex<Admitted>>,
+    /// While the listener is full, how long a connection may have had no request open and
+    /// keep its slot.
+    full_idle: Duration,
     deadlines: Deadlines,
     activities: Activities,
+}
+
+/// The connections a listener holds.
+#[derive(Debug, Default)]
+struct Admitted {
+    /// How many, by client.
+    by_client: HashMap<IpAddr, usize>,
+    /// Each one's client and activity, by its admission's number.
+    connections: HashMap<u64, (IpAddr, Arc<Activity>)>,
+    next_number: u64,
 }
 
 /// A connection's place under the limits, given back when it is dropped.
 #[derive(Debug)]
 struct Admission {
     _slot: OwnedSemaphorePermit,
-    clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    admitted: Arc<Mutex<Admitted>>,
     address: IpAddr,
+    number: u64,
 }
 
 /// A connection taken off the listener.
 #[derive(Debug)]
+// One a connection, moved on at once: boxing the stream would cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Accepted {
     Admitted(AdmittedStream, SocketAddr),
     /// Its address holds as many connections as it may: answer it if the protocol allows, and
@@ -87,13 +114,65 @@ pub enum Accepted {
 }
 
 impl ConnectionLimits {
-    pub fn new(max: usize, per_client: usize, deadlines: Deadlines) -> ConnectionLimits {
+    /// `full_idle`: while all `max` slots are held, how long a connection may have had no
+    /// request open and keep its slot.
+    pub fn new(max: usize, per_client: usize, full_idle: Duration, deadlines: Deadlines) -> ConnectionLimits {
         ConnectionLimits {
             slots: Arc::new(Semaphore::new(max.max(1))),
             per_client: per_client.max(1),
-            clients: Arc::new(Mutex::new(HashMap::new())),
+            admitted: Arc::default(),
+            full_idle,
             deadlines,
             activities: Activities::default(),
+        }
+    }
+
+    fn admitted(&self) -> std::sync::MutexGuard<'_, Admitted> {
+        self.admitted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a client taken off the backlog of a full listener: waits for one, telling an
+    /// idle connection to give way each [`EVICTION_ROUND`] meanwhile.
+    async fn slot_when_full(&self) -> OwnedSemaphorePermit {
+        loop {
+            if let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() {
+                return slot;
+            }
+            self.evict_one_idle();
+            tokio::select! {
+                slot = Arc::clone(&self.slots).acquire_owned() => return slot.expect("the semaphore is never closed"),
+                () = tokio::time::sleep(EVICTION_ROUND) => {}
+            }
+        }
+    }
+
+    /// Tells one connection idle for `full_idle` at least to close: of the client holding the
+    /// most connections, the one idle longest. None may be: every connection has a request
+    /// open, or has had one lately. None is while one told already is on its way out.
+    fn evict_one_idle(&self) {
+        let admitted = self.admitted();
+        if admitted
+            .connections
+            .values()
+            .any(|(_, activity)| activity.leaving(EVICTION_WAIT))
+        {
+            return;
+        }
+        let victim = admitted
+            .connections
+            .values()
+            .filter(|(_, activity)| !activity.is_evicted())
+            .filter_map(|(client, activity)| {
+                let since = activity
+                    .idle_since()
+                    .filter(|since| since.elapsed() >= self.full_idle)?;
+                let held = admitted.by_client.get(client).copied().unwrap_or(0);
+                Some(((held, std::cmp::Reverse(since)), client, activity))
+            })
+            .max_by_key(|(rank, _, _)| *rank);
+        if let Some((_, client, activity)) = victim {
+            tracing::debug!(%client, "the listener is full: an idle connection gives way");
+            activity.evict();
         }
     }
 
@@ -107,13 +186,12 @@ impl ConnectionLimits {
         self.per_client
     }
 
-    /// Waits for a free slot, then for the next connection. An accept that fails (out of file
-    /// descriptors and the like) is logged and retried after a pause rather than spun on.
+    /// The next connection, with a slot: a free one, or, with every slot held, one that an idle
+    /// connection gives up for it (the connection then waits, the one past the cap, until it
+    /// has). An accept that fails (out of file descriptors and the like) is logged and retried
+    /// after a pause rather than spun on.
     pub async fn accept(&self, listener: &TcpListener) -> Accepted {
-        let slot = Arc::clone(&self.slots)
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
+        let free = Arc::clone(&self.slots).try_acquire_owned().ok();
         let (stream, peer) = loop {
             match listener.accept().await {
                 Ok(accepted) => break accepted,
@@ -123,25 +201,35 @@ impl ConnectionLimits {
                 }
             }
         };
+        let slot = match free {
+            Some(slot) => slot,
+            None => self.slot_when_full().await,
+        };
         // Small replies must not wait on Nagle's algorithm for the peer's delayed ACK.
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot turn Nagle's algorithm off");
         }
         let address = client_of(peer.ip());
-        {
-            let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-            let open = clients.entry(address).or_default();
+        let activity = Activity::new();
+        let number = {
+            let mut admitted = self.admitted();
+            let open = admitted.by_client.entry(address).or_default();
             if *open >= self.per_client {
                 return Accepted::OverClientCap(stream, peer, slot);
             }
             *open += 1;
-        }
+            let number = admitted.next_number;
+            admitted.next_number += 1;
+            admitted.connections.insert(number, (address, Arc::clone(&activity)));
+            number
+        };
         let admission = Admission {
             _slot: slot,
-            clients: Arc::clone(&self.clients),
+            admitted: Arc::clone(&self.admitted),
             address,
+            number,
         };
-        let stream = AdmittedStream::new(stream, admission, &self.deadlines, &self.activities);
+        let stream = AdmittedStream::new(stream, admission, activity, &self.deadlines, &self.activities);
         Accepted::Admitted(stream, peer)
     }
 }
@@ -157,8 +245,9 @@ pub fn client_of(address: IpAddr) -> IpAddr {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let std::collections::hash_map::Entry::Occupied(mut open) = clients.entry(self.address) {
+        let mut admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
+        admitted.connections.remove(&self.number);
+        if let std::collections::hash_map::Entry::Occupied(mut open) = admitted.by_client.entry(self.address) {
             *open.get_mut() -= 1;
             if *open.get() == 0 {
                 open.remove();
@@ -233,9 +322,14 @@ struct Opening {
 }
 
 impl AdmittedStream {
-    fn new(stream: TcpStream, admission: Admission, deadlines: &Deadlines, activities: &Activities) -> AdmittedStream {
+    fn new(
+        stream: TcpStream,
+        admission: Admission,
+        activity: Arc<Activity>,
+        deadlines: &Deadlines,
+        activities: &Activities,
+    ) -> AdmittedStream {
         let connect_info = stream.connect_info();
-        let activity = Activity::new();
         let idle = match deadlines.closer {
             Closer::Server => None,
             Closer::Stream { idle_after } => Some(Box::new(IdleClose::new(

@@ -177,6 +177,7 @@ pub enum Observation {
         service_id: String,
         version: u64,
         reason: StopReason,
+        how: StopReport,
     },
     NodeStarted {
         version: String,
@@ -184,6 +185,16 @@ pub enum Observation {
         recovered: Vec<proto::ServiceRef>,
         replayed_to_seq: u64,
     },
+}
+
+/// How an instance's stop went, as the runtime saw it (`ServiceStopped`'s account of it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StopReport {
+    pub outcome: proto::StopOutcome,
+    /// Calls the instance had accepted and answered "stopped" instead.
+    pub calls_cut_off: u32,
+    /// What went wrong, for a person; empty for a clean stop.
+    pub message: String,
 }
 
 #[derive(Debug, Clone)]
@@ -693,6 +704,7 @@ fn observation_event(observation: Observation) -> Event {
             service_id,
             version,
             reason,
+            how,
         } => envelope(
             tenant,
             service_id,
@@ -700,6 +712,9 @@ fn observation_event(observation: Observation) -> Event {
             Kind::ServiceStopped(proto::ServiceStopped {
                 version,
                 reason: reason as i32,
+                outcome: how.outcome as i32,
+                calls_cut_off: how.calls_cut_off,
+                message: how.message,
             }),
         ),
         Observation::NodeStarted {

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use command::{
     DeployCommand, DeployOutcome, KillCommand, KillOutcome, MAX_LABELS, Module, NODE_ACTOR, Observation, RemoveCommand,
-    RemoveOutcome, validate_idempotency_key, validate_labels, validate_service_id, validate_tenant,
+    RemoveOutcome, StopReport, validate_idempotency_key, validate_labels, validate_service_id, validate_tenant,
 };
 pub use error::{Error, Result};
 pub use noop_keys::check_stored as check_stored_request;
@@ -90,6 +90,32 @@ pub struct WriterOptions {
     pub snapshot_every: u64,
     /// Snapshots kept; older ones are deleted.
     pub snapshots_kept: usize,
+    /// While the last commit has failed, how often a small commit tries the log again.
+    pub write_probe_interval: std::time::Duration,
+}
+
+/// While the last commit has failed, asks the writer for a commit of its own every `interval`:
+/// the node's health (etcd's NOSPACE alarm, `/health`) then clears once the disk has room
+/// again, with no client write to wait for, which a readiness probe keeping clients away
+/// would never send. Ends with the writer.
+fn probe_writes_while_failing(
+    requests: mpsc::WeakSender<Request>,
+    commit_failure: Arc<CommitFailure>,
+    interval: std::time::Duration,
+) {
+    let probe = move || {
+        loop {
+            std::thread::sleep(interval);
+            let Some(requests) = requests.upgrade() else { return };
+            if commit_failure.current().is_some() {
+                // A full queue has commits coming that tell as much.
+                let _ = requests.try_send(Request::ProbeWrites);
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name("solo-write-probe".into()).spawn(probe) {
+        tracing::warn!(error = %e, "no thread to probe the log after a failed commit: a full disk's alarm clears with the next write");
+    }
 }
 
 impl Default for WriterOptions {
@@ -99,6 +125,7 @@ impl Default for WriterOptions {
             queue_capacity: 16_384,
             snapshot_every: 100_000,
             snapshots_kept: 2,
+            write_probe_interval: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -218,6 +245,7 @@ impl Control {
         // Recovery read and checked every record after the snapshot; the ones before it, here.
         let (history, history_thread) = HistoryCheck::start(log.clone(), last_snapshot_seq);
         let commit_failure = Arc::new(CommitFailure::default());
+        let probe_interval = options.writer.write_probe_interval;
         let writer = Writer {
             commit_failure: Arc::clone(&commit_failure),
             noop_keys,
@@ -239,6 +267,7 @@ impl Control {
             .name("solo-writer".into())
             .spawn(move || writer.run(receiver))
             .expect("the writer thread starts");
+        probe_writes_while_failing(requests.downgrade(), Arc::clone(&commit_failure), probe_interval);
         Control {
             shared: Arc::new(Shared {
                 requests,

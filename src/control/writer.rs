@@ -54,6 +54,9 @@ pub(super) enum Request {
     },
     /// Stop after the batch at hand; answered when the writer is done.
     Close { done: oneshot::Sender<()> },
+    /// While the last commit has failed: try a commit, even with nothing to write, to learn
+    /// whether the log takes writes again.
+    ProbeWrites,
 }
 
 /// Module hashes the writer remembers as stored; forgetting one only costs a lookup.
@@ -144,6 +147,8 @@ struct Batch {
     /// Whether a caller's reply waits for the batch: it holds more than the runtime's observations.
     awaited: bool,
     close: Option<oneshot::Sender<()>>,
+    /// Whether the batch commits even with nothing to write ([`Request::ProbeWrites`]).
+    probe: bool,
 }
 
 impl Writer {
@@ -159,6 +164,7 @@ impl Writer {
                 pending: Vec::with_capacity(last_batch.max(1)),
                 awaited: false,
                 close: None,
+                probe: false,
             };
             self.take(first, &mut batch);
             self.gather(&mut requests, &mut batch, last_batch);
@@ -196,6 +202,10 @@ impl Writer {
             Request::Command { command, reply } => (command, reply),
             Request::Close { done } => {
                 batch.close = Some(done);
+                return;
+            }
+            Request::ProbeWrites => {
+                batch.probe = true;
                 return;
             }
         };
@@ -303,11 +313,13 @@ impl Writer {
     /// everyone once it is durable.
     fn commit(&mut self, batch: Batch) {
         let Batch {
+            now_ms,
             shutdown_seq,
             events,
             blobs,
             mut replaced,
             pending,
+            probe,
             ..
         } = batch;
         // A keyed request that changed nothing is answered once its key is durable, so that
@@ -325,6 +337,14 @@ impl Writer {
                 }
                 self.commit_failure.succeeded();
                 self.noop_keys.stored();
+            } else if probe && self.commit_failure.current().is_some() {
+                match self.log.store().probe_writes(now_ms) {
+                    Ok(()) => {
+                        tracing::info!("the log takes writes again");
+                        self.commit_failure.succeeded();
+                    }
+                    Err(e) => tracing::debug!(error = %e, "the log still takes no writes"),
+                }
             }
             answer(pending);
             return;
@@ -443,6 +463,7 @@ mod tests {
                 .collect(),
             awaited,
             close: None,
+            probe: false,
         }
     }
 

@@ -233,7 +233,9 @@ pub(super) fn allocate_lmdb_lock_file(dir: &Path, max_readers: u32) -> Result<bo
 }
 
 fn disk_full(dir: &Path) -> Error {
-    Error::DiskFull { path: dir.to_path_buf() }
+    Error::DiskFull {
+        path: dir.to_path_buf(),
+    }
 }
 
 #[cfg(test)]
@@ -262,7 +264,10 @@ mod tests {
             let env = unsafe { options.open(ours.path()) }.unwrap();
             assert_eq!(env.max_readers(), max_readers);
             assert_eq!(std::fs::metadata(ours.path().join(LMDB_LOCK_FILE)).unwrap().len(), lmdb);
-            assert!(!allocate_lmdb_lock_file(ours.path(), max_readers).unwrap(), "made twice");
+            assert!(
+                !allocate_lmdb_lock_file(ours.path(), max_readers).unwrap(),
+                "made twice"
+            );
         }
     }
 }

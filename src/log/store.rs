@@ -12,10 +12,10 @@ use heed::byteorder::BigEndian;
 use heed::types::{Bytes, Str, U64};
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RoTxn, RwTxn, WithoutTls};
 
+use super::dir::{self, check_data_file, lock_for_writing, sync_dir};
 use super::error::{Error, Result};
 use super::frame;
 use super::pages;
-use super::dir::{self, check_data_file, lock_for_writing, sync_dir};
 
 /// The on-disk format this build writes (`meta/format_version`). Version 2 may hold
 /// `service_removed` events, which a reader of version 1 would step over, and so list removed
@@ -39,6 +39,8 @@ pub const DATA_FILE: &str = "data.mdb";
 pub const META_FORMAT_VERSION: &str = "format_version";
 pub const META_NODE_ID: &str = "node_id";
 pub const META_CREATED_AT_MS: &str = "created_at_ms";
+/// When the node last tried whether the log takes writes again ([`Store::probe_writes`]).
+pub const META_WRITE_PROBE_MS: &str = "write_probe_ms";
 
 type SeqKey = U64<BigEndian>;
 
@@ -322,6 +324,17 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Commits one small write (the time, in `meta`): whether the log takes writes again after
+    /// a commit failed. A commit with nothing in it would tell nothing, as LMDB writes nothing
+    /// for it.
+    pub fn probe_writes(&self, now_ms: u64) -> Result<()> {
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        self.meta
+            .put(&mut wtxn, META_WRITE_PROBE_MS, &now_ms.to_be_bytes())
+            .map_err(|e| self.err(e))?;
+        wtxn.commit().map_err(|e| self.commit_err(e))
     }
 
     pub fn node(&self) -> &NodeMeta {

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -17,8 +17,8 @@ use super::instance::{Instance, InstanceConfig};
 use super::module::Prepared;
 use super::recorder::Recorder;
 use super::stats::LiveStats;
-use crate::control::Observation;
-use crate::proto::CrashReason;
+use crate::control::{Observation, StopReport};
+use crate::proto::{CrashReason, StopOutcome};
 
 /// One request waiting in a mailbox.
 pub(super) struct Call {
@@ -57,10 +57,28 @@ impl Route {
 
 pub(super) type Ready = Arc<watch::Sender<Route>>;
 
-/// A request to stop: finish queued calls and run `solo_stop` within `grace`.
+/// A request to stop: finish queued calls and run `solo_stop` within `grace`, then say how it
+/// went.
 #[derive(Debug)]
 pub(super) struct StopRequest {
     pub grace: Duration,
+    pub report: oneshot::Sender<StopReport>,
+}
+
+/// What a stop whose grace ran out says.
+fn grace_ran_out(grace: Duration, cut_off: usize) -> String {
+    format!(
+        "the grace of {} ms ran out with {cut_off} calls it had accepted unanswered; solo_stop did not run",
+        grace.as_millis()
+    )
+}
+
+fn stop_report(outcome: StopOutcome, calls_cut_off: usize, message: String) -> StopReport {
+    StopReport {
+        outcome,
+        calls_cut_off: u32::try_from(calls_cut_off).unwrap_or(u32::MAX),
+        message,
+    }
 }
 
 pub(super) struct Actor {
@@ -120,28 +138,52 @@ pub(super) struct RunningActor {
     /// The longest one of its calls may take: the time it is given to finish its queue and stop
     /// once an upgrade has replaced it.
     pub call_timeout: Duration,
+    /// Whether the actor is running a call: one that a stop at once cuts off.
+    serving: Arc<AtomicBool>,
 }
 
 impl RunningActor {
     /// Stops the actor: at once with `force`, else gracefully within `grace` (then at once),
-    /// or at once when `forced` reaches this version meanwhile.
-    pub async fn stop(self, force: bool, grace: Duration, mut forced: watch::Receiver<u64>) {
-        if !force && !self.task.is_finished() && self.stop.send(StopRequest { grace }).await.is_ok() {
-            let mut task = self.task;
-            let version = self.version;
-            // A little slack over the grace: the actor enforces it itself.
-            let cut_short = tokio::select! {
-                finished = tokio::time::timeout(grace + Duration::from_millis(100), &mut task) => finished.is_err(),
-                () = forced_at_least(&mut forced, version) => true,
-            };
-            if cut_short {
-                task.abort();
-                let _ = task.await;
-            }
-            return;
+    /// or at once when `forced` reaches this version meanwhile. Says how the stop went.
+    pub async fn stop(mut self, force: bool, grace: Duration, mut forced: watch::Receiver<u64>) -> StopReport {
+        if self.task.is_finished() {
+            return stop_report(StopOutcome::NotRunning, 0, String::new());
         }
+        let (report, reported) = oneshot::channel();
+        let mut outcome = StopOutcome::Forced;
+        if !force && self.stop.send(StopRequest { grace, report }).await.is_ok() {
+            // A little slack over the grace: the actor enforces it itself, once the call it
+            // runs lets it see the request.
+            let finished = tokio::select! {
+                finished = tokio::time::timeout(grace + Duration::from_millis(100), &mut self.task) => finished.is_ok(),
+                () = forced_at_least(&mut forced, self.version) => false,
+            };
+            if finished {
+                // No report: the instance went down by itself meanwhile (its restart policy
+                // gave up).
+                return reported
+                    .await
+                    .unwrap_or_else(|_| stop_report(StopOutcome::NotRunning, 0, String::new()));
+            }
+            if !forced.borrow().ge(&self.version) {
+                outcome = StopOutcome::GraceExpired;
+            }
+        }
+        let cut_off = self.accepted_calls();
         self.task.abort();
         let _ = self.task.await;
+        let message = match (outcome, cut_off) {
+            (_, 0) => String::new(),
+            (StopOutcome::GraceExpired, n) => grace_ran_out(grace, n),
+            (_, n) => format!("stopped at once: {n} calls it had accepted were cut off"),
+        };
+        stop_report(outcome, cut_off, message)
+    }
+
+    /// Calls the actor has accepted and not answered: those in its mailbox, and the one it runs.
+    fn accepted_calls(&self) -> usize {
+        let mailbox = &self.handle.mailbox;
+        mailbox.max_capacity() - mailbox.capacity() + usize::from(self.serving.load(Ordering::Relaxed))
     }
 }
 
@@ -162,12 +204,14 @@ impl Actor {
         let (started, outcome) = oneshot::channel();
         let version = self.config.version;
         let call_timeout = self.config.call_timeout();
+        let serving = Arc::new(AtomicBool::new(false));
+        let actor_serving = Arc::clone(&serving);
         let task = guests.spawn(async move {
             match Instance::start(&self.prepared, self.config.clone()).await {
                 Ok(instance) => {
                     self.stats.instance_started(instance.memory_bytes());
                     if started.send(Ok(())).is_ok() {
-                        self.run(instance, calls, stops).await;
+                        self.run(instance, calls, stops, &actor_serving).await;
                     }
                 }
                 Err(failure) => {
@@ -195,6 +239,7 @@ impl Actor {
                 task,
                 stop,
                 call_timeout,
+                serving,
             }),
             Ok(Err(failure)) => Spawned::Failed(failure),
             Err(_) => Spawned::Failed(StartFailure {
@@ -209,6 +254,7 @@ impl Actor {
         mut instance: Instance,
         mut calls: mpsc::Receiver<Call>,
         mut stops: mpsc::Receiver<StopRequest>,
+        serving: &AtomicBool,
     ) {
         let mut restart_times = self.restarts.as_instants();
         loop {
@@ -219,25 +265,47 @@ impl Actor {
                     let deadline = Instant::now() + stop.grace;
                     let drained = tokio::time::timeout_at(deadline.into(), async {
                         while let Some(call) = calls.recv().await {
-                            if self.serve(&mut instance, call).await.is_some() {
-                                return None; // a fatal failure while stopping: no restart
+                            if let Some(fatal) = self.serve(&mut instance, call, serving).await {
+                                return Err(fatal); // a fatal failure while stopping: no restart
                             }
                         }
-                        Some(instance)
+                        Ok(instance)
                     })
                     .await;
-                    if let Ok(Some(instance)) = drained {
-                        instance.stop(deadline.saturating_duration_since(Instant::now())).await;
-                    }
+                    let report = match drained {
+                        Ok(Ok(instance)) => match instance.stop(deadline.saturating_duration_since(Instant::now())).await {
+                            Ok(()) => stop_report(StopOutcome::Clean, 0, String::new()),
+                            Err(failure) if Instant::now() >= deadline => stop_report(
+                                StopOutcome::GraceExpired,
+                                0,
+                                format!("the grace ran out in solo_stop ({failure})"),
+                            ),
+                            Err(failure) => {
+                                stop_report(StopOutcome::Failed, 0, format!("solo_stop did not finish: {failure}"))
+                            }
+                        },
+                        // The calls still queued are dropped with the mailbox: answered "stopped".
+                        Ok(Err(fatal)) => stop_report(
+                            StopOutcome::Failed,
+                            calls.len(),
+                            format!("a call it was finishing failed ({fatal}); solo_stop did not run"),
+                        ),
+                        Err(_) => {
+                            let cut_off = calls.len() + usize::from(serving.load(Ordering::Relaxed));
+                            stop_report(StopOutcome::GraceExpired, cut_off, grace_ran_out(stop.grace, cut_off))
+                        }
+                    };
+                    let _ = stop.report.send(report);
                     return;
                 }
                 call = calls.recv() => {
                     let Some(call) = call else {
                         // Every sender is gone (its slot's task ended): the queued calls are done.
-                        instance.stop(self.config.call_timeout()).await;
+                        // Nobody is left to record how it went; a failure is in the node's log.
+                        let _ = instance.stop(self.config.call_timeout()).await;
                         return;
                     };
-                    if let Some(failure) = self.serve(&mut instance, call).await {
+                    if let Some(failure) = self.serve(&mut instance, call, serving).await {
                         // The fresh instance's start may wait for a turn: this one's is free.
                         instance.idle();
                         match self.restart(failure, &mut restart_times).await {
@@ -255,7 +323,7 @@ impl Actor {
     }
 
     /// Serves one call; returns the failure if the instance must be replaced.
-    async fn serve(&self, instance: &mut Instance, call: Call) -> Option<CallFailure> {
+    async fn serve(&self, instance: &mut Instance, call: Call, serving: &AtomicBool) -> Option<CallFailure> {
         // On a busy node the turn may take a while: the caller is asked after it.
         instance.take_turn().await;
         if Instant::now() >= call.deadline || call.reply.is_closed() {
@@ -268,7 +336,9 @@ impl Actor {
         // The service's own wall-clock limit, not the caller's: a guest stopped mid-call loses
         // its instance, and one caller's short deadline must not crash the service for all.
         let limit = self.config.call_timeout();
+        serving.store(true, Ordering::Relaxed);
         let result = instance.call(&call.payload, started + limit).await;
+        serving.store(false, Ordering::Relaxed);
         // The time the guest had the threads, not the time it waited for them.
         let took = instance.guest_time().saturating_sub(guest_time);
         self.stats.call_finished(took, result.is_ok(), instance.memory_bytes());

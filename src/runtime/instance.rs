@@ -388,23 +388,26 @@ impl Instance {
         Ok(bytes)
     }
 
-    /// Runs `solo_stop`, if exported, under a call's CPU limit and within `grace`. A failure
-    /// is only logged: the instance goes away either way.
-    pub async fn stop(mut self, grace: Duration) {
-        let Some(stop) = self.stop.take() else { return };
+    /// Runs `solo_stop`, if exported, under a call's CPU limit and within `grace`. The
+    /// instance goes away either way; a failure is described for the stop's record.
+    pub async fn stop(mut self, grace: Duration) -> Result<(), String> {
+        let Some(stop) = self.stop.take() else { return Ok(()) };
         arm(&mut self.store, self.limits.cpu_ms_per_call.max(1) as u64, grace);
         self.turn.take().await;
         self.store.data().budget.runs_from(Instant::now());
-        if let Err(e) = stop.call_async(&mut self.store, ()).await {
-            let host = self.store.data();
-            tracing::info!(
-                tenant = %host.logs.tenant,
-                service = %host.logs.service_id,
-                version = host.version,
-                error = %describe_failure(&e, &self.store),
-                "solo_stop did not finish; the instance is dropped"
-            );
-        }
+        let failure = match stop.call_async(&mut self.store, ()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => describe_failure(&e, &self.store),
+        };
+        let host = self.store.data();
+        tracing::info!(
+            tenant = %host.logs.tenant,
+            service = %host.logs.service_id,
+            version = host.version,
+            error = %failure,
+            "solo_stop did not finish; the instance is dropped"
+        );
+        Err(failure)
     }
 
     fn failure(&self, error: wasmtime::Error) -> CallFailure {

@@ -43,8 +43,8 @@ use recorder::Recorder;
 use stats::LiveStats;
 use turns::{GuestTurns, TenantTurns};
 
-use crate::control::{EventLog, Module, Observation, Observer};
-use crate::proto::{CrashReason, Event, Limits, ServiceRef, StopReason, event::Kind};
+use crate::control::{EventLog, Module, Observation, Observer, StopReport};
+use crate::proto::{CrashReason, Event, Limits, ServiceRef, StopOutcome, StopReason, event::Kind};
 use crate::state::{Service, Status};
 
 /// How long past its grace a shutdown waits for graceful stops (which enforce the grace
@@ -975,20 +975,30 @@ impl SlotActors {
             older.actor.abort();
         }
         let (grace, forced) = (old.call_timeout, slot.forced.subscribe());
+        let (tenant, service_id, version) = (slot.tenant.clone(), slot.service_id.clone(), old.version);
         self.replaced = Some(Replaced {
             actor: old.task.abort_handle(),
-            stopping: tokio::spawn(old.stop(false, grace, forced)),
+            // A replaced version's stop is not on record (the upgrade is): only the node's log
+            // says when it went wrong.
+            stopping: tokio::spawn(async move {
+                let report = old.stop(false, grace, forced).await;
+                if !report.message.is_empty() {
+                    tracing::info!(%tenant, service = %service_id, version, error = %report.message, "a replaced version did not stop cleanly");
+                }
+            }),
         });
     }
 
-    /// Stops both actors as a kill asks: at once with `force`, else within `grace`.
-    async fn stop(&mut self, slot: &Slot, force: bool, grace: Duration) {
+    /// Stops both actors as a kill asks: at once with `force`, else within `grace`. Says how
+    /// the current one's stop went.
+    async fn stop(&mut self, slot: &Slot, force: bool, grace: Duration) -> StopReport {
         let replaced = self.replaced.take().map(|replaced| replaced.stop(force, grace));
-        tokio::join!(withdraw(slot, self.current.take(), force, grace), async {
+        let (report, ()) = tokio::join!(withdraw(slot, self.current.take(), force, grace), async {
             if let Some(replaced) = replaced {
                 replaced.await;
             }
         });
+        report
     }
 }
 
@@ -1058,8 +1068,8 @@ async fn run_slot(
                 }
             }
             SlotCommand::Kill { version, force, grace } => {
-                actors.stop(&slot, force, grace).await;
-                observe(&inner, stopped(&slot, version, StopReason::Killed)).await;
+                let how = actors.stop(&slot, force, grace).await;
+                observe(&inner, stopped(&slot, version, StopReason::Killed, how)).await;
             }
             SlotCommand::Shutdown { grace, done } => {
                 let alive = actors
@@ -1067,9 +1077,9 @@ async fn run_slot(
                     .as_ref()
                     .filter(|actor| !actor.task.is_finished())
                     .map(|actor| actor.version);
-                actors.stop(&slot, false, grace).await;
+                let how = actors.stop(&slot, false, grace).await;
                 if let Some(version) = alive {
-                    observe(&inner, stopped(&slot, version, StopReason::NodeShutdown)).await;
+                    observe(&inner, stopped(&slot, version, StopReason::NodeShutdown, how)).await;
                 }
                 let _ = done.send(());
                 return;
@@ -1220,21 +1230,34 @@ fn retire(slot: &Slot, actors: &mut SlotActors) {
     slot.stats.instance_stopped();
 }
 
-/// Takes calls away from the slot and stops `actor`, if any.
-async fn withdraw(slot: &Slot, actor: Option<RunningActor>, force: bool, grace: Duration) {
+/// Takes calls away from the slot and stops `actor`, if any; says how that went, in the
+/// service's live figures too (the calls cut off failed; what went wrong is its last error).
+async fn withdraw(slot: &Slot, actor: Option<RunningActor>, force: bool, grace: Duration) -> StopReport {
     slot.take_down();
-    if let Some(actor) = actor {
-        actor.stop(force, grace, slot.forced.subscribe()).await;
-    }
+    let report = match actor {
+        Some(actor) => actor.stop(force, grace, slot.forced.subscribe()).await,
+        None => StopReport {
+            outcome: StopOutcome::NotRunning,
+            ..StopReport::default()
+        },
+    };
     slot.stats.instance_stopped();
+    slot.stats
+        .calls_failed
+        .fetch_add(report.calls_cut_off.into(), Ordering::Relaxed);
+    if !report.message.is_empty() {
+        *slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = report.message.clone();
+    }
+    report
 }
 
-fn stopped(slot: &Slot, version: u64, reason: StopReason) -> Observation {
+fn stopped(slot: &Slot, version: u64, reason: StopReason, how: StopReport) -> Observation {
     Observation::Stopped {
         tenant: slot.tenant.clone(),
         service_id: slot.service_id.clone(),
         version,
         reason,
+        how,
     }
 }
 

@@ -78,6 +78,7 @@ fn lifecycle_and_quota_counts() {
         Kind::ServiceStopped(ServiceStopped {
             version: 1,
             reason: StopReason::Killed as i32,
+            ..Default::default()
         }),
     );
     state.apply(&at(stopped, 6, 15)).unwrap();
@@ -149,6 +150,7 @@ fn a_stopped_service_leaves_the_registry_and_its_id_starts_over() {
         Kind::ServiceStopped(ServiceStopped {
             version: 1,
             reason: StopReason::Killed as i32,
+            ..Default::default()
         }),
     );
     let mut state = State::new(Settings::default());
@@ -181,6 +183,7 @@ fn killed_and_stopped_services_are_counted_the_longest_stopped_first() {
             Kind::ServiceStopped(ServiceStopped {
                 version,
                 reason: StopReason::Killed as i32,
+                ..Default::default()
             }),
         )
     };
@@ -191,6 +194,7 @@ fn killed_and_stopped_services_are_counted_the_longest_stopped_first() {
         Kind::ServiceStopped(ServiceStopped {
             version: 1,
             reason: StopReason::NodeShutdown as i32,
+            ..Default::default()
         }),
     );
     let removed = envelope(
@@ -501,6 +505,7 @@ fn the_stop_of_a_killed_version_replaced_while_stopping_is_history() {
             Kind::ServiceStopped(ServiceStopped {
                 version,
                 reason: StopReason::Killed as i32,
+                ..Default::default()
             }),
         )
     };

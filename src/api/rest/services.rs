@@ -429,7 +429,7 @@ pub(super) async fn list(
     let listing_id = ops::listing_fingerprint(caller.scope(), status, &labels);
     let filter = ListFilter::new(status, labels)?;
     let limit = ops::page_size(params.number("limit")?.unwrap_or(0))?;
-    let after = ops::decode_page_token(params.get("page_token").unwrap_or(""), &listing_id)?;
+    let after = ops::decode_page_token(params.get("page_token").unwrap_or(""), &listing_id, caller.scope())?;
     if after.is_some() && params.get("offset").is_some() {
         return Err(Error::invalid(
             "give `page_token` or `offset`, not both: the token says where its page starts",
