@@ -383,6 +383,9 @@ enum Unread {
     HealthWatch,
     /// `/events?from=1` over HTTP/2, its windows as small.
     EventsOverHttp2,
+    /// No stream: a gRPC connection that sent its hello and then nothing at all, not even the
+    /// answer to the GOAWAY's ping.
+    Silent,
 }
 
 /// A node with a history of some 1,500 events, whose shutdown grace is long: a node that waits
@@ -407,6 +410,13 @@ async fn node_with_history(dir: &std::path::Path) -> solo::server::Server {
 /// open, unread.
 async fn open_unread(server: &solo::server::Server, unread: Unread) -> Box<dyn std::any::Any + Send> {
     match unread {
+        Unread::Silent => {
+            let mut connection = TcpStream::connect(address(&server.grpc_url())).await.unwrap();
+            connection.write_all(HTTP2_HELLO).await.unwrap();
+            let mut settings = [0u8; 64];
+            let _ = connection.read(&mut settings).await.unwrap();
+            Box::new(connection)
+        }
         Unread::Watch => Box::new(small_window_replay(server).await),
         Unread::HealthWatch => {
             let channel = small_window_channel(server).await;
@@ -463,6 +473,11 @@ async fn an_unread_watch_holds_no_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unread_health_watch_holds_no_shutdown() {
     an_unread_stream_holds_no_shutdown(Unread::HealthWatch).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_holds_no_shutdown() {
+    an_unread_stream_holds_no_shutdown(Unread::Silent).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

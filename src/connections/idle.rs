@@ -138,13 +138,14 @@ impl Activity {
         open.saturating_sub(self.streams.load(Ordering::SeqCst))
     }
 
-    /// Resolves once no request is open but streams (one at least), and nothing has been
-    /// written to the connection for `quiet` since `drained` (when the streams were told to end)
-    /// or since: all the connection still owes is a stream's end its client does not take, or a
-    /// stream that never ends. With nothing open at all, it waits: the connection closes itself
-    /// once it has written what it owes, and a call's answer that a shutdown cut off is counted
-    /// as ended a moment before its last bytes are written, which closing then would lose. One
-    /// task at a time may wait (the connection's own).
+    /// Resolves once no request is open but streams, and nothing has been written to the
+    /// connection for `quiet` since `drained` (when the streams were told to end) or since: all
+    /// the connection still owes is a stream's end its client does not take, or a stream that
+    /// never ends. With nothing open at all, the quiet counts from the last request's end too: a
+    /// call's answer that a shutdown cut off is counted as ended a moment before its last bytes
+    /// are written, which closing then would lose; and a connection whose client answers
+    /// nothing (not the GOAWAY's ping either) would otherwise hold the node to the end of its
+    /// grace. One task at a time may wait (the connection's own).
     pub async fn streams_done(&self, drained: Instant, quiet: Duration) {
         let mut timer = Box::pin(tokio::time::sleep_until(drained + quiet));
         std::future::poll_fn(|cx| self.poll_streams_done(drained, quiet, &mut timer, cx)).await;
@@ -159,13 +160,14 @@ impl Activity {
     ) -> Poll<()> {
         // Registered before looking, so that a call ending meanwhile still wakes the task.
         self.waiter.register(cx.waker());
-        if self.calls_open() > 0 || self.open.load(Ordering::SeqCst) == 0 {
+        if self.calls_open() > 0 {
             return Poll::Pending;
         }
-        // A write since the timer was set moves the deadline on: once it fires, look again.
+        // A write (or a request's end) since the timer was set moves the deadline on: once it
+        // fires, look again.
         let deadline = || {
-            let wrote = self.opened + Duration::from_micros(self.last_wrote_us.load(Ordering::Relaxed));
-            drained.max(wrote) + quiet
+            let at = |us: &AtomicU64| self.opened + Duration::from_micros(us.load(Ordering::SeqCst));
+            drained.max(at(&self.last_wrote_us)).max(at(&self.last_ended_us)) + quiet
         };
         loop {
             let due = deadline();
@@ -619,11 +621,15 @@ mod tests {
         // The stream still keeps the connection from going idle.
         assert!(activity.idle_since().is_none());
         drop(stream);
+        let ended = Instant::now();
         assert!(activity.idle_since().is_some());
         assert_eq!(activity.calls_open(), 0);
-        // With nothing open at all, the connection closes itself once it has written what it
-        // owes (a call's answer may be counted as ended before its last bytes are out).
+        // With nothing open at all, the quiet counts from the last request's end too (a call's
+        // answer may be counted as ended before its last bytes are out).
         let done = activity.streams_done(drained, quiet);
-        assert!(tokio::time::timeout(quiet * 3, done).await.is_err());
+        tokio::time::timeout(Duration::from_secs(5), done)
+            .await
+            .expect("nothing is open, and nothing is written");
+        assert!(ended.elapsed() >= quiet - Duration::from_millis(10));
     }
 }

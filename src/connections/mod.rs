@@ -29,8 +29,10 @@
 //! - once the listener drains, one that has sent nothing is closed at once: it asked nothing;
 //!   and one whose only open requests are streams (told to end at the drain), to which nothing
 //!   has been written for [`STREAMS_QUIET`], is closed: a stream's client that stops reading,
-//!   or a stream that never ends, cannot hold the node. One with nothing open closes itself
-//!   once it has written what it owes (the last answers of calls a shutdown cut off);
+//!   or a stream that never ends, cannot hold the node. One with nothing open at all is closed
+//!   likewise, once nothing was written to it for as long since its last request ended (the
+//!   last answers of calls a shutdown cut off are written just after), unless it closes itself
+//!   first: a client that answers nothing, not the GOAWAY's ping either, cannot hold it;
 //! - once the shutdown's grace is over (and the answers of calls it cut off are out), every
 //!   connection is closed, so that a client that ignores the HTTP/2 GOAWAY (or never answers
 //!   its ping) cannot hold the node past it.
