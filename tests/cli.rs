@@ -2551,19 +2551,24 @@ fn damage_that_crashes_lmdb_or_loses_a_page_is_reported_as_damage() {
     }
 }
 
+/// A copy of the data directory `offline_data_dir` made, one byte of record 14 flipped.
+fn record_14_damaged(source: &Path) -> tempfile::TempDir {
+    damaged_copy(source, |bytes| {
+        let at = bytes
+            .windows(6)
+            .position(|w| w == b"svc-14")
+            .expect("record 14's service id");
+        bytes[at] ^= 0x20;
+    })
+}
+
 /// `stats` of a history with a damaged record names the damage rather than print figures
 /// that leave it out (and, for a damaged page, every record under it).
 #[test]
 fn stats_of_a_damaged_history_is_the_damage_not_figures() {
     let source = tempfile::tempdir().unwrap();
     offline_data_dir(source.path(), 1 << 20, 25);
-    let damaged = damaged_copy(source.path(), |bytes| {
-        let at = bytes
-            .windows(6)
-            .position(|w| w == b"svc-14")
-            .expect("record 14's service id");
-        bytes[at] ^= 0x20;
-    });
+    let damaged = record_14_damaged(source.path());
     let data = damaged.path().to_str().unwrap();
     let ran = run(solo().args(["log", "stats", "--data-dir", data])).fails(1);
     assert!(
@@ -2591,13 +2596,7 @@ fn stats_of_a_damaged_history_is_the_damage_not_figures() {
 fn a_backup_of_a_damaged_log_is_not_kept() {
     let source = tempfile::tempdir().unwrap();
     offline_data_dir(source.path(), 1 << 20, 25);
-    let damaged = damaged_copy(source.path(), |bytes| {
-        let at = bytes
-            .windows(6)
-            .position(|w| w == b"svc-14")
-            .expect("record 14's service id");
-        bytes[at] ^= 0x20;
-    });
+    let damaged = record_14_damaged(source.path());
     let backup = damaged.path().join("backup");
     let ran = run(solo().args([
         "log",

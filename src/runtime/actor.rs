@@ -165,7 +165,7 @@ impl RunningActor {
                     .await
                     .unwrap_or_else(|_| stop_report(StopOutcome::NotRunning, 0, String::new()));
             }
-            if !forced.borrow().ge(&self.version) {
+            if *forced.borrow() < self.version {
                 outcome = StopOutcome::GraceExpired;
             }
         }
