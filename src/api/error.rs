@@ -263,7 +263,10 @@ impl From<control::Error> for Error {
             E::Stale(_) => Error::new(ErrorKind::Internal, message),
             E::ShuttingDown => Error::shutting_down(),
             E::Closed => Error::new(ErrorKind::Unavailable, message),
-            E::Storage(storage) => Error::new(storage_kind(&storage), message),
+            E::Storage(storage) => Error::new(
+                storage_kind(&storage),
+                format!("the log could not be written: {}", storage.for_clients()),
+            ),
             E::Call(call) => Error::from(call),
         }
     }
@@ -309,6 +312,6 @@ impl From<CallError> for Error {
 
 impl From<crate::log::Error> for Error {
     fn from(error: crate::log::Error) -> Error {
-        Error::new(storage_kind(&error), error.to_string())
+        Error::new(storage_kind(&error), error.for_clients())
     }
 }

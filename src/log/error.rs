@@ -101,6 +101,28 @@ impl Error {
 }
 
 impl Error {
+    /// The error as the APIs tell it to clients: as [`Display`](std::fmt::Display), without
+    /// the node's own paths (where its data lives is the operator's business, who reads it in
+    /// the node's log and `/health`).
+    pub fn for_clients(&self) -> String {
+        match self {
+            Error::DiskFull { .. } => {
+                "the node's disk is full; retry once it has room (nothing of the failed batch was written)".into()
+            }
+            Error::FileSizeLimit { limit_bytes, .. } => format!(
+                "the node's log file reached its file size limit of {limit_bytes} bytes; retry once the operator \
+                 has raised it (nothing of the failed batch was written)"
+            ),
+            Error::Io { .. }
+            | Error::BadDataDir { .. }
+            | Error::Damaged { .. }
+            | Error::AlreadyOpen { .. }
+            | Error::InUse { .. }
+            | Error::Lmdb { .. } => "an error in the node's storage (its operator finds it in the node's log)".into(),
+            other => other.to_string(),
+        }
+    }
+
     /// Classifies a heed error: the cases an operator can fix get their own variant.
     pub(crate) fn from_heed(source: heed::Error, path: &std::path::Path, map_size: u64) -> Error {
         use heed::MdbError;
