@@ -94,7 +94,13 @@ impl<S: Sink> Recorder<S> {
         match self.sink.observe(observation.clone()).await {
             Ok(_) => true,
             Err(control::Error::Storage(e)) => {
-                tracing::warn!(error = %e, "the log cannot take an observation; it is kept and retried");
+                // Once an outage, not once a service: a full disk at a shutdown of thousands of
+                // services would otherwise say the same thousands of times.
+                if self.backlog_len() == 0 {
+                    tracing::warn!(error = %e, "the log cannot take what the runtime observes; it is kept and retried");
+                } else {
+                    tracing::debug!(error = %e, "the log cannot take an observation; it is kept and retried");
+                }
                 self.defer(observation);
                 true
             }
