@@ -696,7 +696,11 @@ async fn init_failures_leave_the_service_failed() {
     let Some(Kind::ServiceCrashed(c)) = &crashed.kind else {
         unreachable!()
     };
-    assert_eq!((c.reason(), c.restarting), (CrashReason::InitFailure, false));
+    assert_eq!(
+        (c.reason(), c.restarting, c.trap_code.as_str()),
+        (CrashReason::InitFailure, false, "unreachable"),
+        "the trap is named as a call's would be"
+    );
     let status = control.status("acme", "broken").unwrap();
     assert_eq!(status.status.as_str(), "failed");
     assert!(status.last_error.contains("solo_init"), "{}", status.last_error);

@@ -242,10 +242,7 @@ impl Actor {
                 serving,
             }),
             Ok(Err(failure)) => Spawned::Failed(failure),
-            Err(_) => Spawned::Failed(StartFailure {
-                reason: CrashReason::LoadFailure,
-                message: "the instance task ended".into(),
-            }),
+            Err(_) => Spawned::Failed(StartFailure::new(CrashReason::LoadFailure, "the instance task ended")),
         }
     }
 

@@ -28,7 +28,21 @@ pub enum PrepareError {
 #[error("{message}")]
 pub struct StartFailure {
     pub reason: CrashReason,
+    /// The trap's kind, named as a call's crash names it (`unreachable`, `cpu_limit`, and
+    /// `start_timeout` for a start that outlasted its time); empty when nothing trapped.
+    pub trap_code: String,
     pub message: String,
+}
+
+impl StartFailure {
+    /// A start that failed with no trap.
+    pub fn new(reason: CrashReason, message: impl Into<String>) -> StartFailure {
+        StartFailure {
+            reason,
+            trap_code: String::new(),
+            message: message.into(),
+        }
+    }
 }
 
 /// A trap's kind for a person, each name once: `unreachable`, `cpu_limit`, or, when a limit led

@@ -256,10 +256,7 @@ impl Instance {
             .pre
             .instantiate_async(&mut store)
             .await
-            .map_err(|e| StartFailure {
-                reason: CrashReason::InitFailure,
-                message: format!("instantiation failed: {}", describe_failure(&e, &store)),
-            })?;
+            .map_err(|e| init_failure(&e, &store, "instantiation failed"))?;
         let exports = (|| {
             Some((
                 instance.get_memory(&mut store, "memory")?,
@@ -270,10 +267,7 @@ impl Instance {
             ))
         })();
         let Some((memory, alloc, handle)) = exports else {
-            return Err(StartFailure {
-                reason: CrashReason::LoadFailure,
-                message: "exports vanished".into(),
-            });
+            return Err(StartFailure::new(CrashReason::LoadFailure, "exports vanished"));
         };
         let stop = if prepared.has_stop {
             instance.get_typed_func::<(), ()>(&mut store, "solo_stop").ok()
@@ -283,24 +277,18 @@ impl Instance {
         if prepared.has_init {
             let init = instance
                 .get_typed_func::<(), i32>(&mut store, "solo_init")
-                .map_err(|e| StartFailure {
-                    reason: CrashReason::LoadFailure,
-                    message: format!("{e:#}"),
-                })?;
+                .map_err(|e| StartFailure::new(CrashReason::LoadFailure, format!("{e:#}")))?;
             arm(&mut store, budget_ms, config.start_timeout);
             match init.call_async(&mut store, ()).await {
                 Ok(0) => {}
                 Ok(code) => {
-                    return Err(StartFailure {
-                        reason: CrashReason::InitFailure,
-                        message: format!("solo_init returned {code}"),
-                    });
+                    return Err(StartFailure::new(
+                        CrashReason::InitFailure,
+                        format!("solo_init returned {code}"),
+                    ));
                 }
                 Err(e) => {
-                    return Err(StartFailure {
-                        reason: CrashReason::InitFailure,
-                        message: format!("solo_init failed: {}", describe_failure(&e, &store)),
-                    });
+                    return Err(init_failure(&e, &store, "solo_init failed"));
                 }
             }
         }
@@ -424,6 +412,20 @@ fn arm(store: &mut Store<Host>, cpu_ms: u64, timeout: Duration) {
     budget.runs_from(now);
     budget.deadline = now + timeout;
     store.set_epoch_deadline(1);
+}
+
+/// A start that trapped (in `solo_init`, or a start function): `what` failed, and how.
+fn init_failure(error: &wasmtime::Error, store: &Store<Host>, what: &str) -> StartFailure {
+    let trap_code = match classify(error, store) {
+        CallFailure::Trap { trap_code, .. } => trap_code,
+        CallFailure::Timeout => "start_timeout".into(),
+        _ => String::new(),
+    };
+    StartFailure {
+        reason: CrashReason::InitFailure,
+        trap_code,
+        message: format!("{what}: {}", describe_failure(error, store)),
+    }
 }
 
 /// Sorts a guest failure into a crash reason and a trap code.

@@ -1107,12 +1107,16 @@ async fn start(
     restarts: PastRestarts,
     recovery: Option<&mut RecoveryStart>,
 ) -> bool {
-    let crashed = |reason: CrashReason, message: String| Observation::Crashed {
+    let crashed = |StartFailure {
+                       reason,
+                       trap_code,
+                       message,
+                   }| Observation::Crashed {
         tenant: slot.tenant.clone(),
         service_id: slot.service_id.clone(),
         version,
         reason,
-        trap_code: String::new(),
+        trap_code,
         message,
         restarting: false,
     };
@@ -1164,7 +1168,7 @@ async fn start(
         Err(message) => {
             tracing::warn!(tenant = %slot.tenant, service = %slot.service_id, version, %message, "module not loaded");
             retire(slot, actors);
-            observe(inner, crashed(CrashReason::LoadFailure, message)).await;
+            observe(inner, crashed(StartFailure::new(CrashReason::LoadFailure, message))).await;
             return false;
         }
     };
@@ -1214,7 +1218,7 @@ async fn start(
             tracing::info!(tenant = %slot.tenant, service = %slot.service_id, version, error = %failure, "instance did not start");
             *slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = failure.message.clone();
             retire(slot, actors);
-            observe(inner, crashed(failure.reason, failure.message)).await;
+            observe(inner, crashed(failure)).await;
             false
         }
         Spawned::GivenUp => give_up(slot),
