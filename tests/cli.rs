@@ -1746,6 +1746,11 @@ fn events_and_logs_follow_across_restarts_without_a_gap_or_a_repeat() {
     let node = serve.start();
     cli(&["deploy", "counter", counter.to_str().unwrap(), "--wait"]).ok();
     logs.until("echo ready after a shutdown", |seen| ready(seen, 3));
+    // The node records its start once all its services are back, which may come after the
+    // deploy's: the dump below must hold it.
+    events.until("the third node's start", |seen| {
+        seen.iter().filter(|l| l.contains("\"node_started\"")).count() >= 3
+    });
 
     // What the log holds, read offline while the node runs.
     let dump = run(solo().args(["log", "dump", "--data-dir", data.to_str().unwrap(), "--json"]))
