@@ -252,6 +252,48 @@ async fn a_full_listener_closes_idle_connections_for_the_clients_that_come() {
     server.stop().await.unwrap();
 }
 
+/// A connection from `local` (a loopback address of the client's choosing) to `address`.
+async fn connect_from(local: &str, address: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    socket.connect(address.parse().unwrap()).await.unwrap()
+}
+
+/// A client at its own cap is refused without anyone giving way for it: a client cannot use a
+/// full listener to close others' connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_at_its_cap_makes_no_connection_give_way() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = start_server(dir.path(), |c| {
+        c.solo.max_connections = 4;
+        c.solo.max_connections_per_client = 2;
+        c.solo.full_listener_idle_ms = 100;
+        c.solo.grpc_max_connection_idle_ms = 60_000;
+        c.solo.http_header_timeout_ms = 60_000;
+    })
+    .await;
+    let grpc = address(&server.grpc_url());
+    let mut held = Vec::new();
+    for local in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+        let mut connection = connect_from(local, &grpc).await;
+        connection.write_all(HTTP2_HELLO).await.unwrap();
+        held.push(connection);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut over = vec![connect_from("127.0.0.2", &grpc).await];
+    tokio::time::timeout(PATIENCE, async { while closed_of(&mut over).await == 0 {} })
+        .await
+        .expect("the connection past its client's cap is closed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        closed_of(&mut held).await,
+        0,
+        "a connection gave way to a client at its cap"
+    );
+    drop(held);
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_for_several_idle_times_is_answered() {
     let (_dir, server) = node().await;

@@ -111,8 +111,9 @@ struct Admission {
 pub enum Accepted {
     Admitted(AdmittedStream, SocketAddr),
     /// Its address holds as many connections as it may: answer it if the protocol allows, and
-    /// close it. It holds a slot until then, so refusals too stay within the total.
-    OverClientCap(TcpStream, SocketAddr, OwnedSemaphorePermit),
+    /// close it. It holds a slot until then, if one was free, so refusals too stay within the
+    /// total (past it by the one connection a full listener takes off its backlog).
+    OverClientCap(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>),
 }
 
 impl ConnectionLimits {
@@ -203,22 +204,29 @@ impl ConnectionLimits {
                 }
             }
         };
-        let slot = match free {
-            Some(slot) => slot,
-            None => self.slot_when_full().await,
-        };
         // Small replies must not wait on Nagle's algorithm for the peer's delayed ACK.
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot turn Nagle's algorithm off");
         }
         let address = client_of(peer.ip());
+        // Before any connection gives way for it. Only this task admits connections, so the
+        // count cannot grow meanwhile.
+        if self
+            .admitted()
+            .by_client
+            .get(&address)
+            .is_some_and(|open| *open >= self.per_client)
+        {
+            return Accepted::OverClientCap(stream, peer, free);
+        }
+        let slot = match free {
+            Some(slot) => slot,
+            None => self.slot_when_full().await,
+        };
         let activity = Activity::new();
         let number = {
             let mut admitted = self.admitted();
             let open = admitted.by_client.entry(address).or_default();
-            if *open >= self.per_client {
-                return Accepted::OverClientCap(stream, peer, slot);
-            }
             *open += 1;
             let number = admitted.next_number;
             admitted.next_number += 1;
