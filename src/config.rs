@@ -72,9 +72,9 @@ pub struct SoloConfig {
     /// Connections each listener (HTTP, gRPC) holds open at once; more wait in the backlog.
     pub max_connections: u32,
     /// With a listener's `max_connections` all held, how long a connection may have had no
-    /// request open and still keep its slot: past it, one such connection a round (of the
-    /// client address holding the most, the one idle longest) is closed to make room for the
-    /// clients waiting. Idle connections from many addresses then cannot keep others out.
+    /// request open and still keep its slot: past it, such connections are closed one at a time
+    /// (the one idle longest first) to make room for the clients waiting. Idle connections from
+    /// many addresses then cannot keep others out.
     pub full_listener_idle_ms: u32,
     /// Connections one client address may hold open on each listener; more are closed.
     pub max_connections_per_client: u32,

@@ -2048,6 +2048,11 @@ fn a_full_disks_alarm_clears_once_it_has_room_though_nobody_writes() {
         health["unrecorded_observations"], 0,
         "nothing else waits to be written: {health}"
     );
+    // While the disk is still full, the node's probes (a small write may fit in the data
+    // file's free pages) do not call it healthy.
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, health) = serve.health();
+    assert_eq!((code, health["status"].as_str()), (503, Some("degraded")), "{health}");
 
     std::fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + PATIENCE;

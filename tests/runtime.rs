@@ -583,15 +583,16 @@ async fn a_stop_on_record_says_how_it_went() {
         "{stopped:?}"
     );
     assert!(
-        stopped.message.contains("grace of 300 ms ran out"),
+        stopped.message.contains("grace ran out with 1 calls"),
         "{}",
         stopped.message
     );
     assert!(busy.await.unwrap().is_err(), "the call was cut off");
     let live = control.live("acme", "slow").unwrap();
     assert_eq!(
-        (live.calls_failed, live.last_error.as_str()),
-        (1, stopped.message.as_str())
+        (live.calls, live.calls_failed, live.last_error.as_str()),
+        (1, 1, stopped.message.as_str()),
+        "the call cut off was handled, and failed"
     );
 
     // A queued call fails while the instance finishes its queue: the rest of the stop is

@@ -8,9 +8,8 @@
 //! given a whole /64, and would otherwise have as many caps as addresses. An admitted
 //! connection holds its place until it is dropped. While a listener is full and a client waits
 //! (the one taken past the cap), a connection that has had no request open for a while gives
-//! way to it, one every [`EVICTION_ROUND`] until a slot is free (of the client holding the most,
-//! the one idle longest): idle connections from many addresses, each within its cap, cannot
-//! keep everyone else out.
+//! way to it, one at a time (the one idle longest), until a slot is free: idle connections from
+//! many addresses, each within its cap, cannot keep everyone else out.
 //!
 //! A connection must also open, and go when told:
 //! - it has [`Deadlines::opening_within`] to send its opening bytes, or it is closed: on the
@@ -58,7 +57,8 @@ pub use idle::{Activities, Activity, TrackRequests, TrackRequestsLayer};
 /// The pause after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
-/// While a listener is full, how often one of its idle connections is told to give way.
+/// While a listener is full, how often it looks for an idle connection to give way, when the
+/// one told last has gone.
 pub const EVICTION_ROUND: Duration = Duration::from_millis(50);
 
 /// How long a connection told to give way is waited for before another is: it closes once it
@@ -149,9 +149,11 @@ impl ConnectionLimits {
         }
     }
 
-    /// Tells one connection idle for `full_idle` at least to close: of the client holding the
-    /// most connections, the one idle longest. None may be: every connection has a request
-    /// open, or has had one lately. None is while one told already is on its way out.
+    /// Tells one connection idle for `full_idle` at least to close: the one idle longest (of
+    /// two as long, that of the client holding more). Not the client holding the most first:
+    /// an attacker spread over many addresses would make a busy client's pool the target,
+    /// whose connections are idle only between its calls. None may be: every connection has a
+    /// request open, or has had one lately. None is while one told already is on its way out.
     fn evict_one_idle(&self) {
         let admitted = self.admitted();
         if admitted
@@ -170,7 +172,7 @@ impl ConnectionLimits {
                     .idle_since()
                     .filter(|since| since.elapsed() >= self.full_idle)?;
                 let held = admitted.by_client.get(client).copied().unwrap_or(0);
-                Some(((held, std::cmp::Reverse(since)), client, activity))
+                Some(((std::cmp::Reverse(since), held), client, activity))
             })
             .max_by_key(|(rank, _, _)| *rank);
         if let Some((_, client, activity)) = victim {

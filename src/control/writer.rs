@@ -27,7 +27,7 @@
 //! deploy brings its service's `service_started` just as the client that deployed sends its
 //! next command, which would otherwise queue behind a commit of its own.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -100,12 +100,28 @@ pub(super) struct Writer {
 pub struct CommitFailure {
     failing: AtomicBool,
     message: std::sync::Mutex<String>,
+    /// For a full disk, the room a probe must find ([`Writer::probe`]); 0 for a failure that a
+    /// probe cannot clear (a full map, the file size limit: both take a restart).
+    probe_needs: AtomicU64,
 }
 
+/// Room on the disk beyond twice the failed batch that a probe asks for: LMDB writes the
+/// branch pages a batch changes anew, and the batch that comes next may be larger.
+const PROBE_MARGIN: u64 = 1 << 20;
+
 impl CommitFailure {
-    fn failed(&self, error: &Error) {
+    /// A commit failed with `error`; a probe may clear it once the disk has `probe_needs`
+    /// bytes free (0: no probe can).
+    fn failed(&self, error: &Error, probe_needs: u64) {
         *self.message.lock().unwrap_or_else(|p| p.into_inner()) = error.to_string();
+        self.probe_needs.store(probe_needs, Ordering::Relaxed);
         self.failing.store(true, Ordering::Release);
+    }
+
+    /// The room a probe must find on the disk, while the last commit has failed for want of it.
+    fn probe_needs(&self) -> Option<u64> {
+        let needs = self.probe_needs.load(Ordering::Relaxed);
+        (self.current().is_some() && needs > 0).then_some(needs)
     }
 
     fn succeeded(&self) {
@@ -332,13 +348,13 @@ impl Writer {
         if events.is_empty() {
             if !request_changes.is_empty() {
                 if let Err(e) = self.log.append(&events, BlobChanges::default(), request_changes) {
-                    self.fail(pending, e, 0);
+                    self.fail(pending, e, 0, 0);
                     return;
                 }
                 self.commit_failure.succeeded();
                 self.noop_keys.stored();
-            } else if probe && self.commit_failure.current().is_some() {
-                match self.log.store().probe_writes(now_ms) {
+            } else if let Some(needed) = self.commit_failure.probe_needs().filter(|_| probe) {
+                match self.log.store().probe_writes(now_ms, needed) {
                     Ok(()) => {
                         tracing::info!("the log takes writes again");
                         self.commit_failure.succeeded();
@@ -349,6 +365,7 @@ impl Writer {
             answer(pending);
             return;
         }
+        let batch_bytes = (events.frames_len() + blobs.iter().map(|m| m.bytes.len()).sum::<usize>()) as u64;
         let blob_refs: Vec<BlobRef<'_>> = blobs
             .iter()
             .map(|m| BlobRef {
@@ -370,7 +387,7 @@ impl Writer {
         self.spare.lend(Arc::clone(&shared), std::mem::take(&mut self.evicted));
         let started = Instant::now();
         if let Err(e) = self.log.append(&events, changes, request_changes) {
-            self.fail(pending, e, events.len());
+            self.fail(pending, e, events.len(), batch_bytes);
             let committed = self
                 .published
                 .read()
@@ -416,13 +433,18 @@ impl Writer {
         self.evicted = self.spare.exchange(&mut self.working, shared);
     }
 
-    /// Answers the callers of a batch whose commit failed, and records the failure.
-    fn fail(&mut self, pending: Vec<Pending>, error: crate::log::Error, events: usize) {
+    /// Answers the callers of a batch of about `bytes` whose commit failed, and records the
+    /// failure.
+    fn fail(&mut self, pending: Vec<Pending>, error: crate::log::Error, events: usize, bytes: u64) {
         tracing::error!(error = %error, events, "commit failed; the batch was not written");
         // The no-op answers of the batch were never given: their retries are decided afresh.
         self.noop_keys.forget_unstored_answers();
+        let probe_needs = match error {
+            crate::log::Error::DiskFull { .. } => bytes.saturating_mul(2).saturating_add(PROBE_MARGIN),
+            _ => 0,
+        };
         let error = Error::from(error);
-        self.commit_failure.failed(&error);
+        self.commit_failure.failed(&error, probe_needs);
         for p in pending {
             // A refusal stands; whatever rested on the batch failed with it.
             let _ = p.reply.send(p.answer.and(Err(error.clone())));

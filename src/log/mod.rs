@@ -251,6 +251,11 @@ impl<R: Record> Batch<R> {
     }
 
     /// The framed records, in order.
+    /// Bytes of the batch's framed records.
+    pub fn frames_len(&self) -> usize {
+        self.frames.len()
+    }
+
     fn frames(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.frame_ends.iter().copied());
         starts

@@ -326,10 +326,20 @@ impl Store {
         &self.path
     }
 
-    /// Commits one small write (the time, in `meta`): whether the log takes writes again after
-    /// a commit failed. A commit with nothing in it would tell nothing, as LMDB writes nothing
-    /// for it.
-    pub fn probe_writes(&self, now_ms: u64) -> Result<()> {
+    /// Whether the log takes writes again after a commit failed for a full disk: the disk has
+    /// room for `needed` bytes (a small write would fit in free pages of the data file while
+    /// the batch that failed still does not), and one small write (the time, in `meta`)
+    /// commits. A commit with nothing in it would tell nothing, as LMDB writes nothing for it.
+    pub fn probe_writes(&self, now_ms: u64, needed: u64) -> Result<()> {
+        let room = rustix::fs::statvfs(&self.path).map_err(|e| Error::Io {
+            path: self.path.clone(),
+            source: e.into(),
+        })?;
+        if room.f_bavail.saturating_mul(room.f_frsize) < needed {
+            return Err(Error::DiskFull {
+                path: self.path.clone(),
+            });
+        }
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
         self.meta
             .put(&mut wtxn, META_WRITE_PROBE_MS, &now_ms.to_be_bytes())

@@ -65,12 +65,10 @@ pub(super) struct StopRequest {
     pub report: oneshot::Sender<StopReport>,
 }
 
-/// What a stop whose grace ran out says.
-fn grace_ran_out(grace: Duration, cut_off: usize) -> String {
-    format!(
-        "the grace of {} ms ran out with {cut_off} calls it had accepted unanswered; solo_stop did not run",
-        grace.as_millis()
-    )
+/// What a stop whose grace ran out says. Not the grace itself: a shutdown's services get what
+/// is left of the node's (the kill or shutdown on record says what was asked).
+fn grace_ran_out(cut_off: usize) -> String {
+    format!("the grace ran out with {cut_off} calls it had accepted unanswered; solo_stop did not run")
 }
 
 fn stop_report(outcome: StopOutcome, calls_cut_off: usize, message: String) -> StopReport {
@@ -174,7 +172,7 @@ impl RunningActor {
         let _ = self.task.await;
         let message = match (outcome, cut_off) {
             (_, 0) => String::new(),
-            (StopOutcome::GraceExpired, n) => grace_ran_out(grace, n),
+            (StopOutcome::GraceExpired, n) => grace_ran_out(n),
             (_, n) => format!("stopped at once: {n} calls it had accepted were cut off"),
         };
         stop_report(outcome, cut_off, message)
@@ -289,7 +287,7 @@ impl Actor {
                         ),
                         Err(_) => {
                             let cut_off = calls.len() + usize::from(serving.load(Ordering::Relaxed));
-                            stop_report(StopOutcome::GraceExpired, cut_off, grace_ran_out(stop.grace, cut_off))
+                            stop_report(StopOutcome::GraceExpired, cut_off, grace_ran_out(cut_off))
                         }
                     };
                     let _ = stop.report.send(report);

@@ -1246,9 +1246,10 @@ async fn withdraw(slot: &Slot, actor: Option<RunningActor>, force: bool, grace: 
         },
     };
     slot.stats.instance_stopped();
-    slot.stats
-        .calls_failed
-        .fetch_add(report.calls_cut_off.into(), Ordering::Relaxed);
+    // Calls handled, and failed: `calls_failed` counts within `calls`.
+    for count in [&slot.stats.calls, &slot.stats.calls_failed] {
+        count.fetch_add(report.calls_cut_off.into(), Ordering::Relaxed);
+    }
     if !report.message.is_empty() {
         *slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = report.message.clone();
     }
