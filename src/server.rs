@@ -544,7 +544,8 @@ async fn serve_grpc(
         None => builder,
     };
     // Every call, to any service, keeps its connection from closing idle while it is open.
-    let mut builder = builder.layer(TrackRequestsLayer::by_address(limits.activities(), GRPC_STREAMS));
+    let mut builder =
+        builder.layer(TrackRequestsLayer::by_address(limits.activities(), GRPC_STREAMS).yielding_to(GRPC_YIELDING));
     let stopping = drained.clone();
     let shutdown = async move {
         stopping.cancelled().await;
@@ -572,6 +573,10 @@ async fn serve_grpc(
 /// The gRPC methods whose answers are streams (server-streaming or bidirectional): the node
 /// tells them to end as it stops, and their connections do not wait for their clients to read
 /// the end (see [`crate::connections::STREAMS_QUIET`]).
+/// The gRPC requests anyone may make, with no credentials: they do not hold a connection when
+/// a full listener needs its slot for a client that waits.
+const GRPC_YIELDING: &[&str] = &["/grpc.health.v1.Health/", "/grpc.reflection."];
+
 const GRPC_STREAMS: &[&str] = &[
     "/solo.v1.SoloKernel/Logs",
     "/solo.v1.SoloKernel/Watch",

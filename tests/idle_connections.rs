@@ -252,6 +252,46 @@ async fn a_full_listener_closes_idle_connections_for_the_clients_that_come() {
     server.stop().await.unwrap();
 }
 
+/// Health Watches hold no slot a client waits for: anyone may open them, with no credentials,
+/// and a few addresses' worth would otherwise lock every other client out for good. They keep
+/// their connections otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watches_give_way_on_a_full_listener() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = start_server(dir.path(), |c| {
+        c.solo.max_connections = 3;
+        c.solo.full_listener_idle_ms = 200;
+        c.solo.grpc_max_connection_idle_ms = 60_000;
+    })
+    .await;
+    let mut watches = Vec::new();
+    for _ in 0..3 {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(grpc_channel(&server).await);
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let mut stream = health.watch(request).await.unwrap().into_inner();
+        stream.next().await.unwrap().unwrap();
+        watches.push((health, stream));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut other = tokio::time::timeout(PATIENCE, grpc_client(&server))
+        .await
+        .expect("a slot was made");
+    other
+        .list(as_tenant("acme", proto::ListRequest::default()))
+        .await
+        .expect("the call is served");
+    let mut ended = 0;
+    for (_, stream) in &mut watches {
+        if let Ok(next) = tokio::time::timeout(Duration::from_millis(500), stream.next()).await {
+            assert!(!matches!(next, Some(Ok(_))), "a health change came: {next:?}");
+            ended += 1;
+        }
+    }
+    assert_eq!(ended, 1, "one health watch gave way, no more");
+    drop(watches);
+    server.stop().await.unwrap();
+}
+
 /// A connection from `local` (a loopback address of the client's choosing) to `address`.
 async fn connect_from(local: &str, address: &str) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

@@ -55,8 +55,11 @@ pub struct Activity {
     /// last open request ends, or its last one that is not a stream.
     waiter: AtomicWaker,
     /// When it was told to give its slot up ([`Activity::evict`]), in µs since `opened`, plus
-    /// one; 0 until then. It is idle as soon as no request is open.
+    /// one; 0 until then. It then closes as soon as no request is open that holds it.
     evicted_us: AtomicU64,
+    /// Of the requests open, those that do not hold the connection when a full listener needs
+    /// its slot ([`TrackRequestsLayer::yielding_to`]).
+    yielding: AtomicUsize,
 }
 
 impl Activity {
@@ -69,6 +72,7 @@ impl Activity {
             last_wrote_us: AtomicU64::new(0),
             waiter: AtomicWaker::new(),
             evicted_us: AtomicU64::new(0),
+            yielding: AtomicUsize::new(0),
         })
     }
 
@@ -83,27 +87,45 @@ impl Activity {
         self.evicted_us.load(Ordering::SeqCst) > 0
     }
 
-    /// Whether it was told to give its slot up within `within`, and has no request open: it is
-    /// on its way out.
+    /// Whether it was told to give its slot up within `within`, and has no request open that
+    /// holds it: it is on its way out.
     pub(super) fn leaving(&self, within: Duration) -> bool {
         let evicted = self.evicted_us.load(Ordering::SeqCst);
         evicted > 0
-            && self.idle_since().is_some()
+            && self.holding_since().is_some()
             && self.now_us().saturating_sub(evicted - 1) < u64::try_from(within.as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// Whether no request has been open for `after` (or at all, once evicted).
+    /// Since when no request has been open that holds the connection against a full listener's
+    /// need of its slot; `None` while one is.
+    pub(super) fn holding_since(&self) -> Option<Instant> {
+        let yielding = self.yielding.load(Ordering::SeqCst);
+        if self.open.load(Ordering::SeqCst) > yielding {
+            return None;
+        }
+        Some(self.opened + Duration::from_micros(self.last_ended_us.load(Ordering::SeqCst)))
+    }
+
+    /// Whether no request has been open for `after`; once evicted, whether none is open that
+    /// holds it.
     fn idle_for(&self, after: Duration) -> bool {
-        self.idle_since()
-            .is_some_and(|since| self.is_evicted() || since.elapsed() >= after)
+        if self.is_evicted() {
+            return self.holding_since().is_some();
+        }
+        self.idle_since().is_some_and(|since| since.elapsed() >= after)
     }
 
     /// Counts a request as open until the guard is dropped.
-    fn start(self: &Arc<Self>) -> OpenRequest {
+    fn start(self: &Arc<Self>, yields: bool) -> OpenRequest {
+        // Before the count: an eviction that looks meanwhile never sees it as holding.
+        if yields {
+            self.yielding.fetch_add(1, Ordering::SeqCst);
+        }
         self.open.fetch_add(1, Ordering::SeqCst);
         OpenRequest {
             activity: Arc::clone(self),
             stream: false,
+            yields,
         }
     }
 
@@ -117,7 +139,7 @@ impl Activity {
         self.last_wrote_us.store(self.now_us(), Ordering::Relaxed);
     }
 
-    fn end(&self, stream: bool) {
+    fn end(&self, stream: bool, yields: bool) {
         let now = self.now_us();
         // Before the count drops: a waiter that sees none open sees when the last one ended.
         self.last_ended_us.fetch_max(now, Ordering::SeqCst);
@@ -126,6 +148,9 @@ impl Activity {
             self.streams.fetch_sub(1, Ordering::SeqCst);
         }
         let open = self.open.fetch_sub(1, Ordering::SeqCst) - 1;
+        if yields {
+            self.yielding.fetch_sub(1, Ordering::SeqCst);
+        }
         if open == 0 || open == self.streams.load(Ordering::SeqCst) {
             self.waiter.wake();
         }
@@ -201,12 +226,12 @@ impl Activity {
     fn poll_idle(&self, after: Duration, timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
         // Registered before looking, so that a request ending meanwhile still wakes the task.
         self.waiter.register(cx.waker());
+        if self.is_evicted() && self.holding_since().is_some() {
+            return Poll::Ready(());
+        }
         let Some(since) = self.idle_since() else {
             return Poll::Pending;
         };
-        if self.is_evicted() {
-            return Poll::Ready(());
-        }
         let deadline = since + after;
         if timer.deadline() != deadline {
             timer.as_mut().reset(deadline);
@@ -220,6 +245,8 @@ impl Activity {
 struct OpenRequest {
     activity: Arc<Activity>,
     stream: bool,
+    /// Whether it does not hold the connection against a full listener.
+    yields: bool,
 }
 
 impl OpenRequest {
@@ -234,7 +261,7 @@ impl OpenRequest {
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
-        self.activity.end(self.stream);
+        self.activity.end(self.stream, self.yields);
     }
 }
 
@@ -447,6 +474,7 @@ enum Find {
 pub struct TrackRequestsLayer {
     activities: Activities,
     stream_paths: &'static [&'static str],
+    yielding: &'static [&'static str],
 }
 
 impl TrackRequestsLayer {
@@ -455,7 +483,17 @@ impl TrackRequestsLayer {
         TrackRequestsLayer {
             activities,
             stream_paths,
+            yielding: &[],
         }
+    }
+
+    /// Requests whose paths start with one of `prefixes` keep their connection open as any
+    /// request does, but not when a full listener needs its slot: requests anyone may make
+    /// with no credentials (a health Watch, a health Check whose body never ends), which would
+    /// otherwise let a few addresses hold every slot for good.
+    pub fn yielding_to(mut self, prefixes: &'static [&'static str]) -> TrackRequestsLayer {
+        self.yielding = prefixes;
+        self
     }
 }
 
@@ -467,6 +505,7 @@ impl<S> tower::Layer<S> for TrackRequestsLayer {
             inner,
             find: Find::ByAddress(self.activities.clone()),
             stream_paths: self.stream_paths,
+            yielding: self.yielding,
         }
     }
 }
@@ -481,6 +520,7 @@ pub struct TrackRequests<S> {
     inner: S,
     find: Find,
     stream_paths: &'static [&'static str],
+    yielding: &'static [&'static str],
 }
 
 impl<S> TrackRequests<S> {
@@ -491,6 +531,7 @@ impl<S> TrackRequests<S> {
             inner,
             find: Find::Connection(activity),
             stream_paths,
+            yielding: &[],
         }
     }
 }
@@ -524,8 +565,10 @@ where
                 .get::<TcpConnectInfo>()
                 .and_then(|info| activities.find(info)),
         };
-        let mut open = activity.map(|activity| activity.start());
-        let stream_path = self.stream_paths.contains(&request.uri().path());
+        let path = request.uri().path();
+        let yields = self.yielding.iter().any(|prefix| path.starts_with(prefix));
+        let mut open = activity.map(|activity| activity.start(yields));
+        let stream_path = self.stream_paths.contains(&path);
         let answer = self.inner.call(request);
         Box::pin(async move {
             let answer = answer.await?;
@@ -575,7 +618,7 @@ mod tests {
     async fn a_connection_is_idle_only_once_no_request_has_been_open_for_the_time() {
         let activity = Activity::new();
         let after = Duration::from_millis(100);
-        let open = activity.start();
+        let open = activity.start(false);
         let idle = activity.idle(after);
         tokio::pin!(idle);
         // However long a request stays open, the connection is not idle.
@@ -586,7 +629,7 @@ mod tests {
         assert!(ended.elapsed() >= after, "idle after {:?}", ended.elapsed());
         // A request that came and went meanwhile starts the time afresh.
         tokio::time::sleep(after / 2).await;
-        drop(activity.start());
+        drop(activity.start(false));
         let ended = Instant::now();
         activity.idle(after).await;
         assert!(ended.elapsed() >= after, "idle after {:?}", ended.elapsed());
@@ -596,9 +639,9 @@ mod tests {
     async fn once_streams_were_told_to_end_only_calls_and_writes_hold_a_connection() {
         let quiet = Duration::from_millis(100);
         let activity = Activity::new();
-        let mut stream = activity.start();
+        let mut stream = activity.start(false);
         stream.answers_a_stream();
-        let call = activity.start();
+        let call = activity.start(false);
         let drained = Instant::now();
         let done = activity.streams_done(drained, quiet);
         tokio::pin!(done);

@@ -169,7 +169,7 @@ impl ConnectionLimits {
             .filter(|(_, activity)| !activity.is_evicted())
             .filter_map(|(client, activity)| {
                 let since = activity
-                    .idle_since()
+                    .holding_since()
                     .filter(|since| since.elapsed() >= self.full_idle)?;
                 let held = admitted.by_client.get(client).copied().unwrap_or(0);
                 Some(((std::cmp::Reverse(since), held), client, activity))
