@@ -163,6 +163,25 @@ async fn a_quiet_watch_keeps_its_connection_and_sees_the_next_event() {
     server.stop().await.unwrap();
 }
 
+/// A node whose listeners hold `max` connections each, whose connections with no request open
+/// give way after 200 ms to a client waiting for a full listener's slot, and are otherwise
+/// kept for a minute; as `tweak` configures it besides.
+async fn node_of_few_slots(
+    max: u32,
+    tweak: impl FnOnce(&mut solo::config::Config),
+) -> (tempfile::TempDir, solo::server::Server) {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = start_server(dir.path(), |c| {
+        c.solo.max_connections = max;
+        c.solo.full_listener_idle_ms = 200;
+        c.solo.grpc_max_connection_idle_ms = 60_000;
+        c.solo.http_header_timeout_ms = 60_000;
+        tweak(c);
+    })
+    .await;
+    (dir, server)
+}
+
 /// How many of `connections` the node has closed, read within a moment.
 async fn closed_of(connections: &mut [TcpStream]) -> usize {
     let mut closed = 0;
@@ -188,15 +207,7 @@ async fn closed_of(connections: &mut [TcpStream]) -> usize {
 /// slot however quiet. On both listeners.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_listener_closes_idle_connections_for_the_clients_that_come() {
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let server = start_server(dir.path(), |c| {
-        c.solo.max_connections = 4;
-        c.solo.full_listener_idle_ms = 200;
-        // Otherwise, idle connections keep their slots for a minute.
-        c.solo.grpc_max_connection_idle_ms = 60_000;
-        c.solo.http_header_timeout_ms = 60_000;
-    })
-    .await;
+    let (_dir, server) = node_of_few_slots(4, |_| {}).await;
     let grpc = address(&server.grpc_url());
     let mut watcher = grpc_client(&server).await;
     let watch = proto::WatchRequest {
@@ -257,13 +268,7 @@ async fn a_full_listener_closes_idle_connections_for_the_clients_that_come() {
 /// their connections otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_watches_give_way_on_a_full_listener() {
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let server = start_server(dir.path(), |c| {
-        c.solo.max_connections = 3;
-        c.solo.full_listener_idle_ms = 200;
-        c.solo.grpc_max_connection_idle_ms = 60_000;
-    })
-    .await;
+    let (_dir, server) = node_of_few_slots(3, |_| {}).await;
     let mut watches = Vec::new();
     for _ in 0..3 {
         let mut health = tonic_health::pb::health_client::HealthClient::new(grpc_channel(&server).await);
@@ -303,15 +308,7 @@ async fn connect_from(local: &str, address: &str) -> TcpStream {
 /// full listener to close others' connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_at_its_cap_makes_no_connection_give_way() {
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let server = start_server(dir.path(), |c| {
-        c.solo.max_connections = 4;
-        c.solo.max_connections_per_client = 2;
-        c.solo.full_listener_idle_ms = 100;
-        c.solo.grpc_max_connection_idle_ms = 60_000;
-        c.solo.http_header_timeout_ms = 60_000;
-    })
-    .await;
+    let (_dir, server) = node_of_few_slots(4, |c| c.solo.max_connections_per_client = 2).await;
     let grpc = address(&server.grpc_url());
     let mut held = Vec::new();
     for local in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {

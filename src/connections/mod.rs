@@ -2,8 +2,9 @@
 //!
 //! Each listener (HTTP and gRPC) has its own [`ConnectionLimits`]. At the total cap it takes one
 //! connection more off the kernel's listen backlog and no other, so new clients wait there
-//! rather than the node running out of file descriptors for its log. Past the per-client cap, a connection is refused, so
-//! that one client (20,000 connections each trickling a request) cannot take every slot. A
+//! rather than the node running out of file descriptors for its log. Past the per-client cap,
+//! a connection is refused, so that one client (20,000 connections each trickling a request)
+//! cannot take every slot. A
 //! client is an IPv4 address, or an IPv6 /64 network ([`client_of`]): a single host is usually
 //! given a whole /64, and would otherwise have as many caps as addresses. An admitted
 //! connection holds its place until it is dropped. While a listener is full and a client waits
