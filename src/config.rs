@@ -340,10 +340,14 @@ impl Config {
         })?;
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let path = e.path().to_string();
-            ConfigError::Invalid {
-                path,
-                message: one_line(&e.into_inner().to_string()),
+            let mut message = one_line(&e.into_inner().to_string());
+            if message.contains("invalid socket address syntax") {
+                message.push_str(
+                    "; give an IP address and a port, such as 127.0.0.1:8080 (host names such as localhost are \
+                     not looked up)",
+                );
             }
+            ConfigError::Invalid { path, message }
         })?;
         config.validate()?;
         Ok(config)
@@ -957,6 +961,11 @@ mod tests {
     fn bad_values_name_the_key() {
         let e = error_of("[solo]\ngrpc_addr = \"not an address\"\n");
         assert!(e.contains("solo.grpc_addr"), "{e}");
+        let e = error_of("[solo]\nhttp_addr = \"localhost:8080\"\n");
+        assert!(
+            e.contains("solo.http_addr") && e.contains("such as 127.0.0.1:8080"),
+            "{e}"
+        );
         let e = error_of("[limits]\nmax_services = -1\n");
         assert!(e.contains("limits.max_services"), "{e}");
         let e = error_of("[solo]\ngrpc_addr = \"127.0.0.1:7000\"\nhttp_addr = \"0.0.0.0:7000\"\n");
