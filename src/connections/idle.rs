@@ -363,11 +363,17 @@ impl IdleClose {
                         self.closing = Closing::Closed;
                         continue;
                     }
-                    // Never closed for being idle, unless evicted: then at once. Registered before
-                    // looking, so that an eviction meanwhile still wakes the task.
-                    self.activity.waiter.register(cx.waker());
-                    let Some(after) = self.after.or(self.activity.is_evicted().then_some(Duration::ZERO)) else {
-                        return false;
+                    let after = match self.after {
+                        Some(after) => after,
+                        // Never closed for being idle, unless evicted: then at once. Registered
+                        // before looking, so that an eviction meanwhile still wakes the task.
+                        None => {
+                            self.activity.waiter.register(cx.waker());
+                            if !self.activity.is_evicted() {
+                                return false;
+                            }
+                            Duration::ZERO
+                        }
                     };
                     if self.activity.poll_idle(after, &mut self.timer, cx).is_pending() {
                         return false;

@@ -360,7 +360,7 @@ impl Actor {
             ),
             CallFailure::Service(_) | CallFailure::ResponseTooLarge { .. } => return None,
         };
-        *self.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = format!("{trap_code}: {message}");
+        self.stats.set_last_error(format!("{trap_code}: {message}"));
         let window = Duration::from_millis(self.config.limits.restart_window_ms.into());
         let now = Instant::now();
         while restart_times

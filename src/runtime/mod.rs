@@ -1200,7 +1200,7 @@ async fn start(
             slot.start_ended();
             actors.replace(slot, Some(actor));
             // The last error was an earlier version's, or this one's before it was redeployed.
-            slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            slot.stats.set_last_error(String::new());
             let recorded = observe(
                 inner,
                 Observation::Started {
@@ -1216,7 +1216,7 @@ async fn start(
         }
         Spawned::Failed(failure) => {
             tracing::info!(tenant = %slot.tenant, service = %slot.service_id, version, error = %failure, "instance did not start");
-            *slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = failure.message.clone();
+            slot.stats.set_last_error(failure.message.clone());
             retire(slot, actors);
             observe(inner, crashed(failure)).await;
             false
@@ -1246,12 +1246,9 @@ async fn withdraw(slot: &Slot, actor: Option<RunningActor>, force: bool, grace: 
         },
     };
     slot.stats.instance_stopped();
-    // Calls handled, and failed: `calls_failed` counts within `calls`.
-    for count in [&slot.stats.calls, &slot.stats.calls_failed] {
-        count.fetch_add(report.calls_cut_off.into(), Ordering::Relaxed);
-    }
+    slot.stats.calls_cut_off(report.calls_cut_off.into());
     if !report.message.is_empty() {
-        *slot.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = report.message.clone();
+        slot.stats.set_last_error(report.message.clone());
     }
     report
 }

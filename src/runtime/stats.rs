@@ -58,6 +58,17 @@ impl LiveStats {
         self.memory_bytes.store(memory_bytes, Ordering::Relaxed);
     }
 
+    /// Calls an instance had accepted and a stop cut off: handled, and failed.
+    pub fn calls_cut_off(&self, calls: u64) {
+        self.calls.fetch_add(calls, Ordering::Relaxed);
+        self.calls_failed.fetch_add(calls, Ordering::Relaxed);
+    }
+
+    /// What went wrong last; empty once a new instance is up.
+    pub fn set_last_error(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
     pub fn snapshot(&self) -> LiveStatus {
         let started = self.instance_started_ms.load(Ordering::Relaxed);
         LiveStatus {
