@@ -50,6 +50,7 @@ async fn start(dir: &Path) -> solo::server::Server {
     config.runtime.max_instances = 2000;
     config.limits.max_services = u32::MAX;
     config.limits.max_deploys_per_minute = u32::MAX;
+    config.limits.max_history_mb_per_hour = u64::MAX;
     config.limits.max_tenant_memory_mb = 1 << 30;
     config.limits.default_memory_mb = 1;
     config.limits.max_in_flight_requests = 100_000;

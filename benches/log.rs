@@ -69,6 +69,7 @@ fn unlimited() -> LimitsTable {
         node: TenantLimits {
             max_services: u32::MAX,
             max_deploys_per_minute: u32::MAX,
+            max_history_mb_per_hour: u64::MAX,
             max_tenant_memory_mb: 1 << 30,
             ..TenantLimits::default()
         },

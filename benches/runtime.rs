@@ -46,6 +46,7 @@ fn config(dir: &Path, instances: u32) -> Config {
     config.runtime.max_instances = instances;
     config.limits.max_services = u32::MAX;
     config.limits.max_deploys_per_minute = u32::MAX;
+    config.limits.max_history_mb_per_hour = u64::MAX;
     config.limits.max_tenant_memory_mb = 1 << 30;
     config.limits.max_memory_mb = 64;
     config.limits.default_memory_mb = 1;

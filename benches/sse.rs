@@ -140,6 +140,7 @@ impl Fanout {
         // The bench deploys far more than a tenant's defaults allow; streams are the admin's,
         // which count against tenant `default`.
         config.limits.max_deploys_per_minute = 1_000_000;
+        config.limits.max_history_mb_per_hour = u64::MAX;
         config.limits.max_services = 1_000_000;
         config.limits.max_watchers = 1_000_000;
         // Every client of the bench is on loopback: one address.

@@ -801,8 +801,8 @@ pub(crate) fn check_log_level(filter: &str) -> Result<(), String> {
 
 /// `max_request_bytes`: the largest request, which a tenant's share of bodies in flight must fit.
 fn validate_limits(path: &str, limits: &TenantLimits, max_request_bytes: u64) -> Result<(), ConfigError> {
-    // Zero would refuse every request or stream, or (a window of no time) let a crashing
-    // service restart without end: never meant.
+    // Zero would refuse every request, stream or deploy, or (a window of no time) let a
+    // crashing service restart without end: never meant.
     for (key, value) in [
         ("max_in_flight_requests", limits.max_in_flight_requests.into()),
         ("max_watchers", limits.max_watchers.into()),
@@ -811,6 +811,8 @@ fn validate_limits(path: &str, limits: &TenantLimits, max_request_bytes: u64) ->
             limits.max_history_read_bytes_per_second,
         ),
         ("max_deploys_per_minute", limits.max_deploys_per_minute.into()),
+        ("max_history_mb_per_hour", limits.max_history_mb_per_hour),
+        ("max_module_bytes", limits.max_module_bytes),
         ("restart_window_ms", limits.restart_window_ms.into()),
     ] {
         if value == 0 {
@@ -1042,6 +1044,11 @@ mod tests {
                 "tenants.acme.limits.max_deploys_per_minute",
             ),
             ("[limits]\nrestart_window_ms = 0\n", "limits.restart_window_ms"),
+            (
+                "[tenants.acme.limits]\nmax_history_mb_per_hour = 0\n",
+                "tenants.acme.limits.max_history_mb_per_hour",
+            ),
+            ("[limits]\nmax_module_bytes = 0\n", "limits.max_module_bytes"),
         ] {
             let e = error_of(text);
             assert!(e.contains(key) && e.contains("at least 1"), "{text}: {e}");

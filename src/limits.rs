@@ -32,6 +32,11 @@ pub struct TenantLimits {
     /// Deploys a tenant may make per minute; also the modules that may be compiled for it per
     /// minute, refused ones included.
     pub max_deploys_per_minute: u32,
+    /// MiB that the tenant's events (its requests' and those the node records for its
+    /// services) may add to the log per hour; past it, its deploys are refused until the
+    /// hour's older events leave the window. The log is append-only, so this is what keeps
+    /// one tenant from filling the node's disk for all.
+    pub max_history_mb_per_hour: u64,
     /// Wall-clock time of one call.
     pub max_call_timeout_ms: u32,
     pub default_call_timeout_ms: u32,
@@ -69,6 +74,7 @@ impl Default for TenantLimits {
             max_tenant_memory_mb: 4096,
             max_module_bytes: 16 * MIB,
             max_deploys_per_minute: 600,
+            max_history_mb_per_hour: 64,
             max_call_timeout_ms: 60_000,
             default_call_timeout_ms: 5_000,
             max_cpu_ms_per_call: 30_000,
@@ -168,6 +174,10 @@ impl TenantLimits {
 
     pub fn max_tenant_memory_bytes(&self) -> u64 {
         self.max_tenant_memory_mb * MIB
+    }
+
+    pub fn max_history_bytes_per_hour(&self) -> u64 {
+        self.max_history_mb_per_hour.saturating_mul(MIB)
     }
 }
 

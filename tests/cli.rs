@@ -2785,7 +2785,7 @@ fn serve_refuses_a_bad_rust_log_and_an_empty_data_directory_name() {
 }
 
 #[test]
-fn a_followed_log_ends_cleanly_once_its_service_is_removed() {
+fn a_followed_log_ends_cleanly_once_its_service_has_stopped() {
     let node = Node::dev();
     node.deploy("acme", "echo", "echo", &[]);
     let mut follower = Watcher::spawn(&[
@@ -2800,16 +2800,22 @@ fn a_followed_log_ends_cleanly_once_its_service_is_removed() {
     ]);
     follower.until("the start's line", |seen| !seen.is_empty());
     node.run("acme", &["kill", "echo", "--wait"]).ok();
-    node.run("acme", &["remove", "echo"]).ok();
     let status = exits_within(&mut follower.child, PATIENCE).expect("the follow ends");
     // Its stderr is read by a thread of its own, which may not have the last line yet.
     let deadline = Instant::now() + PATIENCE;
-    while !follower.stderr.lock().unwrap().contains("was removed") && Instant::now() < deadline {
+    while !follower.stderr.lock().unwrap().contains("its log ends") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (_, stderr) = follower.stop();
+    let (stdout, stderr) = follower.stop();
     assert!(status.success(), "{status}: {stderr}");
-    assert!(stderr.contains("service 'echo' was removed"), "{stderr}");
+    assert!(
+        stderr.contains("service 'echo' is stopped; its log ends here"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.iter().any(|line| line.contains("echo stopping")),
+        "the last line came first: {stdout:?}"
+    );
 }
 
 #[test]

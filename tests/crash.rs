@@ -34,6 +34,7 @@ fn child(dir: std::path::PathBuf) {
     options.writer.snapshot_every = 50;
     options.limits.node.max_services = u32::MAX;
     options.limits.node.max_deploys_per_minute = u32::MAX;
+    options.limits.node.max_history_mb_per_hour = u64::MAX;
     options.limits.node.max_tenant_memory_mb = u64::MAX >> 21;
     // No runtime here: the node-wide instance quota does not apply.
     options.limits.node_services = None;

@@ -676,6 +676,89 @@ async fn logs_resume_in_the_log_they_name() {
     server.stop().await.unwrap();
 }
 
+/// The next line's message, or `None` at the end of the stream.
+async fn next_line(stream: &mut tonic::Streaming<proto::LogLine>) -> Option<String> {
+    let next = tokio::time::timeout(PATIENCE, stream.next()).await;
+    next.expect("a line or the end arrives")
+        .map(|line| line.unwrap().message)
+}
+
+/// A followed log ends once its service is down for good (stopped, crashed past its restart
+/// policy, failed), after its last line, as `kubectl logs -f` ends with its container; a
+/// restart does not end it, and a follow of a service already down gets the lines kept and
+/// ends. A new deploy brings a new follow back to following.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_log_ends_once_its_service_is_down_for_good() {
+    const CRASHER: &str = r#"(module
+      (import "solo" "log" (func $log (param i32 i32 i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 16) "up")
+      (func (export "solo_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "solo_handle") (param i32 i32) (result i64) unreachable)
+      (func (export "solo_init") (result i32) (call $log (i32.const 2) (i32.const 16) (i32.const 2)) (i32.const 0)))"#;
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    let crasher = |version_tag: &str| proto::DeployRequest {
+        service_id: "crasher".into(),
+        module: Some(proto::deploy_request::Module::Wat(format!("{CRASHER};; {version_tag}"))),
+        limits: Some(proto::Limits {
+            max_restarts: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let deployed = client
+        .deploy(as_tenant("acme", crasher("v1")))
+        .await
+        .unwrap()
+        .into_inner();
+    running(&mut client, "acme", "crasher", deployed.seq).await;
+    let follow = || {
+        as_tenant(
+            "acme",
+            proto::LogsRequest {
+                service_id: "crasher".into(),
+                follow: true,
+                ..Default::default()
+            },
+        )
+    };
+    let mut follower = client.logs(follow()).await.unwrap().into_inner();
+    assert_eq!(next_line(&mut follower).await.as_deref(), Some("up"));
+    let call = || {
+        as_tenant(
+            "acme",
+            proto::CallRequest {
+                service_id: "crasher".into(),
+                ..Default::default()
+            },
+        )
+    };
+    // The first crash restarts it: the follow goes on, with the fresh instance's line.
+    assert_eq!(code(client.call(call()).await), Code::Aborted);
+    assert_eq!(next_line(&mut follower).await.as_deref(), Some("up"));
+    // The second is past its policy of one restart: it stays down, and the follow ends.
+    assert_eq!(code(client.call(call()).await), Code::Aborted);
+    assert_eq!(next_line(&mut follower).await, None, "the follow ends with the service");
+
+    // A follow of a service that is down gets what was kept, then the end.
+    let mut late = client.logs(follow()).await.unwrap().into_inner();
+    assert_eq!(next_line(&mut late).await.as_deref(), Some("up"));
+    assert_eq!(next_line(&mut late).await.as_deref(), Some("up"));
+    assert_eq!(next_line(&mut late).await, None);
+
+    // Deployed again, a follow right after the deploy waits for the new instance's lines.
+    client.deploy(as_tenant("acme", crasher("v2"))).await.unwrap();
+    let mut again = client.logs(follow()).await.unwrap().into_inner();
+    for _ in 0..3 {
+        assert_eq!(next_line(&mut again).await.as_deref(), Some("up"));
+    }
+    let still = tokio::time::timeout(Duration::from_millis(300), again.next()).await;
+    assert!(still.is_err(), "a running service's follow goes on: {still:?}");
+    server.stop().await.unwrap();
+}
+
 /// Remove takes a stopped service out of the registry: its id starts over, its history stays,
 /// and the node remembers after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1118,6 +1201,7 @@ async fn a_list_page_fits_what_grpc_clients_take_by_default() {
     let server = start_server(dir.path(), |config| {
         config.limits.max_services = 1000;
         config.limits.max_deploys_per_minute = u32::MAX;
+        config.limits.max_history_mb_per_hour = u64::MAX;
         config.limits.default_memory_mb = 1;
         config.runtime.max_instances = 300;
     })

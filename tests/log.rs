@@ -672,6 +672,90 @@ async fn the_deploy_rate_quota_uses_the_logged_times() {
     deploy(&control, "acme", "c", "m").await;
 }
 
+/// One tenant, within its other quotas, cannot fill the append-only log for everyone: past the
+/// bytes its events may add in an hour, its deploys wait, while it can still kill, the others
+/// deploy, and the count holds across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_budget_refuses_a_tenants_deploys_but_not_its_kills_or_the_others() {
+    let dir = tempdir();
+    let (clock, now) = manual_clock(1_000_000);
+    let options = || {
+        let mut opts = options(dir.path());
+        opts.limits.node.max_deploys_per_minute = u32::MAX;
+        opts.limits.node.max_history_mb_per_hour = 1;
+        opts.clock = clock.clone();
+        opts
+    };
+    // The largest labels a deploy may carry: about 20 KiB an event.
+    let labelled = |tenant: &str, round: usize| {
+        let mut request = deploy_request(tenant, "a", "m");
+        request.labels = (0..64)
+            .map(|i| {
+                (
+                    format!("label-{i:02}-{}", "k".repeat(50)),
+                    format!("{round}-{}", "v".repeat(250)),
+                )
+            })
+            .collect();
+        request
+    };
+    let control = open(options());
+    let mut refusal = None;
+    let mut deployed = 0;
+    for round in 0..200 {
+        match control.deploy(labelled("acme", round)).await {
+            Ok(_) => deployed += 1,
+            Err(e) => {
+                refusal = Some(e);
+                break;
+            }
+        }
+    }
+    let Some(Error::QuotaExceeded {
+        quota: "max_history_mb_per_hour",
+        limit: 1,
+        retry_after: Some(retry_after),
+        ..
+    }) = &refusal
+    else {
+        panic!("the budget never refused: {refusal:?}")
+    };
+    // 1 MiB of events of about 20 KiB: neither far fewer deploys nor far more.
+    assert!((40..=60).contains(&deployed), "{deployed} deploys fit in 1 MiB");
+    let message = refusal.as_ref().unwrap().to_string();
+    assert!(message.contains("in the last hour"), "{message}");
+    // All of them in the first minute of the hour: room comes as that minute leaves it.
+    assert!(
+        (Duration::from_secs(3_600)..=Duration::from_secs(3_660)).contains(retry_after),
+        "{retry_after:?}"
+    );
+    let refused_at = control.head();
+    deploy(&control, "globex", "a", "m").await;
+    kill(&control, "acme", "a").await;
+    control.close().await;
+    drop(control);
+
+    // Replayed from the log, or read from a snapshot, the count is the same.
+    let control = open(options());
+    let err = control.deploy(labelled("acme", 999)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::QuotaExceeded {
+                quota: "max_history_mb_per_hour",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        control.head() > refused_at,
+        "the kill and the other tenant's deploy were written"
+    );
+    now.fetch_add(retry_after.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+    control.deploy(labelled("acme", 999)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_map_is_a_typed_error_and_never_a_corrupt_log() {
     let dir = tempdir();

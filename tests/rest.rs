@@ -1346,6 +1346,21 @@ async fn logs_as_json_and_followed_as_sse() {
         [format!("id: {}", stopping.raw_id), "event: log".to_string()]
     );
     assert!(stopping.raw_id.ends_with("-2"), "{}", stopping.raw_id);
+    // The service has stopped: the follow ends after its last line, as `kubectl logs -f`
+    // does, and one started now gets the lines kept and ends.
+    assert!(
+        next_frame(&mut stream).await.is_none(),
+        "the follow ends with the service"
+    );
+    let late = send_stream(node.request(Method::GET, "/services/echo/logs?follow=true", "a")).await;
+    let mut late: SseStream = Box::pin(late.bytes_stream().eventsource());
+    let kept = [
+        next_frame(&mut late).await,
+        next_frame(&mut late).await,
+        next_frame(&mut late).await,
+    ];
+    let kept = kept.map(|frame| frame.map(|f| f.data["message"].as_str().unwrap_or_default().to_string()));
+    assert_eq!(kept, [Some("echo ready".into()), Some("echo stopping".into()), None]);
 
     node.get("/services/nope/logs", "a").await.error(404, "not_found");
     node.get("/services/nope/logs?follow=true", "a")

@@ -1314,6 +1314,7 @@ async fn a_service_that_gave_up_fails_calls_at_once_even_when_the_log_cannot_say
     let mut config = node_config(dir.path());
     config.database.map_size_mb = 1;
     config.limits.max_deploys_per_minute = u32::MAX;
+    config.limits.max_history_mb_per_hour = u64::MAX;
     let node = open_node(&config).await;
     let control = node.control.clone();
     // Its crash event names the function that trapped: a long name makes it (cut to 1 KiB) far

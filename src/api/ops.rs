@@ -413,8 +413,9 @@ pub enum LogStart {
     After { log: u64, line: u64 },
 }
 
-/// A service's log lines from `start` on; with `follow`, then new lines until the node
-/// stops. Lines that a slow follower let the ring overwrite are skipped, never repeated.
+/// A service's log lines from `start` on; with `follow`, then new lines until the service
+/// has stopped, crashed for good or failed (at once after the lines kept, if it has), or is
+/// removed. Lines that a slow follower let the ring overwrite are skipped, never repeated.
 /// Also the id of the log they are from. Lines go out at the caller's pace
 /// ([`super::pace`]); the stream ends with [`Error::shutting_down`] if the node stops
 /// while it waits.
@@ -449,9 +450,11 @@ pub fn logs(
     let principal = caller.principal.clone();
     // Subscribe before reading the ring, so nothing falls between the two.
     let mut updates = buffer.subscribe();
+    let quiet = state.control.log_quiet(Arc::clone(&buffer));
     Ok((
         log_id,
         async_stream::stream! {
+            tokio::pin!(quiet);
             let mut next = from_seq.max(1);
             let mut unsent = VecDeque::from(buffer.lines_from(next));
             loop {
@@ -482,8 +485,10 @@ pub fn logs(
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
-                    // The service was removed: after its last lines (above, first), the end.
+                    // The service was removed, or has no instance and none to come: after its
+                    // last lines (above, first: every line is sent before it ends), the end.
                     () = buffer.ended() => return,
+                    () = &mut quiet => return,
                 }
             }
         },

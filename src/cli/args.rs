@@ -343,7 +343,8 @@ before (or the answer is a replay), and `stopped` once --wait has seen it stop.
   solo logs echo --from 100 --json
 
 --follow survives a dropped connection or a node restart: it reconnects and carries on after the \
-last line it printed. It ends on Ctrl-C, or (exit 0) once the service is removed.
+last line it printed. It ends on Ctrl-C, or (exit 0) after the last line once the service is down \
+for good (stopped, crashed past its restart policy, failed) or removed.
 
 ", exit_codes!()))]
     Logs(LogsArgs),

@@ -273,10 +273,15 @@ async fn follow_logs(conn: &Connector, out: Output, args: &LogsArgs) -> Result<(
     loop {
         let streamed = stream_logs(&mut client, conn, out, args, &mut last, &mut backoff, &mut session).await;
         let lost = match streamed {
-            // A followed log ends without an error once its service is removed (a node that
-            // stops ends it with UNAVAILABLE): there is nothing more to follow.
+            // A followed log ends without an error once its service is down for good or removed
+            // (a node that stops ends it with UNAVAILABLE): there is nothing more to follow.
             Ok(()) => {
-                note(&format!("service '{}' was removed; its log ends here", args.service_id));
+                let why = match super::services::status_unless_removed(&mut client, conn, &args.service_id).await {
+                    Ok(Some(status)) => format!("is {}", status.status),
+                    Ok(None) => "was removed".to_string(),
+                    Err(_) => "is down".to_string(),
+                };
+                note(&format!("service '{}' {why}; its log ends here", args.service_id));
                 return Ok(());
             }
             Err(e) if session.retries(&e) => e,

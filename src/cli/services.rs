@@ -250,7 +250,7 @@ async fn service_status(client: &mut Client, conn: &Connector, id: &str) -> Resu
 }
 
 /// The service's status, or `None` once it has been removed.
-async fn status_unless_removed(
+pub(super) async fn status_unless_removed(
     client: &mut Client,
     conn: &Connector,
     id: &str,

@@ -582,7 +582,7 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
     }
     let window_start = cx.now_ms.saturating_sub(state.settings().deploy_rate_window_ms);
     let recent = state.deploys_since(&cmd.tenant, window_start);
-    if recent >= limits.max_deploys_per_minute as usize {
+    if recent >= limits.max_deploys_per_minute.into() {
         return Err(Error::QuotaExceeded {
             quota: "max_deploys_per_minute",
             limit: limits.max_deploys_per_minute.into(),
@@ -592,7 +592,30 @@ fn check_deploy_quotas(state: &State, cmd: &DeployCommand, existing: Option<&Ser
             )),
         });
     }
-    Ok(())
+    require_history_room(state, &cmd.tenant, limits, cx.now_ms)
+}
+
+/// Refuses a deploy of a tenant whose events added its `max_history_mb_per_hour` to the log
+/// within the hour. Only deploys: a kill or a removal adds little, and stops what would add
+/// more, so a tenant over its budget can always wind down.
+pub(super) fn require_history_room(state: &State, tenant: &str, limits: &TenantLimits, now_ms: u64) -> Result<()> {
+    let added = state.history_bytes(tenant, now_ms);
+    let budget = limits.max_history_bytes_per_hour();
+    if added < budget {
+        return Ok(());
+    }
+    Err(Error::QuotaExceeded {
+        quota: "max_history_mb_per_hour",
+        limit: limits.max_history_mb_per_hour,
+        detail: format!(
+            "the events of tenant '{tenant}' added {:.1} MiB to the log in the last hour; it may deploy again \
+             once older ones leave the hour",
+            added as f64 / (1 << 20) as f64
+        ),
+        retry_after: Some(Duration::from_millis(
+            state.history_room_at(tenant, now_ms, budget) - now_ms,
+        )),
+    })
 }
 
 fn decide_kill(state: &State, cmd: KillCommand, cx: Context<'_>) -> Result<Decision> {

@@ -366,8 +366,10 @@ impl Control {
         // Early, so a deploy bound to fail costs no compile; the writer decides for good. Not
         // for a keyed deploy, whose retry gets the first answer whatever the version is now.
         if request.idempotency_key.is_empty() {
+            let now_ms = (self.shared.clock)();
             self.read_state(|state| {
-                command::require_version(state, &request.tenant, &request.service_id, request.expected_version)
+                command::require_version(state, &request.tenant, &request.service_id, request.expected_version)?;
+                command::require_history_room(state, &request.tenant, tenant_limits, now_ms)
             })?;
         }
         let module = match self.runtime() {
@@ -543,6 +545,19 @@ impl Control {
             .ok_or_else(|| Error::NotFound {
                 service_id: service_id.to_string(),
             })
+    }
+
+    /// Resolves once nothing will write to `logs` any more: the service has stopped, crashed
+    /// for good or failed, as of the log's head now, with no start to come. A log follower
+    /// ends there, as `kubectl logs -f` does when its container ends.
+    pub fn log_quiet(&self, logs: Arc<LogBuffer>) -> impl Future<Output = ()> + Send + use<> {
+        let quiet = self.runtime().map(|runtime| runtime.log_quiet(logs, self.head()));
+        async move {
+            match quiet {
+                Some(quiet) => quiet.await,
+                None => std::future::pending().await,
+            }
+        }
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -95,6 +95,9 @@ pub(super) struct Actor {
     /// takes calls before that, but what it observes waits for it: a call that traps at once
     /// must not have its crash reach the log before the start it follows.
     pub start_recorded: watch::Receiver<bool>,
+    /// Counts it among its log's writers for as long as it may run an instance: a follower
+    /// of the log ends once no actor or start is left.
+    pub _log_writer: super::logs::LogWriter,
 }
 
 /// What a version's restart policy has used so far, as the state recorded it.

@@ -10,7 +10,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::error::PrepareError;
 use super::module;
-use crate::state::DeployWindow;
+use crate::state::RateWindow;
 
 /// A module of at most this many bytes and functions is small: its compile takes little memory
 /// (about 6 KiB a function, besides its code), so small modules have compile slots of their
@@ -92,14 +92,14 @@ impl Compiles {
 pub(super) struct TenantCompiles {
     turn: Semaphore,
     /// Compiles within the quota's window.
-    recent: Mutex<DeployWindow>,
+    recent: Mutex<RateWindow>,
 }
 
 impl Default for TenantCompiles {
     fn default() -> TenantCompiles {
         TenantCompiles {
             turn: Semaphore::new(1),
-            recent: Mutex::new(DeployWindow::default()),
+            recent: Mutex::new(RateWindow::default()),
         }
     }
 }
@@ -113,8 +113,8 @@ impl TenantCompiles {
     pub(super) fn charge(&self, quota: CompileQuota) -> Result<(), PrepareError> {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let compiled = recent.since(quota.window_start(), quota.window_ms);
-        if compiled >= quota.max as usize {
-            let room_at = recent.room_at(quota.now_ms, quota.window_ms, quota.max);
+        if compiled >= quota.max.into() {
+            let room_at = recent.room_at(quota.now_ms, quota.window_ms, quota.max.into());
             return Err(PrepareError::OverCompileQuota {
                 limit: quota.max,
                 compiled,

@@ -17,7 +17,7 @@ pub enum PrepareError {
     #[error("{compiled} modules were compiled for the tenant within the window, its limit of {limit}")]
     OverCompileQuota {
         limit: u32,
-        compiled: usize,
+        compiled: u64,
         /// Until the quota has room again.
         retry_after: std::time::Duration,
     },

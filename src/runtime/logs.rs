@@ -5,10 +5,10 @@
 //! journald's rate limit drops them, and the next line kept is preceded by one saying how many.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Severity of a guest's log line (`solo.log`'s first argument).
@@ -95,6 +95,20 @@ pub struct LogBuffer {
     follow: broadcast::Sender<LogLine>,
     /// Cancelled when the service is removed: no line will come any more.
     ended: CancellationToken,
+    /// What may still write lines: the service's starts queued or under way, and its actors
+    /// that may still run an instance. None once it has stopped, crashed for good or failed,
+    /// until it is deployed again.
+    writers: watch::Sender<usize>,
+}
+
+/// An actor's place among its log's writers, given back when the actor ends.
+#[derive(Debug)]
+pub(super) struct LogWriter(Arc<LogBuffer>);
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        self.0.writer_left();
+    }
 }
 
 #[derive(Debug)]
@@ -148,7 +162,31 @@ impl LogBuffer {
             }),
             follow: broadcast::channel(capacity.clamp(16, 4096)).0,
             ended: CancellationToken::new(),
+            writers: watch::Sender::new(0),
         }
+    }
+
+    /// A start of the service was queued: it may write lines.
+    pub(super) fn writer_came(&self) {
+        self.writers.send_modify(|writers| *writers += 1);
+    }
+
+    /// A start ended, or an actor (see [`LogBuffer::writer`]).
+    pub(super) fn writer_left(&self) {
+        self.writers.send_modify(|writers| *writers = writers.saturating_sub(1));
+    }
+
+    /// Counts an actor among the writers until it is dropped.
+    pub(super) fn writer(self: &Arc<Self>) -> LogWriter {
+        self.writer_came();
+        LogWriter(Arc::clone(self))
+    }
+
+    /// Resolves once nothing may write lines any more: the service has stopped, crashed for
+    /// good or failed, with no start to come (at once if that is so now). Its last lines are
+    /// in the ring and sent to the followers before.
+    pub async fn quiet(&self) {
+        let _ = self.writers.subscribe().wait_for(|writers| *writers == 0).await;
     }
 
     /// This log's id, which no other log of this node, before or after a restart, shares.

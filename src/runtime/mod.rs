@@ -179,6 +179,7 @@ impl Slot {
     /// Queues a start; calls wait for it from now on.
     fn queue_start(&self, start: SlotCommand) {
         self.starts.fetch_add(1, Ordering::AcqRel);
+        self.logs.writer_came();
         self.ready.send_if_modified(|route| match route {
             Route::Down => {
                 *route = Route::Pending;
@@ -194,6 +195,7 @@ impl Slot {
     /// A start was skipped, given up, failed or is up.
     fn start_ended(&self) {
         self.starts.fetch_sub(1, Ordering::AcqRel);
+        self.logs.writer_left();
     }
 
     /// Where calls go while no instance serves: they wait for a start to come, else fail.
@@ -698,6 +700,20 @@ impl Runtime {
         self.inner.find(tenant, service_id).map(|slot| Arc::clone(&slot.logs))
     }
 
+    /// Resolves once nothing will write to `logs` any more ([`LogBuffer::quiet`]), as the
+    /// runtime stands once it has acted on the log up to `seq`: a deploy at or before `seq`
+    /// has queued its start by then. Never, if the runtime stops first.
+    pub fn log_quiet(&self, logs: Arc<LogBuffer>, seq: u64) -> impl Future<Output = ()> + Send + use<> {
+        let inner = Arc::clone(&self.inner);
+        async move {
+            if inner.reconciled.reached(seq).await {
+                logs.quiet().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Observations the log could not take yet, waiting for a retry.
     pub fn unrecorded_observations(&self) -> usize {
         self.inner.recorder.backlog_len()
@@ -1186,6 +1202,7 @@ async fn start(
         starts: Arc::clone(&slot.starts),
         restarts,
         start_recorded,
+        _log_writer: slot.logs.writer(),
     };
     actors.make_room().await;
     match actor.spawn(&inner.guests, given_up()).await {

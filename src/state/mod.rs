@@ -13,9 +13,9 @@ use crate::proto::{self, CrashReason, Event, IdempotentOp, Limits, StopReason, e
 use service::{count_quota, count_stopped};
 
 pub use service::{
-    CompactString, DEPLOY_WINDOW_INTERVALS, DeployWindow, Desired, IdempotencyRecord, Labels,
-    MAX_REPLACED_WHILE_STOPPING, Map, RECENT_EVENTS, RecentSeqs, RequestHash, Service, Status, Tenant,
-    deploy_request_hash, kill_request_hash, remove_request_hash,
+    CompactString, Desired, IdempotencyRecord, Labels, MAX_REPLACED_WHILE_STOPPING, Map, RECENT_EVENTS, RateWindow,
+    RecentSeqs, RequestHash, Service, Status, Tenant, WINDOW_INTERVALS, deploy_request_hash, kill_request_hash,
+    remove_request_hash,
 };
 pub use snapshot::SnapshotError;
 
@@ -27,6 +27,8 @@ pub struct Settings {
     pub idempotency_window_ms: u64,
     /// The window of the deploys-per-minute quota.
     pub deploy_rate_window_ms: u64,
+    /// The window of the history budget (`max_history_mb_per_hour`).
+    pub history_window_ms: u64,
 }
 
 impl Default for Settings {
@@ -34,6 +36,7 @@ impl Default for Settings {
         Settings {
             idempotency_window_ms: 24 * 3600 * 1000,
             deploy_rate_window_ms: 60_000,
+            history_window_ms: 3_600_000,
         }
     }
 }
@@ -167,8 +170,8 @@ impl State {
     }
 
     /// Deploys of `tenant` committed after `since_ms`, counted in whole intervals of the
-    /// rate window (see [`DeployWindow`]): never fewer than there were.
-    pub fn deploys_since(&self, tenant: &str, since_ms: u64) -> usize {
+    /// rate window (see [`RateWindow`]): never fewer than there were.
+    pub fn deploys_since(&self, tenant: &str, since_ms: u64) -> u64 {
         self.tenants.get(tenant).map_or(0, |t| {
             t.recent_deploys.since(since_ms, self.settings.deploy_rate_window_ms)
         })
@@ -178,14 +181,33 @@ impl State {
     pub fn deploy_room_at(&self, tenant: &str, now_ms: u64, max: u32) -> u64 {
         self.tenants.get(tenant).map_or(now_ms, |t| {
             t.recent_deploys
-                .room_at(now_ms, self.settings.deploy_rate_window_ms, max)
+                .room_at(now_ms, self.settings.deploy_rate_window_ms, max.into())
+        })
+    }
+
+    /// Bytes the events of `tenant` added to the log in the history window ending at
+    /// `now_ms`, counted in whole intervals (see [`RateWindow`]): never fewer than they were.
+    pub fn history_bytes(&self, tenant: &str, now_ms: u64) -> u64 {
+        let window_ms = self.settings.history_window_ms;
+        self.tenants.get(tenant).map_or(0, |t| {
+            t.recent_history_bytes
+                .since(now_ms.saturating_sub(window_ms), window_ms)
+        })
+    }
+
+    /// When `tenant`, allowed `max_bytes` of history per window, has room again (`now_ms`
+    /// if it has).
+    pub fn history_room_at(&self, tenant: &str, now_ms: u64, max_bytes: u64) -> u64 {
+        self.tenants.get(tenant).map_or(now_ms, |t| {
+            t.recent_history_bytes
+                .room_at(now_ms, self.settings.history_window_ms, max_bytes)
         })
     }
 
     /// Folds one event into the state. On error nothing changed (not even the applied seq):
     /// see [`State::skip`].
     pub fn apply(&mut self, event: &Event) -> Result<(), ApplyError> {
-        self.apply_with(event, None)
+        self.apply_with(event, None, stored_bytes(event))
     }
 
     /// As [`State::apply`], but moves the labels of a `service_deployed` event into the state
@@ -193,20 +215,21 @@ impl State {
     /// replay, which drops every event it applies, and where copying labels and freeing the old
     /// ones took a tenth of its time.
     pub fn apply_taking(&mut self, event: &mut Event) -> Result<(), ApplyError> {
+        let stored = stored_bytes(event);
         let Some(Kind::ServiceDeployed(deployed)) = &mut event.kind else {
-            return self.apply(event);
+            return self.apply_with(event, None, stored);
         };
         let mut labels = std::mem::take(&mut deployed.labels);
-        let applied = self.apply_with(event, Some(&mut labels));
+        let applied = self.apply_with(event, Some(&mut labels), stored);
         if let Some(Kind::ServiceDeployed(deployed)) = &mut event.kind {
             deployed.labels = labels;
         }
         applied
     }
 
-    /// Applies `event`; a deploy takes `labels`, when given, in place of the event's own,
-    /// and leaves the service's old labels in their place.
-    fn apply_with(&mut self, event: &Event, labels: Option<&mut Labels>) -> Result<(), ApplyError> {
+    /// Applies `event`, which the log stores in `stored` bytes; a deploy takes `labels`, when
+    /// given, in place of the event's own, and leaves the service's old labels in their place.
+    fn apply_with(&mut self, event: &Event, labels: Option<&mut Labels>, stored: u64) -> Result<(), ApplyError> {
         self.check_seq(event)?;
         // As time passes, whatever the event: keys are not kept past their window until the
         // next keyed request comes.
@@ -244,6 +267,13 @@ impl State {
             Some(Kind::ServiceRemoved(e)) => self.apply_removed(event, e)?,
             // Node-level events, and kinds from a newer build: nothing this build tracks.
             Some(Kind::ShutdownRequested(_) | Kind::NodeStarted(_)) | None => {}
+        }
+        // Every event of a tenant's services counts against its history budget, those the
+        // node recorded for it (starts, crashes, stops) as much as its requests.
+        if let Some(tenant) = self.tenants.get_mut(event.tenant.as_str()) {
+            tenant
+                .recent_history_bytes
+                .add(event.timestamp_ms, self.settings.history_window_ms, stored);
         }
         self.applied_seq = event.seq;
         self.last_timestamp_ms = self.last_timestamp_ms.max(event.timestamp_ms);
@@ -634,6 +664,11 @@ fn module_key(sha256: &[u8; 32]) -> u64 {
 pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     let mut hash = [0; 32];
     hex::decode_to_slice(hex, &mut hash).ok().map(|()| hash)
+}
+
+/// The bytes the log stores `event` in: its frame (see `log-format.md`).
+fn stored_bytes(event: &Event) -> u64 {
+    (crate::log::frame::HEADER_LEN + prost::Message::encoded_len(event)) as u64
 }
 
 fn unknown(event: &Event) -> ApplyError {

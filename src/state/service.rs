@@ -396,7 +396,9 @@ pub struct Tenant {
     /// bounds.
     pub stopped_services: u32,
     /// Deploys within the rate window.
-    pub recent_deploys: DeployWindow,
+    pub recent_deploys: RateWindow,
+    /// Bytes the tenant's events added to the log within the history window.
+    pub recent_history_bytes: RateWindow,
     pub idempotency: Map<CompactString, IdempotencyRecord>,
 }
 
@@ -441,29 +443,30 @@ impl Tenant {
     }
 }
 
-/// Intervals a deploy-rate window is counted in.
-pub const DEPLOY_WINDOW_INTERVALS: u64 = 60;
+/// Intervals a rate window is counted in.
+pub const WINDOW_INTERVALS: u64 = 60;
 
-/// A tenant's deploys within the rate window, counted per interval of a sixtieth of the window
-/// (one second for the default minute), oldest first. Counting per interval keeps the state
-/// small however fast a tenant deploys. A deploy counts until its whole interval has left the
-/// window, so the quota errs on the strict side, by less than one interval.
+/// What a tenant did within a rate window (deploys, or bytes its events added to the log),
+/// counted per interval of a sixtieth of the window (one second of the deploy rate's minute,
+/// one minute of the history budget's hour), oldest first. Counting per interval keeps the
+/// state small however fast a tenant goes. An amount counts until its whole interval has left
+/// the window, so a quota errs on the strict side, by less than one interval.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeployWindow {
-    /// (interval start in ms, deploys committed in it), oldest first.
-    intervals: VecDeque<(u64, u32)>,
+pub struct RateWindow {
+    /// (interval start in ms, amount committed in it), oldest first.
+    intervals: VecDeque<(u64, u64)>,
 }
 
-impl DeployWindow {
-    /// Rebuilds a window from its intervals, as [`DeployWindow::intervals`] gave them.
-    pub fn from_intervals(intervals: impl IntoIterator<Item = (u64, u32)>) -> DeployWindow {
-        DeployWindow {
+impl RateWindow {
+    /// Rebuilds a window from its intervals, as [`RateWindow::intervals`] gave them.
+    pub fn from_intervals(intervals: impl IntoIterator<Item = (u64, u64)>) -> RateWindow {
+        RateWindow {
             intervals: intervals.into_iter().collect(),
         }
     }
 
-    /// (interval start in ms, deploys in it), oldest first.
-    pub fn intervals(&self) -> impl ExactSizeIterator<Item = (u64, u32)> + '_ {
+    /// (interval start in ms, amount in it), oldest first.
+    pub fn intervals(&self) -> impl ExactSizeIterator<Item = (u64, u64)> + '_ {
         self.intervals.iter().copied()
     }
 
@@ -471,8 +474,13 @@ impl DeployWindow {
         self.intervals.is_empty()
     }
 
-    /// Counts a deploy committed at `at_ms`, first forgetting intervals that left the window.
+    /// Counts one (a deploy) committed at `at_ms`.
     pub fn record(&mut self, at_ms: u64, window_ms: u64) {
+        self.add(at_ms, window_ms, 1);
+    }
+
+    /// Counts `amount` committed at `at_ms`, first forgetting intervals that left the window.
+    pub fn add(&mut self, at_ms: u64, window_ms: u64, amount: u64) {
         let width = interval_ms(window_ms);
         let window_start = at_ms.saturating_sub(window_ms);
         while self
@@ -485,51 +493,50 @@ impl DeployWindow {
         let start = at_ms - at_ms % width;
         match self.intervals.back_mut() {
             // Commit times never go back; should a log say otherwise, the newest interval
-            // takes the deploy.
-            Some((newest, count)) if *newest >= start => *count = count.saturating_add(1),
-            _ => self.intervals.push_back((start, 1)),
+            // takes the amount.
+            Some((newest, counted)) if *newest >= start => *counted = counted.saturating_add(amount),
+            _ => self.intervals.push_back((start, amount)),
         }
     }
 
-    /// Deploys in the intervals that reach past `since_ms`: at least every deploy committed
-    /// after it.
-    pub fn since(&self, since_ms: u64, window_ms: u64) -> usize {
+    /// The amount in the intervals that reach past `since_ms`: at least all that was
+    /// committed after it.
+    pub fn since(&self, since_ms: u64, window_ms: u64) -> u64 {
         let width = interval_ms(window_ms);
         self.intervals
             .iter()
             .rev()
             .take_while(|&&(start, _)| reaches_past(start, width, since_ms))
-            .map(|&(_, count)| count as usize)
-            .sum()
+            .fold(0, |sum, &(_, amount)| sum.saturating_add(amount))
     }
 
-    /// The earliest time, at or after `now_ms`, at which fewer than `max` deploys are counted
-    /// in the window ending then: when a tenant at its quota may deploy again.
-    pub fn room_at(&self, now_ms: u64, window_ms: u64, max: u32) -> u64 {
+    /// The earliest time, at or after `now_ms`, at which less than `max` is counted in the
+    /// window ending then: when a tenant at its quota may go on.
+    pub fn room_at(&self, now_ms: u64, window_ms: u64, max: u64) -> u64 {
         let width = interval_ms(window_ms);
         let window_start = now_ms.saturating_sub(window_ms);
         let counted = self.since(window_start, window_ms);
-        // Deploys that must leave the window before one more fits.
-        let mut to_leave = (counted + 1).saturating_sub(max as usize);
-        for &(start, count) in self.intervals.iter() {
+        // What must leave the window before the count is under `max`.
+        let mut to_leave = counted.saturating_add(1).saturating_sub(max);
+        for &(start, amount) in self.intervals.iter() {
             if to_leave == 0 {
                 break;
             }
             if !reaches_past(start, width, window_start) {
                 continue;
             }
-            if count as usize >= to_leave {
+            if amount >= to_leave {
                 // The interval stops counting once the window starts at its last millisecond.
                 return (start + width - 1).saturating_add(window_ms).max(now_ms);
             }
-            to_leave -= count as usize;
+            to_leave -= amount;
         }
         now_ms
     }
 }
 
 fn interval_ms(window_ms: u64) -> u64 {
-    (window_ms / DEPLOY_WINDOW_INTERVALS).max(1)
+    (window_ms / WINDOW_INTERVALS).max(1)
 }
 
 /// Whether the interval `start..start + width` holds times after `time_ms`.

@@ -5,7 +5,7 @@ use prost::Message as _;
 use std::collections::VecDeque;
 
 use super::{
-    CompactString, DeployWindow, Desired, IdempotencyRecord, Map, Service, Settings, State, Status, count_quota,
+    CompactString, Desired, IdempotencyRecord, Map, RateWindow, Service, Settings, State, Status, count_quota,
     count_stopped,
 };
 use crate::proto::{self, IdempotentOp, StateSnapshot};
@@ -38,14 +38,21 @@ impl State {
         let mut recent_deploys: Vec<proto::TenantDeploys> = self
             .tenants
             .iter()
-            .filter(|(_, t)| !t.recent_deploys.is_empty())
+            .filter(|(_, t)| !t.recent_deploys.is_empty() || !t.recent_history_bytes.is_empty())
             .map(|(name, t)| {
-                let (interval_start_ms, interval_deploys) = t.recent_deploys.intervals().unzip();
+                let (interval_start_ms, interval_deploys) = t
+                    .recent_deploys
+                    .intervals()
+                    .map(|(start, deploys)| (start, u32::try_from(deploys).unwrap_or(u32::MAX)))
+                    .unzip();
+                let (history_interval_start_ms, history_interval_bytes) = t.recent_history_bytes.intervals().unzip();
                 proto::TenantDeploys {
                     tenant: name.to_string(),
                     at_ms: Vec::new(),
                     interval_start_ms,
                     interval_deploys,
+                    history_interval_start_ms,
+                    history_interval_bytes,
                 }
             })
             .collect();
@@ -97,7 +104,8 @@ impl State {
         if snapshot.format < SNAPSHOT_FORMAT {
             // Its services lack what a replay of the same events gives them.
             return Err(SnapshotError::Outdated(
-                "it keeps no killed versions replaced while stopping, or no load failures",
+                "it keeps no killed versions replaced while stopping, no load failures, or no \
+                 history bytes of tenants",
             ));
         }
         let mut state = State::new(settings);
@@ -147,17 +155,31 @@ impl State {
             if !deploys.at_ms.is_empty() {
                 return Err(SnapshotError::Outdated("it lists deploy times one by one"));
             }
-            if deploys.interval_start_ms.len() != deploys.interval_deploys.len() {
-                return Err(SnapshotError::Inconsistent(format!(
-                    "tenant {} has {} deploy interval starts but {} counts",
-                    deploys.tenant,
-                    deploys.interval_start_ms.len(),
-                    deploys.interval_deploys.len()
-                )));
-            }
-            let intervals = deploys.interval_start_ms.into_iter().zip(deploys.interval_deploys);
-            state.tenants.entry(deploys.tenant.into()).or_default().recent_deploys =
-                DeployWindow::from_intervals(intervals);
+            let window = |what: &str, starts: Vec<u64>, amounts: Vec<u64>| {
+                if starts.len() == amounts.len() {
+                    Ok(RateWindow::from_intervals(starts.into_iter().zip(amounts)))
+                } else {
+                    Err(SnapshotError::Inconsistent(format!(
+                        "tenant {} has {} {what} interval starts but {} amounts",
+                        deploys.tenant,
+                        starts.len(),
+                        amounts.len()
+                    )))
+                }
+            };
+            let recent_deploys = window(
+                "deploy",
+                deploys.interval_start_ms,
+                deploys.interval_deploys.into_iter().map(u64::from).collect(),
+            )?;
+            let recent_history_bytes = window(
+                "history",
+                deploys.history_interval_start_ms,
+                deploys.history_interval_bytes,
+            )?;
+            let tenant = state.tenants.entry(deploys.tenant.into()).or_default();
+            tenant.recent_deploys = recent_deploys;
+            tenant.recent_history_bytes = recent_history_bytes;
         }
         Ok(state)
     }
@@ -254,7 +276,7 @@ fn service_record(s: &Service) -> proto::ServiceRecord {
 }
 
 /// The snapshot format this build writes ([`StateSnapshot::format`]).
-const SNAPSHOT_FORMAT: u32 = 2;
+const SNAPSHOT_FORMAT: u32 = 3;
 
 fn service_from_record(r: proto::ServiceRecord) -> Result<Service, SnapshotError> {
     let bad = |what: &str| SnapshotError::Inconsistent(format!("service {}/{}: {what}", r.tenant, r.service_id));
@@ -356,6 +378,8 @@ mod tests {
                 at_ms: vec![1, 2],
                 interval_start_ms: vec![0, 1000],
                 interval_deploys: vec![2, 1],
+                history_interval_start_ms: vec![0],
+                history_interval_bytes: vec![700],
             }],
             last_timestamp_ms: 99,
             format: 1,

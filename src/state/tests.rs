@@ -354,7 +354,7 @@ fn a_load_failure_comes_back_with_the_node_and_an_init_failure_does_not() {
 fn idempotency_keys_expire_after_the_window() {
     let settings = Settings {
         idempotency_window_ms: 1000,
-        deploy_rate_window_ms: 60_000,
+        ..Settings::default()
     };
     let mut state = State::new(settings);
     state.apply(&at(deployed("a", 1, 1, "k1"), 1, 100)).unwrap();
@@ -381,10 +381,11 @@ fn idempotency_keys_expire_after_the_window() {
 }
 
 #[test]
-fn the_deploy_window_counts_per_interval_and_never_undercounts() {
+fn a_rate_window_counts_per_interval_and_never_undercounts() {
     let window_ms = 60_000;
-    let mut window = DeployWindow::default();
-    let mut times = Vec::new();
+    let mut window = RateWindow::default();
+    // (commit time, amount): deploys count one each, history bytes an event's size.
+    let mut times: Vec<(u64, u64)> = Vec::new();
     // A deterministic walk of commit times: bursts within one interval, gaps across many.
     let mut at = 1_000_000u64;
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -397,15 +398,19 @@ fn the_deploy_window_counts_per_interval_and_never_undercounts() {
             1..=3 => seed % 3_000,
             _ => seed % 50,
         };
-        window.record(at, window_ms);
-        times.push(at);
+        let amount = if seed.is_multiple_of(3) { 1 + seed % 20_000 } else { 1 };
+        window.add(at, window_ms, amount);
+        times.push((at, amount));
+        let sum_where = |keep: &dyn Fn(u64) -> bool| -> u64 {
+            times.iter().filter(|&&(t, _)| keep(t)).map(|&(_, amount)| amount).sum()
+        };
         for since in [at.saturating_sub(window_ms), at - 30_000, at - 1_500, at - 1, at] {
-            let exact = times.iter().filter(|&&t| t > since).count();
+            let exact = sum_where(&|t| t > since);
             let counted = window.since(since, window_ms);
             assert!(counted >= exact, "at {at}, since {since}: counted {counted} < {exact}");
-            // Over by at most the deploys of the interval that holds `since`.
+            // Over by at most what the interval that holds `since` holds.
             let interval = since - since % 1000;
-            let same_interval = times.iter().filter(|&&t| t >= interval && t <= since).count();
+            let same_interval = sum_where(&|t| t >= interval && t <= since);
             assert!(
                 counted <= exact + same_interval,
                 "at {at}, since {since}: {counted} > {exact} + {same_interval}"
@@ -413,18 +418,15 @@ fn the_deploy_window_counts_per_interval_and_never_undercounts() {
         }
         // Bounded however fast the deploys come: one entry per interval of the window, plus
         // the interval the window starts in.
-        assert!(window.intervals().len() as u64 <= DEPLOY_WINDOW_INTERVALS + 1);
-        // `room_at` is the first moment the quota lets one more deploy in.
-        for max in [1, 7, 50, 500] {
+        assert!(window.intervals().len() as u64 <= WINDOW_INTERVALS + 1);
+        // `room_at` is the first moment the count is under the quota again.
+        for max in [1, 7, 50, 500, 100_000] {
             let room_at = window.room_at(at, window_ms, max);
             let counted_at = |t: u64| window.since(t - window_ms, window_ms);
-            assert!(
-                counted_at(room_at) < max as usize,
-                "at {at}, max {max}: full at {room_at}"
-            );
+            assert!(counted_at(room_at) < max, "at {at}, max {max}: full at {room_at}");
             if room_at > at {
                 assert!(
-                    counted_at(room_at - 1) >= max as usize,
+                    counted_at(room_at - 1) >= max,
                     "at {at}, max {max}: room before {room_at}"
                 );
             }
@@ -433,8 +435,46 @@ fn the_deploy_window_counts_per_interval_and_never_undercounts() {
 }
 
 #[test]
+fn every_event_of_a_tenants_services_counts_against_its_history_as_the_log_stores_it() {
+    use prost::Message as _;
+    let hour = Settings::default().history_window_ms;
+    let stored = |event: &Event| (crate::log::frame::HEADER_LEN + event.encoded_len()) as u64;
+    let mut state = State::new(Settings::default());
+    let events = [
+        at(labelled(deployed("a", 1, 7, ""), &[("env", "prod")]), 1, 1_000),
+        // The node's own events count for the tenant whose service they tell of.
+        at(started("a", 1), 2, 2_000),
+        at(kill("a"), 3, 3_000),
+    ];
+    for event in &events {
+        state.apply(event).unwrap();
+    }
+    let node_started = at(
+        envelope("", "", "node", Kind::NodeStarted(Default::default())),
+        4,
+        4_000,
+    );
+    state.apply(&node_started).unwrap();
+    let total: u64 = events.iter().map(stored).sum();
+    assert_eq!(state.history_bytes("acme", 4_000), total);
+    assert_eq!(state.history_bytes("globex", 4_000), 0);
+    assert_eq!(state.tenants().count(), 1, "a node event belongs to no tenant");
+
+    // Room comes once the oldest interval (a minute of the hour) has left the window.
+    assert_eq!(state.history_room_at("acme", 4_000, total + 1), 4_000);
+    assert_eq!(state.history_room_at("acme", 4_000, total), 60_000 - 1 + hour);
+    assert_eq!(state.history_bytes("acme", 60_000 - 1 + hour), 0);
+
+    // A snapshot keeps the count.
+    let mut bytes = Vec::new();
+    state.encode_snapshot(&mut bytes);
+    let restored = State::decode_snapshot(&bytes, Settings::default()).unwrap();
+    assert_eq!(restored.history_bytes("acme", 4_000), total);
+}
+
+#[test]
 fn a_burst_of_deploys_is_one_interval() {
-    let mut window = DeployWindow::default();
+    let mut window = RateWindow::default();
     for at in 5_000..5_500 {
         window.record(at, 60_000);
     }
@@ -653,7 +693,7 @@ fn snapshots_with_deploy_times_one_by_one_are_outdated() {
     snapshot.recent_deploys[0].interval_deploys.push(3);
     let decoded = State::decode_snapshot(&snapshot.encode_to_vec(), Settings::default());
     assert!(
-        matches!(&decoded, Err(SnapshotError::Inconsistent(m)) if m.contains("1 deploy interval starts but 2 counts")),
+        matches!(&decoded, Err(SnapshotError::Inconsistent(m)) if m.contains("1 deploy interval starts but 2 amounts")),
         "{decoded:?}"
     );
 }
