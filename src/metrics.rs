@@ -36,6 +36,8 @@ pub struct Metrics {
     pub body_bytes_in_flight: IntGauge,
     /// Deploys by result: created, upgraded, unchanged, replayed, refused.
     pub deploys: IntCounterVec,
+    /// Deploys refused by a quota, by the quota: which limits tenants run into.
+    pub quota_refusals: IntCounterVec,
     /// Calls by result: ok, service_error, trapped, timeout, busy, not_running, refused.
     pub calls: IntCounterVec,
     /// Time of one call, queueing included.
@@ -114,6 +116,11 @@ impl Metrics {
             "Bytes of request bodies in flight, past each body's free share, against [solo] max_in_flight_body_bytes.",
         );
         let deploys = counter_vec("solo_deploys_total", "Deploys by result.", &["result"]);
+        let quota_refusals = counter_vec(
+            "solo_quota_refusals_total",
+            "Deploys refused by a quota (the key of the limit), of any tenant.",
+            &["quota"],
+        );
         let calls = counter_vec("solo_calls_total", "Calls by result.", &["result"]);
         let call_duration = histogram(
             "solo_call_duration_seconds",
@@ -184,6 +191,7 @@ impl Metrics {
             unrecorded_observations,
             body_bytes_in_flight,
             deploys,
+            quota_refusals,
             calls,
             call_duration,
             instance_restarts,
@@ -212,6 +220,9 @@ impl Metrics {
         }
         for result in ["created", "upgraded", "unchanged", "replayed", "refused"] {
             metrics.deploys.with_label_values(&[result]);
+        }
+        for quota in crate::control::DEPLOY_QUOTAS {
+            metrics.quota_refusals.with_label_values(&[quota]);
         }
         for result in [
             "ok",

@@ -741,6 +741,11 @@ async fn a_followed_log_ends_once_its_service_is_down_for_good() {
     // The second is past its policy of one restart: it stays down, and the follow ends.
     assert_eq!(code(client.call(call()).await), Code::Aborted);
     assert_eq!(next_line(&mut follower).await, None, "the follow ends with the service");
+    let status = proto::StatusRequest {
+        service_id: "crasher".into(),
+    };
+    let status = client.status(as_tenant("acme", status)).await.unwrap().into_inner();
+    assert_eq!(status.status, "crashed", "the follow ends once the crash is on record");
 
     // A follow of a service that is down gets what was kept, then the end.
     let mut late = client.logs(follow()).await.unwrap().into_inner();

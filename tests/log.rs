@@ -702,8 +702,18 @@ async fn the_history_budget_refuses_a_tenants_deploys_but_not_its_kills_or_the_o
     let control = open(options());
     let mut refusal = None;
     let mut deployed = 0;
+    let keyed_first = || {
+        let mut request = labelled("acme", 0);
+        request.idempotency_key = "first".into();
+        request
+    };
     for round in 0..200 {
-        match control.deploy(labelled("acme", round)).await {
+        let request = if round == 0 {
+            keyed_first()
+        } else {
+            labelled("acme", round)
+        };
+        match control.deploy(request).await {
             Ok(_) => deployed += 1,
             Err(e) => {
                 refusal = Some(e);
@@ -729,6 +739,23 @@ async fn the_history_budget_refuses_a_tenants_deploys_but_not_its_kills_or_the_o
         (Duration::from_secs(3_600)..=Duration::from_secs(3_660)).contains(retry_after),
         "{retry_after:?}"
     );
+    // What already runs, asked for again with a new key, would be remembered (written): refused
+    // too. A retry of a key answered before the budget ran out still gets its answer.
+    let mut same = labelled("acme", deployed - 1);
+    same.idempotency_key = "again".into();
+    let err = control.deploy(same).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::QuotaExceeded {
+                quota: "max_history_mb_per_hour",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let retried = control.deploy(keyed_first()).await.unwrap();
+    assert!(retried.replayed && retried.version == 1, "{retried:?}");
     let refused_at = control.head();
     deploy(&control, "globex", "a", "m").await;
     kill(&control, "acme", "a").await;

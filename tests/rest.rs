@@ -1346,21 +1346,37 @@ async fn logs_as_json_and_followed_as_sse() {
         [format!("id: {}", stopping.raw_id), "event: log".to_string()]
     );
     assert!(stopping.raw_id.ends_with("-2"), "{}", stopping.raw_id);
-    // The service has stopped: the follow ends after its last line, as `kubectl logs -f`
-    // does, and one started now gets the lines kept and ends.
-    assert!(
-        next_frame(&mut stream).await.is_none(),
-        "the follow ends with the service"
-    );
+    // The service has stopped: the follow ends after its last line with an `end` event, as
+    // `kubectl logs -f` ends with its container, and one started now gets the lines kept and
+    // ends so too.
+    async fn ends(stream: &mut SseStream) {
+        let end = tokio::time::timeout(DEADLINE, stream.next())
+            .await
+            .expect("the end arrives");
+        let end = end.expect("an end event").expect("it parses");
+        assert_eq!(end.event, "end", "{end:?}");
+        assert!(end.data.contains("no more lines will come"), "{end:?}");
+        let after = tokio::time::timeout(DEADLINE, stream.next())
+            .await
+            .expect("the stream ends");
+        assert!(after.is_none(), "{after:?}");
+    }
+    ends(&mut stream).await;
     let late = send_stream(node.request(Method::GET, "/services/echo/logs?follow=true", "a")).await;
     let mut late: SseStream = Box::pin(late.bytes_stream().eventsource());
-    let kept = [
-        next_frame(&mut late).await,
-        next_frame(&mut late).await,
-        next_frame(&mut late).await,
-    ];
+    let kept = [next_frame(&mut late).await, next_frame(&mut late).await];
     let kept = kept.map(|frame| frame.map(|f| f.data["message"].as_str().unwrap_or_default().to_string()));
-    assert_eq!(kept, [Some("echo ready".into()), Some("echo stopping".into()), None]);
+    assert_eq!(kept, [Some("echo ready".into()), Some("echo stopping".into())]);
+    ends(&mut late).await;
+    // An EventSource that reconnects all the same, with nothing left for it, is told to stop:
+    // 204, as the HTML standard has it.
+    let reconnect = node
+        .request(Method::GET, "/services/echo/logs?follow=true", "a")
+        .header("last-event-id", &stopping.raw_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reconnect.status(), 204);
 
     node.get("/services/nope/logs", "a").await.error(404, "not_found");
     node.get("/services/nope/logs?follow=true", "a")
@@ -1690,6 +1706,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         // No gRPC request was made: its series are there from the start.
         ("solo_grpc_requests_total", "counter"),
         ("solo_deploys_total", "counter"),
+        ("solo_quota_refusals_total", "counter"),
         ("solo_events_appended_total", "counter"),
         ("solo_call_duration_seconds", "histogram"),
         ("solo_services", "gauge"),
@@ -2007,6 +2024,13 @@ async fn quota_and_shedding_refusals_carry_retry_after() {
     let metrics = node.metrics().await;
     assert_eq!(metrics.value("solo_shed_total", &[("scope", "watchers")]), 1.0);
     assert_eq!(metrics.value("solo_deploys_total", &[("result", "refused")]), 1.0);
+    let refusals = |quota| metrics.value("solo_quota_refusals_total", &[("quota", quota)]);
+    assert_eq!(refusals("max_deploys_per_minute"), 1.0);
+    assert_eq!(
+        refusals("max_history_mb_per_hour"),
+        0.0,
+        "every quota's series is there"
+    );
     // Another tenant has its own allowance.
     let (_, other) = node.events("", "b", None).await;
     // So has the admin: naming no tenant it acts on tenant `default`, but that tenant's streams

@@ -64,6 +64,9 @@ pub async fn deploy(state: &ApiState, caller: &Caller, deploy: Deploy) -> Result
         Err(_) => "refused",
     };
     state.metrics.deploys.with_label_values(&[label]).inc();
+    if let Err(crate::control::Error::QuotaExceeded { quota, .. }) = &result {
+        state.metrics.quota_refusals.with_label_values(&[quota]).inc();
+    }
     Ok(result?)
 }
 

@@ -325,6 +325,11 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
         && s.desired == Desired::Running
         && matches!(s.status, Status::Starting | Status::Running)
     {
+        // The node remembers a keyed request that changed nothing (a `requests` entry): that
+        // is written too, so past its history budget a tenant is refused it as any deploy.
+        if !cmd.idempotency_key.is_empty() {
+            require_history_room(state, &cmd.tenant, cx.limits, cx.now_ms)?;
+        }
         return Ok(Decision::Answer(Reply::Deployed(DeployOutcome {
             service_id: cmd.service_id.clone(),
             version: s.version,

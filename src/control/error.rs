@@ -5,6 +5,18 @@ use std::sync::Arc;
 use crate::runtime::CallError;
 use crate::state::{ApplyError, Status};
 
+/// The quotas a deploy may be refused by ([`Error::QuotaExceeded`]'s `quota`): each the key
+/// of its limit. Their refusals are counted from the node's start, none left out as unseen.
+pub const DEPLOY_QUOTAS: [&str; 7] = [
+    "max_services",
+    "max_memory_mb",
+    "max_tenant_memory_mb",
+    "max_module_bytes",
+    "max_deploys_per_minute",
+    "max_history_mb_per_hour",
+    "runtime.max_instances",
+];
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]

@@ -32,7 +32,7 @@ pub use command::{
     DeployCommand, DeployOutcome, KillCommand, KillOutcome, MAX_LABELS, Module, NODE_ACTOR, Observation, RemoveCommand,
     RemoveOutcome, StopReport, validate_idempotency_key, validate_labels, validate_service_id, validate_tenant,
 };
-pub use error::{Error, Result};
+pub use error::{DEPLOY_QUOTAS, Error, Result};
 pub use noop_keys::check_stored as check_stored_request;
 pub use recovery::{Recovery, load_snapshot, replay};
 

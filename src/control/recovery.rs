@@ -138,7 +138,7 @@ pub fn replay(store: &Store, state: &mut State, from: u64, to: u64) -> log::Resu
     }
     std::thread::scope(|scope| {
         let (chunks, decoded) = std::sync::mpsc::sync_channel(DECODED_CHUNKS_AHEAD);
-        let (applied, spent) = std::sync::mpsc::channel::<Vec<Event>>();
+        let (applied, spent) = std::sync::mpsc::channel::<Chunk>();
         scope.spawn(move || {
             let mut chunk_start = from;
             while chunk_start <= to {
@@ -155,8 +155,8 @@ pub fn replay(store: &Store, state: &mut State, from: u64, to: u64) -> log::Resu
         let mut skipped = 0;
         for chunk in decoded {
             let mut chunk = chunk?;
-            for event in &mut chunk {
-                if let Err(e) = state.apply_taking(event) {
+            for (event, &stored) in chunk.events.iter_mut().zip(&chunk.stored) {
+                if let Err(e) = state.apply_taking(event, stored) {
                     tracing::warn!(seq = event.seq, error = %e, "event does not apply; stepping over it");
                     state.skip(event);
                     skipped += 1;
@@ -169,9 +169,19 @@ pub fn replay(store: &Store, state: &mut State, from: u64, to: u64) -> log::Resu
     })
 }
 
-/// Decodes the events `from..=to`, checked, in one read transaction, into `events`: the
+/// Events read for replay, and the bytes the log stores each in (its frame), which the state
+/// counts as the tenant's history and which the decoding thread knows for free.
+#[derive(Default)]
+struct Chunk {
+    events: Vec<Event>,
+    stored: Vec<u64>,
+}
+
+/// Decodes the events `from..=to`, checked, in one read transaction, into `chunk`: the
 /// events it already holds are cleared and merged into, which keeps their strings' buffers.
-fn decode_chunk(store: &Store, from: u64, to: u64, events: &mut Vec<Event>) -> log::Result<()> {
+fn decode_chunk(store: &Store, from: u64, to: u64, chunk: &mut Chunk) -> log::Result<()> {
+    let Chunk { events, stored } = chunk;
+    stored.clear();
     let mut decoded = 0;
     store.visit_frames(from..=to, |seq, payload| {
         let event = match events.get_mut(decoded) {
@@ -194,6 +204,7 @@ fn decode_chunk(store: &Store, from: u64, to: u64, events: &mut Vec<Event>) -> l
                 reason: format!("payload says seq {}", event.seq),
             });
         }
+        stored.push((log::frame::HEADER_LEN + payload.len()) as u64);
         decoded += 1;
         Ok(())
     })?;
@@ -283,15 +294,24 @@ pub(super) mod tests {
     fn decoding_into_used_events_leaves_nothing_of_them() {
         let events = history(100, 4);
         let (_dir, log, _) = logged(&events);
-        let mut reused = Vec::new();
+        let mut reused = Chunk::default();
+        // Each with the bytes the log stores it in: its frame.
+        let stored = |events: &[Event]| -> Vec<u64> {
+            events
+                .iter()
+                .map(|e| (frame::HEADER_LEN + e.encoded_len()) as u64)
+                .collect()
+        };
         decode_chunk(log.store(), 1, 300, &mut reused).expect("round 1 decodes");
-        assert_eq!(reused, events[..300]);
+        assert_eq!(reused.events, events[..300]);
+        assert_eq!(reused.stored, stored(&events[..300]));
         // Round 2's deploys carry no labels and round 3's carry keys, where round 1's had
         // labels and no keys; a shorter chunk leaves no extra events behind.
         decode_chunk(log.store(), 301, 900, &mut reused).expect("rounds 2 and 3 decode");
-        assert_eq!(reused, events[300..900]);
+        assert_eq!(reused.events, events[300..900]);
         decode_chunk(log.store(), 1101, 1200, &mut reused).expect("round 4 decodes");
-        assert_eq!(reused, events[1100..1200]);
+        assert_eq!(reused.events, events[1100..1200]);
+        assert_eq!(reused.stored, stored(&events[1100..1200]));
         let missing = decode_chunk(log.store(), 1101, 1300, &mut reused);
         assert!(
             matches!(missing, Err(log::Error::MissingRecord { seq: 1201 })),

@@ -101,7 +101,8 @@ pub struct LogBuffer {
     writers: watch::Sender<usize>,
 }
 
-/// An actor's place among its log's writers, given back when the actor ends.
+/// A place among a log's writers, given back when dropped: an actor's, for as long as it may
+/// run an instance, or a start's or a stop's, until what it came to is on record.
 #[derive(Debug)]
 pub(super) struct LogWriter(Arc<LogBuffer>);
 
@@ -171,12 +172,12 @@ impl LogBuffer {
         self.writers.send_modify(|writers| *writers += 1);
     }
 
-    /// A start ended, or an actor (see [`LogBuffer::writer`]).
+    /// A start ended, or a [`LogWriter`] was dropped.
     pub(super) fn writer_left(&self) {
         self.writers.send_modify(|writers| *writers = writers.saturating_sub(1));
     }
 
-    /// Counts an actor among the writers until it is dropped.
+    /// Counts one more writer until the [`LogWriter`] is dropped.
     pub(super) fn writer(self: &Arc<Self>) -> LogWriter {
         self.writer_came();
         LogWriter(Arc::clone(self))

@@ -1084,6 +1084,8 @@ async fn run_slot(
                 }
             }
             SlotCommand::Kill { version, force, grace } => {
+                // A follower of the log ends once the stop is on record, not before.
+                let _recording = slot.logs.writer();
                 let how = actors.stop(&slot, force, grace).await;
                 observe(&inner, stopped(&slot, version, StopReason::Killed, how)).await;
             }
@@ -1123,6 +1125,8 @@ async fn start(
     restarts: PastRestarts,
     recovery: Option<&mut RecoveryStart>,
 ) -> bool {
+    // A follower of the log ends once what this start came to is on record, not before.
+    let _recording = slot.logs.writer();
     let crashed = |StartFailure {
                        reason,
                        trap_code,

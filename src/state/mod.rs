@@ -214,8 +214,8 @@ impl State {
     /// rather than copying them; once applied, `event` holds the labels they replaced. For
     /// replay, which drops every event it applies, and where copying labels and freeing the old
     /// ones took a tenth of its time.
-    pub fn apply_taking(&mut self, event: &mut Event) -> Result<(), ApplyError> {
-        let stored = stored_bytes(event);
+    /// `stored` is the bytes the log stores the event in (its frame), which replay knows.
+    pub fn apply_taking(&mut self, event: &mut Event, stored: u64) -> Result<(), ApplyError> {
         let Some(Kind::ServiceDeployed(deployed)) = &mut event.kind else {
             return self.apply_with(event, None, stored);
         };

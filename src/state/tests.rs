@@ -730,7 +730,8 @@ fn applying_by_taking_the_labels_equals_applying_a_copy() {
     for event in &events {
         copied.apply(event).unwrap();
         let mut event = event.clone();
-        taken.apply_taking(&mut event).unwrap();
+        let stored = stored_bytes(&event);
+        taken.apply_taking(&mut event, stored).unwrap();
         if matches!(event.kind, Some(Kind::ServiceDeployed(_))) {
             handed_back.push(labels_of(&event));
         }
@@ -745,7 +746,7 @@ fn applying_by_taking_the_labels_equals_applying_a_copy() {
     let mut stale = at(labelled(deployed("a", 2, 7, ""), &[("env", "qa")]), 5, 50);
     let before = taken.clone();
     assert!(matches!(
-        taken.apply_taking(&mut stale),
+        taken.apply_taking(&mut stale, 0),
         Err(ApplyError::StaleVersion { .. })
     ));
     assert_eq!(taken, before);

@@ -13,7 +13,7 @@ use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::{Stream, StreamExt, TryStreamExt};
+use futures_util::{FutureExt as _, Stream, StreamExt, TryStreamExt};
 use serde_json::json;
 
 use super::services::Params;
@@ -208,19 +208,31 @@ pub(super) async fn logs(
     }
     let permit = state.shed.admit_watcher(&caller.principal)?;
     let (log_id, lines) = ops::logs(&state, &caller, &id, from, true)?;
+    let mut lines = Box::pin(lines.peekable());
+    // Nothing to send and nothing to come (the service is down for good): 204, which tells an
+    // EventSource to stop reconnecting, as the HTML standard has it. Else it would come back
+    // every few seconds for ever, to find the same end.
+    if let Some(None) = lines.as_mut().peek().now_or_never() {
+        return Ok(http::StatusCode::NO_CONTENT.into_response());
+    }
     let gauge = GaugeGuard::new(state.metrics.watchers.with_label_values(&["sse"]));
-    let frames = lines
-        .take_while(|line| std::future::ready(line.is_ok()))
-        .filter_map(move |line| {
-            let _held = (&permit, &gauge);
-            std::future::ready(line.ok().map(|line| {
-                Ok::<_, Infallible>(
-                    SseEvent::default()
-                        .id(log_event_id(log_id, line.seq))
-                        .event("log")
-                        .data(log_line_json(&line).to_string()),
-                )
-            }))
-        });
+    let frames = async_stream::stream! {
+        let _held = (permit, gauge);
+        while let Some(line) = lines.next().await {
+            // The node is stopping: the stream just ends, and the client resumes elsewhere.
+            let Ok(line) = line else { return };
+            yield Ok::<_, Infallible>(
+                SseEvent::default()
+                    .id(log_event_id(log_id, line.seq))
+                    .event("log")
+                    .data(log_line_json(&line).to_string()),
+            );
+        }
+        // The service is down for good, or removed: a client that reconnects anyway is told
+        // 204, above.
+        yield Ok(SseEvent::default()
+            .event("end")
+            .data(json!({ "service_id": id, "message": "the service is down or removed: no more lines will come" }).to_string()));
+    };
     Ok(sse(frames, state.options.sse_keepalive))
 }
