@@ -764,6 +764,27 @@ async fn a_followed_log_ends_once_its_service_is_down_for_good() {
     server.stop().await.unwrap();
 }
 
+/// A service's log can be read and followed as soon as its deploy is answered, before the node
+/// has started it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_is_there_as_soon_as_the_deploy_is_answered() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let mut client = grpc_client(&server).await;
+    for i in 0..20 {
+        let id = format!("echo-{i}");
+        deploy(&mut client, "acme", &id, "echo").await;
+        let follow = proto::LogsRequest {
+            service_id: id.clone(),
+            follow: true,
+            ..Default::default()
+        };
+        let mut follower = client.logs(as_tenant("acme", follow)).await.unwrap().into_inner();
+        assert_eq!(next_line(&mut follower).await.as_deref(), Some("echo ready"), "{id}");
+    }
+    server.stop().await.unwrap();
+}
+
 /// Remove takes a stopped service out of the registry: its id starts over, its history stays,
 /// and the node remembers after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,6 +85,7 @@ async fn echo_counter_and_kv_behave_as_documented() {
     assert!(live.memory_bytes >= 65536 && live.uptime_ms < 60_000, "{live:?}");
     let logs: Vec<String> = control
         .logs("acme", "echo")
+        .await
         .unwrap()
         .lines_from(0)
         .into_iter()
@@ -431,6 +432,7 @@ async fn an_upgrade_under_load_fails_no_call() {
     assert!(total > 100, "only {total} calls ran");
     let versions: Vec<u64> = control
         .logs("acme", "echo")
+        .await
         .unwrap()
         .lines_from(0)
         .iter()
@@ -471,6 +473,7 @@ async fn graceful_and_forced_kills() {
     );
     let lines: Vec<String> = control
         .logs("acme", "gentle")
+        .await
         .unwrap()
         .lines_from(0)
         .into_iter()
@@ -489,6 +492,7 @@ async fn graceful_and_forced_kills() {
     assert_eq!((stopped.outcome(), stopped.calls_cut_off), (StopOutcome::Forced, 0));
     let lines: Vec<String> = control
         .logs("acme", "abrupt")
+        .await
         .unwrap()
         .lines_from(0)
         .into_iter()

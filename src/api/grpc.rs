@@ -258,7 +258,7 @@ impl SoloKernel for GrpcApi {
     type LogsStream = BoxStream<proto::LogLine>;
 
     async fn logs(&self, request: Request<proto::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        let result = (|| {
+        let result = async {
             let caller = self.caller(&request)?;
             let r = request.into_inner();
             // A follower is a stream and counts as a watcher; a one-off read is a request.
@@ -274,7 +274,7 @@ impl SoloKernel for GrpcApi {
                     line: r.from_seq.saturating_sub(1),
                 },
             };
-            let (log_id, lines) = ops::logs(&self.state, &caller, &r.service_id, start, r.follow)?;
+            let (log_id, lines) = ops::logs(&self.state, &caller, &r.service_id, start, r.follow).await?;
             let gauge = r
                 .follow
                 .then(|| GaugeGuard::new(self.state.metrics.watchers.with_label_values(&["grpc"])));
@@ -283,7 +283,8 @@ impl SoloKernel for GrpcApi {
                 line.map(|l| super::convert::log_line(&l, log_id)).map_err(Status::from)
             }));
             Ok(stream)
-        })();
+        }
+        .await;
         self.finish_stream("Logs", result)
     }
 

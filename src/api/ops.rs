@@ -422,7 +422,7 @@ pub enum LogStart {
 /// Also the id of the log they are from. Lines go out at the caller's pace
 /// ([`super::pace`]); the stream ends with [`Error::shutting_down`] if the node stops
 /// while it waits.
-pub fn logs(
+pub async fn logs(
     state: &Arc<ApiState>,
     caller: &Caller,
     service_id: &str,
@@ -432,6 +432,7 @@ pub fn logs(
     let buffer = state
         .control
         .logs(caller.tenant(), service_id)
+        .await
         .map_err(|e| Error::from(e).seen_by(caller))?;
     let from_seq = match start {
         LogStart::Line(line) => line,

@@ -537,14 +537,17 @@ impl Control {
         self.runtime()?.live(tenant, service_id)
     }
 
-    /// A service's log lines, if the runtime knows it.
-    pub fn logs(&self, tenant: &str, service_id: &str) -> Result<Arc<LogBuffer>> {
-        self.status(tenant, service_id)?;
-        self.runtime()
-            .and_then(|r| r.logs(tenant, service_id))
-            .ok_or_else(|| Error::NotFound {
-                service_id: service_id.to_string(),
-            })
+    /// A service's log lines, once the runtime has acted on its deploy: a read right after
+    /// the deploy's answer finds its log.
+    pub async fn logs(&self, tenant: &str, service_id: &str) -> Result<Arc<LogBuffer>> {
+        let deployed_seq = self.status(tenant, service_id)?.deployed_seq;
+        let logs = match self.runtime() {
+            Some(runtime) => runtime.logs_once_acted_on(tenant, service_id, deployed_seq).await,
+            None => None,
+        };
+        logs.ok_or_else(|| Error::NotFound {
+            service_id: service_id.to_string(),
+        })
     }
 
     /// Resolves once nothing will write to `logs` any more: the service has stopped, crashed

@@ -695,8 +695,10 @@ impl Runtime {
         self.inner.find(tenant, service_id).map(|slot| slot.stats.snapshot())
     }
 
-    /// A service's log buffer, if this node has seen the service.
-    pub fn logs(&self, tenant: &str, service_id: &str) -> Option<Arc<LogBuffer>> {
+    /// A service's log buffer, if this node has seen the service, once the runtime has acted
+    /// on the log up to `seq` (the deploy that made the service) or stopped following it.
+    pub async fn logs_once_acted_on(&self, tenant: &str, service_id: &str, seq: u64) -> Option<Arc<LogBuffer>> {
+        self.inner.reconciled.reached(seq).await;
         self.inner.find(tenant, service_id).map(|slot| Arc::clone(&slot.logs))
     }
 

@@ -179,7 +179,7 @@ pub(super) async fn logs(
     let from = log_resume_point(&headers, params.number("from")?)?;
     if !follow {
         let _permit = state.shed.admit(&caller.principal)?;
-        let (log_id, lines) = ops::logs(&state, &caller, &id, from, false)?;
+        let (log_id, lines) = ops::logs(&state, &caller, &id, from, false).await?;
         // All or nothing: a read cut short (the node stopping) is an error, not fewer lines.
         // The route streams too, so it is not under the layer that bounds other requests' time;
         // a read paced past that time is bounded here.
@@ -207,7 +207,7 @@ pub(super) async fn logs(
         return Ok(Json(json!({ "service_id": id, "log_id": log_id, "lines": lines })).into_response());
     }
     let permit = state.shed.admit_watcher(&caller.principal)?;
-    let (log_id, lines) = ops::logs(&state, &caller, &id, from, true)?;
+    let (log_id, lines) = ops::logs(&state, &caller, &id, from, true).await?;
     let mut lines = Box::pin(lines.peekable());
     // Nothing to send and nothing to come (the service is down for good): 204, which tells an
     // EventSource to stop reconnecting, as the HTML standard has it. Else it would come back
