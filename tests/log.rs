@@ -744,16 +744,7 @@ async fn the_history_budget_refuses_a_tenants_deploys_but_not_its_kills_or_the_o
     let mut same = labelled("acme", deployed - 1);
     same.idempotency_key = "again".into();
     let err = control.deploy(same).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::QuotaExceeded {
-                quota: "max_history_mb_per_hour",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_refused_by(&err, "max_history_mb_per_hour");
     let retried = control.deploy(keyed_first()).await.unwrap();
     assert!(retried.replayed && retried.version == 1, "{retried:?}");
     let refused_at = control.head();
@@ -765,16 +756,7 @@ async fn the_history_budget_refuses_a_tenants_deploys_but_not_its_kills_or_the_o
     // Replayed from the log, or read from a snapshot, the count is the same.
     let control = open(options());
     let err = control.deploy(labelled("acme", 999)).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::QuotaExceeded {
-                quota: "max_history_mb_per_hour",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_refused_by(&err, "max_history_mb_per_hour");
     assert!(
         control.head() > refused_at,
         "the kill and the other tenant's deploy were written"
