@@ -454,10 +454,12 @@ pub async fn logs(
     let principal = caller.principal.clone();
     // Subscribe before reading the ring, so nothing falls between the two.
     let mut updates = buffer.subscribe();
-    let quiet = state.control.log_quiet(Arc::clone(&buffer));
     Ok((
         log_id,
         async_stream::stream! {
+            // Ends once the service is down for good, as `kubectl logs -f` does with its
+            // container.
+            let quiet = buffer.quiet();
             tokio::pin!(quiet);
             let mut next = from_seq.max(1);
             let mut unsent = VecDeque::from(buffer.lines_from(next));

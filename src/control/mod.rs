@@ -537,30 +537,18 @@ impl Control {
         self.runtime()?.live(tenant, service_id)
     }
 
-    /// A service's log lines, once the runtime has acted on its deploy: a read right after
-    /// the deploy's answer finds its log.
+    /// A service's log lines, once the runtime has acted on the log as it is now: a read right
+    /// after a deploy's answer finds its log, and the log's writers
+    /// ([`LogBuffer::quiet`]) count every start and stop committed before the read.
     pub async fn logs(&self, tenant: &str, service_id: &str) -> Result<Arc<LogBuffer>> {
-        let deployed_seq = self.status(tenant, service_id)?.deployed_seq;
+        self.status(tenant, service_id)?;
         let logs = match self.runtime() {
-            Some(runtime) => runtime.logs_once_acted_on(tenant, service_id, deployed_seq).await,
+            Some(runtime) => runtime.logs_once_acted_on(tenant, service_id, self.head()).await,
             None => None,
         };
         logs.ok_or_else(|| Error::NotFound {
             service_id: service_id.to_string(),
         })
-    }
-
-    /// Resolves once nothing will write to `logs` any more: the service has stopped, crashed
-    /// for good or failed, as of the log's head now, with no start to come. A log follower
-    /// ends there, as `kubectl logs -f` does when its container ends.
-    pub fn log_quiet(&self, logs: Arc<LogBuffer>) -> impl Future<Output = ()> + Send + use<> {
-        let quiet = self.runtime().map(|runtime| runtime.log_quiet(logs, self.head()));
-        async move {
-            match quiet {
-                Some(quiet) => quiet.await,
-                None => std::future::pending().await,
-            }
-        }
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -696,24 +696,10 @@ impl Runtime {
     }
 
     /// A service's log buffer, if this node has seen the service, once the runtime has acted
-    /// on the log up to `seq` (the deploy that made the service) or stopped following it.
+    /// on the log up to `seq` or stopped following it.
     pub async fn logs_once_acted_on(&self, tenant: &str, service_id: &str, seq: u64) -> Option<Arc<LogBuffer>> {
         self.inner.reconciled.reached(seq).await;
         self.inner.find(tenant, service_id).map(|slot| Arc::clone(&slot.logs))
-    }
-
-    /// Resolves once nothing will write to `logs` any more ([`LogBuffer::quiet`]), as the
-    /// runtime stands once it has acted on the log up to `seq`: a deploy at or before `seq`
-    /// has queued its start by then. Never, if the runtime stops first.
-    pub fn log_quiet(&self, logs: Arc<LogBuffer>, seq: u64) -> impl Future<Output = ()> + Send + use<> {
-        let inner = Arc::clone(&self.inner);
-        async move {
-            if inner.reconciled.reached(seq).await {
-                logs.quiet().await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        }
     }
 
     /// Observations the log could not take yet, waiting for a retry.
