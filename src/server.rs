@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 
 use crate::api::bodies::{BodyBudget, MeterBodies};
-use crate::api::codec::{RequestRefusals, spec_encoded_grpc_message};
+use crate::api::codec::RequestRefusals;
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
+use crate::api::grpc_routes::GrpcRoutes;
 use crate::api::pace::ReadPace;
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
@@ -544,7 +545,7 @@ async fn serve_grpc(
         None => builder,
     };
     // Every call, to any service, keeps its connection from closing idle while it is open.
-    let mut builder =
+    let builder =
         builder.layer(TrackRequestsLayer::by_address(limits.activities(), GRPC_STREAMS).yielding_to(GRPC_YIELDING));
     let stopping = drained.clone();
     let shutdown = async move {
@@ -552,31 +553,25 @@ async fn serve_grpc(
         health_follower.abort();
         set_health(&health, ServingStatus::NotServing).await;
     };
-    let routes = tonic::service::Routes::new(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(MeterBodies::new(
-            RequestRefusals::new(kernel, max_message),
-            Arc::clone(&state),
-        ))
-        .into_axum_router()
-        .fallback(unknown_grpc_service)
-        .layer(axum::middleware::from_fn(require_grpc_content_type))
-        .layer(axum::middleware::map_response(spec_encoded_status));
+    let routes = GrpcRoutes {
+        kernel: MeterBodies::new(RequestRefusals::new(kernel, max_message), Arc::clone(&state)),
+        health: health_service,
+        reflection_v1,
+        reflection_v1alpha,
+    };
     builder
-        .add_routes(routes.into())
-        .serve_with_incoming_shutdown(admitted_connections(listener, limits), shutdown)
+        .serve_with_incoming_shutdown(routes, admitted_connections(listener, limits), shutdown)
         .await
         .context("gRPC server")
 }
 
-/// The gRPC methods whose answers are streams (server-streaming or bidirectional): the node
-/// tells them to end as it stops, and their connections do not wait for their clients to read
-/// the end (see [`crate::connections::STREAMS_QUIET`]).
 /// The gRPC requests anyone may make, with no credentials: they do not hold a connection when
 /// a full listener needs its slot for a client that waits.
 const GRPC_YIELDING: &[&str] = &["/grpc.health.v1.Health/", "/grpc.reflection."];
 
+/// The gRPC methods whose answers are streams (server-streaming or bidirectional): the node
+/// tells them to end as it stops, and their connections do not wait for their clients to read
+/// the end (see [`crate::connections::STREAMS_QUIET`]).
 const GRPC_STREAMS: &[&str] = &[
     "/solo.v1.SoloKernel/Logs",
     "/solo.v1.SoloKernel/Watch",
@@ -585,61 +580,6 @@ const GRPC_STREAMS: &[&str] = &[
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
-
-/// Only gRPC is read as gRPC: a request of another content type (grpc-web, JSON, a form) is
-/// answered `415 Unsupported Media Type`, as the gRPC spec asks of servers, rather than have
-/// its body taken for gRPC frames and refused for their framing.
-async fn require_grpc_content_type(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let content_type = request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    // `application/grpc`, `application/grpc+proto` and the like; case-insensitive.
-    let grpc = content_type
-        .get(..16)
-        .is_some_and(|head| head.eq_ignore_ascii_case(b"application/grpc"))
-        && matches!(content_type.get(16), None | Some(b'+' | b';'));
-    if grpc {
-        return next.run(request).await;
-    }
-    use axum::response::IntoResponse as _;
-    let message = "this is the node's gRPC port: send gRPC (content-type application/grpc); the REST API \
-                   is on the HTTP port";
-    (
-        http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        message,
-    )
-        .into_response()
-}
-
-/// An answer whose status is in its headers (an error before any message) has its message
-/// encoded as the gRPC spec does (see [`spec_encoded_grpc_message`]). A stream's status comes
-/// in its trailers and keeps tonic's encoding.
-async fn spec_encoded_status(mut response: axum::response::Response) -> axum::response::Response {
-    let headers = response.headers_mut();
-    if let Some(encoded) = headers.get("grpc-message").and_then(spec_encoded_grpc_message) {
-        headers.insert("grpc-message", encoded);
-    }
-    response
-}
-
-/// A call to a service this node does not serve: tonic's own answer carries no message.
-async fn unknown_grpc_service(uri: axum::http::Uri) -> axum::response::Response {
-    let service = uri.path().trim_start_matches('/').split('/').next().unwrap_or_default();
-    let message = format!(
-        "this node serves no gRPC service '{service}': it serves {}, grpc.health.v1.Health and \
-         server reflection",
-        <SoloKernelServer<GrpcApi> as tonic::server::NamedService>::NAME
-    );
-    let refusal = crate::api::Error::new(crate::api::ErrorKind::MethodNotAllowed, message).to_status();
-    let (parts, ()) = refusal.into_http::<()>().into_parts();
-    axum::response::Response::from_parts(parts, axum::body::Body::empty())
-}
 
 /// How often the node frees the log's reader slots that dead processes left.
 const STALE_READERS_EVERY: Duration = Duration::from_secs(10);

@@ -11,6 +11,7 @@ pub mod codec;
 mod convert;
 mod error;
 pub mod grpc;
+pub mod grpc_routes;
 mod ops;
 pub mod pace;
 pub mod rest;
