@@ -2123,6 +2123,14 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
         message.contains("'foo.Bar'") && message.contains("solo.v1.SoloKernel"),
         "{message}"
     );
+    // And a path that names none.
+    let reply = post("").body(vec![0, 0, 0, 0, 0]).send().await.unwrap();
+    assert_eq!(reply.headers()["grpc-status"], "12");
+    let message = reply.headers()["grpc-message"].to_str().unwrap();
+    assert!(
+        message.contains("'/' names no gRPC service") && message.contains("solo.v1.SoloKernel"),
+        "{message}"
+    );
     // A message in an encoding the node lacks is refused for its encoding, not as a missing
     // method.
     let reply = post("solo.v1.SoloKernel/Status")

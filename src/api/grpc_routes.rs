@@ -102,7 +102,7 @@ where
             } else if service == V1a::NAME {
                 self.reflection_v1alpha.call(request)
             } else {
-                refused(unknown_service::<K>(service))
+                refused(unknown_service::<K>(request.uri().path()))
             }
         };
         answer.map(spec_encoded_status)
@@ -145,12 +145,12 @@ fn not_grpc() -> Response<Body> {
 }
 
 /// A call to a service this node does not serve: tonic's own answer carries no message.
-fn unknown_service<K: NamedService>(service: &str) -> Response<Body> {
-    let message = format!(
-        "this node serves no gRPC service '{service}': it serves {}, grpc.health.v1.Health and server \
-         reflection",
-        K::NAME
-    );
+fn unknown_service<K: NamedService>(path: &str) -> Response<Body> {
+    let served = format!("it serves {}, grpc.health.v1.Health and server reflection", K::NAME);
+    let message = match service_named_in(path) {
+        "" => format!("the path '{path}' names no gRPC service (a call's path is /package.Service/Method): {served}"),
+        service => format!("this node serves no gRPC service '{service}': {served}"),
+    };
     Error::new(ErrorKind::MethodNotAllowed, message).to_status().into_http()
 }
 
