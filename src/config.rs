@@ -204,6 +204,9 @@ pub struct RuntimeConfig {
     pub max_looped_instructions: u64,
     /// Log lines kept per service.
     pub log_lines_per_service: u32,
+    /// Bytes of log lines kept per service (a line counts 64 bytes besides its text); the
+    /// oldest lines go first.
+    pub log_bytes_per_service: u64,
     /// Bytes a service may log per second (a line counts 64 bytes besides its text); lines
     /// over it are dropped, and counted in the next line kept.
     pub log_bytes_per_second: u64,
@@ -235,6 +238,7 @@ impl Default for RuntimeConfig {
             max_locals: defaults.engine.max_locals,
             max_looped_instructions: defaults.engine.max_looped_instructions,
             log_lines_per_service: defaults.logs.lines as u32,
+            log_bytes_per_service: defaults.logs.bytes,
             log_bytes_per_second: defaults.logs.bytes_per_second,
             max_response_bytes: defaults.max_response_bytes as u64,
             max_wasm_stack_kb: (defaults.engine.max_wasm_stack >> 10) as u32,
@@ -435,11 +439,17 @@ impl Config {
         }
         // Less than one full line a second would drop every full line, however seldom.
         let one_line = crate::runtime::LogLimits::FULL_LINE_COST;
-        if rt.log_bytes_per_second < one_line {
-            return Err(invalid(
-                "runtime.log_bytes_per_second",
-                &format!("must be at least {one_line} (one full line of 4 KiB, and what a line costs besides)"),
-            ));
+        for (key, value) in [
+            ("runtime.log_bytes_per_second", rt.log_bytes_per_second),
+            // Less, and a full line would not be kept.
+            ("runtime.log_bytes_per_service", rt.log_bytes_per_service),
+        ] {
+            if value < one_line {
+                return Err(invalid(
+                    key,
+                    &format!("must be at least {one_line} (one full line of 4 KiB, and what a line costs besides)"),
+                ));
+            }
         }
         // A slower epoch clock checks CPU limits too seldom to hold them, and the stack is
         // reserved for every instance of the pool.
@@ -681,6 +691,7 @@ impl Config {
             },
             logs: crate::runtime::LogLimits {
                 lines: rt.log_lines_per_service as usize,
+                bytes: rt.log_bytes_per_service,
                 bytes_per_second: rt.log_bytes_per_second,
             },
             max_response_bytes: usize::try_from(rt.max_response_bytes).unwrap_or(usize::MAX),
@@ -1122,6 +1133,11 @@ mod tests {
             (
                 "[runtime]\nlog_bytes_per_second = 4000\n",
                 "runtime.log_bytes_per_second",
+                "at least 4160",
+            ),
+            (
+                "[runtime]\nlog_bytes_per_service = 4159\n",
+                "runtime.log_bytes_per_service",
                 "at least 4160",
             ),
             (

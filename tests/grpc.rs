@@ -2115,22 +2115,17 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
         message.contains("Frobnicate") && message.contains("reflection"),
         "{message}"
     );
-    // So is a service the node does not serve, with the ones it does.
-    let reply = post("foo.Bar/Baz").body(vec![0, 0, 0, 0, 0]).send().await.unwrap();
-    assert_eq!(reply.headers()["grpc-status"], "12");
-    let message = reply.headers()["grpc-message"].to_str().unwrap();
-    assert!(
-        message.contains("'foo.Bar'") && message.contains("solo.v1.SoloKernel"),
-        "{message}"
-    );
-    // And a path that names none.
-    let reply = post("").body(vec![0, 0, 0, 0, 0]).send().await.unwrap();
-    assert_eq!(reply.headers()["grpc-status"], "12");
-    let message = reply.headers()["grpc-message"].to_str().unwrap();
-    assert!(
-        message.contains("'/' names no gRPC service") && message.contains("solo.v1.SoloKernel"),
-        "{message}"
-    );
+    // So is a service the node does not serve, or a path that names none, with the services
+    // it does serve.
+    for (path, named) in [("foo.Bar/Baz", "'foo.Bar'"), ("", "'/' names no gRPC service")] {
+        let reply = post(path).body(vec![0, 0, 0, 0, 0]).send().await.unwrap();
+        assert_eq!(reply.headers()["grpc-status"], "12", "{path}");
+        let message = reply.headers()["grpc-message"].to_str().unwrap();
+        assert!(
+            message.contains(named) && message.contains("solo.v1.SoloKernel"),
+            "{message}"
+        );
+    }
     // A message in an encoding the node lacks is refused for its encoding, not as a missing
     // method.
     let reply = post("solo.v1.SoloKernel/Status")

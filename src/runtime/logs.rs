@@ -55,10 +55,14 @@ pub struct LogLine {
     pub message: String,
 }
 
-/// What one service may log: lines kept, and bytes per second.
+/// What one service may log: lines kept, bytes kept, and bytes per second.
 #[derive(Debug, Clone, Copy)]
 pub struct LogLimits {
     pub lines: usize,
+    /// Of the lines kept, each counted as a rate counts it ([`LogLine::cost`]): the bound on
+    /// the memory a service's log holds, as lines up to 4 KiB would make `lines` alone 64
+    /// times looser for a service writing long lines than for one writing short ones.
+    pub bytes: u64,
     pub bytes_per_second: u64,
 }
 
@@ -89,6 +93,7 @@ pub struct LogBuffer {
     pub(super) tenant: String,
     pub(super) service_id: String,
     capacity: usize,
+    max_bytes: u64,
     bytes_per_second: u64,
     /// Why a std lock: pushes and copies are short and never cross an `.await`.
     lines: Mutex<Lines>,
@@ -115,6 +120,8 @@ impl Drop for LogWriter {
 #[derive(Debug)]
 struct Lines {
     ring: VecDeque<LogLine>,
+    /// What the lines in the ring cost together.
+    bytes: u64,
     next_seq: u64,
     /// Bytes the service may log now: a second's worth at most, refilled as time passes.
     allowance: u64,
@@ -153,9 +160,12 @@ impl LogBuffer {
             tenant: tenant.to_string(),
             service_id: service_id.to_string(),
             capacity,
+            // Room for one line at least, however long.
+            max_bytes: limits.bytes.max(LogLimits::FULL_LINE_COST),
             bytes_per_second: limits.bytes_per_second,
             lines: Mutex::new(Lines {
                 ring: VecDeque::new(),
+                bytes: 0,
                 next_seq: 1,
                 allowance: limits.bytes_per_second,
                 refilled_at: Instant::now(),
@@ -256,8 +266,11 @@ impl LogBuffer {
             message,
         };
         lines.next_seq += 1;
-        if lines.ring.len() == self.capacity {
-            lines.ring.pop_front();
+        // The oldest lines make room: for one more line, and for its bytes.
+        lines.bytes += line.cost();
+        while lines.ring.len() >= self.capacity || (lines.bytes > self.max_bytes && !lines.ring.is_empty()) {
+            let Some(oldest) = lines.ring.pop_front() else { break };
+            lines.bytes -= oldest.cost();
         }
         // Sent under the lock: a follower that subscribes after this finds the line in the
         // ring, as it reads the ring after subscribing, and followers get lines in seq order.
@@ -294,6 +307,7 @@ mod tests {
     fn lines(count: usize) -> LogLimits {
         LogLimits {
             lines: count,
+            bytes: 1 << 30,
             bytes_per_second: 1 << 30,
         }
     }
@@ -307,6 +321,7 @@ mod tests {
             "svc",
             LogLimits {
                 lines: 100,
+                bytes: 1 << 20,
                 bytes_per_second: 1000,
             },
         );
@@ -388,6 +403,7 @@ mod tests {
     fn the_node_log_gets_only_the_lines_within_the_rate() {
         let rate = LogLimits {
             lines: 100,
+            bytes: 1 << 20,
             bytes_per_second: 1000,
         };
         // 136 bytes of the rate each: 7 fit in a second's 1000.
@@ -407,6 +423,46 @@ mod tests {
         assert_eq!(kept, [3, 4, 5]);
         assert_eq!(buffer.lines_from(5).len(), 1);
         assert_eq!(follow.try_recv().unwrap().message, "line 0");
+    }
+
+    /// Long lines are bounded by their bytes, not only by their count: the oldest go first,
+    /// and a line as long as a line may be is always kept.
+    #[test]
+    fn the_ring_keeps_the_newest_lines_that_fit_its_bytes() {
+        let limits = LogLimits {
+            lines: 1000,
+            bytes: 3 * LogLimits::FULL_LINE_COST,
+            bytes_per_second: 1 << 30,
+        };
+        let buffer = LogBuffer::new("acme", "svc", limits);
+        let full = |i: usize| format!("{i}{}", "x".repeat(super::super::instance::MAX_LOG_LINE - 1));
+        for i in 0..10 {
+            buffer.push(Level::Info, 1, full(i));
+        }
+        let kept: Vec<u64> = buffer.lines_from(0).iter().map(|l| l.seq).collect();
+        assert_eq!(kept, [8, 9, 10], "three full lines fit");
+        // Short lines take the room of the long ones as they come, oldest first: 69 bytes each
+        // (5 and 64), so 180 fit in the room of three long ones.
+        for _ in 0..100 {
+            buffer.push(Level::Info, 1, "short".into());
+        }
+        let kept = buffer.lines_from(0);
+        assert_eq!(kept.len(), 101, "the newest long line and the short ones");
+        assert_eq!(kept[0].seq, 10);
+        for _ in 0..100 {
+            buffer.push(Level::Info, 1, "short".into());
+        }
+        let kept = buffer.lines_from(0);
+        assert_eq!(kept.len(), 180);
+        assert!(kept.iter().all(|l| l.message == "short"));
+        let held: u64 = kept.iter().map(LogLine::cost).sum();
+        assert!(held <= limits.bytes, "{held}");
+        // A ring smaller than one full line still keeps the latest line.
+        let tiny = LogBuffer::new("acme", "svc", LogLimits { bytes: 1, ..limits });
+        tiny.push(Level::Info, 1, full(1));
+        tiny.push(Level::Info, 1, full(2));
+        let kept: Vec<u64> = tiny.lines_from(0).iter().map(|l| l.seq).collect();
+        assert_eq!(kept, [2]);
     }
 
     #[test]

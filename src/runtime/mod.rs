@@ -96,6 +96,7 @@ impl Default for RuntimeOptions {
             compile_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             logs: LogLimits {
                 lines: 1000,
+                bytes: 1 << 20,
                 bytes_per_second: 256 << 10,
             },
             max_response_bytes: 16 << 20,
