@@ -1241,6 +1241,14 @@ fn the_offline_tools_still_work() {
     // A range that holds nothing is a mistake in the command, not an empty answer.
     let backwards = run(solo().args(["log", "dump", "--data-dir", data, "--from", "5", "--to", "3"]));
     assert!(backwards.fails(2).stderr.contains("--from 5 is after --to 3"));
+    let head = stats["head"].as_u64().unwrap();
+    let past = (head + 2).to_string();
+    let beyond = run(solo().args(["log", "dump", "--data-dir", data, "--from", &past])).fails(2);
+    let expected = format!("--from {past} is past the log's head (seq {head})");
+    assert!(beyond.stderr.contains(&expected), "{}", beyond.stderr);
+    // What comes after the head is nothing yet, and that is no mistake.
+    let next = (head + 1).to_string();
+    assert!(dump(&["--from", &next], None).is_empty());
     let people = run(solo().args(["log", "stats", "--data-dir", data])).ok().text();
     assert!(people.contains("by kind:"), "{people}");
 }

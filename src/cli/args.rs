@@ -456,7 +456,7 @@ pub enum LogCommand {
     Dump {
         #[command(flatten)]
         dir: DataDirArg,
-        /// First seq to print.
+        /// First seq to print (at most one past the log's head: what comes next).
         #[arg(long, default_value_t = 1)]
         from: u64,
         /// Last seq to print.

@@ -218,12 +218,19 @@ fn read_log(config: &Config, path: &Path, command: LogCommand, json: bool) -> an
             tenant,
             service_id,
         } => {
-            if let Some(to) = to.filter(|&to| to < from) {
-                let problem = if to == 0 {
-                    "--to 0 is before the first event (seq 1)".to_string()
-                } else {
-                    format!("--from {from} is after --to {to}")
-                };
+            // The seq after the head is where the next event will be, so `--from` it (what
+            // is new since a dump up to the head) prints nothing and is fine; further on, as
+            // etcd refuses a future revision, the range cannot be what was meant.
+            let head = store.head()?;
+            let problem = match to {
+                Some(0) => Some("--to 0 is before the first event (seq 1)".to_string()),
+                Some(to) if to < from => Some(format!("--from {from} is after --to {to}")),
+                _ if from > head.saturating_add(1) => {
+                    Some(format!("--from {from} is past the log's head (seq {head})"))
+                }
+                _ => None,
+            };
+            if let Some(problem) = problem {
                 super::output::print_error(&format!("{problem}: no event could be printed"));
                 return Ok(ExitCode::from(super::Exit::Usage.code()));
             }
