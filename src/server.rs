@@ -512,7 +512,9 @@ async fn serve_grpc(
         false => &[],
     };
     let mut kernel = SoloKernelServer::new(GrpcApi::new(Arc::clone(&state))).max_decoding_message_size(max_message);
-    let (health, mut health_service) = tonic_health::server::health_reporter();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // One limit for every service's requests, as their refusals name it.
+    let mut health_service = health_service.max_decoding_message_size(max_message);
     for &encoding in compressed {
         kernel = kernel.accept_compressed(encoding);
         health_service = health_service.accept_compressed(encoding);
@@ -526,8 +528,10 @@ async fn serve_grpc(
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let mut reflection_v1 = reflection().build_v1().context("gRPC reflection")?;
-    let mut reflection_v1alpha = reflection().build_v1alpha().context("gRPC reflection")?;
+    let mut reflection_v1 =
+        (reflection().build_v1().context("gRPC reflection")?).max_decoding_message_size(max_message);
+    let mut reflection_v1alpha =
+        (reflection().build_v1alpha().context("gRPC reflection")?).max_decoding_message_size(max_message);
     for &encoding in compressed {
         reflection_v1 = reflection_v1.accept_compressed(encoding);
         reflection_v1alpha = reflection_v1alpha.accept_compressed(encoding);
@@ -553,11 +557,12 @@ async fn serve_grpc(
         health_follower.abort();
         set_health(&health, ServingStatus::NotServing).await;
     };
+    // Every service's refusals say what was wrong, as Solo's own do.
     let routes = GrpcRoutes {
         kernel: MeterBodies::new(RequestRefusals::new(kernel, max_message), Arc::clone(&state)),
-        health: health_service,
-        reflection_v1,
-        reflection_v1alpha,
+        health: RequestRefusals::new(health_service, max_message),
+        reflection_v1: RequestRefusals::new(reflection_v1, max_message),
+        reflection_v1alpha: RequestRefusals::new(reflection_v1alpha, max_message),
     };
     builder
         .serve_with_incoming_shutdown(routes, admitted_connections(listener, limits), shutdown)

@@ -2013,7 +2013,12 @@ async fn compressed_requests_are_served_within_the_size_limit_where_taken() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
-    assert!(refused.message().contains("gzip"), "{refused:?}");
+    // Saying what to do about it, to the client and to the operator.
+    assert!(
+        refused.message().contains("`gzip`") && refused.message().contains("grpc_accept_compressed = true"),
+        "{refused:?}"
+    );
+    assert_eq!(refused.metadata().get("solo-error").unwrap(), "not_implemented");
     server.stop().await.unwrap();
 
     let dir = tempdir();
@@ -2115,6 +2120,16 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
         message.contains("Frobnicate") && message.contains("reflection"),
         "{message}"
     );
+    // As on the health and reflection services.
+    for path in [
+        "grpc.health.v1.Health/Frobnicate",
+        "grpc.reflection.v1.ServerReflection/Frobnicate",
+    ] {
+        let reply = post(path).body(vec![0, 0, 0, 0, 0]).send().await.unwrap();
+        assert_eq!(reply.headers()["grpc-status"], "12", "{path}");
+        let message = reply.headers()["grpc-message"].to_str().unwrap();
+        assert!(message.contains(&format!("/{path} is not a method")), "{message}");
+    }
     // So is a service the node does not serve, or a path that names none, with the services
     // it does serve.
     for (path, named) in [("foo.Bar/Baz", "'foo.Bar'"), ("", "'/' names no gRPC service")] {
@@ -2136,9 +2151,13 @@ async fn tonics_refusals_say_what_was_wrong_with_the_right_code() {
         .unwrap();
     assert_eq!(reply.headers()["grpc-status"], "12");
     // Encoded as the gRPC spec does: only `%` and what is not printable ASCII is escaped
-    // (grpc-js would show tonic's %3F and %23 as they are).
+    // (grpc-js would show tonic's %60 for the backquote as it is).
     let message = reply.headers()["grpc-message"].to_str().unwrap();
-    assert_eq!(message, "Content is compressed with `zstd` which isn't supported");
+    assert_eq!(
+        message,
+        "the request is compressed with `zstd`, which this node does not take: send it uncompressed or \
+         compressed with gzip or deflate"
+    );
     let accepted = reply.headers()["grpc-accept-encoding"].to_str().unwrap();
     assert!(accepted.contains("gzip") && accepted.contains("deflate"), "{accepted}");
     // One that says gzip but is not is the client's mistake.

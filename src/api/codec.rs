@@ -159,6 +159,8 @@ fn over_repeated(message: &[u8]) -> Option<u64> {
 ///   be this refusal. A compressed message over the limit once inflated is tonic's
 ///   RESOURCE_EXHAUSTED before the handler has it.
 /// - a method the service lacks: UNIMPLEMENTED, saying so (tonic says nothing).
+/// - compressed in an encoding the node does not take: UNIMPLEMENTED, naming what it takes
+///   and, when that is nothing, the setting that decides it (tonic names neither).
 /// - badly framed (a compressed flag without compression, a length prefix longer than the
 ///   body, no message at all): INVALID_ARGUMENT. Tonic answers INTERNAL, which Solo also uses
 ///   for its own failures; the two are told apart by [`Decoded`], which a handler marks once it
@@ -217,6 +219,7 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let limit = self.limit;
         let path = request.uri().path().to_string();
+        let encoding = request.headers().get("grpc-encoding").cloned();
         let decoded = Decoded::default();
         request.extensions_mut().insert(decoded.clone());
         let now = tokio::time::Instant::now();
@@ -238,15 +241,22 @@ where
                     format!("the request message is over this node's limit of {limit} bytes (max_request_bytes)");
                 return Ok(Error::new(ErrorKind::PayloadTooLarge, message).to_status().into_http());
             }
-            // A method the service lacks comes back without a message; tonic's other
-            // UNIMPLEMENTED (an encoding it does not accept) says so itself, and names the
-            // encodings it accepts.
+            // A method the service lacks comes back without a message.
             if code == Some(b"12") && !reply.headers().contains_key("grpc-message") {
                 let message = format!(
-                    "{path} is not a method of {}; see proto/solo/v1/solo.proto, or list them with server reflection",
+                    "{path} is not a method of {}; list the methods with server reflection",
                     S::NAME
                 );
                 return Ok(Error::new(ErrorKind::MethodNotAllowed, message).to_status().into_http());
+            }
+            // Tonic's other UNIMPLEMENTED, an encoding it does not accept, names neither what
+            // the node does accept nor the setting that decides it.
+            if code == Some(b"12")
+                && let Some(encoding) = encoding.as_ref().and_then(|e| e.to_str().ok())
+                && encoding != "identity"
+                && !encodings_taken(&reply).contains(&encoding)
+            {
+                return Ok(encoding_refused(encoding, &reply));
             }
             if code == Some(b"13") && !decoded.is_marked() {
                 let detail =
@@ -257,6 +267,40 @@ where
             Ok(reply)
         })
     }
+}
+
+/// A request compressed in an encoding the node does not take, told what it takes. The answer
+/// keeps tonic's `grpc-accept-encoding`, as the gRPC spec asks.
+fn encoding_refused(encoding: &str, tonics: &Reply) -> Reply {
+    let message = match encodings_taken(tonics).as_slice() {
+        [] => format!(
+            "the request is compressed with `{encoding}`, and this node takes requests uncompressed only: send it \
+             uncompressed, or have the node's operator set [solo] grpc_accept_compressed = true (gzip and deflate)"
+        ),
+        taken => format!(
+            "the request is compressed with `{encoding}`, which this node does not take: send it uncompressed or \
+             compressed with {}",
+            taken.join(" or ")
+        ),
+    };
+    let mut answer = Error::new(ErrorKind::NotImplemented, message).to_status().into_http();
+    if let Some(accepted) = tonics.headers().get("grpc-accept-encoding") {
+        answer.headers_mut().insert("grpc-accept-encoding", accepted.clone());
+    }
+    answer
+}
+
+/// The compressions named in an answer's `grpc-accept-encoding`.
+fn encodings_taken(reply: &Reply) -> Vec<&str> {
+    let list = reply
+        .headers()
+        .get("grpc-accept-encoding")
+        .and_then(|list| list.to_str().ok());
+    list.into_iter()
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .filter(|e| !e.is_empty() && *e != "identity")
+        .collect()
 }
 
 /// Whether `reply` is tonic's refusal of a compressed message that inflated past the limit: a
