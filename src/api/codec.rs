@@ -311,10 +311,12 @@ fn inflated_too_far(reply: &Reply) -> bool {
 }
 
 fn past_deadline(timeout: std::time::Duration) -> Status {
-    let message = format!(
-        "the request did not finish within its deadline of {} ms (the client's grpc-timeout)",
-        timeout.as_millis()
-    );
+    // A deadline under a millisecond is not "0 ms".
+    let deadline = match timeout.as_millis() {
+        0 => format!("0.{:03} ms", timeout.as_micros()),
+        ms => format!("{ms} ms"),
+    };
+    let message = format!("the request did not finish within its deadline of {deadline} (the client's grpc-timeout)");
     Error::new(ErrorKind::DeadlineExceeded, message).to_status()
 }
 
