@@ -218,7 +218,8 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let limit = self.limit;
-        let path = request.uri().path().to_string();
+        // Kept for a refusal's message: a clone shares the request's bytes.
+        let uri = request.uri().clone();
         let encoding = request.headers().get("grpc-encoding").cloned();
         let decoded = Decoded::default();
         request.extensions_mut().insert(decoded.clone());
@@ -244,7 +245,8 @@ where
             // A method the service lacks comes back without a message.
             if code == Some(b"12") && !reply.headers().contains_key("grpc-message") {
                 let message = format!(
-                    "{path} is not a method of {}; list the methods with server reflection",
+                    "{} is not a method of {}; list the methods with server reflection",
+                    uri.path(),
                     S::NAME
                 );
                 return Ok(Error::new(ErrorKind::MethodNotAllowed, message).to_status().into_http());
@@ -254,9 +256,10 @@ where
             if code == Some(b"12")
                 && let Some(encoding) = encoding.as_ref().and_then(|e| e.to_str().ok())
                 && encoding != "identity"
-                && !encodings_taken(&reply).contains(&encoding)
+                && let taken = encodings_taken(&reply)
+                && !taken.contains(&encoding)
             {
-                return Ok(encoding_refused(encoding, &reply));
+                return Ok(encoding_refused(encoding, &taken, &reply));
             }
             if code == Some(b"13") && !decoded.is_marked() {
                 let detail =
@@ -269,10 +272,10 @@ where
     }
 }
 
-/// A request compressed in an encoding the node does not take, told what it takes. The answer
-/// keeps tonic's `grpc-accept-encoding`, as the gRPC spec asks.
-fn encoding_refused(encoding: &str, tonics: &Reply) -> Reply {
-    let message = match encodings_taken(tonics).as_slice() {
+/// A request compressed in an encoding the node does not take, told what it takes (`taken`,
+/// from tonic's answer). The answer keeps tonic's `grpc-accept-encoding`, as the gRPC spec asks.
+fn encoding_refused(encoding: &str, taken: &[&str], tonics: &Reply) -> Reply {
+    let message = match taken {
         [] => format!(
             "the request is compressed with `{encoding}`, and this node takes requests uncompressed only: send it \
              uncompressed, or have the node's operator set [solo] grpc_accept_compressed = true (gzip and deflate)"

@@ -7,8 +7,8 @@
 //! node does not serve is named in its refusal; and a status in an answer's headers has its
 //! message encoded as the gRPC spec does.
 //!
-//! In place of tonic's `Routes`, an axum router: matching four fixed names needs no path
-//! router, and its layers cost every call more than a Status's own handler does.
+//! It stands in for tonic's `Routes`, which is an axum router: four fixed names need no path
+//! router, and that router's layers cost every call more than a Status's own handler does.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};

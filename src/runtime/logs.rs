@@ -268,7 +268,7 @@ impl LogBuffer {
         lines.next_seq += 1;
         // The oldest lines make room: for one more line, and for its bytes.
         lines.bytes += line.cost();
-        while lines.ring.len() >= self.capacity || (lines.bytes > self.max_bytes && !lines.ring.is_empty()) {
+        while lines.ring.len() >= self.capacity || lines.bytes > self.max_bytes {
             let Some(oldest) = lines.ring.pop_front() else { break };
             lines.bytes -= oldest.cost();
         }
