@@ -131,6 +131,7 @@ pub fn stop_reason_name(reason: StopReason) -> &'static str {
         StopReason::Unspecified => "unspecified",
         StopReason::Killed => "killed",
         StopReason::NodeShutdown => "node_shutdown",
+        StopReason::Replaced => "replaced",
     }
 }
 

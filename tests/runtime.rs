@@ -443,6 +443,19 @@ async fn an_upgrade_under_load_fails_no_call() {
         [1, 2, 1],
         "v1 started, v2 started, then v1 stopped after draining its queue"
     );
+    // The history says what became of version 1; version 2's status is untouched.
+    let stopped = stop_of(&control, upgraded.seq, "echo", 1).await;
+    assert_eq!(
+        (
+            stopped.reason(),
+            stopped.outcome(),
+            stopped.calls_cut_off,
+            stopped.message.as_str()
+        ),
+        (StopReason::Replaced, StopOutcome::Clean, 0, "")
+    );
+    let status = control.status("acme", "echo").unwrap();
+    assert_eq!((status.version, status.status.as_str()), (2, "running"));
     node.stop(Duration::from_secs(5)).await;
 }
 
@@ -1330,8 +1343,11 @@ async fn a_service_that_gave_up_fails_calls_at_once_even_when_the_log_cannot_say
     wait_for_kind(&control, deployed.seq, "acme", "crash", "service_started").await;
 
     // Fill the log: upgrades with labels, smaller and smaller, until not even the least fits.
+    // Each filler's labels are new (an identical deploy would write nothing, and pass).
+    let fillers = std::cell::Cell::new(0u32);
     let fill = async |value_len: usize| -> u32 {
-        for n in 0u32.. {
+        for fitted in 0u32.. {
+            let n = fillers.replace(fillers.get() + 1);
             let mut filler = deploy_example("acme", "filler", "echo");
             let labels = if value_len == 0 { 1 } else { 64 };
             filler.labels = (0..labels)
@@ -1339,7 +1355,7 @@ async fn a_service_that_gave_up_fails_calls_at_once_even_when_the_log_cannot_say
                 .collect();
             match control.deploy(filler).await {
                 Ok(_) => {}
-                Err(Error::Storage(_)) => return n,
+                Err(Error::Storage(_)) => return fitted,
                 Err(e) => panic!("{e}"),
             }
             assert!(n < 100_000, "the 1 MiB log never filled");
@@ -1547,6 +1563,11 @@ async fn a_failed_upgrade_lets_the_old_version_finish_its_calls() {
         .unwrap();
     wait_for_kind(&control, upgraded.seq, "acme", "svc", "service_crashed").await;
     assert_eq!(busy.await.unwrap().unwrap(), b"done");
+    let stopped = stop_of(&control, upgraded.seq, "svc", 1).await;
+    assert_eq!(
+        (stopped.reason(), stopped.outcome(), stopped.calls_cut_off),
+        (StopReason::Replaced, StopOutcome::Clean, 0)
+    );
     assert_eq!(control.status("acme", "svc").unwrap().status.as_str(), "failed");
     let err = call(&control, "acme", "svc", b"1").await.unwrap_err();
     assert!(matches!(err, Error::NotRunning { .. }), "{err}");
@@ -1605,6 +1626,15 @@ async fn upgrades_over_a_busy_service_hold_at_most_two_of_its_instances() {
     }
     assert!(!busy[0].is_finished(), "the replaced version finishes its call");
     assert_eq!(runtime.live_instances(), 2);
+    // Each version cut short has its stop on record, with the call it cut off.
+    for version in 1..=3 {
+        let stopped = stop_of(&control, 1, "svc", version).await;
+        assert_eq!(
+            (stopped.reason(), stopped.outcome(), stopped.calls_cut_off),
+            (StopReason::Replaced, StopOutcome::Forced, 1),
+            "version {version}: {stopped:?}"
+        );
+    }
 
     let started = Instant::now();
     let forced = control
@@ -1617,6 +1647,16 @@ async fn upgrades_over_a_busy_service_hold_at_most_two_of_its_instances() {
     wait_for_kind(&control, forced.seq, "acme", "svc", "service_stopped").await;
     let cut = tokio::time::timeout(Duration::from_secs(3), busy.remove(0)).await;
     assert!(cut.expect("the forced kill cut the call short").unwrap().is_err());
+    let replaced = stop_of(&control, forced.seq, "svc", 4).await;
+    assert_eq!(
+        (replaced.reason(), replaced.outcome(), replaced.calls_cut_off),
+        (StopReason::Replaced, StopOutcome::Forced, 1)
+    );
+    let killed = stop_of(&control, forced.seq, "svc", 5).await;
+    assert_eq!(
+        (killed.reason(), killed.outcome()),
+        (StopReason::Killed, StopOutcome::Forced)
+    );
     assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     while runtime.live_instances() > 0 {
         assert!(

@@ -41,7 +41,7 @@ use super::spare::Spare;
 use super::{Clock, CommitHook, EventLog, Events, WriterOptions};
 use crate::limits::LimitsTable;
 use crate::log::{self, BlobChanges, BlobRef, RequestChanges};
-use crate::proto::{Event, event::Kind};
+use crate::proto::{Event, StopReason, event::Kind};
 use crate::state::State;
 
 // Requests are moved once through the queue; boxing the large variant would only add an
@@ -311,7 +311,8 @@ impl Writer {
     /// the services stopped longest ago, in the same batch.
     fn collect_stopped(&mut self, after: &Event, batch: &mut Batch) {
         let tenants: Vec<String> = match &after.kind {
-            Some(Kind::ServiceStopped(_)) => vec![after.tenant.clone()],
+            // A version an upgrade replaced leaves its service as it was.
+            Some(Kind::ServiceStopped(e)) if e.reason() != StopReason::Replaced => vec![after.tenant.clone()],
             Some(Kind::NodeStarted(_)) => self.working.tenants().map(|(name, _)| name.to_string()).collect(),
             _ => return,
         };

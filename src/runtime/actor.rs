@@ -145,8 +145,8 @@ pub(super) struct RunningActor {
 
 impl RunningActor {
     /// Stops the actor: at once with `force`, else gracefully within `grace` (then at once),
-    /// or at once when `forced` reaches this version meanwhile. Says how the stop went.
-    pub async fn stop(mut self, force: bool, grace: Duration, mut forced: watch::Receiver<u64>) -> StopReport {
+    /// or at once when `cut_short` resolves meanwhile (a forced kill). Says how the stop went.
+    pub async fn stop(mut self, force: bool, grace: Duration, cut_short: impl Future<Output = ()>) -> StopReport {
         if self.task.is_finished() {
             return stop_report(StopOutcome::NotRunning, 0, String::new());
         }
@@ -155,19 +155,18 @@ impl RunningActor {
         if !force && self.stop.send(StopRequest { grace, report }).await.is_ok() {
             // A little slack over the grace: the actor enforces it itself, once the call it
             // runs lets it see the request.
-            let finished = tokio::select! {
-                finished = tokio::time::timeout(grace + Duration::from_millis(100), &mut self.task) => finished.is_ok(),
-                () = forced_at_least(&mut forced, self.version) => false,
-            };
-            if finished {
-                // No report: the instance went down by itself meanwhile (its restart policy
-                // gave up).
-                return reported
-                    .await
-                    .unwrap_or_else(|_| stop_report(StopOutcome::NotRunning, 0, String::new()));
-            }
-            if *forced.borrow() < self.version {
-                outcome = StopOutcome::GraceExpired;
+            tokio::select! {
+                finished = tokio::time::timeout(grace + Duration::from_millis(100), &mut self.task) => match finished {
+                    // No report: the instance went down by itself meanwhile (its restart
+                    // policy gave up).
+                    Ok(_) => {
+                        return reported
+                            .await
+                            .unwrap_or_else(|_| stop_report(StopOutcome::NotRunning, 0, String::new()));
+                    }
+                    Err(_) => outcome = StopOutcome::GraceExpired,
+                },
+                () = cut_short => {}
             }
         }
         let cut_off = self.accepted_calls();

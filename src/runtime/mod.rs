@@ -952,9 +952,11 @@ struct SlotActors {
 }
 
 /// A replaced actor on its way out: it serves the calls it had accepted and runs `solo_stop`,
-/// within its call timeout (a call under way was allowed that long).
+/// within its call timeout (a call under way was allowed that long), and its stop is recorded
+/// (`service_stopped`, reason `replaced`).
 struct Replaced {
-    actor: tokio::task::AbortHandle,
+    /// Stops it at once, cutting off the calls it has left.
+    cut: CancellationToken,
     stopping: tokio::task::JoinHandle<()>,
 }
 
@@ -965,33 +967,42 @@ impl SlotActors {
     /// memory.
     async fn make_room(&mut self) {
         if let Some(older) = self.replaced.take() {
-            older.actor.abort();
+            older.cut.cancel();
             let _ = older.stopping.await;
         }
     }
 
     /// Calls go elsewhere from now on (`next`, or nowhere): the current actor finishes its queue
-    /// and stops.
-    fn replace(&mut self, slot: &Slot, next: Option<RunningActor>) {
+    /// and stops, and `recorder` records how that went.
+    fn replace(&mut self, slot: &Slot, next: Option<RunningActor>, recorder: &Arc<Recorder>) {
         let Some(old) = std::mem::replace(&mut self.current, next) else {
             return;
         };
         if let Some(older) = self.replaced.take() {
-            older.actor.abort();
+            older.cut.cancel();
         }
-        let (grace, forced) = (old.call_timeout, slot.forced.subscribe());
+        let cut = CancellationToken::new();
+        let (grace, mut forced, cut_short) = (old.call_timeout, slot.forced.subscribe(), cut.clone());
         let (tenant, service_id, version) = (slot.tenant.clone(), slot.service_id.clone(), old.version);
-        self.replaced = Some(Replaced {
-            actor: old.task.abort_handle(),
-            // A replaced version's stop is not on record (the upgrade is): only the node's log
-            // says when it went wrong.
-            stopping: tokio::spawn(async move {
-                let report = old.stop(false, grace, forced).await;
-                if !report.message.is_empty() {
-                    tracing::info!(%tenant, service = %service_id, version, error = %report.message, "a replaced version did not stop cleanly");
+        let recorder = Arc::clone(recorder);
+        let stopping = tokio::spawn(async move {
+            let cut_short = async {
+                tokio::select! {
+                    () = forced_at_least(&mut forced, version) => {}
+                    () = cut_short.cancelled() => {}
                 }
-            }),
+            };
+            let how = old.stop(false, grace, cut_short).await;
+            let stopped = Observation::Stopped {
+                tenant,
+                service_id,
+                version,
+                reason: StopReason::Replaced,
+                how,
+            };
+            recorder.record(stopped).await;
         });
+        self.replaced = Some(Replaced { cut, stopping });
     }
 
     /// Stops both actors as a kill asks: at once with `force`, else within `grace`. Says how
@@ -1012,7 +1023,7 @@ impl Replaced {
         if !force && tokio::time::timeout(grace, &mut self.stopping).await.is_ok() {
             return;
         }
-        self.actor.abort();
+        self.cut.cancel();
         let _ = self.stopping.await;
     }
 }
@@ -1176,7 +1187,7 @@ async fn start(
         Ok(prepared) => prepared,
         Err(message) => {
             tracing::warn!(tenant = %slot.tenant, service = %slot.service_id, version, %message, "module not loaded");
-            retire(slot, actors);
+            retire(slot, actors, &inner.recorder);
             observe(inner, crashed(StartFailure::new(CrashReason::LoadFailure, message))).await;
             return false;
         }
@@ -1208,7 +1219,7 @@ async fn start(
             }
             slot.ready.send_replace(Route::Up(actor.handle.clone()));
             slot.start_ended();
-            actors.replace(slot, Some(actor));
+            actors.replace(slot, Some(actor), &inner.recorder);
             // The last error was an earlier version's, or this one's before it was redeployed.
             slot.stats.set_last_error(String::new());
             let recorded = observe(
@@ -1227,7 +1238,7 @@ async fn start(
         Spawned::Failed(failure) => {
             tracing::info!(tenant = %slot.tenant, service = %slot.service_id, version, error = %failure, "instance did not start");
             slot.stats.set_last_error(failure.message.clone());
-            retire(slot, actors);
+            retire(slot, actors, &inner.recorder);
             observe(inner, crashed(failure)).await;
             false
         }
@@ -1237,10 +1248,10 @@ async fn start(
 
 /// Ends a start that failed: takes calls away from the slot; its current actor, if any, serves
 /// the calls it has accepted and stops, as an upgrade's old actor does.
-fn retire(slot: &Slot, actors: &mut SlotActors) {
+fn retire(slot: &Slot, actors: &mut SlotActors, recorder: &Arc<Recorder>) {
     slot.start_ended();
     slot.take_down();
-    actors.replace(slot, None);
+    actors.replace(slot, None, recorder);
     slot.stats.instance_stopped();
 }
 
@@ -1249,7 +1260,10 @@ fn retire(slot: &Slot, actors: &mut SlotActors) {
 async fn withdraw(slot: &Slot, actor: Option<RunningActor>, force: bool, grace: Duration) -> StopReport {
     slot.take_down();
     let report = match actor {
-        Some(actor) => actor.stop(force, grace, slot.forced.subscribe()).await,
+        Some(actor) => {
+            let (mut forced, version) = (slot.forced.subscribe(), actor.version);
+            actor.stop(force, grace, forced_at_least(&mut forced, version)).await
+        }
         None => StopReport {
             outcome: StopOutcome::NotRunning,
             ..StopReport::default()

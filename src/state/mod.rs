@@ -257,12 +257,11 @@ impl State {
                 let excess = s.restart_times_ms.len().saturating_sub(s.limits.max_restarts as usize);
                 s.restart_times_ms.drain(..excess);
             })?,
-            Some(Kind::ServiceStopped(e)) => self.update(event, |s| {
-                if e.version == s.version {
-                    s.status = Status::Stopped;
-                } else {
-                    s.replaced_while_stopping.retain(|r| r.version != e.version);
-                }
+            Some(Kind::ServiceStopped(e)) => self.update(event, |s| match e.reason() {
+                // History only: the version serving now is newer.
+                StopReason::Replaced => {}
+                _ if e.version == s.version => s.status = Status::Stopped,
+                _ => s.replaced_while_stopping.retain(|r| r.version != e.version),
             })?,
             Some(Kind::ServiceRemoved(e)) => self.apply_removed(event, e)?,
             // Node-level events, and kinds from a newer build: nothing this build tracks.
@@ -590,6 +589,14 @@ fn transition_allowed(event: &Event, service: &Service) -> Result<(), ApplyError
         // The stop of a killed version that a deploy has replaced: history only.
         Some(Kind::ServiceStopped(e)) if e.version != service.version && service.stop_owed_to_replaced(e.version) => {
             return Ok(());
+        }
+        // The stop of a version an upgrade replaced: history only, of an older version.
+        Some(Kind::ServiceStopped(e)) if e.reason() == StopReason::Replaced => {
+            return if e.version < service.version {
+                Ok(())
+            } else {
+                Err(stale(event, service.version, e.version))
+            };
         }
         Some(Kind::ServiceStopped(e)) => {
             let killed = e.reason() == StopReason::Killed;

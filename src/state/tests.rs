@@ -531,6 +531,48 @@ fn services_being_killed_are_counted_until_they_stop_or_come_back() {
     assert_eq!(restored.stopping_services(), 1);
 }
 
+/// The stop of a version an upgrade replaced is history: the newer version's status and quota
+/// are untouched, and only an older version's such stop applies.
+#[test]
+fn the_stop_of_a_version_an_upgrade_replaced_is_history() {
+    let mut state = State::new(Settings::default());
+    let replaced = |version| {
+        envelope(
+            "acme",
+            "a",
+            "node",
+            Kind::ServiceStopped(ServiceStopped {
+                version,
+                reason: StopReason::Replaced as i32,
+                ..Default::default()
+            }),
+        )
+    };
+    state.apply(&at(deployed("a", 1, 7, ""), 1, 1)).unwrap();
+    state.apply(&at(started("a", 1), 2, 2)).unwrap();
+    // The version serving cannot have been replaced, nor one not yet deployed.
+    for version in [1, 2] {
+        assert!(matches!(
+            state.check(&at(replaced(version), 3, 3)),
+            Err(ApplyError::StaleVersion { current: 1, .. })
+        ));
+    }
+    state.apply(&at(deployed("a", 2, 3, ""), 3, 3)).unwrap();
+    // Recorded before or after the new version's start, it changes no status.
+    state.apply(&at(replaced(1), 4, 4)).unwrap();
+    let a = state.service("acme", "a").unwrap();
+    assert_eq!((a.version, a.status, a.last_seq), (2, Status::Starting, 4));
+    state.apply(&at(started("a", 2), 5, 5)).unwrap();
+    let before = state.clone();
+    state.apply(&at(replaced(1), 6, 6)).unwrap();
+    let a = state.service("acme", "a").unwrap();
+    assert_eq!((a.version, a.status, a.desired), (2, Status::Running, Desired::Running));
+    assert_eq!(
+        state.tenant("acme").unwrap().quota_memory_bytes,
+        before.tenant("acme").unwrap().quota_memory_bytes
+    );
+}
+
 /// A killed version that a deploy replaces before it has stopped is still owed its stop, which
 /// is recorded, as history, once: the new version goes on. Until then the service reserves the
 /// larger of the two versions' memory (they run one at a time), and one service slot.
