@@ -2359,6 +2359,19 @@ fn kill_wait_waits_for_a_service_that_is_still_stopping() {
     assert_eq!(killed["already_stopped"], false, "{killed}");
     let status = || node.run("acme", &["status", "slow", "--json"]).ok().json()["status"].clone();
     assert_eq!(status(), "stopping");
+    // Out of patience: a failure, but the same command may pass later.
+    let impatient = node
+        .run(
+            "acme",
+            &["kill", "slow", "--wait", "--wait-timeout-ms", "300", "--json"],
+        )
+        .fails(1)
+        .json();
+    assert_eq!(
+        (&impatient["error"]["code"], &impatient["error"]["retryable"]),
+        (&json!("failed"), &json!(true)),
+        "{impatient}"
+    );
 
     // A second kill finds a kill recorded: it says the service is stopping, not stopped, and
     // --wait waits until it has stopped.

@@ -586,6 +586,25 @@ async fn post_services_creates_upgrades_and_recognises_identical_modules() {
         (late.json["removed"].as_bool(), late.header("idempotent-replayed")),
         (Some(true), Some("true"))
     );
+    // So does one after the id was deployed anew, whatever version the new service is at: the
+    // answer is not passed off as the new service's.
+    for key in ["anew-1", "anew-2"] {
+        let anew = node
+            .request(Method::POST, "/services", "a")
+            .header("idempotency-key", key)
+            .json(
+                &json!({ "service_id": "kv", "wat": if key == "anew-1" { wat_text("kv") } else { wat_text("echo") } }),
+            );
+        send(anew).await;
+        let late = send(keyed("kv")).await;
+        assert_eq!(late.ok(201)["deploy"], first.json["deploy"]);
+        assert_eq!(
+            (late.json["removed"].as_bool(), late.json.get("created_at_ms")),
+            (Some(true), None),
+            "{}",
+            late.json
+        );
+    }
     node.stop().await;
 }
 
@@ -977,6 +996,22 @@ async fn get_services_filters_pages_and_refuses_bad_queries() {
     assert!(
         huge.error(400, "invalid_argument")
             .contains(&format!("over the maximum of {}", usize::MAX)),
+        "{huge:?}"
+    );
+    // A parameter with a bound of its own names that bound, however large the number.
+    for limit in ["5000", "99999999999999999999999"] {
+        let page = node.get(&format!("/services?limit={limit}"), "a").await;
+        let message = page.error(400, "invalid_argument");
+        assert!(message.contains("over the maximum of 1000"), "{message}");
+    }
+    // A long name or value is shortened, so what the message says about it is not cut off.
+    let long = "z".repeat(3000);
+    let unknown = node.get(&format!("/services?{long}=1"), "a").await;
+    let message = unknown.error(400, "invalid_argument");
+    assert!(message.contains("this route takes: tenant, status"), "{message}");
+    let huge = node.get(&format!("/services?offset={}", "9".repeat(3000)), "a").await;
+    assert!(
+        huge.error(400, "invalid_argument").contains("over the maximum"),
         "{huge:?}"
     );
     let grace = node.delete("/services/nope?grace_ms=99999999999", "a").await;
@@ -3543,8 +3578,9 @@ async fn grpc_streams_are_counted_by_how_they_end() {
     node.stop().await;
 }
 
-/// What the headers settle (a type that is no module, a service that is not there) is answered
-/// before the body is read: a client that asked `Expect: 100-continue` sends none of it.
+/// What the request line and headers settle (a type that is no module, a service that is not
+/// there, a bad parameter or key, a tenant acting for another) is answered before the body is
+/// read: a client that asked `Expect: 100-continue` sends none of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_the_headers_decide_come_before_the_body() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -3553,11 +3589,32 @@ async fn refusals_the_headers_decide_come_before_the_body() {
     for (request, status) in [
         ("PUT /services/big HTTP/1.1\r\ncontent-type: image/png", "415"),
         ("POST /services/nothing/call HTTP/1.1", "404"),
+        ("PUT /services/big?memory_bytes=abc HTTP/1.1", "400"),
+        ("PUT /services/big?label=-x=1 HTTP/1.1", "400"),
+        ("PUT /services/big?expected_version=x HTTP/1.1", "400"),
+        ("PUT /services/bad%20id HTTP/1.1", "400"),
+        ("PUT /services/big HTTP/1.1\r\nidempotency-key: a b", "400"),
+        ("POST /services HTTP/1.1\r\ncontent-type: text/plain", "415"),
+        ("POST /services?foo=1 HTTP/1.1\r\ncontent-type: application/json", "400"),
+        (
+            "POST /services HTTP/1.1\r\ncontent-type: application/json\r\nidempotency-key: a b",
+            "400",
+        ),
+        (
+            "POST /services?tenant=b HTTP/1.1\r\ncontent-type: application/json",
+            "403",
+        ),
+        ("PUT /services/big?tenant=b HTTP/1.1", "403"),
+        // Over max_request_bytes: a tenant acting for another learns that, not the limit.
+        ("GET /services?tenant=b HTTP/1.1\r\ncontent-length: 99999999999", "403"),
     ] {
         let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
-        let head = format!(
-            "{request}\r\nhost: solo\r\nx-tenant-id: a\r\ncontent-length: 2000000\r\nexpect: 100-continue\r\n\r\n"
-        );
+        let length = if request.contains("content-length") {
+            ""
+        } else {
+            "content-length: 2000000\r\n"
+        };
+        let head = format!("{request}\r\nhost: solo\r\nx-tenant-id: a\r\n{length}expect: 100-continue\r\n\r\n");
         socket.write_all(head.as_bytes()).await.unwrap();
         let mut answer = vec![0u8; 4096];
         let read = tokio::time::timeout(DEADLINE, socket.read(&mut answer))

@@ -81,6 +81,24 @@ pub fn status(state: &ApiState, caller: &Caller, service_id: &str) -> Result<pro
     ))
 }
 
+/// The service a deploy's answer is about, as it is now; `None` for a replayed answer whose
+/// service was removed since (though its id may have been deployed anew).
+pub fn deployed_status(
+    state: &ApiState,
+    caller: &Caller,
+    outcome: &DeployOutcome,
+) -> Result<Option<proto::ServiceStatus>, Error> {
+    match state.control.status(caller.tenant(), &outcome.service_id) {
+        Ok(service) if outcome.replayed && !outcome.is_about(&service) => Ok(None),
+        Ok(service) => Ok(Some(super::convert::service_status(
+            &service,
+            state.control.live(&service.tenant, &service.id),
+        ))),
+        Err(crate::control::Error::NotFound { .. }) if outcome.replayed => Ok(None),
+        Err(e) => Err(Error::from(e).seen_by(caller)),
+    }
+}
+
 /// Which services a listing returns.
 #[derive(Debug, Default)]
 pub struct ListFilter {
@@ -598,13 +616,16 @@ pub fn fill_page<'a, S: 'a, T>(
 pub fn page_size(requested: u64) -> Result<usize, Error> {
     match requested {
         0 => Ok(100),
-        n if n > 1000 => Err(Error::new(
+        n if n > MAX_PAGE_SIZE => Err(Error::new(
             ErrorKind::InvalidArgument,
-            format!("page size {n} is over the maximum of 1000"),
+            format!("page size {n} is over the maximum of {MAX_PAGE_SIZE}"),
         )),
         n => Ok(n as usize),
     }
 }
+
+/// The most services one page lists.
+pub const MAX_PAGE_SIZE: u64 = 1000;
 
 #[cfg(test)]
 mod tests {

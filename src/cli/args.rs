@@ -356,7 +356,7 @@ for good (stopped, crashed past its restart policy, failed) or removed.
   solo events --follow --json                  # new events, as JSON lines, until Ctrl-C
 
 Without --follow, `events` prints history from --from (default 1) up to the head of the log, then \
-exits. With --follow and no --from it starts at the head. --follow survives a dropped connection or \
+exits. With --follow and no --from it prints what comes after the head: new events only. --follow survives a dropped connection or \
 a node restart: it reconnects and resumes after the last seq it saw, without a gap or a repeat.
 
 ", exit_codes!()))]
@@ -621,7 +621,7 @@ pub struct KillArgs {
     /// Stop at once, without solo_stop or the queued calls.
     #[arg(long)]
     pub force: bool,
-    /// How long solo_stop and queued calls may take (default: the node's).
+    /// How long solo_stop and queued calls may take (default: the node's shutdown_grace_ms).
     #[arg(long, value_name = "MS")]
     pub grace_ms: Option<u32>,
     /// A retry with the same key gets the first answer and changes nothing.
@@ -662,7 +662,7 @@ pub struct LogsArgs {
 
 #[derive(Debug, Args)]
 pub struct EventsArgs {
-    /// First seq to print (default: 1, or the head with --follow).
+    /// First seq to print (default: 1; with --follow, the first after the head).
     #[arg(long, value_name = "SEQ")]
     pub from: Option<u64>,
     /// Only this service's events.

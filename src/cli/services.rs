@@ -19,7 +19,7 @@ use super::output::{
 };
 use super::spinner::Spinner;
 use crate::event::crash_reason_name;
-use crate::proto::{self, CrashReason, deploy_request, event::Kind, watch_response::Msg};
+use crate::proto::{self, CrashReason, StopReason, deploy_request, event::Kind, watch_response::Msg};
 
 pub async fn deploy(conn: &Connector, out: Output, args: DeployArgs) -> Result<(), CliError> {
     let labels = labels_by_key(&args.labels)?;
@@ -174,11 +174,13 @@ async fn wait_for(
         format!("waiting for {id} to {goal}"),
     );
     let patience = Duration::from_millis(wait.wait_timeout_ms);
+    // The same command may well succeed with more time: retryable, as a call's timeout is.
     let outcome = tokio::time::timeout(patience, watching).await.unwrap_or_else(|_| {
         Err(CliError::failure(format!(
             "gave up waiting for {id} to {goal} after {}",
             human_duration_ms(wait.wait_timeout_ms)
-        )))
+        ))
+        .retryable())
     });
     spinner.finish().await;
     outcome
@@ -427,9 +429,9 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
     }
     if args.wait.wait && !down {
         // The version on its way down: a killed version that an earlier deploy replaced may
-        // record its stop after this kill, and is not the one waited for. (One found running
-        // again was redeployed since: the version this kill stopped is older, and any stop
-        // settles the wait.)
+        // record its stop after this kill, and is not the one waited for, nor is a version an
+        // upgrade replaced. (One found running again was redeployed since: the version this
+        // kill stopped is older, and any stop of a killed version settles the wait.)
         let current = match looked_up {
             Some(found) => found,
             None => status_unless_removed(&mut client, conn, id).await?,
@@ -445,7 +447,11 @@ pub async fn kill(conn: &Connector, out: Output, args: KillArgs) -> Result<(), C
             killed.seq,
             "stop",
             |event| match &event.kind {
-                Some(Kind::ServiceStopped(e)) if stopping.is_none_or(|v| e.version >= v) => Some(Ok(())),
+                Some(Kind::ServiceStopped(e))
+                    if e.reason() != StopReason::Replaced && stopping.is_none_or(|v| e.version >= v) =>
+                {
+                    Some(Ok(()))
+                }
                 Some(Kind::ServiceRemoved(_)) => Some(Ok(())),
                 _ => None,
             },

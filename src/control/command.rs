@@ -104,6 +104,9 @@ pub struct DeployOutcome {
     pub unchanged: bool,
     /// A retry with a known idempotency key: the original answer, nothing appended.
     pub replayed: bool,
+    /// When the answer was first given (ms since the Unix epoch): a replayed answer older than
+    /// the service now under its id was about one removed since.
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -232,7 +235,15 @@ impl DeployOutcome {
             created: deployed.version == 1,
             unchanged: false,
             replayed: false,
+            at_ms: event.timestamp_ms,
         }
+    }
+
+    /// Whether `service`, the one now under the outcome's id, is the one this outcome deployed
+    /// (or found deployed): not if the id was removed since and deployed anew.
+    pub fn is_about(&self, service: &crate::state::Service) -> bool {
+        service.created_at_ms <= self.at_ms
+            && (service.version > self.version || (service.version == self.version && service.deployed_seq == self.seq))
     }
 }
 
@@ -314,6 +325,7 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
             created: record.version == 1,
             unchanged: false,
             replayed: true,
+            at_ms: record.at_ms,
         })));
     }
     let existing = state.service(&cmd.tenant, &cmd.service_id);
@@ -338,6 +350,7 @@ fn decide_deploy(state: &State, cmd: DeployCommand, cx: Context<'_>) -> Result<D
             created: false,
             unchanged: true,
             replayed: false,
+            at_ms: cx.now_ms,
         })));
     }
     check_deploy_quotas(state, &cmd, existing, cx)?;
@@ -832,7 +845,7 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'/' | b'-'));
         if !key_ok {
             return Err(Error::InvalidArgument(format!(
-                "invalid label key '{}': use 1 to 63 characters of A-Z, a-z, 0-9, '_', '.', '/' and '-'",
+                "invalid label key '{}': use 1 to 63 characters of A-Z, a-z, 0-9, '_', '.', '/' and '-', starting with a letter or digit",
                 quoted(key)
             )));
         }

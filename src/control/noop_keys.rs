@@ -331,6 +331,7 @@ fn decoded(record: NoOpRequest) -> Option<(KeyedRequest, Reply, u64)> {
                 created: record.created,
                 unchanged: true,
                 replayed: false,
+                at_ms: record.at_ms,
             }),
         ),
         IdempotentOp::Kill => (

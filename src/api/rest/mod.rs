@@ -163,11 +163,10 @@ struct ErrorBody(Error);
 /// does not fit. The answer's bytes are counted too, until they are written out.
 async fn admit_bodies(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    let certificate_tenant = parts
-        .extensions
-        .get::<crate::tls::PeerTenant>()
-        .and_then(|c| c.0.as_deref());
-    let caller = state.auth.authenticate_headers(&parts.headers, certificate_tenant);
+    let certificate = parts.extensions.get::<crate::tls::PeerTenant>();
+    // A tenant acting for another (`?tenant=`) is refused as one whose credentials fail.
+    let query_tenant = services::query_tenant(parts.uri.query());
+    let caller = caller(&state, &parts.headers, query_tenant.as_deref(), certificate);
     if axum::body::HttpBody::size_hint(&body).lower() > state.options.max_body_bytes as u64 {
         // A client whose credentials fail learns that, not the node's limits.
         return match caller {

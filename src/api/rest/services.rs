@@ -39,6 +39,12 @@ fn query_text(encoded: &str) -> Result<String, Error> {
     })
 }
 
+/// Part of a query value, for a message: a long one would push what the message says past
+/// the cut every message gets.
+fn shown(value: &str) -> String {
+    crate::limits::cut_to(value.to_string(), 96)
+}
+
 /// A query parameter's number type, and the most it holds (for the error past it).
 pub(super) trait Number: std::str::FromStr {
     const MAX: u64;
@@ -54,6 +60,19 @@ impl Number for u64 {
 
 impl Number for usize {
     const MAX: u64 = usize::MAX as u64;
+}
+
+/// The tenant a query names (`?tenant=`), if it names one once and readably; a route's own
+/// parse refuses a query that does otherwise.
+pub(super) fn query_tenant(query: Option<&str>) -> Option<String> {
+    let mut named = query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(key, _)| query_text(key).is_ok_and(|k| k == "tenant"));
+    match (named.next(), named.next()) {
+        (Some((_, value)), None) => query_text(value).ok(),
+        _ => None,
+    }
 }
 
 impl Params {
@@ -72,7 +91,10 @@ impl Params {
                 [] => "this route takes none".to_string(),
                 _ => format!("this route takes: {}", allowed.join(", ")),
             };
-            return Err(Error::invalid(format!("unknown query parameter '{unknown}'; {takes}")));
+            return Err(Error::invalid(format!(
+                "unknown query parameter '{}'; {takes}",
+                shown(unknown)
+            )));
         }
         // Which copy would win is anyone's guess: a request that says two things is refused.
         for (i, (key, _)) in pairs.iter().enumerate() {
@@ -90,15 +112,23 @@ impl Params {
     }
 
     pub(super) fn number<T: Number>(&self, key: &str) -> Result<Option<T>, Error> {
+        self.number_at_most(key, T::MAX)
+    }
+
+    /// A number of type `T` that may be at most `max` (a route's own bound, named in the
+    /// refusal of a value too large for `T` too).
+    pub(super) fn number_at_most<T: Number>(&self, key: &str, max: u64) -> Result<Option<T>, Error> {
         self.get(key)
             .map(|v| {
-                v.parse::<T>().map_err(|_| {
-                    let why = if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
-                        format!("is over the maximum of {}", T::MAX)
+                let too_large = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+                let parsed = v.parse::<T>().ok().filter(|_| v.parse::<u64>().is_ok_and(|n| n <= max));
+                parsed.ok_or_else(|| {
+                    let why = if too_large {
+                        format!("is over the maximum of {max}")
                     } else {
                         "is not a whole number of 0 or more".to_string()
                     };
-                    Error::invalid(format!("query parameter '{key}': '{v}' {why}"))
+                    Error::invalid(format!("query parameter '{key}': '{}' {why}", shown(v)))
                 })
             })
             .transpose()
@@ -109,7 +139,8 @@ impl Params {
             None | Some("false" | "0") => Ok(false),
             Some("true" | "1" | "") => Ok(true),
             Some(other) => Err(Error::invalid(format!(
-                "query parameter '{key}': '{other}' is not true or false"
+                "query parameter '{key}': '{}' is not true or false",
+                shown(other)
             ))),
         }
     }
@@ -151,13 +182,14 @@ const LIMIT_PARAMS: [&str; 6] = [
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, Error> {
     let key = crate::api::auth::single_value("Idempotency-Key", headers.get_all("idempotency-key").iter())?;
-    match key {
-        None => Ok(String::new()),
+    let key = match key {
+        None => return Ok(String::new()),
         Some(value) => value
             .to_str()
-            .map(str::to_string)
-            .map_err(|_| Error::invalid("Idempotency-Key must be visible ASCII ('!' to '~')")),
-    }
+            .map_err(|_| Error::invalid("Idempotency-Key must be visible ASCII ('!' to '~')"))?,
+    };
+    crate::control::validate_idempotency_key(key)?;
+    Ok(key.to_string())
 }
 
 /// The media type of the body, lower-cased (media types are case-insensitive), without
@@ -235,13 +267,19 @@ struct LimitsBody {
 }
 
 /// Parses a JSON body, saying where it is wrong.
-pub(super) fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Error> {
+/// Refuses a body not declared JSON.
+fn require_json(headers: &HeaderMap) -> Result<(), Error> {
     if content_type(headers) != "application/json" {
         return Err(Error::new(
             ErrorKind::UnsupportedMediaType,
             "send the body as Content-Type: application/json",
         ));
     }
+    Ok(())
+}
+
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Error> {
+    require_json(headers)?;
     // Serde would read a struct from an array of its fields in order too; the API's bodies are
     // objects, with named fields.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -278,10 +316,16 @@ pub(super) async fn deploy_json(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     certificate: Certificate,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Result<Response, Error> {
     let params = Params::parse(query, &["tenant"])?;
     let (caller, _permit) = admit(&state, &headers, params.get("tenant"), certificate.as_deref())?;
+    require_json(&headers)?;
+    let idempotency_key = idempotency_key(&headers)?;
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err(refused) => return Ok(refused),
+    };
     let body: DeployBody = parse_json(&headers, &body)?;
     let module: Arc<[u8]> = match (body.wasm_base64, body.wat) {
         (Some(b64), None) => {
@@ -308,7 +352,7 @@ pub(super) async fn deploy_json(
         module,
         limits,
         labels: body.labels,
-        idempotency_key: idempotency_key(&headers)?,
+        idempotency_key,
         expected_version: body.expected_version,
     };
     deployed(&state, &caller, deploy).await
@@ -334,6 +378,12 @@ pub(super) async fn deploy_raw(
         "application/x-www-form-urlencoded" => {}
         other => return Err(not_a_module(other)),
     }
+    // The rest of what the request line and headers say, checked before the body is read.
+    crate::control::validate_service_id(&id)?;
+    let (limits, labels) = (params.limits()?, params.labels()?);
+    crate::control::validate_labels(&labels)?;
+    let idempotency_key = idempotency_key(&headers)?;
+    let expected_version = params.number("expected_version")?;
     let body = match read_body(request).await {
         Ok(body) => body,
         Err(refused) => return Ok(refused),
@@ -353,10 +403,10 @@ pub(super) async fn deploy_raw(
     let deploy = Deploy {
         service_id: id,
         module: Arc::from(body.as_ref()),
-        limits: params.limits()?,
-        labels: params.labels()?,
-        idempotency_key: idempotency_key(&headers)?,
-        expected_version: params.number("expected_version")?,
+        limits,
+        labels,
+        idempotency_key,
+        expected_version,
     };
     deployed(&state, &caller, deploy).await
 }
@@ -383,13 +433,10 @@ async fn read_body(request: axum::extract::Request) -> Result<Bytes, Response> {
 
 async fn deployed(state: &ApiState, caller: &crate::api::Caller, deploy: Deploy) -> Result<Response, Error> {
     let outcome = ops::deploy(state, caller, deploy).await?;
-    let mut body = match ops::status(state, caller, &outcome.service_id) {
-        Ok(service) => service_json(&service),
+    let mut body = match ops::deployed_status(state, caller, &outcome)? {
+        Some(service) => service_json(&service),
         // A replay of a deploy whose service was removed since: its answer, without a service.
-        Err(e) if outcome.replayed && e.kind == ErrorKind::NotFound => {
-            json!({ "service_id": outcome.service_id, "tenant": caller.tenant(), "removed": true })
-        }
-        Err(e) => return Err(e),
+        None => json!({ "service_id": outcome.service_id, "tenant": caller.tenant(), "removed": true }),
     };
     body["deploy"] = json!({
         "version": outcome.version,
@@ -428,7 +475,7 @@ pub(super) async fn list(
     let (status, labels) = (params.get("status").unwrap_or(""), params.labels()?);
     let listing_id = ops::listing_fingerprint(caller.scope(), status, &labels);
     let filter = ListFilter::new(status, labels)?;
-    let limit = ops::page_size(params.number("limit")?.unwrap_or(0))?;
+    let limit = ops::page_size(params.number_at_most("limit", ops::MAX_PAGE_SIZE)?.unwrap_or(0))?;
     let after = ops::decode_page_token(params.get("page_token").unwrap_or(""), &listing_id, caller.scope())?;
     if after.is_some() && params.get("offset").is_some() {
         return Err(Error::invalid(
