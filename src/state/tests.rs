@@ -38,6 +38,19 @@ fn started(id: &str, version: u64) -> Event {
     )
 }
 
+fn stopped(id: &str, version: u64, reason: StopReason) -> Event {
+    envelope(
+        "acme",
+        id,
+        "node",
+        Kind::ServiceStopped(ServiceStopped {
+            version,
+            reason: reason as i32,
+            ..Default::default()
+        }),
+    )
+}
+
 fn kill(id: &str) -> Event {
     envelope(
         "acme",
@@ -536,18 +549,7 @@ fn services_being_killed_are_counted_until_they_stop_or_come_back() {
 #[test]
 fn the_stop_of_a_version_an_upgrade_replaced_is_history() {
     let mut state = State::new(Settings::default());
-    let replaced = |version| {
-        envelope(
-            "acme",
-            "a",
-            "node",
-            Kind::ServiceStopped(ServiceStopped {
-                version,
-                reason: StopReason::Replaced as i32,
-                ..Default::default()
-            }),
-        )
-    };
+    let replaced = |version| stopped("a", version, StopReason::Replaced);
     state.apply(&at(deployed("a", 1, 7, ""), 1, 1)).unwrap();
     state.apply(&at(started("a", 1), 2, 2)).unwrap();
     // The version serving cannot have been replaced, nor one not yet deployed.
@@ -579,18 +581,7 @@ fn the_stop_of_a_version_an_upgrade_replaced_is_history() {
 #[test]
 fn the_stop_of_a_killed_version_replaced_while_stopping_is_history() {
     let mut state = State::new(Settings::default());
-    let stopped = |version| {
-        envelope(
-            "acme",
-            "a",
-            "node",
-            Kind::ServiceStopped(ServiceStopped {
-                version,
-                reason: StopReason::Killed as i32,
-                ..Default::default()
-            }),
-        )
-    };
+    let stopped = |version| stopped("a", version, StopReason::Killed);
     let quota = |state: &State| {
         let tenant = state.tenant("acme").unwrap();
         (tenant.quota_services, tenant.quota_memory_bytes)

@@ -266,7 +266,6 @@ struct LimitsBody {
     restart_window_ms: u32,
 }
 
-/// Parses a JSON body, saying where it is wrong.
 /// Refuses a body not declared JSON.
 fn require_json(headers: &HeaderMap) -> Result<(), Error> {
     if content_type(headers) != "application/json" {
@@ -278,6 +277,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), Error> {
     Ok(())
 }
 
+/// Parses a JSON body, saying where it is wrong.
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Error> {
     require_json(headers)?;
     // Serde would read a struct from an array of its fields in order too; the API's bodies are
