@@ -188,18 +188,7 @@ fn a_stopped_service_leaves_the_registry_and_its_id_starts_over() {
 
 #[test]
 fn killed_and_stopped_services_are_counted_the_longest_stopped_first() {
-    let stopped = |id: &str, version: u64| {
-        envelope(
-            "acme",
-            id,
-            "node",
-            Kind::ServiceStopped(ServiceStopped {
-                version,
-                reason: StopReason::Killed as i32,
-                ..Default::default()
-            }),
-        )
-    };
+    let stopped = |id: &str, version: u64| stopped(id, version, StopReason::Killed);
     let shut_down = envelope(
         "acme",
         "d",
