@@ -600,7 +600,9 @@ async fn a_stop_on_record_says_how_it_went() {
         "{stopped:?}"
     );
     assert!(
-        stopped.message.contains("grace ran out with 1 calls"),
+        stopped
+            .message
+            .contains("grace ran out with 1 call it had accepted unanswered"),
         "{}",
         stopped.message
     );

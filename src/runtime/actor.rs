@@ -68,7 +68,19 @@ pub(super) struct StopRequest {
 /// What a stop whose grace ran out says. Not the grace itself: a shutdown's services get what
 /// is left of the node's (the kill or shutdown on record says what was asked).
 fn grace_ran_out(cut_off: usize) -> String {
-    format!("the grace ran out with {cut_off} calls it had accepted unanswered; solo_stop did not run")
+    format!(
+        "the grace ran out with {} it had accepted unanswered; solo_stop did not run",
+        calls(cut_off)
+    )
+}
+
+/// `n` calls, in words.
+fn calls(n: usize) -> String {
+    if n == 1 {
+        "1 call".to_string()
+    } else {
+        format!("{n} calls")
+    }
 }
 
 fn stop_report(outcome: StopOutcome, calls_cut_off: usize, message: String) -> StopReport {
@@ -175,7 +187,7 @@ impl RunningActor {
         let message = match (outcome, cut_off) {
             (_, 0) => String::new(),
             (StopOutcome::GraceExpired, n) => grace_ran_out(n),
-            (_, n) => format!("stopped at once: {n} calls it had accepted were cut off"),
+            (_, n) => format!("stopped at once, cutting off {} it had accepted", calls(n)),
         };
         stop_report(outcome, cut_off, message)
     }
