@@ -613,10 +613,15 @@ async fn post_services_refuses_bad_deploys_with_reasons() {
     let node = dev_node().await;
     let echo = wat_text("echo");
     let b64 = base64::engine::general_purpose::STANDARD.encode(wasm_bytes("echo"));
-    let cases: [(Value, &str); 7] = [
+    let cases: [(Value, &str); 8] = [
         (
             json!({ "service_id": "x", "wat": echo, "wasm_base64": b64 }),
             "exactly one",
+        ),
+        // A field sent holds a value: null is not taken for absent.
+        (
+            json!({ "service_id": "x", "wat": echo, "wasm_base64": null }),
+            "at 'wasm_base64'",
         ),
         (json!({ "service_id": "x" }), "exactly one"),
         (json!({ "service_id": "x", "wasm_base64": "%%% not base64" }), "base64"),

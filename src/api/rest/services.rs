@@ -207,9 +207,9 @@ fn content_type(headers: &HeaderMap) -> String {
 #[serde(deny_unknown_fields)]
 struct DeployBody {
     service_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     wasm_base64: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     wat: Option<String>,
     #[serde(default)]
     limits: LimitsBody,
@@ -218,6 +218,12 @@ struct DeployBody {
     /// Deploy only if the service is at this version (0: only if it does not exist).
     #[serde(default)]
     expected_version: Option<u64>,
+}
+
+/// A field that may be absent, but not `null`: as with `limits` and `labels`, a field sent
+/// holds a value.
+fn given<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(deserializer).map(Some)
 }
 
 /// A labels object in which each key appears once: which copy would win is anyone's guess.
