@@ -974,7 +974,7 @@ impl SlotActors {
 
     /// Calls go elsewhere from now on (`next`, or nowhere): the current actor finishes its queue
     /// and stops, and `recorder` records how that went.
-    fn replace(&mut self, slot: &Slot, next: Option<RunningActor>, recorder: &Arc<Recorder>) {
+    fn replace(&mut self, slot: &Arc<Slot>, next: Option<RunningActor>, recorder: &Arc<Recorder>) {
         let Some(old) = std::mem::replace(&mut self.current, next) else {
             return;
         };
@@ -983,8 +983,7 @@ impl SlotActors {
         }
         let cut = CancellationToken::new();
         let (grace, mut forced, cut_short) = (old.call_timeout, slot.forced.subscribe(), cut.clone());
-        let (tenant, service_id, version) = (slot.tenant.clone(), slot.service_id.clone(), old.version);
-        let recorder = Arc::clone(recorder);
+        let (slot, recorder, version) = (Arc::clone(slot), Arc::clone(recorder), old.version);
         let stopping = tokio::spawn(async move {
             let cut_short = async {
                 tokio::select! {
@@ -993,14 +992,9 @@ impl SlotActors {
                 }
             };
             let how = old.stop(false, grace, cut_short).await;
-            let stopped = Observation::Stopped {
-                tenant,
-                service_id,
-                version,
-                reason: StopReason::Replaced,
-                how,
-            };
-            recorder.record(stopped).await;
+            recorder
+                .record(stopped(&slot, version, StopReason::Replaced, how))
+                .await;
         });
         self.replaced = Some(Replaced { cut, stopping });
     }
@@ -1248,7 +1242,7 @@ async fn start(
 
 /// Ends a start that failed: takes calls away from the slot; its current actor, if any, serves
 /// the calls it has accepted and stops, as an upgrade's old actor does.
-fn retire(slot: &Slot, actors: &mut SlotActors, recorder: &Arc<Recorder>) {
+fn retire(slot: &Arc<Slot>, actors: &mut SlotActors, recorder: &Arc<Recorder>) {
     slot.start_ended();
     slot.take_down();
     actors.replace(slot, None, recorder);
