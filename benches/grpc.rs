@@ -6,9 +6,15 @@
 //!   commit-to-delivery < 50 ms, nothing lost), in two shapes: each watcher following one
 //!   service (0), and each following every event (1); `SOLO_BENCH_FAN_OUT_SHAPE=N` runs one.
 //!
-//! Also two baselines: a no-op (the health check), the ceiling of this harness on the machine,
-//! and a Status, the API's own cost (authentication, admission, metrics, a read of the state)
-//! with neither a commit nor the runtime.
+//! Also the baselines the targets are stated against, measured by this harness on the same
+//! cores:
+//! - a no-op (the health check) on a bare tonic server, and the same no-op through Solo's gRPC
+//!   port (admission, routing, connection tracking);
+//! - a Status, the API's own cost (authentication, admission, metrics, a read of the state)
+//!   with neither a commit nor the runtime;
+//! - etcd's durable put (`grpc_etcd/put/256`), the issue's yardstick for deploys, when an
+//!   `etcd` binary is on the `PATH` (Debian: `apt install etcd-server`) or named by
+//!   `SOLO_BENCH_ETCD`; skipped, saying so, otherwise.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -59,7 +65,11 @@ async fn start(dir: &Path) -> solo::server::Server {
 }
 
 async fn channel(server: &solo::server::Server) -> Channel {
-    Channel::from_shared(server.grpc_url())
+    channel_to(server.grpc_url()).await
+}
+
+async fn channel_to(url: String) -> Channel {
+    Channel::from_shared(url)
         .expect("a url")
         .connect()
         .await
@@ -72,11 +82,33 @@ async fn client(server: &solo::server::Server) -> SoloKernelClient<Channel> {
 
 /// `count` connections to `server`, each its own HTTP/2 connection, as `make` wraps them.
 async fn connections<C>(server: &solo::server::Server, count: usize, make: fn(Channel) -> C) -> Vec<C> {
+    connections_to(&server.grpc_url(), count, make).await
+}
+
+/// `count` connections to the gRPC server at `url`, as `make` wraps them.
+async fn connections_to<C>(url: &str, count: usize, make: fn(Channel) -> C) -> Vec<C> {
     let mut connections = Vec::with_capacity(count);
     for _ in 0..count {
-        connections.push(make(channel(server).await));
+        connections.push(make(channel_to(url.to_owned()).await));
     }
     connections
+}
+
+/// A tonic server with the health service alone, on a loopback port, as the issue's "no-op
+/// tonic server": no admission, routing or connection tracking. Returns its URL and what
+/// stops it.
+async fn bare_tonic() -> (String, tokio::sync::oneshot::Sender<()>) {
+    let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().expect("an address"))
+        .expect("a loopback port")
+        .with_nodelay(Some(true));
+    let url = format!("http://{}", incoming.local_addr().expect("a bound port"));
+    let (_, health) = tonic_health::server::health_reporter();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tonic::transport::Server::builder().serve_with_incoming_shutdown(health, incoming, async {
+        let _ = stopped.await;
+    });
+    tokio::spawn(async move { serving.await.expect("the bare server serves") });
+    (url, stop)
 }
 
 fn as_tenant<T>(tenant: &str, message: T) -> tonic::Request<T> {
@@ -147,35 +179,43 @@ fn bench_deploy(c: &mut Criterion) {
 }
 
 /// The ceiling of this harness on this machine: a health check, which touches neither the log
-/// nor the runtime, with as many clients and connections as the deploy benchmark.
+/// nor the runtime, with as many clients and connections as the deploy benchmark; first on a
+/// bare tonic server, then through Solo's gRPC port.
 fn bench_baseline(c: &mut Criterion) {
     let rt = runtime();
     let dir = tempfile::tempdir().expect("a temp dir");
     let server = rt.block_on(start(dir.path()));
+    let (bare_url, stop_bare) = rt.block_on(bare_tonic());
     let clients = 256usize;
-    let connections = rt.block_on(connections(
-        &server,
-        CONNECTIONS,
-        tonic_health::pb::health_client::HealthClient::new,
-    ));
     let mut group = c.benchmark_group("grpc_baseline");
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(5))
         .throughput(Throughput::Elements(1));
-    group.bench_with_input(BenchmarkId::new("health_check", clients), &clients, |b, &clients| {
-        b.iter_custom(|iters| {
-            rt.block_on(closed_loop(clients, iters, |i, turns| {
-                let mut client = connections[i % connections.len()].clone();
-                async move {
-                    while turns.claim().is_some() {
-                        let request = tonic_health::pb::HealthCheckRequest::default();
-                        client.check(request).await.expect("the node answers");
+    for (name, url) in [
+        ("bare_tonic_health_check", bare_url),
+        ("health_check", server.grpc_url()),
+    ] {
+        let connections = rt.block_on(connections_to(
+            &url,
+            CONNECTIONS,
+            tonic_health::pb::health_client::HealthClient::new,
+        ));
+        group.bench_with_input(BenchmarkId::new(name, clients), &clients, |b, &clients| {
+            b.iter_custom(|iters| {
+                rt.block_on(closed_loop(clients, iters, |i, turns| {
+                    let mut client = connections[i % connections.len()].clone();
+                    async move {
+                        while turns.claim().is_some() {
+                            let request = tonic_health::pb::HealthCheckRequest::default();
+                            client.check(request).await.expect("the server answers");
+                        }
                     }
-                }
-            }))
+                }))
+            });
         });
-    });
+    }
+    let _ = stop_bare.send(());
     // The API's own cost: authentication, admission, metrics and a read of the state, with
     // neither a commit nor the runtime.
     let kernels = rt.block_on(crate::connections(&server, CONNECTIONS, SoloKernelClient::new));
@@ -205,6 +245,170 @@ fn bench_baseline(c: &mut Criterion) {
     });
     group.finish();
     rt.block_on(server.stop()).expect("the node stops");
+}
+
+/// The part of etcd 3.4's `etcdserverpb` a put needs, wire-compatible with etcd's own messages.
+mod etcd {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutRequest {
+        #[prost(bytes = "vec", tag = "1")]
+        pub key: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResponseHeader {
+        #[prost(int64, tag = "3")]
+        pub revision: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutResponse {
+        #[prost(message, optional, tag = "1")]
+        pub header: Option<ResponseHeader>,
+    }
+}
+
+/// A single-member etcd in a temporary directory, with its defaults (a put is acknowledged once
+/// its WAL entry is fsynced), killed when dropped.
+struct Etcd {
+    process: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// `SOLO_BENCH_ETCD`, or `etcd` on the `PATH`.
+    fn binary() -> Option<std::path::PathBuf> {
+        if let Some(named) = std::env::var_os("SOLO_BENCH_ETCD") {
+            return Some(named.into());
+        }
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("etcd"))
+            .find(|candidate| candidate.is_file())
+    }
+
+    fn start(binary: &Path) -> Etcd {
+        // etcd takes no port 0; a port just freed is as good for a benchmark.
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("a free loopback port")
+                .port()
+        };
+        let url = format!("http://127.0.0.1:{}", free_port());
+        let peer_url = format!("http://127.0.0.1:{}", free_port());
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let process = std::process::Command::new(binary)
+            .arg("--name=bench")
+            .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=bench={peer_url}"))
+            .arg("--quota-backend-bytes=8589934592")
+            .arg("--logger=zap")
+            .arg("--log-level=error")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} does not start: {e}", binary.display()));
+        Etcd {
+            process,
+            url,
+            _dir: dir,
+        }
+    }
+
+    /// A connection once etcd acknowledges puts, within 30 s.
+    async fn connect(&self) -> tonic::client::Grpc<Channel> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let attempt = async {
+                let mut grpc = tonic::client::Grpc::new(Channel::from_shared(self.url.clone())?.connect().await?);
+                etcd_put(&mut grpc, b"ready".to_vec(), Vec::new()).await?;
+                Ok::<_, Box<dyn std::error::Error>>(grpc)
+            };
+            match attempt.await {
+                Ok(grpc) => return grpc,
+                Err(e) if Instant::now() > deadline => panic!("etcd at {} does not answer: {e}", self.url),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+async fn etcd_put(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    key: Vec<u8>,
+    value: Vec<u8>,
+) -> Result<etcd::PutResponse, tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Put");
+    let codec = tonic_prost::ProstCodec::default();
+    let request = tonic::Request::new(etcd::PutRequest { key, value });
+    grpc.unary(request, path, codec).await.map(tonic::Response::into_inner)
+}
+
+/// etcd's durable put, the yardstick the deploy target is set against ("Solo's durable writes
+/// should beat etcd's by 2x"), driven as `grpc_deploy/cached_module/256` is: 256 clients on
+/// as many connections, each overwriting its own key with a value the size of that bench's
+/// module.
+fn bench_etcd(c: &mut Criterion) {
+    let Some(binary) = Etcd::binary() else {
+        if selected("grpc_etcd/put") {
+            eprintln!("grpc_etcd/put: skipped, no etcd (`apt install etcd-server`, or SOLO_BENCH_ETCD=PATH)");
+        }
+        return;
+    };
+    let rt = runtime();
+    // Started by the benchmark's first run, so a filter that leaves it out starts no etcd.
+    let mut etcd: Option<(Etcd, Vec<tonic::client::Grpc<Channel>>)> = None;
+    let value = echo_wasm("echo one");
+    let mut group = c.benchmark_group("grpc_etcd");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Elements(1));
+    let clients = 256usize;
+    group.bench_with_input(BenchmarkId::new("put", clients), &clients, |b, &clients| {
+        let (_, connections) = etcd.get_or_insert_with(|| {
+            let etcd = Etcd::start(&binary);
+            let connections = rt.block_on(async {
+                let mut connections = Vec::with_capacity(CONNECTIONS);
+                for _ in 0..CONNECTIONS {
+                    connections.push(etcd.connect().await);
+                }
+                connections
+            });
+            (etcd, connections)
+        });
+        b.iter_custom(|iters| {
+            rt.block_on(closed_loop(clients, iters, |i, turns| {
+                let mut grpc = connections[i % connections.len()].clone();
+                let (key, value) = (format!("svc{i}").into_bytes(), value.clone());
+                async move {
+                    while turns.claim().is_some() {
+                        let put = etcd_put(&mut grpc, key.clone(), value.clone()).await;
+                        let revision = put.expect("the put is acknowledged").header.map(|h| h.revision);
+                        assert!(revision.is_some_and(|r| r > 0), "an acknowledged put has a revision");
+                    }
+                }
+            }))
+        });
+    });
+    group.finish();
 }
 
 fn bench_call(c: &mut Criterion) {
@@ -525,5 +729,12 @@ async fn fan_out(server: &solo::server::Server, shape: &FanOut) -> String {
     )
 }
 
-criterion_group!(benches, bench_baseline, bench_deploy, bench_call, watch_fan_out);
+criterion_group!(
+    benches,
+    bench_baseline,
+    bench_etcd,
+    bench_deploy,
+    bench_call,
+    watch_fan_out
+);
 criterion_main!(benches);
