@@ -24,8 +24,8 @@ use crate::api::pace::ReadPace;
 use crate::api::{ApiOptions, ApiState, Authenticator};
 use crate::config::Config;
 use crate::connections::{
-    Accepted, Activity, AdmittedStream, Closer, ConnectionLimits, Deadlines, HTTP2_OPENING, STREAMS_QUIET,
-    TrackRequests, TrackRequestsLayer,
+    Accepted, Activity, AdmittedStream, Closer, CoalescedWrites, ConnectionLimits, Deadlines, HTTP2_OPENING,
+    STREAMS_QUIET, TrackRequests, TrackRequestsLayer,
 };
 use crate::control::Control;
 use crate::metrics::Metrics;
@@ -565,7 +565,7 @@ async fn serve_grpc(
         reflection_v1alpha: RequestRefusals::new(reflection_v1alpha, max_message),
     };
     builder
-        .serve_with_incoming_shutdown(routes, admitted_connections(listener, limits), shutdown)
+        .serve_with_incoming_shutdown(routes, admitted_connections(listener, limits, tls.is_none()), shutdown)
         .await
         .context("gRPC server")
 }
@@ -646,17 +646,19 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
         .await;
 }
 
-/// The gRPC listener's connections, as its limits admit them. One over its client's cap is
-/// closed at once: HTTP/2 offers nothing to say why before its handshake.
+/// The gRPC listener's connections, as its limits admit them, their answers' writes coalesced
+/// if `coalescing` (plain connections: under TLS it gains nothing). One over its client's cap
+/// is closed at once: HTTP/2 offers nothing to say why before its handshake.
 fn admitted_connections(
     listener: TcpListener,
     limits: ConnectionLimits,
-) -> impl futures_util::Stream<Item = std::io::Result<AdmittedStream>> {
-    futures_util::stream::unfold((listener, limits), |(listener, limits)| async move {
+    coalescing: bool,
+) -> impl futures_util::Stream<Item = std::io::Result<CoalescedWrites<AdmittedStream>>> {
+    futures_util::stream::unfold((listener, limits), move |(listener, limits)| async move {
         loop {
             match limits.accept(&listener).await {
                 Accepted::Admitted(stream, _) => {
-                    let connection: std::io::Result<_> = Ok(stream);
+                    let connection: std::io::Result<_> = Ok(CoalescedWrites::new(stream, coalescing));
                     return Some((connection, (listener, limits)));
                 }
                 Accepted::OverClientCap(_, peer, _) => {

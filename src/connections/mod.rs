@@ -37,6 +37,7 @@
 //!   connection is closed, so that a client that ignores the HTTP/2 GOAWAY (or never answers
 //!   its ping) cannot hold the node past it.
 
+mod coalesce;
 mod idle;
 
 use std::collections::HashMap;
@@ -52,6 +53,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::{Connected as _, TcpConnectInfo};
 
+pub use coalesce::CoalescedWrites;
 use idle::IdleClose;
 pub use idle::{Activities, Activity, TrackRequests, TrackRequestsLayer};
 
