@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{closed_loop, report_latencies, runtime, selected};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 use solo::proto::{self, solo_kernel_client::SoloKernelClient, watch_response::Msg};
 use tonic::transport::Channel;
@@ -111,6 +112,16 @@ async fn bare_tonic() -> (String, tokio::sync::oneshot::Sender<()>) {
     (url, stop)
 }
 
+/// A group whose figures are requests a second: ten samples of 5 s each.
+fn per_request_group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
+    let mut group = c.benchmark_group(name);
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Elements(1));
+    group
+}
+
 fn as_tenant<T>(tenant: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
@@ -132,11 +143,7 @@ fn bench_deploy(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temp dir");
     let server = rt.block_on(start(dir.path()));
     let modules = [echo_wasm("echo one"), echo_wasm("echo two")];
-    let mut group = c.benchmark_group("grpc_deploy");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(5))
-        .throughput(Throughput::Elements(1));
+    let mut group = per_request_group(c, "grpc_deploy");
     // Deploys made by each client so far, whose parity picks the module that differs from the
     // one its service runs: every deploy is an upgrade, none an unchanged no-op.
     let deploys_by_client: Arc<Vec<AtomicU64>> = Arc::new((0..256).map(|_| AtomicU64::new(0)).collect());
@@ -187,11 +194,7 @@ fn bench_baseline(c: &mut Criterion) {
     let server = rt.block_on(start(dir.path()));
     let (bare_url, stop_bare) = rt.block_on(bare_tonic());
     let clients = 256usize;
-    let mut group = c.benchmark_group("grpc_baseline");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(5))
-        .throughput(Throughput::Elements(1));
+    let mut group = per_request_group(c, "grpc_baseline");
     for (name, url) in [
         ("bare_tonic_health_check", bare_url),
         ("health_check", server.grpc_url()),
@@ -376,11 +379,7 @@ fn bench_etcd(c: &mut Criterion) {
     // Started by the benchmark's first run, so a filter that leaves it out starts no etcd.
     let mut etcd: Option<(Etcd, Vec<tonic::client::Grpc<Channel>>)> = None;
     let value = echo_wasm("echo one");
-    let mut group = c.benchmark_group("grpc_etcd");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(5))
-        .throughput(Throughput::Elements(1));
+    let mut group = per_request_group(c, "grpc_etcd");
     let clients = 256usize;
     group.bench_with_input(BenchmarkId::new("put", clients), &clients, |b, &clients| {
         let (_, connections) = etcd.get_or_insert_with(|| {
@@ -442,11 +441,7 @@ fn bench_call(c: &mut Criterion) {
         }
         connections(&server, CONNECTIONS, SoloKernelClient::new).await
     });
-    let mut group = c.benchmark_group("grpc_call");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(5))
-        .throughput(Throughput::Elements(1));
+    let mut group = per_request_group(c, "grpc_call");
     let clients = 64usize;
     group.bench_with_input(BenchmarkId::new("echo", clients), &clients, |b, &clients| {
         b.iter_custom(|iters| {

@@ -4,12 +4,13 @@
 //! An HTTP/2 connection's task writes the answers its streams have finished each time it runs,
 //! and a stream that finishes wakes it at once (tokio runs the task a task wakes next). Under
 //! load, nearly every answer cost a `writev` of its own, and the client a read: 0.86 writes a
-//! call with 64 calls open over 8 connections. Stepping aside once before each write, to the
-//! back of the worker's queue, lets the streams ready behind it finish first and their answers
-//! join the write: 0.17 writes a call, and 1.5 times the calls a second, on the 2-core
-//! development machine. Netty's flush consolidation and grpc-go's writer, which drains its
-//! queue before it flushes, do the same. A connection with one call open pays one more poll of
-//! its task, which latency does not show.
+//! call with 64 calls open over 8 connections (h2load). Stepping aside once before each write,
+//! to the back of the worker's queue, lets the streams ready behind it finish first and their
+//! answers join the write: 0.17 writes a call, and 1.3 to 1.7 times the calls a second on 2
+//! cores (about 1.15 to 1.25 times with the benches' tonic client, which pays for its own
+//! writes). Netty's flush consolidation and grpc-go's writer, which drains its queue before it
+//! flushes, do the same. A connection with one call open pays one more poll of its task, which
+//! latency does not show.
 //!
 //! Only what a write hands to the socket waits: reads, flushes and shutdowns pass through. Under
 //! TLS, rustls takes an answer's bytes before the socket does, and the write steps aside for
