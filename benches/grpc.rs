@@ -325,17 +325,17 @@ impl Etcd {
         }
     }
 
-    /// A connection once etcd acknowledges puts, within 30 s.
-    async fn connect(&self) -> tonic::client::Grpc<Channel> {
+    /// Once etcd acknowledges a put, within 30 s.
+    async fn ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let attempt = async {
                 let mut grpc = tonic::client::Grpc::new(Channel::from_shared(self.url.clone())?.connect().await?);
                 etcd_put(&mut grpc, b"ready".to_vec(), Vec::new()).await?;
-                Ok::<_, Box<dyn std::error::Error>>(grpc)
+                Ok::<_, Box<dyn std::error::Error>>(())
             };
             match attempt.await {
-                Ok(grpc) => return grpc,
+                Ok(()) => return,
                 Err(e) if Instant::now() > deadline => panic!("etcd at {} does not answer: {e}", self.url),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -365,9 +365,9 @@ async fn etcd_put(
 }
 
 /// etcd's durable put, the yardstick the deploy target is set against ("Solo's durable writes
-/// should beat etcd's by 2x"), driven as `grpc_deploy/cached_module/256` is: 256 clients on
-/// as many connections, each overwriting its own key with a value the size of that bench's
-/// module.
+/// should beat etcd's by 2x"), driven as `grpc_deploy/cached_module/256` is: 256 clients over
+/// [`CONNECTIONS`] connections, each overwriting its own key with a value the size of that
+/// bench's module.
 fn bench_etcd(c: &mut Criterion) {
     let Some(binary) = Etcd::binary() else {
         if selected("grpc_etcd/put") {
@@ -385,11 +385,8 @@ fn bench_etcd(c: &mut Criterion) {
         let (_, connections) = etcd.get_or_insert_with(|| {
             let etcd = Etcd::start(&binary);
             let connections = rt.block_on(async {
-                let mut connections = Vec::with_capacity(CONNECTIONS);
-                for _ in 0..CONNECTIONS {
-                    connections.push(etcd.connect().await);
-                }
-                connections
+                etcd.ready().await;
+                connections_to(&etcd.url, CONNECTIONS, tonic::client::Grpc::new).await
             });
             (etcd, connections)
         });
