@@ -23,10 +23,12 @@ pub mod shed;
 pub mod state;
 pub mod tls;
 
-/// Messages generated from `proto/solo/v1/` (the event schema and the snapshot schema).
+/// Code generated from `proto/solo/v1/`: the event and snapshot schemas, and the API's messages,
+/// client and server (`build.rs`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/solo.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/server/solo.v1.rs"));
 }
 
 /// Solo's version, as recorded in `node_started` events.

@@ -18,6 +18,7 @@ use tonic::codec::CompressionEncoding;
 
 use crate::api::bodies::{BodyBudget, MeterBodies};
 use crate::api::codec::RequestRefusals;
+use crate::api::encoded::Frames;
 use crate::api::grpc::{FILE_DESCRIPTOR_SET, GrpcApi};
 use crate::api::grpc_routes::GrpcRoutes;
 use crate::api::pace::ReadPace;
@@ -316,6 +317,7 @@ async fn serve(
         ),
         log_pace: ReadPace::of_logs(Arc::clone(&limits), &metrics),
         history_pace: Arc::new(ReadPace::of_history(Arc::clone(&limits), &metrics)),
+        frames: Frames::default(),
         metrics,
         options: api_options(&config),
         stopping: CancellationToken::new(),

@@ -62,24 +62,42 @@ async fn wait_until(
     tokio::time::timeout(PATIENCE, found).await.expect("the event arrives")
 }
 
-/// The first `count` `service_deployed` events of `tenant`'s history.
-async fn deploys_in_history(client: &mut Client, tenant: &str, count: usize) -> Vec<proto::Event> {
-    let history = proto::WatchRequest {
-        from_seq: 1,
+/// Opens a Watch of the `service_deployed` events of `tenant` (the admin if empty) from
+/// `from_seq`, and collects the first `count` of them in a task.
+async fn watch_deploys(
+    client: &Client,
+    tenant: &str,
+    from_seq: u64,
+    count: usize,
+) -> tokio::task::JoinHandle<Vec<proto::Event>> {
+    let watch = proto::WatchRequest {
+        from_seq,
         kinds: vec!["service_deployed".into()],
         ..Default::default()
     };
-    let mut stream = client.watch(as_tenant(tenant, history)).await.unwrap().into_inner();
-    let mut deploys = Vec::new();
-    while deploys.len() < count {
-        let next = tokio::time::timeout(PATIENCE, stream.next())
-            .await
-            .expect("the history arrives");
-        if let Some(Msg::Event(event)) = next.unwrap().unwrap().msg {
-            deploys.push(event);
+    let request = if tenant.is_empty() {
+        tonic::Request::new(watch)
+    } else {
+        as_tenant(tenant, watch)
+    };
+    let mut stream = client.clone().watch(request).await.unwrap().into_inner();
+    tokio::spawn(async move {
+        let mut deploys = Vec::new();
+        while deploys.len() < count {
+            let next = tokio::time::timeout(PATIENCE, stream.next())
+                .await
+                .expect("the events arrive");
+            if let Some(Msg::Event(event)) = next.unwrap().unwrap().msg {
+                deploys.push(event);
+            }
         }
-    }
-    deploys
+        deploys
+    })
+}
+
+/// The first `count` `service_deployed` events of `tenant`'s history.
+async fn deploys_in_history(client: &mut Client, tenant: &str, count: usize) -> Vec<proto::Event> {
+    watch_deploys(client, tenant, 1, count).await.await.unwrap()
 }
 
 async fn running(client: &mut Client, tenant: &str, id: &str, from_seq: u64) {
@@ -1387,6 +1405,39 @@ async fn two_hundred_watchers_each_receive_every_event() {
             tokio::time::timeout(PATIENCE, watcher).await.unwrap().unwrap(),
             expected
         );
+    }
+    server.stop().await.unwrap();
+}
+
+/// Watchers share each event's encoding: each watcher, following live or replaying the
+/// history, admin or tenant, gets every event whole (the very deploy it records, labels and
+/// module hash included) and the same message as every other watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_watcher_gets_each_event_whole_live_or_replayed() {
+    let dir = tempdir();
+    let server = start_server(dir.path(), |_| {}).await;
+    let client = grpc_client(&server).await;
+    let services = 12;
+    let live_admin = watch_deploys(&client, "", 0, services).await;
+    let live_tenant = watch_deploys(&client, "acme", 0, services).await;
+    let mut answers = Vec::new();
+    for i in 0..services {
+        let mut request = grpc_deploy(&format!("s{i}"), "echo");
+        request.labels = BTreeMap::from([("n".to_string(), i.to_string())]);
+        let answer = client.clone().deploy(as_tenant("acme", request)).await.unwrap();
+        answers.push(answer.into_inner());
+    }
+    let replayed = watch_deploys(&client, "acme", 1, services).await.await.unwrap();
+    assert_eq!(live_admin.await.unwrap(), replayed);
+    assert_eq!(live_tenant.await.unwrap(), replayed);
+    for (i, (event, answer)) in replayed.iter().zip(&answers).enumerate() {
+        assert_eq!((event.seq, event.tenant.as_str()), (answer.seq, "acme"));
+        assert_eq!(event.service_id, format!("s{i}"));
+        let Some(proto::event::Kind::ServiceDeployed(deployed)) = &event.kind else {
+            panic!("a deploy: {event:?}");
+        };
+        assert_eq!(deployed.module_sha256, answer.module_sha256);
+        assert_eq!(deployed.labels, BTreeMap::from([("n".to_string(), i.to_string())]));
     }
     server.stop().await.unwrap();
 }

@@ -148,7 +148,7 @@ type SseStream = Pin<
 
 /// One dispatched SSE event: `id`, `event` and its `data` parsed as JSON. A log line's id is
 /// its log's and its own, `<log>-<line>`: `id` is the line, `raw_id` the whole.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Frame {
     id: u64,
     raw_id: String,
@@ -1666,6 +1666,7 @@ async fn stopping_router() -> (String, solo::server::Node, TempDir) {
         ),
         log_pace: solo::api::pace::ReadPace::of_logs(std::sync::Arc::clone(&limits), &metrics),
         history_pace: std::sync::Arc::new(solo::api::pace::ReadPace::of_history(limits, &metrics)),
+        frames: Default::default(),
         metrics,
         options: solo::api::ApiOptions {
             default_grace: Duration::from_secs(1),
@@ -2183,6 +2184,41 @@ async fn sse_frames_carry_seq_kind_and_one_json_line() {
     assert_eq!(frames[1].data["version"], 1);
     assert!(frames[0].id < frames[1].id);
     drop(stream);
+    node.stop().await;
+}
+
+/// Streams share each event's frame: a stream following live, one replaying the history and
+/// the admin's get the same frames, each its own event's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sse_stream_gets_each_event_whole_live_or_replayed() {
+    let node = dev_node().await;
+    let (_, mut live) = node.events("", "a", None).await;
+    let (_, mut admin) = node.events("", "", None).await;
+    let first = node.deploy_running("a", "echo", "echo").await["deploy"]["seq"]
+        .as_u64()
+        .unwrap();
+    node.deploy_running("a", "counter", "counter").await;
+    let last = |f: &Frame| is_event(f, "counter", "service_started");
+    let live = frames_until(&mut live, last).await;
+    let (_, mut replayed) = node.events(&format!("?from={first}"), "a", None).await;
+    assert_eq!(frames_until(&mut replayed, last).await, live);
+    assert_eq!(frames_until(&mut admin, last).await, live);
+    let events: Vec<(u64, &str, &str)> = live
+        .iter()
+        .map(|f| {
+            assert_eq!(f.data["seq"].as_u64(), Some(f.id), "{f:?}");
+            (f.id, f.data["service_id"].as_str().unwrap(), f.event.as_str())
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (first, "echo", "service_deployed"),
+            (first + 1, "echo", "service_started"),
+            (first + 2, "counter", "service_deployed"),
+            (first + 3, "counter", "service_started")
+        ]
+    );
     node.stop().await;
 }
 

@@ -10,10 +10,11 @@ use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::auth::Authenticated;
+use super::encoded::WatchFrame;
 use super::ops::{self, ListFilter, LogStart};
 use super::watch::{WatchFilter, WatchItem, watch};
 use super::{ApiState, Caller, Error, GaugeGuard, REPLAYED_HEADER};
-use crate::proto::{self, deploy_request, solo_kernel_server::SoloKernel, watch_response};
+use crate::proto::{self, deploy_request, solo_kernel_server::SoloKernel};
 use crate::shed::{Held, Permit};
 
 /// The descriptor set that reflection serves (written by build.rs).
@@ -312,7 +313,7 @@ impl SoloKernel for GrpcApi {
         self.finish_stream("Backup", result)
     }
 
-    type WatchStream = BoxStream<proto::WatchResponse>;
+    type WatchStream = BoxStream<WatchFrame>;
 
     async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let result = (|| {
@@ -327,13 +328,13 @@ impl SoloKernel for GrpcApi {
             };
             let events = watch(&self.state, caller, filter, r.from_seq, progress)?;
             let gauge = GaugeGuard::new(self.state.metrics.watchers.with_label_values(&["grpc"]));
+            let state = Arc::clone(&self.state);
             let stream: Self::WatchStream = Box::pin(events.map(move |item| {
                 let _held = (&permit, &gauge);
-                let msg = match item.map_err(Status::from)? {
-                    WatchItem::Event(event) => watch_response::Msg::Event((*event).clone()),
-                    WatchItem::Progress(head_seq) => watch_response::Msg::Progress(proto::Progress { head_seq }),
-                };
-                Ok(proto::WatchResponse { msg: Some(msg) })
+                Ok(match item.map_err(Status::from)? {
+                    WatchItem::Event(event) => state.frames.grpc.get(&event, WatchFrame::event),
+                    WatchItem::Progress(head_seq) => WatchFrame::progress(head_seq),
+                })
             }));
             Ok(stream)
         })();

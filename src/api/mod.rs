@@ -9,6 +9,7 @@ pub mod auth;
 pub mod bodies;
 pub mod codec;
 mod convert;
+pub mod encoded;
 mod error;
 pub mod grpc;
 pub mod grpc_routes;
@@ -68,6 +69,8 @@ pub struct ApiState {
     pub log_pace: pace::ReadPace,
     /// Bytes of history that Watch and SSE streams replay per second, per principal.
     pub history_pace: Arc<pace::ReadPace>,
+    /// Recent events encoded once for every watcher.
+    pub frames: encoded::Frames,
     pub metrics: Arc<Metrics>,
     pub options: ApiOptions,
     /// Cancelled when the node begins to shut down: streams end, new work is refused.

@@ -121,7 +121,9 @@ pub fn watch(
         // fires at the old one and is re-armed for `quiet_until` if something was sent since.
         let mut quiet_until = Instant::now() + interval;
         let progress_timer = tokio::time::sleep_until(quiet_until);
-        let stopping = shutdown.clone().cancelled_owned();
+        // A child token of its own: polled with every event, the node's token would be one lock
+        // that every watcher takes in turn.
+        let stopping = shutdown.child_token().cancelled_owned();
         tokio::pin!(progress_timer, stopping);
         if start == head + 1 {
             yield Ok(WatchItem::Progress(head));

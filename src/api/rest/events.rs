@@ -18,6 +18,7 @@ use serde_json::json;
 
 use super::services::Params;
 use crate::api::convert::log_line_json;
+use crate::api::encoded::EncodedOnce;
 use crate::api::ops::LogStart;
 use crate::api::watch::{WatchFilter, WatchItem, watch};
 use crate::api::{ApiState, Error, ErrorKind, GaugeGuard, ops};
@@ -53,11 +54,12 @@ pub(super) async fn events(
     // The stream ends cleanly at shutdown. Any other error (a damaged record) is sent as a
     // last `error` frame: a stream that just ended would read as "nothing more" to a client,
     // which would reconnect to the same damage forever without ever learning of it.
+    let encoded = Arc::clone(&state);
     let frames = items
-        .scan(false, |ended, item| {
+        .scan(false, move |ended, item| {
             let next = match item {
                 _ if *ended => None,
-                Ok(item) => Some(frame(&item)),
+                Ok(item) => Some(frame(&encoded.frames.sse, &item)),
                 Err(e) if e.kind() == ErrorKind::ShuttingDown => None,
                 Err(e) => {
                     *ended = true;
@@ -124,12 +126,14 @@ fn resume_point(headers: &HeaderMap, from: Option<u64>) -> Result<u64, Error> {
     }
 }
 
-fn frame(item: &WatchItem) -> SseEvent {
+fn frame(encoded: &EncodedOnce<SseEvent>, item: &WatchItem) -> SseEvent {
     match item {
-        WatchItem::Event(event) => SseEvent::default()
-            .id(event.seq.to_string())
-            .event(crate::event::kind_name(event))
-            .data(crate::event::to_json(event).to_string()),
+        WatchItem::Event(event) => encoded.get(event, |event| {
+            SseEvent::default()
+                .id(event.seq.to_string())
+                .event(crate::event::kind_name(event))
+                .data(crate::event::to_json(event).to_string())
+        }),
         // With data, though EventSource keeps an id-only frame's id too: some clients (the npm
         // `eventsource`) drop a frame without data, id and all, and would resume from an older
         // id. Named, so an `onmessage` handler is not called for it.
