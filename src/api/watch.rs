@@ -29,6 +29,11 @@ const DRAIN_MAX_EVENTS: u64 = 4096;
 /// does: many small events are work too.
 const EVENT_COST: u64 = 64;
 
+/// Events a watch examines, while events are ready one after another, between looks at the
+/// node's stop and at the clock: each look costs more than examining an event that is
+/// filtered out, and 64 events pass in microseconds.
+const EVENTS_BETWEEN_LOOKS: u32 = 64;
+
 /// The shortest progress interval a client may ask for.
 pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -121,38 +126,19 @@ pub fn watch(
         // fires at the old one and is re-armed for `quiet_until` if something was sent since.
         let mut quiet_until = Instant::now() + interval;
         let progress_timer = tokio::time::sleep_until(quiet_until);
-        // A child token of its own: polled with every event, the node's token would be one lock
-        // that every watcher takes in turn.
+        // A token of its own: the node's would be one lock that every watcher going idle
+        // takes in turn.
         let stopping = shutdown.child_token().cancelled_owned();
         tokio::pin!(progress_timer, stopping);
+        // Events examined since the last look at the stop and the clock, which are polled only
+        // when no event is ready, and looked at every few events while one is.
+        let mut unlooked = 0;
         if start == head + 1 {
             yield Ok(WatchItem::Progress(head));
         }
-        loop {
+        'follow: loop {
             tokio::select! {
                 biased;
-                () = &mut stopping => {
-                    // What was committed before the stop (shutdown_requested among it) is still
-                    // delivered to a watcher that had nearly caught up; then the stream ends.
-                    let head = log.head();
-                    let drain_until = Instant::now() + DRAIN_TIMEOUT;
-                    let drains = head.saturating_sub(examined) <= DRAIN_MAX_EVENTS;
-                    // The deadline is checked between events too: `timeout_at` takes an event that
-                    // is ready even past it, and a slow reader makes every event ready.
-                    while drains && examined < head && Instant::now() < drain_until {
-                        match tokio::time::timeout_at(drain_until, events.next()).await {
-                            Ok(Some(Ok(event))) => {
-                                examined = event.seq;
-                                if caller.sees(&event) && filter.matches(&event) {
-                                    yield Ok(WatchItem::Event(event));
-                                }
-                            }
-                            _ => break,
-                        }
-                    }
-                    yield Err(Error::shutting_down());
-                    return;
-                }
                 next = events.next() => match next {
                     Some(Ok(event)) => {
                         examined = event.seq;
@@ -167,10 +153,19 @@ pub fn watch(
                             }
                             quiet_until = Instant::now() + interval;
                             yield Ok(WatchItem::Event(event));
-                        } else if Instant::now() >= quiet_until {
+                        }
+                        unlooked += 1;
+                        if unlooked == EVENTS_BETWEEN_LOOKS {
+                            unlooked = 0;
+                            if shutdown.is_cancelled() {
+                                break 'follow;
+                            }
                             // A burst of events this watcher does not want still counts as quiet.
-                            quiet_until = Instant::now() + interval;
-                            yield Ok(WatchItem::Progress(examined));
+                            let now = Instant::now();
+                            if now >= quiet_until {
+                                quiet_until = now + interval;
+                                yield Ok(WatchItem::Progress(examined));
+                            }
                         }
                     }
                     Some(Err(e)) => {
@@ -182,6 +177,7 @@ pub fn watch(
                         return;
                     }
                 },
+                () = &mut stopping => break 'follow,
                 () = &mut progress_timer => {
                     let now = Instant::now();
                     if now >= quiet_until {
@@ -192,5 +188,24 @@ pub fn watch(
                 }
             }
         }
+        // The node is stopping. What was committed before the stop (shutdown_requested among
+        // it) is still delivered to a watcher that had nearly caught up; then the stream ends.
+        let head = log.head();
+        let drain_until = Instant::now() + DRAIN_TIMEOUT;
+        let drains = head.saturating_sub(examined) <= DRAIN_MAX_EVENTS;
+        // The deadline is checked between events too: `timeout_at` takes an event that is ready
+        // even past it, and a slow reader makes every event ready.
+        while drains && examined < head && Instant::now() < drain_until {
+            match tokio::time::timeout_at(drain_until, events.next()).await {
+                Ok(Some(Ok(event))) => {
+                    examined = event.seq;
+                    if caller.sees(&event) && filter.matches(&event) {
+                        yield Ok(WatchItem::Event(event));
+                    }
+                }
+                _ => break,
+            }
+        }
+        yield Err(Error::shutting_down());
     })
 }
