@@ -142,7 +142,8 @@ pub struct DatabaseConfig {
     /// Write a state snapshot every this many events (0: never).
     pub snapshot_every: u64,
     pub snapshots_kept: u32,
-    /// Recent events kept in memory for Watch and SSE subscribers.
+    /// Recent events kept in memory for Watch and SSE subscribers; a quarter as many (at most
+    /// 4096) are kept encoded too, once for all the subscribers they go to.
     pub tail_window_events: u32,
     /// Events a subscriber behind the window reads from disk at a time.
     pub tail_read_chunk: u32,

@@ -317,7 +317,7 @@ async fn serve(
         ),
         log_pace: ReadPace::of_logs(Arc::clone(&limits), &metrics),
         history_pace: Arc::new(ReadPace::of_history(Arc::clone(&limits), &metrics)),
-        frames: Frames::default(),
+        frames: Frames::for_tail_window(config.database.tail_window_events as usize),
         metrics,
         options: api_options(&config),
         stopping: CancellationToken::new(),

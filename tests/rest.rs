@@ -1666,7 +1666,7 @@ async fn stopping_router() -> (String, solo::server::Node, TempDir) {
         ),
         log_pace: solo::api::pace::ReadPace::of_logs(std::sync::Arc::clone(&limits), &metrics),
         history_pace: std::sync::Arc::new(solo::api::pace::ReadPace::of_history(limits, &metrics)),
-        frames: Default::default(),
+        frames: solo::api::encoded::Frames::for_tail_window(config.database.tail_window_events as usize),
         metrics,
         options: solo::api::ApiOptions {
             default_grace: Duration::from_secs(1),

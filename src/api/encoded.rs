@@ -13,9 +13,9 @@ use prost::{DecodeError, Message};
 
 use crate::proto::{self, Event, watch_response};
 
-/// Events whose encodings [`EncodedOnce`] keeps: enough for watchers a few thousand events
-/// apart to share them.
-const ENCODED_EVENTS: usize = 4096;
+/// The most events whose encodings an [`EncodedOnce`] keeps: enough for watchers a few
+/// thousand events apart to share them.
+const MAX_ENCODED_EVENTS: usize = 4096;
 
 /// Recent events encoded once for every watcher, in the form of each API.
 #[derive(Debug)]
@@ -26,11 +26,15 @@ pub struct Frames {
     pub sse: EncodedOnce<axum::response::sse::Event>,
 }
 
-impl Default for Frames {
-    fn default() -> Self {
+impl Frames {
+    /// Memos of a quarter as many events as the log's tail window holds in memory
+    /// (`database.tail_window_events`), and at most [`MAX_ENCODED_EVENTS`]: what they keep
+    /// stays a fraction of what the window does, which a node short of memory makes smaller.
+    pub fn for_tail_window(window_events: usize) -> Frames {
+        let events = (window_events / 4).min(MAX_ENCODED_EVENTS);
         Frames {
-            grpc: EncodedOnce::new(ENCODED_EVENTS),
-            sse: EncodedOnce::new(ENCODED_EVENTS),
+            grpc: EncodedOnce::new(events),
+            sse: EncodedOnce::new(events),
         }
     }
 }
@@ -204,6 +208,20 @@ mod tests {
         );
         merged.clear();
         assert_eq!(merged.encoded_len(), 0);
+    }
+
+    #[test]
+    fn the_memos_are_a_quarter_of_the_tail_window_and_at_most_4096_events() {
+        let slots = |window: usize| {
+            let frames = Frames::for_tail_window(window);
+            assert_eq!(frames.grpc.slots.len(), frames.sse.slots.len());
+            frames.grpc.slots.len()
+        };
+        assert_eq!(slots(16_384), 4096);
+        assert_eq!(slots(1 << 20), 4096);
+        assert_eq!(slots(1000), 250);
+        // Without a window, one slot: still correct, seldom shared.
+        assert_eq!(slots(0), 1);
     }
 
     #[test]
