@@ -52,7 +52,7 @@ pub struct EncodedOnce<T> {
 type Encoded<T> = (u64, T);
 
 impl<T: Clone> EncodedOnce<T> {
-    pub fn new(events: usize) -> Self {
+    fn new(events: usize) -> Self {
         EncodedOnce {
             slots: (0..events.max(1)).map(|_| Mutex::new(None)).collect(),
         }
@@ -105,7 +105,7 @@ impl WatchFrame {
     }
 
     /// The message this frame holds.
-    pub fn decoded(&self) -> Result<proto::WatchResponse, DecodeError> {
+    fn decoded(&self) -> Result<proto::WatchResponse, DecodeError> {
         proto::WatchResponse::decode(self.0.clone())
     }
 }

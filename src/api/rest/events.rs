@@ -42,9 +42,9 @@ pub(super) async fn events(
     )?;
     let permit = state.shed.admit_watcher(&caller.principal)?;
     let gauge = GaugeGuard::new(state.metrics.watchers.with_label_values(&["sse"]));
-    let progress = state.options.sse_keepalive;
+    let keepalive = state.options.sse_keepalive;
     let resumed = last_event_id(&headers)?.is_some();
-    let items = watch(&state, caller, filter, from_seq, progress).map_err(|e| match e.kind() {
+    let items = watch(&state, caller, filter, from_seq, keepalive).map_err(|e| match e.kind() {
         // The seq refused is the one after it: name what the client sent too.
         ErrorKind::InvalidArgument if resumed => {
             Error::invalid(format!("Last-Event-ID {}: {}", from_seq - 1, e.message()))
@@ -54,12 +54,11 @@ pub(super) async fn events(
     // The stream ends cleanly at shutdown. Any other error (a damaged record) is sent as a
     // last `error` frame: a stream that just ended would read as "nothing more" to a client,
     // which would reconnect to the same damage forever without ever learning of it.
-    let encoded = Arc::clone(&state);
     let frames = items
         .scan(false, move |ended, item| {
             let next = match item {
                 _ if *ended => None,
-                Ok(item) => Some(frame(&encoded.frames.sse, &item)),
+                Ok(item) => Some(frame(&state.frames.sse, &item)),
                 Err(e) if e.kind() == ErrorKind::ShuttingDown => None,
                 Err(e) => {
                     *ended = true;
@@ -72,7 +71,7 @@ pub(super) async fn events(
             let _held = (&permit, &gauge);
             Ok::<_, Infallible>(frame)
         });
-    Ok(sse(frames, state.options.sse_keepalive))
+    Ok(sse(frames, keepalive))
 }
 
 /// A log line's SSE id: its log's id and its number, so that a reconnect tells the lines of the
